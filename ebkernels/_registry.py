@@ -1,0 +1,82 @@
+"""One declaration per Triton kernel, read by ``python -m ebkernels.aot``.
+
+A kernel registers itself where it is defined::
+
+    @aot_kernel(signature={"x_ptr": "*fp32", "n": "i32"}, constexprs={"BLOCK": 1024})
+    @triton.jit
+    def my_kernel(x_ptr, n, BLOCK: tl.constexpr): ...
+
+``signature`` gives the Triton type of every runtime argument (``*i8``, ``*fp32``, ``i32``,
+``i64``, ``fp32``...). ``constexprs`` fixes the compile-time arguments for the ahead-of-time build;
+pass a list of dicts to build several configurations. ``int8_mma=True`` marks a GEMM kernel whose
+PTX must contain int8 tensor-core instructions. ``aligned`` names pointer arguments the launcher
+keeps 16-byte aligned (the JIT specialises on this too, so the AOT build sees the same code).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+__all__ = ["AOTKernel", "aot_kernel", "registered_kernels"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AOTKernel:
+    name: str
+    fn: Any  # triton JITFunction (an InterpretedFunction under TRITON_INTERPRET=1)
+    signature: dict[str, str]
+    constexprs: tuple[dict[str, Any], ...]
+    num_warps: int
+    num_stages: int
+    int8_mma: bool
+    aligned: tuple[str, ...]
+
+    def attrs(self) -> dict:
+        """Argument attributes in the form ``triton.compiler.ASTSource`` expects."""
+        names = list(self.fn.arg_names)
+        return {(names.index(a),): [["tt.divisibility", 16]] for a in self.aligned}
+
+
+_REGISTRY: dict[str, AOTKernel] = {}
+
+
+def aot_kernel(
+    *,
+    signature: dict[str, str],
+    constexprs: dict[str, Any] | list[dict[str, Any]] | None = None,
+    name: str | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    int8_mma: bool = False,
+    aligned: tuple[str, ...] = (),
+) -> Callable:
+    def register(fn):
+        kname = name or getattr(fn, "__name__", None) or fn.fn.__name__
+        arg_names = list(fn.arg_names)
+        cfgs = constexprs if isinstance(constexprs, list) else [constexprs or {}]
+        for cfg in cfgs:
+            missing = [a for a in arg_names if a not in signature and a not in cfg]
+            if missing:
+                raise TypeError(f"aot_kernel({kname}): no type or constexpr value for {missing}")
+        for a in aligned:
+            if a not in signature or not signature[a].startswith("*"):
+                raise TypeError(f"aot_kernel({kname}): aligned argument {a!r} is not a pointer")
+        if kname in _REGISTRY:
+            raise ValueError(f"aot_kernel: kernel name {kname!r} registered twice")
+        _REGISTRY[kname] = AOTKernel(kname, fn, dict(signature), tuple(cfgs), num_warps, num_stages,
+                                     int8_mma, tuple(aligned))
+        return fn
+
+    return register
+
+
+def registered_kernels() -> list[AOTKernel]:
+    """All kernels of the package (importing every ops module registers them)."""
+    import importlib
+    import pkgutil
+
+    import ebkernels.ops as ops
+
+    for mod in pkgutil.iter_modules(ops.__path__):
+        importlib.import_module(f"ebkernels.ops.{mod.name}")
+    return list(_REGISTRY.values())

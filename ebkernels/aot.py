@@ -1,0 +1,141 @@
+"""Ahead-of-time compile of every registered Triton kernel for real GPU targets, without a GPU.
+
+    python -m ebkernels.aot --arch 80,90 [--kernel NAME ...] [--json out.json]
+
+For each kernel, configuration and architecture it prints: compiled or the error, the int8
+tensor-core instructions found in the PTX (``mma.sync…s8`` on sm_80, ``wgmma…s8`` on sm_90), shared
+memory, and registers/spills from ``ptxas -v`` where the ptxas bundled with Triton is present.
+Exits non-zero if any kernel fails to compile, or if a kernel declared ``int8_mma`` shows no int8 MMA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+MMA_S8 = re.compile(r"\b((?:wgmma\.mma_async|mma\.sync)[\w.]*\.s8[\w.]*)")
+PTXAS_REGS = re.compile(r"Used (\d+) registers")
+PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _ptxas() -> str | None:
+    try:
+        import triton.backends.nvidia as nv
+
+        path = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    return shutil.which("ptxas")
+
+
+def _resource_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
+    """(registers, spill bytes) from ``ptxas -v`` on the kernel's PTX; (None, None) if unavailable."""
+    ptxas = _ptxas()
+    if ptxas is None:
+        return None, None
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    out = res.stdout + res.stderr
+    regs = PTXAS_REGS.search(out)
+    spill = PTXAS_SPILL.search(out)
+    return (int(regs.group(1)) if regs else None,
+            int(spill.group(1)) + int(spill.group(2)) if spill else None)
+
+
+def compile_one(name: str, cfg_index: int, arch: int) -> dict:
+    """Compile one (kernel, configuration, arch); never raises."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import triton
+
+    from ._registry import registered_kernels
+
+    k = {k.name: k for k in registered_kernels()}[name]
+    cfg = k.constexprs[cfg_index]
+    row = {"kernel": name, "config": cfg, "arch": arch, "compiled": False, "error": None,
+           "mma_s8": [], "shared": None, "registers": None, "spills": None, "int8_mma_expected": k.int8_mma}
+    try:
+        signature = dict(k.signature)
+        signature.update({c: "constexpr" for c in cfg})
+        src = ASTSource(fn=k.fn, signature=signature, constexprs=dict(cfg), attrs=k.attrs())
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": k.num_warps, "num_stages": k.num_stages})
+        ptx = ck.asm["ptx"]
+        row["compiled"] = True
+        row["mma_s8"] = sorted(set(MMA_S8.findall(ptx)))
+        row["shared"] = int(ck.metadata.shared)
+        row["registers"], row["spills"] = _resource_usage(ptx, arch)
+    except Exception as e:  # report, keep going
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    return row
+
+
+def _short_cfg(cfg: dict) -> str:
+    return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in cfg.items()) or "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ebkernels.aot", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
+    p.add_argument("--kernel", action="append", help="only kernels whose name contains this (repeatable)")
+    p.add_argument("--json", help="also write the rows as JSON to this file")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    args = p.parse_args(argv)
+    try:
+        arches = [int(a) for a in args.arch.split(",") if a.strip()]
+    except ValueError:
+        p.error(f"--arch {args.arch!r}: expected comma-separated integers such as 80,90")
+    bad = [a for a in arches if a < 80]
+    if bad:
+        p.error(f"--arch {bad}: int8 tensor-core kernels need compute capability 80 or newer")
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    from ._registry import registered_kernels
+
+    kernels = registered_kernels()
+    if args.kernel:
+        kernels = [k for k in kernels if any(s in k.name for s in args.kernel)]
+    if not kernels:
+        print("no kernels matched", file=sys.stderr)
+        return 2
+    jobs = [(k.name, i, a) for k in kernels for i in range(len(k.constexprs)) for a in arches]
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:
+        rows = list(ex.map(compile_one, *zip(*jobs)))
+
+    failed = 0
+    print("| kernel | config | arch | compiled | int8 tensor-core instructions | shared (B) | registers | spills (B) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ok = r["compiled"] and (not r["int8_mma_expected"] or r["mma_s8"])
+        failed += not ok
+        if r["compiled"]:
+            mma = ", ".join(r["mma_s8"]) or ("MISSING" if r["int8_mma_expected"] else "none (not a GEMM)")
+            status = "yes"
+        else:
+            mma, status = "-", f"NO: {r['error']}"
+        fmt = lambda v: "?" if v is None else str(v)  # noqa: E731
+        print(f"| {r['kernel']} | {_short_cfg(r['config'])} | sm_{r['arch']} | {status} | {mma} | "
+              f"{fmt(r['shared'])} | {fmt(r['registers'])} | {fmt(r['spills'])} |")
+    print(f"\n{len(rows) - failed}/{len(rows)} builds passed ({len(kernels)} kernels, arch {args.arch})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per op: its Triton kernels, its PyTorch reference and its autograd function."""
