@@ -55,9 +55,24 @@ def _resource_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
             int(spill.group(1)) + int(spill.group(2)) if spill else None)
 
 
-def compile_one(name: str, cfg_index: int, arch: int) -> dict:
+def _import_extra(paths: tuple[str, ...]) -> None:
+    """Import extra kernel files (``--extra-module``) so their ``@aot_kernel`` declarations register."""
+    import importlib.util
+
+    for i, path in enumerate(paths):
+        name = f"_ebk_aot_extra_{i}"
+        if name in sys.modules:
+            continue
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+
+
+def compile_one(name: str, cfg_index: int, arch: int, extra: tuple[str, ...] = ()) -> dict:
     """Compile one (kernel, configuration, arch); never raises."""
     os.environ.pop("TRITON_INTERPRET", None)
+    _import_extra(extra)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     import triton
@@ -93,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
     p.add_argument("--kernel", action="append", help="only kernels whose name contains this (repeatable)")
     p.add_argument("--json", help="also write the rows as JSON to this file")
+    p.add_argument("--extra-module", action="append", default=[],
+                   help="also compile the kernels declared in this Python file (for testing the tool)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = p.parse_args(argv)
     try:
@@ -106,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     from ._registry import registered_kernels
 
+    extra = tuple(os.path.abspath(m) for m in args.extra_module)
+    _import_extra(extra)
     kernels = registered_kernels()
     if args.kernel:
         kernels = [k for k in kernels if any(s in k.name for s in args.kernel)]
     if not kernels:
         print("no kernels matched", file=sys.stderr)
         return 2
-    jobs = [(k.name, i, a) for k in kernels for i in range(len(k.constexprs)) for a in arches]
+    jobs = [(k.name, i, a, extra) for k in kernels for i in range(len(k.constexprs)) for a in arches]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:
         rows = list(ex.map(compile_one, *zip(*jobs)))
 

@@ -1,0 +1,84 @@
+"""`python -m ebkernels.aot` compiles every shipped kernel for sm_80 and sm_90 without a GPU."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_aot(tmp_path, *extra_args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "aot.json"
+    proc = subprocess.run([sys.executable, "-m", "ebkernels.aot", "--arch", "80,90", "--json", str(out),
+                           *extra_args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    return proc, rows
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    return run_aot(tmp_path_factory.mktemp("aot"))
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90(shipped):
+    proc, rows = shipped
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    os.environ.pop("TRITON_INTERPRET_UNUSED", None)
+    from ebkernels._registry import registered_kernels
+
+    names = {k.name for k in registered_kernels()}
+    assert names, "no kernels registered"
+    for name in names:
+        for arch in (80, 90):
+            mine = [r for r in rows if r["kernel"] == name and r["arch"] == arch]
+            assert mine and all(r["compiled"] for r in mine), (name, arch)
+    assert "| quantize_codes_kernel |" in proc.stdout
+
+
+def test_gemm_kernels_use_int8_tensor_cores(shipped):
+    _, rows = shipped
+    for r in rows:
+        if r["int8_mma_expected"]:
+            want = "wgmma" if r["arch"] == 90 else "mma.sync"
+            assert any(want in m and ".s8" in m for m in r["mma_s8"]), r
+
+
+def test_failures_are_reported_with_nonzero_exit(tmp_path):
+    bad = tmp_path / "bad_kernels.py"
+    bad.write_text(textwrap.dedent('''
+        import triton
+        import triton.language as tl
+        from ebkernels._registry import aot_kernel
+
+        @aot_kernel(signature={"x_ptr": "*fp32"}, constexprs={"BLOCK": 100}, name="aot_test_bad_block")
+        @triton.jit
+        def bad_block(x_ptr, BLOCK: tl.constexpr):
+            tl.store(x_ptr + tl.arange(0, BLOCK), 1.0)  # arange needs a power of two
+
+        @aot_kernel(signature={"x_ptr": "*fp32", "y_ptr": "*fp32"}, constexprs={"BLOCK": 32},
+                    name="aot_test_float_dot", int8_mma=True)
+        @triton.jit
+        def float_dot(x_ptr, y_ptr, BLOCK: tl.constexpr):
+            r = tl.arange(0, BLOCK)
+            a = tl.load(x_ptr + r[:, None] * BLOCK + r[None, :])
+            tl.store(y_ptr + r[:, None] * BLOCK + r[None, :], tl.dot(a, a))  # float, not int8
+    '''))
+    proc, rows = run_aot(tmp_path, "--extra-module", str(bad), "--kernel", "aot_test")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    by_name = {(r["kernel"], r["arch"]): r for r in rows}
+    assert not by_name[("aot_test_bad_block", 80)]["compiled"]
+    assert "NO:" in proc.stdout
+    assert by_name[("aot_test_float_dot", 90)]["compiled"]
+    assert by_name[("aot_test_float_dot", 90)]["mma_s8"] == []
+    assert "MISSING" in proc.stdout
+
+
+def test_bad_arch_is_rejected(tmp_path):
+    proc, _ = run_aot(tmp_path, "--arch", "75")
+    assert proc.returncode == 2 and "compute capability 80 or newer" in proc.stderr
