@@ -22,15 +22,24 @@ if cpp_sources and os.environ.get("EBKERNELS_NO_NATIVE", "0") != "1":
         class OptionalBuildExtension(BuildExtension):
             """A failed native build is reported, not fatal."""
 
+            failed = ()
+
             def build_extension(self, ext):
                 try:
                     super().build_extension(ext)
                 except Exception as e:  # compiler missing or broken
+                    self.failed = (*self.failed, ext.name)
                     print(f"ebkernels: native ops not built ({type(e).__name__}: {e}); "
                           "the Triton/PyTorch paths will be used", file=sys.stderr)
 
+            def build_extensions(self):
+                super().build_extensions()
+                # forget what failed, so --inplace / editable installs and wheels don't look for it
+                self.extensions = [e for e in self.extensions if e.name not in self.failed]
+
         with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and cuda_sources
-        extra = {"cxx": ["-O3", "-std=c++17"]}
+        # no -std flag: torch's cpp_extension adds the standard its own headers need
+        extra = {"cxx": ["-O3"]}
         if with_cuda:
             extra["nvcc"] = ["-O3"]
             ext = CUDAExtension("ebkernels._C", cpp_sources + cuda_sources, extra_compile_args=extra,
