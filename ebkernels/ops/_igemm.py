@@ -1,0 +1,206 @@
+"""Shared pieces of the int8 GEMM and implicit-GEMM convolution kernels (SPEC §8).
+
+One index decode and one set of tile helpers for every kernel in ``linear_int8`` and ``conv2d_int8``:
+
+- ``decode_rows``: a flat row index over a (D0, D1, D2) grid, e.g. m -> (n, oh, ow) of an NHWC output;
+- ``tap_input_coord``: the input coordinate that output coordinate ``o`` reads through kernel tap ``t``,
+  ``o*stride - pad + t*dil`` (forward and weight-grad);
+- ``tap_output_coord``: the inverse, for the input-grad (a transposed convolution): the output coordinate
+  that reads input coordinate ``i`` through tap ``t``, and whether it exists (``stride`` divides, in range);
+- ``conv_implicit_gemm_tile``: the main loop of the convolution forward and input-grad (one body, the
+  input-grad being the transposed convolution with the same weight codes);
+- ``load_pixels_tile``: an int8 [pixels, channels] tile gathered from an NHWC tensor with padding masks —
+  the im2col happens here, in registers, never in memory;
+- ``store_gemm_tile``: the epilogue every kernel shares: raw int32 (exact partial sums, reduced later in
+  int64) or the dequantized value ``acc * sa * sb / (S_a * S_b) + bias`` with scales read from device;
+- ``int8_gemm_finalize_kernel``: sums int32 split partials exactly in int64, then the same epilogue.
+
+Integer division here only ever sees non-negative operands (negative coordinates are clamped before
+dividing), so C-style truncation on the GPU and in the interpreter agree with floor division.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._registry import aot_kernel
+
+__all__ = ["MAX_TERMS", "empty_output", "gemm_tiles", "int8_gemm_finalize", "decode_rows", "tap_input_coord",
+           "tap_output_coord", "grouped_tile_ids", "conv_implicit_gemm_tile", "load_pixels_tile",
+           "store_gemm_tile", "int8_gemm_finalize_kernel"]
+
+# 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
+MAX_TERMS = 1 << 17
+
+
+def empty_output(shape, dtype: torch.dtype, device: torch.device,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """Every output and partial-sum buffer of the int8 kernels comes from here (the tests replace it
+    with a poisoned allocation, so an element a kernel fails to write shows up)."""
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+def gemm_tiles(device: torch.device, conv: bool = False) -> dict:
+    """Tile configuration: tensor-core sized on a GPU (the convolutions, which gather their tiles with
+    masks, use BK=32 to stay within registers), few mid-sized tiles under the CPU interpreter."""
+    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return {"BM": 128, "BN": 128, "BK": 32 if conv else 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    # the interpreter's cost is per operation, not per element: few, mid-sized tiles
+    return {"BM": 64, "BN": 32, "BK": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+
+
+@triton.jit
+def decode_rows(r, D1, D2):
+    """Flat index ``r`` over a (D0, D1, D2) grid, last fastest -> (i0, i1, i2)."""
+    i2 = r % D2
+    t = r // D2
+    return t // D1, t % D1, i2
+
+
+@triton.jit
+def tap_input_coord(o, t, stride, pad, dil):
+    """Input coordinate read by output coordinate ``o`` at kernel tap ``t`` (may fall in the padding)."""
+    return o * stride - pad + t * dil
+
+
+@triton.jit
+def tap_output_coord(i, t, stride, pad, dil, O):
+    """Output coordinate reading input coordinate ``i`` through tap ``t``, and whether it exists."""
+    num = i + pad - t * dil
+    nonneg = num >= 0
+    o = tl.where(nonneg, num, 0) // stride  # clamp first: truncating division == floor division
+    valid = nonneg & (o * stride == num) & (o < O)
+    return o, valid
+
+
+@triton.jit
+def grouped_tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program id -> (tile row, tile col), GROUP_M row tiles at a time so operand tiles stay in L2."""
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def load_pixels_tile(ptr, pix_base, pix_ok, c, C, s_c):
+    """int8 [pixels, channels] tile: ``pix_base`` (int64 offsets of the pixels) + ``c * s_c``; pixels
+    outside the image (``pix_ok`` false) and channels ``>= C`` read as 0."""
+    offs = pix_base[:, None] + c[None, :].to(tl.int64) * s_c
+    mask = pix_ok[:, None] & (c < C)[None, :]
+    return tl.load(ptr + offs, mask=mask, other=0)
+
+
+@triton.jit
+def conv_implicit_gemm_tile(src_ptr, w_ptr, n, p, q, row_ok, col, col_ok, t_start, t_end, KW, P, Q, R,
+                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r,
+                            sw_col, sw_h, sw_w, sw_r, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """int32 [BM, BN] tile of an implicit-GEMM convolution over kernel taps ``[t_start, t_end)``.
+
+    Rows are pixels (n, p, q) of the result, columns ``col`` its channels. Each tap (kh, kw) maps the
+    row pixels to pixels (h, w) of ``src`` (NHWC-strided, spatial size P×Q, R channels), and the
+    reduction runs over those R channels against ``w[col, kh, kw, r]`` (strides sw_*):
+    - forward (``TRANSPOSED=False``): src = x, ``h = p*stride - pad + kh*dil``, R = Cin, col = Cout;
+    - input-grad (``TRANSPOSED=True``): src = E, h is the output row that reads input row p through
+      tap kh (only where ``stride`` divides), R = Cout, col = Cin — the transposed convolution.
+    """
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    pix_n = n.to(tl.int64) * s_n
+    rr = tl.arange(0, BK)
+    # the weight rows move by a scalar offset per tap: build their (int32: weights are small) offsets once
+    w_rows = (col * sw_col)[:, None] + (rr * sw_r)[None, :]
+    for t in range(t_start, t_end):
+        kh = t // KW
+        kw = t - kh * KW
+        if TRANSPOSED:
+            h, h_ok = tap_output_coord(p, kh, stride_h, pad_h, dil_h, P)
+            w, w_ok = tap_output_coord(q, kw, stride_w, pad_w, dil_w, Q)
+        else:
+            h = tap_input_coord(p, kh, stride_h, pad_h, dil_h)
+            w = tap_input_coord(q, kw, stride_w, pad_w, dil_w)
+            h_ok = (h >= 0) & (h < P)
+            w_ok = (w >= 0) & (w < Q)
+        pix_ok = row_ok & h_ok & w_ok
+        pix = pix_n + h * s_h + w * s_w
+        w_tap = w_ptr + (kh * sw_h + kw * sw_w)
+        for r0 in range(0, R, BK):
+            a = load_pixels_tile(src_ptr, pix, pix_ok, r0 + rr, R, s_r)  # [BM, BK] im2col rows
+            b = tl.load(w_tap + r0 * sw_r + w_rows, mask=col_ok[:, None] & (rr < R - r0)[None, :],
+                        other=0)  # [BN, BK] weight rows
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr,
+                    inv_ss, HAS_BIAS: tl.constexpr, RAW: tl.constexpr):
+    """Epilogue. RAW: store the integer accumulator as is (exact partial sums). Otherwise
+    ``acc * (sa * sb * inv_ss) + bias[col]`` in fp32, stored in ``out_ptr``'s element type; the
+    scales are 0-dim device tensors, so no host synchronisation is needed to get them."""
+    offs = row_offs[:, None] + col_offs[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if RAW:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        scale = tl.load(sa_ptr) * tl.load(sb_ptr) * inv_ss
+        y = acc.to(tl.float32) * scale
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_FINALIZE_SIG = {"part_ptr": "*i32", "out_ptr": "*fp32", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
+                 "bias_ptr": "*fp32", "SPLIT": "i32", "s_split": "i64", "R": "i32", "CC": "i32", "R1": "i32",
+                 "R2": "i32",
+                 "rs0": "i64", "rs1": "i64", "rs2": "i64", "C1": "i32", "C2": "i32", "cs0": "i64",
+                 "cs1": "i64", "cs2": "i64", "inv_ss": "fp32"}
+
+
+@aot_kernel(signature=_FINALIZE_SIG,
+            constexprs=[{"HAS_BIAS": b, "RAW": False, "BR": 64, "BC": 64} for b in (False, True)],
+            num_warps=4, aligned=("part_ptr",))
+@triton.jit
+def int8_gemm_finalize_kernel(part_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, SPLIT, s_split, R, CC, R1, R2, rs0, rs1,
+                              rs2, C1, C2, cs0, cs1, cs2, inv_ss, HAS_BIAS: tl.constexpr,
+                              RAW: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Sum the int32 partials ``part[SPLIT, R, CC]`` in int64 (exact at any reduction length), then the
+    shared epilogue into ``out``: row r and column c decode over (R0, R1, R2) / (C0, C1, C2) grids with
+    the given strides, so the result lands directly in NCHW, NHWC or OIHW order."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    r_ok = r < R
+    c_ok = c < CC
+    mask = r_ok[:, None] & c_ok[None, :]
+    src = part_ptr + r.to(tl.int64)[:, None] * CC + c[None, :]
+    total = tl.zeros((BR, BC), tl.int64)
+    for _ in range(0, SPLIT):
+        total += tl.load(src, mask=mask, other=0).to(tl.int64)
+        src += s_split
+    r0, r1, r2 = decode_rows(r, R1, R2)
+    c0, c1, c2 = decode_rows(c, C1, C2)
+    row_offs = r0.to(tl.int64) * rs0 + r1.to(tl.int64) * rs1 + r2.to(tl.int64) * rs2
+    col_offs = c0.to(tl.int64) * cs0 + c1.to(tl.int64) * cs1 + c2.to(tl.int64) * cs2
+    store_gemm_tile(total, out_ptr, row_offs, r_ok, c, col_offs, c_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss,
+                    HAS_BIAS, RAW)
+
+
+def int8_gemm_finalize(part: torch.Tensor, out: torch.Tensor, sa, sb, bias, inv_ss: float,
+                       rows: tuple, row_strides: tuple, cols: tuple, col_strides: tuple) -> None:
+    """Launch the finalize kernel. ``rows``/``cols``: (D0, D1, D2) grids whose flat index is the partial
+    buffer's row/column, ``*_strides`` the matching strides of ``out``. ``sa is None``: raw int64 sums."""
+    split, R, CC = part.shape
+    raw = sa is None
+    dummy = part  # never dereferenced when RAW / no bias
+    BR = BC = 64 if part.device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1" else 32
+    grid = (triton.cdiv(R, BR), triton.cdiv(CC, BC))
+    int8_gemm_finalize_kernel[grid](
+        part, out, dummy if raw else sa, dummy if raw else sb, bias if bias is not None else dummy,
+        split, R * CC, R, CC, rows[1], rows[2], *row_strides, cols[1], cols[2], *col_strides, float(inv_ss),
+        HAS_BIAS=bias is not None, RAW=raw, BR=BR, BC=BC, num_warps=4)

@@ -1,0 +1,556 @@
+"""Int8 tensor-core Conv2d for WAGE-style training (SPEC §2, §8): implicit-GEMM forward, input-grad
+(transposed convolution with the same weight codes) and weight-grad, no materialised im2col.
+
+Activations and errors are int8 codes in NHWC memory order (the quantizer writes them so), weights
+int8 codes viewed as [Cout, KH·KW·Cin]. All three kernels share the index decode, the main loop and
+the epilogue of ``_igemm``:
+
+- ``conv2d_int8_fwd_dgrad_kernel``: forward ``Y[N·OH·OW, Cout] = X̃ · Wᵀ`` (reduction over (kh, kw, ci)),
+  or, with ``TRANSPOSED``, input-grad ``dX[N·H·W, Cin] = Ẽ · W``, each tap reading the output pixel
+  ``(ih + pad - kh·dil) / stride`` where stride divides it (any stride, padding, dilation);
+- ``conv2d_int8_wgrad_kernel``: ``dW[Cout, (kh, kw, ci)] = Eᵀ · X̃``, the reduction over N·OH·OW split
+  into chunks of at most 2^17 terms whose int32 partials are summed exactly in int64 (no overflow at any
+  batch size), then scaled.
+
+Scales are read from device tensors in the epilogue (no host synchronisation); the bias is fused there
+too; outputs are written straight into the input's memory format (NCHW or channels-last). groups > 1
+runs the PyTorch reference path (one warning). Public: ``qconv2d``; lower level the custom ops
+``ebkernels::conv2d_int8_{fwd,dgrad,wgrad}`` and their float64 oracles ``conv2d_int8_*_reference``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .._backend import use_triton
+from .._checks import check_same_device, check_tensor
+from .._registry import aot_kernel
+from ..config import QConfig
+from . import _igemm
+from ._igemm import (MAX_TERMS, conv_implicit_gemm_tile, decode_rows, grouped_tile_ids, int8_gemm_finalize,
+                     load_pixels_tile, store_gemm_tile, tap_input_coord)
+from .linear_int8 import _inv_ss, check_qconfig, quantize_weight, quantize_weight_grad, split_reduction
+from .quantize import dequantize, quantize
+
+__all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad", "conv2d_int8_wgrad",
+           "conv2d_int8_fwd_reference", "conv2d_int8_dgrad_reference", "conv2d_int8_wgrad_reference",
+           "conv2d_output_size"]
+
+_GPU = {"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}
+_CONV_SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*fp32", "ss_ptr": "*fp32", "sw_ptr": "*fp32",
+             "bias_ptr": "*fp32", "P": "i32", "Q": "i32", "R": "i32", "OP": "i32", "OQ": "i32",
+             "NCOL": "i32", "KW": "i32", "M": "i32", "taps": "i32", "taps_per_split": "i32",
+             "stride_h": "i32", "stride_w": "i32", "pad_h": "i32", "pad_w": "i32", "dil_h": "i32",
+             "dil_w": "i32", "s_n": "i64", "s_h": "i32", "s_w": "i32", "s_r": "i32", "sw_col": "i32",
+             "sw_h": "i32", "sw_w": "i32", "sw_r": "i32", "so_n": "i64", "so_h": "i32", "so_w": "i32",
+             "so_c": "i32", "s_split": "i64", "inv_ss": "fp32"}
+
+
+@aot_kernel(signature=_CONV_SIG,
+            constexprs=[{**_GPU, "TRANSPOSED": False, "HAS_BIAS": True, "RAW": False, "s_r": 1, "sw_r": 1,
+                         "so_c": 1},
+                        {**_GPU, "TRANSPOSED": True, "HAS_BIAS": False, "RAW": False, "s_r": 1, "sw_r": 1,
+                         "so_c": 1}],
+            num_warps=8, num_stages=3, int8_mma=True, aligned=("src_ptr", "w_ptr"))
+@triton.jit
+def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_ptr, P, Q, R, OP, OQ, NCOL,
+                                 KW, M, taps, taps_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                 s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r, so_n, so_h, so_w, so_c,
+                                 s_split, inv_ss, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                 GROUP_M: tl.constexpr):
+    """Forward (``TRANSPOSED=False``: src = x codes, P×Q = H×W, R = Cin; result Y, OP×OQ = OH×OW,
+    NCOL = Cout) or input-grad (``TRANSPOSED=True``: src = E codes, P×Q = OH×OW, R = Cout; result dX,
+    OP×OQ = H×W, NCOL = Cin). Grid (row tiles × column tiles, tap splits): rows are the result's
+    pixels (n, op, oq), columns its channels, the reduction runs over this program's kernel taps."""
+    pid_m, pid_n = grouped_tile_ids(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(NCOL, BN), GROUP_M)
+    pid_s = tl.program_id(1)
+    m = pid_m * BM + tl.arange(0, BM)
+    col = pid_n * BN + tl.arange(0, BN)
+    m_ok = m < M
+    col_ok = col < NCOL
+    n, op, oq = decode_rows(m, OP, OQ)
+    t_start = pid_s * taps_per_split
+    acc = conv_implicit_gemm_tile(src_ptr, w_ptr, n, op, oq, m_ok, col, col_ok, t_start,
+                                  tl.minimum(t_start + taps_per_split, taps), KW, P, Q, R, stride_h,
+                                  stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r, sw_col, sw_h,
+                                  sw_w, sw_r, BM, BN, BK, TRANSPOSED)
+    row_offs = n.to(tl.int64) * so_n + op * so_h + oq * so_w
+    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, row_offs, m_ok, col,
+                    col.to(tl.int64) * so_c, col_ok, ss_ptr, sw_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
+
+
+_WGRAD_SIG = {"e_ptr": "*i8", "x_ptr": "*i8", "out_ptr": "*i32", "se_ptr": "*fp32", "sx_ptr": "*fp32",
+              "H": "i32", "W": "i32", "C": "i32", "OH": "i32", "OW": "i32", "CO": "i32", "KW": "i32",
+              "M": "i32", "taps": "i32", "m_per_split": "i32", "stride_h": "i32", "stride_w": "i32",
+              "pad_h": "i32", "pad_w": "i32", "dil_h": "i32", "dil_w": "i32", "se_n": "i64", "se_h": "i32",
+              "se_w": "i32", "se_c": "i32", "sx_n": "i64", "sx_h": "i32", "sx_w": "i32", "sx_c": "i32",
+              "so_o": "i32", "so_h": "i32", "so_w": "i32", "so_c": "i32", "s_split": "i64", "inv_ss": "fp32"}
+
+
+@aot_kernel(signature=_WGRAD_SIG, constexprs=[{**_GPU, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 1}],
+            num_warps=8, num_stages=3, int8_mma=True, aligned=("e_ptr", "x_ptr"))
+@triton.jit
+def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH, OW, CO, KW, M, taps,
+                             m_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, se_n, se_h, se_w,
+                             se_c, sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss,
+                             RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                             GROUP_M: tl.constexpr):
+    """Weight-grad ``dW[co, kh, kw, ci] = sum_m E[m, co] · X[n, ih, iw, ci]`` over this program's chunk
+    of the N·OH·OW rows (at most 2^17: its int32 sum is exact). Grid (Cout tiles × taps × Cin tiles,
+    chunks): each program holds one tap, so its input pixels are one shifted, masked row set."""
+    num_c = tl.cdiv(C, BN)
+    pid_co, pid_col = grouped_tile_ids(tl.program_id(0), tl.cdiv(CO, BM), taps * num_c, GROUP_M)
+    pid_s = tl.program_id(1)
+    t = pid_col // num_c
+    kh = t // KW
+    kw = t - kh * KW
+    co = pid_co * BM + tl.arange(0, BM)
+    ci = (pid_col - t * num_c) * BN + tl.arange(0, BN)
+    co_ok = co < CO
+    ci_ok = ci < C
+    m_start = pid_s * m_per_split
+    m_end = tl.minimum(m_start + m_per_split, M)
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for m0 in range(m_start, m_end, BK):
+        m = m0 + tl.arange(0, BK)
+        m_ok = m < m_end
+        n, oh, ow = decode_rows(m, OH, OW)
+        e_pix = n.to(tl.int64) * se_n + oh * se_h + ow * se_w
+        a = load_pixels_tile(e_ptr, e_pix, m_ok, co, CO, se_c)  # [BK rows, BM Cout]
+        ih = tap_input_coord(oh, kh, stride_h, pad_h, dil_h)
+        iw = tap_input_coord(ow, kw, stride_w, pad_w, dil_w)
+        x_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = load_pixels_tile(x_ptr, n.to(tl.int64) * sx_n + ih * sx_h + iw * sx_w, x_ok, ci, C, sx_c)
+        acc = tl.dot(tl.trans(a), b, acc, out_dtype=tl.int32)
+    col_offs = (kh * so_h + kw * so_w) + ci.to(tl.int64) * so_c
+    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, co.to(tl.int64) * so_o, co_ok, ci, col_offs,
+                    ci_ok, se_ptr, sx_ptr, se_ptr, inv_ss, False, RAW)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers (Triton path)
+# --------------------------------------------------------------------------------------------------
+def conv2d_output_size(H, W, KH, KW, stride, padding, dilation):
+    return ((H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1,
+            (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1)
+
+
+def _nchw_strides(t: torch.Tensor):
+    """(s_n, s_h, s_w, s_c) of a logical NCHW tensor (any memory format)."""
+    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
+
+
+def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, NCOL, KH, KW, stride, padding,
+                      dilation, sw_col, sw_r, inv_ss, max_terms):
+    """Shared launch of the forward / input-grad kernels: result pixels (N, OP, OQ) × NCOL channels,
+    reduction over KH·KW taps × R channels, split over taps when longer than ``max_terms``."""
+    N = src.shape[0]
+    M = N * OP * OQ
+    raw = ss is None
+    cfg = _igemm.gemm_tiles(src.device, conv=True)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    taps = KH * KW
+    per = max(1, max_terms // max(R, 1))  # taps per int32-exact chunk
+    splits = triton.cdiv(taps, per)
+    per = triton.cdiv(taps, splits)
+    direct = splits == 1
+    s_n, s_h, s_w, s_r = _nchw_strides(src)
+    if direct:
+        dst = out
+        so_n, so_h, so_w, so_c = _nchw_strides(out)
+        s_split = 0
+    else:  # int32 partials [splits, N·OP·OQ, NCOL], then the exact int64 finalize
+        dst = _igemm.empty_output((splits, M, NCOL), torch.int32, src.device)
+        so_n, so_h, so_w, so_c, s_split = OP * OQ * NCOL, OQ * NCOL, NCOL, 1, M * NCOL
+    epilogue = direct and not raw
+    dummy = src
+    grid = (triton.cdiv(M, BM) * triton.cdiv(NCOL, BN), splits)
+    conv2d_int8_fwd_dgrad_kernel[grid](src, wq, dst, ss if epilogue else dummy, sw if epilogue else dummy,
+                 bias if (epilogue and bias is not None) else dummy, P, Q, R, OP, OQ, NCOL, KW, M, taps, per,
+                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], s_n, s_h, s_w, s_r,
+                 sw_col, wq.stride(2), wq.stride(3), sw_r, so_n, so_h, so_w, so_c, s_split, inv_ss,
+                 TRANSPOSED=transposed, HAS_BIAS=epilogue and bias is not None, RAW=not epilogue,
+                 BM=BM, BN=BN, BK=BK,
+                 GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if not direct:
+        o = _nchw_strides(out)
+        int8_gemm_finalize(dst, out, ss, sw, bias, inv_ss, (N, OP, OQ), o[:3], (1, 1, NCOL), (0, 0, o[3]))
+    return out
+
+
+def _out_format(channels_last: bool):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, out_dtype, channels_last,
+                max_terms):
+    N, C, H, W = qx.shape
+    CO, _, KH, KW = qw.shape
+    OH, OW = conv2d_output_size(H, W, KH, KW, stride, padding, dilation)
+    raw = sx is None
+    out = _igemm.empty_output((N, CO, OH, OW), torch.int64 if raw else out_dtype, qx.device,
+                              _out_format(channels_last))
+    if out.numel() == 0:
+        return out
+    inv_ss = 0.0 if raw else _inv_ss(bits_a, bits_w)
+    return _conv_like_launch(False, qx, qw, sx, sw, bias, out, H, W, C, OH, OW, CO, KH, KW,
+                             stride, padding, dilation, qw.stride(0), qw.stride(1), inv_ss, max_terms)
+
+
+def _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, bits_w, out_dtype,
+                  channels_last, max_terms):
+    N, CO, OH, OW = qe.shape
+    _, C, KH, KW = qw.shape
+    H, W = input_hw
+    raw = se is None
+    out = _igemm.empty_output((N, C, H, W), torch.int64 if raw else out_dtype, qe.device,
+                              _out_format(channels_last))
+    if out.numel() == 0:
+        return out
+    inv_ss = 0.0 if raw else _inv_ss(bits_e, bits_w)
+    # the reduction runs over Cout: a copy of the (small) weight codes with Cout contiguous keeps the
+    # tensor-core operand K-major
+    qw_t = qw.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    return _conv_like_launch(True, qe, qw_t, se, sw, None, out, OH, OW, CO, H, W, C, KH,
+                             KW, stride, padding, dilation, qw_t.stride(1), qw_t.stride(0), inv_ss, max_terms)
+
+
+def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
+                  max_terms):
+    N, C, H, W = qx.shape
+    _, CO, OH, OW = qe.shape
+    KH, KW = kernel_hw
+    raw = se is None
+    out = _igemm.empty_output((CO, C, KH, KW), torch.int64 if raw else out_dtype, qx.device)
+    if out.numel() == 0:
+        return out
+    M = N * OH * OW
+    if M == 0:
+        return out.zero_()
+    cfg = _igemm.gemm_tiles(qx.device, conv=True)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    taps = KH * KW
+    tiles = triton.cdiv(CO, BM) * taps * triton.cdiv(C, BN)
+    splits, per = split_reduction(M, tiles, BK, qx.device, max_terms)
+    inv_ss = 0.0 if raw else _inv_ss(bits_e, bits_a)
+    direct = splits == 1
+    if direct:
+        dst = out
+        so_o, so_c, so_h, so_w = out.stride()
+        s_split = 0
+    else:  # int32 partials [splits, Cout, KH·KW·Cin]
+        dst = _igemm.empty_output((splits, CO, taps * C), torch.int32, qx.device)
+        so_o, so_h, so_w, so_c, s_split = taps * C, KW * C, C, 1, CO * taps * C
+    epilogue = direct and not raw
+    se_n, se_h, se_w, se_c = _nchw_strides(qe)
+    sx_n, sx_h, sx_w, sx_c = _nchw_strides(qx)
+    conv2d_int8_wgrad_kernel[(tiles, splits)](
+        qe, qx, dst, se if epilogue else qe, sx if epilogue else qe, H, W, C, OH, OW, CO, KW, M, taps, per,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], se_n, se_h, se_w, se_c,
+        sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss, RAW=not epilogue, BM=BM, BN=BN,
+        BK=BK, GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if not direct:
+        o = out.stride()
+        int8_gemm_finalize(dst, out, se, sx, None, inv_ss, (1, 1, CO), (0, 0, o[0]), (KH, KW, C),
+                           (o[2], o[3], o[1]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Float64 oracles on the integer codes (exact sums), with the kernels' fp32 epilogue
+# --------------------------------------------------------------------------------------------------
+def _epilogue_reference(acc, sa, sb, bias, bits_a, bits_b, out_dtype, channels_last):
+    if sa is None:
+        y = acc.to(torch.int64)
+    else:
+        y = acc.float() * (sa.float() * sb.float() * _inv_ss(bits_a, bits_b))
+        if bias is not None:
+            y = y + bias.float().view(1, -1, 1, 1)
+        y = y.to(out_dtype)
+    return y.contiguous(memory_format=_out_format(channels_last))
+
+
+def conv2d_int8_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, groups, bits_a, bits_w,
+                              out_dtype, channels_last):
+    acc = F.conv2d(qx.double(), qw.double(), None, stride, padding, dilation, groups)
+    return _epilogue_reference(acc, sx, sw, bias, bits_a, bits_w, out_dtype, channels_last)
+
+
+def conv2d_int8_dgrad_reference(qe, qw, se, sw, input_hw, stride, padding, dilation, groups, bits_e, bits_w,
+                                out_dtype, channels_last):
+    size = (qe.shape[0], qw.shape[1] * groups, *input_hw)
+    acc = torch.nn.grad.conv2d_input(size, qw.double(), qe.double(), stride, padding, dilation, groups)
+    return _epilogue_reference(acc, se, sw, None, bits_e, bits_w, out_dtype, channels_last)
+
+
+def conv2d_int8_wgrad_reference(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e,
+                                bits_a, out_dtype):
+    size = (qe.shape[1], qx.shape[1] // groups, *kernel_hw)
+    acc = torch.nn.grad.conv2d_weight(qx.double(), size, qe.double(), stride, padding, dilation, groups)
+    return _epilogue_reference(acc, se, sx, None, bits_e, bits_a, out_dtype, False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops: Triton kernels where they apply, the reference otherwise
+# --------------------------------------------------------------------------------------------------
+_warned_groups = False
+
+
+def _triton_applies(groups: int, channels: int, *tensors) -> bool:
+    global _warned_groups
+    if not use_triton(*tensors):
+        return False
+    if groups != 1:
+        if not _warned_groups:
+            warnings.warn("ebkernels.qconv2d: groups > 1 (grouped/depthwise convolution) has no int8 Triton "
+                          "kernel yet; it runs the PyTorch reference path (same numbers, slower)",
+                          stacklevel=4)
+            _warned_groups = True
+        return False
+    return channels <= MAX_TERMS  # one tap's reduction must fit an int32-exact chunk
+
+
+@torch.library.custom_op("ebkernels::conv2d_int8_fwd", mutates_args=())
+def _conv2d_int8_fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: Optional[torch.Tensor],
+                        sw: Optional[torch.Tensor], bias: Optional[torch.Tensor], stride: list[int],
+                        padding: list[int], dilation: list[int], groups: int, bits_a: int, bits_w: int,
+                        out_dtype: torch.dtype, channels_last: bool, max_terms: int) -> torch.Tensor:
+    if _triton_applies(groups, qx.shape[1], qx, qw):
+        return _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, out_dtype,
+                           channels_last, max_terms)
+    return conv2d_int8_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, groups, bits_a, bits_w,
+                                     out_dtype, channels_last)
+
+
+@_conv2d_int8_fwd_op.register_fake
+def _(qx, qw, sx, sw, bias, stride, padding, dilation, groups, bits_a, bits_w, out_dtype, channels_last,
+      max_terms):
+    OH, OW = conv2d_output_size(qx.shape[2], qx.shape[3], qw.shape[2], qw.shape[3], stride, padding, dilation)
+    return torch.empty((qx.shape[0], qw.shape[0], OH, OW), dtype=torch.int64 if sx is None else out_dtype,
+                       device=qx.device, memory_format=_out_format(channels_last))
+
+
+@torch.library.custom_op("ebkernels::conv2d_int8_dgrad", mutates_args=())
+def _conv2d_int8_dgrad_op(qe: torch.Tensor, qw: torch.Tensor, se: Optional[torch.Tensor],
+                          sw: Optional[torch.Tensor], input_hw: list[int], stride: list[int],
+                          padding: list[int], dilation: list[int], groups: int, bits_e: int, bits_w: int,
+                          out_dtype: torch.dtype, channels_last: bool, max_terms: int) -> torch.Tensor:
+    if _triton_applies(groups, qe.shape[1], qe, qw):
+        return _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, bits_w, out_dtype,
+                             channels_last, max_terms)
+    return conv2d_int8_dgrad_reference(qe, qw, se, sw, input_hw, stride, padding, dilation, groups, bits_e,
+                                       bits_w, out_dtype, channels_last)
+
+
+@_conv2d_int8_dgrad_op.register_fake
+def _(qe, qw, se, sw, input_hw, stride, padding, dilation, groups, bits_e, bits_w, out_dtype, channels_last,
+      max_terms):
+    return torch.empty((qe.shape[0], qw.shape[1] * groups, *input_hw), dtype=torch.int64 if se is None else out_dtype,
+                       device=qe.device, memory_format=_out_format(channels_last))
+
+
+@torch.library.custom_op("ebkernels::conv2d_int8_wgrad", mutates_args=())
+def _conv2d_int8_wgrad_op(qe: torch.Tensor, qx: torch.Tensor, se: Optional[torch.Tensor],
+                          sx: Optional[torch.Tensor], kernel_hw: list[int], stride: list[int],
+                          padding: list[int], dilation: list[int], groups: int, bits_e: int, bits_a: int,
+                          out_dtype: torch.dtype, max_terms: int) -> torch.Tensor:
+    if _triton_applies(groups, 0, qe, qx):
+        return _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
+                             max_terms)
+    return conv2d_int8_wgrad_reference(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e,
+                                       bits_a, out_dtype)
+
+
+@_conv2d_int8_wgrad_op.register_fake
+def _(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e, bits_a, out_dtype, max_terms):
+    return qe.new_empty((qe.shape[1], qx.shape[1] // groups, *kernel_hw),
+                        dtype=torch.int64 if se is None else out_dtype)
+
+
+def _pair(name, value, minimum):
+    """An int or a pair of ints, each >= minimum, as a list of two."""
+    v = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(e, int) and not isinstance(e, bool) and e >= minimum for e in v)):
+        raise ValueError(f"{name}={value!r} is not supported; accepted: an int >= {minimum} or a pair of them")
+    return [int(v[0]), int(v[1])]
+
+
+def _check_codes(**named):
+    for k, t in named.items():
+        check_tensor(k, t, (torch.int8,))
+        if t.dim() != 4:
+            raise ValueError(f"{k} must be 4-D, got shape {tuple(t.shape)}")
+
+
+def conv2d_int8_fwd(qx, qw, sx=None, sw=None, bias=None, stride=1, padding=0, dilation=1, groups=1, bits_a=8,
+                    bits_w=8, out_dtype=torch.float32, channels_last=None, max_terms=MAX_TERMS):
+    """Convolution of int8 codes ``qx`` (N, Cin, H, W; NHWC memory order is fastest) with ``qw`` (Cout,
+    Cin/groups, KH, KW). With scales: ``acc · sx·sw / (S_a·S_w) + bias`` in ``out_dtype``; with
+    ``sx=None``: the exact integer sums (int64). Output memory format: channels-last when
+    ``channels_last`` (default: as ``qx``)."""
+    _check_codes(qx=qx, qw=qw)
+    if channels_last is None:
+        channels_last = _is_channels_last(qx)
+    return _conv2d_int8_fwd_op(qx, qw, sx, sw, bias, _pair("stride", stride, 1), _pair("padding", padding, 0),
+                               _pair("dilation", dilation, 1), groups, bits_a, bits_w, out_dtype,
+                               channels_last, max_terms)
+
+
+def conv2d_int8_dgrad(qe, qw, input_hw, se=None, sw=None, stride=1, padding=0, dilation=1, groups=1,
+                      bits_e=8, bits_w=8, out_dtype=torch.float32, channels_last=None, max_terms=MAX_TERMS):
+    """Input gradient (transposed convolution of ``qe`` with the same weight codes ``qw``) of an input
+    of spatial size ``input_hw``; scaled as ``conv2d_int8_fwd`` (``se=None``: exact int64 sums)."""
+    _check_codes(qe=qe, qw=qw)
+    if channels_last is None:
+        channels_last = _is_channels_last(qe)
+    return _conv2d_int8_dgrad_op(qe, qw, se, sw, [int(v) for v in input_hw], _pair("stride", stride, 1),
+                                 _pair("padding", padding, 0), _pair("dilation", dilation, 1), groups, bits_e,
+                                 bits_w, out_dtype, channels_last, max_terms)
+
+
+def conv2d_int8_wgrad(qe, qx, kernel_hw, se=None, sx=None, stride=1, padding=0, dilation=1, groups=1,
+                      bits_e=8, bits_a=8, out_dtype=torch.float32, max_terms=MAX_TERMS):
+    """Weight gradient ``sum over N·OH·OW of E ⊗ X̃`` (Cout, Cin/groups, KH, KW), contiguous; reductions
+    longer than ``max_terms`` (2^17, int32-safe) are chunked and combined in int64."""
+    _check_codes(qe=qe, qx=qx)
+    return _conv2d_int8_wgrad_op(qe, qx, se, sx, [int(v) for v in kernel_hw], _pair("stride", stride, 1),
+                                 _pair("padding", padding, 0), _pair("dilation", dilation, 1), groups, bits_e,
+                                 bits_a, out_dtype, max_terms)
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd function and public op
+# --------------------------------------------------------------------------------------------------
+class QConv2dFunction(torch.autograd.Function):
+    """WAGE-style Conv2d. Forward quantizes W and A (A written as NHWC int8 codes) and saves only their
+    codes and scales; backward quantizes E, runs input-grad and weight-grad on the int8 kernels, then
+    G-quantizes the weight gradient. An operand whose bits is None stays float: every product involving
+    it runs as a float32 torch convolution on the (dequantized) operands instead of the int8 kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, qc: QConfig):
+        channels_last = _is_channels_last(x)
+        qx = sx = qw = sw = None
+        if qc.bits_a is not None:
+            qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode, channels_last=True)
+        if qc.bits_w is not None:
+            codes, sw = quantize_weight(weight, qc)
+            qw = codes
+        if qx is not None and qw is not None:
+            y = _conv2d_int8_fwd_op(qx, qw, sx, sw, bias, stride, padding, dilation, groups, qc.bits_a,
+                                    qc.bits_w, x.dtype, channels_last, MAX_TERMS)
+        else:
+            xf = dequantize(qx, sx, qc.bits_a) if qx is not None else x.float()
+            wf = dequantize(qw, sw, qc.bits_w) if qw is not None else weight.float()
+            y = F.conv2d(xf, wf, None if bias is None else bias.float(), stride, padding, dilation, groups)
+            y = y.to(x.dtype).contiguous(memory_format=_out_format(channels_last))
+        ctx.qc = qc
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, channels_last,
+                    tuple(x.shape), tuple(weight.shape))
+        ctx.save_for_backward(qx if qx is not None else x, sx, qw if qw is not None else weight, sw)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        qc = ctx.qc
+        stride, padding, dilation, groups = ctx.conv
+        x_dtype, w_dtype, b_dtype, channels_last, x_shape, w_shape = ctx.meta
+        xa, sx, wa, sw = ctx.saved_tensors
+        gx = gw = gb = None
+        qe = se = None
+        if qc.bits_e is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            qe, se = quantize(gy, qc.bits_e, qc.rounding_e, "shift", channels_last=True)
+
+        def as_float(t, s, bits):
+            return dequantize(t, s, bits) if s is not None else t.float()
+
+        def e_float():
+            return as_float(qe, se, qc.bits_e) if qe is not None else gy.float()
+
+        if ctx.needs_input_grad[0]:
+            if qe is not None and sw is not None:
+                gx = _conv2d_int8_dgrad_op(qe, wa, se, sw, list(x_shape[2:]), stride, padding, dilation, groups,
+                                           qc.bits_e, qc.bits_w, x_dtype, channels_last, MAX_TERMS)
+            else:
+                gx = torch.nn.grad.conv2d_input(x_shape, as_float(wa, sw, qc.bits_w), e_float(), stride,
+                                                padding, dilation, groups)
+                gx = gx.to(x_dtype).contiguous(memory_format=_out_format(channels_last))
+        if ctx.needs_input_grad[1]:
+            if qe is not None and sx is not None:
+                gw = _conv2d_int8_wgrad_op(qe, xa, se, sx, list(w_shape[2:]), stride, padding, dilation, groups,
+                                           qc.bits_e, qc.bits_a, torch.float32, MAX_TERMS)
+            else:
+                gw = torch.nn.grad.conv2d_weight(as_float(xa, sx, qc.bits_a), w_shape, e_float(), stride,
+                                                 padding, dilation, groups)
+            gw = quantize_weight_grad(gw, qc).to(w_dtype)
+        if b_dtype is not None and ctx.needs_input_grad[2]:
+            gb = gy.float().sum((0, 2, 3)).to(b_dtype)  # the float E, not its codes
+        return gx, gw, gb, None, None, None, None, None
+
+
+def _resolve_padding(padding, weight_hw, dilation, stride):
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0]
+        if padding == "same":
+            if stride != [1, 1]:
+                raise ValueError(f"padding='same' needs stride 1, got stride={tuple(stride)}")
+            total = [d * (k - 1) for d, k in zip(dilation, weight_hw)]
+            if any(t % 2 for t in total):
+                raise ValueError("padding='same' with an even effective kernel size pads asymmetrically; "
+                                 "not supported, pass explicit padding")
+            return [t // 2 for t in total]
+        raise ValueError(f"padding={padding!r} is not supported; accepted: an int >= 0, a pair of them, "
+                         "'valid' or 'same'")
+    return _pair("padding", padding, 0)
+
+
+def qconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+            dilation=1, groups: int = 1, qconfig: QConfig | None = None) -> torch.Tensor:
+    """``F.conv2d`` with W, A quantized to int8 codes (SPEC §2) and int8 tensor-core implicit GEMMs for the
+    forward, input-grad and weight-grad; E is quantized on the way into backward and the weight
+    gradient is G-quantized (stochastic rounding). ``x``: (N, Cin, H, W) contiguous or channels-last
+    (the output keeps that memory format); ``weight``: (Cout, Cin/groups, KH, KW); ``stride``,
+    ``padding`` (also 'valid'/'same'), ``dilation``: int or pair. ``groups > 1`` runs the PyTorch
+    reference path (same numbers, one warning). An operand with ``bits_* = None`` stays float and the
+    products involving it run as float32 torch convolutions. CUDA tensors (or CPU under
+    TRITON_INTERPRET=1) use the Triton kernels, other CPU tensors the PyTorch reference."""
+    qc = check_qconfig(qconfig)
+    check_tensor("x", x)
+    check_tensor("weight", weight)
+    if bias is not None:
+        check_tensor("bias", bias)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (Cout, Cin/groups, KH, KW), got shape {tuple(weight.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups={groups!r} is not supported; accepted: a positive int")
+    if weight.shape[1] * groups != x.shape[1] or weight.shape[0] % groups:
+        raise ValueError(f"x has {x.shape[1]} channels and weight shape {tuple(weight.shape)} with groups={groups}: "
+                         f"need weight.shape[1] * groups == C_in and C_out divisible by groups")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},)")
+    check_same_device(x=x, weight=weight, bias=bias)
+    stride = _pair("stride", stride, 1)
+    dilation = _pair("dilation", dilation, 1)
+    padding = _resolve_padding(padding, weight.shape[2:], dilation, stride)
+    OH, OW = conv2d_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding,
+                                dilation)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"the (dilated) kernel does not fit the padded input: output size would be {OH}x{OW} "
+                         f"for input {tuple(x.shape[2:])}, kernel "
+                         f"{tuple(weight.shape[2:])}, stride {stride}, padding {padding}, dilation {dilation}")
+    return QConv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, qc)

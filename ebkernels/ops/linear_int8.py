@@ -1,0 +1,308 @@
+"""Int8 tensor-core Linear for WAGE-style training (SPEC §2): forward ``x Wᵀ``, input-grad ``E W`` and
+weight-grad ``Eᵀ x``, all on one strided int8 GEMM kernel.
+
+``linear_int8_gemm_kernel`` computes ``C[M, N] = A[M, K] · B[K, N]`` for int8 A and B of any strides
+(so the three products are just different views of the same codes), accumulating int8×int8 in int32 on
+tensor cores (``tl.dot`` -> ``mma.sync…s8`` / ``wgmma…s8``). The epilogue reads the two per-tensor scales
+from device tensors, multiplies by ``sa·sb / (S_a·S_b)`` and adds the bias: no host synchronisation.
+
+Reductions longer than ``MAX_TERMS = 2^17`` (127² · 2^17 < 2^31) are split across programs; each split
+writes its exact int32 partial sums and ``int8_gemm_finalize_kernel`` adds them in int64 before the
+epilogue. This matters for the weight-grad, whose reduction runs over all rows of the batch.
+
+Public: ``qlinear(x, weight, bias=None, qconfig=None)``; lower level ``linear_int8_mm`` (a
+``torch.library`` custom op, ``ebkernels::linear_int8_mm``) and its oracle ``linear_int8_mm_reference``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import use_triton
+from .._checks import check_same_device, check_tensor
+from .._registry import aot_kernel
+from ..config import QConfig
+from . import _igemm
+from ._igemm import MAX_TERMS, grouped_tile_ids, int8_gemm_finalize, store_gemm_tile
+from .quantize import dequantize, quantize
+
+__all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunction",
+           "quantize_weight_grad", "check_qconfig"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------------
+_GEMM_SIG = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*fp32", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
+             "bias_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
+             "s_am": "i32", "s_ak": "i32", "s_bk": "i32", "s_bn": "i32", "s_om": "i32", "s_on": "i32",
+             "s_split": "i64", "inv_ss": "fp32"}
+_GPU_TILES = {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}
+# AOT configurations as launched on a GPU (unit strides are specialised the way the JIT does it):
+# forward (x, Wᵀ: both K-contiguous) with fused scale + bias; input-grad (E, transposed copy of W:
+# K-contiguous); weight-grad (Eᵀ, x: M/N-contiguous operands) writing raw int32 split partials.
+_GEMM_AOT = [
+    {**_GPU_TILES, "HAS_BIAS": True, "RAW": False, "s_ak": 1, "s_bk": 1, "s_on": 1},
+    {**_GPU_TILES, "HAS_BIAS": False, "RAW": True, "s_am": 1, "s_bn": 1, "s_on": 1},
+]
+
+
+@aot_kernel(signature=_GEMM_SIG, constexprs=_GEMM_AOT, num_warps=8, num_stages=3, int8_mma=True,
+            aligned=("a_ptr", "b_ptr"))
+@triton.jit
+def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, k_per_split,
+                            s_am, s_ak, s_bk, s_bn, s_om, s_on, s_split, inv_ss,
+                            HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BM: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """``out[m, n] (+ split * s_split) = sum_k a[m, k] b[k, n]`` over this program's K range
+    ``[split * k_per_split, (split+1) * k_per_split)``; grid (tiles, splits)."""
+    pid_m, pid_n = grouped_tile_ids(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    pid_s = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_ok = rm < M
+    n_ok = rn < N
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    rk = k_start + tl.arange(0, BK)
+    # pointers built once and advanced by BK along K (cheaper than re-deriving them every step)
+    # rows/cols past the edge re-read valid ones (wrapped) instead of masking: their results are never
+    # stored, and unmasked rows keep the loads simple
+    a_ptrs = a_ptr + ((rm % M)[:, None] * s_am + rk[None, :] * s_ak)
+    b_ptrs = b_ptr + (rk[:, None] * s_bk + (rn % N)[None, :] * s_bn)
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for _ in range(k_start, k_end, BK):
+        k_ok = rk < k_end
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BK * s_ak
+        b_ptrs += BK * s_bk
+        rk += BK
+    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, rm.to(tl.int64) * s_om, m_ok, rn,
+                    rn.to(tl.int64) * s_on, n_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
+
+
+def split_reduction(length: int, tiles: int, BK: int, device: torch.device, max_terms: int):
+    """(splits, terms per split) for a reduction of ``length`` terms: every split at most ``max_terms``
+    terms (int32-exact) and a multiple of BK; on a GPU, more splits when there are too few output tiles
+    to fill the SMs."""
+    max_terms = max(BK, max_terms // BK * BK)
+    splits = triton.cdiv(length, max_terms)
+    if device.type == "cuda" and _igemm.gemm_tiles(device)["BM"] > 32:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(splits, min(triton.cdiv(2 * sms, max(tiles, 1)), triton.cdiv(length, 8 * BK)))
+    per = triton.cdiv(triton.cdiv(max(length, 1), splits), BK) * BK
+    return triton.cdiv(max(length, 1), per), per
+
+
+def _inv_ss(bits_a: int, bits_b: int) -> float:
+    """``1 / (S_a · S_b)``, a power of two (exact in fp32)."""
+    return 1.0 / float(2 ** (bits_a - 1) * 2 ** (bits_b - 1))
+
+
+def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms):
+    M, K = a.shape
+    N = b.shape[1]
+    raw = sa is None
+    out = _igemm.empty_output((M, N), torch.int64 if raw else out_dtype, a.device)
+    if out.numel() == 0:
+        return out
+    if K == 0:  # empty reduction: the sums are 0
+        out.zero_()
+        if bias is not None and not raw:
+            out += bias.to(out_dtype)
+        return out
+    cfg = _igemm.gemm_tiles(a.device)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    splits, per = split_reduction(K, tiles, BK, a.device, max_terms)
+    inv_ss = 0.0 if raw else _inv_ss(bits_a, bits_b)
+    dummy = a
+    direct = splits == 1  # one split: the epilogue (or the raw int store) goes straight to the output
+    if direct:
+        dst, s_om, s_on, s_split = out, out.stride(0), out.stride(1), 0
+    else:  # exact int32 partials, summed in int64 by the finalize kernel
+        dst = _igemm.empty_output((splits, M, N), torch.int32, a.device)
+        s_om, s_on, s_split = N, 1, M * N
+    epilogue = direct and not raw
+    linear_int8_gemm_kernel[(tiles, splits)](
+        a, b, dst, sa if epilogue else dummy, sb if epilogue else dummy,
+        bias if (epilogue and bias is not None) else dummy, M, N, K, per,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), s_om, s_on, s_split, inv_ss,
+        HAS_BIAS=epilogue and bias is not None, RAW=not epilogue, BM=BM, BN=BN, BK=BK,
+        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if not direct:
+        int8_gemm_finalize(dst, out, sa, sb, bias, inv_ss, (1, 1, M), (0, 0, out.stride(0)),
+                           (1, 1, N), (0, 0, out.stride(1)))
+    return out
+
+
+def linear_int8_mm_reference(a, b, sa, sb, bias, bits_a: int, bits_b: int, out_dtype: torch.dtype):
+    """Oracle: the integer sums in float64 (exact: |sum| < 2^53), then the kernel's fp32 epilogue."""
+    acc = a.double() @ b.double()
+    if sa is None:
+        return acc.to(torch.int64)
+    scale = sa.float() * sb.float() * _inv_ss(bits_a, bits_b)
+    y = acc.float() * scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+@torch.library.custom_op("ebkernels::linear_int8_mm", mutates_args=())
+def _linear_int8_mm_op(a: torch.Tensor, b: torch.Tensor, sa: Optional[torch.Tensor],
+                       sb: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits_a: int, bits_b: int,
+                       out_dtype: torch.dtype, max_terms: int) -> torch.Tensor:
+    # the kernel's tile offsets are int32: operands past 2^31 elements take the reference path
+    small = all((t.shape[0] - 1) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) < 2**31 for t in (a, b))
+    if use_triton(a, b) and small and a.shape[0] * b.shape[1] < 2**31:
+        return _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms)
+    return linear_int8_mm_reference(a, b, sa, sb, bias, bits_a, bits_b, out_dtype)
+
+
+@_linear_int8_mm_op.register_fake
+def _(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int64 if sa is None else out_dtype)
+
+
+def linear_int8_mm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None = None,
+                   sb: torch.Tensor | None = None, bias: torch.Tensor | None = None, bits_a: int = 8,
+                   bits_b: int = 8, out_dtype: torch.dtype = torch.float32,
+                   max_terms: int = MAX_TERMS) -> torch.Tensor:
+    """``a[M, K] @ b[K, N]`` on int8 codes of any strides, on the int8 tensor cores.
+
+    With scales ``sa``/``sb`` (0-dim float32 device tensors): ``acc * sa*sb / (2^(bits_a-1) 2^(bits_b-1))
+    + bias`` in ``out_dtype``. With ``sa=None``: the exact integer sums as int64. ``max_terms`` (tests)
+    caps the terms per int32 partial sum (default 2^17, the int32-safe chunk).
+    """
+    check_tensor("a", a, (torch.int8,))
+    check_tensor("b", b, (torch.int8,))
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"linear_int8_mm: a {tuple(a.shape)} and b {tuple(b.shape)} are not [M, K] and "
+                         "[K, N] matrices")
+    if (sa is None) != (sb is None):
+        raise ValueError("linear_int8_mm: give both scales sa and sb, or neither (integer sums)")
+    check_same_device(a=a, b=b, sa=sa, sb=sb, bias=bias)
+    return _linear_int8_mm_op(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms)
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization helpers shared with conv2d_int8
+# --------------------------------------------------------------------------------------------------
+def check_qconfig(qconfig) -> QConfig:
+    if qconfig is None:
+        return QConfig()
+    if not isinstance(qconfig, QConfig):
+        raise TypeError(f"qconfig must be an ebkernels.QConfig or None, got {type(qconfig).__name__}")
+    return qconfig
+
+
+def quantize_weight(weight: torch.Tensor, qc: QConfig):
+    """W codes and its scale: ``Shift(max|W|)`` (mode shift) or ``1 · alpha`` (mode wage)."""
+    codes, s = quantize(weight, qc.bits_w, "nearest", qc.mode)
+    if qc.mode == "wage" and qc.alpha != 1.0:
+        s = s * qc.alpha  # device op: no synchronisation
+    return codes, s
+
+
+def quantize_weight_grad(grad_w: torch.Tensor, qc: QConfig) -> torch.Tensor:
+    """G quantization of the weight gradient (``Shift(max|G|)``, rounding ``qc.rounding_g``, stochastic
+    by default), returned dequantized in the gradient's dtype; unchanged when ``bits_g`` is None."""
+    if qc.bits_g is None:
+        return grad_w
+    codes, s = quantize(grad_w, qc.bits_g, qc.rounding_g, "shift")
+    return dequantize(codes, s, qc.bits_g).to(grad_w.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd function and public op
+# --------------------------------------------------------------------------------------------------
+class QLinearFunction(torch.autograd.Function):
+    """WAGE-style Linear on 2-D input. Forward quantizes W and A and saves only their int8 codes and
+    scales; backward quantizes E, runs input-grad and weight-grad on the int8 kernel, then G-quantizes
+    the weight gradient. An operand whose bits is None stays float: every product involving it runs as
+    a float32 torch matmul on the (dequantized) operands instead of the int8 kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, qc: QConfig):
+        qx = sx = qw = sw = None
+        if qc.bits_a is not None:
+            qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode)
+        if qc.bits_w is not None:
+            qw, sw = quantize_weight(weight, qc)
+        if qx is not None and qw is not None:
+            y = linear_int8_mm(qx, qw.t(), sx, sw, bias, qc.bits_a, qc.bits_w, x.dtype)
+        else:
+            xf = dequantize(qx, sx, qc.bits_a) if qx is not None else x.float()
+            wf = dequantize(qw, sw, qc.bits_w) if qw is not None else weight.float()
+            y = torch.nn.functional.linear(xf, wf, None if bias is None else bias.float()).to(x.dtype)
+        ctx.qc = qc
+        ctx.has_bias = bias is not None
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        # int8 codes + scales instead of the float tensors (float only where that operand is unquantized)
+        ctx.save_for_backward(qx if qx is not None else x, sx, qw if qw is not None else weight, sw)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        qc = ctx.qc
+        xa, sx, wa, sw = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        gx = gw = gb = None
+        qe = se = None
+        if qc.bits_e is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            qe, se = quantize(gy, qc.bits_e, qc.rounding_e, "shift")
+
+        def as_float(t, s, bits):
+            return dequantize(t, s, bits) if s is not None else t.float()
+
+        ef = None
+        if ctx.needs_input_grad[0]:
+            if qe is not None and sw is not None:  # dX = E W: W transposed copy keeps K contiguous
+                gx = linear_int8_mm(qe, wa.t().contiguous().t(), se, sw, None, qc.bits_e, qc.bits_w,
+                                    x_dtype)
+            else:
+                ef = as_float(qe, se, qc.bits_e) if qe is not None else gy.float()
+                gx = (ef @ as_float(wa, sw, qc.bits_w)).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            if qe is not None and sx is not None:  # dW = Eᵀ X, reduction over the rows
+                gw = linear_int8_mm(qe.t(), xa, se, sx, None, qc.bits_e, qc.bits_a, torch.float32)
+            else:
+                if ef is None:
+                    ef = as_float(qe, se, qc.bits_e) if qe is not None else gy.float()
+                gw = ef.t() @ as_float(xa, sx, qc.bits_a)
+            gw = quantize_weight_grad(gw, qc).to(w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.float().sum(0).to(b_dtype)  # the float E, not its codes
+        return gx, gw, gb, None
+
+
+def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            qconfig: QConfig | None = None) -> torch.Tensor:
+    """``y = x Wᵀ + b`` with W, A quantized to int8 codes (SPEC §2) and int8 tensor-core GEMMs for the
+    forward, input-grad and weight-grad; E is quantized on the way into backward and the weight
+    gradient is G-quantized (stochastic rounding). ``x``: (..., in_features); ``weight``:
+    (out_features, in_features); ``qconfig`` defaults to ``QConfig()`` (8 bit everywhere). An operand
+    with ``bits_* = None`` stays float and the products involving it run as float32 torch matmuls.
+    CUDA tensors (or CPU under TRITON_INTERPRET=1) use the Triton kernels, other CPU tensors the
+    PyTorch reference with the same numerics."""
+    qc = check_qconfig(qconfig)
+    check_tensor("x", x)
+    check_tensor("weight", weight)
+    if bias is not None:
+        check_tensor("bias", bias)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dim must equal weight's in_features "
+                         f"= {weight.shape[1]}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},)")
+    check_same_device(x=x, weight=weight, bias=bias)
+    lead = x.shape[:-1]
+    y = QLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, qc)
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,254 @@
+"""Int8 implicit-GEMM Conv2d: forward / input-grad / weight-grad integer sums against the float64 oracle on
+the same codes, the int64 chunk combination, the autograd function against autograd through the
+reference (straight-through rule), the int32-overflow guard, groups fallback, bad input."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ebkernels import QConfig, force_backend, qconv2d
+from ebkernels.ops import _igemm, conv2d_int8
+from ebkernels.ops.conv2d_int8 import (conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd,
+                                       conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference)
+from test_linear_int8 import _QuantizeGrad, _poison_empty, _ste_quant
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every kernel output / partial buffer starts as NaN or 0x7f7f7f7f: unwritten elements fail."""
+    monkeypatch.setattr(_igemm, "empty_output", _poison_empty)
+
+
+def _codes(shape, gen, device, channels_last):
+    t = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+    t = t.contiguous(memory_format=torch.channels_last) if channels_last else t
+    return t.to(device)
+
+
+def _fmt(cl):
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+# (N, Cin, H, W, Cout, K, stride, padding, dilation, channels_last)
+CASES = [
+    (1, 3, 5, 5, 17, 3, 1, 1, 1, True),
+    (3, 17, 7, 7, 3, 3, 2, 1, 1, False),
+    (1, 3, 13, 13, 8, 5, 2, 0, 2, True),
+    (2, 4, 7, 5, 17, 7, 1, 3, 1, False),
+    (8, 17, 5, 5, 3, 1, 2, 1, 1, True),
+    (3, 64, 5, 7, 17, 3, 1, 1, 2, False),
+    (1, 17, 13, 13, 64, 3, 2, 3, 1, True),
+    (2, 3, 5, 7, 3, 5, (1, 2), (0, 1), (1, 2), True),
+]
+
+
+def _ids(c):
+    return "N{}C{}H{}W{}O{}K{}s{}p{}d{}{}".format(*c[:9], "cl" if c[9] else "nchw").replace(" ", "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_integer_sums_exact(device, poisoned, case):
+    N, C, H, W, CO, K, stride, padding, dilation, cl = case
+    gen = torch.Generator().manual_seed(hash(_ids(case)) % 2**31)
+    s2, p2, d2 = (conv2d_int8._pair(n, v, 0) for n, v in (("s", stride), ("p", padding), ("d", dilation)))
+    qx = _codes((N, C, H, W), gen, device, cl)
+    qw = _codes((CO, C, K, K), gen, device, False)
+    y = conv2d_int8_fwd(qx, qw, stride=stride, padding=padding, dilation=dilation)
+    y_ref = conv2d_int8_fwd_reference(qx.cpu(), qw.cpu(), None, None, None, s2, p2, d2, 1, 8, 8, None, cl)
+    assert y.dtype == torch.int64 and y.is_contiguous(memory_format=_fmt(cl))  # the input's format
+    assert y_ref.abs().sum() > 0
+    torch.testing.assert_close(y.cpu(), y_ref, rtol=0, atol=0)
+
+    qe = _codes(tuple(y.shape), gen, device, cl)
+    dx = conv2d_int8_dgrad(qe, qw, (H, W), stride=stride, padding=padding, dilation=dilation)
+    dx_ref = conv2d_int8_dgrad_reference(qe.cpu(), qw.cpu(), None, None, [H, W], s2, p2, d2, 1, 8, 8, None, cl)
+    torch.testing.assert_close(dx.cpu(), dx_ref, rtol=0, atol=0)
+
+    dw = conv2d_int8_wgrad(qe, qx, (K, K), stride=stride, padding=padding, dilation=dilation)
+    dw_ref = conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), None, None, [K, K], s2, p2, d2, 1, 8, 8, None)
+    torch.testing.assert_close(dw.cpu(), dw_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_chunked_reductions_and_epilogue(device, poisoned, cl):
+    """Tap-split forward / input-grad and row-chunked weight-grad (int32 partials summed in int64 by the
+    finalize kernel, written in NCHW / NHWC / OIHW order), raw and scaled with bias."""
+    gen = torch.Generator().manual_seed(11 + cl)
+    N, C, H, W, CO, K = 2, 5, 7, 6, 6, 3
+    qx = _codes((N, C, H, W), gen, device, cl)
+    qw = _codes((CO, C, K, K), gen, device, False)
+    qe = _codes((N, CO, 4, 3), gen, device, cl)
+    conv = dict(stride=2, padding=1, dilation=1)
+    sx, sw, se = (torch.tensor(v, device=device) for v in (2.0 ** -2, 2.0 ** 3, 2.0 ** -9))
+    bias = torch.randn(CO, generator=gen).to(device)
+    args = ([2, 2], [1, 1], [1, 1], 1)
+    for max_terms in (2 * C, 2 * CO, 64):  # forward: 5 tap chunks, input-grad: 5, weight-grad: 24 rows -> 1
+        y = conv2d_int8_fwd(qx, qw, **conv, max_terms=max_terms)
+        torch.testing.assert_close(y.cpu(), conv2d_int8_fwd_reference(qx.cpu(), qw.cpu(), None, None, None, *args,
+                                                                      8, 8, None, cl), rtol=0, atol=0)
+        y = conv2d_int8_fwd(qx, qw, sx, sw, bias, **conv, bits_a=7, max_terms=max_terms)
+        y_ref = conv2d_int8_fwd_reference(qx.cpu(), qw.cpu(), sx.cpu(), sw.cpu(), bias.cpu(), *args, 7, 8,
+                                          torch.float32, cl)
+        assert y.is_contiguous(memory_format=_fmt(cl))
+        torch.testing.assert_close(y.cpu(), y_ref, rtol=0, atol=0)
+        dx = conv2d_int8_dgrad(qe, qw, (H, W), se, sw, **conv, max_terms=max_terms)
+        torch.testing.assert_close(dx.cpu(), conv2d_int8_dgrad_reference(qe.cpu(), qw.cpu(), se.cpu(), sw.cpu(),
+                                                                         [H, W], *args, 8, 8, torch.float32, cl),
+                                   rtol=0, atol=0)
+    for max_terms in (8, 16):  # 24 rows in chunks of 8 (3 partials) / 16 (2)
+        for scales in ((None, None), (se, sx)):
+            dw = conv2d_int8_wgrad(qe, qx, (K, K), *scales, **conv, max_terms=max_terms)
+            dw_ref = conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), *(s if s is None else s.cpu() for s in scales),
+                                                 [K, K], *args, 8, 8, torch.float32)
+            torch.testing.assert_close(dw.cpu(), dw_ref, rtol=0, atol=0)
+
+
+def test_wgrad_int32_overflow_guard(device, poisoned, monkeypatch):
+    """Weight-grad reduction over N·OH·OW = 134,689 rows of maximal codes: 127² · 134,689 > 2^31."""
+    if device.type == "cpu":  # long row chunks: few (slow) interpreter loop steps
+        tiles = {"BM": 16, "BN": 16, "BK": 16384, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
+        monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, conv=False: tiles)
+    H = W = 367
+    qx = torch.full((1, 1, H, W), 127, dtype=torch.int8)
+    qx[..., 0, :5] = -7  # a few other values so the taps differ
+    qx = qx.contiguous(memory_format=torch.channels_last).to(device)
+    qe = torch.full((1, 2, H, W), -127, dtype=torch.int8)
+    qe[:, 1, ::7] = 127  # mixed signs in the second output channel
+    qe = qe.contiguous(memory_format=torch.channels_last).to(device)
+    dw = conv2d_int8_wgrad(qe, qx, (3, 3), stride=1, padding=1)
+    ref = conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), None, None, [3, 3], [1, 1], [1, 1], [1, 1], 1, 8, 8,
+                                      None)
+    assert ref.abs().max() > 2 ** 31
+    torch.testing.assert_close(dw.cpu(), ref, rtol=0, atol=0)
+    se, sx = torch.tensor(2.0 ** -10, device=device), torch.tensor(1.0, device=device)
+    dwf = conv2d_int8_wgrad(qe, qx, (3, 3), se, sx, stride=1, padding=1)
+    torch.testing.assert_close(dwf.cpu(), (ref.double() * (2.0 ** -10 / 128 ** 2)).float(), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# qconv2d: forward / backward
+# --------------------------------------------------------------------------------------------------
+def _reference_qconv(x, w, b, stride, padding, dilation, groups, qc):
+    y = F.conv2d(_ste_quant(x.double(), qc.bits_a), _ste_quant(w.double(), qc.bits_w),
+                 None if b is None else b.double(), stride, padding, dilation, groups)
+    return _QuantizeGrad.apply(y, qc.bits_e) if qc.bits_e is not None else y
+
+
+def _check_qconv(device, shape, CO, K, stride, padding, dilation, groups, cl, bias, qc, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(shape, generator=gen)
+    x0 = (x0.contiguous(memory_format=torch.channels_last) if cl else x0).to(device)
+    w0 = (0.2 * torch.randn(CO, shape[1] // groups, K, K, generator=gen)).to(device)
+    b0 = torch.randn(CO, generator=gen).to(device) if bias else None
+
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    b = b0.clone().requires_grad_() if bias else None
+    y = qconv2d(x, w, b, stride, padding, dilation, groups, qc)
+    assert y.is_contiguous(memory_format=_fmt(cl)) and y.dtype == torch.float32
+    gy = torch.randn(y.shape, generator=gen).to(device)
+    y.backward(gy)
+    assert x.grad.is_contiguous(memory_format=_fmt(cl))
+
+    xr, wr = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    br = b0.clone().requires_grad_() if bias else None
+    yr = _reference_qconv(xr, wr, br, stride, padding, dilation, groups, qc)
+    yr.backward(gy.double())
+    torch.testing.assert_close(y.double(), yr, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-6, atol=1e-6)
+    if bias:
+        torch.testing.assert_close(b.grad, gy.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    with force_backend("reference"):  # the CPU path computes the same forward, bit for bit
+        torch.testing.assert_close(qconv2d(x0, w0, b0, stride, padding, dilation, groups, qc), y, rtol=0, atol=0)
+
+
+# (shape, Cout, K, stride, padding, dilation, channels_last, bias)
+STE_CASES = [
+    ((1, 3, 5, 5), 17, 3, 1, 1, 1, True, True),
+    ((3, 17, 7, 7), 3, 3, 2, 1, 1, False, False),
+    ((2, 4, 7, 5), 8, 5, 2, 3, 2, True, True),
+    ((8, 3, 5, 5), 3, 1, 2, 0, 1, False, True),
+    ((1, 3, 7, 7), 5, 7, 1, 3, 1, True, False),
+]
+
+
+@pytest.mark.parametrize("case", STE_CASES, ids=[f"{c[0]}-O{c[1]}K{c[2]}s{c[3]}p{c[4]}d{c[5]}" for c in STE_CASES])
+def test_qconv2d_forward_backward_ste(device, poisoned, case):
+    shape, CO, K, stride, padding, dilation, cl, bias = case
+    _check_qconv(device, shape, CO, K, stride, padding, dilation, 1, cl, bias, QConfig(bits_g=None),
+                 seed=sum(shape) * 31 + K)
+
+
+@pytest.mark.parametrize("qc", [QConfig(bits_e=None, bits_g=None), QConfig(bits_a=None, bits_g=None),
+                                QConfig(bits_w=None, bits_a=6, bits_g=None)], ids=["e_float", "a_float", "w_float"])
+def test_qconv2d_float_operands(device, qc):
+    _check_qconv(device, (2, 5, 6, 5), 4, 3, 1, 1, 1, 1, True, True, qc, seed=5)
+
+
+def test_qconv2d_groups_fallback_warns(device, monkeypatch):
+    monkeypatch.setattr(conv2d_int8, "_warned_groups", False)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        _check_qconv(device, (2, 4, 5, 5), 6, 3, 1, 1, 1, 2, False, True, QConfig(bits_g=None), seed=9)
+        _check_qconv(device, (1, 4, 5, 5), 4, 3, 1, 1, 1, 4, True, False, QConfig(bits_g=None), seed=10)
+    msgs = [str(r.message) for r in rec if "groups > 1" in str(r.message)]
+    assert len(msgs) == (1 if conv2d_int8.use_triton(torch.empty(1, device=device)) else 0)  # once
+
+
+def test_qconv2d_g_quantized_and_saved_codes(device):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 5, 5, generator=gen).to(device).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, generator=gen).to(device).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = qconv2d(x, w, padding=1)
+    big = [t for t in saved if t.numel() > 1]
+    assert [t.dtype for t in big] == [torch.int8, torch.int8]  # codes of A and W, not the float tensors
+    y.sum().backward()
+    g = w.grad.cpu()
+    s = 2.0 ** torch.round(torch.log2(g.abs().max()))
+    k = g * 128 / s
+    torch.testing.assert_close(k, torch.round(k), rtol=0, atol=1e-4)  # on the G grid
+
+
+def test_qconv2d_bad_inputs():
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(TypeError, match="x has dtype int8"):
+        qconv2d(x.to(torch.int8), w)
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        qconv2d(x[0], w)
+    with pytest.raises(ValueError, match="weight must be 4-D"):
+        qconv2d(x, w[0])
+    with pytest.raises(ValueError, match="x has 3 channels"):
+        qconv2d(x, torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="stride=0 is not supported"):
+        qconv2d(x, w, stride=0)
+    with pytest.raises(ValueError, match=r"padding=\(1, -1\) is not supported"):
+        qconv2d(x, w, padding=(1, -1))
+    with pytest.raises(ValueError, match="padding='full' is not supported"):
+        qconv2d(x, w, padding="full")
+    with pytest.raises(ValueError, match="does not fit the padded input: output size would be -1x-1"):
+        qconv2d(x, torch.randn(4, 3, 7, 7))
+    with pytest.raises(ValueError, match=r"bias has shape \(3,\)"):
+        qconv2d(x, w, torch.randn(3))
+    with pytest.raises(ValueError, match="groups=0 is not supported"):
+        qconv2d(x, w, groups=0)
+    with pytest.raises(ValueError, match="one device"):
+        qconv2d(x, w.to("meta"))
+    with pytest.raises(TypeError, match="qconfig must be an ebkernels.QConfig"):
+        qconv2d(x, w, qconfig=8)
+    with pytest.raises(TypeError, match="qx has dtype float32"):
+        conv2d_int8_fwd(x, w.to(torch.int8))
+
+
+def test_qconv2d_torch_compile(device):
+    torch._dynamo.reset()
+    x = torch.randn(1, 3, 4, 4, device=device, requires_grad=True)
+    w = torch.randn(5, 3, 1, 1, device=device, requires_grad=True)
+    qc = QConfig(bits_g=None)
+    f = torch.compile(lambda x, w: qconv2d(x, w, None, 1, 0, 1, 1, qc), backend="aot_eager", fullgraph=True)
+    y = f(x, w)
+    torch.testing.assert_close(y, qconv2d(x, w, qconfig=qc), rtol=0, atol=0)
+    y.sum().backward()
+    assert w.grad is not None and x.grad.shape == x.shape

@@ -1,0 +1,250 @@
+"""Int8 Linear: GEMM kernel against the float64 oracle on the same codes, autograd function against
+autograd through the reference under the straight-through rule, the int32-overflow guard, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ebkernels
+from ebkernels import QConfig, dequantize, force_backend, qlinear, quantize
+from ebkernels.ops import _igemm
+from ebkernels.ops.linear_int8 import MAX_TERMS, linear_int8_mm, linear_int8_mm_reference
+
+
+def _poison_empty(shape, dtype, device, memory_format=torch.contiguous_format):
+    t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return t.fill_(float("nan") if dtype.is_floating_point else (0x7F if dtype == torch.int8 else 0x7F7F7F7F))
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every kernel output / partial buffer starts as NaN or 0x7f7f7f7f: unwritten elements fail."""
+    monkeypatch.setattr(_igemm, "empty_output", _poison_empty)
+
+
+def _codes(shape, gen, device, lo=-127, hi=127):
+    return torch.randint(lo, hi + 1, shape, generator=gen, dtype=torch.int8).to(device)
+
+
+def _operands(M, K, N, layout, gen, device):
+    """a [M, K], b [K, N] int8 in the strides of the three uses: fwd (x, Wᵀ view), dgrad (E, W),
+    wgrad (Eᵀ view, x)."""
+    if layout == "fwd":
+        return _codes((M, K), gen, device), _codes((N, K), gen, device).t()
+    if layout == "dgrad":
+        return _codes((M, K), gen, device), _codes((K, N), gen, device)
+    return _codes((K, M), gen, device).t(), _codes((K, N), gen, device)
+
+
+# ragged edges everywhere; the last one spans more row tiles than one GROUP_M band (interpreter tiles 64×32)
+SHAPES = [(1, 3, 1), (3, 17, 64), (8, 64, 17), (37, 100, 33), (300, 33, 40)]
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("layout", ["fwd", "dgrad", "wgrad"])
+def test_integer_sums_exact(device, poisoned, M, K, N, layout):
+    gen = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
+    a, b = _operands(M, K, N, layout, gen, device)
+    ref = linear_int8_mm_reference(a.cpu(), b.cpu(), None, None, None, 8, 8, torch.float32)
+    assert ref.abs().sum() > 0
+    # whole reduction in one int32 accumulator, and split into chunks of 32 terms combined in int64
+    for max_terms in (MAX_TERMS, 32):
+        got = linear_int8_mm(a, b, max_terms=max_terms)
+        assert got.dtype == torch.int64
+        torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES[1:4])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_dequantized_epilogue(device, poisoned, M, K, N, bias, out_dtype):
+    gen = torch.Generator().manual_seed(7 * M + N)
+    a, b = _operands(M, K, N, "fwd", gen, device)
+    sa = torch.tensor(2.0 ** -3, device=device)
+    sb = torch.tensor(2.0 ** 5, device=device)
+    bvec = torch.randn(N, generator=gen).to(device) if bias else None
+    ref = linear_int8_mm_reference(a.cpu(), b.cpu(), sa.cpu(), sb.cpu(), None if bvec is None else bvec.cpu(),
+                                   8, 6, out_dtype)
+    for max_terms in (MAX_TERMS, 32):  # fused epilogue, and split partials + finalize kernel
+        got = linear_int8_mm(a, b, sa, sb, bvec, bits_a=8, bits_b=6, out_dtype=out_dtype, max_terms=max_terms)
+        assert got.dtype == out_dtype
+        # fp32: identical epilogue, bit for bit; bf16: the interpreter's fp32->bf16 cast truncates where
+        # the GPU rounds to nearest, so allow one bf16 ulp
+        rtol = 2.0 ** -7 if out_dtype == torch.bfloat16 else 0.0
+        torch.testing.assert_close(got.cpu(), ref, rtol=rtol, atol=0)
+    # and the scaling itself against an independent float64 computation
+    exp = (a.cpu().double() @ b.cpu().double()) * (2.0 ** -3 * 2.0 ** 5 / (128 * 32))
+    if bias:
+        exp = exp + bvec.cpu().double()
+    torch.testing.assert_close(got.cpu().double(), exp, rtol=1e-2 if out_dtype == torch.bfloat16 else 1e-6,
+                               atol=1e-5)
+
+
+@pytest.fixture
+def long_k_tiles(monkeypatch, device):
+    """Under the interpreter, long K tiles so a 134,000-term reduction takes few (slow) loop steps."""
+    if device.type == "cpu":
+        tiles = {"BM": 16, "BN": 16, "BK": 4096, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
+        monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, conv=False: tiles)
+
+
+def test_int32_overflow_guard(device, poisoned, long_k_tiles):
+    """Weight-grad-like reduction of 134,000 maximal products: 127² · 134,000 > 2^31."""
+    rows = 134_000
+    e = torch.full((rows, 2), 127, dtype=torch.int8)
+    x = torch.full((rows, 3), -127, dtype=torch.int8)
+    e[::7, 1] = -127  # second column: mixed signs, still far past int32 in the first
+    e, x = e.to(device), x.to(device)
+    got = linear_int8_mm(e.t(), x)
+    ref = linear_int8_mm_reference(e.t().cpu(), x.cpu(), None, None, None, 8, 8, torch.float32)
+    assert ref.abs().max() > 2 ** 31
+    torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=0)
+    se, sx = torch.tensor(1.0, device=device), torch.tensor(0.5, device=device)
+    y = linear_int8_mm(e.t(), x, se, sx)
+    torch.testing.assert_close(y.cpu(), linear_int8_mm_reference(e.t().cpu(), x.cpu(), se.cpu(), sx.cpu(), None,
+                                                                 8, 8, torch.float32), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# qlinear: forward / backward
+# --------------------------------------------------------------------------------------------------
+def _ste_quant(t, bits, mode="shift"):
+    """Quantize-dequantize with the straight-through gradient."""
+    if bits is None:
+        return t
+    codes, s = quantize(t.detach(), bits, mode=mode)
+    return t + (dequantize(codes, s, bits).to(t.dtype) - t).detach()
+
+
+class _QuantizeGrad(torch.autograd.Function):
+    """Identity forward; E quantization (nearest) on the way back."""
+
+    @staticmethod
+    def forward(ctx, y, bits):
+        ctx.bits = bits
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        codes, s = quantize(g, ctx.bits)
+        return dequantize(codes, s, ctx.bits).to(g.dtype), None
+
+
+def _reference_qlinear(x, w, b, qc):
+    """Autograd through float64 ops on the quantized operands (straight-through rule)."""
+    y = F.linear(_ste_quant(x.double(), qc.bits_a), _ste_quant(w.double(), qc.bits_w),
+                 None if b is None else b.double())
+    return _QuantizeGrad.apply(y, qc.bits_e) if qc.bits_e is not None else y
+
+
+QCONFIGS = {
+    "int8": QConfig(bits_g=None),
+    "e_float": QConfig(bits_e=None, bits_g=None),
+    "a_float": QConfig(bits_a=None, bits_g=None),
+    "w_float_4bit_a": QConfig(bits_w=None, bits_a=4, bits_g=None),
+}
+
+
+@pytest.mark.parametrize("qname", list(QCONFIGS))
+@pytest.mark.parametrize("shape,out_f,bias", [((3, 17), 64, True), ((2, 5, 64), 17, False), ((17,), 3, True)])
+def test_qlinear_forward_backward_ste(device, poisoned, qname, shape, out_f, bias):
+    qc = QCONFIGS[qname]
+    gen = torch.Generator().manual_seed(len(shape) * 100 + out_f)
+    x0 = torch.randn(shape, generator=gen).to(device)
+    w0 = (0.3 * torch.randn(out_f, shape[-1], generator=gen)).to(device)
+    b0 = torch.randn(out_f, generator=gen).to(device) if bias else None
+    gy = torch.randn(*shape[:-1], out_f, generator=gen).to(device)
+
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    b = b0.clone().requires_grad_() if bias else None
+    y = qlinear(x, w, b, qc)
+    assert y.shape == (*shape[:-1], out_f) and y.dtype == torch.float32
+    y.backward(gy)
+
+    xr, wr = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    br = b0.clone().requires_grad_() if bias else None
+    yr = _reference_qlinear(xr, wr, br, qc)
+    yr.backward(gy.double())
+    torch.testing.assert_close(y.double(), yr, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-6, atol=1e-6)
+    if bias:
+        torch.testing.assert_close(b.grad, gy.reshape(-1, out_f).sum(0), rtol=1e-6, atol=1e-6)
+
+    # the Triton path and the PyTorch reference path give the same numbers (bit for bit forward)
+    with force_backend("reference"):
+        y_ref = qlinear(x0, w0, b0, qc)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
+def test_qlinear_g_quantization(device):
+    """bits_g=8: the weight gradient is the exact one, stochastically rounded to the G grid."""
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(9, 33, generator=gen).to(device)
+    w0 = torch.randn(20, 33, generator=gen).to(device)
+    gy = torch.randn(9, 20, generator=gen).to(device)
+    grads = {}
+    for name, qc in (("exact", QConfig(bits_g=None)), ("g8", QConfig())):
+        w = w0.clone().requires_grad_()
+        qlinear(x0, w, None, qc).backward(gy)
+        grads[name] = w.grad.cpu()
+    exact, g8 = grads["exact"], grads["g8"]
+    s = float(2.0 ** torch.round(torch.log2(exact.abs().max())))  # Shift(max|G|)
+    step = s / 128
+    k = g8 / step
+    torch.testing.assert_close(k, torch.round(k), rtol=0, atol=1e-4)  # on the grid
+    clipped = exact.clamp(-s + step, s - step)  # clip_k: Shift may round max|G| down
+    assert ((g8 - clipped).abs() <= step * (1 + 1e-5)).all()  # floor or ceil of the exact value
+    assert not torch.equal(g8, exact)
+
+
+def test_qlinear_saves_int8_codes(device):
+    x = torch.randn(6, 40, device=device, requires_grad=True)
+    w = torch.randn(24, 40, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = qlinear(x, w)
+    big = [t for t in saved if t.numel() > 1]
+    assert [t.dtype for t in big] == [torch.int8, torch.int8], [t.dtype for t in saved]
+    assert sum(t.numel() * t.element_size() for t in big) == (x.numel() + w.numel())  # 1 byte each
+    y.sum().backward()
+
+
+def test_qlinear_bad_inputs():
+    x, w = torch.randn(4, 8), torch.randn(5, 8)
+    with pytest.raises(TypeError, match="x has dtype int64"):
+        qlinear(torch.ones(4, 8, dtype=torch.long), w)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        qlinear(x, [[1.0]])
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        qlinear(x, torch.randn(5, 8, 1))
+    with pytest.raises(ValueError, match="in_features = 8"):
+        qlinear(torch.randn(4, 7), w)
+    with pytest.raises(ValueError, match=r"bias has shape \(4,\); expected \(5,\)"):
+        qlinear(x, w, torch.randn(4))
+    with pytest.raises(TypeError, match="qconfig must be an ebkernels.QConfig"):
+        qlinear(x, w, qconfig={"bits_w": 8})
+    with pytest.raises(ValueError, match="one device"):
+        qlinear(x, w.to("meta"))
+    with pytest.raises(TypeError, match="a has dtype float32"):
+        linear_int8_mm(x, w.t())
+    with pytest.raises(ValueError, match=r"are not \[M, K\] and \[K, N\]"):
+        linear_int8_mm(torch.zeros(4, 8, dtype=torch.int8), torch.zeros(7, 5, dtype=torch.int8))
+
+
+def test_qlinear_torch_compile(device):
+    """torch.compile traces qlinear (forward and backward) through the ebkernels custom ops without
+    graph breaks."""
+    torch._dynamo.reset()
+    x = torch.randn(5, 16, device=device, requires_grad=True)
+    w = torch.randn(8, 16, device=device, requires_grad=True)
+    b = torch.randn(8, device=device, requires_grad=True)
+    qc = QConfig(bits_g=None)
+    compiled = torch.compile(lambda x, w, b: qlinear(x, w, b, qc), backend="aot_eager", fullgraph=True)
+    y = compiled(x, w, b)
+    torch.testing.assert_close(y, qlinear(x, w, b, qc), rtol=0, atol=0)
+    y.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    qlinear(x, w, b, qc).sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=0, atol=0)
+    assert ebkernels.qlinear is qlinear
