@@ -40,6 +40,9 @@ CASES = [
     (3, 64, 5, 7, 17, 3, 1, 1, 2, False),
     (1, 17, 13, 13, 64, 3, 2, 3, 1, True),
     (2, 3, 5, 7, 3, 5, (1, 2), (0, 1), (1, 2), True),
+    # channel counts that are multiples of 16 in NHWC: the launchers pass ALIGN=16 (vector-load hints)
+    (2, 32, 6, 5, 16, 3, 1, 1, 1, True),
+    (2, 16, 7, 7, 32, 3, 2, 1, 1, True),
 ]
 
 
@@ -108,7 +111,7 @@ def test_wgrad_int32_overflow_guard(device, poisoned, monkeypatch):
     """Weight-grad reduction over N·OH·OW = 134,689 rows of maximal codes: 127² · 134,689 > 2^31."""
     if device.type == "cpu":  # long row chunks: few (slow) interpreter loop steps
         tiles = {"BM": 16, "BN": 16, "BK": 16384, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
-        monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, conv=False: tiles)
+        monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, conv=False, align=16: tiles)
     H = W = 367
     qx = torch.full((1, 1, H, W), 127, dtype=torch.int8)
     qx[..., 0, :5] = -7  # a few other values so the taps differ

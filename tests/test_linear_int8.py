@@ -36,7 +36,8 @@ def _operands(M, K, N, layout, gen, device):
 
 
 # ragged edges everywhere; the last one spans more row tiles than one GROUP_M band (interpreter tiles 64×32)
-SHAPES = [(1, 3, 1), (3, 17, 64), (8, 64, 17), (37, 100, 33), (300, 33, 40)]
+# the last one has every extent a multiple of 16: ALIGN=16 (vector-load hints) in all three layouts
+SHAPES = [(1, 3, 1), (3, 17, 64), (8, 64, 17), (37, 100, 33), (300, 33, 40), (48, 64, 32)]
 
 
 @pytest.mark.parametrize("M,K,N", SHAPES)
@@ -84,7 +85,7 @@ def long_k_tiles(monkeypatch, device):
     """Under the interpreter, long K tiles so a 134,000-term reduction takes few (slow) loop steps."""
     if device.type == "cpu":
         tiles = {"BM": 16, "BN": 16, "BK": 4096, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
-        monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, conv=False: tiles)
+        monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, conv=False, align=16: tiles)
 
 
 def test_int32_overflow_guard(device, poisoned, long_k_tiles):

@@ -3,6 +3,8 @@
 One index decode and one set of tile helpers for every kernel in ``linear_int8`` and ``conv2d_int8``:
 
 - ``decode_rows``: a flat row index over a (D0, D1, D2) grid, e.g. m -> (n, oh, ow) of an NHWC output;
+- ``decode_tap`` / ``next_k_step``: the convolution's K position (kernel tap (kh, kw), first channel r0 of
+  a BK chunk): decoded once per program, then advanced by scalar compares — no division in the K loop;
 - ``tap_input_coord``: the input coordinate that output coordinate ``o`` reads through kernel tap ``t``,
   ``o*stride - pad + t*dil`` (forward and weight-grad);
 - ``tap_output_coord``: the inverse, for the input-grad (a transposed convolution): the output coordinate
@@ -13,7 +15,16 @@ One index decode and one set of tile helpers for every kernel in ``linear_int8``
   the im2col happens here, in registers, never in memory;
 - ``store_gemm_tile``: the epilogue every kernel shares: raw int32 (exact partial sums, reduced later in
   int64) or the dequantized value ``acc * sa * sb / (S_a * S_b) + bias`` with scales read from device;
-- ``int8_gemm_finalize_kernel``: sums int32 split partials exactly in int64, then the same epilogue.
+- ``int8_gemm_finalize_kernel``: sums int32 split partials exactly in int64, then the same epilogue;
+- ``assume_multiple`` / ``alignment``: the launcher checks which extents and strides are multiples of 16
+  and tells the kernel (constexpr ``ALIGN``), so loads and stores are 16-byte vectors in the
+  ahead-of-time build too (the JIT would infer it from the arguments; ``python -m ebkernels.aot`` cannot);
+- ``offsets_fit_int32``: whether a tensor's element offsets fit int32 (constexpr ``I64`` otherwise), so
+  per-row offsets stay 32-bit in the common case.
+
+Register budget (why the kernels are written this way, see benchmarks/NOTES.md "Resource tuning"): the
+K loop carries only per-row base offsets (one int32 per row) and scalars; the tile decode happens once
+per program; the epilogue sees divisibility hints so its layout holds few rows per thread.
 
 Integer division here only ever sees non-negative operands (negative coordinates are clamped before
 dividing), so C-style truncation on the GPU and in the interpreter agree with floor division.
@@ -28,7 +39,8 @@ import triton.language as tl
 
 from .._registry import aot_kernel
 
-__all__ = ["MAX_TERMS", "empty_output", "gemm_tiles", "int8_gemm_finalize", "decode_rows", "tap_input_coord",
+__all__ = ["MAX_TERMS", "GPU_TILES", "empty_output", "gemm_tiles", "alignment", "offsets_fit_int32",
+           "int8_gemm_finalize", "assume_multiple", "decode_rows", "decode_tap", "next_k_step", "tap_input_coord",
            "tap_output_coord", "grouped_tile_ids", "conv_implicit_gemm_tile", "load_pixels_tile",
            "store_gemm_tile", "int8_gemm_finalize_kernel"]
 
@@ -43,13 +55,51 @@ def empty_output(shape, dtype: torch.dtype, device: torch.device,
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
 
 
-def gemm_tiles(device: torch.device, conv: bool = False) -> dict:
-    """Tile configuration: tensor-core sized on a GPU (the convolutions, which gather their tiles with
-    masks, use BK=32 to stay within registers), few mid-sized tiles under the CPU interpreter."""
+# Tile configurations launched on a GPU; the ``@aot_kernel`` declarations compile exactly these.
+# Chosen from the ptxas resource report (no GPU was available to time them): int8 MMA (mma.sync m16n8k32 on
+# sm_80, wgmma m64n128k32 on sm_90), 0 spills, a 128x128 int32 accumulator over 8 warps (64 registers a
+# thread), BK=64 (one 3x3 tap of a Cin=64 layer per K step), 4 stages (3 K tiles in flight).
+# "unaligned": operands whose channel counts / leading dimensions are not multiples of 16 (ALIGN=1, e.g.
+# a first layer with Cin=3) cannot use 16-byte vector loads: one address and predicate per byte, which
+# spills at 128x128x64; 64x128x32 halves the per-thread load state and does not. Same warps/stages (the
+# AOT registry holds one pair per kernel).
+GPU_TILES = {
+    "linear": {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    "conv": {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    "unaligned": {"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+}
+# the interpreter's cost is per operation, not per element: few, mid-sized tiles
+_INTERPRETER_TILES = {"BM": 64, "BN": 32, "BK": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+
+
+def gemm_tiles(device: torch.device, conv: bool = False, align: int = 16) -> dict:
+    """Tile configuration: ``GPU_TILES`` on a GPU (``conv``: the convolution kernels; ``align`` 1, see
+    ``alignment``: the unaligned fallback), few mid-sized tiles under the CPU interpreter."""
     if device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return {"BM": 128, "BN": 128, "BK": 32 if conv else 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-    # the interpreter's cost is per operation, not per element: few, mid-sized tiles
-    return {"BM": 64, "BN": 32, "BK": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+        return dict(GPU_TILES["unaligned" if align < 16 else "conv" if conv else "linear"])
+    return dict(_INTERPRETER_TILES)
+
+
+def alignment(values=(), tensors=()) -> int:
+    """16 when every integer in ``values`` is a multiple of 16 and every tensor in ``tensors`` starts on a
+    16-byte boundary, else 1: the ``ALIGN`` constexpr. With 16, the kernels tell the compiler so and it
+    emits 16-byte vector loads/stores (and the ahead-of-time build sees what the JIT would infer)."""
+    ok = all(int(v) % 16 == 0 for v in values) and all(t.data_ptr() % 16 == 0 for t in tensors)
+    return 16 if ok else 1
+
+
+def offsets_fit_int32(*tensors) -> bool:
+    """Whether every element offset of every tensor fits int32 (then the kernels keep 32-bit offsets)."""
+    return all(sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride()) if d > 0) < 2**31 for t in tensors)
+
+
+@triton.jit
+def assume_multiple(x, A: tl.constexpr):
+    """``x``, which the launcher guarantees to be a multiple of ``A``, written as ``x // A * A`` (the same
+    value) so the compiler knows its divisibility even for a kernel argument. ``A = 1``: unchanged."""
+    if A > 1:
+        x = x // A * A
+    return x
 
 
 @triton.jit
@@ -58,6 +108,25 @@ def decode_rows(r, D1, D2):
     i2 = r % D2
     t = r // D2
     return t // D1, t % D1, i2
+
+
+@triton.jit
+def decode_tap(t, KW):
+    """Kernel tap index ``t`` (row-major over KH×KW) -> (kh, kw)."""
+    kh = t // KW
+    return kh, t - kh * KW
+
+
+@triton.jit
+def next_k_step(kh, kw, r0, KW, R, BK: tl.constexpr):
+    """The convolution K step after (tap (kh, kw), channels [r0, r0+BK)): the next BK channels of the tap,
+    else channel 0 of the next tap. A K tile never straddles two taps, so its decode stays scalar."""
+    r0 += BK
+    wrap = r0 >= R
+    r0 = tl.where(wrap, 0, r0)
+    kw = tl.where(wrap, kw + 1, kw)
+    wrap = kw == KW
+    return tl.where(wrap, kh + 1, kh), tl.where(wrap, 0, kw), r0
 
 
 @triton.jit
@@ -90,9 +159,9 @@ def grouped_tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def load_pixels_tile(ptr, pix_base, pix_ok, c, C, s_c):
-    """int8 [pixels, channels] tile: ``pix_base`` (int64 offsets of the pixels) + ``c * s_c``; pixels
-    outside the image (``pix_ok`` false) and channels ``>= C`` read as 0."""
-    offs = pix_base[:, None] + c[None, :].to(tl.int64) * s_c
+    """int8 [pixels, channels] tile: ``pix_base`` (offsets of the pixels, int32 or int64) + ``c * s_c``;
+    pixels outside the image (``pix_ok`` false) and channels ``>= C`` read as 0."""
+    offs = pix_base[:, None] + (c * s_c)[None, :]
     mask = pix_ok[:, None] & (c < C)[None, :]
     return tl.load(ptr + offs, mask=mask, other=0)
 
@@ -101,7 +170,7 @@ def load_pixels_tile(ptr, pix_base, pix_ok, c, C, s_c):
 def conv_implicit_gemm_tile(src_ptr, w_ptr, n, p, q, row_ok, col, col_ok, t_start, t_end, KW, P, Q, R,
                             stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r,
                             sw_col, sw_h, sw_w, sw_r, BM: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr, TRANSPOSED: tl.constexpr):
+                            BK: tl.constexpr, TRANSPOSED: tl.constexpr, I64: tl.constexpr):
     """int32 [BM, BN] tile of an implicit-GEMM convolution over kernel taps ``[t_start, t_end)``.
 
     Rows are pixels (n, p, q) of the result, columns ``col`` its channels. Each tap (kh, kw) maps the
@@ -110,31 +179,49 @@ def conv_implicit_gemm_tile(src_ptr, w_ptr, n, p, q, row_ok, col, col_ok, t_star
     - forward (``TRANSPOSED=False``): src = x, ``h = p*stride - pad + kh*dil``, R = Cin, col = Cout;
     - input-grad (``TRANSPOSED=True``): src = E, h is the output row that reads input row p through
       tap kh (only where ``stride`` divides), R = Cout, col = Cin — the transposed convolution.
+
+    One flat K loop over (tap, BK-channel chunk), like Inductor's conv template: the software pipeline
+    runs across taps (a nested tap/channel loop restarts it every tap, with 1-2 steps per tap at
+    Cin = 64). Per row the loop carries only the image's base offset and the tap-0 coordinate (decoded
+    once); (kh, kw, r0) are scalars advanced by ``next_k_step``. ``I64``: 64-bit pixel offsets (tensors
+    past 2^31 elements); otherwise int32.
     """
     acc = tl.zeros((BM, BN), dtype=tl.int32)
-    pix_n = n.to(tl.int64) * s_n
     rr = tl.arange(0, BK)
-    # the weight rows move by a scalar offset per tap: build their (int32: weights are small) offsets once
+    if I64:
+        pix_n = n.to(tl.int64) * s_n
+    else:
+        pix_n = n * s_n
+    # tap-0 coordinate of every row, once: forward h = h0 + kh*dil; input-grad h = (h0 - kh*dil) / stride
+    if TRANSPOSED:
+        h0 = p + pad_h
+        w0 = q + pad_w
+    else:
+        h0 = tap_input_coord(p, 0, stride_h, pad_h, dil_h)
+        w0 = tap_input_coord(q, 0, stride_w, pad_w, dil_w)
+    # the weight rows move by a scalar offset per K step: build their (int32: weights are small) offsets once
     w_rows = (col * sw_col)[:, None] + (rr * sw_r)[None, :]
-    for t in range(t_start, t_end):
-        kh = t // KW
-        kw = t - kh * KW
+    nrb = tl.cdiv(R, BK)
+    kh, kw = decode_tap(t_start, KW)
+    r0 = t_start * 0
+    for _ in range(t_start * nrb, t_end * nrb):
         if TRANSPOSED:
-            h, h_ok = tap_output_coord(p, kh, stride_h, pad_h, dil_h, P)
-            w, w_ok = tap_output_coord(q, kw, stride_w, pad_w, dil_w, Q)
+            h, h_ok = tap_output_coord(h0, kh, stride_h, 0, dil_h, P)
+            w, w_ok = tap_output_coord(w0, kw, stride_w, 0, dil_w, Q)
         else:
-            h = tap_input_coord(p, kh, stride_h, pad_h, dil_h)
-            w = tap_input_coord(q, kw, stride_w, pad_w, dil_w)
+            h = tap_input_coord(h0, kh, 1, 0, dil_h)
+            w = tap_input_coord(w0, kw, 1, 0, dil_w)
             h_ok = (h >= 0) & (h < P)
             w_ok = (w >= 0) & (w < Q)
-        pix_ok = row_ok & h_ok & w_ok
-        pix = pix_n + h * s_h + w * s_w
-        w_tap = w_ptr + (kh * sw_h + kw * sw_w)
-        for r0 in range(0, R, BK):
-            a = load_pixels_tile(src_ptr, pix, pix_ok, r0 + rr, R, s_r)  # [BM, BK] im2col rows
-            b = tl.load(w_tap + r0 * sw_r + w_rows, mask=col_ok[:, None] & (rr < R - r0)[None, :],
-                        other=0)  # [BN, BK] weight rows
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        if I64:
+            pix = pix_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
+        else:
+            pix = pix_n + h * s_h + w * s_w
+        a = load_pixels_tile(src_ptr, pix, row_ok & h_ok & w_ok, r0 + rr, R, s_r)  # [BM, BK] im2col rows
+        b = tl.load(w_ptr + (kh * sw_h + kw * sw_w + r0 * sw_r) + w_rows,
+                    mask=col_ok[:, None] & (rr < R - r0)[None, :], other=0)  # [BN, BK] weight rows
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        kh, kw, r0 = next_k_step(kh, kw, r0, KW, R, BK)
     return acc
 
 

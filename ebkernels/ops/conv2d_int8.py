@@ -32,8 +32,9 @@ from .._checks import check_same_device, check_tensor
 from .._registry import aot_kernel
 from ..config import QConfig
 from . import _igemm
-from ._igemm import (MAX_TERMS, conv_implicit_gemm_tile, decode_rows, grouped_tile_ids, int8_gemm_finalize,
-                     load_pixels_tile, store_gemm_tile, tap_input_coord)
+from ._igemm import (GPU_TILES, MAX_TERMS, alignment, assume_multiple, conv_implicit_gemm_tile, decode_rows,
+                     decode_tap, grouped_tile_ids, int8_gemm_finalize, load_pixels_tile, offsets_fit_int32,
+                     store_gemm_tile, tap_input_coord)
 from .linear_int8 import _inv_ss, check_qconfig, quantize_weight, quantize_weight_grad, split_reduction
 from .quantize import dequantize, quantize
 
@@ -41,75 +42,132 @@ __all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad",
            "conv2d_int8_fwd_reference", "conv2d_int8_dgrad_reference", "conv2d_int8_wgrad_reference",
            "conv2d_output_size"]
 
-_GPU = {"BM": 128, "BN": 128, "BK": 32, "GROUP_M": 8}
+_GPU, _GPU_UNALIGNED = ({k: v for k, v in GPU_TILES[c].items() if k not in ("num_warps", "num_stages")}
+                        for c in ("conv", "unaligned"))
+# Runtime arguments as the JIT types them for tensors below 2^31 elements (I64=False: int32 offsets).
 _CONV_SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*fp32", "ss_ptr": "*fp32", "sw_ptr": "*fp32",
              "bias_ptr": "*fp32", "P": "i32", "Q": "i32", "R": "i32", "OP": "i32", "OQ": "i32",
              "NCOL": "i32", "KW": "i32", "M": "i32", "taps": "i32", "taps_per_split": "i32",
              "stride_h": "i32", "stride_w": "i32", "pad_h": "i32", "pad_w": "i32", "dil_h": "i32",
-             "dil_w": "i32", "s_n": "i64", "s_h": "i32", "s_w": "i32", "s_r": "i32", "sw_col": "i32",
-             "sw_h": "i32", "sw_w": "i32", "sw_r": "i32", "so_n": "i64", "so_h": "i32", "so_w": "i32",
+             "dil_w": "i32", "s_n": "i32", "s_h": "i32", "s_w": "i32", "s_r": "i32", "sw_col": "i32",
+             "sw_h": "i32", "sw_w": "i32", "sw_r": "i32", "so_n": "i32", "so_h": "i32", "so_w": "i32",
              "so_c": "i32", "s_split": "i64", "inv_ss": "fp32"}
+# AOT configurations = GPU launches of the common layers: NHWC int8 codes with 16-aligned channel counts
+# (ALIGN=16: what the JIT infers from such arguments), channels-last result, unit stride/dilation
+# specialised as the JIT does for arguments equal to 1; plus the input-grad of a stride-2 layer (the
+# per-tap divisibility test at run time), a forward into an NCHW result (OUT_ALIGN=1), and the unaligned
+# fallback tiles (ALIGN=1: e.g. a first layer with Cin=3) for a forward and a stride-2 input-grad.
+_CONV_COMMON = {**_GPU, "s_r": 1, "sw_r": 1, "I64": False, "ALIGN": 16}
+_CONV_UNALIGNED = {**_GPU_UNALIGNED, "s_r": 1, "sw_r": 1, "I64": False, "ALIGN": 1, "OUT_ALIGN": 1}
+_CONV_UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1}
+_CONV_AOT = [
+    {**_CONV_COMMON, **_CONV_UNIT, "TRANSPOSED": False, "HAS_BIAS": True, "RAW": False, "so_c": 1,
+     "OUT_ALIGN": 16},
+    {**_CONV_COMMON, **_CONV_UNIT, "TRANSPOSED": True, "HAS_BIAS": False, "RAW": False, "so_c": 1,
+     "OUT_ALIGN": 16},
+    {**_CONV_COMMON, "dil_h": 1, "dil_w": 1, "TRANSPOSED": True, "HAS_BIAS": False, "RAW": False, "so_c": 1,
+     "OUT_ALIGN": 16},
+    {**_CONV_COMMON, **_CONV_UNIT, "TRANSPOSED": False, "HAS_BIAS": True, "RAW": False, "so_w": 1,
+     "OUT_ALIGN": 1},
+    {**_CONV_UNALIGNED, **_CONV_UNIT, "TRANSPOSED": False, "HAS_BIAS": True, "RAW": False, "so_c": 1},
+    {**_CONV_UNALIGNED, "dil_h": 1, "dil_w": 1, "TRANSPOSED": True, "HAS_BIAS": False, "RAW": False, "so_c": 1},
+]
 
 
-@aot_kernel(signature=_CONV_SIG,
-            constexprs=[{**_GPU, "TRANSPOSED": False, "HAS_BIAS": True, "RAW": False, "s_r": 1, "sw_r": 1,
-                         "so_c": 1},
-                        {**_GPU, "TRANSPOSED": True, "HAS_BIAS": False, "RAW": False, "s_r": 1, "sw_r": 1,
-                         "so_c": 1}],
-            num_warps=8, num_stages=3, int8_mma=True, aligned=("src_ptr", "w_ptr"))
+@aot_kernel(signature=_CONV_SIG, constexprs=_CONV_AOT, num_warps=GPU_TILES["conv"]["num_warps"],
+            num_stages=GPU_TILES["conv"]["num_stages"], int8_mma=True, aligned=("src_ptr", "w_ptr", "out_ptr"))
 @triton.jit
 def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_ptr, P, Q, R, OP, OQ, NCOL,
                                  KW, M, taps, taps_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                                  s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r, so_n, so_h, so_w, so_c,
                                  s_split, inv_ss, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                                 GROUP_M: tl.constexpr):
+                                 GROUP_M: tl.constexpr, ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr,
+                                 I64: tl.constexpr):
     """Forward (``TRANSPOSED=False``: src = x codes, P×Q = H×W, R = Cin; result Y, OP×OQ = OH×OW,
     NCOL = Cout) or input-grad (``TRANSPOSED=True``: src = E codes, P×Q = OH×OW, R = Cout; result dX,
     OP×OQ = H×W, NCOL = Cin). Grid (row tiles × column tiles, tap splits): rows are the result's
-    pixels (n, op, oq), columns its channels, the reduction runs over this program's kernel taps."""
+    pixels (n, op, oq), columns its channels, the reduction runs over this program's kernel taps.
+    ``ALIGN``/``OUT_ALIGN`` (16 or 1): the launcher guarantees R and the strides of src and w / NCOL and
+    the strides of the result are multiples of it (16-byte vectors); ``I64``: 64-bit offsets."""
+    R = assume_multiple(R, ALIGN)
+    s_n = assume_multiple(s_n, ALIGN)
+    s_h = assume_multiple(s_h, ALIGN)
+    s_w = assume_multiple(s_w, ALIGN)
+    sw_col = assume_multiple(sw_col, ALIGN)
+    sw_h = assume_multiple(sw_h, ALIGN)
+    sw_w = assume_multiple(sw_w, ALIGN)
+    NCOL = assume_multiple(NCOL, OUT_ALIGN)
+    so_n = assume_multiple(so_n, OUT_ALIGN)
+    so_h = assume_multiple(so_h, OUT_ALIGN)
+    so_w = assume_multiple(so_w, OUT_ALIGN)
+    s_split = assume_multiple(s_split, OUT_ALIGN)
     pid_m, pid_n = grouped_tile_ids(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(NCOL, BN), GROUP_M)
     pid_s = tl.program_id(1)
     m = pid_m * BM + tl.arange(0, BM)
     col = pid_n * BN + tl.arange(0, BN)
     m_ok = m < M
     col_ok = col < NCOL
-    n, op, oq = decode_rows(m, OP, OQ)
+    n, op, oq = decode_rows(m, OP, OQ)  # once per program: the K loop carries per-row offsets only
     t_start = pid_s * taps_per_split
     acc = conv_implicit_gemm_tile(src_ptr, w_ptr, n, op, oq, m_ok, col, col_ok, t_start,
                                   tl.minimum(t_start + taps_per_split, taps), KW, P, Q, R, stride_h,
                                   stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r, sw_col, sw_h,
-                                  sw_w, sw_r, BM, BN, BK, TRANSPOSED)
-    row_offs = n.to(tl.int64) * so_n + op * so_h + oq * so_w
-    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, row_offs, m_ok, col,
-                    col.to(tl.int64) * so_c, col_ok, ss_ptr, sw_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
+                                  sw_w, sw_r, BM, BN, BK, TRANSPOSED, I64)
+    if I64:
+        row_offs = n.to(tl.int64) * so_n + op.to(tl.int64) * so_h + oq.to(tl.int64) * so_w
+        col_offs = col.to(tl.int64) * so_c
+    else:
+        row_offs = n * so_n + op * so_h + oq * so_w
+        col_offs = col * so_c
+    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, row_offs, m_ok, col, col_offs, col_ok,
+                    ss_ptr, sw_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
 
 
 _WGRAD_SIG = {"e_ptr": "*i8", "x_ptr": "*i8", "out_ptr": "*i32", "se_ptr": "*fp32", "sx_ptr": "*fp32",
               "H": "i32", "W": "i32", "C": "i32", "OH": "i32", "OW": "i32", "CO": "i32", "KW": "i32",
               "M": "i32", "taps": "i32", "m_per_split": "i32", "stride_h": "i32", "stride_w": "i32",
-              "pad_h": "i32", "pad_w": "i32", "dil_h": "i32", "dil_w": "i32", "se_n": "i64", "se_h": "i32",
-              "se_w": "i32", "se_c": "i32", "sx_n": "i64", "sx_h": "i32", "sx_w": "i32", "sx_c": "i32",
+              "pad_h": "i32", "pad_w": "i32", "dil_h": "i32", "dil_w": "i32", "se_n": "i32", "se_h": "i32",
+              "se_w": "i32", "se_c": "i32", "sx_n": "i32", "sx_h": "i32", "sx_w": "i32", "sx_c": "i32",
               "so_o": "i32", "so_h": "i32", "so_w": "i32", "so_c": "i32", "s_split": "i64", "inv_ss": "fp32"}
+# the weight-grad as launched for a long reduction: raw int32 partials [splits, Cout, KH·KW·Cin]
+# (aligned, and the unaligned fallback)
+_WGRAD_AOT = [{**_GPU, **_CONV_UNIT, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 1, "ALIGN": 16, "OUT_ALIGN": 16,
+               "I64": False},
+              {**_GPU_UNALIGNED, **_CONV_UNIT, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 1, "ALIGN": 1,
+               "OUT_ALIGN": 1, "I64": False}]
 
 
-@aot_kernel(signature=_WGRAD_SIG, constexprs=[{**_GPU, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 1}],
-            num_warps=8, num_stages=3, int8_mma=True, aligned=("e_ptr", "x_ptr"))
+@aot_kernel(signature=_WGRAD_SIG, constexprs=_WGRAD_AOT, num_warps=GPU_TILES["conv"]["num_warps"],
+            num_stages=GPU_TILES["conv"]["num_stages"], int8_mma=True, aligned=("e_ptr", "x_ptr", "out_ptr"))
 @triton.jit
 def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH, OW, CO, KW, M, taps,
                              m_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, se_n, se_h, se_w,
                              se_c, sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss,
                              RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                             GROUP_M: tl.constexpr):
+                             GROUP_M: tl.constexpr, ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr,
+                             I64: tl.constexpr):
     """Weight-grad ``dW[co, kh, kw, ci] = sum_m E[m, co] · X[n, ih, iw, ci]`` over this program's chunk
     of the N·OH·OW rows (at most 2^17: its int32 sum is exact). Grid (Cout tiles × taps × Cin tiles,
-    chunks): each program holds one tap, so its input pixels are one shifted, masked row set."""
+    chunks): each program holds one tap, so its input pixels are one shifted, masked row set.
+    ``ALIGN``/``OUT_ALIGN``/``I64`` as in ``conv2d_int8_fwd_dgrad_kernel``."""
+    C = assume_multiple(C, ALIGN)
+    CO = assume_multiple(CO, ALIGN)
+    se_n = assume_multiple(se_n, ALIGN)
+    se_h = assume_multiple(se_h, ALIGN)
+    se_w = assume_multiple(se_w, ALIGN)
+    sx_n = assume_multiple(sx_n, ALIGN)
+    sx_h = assume_multiple(sx_h, ALIGN)
+    sx_w = assume_multiple(sx_w, ALIGN)
+    so_o = assume_multiple(so_o, OUT_ALIGN)
+    so_h = assume_multiple(so_h, OUT_ALIGN)
+    so_w = assume_multiple(so_w, OUT_ALIGN)
+    s_split = assume_multiple(s_split, OUT_ALIGN)
     num_c = tl.cdiv(C, BN)
     pid_co, pid_col = grouped_tile_ids(tl.program_id(0), tl.cdiv(CO, BM), taps * num_c, GROUP_M)
     pid_s = tl.program_id(1)
     t = pid_col // num_c
-    kh = t // KW
-    kw = t - kh * KW
+    kh, kw = decode_tap(t, KW)
     co = pid_co * BM + tl.arange(0, BM)
     ci = (pid_col - t * num_c) * BN + tl.arange(0, BN)
     co_ok = co < CO
@@ -121,16 +179,20 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
         m = m0 + tl.arange(0, BK)
         m_ok = m < m_end
         n, oh, ow = decode_rows(m, OH, OW)
-        e_pix = n.to(tl.int64) * se_n + oh * se_h + ow * se_w
-        a = load_pixels_tile(e_ptr, e_pix, m_ok, co, CO, se_c)  # [BK rows, BM Cout]
         ih = tap_input_coord(oh, kh, stride_h, pad_h, dil_h)
         iw = tap_input_coord(ow, kw, stride_w, pad_w, dil_w)
         x_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        b = load_pixels_tile(x_ptr, n.to(tl.int64) * sx_n + ih * sx_h + iw * sx_w, x_ok, ci, C, sx_c)
+        if I64:
+            e_pix = n.to(tl.int64) * se_n + oh.to(tl.int64) * se_h + ow.to(tl.int64) * se_w
+            x_pix = n.to(tl.int64) * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+        else:
+            e_pix = n * se_n + oh * se_h + ow * se_w
+            x_pix = n * sx_n + ih * sx_h + iw * sx_w
+        a = load_pixels_tile(e_ptr, e_pix, m_ok, co, CO, se_c)  # [BK rows, BM Cout]
+        b = load_pixels_tile(x_ptr, x_pix, x_ok, ci, C, sx_c)  # [BK rows, BN Cin]
         acc = tl.dot(tl.trans(a), b, acc, out_dtype=tl.int32)
-    col_offs = (kh * so_h + kw * so_w) + ci.to(tl.int64) * so_c
-    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, co.to(tl.int64) * so_o, co_ok, ci, col_offs,
-                    ci_ok, se_ptr, sx_ptr, se_ptr, inv_ss, False, RAW)
+    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, co * so_o, co_ok, ci,
+                    (kh * so_h + kw * so_w) + ci * so_c, ci_ok, se_ptr, sx_ptr, se_ptr, inv_ss, False, RAW)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,14 +215,15 @@ def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, N
     N = src.shape[0]
     M = N * OP * OQ
     raw = ss is None
-    cfg = _igemm.gemm_tiles(src.device, conv=True)
+    s_n, s_h, s_w, s_r = _nchw_strides(src)
+    align = alignment((R, s_n, s_h, s_w, sw_col, wq.stride(2), wq.stride(3)), (src, wq))
+    cfg = _igemm.gemm_tiles(src.device, conv=True, align=align)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     taps = KH * KW
     per = max(1, max_terms // max(R, 1))  # taps per int32-exact chunk
     splits = triton.cdiv(taps, per)
     per = triton.cdiv(taps, splits)
     direct = splits == 1
-    s_n, s_h, s_w, s_r = _nchw_strides(src)
     if direct:
         dst = out
         so_n, so_h, so_w, so_c = _nchw_strides(out)
@@ -170,14 +233,16 @@ def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, N
         so_n, so_h, so_w, so_c, s_split = OP * OQ * NCOL, OQ * NCOL, NCOL, 1, M * NCOL
     epilogue = direct and not raw
     dummy = src
+    out_align = alignment((NCOL, so_n, so_h, so_w, s_split), (dst,))
+    i64 = not offsets_fit_int32(src, dst[0] if not direct else dst)
     grid = (triton.cdiv(M, BM) * triton.cdiv(NCOL, BN), splits)
     conv2d_int8_fwd_dgrad_kernel[grid](src, wq, dst, ss if epilogue else dummy, sw if epilogue else dummy,
                  bias if (epilogue and bias is not None) else dummy, P, Q, R, OP, OQ, NCOL, KW, M, taps, per,
                  stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], s_n, s_h, s_w, s_r,
                  sw_col, wq.stride(2), wq.stride(3), sw_r, so_n, so_h, so_w, so_c, s_split, inv_ss,
                  TRANSPOSED=transposed, HAS_BIAS=epilogue and bias is not None, RAW=not epilogue,
-                 BM=BM, BN=BN, BK=BK,
-                 GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                 BM=BM, BN=BN, BK=BK, GROUP_M=cfg["GROUP_M"], ALIGN=align, OUT_ALIGN=out_align, I64=i64,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if not direct:
         o = _nchw_strides(out)
         int8_gemm_finalize(dst, out, ss, sw, bias, inv_ss, (N, OP, OQ), o[:3], (1, 1, NCOL), (0, 0, o[3]))
@@ -199,6 +264,8 @@ def _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w,
     if out.numel() == 0:
         return out
     inv_ss = 0.0 if raw else _inv_ss(bits_a, bits_w)
+    if qw.stride(1) != 1 and C > 1:  # the reduction runs over Cin: keep it contiguous (K-major operand)
+        qw = qw.contiguous(memory_format=torch.channels_last)
     return _conv_like_launch(False, qx, qw, sx, sw, bias, out, H, W, C, OH, OW, CO, KH, KW,
                              stride, padding, dilation, qw.stride(0), qw.stride(1), inv_ss, max_terms)
 
@@ -233,7 +300,10 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     M = N * OH * OW
     if M == 0:
         return out.zero_()
-    cfg = _igemm.gemm_tiles(qx.device, conv=True)
+    se_n, se_h, se_w, se_c = _nchw_strides(qe)
+    sx_n, sx_h, sx_w, sx_c = _nchw_strides(qx)
+    align = alignment((C, CO, se_n, se_h, se_w, sx_n, sx_h, sx_w), (qe, qx))
+    cfg = _igemm.gemm_tiles(qx.device, conv=True, align=align)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     taps = KH * KW
     tiles = triton.cdiv(CO, BM) * taps * triton.cdiv(C, BN)
@@ -248,13 +318,14 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
         dst = _igemm.empty_output((splits, CO, taps * C), torch.int32, qx.device)
         so_o, so_h, so_w, so_c, s_split = taps * C, KW * C, C, 1, CO * taps * C
     epilogue = direct and not raw
-    se_n, se_h, se_w, se_c = _nchw_strides(qe)
-    sx_n, sx_h, sx_w, sx_c = _nchw_strides(qx)
+    out_align = alignment((so_o, so_h, so_w, s_split), (dst,))
+    i64 = not offsets_fit_int32(qe, qx)
     conv2d_int8_wgrad_kernel[(tiles, splits)](
         qe, qx, dst, se if epilogue else qe, sx if epilogue else qe, H, W, C, OH, OW, CO, KW, M, taps, per,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], se_n, se_h, se_w, se_c,
         sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss, RAW=not epilogue, BM=BM, BN=BN,
-        BK=BK, GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BK=BK, GROUP_M=cfg["GROUP_M"], ALIGN=align, OUT_ALIGN=out_align, I64=i64, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     if not direct:
         o = out.stride()
         int8_gemm_finalize(dst, out, se, sx, None, inv_ss, (1, 1, CO), (0, 0, o[0]), (KH, KW, C),
@@ -444,8 +515,8 @@ class QConv2dFunction(torch.autograd.Function):
         qx = sx = qw = sw = None
         if qc.bits_a is not None:
             qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode, channels_last=True)
-        if qc.bits_w is not None:
-            codes, sw = quantize_weight(weight, qc)
+        if qc.bits_w is not None:  # OHWI codes: Cin contiguous, the forward's K-major weight operand
+            codes, sw = quantize_weight(weight, qc, channels_last=True)
             qw = codes
         if qx is not None and qw is not None:
             y = _conv2d_int8_fwd_op(qx, qw, sx, sw, bias, stride, padding, dilation, groups, qc.bits_a,

@@ -26,7 +26,7 @@ from .._checks import check_same_device, check_tensor
 from .._registry import aot_kernel
 from ..config import QConfig
 from . import _igemm
-from ._igemm import MAX_TERMS, grouped_tile_ids, int8_gemm_finalize, store_gemm_tile
+from ._igemm import MAX_TERMS, alignment, assume_multiple, grouped_tile_ids, int8_gemm_finalize, store_gemm_tile
 from .quantize import dequantize, quantize
 
 __all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunction",
@@ -40,25 +40,39 @@ _GEMM_SIG = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*fp32", "sa_ptr": "*fp3
              "bias_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
              "s_am": "i32", "s_ak": "i32", "s_bk": "i32", "s_bn": "i32", "s_om": "i32", "s_on": "i32",
              "s_split": "i64", "inv_ss": "fp32"}
-_GPU_TILES = {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}
-# AOT configurations as launched on a GPU (unit strides are specialised the way the JIT does it):
+_GPU_TILES, _GPU_UNALIGNED = ({k: v for k, v in _igemm.GPU_TILES[c].items() if k not in ("num_warps", "num_stages")}
+                              for c in ("linear", "unaligned"))
+# AOT configurations as launched on a GPU (unit strides are specialised the way the JIT does it; ALIGN=16:
+# extents and leading dimensions multiples of 16, what the JIT infers for such arguments):
 # forward (x, Wᵀ: both K-contiguous) with fused scale + bias; input-grad (E, transposed copy of W:
-# K-contiguous); weight-grad (Eᵀ, x: M/N-contiguous operands) writing raw int32 split partials.
+# K-contiguous) the same kernel; weight-grad (Eᵀ, x: M/N-contiguous operands) writing raw int32 split
+# partials; and both with the unaligned fallback tiles (ALIGN=1, e.g. 10 output features).
 _GEMM_AOT = [
-    {**_GPU_TILES, "HAS_BIAS": True, "RAW": False, "s_ak": 1, "s_bk": 1, "s_on": 1},
-    {**_GPU_TILES, "HAS_BIAS": False, "RAW": True, "s_am": 1, "s_bn": 1, "s_on": 1},
+    {**_GPU_TILES, "HAS_BIAS": True, "RAW": False, "ALIGN": 16, "s_ak": 1, "s_bk": 1, "s_on": 1},
+    {**_GPU_TILES, "HAS_BIAS": False, "RAW": True, "ALIGN": 16, "s_am": 1, "s_bn": 1, "s_on": 1},
+    {**_GPU_UNALIGNED, "HAS_BIAS": True, "RAW": False, "ALIGN": 1, "s_ak": 1, "s_bk": 1, "s_on": 1},
+    {**_GPU_UNALIGNED, "HAS_BIAS": False, "RAW": True, "ALIGN": 1, "s_am": 1, "s_bn": 1, "s_on": 1},
 ]
 
 
-@aot_kernel(signature=_GEMM_SIG, constexprs=_GEMM_AOT, num_warps=8, num_stages=3, int8_mma=True,
-            aligned=("a_ptr", "b_ptr"))
+@aot_kernel(signature=_GEMM_SIG, constexprs=_GEMM_AOT, num_warps=_igemm.GPU_TILES["linear"]["num_warps"],
+            num_stages=_igemm.GPU_TILES["linear"]["num_stages"], int8_mma=True,
+            aligned=("a_ptr", "b_ptr", "out_ptr"))
 @triton.jit
 def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, k_per_split,
                             s_am, s_ak, s_bk, s_bn, s_om, s_on, s_split, inv_ss,
                             HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BM: tl.constexpr,
-                            BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                            BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, ALIGN: tl.constexpr):
     """``out[m, n] (+ split * s_split) = sum_k a[m, k] b[k, n]`` over this program's K range
-    ``[split * k_per_split, (split+1) * k_per_split)``; grid (tiles, splits)."""
+    ``[split * k_per_split, (split+1) * k_per_split)``; grid (tiles, splits). Offsets are int32 (the
+    launcher routes operands past 2^31 elements to the reference path). ``ALIGN`` (16 or 1): the launcher
+    guarantees M, N, K, ``k_per_split`` and every stride other than 1 are multiples of it."""
+    M = assume_multiple(M, ALIGN)
+    N = assume_multiple(N, ALIGN)
+    K = assume_multiple(K, ALIGN)
+    k_per_split = assume_multiple(k_per_split, ALIGN)
+    s_om = assume_multiple(s_om, ALIGN)
+    s_split = assume_multiple(s_split, ALIGN)
     pid_m, pid_n = grouped_tile_ids(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     pid_s = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -71,8 +85,17 @@ def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, 
     # pointers built once and advanced by BK along K (cheaper than re-deriving them every step)
     # rows/cols past the edge re-read valid ones (wrapped) instead of masking: their results are never
     # stored, and unmasked rows keep the loads simple
-    a_ptrs = a_ptr + ((rm % M)[:, None] * s_am + rk[None, :] * s_ak)
-    b_ptrs = b_ptr + (rk[:, None] * s_bk + (rn % N)[None, :] * s_bn)
+    a_rows = (rm % M) * s_am
+    a_cols = rk * s_ak
+    b_rows = rk * s_bk
+    b_cols = (rn % N) * s_bn
+    if ALIGN > 1:  # each is contiguous from a multiple of ALIGN (unit stride) or a multiple of ALIGN
+        a_rows = tl.multiple_of(a_rows, ALIGN)
+        a_cols = tl.multiple_of(a_cols, ALIGN)
+        b_rows = tl.multiple_of(b_rows, ALIGN)
+        b_cols = tl.multiple_of(b_cols, ALIGN)
+    a_ptrs = a_ptr + (a_rows[:, None] + a_cols[None, :])
+    b_ptrs = b_ptr + (b_rows[:, None] + b_cols[None, :])
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for _ in range(k_start, k_end, BK):
         k_ok = rk < k_end
@@ -82,8 +105,8 @@ def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, 
         a_ptrs += BK * s_ak
         b_ptrs += BK * s_bk
         rk += BK
-    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, rm.to(tl.int64) * s_om, m_ok, rn,
-                    rn.to(tl.int64) * s_on, n_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
+    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, rm * s_om, m_ok, rn, rn * s_on, n_ok, sa_ptr,
+                    sb_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
 
 
 def split_reduction(length: int, tiles: int, BK: int, device: torch.device, max_terms: int):
@@ -116,7 +139,8 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
         if bias is not None and not raw:
             out += bias.to(out_dtype)
         return out
-    cfg = _igemm.gemm_tiles(a.device)
+    strides = [st for st in (*a.stride(), *b.stride()) if st != 1]
+    cfg = _igemm.gemm_tiles(a.device, align=alignment((M, N, K, *strides), (a, b)))
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     splits, per = split_reduction(K, tiles, BK, a.device, max_terms)
@@ -129,12 +153,13 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
         dst = _igemm.empty_output((splits, M, N), torch.int32, a.device)
         s_om, s_on, s_split = N, 1, M * N
     epilogue = direct and not raw
+    align = alignment((M, N, K, per, s_split, *strides, *(st for st in (s_om, s_on) if st != 1)), (a, b, dst))
     linear_int8_gemm_kernel[(tiles, splits)](
         a, b, dst, sa if epilogue else dummy, sb if epilogue else dummy,
         bias if (epilogue and bias is not None) else dummy, M, N, K, per,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), s_om, s_on, s_split, inv_ss,
         HAS_BIAS=epilogue and bias is not None, RAW=not epilogue, BM=BM, BN=BN, BK=BK,
-        GROUP_M=cfg["GROUP_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        GROUP_M=cfg["GROUP_M"], ALIGN=align, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if not direct:
         int8_gemm_finalize(dst, out, sa, sb, bias, inv_ss, (1, 1, M), (0, 0, out.stride(0)),
                            (1, 1, N), (0, 0, out.stride(1)))
@@ -201,9 +226,10 @@ def check_qconfig(qconfig) -> QConfig:
     return qconfig
 
 
-def quantize_weight(weight: torch.Tensor, qc: QConfig):
-    """W codes and its scale: ``Shift(max|W|)`` (mode shift) or ``1 · alpha`` (mode wage)."""
-    codes, s = quantize(weight, qc.bits_w, "nearest", qc.mode)
+def quantize_weight(weight: torch.Tensor, qc: QConfig, channels_last: bool = False):
+    """W codes and its scale: ``Shift(max|W|)`` (mode shift) or ``1 · alpha`` (mode wage);
+    ``channels_last``: 4-D codes in OHWI memory order (the convolution's K-major weight operand)."""
+    codes, s = quantize(weight, qc.bits_w, "nearest", qc.mode, channels_last=channels_last)
     if qc.mode == "wage" and qc.alpha != 1.0:
         s = s * qc.alpha  # device op: no synchronisation
     return codes, s
