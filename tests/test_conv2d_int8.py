@@ -255,3 +255,87 @@ def test_qconv2d_torch_compile(device):
     torch.testing.assert_close(y, qconv2d(x, w, qconfig=qc), rtol=0, atol=0)
     y.sum().backward()
     assert w.grad is not None and x.grad.shape == x.shape
+
+
+# Channel counts that are not multiples of 16 (first layer Cin = 3; Cout = 17): the quantizer pads the A and
+# W codes' Cin (and the E codes' Cout) with zeros, so every int8 kernel runs its aligned path (ALIGN=16).
+PAD_CASES = [
+    ((2, 3, 6, 6), 17, 3, 1, 1, 1, True, True),
+    ((4, 3, 4, 4), 20, 3, 1, 1, 1, False, True),  # M = 64: the weight-grad is aligned too
+    ((2, 5, 7, 7), 16, 3, 2, 1, 1, False, False),
+    ((1, 20, 5, 5), 24, 1, 1, 0, 1, True, True),
+    ((2, 5, 4, 4), 32, 1, 1, 0, 1, True, False),  # 1×1: weight-grad on channel-major E and X codes, M = 32
+]
+
+
+@pytest.mark.parametrize("case", PAD_CASES, ids=[f"{c[0]}-O{c[1]}K{c[2]}s{c[3]}" for c in PAD_CASES])
+def test_qconv2d_unaligned_channels_are_padded_onto_the_aligned_path(device, poisoned, monkeypatch, case):
+    shape, CO, K, stride, padding, dilation, cl, bias = case
+    aligns = []
+    tiles = _igemm.gemm_tiles
+
+    def spy(dev, conv=False, align=16):
+        aligns.append(align)
+        return tiles(dev, conv, align)
+
+    monkeypatch.setattr(_igemm, "gemm_tiles", spy)
+    _check_qconv(device, shape, CO, K, stride, padding, dilation, 1, cl, bias, QConfig(bits_g=None), seed=CO + K)
+    if conv2d_int8.use_triton(torch.empty(1, device=device)):
+        # forward, input-grad, weight-grad: all on 16-byte aligned operands (the weight-grad's channel-major E
+        # rows are N·OH·OW long: aligned when that is a multiple of 16, e.g. any batch that is)
+        OH, OW = conv2d_int8.conv2d_output_size(*shape[2:], K, K, (stride,) * 2, (padding,) * 2, (dilation,) * 2)
+        assert aligns == [16, 16, 16 if shape[0] * OH * OW % 16 == 0 else 1]
+
+
+def test_qconv2d_saved_codes_are_channel_padded(device):
+    x = torch.randn(2, 3, 5, 5).to(device).requires_grad_()
+    w = torch.randn(4, 3, 3, 3).to(device).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        qconv2d(x, w, padding=1)
+    big = [t for t in saved if t.numel() > 1]
+    cin = 16 if conv2d_int8.use_triton(x) else 3  # the reference path keeps the unpadded codes
+    assert [tuple(t.shape) for t in big] == [(2, cin, 5, 5), (4, cin, 3, 3)]
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in big)
+    assert all(torch.count_nonzero(t[:, 3:]) == 0 for t in big)
+
+
+# (N, Cin, H, W, Cout, K, stride, padding, dilation, x channel-major): E codes channel-major ([Cout, N·OH·OW],
+# rows contiguous), as QConv2dFunction hands them to the weight-grad (its K-major MMA operand, E_CM); for a
+# 1×1 / stride-1 / unpadded kernel the input codes channel-major too (X_CM: both operands K-major)
+ECM_CASES = [
+    (2, 16, 8, 8, 32, 3, 1, 1, 1, False),  # M = 128: ALIGN=16
+    (3, 17, 7, 7, 5, 3, 2, 1, 1, False),
+    (2, 16, 5, 5, 16, 1, 1, 0, 1, False),
+    (1, 3, 9, 9, 8, 3, 1, 2, 2, False),
+    (2, 16, 8, 8, 32, 1, 1, 0, 1, True),  # X_CM, ALIGN=16
+    (3, 5, 5, 3, 17, 1, 1, 0, 1, True),  # X_CM, ALIGN=1
+    (2, 16, 8, 8, 16, 1, 2, 0, 1, True),  # stride 2: not X_CM (the strided input pixels), still exact
+]
+
+
+@pytest.mark.parametrize("max_terms", [_igemm.MAX_TERMS, 64], ids=["direct", "split"])
+@pytest.mark.parametrize("case", ECM_CASES, ids=["N{}C{}H{}W{}O{}K{}s{}p{}d{}xcm{}".format(*c) for c in ECM_CASES])
+def test_wgrad_channel_major_e_exact(device, poisoned, monkeypatch, case, max_terms):
+    N, C, H, W, CO, K, stride, padding, dilation, x_cm = case
+    aligns = []
+    tiles = _igemm.gemm_tiles
+    monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, conv=False, align=16: aligns.append(align) or
+                        tiles(dev, conv, align))
+    gen = torch.Generator().manual_seed(sum(case) + max_terms)
+    OH, OW = conv2d_int8.conv2d_output_size(H, W, K, K, (stride,) * 2, (padding,) * 2, (dilation,) * 2)
+    qx = _codes((C, N, H, W), gen, device, False).permute(1, 0, 2, 3) if x_cm else _codes((N, C, H, W), gen, device,
+                                                                                            True)
+    qe = _codes((CO, N, OH, OW), gen, device, False).permute(1, 0, 2, 3)
+    assert qe.stride() == (OH * OW, N * OH * OW, OW, 1)
+    args = ([K, K], [stride] * 2, [padding] * 2, [dilation] * 2, 1, 8, 8)
+    dw = conv2d_int8_wgrad(qe, qx, (K, K), stride=stride, padding=padding, dilation=dilation, max_terms=max_terms)
+    ref = conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), None, None, *args, None)
+    torch.testing.assert_close(dw.cpu(), ref, rtol=0, atol=0)
+    se, sx = torch.tensor(2.0 ** -3, device=device), torch.tensor(0.5, device=device)
+    dwf = conv2d_int8_wgrad(qe, qx, (K, K), se, sx, stride=stride, padding=padding, dilation=dilation,
+                            max_terms=max_terms)
+    torch.testing.assert_close(dwf.cpu(), conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), se.cpu(), sx.cpu(), *args,
+                                                                      torch.float32), rtol=0, atol=0)
+    if conv2d_int8.use_triton(qx) and case in (ECM_CASES[0], ECM_CASES[4]):
+        assert aligns[0] == 16  # the aligned E_CM / E_CM+X_CM variants ran

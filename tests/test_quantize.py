@@ -236,3 +236,38 @@ def test_ties_round_half_to_even(device):
         codes, s = impl(x)
         assert s.item() == 1.0
         assert torch.equal(codes.cpu().float(), torch.round(halves))  # torch.round: half to even
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw_in", "nhwc_in"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_pad_channels_codes_exact_and_pad_zero(device, monkeypatch, cl, rounding):
+    """pad_channels_to: (N, Cp, H, W) NHWC codes; the real channels are the unpadded codes bit for bit (same
+    scale: the absmax ignores the pad), the pad is written 0 (the buffer starts poisoned)."""
+    from ebkernels.ops import quantize as qmod
+
+    def poisoned(shape, dev):
+        return torch.full(shape, 0x7F, dtype=torch.int8, device=dev).contiguous(memory_format=torch.channels_last)
+
+    monkeypatch.setattr(qmod, "_empty_codes", poisoned)
+    x = _fresh((2, 3, 4, 5), device)
+    x = x.contiguous(memory_format=torch.channels_last) if cl else x
+    codes, s = ebkernels.quantize(x, 8, rounding, channels_last=True, seed=11, pad_channels_to=16)
+    ref, s_ref = ebkernels.quantize(x, 8, rounding, channels_last=True, seed=11)
+    assert codes.shape == (2, 16, 4, 5) and codes.dtype == torch.int8
+    assert codes.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(codes[:, :3].cpu(), ref.cpu()) and torch.equal(s.cpu(), s_ref.cpu())
+    assert torch.equal(codes[:, 3:].cpu(), torch.zeros(2, 13, 4, 5, dtype=torch.int8))
+    if rounding == "nearest":
+        q, s64 = spec_quantize_f64(x.cpu(), 8)
+        assert torch.equal(codes[:, :3].cpu().double(), q) and s.item() == s64
+    # already a multiple: same shape as unpadded; 24 channels pad to 32
+    assert ebkernels.quantize(_fresh((1, 16, 2, 2), device), channels_last=True, pad_channels_to=16)[0].shape[1] == 16
+    assert ebkernels.quantize(_fresh((1, 24, 2, 2), device), channels_last=True, pad_channels_to=16)[0].shape[1] == 32
+    with pytest.raises(ValueError, match="pad_channels_to needs channels_last=True"):
+        ebkernels.quantize(x, pad_channels_to=16)
+
+
+def test_fake_impl_and_schema_padded():
+    x = torch.randn(2, 3, 4, 5)
+    torch.library.opcheck(_quantize_op, (x, 8, False, False, 0, True, 16),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -132,10 +132,16 @@ _WGRAD_SIG = {"e_ptr": "*i8", "x_ptr": "*i8", "out_ptr": "*i32", "se_ptr": "*fp3
               "so_o": "i32", "so_h": "i32", "so_w": "i32", "so_c": "i32", "s_split": "i64", "inv_ss": "fp32"}
 # the weight-grad as launched for a long reduction: raw int32 partials [splits, Cout, KH·KW·Cin]
 # (aligned, and the unaligned fallback)
+# (aligned, and the unaligned fallback), and the launch QConv2dFunction makes: E codes channel-major
+# (``E_CM``: [Cout, N·OH·OW], the reduction dimension contiguous, se_w = 1)
 _WGRAD_AOT = [{**_GPU, **_CONV_UNIT, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 1, "ALIGN": 16, "OUT_ALIGN": 16,
-               "I64": False},
+               "I64": False, "E_CM": False, "X_CM": False},
               {**_GPU_UNALIGNED, **_CONV_UNIT, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 1, "ALIGN": 1,
-               "OUT_ALIGN": 1, "I64": False}]
+               "OUT_ALIGN": 1, "I64": False, "E_CM": False, "X_CM": False},
+              {**_GPU, **_CONV_UNIT, "RAW": True, "se_w": 1, "sx_c": 1, "so_c": 1, "ALIGN": 16, "OUT_ALIGN": 16,
+               "I64": False, "E_CM": True, "X_CM": False},
+              {**_GPU, **_CONV_UNIT, "RAW": True, "se_w": 1, "sx_w": 1, "so_c": 1, "ALIGN": 16, "OUT_ALIGN": 16,
+               "I64": False, "E_CM": True, "X_CM": True}]
 
 
 @aot_kernel(signature=_WGRAD_SIG, constexprs=_WGRAD_AOT, num_warps=GPU_TILES["conv"]["num_warps"],
@@ -146,12 +152,22 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
                              se_c, sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss,
                              RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                              GROUP_M: tl.constexpr, ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr,
-                             I64: tl.constexpr):
+                             I64: tl.constexpr, E_CM: tl.constexpr, X_CM: tl.constexpr):
     """Weight-grad ``dW[co, kh, kw, ci] = sum_m E[m, co] · X[n, ih, iw, ci]`` over this program's chunk
     of the N·OH·OW rows (at most 2^17: its int32 sum is exact). Grid (Cout tiles × taps × Cin tiles,
     chunks): each program holds one tap, so its input pixels are one shifted, masked row set.
-    ``ALIGN``/``OUT_ALIGN``/``I64`` as in ``conv2d_int8_fwd_dgrad_kernel``."""
+    ``ALIGN``/``OUT_ALIGN``/``I64`` as in ``conv2d_int8_fwd_dgrad_kernel``. ``E_CM``: the E codes are
+    channel-major, ``E[co, m]`` at ``co * se_c + m`` (the launcher checks se_n = OH·OW, se_h = OW,
+    se_w = 1): the E tile is loaded as [Cout, rows] with the reduction contiguous, a K-major int8 MMA
+    operand (16-byte cp.async rows, no shared-memory transpose); otherwise E is NHWC, [rows, Cout].
+    ``X_CM`` (with ``E_CM``, only for a 1×1 kernel, stride 1, no padding: X̃ = X, input pixel = row m): the
+    input codes are channel-major too, ``X[ci, m]`` at ``ci * sx_c + m``: both operands K-major, a plain
+    GEMM ``E[Cout, M] · X[Cin, M]ᵀ``."""
     C = assume_multiple(C, ALIGN)
+    M = assume_multiple(M, ALIGN if E_CM else 1)
+    m_per_split = assume_multiple(m_per_split, ALIGN if E_CM else 1)
+    se_c = assume_multiple(se_c, ALIGN if E_CM else 1)
+    sx_c = assume_multiple(sx_c, ALIGN if X_CM else 1)
     CO = assume_multiple(CO, ALIGN)
     se_n = assume_multiple(se_n, ALIGN)
     se_h = assume_multiple(se_h, ALIGN)
@@ -188,9 +204,27 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
         else:
             e_pix = n * se_n + oh * se_h + ow * se_w
             x_pix = n * sx_n + ih * sx_h + iw * sx_w
-        a = load_pixels_tile(e_ptr, e_pix, m_ok, co, CO, se_c)  # [BK rows, BM Cout]
-        b = load_pixels_tile(x_ptr, x_pix, x_ok, ci, C, sx_c)  # [BK rows, BN Cin]
-        acc = tl.dot(tl.trans(a), b, acc, out_dtype=tl.int32)
+        if E_CM:
+            if I64:
+                e_offs = (co.to(tl.int64) * se_c)[:, None] + m[None, :]
+            else:
+                e_offs = (co * se_c)[:, None] + m[None, :]
+            a = tl.load(e_ptr + e_offs, mask=co_ok[:, None] & m_ok[None, :], other=0)  # [BM Cout, BK rows]
+        else:
+            a = load_pixels_tile(e_ptr, e_pix, m_ok, co, CO, se_c)  # [BK rows, BM Cout]
+        if X_CM:
+            if I64:
+                x_offs = (ci.to(tl.int64) * sx_c)[:, None] + m[None, :]
+            else:
+                x_offs = (ci * sx_c)[:, None] + m[None, :]
+            b = tl.load(x_ptr + x_offs, mask=ci_ok[:, None] & m_ok[None, :], other=0)  # [BN Cin, BK rows]
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        else:
+            b = load_pixels_tile(x_ptr, x_pix, x_ok, ci, C, sx_c)  # [BK rows, BN Cin]
+            if E_CM:
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            else:  # the reduction is E's outer dimension: Triton transposes this operand in shared memory
+                acc = tl.dot(tl.trans(a), b, acc, out_dtype=tl.int32)
     store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, co * so_o, co_ok, ci,
                     (kh * so_h + kw * so_w) + ci * so_c, ci_ok, se_ptr, sx_ptr, se_ptr, inv_ss, False, RAW)
 
@@ -302,7 +336,20 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
         return out.zero_()
     se_n, se_h, se_w, se_c = _nchw_strides(qe)
     sx_n, sx_h, sx_w, sx_c = _nchw_strides(qx)
-    align = alignment((C, CO, se_n, se_h, se_w, sx_n, sx_h, sx_w), (qe, qx))
+    # channel-major E ([Cout, N·OH·OW] with the rows contiguous, see QConv2dFunction): the K-major operand
+    e_cm = (se_w == 1 or OW == 1) and (se_h == OW or OH == 1) and (se_n == OH * OW or N == 1) and CO > 1
+    # channel-major input codes, 1×1 kernel, stride 1, no padding: X̃ = X, pixel m; both operands K-major
+    x_cm = (e_cm and KH == KW == 1 and list(stride) == [1, 1] and list(padding) == [0, 0] and C > 1
+            and (sx_w == 1 or W == 1) and (sx_h == W or H == 1) and (sx_n == H * W or N == 1))
+    if x_cm:
+        se_n, se_h, se_w = OH * OW, OW, 1
+        sx_n, sx_h, sx_w = H * W, W, 1
+        align = alignment((C, M, se_c, sx_c), (qe, qx))
+    elif e_cm:
+        se_n, se_h, se_w = OH * OW, OW, 1
+        align = alignment((C, M, se_c, sx_n, sx_h, sx_w), (qe, qx))
+    else:
+        align = alignment((C, CO, se_n, se_h, se_w, sx_n, sx_h, sx_w), (qe, qx))
     cfg = _igemm.gemm_tiles(qx.device, conv=True, align=align)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     taps = KH * KW
@@ -324,8 +371,8 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
         qe, qx, dst, se if epilogue else qe, sx if epilogue else qe, H, W, C, OH, OW, CO, KW, M, taps, per,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], se_n, se_h, se_w, se_c,
         sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss, RAW=not epilogue, BM=BM, BN=BN,
-        BK=BK, GROUP_M=cfg["GROUP_M"], ALIGN=align, OUT_ALIGN=out_align, I64=i64, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BK=BK, GROUP_M=cfg["GROUP_M"], ALIGN=align, OUT_ALIGN=out_align, I64=i64, E_CM=e_cm, X_CM=x_cm,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if not direct:
         o = out.stride()
         int8_gemm_finalize(dst, out, se, sx, None, inv_ss, (1, 1, CO), (0, 0, o[0]), (KH, KW, C),
@@ -496,6 +543,16 @@ def conv2d_int8_wgrad(qe, qx, kernel_hw, se=None, sx=None, stride=1, padding=0, 
                                  bits_a, out_dtype, max_terms)
 
 
+# channel counts of the int8 code buffers are padded to a multiple of this (16 bytes: the kernels' ALIGN)
+CHANNEL_PAD = 16
+
+
+def _pad_multiple(t: torch.Tensor, groups: int, channels: int) -> int:
+    """``CHANNEL_PAD`` when the int8 Triton kernels will see ``channels`` and it is not a multiple of it
+    (then the quantizer writes zero-padded channels), else 0 (no padding: e.g. the reference path)."""
+    return CHANNEL_PAD if groups == 1 and channels % CHANNEL_PAD and use_triton(t) else 0
+
+
 def _is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
@@ -507,16 +564,24 @@ class QConv2dFunction(torch.autograd.Function):
     """WAGE-style Conv2d. Forward quantizes W and A (A written as NHWC int8 codes) and saves only their
     codes and scales; backward quantizes E, runs input-grad and weight-grad on the int8 kernels, then
     G-quantizes the weight gradient. An operand whose bits is None stays float: every product involving
-    it runs as a float32 torch convolution on the (dequantized) operands instead of the int8 kernels."""
+    it runs as a float32 torch convolution on the (dequantized) operands instead of the int8 kernels.
+
+    Layouts for the int8 kernels (Triton path): channel counts that are not multiples of 16 are zero-padded
+    in the code buffers (A and W: Cin; E: Cout), so every kernel takes its aligned path; the weight-grad
+    gets channel-major E codes (and, for a 1×1 / stride-1 / unpadded kernel, channel-major A codes), its
+    K-major MMA operands. Zero padding adds exactly 0 to every integer sum."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, qc: QConfig):
         channels_last = _is_channels_last(x)
         qx = sx = qw = sw = None
+        # SPEC §8: Cin not a multiple of 16 (first layer, Cin = 3) -> A and W codes with Cin zero-padded, so
+        # the int8 kernels run their aligned path (16-byte loads, big tile); the padding adds 0 to every sum
+        pad = _pad_multiple(x, groups, x.shape[1]) if qc.bits_a is not None and qc.bits_w is not None else 0
         if qc.bits_a is not None:
-            qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode, channels_last=True)
+            qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode, channels_last=True, pad_channels_to=pad)
         if qc.bits_w is not None:  # OHWI codes: Cin contiguous, the forward's K-major weight operand
-            codes, sw = quantize_weight(weight, qc, channels_last=True)
+            codes, sw = quantize_weight(weight, qc, channels_last=True, pad_channels_to=pad)
             qw = codes
         if qx is not None and qw is not None:
             y = _conv2d_int8_fwd_op(qx, qw, sx, sw, bias, stride, padding, dilation, groups, qc.bits_a,
@@ -539,31 +604,49 @@ class QConv2dFunction(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         x_dtype, w_dtype, b_dtype, channels_last, x_shape, w_shape = ctx.meta
         xa, sx, wa, sw = ctx.saved_tensors
+        cin, cout = x_shape[1], w_shape[0]
         gx = gw = gb = None
         qe = se = None
         if qc.bits_e is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            qe, se = quantize(gy, qc.bits_e, qc.rounding_e, "shift", channels_last=True)
+            # Cout not a multiple of 16: E codes with Cout zero-padded (the dgrad reduction, the wgrad rows)
+            pad_e = _pad_multiple(gy, groups, cout)
+            qe, se = quantize(gy, qc.bits_e, qc.rounding_e, "shift", channels_last=True, pad_channels_to=pad_e)
 
-        def as_float(t, s, bits):
-            return dequantize(t, s, bits) if s is not None else t.float()
+        def as_float(t, s, bits, channels):
+            return (dequantize(t, s, bits) if s is not None else t.float())[:, :channels]
 
         def e_float():
-            return as_float(qe, se, qc.bits_e) if qe is not None else gy.float()
+            return as_float(qe, se, qc.bits_e, cout) if qe is not None else gy.float()
 
         if ctx.needs_input_grad[0]:
             if qe is not None and sw is not None:
-                gx = _conv2d_int8_dgrad_op(qe, wa, se, sw, list(x_shape[2:]), stride, padding, dilation, groups,
+                qw_d = wa[:, :cin]  # the dgrad result has the real Cin channels (its launcher copies W anyway)
+                if qe.shape[1] != cout:  # zero rows for the padded E channels
+                    qw_d = F.pad(qw_d, (0, 0, 0, 0, 0, 0, 0, qe.shape[1] - cout))
+                gx = _conv2d_int8_dgrad_op(qe, qw_d, se, sw, list(x_shape[2:]), stride, padding, dilation, groups,
                                            qc.bits_e, qc.bits_w, x_dtype, channels_last, MAX_TERMS)
             else:
-                gx = torch.nn.grad.conv2d_input(x_shape, as_float(wa, sw, qc.bits_w), e_float(), stride,
+                gx = torch.nn.grad.conv2d_input(x_shape, as_float(wa, sw, qc.bits_w, cin), e_float(), stride,
                                                 padding, dilation, groups)
                 gx = gx.to(x_dtype).contiguous(memory_format=_out_format(channels_last))
         if ctx.needs_input_grad[1]:
             if qe is not None and sx is not None:
-                gw = _conv2d_int8_wgrad_op(qe, xa, se, sx, list(w_shape[2:]), stride, padding, dilation, groups,
+                qe_w = qe
+                if groups == 1 and use_triton(qe):
+                    # the weight-grad reduces over N·OH·OW: a channel-major copy of the E codes ([Cout, M], rows
+                    # contiguous) is a K-major int8 MMA operand (no byte-wise transpose in shared memory);
+                    # 1 B/element read + 1 written, the same int8 values
+                    qe_w = qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+                xa_w = xa
+                if (groups == 1 and use_triton(xa) and tuple(w_shape[2:]) == (1, 1) and list(stride) == [1, 1]
+                        and list(padding) == [0, 0]):  # X̃ = X: channel-major input codes, both operands K-major
+                    xa_w = xa.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+                gw = _conv2d_int8_wgrad_op(qe_w, xa_w, se, sx, list(w_shape[2:]), stride, padding, dilation, groups,
                                            qc.bits_e, qc.bits_a, torch.float32, MAX_TERMS)
+                if gw.shape[0] != cout or gw.shape[1] != cin:  # padded rows/columns: exactly 0, dropped
+                    gw = gw[:cout, :cin].contiguous()
             else:
-                gw = torch.nn.grad.conv2d_weight(as_float(xa, sx, qc.bits_a), w_shape, e_float(), stride,
+                gw = torch.nn.grad.conv2d_weight(as_float(xa, sx, qc.bits_a, cin), w_shape, e_float(), stride,
                                                  padding, dilation, groups)
             gw = quantize_weight_grad(gw, qc).to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:

@@ -226,10 +226,12 @@ def check_qconfig(qconfig) -> QConfig:
     return qconfig
 
 
-def quantize_weight(weight: torch.Tensor, qc: QConfig, channels_last: bool = False):
+def quantize_weight(weight: torch.Tensor, qc: QConfig, channels_last: bool = False, pad_channels_to: int = 0):
     """W codes and its scale: ``Shift(max|W|)`` (mode shift) or ``1 · alpha`` (mode wage);
-    ``channels_last``: 4-D codes in OHWI memory order (the convolution's K-major weight operand)."""
-    codes, s = quantize(weight, qc.bits_w, "nearest", qc.mode, channels_last=channels_last)
+    ``channels_last``: 4-D codes in OHWI memory order (the convolution's K-major weight operand);
+    ``pad_channels_to``: Cin zero-padded to that multiple (see ``quantize``)."""
+    codes, s = quantize(weight, qc.bits_w, "nearest", qc.mode, channels_last=channels_last,
+                        pad_channels_to=pad_channels_to)
     if qc.mode == "wage" and qc.alpha != 1.0:
         s = s * qc.alpha  # device op: no synchronisation
     return codes, s

@@ -29,7 +29,7 @@ from .._backend import use_triton
 from .._checks import check_bits, check_choice, check_tensor
 from .._registry import aot_kernel
 
-__all__ = ["quantize", "dequantize", "quantize_reference", "quantize_triton", "shift_scale_reference"]
+__all__ = ["quantize", "dequantize", "padded_channels", "quantize_reference", "quantize_triton", "shift_scale_reference"]
 
 _MANT_SQRT2 = 0x3504F3  # mantissa bits of float32(sqrt(2)) = 1.41421354 < sqrt(2)
 
@@ -225,9 +225,30 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, fi
 # --------------------------------------------------------------------------------------------------
 # Public op (registered with torch.library so torch.compile can trace it)
 # --------------------------------------------------------------------------------------------------
+def _empty_codes(shape, device) -> torch.Tensor:
+    """The channel-padded NHWC code buffer (the tests poison it: the pad must be written explicitly)."""
+    return torch.empty(shape, dtype=torch.int8, device=device, memory_format=torch.channels_last)
+
+
+def padded_channels(channels: int, multiple: int) -> int:
+    """``channels`` rounded up to a multiple of ``multiple`` (unchanged for ``multiple <= 1``)."""
+    return channels if multiple <= 1 else -(-channels // multiple) * multiple
+
+
 @torch.library.custom_op("ebkernels::quantize", mutates_args=())
 def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, fixed_scale: bool, seed: int,
-                 channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 channels_last: bool, pad_channels_to: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    if pad_channels_to > 1:  # (N, Cp, H, W) NHWC codes, Cp = C rounded up; channels >= C are 0
+        N, C, H, W = x.shape
+        codes = _empty_codes((N, padded_channels(C, pad_channels_to), H, W), x.device)
+        real = codes[:, :C]
+        if use_triton(x):
+            _, s = quantize_triton(x, bits, stochastic, fixed_scale, seed, out=real)
+        else:
+            q, s = quantize_reference(x, bits, stochastic, fixed_scale, seed)
+            real.copy_(q)
+        codes[:, C:].zero_()  # after (and outside) the absmax over the real tensor: 0 adds 0 to every sum
+        return codes, s
     if use_triton(x):
         out = None
         if channels_last:
@@ -240,20 +261,28 @@ def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, fixed_scale: bool
 
 
 @_quantize_op.register_fake
-def _(x, bits, stochastic, fixed_scale, seed, channels_last):
+def _(x, bits, stochastic, fixed_scale, seed, channels_last, pad_channels_to=0):
+    if pad_channels_to > 1:
+        N, C, H, W = x.shape
+        codes = torch.empty((N, padded_channels(C, pad_channels_to), H, W), dtype=torch.int8, device=x.device,
+                            memory_format=torch.channels_last)
+        return codes, x.new_empty((), dtype=torch.float32)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     codes = torch.empty_like(x, dtype=torch.int8, memory_format=fmt)
     return codes, x.new_empty((), dtype=torch.float32)
 
 
 def quantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest", mode: str = "shift",
-             seed: int | None = None, channels_last: bool = False):
+             seed: int | None = None, channels_last: bool = False, pad_channels_to: int = 0):
     """Quantize ``x`` to ``bits``-bit integer codes with a power-of-two scale (SPEC §2).
 
     Returns ``(codes, scale)``: int8 codes of x's shape and a 0-dim float32 tensor on x's device.
     ``rounding``: "nearest" (half to even) or "stochastic" (``floor(x*S/s + u)``, u ~ U[0,1), drawn from
     ``seed``; the same seed gives the same codes). ``mode``: "shift" (``s = Shift(max|x|)``) or "wage"
     (``s = 1``). ``channels_last=True`` writes the codes of a 4-D tensor in NHWC memory order.
+    ``pad_channels_to`` (> 1, needs ``channels_last``): the codes come back as (N, Cp, H, W) in NHWC order
+    with ``Cp`` = C rounded up to that multiple and channels ``>= C`` equal to 0 (the scale is the one of
+    x itself): 16-byte aligned pixel rows for the int8 kernels, at ``Cp - C`` extra bytes per pixel.
     """
     check_tensor("x", x)
     check_bits("bits", bits)
@@ -261,12 +290,18 @@ def quantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest", mode: st
     check_choice("mode", mode, ("shift", "wage"))
     if channels_last and x.dim() != 4:
         raise ValueError(f"channels_last=True needs a 4-D tensor, got {x.dim()}-D shape {tuple(x.shape)}")
+    if isinstance(pad_channels_to, bool) or not isinstance(pad_channels_to, int) or pad_channels_to < 0:
+        raise ValueError(f"pad_channels_to={pad_channels_to!r} is not supported; accepted: an int >= 0")
+    if pad_channels_to > 1 and not channels_last:
+        raise ValueError("pad_channels_to needs channels_last=True (a 4-D tensor written in NHWC order)")
     stochastic = rounding == "stochastic"
     if seed is None:
         # drawn on the host generator: no device synchronisation
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if stochastic else 0
     elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise ValueError(f"seed={seed!r} is not supported; accepted: None or an int in [0, 2**31)")
+    if pad_channels_to > 1:
+        return _quantize_op(x, bits, stochastic, mode == "wage", seed, channels_last, pad_channels_to)
     return _quantize_op(x, bits, stochastic, mode == "wage", seed, channels_last)
 
 
