@@ -8,13 +8,7 @@ from ebkernels.models import (ChannelSelection, PreResNet, VGG, architecture, bu
 from ebkernels.models.resnet import ResNet, resnet18
 from ebkernels.models.vgg import VGG_CFGS
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids thread contention on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _vgg_params(cfg, in_channels, num_classes):

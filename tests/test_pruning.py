@@ -18,13 +18,7 @@ from torch import nn
 from ebkernels.models import build_model
 from ebkernels.pruning import bn_layers, count_flops, count_params, load_ticket, prune, reinit, save_ticket
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids thread contention on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = {  # small members of each family, 32x32 inputs

@@ -12,12 +12,11 @@ width multiplier (which sets the stream widths 16/32/64 × 4) it describes a pru
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
-from .vgg import _check_positive_int, _check_width, scale_channels
+from .vgg import _check_positive_int, _check_width, scale_channels, slimming_init
 
 EXPANSION = 4
 BASE_WIDTHS = (16, 32, 64)
@@ -189,15 +188,4 @@ class PreResNet(nn.Module):
 
     def reset_parameters(self) -> None:
         """The reference initialisation: He-normal convs, gamma 0.5, default linear."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                nn.init.constant_(m.weight, 0.5)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                m.reset_parameters()
+        slimming_init(self, linear_std=None)

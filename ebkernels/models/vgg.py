@@ -110,17 +110,27 @@ class VGG(nn.Module):
 
     def reset_parameters(self) -> None:
         """The reference initialisation (network slimming): He-normal convs, gamma 0.5, small linear."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                nn.init.constant_(m.weight, 0.5)  # sparsity training starts from 0.5 in the reference
+        slimming_init(self, linear_std=0.01)
+
+
+def slimming_init(model: nn.Module, linear_std: float | None) -> None:
+    """The network-slimming / EB reference initialisation: He-normal convs (fan-out), BN gamma 0.5
+    (sparsity training starts from 0.5 in the reference) and beta 0; linear layers N(0, linear_std)
+    with zero bias, or PyTorch's default when ``linear_std`` is None."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+            if m.bias is not None:
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            nn.init.constant_(m.weight, 0.5)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is None:
+                m.reset_parameters()
+            else:
+                nn.init.normal_(m.weight, 0.0, linear_std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
