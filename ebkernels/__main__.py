@@ -1,0 +1,12 @@
+"""``ebkernels`` / ``python -m ebkernels``: the early-bird trainer (see ebkernels.trainer)."""
+import sys
+
+
+def main(argv=None) -> int:
+    from .trainer import main as trainer_main
+
+    return trainer_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

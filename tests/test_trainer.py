@@ -1,0 +1,279 @@
+"""The thin early-bird trainer end to end on tiny data: run directory, tickets, resume after kill -9,
+DDP on 2 CPU processes (gloo), bad input."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ebkernels import load_ticket, trainer
+from ebkernels.trainer import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--train-subset", "256", "--test-subset", "128", "--width", "0.125", "--batch-size", "32", "--no-progress"]
+# a setting whose verdict is not on a knife's edge: the lr drops at epochs 4 and 6 settle the masks
+STABLE = ["--precision", "fp32", "--train-subset", "512", "--test-subset", "128", "--width", "0.25",
+          "--batch-size", "64", "--lr", "0.02", "--eps", "0.05", "--window", "3", "--epochs", "8",
+          "--ratio", "0.3,0.5", "--no-progress"]
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def only_run_dir(out):
+    dirs = [d for d in glob.glob(os.path.join(str(out), "*")) if os.path.isdir(d)]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def first_found(distances, eps, window):
+    """The paper's rule recomputed from the recorded distances: 1-based epoch or None."""
+    d = distances[1:]  # the first epoch has no previous mask
+    for t in range(window, len(d) + 1):
+        if max(d[t - window:t]) < eps:
+            return t + 1
+    return None
+
+
+# --------------------------------------------------------------------------------------- end to end
+def test_end_to_end_int8_search_two_ratios(tmp_path, capsys):
+    # int8 on CPU runs the float64 reference of the int8 ops: few, large steps
+    args = TINY + ["--precision", "int8", "--batch-size", "64", "--epochs", "8", "--retrain-epochs", "2",
+                   "--eps", "0.2", "--window", "2", "--ratio", "0.3,0.5", "--out", str(tmp_path)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    run = only_run_dir(tmp_path)
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    assert summary["finished"] and summary["search"]["precision"] == "int8"
+    found = summary["search"]["found_epoch"]
+    for key in ("0.3", "0.5"):
+        assert found[key] == first_found(summary["search"]["distances"][key], 0.2, 2), key
+        assert found[key] is not None and f"ticket p={key}: found by the detector at epoch {found[key]}" in printed
+    assert summary["search"]["epochs_run"] == max(found.values())  # stops once every ratio has its ticket
+    settings = json.load(open(os.path.join(run, "settings.json")))
+    assert settings["hash"] in os.path.basename(run) and settings["precision"] == "int8"
+
+    records = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    search = [r for r in records if r["phase"] == "search"]
+    assert [r["epoch"] for r in search] == list(range(1, summary["search"]["epochs_run"] + 1))
+    assert all({"train_loss", "train_acc", "test_acc", "lr", "time"} <= r.keys() for r in records)
+    assert all(r["distances"].keys() == {"0.3", "0.5"} for r in search)
+    assert len([r for r in records if r["phase"] == "retrain"]) == 2 * 2  # two tickets, two epochs each
+
+    masks = np.load(os.path.join(run, "masks.npz"))
+    assert masks["p0.5"].shape[0] == summary["search"]["epochs_run"]
+    for t in summary["tickets"]:
+        model, info = load_ticket(os.path.join(run, t["path"]), with_info=True)
+        assert sum(p.numel() for p in model.parameters()) == t["params_after"] < t["params_before"]
+        assert t["flops_after"] < t["flops_before"] and t["epoch"] == found[f"{t['ratio']:g}"]
+        # the pruned channels are the detector's mask of that epoch (packed: bit i%32 of word i//32)
+        words = masks[f"p{t['ratio']:g}"][t["epoch"] - 1].astype(np.uint32)
+        bits = (words[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+        detector_mask = bits.reshape(-1)[: int(masks["channels"])].astype(bool)
+        assert np.array_equal(info["mask"].numpy(), detector_mask)
+        assert int(detector_mask.sum()) == t["channels_kept"]
+        retrained = load_ticket(os.path.join(run, t["retrain_path"]))
+        assert type(retrained) is type(model) and 0 <= t["retrain_acc"] <= 100
+        with torch.no_grad():
+            assert retrained(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+    for png in ("mask_distance_matrix.png", "mask_distance.png", "accuracy.png"):
+        with open(os.path.join(run, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not glob.glob(os.path.join(run, ".tmp-*"))  # atomic writes leave no temp files
+
+    # a finished run: said so, nothing rewritten
+    mtimes = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(run, "*"))}
+    assert main(args) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert {p: os.path.getmtime(p) for p in glob.glob(os.path.join(run, "*"))} == mtimes
+
+
+def test_baseline_trains_fully_and_draws_at_the_end(tmp_path):
+    args = TINY + ["--precision", "fp32", "--epochs", "4", "--retrain-epochs", "1", "--eps", "0.5", "--window", "1",
+                   "--baseline", "--draw-at", "2", "--retrain-init", "both", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    run = only_run_dir(tmp_path)
+    assert "-baseline-" in os.path.basename(run)
+    s = json.load(open(os.path.join(run, "summary.json")))
+    assert s["mode"] == "baseline" and s["search"]["epochs_run"] == 4
+    assert s["search"]["found_epoch"]["0.5"] == 2  # recorded, but the baseline does not stop
+    tickets = {t["tag"]: t for t in s["tickets"]}
+    assert tickets["0.5"]["epoch"] == 4 and tickets["0.5@2"]["epoch"] == 2
+    for t in tickets.values():  # inherited and re-initialised retraining of each ticket
+        assert "retrain_acc" in t and "retrain_reinit_acc" in t
+        assert t["train_flops"]["search"] == 3 * s["dense"]["flops"] * 256 * t["epoch"]
+
+
+# ----------------------------------------------------------------------------------------- resume
+def _start(args, out):
+    return subprocess.Popen([sys.executable, "-m", "ebkernels", *args, "--out", str(out)], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_when(proc, path_glob, timeout=120):
+    t0 = time.time()
+    while not glob.glob(path_glob):
+        assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stdout.read()}"
+        assert time.time() - t0 < timeout, "nothing written in time"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_resume_after_kill_9_continues_with_the_same_detector_state(tmp_path):
+    args = TINY + ["--precision", "fp32", "--epochs", "10", "--retrain-epochs", "4", "--eps", "0.2", "--window", "2"]
+    killed = tmp_path / "killed"
+    # kill -9 right after the first checkpoint (search phase) ...
+    _kill_when(_start(args, killed), str(killed / "*" / "checkpoint.pt"))
+    run = only_run_dir(killed)
+    state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+    assert state["phase"] == "search" and 1 <= state["epoch"] < 4
+    assert not os.path.exists(os.path.join(run, "summary.json"))
+    # ... and again during retraining (the first ticket file exists)
+    proc = _start(args, killed)
+    _kill_when(proc, os.path.join(run, "ticket_*.pt"))
+    resumed_log = proc.stdout.read()
+    assert f"resuming {run} from its checkpoint (search epoch {state['epoch']} done)" in resumed_log
+    assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["phase"] in ("search", "retrain")
+    done = subprocess.run([sys.executable, "-m", "ebkernels", *args, "--out", str(killed)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming" in done.stdout
+    resumed = json.load(open(os.path.join(run, "summary.json")))
+
+    # an uninterrupted run of the same settings computes exactly the same thing
+    ref_out = tmp_path / "reference"
+    assert main(args + ["--out", str(ref_out), "--quiet"]) == 0
+    reference = json.load(open(os.path.join(only_run_dir(ref_out), "summary.json")))
+    assert resumed["search"]["distances"] == reference["search"]["distances"]
+    assert resumed["search"]["found_epoch"] == reference["search"]["found_epoch"]
+    assert [t["retrain_acc"] for t in resumed["tickets"]] == [t["retrain_acc"] for t in reference["tickets"]]
+    records = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    searched = resumed["search"]["epochs_run"]
+    assert [r["epoch"] for r in records if r["phase"] == "search"] == list(range(1, searched + 1))
+
+    again = subprocess.run([sys.executable, "-m", "ebkernels", *args, "--out", str(killed)], cwd=REPO, env=env(),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already finished" in again.stdout and "resuming" not in again.stdout
+
+
+# -------------------------------------------------------------------------------------------- DDP
+def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
+    args = STABLE + ["--retrain-epochs", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ebkernels", *args, "--out", str(tmp_path / "ddp")]
+    ddp = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    assert ddp.stdout.count("== early-bird summary") == 1  # rank 0 alone writes and prints
+    assert main(args + ["--out", str(tmp_path / "single"), "--quiet"]) == 0
+    d_run, s_run = only_run_dir(tmp_path / "ddp"), only_run_dir(tmp_path / "single")
+    assert os.path.basename(d_run) == os.path.basename(s_run)  # the world size is no setting of the run
+    d, s = (json.load(open(os.path.join(r, "summary.json"))) for r in (d_run, s_run))
+    assert "x2 processes" in d["device"]
+    # same verdicts; the trajectories agree up to float rounding of the split reductions
+    assert d["search"]["found_epoch"] == s["search"]["found_epoch"] and all(d["search"]["found_epoch"].values())
+    for key in ("0.3", "0.5"):
+        for a, b in zip(d["search"]["distances"][key][1:], s["search"]["distances"][key][1:]):
+            assert abs(a - b) < 0.03
+    d_first, s_first = (read_jsonl(os.path.join(r, "metrics.jsonl"))[0] for r in (d_run, s_run))
+    # same batches, same augmentation, synchronised BN: only rounding differs (a wrong split: ~1e-2)
+    assert d_first["train_loss"] == pytest.approx(s_first["train_loss"], rel=2e-4)
+    d_lines, s_lines = (read_jsonl(os.path.join(r, "metrics.jsonl")) for r in (d_run, s_run))
+    assert len(d_lines) == len(s_lines)
+
+
+# -------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "vgg7"], "unknown model name 'vgg7'; accepted: vgg11"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'; accepted: digits, cifar10, cifar100, fashion-mnist"),
+    (["--ratio", "1.5"], "--ratio: ratio=1.5 is out of range; accepted: a float with 0 < ratio < 1"),
+    (["--ratio", "0.3,0"], "--ratio: ratio=0.0 is out of range"),
+    (["--precision", "int4"], "--precision 'int4' is not supported; accepted: int8, bf16, fp32"),
+    (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm", "--no-download"],
+     "apt-get install dataset-fashion-mnist"),
+    (["--dataset", "cifar10", "--data-dir", "{tmp}", "--no-download"], "cifar10 not found in"),
+])
+def test_bad_input_is_a_clear_message_and_writes_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "runs"
+    extra = [x.replace("{tmp}", str(tmp_path)) for x in extra]
+    assert main(TINY + extra + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ebkernels: error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_unwritable_run_directory(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(TINY + ["--out", str(blocker / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the run directory" in err and "choose a writable folder with --out" in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    real = trainer.Job.train_epoch
+    calls = []
+
+    def diverging(self, *a, **kw):  # the third epoch's loss blows up
+        calls.append(1)
+        out = real(self, *a, **kw)
+        return dict(out, train_loss=float("nan")) if len(calls) == 3 else out
+
+    monkeypatch.setattr(trainer.Job, "train_epoch", diverging)
+    args = TINY + ["--precision", "fp32", "--epochs", "6", "--retrain-epochs", "1", "--eps", "0.001",
+                   "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    run = only_run_dir(tmp_path)
+    ckpt = os.path.join(run, "checkpoint.pt")
+    assert "non-finite training loss in search epoch 3" in err
+    assert f"the last good checkpoint is {ckpt} (after search epoch 2)" in err
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    assert not os.path.exists(os.path.join(run, "summary.json"))
+    assert len(read_jsonl(os.path.join(run, "metrics.jsonl"))) == 2
+    monkeypatch.setattr(trainer.Job, "train_epoch", real)  # fixed: the same command resumes from epoch 2
+    assert main(args + ["--quiet"]) == 0
+    assert len([r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["phase"] == "search"]) == 6
+
+
+def test_settings_hash_names_the_run():
+    s = trainer.resolve_settings(trainer.Settings())
+    assert s.model == "vgg11" and s.width == 0.25 and s.precision == "int8"
+    other = trainer.resolve_settings(trainer.Settings(ratios=(0.3,)))
+    same_elsewhere = trainer.resolve_settings(trainer.Settings(out="elsewhere", progress=False))
+    name = os.path.basename(trainer.run_dir_for(s))
+    assert name != os.path.basename(trainer.run_dir_for(other))
+    assert name == os.path.basename(trainer.run_dir_for(same_elsewhere))
+    assert trainer.lr_at(0, 0.1, 160) == 0.1 and trainer.lr_at(80, 0.1, 160) == pytest.approx(0.01)
+    assert trainer.lr_at(120, 0.1, 160) == pytest.approx(0.001)
+
+
+# ------------------------------------------------------------------------------------------ recipes
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="real Fashion-MNIST absent: `apt-get install dataset-fashion-mnist` installs it")
+def test_fig3_recipe_smoke_slice_on_real_fashion_mnist(tmp_path, monkeypatch, capsys):
+    """A seconds-long slice of a python/ recipe, so the real-data path and the recipe code stay alive."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "python"))
+    import fig3_mask_distance
+
+    results = tmp_path / "results"
+    fig3_mask_distance.main(["--scale", "smoke", "--runs", str(tmp_path / "runs"), "--results", str(results)])
+    table = (results / "fig3.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == ["0.3", "0.5", "0.7"]
+    assert (results / "fig3.png").read_bytes()[:4] == b"\x89PNG" and (results / "fig3.csv").exists()
+    assert "fashion-mnist (256 train / 128 test images)" in table
