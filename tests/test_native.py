@@ -1,5 +1,6 @@
 """The native ops of csrc/ (``ebkernels._C``): the C++ CPU op (and the CUDA op where built) against the
-sort-based reference, bit for bit. Skipped, with the reason, only when the extension is not built."""
+sort-based reference, bit for bit. Skipped, with the reason, only when the extension is not built;
+with EBKERNELS_REQUIRE_NATIVE=1 (set by CI, which builds it) a missing extension is a failure."""
 import os
 import subprocess
 import sys
@@ -11,6 +12,14 @@ import torch
 from ebkernels import _native
 from ebkernels.ops.early_bird_mask import early_bird_update, early_bird_update_reference, n_words, ratio_ks
 from test_early_bird_mask import KINDS, RATIOS, TOTALS, fresh_gammas, spec_masks_numpy
+
+
+
+def test_native_extension_built_where_required():
+    if os.environ.get("EBKERNELS_REQUIRE_NATIVE") != "1":
+        pytest.skip("EBKERNELS_REQUIRE_NATIVE is not set")
+    assert _native.available("cpu"), f"ebkernels._C missing: {_native.missing_reason()}"
+
 
 needs_native = pytest.mark.skipif(
     not _native.available("cpu"),
