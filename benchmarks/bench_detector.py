@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import is_gpu, measure_ms
+from benchmarks.common import is_gpu, measure_ms, run_pedantic
 
 RATIOS = (0.3, 0.5, 0.7)
 WINDOW = 5
@@ -156,12 +156,7 @@ def detector_rows(device, smoke: bool) -> list[dict]:
 # pytest-benchmark entry points
 # --------------------------------------------------------------------------------------------------
 def _run(benchmark, fn, device):
-    def call():
-        fn()
-        if is_gpu(device):
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=100 if is_gpu(device) else 5, warmup_rounds=5 if is_gpu(device) else 1)
+    run_pedantic(benchmark, fn, device, gpu_rounds=100, cpu_rounds=5, gpu_warmup=5)
 
 
 @pytest.mark.parametrize("bn_set", list(BN_SETS))

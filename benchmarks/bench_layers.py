@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks.common import (INT8_PEAK_TOPS, Rotating, cudnn_benchmark, is_gpu, measure_ms,
-                               rotation_copies, tf32)
+                               rotation_copies, run_pedantic, tf32)
 from benchmarks.shapes import (BATCHES, CONV_SHAPES, LINEAR_SHAPES, SMOKE_BATCHES, SMOKE_CONV_SHAPES,
                                SMOKE_LINEAR_SHAPES, ConvShape, LinearShape)
 
@@ -228,12 +228,7 @@ def _bench_cases():
 
 
 def _run_benchmark(benchmark, fn, device):
-    def call():
-        fn()
-        if is_gpu(device):
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=20 if is_gpu(device) else 3, warmup_rounds=3 if is_gpu(device) else 1)
+    run_pedantic(benchmark, fn, device, gpu_rounds=20)
 
 
 @pytest.mark.parametrize("pass_name", PASSES)

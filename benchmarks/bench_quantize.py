@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.common import Rotating, is_gpu, measure_ms, rotation_copies
+from benchmarks.common import Rotating, is_gpu, measure_ms, rotation_copies, run_pedantic
 
 QUANT_BYTES_PER_ELEM = 9  # read 4 (absmax) + read 4 (codes) + write 1
 COPY_BYTES_PER_ELEM = 8  # fp32 read + write
@@ -82,12 +82,7 @@ def _ascii_id(text: str) -> str:
 
 
 def _run(benchmark, fn, device):
-    def call():
-        fn()
-        if is_gpu(device):
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(call, rounds=50 if is_gpu(device) else 3, warmup_rounds=3 if is_gpu(device) else 1)
+    run_pedantic(benchmark, fn, device, gpu_rounds=50)
 
 
 @pytest.mark.parametrize("label,shape,variant", _CASES, ids=[_ascii_id(c[0]) for c in _CASES])

@@ -33,6 +33,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def run_pedantic(benchmark, fn: Callable[[], object], device: torch.device, *, gpu_rounds: int,
+                 cpu_rounds: int = 3, gpu_warmup: int = 3, cpu_warmup: int = 1) -> None:
+    """pytest-benchmark ``pedantic`` timing of ``fn``, each call synchronised on a GPU (the rounds and
+    warm-up rounds per device kind are each benchmark file's choice)."""
+    def call():
+        fn()
+        sync(device)
+
+    gpu = is_gpu(device)
+    benchmark.pedantic(call, rounds=gpu_rounds if gpu else cpu_rounds,
+                       warmup_rounds=gpu_warmup if gpu else cpu_warmup)
+
+
 def environment(device: torch.device) -> dict[str, str]:
     """What produced the numbers: card, date, versions."""
     import triton

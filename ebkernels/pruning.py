@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import warnings
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from ._checks import check_ratio
+from ._io import atomic_torch_save
 from .models import PreResNet, VGG, architecture, build_model, current_cfg
 from .models.resnet import basic_blocks, init_resnet, is_basic_resnet
 
@@ -474,19 +474,6 @@ def reinit(model: nn.Module, seed: int | None = None) -> nn.Module:
 
 # ------------------------------------------------------------------------------------ ticket files
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on every platform / filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _json_text(name: str, value) -> str:
     try:
         return json.dumps(value, sort_keys=True)
@@ -535,21 +522,7 @@ def save_ticket(path, model_or_pruned, *, mask=None, report=None, meta=None) -> 
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot save ticket to {path!r}: directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def load_ticket(path, *, map_location="cpu", with_info: bool = False):

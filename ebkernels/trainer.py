@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as data_mod
+from ._io import atomic_torch_save, atomic_write, atomic_write_text
 
 __all__ = ["Settings", "TrainerError", "resolve_settings", "run", "main", "build_parser", "run_dir_for",
            "lr_at", "SyncBatchNorm2d"]
@@ -191,46 +192,6 @@ def lr_at(epoch: int, base_lr: float, total_epochs: int) -> float:
 # --------------------------------------------------------------------------------------------------
 # Files: atomic writes, lock
 # --------------------------------------------------------------------------------------------------
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(path: str) -> str:
-    d, base = os.path.split(path)
-    return os.path.join(d, f".tmp-{os.getpid()}-{base}")  # same suffix: savers that check it still work
-
-
-def atomic_write(path: str, write) -> None:
-    """``write(tmp_path)`` then fsync and rename over ``path``: readers see the old file or the new one."""
-    tmp = _tmp_path(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
 def atomic_write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
@@ -601,7 +562,7 @@ class Job:
         if not self.dist.is_main:
             return
         state = dict(state, rng=torch.get_rng_state())
-        atomic_write(self.ckpt_path, lambda tmp: torch.save(state, tmp))
+        atomic_torch_save(state, self.ckpt_path)
         atomic_write_text(os.path.join(self.run_dir, "metrics.jsonl"),
                           "".join(json.dumps(r, default=_json_default) + "\n" for r in state["records"]))
         self._write_masks(state)

@@ -167,6 +167,17 @@ def load_pixels_tile(ptr, pix_base, pix_ok, c, C, s_c):
 
 
 @triton.jit
+def load_channel_major_tile(ptr, c, c_ok, s_c, m, m_ok, I64: tl.constexpr):
+    """int8 [channels, rows] tile of channel-major codes (row ``m`` of channel ``c`` at ``c * s_c + m``,
+    the rows contiguous: a K-major MMA operand); masked entries read as 0. ``I64``: 64-bit offsets."""
+    if I64:
+        offs = (c.to(tl.int64) * s_c)[:, None] + m[None, :]
+    else:
+        offs = (c * s_c)[:, None] + m[None, :]
+    return tl.load(ptr + offs, mask=c_ok[:, None] & m_ok[None, :], other=0)
+
+
+@triton.jit
 def conv_implicit_gemm_tile(src_ptr, w_ptr, n, p, q, row_ok, col, col_ok, t_start, t_end, KW, P, Q, R,
                             stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r,
                             sw_col, sw_h, sw_w, sw_r, BM: tl.constexpr, BN: tl.constexpr,

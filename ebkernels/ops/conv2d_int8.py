@@ -33,9 +33,10 @@ from .._registry import aot_kernel
 from ..config import QConfig
 from . import _igemm
 from ._igemm import (GPU_TILES, MAX_TERMS, alignment, assume_multiple, conv_implicit_gemm_tile, decode_rows,
-                     decode_tap, grouped_tile_ids, int8_gemm_finalize, load_pixels_tile, offsets_fit_int32,
-                     store_gemm_tile, tap_input_coord)
-from .linear_int8 import _inv_ss, check_qconfig, quantize_weight, quantize_weight_grad, split_reduction
+                     decode_tap, grouped_tile_ids, int8_gemm_finalize, load_channel_major_tile, load_pixels_tile,
+                     offsets_fit_int32, store_gemm_tile, tap_input_coord)
+from .linear_int8 import (_inv_ss, check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, quantize_weight,
+                          quantize_weight_grad, result_and_scale, split_reduction)
 from .quantize import dequantize, quantize
 
 __all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad", "conv2d_int8_wgrad",
@@ -205,19 +206,11 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
             e_pix = n * se_n + oh * se_h + ow * se_w
             x_pix = n * sx_n + ih * sx_h + iw * sx_w
         if E_CM:
-            if I64:
-                e_offs = (co.to(tl.int64) * se_c)[:, None] + m[None, :]
-            else:
-                e_offs = (co * se_c)[:, None] + m[None, :]
-            a = tl.load(e_ptr + e_offs, mask=co_ok[:, None] & m_ok[None, :], other=0)  # [BM Cout, BK rows]
+            a = load_channel_major_tile(e_ptr, co, co_ok, se_c, m, m_ok, I64)  # [BM Cout, BK rows]
         else:
             a = load_pixels_tile(e_ptr, e_pix, m_ok, co, CO, se_c)  # [BK rows, BM Cout]
         if X_CM:
-            if I64:
-                x_offs = (ci.to(tl.int64) * sx_c)[:, None] + m[None, :]
-            else:
-                x_offs = (ci * sx_c)[:, None] + m[None, :]
-            b = tl.load(x_ptr + x_offs, mask=ci_ok[:, None] & m_ok[None, :], other=0)  # [BN Cin, BK rows]
+            b = load_channel_major_tile(x_ptr, ci, ci_ok, sx_c, m, m_ok, I64)  # [BN Cin, BK rows]
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         else:
             b = load_pixels_tile(x_ptr, x_pix, x_ok, ci, C, sx_c)  # [BK rows, BN Cin]
@@ -292,12 +285,10 @@ def _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w,
     N, C, H, W = qx.shape
     CO, _, KH, KW = qw.shape
     OH, OW = conv2d_output_size(H, W, KH, KW, stride, padding, dilation)
-    raw = sx is None
-    out = _igemm.empty_output((N, CO, OH, OW), torch.int64 if raw else out_dtype, qx.device,
-                              _out_format(channels_last))
+    out, inv_ss = result_and_scale((N, CO, OH, OW), sx, out_dtype, bits_a, bits_w, qx.device,
+                                   _out_format(channels_last))
     if out.numel() == 0:
         return out
-    inv_ss = 0.0 if raw else _inv_ss(bits_a, bits_w)
     if qw.stride(1) != 1 and C > 1:  # the reduction runs over Cin: keep it contiguous (K-major operand)
         qw = qw.contiguous(memory_format=torch.channels_last)
     return _conv_like_launch(False, qx, qw, sx, sw, bias, out, H, W, C, OH, OW, CO, KH, KW,
@@ -309,12 +300,10 @@ def _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, b
     N, CO, OH, OW = qe.shape
     _, C, KH, KW = qw.shape
     H, W = input_hw
-    raw = se is None
-    out = _igemm.empty_output((N, C, H, W), torch.int64 if raw else out_dtype, qe.device,
-                              _out_format(channels_last))
+    out, inv_ss = result_and_scale((N, C, H, W), se, out_dtype, bits_e, bits_w, qe.device,
+                                   _out_format(channels_last))
     if out.numel() == 0:
         return out
-    inv_ss = 0.0 if raw else _inv_ss(bits_e, bits_w)
     # the reduction runs over Cout: a copy of the (small) weight codes with Cout contiguous keeps the
     # tensor-core operand K-major
     qw_t = qw.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
@@ -328,7 +317,7 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     _, CO, OH, OW = qe.shape
     KH, KW = kernel_hw
     raw = se is None
-    out = _igemm.empty_output((CO, C, KH, KW), torch.int64 if raw else out_dtype, qx.device)
+    out, inv_ss = result_and_scale((CO, C, KH, KW), se, out_dtype, bits_e, bits_a, qx.device)
     if out.numel() == 0:
         return out
     M = N * OH * OW
@@ -355,7 +344,6 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     taps = KH * KW
     tiles = triton.cdiv(CO, BM) * taps * triton.cdiv(C, BN)
     splits, per = split_reduction(M, tiles, BK, qx.device, max_terms)
-    inv_ss = 0.0 if raw else _inv_ss(bits_e, bits_a)
     direct = splits == 1
     if direct:
         dst = out
@@ -394,23 +382,71 @@ def _epilogue_reference(acc, sa, sb, bias, bits_a, bits_b, out_dtype, channels_l
     return y.contiguous(memory_format=_out_format(channels_last))
 
 
+def _f32_conv(fn):
+    """Run a float32 convolution for ``exact_int_sums`` with NNPACK off (its Winograd/FFT algorithms do
+    not sum the products one by one; oneDNN and the native paths do)."""
+    def run(u0, u1):
+        with torch.backends.nnpack.flags(enabled=False):
+            return fn(u0, u1)
+    return run
+
+
+def _chunk_plan(groups, total, unit_terms, exact_terms):
+    """``f32_chunks`` for a reduction chunked over ``total`` channels; with groups > 1 only unchunked."""
+    if groups != 1:
+        return f32_chunks(1, total // groups * unit_terms, exact_terms) and total
+    return f32_chunks(total, unit_terms, exact_terms)
+
+
 def conv2d_int8_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, groups, bits_a, bits_w,
-                              out_dtype, channels_last):
-    acc = F.conv2d(qx.double(), qw.double(), None, stride, padding, dilation, groups)
+                              out_dtype, channels_last, fast: bool = False):
+    """Oracle (float64 sums); ``fast`` (the CPU path): float32 chunks over Cin where exact."""
+    def f64():
+        return F.conv2d(qx.double(), qw.double(), None, stride, padding, dilation, groups)
+
+    if fast:
+        C, taps = qx.shape[1], qw.shape[2] * qw.shape[3]
+        per = _chunk_plan(groups, C, taps, f32_exact_terms(qx, qw))
+        acc = exact_int_sums(C, per, _f32_conv(lambda c0, c1: F.conv2d(
+            qx[:, c0:c1].float(), qw[:, c0:c1].float(), None, stride, padding, dilation, groups)), f64)
+    else:
+        acc = f64()
     return _epilogue_reference(acc, sx, sw, bias, bits_a, bits_w, out_dtype, channels_last)
 
 
 def conv2d_int8_dgrad_reference(qe, qw, se, sw, input_hw, stride, padding, dilation, groups, bits_e, bits_w,
-                                out_dtype, channels_last):
+                                out_dtype, channels_last, fast: bool = False):
+    """Oracle (float64 sums); ``fast`` (the CPU path): float32 chunks over Cout where exact."""
     size = (qe.shape[0], qw.shape[1] * groups, *input_hw)
-    acc = torch.nn.grad.conv2d_input(size, qw.double(), qe.double(), stride, padding, dilation, groups)
+
+    def f64():
+        return torch.nn.grad.conv2d_input(size, qw.double(), qe.double(), stride, padding, dilation, groups)
+
+    if fast:
+        CO, taps = qe.shape[1], qw.shape[2] * qw.shape[3]
+        per = _chunk_plan(groups, CO, taps, f32_exact_terms(qe, qw))
+        acc = exact_int_sums(CO, per, _f32_conv(lambda c0, c1: torch.nn.grad.conv2d_input(
+            size, qw[c0:c1].float(), qe[:, c0:c1].float(), stride, padding, dilation, groups)), f64)
+    else:
+        acc = f64()
     return _epilogue_reference(acc, se, sw, None, bits_e, bits_w, out_dtype, channels_last)
 
 
 def conv2d_int8_wgrad_reference(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e,
-                                bits_a, out_dtype):
+                                bits_a, out_dtype, fast: bool = False):
+    """Oracle (float64 sums); ``fast`` (the CPU path): float32 chunks over the batch where exact."""
     size = (qe.shape[1], qx.shape[1] // groups, *kernel_hw)
-    acc = torch.nn.grad.conv2d_weight(qx.double(), size, qe.double(), stride, padding, dilation, groups)
+
+    def f64():
+        return torch.nn.grad.conv2d_weight(qx.double(), size, qe.double(), stride, padding, dilation, groups)
+
+    if fast:
+        N, pixels = qe.shape[0], qe.shape[2] * qe.shape[3]
+        per = f32_chunks(N, pixels, f32_exact_terms(qe, qx))
+        acc = exact_int_sums(N, per, _f32_conv(lambda n0, n1: torch.nn.grad.conv2d_weight(
+            qx[n0:n1].float(), size, qe[n0:n1].float(), stride, padding, dilation, groups)), f64)
+    else:
+        acc = f64()
     return _epilogue_reference(acc, se, sx, None, bits_e, bits_a, out_dtype, False)
 
 
@@ -434,6 +470,11 @@ def _triton_applies(groups: int, channels: int, *tensors) -> bool:
     return channels <= MAX_TERMS  # one tap's reduction must fit an int32-exact chunk
 
 
+def _cpu(t: torch.Tensor) -> bool:
+    """The float32 fast path is for CPU tensors only (a GPU convolution may use TF32: not exact)."""
+    return t.device.type == "cpu"
+
+
 @torch.library.custom_op("ebkernels::conv2d_int8_fwd", mutates_args=())
 def _conv2d_int8_fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: Optional[torch.Tensor],
                         sw: Optional[torch.Tensor], bias: Optional[torch.Tensor], stride: list[int],
@@ -443,7 +484,7 @@ def _conv2d_int8_fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: Optional[torch.T
         return _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, out_dtype,
                            channels_last, max_terms)
     return conv2d_int8_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, groups, bits_a, bits_w,
-                                     out_dtype, channels_last)
+                                     out_dtype, channels_last, fast=_cpu(qx))
 
 
 @_conv2d_int8_fwd_op.register_fake
@@ -463,7 +504,7 @@ def _conv2d_int8_dgrad_op(qe: torch.Tensor, qw: torch.Tensor, se: Optional[torch
         return _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, bits_w, out_dtype,
                              channels_last, max_terms)
     return conv2d_int8_dgrad_reference(qe, qw, se, sw, input_hw, stride, padding, dilation, groups, bits_e,
-                                       bits_w, out_dtype, channels_last)
+                                       bits_w, out_dtype, channels_last, fast=_cpu(qe))
 
 
 @_conv2d_int8_dgrad_op.register_fake
@@ -482,7 +523,7 @@ def _conv2d_int8_wgrad_op(qe: torch.Tensor, qx: torch.Tensor, se: Optional[torch
         return _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
                              max_terms)
     return conv2d_int8_wgrad_reference(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e,
-                                       bits_a, out_dtype)
+                                       bits_a, out_dtype, fast=_cpu(qe))
 
 
 @_conv2d_int8_wgrad_op.register_fake

@@ -127,11 +127,20 @@ def _inv_ss(bits_a: int, bits_b: int) -> float:
     return 1.0 / float(2 ** (bits_a - 1) * 2 ** (bits_b - 1))
 
 
+def result_and_scale(shape, sa, out_dtype, bits_a, bits_b, device,
+                     memory_format=torch.contiguous_format):
+    """A launcher's result buffer and its epilogue's ``1 / (S_a·S_b)``; without scales (``sa`` None) the
+    exact integer sums: an int64 buffer and 0.0."""
+    if sa is None:
+        return _igemm.empty_output(shape, torch.int64, device, memory_format), 0.0
+    return _igemm.empty_output(shape, out_dtype, device, memory_format), _inv_ss(bits_a, bits_b)
+
+
 def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms):
     M, K = a.shape
     N = b.shape[1]
     raw = sa is None
-    out = _igemm.empty_output((M, N), torch.int64 if raw else out_dtype, a.device)
+    out, inv_ss = result_and_scale((M, N), sa, out_dtype, bits_a, bits_b, a.device)
     if out.numel() == 0:
         return out
     if K == 0:  # empty reduction: the sums are 0
@@ -144,7 +153,6 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     splits, per = split_reduction(K, tiles, BK, a.device, max_terms)
-    inv_ss = 0.0 if raw else _inv_ss(bits_a, bits_b)
     dummy = a
     direct = splits == 1  # one split: the epilogue (or the raw int store) goes straight to the output
     if direct:
@@ -166,9 +174,63 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
     return out
 
 
-def linear_int8_mm_reference(a, b, sa, sb, bias, bits_a: int, bits_b: int, out_dtype: torch.dtype):
-    """Oracle: the integer sums in float64 (exact: |sum| < 2^53), then the kernel's fp32 epilogue."""
-    acc = a.double() @ b.double()
+# ----- exact integer sums on the CPU reference path -------------------------------------------------
+# A partial sum of k products of codes with |a| <= A, |b| <= B is an integer of magnitude <= k·A·B;
+# every integer of magnitude <= 2^24 is a float32, so when k·A·B <= 2^24 each addition (in any order,
+# blocked or FMA) is exact and float32 gives the same sums as float64 (e.g. |codes| <= 127: k <= 1040).
+# Longer reductions are cut into such chunks, each summed in float32, the chunks added in float64
+# (exact: |sum| < 2^53). The float64 oracles (``fast=False``) stay as they were.
+F32_EXACT_SUM = 2 ** 24
+MAX_F32_CHUNKS = 64  # more chunks than this: one float64 product instead
+
+
+def _code_bound(t: torch.Tensor) -> int:
+    """max |code| of an int8 tensor (int arithmetic: -128 counts as 128)."""
+    return max(-int(t.min()), int(t.max())) if t.numel() else 0
+
+
+def f32_exact_terms(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many products of a code of ``a`` and one of ``b`` float32 sums exactly (every partial sum an
+    integer of magnitude <= 2^24), from the codes' actual magnitudes."""
+    p = _code_bound(a) * _code_bound(b)
+    return F32_EXACT_SUM // p if p else 2 ** 62
+
+
+def f32_chunks(total: int, unit_terms: int, exact_terms: int) -> Optional[int]:
+    """Size (in units of ``unit_terms`` products each) of the chunks of a reduction over ``total`` units
+    that float32 sums exactly, or None when that takes no chunk at all or more than ``MAX_F32_CHUNKS``
+    (then float64)."""
+    per = exact_terms // max(unit_terms, 1)
+    if per < 1 or triton.cdiv(total, per) > MAX_F32_CHUNKS:
+        return None
+    return per
+
+
+def exact_int_sums(total: int, per: Optional[int], f32_part, f64_full) -> torch.Tensor:
+    """The integer sums: ``f32_part(u0, u1)`` (float32, units [u0, u1) of the reduction) when one chunk
+    covers ``total``; their float64 sum over chunks of ``per`` units; ``f64_full()`` when ``per`` is None."""
+    if per is None:
+        return f64_full()
+    if total <= per:
+        return f32_part(0, total)
+    acc = None
+    for u0 in range(0, total, per):
+        part = f32_part(u0, min(u0 + per, total)).double()
+        acc = part if acc is None else acc.add_(part)
+    return acc
+
+
+def linear_int8_mm_reference(a, b, sa, sb, bias, bits_a: int, bits_b: int, out_dtype: torch.dtype,
+                             fast: bool = False):
+    """Oracle: the integer sums in float64 (exact: |sum| < 2^53), then the kernel's fp32 epilogue.
+    ``fast`` (the CPU path): the same sums, in float32 chunks where that is exact (``exact_int_sums``)."""
+    if fast:
+        K = a.shape[1]
+        per = f32_chunks(K, 1, f32_exact_terms(a, b))
+        acc = exact_int_sums(K, per, lambda k0, k1: a[:, k0:k1].float() @ b[k0:k1].float(),
+                             lambda: a.double() @ b.double())
+    else:
+        acc = a.double() @ b.double()
     if sa is None:
         return acc.to(torch.int64)
     scale = sa.float() * sb.float() * _inv_ss(bits_a, bits_b)
@@ -186,7 +248,8 @@ def _linear_int8_mm_op(a: torch.Tensor, b: torch.Tensor, sa: Optional[torch.Tens
     small = all((t.shape[0] - 1) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) < 2**31 for t in (a, b))
     if use_triton(a, b) and small and a.shape[0] * b.shape[1] < 2**31:
         return _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms)
-    return linear_int8_mm_reference(a, b, sa, sb, bias, bits_a, bits_b, out_dtype)
+    return linear_int8_mm_reference(a, b, sa, sb, bias, bits_a, bits_b, out_dtype,
+                                    fast=a.device.type == "cpu")  # GPU fp32 matmul may use TF32
 
 
 @_linear_int8_mm_op.register_fake

@@ -1,0 +1,67 @@
+"""Atomic file writes: the one helper behind checkpoints, run metadata and ticket files.
+
+``atomic_write(path, write)`` calls ``write(tmp)`` on a fresh temp file in ``path``'s directory (the
+name ends with ``path``'s base name, so savers that look at the suffix, e.g. ``np.savez``, keep it),
+fsyncs it, ``os.replace``-s it over ``path`` and fsyncs the directory: readers see the old file or the
+new one, never a partial one. On any error the temp file is removed and the error re-raised.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+
+import torch
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "fsync_dir"]
+
+
+def fsync_dir(directory: str) -> None:
+    """fsync a directory (makes a rename durable); a no-op where the platform / filesystem refuses."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: str) -> str:
+    d, base = os.path.split(path)
+    # unique per call (pid + random token), same directory (os.replace stays a rename), same suffix
+    return os.path.join(d, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{base}")
+
+
+def atomic_write(path, write) -> str:
+    """``write(tmp_path)`` then fsync and rename over ``path``; returns ``path`` (as a str)."""
+    path = os.fspath(path)
+    tmp = _tmp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return path
+
+
+def atomic_write_text(path, text: str) -> str:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    return atomic_write(path, write)
+
+
+def atomic_torch_save(obj, path) -> str:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    return atomic_write(path, write)
