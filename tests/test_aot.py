@@ -82,3 +82,10 @@ def test_failures_are_reported_with_nonzero_exit(tmp_path):
 def test_bad_arch_is_rejected(tmp_path):
     proc, _ = run_aot(tmp_path, "--arch", "75")
     assert proc.returncode == 2 and "compute capability 80 or newer" in proc.stderr
+
+
+def test_no_register_spills(shipped):
+    """Spills are local-memory traffic in every loop iteration: the shipped configs have none."""
+    _, rows = shipped
+    spilled = [(r["kernel"], r["config"], r["arch"], r["spills"]) for r in rows if r["spills"]]
+    assert not spilled, spilled
