@@ -35,8 +35,8 @@ from . import _igemm
 from ._igemm import (GPU_TILES, MAX_TERMS, alignment, assume_multiple, conv_implicit_gemm_tile, decode_rows,
                      decode_tap, grouped_tile_ids, int8_gemm_finalize, load_channel_major_tile, load_pixels_tile,
                      offsets_fit_int32, store_gemm_tile, tap_input_coord)
-from .linear_int8 import (_inv_ss, check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, quantize_weight,
-                          quantize_weight_grad, result_and_scale, split_reduction)
+from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
+                    quantize_weight_grad, result_and_scale, split_reduction)
 from .quantize import dequantize, quantize
 
 __all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad", "conv2d_int8_wgrad",
@@ -375,7 +375,7 @@ def _epilogue_reference(acc, sa, sb, bias, bits_a, bits_b, out_dtype, channels_l
     if sa is None:
         y = acc.to(torch.int64)
     else:
-        y = acc.float() * (sa.float() * sb.float() * _inv_ss(bits_a, bits_b))
+        y = acc.float() * (sa.float() * sb.float() * inv_code_scales(bits_a, bits_b))
         if bias is not None:
             y = y + bias.float().view(1, -1, 1, 1)
         y = y.to(out_dtype)

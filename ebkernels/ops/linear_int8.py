@@ -26,11 +26,12 @@ from .._checks import check_same_device, check_tensor
 from .._registry import aot_kernel
 from ..config import QConfig
 from . import _igemm
+from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
+                    quantize_weight_grad, result_and_scale, split_reduction)
 from ._igemm import MAX_TERMS, alignment, assume_multiple, grouped_tile_ids, int8_gemm_finalize, store_gemm_tile
 from .quantize import dequantize, quantize
 
-__all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunction",
-           "quantize_weight_grad", "check_qconfig"]
+__all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunction"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,33 +110,6 @@ def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, 
                     sb_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
 
 
-def split_reduction(length: int, tiles: int, BK: int, device: torch.device, max_terms: int):
-    """(splits, terms per split) for a reduction of ``length`` terms: every split at most ``max_terms``
-    terms (int32-exact) and a multiple of BK; on a GPU, more splits when there are too few output tiles
-    to fill the SMs."""
-    max_terms = max(BK, max_terms // BK * BK)
-    splits = triton.cdiv(length, max_terms)
-    if device.type == "cuda" and _igemm.gemm_tiles(device)["BM"] > 32:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(splits, min(triton.cdiv(2 * sms, max(tiles, 1)), triton.cdiv(length, 8 * BK)))
-    per = triton.cdiv(triton.cdiv(max(length, 1), splits), BK) * BK
-    return triton.cdiv(max(length, 1), per), per
-
-
-def _inv_ss(bits_a: int, bits_b: int) -> float:
-    """``1 / (S_a · S_b)``, a power of two (exact in fp32)."""
-    return 1.0 / float(2 ** (bits_a - 1) * 2 ** (bits_b - 1))
-
-
-def result_and_scale(shape, sa, out_dtype, bits_a, bits_b, device,
-                     memory_format=torch.contiguous_format):
-    """A launcher's result buffer and its epilogue's ``1 / (S_a·S_b)``; without scales (``sa`` None) the
-    exact integer sums: an int64 buffer and 0.0."""
-    if sa is None:
-        return _igemm.empty_output(shape, torch.int64, device, memory_format), 0.0
-    return _igemm.empty_output(shape, out_dtype, device, memory_format), _inv_ss(bits_a, bits_b)
-
-
 def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms):
     M, K = a.shape
     N = b.shape[1]
@@ -174,52 +148,6 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
     return out
 
 
-# ----- exact integer sums on the CPU reference path -------------------------------------------------
-# A partial sum of k products of codes with |a| <= A, |b| <= B is an integer of magnitude <= k·A·B;
-# every integer of magnitude <= 2^24 is a float32, so when k·A·B <= 2^24 each addition (in any order,
-# blocked or FMA) is exact and float32 gives the same sums as float64 (e.g. |codes| <= 127: k <= 1040).
-# Longer reductions are cut into such chunks, each summed in float32, the chunks added in float64
-# (exact: |sum| < 2^53). The float64 oracles (``fast=False``) stay as they were.
-F32_EXACT_SUM = 2 ** 24
-MAX_F32_CHUNKS = 64  # more chunks than this: one float64 product instead
-
-
-def _code_bound(t: torch.Tensor) -> int:
-    """max |code| of an int8 tensor (int arithmetic: -128 counts as 128)."""
-    return max(-int(t.min()), int(t.max())) if t.numel() else 0
-
-
-def f32_exact_terms(a: torch.Tensor, b: torch.Tensor) -> int:
-    """How many products of a code of ``a`` and one of ``b`` float32 sums exactly (every partial sum an
-    integer of magnitude <= 2^24), from the codes' actual magnitudes."""
-    p = _code_bound(a) * _code_bound(b)
-    return F32_EXACT_SUM // p if p else 2 ** 62
-
-
-def f32_chunks(total: int, unit_terms: int, exact_terms: int) -> Optional[int]:
-    """Size (in units of ``unit_terms`` products each) of the chunks of a reduction over ``total`` units
-    that float32 sums exactly, or None when that takes no chunk at all or more than ``MAX_F32_CHUNKS``
-    (then float64)."""
-    per = exact_terms // max(unit_terms, 1)
-    if per < 1 or triton.cdiv(total, per) > MAX_F32_CHUNKS:
-        return None
-    return per
-
-
-def exact_int_sums(total: int, per: Optional[int], f32_part, f64_full) -> torch.Tensor:
-    """The integer sums: ``f32_part(u0, u1)`` (float32, units [u0, u1) of the reduction) when one chunk
-    covers ``total``; their float64 sum over chunks of ``per`` units; ``f64_full()`` when ``per`` is None."""
-    if per is None:
-        return f64_full()
-    if total <= per:
-        return f32_part(0, total)
-    acc = None
-    for u0 in range(0, total, per):
-        part = f32_part(u0, min(u0 + per, total)).double()
-        acc = part if acc is None else acc.add_(part)
-    return acc
-
-
 def linear_int8_mm_reference(a, b, sa, sb, bias, bits_a: int, bits_b: int, out_dtype: torch.dtype,
                              fast: bool = False):
     """Oracle: the integer sums in float64 (exact: |sum| < 2^53), then the kernel's fp32 epilogue.
@@ -233,7 +161,7 @@ def linear_int8_mm_reference(a, b, sa, sb, bias, bits_a: int, bits_b: int, out_d
         acc = a.double() @ b.double()
     if sa is None:
         return acc.to(torch.int64)
-    scale = sa.float() * sb.float() * _inv_ss(bits_a, bits_b)
+    scale = sa.float() * sb.float() * inv_code_scales(bits_a, bits_b)
     y = acc.float() * scale
     if bias is not None:
         y = y + bias.float()
@@ -276,37 +204,6 @@ def linear_int8_mm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None = N
         raise ValueError("linear_int8_mm: give both scales sa and sb, or neither (integer sums)")
     check_same_device(a=a, b=b, sa=sa, sb=sb, bias=bias)
     return _linear_int8_mm_op(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms)
-
-
-# --------------------------------------------------------------------------------------------------
-# Quantization helpers shared with conv2d_int8
-# --------------------------------------------------------------------------------------------------
-def check_qconfig(qconfig) -> QConfig:
-    if qconfig is None:
-        return QConfig()
-    if not isinstance(qconfig, QConfig):
-        raise TypeError(f"qconfig must be an ebkernels.QConfig or None, got {type(qconfig).__name__}")
-    return qconfig
-
-
-def quantize_weight(weight: torch.Tensor, qc: QConfig, channels_last: bool = False, pad_channels_to: int = 0):
-    """W codes and its scale: ``Shift(max|W|)`` (mode shift) or ``1 · alpha`` (mode wage);
-    ``channels_last``: 4-D codes in OHWI memory order (the convolution's K-major weight operand);
-    ``pad_channels_to``: Cin zero-padded to that multiple (see ``quantize``)."""
-    codes, s = quantize(weight, qc.bits_w, "nearest", qc.mode, channels_last=channels_last,
-                        pad_channels_to=pad_channels_to)
-    if qc.mode == "wage" and qc.alpha != 1.0:
-        s = s * qc.alpha  # device op: no synchronisation
-    return codes, s
-
-
-def quantize_weight_grad(grad_w: torch.Tensor, qc: QConfig) -> torch.Tensor:
-    """G quantization of the weight gradient (``Shift(max|G|)``, rounding ``qc.rounding_g``, stochastic
-    by default), returned dequantized in the gradient's dtype; unchanged when ``bits_g`` is None."""
-    if qc.bits_g is None:
-        return grad_w
-    codes, s = quantize(grad_w, qc.bits_g, qc.rounding_g, "shift")
-    return dequantize(codes, s, qc.bits_g).to(grad_w.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
