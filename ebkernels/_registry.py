@@ -11,6 +11,8 @@ A kernel registers itself where it is defined::
 pass a list of dicts to build several configurations. ``int8_mma=True`` marks a GEMM kernel whose
 PTX must contain int8 tensor-core instructions. ``aligned`` names pointer arguments the launcher
 keeps 16-byte aligned (the JIT specialises on this too, so the AOT build sees the same code).
+``fp_fusion=False``: the launcher passes ``enable_fp_fusion=False`` (no ``a*b+c`` -> fma contraction: the
+kernel rounds like its PyTorch reference and the interpreter), and so does the AOT build.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class AOTKernel:
     num_stages: int
     int8_mma: bool
     aligned: tuple[str, ...]
+    fp_fusion: bool = True
 
     def attrs(self) -> dict:
         """Argument attributes in the form ``triton.compiler.ASTSource`` expects."""
@@ -49,6 +52,7 @@ def aot_kernel(
     num_stages: int = 3,
     int8_mma: bool = False,
     aligned: tuple[str, ...] = (),
+    fp_fusion: bool = True,
 ) -> Callable:
     def register(fn):
         kname = name or getattr(fn, "__name__", None) or fn.fn.__name__
@@ -64,7 +68,7 @@ def aot_kernel(
         if kname in _REGISTRY:
             raise ValueError(f"aot_kernel: kernel name {kname!r} registered twice")
         _REGISTRY[kname] = AOTKernel(kname, fn, dict(signature), tuple(cfgs), num_warps, num_stages,
-                                     int8_mma, tuple(aligned))
+                                     int8_mma, tuple(aligned), fp_fusion)
         return fn
 
     return register

@@ -88,7 +88,8 @@ def compile_one(name: str, cfg_index: int, arch: int, extra: tuple[str, ...] = (
         signature.update({c: "constexpr" for c in cfg})
         src = ASTSource(fn=k.fn, signature=signature, constexprs=dict(cfg), attrs=k.attrs())
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": k.num_warps, "num_stages": k.num_stages})
+                            options={"num_warps": k.num_warps, "num_stages": k.num_stages,
+                                     "enable_fp_fusion": k.fp_fusion})
         ptx = ck.asm["ptx"]
         row["compiled"] = True
         row["mma_s8"] = sorted(set(MMA_S8.findall(ptx)))

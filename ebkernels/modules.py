@@ -250,7 +250,7 @@ def _swap(model: nn.Module, convert: Callable[[str, nn.Module], nn.Module | None
 
 
 def quantize_model(model: nn.Module, qconfig: QConfig | None = None, skip: SkipSpec = (),
-                   inplace: bool = True) -> nn.Module:
+                   inplace: bool = True, fuse: bool = True) -> nn.Module:
     """Swap every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` for ``QConv2d`` / ``QLinear``.
 
     ``qconfig``: an ``ebkernels.QConfig`` for all swapped layers (default ``QConfig()``).
@@ -267,6 +267,13 @@ def quantize_model(model: nn.Module, qconfig: QConfig | None = None, skip: SkipS
     Eligible: modules whose type is exactly ``nn.Conv2d`` or ``nn.Linear`` (subclasses may override
     ``forward``, so they stay as they are); layers already quantized are left untouched, whatever
     their qconfig. Returns the model (the new layer itself if ``model`` is a bare eligible layer).
+
+    ``fuse=True`` (default): the conv → BatchNorm → ReLU (→ max-pool) chains it can prove (runs inside
+    ``nn.Sequential``, the residual blocks of ``ebkernels.models``) then run as fused int8 blocks that
+    hand each other int8 codes (``ebkernels.fusion``; SPEC §9): same modules, Parameters, buffers and
+    ``state_dict``, far less saved memory and fewer kernels. ``ebkernels.fusion.fused_chains(model)``
+    lists them (also logged at INFO level on the "ebkernels" logger); ``fuse=False`` keeps every layer
+    on its own.
     """
     qconfig = _check_qconfig(qconfig)
     name_matches, predicate_matches, patterns = _skip_matcher(skip)
@@ -290,7 +297,12 @@ def quantize_model(model: nn.Module, qconfig: QConfig | None = None, skip: SkipS
             return module
         return qcls.from_float(module, qconfig)
 
-    return _swap(model, convert)
+    model = _swap(model, convert)
+    if fuse:
+        from .fusion import fuse as fuse_chains
+
+        fuse_chains(model)
+    return model
 
 
 def dequantize_model(model: nn.Module, inplace: bool = True) -> nn.Module:
@@ -300,6 +312,9 @@ def dequantize_model(model: nn.Module, inplace: bool = True) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    from .fusion import unfuse
+
+    unfuse(model)
     return _swap(model, lambda name, m: m.to_float() if isinstance(m, _Q_TYPES) else None)
 
 

@@ -155,12 +155,12 @@ def test_qconv2d_forward_and_grads_equal_the_op(reference, case):
     torch.manual_seed(seed + 1)  # same stochastic-rounding seed for both backward passes
     y_mod = q(x)
     gy = torch.randn_like(y_mod)
-    torch.manual_seed(seed + 2)
+    ebkernels.manual_seed(seed + 2)  # the stochastic G rounding draws from the device random state
     g_mod = _grads(y_mod, [x] + params, gy)
     torch.manual_seed(seed + 1)
     y_op = qconv2d(x, q.weight, q.bias, stride=q.stride, padding=q.padding, dilation=q.dilation,
                    groups=q.groups, qconfig=q.qconfig)
-    torch.manual_seed(seed + 2)
+    ebkernels.manual_seed(seed + 2)
     g_op = _grads(y_op, [x] + params, gy)
     assert torch.equal(y_mod, y_op), f"seed {seed}"
     for a, b in zip(g_mod, g_op):
@@ -207,10 +207,10 @@ def test_qlinear_forward_and_grads_equal_the_op(reference):
     torch.manual_seed(seed + 1)
     y_mod = q(x)
     gy = torch.randn_like(y_mod)
-    torch.manual_seed(seed + 2)
+    ebkernels.manual_seed(seed + 2)  # the stochastic G rounding draws from the device random state
     g_mod = _grads(y_mod, [x, q.weight, q.bias], gy)
     y_op = qlinear(x, q.weight, q.bias, qconfig=q.qconfig)
-    torch.manual_seed(seed + 2)
+    ebkernels.manual_seed(seed + 2)
     g_op = _grads(y_op, [x, q.weight, q.bias], gy)
     assert y_mod.shape == (2, 5, 4)
     assert torch.equal(y_mod, y_op), f"seed {seed}"

@@ -13,7 +13,7 @@ import triton
 
 from ..config import QConfig
 from . import _igemm
-from .quantize import dequantize, quantize
+from .quantize import quantize, quantize_dequantize
 
 __all__ = ["split_reduction", "inv_code_scales", "result_and_scale", "F32_EXACT_SUM", "MAX_F32_CHUNKS", "f32_exact_terms",
            "f32_chunks", "exact_int_sums", "check_qconfig", "quantize_weight", "quantize_weight_grad"]
@@ -117,5 +117,4 @@ def quantize_weight_grad(grad_w: torch.Tensor, qc: QConfig) -> torch.Tensor:
     by default), returned dequantized in the gradient's dtype; unchanged when ``bits_g`` is None."""
     if qc.bits_g is None:
         return grad_w
-    codes, s = quantize(grad_w, qc.bits_g, qc.rounding_g, "shift")
-    return dequantize(codes, s, qc.bits_g).to(grad_w.dtype)
+    return quantize_dequantize(grad_w, qc.bits_g, qc.rounding_g, "shift")

@@ -40,7 +40,7 @@ import triton.language as tl
 from .._registry import aot_kernel
 
 __all__ = ["MAX_TERMS", "GPU_TILES", "empty_output", "gemm_tiles", "alignment", "offsets_fit_int32",
-           "int8_gemm_finalize", "assume_multiple", "decode_rows", "decode_tap", "next_k_step", "tap_input_coord",
+           "int8_gemm_finalize", "assume_multiple", "to_bfloat16_rne", "cast_rne", "decode_rows", "decode_tap", "next_k_step", "tap_input_coord",
            "tap_output_coord", "grouped_tile_ids", "conv_implicit_gemm_tile", "load_pixels_tile",
            "store_gemm_tile", "int8_gemm_finalize_kernel"]
 
@@ -100,6 +100,25 @@ def assume_multiple(x, A: tl.constexpr):
     if A > 1:
         x = x // A * A
     return x
+
+
+@triton.jit
+def to_bfloat16_rne(x):
+    """float32 -> bfloat16, round to nearest even (as ``torch.Tensor.to``; NaN -> the canonical quiet NaN).
+    Spelled out in integer arithmetic: the interpreter's own cast truncates, a GPU's rounds; this gives
+    the same bits on both."""
+    bits = x.to(tl.uint32, bitcast=True)
+    hi = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+    hi = tl.where(x != x, 0x7FC0, hi).to(tl.uint16)
+    return hi.to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """float32 ``x`` in ``dtype``, bfloat16 rounded to nearest even on every backend (``to_bfloat16_rne``)."""
+    if dtype == tl.bfloat16:
+        return to_bfloat16_rne(x)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -241,17 +260,20 @@ def store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_pt
                     inv_ss, HAS_BIAS: tl.constexpr, RAW: tl.constexpr):
     """Epilogue. RAW: store the integer accumulator as is (exact partial sums). Otherwise
     ``acc * (sa * sb * inv_ss) + bias[col]`` in fp32, stored in ``out_ptr``'s element type; the
-    scales are 0-dim device tensors, so no host synchronisation is needed to get them."""
+    scales are 0-dim device tensors, so no host synchronisation is needed to get them. Returns the fp32
+    tile and its mask (the weight-grad's fused G quantization reads them)."""
     offs = row_offs[:, None] + col_offs[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if RAW:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        y = acc.to(tl.float32)  # not the result: RAW callers ignore it
     else:
         scale = tl.load(sa_ptr) * tl.load(sb_ptr) * inv_ss
         y = acc.to(tl.float32) * scale
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, cast_rne(y, out_ptr.dtype.element_ty), mask=mask)
+    return y, mask
 
 
 _FINALIZE_SIG = {"part_ptr": "*i32", "out_ptr": "*fp32", "sa_ptr": "*fp32", "sb_ptr": "*fp32",

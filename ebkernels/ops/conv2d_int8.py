@@ -37,7 +37,7 @@ from ._igemm import (GPU_TILES, MAX_TERMS, alignment, assume_multiple, conv_impl
                      offsets_fit_int32, store_gemm_tile, tap_input_coord)
 from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
                     quantize_weight_grad, result_and_scale, split_reduction)
-from .quantize import dequantize, quantize
+from .quantize import dequantize, gquant_epilogue, gquant_finish, gquant_plan, quantize
 
 __all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad", "conv2d_int8_wgrad",
            "conv2d_int8_fwd_reference", "conv2d_int8_dgrad_reference", "conv2d_int8_wgrad_reference",
@@ -130,19 +130,25 @@ _WGRAD_SIG = {"e_ptr": "*i8", "x_ptr": "*i8", "out_ptr": "*i32", "se_ptr": "*fp3
               "M": "i32", "taps": "i32", "m_per_split": "i32", "stride_h": "i32", "stride_w": "i32",
               "pad_h": "i32", "pad_w": "i32", "dil_h": "i32", "dil_w": "i32", "se_n": "i32", "se_h": "i32",
               "se_w": "i32", "se_c": "i32", "sx_n": "i32", "sx_h": "i32", "sx_w": "i32", "sx_c": "i32",
-              "so_o": "i32", "so_h": "i32", "so_w": "i32", "so_c": "i32", "s_split": "i64", "inv_ss": "fp32"}
+              "so_o": "i32", "so_h": "i32", "so_w": "i32", "so_c": "i32", "s_split": "i64", "inv_ss": "fp32",
+              "gq_ptr": "*i32", "rng_ptr": "*i64", "gn": "i64", "g1": "i64", "g2": "i64", "g3": "i64", "gs0": "i64",
+              "gs1": "i64", "gs2": "i64", "gs3": "i64"}
 # the weight-grad as launched for a long reduction: raw int32 partials [splits, Cout, KH·KW·Cin]
 # (aligned, and the unaligned fallback)
 # (aligned, and the unaligned fallback), and the launch QConv2dFunction makes: E codes channel-major
 # (``E_CM``: [Cout, N·OH·OW], the reduction dimension contiguous, se_w = 1)
-_WGRAD_AOT = [{**_GPU, **_CONV_UNIT, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 1, "ALIGN": 16, "OUT_ALIGN": 16,
-               "I64": False, "E_CM": False, "X_CM": False},
-              {**_GPU_UNALIGNED, **_CONV_UNIT, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 1, "ALIGN": 1,
+_NO_GQ = {"GQ": 0, "BITS_G": 8, "STOCH_G": True, "GBLOCK": 1024}
+_WGRAD_AOT = [{**_GPU, **_CONV_UNIT, **_NO_GQ, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 1, "ALIGN": 16,
+               "OUT_ALIGN": 16, "I64": False, "E_CM": False, "X_CM": False},
+              {**_GPU_UNALIGNED, **_CONV_UNIT, **_NO_GQ, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 1, "ALIGN": 1,
                "OUT_ALIGN": 1, "I64": False, "E_CM": False, "X_CM": False},
-              {**_GPU, **_CONV_UNIT, "RAW": True, "se_w": 1, "sx_c": 1, "so_c": 1, "ALIGN": 16, "OUT_ALIGN": 16,
-               "I64": False, "E_CM": True, "X_CM": False},
-              {**_GPU, **_CONV_UNIT, "RAW": True, "se_w": 1, "sx_w": 1, "so_c": 1, "ALIGN": 16, "OUT_ALIGN": 16,
-               "I64": False, "E_CM": True, "X_CM": True}]
+              {**_GPU, **_CONV_UNIT, **_NO_GQ, "RAW": True, "se_w": 1, "sx_c": 1, "so_c": 1, "ALIGN": 16,
+               "OUT_ALIGN": 16, "I64": False, "E_CM": True, "X_CM": False},
+              {**_GPU, **_CONV_UNIT, **_NO_GQ, "RAW": True, "se_w": 1, "sx_w": 1, "so_c": 1, "ALIGN": 16,
+               "OUT_ALIGN": 16, "I64": False, "E_CM": True, "X_CM": True}]
+# the launches QConv2dFunction and the fused blocks make: scaled result, G quantized in the epilogue
+_WGRAD_AOT += [{**_GPU, **_CONV_UNIT, **_NO_GQ, "GQ": gq, "RAW": False, "se_w": 1, "sx_c": 1, "so_c": 1, "ALIGN": 16,
+                "OUT_ALIGN": 16, "I64": False, "E_CM": True, "X_CM": False} for gq in (1, 2)]
 
 
 @aot_kernel(signature=_WGRAD_SIG, constexprs=_WGRAD_AOT, num_warps=GPU_TILES["conv"]["num_warps"],
@@ -150,10 +156,12 @@ _WGRAD_AOT = [{**_GPU, **_CONV_UNIT, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 
 @triton.jit
 def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH, OW, CO, KW, M, taps,
                              m_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, se_n, se_h, se_w,
-                             se_c, sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss,
+                             se_c, sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss, gq_ptr,
+                             rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
                              RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                              GROUP_M: tl.constexpr, ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr,
-                             I64: tl.constexpr, E_CM: tl.constexpr, X_CM: tl.constexpr):
+                             I64: tl.constexpr, E_CM: tl.constexpr, X_CM: tl.constexpr, GQ: tl.constexpr,
+                             BITS_G: tl.constexpr, STOCH_G: tl.constexpr, GBLOCK: tl.constexpr):
     """Weight-grad ``dW[co, kh, kw, ci] = sum_m E[m, co] · X[n, ih, iw, ci]`` over this program's chunk
     of the N·OH·OW rows (at most 2^17: its int32 sum is exact). Grid (Cout tiles × taps × Cin tiles,
     chunks): each program holds one tap, so its input pixels are one shifted, masked row set.
@@ -163,7 +171,8 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
     operand (16-byte cp.async rows, no shared-memory transpose); otherwise E is NHWC, [rows, Cout].
     ``X_CM`` (with ``E_CM``, only for a 1×1 kernel, stride 1, no padding: X̃ = X, input pixel = row m): the
     input codes are channel-major too, ``X[ci, m]`` at ``ci * sx_c + m``: both operands K-major, a plain
-    GEMM ``E[Cout, M] · X[Cin, M]ᵀ``."""
+    GEMM ``E[Cout, M] · X[Cin, M]ᵀ``. ``GQ`` (1, 2; one split, scaled result): G quantization fused in
+    (``quantize.gquant_epilogue``; gq/rng/gn/g*/gs*: its scratch and the real gradient view)."""
     C = assume_multiple(C, ALIGN)
     M = assume_multiple(M, ALIGN if E_CM else 1)
     m_per_split = assume_multiple(m_per_split, ALIGN if E_CM else 1)
@@ -218,8 +227,11 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             else:  # the reduction is E's outer dimension: Triton transposes this operand in shared memory
                 acc = tl.dot(tl.trans(a), b, acc, out_dtype=tl.int32)
-    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, co * so_o, co_ok, ci,
-                    (kh * so_h + kw * so_w) + ci * so_c, ci_ok, se_ptr, sx_ptr, se_ptr, inv_ss, False, RAW)
+    y, y_mask = store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, co * so_o, co_ok, ci,
+                                (kh * so_h + kw * so_w) + ci * so_c, ci_ok, se_ptr, sx_ptr, se_ptr, inv_ss, False, RAW)
+    if GQ > 0:
+        gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
+                        tl.num_programs(0), GQ, BITS_G, STOCH_G, GBLOCK)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,17 +324,19 @@ def _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, b
 
 
 def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
-                  max_terms):
+                  max_terms, gq=None):
+    """``gq``: None, or (bits_g, rounding_g, cout, cin): G-quantize the real [:cout, :cin] part in the
+    kernel when the reduction is one split (else the caller quantizes); returns (out, quantized?)."""
     N, C, H, W = qx.shape
     _, CO, OH, OW = qe.shape
     KH, KW = kernel_hw
     raw = se is None
     out, inv_ss = result_and_scale((CO, C, KH, KW), se, out_dtype, bits_e, bits_a, qx.device)
     if out.numel() == 0:
-        return out
+        return out, False
     M = N * OH * OW
     if M == 0:
-        return out.zero_()
+        return out.zero_(), False
     se_n, se_h, se_w, se_c = _nchw_strides(qe)
     sx_n, sx_h, sx_w, sx_c = _nchw_strides(qx)
     # channel-major E ([Cout, N·OH·OW] with the rows contiguous, see QConv2dFunction): the K-major operand
@@ -355,17 +369,26 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     epilogue = direct and not raw
     out_align = alignment((so_o, so_h, so_w, s_split), (dst,))
     i64 = not offsets_fit_int32(qe, qx)
+    fuse_g = gq is not None and epilogue and out_dtype == torch.float32
+    if fuse_g:
+        bits_g, rounding_g, cout, cin = gq
+        real = out[:cout, :cin]
+        g_args, g_mode, g_stoch = gquant_plan(real, bits_g, rounding_g)
+    else:
+        g_args, g_mode, g_stoch, bits_g = (qe, qe, 0, 1, 1, 1, 0, 0, 0, 0), 0, False, 8
     conv2d_int8_wgrad_kernel[(tiles, splits)](
         qe, qx, dst, se if epilogue else qe, sx if epilogue else qe, H, W, C, OH, OW, CO, KW, M, taps, per,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], se_n, se_h, se_w, se_c,
-        sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss, RAW=not epilogue, BM=BM, BN=BN,
-        BK=BK, GROUP_M=cfg["GROUP_M"], ALIGN=align, OUT_ALIGN=out_align, I64=i64, E_CM=e_cm, X_CM=x_cm,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss, *g_args, RAW=not epilogue, BM=BM, BN=BN,
+        BK=BK, GROUP_M=cfg["GROUP_M"], ALIGN=align, OUT_ALIGN=out_align, I64=i64, E_CM=e_cm, X_CM=x_cm, GQ=g_mode,
+        BITS_G=bits_g, STOCH_G=g_stoch, GBLOCK=1024, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if not direct:
         o = out.stride()
         int8_gemm_finalize(dst, out, se, sx, None, inv_ss, (1, 1, CO), (0, 0, o[0]), (KH, KW, C),
                            (o[2], o[3], o[1]))
-    return out
+    if fuse_g:
+        gquant_finish(real, g_args, g_mode, bits_g, g_stoch)
+    return out, fuse_g
 
 
 # --------------------------------------------------------------------------------------------------
@@ -514,22 +537,47 @@ def _(qe, qw, se, sw, input_hw, stride, padding, dilation, groups, bits_e, bits_
                        device=qe.device, memory_format=_out_format(channels_last))
 
 
-@torch.library.custom_op("ebkernels::conv2d_int8_wgrad", mutates_args=())
+@torch.library.custom_op("ebkernels::conv2d_int8_wgrad", mutates_args=("rng",))
 def _conv2d_int8_wgrad_op(qe: torch.Tensor, qx: torch.Tensor, se: Optional[torch.Tensor],
                           sx: Optional[torch.Tensor], kernel_hw: list[int], stride: list[int],
                           padding: list[int], dilation: list[int], groups: int, bits_e: int, bits_a: int,
-                          out_dtype: torch.dtype, max_terms: int) -> torch.Tensor:
+                          out_dtype: torch.dtype, max_terms: int, bits_g: int = 0, rounding_g: str = "stochastic",
+                          out_channels: Optional[list[int]] = None, rng: Optional[torch.Tensor] = None
+                          ) -> torch.Tensor:
+    # bits_g > 0: the result is the G-quantized gradient (dequantized values) of its real part
+    # [:out_channels[0], :out_channels[1]] (padded code channels dropped); rng: the device random state
+    # its stochastic rounding advances
+    cout, cin = out_channels if out_channels else (qe.shape[1], qx.shape[1] // groups)
+    gq = (bits_g, rounding_g, cout, cin) if bits_g > 0 else None
     if _triton_applies(groups, 0, qe, qx):
-        return _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
-                             max_terms)
-    return conv2d_int8_wgrad_reference(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e,
-                                       bits_a, out_dtype, fast=_cpu(qe))
+        out, done = _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
+                                  max_terms, gq)
+    else:
+        out, done = conv2d_int8_wgrad_reference(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups,
+                                                bits_e, bits_a, out_dtype, fast=_cpu(qe)), False
+    if out.shape[0] != cout or out.shape[1] != cin:
+        out = out[:cout, :cin].contiguous()
+    if gq is not None and not done:
+        out = quantize_weight_grad(out, QConfig(bits_g=bits_g, rounding_g=rounding_g))
+    return out
 
 
 @_conv2d_int8_wgrad_op.register_fake
-def _(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e, bits_a, out_dtype, max_terms):
-    return qe.new_empty((qe.shape[1], qx.shape[1] // groups, *kernel_hw),
-                        dtype=torch.int64 if se is None else out_dtype)
+def _(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e, bits_a, out_dtype, max_terms, bits_g=0,
+      rounding_g="stochastic", out_channels=None, rng=None):
+    cout, cin = out_channels if out_channels else (qe.shape[1], qx.shape[1] // groups)
+    return qe.new_empty((cout, cin, *kernel_hw), dtype=torch.int64 if se is None else out_dtype)
+
+
+def weight_grad_op(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, qc: QConfig, out_channels):
+    """The weight-grad of the autograd functions: integer GEMM, scales, and G quantization (``qc``) in one
+    op; ``out_channels`` [Cout, Cin/groups]: the real part of padded code channels."""
+    from .. import _rng
+
+    bits_g = qc.bits_g or 0
+    rng = _rng.device_state(qe.device) if bits_g and qc.rounding_g == "stochastic" else None
+    return _conv2d_int8_wgrad_op(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, qc.bits_e, qc.bits_a,
+                                 torch.float32, MAX_TERMS, bits_g, qc.rounding_g, list(out_channels), rng)
 
 
 def _pair(name, value, minimum):
@@ -682,14 +730,14 @@ class QConv2dFunction(torch.autograd.Function):
                 if (groups == 1 and use_triton(xa) and tuple(w_shape[2:]) == (1, 1) and list(stride) == [1, 1]
                         and list(padding) == [0, 0]):  # X̃ = X: channel-major input codes, both operands K-major
                     xa_w = xa.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
-                gw = _conv2d_int8_wgrad_op(qe_w, xa_w, se, sx, list(w_shape[2:]), stride, padding, dilation, groups,
-                                           qc.bits_e, qc.bits_a, torch.float32, MAX_TERMS)
-                if gw.shape[0] != cout or gw.shape[1] != cin:  # padded rows/columns: exactly 0, dropped
-                    gw = gw[:cout, :cin].contiguous()
+                # padded rows/columns (exactly 0) dropped; G quantization fused into the kernel
+                gw = weight_grad_op(qe_w, xa_w, se, sx, list(w_shape[2:]), stride, padding, dilation, groups, qc,
+                                    [cout, cin // groups])
             else:
                 gw = torch.nn.grad.conv2d_weight(as_float(xa, sx, qc.bits_a, cin), w_shape, e_float(), stride,
                                                  padding, dilation, groups)
-            gw = quantize_weight_grad(gw, qc).to(w_dtype)
+                gw = quantize_weight_grad(gw, qc)
+            gw = gw.to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             gb = gy.float().sum((0, 2, 3)).to(b_dtype)  # the float E, not its codes
         return gx, gw, gb, None, None, None, None, None

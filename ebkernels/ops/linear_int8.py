@@ -29,7 +29,7 @@ from . import _igemm
 from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
                     quantize_weight_grad, result_and_scale, split_reduction)
 from ._igemm import MAX_TERMS, alignment, assume_multiple, grouped_tile_ids, int8_gemm_finalize, store_gemm_tile
-from .quantize import dequantize, quantize
+from .quantize import dequantize, gquant_epilogue, gquant_finish, gquant_plan, quantize
 
 __all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunction"]
 
@@ -40,7 +40,8 @@ __all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunc
 _GEMM_SIG = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*fp32", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
              "bias_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
              "s_am": "i32", "s_ak": "i32", "s_bk": "i32", "s_bn": "i32", "s_om": "i32", "s_on": "i32",
-             "s_split": "i64", "inv_ss": "fp32"}
+             "s_split": "i64", "inv_ss": "fp32", "gq_ptr": "*i32", "rng_ptr": "*i64", "gn": "i64", "g1": "i64",
+             "g2": "i64", "g3": "i64", "gs0": "i64", "gs1": "i64", "gs2": "i64", "gs3": "i64"}
 _GPU_TILES, _GPU_UNALIGNED = ({k: v for k, v in _igemm.GPU_TILES[c].items() if k not in ("num_warps", "num_stages")}
                               for c in ("linear", "unaligned"))
 # AOT configurations as launched on a GPU (unit strides are specialised the way the JIT does it; ALIGN=16:
@@ -48,12 +49,16 @@ _GPU_TILES, _GPU_UNALIGNED = ({k: v for k, v in _igemm.GPU_TILES[c].items() if k
 # forward (x, Wᵀ: both K-contiguous) with fused scale + bias; input-grad (E, transposed copy of W:
 # K-contiguous) the same kernel; weight-grad (Eᵀ, x: M/N-contiguous operands) writing raw int32 split
 # partials; and both with the unaligned fallback tiles (ALIGN=1, e.g. 10 output features).
+_NO_GQ = {"GQ": 0, "BITS_G": 8, "STOCH_G": True, "GBLOCK": 1024}
 _GEMM_AOT = [
-    {**_GPU_TILES, "HAS_BIAS": True, "RAW": False, "ALIGN": 16, "s_ak": 1, "s_bk": 1, "s_on": 1},
-    {**_GPU_TILES, "HAS_BIAS": False, "RAW": True, "ALIGN": 16, "s_am": 1, "s_bn": 1, "s_on": 1},
-    {**_GPU_UNALIGNED, "HAS_BIAS": True, "RAW": False, "ALIGN": 1, "s_ak": 1, "s_bk": 1, "s_on": 1},
-    {**_GPU_UNALIGNED, "HAS_BIAS": False, "RAW": True, "ALIGN": 1, "s_am": 1, "s_bn": 1, "s_on": 1},
+    {**_GPU_TILES, "HAS_BIAS": True, "RAW": False, "ALIGN": 16, **_NO_GQ, "s_ak": 1, "s_bk": 1, "s_on": 1},
+    {**_GPU_TILES, "HAS_BIAS": False, "RAW": True, "ALIGN": 16, **_NO_GQ, "s_am": 1, "s_bn": 1, "s_on": 1},
+    {**_GPU_UNALIGNED, "HAS_BIAS": True, "RAW": False, "ALIGN": 1, **_NO_GQ, "s_ak": 1, "s_bk": 1, "s_on": 1},
+    {**_GPU_UNALIGNED, "HAS_BIAS": False, "RAW": True, "ALIGN": 1, **_NO_GQ, "s_am": 1, "s_bn": 1, "s_on": 1},
 ]
+# QLinearFunction's weight-grad: scaled result with the G quantization fused in (small and large gradients)
+_GEMM_AOT += [{**_GPU_TILES, "HAS_BIAS": False, "RAW": False, "ALIGN": 16, **_NO_GQ, "GQ": gq, "s_am": 1, "s_bn": 1,
+               "s_on": 1} for gq in (1, 2)]
 
 
 @aot_kernel(signature=_GEMM_SIG, constexprs=_GEMM_AOT, num_warps=_igemm.GPU_TILES["linear"]["num_warps"],
@@ -61,13 +66,15 @@ _GEMM_AOT = [
             aligned=("a_ptr", "b_ptr", "out_ptr"))
 @triton.jit
 def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, k_per_split,
-                            s_am, s_ak, s_bk, s_bn, s_om, s_on, s_split, inv_ss,
-                            HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BM: tl.constexpr,
-                            BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, ALIGN: tl.constexpr):
+                            s_am, s_ak, s_bk, s_bn, s_om, s_on, s_split, inv_ss, gq_ptr, rng_ptr, gn, g1, g2,
+                            g3, gs0, gs1, gs2, gs3, HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BM: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, ALIGN: tl.constexpr,
+                            GQ: tl.constexpr, BITS_G: tl.constexpr, STOCH_G: tl.constexpr, GBLOCK: tl.constexpr):
     """``out[m, n] (+ split * s_split) = sum_k a[m, k] b[k, n]`` over this program's K range
     ``[split * k_per_split, (split+1) * k_per_split)``; grid (tiles, splits). Offsets are int32 (the
     launcher routes operands past 2^31 elements to the reference path). ``ALIGN`` (16 or 1): the launcher
-    guarantees M, N, K, ``k_per_split`` and every stride other than 1 are multiples of it."""
+    guarantees M, N, K, ``k_per_split`` and every stride other than 1 are multiples of it. ``GQ`` (1, 2):
+    the weight-grad's G quantization fused in (``quantize.gquant_epilogue``)."""
     M = assume_multiple(M, ALIGN)
     N = assume_multiple(N, ALIGN)
     K = assume_multiple(K, ALIGN)
@@ -106,22 +113,26 @@ def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, 
         a_ptrs += BK * s_ak
         b_ptrs += BK * s_bk
         rk += BK
-    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, rm * s_om, m_ok, rn, rn * s_on, n_ok, sa_ptr,
-                    sb_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
+    y, y_mask = store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, rm * s_om, m_ok, rn, rn * s_on, n_ok,
+                                sa_ptr, sb_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
+    if GQ > 0:
+        gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, tl.num_programs(0),
+                        GQ, BITS_G, STOCH_G, GBLOCK)
 
 
-def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms):
+def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, gq=None):
+    """``gq``: None or (bits_g, rounding_g): G-quantize the result in the kernel when one split."""
     M, K = a.shape
     N = b.shape[1]
     raw = sa is None
     out, inv_ss = result_and_scale((M, N), sa, out_dtype, bits_a, bits_b, a.device)
     if out.numel() == 0:
-        return out
+        return out, False
     if K == 0:  # empty reduction: the sums are 0
         out.zero_()
         if bias is not None and not raw:
             out += bias.to(out_dtype)
-        return out
+        return out, False
     strides = [st for st in (*a.stride(), *b.stride()) if st != 1]
     cfg = _igemm.gemm_tiles(a.device, align=alignment((M, N, K, *strides), (a, b)))
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
@@ -136,16 +147,24 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
         s_om, s_on, s_split = N, 1, M * N
     epilogue = direct and not raw
     align = alignment((M, N, K, per, s_split, *strides, *(st for st in (s_om, s_on) if st != 1)), (a, b, dst))
+    fuse_g = gq is not None and epilogue and out_dtype == torch.float32
+    if fuse_g:
+        g_args, g_mode, g_stoch = gquant_plan(out, gq[0], gq[1])
+    else:
+        g_args, g_mode, g_stoch = (a, a, 0, 1, 1, 1, 0, 0, 0, 0), 0, False
     linear_int8_gemm_kernel[(tiles, splits)](
         a, b, dst, sa if epilogue else dummy, sb if epilogue else dummy,
         bias if (epilogue and bias is not None) else dummy, M, N, K, per,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), s_om, s_on, s_split, inv_ss,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), s_om, s_on, s_split, inv_ss, *g_args,
         HAS_BIAS=epilogue and bias is not None, RAW=not epilogue, BM=BM, BN=BN, BK=BK,
-        GROUP_M=cfg["GROUP_M"], ALIGN=align, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        GROUP_M=cfg["GROUP_M"], ALIGN=align, GQ=g_mode, BITS_G=gq[0] if fuse_g else 8, STOCH_G=g_stoch, GBLOCK=1024,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if not direct:
         int8_gemm_finalize(dst, out, sa, sb, bias, inv_ss, (1, 1, M), (0, 0, out.stride(0)),
                            (1, 1, N), (0, 0, out.stride(1)))
-    return out
+    if fuse_g:
+        gquant_finish(out, g_args, g_mode, gq[0], g_stoch)
+    return out, fuse_g
 
 
 def linear_int8_mm_reference(a, b, sa, sb, bias, bits_a: int, bits_b: int, out_dtype: torch.dtype,
@@ -168,20 +187,27 @@ def linear_int8_mm_reference(a, b, sa, sb, bias, bits_a: int, bits_b: int, out_d
     return y.to(out_dtype)
 
 
-@torch.library.custom_op("ebkernels::linear_int8_mm", mutates_args=())
+@torch.library.custom_op("ebkernels::linear_int8_mm", mutates_args=("rng",))
 def _linear_int8_mm_op(a: torch.Tensor, b: torch.Tensor, sa: Optional[torch.Tensor],
                        sb: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits_a: int, bits_b: int,
-                       out_dtype: torch.dtype, max_terms: int) -> torch.Tensor:
+                       out_dtype: torch.dtype, max_terms: int, bits_g: int = 0, rounding_g: str = "stochastic",
+                       rng: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # bits_g > 0: the result G-quantized (a weight-grad); rng: the device random state it advances
+    gq = (bits_g, rounding_g) if bits_g > 0 else None
     # the kernel's tile offsets are int32: operands past 2^31 elements take the reference path
     small = all((t.shape[0] - 1) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) < 2**31 for t in (a, b))
     if use_triton(a, b) and small and a.shape[0] * b.shape[1] < 2**31:
-        return _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms)
-    return linear_int8_mm_reference(a, b, sa, sb, bias, bits_a, bits_b, out_dtype,
-                                    fast=a.device.type == "cpu")  # GPU fp32 matmul may use TF32
+        out, done = _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, gq)
+    else:
+        out, done = linear_int8_mm_reference(a, b, sa, sb, bias, bits_a, bits_b, out_dtype,
+                                             fast=a.device.type == "cpu"), False  # GPU fp32 matmul may use TF32
+    if gq is not None and not done:
+        out = quantize_weight_grad(out, QConfig(bits_g=bits_g, rounding_g=rounding_g))
+    return out
 
 
 @_linear_int8_mm_op.register_fake
-def _(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms):
+def _(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, bits_g=0, rounding_g="stochastic", rng=None):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int64 if sa is None else out_dtype)
 
 
@@ -257,13 +283,18 @@ class QLinearFunction(torch.autograd.Function):
                 ef = as_float(qe, se, qc.bits_e) if qe is not None else gy.float()
                 gx = (ef @ as_float(wa, sw, qc.bits_w)).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            if qe is not None and sx is not None:  # dW = Eᵀ X, reduction over the rows
-                gw = linear_int8_mm(qe.t(), xa, se, sx, None, qc.bits_e, qc.bits_a, torch.float32)
+            if qe is not None and sx is not None:  # dW = Eᵀ X, reduction over the rows; G quantization fused
+                from .. import _rng
+
+                bits_g = qc.bits_g or 0
+                rng = _rng.device_state(qe.device) if bits_g and qc.rounding_g == "stochastic" else None
+                gw = _linear_int8_mm_op(qe.t(), xa, se, sx, None, qc.bits_e, qc.bits_a, torch.float32, MAX_TERMS,
+                                        bits_g, qc.rounding_g, rng)
             else:
                 if ef is None:
                     ef = as_float(qe, se, qc.bits_e) if qe is not None else gy.float()
-                gw = ef.t() @ as_float(xa, sx, qc.bits_a)
-            gw = quantize_weight_grad(gw, qc).to(w_dtype)
+                gw = quantize_weight_grad(ef.t() @ as_float(xa, sx, qc.bits_a), qc)
+            gw = gw.to(w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.float().sum(0).to(b_dtype)  # the float E, not its codes
         return gx, gw, gb, None

@@ -20,6 +20,7 @@ tensor: nothing is read back to the host.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -28,8 +29,9 @@ import triton.language as tl
 from .._backend import use_triton
 from .._checks import check_bits, check_choice, check_tensor
 from .._registry import aot_kernel
+from .._rng import uniform
 
-__all__ = ["quantize", "dequantize", "padded_channels", "quantize_reference", "quantize_triton", "shift_scale_reference"]
+__all__ = ["quantize", "quantize_dequantize", "dequantize", "padded_channels", "quantize_reference", "quantize_triton", "shift_scale_reference"]
 
 _MANT_SQRT2 = 0x3504F3  # mantissa bits of float32(sqrt(2)) = 1.41421354 < sqrt(2)
 
@@ -55,19 +57,30 @@ def _codes_reference(v: torch.Tensor, bits: int, noise: torch.Tensor | None) -> 
     return torch.nan_to_num(y, nan=0.0).to(torch.int8)
 
 
+def _noise_reference(shape, device, seed) -> torch.Tensor:
+    """U[0, 1) per element, Philox on the element's row-major index (as the kernels draw it): ``seed``
+    an int (ticket 0), or None: the device random state, which gives a ticket (``ebkernels._rng``)."""
+    from .. import _rng
+
+    if seed is None:
+        seed, ticket = _rng.device_state(device)[0], _rng.take_ticket_reference(device)
+    else:
+        ticket = 0
+    n = math.prod(shape)
+    return _rng.philox_uniform_reference(seed, ticket, torch.arange(n, device=device)).view(shape)
+
+
 def quantize_reference(x: torch.Tensor, bits: int = 8, stochastic: bool = False,
-                       fixed_scale: bool = False, seed: int = 0):
-    """PyTorch reference: ``(codes int8 like x, scale 0-dim float32)``."""
+                       fixed_scale: bool = False, seed: int | None = 0):
+    """PyTorch reference: ``(codes int8 like x, scale 0-dim float32)``. Stochastic noise: see
+    ``_noise_reference`` (the same numbers as the kernels draw)."""
     xf = x.float()
     amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
     if fixed_scale:
         s = torch.where(torch.isfinite(amax), torch.ones_like(amax), amax)
     else:
         s = shift_scale_reference(amax)
-    noise = None
-    if stochastic:
-        gen = torch.Generator(device=x.device).manual_seed(seed)
-        noise = torch.rand(xf.shape, generator=gen, device=x.device, dtype=torch.float32)
+    noise = _noise_reference(tuple(xf.shape), x.device, seed) if stochastic else None
     codes = _codes_reference(xf / s, bits, noise)
     return codes, s
 
@@ -103,59 +116,45 @@ def round_half_even(y):
     return tl.where(up, r + 1.0, r)
 
 
-@aot_kernel(signature={"x_ptr": "*fp32", "amax_bits_ptr": "*i32", "n": "i64", "d1": "i64",
-                       "d2": "i64", "d3": "i64", "s0": "i64", "s1": "i64", "s2": "i64", "s3": "i64"},
-            constexprs=[{"DENSE": True, "BLOCK": 2048}, {"DENSE": False, "BLOCK": 1024}],
-            num_warps=8, aligned=("x_ptr",))
 @triton.jit
-def quantize_absmax_kernel(x_ptr, amax_bits_ptr, n, d1, d2, d3, s0, s1, s2, s3, DENSE: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    """``max|x|`` of a strided tensor as float32 bits, combined across programs by an int atomic max.
-
-    The bits of a non-negative float order like the float itself, and NaN's bits exceed inf's, so the
-    integer max propagates NaN the way ``torch.amax`` does.
-    """
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < n
-    if DENSE:  # any order is fine for a max: read the storage linearly
-        x = tl.load(x_ptr + idx, mask=mask, other=0.0)
-    else:
-        x = tl.load(x_ptr + strided_offsets_4d(idx, d1, d2, d3, s0, s1, s2, s3), mask=mask, other=0.0)
-    bits = tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True)
-    tl.atomic_max(amax_bits_ptr, tl.max(bits, axis=0))
-
-
-@aot_kernel(signature={"x_ptr": "*fp32", "amax_bits_ptr": "*i32", "codes_ptr": "*i8",
-                       "scale_ptr": "*fp32", "n": "i64", "d1": "i64", "d2": "i64", "d3": "i64",
-                       "s0": "i64", "s1": "i64", "s2": "i64", "s3": "i64", "o0": "i64", "o1": "i64",
-                       "o2": "i64", "o3": "i64", "seed": "i32"},
-            constexprs=[{"BITS": 8, "STOCHASTIC": s, "FIXED_SCALE": False, "SAME_ORDER": o,
-                         "BLOCK": _block(o)}
-                        for s in (False, True) for o in (True, False)],
-            num_warps=8, aligned=("x_ptr", "codes_ptr"))
-@triton.jit
-def quantize_codes_kernel(x_ptr, amax_bits_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s0, s1, s2, s3,
-                          o0, o1, o2, o3, seed, BITS: tl.constexpr, STOCHASTIC: tl.constexpr,
-                          FIXED_SCALE: tl.constexpr, SAME_ORDER: tl.constexpr, BLOCK: tl.constexpr):
-    """Scale from the absmax bits, then codes written in the output's own (possibly NHWC) layout."""
-    S: tl.constexpr = 2.0 ** (BITS - 1)
-    bits = tl.load(amax_bits_ptr)
+def shift_scale_from_bits(bits, FIXED_SCALE: tl.constexpr):
+    """Power-of-two scale ``Shift(amax)`` from the float32 bits of a non-negative amax: ``round(log2)``
+    from exponent and mantissa (up exactly when the mantissa exceeds sqrt(2)), exponent clamped to
+    [-126, 127]; 0 -> 1, NaN/inf pass through. ``FIXED_SCALE``: 1 (NaN/inf still pass)."""
     amax = bits.to(tl.float32, bitcast=True)
     finite = (bits >> 23) < 255
     if FIXED_SCALE:
         scale = tl.where(finite, 1.0, amax)
     else:
-        # round(log2(amax)) from exponent and mantissa: up exactly when mantissa > sqrt(2)
         k = (bits >> 23) - 127 + ((bits & 0x7FFFFF) > 0x3504F3).to(tl.int32)
         k = tl.minimum(tl.maximum(k, -126), 127)
         scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
         scale = tl.where(bits == 0, 1.0, scale)
         scale = tl.where(finite, scale, amax)
-    pid = tl.program_id(0)
-    if pid == 0:
-        tl.store(scale_ptr, scale)
+    return scale
 
-    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+@triton.jit
+def _block_absmax_bits(x_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, DENSE: tl.constexpr):
+    """max |x| over a block of linear indices, as float32 bits (non-negative floats order like their
+    bits, NaN's above inf's: the integer max propagates NaN as ``torch.amax`` does)."""
+    mask = idx < n
+    if DENSE:  # any order is fine for a max: read the storage linearly
+        x = tl.load(x_ptr + idx, mask=mask, other=0.0)
+    else:
+        x = tl.load(x_ptr + strided_offsets_4d(idx, d1, d2, d3, s0, s1, s2, s3), mask=mask, other=0.0)
+    return tl.max(tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True), axis=0)
+
+
+@triton.jit
+def _block_codes(x_ptr, out_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0, l1, l2, l3, scale, seed,
+                 ticket, BITS: tl.constexpr, STOCHASTIC: tl.constexpr, SAME_ORDER: tl.constexpr,
+                 LOGICAL: tl.constexpr, DEQUANT: tl.constexpr):
+    """Codes of a block of linear indices (in the output's memory order), stored in the output's layout:
+    int8 codes, or (``DEQUANT``) the values they stand for, ``q * scale / S``, in out's float dtype.
+    Stochastic noise is drawn at the element's row-major logical index (``LOGICAL``: the iteration
+    order is that order; else strides l0..l3 map to it), so any layout gets the same codes."""
+    S: tl.constexpr = 2.0 ** (BITS - 1)
     mask = idx < n
     if SAME_ORDER:  # input and output dense in one order: no index decode
         x_offs = idx
@@ -167,11 +166,164 @@ def quantize_codes_kernel(x_ptr, amax_bits_ptr, codes_ptr, scale_ptr, n, d1, d2,
     y = tl.math.div_rn(x.to(tl.float32), scale) * S
     y = tl.minimum(tl.maximum(y, -(S - 1.0)), S - 1.0)
     if STOCHASTIC:
-        y = tl.floor(y + tl.rand(seed, idx))
+        if LOGICAL:
+            lidx = idx
+        else:
+            lidx = strided_offsets_4d(idx, d1, d2, d3, l0, l1, l2, l3)
+        y = tl.floor(y + uniform(seed, ticket, lidx))
     else:
         y = round_half_even(y)
     y = tl.where(y != y, 0.0, y)  # NaN -> 0 (min/max above may or may not have kept it)
-    tl.store(codes_ptr + out_offs, y.to(tl.int8), mask=mask)
+    if DEQUANT:
+        tl.store(out_ptr + out_offs, (y * (scale / S)).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + out_offs, y.to(tl.int8), mask=mask)
+
+
+_SIG_COMMON = {"n": "i64", "d1": "i64", "d2": "i64", "d3": "i64", "s0": "i64", "s1": "i64", "s2": "i64", "s3": "i64"}
+_SIG_OUT = {"o0": "i64", "o1": "i64", "o2": "i64", "o3": "i64", "l0": "i64", "l1": "i64", "l2": "i64", "l3": "i64",
+            "seed": "i64"}
+
+
+@aot_kernel(signature={"x_ptr": "*fp32", "amax_bits_ptr": "*i32", "rng_ptr": "*i64", **_SIG_COMMON},
+            constexprs=[{"DENSE": True, "TICKET": False, "BLOCK": 2048}, {"DENSE": False, "TICKET": True, "BLOCK": 1024}],
+            num_warps=8, aligned=("x_ptr",))
+@triton.jit
+def quantize_absmax_kernel(x_ptr, amax_bits_ptr, rng_ptr, n, d1, d2, d3, s0, s1, s2, s3, DENSE: tl.constexpr,
+                           TICKET: tl.constexpr, BLOCK: tl.constexpr):
+    """``amax_bits[0]`` = bits of max |x| (int atomic max across programs); ``TICKET``: program 0 also
+    takes the next random ticket of the device state ``rng`` into ``amax_bits[1]`` (stochastic rounding
+    in the codes pass that follows)."""
+    pid = tl.program_id(0)
+    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.atomic_max(amax_bits_ptr, _block_absmax_bits(x_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, DENSE))
+    if TICKET:
+        if pid == 0:
+            tl.store(amax_bits_ptr + 1, tl.atomic_add(rng_ptr + 1, 1).to(tl.int32))
+
+
+@aot_kernel(signature={"x_ptr": "*fp32", "amax_bits_ptr": "*i32", "rng_ptr": "*i64", "codes_ptr": "*i8",
+                       "scale_ptr": "*fp32", **_SIG_COMMON, **_SIG_OUT},
+            constexprs=[{"BITS": 8, "STOCHASTIC": s, "DEVICE_SEED": s, "FIXED_SCALE": False, "SAME_ORDER": o,
+                         "LOGICAL": o, "DEQUANT": False, "BLOCK": _block(o)}
+                        for s in (False, True) for o in (True, False)],
+            num_warps=8, aligned=("x_ptr", "codes_ptr"))
+@triton.jit
+def quantize_codes_kernel(x_ptr, amax_bits_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s0, s1, s2, s3, o0, o1,
+                          o2, o3, l0, l1, l2, l3, seed, BITS: tl.constexpr, STOCHASTIC: tl.constexpr,
+                          DEVICE_SEED: tl.constexpr, FIXED_SCALE: tl.constexpr, SAME_ORDER: tl.constexpr,
+                          LOGICAL: tl.constexpr, DEQUANT: tl.constexpr, BLOCK: tl.constexpr):
+    """Scale from the absmax bits, then codes (``_block_codes``) in the output's own layout.
+    ``DEVICE_SEED``: seed and ticket from the device state / the absmax pass, else (``seed``, 0)."""
+    scale = shift_scale_from_bits(tl.load(amax_bits_ptr), FIXED_SCALE)
+    pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(scale_ptr, scale)
+    if DEVICE_SEED:
+        seed = tl.load(rng_ptr)
+        ticket = tl.load(amax_bits_ptr + 1)
+    else:
+        ticket = 0
+    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _block_codes(x_ptr, codes_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0, l1, l2, l3, scale, seed,
+                 ticket, BITS, STOCHASTIC, SAME_ORDER, LOGICAL, DEQUANT)
+
+
+@aot_kernel(signature={"x_ptr": "*fp32", "rng_ptr": "*i64", "codes_ptr": "*i8", "scale_ptr": "*fp32", **_SIG_COMMON,
+                       **_SIG_OUT},
+            constexprs=[{"BITS": 8, "STOCHASTIC": s, "DEVICE_SEED": s, "FIXED_SCALE": False, "DENSE": o,
+                         "SAME_ORDER": o, "LOGICAL": o, "DEQUANT": s, "BLOCK": 1024}
+                        for s in (False, True) for o in (True, False)],
+            num_warps=8, aligned=("x_ptr", "codes_ptr"))
+@triton.jit
+def quantize_small_kernel(x_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0,
+                          l1, l2, l3, seed, BITS: tl.constexpr, STOCHASTIC: tl.constexpr, DEVICE_SEED: tl.constexpr,
+                          FIXED_SCALE: tl.constexpr, DENSE: tl.constexpr, SAME_ORDER: tl.constexpr,
+                          LOGICAL: tl.constexpr, DEQUANT: tl.constexpr, BLOCK: tl.constexpr):
+    """Small tensors (weights, weight gradients, a classifier's activations) in one launch of one
+    program: the absmax loop, then the codes loop. Same numbers as the two-kernel path."""
+    bits = tl.zeros((), tl.int32)
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK).to(tl.int64)
+        bits = tl.maximum(bits, _block_absmax_bits(x_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, DENSE))
+    scale = shift_scale_from_bits(bits, FIXED_SCALE)
+    tl.store(scale_ptr, scale)
+    if DEVICE_SEED:
+        seed = tl.load(rng_ptr)
+        ticket = tl.atomic_add(rng_ptr + 1, 1).to(tl.int32)  # one program: nobody else reads it
+    else:
+        ticket = 0
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK).to(tl.int64)
+        _block_codes(x_ptr, codes_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0, l1, l2, l3, scale,
+                     seed, ticket, BITS, STOCHASTIC, SAME_ORDER, LOGICAL, DEQUANT)
+
+
+@triton.jit
+def gquant_epilogue(y, mask, gq_ptr, rng_ptr, out_ptr, gn, d1, d2, d3, s0, s1, s2, s3, ntiles, GQ: tl.constexpr,
+                    BITS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    """G quantization fused into a weight-grad GEMM, after the program stored its fp32 tile ``y``.
+
+    ``gq`` (int32, zero at launch): [semaphore, bits of max |G|, ticket]. Every program folds its tile
+    into the max. ``GQ=1``: program (0, 0) takes the random ticket; the launcher runs the codes pass
+    (``quantize_codes_kernel``) afterwards. ``GQ=2`` (small gradients): the last program to count itself
+    in quantizes the whole gradient in place (the real view ``(gn elements; sizes d1..d3, strides
+    s0..s3)`` of ``out``), writing the values of the codes: no further launch."""
+    bits = tl.max(tl.max(tl.where(mask, tl.abs(y), 0.0).to(tl.int32, bitcast=True), axis=1), axis=0)
+    tl.atomic_max(gq_ptr + 1, bits)
+    first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+    if GQ == 1:
+        if STOCHASTIC:
+            if first:
+                tl.store(gq_ptr + 2, tl.atomic_add(rng_ptr + 1, 1).to(tl.int32))
+    else:
+        done = tl.atomic_add(gq_ptr, 1)
+        if done == ntiles - 1:
+            scale = shift_scale_from_bits(tl.atomic_max(gq_ptr + 1, 0), False)  # atomic read: coherent
+            if STOCHASTIC:
+                seed = tl.load(rng_ptr)
+                ticket = tl.atomic_add(rng_ptr + 1, 1).to(tl.int32)
+            else:
+                seed = 0
+                ticket = 0
+            l2 = d3
+            l1 = d2 * d3
+            l0 = d1 * l1
+            for start in range(0, gn, BLOCK):
+                idx = start + tl.arange(0, BLOCK).to(tl.int64)
+                _block_codes(out_ptr, out_ptr, idx, gn, d1, d2, d3, s0, s1, s2, s3, s0, s1, s2, s3, l0, l1, l2, 1,
+                             scale, seed, ticket, BITS, STOCHASTIC, False, False, True)
+
+
+def gquant_plan(real: torch.Tensor, bits_g: int, rounding_g: str):
+    """Launcher side of ``gquant_epilogue`` for the (real part of the) gradient buffer ``real``: the
+    kernel arguments (gq scratch, rng state, gn, sizes d1..d3, strides s0..s3) and the GQ mode."""
+    from .. import _rng
+
+    gq = torch.zeros(3, dtype=torch.int32, device=real.device)
+    stochastic = rounding_g == "stochastic"
+    rng = _rng.device_state(real.device) if stochastic else gq
+    sizes, strides = _as_4d(real)
+    mode = 2 if real.numel() <= SMALL_NUMEL else 1
+    return (gq, rng, real.numel(), sizes[1], sizes[2], sizes[3], *strides), mode, stochastic
+
+
+def gquant_finish(real: torch.Tensor, plan_args, mode: int, bits: int, stochastic: bool) -> None:
+    """After a ``GQ=1`` launch: the codes pass over ``real`` in place (scale and ticket from gq)."""
+    if mode != 1 or real.numel() == 0:
+        return
+    gq, rng, n, d1, d2, d3, *strides = plan_args
+    scale = torch.empty((), dtype=torch.float32, device=real.device)
+    ls = _row_major(_as_4d(real)[0])
+    block = _block(False)
+    quantize_codes_kernel[(triton.cdiv(n, block),)](
+        real, gq[1:], rng, real, scale, n, d1, d2, d3, *strides, *strides, *ls, 0, BITS=bits, STOCHASTIC=stochastic,
+        DEVICE_SEED=stochastic, FIXED_SCALE=False, SAME_ORDER=False, LOGICAL=False, DEQUANT=True, BLOCK=block,
+        num_warps=8)
+
+
+# one program reads a tensor this small twice faster than two launches can start (weights, G, a head)
+SMALL_NUMEL = 1 << 16
 
 
 def _as_4d(t: torch.Tensor):
@@ -192,12 +344,23 @@ def _is_dense(sizes, strides) -> bool:
     return True
 
 
+def _row_major(sizes):
+    strides, acc = [], 1
+    for size in reversed(sizes):
+        strides.append(acc)
+        acc *= size
+    return strides[::-1]
+
+
 def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, fixed_scale: bool = False,
-                    seed: int = 0, out: torch.Tensor | None = None):
+                    seed: int | None = 0, out: torch.Tensor | None = None, dequant: bool = False):
     """Triton path. ``out``: an int8 tensor of x's shape with any strides (e.g. channels-last, or a view
-    into a channel-padded buffer) to write the codes into."""
+    into a channel-padded buffer) to write the codes into (``dequant``: a float tensor for the values
+    the codes stand for). ``seed`` None: stochastic noise from the device random state."""
+    from .. import _rng
+
     if out is None:
-        out = torch.empty_like(x, dtype=torch.int8)
+        out = torch.empty_like(x, dtype=x.dtype if dequant else torch.int8)
     if x.dim() > 4:
         if not (x.is_contiguous() and out.is_contiguous()):
             raise ValueError("quantize: tensors with more than 4 dims must be contiguous")
@@ -206,27 +369,36 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, fi
         out_view = out
     n = x.numel()
     scale = torch.empty((), device=x.device, dtype=torch.float32)
-    amax_bits = torch.zeros(1, device=x.device, dtype=torch.int32)
     if n == 0:
         scale.fill_(1.0)
         return out, scale
-    # iterate in the output's memory order so the int8 stores are contiguous
+    device_seed = stochastic and seed is None
+    rng = _rng.device_state(x.device) if device_seed else scale
+    # iterate in the output's memory order so the stores are contiguous
     sizes, xs = _as_4d(x)
     _, os_ = _as_4d(out_view)
+    ls = _row_major(sizes)
     order = sorted(range(4), key=lambda d: (-os_[d], -d)) if out_view.dim() else [0, 1, 2, 3]
     sizes = [sizes[d] for d in order]
     xs = [xs[d] for d in order]
     os_ = [os_[d] for d in order]
+    ls = [ls[d] for d in order]
     dense = _is_dense(sizes, xs)
     same_order = dense and _is_dense(sizes, os_) and xs == os_
+    logical = order == sorted(order)
+    common = dict(BITS=bits, STOCHASTIC=stochastic, DEVICE_SEED=device_seed, FIXED_SCALE=fixed_scale,
+                  SAME_ORDER=same_order, LOGICAL=logical, DEQUANT=dequant)
+    args = (n, sizes[1], sizes[2], sizes[3], *xs, *os_, *ls, 0 if seed is None else seed)
+    if n <= SMALL_NUMEL:
+        quantize_small_kernel[(1,)](x, rng, out_view, scale, *args, DENSE=dense, BLOCK=1024, num_warps=8, **common)
+        return out, scale
+    amax_bits = torch.zeros(2, device=x.device, dtype=torch.int32)
     block = _block(dense)
-    quantize_absmax_kernel[(triton.cdiv(n, block),)](x, amax_bits, n, sizes[1], sizes[2], sizes[3], *xs,
-                                                     DENSE=dense, BLOCK=block, num_warps=8)
+    quantize_absmax_kernel[(triton.cdiv(n, block),)](x, amax_bits, rng, n, sizes[1], sizes[2], sizes[3], *xs,
+                                                     DENSE=dense, TICKET=device_seed, BLOCK=block, num_warps=8)
     block = _block(same_order)
-    quantize_codes_kernel[(triton.cdiv(n, block),)](x, amax_bits, out_view, scale, n, sizes[1], sizes[2],
-                                                    sizes[3], *xs, *os_, seed, BITS=bits,
-                                                    STOCHASTIC=stochastic, FIXED_SCALE=fixed_scale,
-                                                    SAME_ORDER=same_order, BLOCK=block, num_warps=8)
+    quantize_codes_kernel[(triton.cdiv(n, block),)](x, amax_bits, rng, out_view, scale, *args, BLOCK=block,
+                                                    num_warps=8, **common)
     return out, scale
 
 
@@ -243,55 +415,49 @@ def padded_channels(channels: int, multiple: int) -> int:
     return channels if multiple <= 1 else -(-channels // multiple) * multiple
 
 
-@torch.library.custom_op("ebkernels::quantize", mutates_args=())
+@torch.library.custom_op("ebkernels::quantize", mutates_args=("rng",))
 def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, fixed_scale: bool, seed: int,
-                 channels_last: bool, pad_channels_to: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 channels_last: bool, pad_channels_to: int = 0, dequant: bool = False,
+                 rng: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # seed < 0: stochastic noise from the device random state ``rng`` (which this op advances)
+    seed_arg = None if seed < 0 else seed
     if pad_channels_to > 1:  # (N, Cp, H, W) NHWC codes, Cp = C rounded up; channels >= C are 0
         N, C, H, W = x.shape
         codes = _empty_codes((N, padded_channels(C, pad_channels_to), H, W), x.device)
         real = codes[:, :C]
         if use_triton(x):
-            _, s = quantize_triton(x, bits, stochastic, fixed_scale, seed, out=real)
+            _, s = quantize_triton(x, bits, stochastic, fixed_scale, seed_arg, out=real)
         else:
-            q, s = quantize_reference(x, bits, stochastic, fixed_scale, seed)
+            q, s = quantize_reference(x, bits, stochastic, fixed_scale, seed_arg)
             real.copy_(q)
         codes[:, C:].zero_()  # after (and outside) the absmax over the real tensor: 0 adds 0 to every sum
         return codes, s
     if use_triton(x):
         out = None
         if channels_last:
-            out = torch.empty_like(x, dtype=torch.int8, memory_format=torch.channels_last)
-        return quantize_triton(x, bits, stochastic, fixed_scale, seed, out=out)
-    codes, s = quantize_reference(x, bits, stochastic, fixed_scale, seed)
+            out = torch.empty_like(x, dtype=x.dtype if dequant else torch.int8, memory_format=torch.channels_last)
+        return quantize_triton(x, bits, stochastic, fixed_scale, seed_arg, out=out, dequant=dequant)
+    codes, s = quantize_reference(x, bits, stochastic, fixed_scale, seed_arg)
+    if dequant:
+        codes = (codes.float() * (s / 2 ** (bits - 1))).to(x.dtype)
     if channels_last:
         codes = codes.contiguous(memory_format=torch.channels_last)
     return codes, s
 
 
 @_quantize_op.register_fake
-def _(x, bits, stochastic, fixed_scale, seed, channels_last, pad_channels_to=0):
+def _(x, bits, stochastic, fixed_scale, seed, channels_last, pad_channels_to=0, dequant=False, rng=None):
     if pad_channels_to > 1:
         N, C, H, W = x.shape
         codes = torch.empty((N, padded_channels(C, pad_channels_to), H, W), dtype=torch.int8, device=x.device,
                             memory_format=torch.channels_last)
         return codes, x.new_empty((), dtype=torch.float32)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    codes = torch.empty_like(x, dtype=torch.int8, memory_format=fmt)
+    codes = torch.empty_like(x, dtype=x.dtype if dequant else torch.int8, memory_format=fmt)
     return codes, x.new_empty((), dtype=torch.float32)
 
 
-def quantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest", mode: str = "shift",
-             seed: int | None = None, channels_last: bool = False, pad_channels_to: int = 0):
-    """Quantize ``x`` to ``bits``-bit integer codes with a power-of-two scale (SPEC §2).
-
-    Returns ``(codes, scale)``: int8 codes of x's shape and a 0-dim float32 tensor on x's device.
-    ``rounding``: "nearest" (half to even) or "stochastic" (``floor(x*S/s + u)``, u ~ U[0,1), drawn from
-    ``seed``; the same seed gives the same codes). ``mode``: "shift" (``s = Shift(max|x|)``) or "wage"
-    (``s = 1``). ``channels_last=True`` writes the codes of a 4-D tensor in NHWC memory order.
-    ``pad_channels_to`` (> 1, needs ``channels_last``): the codes come back as (N, Cp, H, W) in NHWC order
-    with ``Cp`` = C rounded up to that multiple and channels ``>= C`` equal to 0 (the scale is the one of
-    x itself): 16-byte aligned pixel rows for the int8 kernels, at ``Cp - C`` extra bytes per pixel.
-    """
+def _check_args(x, bits, rounding, mode, seed, channels_last, pad_channels_to):
     check_tensor("x", x)
     check_bits("bits", bits)
     check_choice("rounding", rounding, ("nearest", "stochastic"))
@@ -302,15 +468,46 @@ def quantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest", mode: st
         raise ValueError(f"pad_channels_to={pad_channels_to!r} is not supported; accepted: an int >= 0")
     if pad_channels_to > 1 and not channels_last:
         raise ValueError("pad_channels_to needs channels_last=True (a 4-D tensor written in NHWC order)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed={seed!r} is not supported; accepted: None or an int in [0, 2**63)")
+
+
+def _seed_args(stochastic: bool, seed, device):
+    """(seed argument, rng tensor) of the op: the device state when a stochastic call gives no seed."""
+    if stochastic and seed is None:
+        from .. import _rng
+        return -1, _rng.device_state(device)
+    return (seed or 0), None
+
+
+def quantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest", mode: str = "shift",
+             seed: int | None = None, channels_last: bool = False, pad_channels_to: int = 0):
+    """Quantize ``x`` to ``bits``-bit integer codes with a power-of-two scale (SPEC §2).
+
+    Returns ``(codes, scale)``: int8 codes of x's shape and a 0-dim float32 tensor on x's device.
+    ``rounding``: "nearest" (half to even) or "stochastic" (``floor(x*S/s + u)``, u ~ U[0,1) from Philox at
+    each element's row-major index): with ``seed`` an int, the same seed gives the same codes; with
+    ``seed=None`` the noise comes from the device's random state (``ebkernels.manual_seed``; each call a
+    fresh ticket, drawn on the device: no host synchronisation). ``mode``: "shift" (``s = Shift(max|x|)``)
+    or "wage" (``s = 1``). ``channels_last=True`` writes the codes of a 4-D tensor in NHWC memory order.
+    ``pad_channels_to`` (> 1, needs ``channels_last``): the codes come back as (N, Cp, H, W) in NHWC order
+    with ``Cp`` = C rounded up to that multiple and channels ``>= C`` equal to 0 (the scale is the one of
+    x itself): 16-byte aligned pixel rows for the int8 kernels, at ``Cp - C`` extra bytes per pixel.
+    """
+    _check_args(x, bits, rounding, mode, seed, channels_last, pad_channels_to)
     stochastic = rounding == "stochastic"
-    if seed is None:
-        # drawn on the host generator: no device synchronisation
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if stochastic else 0
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise ValueError(f"seed={seed!r} is not supported; accepted: None or an int in [0, 2**31)")
-    if pad_channels_to > 1:
-        return _quantize_op(x, bits, stochastic, mode == "wage", seed, channels_last, pad_channels_to)
-    return _quantize_op(x, bits, stochastic, mode == "wage", seed, channels_last)
+    seed_arg, rng = _seed_args(stochastic, seed, x.device)
+    return _quantize_op(x, bits, stochastic, mode == "wage", seed_arg, channels_last, pad_channels_to, False, rng)
+
+
+def quantize_dequantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest", mode: str = "shift",
+                        seed: int | None = None) -> torch.Tensor:
+    """``dequantize(*quantize(x, ...))`` in one pass (x's dtype and layout): what the weight gradient's G
+    quantization hands the optimizer. Same arguments as ``quantize``."""
+    _check_args(x, bits, rounding, mode, seed, False, 0)
+    stochastic = rounding == "stochastic"
+    seed_arg, rng = _seed_args(stochastic, seed, x.device)
+    return _quantize_op(x, bits, stochastic, mode == "wage", seed_arg, False, 0, True, rng)[0]
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:

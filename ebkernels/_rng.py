@@ -1,0 +1,141 @@
+"""Device-side random state for stochastic rounding, so a training step never reads the host.
+
+Each device has one int64 tensor ``[seed, counter]``. A stochastic quantization takes a *ticket*: the
+kernel that runs just before the rounding pass (its absmax pass) increments ``counter`` on the device
+(program 0, integer atomic) and stores the old value next to the absmax; the rounding pass then draws
+``u = philox(seed, element index, ticket)``. Launch order on a stream is fixed, so the tickets, and the
+noise, are the same run to run; nothing is a kernel argument that a CUDA graph would freeze, so a
+replayed step draws fresh noise. ``manual_seed`` sets every device's state; ``get_state`` / ``set_state``
+move it through checkpoints (the trainer resumes bit-identically).
+
+``philox_uniform_reference`` is Triton's Philox4x32-10 (``tl.random.philox`` with 10 rounds) and its
+uint32 -> [0, 1) conversion in PyTorch integer arithmetic: the CPU reference path draws the very same
+numbers as the kernels, so stochastic rounding is checked bit for bit too.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.random import philox, uint_to_uniform_float
+
+__all__ = ["device_state", "manual_seed", "get_state", "set_state", "take_ticket_reference", "uniform",
+           "philox_uniform_reference"]
+
+_lock = threading.Lock()
+_states: dict[str, torch.Tensor] = {}
+_seed: int | None = None
+
+
+def _key(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def device_state(device) -> torch.Tensor:
+    """The int64 ``[seed, counter]`` tensor of ``device`` (created on first use from ``manual_seed``'s
+    seed, else from ``torch.initial_seed()``: both host integers, no synchronisation)."""
+    key = _key(device)
+    st = _states.get(key)
+    if st is None:
+        with _lock:
+            st = _states.get(key)
+            if st is None:
+                seed = (_seed if _seed is not None else torch.initial_seed()) % (2**63)
+                st = torch.tensor([seed, 0], dtype=torch.int64, device=torch.device(device))
+                _states[key] = st
+    return st
+
+
+def manual_seed(seed: int) -> None:
+    """Seed the stochastic rounding on every device (counters back to 0)."""
+    global _seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    _seed = seed % (2**63)
+    for st in _states.values():
+        st.copy_(torch.tensor([_seed, 0], dtype=torch.int64))
+
+
+def get_state() -> dict:
+    """Host copy of every device's ``[seed, counter]`` (reads the devices: call between steps)."""
+    return {"seed": _seed, "devices": {k: v.cpu().tolist() for k, v in _states.items()}}
+
+
+def set_state(state: dict) -> None:
+    """Restore what ``get_state`` returned."""
+    global _seed
+    _seed = state.get("seed")
+    for key, (seed, counter) in state.get("devices", {}).items():
+        device_state(key).copy_(torch.tensor([seed, counter], dtype=torch.int64))
+
+
+def take_ticket_reference(device) -> torch.Tensor:
+    """The reference path's ticket: a 0-dim int64 device tensor, the counter incremented (device ops)."""
+    st = device_state(device)
+    ticket = st[1].clone()
+    st[1] += 1
+    return ticket
+
+
+@triton.jit
+def uniform(seed, ticket, offs):
+    """U[0, 1) float32 per int64 element offset ``offs`` for this (seed, ticket)."""
+    lo = offs.to(tl.uint32)
+    hi = (offs >> 32).to(tl.uint32)
+    t = (lo * 0 + ticket.to(tl.uint32))
+    r, _, _, _ = philox(seed, lo, hi, t, lo * 0, 10)
+    return uint_to_uniform_float(r)
+
+
+# ----- PyTorch twin ---------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+
+
+def _umul_hi_lo(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit words of a * b for a constant a < 2^32 and uint32 values b (in int64)."""
+    a_lo, a_hi = a & 0xFFFF, a >> 16
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    ll = a_lo * b_lo
+    lh = a_lo * b_hi
+    hl = a_hi * b_lo
+    hh = a_hi * b_hi
+    mid = (ll >> 16) + (lh & 0xFFFF) + (hl & 0xFFFF)
+    lo = ((mid & 0xFFFF) << 16) | (ll & 0xFFFF)
+    hi = hh + (lh >> 16) + (hl >> 16) + (mid >> 16)
+    return hi & _M32, lo & _M32
+
+
+def philox_uniform_reference(seed: int | torch.Tensor, ticket, offs: torch.Tensor) -> torch.Tensor:
+    """``uniform(seed, ticket, offs)`` in PyTorch (int64 arithmetic on uint32 words)."""
+    offs = offs.to(torch.int64)
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=offs.device)
+    ticket = torch.as_tensor(ticket, dtype=torch.int64, device=offs.device)
+    k0 = (seed & _M32).expand_as(offs).clone()
+    k1 = ((seed >> 32) & _M32).expand_as(offs).clone()
+    c0 = offs & _M32
+    c1 = (offs >> 32) & _M32
+    c2 = (ticket & _M32).expand_as(offs).clone()
+    c3 = torch.zeros_like(offs)
+    for _ in range(10):
+        hi_b, lo_b = _umul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _umul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = (hi_b ^ c1 ^ k0) & _M32, lo_b, (hi_a ^ c3 ^ k1) & _M32, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _M32
+        k1 = (k1 + _PHILOX_KEY_B) & _M32
+    return _uint_to_uniform_reference(c0)
+
+
+def _uint_to_uniform_reference(x: torch.Tensor) -> torch.Tensor:
+    # triton: x as int32; x = where(x < 0, -x - 1, x); return x * 4.6566127342e-10 (float32)
+    xi = torch.where(x >= 2**31, x - 2**32, x)
+    xi = torch.where(xi < 0, -xi - 1, xi)
+    return xi.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)

@@ -1,0 +1,212 @@
+"""The per-channel and per-element BatchNorm + ReLU math of the fused int8 flow (SPEC §9), written
+twice side by side: as Triton device functions for the kernels and as PyTorch for the references.
+Both evaluate the same float32 operations in the same order, each rounded once (no fused
+multiply-add: the kernels compile with fp fusion off), so the codes they produce are bit-identical
+given the same per-channel inputs.
+
+Per channel c (statistics of the conv output y over the N·H·W pixels, or the running ones in eval):
+
+    rstd = 1 / sqrt(var + eps)        a = gamma * rstd        b = beta - mean * a
+    z    = relu(y * a + b)            (ReLU keeps NaN; without ReLU z = y * a + b)
+
+Rounding is monotone, so ``max z`` over channel c is reached at ``ymax`` when ``a >= 0`` and at ``ymin``
+otherwise: the absmax of z, hence its power-of-two scale, follows exactly from the per-channel
+extremes before z is computed. The per-channel parameters travel as one float32 tensor ``bnp``
+``[a, b, mean, rstd]`` (4, C).
+
+Backward (batch statistics; ``n`` = N·H·W; eval: m1 = m2 = 0), with ``g = dz`` where the ReLU passed
+(``z_pre > 0``, or NaN, as ``threshold_backward``) and 0 elsewhere, ``xhat = (y - mean) * rstd``:
+
+    sums = [Σ g, Σ g·xhat]   (= dbeta, dgamma)      m1 = sums[0] / n      m2 = sums[1] / n
+    dy   = a * ((g - m1) - xhat * m2)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quantize import shift_scale_from_bits, shift_scale_reference  # noqa: F401 (re-exported)
+
+__all__ = ["BNP_ROWS", "bn_finalize_channels", "bn_params", "relu_keep_nan", "bn_act", "act_extreme", "bn_grad_in",
+           "shift_scale_from_bits", "bn_params_reference", "bn_act_reference", "act_absmax_reference",
+           "bn_grad_in_reference", "finalize_reference", "scale_reference"]
+
+BNP_ROWS = 4  # a, b, mean, rstd
+
+
+# ----- device functions -----------------------------------------------------------------------------
+@triton.jit
+def bn_params(mean, var, gamma, beta, eps):
+    """(a, b, rstd) of ``z = y * a + b`` (float32, one rounding per operation)."""
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    a = gamma * rstd
+    b = beta - mean * a
+    return a, b, rstd
+
+
+@triton.jit
+def relu_keep_nan(x):
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
+def bn_act(y, a, b, RELU: tl.constexpr):
+    z = y * a + b
+    if RELU:
+        z = relu_keep_nan(z)
+    return z
+
+
+@triton.jit
+def act_extreme(ymax, ymin, a, b, RELU: tl.constexpr):
+    """Per channel: the largest |z| over the channel, from its extremes (exact: rounding is monotone)."""
+    if RELU:
+        z = relu_keep_nan(tl.where(a >= 0.0, ymax, ymin) * a + b)
+    else:
+        z = tl.maximum(tl.abs(ymax * a + b), tl.abs(ymin * a + b))
+        z = tl.where((a != a) | (b != b) | (ymax != ymax), float("nan"), z)
+    return z
+
+
+@triton.jit
+def bn_grad_in(dz, y, a, b, mean, rstd, m1, m2, RELU: tl.constexpr):
+    """(dy, g, xhat): the BatchNorm(+ReLU) input gradient and the two terms its sums are made of."""
+    if RELU:
+        keep = ~((y * a + b) <= 0.0)  # threshold_backward: NaN passes
+        g = tl.where(keep, dz, 0.0)
+    else:
+        g = dz
+    xhat = (y - mean) * rstd
+    dy = a * ((g - m1) - xhat * m2)
+    return dy, g, xhat
+
+
+@triton.jit
+def bn_finalize_channels(chan_ptr, C, col, col_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps, momentum,
+                         n, bnp_ptr, zmax_ptr, HAS_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr,
+                         UPDATE: tl.constexpr, RELU: tl.constexpr):
+    """Run once per channel by the program that merged the final statistics ``chan`` [mean, var, max,
+    min] (4, C): writes ``bnp`` [a, b, mean, rstd], folds the channels' ``act_extreme`` into the float32
+    bits at ``zmax_ptr`` (integer atomic max: order-free, NaN wins), and with ``UPDATE`` moves the running
+    statistics the way ``nn.BatchNorm2d`` does (``momentum < 0``: None, the cumulative average over
+    ``num_batches_tracked + 1``; the counter itself is incremented by the apply kernel, which runs later)."""
+    ymax = tl.load(chan_ptr + 2 * C + col, mask=col_ok, other=0.0)
+    ymin = tl.load(chan_ptr + 3 * C + col, mask=col_ok, other=0.0)
+    if BATCH_STATS:
+        mean = tl.load(chan_ptr + col, mask=col_ok, other=0.0)
+        var = tl.load(chan_ptr + C + col, mask=col_ok, other=1.0)
+    else:
+        mean = tl.load(rm_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        var = tl.load(rv_ptr + col, mask=col_ok, other=1.0).to(tl.float32)
+    if HAS_AFFINE:
+        gamma = tl.load(gamma_ptr + col, mask=col_ok, other=1.0).to(tl.float32)
+        beta = tl.load(beta_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        gamma = tl.full(mean.shape, 1.0, tl.float32)
+        beta = tl.zeros(mean.shape, tl.float32)
+    a, b, rstd = bn_params(mean, var, gamma, beta, eps)
+    tl.store(bnp_ptr + col, a, mask=col_ok)
+    tl.store(bnp_ptr + C + col, b, mask=col_ok)
+    tl.store(bnp_ptr + 2 * C + col, mean, mask=col_ok)
+    tl.store(bnp_ptr + 3 * C + col, rstd, mask=col_ok)
+    z = tl.where(col_ok, act_extreme(ymax, ymin, a, b, RELU), 0.0)
+    tl.atomic_max(zmax_ptr, tl.max(tl.abs(z).to(tl.int32, bitcast=True), axis=0))
+    if UPDATE:
+        if momentum < 0:
+            f = 1.0 / (tl.load(nbt_ptr) + 1).to(tl.float32)
+        else:
+            f = momentum
+        unbiased = var * (n / tl.maximum(n - 1.0, 1.0))
+        rm = tl.load(rm_ptr + col, mask=col_ok, other=0.0)
+        rv = tl.load(rv_ptr + col, mask=col_ok, other=0.0)
+        tl.store(rm_ptr + col, (f * mean + (1.0 - f) * rm.to(tl.float32)).to(rm.dtype), mask=col_ok)
+        tl.store(rv_ptr + col, (f * unbiased + (1.0 - f) * rv.to(tl.float32)).to(rv.dtype), mask=col_ok)
+
+
+# ----- PyTorch twins ---------------------------------------------------------------------------------
+def bn_params_reference(mean, var, gamma, beta, eps: float) -> torch.Tensor:
+    """``bnp`` = [a, b, mean, rstd] (4, C) float32, as ``bn_params``."""
+    f32 = torch.float32
+    mean, var = mean.to(f32), var.to(f32)
+    rstd = 1.0 / torch.sqrt(var + torch.tensor(eps, dtype=f32))
+    a = gamma.to(f32) * rstd
+    b = beta.to(f32) - mean * a
+    return torch.stack([a, b, mean, rstd])
+
+
+def _col(v: torch.Tensor, ndim: int, channel_dim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[channel_dim] = -1
+    return v.view(shape)
+
+
+def bn_act_reference(y: torch.Tensor, bnp: torch.Tensor, relu: bool, channel_dim: int = 1) -> torch.Tensor:
+    """z (float32) from y of any float dtype, channel dim ``channel_dim``."""
+    a, b = (_col(bnp[i], y.dim(), channel_dim) for i in (0, 1))
+    z = y.float() * a + b
+    return torch.where(z < 0, torch.zeros_like(z), z) if relu else z
+
+
+def act_absmax_reference(ymax, ymin, bnp: torch.Tensor, relu: bool, keep=None) -> torch.Tensor:
+    """0-dim float32: max over channels (those with ``keep >= 0`` when given) of ``act_extreme`` (NaN if
+    any of them is NaN)."""
+    a, b = bnp[0], bnp[1]
+    if keep is not None:
+        sel = keep >= 0
+        ymax, ymin, a, b = ymax[sel], ymin[sel], a[sel], b[sel]
+    if relu:
+        z = torch.where(a >= 0, ymax, ymin) * a + b
+        z = torch.where(z < 0, torch.zeros_like(z), z)
+    else:
+        z = torch.maximum((ymax * a + b).abs(), (ymin * a + b).abs())
+        z = torch.where(a.isnan() | b.isnan() | ymax.isnan(), torch.full_like(z, float("nan")), z)
+    if z.isnan().any():  # torch.amax propagates NaN too; spelled out for clarity
+        return torch.tensor(float("nan"), device=z.device)
+    return z.amax() if z.numel() else z.new_zeros(())
+
+
+def bn_grad_in_reference(dz, y, bnp, sums, n: int, relu: bool, channel_dim: int = 1):
+    """(dy float32, g, xhat) as ``bn_grad_in``; ``sums`` None: eval (m1 = m2 = 0)."""
+    a, b, mean, rstd = (_col(bnp[i], y.dim(), channel_dim) for i in range(4))
+    yf, dzf = y.float(), dz.float()
+    if relu:
+        keep = ~((yf * a + b) <= 0)
+        g = torch.where(keep, dzf, torch.zeros_like(dzf))
+    else:
+        g = dzf
+    xhat = (yf - mean) * rstd
+    if sums is None:
+        m1 = m2 = torch.zeros((), dtype=torch.float32, device=y.device)
+    else:
+        m1 = _col(sums[0] / float(n), y.dim(), channel_dim)
+        m2 = _col(sums[1] / float(n), y.dim(), channel_dim)
+    dy = a * ((g - m1) - xhat * m2)
+    return dy, g, xhat
+
+
+def scale_reference(amax: torch.Tensor, fixed_scale: bool) -> torch.Tensor:
+    if fixed_scale:
+        return torch.where(torch.isfinite(amax), torch.ones_like(amax), amax)
+    return shift_scale_reference(amax)
+
+
+def finalize_reference(chan, gamma, beta, running_mean, running_var, num_batches_tracked, momentum, eps: float,
+                       n: int, batch_stats: bool, update: bool, relu: bool, keep=None):
+    """``bn_finalize_channels`` in PyTorch: (bnp, zmax bits as int32 [1]); updates the running
+    statistics in place when ``update`` (``num_batches_tracked`` is left to the apply step)."""
+    C = chan.shape[1]
+    if batch_stats:
+        mean, var = chan[0], chan[1]
+    else:
+        mean, var = running_mean.float(), running_var.float()
+    gamma = gamma if gamma is not None else torch.ones(C, device=chan.device)
+    beta = beta if beta is not None else torch.zeros(C, device=chan.device)
+    bnp = bn_params_reference(mean, var, gamma, beta, eps)
+    zmax = act_absmax_reference(chan[2], chan[3], bnp, relu, keep).abs().reshape(1).float()
+    if update:
+        f = (1.0 / (num_batches_tracked.double() + 1)) if momentum is None else float(momentum)
+        unbiased = var.double() * (n / max(n - 1, 1))
+        running_mean.copy_((f * mean.double() + (1 - f) * running_mean.double()).to(running_mean.dtype))
+        running_var.copy_((f * unbiased + (1 - f) * running_var.double()).to(running_var.dtype))
+    return bnp, zmax.view(torch.int32)

@@ -1,0 +1,200 @@
+"""Per-channel reductions inside the kernels that produce the data: BatchNorm statistics in a conv
+epilogue, BatchNorm-backward sums in the recompute epilogue, and the same over a plain tensor.
+
+Every program reduces its own tile of rows to a *partial* per channel and stores it at its tile index;
+no float atomics, so results do not depend on scheduling. The programs then count themselves in with an
+integer atomic ("last program merges", as CUB's single-pass reductions do): the last tile of a group of
+``GROUP`` tiles merges that group's partials in index order into a group partial, and the last group of
+a column block merges the group partials into the final value. Two levels keep each merge short (a
+first conv layer at batch 256 has 2,048 row tiles: 32 + 64 partials per merge instead of 2,048) and
+the order fixed: the result is bit-identical run to run. Counters start at zero (the launcher zeroes
+them) and are never reset.
+
+Two kinds of partial:
+
+- ``MOMENTS``: count-weighted mean, M2 (sum of squared deviations from the tile mean), max and min of
+  the values; merged with Chan et al.'s parallel formulas in float64 and stored as float32
+  ``[mean, biased variance, max, min]``. Max/min propagate NaN.
+- ``SUMS``: two plain sums (BatchNorm backward: Σg and Σg·x̂), summed in float64, stored as float32.
+
+On the GPU the merging program reads the others' partials after an acquire-release atomic; the loads
+use ``.cg`` (L2, not the incoherent L1).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["GROUP", "MOMENTS", "SUMS", "tile_moments", "tile_sums", "store_partials", "finish_reduction",
+           "ReductionSpace", "moments_reference"]
+
+GROUP = 32  # row tiles per first-level merge
+MOMENTS = 0
+SUMS = 1
+_PARTS = {MOMENTS: 4, SUMS: 2}
+
+
+@triton.jit
+def _nan_max(x, axis):
+    """tl.max that returns NaN where a NaN was reduced (tl.max alone may drop it)."""
+    m = tl.max(tl.where(x != x, -float("inf"), x), axis=axis)
+    return tl.where(tl.sum((x != x).to(tl.int32), axis=axis) > 0, float("nan"), m)
+
+
+@triton.jit
+def _nan_min(x, axis):
+    m = tl.min(tl.where(x != x, float("inf"), x), axis=axis)
+    return tl.where(tl.sum((x != x).to(tl.int32), axis=axis) > 0, float("nan"), m)
+
+
+@triton.jit
+def tile_moments(v, row_ok, cnt):
+    """Per column of the fp32 tile ``v`` [R, C] over its valid rows (``row_ok``, ``cnt`` of them, > 0):
+    mean, M2 = Σ (v - mean)², max, min."""
+    ok = row_ok[:, None]
+    mean = tl.sum(tl.where(ok, v, 0.0), axis=0) / cnt
+    d = tl.where(ok, v - mean[None, :], 0.0)
+    m2 = tl.sum(d * d, axis=0)
+    mx = _nan_max(tl.where(ok, v, -float("inf")), 0)
+    mn = _nan_min(tl.where(ok, v, float("inf")), 0)
+    return mean, m2, mx, mn
+
+
+@triton.jit
+def tile_sums(a, b, row_ok):
+    """Per column of the fp32 tiles ``a``, ``b`` [R, C]: the sums over the valid rows."""
+    ok = row_ok[:, None]
+    return tl.sum(tl.where(ok, a, 0.0), axis=0), tl.sum(tl.where(ok, b, 0.0), axis=0)
+
+
+@triton.jit
+def store_partials(part_ptr, t, T, C, col, col_ok, p0, p1, p2, p3, KIND: tl.constexpr):
+    """Partial of row tile ``t`` (of ``T``) for channels ``col``: ``part[k, t, col]`` at
+    ``k * T * C + t * C + col``."""
+    s_part = T * C
+    base = part_ptr + t.to(tl.int64) * C + col
+    tl.store(base, p0, mask=col_ok)
+    tl.store(base + s_part, p1, mask=col_ok)
+    if KIND == 0:
+        tl.store(base + 2 * s_part, p2, mask=col_ok)
+        tl.store(base + 3 * s_part, p3, mask=col_ok)
+
+
+@triton.jit
+def _nan_maximum(a, b):
+    return tl.where((a != a) | (b != b), float("nan"), tl.maximum(a, b))
+
+
+@triton.jit
+def _nan_minimum(a, b):
+    return tl.where((a != a) | (b != b), float("nan"), tl.minimum(a, b))
+
+
+@triton.jit
+def _merge(src_ptr, s_src, lo, hi, span, M, col, col_ok, C, dst_ptr, s_dst, slot, KIND: tl.constexpr,
+           TB: tl.constexpr, BC: tl.constexpr, FINAL: tl.constexpr):
+    """Merge the partials ``[lo, hi)`` of ``src`` (item i at ``k * s_src + i * C + col``, covering rows
+    ``[i*span, min((i+1)*span, M))``) in index order and store the result at ``slot`` of ``dst``
+    (``k * s_dst + slot * C + col``): a partial of the same kind, or (``FINAL``) the float32 result
+    (MOMENTS: mean, biased variance, max, min; SUMS: the two sums)."""
+    cmask = col_ok[None, :]
+    s0 = tl.zeros((BC,), tl.float64)
+    s1 = tl.zeros((BC,), tl.float64)
+    mx = tl.full((BC,), -float("inf"), tl.float32)
+    mn = tl.full((BC,), float("inf"), tl.float32)
+    for i0 in range(lo, hi, TB):
+        i = i0 + tl.arange(0, TB)
+        i_ok = i < hi
+        offs = i.to(tl.int64)[:, None] * C + col[None, :]
+        m = i_ok[:, None] & cmask
+        a = tl.load(src_ptr + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
+        if KIND == 0:
+            cnt = tl.where(i_ok, tl.minimum(span, M - i * span), 0).to(tl.float64)
+            s0 += tl.sum(cnt[:, None] * a, axis=0)
+            x = tl.load(src_ptr + 2 * s_src + offs, mask=m, other=-float("inf"), cache_modifier=".cg")
+            mx = _nan_maximum(mx, _nan_max(x, 0))
+            x = tl.load(src_ptr + 3 * s_src + offs, mask=m, other=float("inf"), cache_modifier=".cg")
+            mn = _nan_minimum(mn, _nan_min(x, 0))
+        else:
+            s0 += tl.sum(a, axis=0)
+            s1 += tl.sum(tl.load(src_ptr + s_src + offs, mask=m, other=0.0, cache_modifier=".cg")
+                         .to(tl.float64), axis=0)
+    if KIND == 0:
+        n_all = (tl.minimum(hi * span, M) - lo * span).to(tl.float64)
+        mean = s0 / n_all
+        for i0 in range(lo, hi, TB):  # second pass: Chan's M2 = sum M2_i + sum n_i (mean_i - mean)^2
+            i = i0 + tl.arange(0, TB)
+            i_ok = i < hi
+            offs = i.to(tl.int64)[:, None] * C + col[None, :]
+            m = i_ok[:, None] & cmask
+            cnt = tl.where(i_ok, tl.minimum(span, M - i * span), 0).to(tl.float64)
+            mi = tl.load(src_ptr + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
+            m2i = tl.load(src_ptr + s_src + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
+            d = mi - mean[None, :]
+            s1 += tl.sum(m2i + cnt[:, None] * d * d, axis=0)
+        r0 = mean.to(tl.float32)
+        if FINAL:
+            r1 = (s1 / n_all).to(tl.float32)
+        else:
+            r1 = s1.to(tl.float32)
+    else:
+        r0 = s0.to(tl.float32)
+        r1 = s1.to(tl.float32)
+    dst = dst_ptr + slot.to(tl.int64) * C + col
+    tl.store(dst, r0, mask=col_ok)
+    tl.store(dst + s_dst, r1, mask=col_ok)
+    if KIND == 0:
+        tl.store(dst + 2 * s_dst, mx, mask=col_ok)
+        tl.store(dst + 3 * s_dst, mn, mask=col_ok)
+
+
+@triton.jit
+def finish_reduction(part_ptr, grp_ptr, out_ptr, sem_ptr, t, T, pid_n, num_n, M, span, col, col_ok,
+                     C, KIND: tl.constexpr, GROUP: tl.constexpr, TB: tl.constexpr, BC: tl.constexpr):
+    """After tile ``t`` (of ``T``, each covering ``span`` of the ``M`` rows) stored its partial: count it
+    in; the last tile of its group merges the group, the last group of column block ``pid_n`` merges
+    everything into ``out[k, col]`` (row pitch C) and the function returns True (in that one program per
+    column block: it may go on to use the result, e.g. ``bn_finalize_channels``). Semaphores: ``sem[g * num_n + pid_n]`` per group,
+    ``sem[G * num_n + pid_n]`` per column block (G = number of groups), all zero at launch."""
+    G = tl.cdiv(T, GROUP)
+    g = t // GROUP
+    in_group = tl.minimum(GROUP, T - g * GROUP)
+    final = g < 0  # False, as a scalar tensor
+    done = tl.atomic_add(sem_ptr + g * num_n + pid_n, 1)
+    if done == in_group - 1:
+        _merge(part_ptr, T * C, g * GROUP, g * GROUP + in_group, span, M, col, col_ok, C, grp_ptr, G * C, g,
+               KIND, TB, BC, False)
+        done_g = tl.atomic_add(sem_ptr + G * num_n + pid_n, 1)
+        if done_g == G - 1:
+            _merge(grp_ptr, G * C, 0, G, span * GROUP, M, col, col_ok, C, out_ptr, C, g * 0, KIND, TB, BC,
+                   True)
+            final = g >= 0
+    return final
+
+
+class ReductionSpace:
+    """The buffers of one in-kernel reduction: tile partials, group partials, zeroed semaphores and the
+    float32 result ``out`` [4 or 2, C]."""
+
+    def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device):
+        from . import _igemm  # its empty_output: the tests poison every kernel output through it
+
+        def empty(shape, dtype, device):
+            return _igemm.empty_output(shape, dtype, device)
+
+        parts = _PARTS[kind]
+        groups = triton.cdiv(tiles, GROUP)
+        self.kind, self.tiles, self.C = kind, tiles, C
+        self.part = empty((parts, tiles, C), dtype=torch.float32, device=device)
+        self.grp = empty((parts, groups, C), dtype=torch.float32, device=device)
+        self.sem = torch.zeros(((groups + 1) * col_blocks,), dtype=torch.int32, device=device)
+        self.out = empty((parts, C), dtype=torch.float32, device=device)
+
+
+def moments_reference(v: torch.Tensor):
+    """[mean, biased variance, max, min] (float32, from float64) per column of a 2-D tensor [rows, C]."""
+    d = v.double()
+    mean = d.mean(0)
+    var = ((d - mean) ** 2).mean(0)
+    return torch.stack([mean, var, d.amax(0), d.amin(0)]).float()

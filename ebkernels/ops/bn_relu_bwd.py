@@ -1,0 +1,334 @@
+"""Backward of BatchNorm + ReLU without a float y kept from the forward (SPEC §9), producing the error
+E of the layer below quantized in two passes after the sums.
+
+The math is ``_bn_math.bn_grad_in``: per channel the sums [Σ g, Σ g·xhat] (from the recompute epilogue
+of ``conv2d_bn``, or from ``bn_relu_bwd_reduce`` here for a BatchNorm on a float tensor), then per
+element ``dy = a·((g - m1) - xhat·m2)``. E's per-tensor scale ``Shift(max |dy|)`` needs every dy before
+the first code, so:
+
+- ``bn_relu_bwd(..., mode="absmax")``: one read of (dz, y), the float32 bits of max |dy| by an integer
+  atomic max (NaN wins), and, for stochastic rounding, the ticket of the device random state (``_rng``);
+- ``bn_relu_bwd(..., mode="codes")``: a second read, the int8 codes written in both layouts the
+  convolution backward reads: NHWC (input-grad) and channel-major ``[C, N·H·W]`` (weight-grad's K-major
+  operand), channels padded to 16 with zeros;
+- ``bn_relu_bwd(..., mode="float")``: dy itself (a BatchNorm whose input is a float tensor: the
+  residual stream), in the layout of ``out``.
+
+``dz`` may come gathered (``inv``: channel c of y reads channel ``inv[c]`` of dz, -1 = not gathered, g =
+0), the backward of a ``ChannelSelection``. References in PyTorch with the same float32 operations;
+``rounding="stochastic"`` draws the same Philox numbers as the kernel (``_rng``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _rng
+from .._backend import use_triton
+from .._registry import aot_kernel
+from . import _igemm
+from ._bn_math import bn_grad_in, bn_grad_in_reference, scale_reference, shift_scale_from_bits
+from ._channel_stats import SUMS, ReductionSpace, finish_reduction, store_partials, tile_sums
+from ._igemm import cast_rne, decode_rows
+from .bn_relu_quant import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
+from .quantize import round_half_even
+
+__all__ = ["bn_relu_bwd_reduce", "bn_relu_bwd", "bn_relu_bwd_reduce_reference", "bn_relu_bwd_reference",
+           "MODES"]
+
+MODES = {"absmax": 0, "codes": 1, "float": 2}
+
+
+@triton.jit
+def _load_inputs(dz_ptr, y_ptr, inv_ptr, bnp_ptr, m, m_ok, c, c_ok, C, H, W, sd_n, sd_c, sd_h, sd_w, sy_n, sy_c,
+                 sy_h, sy_w, HAS_INV: tl.constexpr):
+    """(dz, y, a, b, mean, rstd) of a [rows, channels] tile; dz through the channel map when ``HAS_INV``."""
+    n, h, w = decode_rows(m, H, W)
+    n = n.to(tl.int64)
+    h = h.to(tl.int64)
+    w = w.to(tl.int64)
+    mask = m_ok[:, None] & c_ok[None, :]
+    if HAS_INV:
+        dc = tl.load(inv_ptr + c, mask=c_ok, other=-1)
+        dmask = mask & (dc >= 0)[None, :]
+        dc = tl.maximum(dc, 0).to(tl.int64)
+    else:
+        dc = c.to(tl.int64)
+        dmask = mask
+    dz = tl.load(dz_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + (dc * sd_c)[None, :], mask=dmask,
+                 other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + (n * sy_n + h * sy_h + w * sy_w)[:, None] + (c.to(tl.int64) * sy_c)[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    a = tl.load(bnp_ptr + c, mask=c_ok, other=0.0)[None, :]
+    b = tl.load(bnp_ptr + C + c, mask=c_ok, other=0.0)[None, :]
+    mean = tl.load(bnp_ptr + 2 * C + c, mask=c_ok, other=0.0)[None, :]
+    rstd = tl.load(bnp_ptr + 3 * C + c, mask=c_ok, other=0.0)[None, :]
+    return dz, y, a, b, mean, rstd
+
+
+_REDUCE_SIG = {"dz_ptr": "*bf16", "y_ptr": "*bf16", "inv_ptr": "*i32", "bnp_ptr": "*fp32", "part_ptr": "*fp32",
+               "grp_ptr": "*fp32", "out_ptr": "*fp32", "sem_ptr": "*i32", "M": "i32", "C": "i32", "H": "i32",
+               "W": "i32", "sd_n": "i64", "sd_c": "i64", "sd_h": "i64", "sd_w": "i64", "sy_n": "i64", "sy_c": "i64",
+               "sy_h": "i64", "sy_w": "i64"}
+
+
+@aot_kernel(signature=_REDUCE_SIG,
+            constexprs=[{"HAS_INV": i, "RELU": True, "BP": 32, "CB": 128, "TB": 32, "GROUP": 32} for i in (False, True)],
+            num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
+@triton.jit
+def bn_relu_bwd_reduce_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, part_ptr, grp_ptr, out_ptr, sem_ptr, M, C, H, W, sd_n,
+                              sd_c, sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV: tl.constexpr, RELU: tl.constexpr,
+                              BP: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr, GROUP: tl.constexpr):
+    """Grid (row tiles, channel blocks): the sums [Σ g, Σ g·xhat] per channel, merged in the kernel."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    T = tl.num_programs(0)
+    m = pid_m * BP + tl.arange(0, BP)
+    c = pid_n * CB + tl.arange(0, CB)
+    m_ok = m < M
+    c_ok = c < C
+    dz, y, a, b, mean, rstd = _load_inputs(dz_ptr, y_ptr, inv_ptr, bnp_ptr, m, m_ok, c, c_ok, C, H, W, sd_n, sd_c,
+                                           sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV)
+    _, g, xhat = bn_grad_in(dz, y, a, b, mean, rstd, 0.0, 0.0, RELU)
+    s0, s1 = tile_sums(g, g * xhat, m_ok)
+    store_partials(part_ptr, pid_m, T, C, c, c_ok, s0, s1, s0, s1, 1)
+    finish_reduction(part_ptr, grp_ptr, out_ptr, sem_ptr, pid_m, T, pid_n, tl.num_programs(1), M, BP, c, c_ok, C, 1,
+                     GROUP, TB, CB)
+
+
+_BWD_SIG = {"dz_ptr": "*bf16", "y_ptr": "*bf16", "inv_ptr": "*i32", "bnp_ptr": "*fp32", "sums_ptr": "*fp32",
+            "amax_ptr": "*i32", "rng_ptr": "*i64", "out_ptr": "*i8", "cm_ptr": "*i8", "scale_ptr": "*fp32", "M": "i32",
+            "C": "i32", "Cp": "i32", "H": "i32", "W": "i32", "sd_n": "i64", "sd_c": "i64", "sd_h": "i64",
+            "sd_w": "i64", "sy_n": "i64", "sy_c": "i64", "sy_h": "i64", "sy_w": "i64", "so_n": "i64", "so_c": "i64",
+            "so_h": "i64", "so_w": "i64", "n_f": "fp32"}
+_BWD_AOT = ([{"MODE": 0, "HAS_INV": False, "HAS_SUMS": True, "RELU": True, "BITS": 8, "STOCHASTIC": s, "CM": True,
+              "BP": 32, "CB": 128} for s in (False, True)]
+            + [{"MODE": 1, "HAS_INV": False, "HAS_SUMS": True, "RELU": True, "BITS": 8, "STOCHASTIC": s, "CM": True,
+                "BP": 32, "CB": 128} for s in (False, True)]
+            + [{"MODE": 2, "HAS_INV": i, "HAS_SUMS": True, "RELU": True, "BITS": 8, "STOCHASTIC": False, "CM": False,
+                "BP": 32, "CB": 128} for i in (False, True)])
+
+
+@aot_kernel(signature=_BWD_SIG, constexprs=_BWD_AOT, num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
+@triton.jit
+def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, rng_ptr, out_ptr, cm_ptr, scale_ptr, M, C,
+                       Cp, H, W, sd_n, sd_c, sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, so_n, so_c, so_h, so_w, n_f,
+                       MODE: tl.constexpr, HAS_INV: tl.constexpr, HAS_SUMS: tl.constexpr, RELU: tl.constexpr,
+                       BITS: tl.constexpr, STOCHASTIC: tl.constexpr, CM: tl.constexpr, BP: tl.constexpr,
+                       CB: tl.constexpr):
+    """Grid (row tiles, channel blocks over Cp). ``MODE`` 0: max |dy| bits into ``amax[0]`` (program (0, 0)
+    also takes the random ticket into ``amax[1]`` when ``STOCHASTIC``); 1: codes at ``m * Cp + c`` (NHWC)
+    and, with ``CM``, at ``c * M + m`` (channel-major), channels C..Cp-1 written 0, scale stored by program
+    (0, 0); 2: dy in ``out`` (strides so_*). ``HAS_SUMS`` False: eval-mode BatchNorm (m1 = m2 = 0)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m = pid_m * BP + tl.arange(0, BP)
+    c = pid_n * CB + tl.arange(0, CB)
+    m_ok = m < M
+    c_ok = c < C
+    dz, y, a, b, mean, rstd = _load_inputs(dz_ptr, y_ptr, inv_ptr, bnp_ptr, m, m_ok, c, c_ok, C, H, W, sd_n, sd_c,
+                                           sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV)
+    if HAS_SUMS:
+        m1 = (tl.load(sums_ptr + c, mask=c_ok, other=0.0) / n_f)[None, :]
+        m2 = (tl.load(sums_ptr + C + c, mask=c_ok, other=0.0) / n_f)[None, :]
+    else:
+        m1 = 0.0
+        m2 = 0.0
+    dy, _, _ = bn_grad_in(dz, y, a, b, mean, rstd, m1, m2, RELU)
+    mask = m_ok[:, None] & c_ok[None, :]
+    first = (pid_m == 0) & (pid_n == 0)
+    if MODE == 0:
+        bits = tl.abs(tl.where(mask, dy, 0.0)).to(tl.int32, bitcast=True)
+        tl.atomic_max(amax_ptr, tl.max(tl.max(bits, axis=1), axis=0))
+        if STOCHASTIC:
+            if first:
+                tl.store(amax_ptr + 1, tl.atomic_add(rng_ptr + 1, 1).to(tl.int32))
+    elif MODE == 1:
+        S: tl.constexpr = 2.0 ** (BITS - 1)
+        scale = shift_scale_from_bits(tl.load(amax_ptr), False)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(dy, scale) * S, -(S - 1.0)), S - 1.0)
+        offs = m.to(tl.int64)[:, None] * C + c[None, :]
+        if STOCHASTIC:
+            q = tl.floor(q + _rng.uniform(tl.load(rng_ptr), tl.load(amax_ptr + 1), offs))
+        else:
+            q = round_half_even(q)
+        q = tl.where((q != q) | ~mask, 0.0, q).to(tl.int8)
+        pad_mask = m_ok[:, None] & (c < Cp)[None, :]
+        tl.store(out_ptr + m.to(tl.int64)[:, None] * Cp + c[None, :], q, mask=pad_mask)
+        if CM:
+            tl.store(cm_ptr + c.to(tl.int64)[None, :] * M + m[:, None], q, mask=pad_mask)
+        if first:
+            tl.store(scale_ptr, scale)
+    else:
+        n, h, w = decode_rows(m, H, W)
+        offs = (n.to(tl.int64) * so_n + h.to(tl.int64) * so_h + w.to(tl.int64) * so_w)[:, None] + \
+            c.to(tl.int64)[None, :] * so_c
+        tl.store(out_ptr + offs, cast_rne(dy, out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# References
+# --------------------------------------------------------------------------------------------------
+def _gathered(dz: torch.Tensor, inv: Optional[torch.Tensor], C: int) -> torch.Tensor:
+    """dz brought to y's C channels through the channel map (0 where not gathered)."""
+    if inv is None:
+        return dz
+    idx = inv.long().clamp(min=0)
+    out = dz.index_select(1, idx)
+    return torch.where((inv >= 0).view(1, -1, 1, 1), out, torch.zeros_like(out))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def bn_relu_bwd_reduce_reference(dz, y, bnp, inv, relu):
+    _, g, xhat = bn_grad_in_reference(_gathered(dz, inv, y.shape[1]), y, bnp, None, 1, relu)
+    return torch.stack([_rows(g).double().sum(0), _rows(g * xhat).double().sum(0)]).float()
+
+
+def bn_relu_bwd_reference(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype,
+                          channels_last_out):
+    """``bn_relu_bwd`` in PyTorch (same outputs as the op)."""
+    N, C, H, W = y.shape
+    dy, _, _ = bn_grad_in_reference(_gathered(dz, inv, C), y, bnp, sums, N * H * W, relu)
+    if mode == "float":
+        fmt = torch.channels_last if channels_last_out else torch.contiguous_format
+        return (dy.to(out_dtype).contiguous(memory_format=fmt),)
+    if mode == "absmax":
+        a = dy.abs().amax().reshape(1) if dy.numel() else dy.new_zeros(1)
+        out = torch.zeros(2, dtype=torch.int32, device=y.device)
+        out[0] = a.view(torch.int32)[0]
+        if stochastic:
+            out[1] = _rng.take_ticket_reference(y.device).to(torch.int32)
+        return (out,)
+    scale = scale_reference(amax[0:1].view(torch.float32).reshape(()), False)
+    S = float(2 ** (bits - 1))
+    q = ((dy / scale) * S).clamp(-(S - 1), S - 1)
+    if stochastic:
+        offs = torch.arange(N * H * W, device=y.device).view(N, H, W, 1) * C + torch.arange(C, device=y.device)
+        u = _rng.philox_uniform_reference(_rng.device_state(y.device)[0], amax[1].long(), offs)
+        q = torch.floor(q + u.permute(0, 3, 1, 2))
+    else:
+        q = torch.round(q)
+    q = torch.nan_to_num(q, nan=0.0).to(torch.int8)
+    Cp = C if pad_to <= 1 else -(-C // pad_to) * pad_to
+    nhwc = torch.zeros((N, H, W, Cp), dtype=torch.int8, device=y.device)
+    nhwc[..., :C] = q.permute(0, 2, 3, 1)
+    cm = nhwc.permute(3, 0, 1, 2).contiguous()
+    return nhwc.permute(0, 3, 1, 2), cm.permute(1, 0, 2, 3), scale
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers and ops
+# --------------------------------------------------------------------------------------------------
+def _inv_arg(inv, fallback):
+    return inv if inv is not None else fallback
+
+
+def _reduce_triton(dz, y, bnp, inv, relu):
+    N, C, H, W = y.shape
+    M = N * H * W
+    BP, CB = elementwise_tiles(C, y.device)
+    T, num_n = triton.cdiv(M, BP), triton.cdiv(C, CB)
+    space = ReductionSpace(SUMS, T, num_n, C, y.device)
+    bn_relu_bwd_reduce_kernel[(T, num_n)](
+        dz, y, _inv_arg(inv, space.sem), bnp, space.part, space.grp, space.out, space.sem, M, C, H, W, *nhwc_rows(dz),
+        *nhwc_rows(y), HAS_INV=inv is not None, RELU=relu, BP=BP, CB=CB, TB=32, GROUP=32, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+    return space.out
+
+
+@torch.library.custom_op("ebkernels::bn_relu_bwd_reduce", mutates_args=())
+def _reduce_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, inv: Optional[torch.Tensor],
+               relu: bool) -> torch.Tensor:
+    if use_triton(dz, y) and y.numel() < 2**31:
+        return _reduce_triton(dz, y, bnp, inv, relu)
+    return bn_relu_bwd_reduce_reference(dz, y, bnp, inv, relu)
+
+
+@_reduce_op.register_fake
+def _(dz, y, bnp, inv, relu):
+    return y.new_empty((2, y.shape[1]), dtype=torch.float32)
+
+
+def bn_relu_bwd_reduce(dz, y, bnp, inv=None, relu=True):
+    """[Σ g, Σ g·xhat] (2, C) of the gradient ``dz`` w.r.t. ``relu(y*a + b)`` (through the channel map
+    ``inv``), y any float tensor (N, C, H, W)."""
+    return _reduce_op(dz, y, bnp, inv, bool(relu))
+
+
+def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out):
+    N, C, H, W = y.shape
+    M = N * H * W
+    dev = y.device
+    m = MODES[mode]
+    Cp = C if (mode != "codes" or pad_to <= 1) else -(-C // pad_to) * pad_to
+    rng = _rng.device_state(dev) if stochastic else bnp
+    scale = out = cm = None
+    if mode == "absmax":
+        out = torch.zeros(2, dtype=torch.int32, device=dev)
+        amax, dst, dcm = out, out, out
+        so = (0, 0, 0, 0)
+    elif mode == "codes":
+        out = _igemm.empty_output((N, Cp, H, W), torch.int8, dev, torch.channels_last)
+        cm = _igemm.empty_output((Cp, N, H, W), torch.int8, dev).permute(1, 0, 2, 3)
+        scale = _igemm.empty_output((), torch.float32, dev)
+        dst, dcm, so = out, cm, (0, 0, 0, 0)
+    else:
+        fmt = torch.channels_last if channels_last_out else torch.contiguous_format
+        out = _igemm.empty_output((N, C, H, W), out_dtype, dev, fmt)
+        dst, dcm, amax = out, out, bnp
+        so = nhwc_rows(out)
+    BP, CB = elementwise_tiles(Cp, dev)
+    grid = (triton.cdiv(M, BP), triton.cdiv(Cp, CB))
+    bn_relu_bwd_kernel[grid](
+        dz, y, _inv_arg(inv, bnp), bnp, sums if sums is not None else bnp, amax, rng, dst, dcm,
+        scale if scale is not None else bnp, M, C, Cp, H, W, *nhwc_rows(dz), *nhwc_rows(y), *so, float(M), MODE=m,
+        HAS_INV=inv is not None, HAS_SUMS=sums is not None, RELU=relu, BITS=bits, STOCHASTIC=stochastic, CM=True,
+        BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+    if mode == "codes":
+        return out, cm, scale
+    return (out,)
+
+
+@torch.library.custom_op("ebkernels::bn_relu_bwd", mutates_args=())
+def _bwd_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, sums: Optional[torch.Tensor],
+            inv: Optional[torch.Tensor], relu: bool, mode: str, bits: int, stochastic: bool, pad_to: int,
+            amax: Optional[torch.Tensor], out_dtype: Optional[torch.dtype], channels_last_out: bool
+            ) -> list[torch.Tensor]:
+    if use_triton(dz, y) and y.numel() < 2**31:
+        return list(_bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype,
+                                channels_last_out))
+    return list(bn_relu_bwd_reference(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype,
+                                      channels_last_out))
+
+
+@_bwd_op.register_fake
+def _(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out):
+    N, C, H, W = y.shape
+    if mode == "absmax":
+        return [y.new_empty((2,), dtype=torch.int32)]
+    if mode == "float":
+        fmt = torch.channels_last if channels_last_out else torch.contiguous_format
+        return [torch.empty((N, C, H, W), dtype=out_dtype, device=y.device, memory_format=fmt)]
+    Cp = C if pad_to <= 1 else -(-C // pad_to) * pad_to
+    nhwc = torch.empty((N, Cp, H, W), dtype=torch.int8, device=y.device, memory_format=torch.channels_last)
+    cm = torch.empty((Cp, N, H, W), dtype=torch.int8, device=y.device).permute(1, 0, 2, 3)
+    return [nhwc, cm, y.new_empty((), dtype=torch.float32)]
+
+
+def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, relu=True, mode="codes", bits=8, stochastic=False, pad_to=16,
+                amax=None, out_dtype=torch.float32, channels_last_out=True):
+    """Per element ``dy = a·((g - m1) - xhat·m2)`` (``sums`` None: eval, m1 = m2 = 0). ``mode="absmax"``:
+    ``[bits of max |dy|, random ticket]`` (int32 [2]); ``"codes"`` (needs that ``amax``): ``(codes NHWC (N, Cp,
+    H, W), codes channel-major (same shape, memory [Cp, N, H, W]), scale)``; ``"float"``: ``(dy,)`` in
+    ``out_dtype``, channels-last when ``channels_last_out``."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not supported; accepted: {', '.join(MODES)}")
+    if mode == "codes" and amax is None:
+        raise ValueError("mode='codes' needs the amax that mode='absmax' returned")
+    return tuple(_bwd_op(dz, y, bnp, sums, inv, bool(relu), mode, int(bits), bool(stochastic), int(pad_to), amax,
+                         out_dtype, bool(channels_last_out)))

@@ -1,0 +1,327 @@
+"""BatchNorm-apply + ReLU + quantize in one pass (SPEC §9), and BatchNorm statistics of a float tensor.
+
+``bn_relu_quant``: reads y once (NHWC, bfloat16 from the conv epilogue, or any float tensor) and writes
+the int8 codes of ``z = relu(y * a + b)`` straight in the layout the next convolution reads (NHWC,
+channels zero-padded to a multiple of 16), or z itself as float where the next layer is not an int8
+convolution. The per-channel ``bnp`` = [a, b, mean, rstd] and the float32 bits of ``max |z|`` come from
+the kernel that produced the statistics (the conv epilogue of ``conv2d_bn``, or ``bn_stats`` below), so
+the power-of-two scale is known before z exists and the float z is never materialised. An optional
+channel gather (``index``) is the pre-activation ResNet's ``ChannelSelection``.
+
+``bn_stats``: per-channel statistics of a float tensor (a pre-activation BatchNorm reading the residual
+stream), with the same in-kernel two-level merge and the same finalisation (``bnp``, ``max |z|``,
+running statistics); it also writes the tensor rounded to bfloat16 in NHWC order: the copy that the
+fused block keeps for backward, and the values its statistics and its ``bn_relu_quant`` use.
+
+Each op: Triton kernel(s), a PyTorch reference with the same float32 operations, a ``torch.library``
+custom op with a fake implementation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import use_triton
+from .._registry import aot_kernel
+from . import _igemm
+from ._bn_math import (BNP_ROWS, bn_act, bn_act_reference, bn_finalize_channels, finalize_reference,
+                       scale_reference, shift_scale_from_bits)
+from ._channel_stats import MOMENTS, ReductionSpace, finish_reduction, moments_reference, store_partials, tile_moments
+from ._igemm import cast_rne, decode_rows, to_bfloat16_rne
+from .quantize import round_half_even
+
+__all__ = ["bn_stats", "bn_relu_quant", "bn_stats_reference", "bn_relu_quant_reference", "elementwise_tiles",
+           "ELEMENTWISE_WARPS",
+           "nhwc_rows"]
+
+
+# 8 warps: 16 elements of a 4K-element tile per thread (at 4 warps the index and BatchNorm math of 32
+# elements per thread took 200+ registers)
+ELEMENTWISE_WARPS = 8
+
+
+def elementwise_tiles(C: int, device: torch.device):
+    """(rows, channels) per program of the per-element BatchNorm kernels: whole 16-byte channel runs,
+    about 4K elements."""
+    cb = min(128, triton.next_power_of_2(max(C, 16)))
+    return max(16, 4096 // cb), cb
+
+
+def nhwc_rows(t: torch.Tensor):
+    """(s_n, s_c, s_h, s_w) of a 4-D tensor in its own memory layout."""
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+# z = y*a + b must round twice, as the references (and the interpreter) do: no fma contraction
+NO_FP_FUSION = {"enable_fp_fusion": False}
+
+
+# --------------------------------------------------------------------------------------------------
+# bn_stats
+# --------------------------------------------------------------------------------------------------
+_STATS_SIG = {"x_ptr": "*fp32", "xb_ptr": "*bf16", "part_ptr": "*fp32", "grp_ptr": "*fp32", "chan_ptr": "*fp32",
+              "sem_ptr": "*i32", "gamma_ptr": "*fp32", "beta_ptr": "*fp32", "rm_ptr": "*fp32", "rv_ptr": "*fp32",
+              "nbt_ptr": "*i64", "keep_ptr": "*i32", "bnp_ptr": "*fp32", "zmax_ptr": "*i32", "M": "i32", "C": "i32",
+              "H": "i32", "W": "i32", "s_n": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64", "eps": "fp32",
+              "momentum": "fp32", "n_f": "fp32"}
+
+
+@aot_kernel(signature=_STATS_SIG,
+            constexprs=[{"HAS_AFFINE": True, "BATCH_STATS": True, "UPDATE": True, "RELU": True, "HAS_KEEP": k,
+                         "BP": 32, "CB": 128, "TB": 32, "GROUP": 32} for k in (False, True)],
+            num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
+@triton.jit
+def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                    keep_ptr, bnp_ptr, zmax_ptr, M, C, H, W, s_n, s_c, s_h, s_w, eps, momentum, n_f,
+                    HAS_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, RELU: tl.constexpr,
+                    HAS_KEEP: tl.constexpr, BP: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr,
+                    GROUP: tl.constexpr):
+    """Grid (row tiles, channel blocks) over the N·H·W × C elements of x (any strides): x rounded to
+    bfloat16 into ``xb`` (NHWC), per-tile moments, the two-level merge into ``chan``, then the
+    finalisation (``bn_finalize_channels``) by the merging program. ``HAS_KEEP``: only channels with
+    ``keep[c] >= 0`` count towards max |z| (those a channel gather keeps)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    T = tl.num_programs(0)
+    m = pid_m * BP + tl.arange(0, BP)
+    c = pid_n * CB + tl.arange(0, CB)
+    m_ok = m < M
+    c_ok = c < C
+    n, h, w = decode_rows(m, H, W)
+    offs = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
+    mask = m_ok[:, None] & c_ok[None, :]
+    x = tl.load(x_ptr + offs[:, None] + c.to(tl.int64)[None, :] * s_c, mask=mask, other=0.0)
+    xb = to_bfloat16_rne(x.to(tl.float32))
+    tl.store(xb_ptr + m.to(tl.int64)[:, None] * C + c[None, :], xb, mask=mask)
+    cnt = tl.minimum(BP, M - pid_m * BP)
+    mean, m2, mx, mn = tile_moments(xb.to(tl.float32), m_ok, cnt)
+    store_partials(part_ptr, pid_m, T, C, c, c_ok, mean, m2, mx, mn, 0)
+    final = finish_reduction(part_ptr, grp_ptr, chan_ptr, sem_ptr, pid_m, T, pid_n, tl.num_programs(1), M, BP, c,
+                             c_ok, C, 0, GROUP, TB, CB)
+    if final:
+        col_ok = c_ok
+        if HAS_KEEP:
+            col_ok = c_ok & (tl.load(keep_ptr + c, mask=c_ok, other=-1) >= 0)
+        bn_finalize_channels(chan_ptr, C, c, col_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps, momentum,
+                             n_f, bnp_ptr, zmax_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
+
+
+def _momentum_arg(momentum) -> float:
+    return -1.0 if momentum is None else float(momentum)
+
+
+def bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
+                       update, relu, keep=None):
+    """(x rounded to bfloat16 in NHWC order, chan [mean, var, max, min], bnp, zmax bits)."""
+    xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    C = x.shape[1]
+    chan = moments_reference(xb.permute(0, 2, 3, 1).reshape(-1, C))
+    bnp, zmax = finalize_reference(chan, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                                   xb.numel() // max(C, 1), batch_stats, update, relu, keep)
+    return xb, chan, bnp, zmax
+
+
+def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
+                     update, relu, keep):
+    N, C, H, W = x.shape
+    M = N * H * W
+    xb = _igemm.empty_output((N, C, H, W), torch.bfloat16, x.device, torch.channels_last)
+    BP, CB = elementwise_tiles(C, x.device)
+    T, num_n = triton.cdiv(M, BP), triton.cdiv(C, CB)
+    space = ReductionSpace(MOMENTS, T, num_n, C, x.device)
+    bnp = _igemm.empty_output((BNP_ROWS, C), torch.float32, x.device)
+    zmax = torch.zeros(1, dtype=torch.int32, device=x.device)
+    dummy = space.out
+    bn_stats_kernel[(T, num_n)](
+        x, xb, space.part, space.grp, space.out, space.sem, weight if weight is not None else dummy,
+        bias if bias is not None else dummy, running_mean if running_mean is not None else dummy,
+        running_var if running_var is not None else dummy,
+        num_batches_tracked if num_batches_tracked is not None else zmax, keep if keep is not None else zmax,
+        bnp, zmax, M, C, H, W, *nhwc_rows(x), float(eps), _momentum_arg(momentum), float(M),
+        HAS_AFFINE=weight is not None, BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, HAS_KEEP=keep is not None,
+        BP=BP, CB=CB, TB=32, GROUP=32, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+    return xb, space.out, bnp, zmax
+
+
+
+@torch.library.custom_op("ebkernels::bn_stats", mutates_args=("running_mean", "running_var"))
+def _bn_stats_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                 num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float], eps: float,
+                 batch_stats: bool, update: bool, relu: bool, keep: Optional[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(x) and x.numel() < 2**31:
+        return _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                                batch_stats, update, relu, keep)
+    return bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                              batch_stats, update, relu, keep)
+
+
+@_bn_stats_op.register_fake
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats, update, relu,
+      keep):
+    C = x.shape[1]
+    xb = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last)
+    return (xb, x.new_empty((4, C), dtype=torch.float32), x.new_empty((BNP_ROWS, C), dtype=torch.float32),
+            x.new_empty((1,), dtype=torch.int32))
+
+
+def bn_stats(x, weight=None, bias=None, running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1,
+             eps=1e-5, batch_stats=True, update=False, relu=True, keep=None):
+    """Statistics of ``x`` (N, C, H, W) per channel: ``(xb, chan, bnp, zmax_bits)`` with ``xb`` = x in
+    bfloat16 (NHWC), ``chan`` = [mean, biased var, max, min] of xb, ``bnp`` = [a, b, mean, rstd] from
+    the batch statistics (``batch_stats``) or the running ones, and the float32 bits of max |z| over the
+    channels with ``keep[c] >= 0`` (all when ``keep`` is None). ``update``: move the running statistics
+    as ``nn.BatchNorm2d`` in training (``num_batches_tracked`` is incremented by ``bn_relu_quant``)."""
+    return _bn_stats_op(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                        None if momentum is None else float(momentum), float(eps), bool(batch_stats), bool(update),
+                        bool(relu), keep)
+
+
+# --------------------------------------------------------------------------------------------------
+# bn_relu_quant
+# --------------------------------------------------------------------------------------------------
+_APPLY_SIG = {"y_ptr": "*bf16", "bnp_ptr": "*fp32", "zmax_ptr": "*i32", "index_ptr": "*i64", "out_ptr": "*i8",
+              "scale_ptr": "*fp32", "nbt_ptr": "*i64", "M": "i32", "K": "i32", "Kp": "i32", "C": "i32", "H": "i32",
+              "W": "i32", "s_n": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64"}
+
+
+@aot_kernel(signature=_APPLY_SIG,
+            constexprs=[{"BITS": 8, "FIXED_SCALE": False, "RELU": True, "HAS_INDEX": i, "CODES": True,
+                         "UPDATE_NBT": True, "BP": 32, "CB": 128} for i in (False, True)]
+            + [{"BITS": 8, "FIXED_SCALE": False, "RELU": r, "HAS_INDEX": False, "CODES": False, "UPDATE_NBT": True,
+                "BP": 32, "CB": 128} for r in (False, True)],
+            num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
+@triton.jit
+def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr, nbt_ptr, M, K, Kp, C, H, W, s_n,
+                         s_c, s_h, s_w, BITS: tl.constexpr, FIXED_SCALE: tl.constexpr, RELU: tl.constexpr,
+                         HAS_INDEX: tl.constexpr, CODES: tl.constexpr, UPDATE_NBT: tl.constexpr, BP: tl.constexpr,
+                         CB: tl.constexpr):
+    """Grid (row tiles, output-channel blocks): output channel k of pixel m is ``z`` of input channel
+    ``index[k]`` (or k); ``CODES``: int8 codes at ``m * Kp + k`` (NHWC, channels K..Kp-1 written 0) with
+    the scale ``Shift(zmax)`` (stored by program (0, 0)); else z at ``m * K + k`` in out's dtype."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m = pid_m * BP + tl.arange(0, BP)
+    k = pid_n * CB + tl.arange(0, CB)
+    m_ok = m < M
+    k_ok = k < K
+    if HAS_INDEX:
+        src = tl.load(index_ptr + k, mask=k_ok, other=0).to(tl.int32)
+    else:
+        src = k
+    a = tl.load(bnp_ptr + src, mask=k_ok, other=0.0)
+    b = tl.load(bnp_ptr + C + src, mask=k_ok, other=0.0)
+    n, h, w = decode_rows(m, H, W)
+    offs = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
+    y = tl.load(y_ptr + offs[:, None] + src.to(tl.int64)[None, :] * s_c, mask=m_ok[:, None] & k_ok[None, :],
+                other=0.0).to(tl.float32)
+    z = bn_act(y, a[None, :], b[None, :], RELU)
+    first = (pid_m == 0) & (pid_n == 0)
+    if CODES:
+        S: tl.constexpr = 2.0 ** (BITS - 1)
+        scale = shift_scale_from_bits(tl.load(zmax_ptr), FIXED_SCALE)
+        q = tl.math.div_rn(z, scale) * S
+        q = round_half_even(tl.minimum(tl.maximum(q, -(S - 1.0)), S - 1.0))
+        q = tl.where((q != q) | ~k_ok[None, :], 0.0, q)
+        tl.store(out_ptr + m.to(tl.int64)[:, None] * Kp + k[None, :], q.to(tl.int8),
+                 mask=m_ok[:, None] & (k < Kp)[None, :])
+        if first:
+            tl.store(scale_ptr, scale)
+    else:
+        tl.store(out_ptr + m.to(tl.int64)[:, None] * K + k[None, :], cast_rne(z, out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & k_ok[None, :])
+    if UPDATE_NBT:
+        if first:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
+def _codes_reference(z: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    S = float(2 ** (bits - 1))
+    q = (z / scale) * S
+    q = torch.round(q.clamp(-(S - 1), S - 1))
+    return torch.nan_to_num(q, nan=0.0).to(torch.int8)
+
+
+def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
+                            out_dtype):
+    """``bn_relu_quant`` in PyTorch: (codes (N, Kp, H, W) NHWC, scale) or (z in out_dtype NHWC, 1)."""
+    z = bn_act_reference(y, bnp, relu)
+    if index is not None:
+        z = z.index_select(1, index)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if out_dtype is not None:
+        return z.to(out_dtype).contiguous(memory_format=torch.channels_last), z.new_ones(())
+    scale = scale_reference(zmax_bits.view(torch.float32).reshape(()), fixed_scale)
+    codes = _codes_reference(z, scale, bits)
+    N, K, H, W = codes.shape
+    Kp = _padded(K, pad_to)
+    out = torch.zeros((N, H, W, Kp), dtype=torch.int8, device=y.device).permute(0, 3, 1, 2)
+    out[:, :K] = codes
+    return out, scale
+
+
+def _padded(K: int, pad_to: int) -> int:
+    return K if pad_to <= 1 else -(-K // pad_to) * pad_to
+
+
+def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
+                          out_dtype):
+    N, C, H, W = y.shape
+    K = C if index is None else index.numel()
+    M = N * H * W
+    codes = out_dtype is None
+    Kp = _padded(K, pad_to) if codes else K
+    if codes:
+        out = _igemm.empty_output((N, Kp, H, W), torch.int8, y.device, torch.channels_last)
+        scale = _igemm.empty_output((), torch.float32, y.device)
+    else:
+        out = _igemm.empty_output((N, K, H, W), out_dtype, y.device, torch.channels_last)
+        scale = torch.ones((), dtype=torch.float32, device=y.device)
+    BP, CB = elementwise_tiles(Kp, y.device)
+    grid = (triton.cdiv(M, BP), triton.cdiv(Kp, CB))
+    bn_relu_quant_kernel[grid](
+        y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale if codes else bnp,
+        num_batches_tracked if num_batches_tracked is not None else zmax_bits, M, K, Kp, C, H, W, *nhwc_rows(y),
+        BITS=bits, FIXED_SCALE=fixed_scale, RELU=relu, HAS_INDEX=index is not None, CODES=codes,
+        UPDATE_NBT=num_batches_tracked is not None, BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+    return out, scale
+
+
+@torch.library.custom_op("ebkernels::bn_relu_quant", mutates_args=("num_batches_tracked",))
+def _bn_relu_quant_op(y: torch.Tensor, bnp: torch.Tensor, zmax_bits: torch.Tensor,
+                      num_batches_tracked: Optional[torch.Tensor], index: Optional[torch.Tensor], bits: int,
+                      fixed_scale: bool, relu: bool, pad_to: int, out_dtype: Optional[torch.dtype]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(y, bnp) and y.numel() < 2**31:
+        return _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
+                                     out_dtype)
+    return bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
+                                   out_dtype)
+
+
+@_bn_relu_quant_op.register_fake
+def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to, out_dtype):
+    N, C, H, W = y.shape
+    K = C if index is None else index.shape[0]
+    if out_dtype is not None:
+        return (torch.empty((N, K, H, W), dtype=out_dtype, device=y.device, memory_format=torch.channels_last),
+                y.new_empty((), dtype=torch.float32))
+    out = torch.empty((N, _padded(K, pad_to), H, W), dtype=torch.int8, device=y.device,
+                      memory_format=torch.channels_last)
+    return out, y.new_empty((), dtype=torch.float32)
+
+
+def bn_relu_quant(y, bnp, zmax_bits, num_batches_tracked=None, index=None, bits=8, fixed_scale=False, relu=True,
+                  pad_to=16, out_dtype=None):
+    """``z = relu(y * a + b)`` per channel (``bnp`` rows a, b; ``relu=False``: no ReLU), optionally gathered
+    (``index``: output channel k is input channel index[k]). ``out_dtype`` None: int8 codes (N, Kp, H, W)
+    in NHWC order, Kp = K rounded up to ``pad_to`` (pad channels 0), with the power-of-two scale of
+    ``zmax_bits`` (``fixed_scale``: WAGE's 1); returns ``(codes, scale)``. Else ``(z, None)`` in that dtype,
+    NHWC (and a scale of 1). ``num_batches_tracked``: incremented by one (training step of a BatchNorm that tracks)."""
+    return _bn_relu_quant_op(y, bnp, zmax_bits, num_batches_tracked, index, int(bits), bool(fixed_scale), bool(relu),
+                             int(pad_to), out_dtype)

@@ -1,0 +1,283 @@
+"""Int8 implicit-GEMM convolution with a BatchNorm epilogue (SPEC §9): the conv forward that also
+produces the BatchNorm statistics of its output, and the same GEMM in backward, recomputing y exactly
+to form the BatchNorm-backward sums.
+
+Both run the forward convolution of ``conv2d_int8`` (same main loop, ``_igemm.conv_implicit_gemm_tile``)
+and the same first step of the epilogue: ``y = acc * sx*sw/S² (+ bias)`` in float32, rounded to
+bfloat16 (the value BatchNorm sees, in forward and backward) and stored NHWC. Then:
+
+- ``conv2d_int8_bn_fwd``: per-tile moments of y per channel, the two-level in-kernel merge of
+  ``_channel_stats`` into [mean, var, max, min], and the BatchNorm finalisation of ``_bn_math`` by the
+  merging program: ``bnp`` = [a, b, mean, rstd], the bits of max |z| (the next quantizer's absmax,
+  exact), the running statistics. One launch instead of conv + statistics + finalise.
+- ``conv2d_int8_bn_bwd_reduce``: y is recomputed from the saved int8 codes (an exact integer GEMM: the
+  same bits as in forward), the incoming dz tile is loaded, ``g = dz`` where the ReLU passed, ``xhat =
+  (y - mean) * rstd``, and the sums [Σ g, Σ g·xhat] are merged in the kernel. y is stored again for
+  the elementwise backward passes (``bn_relu_bwd``); nothing of y was kept from the forward.
+
+Only whole reductions (Cin·KH·KW within one int32-exact chunk, every real layer) and groups = 1 come
+here; the fused block checks that. References: the float64-exact integer conv of ``conv2d_int8`` with
+the kernel's float32 epilogue, then the float64 statistics / sums of ``_channel_stats``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import use_triton
+from .._registry import aot_kernel
+from . import _igemm
+from ._bn_math import BNP_ROWS, bn_finalize_channels, bn_grad_in, finalize_reference
+from ._channel_stats import (MOMENTS, SUMS, ReductionSpace, finish_reduction, moments_reference, store_partials,
+                             tile_moments, tile_sums)
+from ._gemm import inv_code_scales
+from ._igemm import (GPU_TILES, alignment, assume_multiple, conv_implicit_gemm_tile, decode_rows, grouped_tile_ids,
+                     offsets_fit_int32, to_bfloat16_rne)
+from .bn_relu_quant import NO_FP_FUSION, _momentum_arg
+from .conv2d_int8 import _nchw_strides, conv2d_int8_fwd_reference, conv2d_output_size
+
+__all__ = ["conv2d_int8_bn_fwd", "conv2d_int8_bn_bwd_reduce", "conv2d_int8_bn_fwd_reference",
+           "conv2d_int8_bn_bwd_reduce_reference"]
+
+_GPU = {k: v for k, v in GPU_TILES["conv"].items() if k not in ("num_warps", "num_stages")}
+_SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "y_ptr": "*bf16", "ss_ptr": "*fp32", "sw_ptr": "*fp32",
+        "bias_ptr": "*fp32", "dz_ptr": "*bf16", "part_ptr": "*fp32", "grp_ptr": "*fp32", "chan_ptr": "*fp32",
+        "sem_ptr": "*i32", "gamma_ptr": "*fp32", "beta_ptr": "*fp32", "rm_ptr": "*fp32", "rv_ptr": "*fp32",
+        "nbt_ptr": "*i64", "bnp_ptr": "*fp32", "zmax_ptr": "*i32", "P": "i32", "Q": "i32", "R": "i32",
+        "OP": "i32", "OQ": "i32", "NCOL": "i32", "KW": "i32", "M": "i32", "taps": "i32", "stride_h": "i32",
+        "stride_w": "i32", "pad_h": "i32", "pad_w": "i32", "dil_h": "i32", "dil_w": "i32", "s_n": "i32",
+        "s_h": "i32", "s_w": "i32", "s_r": "i32", "sw_col": "i32", "sw_h": "i32", "sw_w": "i32", "sw_r": "i32",
+        "sd_n": "i32", "sd_h": "i32", "sd_w": "i32", "sd_c": "i32", "inv_ss": "fp32", "eps": "fp32",
+        "momentum": "fp32", "n_f": "fp32"}
+_COMMON = {**_GPU, "s_r": 1, "sw_r": 1, "sd_c": 1, "I64": False, "ALIGN": 16, "HAS_BIAS": False, "HAS_AFFINE": True,
+           "RELU": True, "TB": 32, "GROUP": 32, "DZ_LIKE_Y": True}
+_AOT = [{**_COMMON, "MODE": 0, "BATCH_STATS": True, "UPDATE": True, "stride_h": 1, "stride_w": 1, "dil_h": 1,
+         "dil_w": 1},
+        {**_COMMON, "MODE": 0, "BATCH_STATS": True, "UPDATE": True, "dil_h": 1, "dil_w": 1},
+        {**_COMMON, "MODE": 1, "BATCH_STATS": True, "UPDATE": False, "stride_h": 1, "stride_w": 1, "dil_h": 1,
+         "dil_w": 1}]
+
+
+@aot_kernel(signature=_SIG, constexprs=_AOT, num_warps=GPU_TILES["conv"]["num_warps"],
+            num_stages=GPU_TILES["conv"]["num_stages"], int8_mma=True, aligned=("src_ptr", "w_ptr", "y_ptr"),
+            fp_fusion=False)
+@triton.jit
+def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_ptr, part_ptr, grp_ptr, chan_ptr,
+                          sem_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, bnp_ptr, zmax_ptr, P, Q, R, OP, OQ,
+                          NCOL, KW, M, taps, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r,
+                          sw_col, sw_h, sw_w, sw_r, sd_n, sd_h, sd_w, sd_c, inv_ss, eps, momentum, n_f,
+                          MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr,
+                          BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, RELU: tl.constexpr, BM: tl.constexpr,
+                          BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, ALIGN: tl.constexpr,
+                          I64: tl.constexpr, TB: tl.constexpr, GROUP: tl.constexpr, DZ_LIKE_Y: tl.constexpr):
+    """Forward convolution of int8 codes (rows: output pixels (n, op, oq), columns: NCOL output channels,
+    all KH·KW taps in one program) with the bfloat16 y stored NHWC (``m * NCOL + col``), then
+    ``MODE`` 0: BatchNorm statistics + finalisation; ``MODE`` 1: BatchNorm-backward sums of the bfloat16
+    ``dz`` (strides sd_*; ``DZ_LIKE_Y``: laid out like y) with ``bnp`` as input. ``ALIGN``, ``I64``: as
+    ``conv2d_int8_fwd_dgrad_kernel``."""
+    R = assume_multiple(R, ALIGN)
+    s_n = assume_multiple(s_n, ALIGN)
+    s_h = assume_multiple(s_h, ALIGN)
+    s_w = assume_multiple(s_w, ALIGN)
+    sw_col = assume_multiple(sw_col, ALIGN)
+    sw_h = assume_multiple(sw_h, ALIGN)
+    sw_w = assume_multiple(sw_w, ALIGN)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(NCOL, BN)
+    pid_m, pid_n = grouped_tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)
+    m = pid_m * BM + tl.arange(0, BM)
+    col = pid_n * BN + tl.arange(0, BN)
+    m_ok = m < M
+    col_ok = col < NCOL
+    n, op, oq = decode_rows(m, OP, OQ)
+    acc = conv_implicit_gemm_tile(src_ptr, w_ptr, n, op, oq, m_ok, col, col_ok, 0, taps, KW, P, Q, R, stride_h,
+                                  stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r,
+                                  BM, BN, BK, False, I64)
+    y = acc.to(tl.float32) * (tl.load(ss_ptr) * tl.load(sw_ptr) * inv_ss)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    yb = to_bfloat16_rne(y)
+    mask = m_ok[:, None] & col_ok[None, :]
+    if I64:
+        y_offs = m.to(tl.int64)[:, None] * NCOL + col[None, :]
+    else:
+        y_offs = m[:, None] * NCOL + col[None, :]
+    tl.store(y_ptr + y_offs, yb, mask=mask)
+    yv = yb.to(tl.float32)
+    if MODE == 0:
+        cnt = tl.minimum(BM, M - pid_m * BM)
+        mean, m2, mx, mn = tile_moments(yv, m_ok, cnt)
+        store_partials(part_ptr, pid_m, num_m, NCOL, col, col_ok, mean, m2, mx, mn, 0)
+        final = finish_reduction(part_ptr, grp_ptr, chan_ptr, sem_ptr, pid_m, num_m, pid_n, num_n, M, BM, col,
+                                 col_ok, NCOL, 0, GROUP, TB, BN)
+        if final:
+            bn_finalize_channels(chan_ptr, NCOL, col, col_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
+                                 momentum, n_f, bnp_ptr, zmax_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
+    else:
+        if DZ_LIKE_Y:  # dz in y's own NHWC layout (what the kernels produce): no second offset tile
+            d_offs = y_offs
+        elif I64:
+            d_offs = (n.to(tl.int64) * sd_n + op.to(tl.int64) * sd_h + oq.to(tl.int64) * sd_w)[:, None] + \
+                col.to(tl.int64)[None, :] * sd_c
+        else:
+            d_offs = (n * sd_n + op * sd_h + oq * sd_w)[:, None] + (col * sd_c)[None, :]
+        dz = tl.load(dz_ptr + d_offs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(bnp_ptr + col, mask=col_ok, other=0.0)[None, :]
+        b = tl.load(bnp_ptr + NCOL + col, mask=col_ok, other=0.0)[None, :]
+        mean = tl.load(bnp_ptr + 2 * NCOL + col, mask=col_ok, other=0.0)[None, :]
+        rstd = tl.load(bnp_ptr + 3 * NCOL + col, mask=col_ok, other=0.0)[None, :]
+        _, g, xhat = bn_grad_in(dz, yv, a, b, mean, rstd, 0.0, 0.0, RELU)
+        s0, s1 = tile_sums(g, g * xhat, m_ok)
+        store_partials(part_ptr, pid_m, num_m, NCOL, col, col_ok, s0, s1, s0, s1, 1)
+        finish_reduction(part_ptr, grp_ptr, chan_ptr, sem_ptr, pid_m, num_m, pid_n, num_n, M, BM, col, col_ok, NCOL,
+                         1, GROUP, TB, BN)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers and references
+# --------------------------------------------------------------------------------------------------
+def _y_bf16_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w):
+    y = conv2d_int8_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, 1, bits_a, bits_w, torch.float32,
+                                  True, fast=qx.device.type == "cpu")
+    return y.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(N·H·W, C) view of an NHWC-ordered (N, C, H, W) tensor."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def conv2d_int8_bn_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight, beta,
+                                 running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats, update,
+                                 relu):
+    y = _y_bf16_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w)
+    chan = moments_reference(_rows(y))
+    bnp, zmax = finalize_reference(chan, weight, beta, running_mean, running_var, num_batches_tracked, momentum, eps,
+                                   y.numel() // y.shape[1], batch_stats, update, relu)
+    return y, chan, bnp, zmax
+
+
+def conv2d_int8_bn_bwd_reduce_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz, bnp,
+                                        relu):
+    from ._bn_math import bn_grad_in_reference
+    y = _y_bf16_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w)
+    _, g, xhat = bn_grad_in_reference(dz, y, bnp, None, 1, relu)
+    sums = torch.stack([_rows(g).double().sum(0), _rows(g * xhat).double().sum(0)]).float()
+    return y, sums
+
+
+def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz=None, bnp=None, weight=None,
+            beta=None, running_mean=None, running_var=None, num_batches_tracked=None, momentum=None, eps=0.0,
+            batch_stats=True, update=False, relu=True):
+    N, C, H, W = qx.shape
+    CO, _, KH, KW = qw.shape
+    OH, OW = conv2d_output_size(H, W, KH, KW, stride, padding, dilation)
+    M = N * OH * OW
+    if qw.stride(1) != 1 and C > 1:  # K-major weight operand (OHWI)
+        qw = qw.contiguous(memory_format=torch.channels_last)
+    y = _igemm.empty_output((N, CO, OH, OW), torch.bfloat16, qx.device, torch.channels_last)
+    s_n, s_h, s_w, s_r = _nchw_strides(qx)
+    align = alignment((C, s_n, s_h, s_w, qw.stride(0), qw.stride(2), qw.stride(3)), (qx, qw))
+    cfg = _igemm.gemm_tiles(qx.device, conv=True, align=align)
+    BM, BN = cfg["BM"], cfg["BN"]
+    num_m, num_n = triton.cdiv(M, BM), triton.cdiv(CO, BN)
+    space = ReductionSpace(MOMENTS if mode == 0 else SUMS, num_m, num_n, CO, qx.device)
+    i64 = not offsets_fit_int32(qx, y) or (dz is not None and not offsets_fit_int32(dz))
+    if mode == 0:
+        bnp_out = _igemm.empty_output((BNP_ROWS, CO), torch.float32, qx.device)
+        zmax = torch.zeros(1, dtype=torch.int32, device=qx.device)
+    else:
+        bnp_out, zmax = bnp, space.sem
+    dummy = space.out
+    sd = _nchw_strides(dz) if dz is not None else (0, 0, 0, 1)
+    dz_like_y = dz is not None and dz.stride() == y.stride()
+    conv2d_int8_bn_kernel[(num_m * num_n,)](
+        qx, qw, y, sx, sw, bias if bias is not None else dummy, dz if dz is not None else y, space.part, space.grp,
+        space.out, space.sem, weight if weight is not None else dummy, beta if beta is not None else dummy,
+        running_mean if running_mean is not None else dummy, running_var if running_var is not None else dummy,
+        num_batches_tracked if num_batches_tracked is not None else space.sem, bnp_out, zmax, H, W, C, OH, OW, CO,
+        KW, M, KH * KW, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], s_n, s_h, s_w, s_r,
+        qw.stride(0), qw.stride(2), qw.stride(3), qw.stride(1), *sd, inv_code_scales(bits_a, bits_w), float(eps),
+        _momentum_arg(momentum), float(M), MODE=mode, HAS_BIAS=bias is not None, HAS_AFFINE=weight is not None,
+        BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, BM=BM, BN=BN, BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
+        ALIGN=align, I64=i64, TB=32, GROUP=32, DZ_LIKE_Y=dz_like_y, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        **NO_FP_FUSION)
+    if mode == 0:
+        return y, space.out, bnp_out, zmax
+    return y, space.out
+
+
+
+def _triton_ok(qx, qw, *others) -> bool:
+    taps = qw.shape[2] * qw.shape[3]
+    return use_triton(qx, qw, *others) and qx.shape[1] * taps <= _igemm.MAX_TERMS and qx.numel() < 2**31
+
+
+@torch.library.custom_op("ebkernels::conv2d_int8_bn_fwd", mutates_args=("running_mean", "running_var"))
+def _fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
+            stride: list[int], padding: list[int], dilation: list[int], bits_a: int, bits_w: int,
+            weight: Optional[torch.Tensor], beta: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+            running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
+            momentum: Optional[float], eps: float, batch_stats: bool, update: bool, relu: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _triton_ok(qx, qw):
+        return _launch(0, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight=weight, beta=beta,
+                       running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
+                       momentum=momentum, eps=eps, batch_stats=batch_stats, update=update, relu=relu)
+    return conv2d_int8_bn_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight, beta,
+                                        running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
+                                        update, relu)
+
+
+def _fake_y(qx, qw, stride, padding, dilation):
+    OH, OW = conv2d_output_size(qx.shape[2], qx.shape[3], qw.shape[2], qw.shape[3], stride, padding, dilation)
+    return torch.empty((qx.shape[0], qw.shape[0], OH, OW), dtype=torch.bfloat16, device=qx.device,
+                       memory_format=torch.channels_last)
+
+
+@_fwd_op.register_fake
+def _(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight, beta, running_mean, running_var,
+      num_batches_tracked, momentum, eps, batch_stats, update, relu):
+    CO = qw.shape[0]
+    return (_fake_y(qx, qw, stride, padding, dilation), qx.new_empty((4, CO), dtype=torch.float32),
+            qx.new_empty((BNP_ROWS, CO), dtype=torch.float32), qx.new_empty((1,), dtype=torch.int32))
+
+
+@torch.library.custom_op("ebkernels::conv2d_int8_bn_bwd_reduce", mutates_args=())
+def _bwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
+            stride: list[int], padding: list[int], dilation: list[int], bits_a: int, bits_w: int, dz: torch.Tensor,
+            bnp: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if _triton_ok(qx, qw, dz):
+        return _launch(1, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz=dz, bnp=bnp, relu=relu)
+    return conv2d_int8_bn_bwd_reduce_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz,
+                                               bnp, relu)
+
+
+@_bwd_op.register_fake
+def _(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz, bnp, relu):
+    return _fake_y(qx, qw, stride, padding, dilation), qx.new_empty((2, qw.shape[0]), dtype=torch.float32)
+
+
+def conv2d_int8_bn_fwd(qx, qw, sx, sw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), bits_a=8, bits_w=8,
+                       weight=None, beta=None, running_mean=None, running_var=None, num_batches_tracked=None,
+                       momentum=0.1, eps=1e-5, batch_stats=True, update=False, relu=True):
+    """Conv of int8 codes ``qx`` (N, Cin_p, H, W; NHWC) with ``qw`` (Cout, Cin_p, KH, KW) and the BatchNorm
+    statistics of its output: ``(y, chan, bnp, zmax_bits)`` with y bfloat16 (N, Cout, OH, OW) NHWC,
+    ``chan`` [mean, biased var, max, min] of y, ``bnp`` [a, b, mean, rstd] of the BatchNorm (batch
+    statistics when ``batch_stats``, else the running ones; ``weight``/``beta`` None: no affine), the
+    float32 bits of max |z| (z = y*a + b, ReLU'd when ``relu``); ``update``: running statistics moved."""
+    return _fwd_op(qx, qw, sx, sw, bias, list(stride), list(padding), list(dilation), int(bits_a), int(bits_w), weight,
+                   beta, running_mean, running_var, num_batches_tracked,
+                   None if momentum is None else float(momentum), float(eps), bool(batch_stats), bool(update),
+                   bool(relu))
+
+
+def conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz, bnp, relu=True):
+    """y recomputed (bit-identical to ``conv2d_int8_bn_fwd``'s) and the BatchNorm-backward sums
+    [Σ g, Σ g·xhat] (2, Cout) of the gradient ``dz`` w.r.t. z: returns ``(y, sums)``."""
+    return _bwd_op(qx, qw, sx, sw, bias, list(stride), list(padding), list(dilation), int(bits_a), int(bits_w), dz, bnp,
+                   bool(relu))
