@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from ebkernels import load_ticket, trainer
-from ebkernels.trainer import main
+from ebkernels import load_ticket, train
+from ebkernels.train import main
+from ebkernels.train.loop import EpochRunner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--train-subset", "256", "--test-subset", "128", "--width", "0.125", "--batch-size", "32", "--no-progress"]
@@ -226,7 +227,7 @@ def test_unwritable_run_directory(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    real = trainer.Job.train_epoch
+    real = EpochRunner.train_epoch
     calls = []
 
     def diverging(self, *a, **kw):  # the third epoch's loss blows up
@@ -234,7 +235,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
         out = real(self, *a, **kw)
         return dict(out, train_loss=float("nan")) if len(calls) == 3 else out
 
-    monkeypatch.setattr(trainer.Job, "train_epoch", diverging)
+    monkeypatch.setattr(EpochRunner, "train_epoch", diverging)
     args = TINY + ["--precision", "fp32", "--epochs", "6", "--retrain-epochs", "1", "--eps", "0.001",
                    "--out", str(tmp_path)]
     assert main(args) == 2
@@ -246,21 +247,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert torch.load(ckpt, weights_only=False)["epoch"] == 2
     assert not os.path.exists(os.path.join(run, "summary.json"))
     assert len(read_jsonl(os.path.join(run, "metrics.jsonl"))) == 2
-    monkeypatch.setattr(trainer.Job, "train_epoch", real)  # fixed: the same command resumes from epoch 2
+    monkeypatch.setattr(EpochRunner, "train_epoch", real)  # fixed: the same command resumes from epoch 2
     assert main(args + ["--quiet"]) == 0
     assert len([r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["phase"] == "search"]) == 6
 
 
 def test_settings_hash_names_the_run():
-    s = trainer.resolve_settings(trainer.Settings())
+    s = train.resolve_settings(train.Settings())
     assert s.model == "vgg11" and s.width == 0.25 and s.precision == "int8"
-    other = trainer.resolve_settings(trainer.Settings(ratios=(0.3,)))
-    same_elsewhere = trainer.resolve_settings(trainer.Settings(out="elsewhere", progress=False))
-    name = os.path.basename(trainer.run_dir_for(s))
-    assert name != os.path.basename(trainer.run_dir_for(other))
-    assert name == os.path.basename(trainer.run_dir_for(same_elsewhere))
-    assert trainer.lr_at(0, 0.1, 160) == 0.1 and trainer.lr_at(80, 0.1, 160) == pytest.approx(0.01)
-    assert trainer.lr_at(120, 0.1, 160) == pytest.approx(0.001)
+    other = train.resolve_settings(train.Settings(ratios=(0.3,)))
+    same_elsewhere = train.resolve_settings(train.Settings(out="elsewhere", progress=False))
+    name = os.path.basename(train.run_dir_for(s))
+    assert name != os.path.basename(train.run_dir_for(other))
+    assert name == os.path.basename(train.run_dir_for(same_elsewhere))
+    assert train.lr_at(0, 0.1, 160) == 0.1 and train.lr_at(80, 0.1, 160) == pytest.approx(0.01)
+    assert train.lr_at(120, 0.1, 160) == pytest.approx(0.001)
 
 
 # ------------------------------------------------------------------------------------------ recipes

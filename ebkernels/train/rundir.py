@@ -1,0 +1,175 @@
+"""Run directories: where a run's files live, its lock, its settings record and its checkpoints.
+
+One run = one directory named from a hash of its settings (``<out>/<model>-<dataset>-<mode>-<hash>``):
+
+- ``settings.json``: the resolved settings (what the hash is taken of);
+- ``checkpoint.pt``: written atomically (temp file + fsync + ``os.replace``) after every epoch; holds
+  the model, optimizer, detector state (``EarlyBird.state_dict``), RNG state and all records, so a
+  run killed at any point, even by ``kill -9``, continues from its last completed epoch;
+- ``metrics.jsonl`` (one record per epoch) and ``masks.npz`` (the packed mask history per ratio),
+  rewritten with every checkpoint;
+- ``ticket_<tag>.pt``, ``pruned_<tag>[_reinit].pt``, ``summary.json``, plots and ``log.txt`` (see job.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from .._io import atomic_torch_save, atomic_write, atomic_write_text
+from .settings import Settings, TrainerError, settings_hash
+
+__all__ = ["RunDir", "RunLock", "run_dir_for", "new_state", "atomic_write_json", "json_default", "ratio_key"]
+
+
+def ratio_key(r: float) -> str:
+    """A ratio as it names files and JSON keys: ``0.5`` -> ``"0.5"``."""
+    return f"{r:g}"
+
+
+def run_dir_for(s: Settings) -> str:
+    """Where a run with these (resolved) settings lives."""
+    name = f"{s.model}-{s.dataset}-{'baseline' if s.baseline else 'eb'}-{settings_hash(s)}"
+    return os.path.join(s.out, name)
+
+
+def new_state(params: int, flops: int) -> dict:
+    """A run's state before its first epoch, what every checkpoint holds (plain data and tensors).
+
+    ``phase`` goes search -> retrain -> done; ``epoch`` counts the finished epochs of the phase (of
+    retraining job ``retrain_index``); ``model``/``optimizer``/``detector`` are state_dicts (None
+    between phases); ``records`` are the metrics.jsonl lines; ``dense`` is the dense network's cost.
+    """
+    return {"version": 1, "phase": "search", "epoch": 0, "records": [], "tickets": [], "retrain_jobs": [],
+            "retrain_index": 0, "results": [], "found": {},
+            "wall": {"search": 0.0, "prune": 0.0, "retrain": 0.0, "eval": 0.0},
+            "energy": {}, "model": None, "optimizer": None, "detector": None,
+            "dense": {"params": int(params), "flops": int(flops)}}
+
+
+def json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
+
+
+class RunLock:
+    """An exclusive flock on ``<run>/.lock`` so two processes never drive the same run at once
+    (released by the kernel even when the holder is killed)."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, ".lock")
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise TrainerError(f"run directory {os.path.dirname(self.path)} is in use by another process; "
+                               f"wait for it to finish (or stop it) and run again to resume")
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+class RunDir:
+    """The files of one run. Only rank 0 creates or writes them."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.path = run_dir_for(settings)
+        self.checkpoint_path = self.file("checkpoint.pt")
+        self.summary_path = self.file("summary.json")
+        self.settings_path = self.file("settings.json")
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def ticket_path(self, tag: str) -> str:
+        return self.file(f"ticket_{tag.replace('@', '_e')}.pt")
+
+    def pruned_path(self, job_name: str) -> str:
+        return self.file(f"pruned_{job_name.replace('@', '_e').replace('+', '_')}.pt")
+
+    def lock(self) -> RunLock:
+        return RunLock(self.path)
+
+    # ---- creation -------------------------------------------------------------------------------
+    def create(self) -> None:
+        """Make the directory (checking that it is writable) and record the settings in it."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            probe = self.file(f".write-test-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise TrainerError(f"cannot write the run directory {self.path!r} ({e.strerror or e}); "
+                               f"choose a writable folder with --out") from e
+        if not os.path.exists(self.settings_path):
+            s = self.settings
+            atomic_write_json(self.settings_path, {"hash": settings_hash(s), **s.hashed(),
+                                                   "out": s.out, "data_dir": s.data_dir})
+
+    # ---- summary --------------------------------------------------------------------------------
+    def read_summary(self) -> dict | None:
+        """The summary of a finished run, or None while the run is unfinished."""
+        if not os.path.exists(self.summary_path):
+            return None
+        with open(self.summary_path) as f:
+            return json.load(f)
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_json(self.summary_path, summary)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, state: dict) -> None:
+        """checkpoint.pt (with the RNG state), then metrics.jsonl and masks.npz from the same state."""
+        state = dict(state, rng=torch.get_rng_state())
+        atomic_torch_save(state, self.checkpoint_path)
+        atomic_write_text(self.file("metrics.jsonl"),
+                          "".join(json.dumps(r, default=json_default) + "\n" for r in state["records"]))
+        self._write_masks(state)
+
+    def _write_masks(self, state: dict) -> None:
+        """masks.npz: per ratio ``p<ratio>`` int32 [epochs, ceil(channels/32)], channel i at word i//32,
+        bit i%32 (the detector's packing), and ``channels``."""
+        det = state.get("detector")
+        if not det or not det["epoch"]:
+            return
+        arrays = {f"p{ratio_key(r)}": det["masks"][:, i].numpy() for i, r in enumerate(det["ratios"])}
+        arrays["channels"] = np.array(det["total"])
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        atomic_write(self.file("masks.npz"), write)
+
+    def load_checkpoint(self) -> dict | None:
+        """The last checkpoint's state, or None when the run has none yet."""
+        if not os.path.exists(self.checkpoint_path):
+            return None
+        try:
+            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise TrainerError(f"the checkpoint {self.checkpoint_path} cannot be read ({type(e).__name__}: {e}); "
+                               f"move it away to start this run afresh") from e
