@@ -119,6 +119,18 @@ def test_baseline_trains_fully_and_draws_at_the_end(tmp_path):
         assert t["train_flops"]["search"] == 3 * s["dense"]["flops"] * 256 * t["epoch"]
 
 
+def test_a_last_batch_of_one_sample_trains(tmp_path):
+    # 65 samples in batches of 64: the last batch would hold one sample, which BatchNorm cannot train on
+    args = ["--train-subset", "65", "--test-subset", "64", "--width", "0.125", "--batch-size", "64",
+            "--precision", "fp32", "--epochs", "1", "--retrain-epochs", "1", "--no-progress", "--quiet",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    run = only_run_dir(tmp_path)
+    assert json.load(open(os.path.join(run, "summary.json")))["finished"]
+    assert "a last batch of one sample is merged into the batch before it" in " ".join(
+        train.build_parser().format_help().split())
+
+
 # ----------------------------------------------------------------------------------------- resume
 def _start(args, out):
     return subprocess.Popen([sys.executable, "-m", "ebkernels", *args, "--out", str(out)], cwd=REPO, env=env(),
@@ -205,6 +217,8 @@ def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
     (["--ratio", "1.5"], "--ratio: ratio=1.5 is out of range; accepted: a float with 0 < ratio < 1"),
     (["--ratio", "0.3,0"], "--ratio: ratio=0.0 is out of range"),
     (["--precision", "int4"], "--precision 'int4' is not supported; accepted: int8, bf16, fp32"),
+    (["--batch-size", "1"], "--batch-size 1 is not supported; accepted: an integer >= 2"),
+    (["--train-subset", "1"], "the training set has 1 sample(s) for 1 process(es)"),
     (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm", "--no-download"],
      "apt-get install dataset-fashion-mnist"),
     (["--dataset", "cifar10", "--data-dir", "{tmp}", "--no-download"], "cifar10 not found in"),

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
     g.add_argument("--momentum", type=float, default=0.9, help="(default 0.9)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="(default 1e-4)")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch (default 64 on digits, 256)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="global batch (default 64 on digits, 256); a last batch of one sample is merged into "
+                        "the batch before it (BatchNorm cannot train on one)")
     g.add_argument("--epochs", type=int, default=None,
                    help="search schedule length and maximum (default 40 on digits, 160); lr /10 at 50%% and 75%%")
     g.add_argument("--baseline", action="store_true",

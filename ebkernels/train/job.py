@@ -54,9 +54,20 @@ class Job:
                                             s.test_subset, seed=s.seed)
         except data_mod.DatasetError as e:
             raise TrainerError(str(e)) from e
-        if s.batch_size % self.dist.world_size:
+        world = self.dist.world_size
+        if s.batch_size % world:
             raise TrainerError(f"--batch-size {s.batch_size} must be divisible by the number of processes "
-                               f"({self.dist.world_size}): it is the global batch, split evenly over the ranks")
+                               f"({world}): it is the global batch, split evenly over the ranks")
+        # BatchNorm trains on at least 2 samples per process (a last batch of one is merged, see data.py)
+        if s.batch_size // world < 2:
+            raise TrainerError(f"--batch-size {s.batch_size} over {world} processes gives batches of one sample; "
+                               f"BatchNorm cannot train on those: accepted: at least 2 per process "
+                               f"(--batch-size {2 * world} or more)")
+        n_train = len(self.ds.train_labels)
+        if -(-n_train // world) < 2:
+            raise TrainerError(f"the training set has {n_train} sample(s) for {world} process(es); BatchNorm "
+                               f"cannot train on one sample: accepted: at least {world + 1} training samples "
+                               f"(--train-subset)")
         self.epochs = EpochRunner(self.ds, self.dist, s.batch_size // self.dist.world_size, s.seed, s.augment,
                                   show_progress=s.progress and not s.quiet)
         self.model = self._build_dense()

@@ -103,10 +103,13 @@ def resolve_settings(s: Settings) -> Settings:
                                  ("--detector-mode", s.detector_mode, DETECTOR_MODES)):
         if value not in choices:
             _bad(f"{name} {value!r} is not supported; accepted: {', '.join(choices)}")
-    for name in ("epochs", "batch_size", "window"):
+    for name in ("epochs", "window"):
         v = getattr(s, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             _bad(f"--{name.replace('_', '-')} {v!r} is not supported; accepted: a positive integer")
+    if isinstance(s.batch_size, bool) or not isinstance(s.batch_size, int) or s.batch_size < 2:
+        _bad(f"--batch-size {s.batch_size!r} is not supported; accepted: an integer >= 2 (BatchNorm cannot "
+             f"train on batches of one sample)")
     if isinstance(s.retrain_epochs, bool) or not isinstance(s.retrain_epochs, int) or s.retrain_epochs < 0:
         _bad(f"--retrain-epochs {s.retrain_epochs!r} is not supported; accepted: an integer >= 0")
     for name in ("train_subset", "test_subset"):
