@@ -1,4 +1,4 @@
-"""Atomic file writes: the one helper behind checkpoints, run metadata and ticket files.
+"""File writes and reads shared by checkpoints, run metadata and ticket files.
 
 ``atomic_write(path, write)`` calls ``write(tmp)`` on a fresh temp file in ``path``'s directory (the
 name ends with ``path``'s base name, so savers that look at the suffix, e.g. ``np.savez``, keep it),
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import uuid
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "fsync_dir", "load_plain", "NotPlainData"]
 
 
 def fsync_dir(directory: str) -> None:
@@ -65,3 +67,28 @@ def atomic_torch_save(obj, path) -> str:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
     return atomic_write(path, write)
+
+
+class NotPlainData(ValueError):
+    """A torch file that asks to import or call something: refused unread (unpickling it could run code)."""
+
+
+def load_plain(path, map_location="cpu"):
+    """``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and dicts only, so no
+    pickled code runs. Raises :class:`NotPlainData` naming what the file wanted to import; a truncated or
+    corrupt file raises what ``torch.load`` raises (its pickle errors shortened)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        message = str(e)
+        # the unpickler's words for an import or a call; anything else it refuses is a damaged file
+        refusals = ("Unsupported global", "Trying to call reduce", "Can only build", "Can only create new object")
+        if not any(r in message for r in refusals):
+            # torch's text advises weights_only=False, the one thing not to do with a damaged file
+            detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
+            raise pickle.UnpicklingError(f"damaged pickle data ({detail.group(1) if detail else 'unreadable'})") \
+                from None
+        wanted = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        what = f"it asks to import {wanted.group(1)}" if wanted else "it asks to build objects other than plain data"
+        raise NotPlainData(f"{os.fspath(path)} holds more than plain data (tensors, numbers, strings, lists, "
+                           f"dicts): {what}; refused without running any of it") from None

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ._checks import check_ratio
-from ._io import atomic_torch_save
+from ._io import NotPlainData, atomic_torch_save, load_plain
 from .models import PreResNet, VGG, architecture, build_model, current_cfg
 from .models.resnet import basic_blocks, init_resnet, is_basic_resnet
 
@@ -536,7 +536,9 @@ def load_ticket(path, *, map_location="cpu", with_info: bool = False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ticket file {path!r} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = load_plain(path, map_location=map_location)
+    except NotPlainData as exc:
+        raise ValueError(f"ticket file {exc}") from None
     except Exception as exc:
         raise ValueError(f"{path!r} is not a readable ticket file (corrupt, truncated or not written by "
                          f"save_ticket): {type(exc).__name__}: {exc}") from exc

@@ -425,6 +425,16 @@ def test_ticket_save_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["t.pt"]
 
 
+class _Call:
+    """Pickles as ``fn(*args)``: what a crafted file uses to run code when it is unpickled."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
 def test_ticket_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_ticket(tmp_path / "missing.pt")
@@ -439,6 +449,12 @@ def test_ticket_bad_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(ValueError, match="not a readable ticket"):
         load_ticket(truncated)
+    code = tmp_path / "code.pt"  # a pickled call of open(marker, "w"): refused, never run
+    marker = tmp_path / "code-ran"
+    torch.save({"format": "ebkernels.ticket", "arch": _Call(open, (str(marker), "w"))}, code)
+    with pytest.raises(ValueError, match="holds more than plain data.*refused without running"):
+        load_ticket(code)
+    assert not marker.exists()
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(ValueError, match="not an ebkernels ticket"):

@@ -154,7 +154,7 @@ def test_resume_after_kill_9_continues_with_the_same_detector_state(tmp_path):
     # kill -9 right after the first checkpoint (search phase) ...
     _kill_when(_start(args, killed), str(killed / "*" / "checkpoint.pt"))
     run = only_run_dir(killed)
-    state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+    state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
     assert state["phase"] == "search" and 1 <= state["epoch"] < 4
     assert not os.path.exists(os.path.join(run, "summary.json"))
     # ... and again during retraining (the first ticket file exists)
@@ -162,7 +162,7 @@ def test_resume_after_kill_9_continues_with_the_same_detector_state(tmp_path):
     _kill_when(proc, os.path.join(run, "ticket_*.pt"))
     resumed_log = proc.stdout.read()
     assert f"resuming {run} from its checkpoint (search epoch {state['epoch']} done)" in resumed_log
-    assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["phase"] in ("search", "retrain")
+    assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)["phase"] in ("search", "retrain")
     done = subprocess.run([sys.executable, "-m", "ebkernels", *args, "--out", str(killed)], cwd=REPO, env=env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -258,12 +258,41 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     ckpt = os.path.join(run, "checkpoint.pt")
     assert "non-finite training loss in search epoch 3" in err
     assert f"the last good checkpoint is {ckpt} (after search epoch 2)" in err
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
     assert not os.path.exists(os.path.join(run, "summary.json"))
     assert len(read_jsonl(os.path.join(run, "metrics.jsonl"))) == 2
     monkeypatch.setattr(EpochRunner, "train_epoch", real)  # fixed: the same command resumes from epoch 2
     assert main(args + ["--quiet"]) == 0
     assert len([r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["phase"] == "search"]) == 6
+
+
+class _OpensAFile:
+    """Pickles as a call of ``open(path, "w")``: loading it with pickled code allowed creates the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _run_dir_of(args, capsys) -> str:
+    assert main(args + ["--print-run-dir"]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_not_run(tmp_path, capsys):
+    args = TINY + ["--precision", "fp32", "--epochs", "2", "--retrain-epochs", "1", "--out", str(tmp_path / "runs")]
+    run = _run_dir_of(args, capsys)
+    os.makedirs(run)
+    marker = tmp_path / "code-ran"
+    torch.save({"phase": "search", "epoch": 1, "records": [_OpensAFile(str(marker))]},
+               os.path.join(run, "checkpoint.pt"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert err.startswith(f"ebkernels: error: the checkpoint {os.path.join(run, 'checkpoint.pt')} holds more "
+                          f"than plain data") and "refused without running any of it" in err, err
 
 
 def test_settings_hash_names_the_run():

@@ -18,7 +18,7 @@ import os
 import numpy as np
 import torch
 
-from .._io import atomic_torch_save, atomic_write, atomic_write_text
+from .._io import NotPlainData, atomic_torch_save, atomic_write, atomic_write_text, load_plain
 from .settings import Settings, TrainerError, settings_hash
 
 __all__ = ["RunDir", "RunLock", "run_dir_for", "new_state", "atomic_write_json", "json_default", "ratio_key"]
@@ -169,7 +169,14 @@ class RunDir:
         if not os.path.exists(self.checkpoint_path):
             return None
         try:
-            return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+            state = load_plain(self.checkpoint_path)
+        except NotPlainData as e:
+            raise TrainerError(f"the checkpoint {e}. This trainer never writes such a file: if you did not "
+                               f"put it there, find out who did; move it away to start this run afresh") from None
         except Exception as e:
             raise TrainerError(f"the checkpoint {self.checkpoint_path} cannot be read ({type(e).__name__}: {e}); "
                                f"move it away to start this run afresh") from e
+        if not isinstance(state, dict) or "phase" not in state:
+            raise TrainerError(f"the checkpoint {self.checkpoint_path} is not a checkpoint of this trainer "
+                               f"(no run state in it); move it away to start this run afresh")
+        return state
