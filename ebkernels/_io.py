@@ -1,4 +1,4 @@
-"""File writes and reads shared by checkpoints, run metadata and ticket files.
+"""File writes, reads and digests shared by checkpoints, run metadata and ticket files.
 
 ``atomic_write(path, write)`` calls ``write(tmp)`` on a fresh temp file in ``path``'s directory (the
 name ends with ``path``'s base name, so savers that look at the suffix, e.g. ``np.savez``, keep it),
@@ -8,6 +8,7 @@ new one, never a partial one. On any error the temp file is removed and the erro
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 import re
@@ -15,7 +16,8 @@ import uuid
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "fsync_dir", "load_plain", "NotPlainData"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "fsync_dir", "load_plain", "NotPlainData",
+           "content_digest"]
 
 
 def fsync_dir(directory: str) -> None:
@@ -67,6 +69,39 @@ def atomic_torch_save(obj, path) -> str:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
     return atomic_write(path, write)
+
+
+def content_digest(obj) -> str:
+    """``"sha256:<hex>"`` over plain data (tensors, numbers, strings, None, lists/tuples, dicts): tensors by
+    dtype, shape and values in row-major order, dicts by sorted keys. Equal for a saved object and the
+    same object loaded back, so a file can carry the digest of the rest of its content."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return "sha256:" + h.hexdigest()
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for key in sorted(obj, key=repr):
+            _feed(h, key)
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):  # one kind: a tuple may come back from a file as a list
+        h.update(f"L{len(obj)}:".encode())
+        for item in obj:
+            _feed(h, item)
+    elif isinstance(obj, str):
+        b = obj.encode()
+        h.update(f"S{len(b)}:".encode() + b)
+    elif obj is None or isinstance(obj, (bool, int, float)):
+        h.update(f"{type(obj).__name__[0]}{obj!r};".encode())  # repr of a float is exact
+    else:
+        raise TypeError(f"content_digest: a {type(obj).__name__} is not plain data; accepted: tensors, numbers, "
+                        f"strings, None, lists, tuples, dicts")
 
 
 class NotPlainData(ValueError):

@@ -295,6 +295,63 @@ def test_a_checkpoint_with_pickled_code_is_refused_not_run(tmp_path, capsys):
                           f"than plain data") and "refused without running any of it" in err, err
 
 
+def _interrupted_run(out, monkeypatch, epochs_done=1):
+    """A run stopped (as by Ctrl-C) after ``epochs_done`` search epochs: (its arguments, its directory)."""
+    real, calls = EpochRunner.train_epoch, []
+
+    def stopping(self, *a, **kw):
+        if len(calls) == epochs_done:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(EpochRunner, "train_epoch", stopping)
+    args = TINY + ["--precision", "fp32", "--epochs", "3", "--retrain-epochs", "1", "--quiet", "--out", str(out)]
+    assert main(args) == 130
+    monkeypatch.setattr(EpochRunner, "train_epoch", real)
+    return args, only_run_dir(out)
+
+
+def test_a_flipped_bit_in_the_checkpoint_is_reported_as_corrupt(tmp_path, monkeypatch, capsys):
+    args, run = _interrupted_run(tmp_path, monkeypatch)
+    ckpt = os.path.join(run, "checkpoint.pt")
+    raw = bytearray(open(ckpt, "rb").read())
+    weights = max(torch.load(ckpt, weights_only=True)["model"].values(), key=lambda t: t.numel())
+    at = bytes(raw).find(weights.numpy().tobytes())
+    assert at > 0
+    raw[at + weights.numel() * 2 + 1] ^= 0x10  # one bit in the middle of the largest weight tensor
+    open(ckpt, "wb").write(bytes(raw))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint {ckpt} is corrupt: its content does not match the SHA-256 digest" in err, err
+    assert not os.path.exists(os.path.join(run, "summary.json"))
+
+
+def test_a_corrupt_ticket_stops_retraining_with_a_message(tmp_path, monkeypatch, capsys):
+    args, run = _interrupted_run(tmp_path, monkeypatch, epochs_done=3)  # search done, retraining not
+    ticket = os.path.join(run, "ticket_0.5.pt")
+    raw = bytearray(open(ticket, "rb").read())
+    raw[len(raw) // 2] ^= 0x01
+    open(ticket, "wb").write(bytes(raw))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ebkernels: error: ticket 0.5: ") and "corrupt" in err and "Retraining needs it" in err
+
+
+def test_a_checkpoint_written_before_digests_resumes_and_says_so_once(tmp_path, monkeypatch):
+    args, run = _interrupted_run(tmp_path, monkeypatch)
+    ckpt = os.path.join(run, "checkpoint.pt")
+    state = torch.load(ckpt, weights_only=True)
+    del state["digest"]  # what ebkernels wrote before checkpoints carried a digest
+    torch.save(state, ckpt)
+    assert main(args) == 0
+    log = open(os.path.join(run, "log.txt")).read()
+    assert log.count(f"note: the checkpoint {ckpt} carries no content digest") == 1
+    assert f"resuming {run} from its checkpoint" in log and os.path.exists(os.path.join(run, "summary.json"))
+
+
 def test_settings_hash_names_the_run():
     s = train.resolve_settings(train.Settings())
     assert s.model == "vgg11" and s.width == 0.25 and s.precision == "int8"

@@ -42,7 +42,7 @@ class Job:
         self.s = s
         self.dist = dist
         self.run_dir = RunDir(s)
-        self.log = Log(self.run_dir.path, log_stream, quiet=s.quiet, is_main=dist.is_main)
+        self.log = self.run_dir.say = Log(self.run_dir.path, log_stream, quiet=s.quiet, is_main=dist.is_main)
         self.energy = EnergyMeter(dist.device)
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -265,7 +265,11 @@ class Job:
         s = self.s
         ticket = state["tickets"][job["ticket"]]
         name = ticket["tag"] + ("" if job["init"] == "inherit" else "+reinit")
-        model = load_ticket(ticket["path"])
+        try:
+            model = load_ticket(ticket["path"])
+        except (OSError, ValueError) as e:
+            raise TrainerError(f"ticket {ticket['tag']}: {e}. Retraining needs it: restore the file from a copy, "
+                               f"or move the run directory away to start this run afresh") from e
         if job["init"] == "reinit":
             torch.manual_seed(s.seed + 1 + job["ticket"])
             reinit(model)

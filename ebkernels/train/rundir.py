@@ -18,7 +18,7 @@ import os
 import numpy as np
 import torch
 
-from .._io import NotPlainData, atomic_torch_save, atomic_write, atomic_write_text, load_plain
+from .._io import NotPlainData, atomic_torch_save, atomic_write, atomic_write_text, content_digest, load_plain
 from .settings import Settings, TrainerError, settings_hash
 
 __all__ = ["RunDir", "RunLock", "run_dir_for", "new_state", "atomic_write_json", "json_default", "ratio_key"]
@@ -94,8 +94,10 @@ class RunLock:
 class RunDir:
     """The files of one run. Only rank 0 creates or writes them."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, say=print):
         self.settings = settings
+        self.say = say  # where notes to the user go (the run's log)
+        self._said_no_digest = False
         self.path = run_dir_for(settings)
         self.checkpoint_path = self.file("checkpoint.pt")
         self.summary_path = self.file("summary.json")
@@ -145,6 +147,7 @@ class RunDir:
     def save_checkpoint(self, state: dict) -> None:
         """checkpoint.pt (with the RNG state), then metrics.jsonl and masks.npz from the same state."""
         state = dict(state, rng=torch.get_rng_state())
+        state["digest"] = content_digest(state)  # load_checkpoint recomputes it: a changed byte is caught
         atomic_torch_save(state, self.checkpoint_path)
         atomic_write_text(self.file("metrics.jsonl"),
                           "".join(json.dumps(r, default=json_default) + "\n" for r in state["records"]))
@@ -179,4 +182,19 @@ class RunDir:
         if not isinstance(state, dict) or "phase" not in state:
             raise TrainerError(f"the checkpoint {self.checkpoint_path} is not a checkpoint of this trainer "
                                f"(no run state in it); move it away to start this run afresh")
+        stored = state.pop("digest", None)
+        if stored is None:  # written before checkpoints carried digests: usable, but say so once
+            if not self._said_no_digest:
+                self._said_no_digest = True
+                self.say(f"note: the checkpoint {self.checkpoint_path} carries no content digest (written by an "
+                         f"older ebkernels): resuming without an integrity check; the next checkpoint has one")
+            return state
+        try:
+            actual = content_digest(state)
+        except TypeError as e:
+            actual = str(e)
+        if actual != stored:
+            raise TrainerError(f"the checkpoint {self.checkpoint_path} is corrupt: its content does not match the "
+                               f"SHA-256 digest stored in it (changed bytes in its data); move it away to start "
+                               f"this run afresh")
         return state
