@@ -17,7 +17,7 @@ import uuid
 import torch
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_torch_save", "fsync_dir", "load_plain", "NotPlainData",
-           "content_digest"]
+           "content_digest", "remove_stale_temporaries"]
 
 
 def fsync_dir(directory: str) -> None:
@@ -38,6 +38,25 @@ def _tmp_path(path: str) -> str:
     d, base = os.path.split(path)
     # unique per call (pid + random token), same directory (os.replace stays a rename), same suffix
     return os.path.join(d, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{base}")
+
+
+TMP_NAME = re.compile(r"\.tmp-[0-9]+-[0-9a-f]{8}-.+")  # exactly the names _tmp_path makes
+
+
+def remove_stale_temporaries(directory: str, extra=None) -> list[str]:
+    """Remove the temp files that writes killed mid-way (``kill -9``) left in ``directory``: regular
+    files named as :func:`atomic_write` names them (or matching the compiled pattern ``extra``), not
+    in subfolders. Only call it while no other process writes there (e.g. under the run's lock).
+    Returns the removed paths."""
+    removed = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            ours = TMP_NAME.fullmatch(entry.name) or (extra is not None and extra.fullmatch(entry.name))
+            if ours and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+                    removed.append(entry.path)
+    return sorted(removed)
 
 
 def atomic_write(path, write) -> str:

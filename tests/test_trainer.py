@@ -352,6 +352,22 @@ def test_a_checkpoint_written_before_digests_resumes_and_says_so_once(tmp_path, 
     assert f"resuming {run} from its checkpoint" in log and os.path.exists(os.path.join(run, "summary.json"))
 
 
+def test_resume_removes_this_runs_stale_temporaries_and_nothing_else(tmp_path, monkeypatch):
+    args, run = _interrupted_run(tmp_path, monkeypatch)
+    checkpoint = open(os.path.join(run, "checkpoint.pt"), "rb").read()
+    stale = [".tmp-4242-0badc0de-checkpoint.pt", ".tmp-77-12345678-metrics.jsonl", ".write-test-4242"]
+    kept = [".tmp-notes.txt", "tmp-4242-0badc0de-checkpoint.pt", ".tmp-4242-0BADC0DE-x.pt", "my.tmp-1-12345678-x",
+            ".tmp-4242-0badc0de-", ".write-test-4242.bak", "notes.txt"]
+    for name in stale + kept:  # what kill -9 during an atomic write leaves, and look-alikes that are not
+        with open(os.path.join(run, name), "wb") as f:
+            f.write(checkpoint if name.endswith(".pt") else b"x")
+    os.makedirs(os.path.join(run, ".tmp-4242-0badc0de-folder"))
+    assert main(args) == 0
+    left = set(os.listdir(run))
+    assert not left & set(stale) and set(kept) | {".tmp-4242-0badc0de-folder"} <= left
+    assert "removed 3 temporary file(s) left by interrupted writes" in open(os.path.join(run, "log.txt")).read()
+
+
 def test_settings_hash_names_the_run():
     s = train.resolve_settings(train.Settings())
     assert s.model == "vgg11" and s.width == 0.25 and s.precision == "int8"

@@ -107,6 +107,8 @@ class Job:
                 print_summary(summary, self.log.stream, finished_before=True)
             return summary
         with self.run_dir.lock() if self.dist.is_main else contextlib.nullcontext():
+            if self.dist.is_main:
+                self.run_dir.remove_stale_temporaries()
             state = self.run_dir.load_checkpoint()
             if state is not None:
                 where = (f"{state['phase']} epoch {state['epoch']}" if state["phase"] != "retrain" else

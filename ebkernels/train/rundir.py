@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import torch
 
-from .._io import NotPlainData, atomic_torch_save, atomic_write, atomic_write_text, content_digest, load_plain
+from .._io import (NotPlainData, atomic_torch_save, atomic_write, atomic_write_text, content_digest, load_plain,
+                   remove_stale_temporaries)
 from .settings import Settings, TrainerError, settings_hash
 
 __all__ = ["RunDir", "RunLock", "run_dir_for", "new_state", "atomic_write_json", "json_default", "ratio_key"]
+
+_PROBE_NAME = re.compile(r"\.write-test-[0-9]+")  # RunDir.create's writability probe
 
 
 def ratio_key(r: float) -> str:
@@ -120,7 +124,7 @@ class RunDir:
         """Make the directory (checking that it is writable) and record the settings in it."""
         try:
             os.makedirs(self.path, exist_ok=True)
-            probe = self.file(f".write-test-{os.getpid()}")
+            probe = self.file(f".write-test-{os.getpid()}")  # see _PROBE_NAME
             with open(probe, "w") as f:
                 f.write("ok")
             os.remove(probe)
@@ -131,6 +135,14 @@ class RunDir:
             s = self.settings
             atomic_write_json(self.settings_path, {"hash": settings_hash(s), **s.hashed(),
                                                    "out": s.out, "data_dir": s.data_dir})
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete what writes killed mid-way left here (``.tmp-*`` files of atomic writes, write probes);
+        called under the run's lock, when nothing else writes here."""
+        removed = remove_stale_temporaries(self.path, extra=_PROBE_NAME)
+        if removed:
+            self.say(f"removed {len(removed)} temporary file(s) left by interrupted writes: "
+                     f"{', '.join(os.path.basename(p) for p in removed)}")
 
     # ---- summary --------------------------------------------------------------------------------
     def read_summary(self) -> dict | None:
