@@ -368,6 +368,49 @@ def test_resume_removes_this_runs_stale_temporaries_and_nothing_else(tmp_path, m
     assert "removed 3 temporary file(s) left by interrupted writes" in open(os.path.join(run, "log.txt")).read()
 
 
+def test_a_full_disk_during_a_checkpoint_is_a_message_and_the_last_checkpoint_stays(tmp_path, monkeypatch, capsys):
+    import errno
+    import builtins
+
+    from ebkernels import _io
+
+    args, run = _interrupted_run(tmp_path, monkeypatch)
+    ckpt = os.path.join(run, "checkpoint.pt")
+    attempted = []
+
+    class FullDisk:  # a file on a disk that takes the first 4 KiB of a write, then is full
+        def __init__(self, path):
+            self.f = builtins.open(path, "wb")
+
+        def write(self, data):
+            attempted.append(len(data))
+            self.f.write(bytes(data[:4096]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_on_full_disk(path, mode="r", *a, **kw):
+        if os.path.basename(path).endswith("-checkpoint.pt") and "w" in mode:
+            return FullDisk(path)
+        return builtins.open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(_io, "open", open_on_full_disk, raising=False)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"ebkernels: error: cannot write {ckpt} ({attempted[0]:,} bytes): No space left on device"), err
+    assert f"The last checkpoint, {ckpt} (search epoch 1 done), is intact" in err and "run the same command" in err
+    assert attempted[0] > 10_000 and not glob.glob(os.path.join(run, ".tmp-*"))
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(_io, "open", builtins.open)  # space freed: the same command resumes and finishes
+    assert main(args) == 0 and os.path.exists(os.path.join(run, "summary.json"))
+
+
 def test_settings_hash_names_the_run():
     s = train.resolve_settings(train.Settings())
     assert s.model == "vgg11" and s.width == 0.25 and s.precision == "int8"

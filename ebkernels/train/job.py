@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .. import data as data_mod
+from .._io import WriteFailed
 from .dist import Dist
 from .energy import EnergyMeter
 from .loop import EpochRunner, float_copy, lr_at, make_optimizer, prepare_for_training
@@ -107,26 +108,34 @@ class Job:
                 print_summary(summary, self.log.stream, finished_before=True)
             return summary
         with self.run_dir.lock() if self.dist.is_main else contextlib.nullcontext():
-            if self.dist.is_main:
-                self.run_dir.remove_stale_temporaries()
-            state = self.run_dir.load_checkpoint()
-            if state is not None:
-                where = (f"{state['phase']} epoch {state['epoch']}" if state["phase"] != "retrain" else
-                         f"retrain job {state['retrain_index'] + 1}, epoch {state['epoch']}")
-                self.log(f"resuming {self.run_dir.path} from its checkpoint ({where} done)")
-                torch.set_rng_state(state["rng"])
-            else:
-                self.log(f"run directory: {self.run_dir.path}")
-                self.log(f"data: {self.ds.describe()}")
-                self.log(f"model: {s.model} width {s.width:g}; search precision {s.precision}, ratios "
-                         f"{', '.join(map(ratio_key, s.ratios))}, eps {s.eps:g}, "
-                         f"{'baseline (train fully, prune, retrain)' if s.baseline else 'EB training'}")
-                state = self._fresh_state()
-            if state["phase"] == "search":
-                state = self.search(state)
-            if state["phase"] == "retrain":
-                state = self.retrain_all(state)
-            return self.finish(state)
+            try:
+                return self._run_locked()
+            except WriteFailed as e:  # disk full, quota, I/O error: nothing is lost but this epoch
+                raise TrainerError(f"{e}. {self.run_dir.checkpoint_note()}: free space (or fix the disk) and run "
+                                   f"the same command again to resume") from e
+
+    def _run_locked(self) -> dict:
+        s = self.s
+        if self.dist.is_main:
+            self.run_dir.remove_stale_temporaries()
+        state = self.run_dir.load_checkpoint()
+        if state is not None:
+            where = (f"{state['phase']} epoch {state['epoch']}" if state["phase"] != "retrain" else
+                     f"retrain job {state['retrain_index'] + 1}, epoch {state['epoch']}")
+            self.log(f"resuming {self.run_dir.path} from its checkpoint ({where} done)")
+            torch.set_rng_state(state["rng"])
+        else:
+            self.log(f"run directory: {self.run_dir.path}")
+            self.log(f"data: {self.ds.describe()}")
+            self.log(f"model: {s.model} width {s.width:g}; search precision {s.precision}, ratios "
+                     f"{', '.join(map(ratio_key, s.ratios))}, eps {s.eps:g}, "
+                     f"{'baseline (train fully, prune, retrain)' if s.baseline else 'EB training'}")
+            state = self._fresh_state()
+        if state["phase"] == "search":
+            state = self.search(state)
+        if state["phase"] == "retrain":
+            state = self.retrain_all(state)
+        return self.finish(state)
 
     def _fresh_state(self) -> dict:
         from ..pruning import count_flops, count_params

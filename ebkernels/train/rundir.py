@@ -12,6 +12,7 @@ One run = one directory named from a hash of its settings (``<out>/<model>-<data
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -19,11 +20,12 @@ import re
 import numpy as np
 import torch
 
-from .._io import (NotPlainData, atomic_torch_save, atomic_write, atomic_write_text, content_digest, load_plain,
+from .._io import (NotPlainData, atomic_torch_save, atomic_write_bytes, atomic_write_text, content_digest, load_plain,
                    remove_stale_temporaries)
 from .settings import Settings, TrainerError, settings_hash
 
-__all__ = ["RunDir", "RunLock", "run_dir_for", "new_state", "atomic_write_json", "json_default", "ratio_key"]
+__all__ = ["RunDir", "RunLock", "run_dir_for", "new_state", "describe_progress", "atomic_write_json", "json_default",
+           "ratio_key"]
 
 _PROBE_NAME = re.compile(r"\.write-test-[0-9]+")  # RunDir.create's writability probe
 
@@ -51,6 +53,20 @@ def new_state(params: int, flops: int) -> dict:
             "wall": {"search": 0.0, "prune": 0.0, "retrain": 0.0, "eval": 0.0},
             "energy": {}, "model": None, "optimizer": None, "detector": None,
             "dense": {"params": int(params), "flops": int(flops)}}
+
+
+def describe_progress(state: dict) -> str:
+    """How far a checkpointed run got, in words (for the resume line and error messages)."""
+    n_jobs = len(state.get("retrain_jobs", []))
+    if state["phase"] == "search":
+        return f"search epoch {state['epoch']} done"
+    if state["phase"] == "retrain" and state["epoch"] == 0:
+        index = state["retrain_index"]
+        return (f"search done after epoch {state.get('search_epochs')}, retraining not started" if index == 0
+                else f"retraining job {index} of {n_jobs} done")
+    if state["phase"] == "retrain":
+        return f"retraining job {state['retrain_index'] + 1} of {n_jobs}, epoch {state['epoch']} done"
+    return "search and retraining done, summary not written yet"
 
 
 def json_default(o):
@@ -102,6 +118,7 @@ class RunDir:
         self.settings = settings
         self.say = say  # where notes to the user go (the run's log)
         self._said_no_digest = False
+        self.last_progress = None  # describe_progress of the checkpoint on disk, once saved or loaded
         self.path = run_dir_for(settings)
         self.checkpoint_path = self.file("checkpoint.pt")
         self.summary_path = self.file("summary.json")
@@ -128,13 +145,13 @@ class RunDir:
             with open(probe, "w") as f:
                 f.write("ok")
             os.remove(probe)
+            if not os.path.exists(self.settings_path):
+                s = self.settings
+                atomic_write_json(self.settings_path, {"hash": settings_hash(s), **s.hashed(),
+                                                       "out": s.out, "data_dir": s.data_dir})
         except OSError as e:
             raise TrainerError(f"cannot write the run directory {self.path!r} ({e.strerror or e}); "
                                f"choose a writable folder with --out") from e
-        if not os.path.exists(self.settings_path):
-            s = self.settings
-            atomic_write_json(self.settings_path, {"hash": settings_hash(s), **s.hashed(),
-                                                   "out": s.out, "data_dir": s.data_dir})
 
     def remove_stale_temporaries(self) -> None:
         """Delete what writes killed mid-way left here (``.tmp-*`` files of atomic writes, write probes);
@@ -161,6 +178,7 @@ class RunDir:
         state = dict(state, rng=torch.get_rng_state())
         state["digest"] = content_digest(state)  # load_checkpoint recomputes it: a changed byte is caught
         atomic_torch_save(state, self.checkpoint_path)
+        self.last_progress = describe_progress(state)
         atomic_write_text(self.file("metrics.jsonl"),
                           "".join(json.dumps(r, default=json_default) + "\n" for r in state["records"]))
         self._write_masks(state)
@@ -173,11 +191,9 @@ class RunDir:
             return
         arrays = {f"p{ratio_key(r)}": det["masks"][:, i].numpy() for i, r in enumerate(det["ratios"])}
         arrays["channels"] = np.array(det["total"])
-
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-        atomic_write(self.file("masks.npz"), write)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(self.file("masks.npz"), buffer.getbuffer())
 
     def load_checkpoint(self) -> dict | None:
         """The last checkpoint's state, or None when the run has none yet."""
@@ -200,6 +216,7 @@ class RunDir:
                 self._said_no_digest = True
                 self.say(f"note: the checkpoint {self.checkpoint_path} carries no content digest (written by an "
                          f"older ebkernels): resuming without an integrity check; the next checkpoint has one")
+            self.last_progress = describe_progress(state)
             return state
         try:
             actual = content_digest(state)
@@ -209,4 +226,11 @@ class RunDir:
             raise TrainerError(f"the checkpoint {self.checkpoint_path} is corrupt: its content does not match the "
                                f"SHA-256 digest stored in it (changed bytes in its data); move it away to start "
                                f"this run afresh")
+        self.last_progress = describe_progress(state)
         return state
+
+    def checkpoint_note(self) -> str:
+        """Which checkpoint a failed run can resume from."""
+        if self.last_progress is None:
+            return f"No checkpoint was written yet (run directory {self.path})"
+        return f"The last checkpoint, {self.checkpoint_path} ({self.last_progress}), is intact"
