@@ -411,6 +411,25 @@ def test_a_full_disk_during_a_checkpoint_is_a_message_and_the_last_checkpoint_st
     assert main(args) == 0 and os.path.exists(os.path.join(run, "summary.json"))
 
 
+def test_a_corrupt_settings_json_is_detected_and_left_for_the_user(tmp_path, monkeypatch, capsys):
+    args, run = _interrupted_run(tmp_path, monkeypatch)
+    path = os.path.join(run, "settings.json")
+    text = open(path).read()
+    changed_lr = json.dumps(dict(json.loads(text), lr=0.2), indent=2)
+    for damaged, problem in ((text[: len(text) // 2], "it cannot be read as JSON"),
+                             (changed_lr, "it records lr=0.2 where these settings have 0.1"),
+                             ("[]", "it holds a JSON list, not the settings object")):
+        open(path, "w").write(damaged)
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ebkernels: error: {path} is corrupt: {problem}") and err.count("\n") == 1, err
+        assert "The directory name is the hash of the settings" in err and "delete settings.json" in err
+        assert open(path).read() == damaged and not os.path.exists(os.path.join(run, "summary.json"))
+    os.remove(path)  # what the message says to do: the same command rewrites it and resumes
+    assert main(args) == 0 and open(path).read() == text
+
+
 def test_settings_hash_names_the_run():
     s = train.resolve_settings(train.Settings())
     assert s.model == "vgg11" and s.width == 0.25 and s.precision == "int8"

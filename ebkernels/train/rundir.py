@@ -147,11 +147,41 @@ class RunDir:
             os.remove(probe)
             if not os.path.exists(self.settings_path):
                 s = self.settings
-                atomic_write_json(self.settings_path, {"hash": settings_hash(s), **s.hashed(),
-                                                       "out": s.out, "data_dir": s.data_dir})
+                atomic_write_json(self.settings_path, {**self._settings_record(), "out": s.out,
+                                                       "data_dir": s.data_dir})
         except OSError as e:
             raise TrainerError(f"cannot write the run directory {self.path!r} ({e.strerror or e}); "
                                f"choose a writable folder with --out") from e
+        problem = self._settings_json_problem()
+        if problem:
+            raise TrainerError(f"{self.settings_path} is corrupt: {problem}. The directory name is the hash of the "
+                               f"settings ({settings_hash(self.settings)}) and this command's settings match it: "
+                               f"delete settings.json and run again to have it rewritten from them, or move the "
+                               f"run directory away")
+
+    def _settings_record(self) -> dict:
+        return {"hash": settings_hash(self.settings), **self.settings.hashed()}
+
+    def _settings_json_problem(self) -> str | None:
+        """What is wrong with settings.json, or None when it records exactly these settings (``out`` and
+        ``data_dir`` may differ: they are not part of the hash)."""
+        try:
+            with open(self.settings_path) as f:
+                recorded = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return f"it cannot be read as JSON ({e})"
+        if not isinstance(recorded, dict):
+            return f"it holds a JSON {type(recorded).__name__}, not the settings object"
+        expected = json.loads(json.dumps(self._settings_record(), default=list))  # tuples as JSON has them
+        for key, value in expected.items():
+            if key not in recorded:
+                return f"it has no {key!r}"
+            if recorded[key] != value:
+                return f"it records {key}={recorded[key]!r} where these settings have {value!r}"
+        unknown = sorted(set(recorded) - set(expected) - {"out", "data_dir"})
+        if unknown:
+            return f"it has entries no setting has: {', '.join(map(repr, unknown))}"
+        return None
 
     def remove_stale_temporaries(self) -> None:
         """Delete what writes killed mid-way left here (``.tmp-*`` files of atomic writes, write probes);
