@@ -3,6 +3,7 @@ DDP on 2 CPU processes (gloo), bad input."""
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -428,6 +429,28 @@ def test_a_corrupt_settings_json_is_detected_and_left_for_the_user(tmp_path, mon
         assert open(path).read() == damaged and not os.path.exists(os.path.join(run, "summary.json"))
     os.remove(path)  # what the message says to do: the same command rewrites it and resumes
     assert main(args) == 0 and open(path).read() == text
+
+
+def test_non_finite_bn_gammas_with_a_finite_loss_stop_the_search(tmp_path, capsys, monkeypatch):
+    real, calls = EpochRunner.train_epoch, []
+
+    def gamma_blows_up(self, model, *a, **kw):  # after the second epoch one BN gamma is NaN, the loss is not
+        calls.append(1)
+        out = real(self, model, *a, **kw)
+        if len(calls) == 2:
+            bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            with torch.no_grad():
+                bn.weight[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(EpochRunner, "train_epoch", gamma_blows_up)
+    args = TINY + ["--precision", "fp32", "--epochs", "4", "--retrain-epochs", "1", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    ckpt = os.path.join(only_run_dir(tmp_path), "checkpoint.pt")
+    assert re.search(r"non-finite BatchNorm gammas after search epoch 2 in '[\w.]+' \(1 NaN, 0 inf of \d+ channels\)"
+                     rf": training stopped; the last good checkpoint is {re.escape(ckpt)} \(after search epoch 1\)",
+                     err), err
 
 
 def test_settings_hash_names_the_run():

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .. import data as data_mod
 from .._io import WriteFailed
+from ..detector import NonFiniteImportanceError
 from .dist import Dist
 from .energy import EnergyMeter
 from .loop import EpochRunner, float_copy, lr_at, make_optimizer, prepare_for_training
@@ -147,12 +148,13 @@ class Job:
         if self.dist.is_main:
             self.run_dir.save_checkpoint(state)
 
-    def _diverged(self, phase: str, epoch: int):
+    def _diverged(self, problem: str):
+        """Stop on a non-finite loss or BN gammas, naming the checkpoint a fixed run resumes from."""
         state = self.run_dir.load_checkpoint()
         path = self.run_dir.checkpoint_path
         where = (f"the last good checkpoint is {path} (after {state['phase']} epoch {state['epoch']})"
                  if state else f"no checkpoint was written yet (run directory {self.run_dir.path})")
-        raise TrainerError(f"non-finite training loss in {phase} epoch {epoch}: training stopped; {where}. "
+        raise TrainerError(f"{problem}: training stopped; {where}. "
                            f"Lower --lr or check the data, then run again (a new --lr is a new run).")
 
     # ---- 1. search, detect, draw ----------------------------------------------------------------
@@ -174,11 +176,14 @@ class Job:
             train = self.epochs.train_epoch(model, wrapped, opt, epoch, lr, s.sparsity, s.precision,
                                             f"search {epoch + 1}/{s.epochs}")
             if not math.isfinite(train["train_loss"]):
-                self._diverged("search", epoch + 1)
+                self._diverged(f"non-finite training loss in search epoch {epoch + 1}")
             t1 = time.perf_counter()
             test = self.epochs.evaluate(model, s.precision if s.precision == "bf16" else "fp32")
             t2 = time.perf_counter()
-            newly, distances = self._detect(detector, model, state)
+            try:
+                newly, distances = self._detect(detector, model, state)
+            except NonFiniteImportanceError as e:  # a finite loss, yet the detector's importance diverged
+                self._diverged(f"non-finite BatchNorm gammas after search epoch {epoch + 1} in {e.where}")
             self.energy.add_since(state["energy"], "search", e0)
             state["wall"]["search"] += t1 - t0
             state["wall"]["eval"] += t2 - t1
@@ -298,7 +303,7 @@ class Job:
             train = self.epochs.train_epoch(model, wrapped, opt, epoch, lr, 0.0, s.retrain_precision,
                                             f"retrain {name} {epoch + 1}/{total}")
             if not math.isfinite(train["train_loss"]):
-                self._diverged(f"retrain ({name})", epoch + 1)
+                self._diverged(f"non-finite training loss in retrain ({name}) epoch {epoch + 1}")
             t1 = time.perf_counter()
             test = self.epochs.evaluate(model, s.retrain_precision)
             t2 = time.perf_counter()
