@@ -104,6 +104,22 @@ def _non_finite_error(gammas: torch.Tensor, layout, name: str) -> NonFiniteImpor
         where)
 
 
+def _check_backend_runs_on(backend: str, device: torch.device) -> None:
+    """An explicit ``backend="triton"`` needs CUDA tensors, or CPU tensors under the Triton interpreter;
+    said here, before Triton's own "0 active drivers"."""
+    from . import _backend
+
+    if backend != "triton" or (_backend.HAS_TRITON and (device.type == "cuda" or
+                                                        (device.type == "cpu" and _backend.INTERPRET))):
+        return
+    needs = ("the triton package (not installed)" if not _backend.HAS_TRITON else
+             f"CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before ebkernels is imported (the "
+             f"Triton interpreter); the gammas are on {device}"
+             + ("" if device.type != "cpu" or _backend.INTERPRET else " and the interpreter is off"))
+    raise ValueError(f"backend='triton' needs {needs}; accepted here: backend='auto' (picks what runs on this "
+                     f"machine), 'native' (the C++ op, when built) or 'reference'")
+
+
 def _ratios(ratio) -> tuple[tuple[float, ...], bool]:
     """``(ratios, single)``: a float, or a non-empty tuple/list of distinct floats, each in (0, 1)."""
     if isinstance(ratio, (tuple, list)):
@@ -136,6 +152,7 @@ def channel_mask(gammas_or_model, ratio, backend: str = "auto") -> torch.Tensor:
     check_choice("backend", backend, BACKENDS)
     ratios, single = _ratios(ratio)
     gammas, layout = gather_gammas(gammas_or_model)
+    _check_backend_runs_on(backend, gammas.device)
     if not bool(torch.isfinite(gammas).all()):
         raise _non_finite_error(gammas, layout, "gammas_or_model")
     total = gammas.numel()
@@ -293,6 +310,7 @@ class EarlyBird:
         """Record this epoch's masks and update the verdict; True once the ticket is found. Non-finite
         gammas raise :class:`NonFiniteImportanceError` (naming the layer) and leave the detector as it was."""
         gammas, layout = gather_gammas(model, "model")
+        _check_backend_runs_on(self.backend, gammas.device)
         first = self._layout is None
         if first:
             self._layout, self._total = layout, gammas.numel()

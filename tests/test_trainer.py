@@ -218,7 +218,16 @@ def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
     (["--ratio", "1.5"], "--ratio: ratio=1.5 is out of range; accepted: a float with 0 < ratio < 1"),
     (["--ratio", "0.3,0"], "--ratio: ratio=0.0 is out of range"),
     (["--precision", "int4"], "--precision 'int4' is not supported; accepted: int8, bf16, fp32"),
-    (["--batch-size", "1"], "--batch-size 1 is not supported; accepted: an integer >= 2"),
+    (["--batch-size", "1"], "--batch-size 1 is not supported; accepted: an integer from 2 to 1048576 (BatchNorm "
+                            "cannot train on batches of one sample)"),
+    (["--epochs", "99999999999999999999"], "--epochs 99999999999999999999 is not supported; accepted: an integer "
+                                           "from 1 to 100000"),
+    (["--retrain-epochs", "-1"], "--retrain-epochs -1 is not supported; accepted: an integer from 0 to 100000"),
+    (["--seed", "99999999999999999999"], "--seed 99999999999999999999 is not supported; accepted: an integer from"),
+    (["--eps", "1.5"], "--eps 1.5 is not supported; accepted: a number with 0 < eps <= 1"),
+    (["--momentum", "1"], "--momentum 1.0 is not supported; accepted: a number with 0 <= momentum < 1"),
+    (["--lr", "inf"], "--lr inf is not supported; accepted: a finite number > 0"),
+    (["--detector-mode", "window", "--window", "1"], "--window 1 is not supported with --detector-mode window"),
     (["--train-subset", "1"], "the training set has 1 sample(s) for 1 process(es)"),
     (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm", "--no-download"],
      "apt-get install dataset-fashion-mnist"),
@@ -451,6 +460,43 @@ def test_non_finite_bn_gammas_with_a_finite_loss_stop_the_search(tmp_path, capsy
     assert re.search(r"non-finite BatchNorm gammas after search epoch 2 in '[\w.]+' \(1 NaN, 0 inf of \d+ channels\)"
                      rf": training stopped; the last good checkpoint is {re.escape(ckpt)} \(after search epoch 1\)",
                      err), err
+
+
+def test_the_resume_line_says_how_far_the_run_got(tmp_path, monkeypatch):
+    from ebkernels.train.rundir import describe_progress
+
+    args, run = _interrupted_run(tmp_path, monkeypatch, epochs_done=3)  # search done, retraining not started
+    log = os.path.join(run, "log.txt")
+    assert main(args) == 0
+    assert f"resuming {run} from its checkpoint (search done after epoch 3, retraining not started)" in open(log).read()
+    os.remove(os.path.join(run, "summary.json"))  # as if killed after the last checkpoint, before the summary
+    assert main(args) == 0
+    assert open(log).read().splitlines()[-1] == (f"resuming {run} from its checkpoint (search and retraining done, "
+                                                 f"summary not written yet)")
+    jobs = [{"ticket": 0, "init": "inherit"}, {"ticket": 0, "init": "reinit"}]
+    assert describe_progress({"phase": "search", "epoch": 4}) == "search epoch 4 done"
+    assert describe_progress({"phase": "retrain", "epoch": 2, "retrain_index": 1, "retrain_jobs": jobs}) == \
+        "retraining job 2 of 2, epoch 2 done"
+    assert describe_progress({"phase": "retrain", "epoch": 0, "retrain_index": 1, "retrain_jobs": jobs}) == \
+        "retraining job 1 of 2 done"
+
+
+def test_explicit_triton_backend_without_cuda_or_interpreter_says_what_it_needs():
+    code = ("import torch, ebkernels\n"
+            "for call in (lambda: ebkernels.channel_mask(torch.rand(40), 0.5, backend='triton'),\n"
+            "             lambda: ebkernels.EarlyBird(0.5, backend='triton').step(torch.rand(40))):\n"
+            "    try:\n"
+            "        call()\n"
+            "    except ValueError as e:\n"
+            "        print(e)\n")
+    e = {k: v for k, v in env().items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr
+    for line in lines:
+        assert line.startswith("backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
+                               "before ebkernels is imported") and "the gammas are on cpu" in line
+        assert "accepted here: backend='auto'" in line
 
 
 def test_settings_hash_names_the_run():

@@ -26,7 +26,7 @@ from .dist import Dist
 from .energy import EnergyMeter
 from .loop import EpochRunner, float_copy, lr_at, make_optimizer, prepare_for_training
 from .report import Log, build_summary, print_summary, report_dict, write_plots
-from .rundir import RunDir, new_state, ratio_key
+from .rundir import RunDir, describe_progress, new_state, ratio_key
 from .settings import Settings, TrainerError
 
 __all__ = ["Job", "make_detector"]
@@ -121,9 +121,7 @@ class Job:
             self.run_dir.remove_stale_temporaries()
         state = self.run_dir.load_checkpoint()
         if state is not None:
-            where = (f"{state['phase']} epoch {state['epoch']}" if state["phase"] != "retrain" else
-                     f"retrain job {state['retrain_index'] + 1}, epoch {state['epoch']}")
-            self.log(f"resuming {self.run_dir.path} from its checkpoint ({where} done)")
+            self.log(f"resuming {self.run_dir.path} from its checkpoint ({describe_progress(state)})")
             torch.set_rng_state(state["rng"])
         else:
             self.log(f"run directory: {self.run_dir.path}")

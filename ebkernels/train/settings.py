@@ -15,7 +15,7 @@ import math
 from .. import data as data_mod
 
 __all__ = ["Settings", "TrainerError", "resolve_settings", "settings_hash", "PRECISIONS", "RETRAIN_PRECISIONS",
-           "RETRAIN_INITS", "DETECTOR_MODES", "DATASET_DEFAULTS", "NOT_HASHED"]
+           "RETRAIN_INITS", "DETECTOR_MODES", "DATASET_DEFAULTS", "NOT_HASHED", "INT_RANGES", "FLOAT_RANGES"]
 
 PRECISIONS = ("int8", "bf16", "fp32")
 RETRAIN_PRECISIONS = ("fp32", "bf16")
@@ -33,6 +33,18 @@ DATASET_DEFAULTS = {
 }
 # Settings that do not change what a run computes: left out of the run directory's hash.
 NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet")
+
+
+# Accepted ranges, inclusive: wide enough for any real run, narrow enough that a typo is caught before
+# it becomes a year-long schedule or an overflowing seed.
+MAX_EPOCHS = 100_000
+INT_RANGES = {"epochs": (1, MAX_EPOCHS), "retrain_epochs": (0, MAX_EPOCHS), "window": (1, MAX_EPOCHS),
+              "batch_size": (2, 2**20), "train_subset": (1, 10**9), "test_subset": (1, 10**9),
+              "seed": (-(2**32 - 1), 2**32 - 1)}
+# (lowest, lowest excluded, highest or None, highest excluded)
+FLOAT_RANGES = {"eps": (0.0, True, 1.0, False),  # a mask distance lies in [0, 1]
+                "lr": (0.0, True, None, False), "momentum": (0.0, False, 1.0, True),
+                "sparsity": (0.0, False, None, False), "weight_decay": (0.0, False, None, False)}
 
 
 class TrainerError(RuntimeError):
@@ -103,27 +115,24 @@ def resolve_settings(s: Settings) -> Settings:
                                  ("--detector-mode", s.detector_mode, DETECTOR_MODES)):
         if value not in choices:
             _bad(f"{name} {value!r} is not supported; accepted: {', '.join(choices)}")
-    for name in ("epochs", "window"):
+    for name, (lo, hi) in INT_RANGES.items():
         v = getattr(s, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            _bad(f"--{name.replace('_', '-')} {v!r} is not supported; accepted: a positive integer")
-    if isinstance(s.batch_size, bool) or not isinstance(s.batch_size, int) or s.batch_size < 2:
-        _bad(f"--batch-size {s.batch_size!r} is not supported; accepted: an integer >= 2 (BatchNorm cannot "
-             f"train on batches of one sample)")
-    if isinstance(s.retrain_epochs, bool) or not isinstance(s.retrain_epochs, int) or s.retrain_epochs < 0:
-        _bad(f"--retrain-epochs {s.retrain_epochs!r} is not supported; accepted: an integer >= 0")
-    for name in ("train_subset", "test_subset"):
+        if v is None and name in ("train_subset", "test_subset"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            why = " (BatchNorm cannot train on batches of one sample)" if name == "batch_size" else ""
+            _bad(f"--{name.replace('_', '-')} {v!r} is not supported; accepted: an integer from {lo} to {hi}{why}")
+    if s.detector_mode == "window" and s.window < 2:
+        _bad(f"--window {s.window} is not supported with --detector-mode window (it compares the newest mask "
+             f"with the window's older ones); accepted: 2 or more")
+    for name, (lo, lo_open, hi, hi_open) in FLOAT_RANGES.items():
         v = getattr(s, name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            _bad(f"--{name.replace('_', '-')} {v!r} is not supported; accepted: a positive integer")
-    for name, lo in (("eps", 0.0), ("lr", 0.0)):
-        v = getattr(s, name)
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > lo):
-            _bad(f"--{name} {v!r} is not supported; accepted: a positive number")
-    for name in ("sparsity", "momentum", "weight_decay"):
-        v = getattr(s, name)
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            _bad(f"--{name.replace('_', '-')} {v!r} is not supported; accepted: a number >= 0")
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not (ok and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))):
+            flag, low = name.replace("_", "-"), "<" if lo_open else "<="
+            accepted = (f"a finite number {'>' if lo_open else '>='} {lo:g}" if hi is None else
+                        f"a number with {lo:g} {low} {flag} {'<' if hi_open else '<='} {hi:g}")
+            _bad(f"--{flag} {v!r} is not supported; accepted: {accepted}")
     if not (isinstance(s.width, (int, float)) and 0 < s.width <= 16):
         _bad(f"--width {s.width!r} is not supported; accepted: a multiplier with 0 < width <= 16")
     s.width = float(s.width)
