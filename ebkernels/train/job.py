@@ -21,11 +21,14 @@ import torch.nn as nn
 
 from .. import data as data_mod
 from .._io import WriteFailed
-from ..detector import NonFiniteImportanceError
+from ..detector import EarlyBird, NonFiniteImportanceError, channel_mask
+from ..pruning import count_flops, count_params, load_ticket, prune, reinit, save_ticket
 from .dist import Dist
 from .energy import EnergyMeter
-from .loop import EpochRunner, float_copy, lr_at, make_optimizer, prepare_for_training
-from .report import Log, build_summary, print_summary, report_dict, write_plots
+from .loop import (EpochRunner, build_dense_model, float_copy, local_batch_size, lr_at, make_optimizer,
+                   prepare_for_training)
+from .report import (Log, build_summary, epoch_line, print_summary, report_dict, start_lines, ticket_line,
+                     write_plots)
 from .rundir import RunDir, describe_progress, new_state, ratio_key
 from .settings import Settings, TrainerError
 
@@ -34,8 +37,6 @@ __all__ = ["Job", "make_detector"]
 
 def make_detector(s: Settings):
     """The run's detector: one EarlyBird over all ratios (a tuple, so its views are dicts by ratio)."""
-    from ..detector import EarlyBird
-
     return EarlyBird(tuple(s.ratios), eps=s.eps, window=s.window, mode=s.detector_mode)
 
 
@@ -56,23 +57,10 @@ class Job:
                                             s.test_subset, seed=s.seed)
         except data_mod.DatasetError as e:
             raise TrainerError(str(e)) from e
-        world = self.dist.world_size
-        if s.batch_size % world:
-            raise TrainerError(f"--batch-size {s.batch_size} must be divisible by the number of processes "
-                               f"({world}): it is the global batch, split evenly over the ranks")
-        # BatchNorm trains on at least 2 samples per process (a last batch of one is merged, see data.py)
-        if s.batch_size // world < 2:
-            raise TrainerError(f"--batch-size {s.batch_size} over {world} processes gives batches of one sample; "
-                               f"BatchNorm cannot train on those: accepted: at least 2 per process "
-                               f"(--batch-size {2 * world} or more)")
-        n_train = len(self.ds.train_labels)
-        if -(-n_train // world) < 2:
-            raise TrainerError(f"the training set has {n_train} sample(s) for {world} process(es); BatchNorm "
-                               f"cannot train on one sample: accepted: at least {world + 1} training samples "
-                               f"(--train-subset)")
-        self.epochs = EpochRunner(self.ds, self.dist, s.batch_size // self.dist.world_size, s.seed, s.augment,
+        local_batch = local_batch_size(s.batch_size, self.dist.world_size, len(self.ds.train_labels))
+        self.epochs = EpochRunner(self.ds, self.dist, local_batch, s.seed, s.augment,
                                   show_progress=s.progress and not s.quiet)
-        self.model = self._build_dense()
+        self.model = build_dense_model(s, self.ds)
         error = None
         if self.dist.is_main:
             try:
@@ -82,21 +70,6 @@ class Job:
         error = self.dist.broadcast_obj(error)  # every rank stops, none waits on a barrier forever
         if error:
             raise TrainerError(error)
-
-    def _build_dense(self) -> nn.Module:
-        from ..models import build_model
-
-        torch.manual_seed(self.s.seed)
-        try:
-            kw = {} if self.s.width == 1.0 else {"width": self.s.width}
-            model = build_model(self.s.model, num_classes=self.ds.num_classes,
-                                in_channels=self.ds.in_channels, **kw)
-        except (ValueError, KeyError, TypeError) as e:
-            raise TrainerError(f"--model {self.s.model!r}: {e}") from e
-        if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-            raise TrainerError(f"--model {self.s.model!r} has no BatchNorm2d layers: the detector needs BN "
-                               f"scaling factors")
-        return model
 
     # ---- the whole job --------------------------------------------------------------------------
     def run(self) -> dict:
@@ -124,11 +97,8 @@ class Job:
             self.log(f"resuming {self.run_dir.path} from its checkpoint ({describe_progress(state)})")
             torch.set_rng_state(state["rng"])
         else:
-            self.log(f"run directory: {self.run_dir.path}")
-            self.log(f"data: {self.ds.describe()}")
-            self.log(f"model: {s.model} width {s.width:g}; search precision {s.precision}, ratios "
-                     f"{', '.join(map(ratio_key, s.ratios))}, eps {s.eps:g}, "
-                     f"{'baseline (train fully, prune, retrain)' if s.baseline else 'EB training'}")
+            for line in start_lines(s, self.ds, self.run_dir.path):
+                self.log(line)
             state = self._fresh_state()
         if state["phase"] == "search":
             state = self.search(state)
@@ -137,10 +107,19 @@ class Job:
         return self.finish(state)
 
     def _fresh_state(self) -> dict:
-        from ..pruning import count_flops, count_params
-
         dense = float_copy(self.model)
         return new_state(params=count_params(dense), flops=count_flops(dense, self.ds.input_shape))
+
+    def _trainable(self, model: nn.Module, precision: str, state: dict):
+        """``(model, wrapped, optimizer)`` for training, continuing from the checkpointed phase's weights
+        and optimizer state when it holds them."""
+        if state["model"] is not None:
+            model.load_state_dict(state["model"])
+        model, wrapped = prepare_for_training(model, precision, self.dist, self.s.sync_bn)
+        opt = make_optimizer(model, self.s)
+        if state["optimizer"] is not None:
+            opt.load_state_dict(state["optimizer"])
+        return model, wrapped, opt
 
     def _checkpoint(self, state: dict) -> None:
         if self.dist.is_main:
@@ -158,13 +137,7 @@ class Job:
     # ---- 1. search, detect, draw ----------------------------------------------------------------
     def search(self, state: dict) -> dict:
         s = self.s
-        model = self.model
-        if state["model"] is not None:
-            model.load_state_dict(state["model"])
-        model, wrapped = prepare_for_training(model, s.precision, self.dist, s.sync_bn)
-        opt = make_optimizer(model, s)
-        if state["optimizer"] is not None:
-            opt.load_state_dict(state["optimizer"])
+        model, wrapped, opt = self._trainable(self.model, s.precision, state)
         detector = make_detector(s)  # one detector, all ratios: one fused update per epoch
         if state["detector"] is not None:
             detector.load_state_dict(state["detector"])
@@ -194,12 +167,8 @@ class Job:
             state["records"].append({"phase": "search", "epoch": epoch + 1, "lr": lr, **train, **test,
                                      "distances": distances, "found": sorted(state["found"].items()),
                                      "time": round(t2 - t0, 4)})
-            dist_txt = "  ".join(f"d(p={k}) {v:.3f}" if v is not None else f"d(p={k}) -"
-                                 for k, v in distances.items())
-            found_txt = "  ".join(f"ticket p={ratio_key(r)} found" for r in newly)
-            self.log(f"[search] epoch {epoch + 1:3d}/{s.epochs}  lr {lr:.4g}  loss {train['train_loss']:.4f}  "
-                     f"train {train['train_acc']:5.1f}%  test {test['test_acc']:5.1f}%  {dist_txt}  "
-                     f"{t2 - t0:.1f}s  {found_txt}".rstrip())
+            self.log(epoch_line("search", epoch + 1, s.epochs, lr, train, test, t2 - t0, distances,
+                                [ratio_key(r) for r in newly]))
             state.update(epoch=epoch + 1, model=float_copy(model).state_dict(), optimizer=opt.state_dict(),
                          detector=detector.state_dict())
             if stop:
@@ -239,9 +208,6 @@ class Job:
 
     def draw_ticket(self, model: nn.Module, ratio: float, tag: str, epoch: int, by_detector: bool) -> dict:
         """Mask at ``ratio`` from the current BN scaling factors, prune physically, save (rank 0)."""
-        from ..detector import channel_mask
-        from ..pruning import prune, save_ticket
-
         dense = float_copy(model)
         mask = channel_mask(dense, ratio)
         pruned, report = prune(dense, mask, ratio=ratio, input_shape=self.ds.input_shape)
@@ -252,10 +218,7 @@ class Job:
                                                       "by_detector": by_detector, "dataset": self.s.dataset,
                                                       "search_precision": self.s.precision})
         report = report_dict(report)
-        self.log(f"  drew ticket {tag} at epoch {epoch}"
-                 f"{' (detector)' if by_detector else ''}: params {report.get('params_before')} -> "
-                 f"{report.get('params_after')}, multiply-adds {report.get('flops_before')} -> "
-                 f"{report.get('flops_after')}, accuracy before retraining {acc:.2f}%")
+        self.log(ticket_line(tag, epoch, by_detector, report, acc))
         return {"tag": tag, "ratio": ratio, "epoch": epoch, "by_detector": by_detector, "path": path,
                 "acc_before_retrain": acc, **report}
 
@@ -274,8 +237,6 @@ class Job:
         return state
 
     def retrain_one(self, state: dict, job: dict) -> dict:
-        from ..pruning import load_ticket, reinit, save_ticket
-
         s = self.s
         ticket = state["tickets"][job["ticket"]]
         name = ticket["tag"] + ("" if job["init"] == "inherit" else "+reinit")
@@ -287,12 +248,7 @@ class Job:
         if job["init"] == "reinit":
             torch.manual_seed(s.seed + 1 + job["ticket"])
             reinit(model)
-        if state["model"] is not None:
-            model.load_state_dict(state["model"])
-        model, wrapped = prepare_for_training(model, "fp32", self.dist, s.sync_bn)
-        opt = make_optimizer(model, s)
-        if state["optimizer"] is not None:
-            opt.load_state_dict(state["optimizer"])
+        model, wrapped, opt = self._trainable(model, "fp32", state)
         total = s.retrain_epochs
         test = self.epochs.evaluate(model) if total == 0 else None
         for epoch in range(state["epoch"], total):
@@ -310,8 +266,7 @@ class Job:
             state["wall"]["eval"] += t2 - t1
             state["records"].append({"phase": "retrain", "job": name, "epoch": epoch + 1, "lr": lr, **train,
                                      **test, "time": round(t2 - t0, 4)})
-            self.log(f"[retrain {name}] epoch {epoch + 1:3d}/{total}  lr {lr:.4g}  loss {train['train_loss']:.4f}  "
-                     f"train {train['train_acc']:5.1f}%  test {test['test_acc']:5.1f}%  {t2 - t0:.1f}s")
+            self.log(epoch_line(f"retrain {name}", epoch + 1, total, lr, train, test, t2 - t0))
             state.update(epoch=epoch + 1, model=float_copy(model).state_dict(), optimizer=opt.state_dict())
             if epoch + 1 < total:
                 self._checkpoint(state)

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 
 from .. import data as data_mod
 from .dist import Dist, SyncBatchNorm2d, swap_bn
+from .settings import TrainerError
 
-__all__ = ["lr_at", "EpochRunner", "prepare_for_training", "make_optimizer", "float_copy"]
+__all__ = ["lr_at", "EpochRunner", "local_batch_size", "build_dense_model", "prepare_for_training", "make_optimizer",
+           "float_copy"]
 
 
 def lr_at(epoch: int, base_lr: float, total_epochs: int) -> float:
@@ -57,6 +59,38 @@ def prepare_for_training(model: nn.Module, precision: str, dist: Dist, sync_bn: 
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     return model, DDP(model, device_ids=ids, broadcast_buffers=not sync_bn)
+
+
+def local_batch_size(batch_size: int, world_size: int, n_train: int) -> int:
+    """This process's share of the global batch; BatchNorm needs 2 samples per process and batch (a
+    last batch of one is merged into the one before, see ``data.iterate_batches``)."""
+    if batch_size % world_size:
+        raise TrainerError(f"--batch-size {batch_size} must be divisible by the number of processes "
+                           f"({world_size}): it is the global batch, split evenly over the ranks")
+    if batch_size // world_size < 2:
+        raise TrainerError(f"--batch-size {batch_size} over {world_size} processes gives batches of one sample; "
+                           f"BatchNorm cannot train on those: accepted: at least 2 per process "
+                           f"(--batch-size {2 * world_size} or more)")
+    if -(-n_train // world_size) < 2:
+        raise TrainerError(f"the training set has {n_train} sample(s) for {world_size} process(es); BatchNorm "
+                           f"cannot train on one sample: accepted: at least {world_size + 1} training samples "
+                           f"(--train-subset)")
+    return batch_size // world_size
+
+
+def build_dense_model(s, ds) -> nn.Module:
+    """The dense network of the settings for the dataset, seeded with ``s.seed``."""
+    from ..models import build_model
+
+    torch.manual_seed(s.seed)
+    try:
+        kw = {} if s.width == 1.0 else {"width": s.width}
+        model = build_model(s.model, num_classes=ds.num_classes, in_channels=ds.in_channels, **kw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrainerError(f"--model {s.model!r}: {e}") from e
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        raise TrainerError(f"--model {s.model!r} has no BatchNorm2d layers: the detector needs BN scaling factors")
+    return model
 
 
 def make_optimizer(model: nn.Module, settings) -> torch.optim.Optimizer:

@@ -14,7 +14,8 @@ import numpy as np
 
 from .rundir import ratio_key
 
-__all__ = ["Log", "report_dict", "build_summary", "print_summary", "write_plots"]
+__all__ = ["Log", "start_lines", "epoch_line", "ticket_line", "report_dict", "build_summary", "print_summary",
+           "write_plots"]
 
 
 class Log:
@@ -39,6 +40,32 @@ class Log:
         with contextlib.suppress(OSError):  # the log file is a convenience: never fail a run over it
             with open(self.path, "a") as f:
                 f.write(msg + "\n")
+
+
+def start_lines(s, ds, run_dir: str) -> list[str]:
+    """What a fresh run says first: where it writes, on what data, what it searches."""
+    return [f"run directory: {run_dir}", f"data: {ds.describe()}",
+            f"model: {s.model} width {s.width:g}; search precision {s.precision}, ratios "
+            f"{', '.join(map(ratio_key, s.ratios))}, eps {s.eps:g}, "
+            f"{'baseline (train fully, prune, retrain)' if s.baseline else 'EB training'}"]
+
+
+def epoch_line(phase: str, epoch: int, total: int, lr: float, train: dict, test: dict, seconds: float,
+               distances: dict | None = None, found: list = ()) -> str:
+    """One epoch's log line; a search epoch adds each ratio's mask distance and the tickets found."""
+    line = (f"[{phase}] epoch {epoch:3d}/{total}  lr {lr:.4g}  loss {train['train_loss']:.4f}  "
+            f"train {train['train_acc']:5.1f}%  test {test['test_acc']:5.1f}%  ")
+    if distances is not None:
+        line += "  ".join(f"d(p={k}) {v:.3f}" if v is not None else f"d(p={k}) -" for k, v in distances.items())
+        line += "  "
+    line += f"{seconds:.1f}s  " + "  ".join(f"ticket p={key} found" for key in found)
+    return line.rstrip()
+
+
+def ticket_line(tag: str, epoch: int, by_detector: bool, report: dict, acc: float) -> str:
+    return (f"  drew ticket {tag} at epoch {epoch}{' (detector)' if by_detector else ''}: params "
+            f"{report.get('params_before')} -> {report.get('params_after')}, multiply-adds "
+            f"{report.get('flops_before')} -> {report.get('flops_after')}, accuracy before retraining {acc:.2f}%")
 
 
 def report_dict(report) -> dict:

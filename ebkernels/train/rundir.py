@@ -2,13 +2,18 @@
 
 One run = one directory named from a hash of its settings (``<out>/<model>-<dataset>-<mode>-<hash>``):
 
-- ``settings.json``: the resolved settings (what the hash is taken of);
+- ``settings.json``: the resolved settings (what the hash is taken of); checked against the name on
+  every run, so a damaged record is reported, never silently kept;
 - ``checkpoint.pt``: written atomically (temp file + fsync + ``os.replace``) after every epoch; holds
   the model, optimizer, detector state (``EarlyBird.state_dict``), RNG state and all records, so a
-  run killed at any point, even by ``kill -9``, continues from its last completed epoch;
+  run killed at any point, even by ``kill -9``, continues from its last completed epoch. Plain data
+  only (loaded with ``weights_only=True``) plus a SHA-256 digest of its content, checked on load;
 - ``metrics.jsonl`` (one record per epoch) and ``masks.npz`` (the packed mask history per ratio),
   rewritten with every checkpoint;
 - ``ticket_<tag>.pt``, ``pruned_<tag>[_reinit].pt``, ``summary.json``, plots and ``log.txt`` (see job.py).
+
+Temp files of writes killed mid-way are removed when the run next takes its lock; a write the
+system refuses (disk full) stops the run with a message naming the checkpoint it can resume from.
 """
 from __future__ import annotations
 
