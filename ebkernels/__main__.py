@@ -1,9 +1,9 @@
-"""``ebkernels`` / ``python -m ebkernels``: the early-bird trainer (see ebkernels.trainer)."""
+"""``ebkernels`` / ``python -m ebkernels``: the early-bird trainer (see ebkernels.train)."""
 import sys
 
 
 def main(argv=None) -> int:
-    from .trainer import main as trainer_main
+    from .train.cli import main as trainer_main
 
     return trainer_main(argv)
 

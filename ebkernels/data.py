@@ -150,8 +150,9 @@ def iterate_batches(ds: ImageDataset, batch_size: int, *, train: bool, epoch: in
 
     ``batch_size`` is per rank. Training: a seeded :class:`DistributedSampler` permutation (all samples
     each epoch; with several ranks the sampler pads by repeating a few samples so every rank takes the
-    same number of steps), augmented when ``augment``. Test: in order, rank r takes samples r, r+W, ...
-    with no padding, so summed counts over ranks are exact.
+    same number of steps), augmented when ``augment``; a last batch of a single sample is merged into
+    the batch before it (BatchNorm cannot train on one value per channel). Test: in order, rank r takes
+    samples r, r+W, ... with no padding, so summed counts over ranks are exact.
     """
     if train:
         from torch.utils.data import DistributedSampler
@@ -165,14 +166,24 @@ def iterate_batches(ds: ImageDataset, batch_size: int, *, train: bool, epoch: in
     else:
         order = torch.arange(rank, len(ds.test_labels), world_size)
         aug = None
-    for start in range(0, len(order), batch_size):
-        yield make_batch(ds, order[start:start + batch_size], train, aug, device)
+    bounds = _batch_bounds(len(order), batch_size, merge_single_last=train)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        yield make_batch(ds, order[start:end], train, aug, device)
+
+
+def _batch_bounds(n: int, batch_size: int, merge_single_last: bool) -> list[int]:
+    """Start offsets of the batches of ``n`` samples, then ``n``; with ``merge_single_last``, a last
+    batch of one sample joins the batch before it."""
+    bounds = list(range(0, n, batch_size)) + [n]
+    if merge_single_last and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return bounds
 
 
 def num_batches(ds: ImageDataset, batch_size: int, train: bool, world_size: int = 1) -> int:
     n = len(ds.train_labels) if train else len(ds.test_labels)
     per_rank = -(-n // world_size)  # the sampler pads train; rank 0 has the most test samples
-    return -(-per_rank // batch_size)
+    return len(_batch_bounds(per_rank, batch_size, merge_single_last=train)) - 1
 
 
 # --------------------------------------------------------------------------------------------------

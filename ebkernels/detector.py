@@ -25,7 +25,7 @@ from ._checks import check_choice, check_ratio
 from .ops.early_bird_mask import (BACKENDS, early_bird_update, n_words, popcount_words, ratio_ks,
                                   unpack_masks)
 
-__all__ = ["channel_mask", "mask_distance", "EarlyBird", "gather_gammas", "MODES"]
+__all__ = ["channel_mask", "mask_distance", "EarlyBird", "gather_gammas", "MODES", "NonFiniteImportanceError"]
 
 MODES = ("consecutive", "window")
 _STATE_FORMAT = "ebkernels.EarlyBird/1"
@@ -81,6 +81,45 @@ def gather_gammas(gammas_or_model, name: str = "gammas_or_model"):
     return flat.float().contiguous(), tuple(layout)
 
 
+class NonFiniteImportanceError(ValueError):
+    """BN gammas holding NaN or inf: |gamma| ranks no channel (a diverged model, or damaged weights).
+    ``where`` names the layers and counts."""
+
+    def __init__(self, message: str, where: str):
+        super().__init__(message)
+        self.where = where
+
+
+def _non_finite_error(gammas: torch.Tensor, layout, name: str) -> NonFiniteImportanceError:
+    """The error for non-finite ``gammas``, naming the layers (sources) that hold them."""
+    bad = []
+    for (src, n), part in zip(layout, torch.split(gammas.detach().cpu(), [n for _, n in layout])):
+        n_nan, n_inf = int(part.isnan().sum()), int(part.isinf().sum())
+        if n_nan or n_inf:
+            bad.append(f"{src!r} ({n_nan} NaN, {n_inf} inf of {n} channels)")
+    where = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more layers" if len(bad) > 3 else "")
+    return NonFiniteImportanceError(
+        f"{name}: non-finite BatchNorm gammas in {where}; channel importance |gamma| must be finite to rank "
+        f"channels (NaN or inf means the model diverged, e.g. too high a learning rate, or its weights are damaged)",
+        where)
+
+
+def _check_backend_runs_on(backend: str, device: torch.device) -> None:
+    """An explicit ``backend="triton"`` needs CUDA tensors, or CPU tensors under the Triton interpreter;
+    said here, before Triton's own "0 active drivers"."""
+    from . import _backend
+
+    if backend != "triton" or (_backend.HAS_TRITON and (device.type == "cuda" or
+                                                        (device.type == "cpu" and _backend.INTERPRET))):
+        return
+    needs = ("the triton package (not installed)" if not _backend.HAS_TRITON else
+             f"CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before ebkernels is imported (the "
+             f"Triton interpreter); the gammas are on {device}"
+             + ("" if device.type != "cpu" or _backend.INTERPRET else " and the interpreter is off"))
+    raise ValueError(f"backend='triton' needs {needs}; accepted here: backend='auto' (picks what runs on this "
+                     f"machine), 'native' (the C++ op, when built) or 'reference'")
+
+
 def _ratios(ratio) -> tuple[tuple[float, ...], bool]:
     """``(ratios, single)``: a float, or a non-empty tuple/list of distinct floats, each in (0, 1)."""
     if isinstance(ratio, (tuple, list)):
@@ -107,11 +146,15 @@ def channel_mask(gammas_or_model, ratio, backend: str = "auto") -> torch.Tensor:
 
     ``gammas_or_model``: a model (all ``nn.BatchNorm2d`` in ``modules()`` order), a list of gamma
     tensors, or a 1-D tensor. Returns a bool tensor ``[total]`` on the gammas' device (``[R, total]``
-    for a tuple of R ratios). No host synchronisation.
+    for a tuple of R ratios). One host synchronisation: the check that every gamma is finite
+    (:class:`NonFiniteImportanceError`, a ValueError naming the layer, otherwise).
     """
     check_choice("backend", backend, BACKENDS)
     ratios, single = _ratios(ratio)
-    gammas, _ = gather_gammas(gammas_or_model)
+    gammas, layout = gather_gammas(gammas_or_model)
+    _check_backend_runs_on(backend, gammas.device)
+    if not bool(torch.isfinite(gammas).all()):
+        raise _non_finite_error(gammas, layout, "gammas_or_model")
     total = gammas.numel()
     ks = torch.tensor(ratio_ks(total, ratios), dtype=torch.int32, device=gammas.device)
     ring = torch.zeros((len(ratios), 1, n_words(total)), dtype=torch.int32, device=gammas.device)
@@ -264,9 +307,12 @@ class EarlyBird:
             self._ring = self._ring.to(device)
 
     def step(self, model) -> bool:
-        """Record this epoch's masks and update the verdict; True once the ticket is found."""
+        """Record this epoch's masks and update the verdict; True once the ticket is found. Non-finite
+        gammas raise :class:`NonFiniteImportanceError` (naming the layer) and leave the detector as it was."""
         gammas, layout = gather_gammas(model, "model")
-        if self._layout is None:
+        _check_backend_runs_on(self.backend, gammas.device)
+        first = self._layout is None
+        if first:
             self._layout, self._total = layout, gammas.numel()
         elif [n for _, n in layout] != [n for _, n in self._layout]:
             # widths only: names differ under wrappers (DDP's "module.", torch.compile's "_orig_mod.")
@@ -276,8 +322,15 @@ class EarlyBird:
         self._prepare(gammas.device)
         t, H = self._epoch, self._ring_len
         packed, dist, _ = early_bird_update(gammas, self._ks, self._ring, t % H, backend=self.backend)
+        # the one host read of the step: the distances and whether every gamma was finite
+        readback = torch.cat([dist.reshape(-1), torch.isfinite(gammas).all().reshape(1).to(dist.dtype)]).tolist()
+        if readback[-1] != 1.0:
+            # nothing recorded; the ring slot just written is rewritten by the next step before it is read
+            if first:
+                self._reset()
+            raise _non_finite_error(gammas, layout, "model")
         self._history.append(packed)
-        dist_host = dist.tolist()  # the one host read of the step
+        dist_host = [readback[r * H:(r + 1) * H] for r in range(len(self.ratios))]
         for r, row in enumerate(dist_host):
             if t >= 1:
                 self._dists[r].append(row[(t - 1) % H])

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ._checks import check_ratio
-from ._io import atomic_torch_save
+from ._io import NotPlainData, atomic_torch_save, content_digest, load_plain
 from .models import PreResNet, VGG, architecture, build_model, current_cfg
 from .models.resnet import basic_blocks, init_resnet, is_basic_resnet
 
@@ -487,7 +487,8 @@ def save_ticket(path, model_or_pruned, *, mask=None, report=None, meta=None) -> 
     model_or_pruned: a model from :func:`ebkernels.models.build_model` (pruned or not), or the
     ``(pruned_model, report)`` pair :func:`prune` returns. The file holds the architecture as JSON
     text, a plain dict of tensors (the state_dict), the optional bool ``mask`` (default: the
-    report's effective mask), the report (JSON part) and ``meta`` (any JSON-able data: epoch, ratio…).
+    report's effective mask), the report (JSON part), ``meta`` (any JSON-able data: epoch, ratio…)
+    and the SHA-256 digest of all of that (``ebkernels._io.content_digest``).
     Written atomically: temp file in the same directory, fsync, ``os.replace``. Returns the path.
     """
     model = model_or_pruned
@@ -518,6 +519,7 @@ def save_ticket(path, model_or_pruned, *, mask=None, report=None, meta=None) -> 
         "state_dict": {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
         "mask": mask,
     }
+    payload["digest"] = content_digest(payload)  # load_ticket recomputes it: a changed byte is caught
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -525,10 +527,35 @@ def save_ticket(path, model_or_pruned, *, mask=None, report=None, meta=None) -> 
     return atomic_torch_save(payload, path)
 
 
+_SAID_NO_DIGEST: set = set()  # ticket files already reported as carrying no digest
+
+
+def _verify_digest(path: str, payload: dict) -> None:
+    """Compare the stored SHA-256 of the ticket's content with its content; tickets written before
+    digests existed load unverified, with one warning per file."""
+    stored = payload.get("digest")
+    if stored is None:
+        key = os.path.abspath(path)
+        if key not in _SAID_NO_DIGEST:
+            _SAID_NO_DIGEST.add(key)
+            warnings.warn(f"{path!r} carries no content digest (written by an older ebkernels): loaded without "
+                          f"an integrity check; save it again with save_ticket to add one", stacklevel=3)
+        return
+    try:
+        actual = content_digest({k: v for k, v in payload.items() if k != "digest"})
+    except TypeError as exc:
+        raise ValueError(f"{path!r} is corrupt: {exc}") from None
+    if actual != stored:
+        raise ValueError(f"{path!r} is corrupt: its content does not match the SHA-256 digest stored in it "
+                         f"(changed bytes in its data); use another copy of the ticket or draw it again")
+
+
 def load_ticket(path, *, map_location="cpu", with_info: bool = False):
     """Rebuild a ticket saved by :func:`save_ticket`: ``build_model(name, cfg=...)`` + its weights.
 
-    Reads with ``torch.load(weights_only=True)``: no pickled code runs. Returns the model (same
+    Reads with ``torch.load(weights_only=True)``: no pickled code runs; the SHA-256 content digest the
+    file carries is checked (a mismatch is a ValueError saying the file is corrupt; a ticket written
+    before digests existed loads with one warning). Returns the model (same
     dtype as saved, on ``map_location``), or ``(model, info)`` with ``with_info=True``; info holds
     ``arch``, ``meta``, ``report`` (JSON part) and ``mask``.
     """
@@ -536,7 +563,9 @@ def load_ticket(path, *, map_location="cpu", with_info: bool = False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ticket file {path!r} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = load_plain(path, map_location=map_location)
+    except NotPlainData as exc:
+        raise ValueError(f"ticket file {exc}") from None
     except Exception as exc:
         raise ValueError(f"{path!r} is not a readable ticket file (corrupt, truncated or not written by "
                          f"save_ticket): {type(exc).__name__}: {exc}") from exc
@@ -545,6 +574,7 @@ def load_ticket(path, *, map_location="cpu", with_info: bool = False):
     if payload.get("version") != TICKET_VERSION:
         raise ValueError(f"{path!r} is ticket format version {payload.get('version')!r}; "
                          f"this ebkernels reads version {TICKET_VERSION}")
+    _verify_digest(path, payload)
     try:
         arch = json.loads(payload["arch"])
         meta = json.loads(payload["meta"])

@@ -1,6 +1,6 @@
 """Shared pieces of the reproduction recipes in this folder (Fig. 1, Fig. 3, Table 2, low precision).
 
-Each recipe runs ``ebkernels.trainer`` jobs in-process. Jobs live in hashed run directories under
+Each recipe runs ``ebkernels.train`` jobs in-process. Jobs live in hashed run directories under
 ``--runs`` (default ``runs/``), so a recipe that is interrupted resumes, a finished job is reused
 (re-running a recipe only redraws its tables and plots), and a job two recipes share trains once.
 Tables (Markdown and CSV) and PNG plots go to ``--results`` (default ``results/<recipe>``).
@@ -31,8 +31,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 
-from ebkernels import trainer  # noqa: E402
-from ebkernels.trainer import Settings  # noqa: E402
+from ebkernels import train  # noqa: E402
+from ebkernels.train import Settings  # noqa: E402
 
 SCALES = {
     "cpu": dict(model="vgg11", width=0.25, train_subset=8000, test_subset=2000, epochs=24, retrain_epochs=12,
@@ -75,8 +75,8 @@ def run_job(settings: Settings, label: str) -> tuple[dict, str]:
     """Run (resume, or reuse) one trainer job; returns (summary, run directory)."""
     t0 = time.perf_counter()
     print(f"\n### {label}", flush=True)
-    summary = trainer.run(settings)
-    run_dir = trainer.run_dir_for(trainer.resolve_settings(settings))
+    summary = train.run(settings)
+    run_dir = train.run_dir_for(train.resolve_settings(settings))
     print(f"### {label}: done in {time.perf_counter() - t0:.0f}s ({run_dir})", flush=True)
     return summary, run_dir
 
@@ -109,7 +109,7 @@ def epoch_seconds(models: dict, settings: Settings, n_batches: int = 12, repeats
 
     from ebkernels import data
 
-    r = trainer.resolve_settings(settings)
+    r = train.resolve_settings(settings)
     ds = data.load_dataset(r.dataset, r.data_dir, r.download, r.train_subset, r.test_subset, seed=r.seed)
     batches = list(data.iterate_batches(ds, r.batch_size, train=True, epoch=0, seed=r.seed))[:n_batches]
     per_epoch = data.num_batches(ds, r.batch_size, True) / len(batches)
@@ -135,7 +135,7 @@ def dense_model(settings: Settings):
 
     from ebkernels import build_model
 
-    r = trainer.resolve_settings(settings)
+    r = train.resolve_settings(settings)
     channels = 3 if r.dataset.startswith("cifar") else 1
     classes = 100 if r.dataset == "cifar100" else 10
     torch.manual_seed(r.seed)
@@ -174,7 +174,7 @@ def write_table(results: str, stem: str, header: list[str], rows: list[list], no
 
 
 def describe_setup(args, s: Settings) -> str:
-    r = trainer.resolve_settings(s)
+    r = train.resolve_settings(s)
     subset = f"{r.train_subset or 'all'} train / {r.test_subset or 'all'} test images"
     return (f"{r.dataset} ({subset}), {r.model} width {r.width:g}, batch {r.batch_size}, lr {r.lr:g} "
             f"(÷10 at 50 % and 75 % of the epochs), {r.epochs} search epochs, {r.retrain_epochs} retraining "

@@ -29,7 +29,7 @@ def draw_epochs(args, epochs: int) -> list[int]:
 def main(argv=None):
     args = R.parser(__doc__.splitlines()[0], "fig1").parse_args(argv)
     s = R.base_settings(args)
-    epochs = R.trainer.resolve_settings(s).epochs
+    epochs = R.train.resolve_settings(s).epochs
     s.baseline, s.draw_at = True, tuple(draw_epochs(args, epochs))
     summary, run_dir = R.run_job(s, f"dense run with tickets drawn at epochs {list(s.draw_at)} and {epochs}")
 
@@ -64,7 +64,7 @@ def main(argv=None):
     ax.axhline(dense_acc, color="black", ls="--", lw=1, label=f"dense ({dense_acc:.1f}%)")
     ax.set_xlabel("epoch at which the ticket is drawn")
     ax.set_ylabel("retrain accuracy (%)")
-    ax.set_title(f"Fig. 1 analogue: {s.dataset}, {R.trainer.resolve_settings(s).model} "
+    ax.set_title(f"Fig. 1 analogue: {s.dataset}, {R.train.resolve_settings(s).model} "
                  f"(dotted: detector epoch)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -58,7 +58,7 @@ def main(argv=None):
     s = R.base_settings(args, retrain_epochs=0)
     s.baseline = True
     summary, run_dir = R.run_job(s, "dense run recording every epoch's masks")
-    r = R.trainer.resolve_settings(s)
+    r = R.train.resolve_settings(s)
     packed = np.load(os.path.join(run_dir, "masks.npz"))
     total = int(packed["channels"])
 

@@ -33,8 +33,8 @@ def main(argv=None):
     eb, eb_dir = R.run_job(eb_s, "EB training (fp32 search, detector stop; retrain inherited + re-init)")
     base, base_dir = R.run_job(base_s, "progressive baseline (train fully, prune, retrain)")
     eb_recs, base_recs = R.records(eb_dir), R.records(base_dir)
-    epochs = R.trainer.resolve_settings(base_s).epochs
-    retrain_epochs = R.trainer.resolve_settings(base_s).retrain_epochs
+    epochs = R.train.resolve_settings(base_s).epochs
+    retrain_epochs = R.train.resolve_settings(base_s).retrain_epochs
     # per-epoch training time of the dense network and of each ticket, timed back to back (robust to
     # a shared machine, unlike the runs' own epoch times)
     models = {"dense": R.dense_model(base_s)}

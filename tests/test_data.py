@@ -217,6 +217,17 @@ def test_batches_do_not_depend_on_the_number_of_processes():
     assert sorted(torch.cat(test).tolist()) == sorted(ds.test_labels.tolist())
 
 
+@pytest.mark.parametrize("n, batch, sizes", [(65, 64, [65]), (129, 64, [64, 65]), (66, 64, [64, 2]),
+                                             (64, 64, [64]), (3, 2, [3]), (1, 8, [1])])
+def test_a_last_training_batch_of_one_sample_joins_the_batch_before(n, batch, sizes):
+    ds = _tiny(n=n)
+    batches = [y for _, y in iterate_batches(ds, batch, train=True, epoch=1, seed=2)]
+    assert [len(y) for y in batches] == sizes and data.num_batches(ds, batch, True) == len(sizes)
+    assert sorted(torch.cat(batches).tolist()) == sorted(ds.train_labels.tolist())  # each sample once
+    # evaluation batches stay as they are (BatchNorm in eval mode takes one sample)
+    assert [len(y) for _, y in iterate_batches(ds, 9, train=False)] == ([9, 1] if n >= 10 else [n])
+
+
 def test_normalisation_uses_training_statistics():
     ds = load_dataset("digits")
     x = torch.cat([xb for xb, _ in iterate_batches(ds, 512, train=True, augment=False)])

@@ -343,6 +343,36 @@ def test_layout_changed_between_steps():
         eb2.step([torch.randn(6), torch.randn(5)])  # same total, different split
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_non_finite_gammas_are_an_error_naming_the_layer(bad, backend, device):
+    from ebkernels.detector import NonFiniteImportanceError
+
+    healthy = _bn_model().to(device)
+    diverged = _bn_model().to(device)
+    with torch.no_grad():
+        diverged[3][1].weight[[4, 9]] = bad
+    counts = "2 NaN, 0 inf" if math.isnan(bad) else "0 NaN, 2 inf"
+    layer = rf"'3.1' \({counts} of 37 channels\)"
+    with pytest.raises(NonFiniteImportanceError, match=rf"gammas_or_model: non-finite BatchNorm gammas in {layer}"):
+        channel_mask(diverged, 0.5, backend=backend)
+    with pytest.raises(ValueError, match=r"non-finite BatchNorm gammas in '\[1\]'"):
+        channel_mask([torch.ones(3), torch.tensor([1.0, bad])], (0.3, 0.5))
+    # the detector: an error before any verdict, and the failed step leaves it as it was
+    for steps_before in (0, 2):
+        eb, same = (EarlyBird((0.3, 0.5), eps=0.5, window=2, backend=backend) for _ in range(2))
+        for d in (eb, same):
+            for _ in range(steps_before):
+                d.step(healthy)
+        with pytest.raises(NonFiniteImportanceError, match=rf"model: non-finite BatchNorm gammas in {layer}"):
+            eb.step(diverged)
+        assert eb.epoch == steps_before and eb.found_epoch == same.found_epoch
+        for d in (eb, same):
+            d.step(healthy)
+        assert eb.distances == same.distances and eb.found_epoch == same.found_epoch
+        assert all(torch.equal(eb.masks[p], same.masks[p]) for p in eb.ratios)
+
+
 def test_public_names():
     for name in ("EarlyBird", "channel_mask", "mask_distance"):
         assert name in ebkernels.__all__ and hasattr(ebkernels, name)

@@ -425,6 +425,63 @@ def test_ticket_save_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["t.pt"]
 
 
+class _Call:
+    """Pickles as ``fn(*args)``: what a crafted file uses to run code when it is unpickled."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return (self.fn, self.args)
+
+
+def _flip_bits_in_tensor_data(raw: bytes, tensors, count: int, seed: int):
+    """``count`` copies of the file ``raw``, each with one bit flipped inside one tensor's stored bytes."""
+    import random
+
+    rng = random.Random(seed)
+    regions = []
+    for t in tensors:
+        data = t.detach().contiguous().numpy().tobytes()
+        at = raw.find(data)
+        if len(data) >= 64 and at >= 0 and raw.find(data, at + 1) < 0:  # only unambiguous locations
+            regions.append((at, len(data)))
+    assert len(regions) >= 5
+    for _ in range(count):
+        at, n = rng.choice(regions)
+        bad = bytearray(raw)
+        bad[at + rng.randrange(n)] ^= 1 << rng.randrange(8)
+        yield bytes(bad)
+
+
+def test_a_flipped_bit_in_a_tickets_tensor_data_is_reported_as_corrupt(tmp_path):
+    model = make_model("vgg", seed=5)
+    path = tmp_path / "t.pt"
+    save_ticket(path, model)
+    bad_path = tmp_path / "bad.pt"
+    for bad in _flip_bits_in_tensor_data(path.read_bytes(), model.state_dict().values(), count=40, seed=0):
+        bad_path.write_bytes(bad)
+        with pytest.raises(ValueError, match=f"'{bad_path}' is corrupt: its content does not match the SHA-256"):
+            load_ticket(bad_path)
+    assert isinstance(load_ticket(path), nn.Module)  # the intact file still loads
+
+
+def test_a_ticket_written_before_digests_loads_and_says_so_once(tmp_path):
+    model = make_model("vgg", seed=6)
+    path = tmp_path / "old.pt"
+    save_ticket(path, model)
+    payload = torch.load(path, weights_only=True)
+    del payload["digest"]  # what ebkernels wrote before tickets carried a digest
+    torch.save(payload, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = load_ticket(path), load_ticket(path)
+    notes = [str(w.message) for w in caught if "carries no content digest" in str(w.message)]
+    assert len(notes) == 1 and str(path) in notes[0]
+    for a, b in zip(first.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_ticket_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_ticket(tmp_path / "missing.pt")
@@ -439,6 +496,12 @@ def test_ticket_bad_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(ValueError, match="not a readable ticket"):
         load_ticket(truncated)
+    code = tmp_path / "code.pt"  # a pickled call of open(marker, "w"): refused, never run
+    marker = tmp_path / "code-ran"
+    torch.save({"format": "ebkernels.ticket", "arch": _Call(open, (str(marker), "w"))}, code)
+    with pytest.raises(ValueError, match="holds more than plain data.*refused without running"):
+        load_ticket(code)
+    assert not marker.exists()
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(ValueError, match="not an ebkernels ticket"):

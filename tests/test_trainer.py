@@ -3,6 +3,7 @@ DDP on 2 CPU processes (gloo), bad input."""
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ebkernels import load_ticket, trainer
-from ebkernels.trainer import main
+from ebkernels import load_ticket, train
+from ebkernels.train import main
+from ebkernels.train.loop import EpochRunner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--train-subset", "256", "--test-subset", "128", "--width", "0.125", "--batch-size", "32", "--no-progress"]
@@ -118,6 +120,18 @@ def test_baseline_trains_fully_and_draws_at_the_end(tmp_path):
         assert t["train_flops"]["search"] == 3 * s["dense"]["flops"] * 256 * t["epoch"]
 
 
+def test_a_last_batch_of_one_sample_trains(tmp_path):
+    # 65 samples in batches of 64: the last batch would hold one sample, which BatchNorm cannot train on
+    args = ["--train-subset", "65", "--test-subset", "64", "--width", "0.125", "--batch-size", "64",
+            "--precision", "fp32", "--epochs", "1", "--retrain-epochs", "1", "--no-progress", "--quiet",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    run = only_run_dir(tmp_path)
+    assert json.load(open(os.path.join(run, "summary.json")))["finished"]
+    assert "a last batch of one sample is merged into the batch before it" in " ".join(
+        train.build_parser().format_help().split())
+
+
 # ----------------------------------------------------------------------------------------- resume
 def _start(args, out):
     return subprocess.Popen([sys.executable, "-m", "ebkernels", *args, "--out", str(out)], cwd=REPO, env=env(),
@@ -141,7 +155,7 @@ def test_resume_after_kill_9_continues_with_the_same_detector_state(tmp_path):
     # kill -9 right after the first checkpoint (search phase) ...
     _kill_when(_start(args, killed), str(killed / "*" / "checkpoint.pt"))
     run = only_run_dir(killed)
-    state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+    state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
     assert state["phase"] == "search" and 1 <= state["epoch"] < 4
     assert not os.path.exists(os.path.join(run, "summary.json"))
     # ... and again during retraining (the first ticket file exists)
@@ -149,7 +163,7 @@ def test_resume_after_kill_9_continues_with_the_same_detector_state(tmp_path):
     _kill_when(proc, os.path.join(run, "ticket_*.pt"))
     resumed_log = proc.stdout.read()
     assert f"resuming {run} from its checkpoint (search epoch {state['epoch']} done)" in resumed_log
-    assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["phase"] in ("search", "retrain")
+    assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)["phase"] in ("search", "retrain")
     done = subprocess.run([sys.executable, "-m", "ebkernels", *args, "--out", str(killed)], cwd=REPO, env=env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -204,6 +218,17 @@ def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
     (["--ratio", "1.5"], "--ratio: ratio=1.5 is out of range; accepted: a float with 0 < ratio < 1"),
     (["--ratio", "0.3,0"], "--ratio: ratio=0.0 is out of range"),
     (["--precision", "int4"], "--precision 'int4' is not supported; accepted: int8, bf16, fp32"),
+    (["--batch-size", "1"], "--batch-size 1 is not supported; accepted: an integer from 2 to 1048576 (BatchNorm "
+                            "cannot train on batches of one sample)"),
+    (["--epochs", "99999999999999999999"], "--epochs 99999999999999999999 is not supported; accepted: an integer "
+                                           "from 1 to 100000"),
+    (["--retrain-epochs", "-1"], "--retrain-epochs -1 is not supported; accepted: an integer from 0 to 100000"),
+    (["--seed", "99999999999999999999"], "--seed 99999999999999999999 is not supported; accepted: an integer from"),
+    (["--eps", "1.5"], "--eps 1.5 is not supported; accepted: a number with 0 < eps <= 1"),
+    (["--momentum", "1"], "--momentum 1.0 is not supported; accepted: a number with 0 <= momentum < 1"),
+    (["--lr", "inf"], "--lr inf is not supported; accepted: a finite number > 0"),
+    (["--detector-mode", "window", "--window", "1"], "--window 1 is not supported with --detector-mode window"),
+    (["--train-subset", "1"], "the training set has 1 sample(s) for 1 process(es)"),
     (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm", "--no-download"],
      "apt-get install dataset-fashion-mnist"),
     (["--dataset", "cifar10", "--data-dir", "{tmp}", "--no-download"], "cifar10 not found in"),
@@ -226,7 +251,7 @@ def test_unwritable_run_directory(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    real = trainer.Job.train_epoch
+    real = EpochRunner.train_epoch
     calls = []
 
     def diverging(self, *a, **kw):  # the third epoch's loss blows up
@@ -234,7 +259,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
         out = real(self, *a, **kw)
         return dict(out, train_loss=float("nan")) if len(calls) == 3 else out
 
-    monkeypatch.setattr(trainer.Job, "train_epoch", diverging)
+    monkeypatch.setattr(EpochRunner, "train_epoch", diverging)
     args = TINY + ["--precision", "fp32", "--epochs", "6", "--retrain-epochs", "1", "--eps", "0.001",
                    "--out", str(tmp_path)]
     assert main(args) == 2
@@ -243,24 +268,247 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     ckpt = os.path.join(run, "checkpoint.pt")
     assert "non-finite training loss in search epoch 3" in err
     assert f"the last good checkpoint is {ckpt} (after search epoch 2)" in err
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
     assert not os.path.exists(os.path.join(run, "summary.json"))
     assert len(read_jsonl(os.path.join(run, "metrics.jsonl"))) == 2
-    monkeypatch.setattr(trainer.Job, "train_epoch", real)  # fixed: the same command resumes from epoch 2
+    monkeypatch.setattr(EpochRunner, "train_epoch", real)  # fixed: the same command resumes from epoch 2
     assert main(args + ["--quiet"]) == 0
     assert len([r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["phase"] == "search"]) == 6
 
 
+class _OpensAFile:
+    """Pickles as a call of ``open(path, "w")``: loading it with pickled code allowed creates the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _run_dir_of(args, capsys) -> str:
+    assert main(args + ["--print-run-dir"]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_not_run(tmp_path, capsys):
+    args = TINY + ["--precision", "fp32", "--epochs", "2", "--retrain-epochs", "1", "--out", str(tmp_path / "runs")]
+    run = _run_dir_of(args, capsys)
+    os.makedirs(run)
+    marker = tmp_path / "code-ran"
+    torch.save({"phase": "search", "epoch": 1, "records": [_OpensAFile(str(marker))]},
+               os.path.join(run, "checkpoint.pt"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert err.startswith(f"ebkernels: error: the checkpoint {os.path.join(run, 'checkpoint.pt')} holds more "
+                          f"than plain data") and "refused without running any of it" in err, err
+
+
+def _interrupted_run(out, monkeypatch, epochs_done=1):
+    """A run stopped (as by Ctrl-C) after ``epochs_done`` search epochs: (its arguments, its directory)."""
+    real, calls = EpochRunner.train_epoch, []
+
+    def stopping(self, *a, **kw):
+        if len(calls) == epochs_done:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(EpochRunner, "train_epoch", stopping)
+    args = TINY + ["--precision", "fp32", "--epochs", "3", "--retrain-epochs", "1", "--quiet", "--out", str(out)]
+    assert main(args) == 130
+    monkeypatch.setattr(EpochRunner, "train_epoch", real)
+    return args, only_run_dir(out)
+
+
+def test_a_flipped_bit_in_the_checkpoint_is_reported_as_corrupt(tmp_path, monkeypatch, capsys):
+    args, run = _interrupted_run(tmp_path, monkeypatch)
+    ckpt = os.path.join(run, "checkpoint.pt")
+    raw = bytearray(open(ckpt, "rb").read())
+    weights = max(torch.load(ckpt, weights_only=True)["model"].values(), key=lambda t: t.numel())
+    at = bytes(raw).find(weights.numpy().tobytes())
+    assert at > 0
+    raw[at + weights.numel() * 2 + 1] ^= 0x10  # one bit in the middle of the largest weight tensor
+    open(ckpt, "wb").write(bytes(raw))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint {ckpt} is corrupt: its content does not match the SHA-256 digest" in err, err
+    assert not os.path.exists(os.path.join(run, "summary.json"))
+
+
+def test_a_corrupt_ticket_stops_retraining_with_a_message(tmp_path, monkeypatch, capsys):
+    args, run = _interrupted_run(tmp_path, monkeypatch, epochs_done=3)  # search done, retraining not
+    ticket = os.path.join(run, "ticket_0.5.pt")
+    raw = bytearray(open(ticket, "rb").read())
+    raw[len(raw) // 2] ^= 0x01
+    open(ticket, "wb").write(bytes(raw))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ebkernels: error: ticket 0.5: ") and "corrupt" in err and "Retraining needs it" in err
+
+
+def test_a_checkpoint_written_before_digests_resumes_and_says_so_once(tmp_path, monkeypatch):
+    args, run = _interrupted_run(tmp_path, monkeypatch)
+    ckpt = os.path.join(run, "checkpoint.pt")
+    state = torch.load(ckpt, weights_only=True)
+    del state["digest"]  # what ebkernels wrote before checkpoints carried a digest
+    torch.save(state, ckpt)
+    assert main(args) == 0
+    log = open(os.path.join(run, "log.txt")).read()
+    assert log.count(f"note: the checkpoint {ckpt} carries no content digest") == 1
+    assert f"resuming {run} from its checkpoint" in log and os.path.exists(os.path.join(run, "summary.json"))
+
+
+def test_resume_removes_this_runs_stale_temporaries_and_nothing_else(tmp_path, monkeypatch):
+    args, run = _interrupted_run(tmp_path, monkeypatch)
+    checkpoint = open(os.path.join(run, "checkpoint.pt"), "rb").read()
+    stale = [".tmp-4242-0badc0de-checkpoint.pt", ".tmp-77-12345678-metrics.jsonl", ".write-test-4242"]
+    kept = [".tmp-notes.txt", "tmp-4242-0badc0de-checkpoint.pt", ".tmp-4242-0BADC0DE-x.pt", "my.tmp-1-12345678-x",
+            ".tmp-4242-0badc0de-", ".write-test-4242.bak", "notes.txt"]
+    for name in stale + kept:  # what kill -9 during an atomic write leaves, and look-alikes that are not
+        with open(os.path.join(run, name), "wb") as f:
+            f.write(checkpoint if name.endswith(".pt") else b"x")
+    os.makedirs(os.path.join(run, ".tmp-4242-0badc0de-folder"))
+    assert main(args) == 0
+    left = set(os.listdir(run))
+    assert not left & set(stale) and set(kept) | {".tmp-4242-0badc0de-folder"} <= left
+    assert "removed 3 temporary file(s) left by interrupted writes" in open(os.path.join(run, "log.txt")).read()
+
+
+def test_a_full_disk_during_a_checkpoint_is_a_message_and_the_last_checkpoint_stays(tmp_path, monkeypatch, capsys):
+    import errno
+    import builtins
+
+    from ebkernels import _io
+
+    args, run = _interrupted_run(tmp_path, monkeypatch)
+    ckpt = os.path.join(run, "checkpoint.pt")
+    attempted = []
+
+    class FullDisk:  # a file on a disk that takes the first 4 KiB of a write, then is full
+        def __init__(self, path):
+            self.f = builtins.open(path, "wb")
+
+        def write(self, data):
+            attempted.append(len(data))
+            self.f.write(bytes(data[:4096]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_on_full_disk(path, mode="r", *a, **kw):
+        if os.path.basename(path).endswith("-checkpoint.pt") and "w" in mode:
+            return FullDisk(path)
+        return builtins.open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(_io, "open", open_on_full_disk, raising=False)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"ebkernels: error: cannot write {ckpt} ({attempted[0]:,} bytes): No space left on device"), err
+    assert f"The last checkpoint, {ckpt} (search epoch 1 done), is intact" in err and "run the same command" in err
+    assert attempted[0] > 10_000 and not glob.glob(os.path.join(run, ".tmp-*"))
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(_io, "open", builtins.open)  # space freed: the same command resumes and finishes
+    assert main(args) == 0 and os.path.exists(os.path.join(run, "summary.json"))
+
+
+def test_a_corrupt_settings_json_is_detected_and_left_for_the_user(tmp_path, monkeypatch, capsys):
+    args, run = _interrupted_run(tmp_path, monkeypatch)
+    path = os.path.join(run, "settings.json")
+    text = open(path).read()
+    changed_lr = json.dumps(dict(json.loads(text), lr=0.2), indent=2)
+    for damaged, problem in ((text[: len(text) // 2], "it cannot be read as JSON"),
+                             (changed_lr, "it records lr=0.2 where these settings have 0.1"),
+                             ("[]", "it holds a JSON list, not the settings object")):
+        open(path, "w").write(damaged)
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ebkernels: error: {path} is corrupt: {problem}") and err.count("\n") == 1, err
+        assert "The directory name is the hash of the settings" in err and "delete settings.json" in err
+        assert open(path).read() == damaged and not os.path.exists(os.path.join(run, "summary.json"))
+    os.remove(path)  # what the message says to do: the same command rewrites it and resumes
+    assert main(args) == 0 and open(path).read() == text
+
+
+def test_non_finite_bn_gammas_with_a_finite_loss_stop_the_search(tmp_path, capsys, monkeypatch):
+    real, calls = EpochRunner.train_epoch, []
+
+    def gamma_blows_up(self, model, *a, **kw):  # after the second epoch one BN gamma is NaN, the loss is not
+        calls.append(1)
+        out = real(self, model, *a, **kw)
+        if len(calls) == 2:
+            bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            with torch.no_grad():
+                bn.weight[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(EpochRunner, "train_epoch", gamma_blows_up)
+    args = TINY + ["--precision", "fp32", "--epochs", "4", "--retrain-epochs", "1", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    ckpt = os.path.join(only_run_dir(tmp_path), "checkpoint.pt")
+    assert re.search(r"non-finite BatchNorm gammas after search epoch 2 in '[\w.]+' \(1 NaN, 0 inf of \d+ channels\)"
+                     rf": training stopped; the last good checkpoint is {re.escape(ckpt)} \(after search epoch 1\)",
+                     err), err
+
+
+def test_the_resume_line_says_how_far_the_run_got(tmp_path, monkeypatch):
+    from ebkernels.train.rundir import describe_progress
+
+    args, run = _interrupted_run(tmp_path, monkeypatch, epochs_done=3)  # search done, retraining not started
+    log = os.path.join(run, "log.txt")
+    assert main(args) == 0
+    assert f"resuming {run} from its checkpoint (search done after epoch 3, retraining not started)" in open(log).read()
+    os.remove(os.path.join(run, "summary.json"))  # as if killed after the last checkpoint, before the summary
+    assert main(args) == 0
+    assert open(log).read().splitlines()[-1] == (f"resuming {run} from its checkpoint (search and retraining done, "
+                                                 f"summary not written yet)")
+    jobs = [{"ticket": 0, "init": "inherit"}, {"ticket": 0, "init": "reinit"}]
+    assert describe_progress({"phase": "search", "epoch": 4}) == "search epoch 4 done"
+    assert describe_progress({"phase": "retrain", "epoch": 2, "retrain_index": 1, "retrain_jobs": jobs}) == \
+        "retraining job 2 of 2, epoch 2 done"
+    assert describe_progress({"phase": "retrain", "epoch": 0, "retrain_index": 1, "retrain_jobs": jobs}) == \
+        "retraining job 1 of 2 done"
+
+
+def test_explicit_triton_backend_without_cuda_or_interpreter_says_what_it_needs():
+    code = ("import torch, ebkernels\n"
+            "for call in (lambda: ebkernels.channel_mask(torch.rand(40), 0.5, backend='triton'),\n"
+            "             lambda: ebkernels.EarlyBird(0.5, backend='triton').step(torch.rand(40))):\n"
+            "    try:\n"
+            "        call()\n"
+            "    except ValueError as e:\n"
+            "        print(e)\n")
+    e = {k: v for k, v in env().items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr
+    for line in lines:
+        assert line.startswith("backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
+                               "before ebkernels is imported") and "the gammas are on cpu" in line
+        assert "accepted here: backend='auto'" in line
+
+
 def test_settings_hash_names_the_run():
-    s = trainer.resolve_settings(trainer.Settings())
+    s = train.resolve_settings(train.Settings())
     assert s.model == "vgg11" and s.width == 0.25 and s.precision == "int8"
-    other = trainer.resolve_settings(trainer.Settings(ratios=(0.3,)))
-    same_elsewhere = trainer.resolve_settings(trainer.Settings(out="elsewhere", progress=False))
-    name = os.path.basename(trainer.run_dir_for(s))
-    assert name != os.path.basename(trainer.run_dir_for(other))
-    assert name == os.path.basename(trainer.run_dir_for(same_elsewhere))
-    assert trainer.lr_at(0, 0.1, 160) == 0.1 and trainer.lr_at(80, 0.1, 160) == pytest.approx(0.01)
-    assert trainer.lr_at(120, 0.1, 160) == pytest.approx(0.001)
+    other = train.resolve_settings(train.Settings(ratios=(0.3,)))
+    same_elsewhere = train.resolve_settings(train.Settings(out="elsewhere", progress=False))
+    name = os.path.basename(train.run_dir_for(s))
+    assert name != os.path.basename(train.run_dir_for(other))
+    assert name == os.path.basename(train.run_dir_for(same_elsewhere))
+    assert train.lr_at(0, 0.1, 160) == 0.1 and train.lr_at(80, 0.1, 160) == pytest.approx(0.01)
+    assert train.lr_at(120, 0.1, 160) == pytest.approx(0.001)
 
 
 # ------------------------------------------------------------------------------------------ recipes

@@ -1,0 +1,157 @@
+"""The command line: argparse -> Settings -> the job. ``ebkernels --help`` lists every flag.
+
+:func:`run` is the same entry point for Python callers (the recipes in ``python/``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import torch
+
+from .. import data as data_mod
+from .dist import setup_dist
+from .job import Job
+from .rundir import run_dir_for
+from .settings import Settings, TrainerError, resolve_settings
+
+__all__ = ["build_parser", "settings_from_args", "run", "main"]
+
+
+def _ratio_arg(text: str) -> list:
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number; accepted: floats in (0, 1), "
+                                             f"comma-separated or repeated")
+    return out
+
+
+def _int_list(text: str) -> list:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: accepted: comma-separated epoch numbers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ebkernels",
+        description="Early-bird ticket training: low-precision search -> detect -> prune -> retrain. "
+                    "With no arguments: the whole job on scikit-learn's digits (well under a minute on an idle "
+                    "2-core CPU).",
+        epilog="examples:\n"
+               "  ebkernels                                   # the demo: digits, int8 search, p = 0.5\n"
+               "  ebkernels --dataset fashion-mnist --model vgg11 --width 0.25 --epochs 24 --ratio 0.3,0.5,0.7\n"
+               "  ebkernels --dataset cifar10 --data-dir data/ --baseline   # progressive pruning baseline\n"
+               "  torchrun --nproc-per-node 8 -m ebkernels --dataset cifar10   # DDP; rank 0 writes\n"
+               "The same command again resumes an interrupted run, or says that it is finished.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", help=f"one of {', '.join(data_mod.DATASETS)}")
+    g.add_argument("--data-dir", default=None,
+                   help="dataset folder (default: Debian's fashion-mnist folder when present, else "
+                        "$EBKERNELS_DATA or ~/.cache/ebkernels/data)")
+    g.add_argument("--no-download", dest="download", action="store_false", help="never download data")
+    g.add_argument("--train-subset", type=int, default=None, help="use a fixed random subset of the training set")
+    g.add_argument("--test-subset", type=int, default=None, help="use a fixed random subset of the test set")
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="no crop/flip augmentation")
+    g = p.add_argument_group("model and search")
+    g.add_argument("--model", default=None, help="vgg11..vgg19, preresnet20..preresnet101, resnet18 "
+                                                 "(default: vgg11 on digits, vgg16 otherwise)")
+    g.add_argument("--width", type=float, default=None, help="channel width multiplier (default 0.25 on digits, 1)")
+    g.add_argument("--precision", default="int8",
+                   help="search-phase arithmetic: int8 (QConv2d/QLinear, default), bf16 (autocast), fp32")
+    g.add_argument("--ratio", dest="ratios", type=_ratio_arg, action="append", default=None,
+                   help="channel pruning ratio p in (0,1); repeat or comma-separate for several (default 0.5)")
+    g.add_argument("--eps", type=float, default=0.1, help="detector threshold on the mask distance (default 0.1)")
+    g.add_argument("--window", type=int, default=5, help="detector FIFO length (default 5)")
+    g.add_argument("--detector-mode", default="consecutive",
+                   help="stopping rule: consecutive (paper, default) or window (reference code)")
+    g.add_argument("--sparsity", type=float, default=1e-4, help="L1 strength s on BN gammas (default 1e-4)")
+    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
+    g.add_argument("--momentum", type=float, default=0.9, help="(default 0.9)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="(default 1e-4)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="global batch (default 64 on digits, 256); a last batch of one sample is merged into "
+                        "the batch before it (BatchNorm cannot train on one)")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="search schedule length and maximum (default 40 on digits, 160); lr /10 at 50%% and 75%%")
+    g.add_argument("--baseline", action="store_true",
+                   help="progressive pruning baseline: train all --epochs, then prune and retrain")
+    g.add_argument("--draw-at", type=_int_list, default=(), help="also draw tickets at these epochs (e.g. 5,10,20)")
+    g = p.add_argument_group("retraining")
+    g.add_argument("--retrain-epochs", type=int, default=None, help="default 20 on digits, 160")
+    g.add_argument("--reinit", action="store_true", help="retrain from a random re-initialisation (EB Train re-init)")
+    g.add_argument("--retrain-init", default=None, help="inherit (default), reinit, or both")
+    g.add_argument("--retrain-precision", default="fp32", help="fp32 (default) or bf16 (autocast)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs", help="parent folder of the run directories (default runs/)")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--seed", type=int, default=0, help="(default 0)")
+    g.add_argument("--no-sync-bn", dest="sync_bn", action="store_false",
+                   help="under torchrun: keep BatchNorm statistics per process")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    g.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    g.add_argument("--print-run-dir", action="store_true", help="print the run directory of these settings and exit")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    ratios = tuple(r for group in (args.ratios or [[0.5]]) for r in group)
+    init = args.retrain_init or ("reinit" if args.reinit else "inherit")
+    if args.reinit and args.retrain_init not in (None, "reinit"):
+        raise TrainerError(f"--reinit contradicts --retrain-init {args.retrain_init}")
+    return Settings(dataset=args.dataset, model=args.model, width=args.width, data_dir=args.data_dir,
+                    download=args.download, train_subset=args.train_subset, test_subset=args.test_subset,
+                    augment=args.augment, precision=args.precision, ratios=ratios, eps=args.eps,
+                    window=args.window, detector_mode=args.detector_mode, sparsity=args.sparsity, lr=args.lr,
+                    momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                    epochs=args.epochs, retrain_epochs=args.retrain_epochs, retrain_init=init,
+                    retrain_precision=args.retrain_precision, baseline=args.baseline,
+                    draw_at=tuple(args.draw_at), sync_bn=args.sync_bn, seed=args.seed, out=args.out,
+                    device=args.device, progress=args.progress, quiet=args.quiet)
+
+
+def run(settings: Settings, log_stream=None) -> dict:
+    """Run (or resume, or report) the job with these settings; returns the summary dict."""
+    from .._backend import force_backend
+
+    s = resolve_settings(settings)
+    dist = setup_dist(s.device)
+    job = Job(s, dist, log_stream)
+    job.prepare()
+    # The Triton interpreter (TRITON_INTERPRET=1) is for checking kernels; training on CPU tensors
+    # takes the PyTorch reference path, which computes the same numbers much faster.
+    with force_backend("reference") if dist.device.type == "cpu" else contextlib.nullcontext():
+        return job.run()
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        s = settings_from_args(args)
+        if args.print_run_dir:
+            print(run_dir_for(resolve_settings(s)))
+            return 0
+        run(s)
+    except TrainerError as e:
+        print(f"ebkernels: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ebkernels: interrupted; run the same command again to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
+        print(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0

@@ -1,0 +1,307 @@
+"""The early-bird job (SPEC §3-4, paper Algorithm 1): low-precision search -> detect -> prune -> retrain.
+
+1. Search: train the dense network (int8, bf16 or fp32) with L1 on the BN scaling factors; after every
+   epoch the detector records each ratio's channel mask and its distance to the previous ones. EB mode
+   stops once every ratio's ticket is found (or at ``--epochs``); ``--baseline`` trains all epochs (the
+   paper's "progressive pruning and training"). ``--draw-at`` draws extra tickets (Fig. 1).
+2. Prune: each drawn ticket is the mask of its epoch applied physically (``ticket_<tag>.pt``).
+3. Retrain: every ticket, inheriting its weights and/or re-initialised (``pruned_<tag>[_reinit].pt``).
+4. Summarise: ``summary.json``, the plots and the printed summary (report.py).
+
+A checkpoint after every epoch lets a killed run continue where it stopped (rundir.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+import torch.nn as nn
+
+from .. import data as data_mod
+from .._io import WriteFailed
+from ..detector import EarlyBird, NonFiniteImportanceError, channel_mask
+from ..pruning import count_flops, count_params, load_ticket, prune, reinit, save_ticket
+from .dist import Dist
+from .energy import EnergyMeter
+from .loop import (EpochRunner, build_dense_model, float_copy, local_batch_size, lr_at, make_optimizer,
+                   prepare_for_training)
+from .report import (Log, build_summary, epoch_line, print_summary, report_dict, start_lines, ticket_line,
+                     write_plots)
+from .rundir import RunDir, describe_progress, new_state, ratio_key
+from .settings import Settings, TrainerError
+
+__all__ = ["Job", "make_detector"]
+
+
+def make_detector(s: Settings):
+    """The run's detector: one EarlyBird over all ratios (a tuple, so its views are dicts by ratio)."""
+    return EarlyBird(tuple(s.ratios), eps=s.eps, window=s.window, mode=s.detector_mode)
+
+
+class Job:
+    def __init__(self, s: Settings, dist: Dist, log_stream=None):
+        self.s = s
+        self.dist = dist
+        self.run_dir = RunDir(s)
+        self.log = self.run_dir.say = Log(self.run_dir.path, log_stream, quiet=s.quiet, is_main=dist.is_main)
+        self.energy = EnergyMeter(dist.device)
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def prepare(self):
+        """Load data, build the model, create the run directory. Raises TrainerError on bad input."""
+        s = self.s
+        try:
+            self.ds = data_mod.load_dataset(s.dataset, s.data_dir, s.download, s.train_subset,
+                                            s.test_subset, seed=s.seed)
+        except data_mod.DatasetError as e:
+            raise TrainerError(str(e)) from e
+        local_batch = local_batch_size(s.batch_size, self.dist.world_size, len(self.ds.train_labels))
+        self.epochs = EpochRunner(self.ds, self.dist, local_batch, s.seed, s.augment,
+                                  show_progress=s.progress and not s.quiet)
+        self.model = build_dense_model(s, self.ds)
+        error = None
+        if self.dist.is_main:
+            try:
+                self.run_dir.create()
+            except TrainerError as e:
+                error = str(e)
+        error = self.dist.broadcast_obj(error)  # every rank stops, none waits on a barrier forever
+        if error:
+            raise TrainerError(error)
+
+    # ---- the whole job --------------------------------------------------------------------------
+    def run(self) -> dict:
+        s = self.s
+        summary = self.run_dir.read_summary()
+        if summary is not None:
+            if self.dist.is_main and not s.quiet:  # printed only: a finished run's files stay untouched
+                print(f"run {self.run_dir.path} is already finished (summary.json); nothing to do.",
+                      file=self.log.stream)
+                print_summary(summary, self.log.stream, finished_before=True)
+            return summary
+        with self.run_dir.lock() if self.dist.is_main else contextlib.nullcontext():
+            try:
+                return self._run_locked()
+            except WriteFailed as e:  # disk full, quota, I/O error: nothing is lost but this epoch
+                raise TrainerError(f"{e}. {self.run_dir.checkpoint_note()}: free space (or fix the disk) and run "
+                                   f"the same command again to resume") from e
+
+    def _run_locked(self) -> dict:
+        s = self.s
+        if self.dist.is_main:
+            self.run_dir.remove_stale_temporaries()
+        state = self.run_dir.load_checkpoint()
+        if state is not None:
+            self.log(f"resuming {self.run_dir.path} from its checkpoint ({describe_progress(state)})")
+            torch.set_rng_state(state["rng"])
+        else:
+            for line in start_lines(s, self.ds, self.run_dir.path):
+                self.log(line)
+            state = self._fresh_state()
+        if state["phase"] == "search":
+            state = self.search(state)
+        if state["phase"] == "retrain":
+            state = self.retrain_all(state)
+        return self.finish(state)
+
+    def _fresh_state(self) -> dict:
+        dense = float_copy(self.model)
+        return new_state(params=count_params(dense), flops=count_flops(dense, self.ds.input_shape))
+
+    def _trainable(self, model: nn.Module, precision: str, state: dict):
+        """``(model, wrapped, optimizer)`` for training, continuing from the checkpointed phase's weights
+        and optimizer state when it holds them."""
+        if state["model"] is not None:
+            model.load_state_dict(state["model"])
+        model, wrapped = prepare_for_training(model, precision, self.dist, self.s.sync_bn)
+        opt = make_optimizer(model, self.s)
+        if state["optimizer"] is not None:
+            opt.load_state_dict(state["optimizer"])
+        return model, wrapped, opt
+
+    def _checkpoint(self, state: dict) -> None:
+        if self.dist.is_main:
+            self.run_dir.save_checkpoint(state)
+
+    def _diverged(self, problem: str):
+        """Stop on a non-finite loss or BN gammas, naming the checkpoint a fixed run resumes from."""
+        state = self.run_dir.load_checkpoint()
+        path = self.run_dir.checkpoint_path
+        where = (f"the last good checkpoint is {path} (after {state['phase']} epoch {state['epoch']})"
+                 if state else f"no checkpoint was written yet (run directory {self.run_dir.path})")
+        raise TrainerError(f"{problem}: training stopped; {where}. "
+                           f"Lower --lr or check the data, then run again (a new --lr is a new run).")
+
+    # ---- 1. search, detect, draw ----------------------------------------------------------------
+    def search(self, state: dict) -> dict:
+        s = self.s
+        model, wrapped, opt = self._trainable(self.model, s.precision, state)
+        detector = make_detector(s)  # one detector, all ratios: one fused update per epoch
+        if state["detector"] is not None:
+            detector.load_state_dict(state["detector"])
+        for epoch in range(state["epoch"], s.epochs):
+            t0, e0 = time.perf_counter(), self.energy.read()
+            lr = lr_at(epoch, s.lr, s.epochs)
+            train = self.epochs.train_epoch(model, wrapped, opt, epoch, lr, s.sparsity, s.precision,
+                                            f"search {epoch + 1}/{s.epochs}")
+            if not math.isfinite(train["train_loss"]):
+                self._diverged(f"non-finite training loss in search epoch {epoch + 1}")
+            t1 = time.perf_counter()
+            test = self.epochs.evaluate(model, s.precision if s.precision == "bf16" else "fp32")
+            t2 = time.perf_counter()
+            try:
+                newly, distances = self._detect(detector, model, state)
+            except NonFiniteImportanceError as e:  # a finite loss, yet the detector's importance diverged
+                self._diverged(f"non-finite BatchNorm gammas after search epoch {epoch + 1} in {e.where}")
+            self.energy.add_since(state["energy"], "search", e0)
+            state["wall"]["search"] += t1 - t0
+            state["wall"]["eval"] += t2 - t1
+            stop = epoch + 1 == s.epochs or (not s.baseline and all(ratio_key(r) in state["found"]
+                                                                    for r in s.ratios))
+            tp = time.perf_counter()
+            for r, tag, by_detector in self._tickets_to_draw(state, epoch + 1, newly, stop):
+                state["tickets"].append(self.draw_ticket(model, r, tag, epoch + 1, by_detector))
+            state["wall"]["prune"] += time.perf_counter() - tp
+            state["records"].append({"phase": "search", "epoch": epoch + 1, "lr": lr, **train, **test,
+                                     "distances": distances, "found": sorted(state["found"].items()),
+                                     "time": round(t2 - t0, 4)})
+            self.log(epoch_line("search", epoch + 1, s.epochs, lr, train, test, t2 - t0, distances,
+                                [ratio_key(r) for r in newly]))
+            state.update(epoch=epoch + 1, model=float_copy(model).state_dict(), optimizer=opt.state_dict(),
+                         detector=detector.state_dict())
+            if stop:
+                state.update(phase="retrain", epoch=0, model=None, optimizer=None,
+                             search_epochs=epoch + 1, retrain_jobs=self._retrain_jobs(state))
+            self._checkpoint(state)
+            if stop:
+                break
+        return state
+
+    def _detect(self, detector, model, state: dict) -> tuple[list, dict]:
+        """One detector step; records newly found tickets in ``state["found"]`` (1-based epochs).
+        Returns (ratios found this epoch, this epoch's mask distance per ratio key)."""
+        detector.step(model)  # every rank: parameters are identical, so are the verdicts
+        # rank 0's verdict is the verdict (guards against float noise between ranks)
+        found_now = self.dist.broadcast_obj(dict(detector.found_epoch))
+        distances, newly = {}, []
+        for r in self.s.ratios:
+            key = ratio_key(r)
+            d = detector.distances[r]
+            distances[key] = d[-1] if d else None
+            if found_now[r] is not None and key not in state["found"]:
+                state["found"][key] = found_now[r] + 1  # the detector counts epochs from 0
+                newly.append(r)
+        return newly, distances
+
+    def _tickets_to_draw(self, state: dict, epoch: int, newly: list, stop: bool) -> list:
+        """``(ratio, tag, by_detector)``: at the detector's verdict (EB mode), at ``--draw-at`` epochs,
+        and when the search stops, every main ticket not drawn yet (baseline's, or EB's never found)."""
+        draws = [] if self.s.baseline else [(r, ratio_key(r), True) for r in newly]
+        if epoch in self.s.draw_at:
+            draws += [(r, f"{ratio_key(r)}@{epoch}", False) for r in self.s.ratios]
+        if stop:
+            drawn = {t["tag"] for t in state["tickets"]} | {d[1] for d in draws}
+            draws += [(r, ratio_key(r), False) for r in self.s.ratios if ratio_key(r) not in drawn]
+        return draws
+
+    def draw_ticket(self, model: nn.Module, ratio: float, tag: str, epoch: int, by_detector: bool) -> dict:
+        """Mask at ``ratio`` from the current BN scaling factors, prune physically, save (rank 0)."""
+        dense = float_copy(model)
+        mask = channel_mask(dense, ratio)
+        pruned, report = prune(dense, mask, ratio=ratio, input_shape=self.ds.input_shape)
+        acc = self.epochs.evaluate(pruned)["test_acc"]
+        path = self.run_dir.ticket_path(tag)
+        if self.dist.is_main:  # save_ticket writes atomically itself
+            save_ticket(path, (pruned, report), meta={"ratio": ratio, "epoch": epoch, "tag": tag,
+                                                      "by_detector": by_detector, "dataset": self.s.dataset,
+                                                      "search_precision": self.s.precision})
+        report = report_dict(report)
+        self.log(ticket_line(tag, epoch, by_detector, report, acc))
+        return {"tag": tag, "ratio": ratio, "epoch": epoch, "by_detector": by_detector, "path": path,
+                "acc_before_retrain": acc, **report}
+
+    def _retrain_jobs(self, state: dict) -> list:
+        inits = ["inherit", "reinit"] if self.s.retrain_init == "both" else [self.s.retrain_init]
+        return [{"ticket": i, "init": init} for i in range(len(state["tickets"])) for init in inits]
+
+    # ---- 2. retrain each ticket -----------------------------------------------------------------
+    def retrain_all(self, state: dict) -> dict:
+        self.dist.barrier()  # tickets written by rank 0 are on disk for every rank
+        jobs = state["retrain_jobs"]
+        while state["retrain_index"] < len(jobs):
+            state = self.retrain_one(state, jobs[state["retrain_index"]])
+        state.update(phase="done", model=None, optimizer=None)
+        self._checkpoint(state)
+        return state
+
+    def retrain_one(self, state: dict, job: dict) -> dict:
+        s = self.s
+        ticket = state["tickets"][job["ticket"]]
+        name = ticket["tag"] + ("" if job["init"] == "inherit" else "+reinit")
+        try:
+            model = load_ticket(ticket["path"])
+        except (OSError, ValueError) as e:
+            raise TrainerError(f"ticket {ticket['tag']}: {e}. Retraining needs it: restore the file from a copy, "
+                               f"or move the run directory away to start this run afresh") from e
+        if job["init"] == "reinit":
+            torch.manual_seed(s.seed + 1 + job["ticket"])
+            reinit(model)
+        model, wrapped, opt = self._trainable(model, "fp32", state)
+        total = s.retrain_epochs
+        test = self.epochs.evaluate(model) if total == 0 else None
+        for epoch in range(state["epoch"], total):
+            t0, e0 = time.perf_counter(), self.energy.read()
+            lr = lr_at(epoch, s.lr, total)
+            train = self.epochs.train_epoch(model, wrapped, opt, epoch, lr, 0.0, s.retrain_precision,
+                                            f"retrain {name} {epoch + 1}/{total}")
+            if not math.isfinite(train["train_loss"]):
+                self._diverged(f"non-finite training loss in retrain ({name}) epoch {epoch + 1}")
+            t1 = time.perf_counter()
+            test = self.epochs.evaluate(model, s.retrain_precision)
+            t2 = time.perf_counter()
+            self.energy.add_since(state["energy"], "retrain", e0)
+            state["wall"]["retrain"] += t1 - t0
+            state["wall"]["eval"] += t2 - t1
+            state["records"].append({"phase": "retrain", "job": name, "epoch": epoch + 1, "lr": lr, **train,
+                                     **test, "time": round(t2 - t0, 4)})
+            self.log(epoch_line(f"retrain {name}", epoch + 1, total, lr, train, test, t2 - t0))
+            state.update(epoch=epoch + 1, model=float_copy(model).state_dict(), optimizer=opt.state_dict())
+            if epoch + 1 < total:
+                self._checkpoint(state)
+        path = self.run_dir.pruned_path(name)
+        if self.dist.is_main:
+            save_ticket(path, float_copy(model), meta={
+                "ratio": ticket["ratio"], "drawn_epoch": ticket["epoch"], "retrained_epochs": total,
+                "init": job["init"], "retrain_precision": s.retrain_precision, "dataset": s.dataset})
+        curve = [r["test_acc"] for r in state["records"] if r.get("job") == name]
+        state["results"].append({"job": name, "ticket": ticket["tag"], "init": job["init"],
+                                 "final_acc": test["test_acc"], "best_acc": max(curve) if curve else test["test_acc"],
+                                 "path": path})
+        state.update(retrain_index=state["retrain_index"] + 1, epoch=0, model=None, optimizer=None)
+        self._checkpoint(state)
+        return state
+
+    # ---- 3. summary and plots -------------------------------------------------------------------
+    def finish(self, state: dict) -> dict:
+        summary = build_summary(self.s, state, self.run_dir.path, self.ds, self.dist)
+        if self.dist.is_main:
+            try:
+                write_plots(self.run_dir.path, state, self.s, self._pairwise_distances(state))
+            except Exception as e:  # plots are a convenience: a plotting failure must not lose the run
+                self.log(f"warning: plots not written ({type(e).__name__}: {e})")
+            self.run_dir.write_summary(summary)
+            if not self.s.quiet:
+                print_summary(summary, self.log.stream)
+        self.dist.barrier()
+        return summary
+
+    def _pairwise_distances(self, state: dict) -> dict:
+        """Ratio key -> [T, T] distances between all the search's masks (paper Fig. 3)."""
+        if not state.get("detector"):
+            return {}
+        detector = make_detector(self.s)
+        detector.load_state_dict(state["detector"])
+        return {ratio_key(r): m.numpy() for r, m in detector.pairwise_distances().items()}
+

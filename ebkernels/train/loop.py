@@ -1,0 +1,174 @@
+"""One training epoch and one evaluation, plus the model plumbing around them (paper §3.1, SPEC §4).
+
+A training epoch is SGD over this rank's batches with the network-slimming L1 subgradient on the BN
+scaling factors (``gamma.grad += s * sign(gamma)`` after backward). The learning rate follows the
+paper's step schedule (:func:`lr_at`). Losses and accuracies are summed over ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import data as data_mod
+from .dist import Dist, SyncBatchNorm2d, swap_bn
+from .settings import TrainerError
+
+__all__ = ["lr_at", "EpochRunner", "local_batch_size", "build_dense_model", "prepare_for_training", "make_optimizer",
+           "float_copy"]
+
+
+def lr_at(epoch: int, base_lr: float, total_epochs: int) -> float:
+    """The paper's step schedule scaled to the run length: ÷10 at 50 % and at 75 % of the epochs
+    (epochs 80 and 120 of 160). ``epoch`` counts from 0."""
+    lr = base_lr
+    if epoch >= int(0.5 * total_epochs):
+        lr *= 0.1
+    if epoch >= int(0.75 * total_epochs):
+        lr *= 0.1
+    return lr
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_for_training(model: nn.Module, precision: str, dist: Dist, sync_bn: bool):
+    """``(model, wrapped)``: the model on this rank's device (int8 layers for ``precision="int8"``,
+    SyncBatchNorm2d under torchrun when ``sync_bn``), and what to call forward on (DDP or the model)."""
+    model = model.to(dist.device)
+    if precision == "int8":
+        from ..modules import quantize_model
+
+        model = quantize_model(model)
+    if dist.enabled and sync_bn:
+        model = swap_bn(model, SyncBatchNorm2d)
+    if not dist.enabled:
+        return model, model
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # 1-input-channel conv weights have ambiguous strides; DDP's notice about it is harmless
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return model, DDP(model, device_ids=ids, broadcast_buffers=not sync_bn)
+
+
+def local_batch_size(batch_size: int, world_size: int, n_train: int) -> int:
+    """This process's share of the global batch; BatchNorm needs 2 samples per process and batch (a
+    last batch of one is merged into the one before, see ``data.iterate_batches``)."""
+    if batch_size % world_size:
+        raise TrainerError(f"--batch-size {batch_size} must be divisible by the number of processes "
+                           f"({world_size}): it is the global batch, split evenly over the ranks")
+    if batch_size // world_size < 2:
+        raise TrainerError(f"--batch-size {batch_size} over {world_size} processes gives batches of one sample; "
+                           f"BatchNorm cannot train on those: accepted: at least 2 per process "
+                           f"(--batch-size {2 * world_size} or more)")
+    if -(-n_train // world_size) < 2:
+        raise TrainerError(f"the training set has {n_train} sample(s) for {world_size} process(es); BatchNorm "
+                           f"cannot train on one sample: accepted: at least {world_size + 1} training samples "
+                           f"(--train-subset)")
+    return batch_size // world_size
+
+
+def build_dense_model(s, ds) -> nn.Module:
+    """The dense network of the settings for the dataset, seeded with ``s.seed``."""
+    from ..models import build_model
+
+    torch.manual_seed(s.seed)
+    try:
+        kw = {} if s.width == 1.0 else {"width": s.width}
+        model = build_model(s.model, num_classes=ds.num_classes, in_channels=ds.in_channels, **kw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrainerError(f"--model {s.model!r}: {e}") from e
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        raise TrainerError(f"--model {s.model!r} has no BatchNorm2d layers: the detector needs BN scaling factors")
+    return model
+
+
+def make_optimizer(model: nn.Module, settings) -> torch.optim.Optimizer:
+    s = settings
+    return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A plain-float copy of a training model (no QConv2d/QLinear, no SyncBatchNorm2d)."""
+    m = copy.deepcopy(model)
+    if any(type(x).__name__ in ("QConv2d", "QLinear") for x in m.modules()):
+        from ..modules import dequantize_model
+
+        m = dequantize_model(m)
+    return swap_bn(m, nn.BatchNorm2d)
+
+
+class EpochRunner:
+    """Trains and evaluates on one dataset with this rank's share of each (global) batch."""
+
+    def __init__(self, ds, dist: Dist, local_batch: int, seed: int, augment: bool, show_progress: bool):
+        self.ds, self.dist, self.local_batch = ds, dist, local_batch
+        self.seed, self.augment, self.show_progress = seed, augment, show_progress
+
+    def _bar(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        disable = not (self.show_progress and self.dist.is_main)
+        # disable=None: tqdm turns itself off when stderr is not a terminal (logs, CI)
+        return tqdm(total=total, desc=desc, leave=False, disable=True if disable else None,
+                    dynamic_ncols=True, file=sys.stderr)
+
+    def train_epoch(self, model, wrapped, opt, epoch: int, lr: float, sparsity: float, precision: str,
+                    desc: str) -> dict:
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
+        dev = self.dist.device
+        stats = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, correct, count
+        n_batches = data_mod.num_batches(self.ds, self.local_batch, True, self.dist.world_size)
+        bar = self._bar(n_batches, desc)
+        for i, (x, y) in enumerate(data_mod.iterate_batches(
+                self.ds, self.local_batch, train=True, epoch=epoch, seed=self.seed, rank=self.dist.rank,
+                world_size=self.dist.world_size, augment=self.augment, device=dev)):
+            with _autocast(dev, precision):
+                logits = wrapped(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if sparsity > 0:  # network slimming: L1 subgradient on the BN scaling factors
+                for bn in bns:
+                    if bn.weight.grad is not None:
+                        bn.weight.grad.add_(torch.sign(bn.weight.detach()), alpha=sparsity)
+            opt.step()
+            with torch.no_grad():
+                stats += torch.stack([loss.detach().double() * len(y),
+                                      (logits.argmax(1) == y).sum().double(),
+                                      torch.tensor(float(len(y)), dtype=torch.float64, device=dev)])
+            bar.update(1)
+            if i % 10 == 0 and bar.disable is False:
+                bar.set_postfix(loss=f"{stats[0].item() / max(stats[2].item(), 1):.3f}")
+        bar.close()
+        stats = self.dist.all_sum(stats)
+        loss_sum, correct, count = stats.tolist()
+        return {"train_loss": loss_sum / max(count, 1), "train_acc": 100.0 * correct / max(count, 1)}
+
+    @torch.no_grad()
+    def evaluate(self, model, precision: str = "fp32") -> dict:
+        model.eval()
+        dev = self.dist.device
+        stats = torch.zeros(3, dtype=torch.float64, device=dev)
+        for x, y in data_mod.iterate_batches(self.ds, max(self.local_batch, 256), train=False,
+                                             rank=self.dist.rank, world_size=self.dist.world_size, device=dev):
+            with _autocast(dev, precision):
+                logits = model(x)
+            stats += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
+                                  (logits.argmax(1) == y).sum().double(),
+                                  torch.tensor(float(len(y)), dtype=torch.float64, device=dev)])
+        loss_sum, correct, count = self.dist.all_sum(stats).tolist()
+        return {"test_loss": loss_sum / max(count, 1), "test_acc": 100.0 * correct / max(count, 1)}

@@ -1,0 +1,151 @@
+"""The trainer's settings: one dataclass, its validation, and the hash that names a run directory.
+
+Adding a flag: a field here (with its default), its check in :func:`resolve_settings`, its argparse
+line and its mapping in ``cli.py``. A setting that cannot change what a run computes (where files go,
+how progress is shown, how fast a kernel runs) goes into ``NOT_HASHED``; any other new field changes
+the hash, and so the directory name, of every run made before it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+
+from .. import data as data_mod
+
+__all__ = ["Settings", "TrainerError", "resolve_settings", "settings_hash", "PRECISIONS", "RETRAIN_PRECISIONS",
+           "RETRAIN_INITS", "DETECTOR_MODES", "DATASET_DEFAULTS", "NOT_HASHED", "INT_RANGES", "FLOAT_RANGES"]
+
+PRECISIONS = ("int8", "bf16", "fp32")
+RETRAIN_PRECISIONS = ("fp32", "bf16")
+RETRAIN_INITS = ("inherit", "reinit", "both")
+DETECTOR_MODES = ("consecutive", "window")
+
+# Per-dataset defaults for the settings left unset on the command line. The digits entry is the
+# no-argument demo: tuned so the whole job (search, detection, pruning, retraining) takes about a
+# minute on 2 CPU cores and the detector fires. The others follow the paper (SPEC §4).
+DATASET_DEFAULTS = {
+    "digits": dict(model="vgg11", width=0.25, epochs=40, retrain_epochs=20, batch_size=64),
+    "fashion-mnist": dict(model="vgg16", width=1.0, epochs=160, retrain_epochs=160, batch_size=256),
+    "cifar10": dict(model="vgg16", width=1.0, epochs=160, retrain_epochs=160, batch_size=256),
+    "cifar100": dict(model="vgg16", width=1.0, epochs=160, retrain_epochs=160, batch_size=256),
+}
+# Settings that do not change what a run computes: left out of the run directory's hash.
+NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet")
+
+
+# Accepted ranges, inclusive: wide enough for any real run, narrow enough that a typo is caught before
+# it becomes a year-long schedule or an overflowing seed.
+MAX_EPOCHS = 100_000
+INT_RANGES = {"epochs": (1, MAX_EPOCHS), "retrain_epochs": (0, MAX_EPOCHS), "window": (1, MAX_EPOCHS),
+              "batch_size": (2, 2**20), "train_subset": (1, 10**9), "test_subset": (1, 10**9),
+              "seed": (-(2**32 - 1), 2**32 - 1)}
+# (lowest, lowest excluded, highest or None, highest excluded)
+FLOAT_RANGES = {"eps": (0.0, True, 1.0, False),  # a mask distance lies in [0, 1]
+                "lr": (0.0, True, None, False), "momentum": (0.0, False, 1.0, True),
+                "sparsity": (0.0, False, None, False), "weight_decay": (0.0, False, None, False)}
+
+
+class TrainerError(RuntimeError):
+    """A problem the user can fix; main() prints it without a traceback."""
+
+
+@dataclasses.dataclass
+class Settings:
+    dataset: str = "digits"
+    model: str | None = None
+    width: float | None = None
+    data_dir: str | None = None
+    download: bool = True
+    train_subset: int | None = None
+    test_subset: int | None = None
+    augment: bool = True
+    precision: str = "int8"
+    ratios: tuple = (0.5,)
+    eps: float = 0.1
+    window: int = 5
+    detector_mode: str = "consecutive"
+    sparsity: float = 1e-4
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int | None = None
+    epochs: int | None = None
+    retrain_epochs: int | None = None
+    retrain_init: str = "inherit"
+    retrain_precision: str = "fp32"
+    baseline: bool = False
+    draw_at: tuple = ()
+    sync_bn: bool = True
+    seed: int = 0
+    out: str = "runs"
+    device: str = "auto"
+    progress: bool = True
+    quiet: bool = False
+
+    def hashed(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if k not in NOT_HASHED}
+
+
+def _bad(msg: str):
+    raise TrainerError(msg)
+
+
+def resolve_settings(s: Settings) -> Settings:
+    """Fill per-dataset defaults and check every value; raises TrainerError naming what is accepted."""
+    from .._checks import check_ratio
+
+    s = dataclasses.replace(s)
+    if s.dataset not in data_mod.DATASETS:
+        _bad(f"unknown dataset {s.dataset!r}; accepted: {', '.join(data_mod.DATASETS)}")
+    for key, value in DATASET_DEFAULTS[s.dataset].items():
+        if getattr(s, key) is None:
+            setattr(s, key, value)
+    if not s.ratios:
+        _bad("at least one --ratio is needed")
+    try:
+        s.ratios = tuple(sorted({check_ratio(r) for r in s.ratios}))
+    except ValueError as e:
+        _bad(f"--ratio: {e}")
+    for name, value, choices in (("--precision", s.precision, PRECISIONS),
+                                 ("--retrain-precision", s.retrain_precision, RETRAIN_PRECISIONS),
+                                 ("--retrain-init", s.retrain_init, RETRAIN_INITS),
+                                 ("--detector-mode", s.detector_mode, DETECTOR_MODES)):
+        if value not in choices:
+            _bad(f"{name} {value!r} is not supported; accepted: {', '.join(choices)}")
+    for name, (lo, hi) in INT_RANGES.items():
+        v = getattr(s, name)
+        if v is None and name in ("train_subset", "test_subset"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            why = " (BatchNorm cannot train on batches of one sample)" if name == "batch_size" else ""
+            _bad(f"--{name.replace('_', '-')} {v!r} is not supported; accepted: an integer from {lo} to {hi}{why}")
+    if s.detector_mode == "window" and s.window < 2:
+        _bad(f"--window {s.window} is not supported with --detector-mode window (it compares the newest mask "
+             f"with the window's older ones); accepted: 2 or more")
+    for name, (lo, lo_open, hi, hi_open) in FLOAT_RANGES.items():
+        v = getattr(s, name)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not (ok and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))):
+            flag, low = name.replace("_", "-"), "<" if lo_open else "<="
+            accepted = (f"a finite number {'>' if lo_open else '>='} {lo:g}" if hi is None else
+                        f"a number with {lo:g} {low} {flag} {'<' if hi_open else '<='} {hi:g}")
+            _bad(f"--{flag} {v!r} is not supported; accepted: {accepted}")
+    if not (isinstance(s.width, (int, float)) and 0 < s.width <= 16):
+        _bad(f"--width {s.width!r} is not supported; accepted: a multiplier with 0 < width <= 16")
+    s.width = float(s.width)
+    bad_draw = [e for e in s.draw_at if not (isinstance(e, int) and 1 <= e <= s.epochs)]
+    if bad_draw:
+        _bad(f"--draw-at {bad_draw} out of range; accepted: epochs from 1 to --epochs ({s.epochs})")
+    s.draw_at = tuple(sorted(set(s.draw_at)))
+    if s.device not in ("auto", "cpu", "cuda") and not s.device.startswith("cuda:"):
+        _bad(f"--device {s.device!r} is not supported; accepted: auto, cpu, cuda, cuda:N")
+    return s
+
+
+def settings_hash(s: Settings) -> str:
+    """The first 10 hex digits of SHA-256 over the hashed settings (sorted-key JSON)."""
+    blob = json.dumps(s.hashed(), sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
