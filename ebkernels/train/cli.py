@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="(default 0)")
     g.add_argument("--no-sync-bn", dest="sync_bn", action="store_false",
                    help="under torchrun: keep BatchNorm statistics per process")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="EXPERIMENTAL (not yet verified on a GPU): replay the search's training step (forward, "
+                        "loss, backward) from a CUDA graph; needs a CUDA device and one process; a smaller last "
+                        "batch runs eagerly")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     g.add_argument("--quiet", action="store_true", help="print nothing but errors")
     g.add_argument("--print-run-dir", action="store_true", help="print the run directory of these settings and exit")
@@ -115,7 +119,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     epochs=args.epochs, retrain_epochs=args.retrain_epochs, retrain_init=init,
                     retrain_precision=args.retrain_precision, baseline=args.baseline,
                     draw_at=tuple(args.draw_at), sync_bn=args.sync_bn, seed=args.seed, out=args.out,
-                    device=args.device, progress=args.progress, quiet=args.quiet)
+                    device=args.device, progress=args.progress, quiet=args.quiet,
+                    cuda_graphs=args.cuda_graphs)
 
 
 def run(settings: Settings, log_stream=None) -> dict:

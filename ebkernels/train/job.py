@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn as nn
 
+from .. import _rng
 from .. import data as data_mod
 from .._io import WriteFailed
 from ..detector import EarlyBird, NonFiniteImportanceError, channel_mask
@@ -52,6 +53,12 @@ class Job:
     def prepare(self):
         """Load data, build the model, create the run directory. Raises TrainerError on bad input."""
         s = self.s
+        if s.cuda_graphs and self.dist.device.type != "cuda":
+            raise TrainerError(f"--cuda-graphs needs a CUDA device; this run uses {self.dist.device} "
+                               "(accepted: --device cuda or auto on a machine with a GPU)")
+        if s.cuda_graphs and self.dist.enabled:
+            raise TrainerError("--cuda-graphs is not supported with torchrun / several processes yet; "
+                               "accepted: a single-process run")
         try:
             self.ds = data_mod.load_dataset(s.dataset, s.data_dir, s.download, s.train_subset,
                                             s.test_subset, seed=s.seed)
@@ -96,6 +103,8 @@ class Job:
         if state is not None:
             self.log(f"resuming {self.run_dir.path} from its checkpoint ({describe_progress(state)})")
             torch.set_rng_state(state["rng"])
+            if state.get("ebk_rng"):  # the int8 layers' stochastic rounding continues where it stopped
+                _rng.set_state(state["ebk_rng"])
         else:
             for line in start_lines(s, self.ds, self.run_dir.path):
                 self.log(line)
@@ -138,6 +147,7 @@ class Job:
     def search(self, state: dict) -> dict:
         s = self.s
         model, wrapped, opt = self._trainable(self.model, s.precision, state)
+        graphed = self.epochs.graphed_step(model, s.sparsity, s.precision) if s.cuda_graphs else None
         detector = make_detector(s)  # one detector, all ratios: one fused update per epoch
         if state["detector"] is not None:
             detector.load_state_dict(state["detector"])
@@ -145,11 +155,11 @@ class Job:
             t0, e0 = time.perf_counter(), self.energy.read()
             lr = lr_at(epoch, s.lr, s.epochs)
             train = self.epochs.train_epoch(model, wrapped, opt, epoch, lr, s.sparsity, s.precision,
-                                            f"search {epoch + 1}/{s.epochs}")
+                                            f"search {epoch + 1}/{s.epochs}", graphed)
             if not math.isfinite(train["train_loss"]):
                 self._diverged(f"non-finite training loss in search epoch {epoch + 1}")
             t1 = time.perf_counter()
-            test = self.epochs.evaluate(model, s.precision if s.precision == "bf16" else "fp32")
+            test = self.epochs.evaluate(model, s.precision)
             t2 = time.perf_counter()
             try:
                 newly, distances = self._detect(detector, model, state)

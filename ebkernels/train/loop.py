@@ -14,12 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _rng
 from .. import data as data_mod
 from .dist import Dist, SyncBatchNorm2d, swap_bn
 from .settings import TrainerError
 
 __all__ = ["lr_at", "EpochRunner", "local_batch_size", "build_dense_model", "prepare_for_training", "make_optimizer",
-           "float_copy"]
+           "float_copy", "add_l1_subgradient"]
 
 
 def lr_at(epoch: int, base_lr: float, total_epochs: int) -> float:
@@ -33,10 +34,25 @@ def lr_at(epoch: int, base_lr: float, total_epochs: int) -> float:
     return lr
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device: torch.device, precision: str, cache: bool = True):
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
+
+
+def _layout(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """The int8 search runs channels-last (NHWC: the layout of the int8 kernels' codes)."""
+    if precision == "int8" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def add_l1_subgradient(bns, sparsity: float) -> None:
+    """Network slimming: ``gamma.grad += s * sign(gamma)`` for every BatchNorm, in two multi-tensor ops."""
+    pairs = [(bn.weight.grad, bn.weight.detach()) for bn in bns if bn.weight.grad is not None]
+    if sparsity > 0 and pairs:
+        grads, weights = zip(*pairs)
+        torch._foreach_add_(list(grads), torch._foreach_sign(list(weights)), alpha=sparsity)
 
 
 def prepare_for_training(model: nn.Module, precision: str, dist: Dist, sync_bn: bool):
@@ -83,6 +99,7 @@ def build_dense_model(s, ds) -> nn.Module:
     from ..models import build_model
 
     torch.manual_seed(s.seed)
+    _rng.manual_seed(s.seed)  # the int8 layers' stochastic rounding (device-side state)
     try:
         kw = {} if s.width == 1.0 else {"width": s.width}
         model = build_model(s.model, num_classes=ds.num_classes, in_channels=ds.in_channels, **kw)
@@ -123,8 +140,15 @@ class EpochRunner:
         return tqdm(total=total, desc=desc, leave=False, disable=True if disable else None,
                     dynamic_ncols=True, file=sys.stderr)
 
+    def graphed_step(self, model, sparsity: float, precision: str):
+        """A ``GraphedStep`` for ``--cuda-graphs`` (see ``train/graphs.py``)."""
+        from .graphs import GraphedStep
+
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
+        return GraphedStep(model, bns, sparsity, lambda: _autocast(self.dist.device, precision, cache=False))
+
     def train_epoch(self, model, wrapped, opt, epoch: int, lr: float, sparsity: float, precision: str,
-                    desc: str) -> dict:
+                    desc: str, graphed=None) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         model.train()
@@ -136,15 +160,16 @@ class EpochRunner:
         for i, (x, y) in enumerate(data_mod.iterate_batches(
                 self.ds, self.local_batch, train=True, epoch=epoch, seed=self.seed, rank=self.dist.rank,
                 world_size=self.dist.world_size, augment=self.augment, device=dev)):
-            with _autocast(dev, precision):
-                logits = wrapped(x)
-            loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if sparsity > 0:  # network slimming: L1 subgradient on the BN scaling factors
-                for bn in bns:
-                    if bn.weight.grad is not None:
-                        bn.weight.grad.add_(torch.sign(bn.weight.detach()), alpha=sparsity)
+            x = _layout(x, precision)
+            if graphed is not None:  # forward, loss, backward and the L1 term replayed from a CUDA graph
+                loss, logits = graphed.step(x, y, opt)
+            else:
+                with _autocast(dev, precision):
+                    logits = wrapped(x)
+                loss = F.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                add_l1_subgradient(bns, sparsity)  # network slimming: L1 on the BN scaling factors
             opt.step()
             with torch.no_grad():
                 stats += torch.stack([loss.detach().double() * len(y),
@@ -166,7 +191,7 @@ class EpochRunner:
         for x, y in data_mod.iterate_batches(self.ds, max(self.local_batch, 256), train=False,
                                              rank=self.dist.rank, world_size=self.dist.world_size, device=dev):
             with _autocast(dev, precision):
-                logits = model(x)
+                logits = model(_layout(x, precision))
             stats += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
                                   (logits.argmax(1) == y).sum().double(),
                                   torch.tensor(float(len(y)), dtype=torch.float64, device=dev)])

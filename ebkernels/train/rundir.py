@@ -25,6 +25,8 @@ import re
 import numpy as np
 import torch
 
+from .. import _rng
+
 from .._io import (NotPlainData, atomic_torch_save, atomic_write_bytes, atomic_write_text, content_digest, load_plain,
                    remove_stale_temporaries)
 from .settings import Settings, TrainerError, settings_hash
@@ -210,7 +212,7 @@ class RunDir:
     # ---- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> None:
         """checkpoint.pt (with the RNG state), then metrics.jsonl and masks.npz from the same state."""
-        state = dict(state, rng=torch.get_rng_state())
+        state = dict(state, rng=torch.get_rng_state(), ebk_rng=_rng.get_state())
         state["digest"] = content_digest(state)  # load_checkpoint recomputes it: a changed byte is caught
         atomic_torch_save(state, self.checkpoint_path)
         self.last_progress = describe_progress(state)

@@ -32,7 +32,7 @@ DATASET_DEFAULTS = {
     "cifar100": dict(model="vgg16", width=1.0, epochs=160, retrain_epochs=160, batch_size=256),
 }
 # Settings that do not change what a run computes: left out of the run directory's hash.
-NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet")
+NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet", "cuda_graphs")
 
 
 # Accepted ranges, inclusive: wide enough for any real run, narrow enough that a typo is caught before
@@ -83,6 +83,7 @@ class Settings:
     device: str = "auto"
     progress: bool = True
     quiet: bool = False
+    cuda_graphs: bool = False
 
     def hashed(self) -> dict:
         d = dataclasses.asdict(self)
