@@ -475,7 +475,7 @@ def test_a_ticket_written_before_digests_loads_and_says_so_once(tmp_path):
     torch.save(payload, path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first, second = load_ticket(path), load_ticket(path)
+        first, _ = load_ticket(path), load_ticket(path)
     notes = [str(w.message) for w in caught if "carries no content digest" in str(w.message)]
     assert len(notes) == 1 and str(path) in notes[0]
     for a, b in zip(first.state_dict().values(), model.state_dict().values()):

@@ -218,7 +218,7 @@ def bn_relu_bwd_reference(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, p
     Cp = C if pad_to <= 1 else -(-C // pad_to) * pad_to
     nhwc = torch.zeros((N, H, W, Cp), dtype=torch.int8, device=y.device)
     nhwc[..., :C] = q.permute(0, 2, 3, 1)
-    cm = nhwc.permute(3, 0, 1, 2).contiguous()
+    cm = nhwc.permute(3, 0, 1, 2).clone(memory_format=torch.contiguous_format)  # never a view of nhwc
     return nhwc.permute(0, 3, 1, 2), cm.permute(1, 0, 2, 3), scale
 
 

@@ -102,10 +102,10 @@ def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_p
     final = finish_reduction(part_ptr, grp_ptr, chan_ptr, sem_ptr, pid_m, T, pid_n, tl.num_programs(1), M, BP, c,
                              c_ok, C, 0, GROUP, TB, CB)
     if final:
-        col_ok = c_ok
+        max_ok = c_ok  # every channel gets bnp and running statistics; max |z| only over the gathered ones
         if HAS_KEEP:
-            col_ok = c_ok & (tl.load(keep_ptr + c, mask=c_ok, other=-1) >= 0)
-        bn_finalize_channels(chan_ptr, C, c, col_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps, momentum,
+            max_ok = tl.load(keep_ptr + c, mask=c_ok, other=-1) >= 0
+        bn_finalize_channels(chan_ptr, C, c, c_ok, max_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps, momentum,
                              n_f, bnp_ptr, zmax_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
 
 
@@ -116,7 +116,7 @@ def _momentum_arg(momentum) -> float:
 def bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
                        update, relu, keep=None):
     """(x rounded to bfloat16 in NHWC order, chan [mean, var, max, min], bnp, zmax bits)."""
-    xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    xb = x.to(torch.bfloat16).clone(memory_format=torch.channels_last)  # a new tensor, whatever x is
     C = x.shape[1]
     chan = moments_reference(xb.permute(0, 2, 3, 1).reshape(-1, C))
     bnp, zmax = finalize_reference(chan, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,

@@ -114,7 +114,7 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
         final = finish_reduction(part_ptr, grp_ptr, chan_ptr, sem_ptr, pid_m, num_m, pid_n, num_n, M, BM, col,
                                  col_ok, NCOL, 0, GROUP, TB, BN)
         if final:
-            bn_finalize_channels(chan_ptr, NCOL, col, col_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
+            bn_finalize_channels(chan_ptr, NCOL, col, col_ok, col_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
                                  momentum, n_f, bnp_ptr, zmax_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
     else:
         if DZ_LIKE_Y:  # dz in y's own NHWC layout (what the kernels produce): no second offset tile

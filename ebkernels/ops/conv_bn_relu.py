@@ -14,11 +14,13 @@ Outputs: the codes (NHWC, channels padded to 16) + scale of ``relu(bn(conv))`` (
 the codes) for the next block, or a float tensor (the conv output, or ``bn(conv)`` with or without ReLU)
 for a layer that is not an int8 convolution.
 
-What backward keeps (SPEC §9, "recompute"): the block's int8 input codes (the previous block's output:
-no new storage), the per-channel ``bnp`` and the scales; the float weight is a Parameter. Backward
-re-derives the weight codes (``weight_codes``, one launch for both layouts), recomputes y bit-identically
-inside the GEMM that also forms the BatchNorm-backward sums (``conv2d_bn``), then E in two passes
-(``bn_relu_bwd``), the input-grad and the weight-grad on the int8 kernels and the G quantization.
+What backward keeps (SPEC §9): the block's int8 input codes (the previous block's output: no new
+storage), the per-channel ``bnp`` and the scales; the float weight is a Parameter. y is recomputed
+bit-identically inside the GEMM that also forms the BatchNorm-backward sums (``conv2d_bn``), except in
+compute-bound layers, which keep y in bfloat16 (``Y_POLICY``: there the tensors are small and the extra
+GEMM is not). Backward re-derives the weight codes (``weight_codes``, one launch for both layouts),
+then E in two passes (``bn_relu_bwd``), the input-grad and the weight-grad on the int8 kernels and the
+G quantization fused into the weight-grad.
 
 Numerics that differ from the per-layer path (``QConv2d`` + ``nn.BatchNorm2d`` + ``nn.ReLU``), all
 documented where they happen: the conv output y and the error dz between blocks are held in bfloat16;
@@ -46,10 +48,30 @@ from .weight_codes import weight_codes
 from .._backend import use_triton
 from ._igemm import MAX_TERMS
 
-__all__ = ["Int8Activation", "BlockSpec", "fused_block", "FusedBlockFunction", "CARRIER_DTYPE"]
+__all__ = ["Int8Activation", "BlockSpec", "fused_block", "FusedBlockFunction", "CARRIER_DTYPE", "Y_POLICY", "keeps_y"]
 
 # The dtype in which the gradient w.r.t. a block's codes travels (see Int8Activation).
 CARRIER_DTYPE = torch.bfloat16
+
+# Recompute y in backward, or keep it (bfloat16, 2 bytes per element)? "auto": keep it exactly where the
+# layer is compute-bound on the target GPU (SPEC §5, H100: int8 1979 TOPS, HBM 3.35 TB/s), there the
+# recompute GEMM would cost time and the tensors are small; recompute where the layer is memory-bound,
+# there the activations are large and one more int8 GEMM is nearly free. "recompute" / "keep": always.
+# Measured on CPU (saved bytes) and modelled (benchmarks/predict.py, "y policy"): see benchmarks/NOTES.md.
+Y_POLICY = "auto"
+INT8_OPS_PER_S, HBM_BYTES_PER_S = 1979e12, 3.35e12
+
+
+def keeps_y(cin: int, cout: int, kh: int, kw: int, hw_in: int, hw_out: int, policy: str | None = None) -> bool:
+    """The y policy for a conv (per image: ``hw_in`` input pixels, ``hw_out`` output pixels). "auto":
+    keep y when the three int8 GEMMs of the layer take longer at peak than its fused-block traffic
+    (4 bytes per input element, 19 per output element when y is kept) at peak bandwidth."""
+    policy = policy or Y_POLICY
+    if policy != "auto":
+        return policy == "keep"
+    gemm_s = 3 * 2 * cout * cin * kh * kw * hw_out / INT8_OPS_PER_S
+    bytes_s = (4 * cin * hw_in + 19 * cout * hw_out) / HBM_BYTES_PER_S
+    return gemm_s >= bytes_s
 
 
 class Int8Activation(NamedTuple):
@@ -179,6 +201,9 @@ class FusedBlockFunction(torch.autograd.Function):
             else:
                 main, _ = bn_relu_quant(y, bnp, zmax, nbt, None, 8, False, spec.relu, 0, out_dtype=float_dtype)
             saved.update(bnp=bnp, batch_stats=batch_stats)
+            if keeps_y(weight.shape[1], weight.shape[0], weight.shape[2], weight.shape[3],
+                       x.shape[2] * x.shape[3], y.shape[2] * y.shape[3]):
+                saved["y"] = y  # backward forms the sums from it instead of recomputing the GEMM
         else:
             main = _conv2d_int8_fwd_op(qx, qw, sx, sw, bias, stride, padding, dilation, 1, qc.bits_a, qc.bits_w,
                                        float_dtype, True, MAX_TERMS)
@@ -223,8 +248,12 @@ class FusedBlockFunction(torch.autograd.Function):
             if spec.pool is not None:
                 k, s, p, ceil = spec.pool
                 dz = maxpool2d_int8_backward(dz, saved["pos"], saved["pre_pool_hw"], cout, k, s, p, ceil)
-            y, sums = conv2d_int8_bn_bwd_reduce(qx, qw_f, sx, sw, bias, stride, padding, dilation, qc.bits_a, qc.bits_w,
-                                                dz, saved["bnp"], spec.relu)
+            if "y" in saved:  # kept from the forward (compute-bound layer)
+                y = saved["y"]
+                sums = bn_relu_bwd_reduce(dz, y, saved["bnp"], None, spec.relu)
+            else:  # recomputed, bit-identical, in the GEMM that also forms the sums
+                y, sums = conv2d_int8_bn_bwd_reduce(qx, qw_f, sx, sw, bias, stride, padding, dilation, qc.bits_a,
+                                                    qc.bits_w, dz, saved["bnp"], spec.relu)
             s_dy = sums if saved["batch_stats"] else None
             amax, = bn_relu_bwd(dz, y, saved["bnp"], s_dy, None, spec.relu, "absmax", qc.bits_e, stochastic)
             qe, qe_cm, se = bn_relu_bwd(dz, y, saved["bnp"], s_dy, None, spec.relu, "codes", qc.bits_e, stochastic,

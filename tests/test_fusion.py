@@ -1,0 +1,404 @@
+"""Fused int8 blocks (SPEC §9): what quantize_model fuses and what it leaves alone, that a fused model
+keeps its modules / parameters / state_dict, and that fused chains compute what a float64 WAGE
+reference of the same math computes (forward, input grad, weight / gamma / beta grads, running
+statistics). Chains of quantizers amplify float32-vs-float64 differences (a code or a power-of-two
+scale may flip at a rounding boundary), so the chain bounds are loose; each kernel has its exact
+per-op test elsewhere. A wrong formula is off by far more than these bounds."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ebkernels
+from ebkernels import QConfig, fusion
+from ebkernels.models.preresnet import Bottleneck
+from ebkernels.ops import conv_bn_relu
+from ebkernels.ops.conv_bn_relu import FusedBlockFunction
+from ebkernels.ops.quantize import dequantize, quantize
+
+
+def fresh_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------------------
+# float64 WAGE reference of the fused math
+# --------------------------------------------------------------------------------------------------
+def ste_quant(t, bits=8):
+    """Per-tensor power-of-two quantize-dequantize, straight-through gradient."""
+    codes, s = quantize(t.detach().float(), bits)
+    return t + (dequantize(codes, s, bits).to(t.dtype) - t).detach()
+
+
+class RoundGradBF16(torch.autograd.Function):
+    """Identity forward; the gradient rounded to bfloat16 (the fused blocks pass dz in bfloat16)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(torch.bfloat16).to(g.dtype)
+
+
+def round_bf16(t):
+    """bfloat16 rounding forward (y is held in bfloat16), straight-through backward."""
+    return t + (t.detach().to(torch.bfloat16).to(t.dtype) - t.detach())
+
+
+class RefQConv(torch.autograd.Function):
+    """WAGE conv in float64: x already quantized; W quantized here; E quantized (nearest) on the way
+    back; G quantized (nearest, the test's qconfig) before the optimizer sees it."""
+
+    @staticmethod
+    def forward(ctx, xq, w, stride, padding):
+        wq = ste_quant(w.detach().float()).double()
+        ctx.save_for_backward(xq, wq)
+        ctx.geom = (stride, padding, w.shape)
+        return F.conv2d(xq, wq, None, stride, padding)
+
+    @staticmethod
+    def backward(ctx, g):
+        xq, wq = ctx.saved_tensors
+        stride, padding, w_shape = ctx.geom
+        codes, s = quantize(g.float(), 8)
+        e = dequantize(codes, s, 8).double()
+        gx = torch.nn.grad.conv2d_input(xq.shape, wq, e, stride, padding)
+        gw = torch.nn.grad.conv2d_weight(xq, w_shape, e, stride, padding)
+        codes, s = quantize(gw.float(), 8)
+        return gx, dequantize(codes, s, 8).double(), None, None
+
+
+def ref_bn(y, bn, p):
+    """Training-mode BatchNorm in float64 with the module's (copied) parameters ``p``; updates p's
+    running statistics like nn.BatchNorm2d."""
+    mean = y.mean((0, 2, 3))
+    var = y.var((0, 2, 3), unbiased=False)
+    n = y.numel() // y.shape[1]
+    with torch.no_grad():
+        m = bn.momentum
+        p["rm"].mul_(1 - m).add_(m * mean.detach())
+        p["rv"].mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+    xhat = (y - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
+    return xhat * p["g"].view(1, -1, 1, 1) + p["b"].view(1, -1, 1, 1)
+
+
+def ref_block(x_in, conv, bn, p_conv, p_bn, relu=True, pool=None, quant_out=True):
+    """One conv → BN → ReLU (→ pool) block of the fused math, x_in already quantized (float64)."""
+    y = RefQConv.apply(x_in, p_conv, conv.stride, conv.padding)
+    y = round_bf16(y)
+    z = ref_bn(y, bn, p_bn)
+    if relu:
+        z = torch.relu(z)
+    if not quant_out:
+        return z
+    z = ste_quant(z)
+    if pool is not None:
+        z = F.max_pool2d(z, *pool)
+    return RoundGradBF16.apply(z)
+
+
+def leaf(t):
+    return t.detach().double().clone().requires_grad_(True)
+
+
+def bn_params(bn):
+    return {"g": leaf(bn.weight), "b": leaf(bn.bias), "rm": bn.running_mean.detach().double().clone(),
+            "rv": bn.running_var.detach().double().clone()}
+
+
+# --------------------------------------------------------------------------------------------------
+def chain_model(c=(3, 20, 24, 17)):
+    return nn.Sequential(
+        nn.Conv2d(c[0], c[1], 3, padding=1, bias=False), nn.BatchNorm2d(c[1]), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2, 2, ceil_mode=True),
+        nn.Conv2d(c[1], c[2], 3, padding=1, bias=False), nn.BatchNorm2d(c[2]), nn.ReLU(),
+        nn.Conv2d(c[2], c[3], 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(c[3]), nn.ReLU())
+
+
+def _hard_bn_values(model, gen):
+    """gamma < 0 in some channels, gamma ~ 0 in one, a channel pushed all-negative by beta."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            g = torch.rand(m.num_features, generator=gen) + 0.5
+            g[::3] *= -1
+            g[1] = 1e-6
+            b = torch.randn(m.num_features, generator=gen) * 0.2
+            b[2] = -50.0  # relu(bn) == 0 everywhere in that channel
+            m.weight.data.copy_(g)
+            m.bias.data.copy_(b)
+
+
+@pytest.mark.parametrize("channels_last,y_policy", [(False, "recompute"), (True, "recompute"), (True, "keep")])
+def test_sequential_chain_matches_the_float64_wage_reference(channels_last, y_policy, monkeypatch):
+    monkeypatch.setattr(conv_bn_relu, "Y_POLICY", y_policy)
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = chain_model().train()
+    _hard_bn_values(model, gen)
+    qc = QConfig(rounding_g="nearest")
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    bns = [m for m in model if isinstance(m, nn.BatchNorm2d)]
+    p_conv = [leaf(c.weight) for c in convs]
+    p_bn = [bn_params(b) for b in bns]
+    ebkernels.quantize_model(model, qconfig=qc)
+    assert len(fusion.fused_chains(model)) == 3
+    x = torch.randn(4, 3, 11, 9, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    r = torch.randn(4, 17, 3, 3, generator=gen)
+
+    xk = x.clone().requires_grad_(True)
+    out = model(xk)
+    (out * r).sum().backward()
+
+    xr = x.double().requires_grad_(True)
+    a = ref_block(ste_quant(xr), convs[0], bns[0], p_conv[0], p_bn[0], pool=(2, 2, 0, 1, True))
+    a = ref_block(a, convs[1], bns[1], p_conv[1], p_bn[1])
+    ref = ref_block(a, convs[2], bns[2], p_conv[2], p_bn[2], quant_out=False)
+    (ref * r.double()).sum().backward()
+
+    msg = f"seed {seed}"
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert rel(out, ref) < 0.02, msg
+    assert rel(xk.grad, xr.grad) < 0.12, msg
+    for k, (c, b) in enumerate(zip(convs, bns)):
+        assert rel(c.weight.grad, p_conv[k].grad) < 0.12, f"{msg}: conv {k} weight grad"
+        assert rel(b.weight.grad, p_bn[k]["g"].grad) < 0.12, f"{msg}: bn {k} gamma grad"
+        assert rel(b.bias.grad, p_bn[k]["b"].grad) < 0.12, f"{msg}: bn {k} beta grad"
+        torch.testing.assert_close(b.running_mean.double(), p_bn[k]["rm"], rtol=0.02, atol=2e-3, msg=msg)
+        torch.testing.assert_close(b.running_var.double(), p_bn[k]["rv"], rtol=0.02, atol=2e-3, msg=msg)
+        assert int(b.num_batches_tracked) == 1
+
+
+def test_preactivation_bottleneck_matches_the_float64_reference():
+    """bn1 → relu → conv1 → bn2 → relu → conv2 → bn3 → relu → conv3, + x; bn1 reads x rounded to bf16."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    block = Bottleneck(32, 8, [32, 8, 12], stride=1).train()
+    _hard_bn_values(block, gen)
+    qc = QConfig(rounding_g="nearest")
+    names = ("conv1", "conv2", "conv3")
+    p_conv = {n: leaf(getattr(block, n).weight) for n in names}
+    p_bn = {n: bn_params(getattr(block, n)) for n in ("bn1", "bn2", "bn3")}
+    bn1, bn2, bn3 = block.bn1, block.bn2, block.bn3
+    ebkernels.quantize_model(block, qconfig=qc)
+    assert len(fusion.fused_chains(block)) == 1
+    x = torch.randn(3, 32, 6, 7, generator=gen) * 2 + 0.5
+    r = torch.randn(3, 32, 6, 7, generator=gen)
+    xk = x.clone().requires_grad_(True)
+    out = block(xk)
+    (out * r).sum().backward()
+
+    xr = x.double().requires_grad_(True)
+    z = torch.relu(ref_bn(round_bf16(xr), bn1, p_bn["bn1"]))
+    a = RoundGradBF16.apply(ste_quant(z))
+    a = ref_block(a, block.conv1, bn2, p_conv["conv1"], p_bn["bn2"])
+    a = ref_block(a, block.conv2, bn3, p_conv["conv2"], p_bn["bn3"])
+    ref = RefQConv.apply(a, p_conv["conv3"], (1, 1), (0, 0)) + xr
+    (ref * r.double()).sum().backward()
+
+    msg = f"seed {seed}"
+    assert rel(out, ref) < 0.02, msg
+    assert rel(xk.grad, xr.grad) < 0.12, msg
+    for n in names:
+        assert rel(getattr(block, n).weight.grad, p_conv[n].grad) < 0.12, f"{msg}: {n}"
+    for n in ("bn1", "bn2", "bn3"):
+        bn = getattr(block, n)
+        assert rel(bn.weight.grad, p_bn[n]["g"].grad) < 0.12, f"{msg}: {n} gamma"
+        assert rel(bn.bias.grad, p_bn[n]["b"].grad) < 0.12, f"{msg}: {n} beta"
+        torch.testing.assert_close(bn.running_var.double(), p_bn[n]["rv"], rtol=0.02, atol=2e-3, msg=msg)
+
+
+# --------------------------------------------------------------------------------------------------
+# What is fused, and what stays the same
+# --------------------------------------------------------------------------------------------------
+MODELS = {
+    "vgg11": lambda: ebkernels.build_model("vgg11", width=0.125, num_classes=10, in_channels=3),
+    "preresnet20": lambda: ebkernels.build_model("preresnet20", width=0.25, num_classes=10, in_channels=3),
+    "resnet18": lambda: ebkernels.build_model("resnet18", num_classes=10, in_channels=3, use_torchvision=False),
+}
+# VGG-11: 8 conv chains; PreResNet-20: 6 bottlenecks; ResNet-18: 8 BasicBlocks + 3 projection shortcuts
+# (Sequential(conv, BN): a chain without ReLU, float out)
+EXPECTED = {"vgg11": 8, "preresnet20": 6, "resnet18": 11}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_quantize_model_fuses_and_keeps_modules_parameters_and_state_dict(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    types = {n: type(m) for n, m in model.named_modules()}
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict().keys())
+    ebkernels.quantize_model(model)
+    lines = fusion.fused_chains(model)
+    assert len(lines) == EXPECTED[name], lines
+    assert list(model.state_dict().keys()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+    for n, m in model.named_modules():  # convs/linears became QConv2d/QLinear, nothing else changed
+        if not isinstance(m, (ebkernels.QConv2d, ebkernels.QLinear)):
+            assert type(m) is types[n], n
+        assert isinstance(m, types[n]), n
+    unfused = ebkernels.quantize_model(copy.deepcopy(MODELS[name]()), fuse=False)
+    assert fusion.fused_chains(unfused) == []
+    # a round trip restores plain float modules with plain forwards
+    ebkernels.dequantize_model(model)
+    assert fusion.fused_chains(model) == [] and not any(
+        isinstance(m, (ebkernels.QConv2d, ebkernels.QLinear)) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fused_models_train_eval_and_no_grad_as_well_as_the_per_layer_path(name):
+    """Whole models on the CPU reference path (the interpreter runs the same blocks in the chain tests
+    above; here it would take minutes): fused and per-layer int8 are each compared with fp32 — both
+    carry int8 noise, the fused one must not carry much more."""
+    torch.manual_seed(1)
+    base = MODELS[name]().train()
+    fused = ebkernels.quantize_model(copy.deepcopy(base))
+    plain = ebkernels.quantize_model(copy.deepcopy(base), fuse=False)
+    size = 32 if name == "resnet18" else 16
+    x = torch.randn(8, 3, size, size).contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 10, (8,))
+    outs = {}
+    with ebkernels.force_backend("reference"):
+        for tag, m in (("fp32", base), ("fused", fused), ("plain", plain)):
+            out = m(x)
+            F.cross_entropy(out, t).backward()
+            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters()), tag
+            outs[tag] = out.detach()
+        err_fused, err_plain = rel(outs["fused"], outs["fp32"]), rel(outs["plain"], outs["fp32"])
+        assert err_fused < 1.5 * err_plain + 0.02, (err_fused, err_plain)
+        for (n, b1), (_, b2) in zip(fused.named_buffers(), base.named_buffers()):
+            if b1.dtype.is_floating_point:
+                torch.testing.assert_close(b1, b2, rtol=0.1, atol=0.05, msg=n)
+            else:
+                assert torch.equal(b1, b2), n
+        for m in (base, fused, plain):
+            m.eval()
+        with torch.no_grad():
+            e0, e1, e2 = base(x), fused(x), plain(x)
+        assert rel(e1, e0) < 1.5 * rel(e2, e0) + 0.02
+        before = [b.clone() for b in fused.buffers()]
+        with torch.no_grad():
+            fused(x)
+        assert all(torch.equal(a, b) for a, b in zip(before, fused.buffers()))  # eval: statistics untouched
+
+
+def test_hooks_syncbn_and_unsupported_layers_stay_on_the_per_layer_path():
+    torch.manual_seed(2)
+    m = ebkernels.quantize_model(chain_model())
+    assert len(fusion.fused_chains(m)) == 3
+    seen = []
+    m[4].register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 8, 8)
+    m(x)
+    assert seen, "a hook added after fusing runs: that chain fell back to its own forward"
+    # fusing afresh leaves the hooked chain out
+    m2 = chain_model()
+    m2[0].register_forward_pre_hook(lambda mod, i: None)
+    ebkernels.quantize_model(m2)
+    assert len(fusion.fused_chains(m2)) == 2
+    grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.BatchNorm2d(8), nn.ReLU())
+    with pytest.warns(UserWarning, match="groups > 1"):
+        ebkernels.quantize_model(grouped)(torch.randn(2, 4, 5, 5))
+    assert fusion.fused_chains(grouped) == []
+    floaty = ebkernels.quantize_model(chain_model(), qconfig=QConfig(bits_e=None))
+    assert fusion.fused_chains(floaty) == []
+
+
+@pytest.mark.parametrize("spread", [True, False])
+def test_a_fused_model_is_pruned_quantized_again_and_runs(spread):
+    """Prune a fused model's float copy, quantize the ticket again: gathered channels take the index
+    path. ``spread=False``: every gamma equal, so the mask rescues one channel per layer (1-wide layers)."""
+    torch.manual_seed(3)
+    model = ebkernels.build_model("preresnet11", width=0.25, num_classes=10, in_channels=3)
+    if spread:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.data.uniform_(0.1, 1.0)
+    ebkernels.quantize_model(model)
+    x = torch.randn(4, 3, 8, 8)
+    F.cross_entropy(model(x), torch.randint(0, 10, (4,))).backward()
+    dense = ebkernels.dequantize_model(copy.deepcopy(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the equal-gamma mask warns that it rescues channels
+        pruned, _ = ebkernels.prune(dense, ebkernels.channel_mask(dense, 0.5))
+    fused = ebkernels.quantize_model(copy.deepcopy(pruned))
+    plain = ebkernels.quantize_model(copy.deepcopy(pruned), fuse=False)
+    assert len(fusion.fused_chains(fused)) == 3
+    assert any(b.select.num_kept < b.bn1.num_features for b in fused.blocks())
+    o0, o1, o2 = pruned(x), fused(x), plain(x)
+    assert rel(o1, o0) < 1.5 * rel(o2, o0) + 0.05
+    o1.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in fused.parameters())
+
+
+def test_non_finite_input_propagates_and_one_value_per_channel_is_refused():
+    m = ebkernels.quantize_model(chain_model())
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    assert not torch.isfinite(m(x)).all()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        m(torch.randn(1, 3, 2, 2))
+
+
+def test_a_training_step_reads_nothing_back_to_the_host():
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_local_scalar_dense":
+                Reads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(4)
+    model = nn.Sequential(chain_model(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(17, 10))
+    ebkernels.quantize_model(model)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 10, (4,))
+    F.cross_entropy(model(x), t).backward()  # warm-up (lazy state, compilation)
+    with Reads():
+        F.cross_entropy(model(x), t).backward()
+    assert Reads.count == 0
+
+
+def test_the_y_policy_keeps_y_exactly_where_the_layer_is_compute_bound():
+    # VGG16-CIFAR at 32x32: the 3x3 layers from 256 channels at 8x8 on are compute-bound on an H100
+    assert not conv_bn_relu.keeps_y(64, 64, 3, 3, 32 * 32, 32 * 32, "auto")
+    assert not conv_bn_relu.keeps_y(128, 256, 3, 3, 8 * 8, 8 * 8, "auto")
+    assert conv_bn_relu.keeps_y(256, 256, 3, 3, 8 * 8, 8 * 8, "auto")
+    assert conv_bn_relu.keeps_y(512, 512, 3, 3, 2 * 2, 2 * 2, "auto")
+    assert not conv_bn_relu.keeps_y(64, 256, 1, 1, 8 * 8, 8 * 8, "auto")  # 1x1 layers: memory-bound
+    assert conv_bn_relu.keeps_y(3, 3, 1, 1, 1, 1, "keep") and not conv_bn_relu.keeps_y(512, 512, 3, 3, 4, 4, "recompute")
+
+
+def test_the_block_function_is_what_runs():
+    """The fused path really is taken: the block function runs once per chain and call."""
+    calls = []
+    orig = FusedBlockFunction.forward
+
+    def spy(ctx, spec, *args):
+        calls.append(spec.output)
+        return orig(ctx, spec, *args)
+
+    m = ebkernels.quantize_model(chain_model())
+    FusedBlockFunction.forward = staticmethod(spy)
+    try:
+        m(torch.randn(2, 3, 8, 8))
+    finally:
+        FusedBlockFunction.forward = staticmethod(orig)
+    assert calls == ["codes", "codes", "float"]
