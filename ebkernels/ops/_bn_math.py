@@ -39,7 +39,7 @@ BNP_ROWS = 4  # a, b, mean, rstd
 @triton.jit
 def bn_params(mean, var, gamma, beta, eps):
     """(a, b, rstd) of ``z = y * a + b`` (float32, one rounding per operation)."""
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))  # plain "/" is approximate on NVIDIA GPUs
     a = gamma * rstd
     b = beta - mean * a
     return a, b, rstd
@@ -129,7 +129,9 @@ def bn_params_reference(mean, var, gamma, beta, eps: float) -> torch.Tensor:
     """``bnp`` = [a, b, mean, rstd] (4, C) float32, as ``bn_params``."""
     f32 = torch.float32
     mean, var = mean.to(f32), var.to(f32)
-    rstd = 1.0 / torch.sqrt(var + torch.tensor(eps, dtype=f32))
+    # sqrt in float64 then rounded: the correctly rounded float32 sqrt (torch's CPU float32 sqrt is not
+    # always), as the kernels' sqrt_rn
+    rstd = 1.0 / torch.sqrt((var + torch.tensor(eps, dtype=f32)).double()).float()
     a = gamma.to(f32) * rstd
     b = beta.to(f32) - mean * a
     return torch.stack([a, b, mean, rstd])

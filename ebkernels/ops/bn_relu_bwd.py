@@ -132,8 +132,8 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, rng_
     dz, y, a, b, mean, rstd = _load_inputs(dz_ptr, y_ptr, inv_ptr, bnp_ptr, m, m_ok, c, c_ok, C, H, W, sd_n, sd_c,
                                            sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV)
     if HAS_SUMS:
-        m1 = (tl.load(sums_ptr + c, mask=c_ok, other=0.0) / n_f)[None, :]
-        m2 = (tl.load(sums_ptr + C + c, mask=c_ok, other=0.0) / n_f)[None, :]
+        m1 = tl.math.div_rn(tl.load(sums_ptr + c, mask=c_ok, other=0.0), n_f)[None, :]  # "/" is approximate
+        m2 = tl.math.div_rn(tl.load(sums_ptr + C + c, mask=c_ok, other=0.0), n_f)[None, :]  # on NVIDIA GPUs
     else:
         m1 = 0.0
         m2 = 0.0
@@ -294,11 +294,12 @@ def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, ama
     return (out,)
 
 
-@torch.library.custom_op("ebkernels::bn_relu_bwd", mutates_args=())
+@torch.library.custom_op("ebkernels::bn_relu_bwd", mutates_args=("rng",))
 def _bwd_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, sums: Optional[torch.Tensor],
             inv: Optional[torch.Tensor], relu: bool, mode: str, bits: int, stochastic: bool, pad_to: int,
-            amax: Optional[torch.Tensor], out_dtype: Optional[torch.dtype], channels_last_out: bool
-            ) -> list[torch.Tensor]:
+            amax: Optional[torch.Tensor], out_dtype: Optional[torch.dtype], channels_last_out: bool,
+            rng: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    # rng: the device random state, which mode "absmax" advances for stochastic rounding (the ticket)
     if use_triton(dz, y) and y.numel() < 2**31:
         return list(_bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype,
                                 channels_last_out))
@@ -307,7 +308,7 @@ def _bwd_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, sums: Optional
 
 
 @_bwd_op.register_fake
-def _(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out):
+def _(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out, rng=None):
     N, C, H, W = y.shape
     if mode == "absmax":
         return [y.new_empty((2,), dtype=torch.int32)]
@@ -330,5 +331,6 @@ def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, relu=True, mode="codes", bits=8
         raise ValueError(f"mode={mode!r} is not supported; accepted: {', '.join(MODES)}")
     if mode == "codes" and amax is None:
         raise ValueError("mode='codes' needs the amax that mode='absmax' returned")
+    rng = _rng.device_state(y.device) if (stochastic and mode == "absmax") else None
     return tuple(_bwd_op(dz, y, bnp, sums, inv, bool(relu), mode, int(bits), bool(stochastic), int(pad_to), amax,
-                         out_dtype, bool(channels_last_out)))
+                         out_dtype, bool(channels_last_out), rng))

@@ -167,6 +167,7 @@ def _fwd_triton(codes, k, s, p, ceil_mode):
 
 
 def _bwd_triton(dp, pos, input_hw, channels, k, s, p):
+    pos = pos.contiguous(memory_format=torch.channels_last)  # the kernel reads positions NHWC
     N, Cp, OH, OW = pos.shape
     H, W = input_hw
     dx = _igemm.empty_output((N, channels, H, W), dp.dtype, dp.device, torch.channels_last)
