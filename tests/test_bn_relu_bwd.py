@@ -18,6 +18,8 @@ from ebkernels.ops.bn_relu_quant import bn_stats
 from ebkernels.ops.quantize import shift_scale_reference
 from _flow import CL, bits_equal, f32_of_bits, fresh_seed, gen, mismatch, poisoned, rows  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
+
 EPS = 1e-5
 
 

@@ -18,6 +18,8 @@ from ebkernels.ops.bn_relu_quant import (_bn_relu_quant_op, _bn_stats_op, bn_rel
 from ebkernels.ops.quantize import quantize_reference, shift_scale_reference
 from _flow import CL, bits_equal, bnp_exact, f32_of_bits, fresh_seed, gen, mismatch, poisoned, rows  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
+
 EPS = 1e-5
 
 

@@ -12,6 +12,8 @@ from ebkernels.ops.maxpool_int8 import (_bwd_op, _fwd_op, maxpool2d_int8, maxpoo
                                         pool_output_size)
 from _flow import CL, bits_equal, fresh_seed, gen, mismatch, poisoned  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
+
 # (N, Cp, C, H, W, k, s, p, ceil, (lo, hi) code range, codes channels-last)
 CASES = [
     (2, 16, 13, 7, 9, 2, 2, 0, True, (-127, 127), True),   # ceil mode on odd sizes: 4 x 5 windows, ragged edge

@@ -10,6 +10,8 @@ from ebkernels.ops.quantize import quantize_reference, shift_scale_reference
 from ebkernels.ops.weight_codes import _op, weight_codes, weight_codes_reference
 from _flow import CL, fresh_seed, gen, mismatch, poisoned  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
+
 # (Cout, Cin, KH, KW, pad, weight layout)
 CASES = [
     (20, 13, 3, 3, 16, "oihw"),
