@@ -310,6 +310,36 @@ def test_bn_params_reference_is_bit_identical_to_the_kernel():
     assert bits_equal(bnp, ref), mismatch(bnp, ref)
 
 
+_KEEP_BUG = ("BUG: bn_stats_kernel passes col_ok & (keep >= 0) to bn_finalize_channels, which uses it as the store "
+             "mask of bnp and of the running statistics too: channels outside `keep` get no bnp (the buffer stays "
+             "uninitialised) and no running-stat update, although bn_stats documents `keep` as restricting only "
+             "max |z|, the reference (finalize_reference) writes all channels, and nn.BatchNorm2d updates all of them")
+
+
+@pytest.mark.xfail(strict=True, reason=_KEEP_BUG)
+def test_keep_restricts_only_zmax(device, poisoned):
+    """A channel gather after the BatchNorm (ChannelSelection): ``keep`` changes max |z| only."""
+    seed = fresh_seed()
+    msg = f"seed={seed}"
+    g = gen(seed)
+    C = 12
+    x = _input((2, C, 5, 4), g, "cl", device)
+    gamma, beta = _affine(C, g, device)
+    idx = torch.tensor([1, 2, 5, 8, 11])
+    keep = torch.full((C,), -1, dtype=torch.int32)
+    keep[idx] = torch.arange(idx.numel(), dtype=torch.int32)
+    keep = keep.to(device)
+    bufs = [(torch.randn(C, generator=g).to(device), (torch.rand(C, generator=g) + 0.5).to(device)) for _ in range(2)]
+    bufs[1] = (bufs[0][0].clone(), bufs[0][1].clone())
+    nbt = torch.tensor(2, device=device)
+    _, _, bnp_all, zmax_all = bn_stats(x, gamma, beta, *bufs[0], nbt, 0.1, EPS, update=True)
+    xb, _, bnp, zmax = bn_stats(x, gamma, beta, *bufs[1], nbt, 0.1, EPS, update=True, keep=keep)
+    z = bn_act_reference(xb.cpu(), bnp_all.cpu(), True)
+    assert bits_equal(f32_of_bits(zmax).reshape(()), z[:, idx].abs().amax()), f"zmax over the kept channels {msg}"
+    assert bits_equal(bnp.cpu(), bnp_all.cpu()), f"bnp {msg}: {mismatch(bnp.cpu(), bnp_all.cpu())}"
+    assert torch.equal(bufs[1][0], bufs[0][0]) and torch.equal(bufs[1][1], bufs[0][1]), f"running stats {msg}"
+
+
 def test_opcheck():
     g = gen(0)
     x = torch.randn((2, 5, 3, 4), generator=g)
