@@ -20,25 +20,27 @@ from _flow import CL, bits_equal, bnp_exact, codes, f32_of_bits, fresh_seed, gen
 EPS = 1e-5
 BM = 64  # the interpreter's row tile (_igemm._INTERPRETER_TILES)
 
-# (N, Cin, Cin_p, H, W, Cout, K, stride, pad, bias, qx channels-last, qw layout, relu, affine, stats, dz layout)
+# (N, Cin, Cin_p, H, W, Cout, K, stride, pad, bias, qx channels-last, qw layout, relu, affine, stats, dz layout,
+#  dz dtype, momentum)
+BF16, F32 = torch.bfloat16, torch.float32
 CASES = [
-    (2, 13, 16, 9, 8, 20, 3, 1, 1, True, True, "ohwi", True, True, "train", "like_y"),
-    (3, 32, 32, 7, 9, 40, 1, 2, 0, False, True, "oihw", True, True, "train", "nchw"),
-    (2, 16, 16, 11, 10, 20, 3, 2, 1, True, False, "ohwi", False, True, "train", "like_y"),
-    (2, 5, 16, 6, 7, 24, 3, 1, 0, True, True, "oihw", True, False, "eval", "nchw"),
+    (2, 13, 16, 9, 8, 20, 3, 1, 1, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
+    (3, 32, 32, 7, 9, 40, 1, 2, 0, False, True, "oihw", True, True, "train", "nchw", F32, 0.1),
+    (2, 16, 16, 11, 10, 20, 3, 2, 1, True, False, "ohwi", False, True, "train", "like_y", BF16, None),
+    (2, 5, 16, 6, 7, 24, 3, 1, 0, True, True, "oihw", True, False, "eval", "nchw", BF16, 0.1),
     # 2 * 33 * 33 = 2178 output rows: 35 row tiles of 64 (> 32: both merge levels), two column blocks
-    (2, 16, 16, 33, 33, 40, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y"),
+    (2, 16, 16, 33, 33, 40, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
 ]
 
 
 def _ids(c):
-    return "N{}Ci{}p{}H{}W{}Co{}K{}s{}p{}{}{}-{}-{}-{}-{}-dz{}".format(
+    return "N{}Ci{}p{}H{}W{}Co{}K{}s{}p{}{}{}-{}-{}-{}-{}-dz{}-{}-m{}".format(
         *c[:9], "-bias" if c[9] else "", "-cl" if c[10] else "-nchw", c[11], "relu" if c[12] else "lin",
-        "affine" if c[13] else "plain", c[14], c[15])
+        "affine" if c[13] else "plain", c[14], c[15], str(c[16])[6:], c[17])
 
 
 def _setup(case, device, g):
-    N, C, Cp, H, W, CO, K, stride, pad, has_bias, qx_cl, qw_layout, relu, affine, stats, _ = case
+    N, C, Cp, H, W, CO, K, stride, pad, has_bias, qx_cl, qw_layout, relu, affine, stats = case[:15]
     qx = codes((N, Cp, H, W), g, device, channels_last=qx_cl, pad_from=C)
     qw = codes((CO, Cp, K, K), g, device, channels_last=qw_layout == "ohwi", pad_from=C)
     sx = torch.tensor(2.0 ** int(torch.randint(-6, 3, (1,), generator=g)), device=device)
@@ -87,15 +89,15 @@ def test_forward_statistics_and_backward_recompute(device, poisoned, case):
     msg = f"seed={seed} case={_ids(case)}"
     g = gen(seed)
     N, C, Cp, H, W, CO, K = case[:7]
-    relu, stats, dz_layout = case[12], case[14], case[15]
+    relu, stats, dz_layout, dz_dtype, momentum = case[12], case[14], case[15], case[16], case[17]
     qx, qw, sx, sw, bias, gamma, beta, rm, rv, nbt, conv = _setup(case, device, g)
     OH, OW = conv2d_output_size(H, W, K, K, *conv)
     if OH == 33:
         assert -(-N * OH * OW // BM) > 32, "the large case must have more than 32 row tiles"
     train = stats == "train"
     rm0, rv0 = rm.clone(), rv.clone()
-    y, chan, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, 8, 8, gamma, beta, rm, rv, nbt, 0.1, EPS,
-                                            batch_stats=train, update=train, relu=relu)
+    y, chan, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, 8, 8, gamma, beta, rm, rv, nbt, momentum,
+                                            EPS, batch_stats=train, update=train, relu=relu)
     # y: the exact integer conv's float32 epilogue, rounded to bfloat16, NHWC
     y_ref = _y_reference(qx, qw, sx, sw, bias, conv)
     assert y.dtype == torch.bfloat16 and y.shape == (N, CO, OH, OW) and y.is_contiguous(memory_format=CL), msg
@@ -119,18 +121,19 @@ def test_forward_statistics_and_backward_recompute(device, poisoned, case):
     assert bits_equal(f32_of_bits(zmax).reshape(()), z.abs().amax()), \
         f"zmax {f32_of_bits(zmax).item()} vs {z.abs().amax().item()} {msg}"
     # running statistics as nn.BatchNorm2d on y (the counter is left to bn_relu_quant)
-    bn = nn.BatchNorm2d(CO, eps=EPS, momentum=0.1, affine=False).to(device)
+    bn = nn.BatchNorm2d(CO, eps=EPS, momentum=momentum, affine=False).to(device)
     bn.running_mean.copy_(rm0)
     bn.running_var.copy_(rv0)
+    bn.num_batches_tracked.fill_(5)  # momentum None: the cumulative average over 5 + 1 batches
     bn.train(train)
     with torch.no_grad():
         bn(y_ref.float().to(device))
-    assert nbt.item() == 5, msg
+    assert nbt.item() == 5, msg  # left to bn_relu_quant
     torch.testing.assert_close(rm, bn.running_mean, rtol=1e-5, atol=1e-6, msg=lambda m: f"rm {msg}: {m}")
     torch.testing.assert_close(rv, bn.running_var, rtol=1e-5, atol=1e-6, msg=lambda m: f"rv {msg}: {m}")
 
     # ---- backward: y recomputed bit for bit, the sums --------------------------------------------------
-    dz = torch.randn((N, CO, OH, OW), generator=g).to(torch.bfloat16)
+    dz = torch.randn((N, CO, OH, OW), generator=g).to(dz_dtype)
     dz = (dz.contiguous(memory_format=CL) if dz_layout == "like_y" else dz.contiguous()).to(device)
     y2, sums = conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, *conv, 8, 8, dz, bnp, relu)
     assert bits_equal(y2.cpu(), y.cpu()), f"recomputed y {msg}: {mismatch(y2.cpu(), y.cpu())}"
