@@ -116,7 +116,8 @@ def _exact_grad(shape, g, dtype, layout):
     return t.contiguous(memory_format=CL) if layout == "cl" else t.contiguous()
 
 
-@pytest.mark.parametrize("dtype, layout", [(torch.bfloat16, "cl"), (torch.float32, "nchw")], ids=["bf16-cl", "f32-nchw"])
+@pytest.mark.parametrize("dtype, layout", [(torch.bfloat16, "cl"), (torch.float32, "nchw")],
+                         ids=["bf16-cl", "f32-nchw"])
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_backward_first_max_rule(device, poisoned, case, dtype, layout):
     N, Cp, C, H, W = case[:5]

@@ -234,8 +234,8 @@ def _wid(c):
     return "N{}ci{}p{}co{}p{}H{}W{}K{}s{}p{}".format(*c)
 
 
-@pytest.mark.parametrize("case, rounding", [(WCASES[0], "stochastic"), (WCASES[0], "nearest"), (WCASES[1], "stochastic"),
-                                            (WCASES[2], "stochastic")],
+@pytest.mark.parametrize("case, rounding", [(WCASES[0], "stochastic"), (WCASES[0], "nearest"),
+                                            (WCASES[1], "stochastic"), (WCASES[2], "stochastic")],
                          ids=[_wid(WCASES[0]) + "-stochastic", _wid(WCASES[0]) + "-nearest",
                               _wid(WCASES[1]) + "-stochastic", _wid(WCASES[2]) + "-stochastic"])
 def test_conv_wgrad_fused_g_quantization(device, case, rounding):
@@ -264,7 +264,8 @@ def test_conv_wgrad_fused_g_quantization(device, case, rounding):
 LCASES = [(50, 30, 40), (64, 250, 300)]  # (batch, in, out): 1,200 and 75,000 gradient elements
 
 
-@pytest.mark.parametrize("case, rounding", [(LCASES[0], "stochastic"), (LCASES[0], "nearest"), (LCASES[1], "stochastic")],
+@pytest.mark.parametrize("case, rounding", [(LCASES[0], "stochastic"), (LCASES[0], "nearest"),
+                                            (LCASES[1], "stochastic")],
                          ids=["small-stochastic", "small-nearest", "large-stochastic"])
 def test_linear_wgrad_fused_g_quantization(device, case, rounding):
     B, fin, fout = case
