@@ -1,0 +1,184 @@
+"""Int8 implicit-GEMM convolution with the BatchNorm epilogue (``conv2d_int8_bn_fwd``) and the backward
+GEMM that recomputes y to form the BatchNorm-backward sums (``conv2d_int8_bn_bwd_reduce``), SPEC §9.
+
+y (bfloat16, NHWC) must be bit-identical to the float32 epilogue of the exact integer convolution rounded
+to bfloat16, in forward and recomputed in backward; the per-channel max/min exact, mean/var close to
+float64, ``bnp`` the correctly rounded float32 formula on the kernel's statistics, the zmax bits the bits
+of max |z| over every element of y; the sums [Σ g, Σ g·xhat] close to float64. Ragged shapes: Cin padded
+to 16 in the codes, Cout not a multiple of 16, strides, 1×1 and 3×3, bias, > 32 row tiles."""
+import pytest
+import torch
+import torch.nn as nn
+
+from ebkernels import force_backend
+from ebkernels.ops._bn_math import bn_act_reference
+from ebkernels.ops.conv2d_bn import (_bwd_op, _fwd_op, conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_bwd_reduce_reference,
+                                     conv2d_int8_bn_fwd)
+from ebkernels.ops.conv2d_int8 import conv2d_int8_fwd_reference, conv2d_output_size
+from _flow import CL, bits_equal, bnp_exact, codes, f32_of_bits, fresh_seed, gen, mismatch, poisoned, rows  # noqa: F401
+
+EPS = 1e-5
+BM = 64  # the interpreter's row tile (_igemm._INTERPRETER_TILES)
+
+# (N, Cin, Cin_p, H, W, Cout, K, stride, pad, bias, qx channels-last, qw layout, relu, affine, stats, dz layout,
+#  dz dtype, momentum)
+BF16, F32 = torch.bfloat16, torch.float32
+CASES = [
+    (2, 13, 16, 9, 8, 20, 3, 1, 1, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
+    (3, 32, 32, 7, 9, 40, 1, 2, 0, False, True, "oihw", True, True, "train", "nchw", F32, 0.1),
+    (2, 16, 16, 11, 10, 20, 3, 2, 1, True, False, "ohwi", False, True, "train", "like_y", BF16, None),
+    (2, 5, 16, 6, 7, 24, 3, 1, 0, True, True, "oihw", True, False, "eval", "nchw", BF16, 0.1),
+    # 2 * 33 * 33 = 2178 output rows: 35 row tiles of 64 (> 32: both merge levels), two column blocks
+    (2, 16, 16, 33, 33, 40, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
+]
+
+
+def _ids(c):
+    return "N{}Ci{}p{}H{}W{}Co{}K{}s{}p{}{}{}-{}-{}-{}-{}-dz{}-{}-m{}".format(
+        *c[:9], "-bias" if c[9] else "", "-cl" if c[10] else "-nchw", c[11], "relu" if c[12] else "lin",
+        "affine" if c[13] else "plain", c[14], c[15], str(c[16])[6:], c[17])
+
+
+def _setup(case, device, g):
+    N, C, Cp, H, W, CO, K, stride, pad, has_bias, qx_cl, qw_layout, relu, affine, stats = case[:15]
+    qx = codes((N, Cp, H, W), g, device, channels_last=qx_cl, pad_from=C)
+    qw = codes((CO, Cp, K, K), g, device, channels_last=qw_layout == "ohwi", pad_from=C)
+    sx = torch.tensor(2.0 ** int(torch.randint(-6, 3, (1,), generator=g)), device=device)
+    sw = torch.tensor(2.0 ** int(torch.randint(-9, -3, (1,), generator=g)), device=device)
+    bias = (torch.randn(CO, generator=g) * 2).to(device) if has_bias else None
+    gamma = torch.randn(CO, generator=g)
+    gamma[::4] *= -1
+    beta = torch.randn(CO, generator=g)
+    rm = torch.randn(CO, generator=g) * 3
+    rv = torch.rand(CO, generator=g) * 4 + 0.2
+    nbt = torch.tensor(5)
+    gamma, beta, rm, rv, nbt = (t.to(device) for t in (gamma, beta, rm, rv, nbt))
+    if not affine:
+        gamma = beta = None
+    conv = ((stride, stride), (pad, pad), (1, 1))
+    return qx, qw, sx, sw, bias, gamma, beta, rm, rv, nbt, conv
+
+
+def _y_reference(qx, qw, sx, sw, bias, conv):
+    stride, pad, dil = (list(v) for v in conv)
+    y = conv2d_int8_fwd_reference(qx.cpu(), qw.cpu(), sx.cpu(), sw.cpu(), None if bias is None else bias.cpu(), stride,
+                                  pad, dil, 1, 8, 8, torch.float32, True)
+    return y.to(torch.bfloat16)
+
+
+def _sums64(dz, y, bnp, relu):
+    """[Σ g, Σ g·xhat] in float64 from the float32 g and xhat of the kernels (same ReLU mask), and the sums of
+    the magnitudes (the scale of the rounding error)."""
+    a, b, mean, rstd = (bnp[i].cpu().view(1, -1, 1, 1) for i in range(4))
+    yf, dzf = y.cpu().float(), dz.cpu().float()
+    g = torch.where(~((yf * a + b) <= 0), dzf, torch.zeros_like(dzf)) if relu else dzf
+    xhat = (yf - mean) * rstd
+    t0, t1 = rows(g).double(), rows(g * xhat).double()
+    return torch.stack([t0.sum(0), t1.sum(0)]), torch.stack([t0.abs().sum(0), t1.abs().sum(0)])
+
+
+def _assert_sums(sums, want, mag, msg):
+    err = (sums.cpu().double() - want).abs()
+    bound = 1e-5 * mag + 1e-6 * want.abs() + 1e-30
+    assert (err <= bound).all(), f"sums {msg}: worst err/bound {(err / bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_forward_statistics_and_backward_recompute(device, poisoned, case):
+    seed = fresh_seed()
+    msg = f"seed={seed} case={_ids(case)}"
+    g = gen(seed)
+    N, C, Cp, H, W, CO, K = case[:7]
+    relu, stats, dz_layout, dz_dtype, momentum = case[12], case[14], case[15], case[16], case[17]
+    qx, qw, sx, sw, bias, gamma, beta, rm, rv, nbt, conv = _setup(case, device, g)
+    OH, OW = conv2d_output_size(H, W, K, K, *conv)
+    if OH == 33:
+        assert -(-N * OH * OW // BM) > 32, "the large case must have more than 32 row tiles"
+    train = stats == "train"
+    rm0, rv0 = rm.clone(), rv.clone()
+    y, chan, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, 8, 8, gamma, beta, rm, rv, nbt, momentum,
+                                            EPS, batch_stats=train, update=train, relu=relu)
+    # y: the exact integer conv's float32 epilogue, rounded to bfloat16, NHWC
+    y_ref = _y_reference(qx, qw, sx, sw, bias, conv)
+    assert y.dtype == torch.bfloat16 and y.shape == (N, CO, OH, OW) and y.is_contiguous(memory_format=CL), msg
+    assert bits_equal(y.cpu(), y_ref), f"y {msg}: {mismatch(y.cpu(), y_ref)}"
+    assert y_ref.float().abs().max().item() > 0, msg
+    # per-channel statistics of y
+    r = rows(y_ref).double()
+    assert torch.equal(chan[2].cpu(), r.amax(0).float()) and torch.equal(chan[3].cpu(), r.amin(0).float()), msg
+    torch.testing.assert_close(chan[0].cpu().double(), r.mean(0), rtol=1e-6, atol=1e-6 * r.abs().max().item(),
+                               msg=lambda m: f"mean {msg}: {m}")
+    torch.testing.assert_close(chan[1].cpu().double(), r.var(0, unbiased=False), rtol=1e-5, atol=0,
+                               msg=lambda m: f"var {msg}: {m}")
+    # bnp from the batch statistics (train) or the running ones (eval), no affine: gamma 1, beta 0
+    ones, zeros = torch.ones(CO), torch.zeros(CO)
+    gm = ones if gamma is None else gamma
+    bt = zeros if beta is None else beta
+    want_bnp = bnp_exact(chan[0], chan[1], gm, bt, EPS) if train else bnp_exact(rm0, rv0, gm, bt, EPS)
+    assert bits_equal(bnp.cpu(), want_bnp), f"bnp {msg}: {mismatch(bnp.cpu(), want_bnp)}"
+    # zmax: the bits of max |z| over every element of y
+    z = bn_act_reference(y_ref, bnp.cpu(), relu)
+    assert bits_equal(f32_of_bits(zmax).reshape(()), z.abs().amax()), \
+        f"zmax {f32_of_bits(zmax).item()} vs {z.abs().amax().item()} {msg}"
+    # running statistics as nn.BatchNorm2d on y (the counter is left to bn_relu_quant)
+    bn = nn.BatchNorm2d(CO, eps=EPS, momentum=momentum, affine=False).to(device)
+    bn.running_mean.copy_(rm0)
+    bn.running_var.copy_(rv0)
+    bn.num_batches_tracked.fill_(5)  # momentum None: the cumulative average over 5 + 1 batches
+    bn.train(train)
+    with torch.no_grad():
+        bn(y_ref.float().to(device))
+    assert nbt.item() == 5, msg  # left to bn_relu_quant
+    torch.testing.assert_close(rm, bn.running_mean, rtol=1e-5, atol=1e-6, msg=lambda m: f"rm {msg}: {m}")
+    torch.testing.assert_close(rv, bn.running_var, rtol=1e-5, atol=1e-6, msg=lambda m: f"rv {msg}: {m}")
+
+    # ---- backward: y recomputed bit for bit, the sums --------------------------------------------------
+    dz = torch.randn((N, CO, OH, OW), generator=g).to(dz_dtype)
+    dz = (dz.contiguous(memory_format=CL) if dz_layout == "like_y" else dz.contiguous()).to(device)
+    y2, sums = conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, *conv, 8, 8, dz, bnp, relu)
+    assert bits_equal(y2.cpu(), y.cpu()), f"recomputed y {msg}: {mismatch(y2.cpu(), y.cpu())}"
+    assert sums.shape == (2, CO) and sums.dtype == torch.float32, msg
+    want, mag = _sums64(dz, y_ref, bnp, relu)
+    _assert_sums(sums, want, mag, msg)
+    stride, pad, dil = (list(v) for v in conv)
+    y3, sums_ref = conv2d_int8_bn_bwd_reduce_reference(qx.cpu(), qw.cpu(), sx.cpu(), sw.cpu(),
+                                                       None if bias is None else bias.cpu(), stride, pad, dil, 8, 8,
+                                                       dz.cpu(), bnp.cpu(), relu)
+    assert bits_equal(y3, y_ref), msg
+    _assert_sums(sums_ref, want, mag, msg + " (reference)")
+
+
+def test_reference_path_agrees(device):
+    """The ops' PyTorch path (force_backend("reference")) gives the same y and statistics."""
+    seed = fresh_seed()
+    msg = f"seed={seed}"
+    g = gen(seed)
+    case = CASES[0]
+    qx, qw, sx, sw, bias, gamma, beta, rm, rv, nbt, conv = _setup(case, device, g)
+    out = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, 8, 8, gamma, beta)
+    with force_backend("reference"):
+        ref = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, 8, 8, gamma, beta)
+        dz = torch.randn(out[0].shape, generator=g).to(device=device, dtype=torch.bfloat16)
+        y_r, sums_r = conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, *conv, 8, 8, dz, out[2])
+    assert bits_equal(out[0].cpu(), ref[0].cpu()) and bits_equal(y_r.cpu(), out[0].cpu()), msg
+    assert torch.equal(out[1][2:].cpu(), ref[1][2:].cpu()), msg
+    torch.testing.assert_close(out[1].cpu(), ref[1].cpu(), rtol=1e-5, atol=1e-6)
+    y, sums = conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, *conv, 8, 8, dz, out[2])
+    want, mag = _sums64(dz, out[0], out[2], True)
+    _assert_sums(sums_r, want, mag, msg)
+    _assert_sums(sums, want, mag, msg)
+
+
+def test_opcheck():
+    g = gen(1)
+    qx = codes((1, 16, 4, 5), g, "cpu", pad_from=3)
+    qw = codes((5, 16, 3, 3), g, "cpu", pad_from=3)
+    sx, sw = torch.tensor(0.5), torch.tensor(2.0 ** -6)
+    gamma, beta, bias = torch.randn(5, generator=g), torch.randn(5, generator=g), torch.randn(5, generator=g)
+    rm, rv, nbt = torch.zeros(5), torch.ones(5), torch.tensor(0)
+    geo = ([1, 1], [1, 1], [1, 1])
+    torch.library.opcheck(_fwd_op, (qx, qw, sx, sw, bias, *geo, 8, 8, gamma, beta, rm, rv, nbt, 0.1, EPS, True, True,
+                                    True))
+    y, _, bnp, _ = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *geo, 8, 8, gamma, beta)
+    dz = torch.randn(y.shape, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
+    torch.library.opcheck(_bwd_op, (qx, qw, sx, sw, bias, *geo, 8, 8, dz, bnp, True))

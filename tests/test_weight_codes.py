@@ -1,0 +1,110 @@
+"""Convolution weight codes recomputed for backward (``weight_codes``): both layouts (forward OHWI with Cin
+zero-padded, input-grad with Cout contiguous and zero-padded) bit-identical to the quantizer's codes of
+the weight with its scale, the padding written as zeros in poisoned buffers, ragged Cin/Cout, any weight
+layout, other bit widths and a scale smaller than Shift(max|w|) (saturation)."""
+import pytest
+import torch
+
+import ebkernels
+from ebkernels.ops.quantize import quantize_reference, shift_scale_reference
+from ebkernels.ops.weight_codes import _op, weight_codes, weight_codes_reference
+from _flow import CL, fresh_seed, gen, mismatch, poisoned  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
+
+# (Cout, Cin, KH, KW, pad, weight layout)
+CASES = [
+    (20, 13, 3, 3, 16, "oihw"),
+    (40, 16, 1, 1, 16, "oihw"),     # Cin already a multiple of 16, Cout not
+    (7, 3, 5, 5, 16, "ohwi"),       # a first layer: Cin = 3
+    (33, 70, 3, 3, 16, "strided"),  # 20,790 codes: many programs; a non-dense weight view
+    (5, 6, 3, 3, 0, "oihw"),        # no padding
+    (17, 19, 1, 3, 16, "ohwi"),     # KH = 1
+    (18, 9, 3, 1, 16, "oihw"),      # KW = 1
+    (24, 48, 2, 2, 16, "hwio"),     # exact multiples of 16 for Cin; weight stored [kh][kw][ci][co]
+]
+
+
+def _id(c):
+    return "Co{}Ci{}K{}x{}-pad{}-{}".format(*c)
+
+
+def _weight(case, g, device):
+    CO, CI, KH, KW, _, layout = case
+    w = torch.randn((CO, CI, KH, KW), generator=g) * 10 ** torch.empty(1).uniform_(-3, 1, generator=g).item()
+    if layout == "ohwi":
+        w = w.contiguous(memory_format=CL)
+    elif layout == "hwio":
+        w = w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    elif layout == "strided":
+        w = torch.cat([w, torch.randn_like(w)], 1)[:, ::2]  # every other input channel of a wider tensor
+    return w.to(device)
+
+
+def _check_layouts(fwd, dgrad, q, pad, msg):
+    CO, CI, KH, KW = q.shape
+    COp = -(-CO // pad) * pad if pad > 1 else CO
+    CIp = -(-CI // pad) * pad if pad > 1 else CI
+    assert fwd.dtype == dgrad.dtype == torch.int8, msg
+    assert fwd.shape == (CO, CIp, KH, KW) and fwd.is_contiguous(memory_format=CL), msg
+    assert dgrad.shape == (COp, CI, KH, KW), msg
+    assert dgrad.permute(2, 3, 1, 0).is_contiguous(), f"dgrad codes must be [kh][kw][ci][co] in memory {msg}"
+    assert torch.equal(fwd[:, :CI].cpu(), q), f"forward codes {msg}: {mismatch(fwd[:, :CI].cpu(), q)}"
+    assert torch.equal(dgrad[:CO].cpu(), q), f"input-grad codes {msg}: {mismatch(dgrad[:CO].cpu(), q)}"
+    if CIp > CI:
+        assert fwd[:, CI:].abs().max().item() == 0, f"Cin padding {msg}"
+    if COp > CO:
+        assert dgrad[CO:].abs().max().item() == 0, f"Cout padding {msg}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_codes_equal_the_quantizers(device, poisoned, case):
+    seed = fresh_seed()
+    msg = f"seed={seed} case={_id(case)}"
+    g = gen(seed)
+    w = _weight(case, g, device)
+    _, scale = ebkernels.quantize(w)  # the forward's weight scale: Shift(max |w|)
+    assert torch.equal(scale.cpu(), shift_scale_reference(w.cpu().abs().amax())), msg
+    fwd, dgrad = weight_codes(w, scale, 8, case[4])
+    q, s = quantize_reference(w.cpu(), 8)
+    assert q.abs().max().item() >= 90, msg  # max|w| / Shift(max|w|) is in [1/sqrt 2, sqrt 2]
+    _check_layouts(fwd, dgrad, q, case[4], msg)
+    ref = weight_codes_reference(w.cpu(), scale.cpu(), 8, case[4])
+    assert torch.equal(fwd.cpu(), ref[0]) and torch.equal(dgrad.cpu(), ref[1]), msg
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_other_bit_widths_and_saturating_scale(device, poisoned, bits):
+    """Codes of any given power-of-two scale, here 1/8 of Shift(max|w|): many weights saturate at ±(S-1)."""
+    seed = fresh_seed()
+    msg = f"seed={seed} bits={bits}"
+    g = gen(seed)
+    case = (20, 13, 3, 3, 16, "oihw")
+    w = _weight(case, g, device)
+    scale = shift_scale_reference(w.abs().amax()) / 8
+    fwd, dgrad = weight_codes(w, scale, bits, 16)
+    S = 2.0 ** (bits - 1)
+    q = torch.round((w.cpu() / scale.cpu() * S).clamp(-(S - 1), S - 1)).to(torch.int8)
+    assert (q.abs() == S - 1).sum() > 10, msg
+    _check_layouts(fwd, dgrad, q, 16, msg)
+    # the quantizer with the same bits agrees where its own scale is the same
+    _, s_own = ebkernels.quantize(w, bits=bits)
+    fwd2, dgrad2 = weight_codes(w, s_own, bits, 16)
+    _check_layouts(fwd2, dgrad2, quantize_reference(w.cpu(), bits)[0], 16, msg)
+
+
+def test_ties_round_half_to_even(device, poisoned):
+    """w / s * S exactly halfway between codes rounds to even, as torch.round."""
+    w = (torch.arange(-40, 40, dtype=torch.float32) + 0.5).view(8, 10, 1, 1) / 128  # k + 1/2 codes at s = 1
+    w[0, 0] = 0.99  # max |w| -> Shift = 1
+    fwd, dgrad = weight_codes(w.to(device), torch.tensor(1.0, device=device), 8, 16)
+    q = torch.round((w * 128).clamp(-127, 127)).to(torch.int8)
+    assert (q.flatten()[1:] % 2 == 0).all()  # every tie went to the even neighbour
+    _check_layouts(fwd, dgrad, q, 16, "ties")
+    assert torch.equal(fwd[:, :10].cpu(), quantize_reference(w)[0])
+
+
+def test_opcheck():
+    g = gen(5)
+    w = torch.randn((5, 3, 3, 3), generator=g)
+    torch.library.opcheck(_op, (w, ebkernels.quantize(w)[1], 8, 16))
