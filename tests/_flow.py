@@ -3,17 +3,15 @@ outputs, bit-level comparisons.
 
 - ``fresh_seed()``: a new seed per test run (``EBK_TEST_SEED=<int>`` replays one); every assert message of
   these tests carries it.
-- ``poisoned``: every buffer a kernel allocates through ``_igemm.empty_output`` starts as NaN (floats),
+- ``poisoned`` (a fixture of conftest.py): every buffer a kernel allocates through ``_igemm.empty_output`` starts as NaN (floats),
   -128 (int8: never a code, never a window position) or 0x7F7F7F7F (int32/int64), so an element a
   kernel fails to write shows up.
 - ``bits_equal(a, b)``: same shape and the same bits (NaN payloads, -0.0 vs +0.0 included).
 """
 import os
 
-import pytest
 import torch
 
-from ebkernels.ops import _igemm
 
 CL = torch.channels_last
 
@@ -34,12 +32,6 @@ def poison_empty(shape, dtype, device, memory_format=torch.contiguous_format):
     if dtype == torch.int8:
         return t.fill_(-128)
     return t.fill_(0x7F7F7F7F)
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every kernel output / partial buffer starts poisoned: unwritten elements fail the comparisons."""
-    monkeypatch.setattr(_igemm, "empty_output", poison_empty)
 
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,

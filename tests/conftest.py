@@ -33,3 +33,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every int8-kernel output / partial buffer starts poisoned (NaN, 0x7f...): unwritten elements fail."""
+    from _flow import poison_empty
+    from ebkernels.ops import _igemm
+
+    monkeypatch.setattr(_igemm, "empty_output", poison_empty)

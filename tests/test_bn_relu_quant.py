@@ -16,7 +16,7 @@ from ebkernels.ops._bn_math import act_absmax_reference, bn_act_reference, bn_pa
 from ebkernels.ops.bn_relu_quant import (_bn_relu_quant_op, _bn_stats_op, bn_relu_quant, bn_relu_quant_reference,
                                          bn_stats, bn_stats_reference, elementwise_tiles)
 from ebkernels.ops.quantize import quantize_reference, shift_scale_reference
-from _flow import CL, bits_equal, bnp_exact, f32_of_bits, fresh_seed, gen, mismatch, poisoned, rows  # noqa: F401
+from _flow import CL, bits_equal, bnp_exact, f32_of_bits, fresh_seed, gen, mismatch, rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
 
@@ -290,17 +290,6 @@ def test_bn_relu_quant_float_output(device, poisoned, out_dtype, index_kind):
     assert bits_equal(z.cpu(), want.to(out_dtype)), msg
 
 
-def _cpu_sqrt_is_inexact() -> bool:
-    v = torch.rand(4096, generator=gen(0)) * 10
-    return not torch.equal(torch.sqrt(v), torch.sqrt(v.double()).float())
-
-
-@pytest.mark.xfail(_cpu_sqrt_is_inexact(), strict=True, reason=(
-    "BUG: _bn_math.bn_params_reference computes rstd with torch.sqrt, which on CPU (torch 2.13, AVX512) is not "
-    "correctly rounded for float32 (~15% of inputs 1 ulp off), while the kernels' tl.sqrt_rn is: the reference "
-    "path's bnp (and so its codes) is not bit-identical to the kernels' for the same statistics, contrary to "
-    "the module's claim. E.g. var=3.4438347816467285, eps=1e-5: kernel rstd 0.5388628244, reference 0.5388627648. "
-    "Fix: torch.sqrt(v.double()).float()."))
 def test_bn_params_reference_is_bit_identical_to_the_kernel():
     """Eval mode: bnp straight from the running statistics, so kernel and reference see the same var (the
     kernel on the GPU where there is one, else under the interpreter; the reference on CPU)."""
@@ -318,13 +307,7 @@ def test_bn_params_reference_is_bit_identical_to_the_kernel():
     assert bits_equal(bnp, ref), mismatch(bnp, ref)
 
 
-_KEEP_BUG = ("BUG: bn_stats_kernel passes col_ok & (keep >= 0) to bn_finalize_channels, which uses it as the store "
-             "mask of bnp and of the running statistics too: channels outside `keep` get no bnp (the buffer stays "
-             "uninitialised) and no running-stat update, although bn_stats documents `keep` as restricting only "
-             "max |z|, the reference (finalize_reference) writes all channels, and nn.BatchNorm2d updates all of them")
 
-
-@pytest.mark.xfail(strict=True, reason=_KEEP_BUG)
 def test_keep_restricts_only_zmax(device, poisoned):
     """A channel gather after the BatchNorm (ChannelSelection): ``keep`` changes max |z| only."""
     seed = fresh_seed()

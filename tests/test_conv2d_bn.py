@@ -15,7 +15,7 @@ from ebkernels.ops._bn_math import bn_act_reference
 from ebkernels.ops.conv2d_bn import (_bwd_op, _fwd_op, conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_bwd_reduce_reference,
                                      conv2d_int8_bn_fwd)
 from ebkernels.ops.conv2d_int8 import conv2d_int8_fwd_reference, conv2d_output_size
-from _flow import CL, bits_equal, bnp_exact, codes, f32_of_bits, fresh_seed, gen, mismatch, poisoned, rows  # noqa: F401
+from _flow import CL, bits_equal, bnp_exact, codes, f32_of_bits, fresh_seed, gen, mismatch, rows
 
 EPS = 1e-5
 BM = 64  # the interpreter's row tile (_igemm._INTERPRETER_TILES)

@@ -8,7 +8,7 @@ import torch
 import ebkernels
 from ebkernels.ops.quantize import quantize_reference, shift_scale_reference
 from ebkernels.ops.weight_codes import _op, weight_codes, weight_codes_reference
-from _flow import CL, fresh_seed, gen, mismatch, poisoned  # noqa: F401
+from _flow import CL, fresh_seed, gen, mismatch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
 
