@@ -529,3 +529,46 @@ def test_triton_path_training_matches_the_reference_path(device):
 def test_public_names():
     for name in ("QConv2d", "QLinear", "quantize_model", "dequantize_model"):
         assert getattr(ebkernels, name) is getattr(__import__("ebkernels.modules", fromlist=[name]), name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Edge cases: empty layers and inputs, double backward
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make,shape", [
+    (lambda: (QLinear(0, 4), nn.Linear(0, 4)), (3, 0)),
+    (lambda: (QConv2d(0, 4, 3), nn.Conv2d(0, 4, 3)), (2, 0, 5, 5)),
+    (lambda: (QLinear(5, 0), nn.Linear(5, 0)), (3, 5)),
+    (lambda: (QLinear(5, 4), nn.Linear(5, 4)), (0, 5)),
+    (lambda: (QConv2d(3, 4, 3), nn.Conv2d(3, 4, 3)), (0, 3, 5, 5)),
+], ids=["linear-0-in", "conv-0-in", "linear-0-out", "linear-0-rows", "conv-0-batch"])
+def test_empty_layers_and_inputs_behave_like_the_float_layers(make, shape):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Initializing zero-element tensors is a no-op"
+        q, f = make()
+    f.load_state_dict(q.state_dict())
+    x = torch.randn(shape, requires_grad=True)
+    xf = x.detach().clone().requires_grad_(True)
+    y, yf = q(x), f(xf)
+    assert y.shape == yf.shape and torch.equal(y, yf)
+    y.sum().backward()
+    yf.sum().backward()
+    assert torch.equal(x.grad, xf.grad)
+    for p, pf in zip(q.parameters(), f.parameters()):
+        assert (p.grad is None) == (pf.grad is None) and (p.grad is None or torch.equal(p.grad, pf.grad))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "fused"])
+def test_double_backward_is_a_clear_error(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        m, x = QLinear(3, 2), torch.randn(4, 3)
+    elif kind == "conv":
+        m, x = QConv2d(3, 2, 3), torch.randn(2, 3, 5, 5)
+    else:
+        m = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+        x = torch.randn(2, 3, 5, 5)
+    x.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="double backward is not supported by int8 layers"):
+        torch.autograd.grad(m(x).sum(), x, create_graph=True)
+    g, = torch.autograd.grad(m(x).sum(), x)  # a plain backward still works
+    assert torch.isfinite(g).all()

@@ -16,7 +16,8 @@ from . import _igemm
 from .quantize import quantize, quantize_dequantize
 
 __all__ = ["split_reduction", "inv_code_scales", "result_and_scale", "F32_EXACT_SUM", "MAX_F32_CHUNKS", "f32_exact_terms",
-           "f32_chunks", "exact_int_sums", "check_qconfig", "quantize_weight", "quantize_weight_grad"]
+           "f32_chunks", "exact_int_sums", "check_qconfig", "quantize_weight", "quantize_weight_grad",
+           "refuse_double_backward"]
 
 
 def split_reduction(length: int, tiles: int, BK: int, device: torch.device, max_terms: int):
@@ -118,3 +119,13 @@ def quantize_weight_grad(grad_w: torch.Tensor, qc: QConfig) -> torch.Tensor:
     if qc.bits_g is None:
         return grad_w
     return quantize_dequantize(grad_w, qc.bits_g, qc.rounding_g, "shift")
+
+
+def refuse_double_backward() -> None:
+    """Called first in the backward of every int8 autograd function: with ``create_graph=True`` its
+    gradients would silently be constants (the int8 kernels have no backward of their own)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("double backward is not supported by int8 layers (QConv2d, QLinear and the fused "
+                           "int8 blocks): their gradients are computed by int8 kernels that are not "
+                           "differentiable themselves; run this part in float (ebkernels.dequantize_model) or "
+                           "call backward without create_graph=True")

@@ -36,7 +36,7 @@ from ._igemm import (GPU_TILES, MAX_TERMS, alignment, assume_multiple, conv_impl
                      decode_tap, grouped_tile_ids, int8_gemm_finalize, load_channel_major_tile, load_pixels_tile,
                      offsets_fit_int32, store_gemm_tile, tap_input_coord)
 from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
-                    quantize_weight_grad, result_and_scale, split_reduction)
+                    quantize_weight_grad, refuse_double_backward, result_and_scale, split_reduction)
 from .quantize import dequantize, gquant_epilogue, gquant_finish, gquant_plan, quantize
 
 __all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad", "conv2d_int8_wgrad",
@@ -689,6 +689,7 @@ class QConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        refuse_double_backward()
         qc = ctx.qc
         stride, padding, dilation, groups = ctx.conv
         x_dtype, w_dtype, b_dtype, channels_last, x_shape, w_shape = ctx.meta
@@ -796,4 +797,7 @@ def qconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         raise ValueError(f"the (dilated) kernel does not fit the padded input: output size would be {OH}x{OW} "
                          f"for input {tuple(x.shape[2:])}, kernel "
                          f"{tuple(weight.shape[2:])}, stride {stride}, padding {padding}, dilation {dilation}")
+    if x.numel() == 0 or weight.numel() == 0:
+        # nothing to quantize: nn.Conv2d's own result for empty inputs / layers (shapes, bias, gradients)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return QConv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, qc)

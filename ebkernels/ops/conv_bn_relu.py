@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from ..config import QConfig
-from ._gemm import quantize_weight
+from ._gemm import quantize_weight, refuse_double_backward
 from .bn_relu_bwd import bn_relu_bwd, bn_relu_bwd_reduce
 from .bn_relu_quant import bn_relu_quant, bn_stats
 from .conv2d_bn import conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_fwd
@@ -225,6 +225,7 @@ class FusedBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_main, _g_codes, _g_scale):
+        refuse_double_backward()
         spec = ctx.spec
         qc = spec.conv.qconfig
         stride, padding, dilation = spec.conv_geometry()

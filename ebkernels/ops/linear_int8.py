@@ -27,7 +27,7 @@ from .._registry import aot_kernel
 from ..config import QConfig
 from . import _igemm
 from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
-                    quantize_weight_grad, result_and_scale, split_reduction)
+                    quantize_weight_grad, refuse_double_backward, result_and_scale, split_reduction)
 from ._igemm import MAX_TERMS, alignment, assume_multiple, grouped_tile_ids, int8_gemm_finalize, store_gemm_tile
 from .quantize import dequantize, gquant_epilogue, gquant_finish, gquant_plan, quantize
 
@@ -263,6 +263,7 @@ class QLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        refuse_double_backward()
         qc = ctx.qc
         xa, sx, wa, sw = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
@@ -322,6 +323,9 @@ def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},)")
     check_same_device(x=x, weight=weight, bias=bias)
+    if x.numel() == 0 or weight.numel() == 0:
+        # nothing to quantize: nn.Linear's own result for empty inputs / layers (zeros + bias, gradients)
+        return torch.nn.functional.linear(x, weight, bias)
     lead = x.shape[:-1]
     y = QLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, qc)
     return y.reshape(*lead, weight.shape[0])
