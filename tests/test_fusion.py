@@ -386,6 +386,19 @@ def test_the_y_policy_keeps_y_exactly_where_the_layer_is_compute_bound():
     assert conv_bn_relu.keeps_y(3, 3, 1, 1, 1, 1, "keep") and not conv_bn_relu.keeps_y(512, 512, 3, 3, 4, 4, "recompute")
 
 
+def test_the_counter_pool_is_zero_again_after_a_training_step():
+    """The kernels' semaphores share one pool per device and stream and need no memset: every launch must
+    leave its counters as it found them (zero), or the next launch would count wrong."""
+    from ebkernels.ops._channel_stats import _POOLS
+
+    torch.manual_seed(5)
+    model = nn.Sequential(chain_model(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(17, 10))
+    ebkernels.quantize_model(model, qconfig=QConfig(rounding_e="stochastic"))
+    x = torch.randn(4, 3, 8, 8)
+    F.cross_entropy(model(x), torch.randint(0, 10, (4,))).backward()
+    assert _POOLS and all(int(p.abs().sum()) == 0 for p in _POOLS.values())
+
+
 def test_the_block_function_is_what_runs():
     """The fused path really is taken: the block function runs once per chain and call."""
     calls = []

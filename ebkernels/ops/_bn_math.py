@@ -84,12 +84,13 @@ def bn_grad_in(dz, y, a, b, mean, rstd, m1, m2, RELU: tl.constexpr):
 
 @triton.jit
 def bn_finalize_channels(chan_ptr, C, col, col_ok, max_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
-                         momentum, n, bnp_ptr, zmax_ptr, HAS_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr,
+                         momentum, n, bnp_ptr, HAS_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr,
                          UPDATE: tl.constexpr, RELU: tl.constexpr):
     """Run once per channel by the program that merged the final statistics ``chan`` [mean, var, max,
-    min] (4, C): writes ``bnp`` [a, b, mean, rstd] of the channels ``col_ok``, folds the ``act_extreme`` of
-    those also in ``max_ok`` (the ones a channel gather keeps) into the float32 bits at ``zmax_ptr`` (integer atomic max: order-free, NaN wins), and with ``UPDATE`` moves the running
-    statistics the way ``nn.BatchNorm2d`` does (``momentum < 0``: None, the cumulative average over
+    min] (4, C): writes ``bnp`` [a, b, mean, rstd] of the channels ``col_ok`` and returns the float32 bits
+    of the largest ``act_extreme`` of those also in ``max_ok`` (the ones a channel gather keeps): the
+    caller folds it over the column blocks (``publish_max``: order-free, NaN wins). With ``UPDATE`` it moves
+    the running statistics the way ``nn.BatchNorm2d`` does (``momentum < 0``: None, the cumulative average over
     ``num_batches_tracked + 1``; the counter itself is incremented by the apply kernel, which runs later)."""
     ymax = tl.load(chan_ptr + 2 * C + col, mask=col_ok, other=0.0)
     ymin = tl.load(chan_ptr + 3 * C + col, mask=col_ok, other=0.0)
@@ -111,7 +112,7 @@ def bn_finalize_channels(chan_ptr, C, col, col_ok, max_ok, gamma_ptr, beta_ptr, 
     tl.store(bnp_ptr + 2 * C + col, mean, mask=col_ok)
     tl.store(bnp_ptr + 3 * C + col, rstd, mask=col_ok)
     z = tl.where(col_ok & max_ok, act_extreme(ymax, ymin, a, b, RELU), 0.0)
-    tl.atomic_max(zmax_ptr, tl.max(tl.abs(z).to(tl.int32, bitcast=True), axis=0))
+    zbits = tl.max(tl.abs(z).to(tl.int32, bitcast=True), axis=0)
     if UPDATE:
         if momentum < 0:
             f = 1.0 / (tl.load(nbt_ptr) + 1).to(tl.float32)
@@ -122,6 +123,7 @@ def bn_finalize_channels(chan_ptr, C, col, col_ok, max_ok, gamma_ptr, beta_ptr, 
         rv = tl.load(rv_ptr + col, mask=col_ok, other=0.0)
         tl.store(rm_ptr + col, (f * mean + (1.0 - f) * rm.to(tl.float32)).to(rm.dtype), mask=col_ok)
         tl.store(rv_ptr + col, (f * unbiased + (1.0 - f) * rv.to(tl.float32)).to(rv.dtype), mask=col_ok)
+    return zbits
 
 
 # ----- PyTorch twins ---------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ integer atomic ("last program merges", as CUB's single-pass reductions do): the 
 ``GROUP`` tiles merges that group's partials in index order into a group partial, and the last group of
 a column block merges the group partials into the final value. Two levels keep each merge short (a
 first conv layer at batch 256 has 2,048 row tiles: 32 + 64 partials per merge instead of 2,048) and
-the order fixed: the result is bit-identical run to run. Counters start at zero (the launcher zeroes
-them) and are never reset.
+the order fixed: the result is bit-identical run to run. Counters come from a per-device, per-stream
+pool (``counter_pool``) that is zero at every launch: the program that counts out last resets its
+counter, so no launch needs a memset.
 
 Two kinds of partial:
 
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["GROUP", "MOMENTS", "SUMS", "tile_moments", "tile_sums", "store_partials", "finish_reduction",
-           "ReductionSpace", "moments_reference"]
+           "publish_max", "counter_pool", "ReductionSpace", "moments_reference"]
 
 GROUP = 32  # row tiles per first-level merge
 MOMENTS = 0
@@ -155,29 +156,71 @@ def finish_reduction(part_ptr, grp_ptr, out_ptr, sem_ptr, t, T, pid_n, num_n, M,
     """After tile ``t`` (of ``T``, each covering ``span`` of the ``M`` rows) stored its partial: count it
     in; the last tile of its group merges the group, the last group of column block ``pid_n`` merges
     everything into ``out[k, col]`` (row pitch C) and the function returns True (in that one program per
-    column block: it may go on to use the result, e.g. ``bn_finalize_channels``). Semaphores: ``sem[g * num_n + pid_n]`` per group,
-    ``sem[G * num_n + pid_n]`` per column block (G = number of groups), all zero at launch."""
+    column block: it may go on to use the result, e.g. ``bn_finalize_channels``). Semaphores: ``sem[g * num_n
+    + pid_n]`` per group, ``sem[G * num_n + pid_n]`` per column block (G = number of groups): zero at launch
+    and zero again when the launch ends (``counter_pool``)."""
     G = tl.cdiv(T, GROUP)
     g = t // GROUP
     in_group = tl.minimum(GROUP, T - g * GROUP)
     final = g < 0  # False, as a scalar tensor
     done = tl.atomic_add(sem_ptr + g * num_n + pid_n, 1)
     if done == in_group - 1:
+        tl.atomic_xchg(sem_ptr + g * num_n + pid_n, 0)  # counted out: back to 0 for the next launch
         _merge(part_ptr, T * C, g * GROUP, g * GROUP + in_group, span, M, col, col_ok, C, grp_ptr, G * C, g,
                KIND, TB, BC, False)
         done_g = tl.atomic_add(sem_ptr + G * num_n + pid_n, 1)
         if done_g == G - 1:
+            tl.atomic_xchg(sem_ptr + G * num_n + pid_n, 0)
             _merge(grp_ptr, G * C, 0, G, span * GROUP, M, col, col_ok, C, out_ptr, C, g * 0, KIND, TB, BC,
                    True)
             final = g >= 0
     return final
 
 
-class ReductionSpace:
-    """The buffers of one in-kernel reduction: tile partials, group partials, zeroed semaphores and the
-    float32 result ``out`` [4 or 2, C]."""
+@triton.jit
+def publish_max(bits, slots_ptr, slot, n_slots, sem_ptr, out_ptr):
+    """Order-free max of per-program values (float32 bits of non-negative floats, NaN above all) without
+    a zeroed output: ``slot`` stores its value, counts itself in at ``sem``; the last of ``n_slots`` reads
+    all of them and stores the max at ``out_ptr`` and resets the counter. Returns True in that program."""
+    tl.store(slots_ptr + slot, bits)
+    done = tl.atomic_add(sem_ptr, 1)
+    last = done == n_slots - 1
+    if last:
+        tl.atomic_xchg(sem_ptr, 0)
+        best = bits * 0
+        for i0 in range(0, n_slots, 128):
+            i = i0 + tl.arange(0, 128)
+            v = tl.load(slots_ptr + i, mask=i < n_slots, other=0, cache_modifier=".cg")
+            best = tl.maximum(best, tl.max(v, axis=0))
+        tl.store(out_ptr, best)
+    return last
 
-    def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device):
+
+_POOLS: dict = {}
+
+
+def counter_pool(device, n: int) -> torch.Tensor:
+    """``n`` int32 counters that are zero, and that every kernel using them leaves zero again (the last
+    program to count itself in resets its counter): one pool per device and stream, shared by every
+    launch on that stream (launches on a stream run one after the other), so no launch needs a memset.
+    Grows (a new zeroed tensor) when a launch needs more."""
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    pool = _POOLS.get(key)
+    if pool is None or pool.numel() < n:
+        pool = torch.zeros(max(n, 1024, 2 * (pool.numel() if pool is not None else 0)), dtype=torch.int32,
+                           device=device)
+        _POOLS[key] = pool
+    return pool
+
+
+class ReductionSpace:
+    """The buffers of one in-kernel reduction: tile partials, group partials, the semaphores (from
+    ``counter_pool``: zero, and left zero) and the float32 result ``out`` [4 or 2, C]; ``extra`` more
+    counters after the semaphores (``extra_sem``), e.g. for ``publish_max``."""
+
+    def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device, extra: int = 0):
         from . import _igemm  # its empty_output: the tests poison every kernel output through it
 
         def empty(shape, dtype, device):
@@ -188,7 +231,9 @@ class ReductionSpace:
         self.kind, self.tiles, self.C = kind, tiles, C
         self.part = empty((parts, tiles, C), dtype=torch.float32, device=device)
         self.grp = empty((parts, groups, C), dtype=torch.float32, device=device)
-        self.sem = torch.zeros(((groups + 1) * col_blocks,), dtype=torch.int32, device=device)
+        n_sem = (groups + 1) * col_blocks
+        pool = counter_pool(device, n_sem + extra)
+        self.sem, self.extra_sem = pool[:n_sem], pool[n_sem:n_sem + max(extra, 1)]
         self.out = empty((parts, C), dtype=torch.float32, device=device)
 
 

@@ -31,7 +31,7 @@ from .._backend import use_triton
 from .._registry import aot_kernel
 from . import _igemm
 from ._bn_math import bn_grad_in, bn_grad_in_reference, scale_reference, shift_scale_from_bits
-from ._channel_stats import SUMS, ReductionSpace, finish_reduction, store_partials, tile_sums
+from ._channel_stats import SUMS, ReductionSpace, counter_pool, finish_reduction, publish_max, store_partials, tile_sums
 from ._igemm import cast_rne, decode_rows
 from .bn_relu_quant import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
 from .quantize import round_half_even
@@ -100,27 +100,28 @@ def bn_relu_bwd_reduce_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, part_ptr, grp_ptr
 
 
 _BWD_SIG = {"dz_ptr": "*bf16", "y_ptr": "*bf16", "inv_ptr": "*i32", "bnp_ptr": "*fp32", "sums_ptr": "*fp32",
-            "amax_ptr": "*i32", "rng_ptr": "*i64", "out_ptr": "*i8", "cm_ptr": "*i8", "scale_ptr": "*fp32", "M": "i32",
+            "amax_ptr": "*i32", "sem_ptr": "*i32", "rng_ptr": "*i64", "out_ptr": "*i8", "cm_ptr": "*i8", "scale_ptr": "*fp32", "M": "i32",
             "C": "i32", "Cp": "i32", "H": "i32", "W": "i32", "sd_n": "i64", "sd_c": "i64", "sd_h": "i64",
             "sd_w": "i64", "sy_n": "i64", "sy_c": "i64", "sy_h": "i64", "sy_w": "i64", "so_n": "i64", "so_c": "i64",
             "so_h": "i64", "so_w": "i64", "n_f": "fp32"}
 _BWD_AOT = ([{"MODE": 0, "HAS_INV": False, "HAS_SUMS": True, "RELU": True, "BITS": 8, "STOCHASTIC": s, "CM": True,
               "BP": 32, "CB": 128} for s in (False, True)]
             + [{"MODE": 1, "HAS_INV": False, "HAS_SUMS": True, "RELU": True, "BITS": 8, "STOCHASTIC": s, "CM": True,
-                "BP": 32, "CB": 128} for s in (False, True)]
+                "BP": 16 if s else 32, "CB": 128} for s in (False, True)]
             + [{"MODE": 2, "HAS_INV": i, "HAS_SUMS": True, "RELU": True, "BITS": 8, "STOCHASTIC": False, "CM": False,
                 "BP": 32, "CB": 128} for i in (False, True)])
 
 
 @aot_kernel(signature=_BWD_SIG, constexprs=_BWD_AOT, num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
-def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, rng_ptr, out_ptr, cm_ptr, scale_ptr, M, C,
+def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_ptr, rng_ptr, out_ptr, cm_ptr, scale_ptr, M, C,
                        Cp, H, W, sd_n, sd_c, sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, so_n, so_c, so_h, so_w, n_f,
                        MODE: tl.constexpr, HAS_INV: tl.constexpr, HAS_SUMS: tl.constexpr, RELU: tl.constexpr,
                        BITS: tl.constexpr, STOCHASTIC: tl.constexpr, CM: tl.constexpr, BP: tl.constexpr,
                        CB: tl.constexpr):
-    """Grid (row tiles, channel blocks over Cp). ``MODE`` 0: max |dy| bits into ``amax[0]`` (program (0, 0)
-    also takes the random ticket into ``amax[1]`` when ``STOCHASTIC``); 1: codes at ``m * Cp + c`` (NHWC)
+    """Grid (row tiles, channel blocks over Cp). ``MODE`` 0: max |dy| bits into ``amax[0]`` through the
+    per-program slots ``amax[2:]`` (``publish_max``, counter ``sem`` from the pool; the last program also
+    takes the random ticket into ``amax[1]`` when ``STOCHASTIC``); 1: codes at ``m * Cp + c`` (NHWC)
     and, with ``CM``, at ``c * M + m`` (channel-major), channels C..Cp-1 written 0, scale stored by program
     (0, 0); 2: dy in ``out`` (strides so_*). ``HAS_SUMS`` False: eval-mode BatchNorm (m1 = m2 = 0)."""
     pid_m = tl.program_id(0)
@@ -142,10 +143,14 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, rng_
     first = (pid_m == 0) & (pid_n == 0)
     if MODE == 0:
         bits = tl.abs(tl.where(mask, dy, 0.0)).to(tl.int32, bitcast=True)
-        tl.atomic_max(amax_ptr, tl.max(tl.max(bits, axis=1), axis=0))
-        if STOCHASTIC:
-            if first:
+        num_n = tl.num_programs(1)
+        last = publish_max(tl.max(tl.max(bits, axis=1), axis=0), amax_ptr + 2, pid_m * num_n + pid_n,
+                           tl.num_programs(0) * num_n, sem_ptr, amax_ptr)
+        if last:
+            if STOCHASTIC:
                 tl.store(amax_ptr + 1, tl.atomic_add(rng_ptr + 1, 1).to(tl.int32))
+            else:
+                tl.store(amax_ptr + 1, 0)  # no ticket
     elif MODE == 1:
         S: tl.constexpr = 2.0 ** (BITS - 1)
         scale = shift_scale_from_bits(tl.load(amax_ptr), False)
@@ -268,8 +273,12 @@ def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, ama
     Cp = C if (mode != "codes" or pad_to <= 1) else -(-C // pad_to) * pad_to
     rng = _rng.device_state(dev) if stochastic else bnp
     scale = out = cm = None
+    # stochastic codes: the Philox state per element as well: 2K elements per program
+    BP, CB = elementwise_tiles(Cp, dev, 2048 if (stochastic and mode == "codes") else 4096)
+    grid = (triton.cdiv(M, BP), triton.cdiv(Cp, CB))
+    sem = counter_pool(dev, 1)
     if mode == "absmax":
-        out = torch.zeros(2, dtype=torch.int32, device=dev)
+        out = torch.empty(2 + grid[0] * grid[1], dtype=torch.int32, device=dev)  # [bits, ticket, slots...]
         amax, dst, dcm = out, out, out
         so = (0, 0, 0, 0)
     elif mode == "codes":
@@ -282,15 +291,15 @@ def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, ama
         out = _igemm.empty_output((N, C, H, W), out_dtype, dev, fmt)
         dst, dcm, amax = out, out, bnp
         so = nhwc_rows(out)
-    BP, CB = elementwise_tiles(Cp, dev)
-    grid = (triton.cdiv(M, BP), triton.cdiv(Cp, CB))
     bn_relu_bwd_kernel[grid](
-        dz, y, _inv_arg(inv, bnp), bnp, sums if sums is not None else bnp, amax, rng, dst, dcm,
+        dz, y, _inv_arg(inv, bnp), bnp, sums if sums is not None else bnp, amax, sem, rng, dst, dcm,
         scale if scale is not None else bnp, M, C, Cp, H, W, *nhwc_rows(dz), *nhwc_rows(y), *so, float(M), MODE=m,
         HAS_INV=inv is not None, HAS_SUMS=sums is not None, RELU=relu, BITS=bits, STOCHASTIC=stochastic, CM=True,
         BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     if mode == "codes":
         return out, cm, scale
+    if mode == "absmax":
+        return (out[:2],)
     return (out,)
 
 

@@ -29,7 +29,8 @@ from .._registry import aot_kernel
 from . import _igemm
 from ._bn_math import (BNP_ROWS, bn_act, bn_act_reference, bn_finalize_channels, finalize_reference,
                        scale_reference, shift_scale_from_bits)
-from ._channel_stats import MOMENTS, ReductionSpace, finish_reduction, moments_reference, store_partials, tile_moments
+from ._channel_stats import (MOMENTS, ReductionSpace, finish_reduction, moments_reference, publish_max,
+                             store_partials, tile_moments)
 from ._igemm import cast_rne, decode_rows, to_bfloat16_rne
 from .quantize import round_half_even
 
@@ -43,11 +44,11 @@ __all__ = ["bn_stats", "bn_relu_quant", "bn_stats_reference", "bn_relu_quant_ref
 ELEMENTWISE_WARPS = 8
 
 
-def elementwise_tiles(C: int, device: torch.device):
+def elementwise_tiles(C: int, device: torch.device, elements: int = 4096):
     """(rows, channels) per program of the per-element BatchNorm kernels: whole 16-byte channel runs,
-    about 4K elements."""
+    about ``elements`` elements (4K; 2K for the kernels with more live state per element)."""
     cb = min(128, triton.next_power_of_2(max(C, 16)))
-    return max(16, 4096 // cb), cb
+    return max(16, elements // cb), cb
 
 
 def nhwc_rows(t: torch.Tensor):
@@ -71,7 +72,7 @@ _STATS_SIG = {"x_ptr": "*fp32", "xb_ptr": "*bf16", "part_ptr": "*fp32", "grp_ptr
 
 @aot_kernel(signature=_STATS_SIG,
             constexprs=[{"HAS_AFFINE": True, "BATCH_STATS": True, "UPDATE": True, "RELU": True, "HAS_KEEP": k,
-                         "BP": 32, "CB": 128, "TB": 32, "GROUP": 32} for k in (False, True)],
+                         "BP": 16, "CB": 128, "TB": 32, "GROUP": 32} for k in (False, True)],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
@@ -105,8 +106,10 @@ def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_p
         max_ok = c_ok  # every channel gets bnp and running statistics; max |z| only over the gathered ones
         if HAS_KEEP:
             max_ok = tl.load(keep_ptr + c, mask=c_ok, other=-1) >= 0
-        bn_finalize_channels(chan_ptr, C, c, c_ok, max_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps, momentum,
-                             n_f, bnp_ptr, zmax_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
+        zbits = bn_finalize_channels(chan_ptr, C, c, c_ok, max_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
+                                     momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
+        num_n = tl.num_programs(1)
+        publish_max(zbits, zmax_ptr + 1, pid_n, num_n, sem_ptr + (tl.cdiv(T, GROUP) + 1) * num_n, zmax_ptr)
 
 
 def _momentum_arg(momentum) -> float:
@@ -129,11 +132,11 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
     N, C, H, W = x.shape
     M = N * H * W
     xb = _igemm.empty_output((N, C, H, W), torch.bfloat16, x.device, torch.channels_last)
-    BP, CB = elementwise_tiles(C, x.device)
+    BP, CB = elementwise_tiles(C, x.device, 2048)  # the fp32 input, its bf16 copy and the moments: 2K elements
     T, num_n = triton.cdiv(M, BP), triton.cdiv(C, CB)
-    space = ReductionSpace(MOMENTS, T, num_n, C, x.device)
+    space = ReductionSpace(MOMENTS, T, num_n, C, x.device, extra=1)
     bnp = _igemm.empty_output((BNP_ROWS, C), torch.float32, x.device)
-    zmax = torch.zeros(1, dtype=torch.int32, device=x.device)
+    zmax = torch.empty(1 + num_n, dtype=torch.int32, device=x.device)  # [max |z| bits, per column block]
     dummy = space.out
     bn_stats_kernel[(T, num_n)](
         x, xb, space.part, space.grp, space.out, space.sem, weight if weight is not None else dummy,
@@ -143,7 +146,7 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
         bnp, zmax, M, C, H, W, *nhwc_rows(x), float(eps), _momentum_arg(momentum), float(M),
         HAS_AFFINE=weight is not None, BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, HAS_KEEP=keep is not None,
         BP=BP, CB=CB, TB=32, GROUP=32, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
-    return xb, space.out, bnp, zmax
+    return xb, space.out, bnp, zmax[:1]
 
 
 

@@ -31,8 +31,8 @@ from .._backend import use_triton
 from .._registry import aot_kernel
 from . import _igemm
 from ._bn_math import BNP_ROWS, bn_finalize_channels, bn_grad_in, finalize_reference
-from ._channel_stats import (MOMENTS, SUMS, ReductionSpace, finish_reduction, moments_reference, store_partials,
-                             tile_moments, tile_sums)
+from ._channel_stats import (MOMENTS, SUMS, ReductionSpace, finish_reduction, moments_reference, publish_max,
+                             store_partials, tile_moments, tile_sums)
 from ._gemm import inv_code_scales
 from ._igemm import (GPU_TILES, alignment, assume_multiple, conv_implicit_gemm_tile, decode_rows, grouped_tile_ids,
                      offsets_fit_int32, to_bfloat16_rne)
@@ -114,8 +114,9 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
         final = finish_reduction(part_ptr, grp_ptr, chan_ptr, sem_ptr, pid_m, num_m, pid_n, num_n, M, BM, col,
                                  col_ok, NCOL, 0, GROUP, TB, BN)
         if final:
-            bn_finalize_channels(chan_ptr, NCOL, col, col_ok, col_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
-                                 momentum, n_f, bnp_ptr, zmax_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
+            zbits = bn_finalize_channels(chan_ptr, NCOL, col, col_ok, col_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
+                                         nbt_ptr, eps, momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
+            publish_max(zbits, zmax_ptr + 1, pid_n, num_n, sem_ptr + (tl.cdiv(num_m, GROUP) + 1) * num_n, zmax_ptr)
     else:
         if DZ_LIKE_Y:  # dz in y's own NHWC layout (what the kernels produce): no second offset tile
             d_offs = y_offs
@@ -184,11 +185,11 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
     cfg = _igemm.gemm_tiles(qx.device, conv=True, align=align)
     BM, BN = cfg["BM"], cfg["BN"]
     num_m, num_n = triton.cdiv(M, BM), triton.cdiv(CO, BN)
-    space = ReductionSpace(MOMENTS if mode == 0 else SUMS, num_m, num_n, CO, qx.device)
+    space = ReductionSpace(MOMENTS if mode == 0 else SUMS, num_m, num_n, CO, qx.device, extra=1)
     i64 = not offsets_fit_int32(qx, y) or (dz is not None and not offsets_fit_int32(dz))
     if mode == 0:
         bnp_out = _igemm.empty_output((BNP_ROWS, CO), torch.float32, qx.device)
-        zmax = torch.zeros(1, dtype=torch.int32, device=qx.device)
+        zmax = torch.empty(1 + num_n, dtype=torch.int32, device=qx.device)  # [max |z| bits, per column block]
     else:
         bnp_out, zmax = bnp, space.sem
     dummy = space.out
@@ -207,7 +208,7 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
         num_stages=cfg["num_stages"],
         **NO_FP_FUSION)
     if mode == 0:
-        return y, space.out, bnp_out, zmax
+        return y, space.out, bnp_out, zmax[:1]
     return y, space.out
 
 

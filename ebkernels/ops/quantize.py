@@ -30,6 +30,7 @@ from .._backend import use_triton
 from .._checks import check_bits, check_choice, check_tensor
 from .._registry import aot_kernel
 from .._rng import uniform
+from ._channel_stats import counter_pool, publish_max
 
 __all__ = ["quantize", "quantize_dequantize", "dequantize", "padded_channels", "quantize_reference", "quantize_triton", "shift_scale_reference"]
 
@@ -185,21 +186,25 @@ _SIG_OUT = {"o0": "i64", "o1": "i64", "o2": "i64", "o3": "i64", "l0": "i64", "l1
             "seed": "i64"}
 
 
-@aot_kernel(signature={"x_ptr": "*fp32", "amax_bits_ptr": "*i32", "rng_ptr": "*i64", **_SIG_COMMON},
+@aot_kernel(signature={"x_ptr": "*fp32", "amax_bits_ptr": "*i32", "sem_ptr": "*i32", "rng_ptr": "*i64", **_SIG_COMMON},
             constexprs=[{"DENSE": True, "TICKET": False, "BLOCK": 2048}, {"DENSE": False, "TICKET": True, "BLOCK": 1024}],
             num_warps=8, aligned=("x_ptr",))
 @triton.jit
-def quantize_absmax_kernel(x_ptr, amax_bits_ptr, rng_ptr, n, d1, d2, d3, s0, s1, s2, s3, DENSE: tl.constexpr,
-                           TICKET: tl.constexpr, BLOCK: tl.constexpr):
-    """``amax_bits[0]`` = bits of max |x| (int atomic max across programs); ``TICKET``: program 0 also
-    takes the next random ticket of the device state ``rng`` into ``amax_bits[1]`` (stochastic rounding
-    in the codes pass that follows)."""
+def quantize_absmax_kernel(x_ptr, amax_bits_ptr, sem_ptr, rng_ptr, n, d1, d2, d3, s0, s1, s2, s3,
+                           DENSE: tl.constexpr, TICKET: tl.constexpr, BLOCK: tl.constexpr):
+    """``amax_bits[0]`` = bits of max |x|: every program stores its block's max in ``amax_bits[2 + pid]``,
+    the last one (counter ``sem``, from ``_channel_stats.counter_pool``) takes the max of all: no zeroed
+    buffer, no float atomics. ``TICKET``: that program also takes the next random ticket of the device
+    state ``rng`` into ``amax_bits[1]`` (stochastic rounding in the codes pass that follows)."""
     pid = tl.program_id(0)
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.atomic_max(amax_bits_ptr, _block_absmax_bits(x_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, DENSE))
-    if TICKET:
-        if pid == 0:
+    last = publish_max(_block_absmax_bits(x_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, DENSE), amax_bits_ptr + 2, pid,
+                       tl.num_programs(0), sem_ptr, amax_bits_ptr)
+    if last:
+        if TICKET:
             tl.store(amax_bits_ptr + 1, tl.atomic_add(rng_ptr + 1, 1).to(tl.int32))
+        else:
+            tl.store(amax_bits_ptr + 1, 0)  # no ticket
 
 
 @aot_kernel(signature={"x_ptr": "*fp32", "amax_bits_ptr": "*i32", "rng_ptr": "*i64", "codes_ptr": "*i8",
@@ -264,7 +269,7 @@ def gquant_epilogue(y, mask, gq_ptr, rng_ptr, out_ptr, gn, d1, d2, d3, s0, s1, s
                     BITS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     """G quantization fused into a weight-grad GEMM, after the program stored its fp32 tile ``y``.
 
-    ``gq`` (int32, zero at launch): [semaphore, bits of max |G|, ticket]. Every program folds its tile
+    ``gq`` (int32, zero at launch): [semaphore, bits of max |G|, ticket]; GQ=2 leaves it zero again. Every program folds its tile
     into the max. ``GQ=1``: program (0, 0) takes the random ticket; the launcher runs the codes pass
     (``quantize_codes_kernel``) afterwards. ``GQ=2`` (small gradients): the last program to count itself
     in quantizes the whole gradient in place (the real view ``(gn elements; sizes d1..d3, strides
@@ -279,7 +284,8 @@ def gquant_epilogue(y, mask, gq_ptr, rng_ptr, out_ptr, gn, d1, d2, d3, s0, s1, s
     else:
         done = tl.atomic_add(gq_ptr, 1)
         if done == ntiles - 1:
-            scale = shift_scale_from_bits(tl.atomic_max(gq_ptr + 1, 0), False)  # atomic read: coherent
+            scale = shift_scale_from_bits(tl.atomic_xchg(gq_ptr + 1, 0), False)  # read, and reset for the pool
+            tl.atomic_xchg(gq_ptr, 0)
             if STOCHASTIC:
                 seed = tl.load(rng_ptr)
                 ticket = tl.atomic_add(rng_ptr + 1, 1).to(tl.int32)
@@ -300,11 +306,13 @@ def gquant_plan(real: torch.Tensor, bits_g: int, rounding_g: str):
     kernel arguments (gq scratch, rng state, gn, sizes d1..d3, strides s0..s3) and the GQ mode."""
     from .. import _rng
 
-    gq = torch.zeros(3, dtype=torch.int32, device=real.device)
+    mode = 2 if real.numel() <= SMALL_NUMEL else 1
+    # GQ=2 leaves its scratch zero again (the last program resets it): the shared counter pool, no memset;
+    # GQ=1's codes pass reads the max from every program, so it gets a zeroed buffer of its own
+    gq = counter_pool(real.device, 3)[:3] if mode == 2 else torch.zeros(3, dtype=torch.int32, device=real.device)
     stochastic = rounding_g == "stochastic"
     rng = _rng.device_state(real.device) if stochastic else gq
     sizes, strides = _as_4d(real)
-    mode = 2 if real.numel() <= SMALL_NUMEL else 1
     return (gq, rng, real.numel(), sizes[1], sizes[2], sizes[3], *strides), mode, stochastic
 
 
@@ -392,10 +400,11 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, fi
     if n <= SMALL_NUMEL:
         quantize_small_kernel[(1,)](x, rng, out_view, scale, *args, DENSE=dense, BLOCK=1024, num_warps=8, **common)
         return out, scale
-    amax_bits = torch.zeros(2, device=x.device, dtype=torch.int32)
     block = _block(dense)
-    quantize_absmax_kernel[(triton.cdiv(n, block),)](x, amax_bits, rng, n, sizes[1], sizes[2], sizes[3], *xs,
-                                                     DENSE=dense, TICKET=device_seed, BLOCK=block, num_warps=8)
+    programs = triton.cdiv(n, block)
+    amax_bits = torch.empty(2 + programs, device=x.device, dtype=torch.int32)  # [bits, ticket, per program]
+    quantize_absmax_kernel[(programs,)](x, amax_bits, counter_pool(x.device, 1), rng, n, sizes[1], sizes[2],
+                                        sizes[3], *xs, DENSE=dense, TICKET=device_seed, BLOCK=block, num_warps=8)
     block = _block(same_order)
     quantize_codes_kernel[(triton.cdiv(n, block),)](x, amax_bits, rng, out_view, scale, *args, BLOCK=block,
                                                     num_warps=8, **common)

@@ -1,0 +1,210 @@
+"""The int8 data flow in figures a CPU measures exactly (SPEC §9): saved activations, kernels per
+training step, modelled bytes per step, for int8 fused / int8 per-layer / bf16 autocast / fp32.
+
+    python benchmarks/flow.py                  # all tables (about a minute on 2 cores)
+    python benchmarks/flow.py --tables memory  # one of: memory, kernels, bytes
+
+- **memory**: bytes autograd saves in one training forward (``saved_tensors_hooks``, storages counted
+  once, parameters excluded) of VGG16 at batch 32 and PreResNet-101 at batch 16, 32×32 input, the
+  method of ``../shared/tools/measure_flow.py``; the CPU reference path (the same tensors are saved on
+  every backend).
+- **kernels**: launches in one training step (forward, loss, backward) after a warm-up. The int8
+  Triton launches are counted under the interpreter *without running them* (a dry run: the launch
+  decisions are made on the host from shapes alone, so the count is exact and a full-width network
+  takes seconds); PyTorch ops from the profiler: every outermost aten op (at least one kernel on a GPU;
+  cuDNN may launch several for one convolution, so the bf16/fp32 rows are lower bounds) and the work
+  inside the ebkernels custom ops (buffer zeroing, copies); views and allocations excluded.
+  "per block": divided by the number of convolutions. On a GPU the Triton launches are counted as they
+  run instead.
+- **bytes**: the traffic model of ``benchmarks/predict.py`` (conv → BN → ReLU blocks, fwd+bwd) summed
+  over the network's convolutions: a model, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before ebkernels / triton kernels are imported
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import ebkernels  # noqa: E402
+from benchmarks.common import markdown_table  # noqa: E402
+
+MODES = ("int8 fused", "int8 per-layer", "bf16 autocast", "fp32")
+MEMORY_CASES = (("vgg16", 32), ("preresnet101", 16))
+VIEWS = {"view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expand", "detach", "alias", "unsqueeze",
+         "squeeze", "slice", "select", "_reshape_alias", "reshape", "split", "unbind", "view_as", "lift_fresh",
+         "empty_like", "empty", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense"}
+
+
+def build(name: str, mode: str, device):
+    torch.manual_seed(0)
+    model = ebkernels.build_model(name, num_classes=10, in_channels=3).to(device).train()
+    if mode.startswith("int8"):
+        ebkernels.quantize_model(model, fuse=mode == "int8 fused")
+    return model
+
+
+def _autocast(mode: str, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16 autocast")
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor, mode: str) -> int:
+    params = {p.data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(mode, x.device):
+        model(x)
+    return sum(seen.values())
+
+
+def memory_rows(device):
+    rows = []
+    for name, batch in MEMORY_CASES:
+        x = torch.randn(batch, 3, 32, 32, device=device)
+        with ebkernels.force_backend("reference"):
+            mib = {m: saved_bytes(build(name, m, device), x, m) / 2**20 for m in MODES}
+        rows.append([f"{name} b{batch}", *(f"{mib[m]:.1f}" for m in MODES),
+                     f"{mib['int8 fused'] / mib['bf16 autocast']:.2f}",
+                     f"{mib['int8 per-layer'] / mib['bf16 autocast']:.2f}"])
+    return ["network", *(f"{m} MiB" for m in MODES), "int8 fused / bf16", "int8 per-layer / bf16"], rows
+
+
+def _device_ops(prof) -> Counter:
+    """PyTorch ops that run device work in one profiled step: every outermost aten op (one call the
+    framework makes: at least one GPU kernel), and, inside the ebkernels custom ops (whose own work is
+    Triton launches, counted apart), every innermost aten op (their buffer zeroing and copies); views,
+    allocations and no-op conversions excluded."""
+    skip = VIEWS | {"to", "resize_", "resolve_conj", "resolve_neg"}
+    ops = Counter()
+    for ev in prof.events():
+        if not ev.name.startswith("aten::") or ev.name[6:] in skip:
+            continue
+        chain, p = [], ev.cpu_parent
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        in_custom = any(n.startswith("ebkernels::") for n in chain)
+        outermost = not any(n.startswith(("aten::", "ebkernels::")) for n in chain)
+        innermost = not any(c.name.startswith("aten::") for c in ev.cpu_children)
+        if outermost or (in_custom and innermost):
+            ops[ev.name] += 1
+    return ops
+
+
+class _Launches:
+    """Counts Triton launches; under the interpreter without running them (``dry``)."""
+
+    def __init__(self, dry: bool):
+        self.count = Counter()
+        self.dry = dry
+
+    def __enter__(self):
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            import triton.runtime.interpreter as ti
+
+            self._cls, self._name = ti.GridExecutor, "__call__"
+        else:
+            import triton.runtime.jit as tj
+
+            self._cls, self._name = tj.JITFunction, "run"
+        orig = getattr(self._cls, self._name)
+        self._orig = orig
+        counter, dry = self.count, self.dry
+
+        def counted(obj, *a, **k):
+            counter[getattr(obj, "fn", obj).__name__ if hasattr(getattr(obj, "fn", obj), "__name__") else "?"] += 1
+            return None if dry else orig(obj, *a, **k)
+
+        setattr(self._cls, self._name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self._cls, self._name, self._orig)
+
+
+def kernel_counts(name: str, mode: str, device, batch: int = 2, hw: int = 32):
+    """(Triton launches, PyTorch ops, convolutions) of one training step after a warm-up."""
+    model = build(name, mode, device)
+    x = torch.randn(batch, 3, hw, hw, device=device).contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 10, (batch,), device=device)
+    dry = device.type == "cpu"
+
+    def step():
+        with _autocast(mode, device):
+            out = model(x)
+        F.cross_entropy(out.float(), t).backward()
+
+    with _Launches(dry):
+        step()  # warm-up: lazy state
+    for p in model.parameters():
+        p.grad = None  # as after optimizer.zero_grad(): no gradient accumulation ops
+    with _Launches(dry) as launches, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    return sum(launches.count.values()), sum(_device_ops(prof).values()), convs
+
+
+def kernel_rows(device):
+    rows = []
+    for name in ("vgg16", "preresnet101"):
+        for mode in MODES:
+            tri, ops, convs = kernel_counts(name, mode, device)
+            rows.append([name, mode, tri, ops, tri + ops, f"{(tri + ops) / convs:.1f}"])
+    return ["network", "mode", "Triton launches", "PyTorch ops", "kernels per step", "per conv block"], rows
+
+
+def bytes_rows():
+    from benchmarks.predict import BLOCK_TRAFFIC, block_floors
+    from benchmarks.shapes import CONV_SHAPES
+
+    rows = []
+    for net, shapes in CONV_SHAPES.items():
+        for batch in (32, 256):
+            mb = {k: sum(s.count * block_floors(s, batch)[f"{k} MB"] for s in shapes) for k in BLOCK_TRAFFIC}
+            rows.append([net, batch, *(f"{mb[k]:.0f}" for k in BLOCK_TRAFFIC),
+                         f"{mb['int8 fused block'] / mb['bf16 block']:.2f}"])
+    return ["network", "batch", *(f"{k} MB" for k in BLOCK_TRAFFIC), "int8 fused / bf16"], rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tables", default="memory,kernels,bytes", help="comma-separated: memory, kernels, bytes")
+    args = ap.parse_args(argv)
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    bad = [t for t in tables if t not in ("memory", "kernels", "bytes")]
+    if bad:
+        ap.error(f"--tables: unknown {bad}; accepted: memory, kernels, bytes")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where = "GPU" if device.type == "cuda" else "CPU (exact counts; no timing)"
+    if "memory" in tables:
+        print(f"\nSaved activations, one training forward at 32×32 ({where}):\n")
+        print(markdown_table(*memory_rows(device)))
+    if "kernels" in tables:
+        print(f"\nKernels per training step, batch 2 at 32×32 ({where}{', Triton launches counted dry' if device.type == 'cpu' else ''}):\n")
+        print(markdown_table(*kernel_rows(device)))
+    if "bytes" in tables:
+        print("\nModelled DRAM traffic per step, conv-BN-ReLU blocks (benchmarks/predict.py; a model, not a "
+              "measurement):\n")
+        print(markdown_table(*bytes_rows()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
