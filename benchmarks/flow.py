@@ -3,6 +3,7 @@ training step, modelled bytes per step, for int8 fused / int8 per-layer / bf16 a
 
     python benchmarks/flow.py                  # all tables (about a minute on 2 cores)
     python benchmarks/flow.py --tables memory  # one of: memory, kernels, bytes
+    python benchmarks/flow.py --smoke          # small networks, seconds (the test suite runs this)
 
 - **memory**: bytes autograd saves in one training forward (``saved_tensors_hooks``, storages counted
   once, parameters excluded) of VGG16 at batch 32 and PreResNet-101 at batch 16, 32×32 input, the
@@ -42,14 +43,20 @@ from benchmarks.common import markdown_table  # noqa: E402
 
 MODES = ("int8 fused", "int8 per-layer", "bf16 autocast", "fp32")
 MEMORY_CASES = (("vgg16", 32), ("preresnet101", 16))
+NETS = ("vgg16", "preresnet101")
+# --smoke (the test suite): the same kinds of network, small, so every table is computed in seconds
+SMOKE_MEMORY_CASES = (("vgg11", 4), ("preresnet20", 4))
+SMOKE_NETS = ("vgg11", "preresnet20")
+SMOKE_WIDTH = 0.25
 VIEWS = {"view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expand", "detach", "alias", "unsqueeze",
          "squeeze", "slice", "select", "_reshape_alias", "reshape", "split", "unbind", "view_as", "lift_fresh",
          "empty_like", "empty", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense"}
 
 
-def build(name: str, mode: str, device):
+def build(name: str, mode: str, device, width: float = 1.0):
     torch.manual_seed(0)
-    model = ebkernels.build_model(name, num_classes=10, in_channels=3).to(device).train()
+    kw = {} if width == 1.0 else {"width": width}
+    model = ebkernels.build_model(name, num_classes=10, in_channels=3, **kw).to(device).train()
     if mode.startswith("int8"):
         ebkernels.quantize_model(model, fuse=mode == "int8 fused")
     return model
@@ -74,12 +81,13 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, mode: str) -> int:
     return sum(seen.values())
 
 
-def memory_rows(device):
+def memory_rows(device, smoke: bool = False):
     rows = []
-    for name, batch in MEMORY_CASES:
+    width = SMOKE_WIDTH if smoke else 1.0
+    for name, batch in (SMOKE_MEMORY_CASES if smoke else MEMORY_CASES):
         x = torch.randn(batch, 3, 32, 32, device=device)
         with ebkernels.force_backend("reference"):
-            mib = {m: saved_bytes(build(name, m, device), x, m) / 2**20 for m in MODES}
+            mib = {m: saved_bytes(build(name, m, device, width), x, m) / 2**20 for m in MODES}
         rows.append([f"{name} b{batch}", *(f"{mib[m]:.1f}" for m in MODES),
                      f"{mib['int8 fused'] / mib['bf16 autocast']:.2f}",
                      f"{mib['int8 per-layer'] / mib['bf16 autocast']:.2f}"])
@@ -139,9 +147,9 @@ class _Launches:
         setattr(self._cls, self._name, self._orig)
 
 
-def kernel_counts(name: str, mode: str, device, batch: int = 2, hw: int = 32):
+def kernel_counts(name: str, mode: str, device, batch: int = 2, hw: int = 32, width: float = 1.0):
     """(Triton launches, PyTorch ops, convolutions) of one training step after a warm-up."""
-    model = build(name, mode, device)
+    model = build(name, mode, device, width)
     x = torch.randn(batch, 3, hw, hw, device=device).contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 10, (batch,), device=device)
     dry = device.type == "cpu"
@@ -161,11 +169,12 @@ def kernel_counts(name: str, mode: str, device, batch: int = 2, hw: int = 32):
     return sum(launches.count.values()), sum(_device_ops(prof).values()), convs
 
 
-def kernel_rows(device):
+def kernel_rows(device, smoke: bool = False):
     rows = []
-    for name in ("vgg16", "preresnet101"):
+    for name in (SMOKE_NETS if smoke else NETS):
         for mode in MODES:
-            tri, ops, convs = kernel_counts(name, mode, device)
+            tri, ops, convs = kernel_counts(name, mode, device, hw=16 if smoke else 32,
+                                            width=SMOKE_WIDTH if smoke else 1.0)
             rows.append([name, mode, tri, ops, tri + ops, f"{(tri + ops) / convs:.1f}"])
     return ["network", "mode", "Triton launches", "PyTorch ops", "kernels per step", "per conv block"], rows
 
@@ -186,6 +195,7 @@ def bytes_rows():
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tables", default="memory,kernels,bytes", help="comma-separated: memory, kernels, bytes")
+    ap.add_argument("--smoke", action="store_true", help="small networks (VGG-11 / PreResNet-20 at width 0.25)")
     args = ap.parse_args(argv)
     tables = [t.strip() for t in args.tables.split(",") if t.strip()]
     bad = [t for t in tables if t not in ("memory", "kernels", "bytes")]
@@ -193,12 +203,16 @@ def main(argv=None) -> int:
         ap.error(f"--tables: unknown {bad}; accepted: memory, kernels, bytes")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = "GPU" if device.type == "cuda" else "CPU (exact counts; no timing)"
+    if args.smoke:
+        where += f"; smoke: {', '.join(SMOKE_NETS)} at width {SMOKE_WIDTH}"
     if "memory" in tables:
         print(f"\nSaved activations, one training forward at 32×32 ({where}):\n")
-        print(markdown_table(*memory_rows(device)))
+        print(markdown_table(*memory_rows(device, args.smoke)))
     if "kernels" in tables:
-        print(f"\nKernels per training step, batch 2 at 32×32 ({where}{', Triton launches counted dry' if device.type == 'cpu' else ''}):\n")
-        print(markdown_table(*kernel_rows(device)))
+        hw = 16 if args.smoke else 32
+        dry = ", Triton launches counted dry" if device.type == "cpu" else ""
+        print(f"\nKernels per training step, batch 2 at {hw}×{hw} ({where}{dry}):\n")
+        print(markdown_table(*kernel_rows(device, args.smoke)))
     if "bytes" in tables:
         print("\nModelled DRAM traffic per step, conv-BN-ReLU blocks (benchmarks/predict.py; a model, not a "
               "measurement):\n")

@@ -7,7 +7,9 @@
 Sections: ``layers`` (QConv2d per conv shape of VGG16-CIFAR and PreResNet-101-CIFAR at batch 64 and
 256, and QLinear), ``quantize`` (quantizer bandwidth vs copy), ``detector`` (from
 ``benchmarks/bench_detector.py: detector_rows(device, smoke)``, skipped with a note if absent) and
-``epoch`` (one search epoch, int8 vs fp32 vs bf16 autocast).
+``epoch`` (one search epoch, int8 vs fp32 vs bf16 autocast), ``flow`` (``benchmarks/flow.py``: saved
+activations, kernels per training step and modelled bytes per step of int8 fused / per-layer, bf16, fp32:
+exact counts that a CPU measures too, ``--sections flow`` without ``--smoke`` on a CPU).
 
 Without CUDA only ``--smoke`` runs: the reference (PyTorch) path on tiny shapes, every figure labelled
 "CPU smoke — not a GPU result". ``benchmarks/RESULTS.md`` is written only by a full run on a GPU, so a
@@ -33,7 +35,7 @@ import torch  # noqa: E402
 from benchmarks.common import CPU_LABEL, default_device, environment, is_gpu, markdown_table  # noqa: E402
 
 RESULTS_MD = os.path.join(REPO, "benchmarks", "RESULTS.md")
-SECTIONS = ("layers", "quantize", "detector", "epoch")
+SECTIONS = ("layers", "quantize", "detector", "epoch", "flow")
 
 
 def parse_args(argv=None):
@@ -175,17 +177,33 @@ def _section_epoch(report, device, smoke, args, log):
         report.table(title, headers, rows)
 
 
+def _section_flow(report, device, smoke, args, log):
+    """The int8 data-flow figures of ``benchmarks/flow.py`` (its own process: on a CPU it counts Triton
+    launches under the interpreter, which must be set before triton is imported)."""
+    import subprocess
+
+    report.text("\n## The int8 data flow: saved activations, kernels per step, modelled bytes\n\n"
+                "int8 fused (`quantize_model(model)`), int8 per-layer (`fuse=False`), bf16 autocast, fp32; "
+                "exact counts, measurable on a CPU (see `benchmarks/flow.py`).")
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "flow.py")] + (["--smoke"] if smoke else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmarks/flow.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+    report.text(proc.stdout.rstrip())
+
+
 _RUNNERS = {"layers": _section_layers, "quantize": _section_quantize, "detector": _section_detector,
-            "epoch": _section_epoch}
+            "epoch": _section_epoch, "flow": _section_flow}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = default_device()
     gpu = is_gpu(device)
-    if not gpu and not args.smoke:
+    if not gpu and not args.smoke and args.sections != ["flow"]:
         print("run.py: no CUDA device. Full benchmarks need a GPU; run with --smoke for the CPU smoke "
-              "tables (reference path, not GPU results).", file=sys.stderr)
+              "tables (reference path, not GPU results), or --sections flow for the exact data-flow counts.",
+              file=sys.stderr)
         return 2
     out_paths = []
     if args.out:

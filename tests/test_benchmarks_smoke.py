@@ -63,6 +63,14 @@ def test_run_smoke_end_to_end(tmp_path):
     assert len(_table_rows(md, "Linear fwd+bwd")) == len(SMOKE_LINEAR_SHAPES)
     quant = _table_rows(md, "Quantizer bandwidth")
     assert len(quant) == 3 and all(float(r[3]) > 0 for r in quant)
+    # the data-flow section: saved MiB for the four modes, exact kernel counts, the fused flow saving memory
+    assert "## The int8 data flow" in md
+    flow = [[c.strip() for c in ln.strip("|").split("|")] for ln in md.split("## The int8 data flow", 1)[1].splitlines()
+            if ln.startswith("|")]
+    mem = [r for r in flow if r[0] in ("vgg11 b4", "preresnet20 b4")]
+    assert len(mem) == 2 and all(float(r[5]) < 1.0 for r in mem), mem  # int8 fused / bf16 < 1
+    counts = [r for r in flow if len(r) == 6 and r[1] == "int8 fused"]
+    assert len(counts) == 2 and all(int(r[2]) > 0 for r in counts), counts
     if "ebkernels.models" not in md:  # the epoch section ran (it is skipped only without the models)
         epoch = _table_rows(md, "Search epoch")
         assert [r[1] for r in epoch] == ["int8", "fp32", "bf16-autocast"] * 2
