@@ -43,8 +43,8 @@ from .bn_relu_quant import bn_relu_quant, bn_stats
 from .conv2d_bn import conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_fwd
 from .conv2d_int8 import CHANNEL_PAD, _conv2d_int8_dgrad_op, _conv2d_int8_fwd_op, conv2d_output_size, weight_grad_op
 from .maxpool_int8 import maxpool2d_int8, maxpool2d_int8_backward
-from .quantize import quantize
-from .weight_codes import weight_codes
+from .quantize import SMALL_NUMEL, quantize
+from .weight_codes import weight_codes, weight_quant_small
 from .._backend import use_triton
 from ._igemm import MAX_TERMS
 
@@ -170,11 +170,16 @@ class FusedBlockFunction(torch.autograd.Function):
             qx, sx = bn_relu_quant(xb, bnp_in, zmax_in, bn_in.num_batches_tracked if update_in else None, index,
                                    qc.bits_a, fixed, spec.relu_in, _pad_of(cin, x))
             saved.update(xb=xb, bnp_in=bnp_in, zmax_in=zmax_in, index=index, inv=inv, batch_in=batch_in)
-        # ---- weight codes (not kept: backward re-derives them from the Parameter and sw) -------------
-        pad_in = qx.shape[1] if qx.shape[1] != cin else 0
-        qw, sw = quantize_weight(weight, qc, channels_last=True, pad_channels_to=CHANNEL_PAD if pad_in else 0)
+        # ---- weight codes: small weights in one launch, kept for backward; large ones not kept
+        # (backward re-derives them from the Parameter and sw) ----------------------------------------
         if qc.mode == "wage" and qc.alpha != 1.0:
             raise ValueError("fused blocks need alpha == 1 in mode 'wage'")
+        if weight.numel() <= SMALL_NUMEL:
+            qw, qw_d, sw = weight_quant_small(weight, qc.bits_w, fixed, CHANNEL_PAD if use_triton(qx) else 0)
+            saved.update(qw_f=qw, qw_d=qw_d)
+        else:
+            pad_in = qx.shape[1] if qx.shape[1] != cin else 0
+            qw, sw = quantize_weight(weight, qc, channels_last=True, pad_channels_to=CHANNEL_PAD if pad_in else 0)
         # ---- conv (+ BatchNorm statistics) -> output -----------------------------------------------
         bn = spec.bn
         out_codes = out_scale = pos = None
@@ -241,7 +246,10 @@ class FusedBlockFunction(torch.autograd.Function):
         cout = weight.shape[0]
         pad_out = _pad_of(cout, qx)
         # the kernels' buffers pad channels to 16 (forward: Cin, the codes qx already are; dgrad: Cout)
-        qw_f, qw_d = weight_codes(weight, sw, qc.bits_w, CHANNEL_PAD if use_triton(qx) else 0)
+        if "qw_f" in saved:  # a small weight: its codes were kept
+            qw_f, qw_d = saved["qw_f"], saved["qw_d"]
+        else:
+            qw_f, qw_d = weight_codes(weight, sw, qc.bits_w, CHANNEL_PAD if use_triton(qx) else 0)
         dz = g_main
         g_bn_w = g_bn_b = g_bias = None
         stochastic = qc.rounding_e == "stochastic"

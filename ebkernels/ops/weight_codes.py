@@ -11,6 +11,10 @@ needs, each with its zero padding:
   the input-grad's K-major operand (before: a transposing copy of the forward codes).
 
 Codes are the quantizer's (``ops.quantize``): ``round_half_even(clip(w / s * S))``, NaN -> 0.
+
+Small weights (at most ``SMALL_NUMEL`` elements: most of PreResNet's, the first VGG layer) are quantized
+in the forward by ``weight_quant_small``: max |w|, the scale and both layouts in one program of one
+launch; the block keeps those codes (at most 2 × 64 KiB per layer) and backward needs no weight launch.
 """
 from __future__ import annotations
 
@@ -21,23 +25,21 @@ import triton.language as tl
 from .._backend import use_triton
 from .._registry import aot_kernel
 from . import _igemm
-from .quantize import padded_channels, round_half_even
+from .quantize import SMALL_NUMEL, padded_channels, quantize_reference, round_half_even, shift_scale_from_bits
 
-__all__ = ["weight_codes", "weight_codes_reference"]
+__all__ = ["weight_codes", "weight_quant_small", "weight_codes_reference"]
 
 _SIG = {"w_ptr": "*fp32", "scale_ptr": "*fp32", "fwd_ptr": "*i8", "dgrad_ptr": "*i8", "CO": "i32", "CI": "i32",
         "COp": "i32", "CIp": "i32", "KHW": "i32", "sw_o": "i64", "sw_i": "i64", "sw_t": "i64", "n": "i32"}
 
 
-@aot_kernel(signature=_SIG, constexprs={"BITS": 8, "BLOCK": 1024}, num_warps=4)
 @triton.jit
-def weight_codes_kernel(w_ptr, scale_ptr, fwd_ptr, dgrad_ptr, CO, CI, COp, CIp, KHW, sw_o, sw_i, sw_t, n,
-                        BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """Over the padded index space (COp, CIp, KH·KW) in fwd order: the code of w[co, ci, t] (0 in the
-    padding) into ``fwd`` at ``(co * KHW + t) * CIp + ci`` (co < CO) and ``dgrad`` at
+def _block_weight_codes(w_ptr, scale, fwd_ptr, dgrad_ptr, idx, CO, CI, COp, CIp, KHW, sw_o, sw_i, sw_t, n,
+                        BITS: tl.constexpr):
+    """The codes of one block of the padded index space (COp, CIp, KH·KW) in fwd order: w[co, ci, t] (0 in
+    the padding) into ``fwd`` at ``(co * KHW + t) * CIp + ci`` (co < CO) and ``dgrad`` at
     ``(t * CI + ci) * COp + co`` (ci < CI)."""
     S: tl.constexpr = 2.0 ** (BITS - 1)
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < n
     ci = idx % CIp
     r = idx // CIp
@@ -46,11 +48,48 @@ def weight_codes_kernel(w_ptr, scale_ptr, fwd_ptr, dgrad_ptr, CO, CI, COp, CIp, 
     real = ok & (co < CO) & (ci < CI)
     w = tl.load(w_ptr + co.to(tl.int64) * sw_o + ci.to(tl.int64) * sw_i + t.to(tl.int64) * sw_t, mask=real,
                 other=0.0).to(tl.float32)
-    q = tl.math.div_rn(w, tl.load(scale_ptr)) * S
+    q = tl.math.div_rn(w, scale) * S
     q = round_half_even(tl.minimum(tl.maximum(q, -(S - 1.0)), S - 1.0))
     q = tl.where((q != q) | ~real, 0.0, q).to(tl.int8)
     tl.store(fwd_ptr + (co * KHW + t).to(tl.int64) * CIp + ci, q, mask=ok & (co < CO))
     tl.store(dgrad_ptr + (t * CI + ci).to(tl.int64) * COp + co, q, mask=ok & (ci < CI))
+    return tl.max(tl.abs(tl.where(real, w, 0.0)).to(tl.int32, bitcast=True), axis=0)
+
+
+@aot_kernel(signature=_SIG, constexprs={"BITS": 8, "BLOCK": 1024}, num_warps=4)
+@triton.jit
+def weight_codes_kernel(w_ptr, scale_ptr, fwd_ptr, dgrad_ptr, CO, CI, COp, CIp, KHW, sw_o, sw_i, sw_t, n,
+                        BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Both layouts from a given scale (backward), one block per program."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _block_weight_codes(w_ptr, tl.load(scale_ptr), fwd_ptr, dgrad_ptr, idx, CO, CI, COp, CIp, KHW, sw_o, sw_i,
+                        sw_t, n, BITS)
+
+
+@aot_kernel(signature=_SIG, constexprs=[{"BITS": 8, "FIXED_SCALE": f, "BLOCK": 1024} for f in (False, True)],
+            num_warps=8)
+@triton.jit
+def weight_quant_small_kernel(w_ptr, scale_ptr, fwd_ptr, dgrad_ptr, CO, CI, COp, CIp, KHW, sw_o, sw_i, sw_t, n,
+                              BITS: tl.constexpr, FIXED_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """Forward of a small weight in one program of one launch: max |w|, its scale (stored), then both
+    layouts (kept for backward: at most SMALL_NUMEL bytes each)."""
+    bits = tl.zeros((), tl.int32)
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        ok = idx < n
+        ci = idx % CIp
+        r = idx // CIp
+        t = r % KHW
+        co = r // KHW
+        real = ok & (co < CO) & (ci < CI)
+        w = tl.load(w_ptr + co.to(tl.int64) * sw_o + ci.to(tl.int64) * sw_i + t.to(tl.int64) * sw_t, mask=real,
+                    other=0.0).to(tl.float32)
+        bits = tl.maximum(bits, tl.max(tl.abs(w).to(tl.int32, bitcast=True), axis=0))
+    scale = shift_scale_from_bits(bits, FIXED_SCALE)
+    tl.store(scale_ptr, scale)
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        _block_weight_codes(w_ptr, scale, fwd_ptr, dgrad_ptr, idx, CO, CI, COp, CIp, KHW, sw_o, sw_i, sw_t, n, BITS)
 
 
 def _layouts(CO, CI, KH, KW, pad, device, empty):
@@ -72,21 +111,58 @@ def weight_codes_reference(weight, scale, bits, pad):
     return fwd, dgrad
 
 
+def _launch_args(weight, pad):
+    """(weight, fwd, dgrad, kernel arguments after the scale pointer) of both kernels."""
+    CO, CI, KH, KW = weight.shape
+    if KH > 1 and KW > 1 and weight.stride(2) != KW * weight.stride(3):
+        weight = weight.contiguous()  # the kernels walk the KH·KW taps with one stride
+    fwd, dgrad = _layouts(CO, CI, KH, KW, pad, weight.device, _igemm.empty_output)
+    COp, CIp = dgrad.shape[0], fwd.shape[1]
+    n = COp * CIp * KH * KW
+    args = (CO, CI, COp, CIp, KH * KW, weight.stride(0), weight.stride(1),
+            weight.stride(3) if KW > 1 or KH == 1 else weight.stride(2), n)
+    return weight, fwd, dgrad, args
+
+
 @torch.library.custom_op("ebkernels::weight_codes", mutates_args=())
 def _op(weight: torch.Tensor, scale: torch.Tensor, bits: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not use_triton(weight, scale):
         return weight_codes_reference(weight, scale, bits, pad)
-    CO, CI, KH, KW = weight.shape
-    if KH > 1 and KW > 1 and weight.stride(2) != KW * weight.stride(3):
-        weight = weight.contiguous()  # the kernel walks the KH·KW taps with one stride
-    fwd, dgrad = _layouts(CO, CI, KH, KW, pad, weight.device, _igemm.empty_output)
-    COp, CIp = dgrad.shape[0], fwd.shape[1]
-    n = COp * CIp * KH * KW
-    if n:
-        weight_codes_kernel[(triton.cdiv(n, 1024),)](
-            weight, scale, fwd, dgrad, CO, CI, COp, CIp, KH * KW, weight.stride(0), weight.stride(1),
-            weight.stride(3) if KW > 1 or KH == 1 else weight.stride(2), n, BITS=bits, BLOCK=1024, num_warps=4)
+    weight, fwd, dgrad, args = _launch_args(weight, pad)
+    if args[-1]:
+        weight_codes_kernel[(triton.cdiv(args[-1], 1024),)](weight, scale, fwd, dgrad, *args, BITS=bits, BLOCK=1024,
+                                                            num_warps=4)
     return fwd, dgrad
+
+
+@torch.library.custom_op("ebkernels::weight_quant_small", mutates_args=())
+def _small_op(weight: torch.Tensor, bits: int, fixed_scale: bool, pad: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not use_triton(weight):
+        _, scale = quantize_reference(weight, bits, fixed_scale=fixed_scale)
+        return (*weight_codes_reference(weight, scale, bits, pad), scale)
+    weight, fwd, dgrad, args = _launch_args(weight, pad)
+    scale = _igemm.empty_output((), torch.float32, weight.device)
+    weight_quant_small_kernel[(1,)](weight, scale, fwd, dgrad, *args, BITS=bits, FIXED_SCALE=fixed_scale,
+                                    BLOCK=1024, num_warps=8)
+    return fwd, dgrad, scale
+
+
+@_small_op.register_fake
+def _(weight, bits, fixed_scale, pad):
+    CO, CI, KH, KW = weight.shape
+    fwd, dgrad = _layouts(CO, CI, KH, KW, pad, weight.device,
+                          lambda s, d, dev, f: torch.empty(s, dtype=d, device=dev).contiguous(memory_format=f))
+    return fwd, dgrad, weight.new_empty((), dtype=torch.float32)
+
+
+def weight_quant_small(weight, bits=8, fixed_scale=False, pad=16):
+    """Forward weight quantization of a small weight (<= ``SMALL_NUMEL`` elements) in one launch:
+    ``(fwd codes, dgrad codes, scale)``, the scale ``Shift(max |w|)`` (``fixed_scale``: WAGE's 1) and the
+    codes of both layouts (module docstring), which the fused block keeps: backward needs no launch."""
+    if weight.numel() > SMALL_NUMEL:
+        raise ValueError(f"weight_quant_small: {weight.numel()} elements; accepted: at most {SMALL_NUMEL}")
+    return _small_op(weight, int(bits), bool(fixed_scale), int(pad))
 
 
 @_op.register_fake
