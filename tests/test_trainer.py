@@ -186,6 +186,22 @@ def test_resume_after_kill_9_continues_with_the_same_detector_state(tmp_path):
     assert again.returncode == 0 and "already finished" in again.stdout and "resuming" not in again.stdout
 
 
+def test_an_int8_search_resumes_bit_identically(tmp_path):
+    """The int8 layers' stochastic rounding draws from a device-side random state: it is seeded from
+    --seed and kept in the checkpoint, so a killed int8 search continues exactly where it stopped."""
+    args = TINY + ["--precision", "int8", "--epochs", "3", "--retrain-epochs", "0", "--eps", "0.001"]
+    killed = tmp_path / "killed"
+    _kill_when(_start(args, killed), str(killed / "*" / "checkpoint.pt"))
+    run = only_run_dir(killed)
+    state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
+    assert state["phase"] == "search" and state["epoch"] < 3 and state["ebk_rng"]["devices"]
+    assert main(args + ["--out", str(killed), "--quiet"]) == 0
+    assert main(args + ["--out", str(tmp_path / "reference"), "--quiet"]) == 0
+    resumed, reference = (read_jsonl(os.path.join(r, "metrics.jsonl"))
+                          for r in (run, only_run_dir(tmp_path / "reference")))
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in reference]
+
+
 # -------------------------------------------------------------------------------------------- DDP
 def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
     args = STABLE + ["--retrain-epochs", "1"]
@@ -232,7 +248,9 @@ def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
     (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm", "--no-download"],
      "apt-get install dataset-fashion-mnist"),
     (["--dataset", "cifar10", "--data-dir", "{tmp}", "--no-download"], "cifar10 not found in"),
-])
+] + ([] if torch.cuda.is_available() else [
+    (["--cuda-graphs"], "--cuda-graphs needs a CUDA device; this run uses cpu"),
+]))
 def test_bad_input_is_a_clear_message_and_writes_nothing(tmp_path, capsys, extra, message):
     out = tmp_path / "runs"
     extra = [x.replace("{tmp}", str(tmp_path)) for x in extra]
