@@ -33,7 +33,7 @@ from . import _igemm
 from ._bn_math import bn_grad_in, bn_grad_in_reference, scale_reference, shift_scale_from_bits
 from ._channel_stats import SUMS, ReductionSpace, counter_pool, finish_reduction, publish_max, store_partials, tile_sums
 from ._igemm import cast_rne, decode_rows
-from .bn_relu_quant import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
+from .bn_relu_quant import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tile, elementwise_tiles, nhwc_rows
 from .quantize import round_half_even
 
 __all__ = ["bn_relu_bwd_reduce", "bn_relu_bwd", "bn_relu_bwd_reduce_reference", "bn_relu_bwd_reference",
@@ -83,13 +83,8 @@ def bn_relu_bwd_reduce_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, part_ptr, grp_ptr
                               sd_c, sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV: tl.constexpr, RELU: tl.constexpr,
                               BP: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr, GROUP: tl.constexpr):
     """Grid (row tiles, channel blocks): the sums [Σ g, Σ g·xhat] per channel, merged in the kernel."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n, m, c, m_ok, c_ok = elementwise_tile(M, C, BP, CB)
     T = tl.num_programs(0)
-    m = pid_m * BP + tl.arange(0, BP)
-    c = pid_n * CB + tl.arange(0, CB)
-    m_ok = m < M
-    c_ok = c < C
     dz, y, a, b, mean, rstd = _load_inputs(dz_ptr, y_ptr, inv_ptr, bnp_ptr, m, m_ok, c, c_ok, C, H, W, sd_n, sd_c,
                                            sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV)
     _, g, xhat = bn_grad_in(dz, y, a, b, mean, rstd, 0.0, 0.0, RELU)
@@ -124,12 +119,7 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_
     takes the random ticket into ``amax[1]`` when ``STOCHASTIC``); 1: codes at ``m * Cp + c`` (NHWC)
     and, with ``CM``, at ``c * M + m`` (channel-major), channels C..Cp-1 written 0, scale stored by program
     (0, 0); 2: dy in ``out`` (strides so_*). ``HAS_SUMS`` False: eval-mode BatchNorm (m1 = m2 = 0)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    m = pid_m * BP + tl.arange(0, BP)
-    c = pid_n * CB + tl.arange(0, CB)
-    m_ok = m < M
-    c_ok = c < C
+    pid_m, pid_n, m, c, m_ok, c_ok = elementwise_tile(M, C, BP, CB)
     dz, y, a, b, mean, rstd = _load_inputs(dz_ptr, y_ptr, inv_ptr, bnp_ptr, m, m_ok, c, c_ok, C, H, W, sd_n, sd_c,
                                            sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV)
     if HAS_SUMS:

@@ -35,7 +35,7 @@ from ._igemm import cast_rne, decode_rows, to_bfloat16_rne
 from .quantize import round_half_even
 
 __all__ = ["bn_stats", "bn_relu_quant", "bn_stats_reference", "bn_relu_quant_reference", "elementwise_tiles",
-           "ELEMENTWISE_WARPS",
+           "ELEMENTWISE_WARPS", "elementwise_tile",
            "nhwc_rows"]
 
 
@@ -54,6 +54,16 @@ def elementwise_tiles(C: int, device: torch.device, elements: int = 4096):
 def nhwc_rows(t: torch.Tensor):
     """(s_n, s_c, s_h, s_w) of a 4-D tensor in its own memory layout."""
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+@triton.jit
+def elementwise_tile(M, C, BP: tl.constexpr, CB: tl.constexpr):
+    """This program's tile of a (rows, channels) grid: (pid_m, pid_n, rows, channels, row mask, channel mask)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m = pid_m * BP + tl.arange(0, BP)
+    c = pid_n * CB + tl.arange(0, CB)
+    return pid_m, pid_n, m, c, m < M, c < C
 
 
 # z = y*a + b must round twice, as the references (and the interpreter) do: no fma contraction
@@ -84,13 +94,8 @@ def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_p
     bfloat16 into ``xb`` (NHWC), per-tile moments, the two-level merge into ``chan``, then the
     finalisation (``bn_finalize_channels``) by the merging program. ``HAS_KEEP``: only channels with
     ``keep[c] >= 0`` count towards max |z| (those a channel gather keeps)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n, m, c, m_ok, c_ok = elementwise_tile(M, C, BP, CB)
     T = tl.num_programs(0)
-    m = pid_m * BP + tl.arange(0, BP)
-    c = pid_n * CB + tl.arange(0, CB)
-    m_ok = m < M
-    c_ok = c < C
     n, h, w = decode_rows(m, H, W)
     offs = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
     mask = m_ok[:, None] & c_ok[None, :]
@@ -206,12 +211,7 @@ def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr
     """Grid (row tiles, output-channel blocks): output channel k of pixel m is ``z`` of input channel
     ``index[k]`` (or k); ``CODES``: int8 codes at ``m * Kp + k`` (NHWC, channels K..Kp-1 written 0) with
     the scale ``Shift(zmax)`` (stored by program (0, 0)); else z at ``m * K + k`` in out's dtype."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    m = pid_m * BP + tl.arange(0, BP)
-    k = pid_n * CB + tl.arange(0, CB)
-    m_ok = m < M
-    k_ok = k < K
+    pid_m, pid_n, m, k, m_ok, k_ok = elementwise_tile(M, K, BP, CB)
     if HAS_INDEX:
         src = tl.load(index_ptr + k, mask=k_ok, other=0).to(tl.int32)
     else:

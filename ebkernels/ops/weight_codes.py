@@ -34,12 +34,9 @@ _SIG = {"w_ptr": "*fp32", "scale_ptr": "*fp32", "fwd_ptr": "*i8", "dgrad_ptr": "
 
 
 @triton.jit
-def _block_weight_codes(w_ptr, scale, fwd_ptr, dgrad_ptr, idx, CO, CI, COp, CIp, KHW, sw_o, sw_i, sw_t, n,
-                        BITS: tl.constexpr):
-    """The codes of one block of the padded index space (COp, CIp, KH·KW) in fwd order: w[co, ci, t] (0 in
-    the padding) into ``fwd`` at ``(co * KHW + t) * CIp + ci`` (co < CO) and ``dgrad`` at
-    ``(t * CI + ci) * COp + co`` (ci < CI)."""
-    S: tl.constexpr = 2.0 ** (BITS - 1)
+def _load_weight_block(w_ptr, idx, CO, CI, CIp, KHW, sw_o, sw_i, sw_t, n):
+    """Decode a block of the padded index space (COp, CIp, KH·KW), fwd order, and load the weights there
+    (0 in the padding): (in range, co, ci, tap, real element, w)."""
     ok = idx < n
     ci = idx % CIp
     r = idx // CIp
@@ -48,12 +45,22 @@ def _block_weight_codes(w_ptr, scale, fwd_ptr, dgrad_ptr, idx, CO, CI, COp, CIp,
     real = ok & (co < CO) & (ci < CI)
     w = tl.load(w_ptr + co.to(tl.int64) * sw_o + ci.to(tl.int64) * sw_i + t.to(tl.int64) * sw_t, mask=real,
                 other=0.0).to(tl.float32)
+    return ok, co, ci, t, real, w
+
+
+@triton.jit
+def _block_weight_codes(w_ptr, scale, fwd_ptr, dgrad_ptr, idx, CO, CI, COp, CIp, KHW, sw_o, sw_i, sw_t, n,
+                        BITS: tl.constexpr):
+    """The codes of one block of the padded index space (COp, CIp, KH·KW) in fwd order: w[co, ci, t] (0 in
+    the padding) into ``fwd`` at ``(co * KHW + t) * CIp + ci`` (co < CO) and ``dgrad`` at
+    ``(t * CI + ci) * COp + co`` (ci < CI)."""
+    S: tl.constexpr = 2.0 ** (BITS - 1)
+    ok, co, ci, t, real, w = _load_weight_block(w_ptr, idx, CO, CI, CIp, KHW, sw_o, sw_i, sw_t, n)
     q = tl.math.div_rn(w, scale) * S
     q = round_half_even(tl.minimum(tl.maximum(q, -(S - 1.0)), S - 1.0))
     q = tl.where((q != q) | ~real, 0.0, q).to(tl.int8)
     tl.store(fwd_ptr + (co * KHW + t).to(tl.int64) * CIp + ci, q, mask=ok & (co < CO))
     tl.store(dgrad_ptr + (t * CI + ci).to(tl.int64) * COp + co, q, mask=ok & (ci < CI))
-    return tl.max(tl.abs(tl.where(real, w, 0.0)).to(tl.int32, bitcast=True), axis=0)
 
 
 @aot_kernel(signature=_SIG, constexprs={"BITS": 8, "BLOCK": 1024}, num_warps=4)
@@ -76,14 +83,7 @@ def weight_quant_small_kernel(w_ptr, scale_ptr, fwd_ptr, dgrad_ptr, CO, CI, COp,
     bits = tl.zeros((), tl.int32)
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        ok = idx < n
-        ci = idx % CIp
-        r = idx // CIp
-        t = r % KHW
-        co = r // KHW
-        real = ok & (co < CO) & (ci < CI)
-        w = tl.load(w_ptr + co.to(tl.int64) * sw_o + ci.to(tl.int64) * sw_i + t.to(tl.int64) * sw_t, mask=real,
-                    other=0.0).to(tl.float32)
+        w = _load_weight_block(w_ptr, idx, CO, CI, CIp, KHW, sw_o, sw_i, sw_t, n)[5]
         bits = tl.maximum(bits, tl.max(tl.abs(w).to(tl.int32, bitcast=True), axis=0))
     scale = shift_scale_from_bits(bits, FIXED_SCALE)
     tl.store(scale_ptr, scale)
