@@ -147,6 +147,12 @@ class Job:
     def search(self, state: dict) -> dict:
         s = self.s
         model, wrapped, opt = self._trainable(self.model, s.precision, state)
+        if s.precision == "int8":
+            from ..fusion import fused_chains
+
+            chains = fused_chains(model)
+            self.log(f"int8 search: {len(chains)} conv-BN-ReLU chains run as fused int8 blocks "
+                     f"(ebkernels.fusion), the other layers as QConv2d/QLinear")
         graphed = self.epochs.graphed_step(model, s.sparsity, s.precision) if s.cuda_graphs else None
         detector = make_detector(s)  # one detector, all ratios: one fused update per epoch
         if state["detector"] is not None:
