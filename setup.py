@@ -57,7 +57,7 @@ setup(
     description="int8 tensor-core training kernels (Triton) and the early-bird lottery ticket workflow",
     packages=find_packages(include=["ebkernels", "ebkernels.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn",
+    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn", "torch-pruning>=1.6",
                       "triton>=3.2; platform_system == 'Linux'"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     ext_modules=ext_modules,

@@ -77,13 +77,14 @@ class ChannelPlan:
         self.bns = dict(bns)
         self.order = [n for n, _ in bns]
         self.masks = dict(zip(self.order, masks))
+        self.sizes = {n: int(bn.num_features) for n, bn in bns}  # before pruning changes any layer
         self.effective = {n: torch.ones(bn.num_features, dtype=torch.bool) for n, bn in bns}
         self.layers: dict[str, dict] = {}
         self.rescued: list[str] = []
         self.unapplied: list[str] = []
 
     def _line(self, name: str, kept: int, role: str, **extra) -> None:
-        self.layers[name] = {"name": name, "channels": int(self.bns[name].num_features),
+        self.layers[name] = {"name": name, "channels": self.sizes[name],
                              "requested": int(self.masks[name].sum()), "kept": int(kept), "role": role, **extra}
 
     def keep(self, name: str, role: str, candidates: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,7 +111,7 @@ class ChannelPlan:
         """A BN whose channels this pruner cannot narrow: all of them stay."""
         if not bool(self.masks[name].all()):
             self.unapplied.append(name)
-        self._line(name, self.bns[name].num_features, role)
+        self._line(name, self.sizes[name], role)
 
     def decided(self, name: str, keep: torch.Tensor, role: str, **extra) -> None:
         """A BN whose kept channels were decided elsewhere (a coupled group of the graph pruner)."""
