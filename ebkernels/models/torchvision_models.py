@@ -7,10 +7,11 @@ torchvision's own scheme) and adapts it:
 - the classifier has ``num_classes`` outputs (torchvision's constructor argument);
 - the first convolution (the first ``nn.Conv2d`` in module order) reads ``in_channels``;
 - ``small_stem=True`` (for 8–64 px images, e.g. CIFAR): that first convolution becomes 3×3, stride 1,
-  padding 1, and a max-pool that directly follows it (the first ``nn.MaxPool2d`` before the second
-  convolution: ResNet's ``maxpool``, DenseNet's ``pool0``) becomes ``nn.Identity``. VGG's first pool
-  comes after its second convolution and stays. A replaced convolution is initialised like
-  torchvision's ResNet stem (Kaiming normal, fan-out, ReLU gain; bias 0).
+  padding 1; if it was a downsampling stem (stride > 1), a max-pool that directly follows it (the
+  first ``nn.MaxPool2d``, when it comes before the second convolution: ResNet's ``maxpool``,
+  DenseNet's ``pool0``) becomes ``nn.Identity``. VGG's stem already is 3×3 / 1 and keeps all its
+  pools; MobileNet's loses only its stride. A replaced convolution is initialised like torchvision's
+  ResNet stem (Kaiming normal, fan-out, ReLU gain; bias 0).
 
 A pruned model is described by :func:`layer_widths` (the in/out width and groups of every Conv2d,
 the width of every BatchNorm2d, in/out of every Linear, by module name): plain JSON data, stored in
@@ -78,7 +79,7 @@ def _adapt_stem(model: nn.Module, in_channels: int, small_stem: bool) -> None:
         if stem.bias is not None:
             nn.init.zeros_(stem.bias)
         _replace(model, name, stem)
-    if small_stem:
+    if small_stem and max(first.stride) > 1:
         order = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d))]
         if len(order) > 1 and isinstance(order[1][1], nn.MaxPool2d):
             _replace(model, order[1][0], nn.Identity())

@@ -7,11 +7,11 @@ depthwise convolution ties the BN before it to the BN after it. torch-pruning fi
 early-bird mask, drawn from one global |gamma| ranking over all BNs (SPEC §3), has one vote per coupled
 BN channel, and they may disagree. The rule turns the votes of a group channel into one decision:
 
-- ``majority`` (default): keep the channel when more than half of its coupled BN channels keep it;
-  a tie (one of two BNs, the depthwise pairs of MobileNet) goes back to the global ranking: keep it
-  when the mean |gamma| of its BN channels is above the mask's threshold (the largest |gamma| the
-  mask prunes, ``thr`` of SPEC §3 for a mask from ``channel_mask``). The group keeps about as many
-  channels as its BNs ask for on average.
+- ``majority`` (default): keep the channel when more than half of its coupled BN channels keep it,
+  prune it when fewer than half do. Tied channels (one BN of two says keep: MobileNet's depthwise
+  pairs, two of a ResNet-50 stage's four stream BNs) are kept in the order of their mean |gamma|
+  over the coupled BNs, until the group has the width its BNs ask for on average. So a group keeps
+  about as many channels as its BNs ask for, and which ones follows the votes, then the ranking.
 - ``any``: keep it when any coupled BN keeps it (every BN has a veto against pruning: never prunes a
   channel the mask keeps, keeps far more than asked on long residual streams).
 - ``all``: keep it only when every coupled BN keeps it (prunes every channel any BN drops).
@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["COUPLED_RULES", "CoupledGroup", "check_rule", "decide", "mask_threshold", "GroupCost"]
+__all__ = ["COUPLED_RULES", "CoupledGroup", "check_rule", "decide", "GroupCost"]
 
 COUPLED_RULES = ("majority", "any", "all")
 
@@ -76,12 +76,6 @@ class CoupledGroup:
         return max(1, round(sum(keeps) / len(keeps))) if keeps else self.channels
 
 
-def mask_threshold(masks: dict, gammas: dict) -> float:
-    """The largest |gamma| among the channels the mask prunes (-inf when it prunes none)."""
-    dropped = [gammas[n].abs()[~m] for n, m in masks.items() if not bool(m.all())]
-    return max(float(d.max()) for d in dropped) if dropped else float("-inf")
-
-
 def _mean_abs_gamma(group: CoupledGroup, gammas: dict) -> torch.Tensor:
     total = torch.zeros(group.channels, dtype=torch.float64)
     seen = torch.zeros(group.channels, dtype=torch.float64)
@@ -93,13 +87,16 @@ def _mean_abs_gamma(group: CoupledGroup, gammas: dict) -> torch.Tensor:
     return total / seen.clamp(min=1)
 
 
-def decide(group: CoupledGroup, masks: dict, gammas: dict, rule: str, threshold: float) -> tuple[torch.Tensor, bool]:
-    """(keep flag per root channel, whether the no-empty-layer rescue was needed); ``threshold``:
-    :func:`mask_threshold`, for the majority rule's ties."""
+def decide(group: CoupledGroup, masks: dict, gammas: dict, rule: str) -> tuple[torch.Tensor, bool]:
+    """(keep flag per root channel, whether the no-empty-layer rescue was needed)."""
     keep_votes, seen = group.votes(masks)
     if rule == "majority":
-        tie = 2 * keep_votes == seen
-        keep = (2 * keep_votes > seen) | (tie & (_mean_abs_gamma(group, gammas) > threshold))
+        keep = 2 * keep_votes > seen
+        tied = ((2 * keep_votes == seen) & (seen > 0)).nonzero().flatten()
+        room = group.requested_width(masks) - int(keep.sum())
+        if room > 0 and tied.numel():
+            order = torch.argsort(_mean_abs_gamma(group, gammas)[tied], descending=True, stable=True)
+            keep[tied[order[:room]]] = True
     elif rule == "any":
         keep = keep_votes > 0
     else:

@@ -18,7 +18,7 @@ import re
 import torch
 from torch import nn
 
-from .coupling import CoupledGroup, GroupCost, decide, mask_threshold
+from .coupling import CoupledGroup, GroupCost, decide
 from .masks import ChannelPlan
 
 __all__ = ["import_torch_pruning", "prune_graph", "POINTWISE_OPS", "GRAPH_SUPPORTED"]
@@ -189,12 +189,11 @@ def prune_graph(model: nn.Module, plan: ChannelPlan, input_shape: tuple, rule: s
     cost = GroupCost(model, [g for g, _ in groups], input_shape)
 
     gammas = {n: bn.weight.detach().cpu().clone() for n, bn in plan.bns.items()}
-    threshold = mask_threshold(plan.masks, gammas)
     effective = {n: torch.ones(plan.bns[n].num_features, dtype=torch.bool) for n in plan.order}
     where = {}
     lines, requested, achieved, removals = [], [], [], {}
     for group, cuts in groups:
-        keep, rescued = decide(group, plan.masks, gammas, rule, threshold)
+        keep, rescued = decide(group, plan.masks, gammas, rule)
         if rescued:
             plan.rescued.extend(sorted(group.bn_channels))
         keep_votes, seen = group.votes(plan.masks)
