@@ -11,6 +11,7 @@ from torch import nn
 
 from .._io import NotPlainData, atomic_torch_save, content_digest, load_plain
 from ..models import PreResNet, VGG, architecture, build_model
+from ..models.torchvision_models import is_torchvision_name
 from ..models.resnet import init_resnet, is_basic_resnet
 from .costs import _unwrap
 from .masks import _as_bool_tensor
@@ -23,21 +24,34 @@ TICKET_VERSION = 1
 
 # ---------------------------------------------------------------------------------------- re-init
 
+def _rebuild_fresh(model: nn.Module) -> None:
+    """A torchvision model's re-init: a freshly built twin (torchvision's own initialisation; resized
+    layers take the leading slice of the fresh full-width layers) lends its values."""
+    arch = architecture(model)
+    fresh = build_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                        cfg=arch["cfg"], **arch["kwargs"])
+    model.load_state_dict(fresh.state_dict())  # copies into the model's tensors: device and dtype stay
+
+
 def reinit(model: nn.Module, seed: int | None = None) -> nn.Module:
     """Re-initialise all weights in place with the model's own scheme ("EB Train (re-init)").
 
     The architecture (pruned widths, channel gathers) stays; weights, BN affine parameters and
     running statistics start afresh. ``seed`` makes it reproducible without touching the global RNG.
+    ``torchvision:`` models take torchvision's initialisation through a freshly built twin.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = _unwrap(model)
-    if isinstance(model, (VGG, PreResNet)):
+    if is_torchvision_name(getattr(model, "ebk_arch", {}).get("name")):
+        init = functools.partial(_rebuild_fresh, model)
+    elif isinstance(model, (VGG, PreResNet)):
         init = model.reset_parameters
     elif is_basic_resnet(model):
         init = functools.partial(init_resnet, model)
     else:
-        raise TypeError(f"reinit supports VGG, PreResNet and BasicBlock ResNets; got {type(model).__name__}")
+        raise TypeError(f"reinit supports VGG, PreResNet, BasicBlock ResNets and models built by "
+                        f"build_model('torchvision:<name>'); got {type(model).__name__}")
     if seed is None:
         with torch.no_grad():
             init()
