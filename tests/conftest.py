@@ -31,7 +31,7 @@ def _import_torchvision():
         import torchvision  # noqa: F401
         return None
     except ImportError as exc:
-        return (f"torchvision is not installed ({exc}); `pip install --no-deps torchvision==0.28.0` installs the "
+        return (f"torchvision is not installed ({exc}); `pip install torchvision==0.28.0` (in requirements.txt) installs the "
                 f"release for torch 2.13")
     except RuntimeError as exc:
         if "torchvision::nms" not in str(exc):
