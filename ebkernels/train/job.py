@@ -26,8 +26,8 @@ from ..detector import EarlyBird, NonFiniteImportanceError, channel_mask
 from ..pruning import count_flops, count_params, load_ticket, prune, reinit, save_ticket
 from .dist import Dist
 from .energy import EnergyMeter
-from .loop import (EpochRunner, build_dense_model, float_copy, local_batch_size, lr_at, make_optimizer,
-                   prepare_for_training)
+from .loop import (EpochRunner, build_dense_model, float_copy, int8_layers_line, local_batch_size, lr_at,
+                   make_optimizer, prepare_for_training)
 from .report import (Log, build_summary, epoch_line, print_summary, report_dict, start_lines, ticket_line,
                      write_plots)
 from .rundir import RunDir, describe_progress, new_state, ratio_key
@@ -148,11 +148,7 @@ class Job:
         s = self.s
         model, wrapped, opt = self._trainable(self.model, s.precision, state)
         if s.precision == "int8":
-            from ..fusion import fused_chains
-
-            chains = fused_chains(model)
-            self.log(f"int8 search: {len(chains)} conv-BN-ReLU chains run as fused int8 blocks "
-                     f"(ebkernels.fusion), the other layers as QConv2d/QLinear")
+            self.log(int8_layers_line(model))
         graphed = self.epochs.graphed_step(model, s.sparsity, s.precision) if s.cuda_graphs else None
         detector = make_detector(s)  # one detector, all ratios: one fused update per epoch
         if state["detector"] is not None:
@@ -226,7 +222,10 @@ class Job:
         """Mask at ``ratio`` from the current BN scaling factors, prune physically, save (rank 0)."""
         dense = float_copy(model)
         mask = channel_mask(dense, ratio)
-        pruned, report = prune(dense, mask, ratio=ratio, input_shape=self.ds.input_shape)
+        try:
+            pruned, report = prune(dense, mask, ratio=ratio, input_shape=self.ds.input_shape, coupled=self.s.coupled)
+        except (ImportError, ValueError) as e:  # torch-pruning missing, a structure it cannot prune exactly
+            raise TrainerError(f"cannot prune --model {self.s.model} at p={ratio_key(ratio)}: {e}") from e
         acc = self.epochs.evaluate(pruned)["test_acc"]
         path = self.run_dir.ticket_path(tag)
         if self.dist.is_main:  # save_ticket writes atomically itself
