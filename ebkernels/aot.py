@@ -1,11 +1,13 @@
 """Ahead-of-time compile of every registered Triton kernel for real GPU targets, without a GPU.
 
     python -m ebkernels.aot --arch 80,90 [--kernel NAME ...] [--json out.json]
+    python -m ebkernels.aot --plan vgg16,preresnet101 --batch 256 [--tiles legacy]
 
 For each kernel, configuration and architecture it prints: compiled or the error, the int8
 tensor-core instructions found in the PTX (``mma.sync…s8`` on sm_80, ``wgmma…s8`` on sm_90), shared
 memory, and registers/spills from ``ptxas -v`` where the ptxas bundled with Triton is present.
 Exits non-zero if any kernel fails to compile, or if a kernel declared ``int8_mma`` shows no int8 MMA.
+``--plan`` prints the convolution tile table's choices instead (``print_plan``; no compile).
 """
 from __future__ import annotations
 
@@ -80,15 +82,17 @@ def compile_one(name: str, cfg_index: int, arch: int, extra: tuple[str, ...] = (
     from ._registry import registered_kernels
 
     k = {k.name: k for k in registered_kernels()}[name]
-    cfg = k.constexprs[cfg_index]
-    row = {"kernel": name, "config": cfg, "arch": arch, "compiled": False, "error": None,
+    cfg = dict(k.constexprs[cfg_index])
+    # a configuration may carry its own warps / stages (the tile table's), else the kernel's
+    num_warps, num_stages = cfg.pop("num_warps", k.num_warps), cfg.pop("num_stages", k.num_stages)
+    row = {"kernel": name, "config": {**cfg, "num_warps": num_warps, "num_stages": num_stages}, "arch": arch, "compiled": False, "error": None,
            "mma_s8": [], "shared": None, "registers": None, "spills": None, "int8_mma_expected": k.int8_mma}
     try:
         signature = dict(k.signature)
         signature.update({c: "constexpr" for c in cfg})
         src = ASTSource(fn=k.fn, signature=signature, constexprs=dict(cfg), attrs=k.attrs())
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": k.num_warps, "num_stages": k.num_stages,
+                            options={"num_warps": num_warps, "num_stages": num_stages,
                                      "enable_fp_fusion": k.fp_fusion})
         ptx = ck.asm["ptx"]
         row["compiled"] = True
@@ -104,6 +108,42 @@ def _short_cfg(cfg: dict) -> str:
     return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in cfg.items()) or "-"
 
 
+def print_plan(nets: list[str], batch: int, sms: int, tiles: str, out=sys.stdout) -> float:
+    """The tile table's choice for every distinct conv layer of ``nets`` (``benchmarks/shapes.py``) at
+    ``batch``: per GEMM the tile, the grid (CTAs) against ``sms`` SMs and the useful-MMA fraction (useful
+    multiply-adds / multiply-adds the MMA tiles issue, ``ebkernels.ops._tiles``). ``tiles="legacy"``: the
+    one 128×128×64 tile every GEMM ran before the table. Returns the minimum fraction over the GEMMs
+    that run in training (the first layer's input-grad does not: the images need no gradient)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's benchmarks/
+    from benchmarks.shapes import CONV_SHAPES
+
+    from .ops import _tiles
+    from .ops.conv2d_int8 import code_channels
+
+    worst = 1.0
+    for net in nets:
+        if net not in CONV_SHAPES:
+            raise SystemExit(f"--plan: unknown network {net!r}; known: {', '.join(CONV_SHAPES)}")
+        print(f"\n## {net}, batch {batch}, {sms} SMs, tiles: {tiles}\n", file=out)
+        print("| layer | × | GEMM | tile | grid (CTAs) | vs SMs | useful MMA |", file=out)
+        print("|---|---|---|---|---|---|---|", file=out)
+        for i, c in enumerate(CONV_SHAPES[net]):
+            if tiles == "legacy":
+                plans = _tiles.legacy_plans(batch, c.cin, c.h, c.w, c.cout, c.k, c.stride, c.pad, sms)
+            else:
+                plans = _tiles.layer_plans(batch, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.pad, sms, code_channels)
+            for p in plans:
+                runs = not (i == 0 and p.kind == "dgrad")
+                if runs:
+                    worst = min(worst, p.fraction)
+                extra = f" {p.mode['phases']} phases" if p.mode.get("phases", 1) > 1 else ""
+                note = "" if runs else " (not run: the input needs no gradient)"
+                print(f"| {c.label()} | {c.count} | {p.kind}{extra} | {p.tile.name} | {p.programs}×{p.splits} "
+                      f"({p.ctas}) | {p.ctas / sms:.2f} | {100 * p.fraction:.1f}%{note} |", file=out)
+    print(f"\nmin useful MMA fraction: {100 * worst:.1f}%", file=out)
+    return worst
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ebkernels.aot", description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
@@ -112,7 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-module", action="append", default=[],
                    help="also compile the kernels declared in this Python file (for testing the tool)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    p.add_argument("--plan", help="print the tile table's plan for these networks (comma-separated: vgg16, "
+                   "preresnet101) instead of compiling")
+    p.add_argument("--batch", type=int, default=256, help="batch size of --plan (default 256)")
+    p.add_argument("--sms", type=int, default=132, help="SMs of the GPU --plan fills (default 132: H100/H200)")
+    p.add_argument("--tiles", choices=("table", "legacy"), default="table",
+                   help="--plan with the tile table (default) or the former one-size 128x128x64 tile")
     args = p.parse_args(argv)
+    if args.plan:
+        print_plan([n.strip() for n in args.plan.split(",") if n.strip()], args.batch, args.sms, args.tiles)
+        return 0
     try:
         arches = [int(a) for a in args.arch.split(",") if a.strip()]
     except ValueError:
