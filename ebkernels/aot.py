@@ -122,6 +122,7 @@ def print_plan(nets: list[str], batch: int, sms: int, tiles: str, out=sys.stdout
 
     worst = 1.0
     for net in nets:
+        useful = issued = 0
         if net not in CONV_SHAPES:
             raise SystemExit(f"--plan: unknown network {net!r}; known: {', '.join(CONV_SHAPES)}")
         print(f"\n## {net}, batch {batch}, {sms} SMs, tiles: {tiles}\n", file=out)
@@ -136,10 +137,13 @@ def print_plan(nets: list[str], batch: int, sms: int, tiles: str, out=sys.stdout
                 runs = not (i == 0 and p.kind == "dgrad")
                 if runs:
                     worst = min(worst, p.fraction)
+                    useful, issued = useful + c.count * p.useful, issued + c.count * p.issued
                 extra = f" {p.mode['phases']} phases" if p.mode.get("phases", 1) > 1 else ""
                 note = "" if runs else " (not run: the input needs no gradient)"
                 print(f"| {c.label()} | {c.count} | {p.kind}{extra} | {p.tile.name} | {p.programs}×{p.splits} "
                       f"({p.ctas}) | {p.ctas / sms:.2f} | {100 * p.fraction:.1f}%{note} |", file=out)
+        print(f"\n{net}: useful MMA over all its GEMMs (layer counts included): {100 * useful / issued:.1f}%",
+              file=out)
     print(f"\nmin useful MMA fraction: {100 * worst:.1f}%", file=out)
     return worst
 

@@ -133,7 +133,7 @@ def test_chunked_reductions_and_epilogue(device, poisoned, cl):
 def test_wgrad_int32_overflow_guard(device, poisoned, monkeypatch):
     """Weight-grad reduction over N·OH·OW = 134,689 rows of maximal codes: 127² · 134,689 > 2^31."""
     if device.type == "cpu":  # long row chunks: few (slow) interpreter loop steps
-        monkeypatch.setattr(_tiles, "wgrad_tile", lambda CO, C, align: _tiles.Tile(16, 16, 16384, False, 4, 1, 1))
+        monkeypatch.setattr(_tiles, "wgrad_tile", lambda CO, C, align, taps: _tiles.Tile(16, 16, 16384, True, 4, 1, 1))
     H = W = 367
     qx = torch.full((1, 1, H, W), 127, dtype=torch.int8)
     qx[..., 0, :5] = -7  # a few other values so the taps differ
@@ -279,8 +279,9 @@ def test_qconv2d_torch_compile(device):
     assert w.grad is not None and x.grad.shape == x.shape
 
 
-# Channel counts that are not multiples of 16 (first layer Cin = 3; Cout = 17): the quantizer pads the A and
-# W codes' Cin (and the E codes' Cout) with zeros, so every int8 kernel runs its aligned path (ALIGN=16).
+# Channel counts of 16 or more that are not multiples of 16 (Cout = 17, Cin = 20): the quantizer pads the A and
+# W codes' Cin (and the E codes' Cout) with zeros, so every int8 kernel runs its aligned path (ALIGN=16);
+# fewer than 16 (first layer Cin = 3, Cin = 5) stay unpadded: the flat (tap, channel) layouts, ALIGN=1.
 PAD_CASES = [
     ((2, 3, 6, 6), 17, 3, 1, 1, 1, True, True),
     ((4, 3, 4, 4), 20, 3, 1, 1, 1, False, True),  # M = 64: the weight-grad is aligned too
@@ -299,20 +300,33 @@ def test_qconv2d_unaligned_channels_are_padded_onto_the_aligned_path(device, poi
         # forward, input-grad, weight-grad: all on 16-byte aligned operands (the weight-grad's channel-major E
         # rows are N·OH·OW long: aligned when that is a multiple of 16, e.g. any batch that is)
         OH, OW = conv2d_int8.conv2d_output_size(*shape[2:], K, K, (stride,) * 2, (padding,) * 2, (dilation,) * 2)
-        assert [c["ALIGN"] for c in calls] == [16, 16, 16 if shape[0] * OH * OW % 16 == 0 else 1]
+        # (fewer than 16 channels stay unpadded: the flat K / column layouts, ALIGN=1)
+        cin, cout = (conv2d_int8.code_channels(c) % 16 == 0 for c in (shape[1], CO))
+        assert [c["ALIGN"] for c in calls] == [16 if cin else 1, 16 if cout else 1,
+                                               16 if cin and shape[0] * OH * OW % 16 == 0 else 1]
 
 
 def test_qconv2d_saved_codes_are_channel_padded(device):
+    """Channel counts of 16 or more are zero-padded to a multiple of 16; fewer stay as they are."""
     x = torch.randn(2, 3, 5, 5).to(device).requires_grad_()
     w = torch.randn(4, 3, 3, 3).to(device).requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         qconv2d(x, w, padding=1)
     big = [t for t in saved if t.numel() > 1]
-    cin = 16 if conv2d_int8.use_triton(x) else 3  # the reference path keeps the unpadded codes
+    # fewer than 16 channels stay unpadded (the kernels pack taps × channels), 17 is padded to 32
+    assert [tuple(t.shape) for t in big] == [(2, 3, 5, 5), (4, 3, 3, 3)]
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in big)
+    x = torch.randn(2, 17, 5, 5).to(device).requires_grad_()
+    w = torch.randn(4, 17, 3, 3).to(device).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        qconv2d(x, w, padding=1)
+    big = [t for t in saved if t.numel() > 1]
+    cin = 32 if conv2d_int8.use_triton(x) else 17  # the reference path keeps the unpadded codes
     assert [tuple(t.shape) for t in big] == [(2, cin, 5, 5), (4, cin, 3, 3)]
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in big)
-    assert all(torch.count_nonzero(t[:, 3:]) == 0 for t in big)
+    assert all(torch.count_nonzero(t[:, 17:]) == 0 for t in big)
 
 
 # (N, Cin, H, W, Cout, K, stride, padding, dilation, x channel-major): E codes channel-major ([Cout, N·OH·OW],

@@ -23,14 +23,16 @@ SMS = _tiles.INTERPRETER_SMS
 # 64 / 128 (one tap per K step), 48 (flat, aligned); N·H·W = 225 rows (BM = 64 on INTERPRETER_SMS SMs) or 392 (BM = 128)
 PAIRS = [(64, 13), (128, 27), (64, 50), (64, 100), (13, 27), (48, 100)]
 IGEMM_CASES = [(n, c, h, h, co) for c, co in PAIRS for n, h in ((1, 15), (2, 14))]
-# weight-grad: every (Cout, Cin) class, 1×1 kernels (the tile does not depend on the taps): ragged channels
-# and 30 rows (unaligned operands: BK = 32), multiples of 16 and 64 rows (aligned: BK = 64)
-WGRAD_CASES = ([(1, c, 6, 5, co) for co in (13, 27, 50, 100) for c in (13, 27, 50, 100)]
-               + [(1, c, 8, 8, co) for co in (16, 32, 64, 128) for c in (16, 32, 64, 128)])
+# weight-grad (N, Cin, H, W, Cout, K), stride 1, padding K // 2: every (Cout, Cin) class with 1×1 kernels:
+# ragged channels and 30 rows (unaligned operands: BK = 32), multiples of 16 and 64 rows (aligned: BK = 64);
+# fewer than 16 input channels (columns flat over (tap, channel)): 13, 27, 54, 117 columns (BN 16 to 128)
+WGRAD_CASES = ([(1, c, 6, 5, co, 1) for co in (13, 27, 50, 100) for c in (16, 27, 50, 100)]
+               + [(1, c, 8, 8, co, 1) for co in (16, 32, 64, 128) for c in (16, 32, 64, 128)]
+               + [(1, c, 6, 5, co, k) for co in (13, 27, 50, 100) for c, k in ((13, 1), (3, 3), (6, 3), (13, 3))])
 
 
 def _wgrad_align(case):
-    N, C, H, W, CO = case
+    N, C, H, W, CO, K = case
     return 16 if C % 16 == 0 and N * H * W % 16 == 0 else 1
 
 
@@ -44,7 +46,7 @@ def _plans(case):
 def test_the_cases_make_the_table_choose_every_declared_tile():
     chosen = {p.tile for case in IGEMM_CASES for p in _plans(case)}
     assert chosen == set(_tiles.declared_tiles("igemm"))
-    wg = {_tiles.wgrad_tile(case[4], case[1], _wgrad_align(case)) for case in WGRAD_CASES}
+    wg = {_tiles.wgrad_tile(case[4], case[1], _wgrad_align(case), case[5] ** 2) for case in WGRAD_CASES}
     assert wg == set(_tiles.declared_tiles("wgrad"))
 
 
@@ -78,24 +80,25 @@ def test_every_igemm_tile_exact(device, poisoned, monkeypatch, case, one_torch_t
             assert call["grid"] == (plan.programs, plan.splits)
 
 
-@pytest.mark.parametrize("case", WGRAD_CASES, ids=["C{1}O{4}".format(*c) for c in WGRAD_CASES])
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=["C{1}H{2}O{4}K{5}".format(*c) for c in WGRAD_CASES])
 def test_every_wgrad_tile_exact(device, poisoned, monkeypatch, case, one_torch_thread):
-    N, C, H, W, CO = case
+    N, C, H, W, CO, K = case
     gen = torch.Generator().manual_seed(sum(case) + 1)
     qx = _codes((N, C, H, W), gen).contiguous(memory_format=torch.channels_last).to(device)
     qe = _codes((CO, N, H, W), gen).to(device).permute(1, 0, 2, 3)  # channel-major E, as QConv2dFunction
     calls = spy_launches(monkeypatch)
     se, sx = torch.tensor(2.0 ** -3, device=device), torch.tensor(0.5, device=device)
-    args = ([1, 1], [1, 1], [0, 0], [1, 1], 1, 8, 8)
+    args = ([K, K], [1, 1], [K // 2] * 2, [1, 1], 1, 8, 8)
     for scales, dtype in (((None, None), None), ((se, sx), torch.float32)):
-        dw = conv2d_int8_wgrad(qe, qx, (1, 1), *scales)
+        dw = conv2d_int8_wgrad(qe, qx, (K, K), *scales, padding=K // 2)
         ref = conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), *(s if s is None else s.cpu() for s in scales), *args,
                                           dtype)
         torch.testing.assert_close(dw.cpu(), ref, rtol=0, atol=0)
     if device.type == "cpu":
-        t = _tiles.wgrad_tile(CO, C, _wgrad_align(case))
-        assert all((c["BM"], c["BN"], c["BK"], c["num_warps"], c["ALIGN"]) == (t.BM, t.BN, t.BK, t.num_warps,
-                                                                               _wgrad_align(case)) for c in calls)
+        t = _tiles.wgrad_tile(CO, C, _wgrad_align(case), K * K)
+        x_cm = False  # NHWC input codes here: FLAT_N whenever the table says flat
+        assert all((c["BM"], c["BN"], c["BK"], c["num_warps"], c["ALIGN"], c["FLAT_N"]) == (
+            t.BM, t.BN, t.BK, t.num_warps, _wgrad_align(case), t.flat and not x_cm) for c in calls)
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3, 4])

@@ -44,7 +44,7 @@ from .._registry import aot_kernel
 
 __all__ = ["MAX_TERMS", "GPU_TILES", "empty_output", "gemm_tiles", "alignment", "offsets_fit_int32",
            "int8_gemm_finalize", "assume_multiple", "to_bfloat16_rne", "cast_rne", "decode_rows", "decode_tap", "tap_input_coord",
-           "phase_taps", "grouped_tile_ids", "k_steps", "conv_implicit_gemm_tile", "conv_forward_tile", "load_pixels_tile",
+           "phase_taps", "split_fixup", "split_workspace", "grouped_tile_ids", "k_steps", "conv_implicit_gemm_tile", "conv_forward_tile", "load_pixels_tile",
            "store_gemm_tile", "int8_gemm_finalize_kernel"]
 
 # 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
@@ -292,6 +292,34 @@ def conv_forward_tile(src_ptr, w_ptr, n, op, oq, row_ok, col, col_ok, it0, it1, 
     return conv_implicit_gemm_tile(src_ptr, w_ptr, pix_n, h0, w0, row_ok, col, col_ok, it0, it1, KW, KH * KW, 0, 0,
                                    1, 1, dil_h, dil_w, P, Q, R, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r, BM, BN, BK,
                                    FLAT, I64)
+
+
+@triton.jit
+def split_fixup(acc, ws_ptr, tile, splits, BM: tl.constexpr, BN: tl.constexpr):
+    """Split-K without int32 partials in memory or a finalize launch: add this split's exact int32 ``acc``
+    (at most 2^17 terms) into the int64 workspace tile ``tile`` (``split_workspace``: zero at launch) with
+    integer atomics — exact in any order, so the sum is deterministic — then count the split in on the
+    tile's semaphore. Returns ``(total, last)``: ``last`` in the one program of the tile that arrived last
+    (it alone goes on to the epilogue), ``total`` there the int64 sum over all splits (``acc`` elsewhere).
+    Ordering: each add is a release, the semaphore an acq_rel atomic, and the last split reads the
+    workspace with L1-bypassing loads after it."""
+    offs = tile.to(tl.int64) * (BM * BN) + (tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :])
+    tl.atomic_add(ws_ptr + offs, acc.to(tl.int64), sem="release")
+    tl.debug_barrier()  # every thread's adds are issued before the semaphore
+    done = tl.atomic_add(ws_ptr + tl.num_programs(0).to(tl.int64) * (BM * BN) + tile, 1)
+    last = done == splits - 1
+    total = acc.to(tl.int64)
+    if last:
+        total = tl.load(ws_ptr + offs, cache_modifier=".cg")
+    return total, last
+
+
+def split_workspace(programs: int, splits: int, BM: int, BN: int, device: torch.device) -> torch.Tensor:
+    """The zeroed int64 workspace of ``split_fixup``: one BM×BN tile per program, then one semaphore per
+    program (a one-element dummy for one split)."""
+    if splits <= 1:
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    return torch.zeros(programs * (BM * BN + 1), dtype=torch.int64, device=device)
 
 
 @triton.jit

@@ -32,7 +32,8 @@ what runs):
    per input phase (ih % sh, iw % sw), each reading only the taps that hit it (``dgrad_phase_taps``), in
    one launch: no per-tap divisibility test, no wasted taps, any stride / padding / dilation.
 5. **Weight-grad**: rows are output channels (BM = power of two >= Cout in [16, 128]), columns the input
-   channels of one tap (BN likewise from Cin); the reduction over N·OH·OW runs in steps of 64 rows, split
+   channels of one tap (BN likewise from Cin) or, for fewer than 16 (unpadded) input channels, flat over
+   (tap, channel) (the first layer's 27 columns in one 32-wide tile, not 9 taps × 16); the reduction over N·OH·OW runs in steps of 64 rows, split
    (``wgrad_splits``, also the Linear's rule) into int32-exact chunks of at most 2^17 terms and, on a GPU, into more
    splits while the output tiles are fewer than two per SM.
 6. Warps: 8 when the accumulator tile has >= 128·64 elements (weight-grad: or 128 columns), else 4; 4
@@ -57,7 +58,7 @@ import triton
 
 __all__ = ["Tile", "Plan", "MAX_TERMS", "SMS_H100", "INTERPRETER_SMS", "device_sms", "on_gpu", "IGEMM_TILES",
            "WGRAD_TILES", "declared_tiles", "conv_fwd_plan", "conv_dgrad_plan", "conv_wgrad_plan", "igemm_tile",
-           "wgrad_tile", "dgrad_phase_taps", "pow2_at_least", "k_iters", "legacy_plans"]
+           "wgrad_tile", "wgrad_col_tiles", "dgrad_phase_taps", "pow2_at_least", "k_iters", "legacy_plans"]
 
 # 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
 MAX_TERMS = 1 << 17
@@ -98,8 +99,13 @@ IGEMM_TILES = tuple(_tile(BM, BN, BK, flat) for BM in (64, 128) for BN in (16, 3
 # weight-grad: output channels x input channels of one tap, 64 rows of the reduction per step (32 when the
 # operands are not 16-byte aligned: byte-wise loads of 64-row tiles spill); 8 warps for 128 columns too
 # (32x128 at 4 warps spills on sm_90)
-WGRAD_TILES = tuple(_tile(BM, BN, BK, wide_warps=True) for BK in (WGRAD_BK, 32) for BM in (16, 32, 64, 128)
-                    for BN in (16, 32, 64, 128))
+# flat: columns over (tap, channel) for fewer than 16 input channels (unaligned: BK = 32)
+# (flat: at most 2048 accumulators, the [rows, columns] gather of larger tiles spills; unaligned: at most
+# 64×128, 128×128 spills on sm_90)
+WGRAD_UNALIGNED_MAX = {False: 8192, True: 2048}
+WGRAD_TILES = tuple(_tile(BM, BN, BK, flat, wide_warps=True) for BK, flat in ((WGRAD_BK, False), (32, False), (32, True))
+                    for BM in (16, 32, 64, 128) for BN in (16, 32, 64, 128)
+                    if BK == WGRAD_BK or BM * BN <= WGRAD_UNALIGNED_MAX[flat])
 LEGACY = Tile(128, 128, 64, False, 8, 4)  # the one tile of every GEMM before this table
 
 
@@ -244,10 +250,28 @@ def conv_dgrad_plan(N, CO, OH, OW, C, H, W, KH, KW, stride, padding, dilation, *
 # --------------------------------------------------------------------------------------------------
 # weight-grad
 # --------------------------------------------------------------------------------------------------
-def wgrad_tile(CO: int, C: int, align: int = 16) -> Tile:
-    """Rule 5; ``align`` 1 (operands not 16-byte aligned, e.g. N·OH·OW rows not a multiple of 16): BK = 32."""
-    return _find(WGRAD_TILES, pow2_at_least(CO, 16, 128), pow2_at_least(C, 16, 128), WGRAD_BK if align >= 16 else 32,
-                 False)
+def wgrad_tile(CO: int, C: int, align: int = 16, taps: int = 1) -> Tile:
+    """Rule 5; ``align`` 1 (operands not 16-byte aligned, e.g. N·OH·OW rows not a multiple of 16): BK = 32.
+    Fewer than 16 input channels (the unpadded first layer): columns flat over the taps·C (tap, channel)
+    pairs, BN the width that wastes fewest columns (27 of the 3×3×3 first layer: one 32-wide tile)."""
+    BM = pow2_at_least(CO, 16, 128)
+    if C < 16:
+        cols = taps * C
+        BN = min((16, 32, 64, 128), key=lambda b: (triton.cdiv(cols, b) * b, -b))
+        while BM * BN > WGRAD_UNALIGNED_MAX[True]:  # the per-column gather: larger flat tiles spill
+            BM //= 2
+        return _find(WGRAD_TILES, BM, BN, 32, True)
+    BN = pow2_at_least(C, 16, 128)
+    if align >= 16:
+        return _find(WGRAD_TILES, BM, BN, WGRAD_BK, False)
+    while BM * BN > WGRAD_UNALIGNED_MAX[False]:  # byte-wise loads: fewer rows per program
+        BM //= 2
+    return _find(WGRAD_TILES, BM, BN, 32, False)
+
+
+def wgrad_col_tiles(tile: Tile, C: int, taps: int) -> int:
+    """Column tiles of a weight-grad: over taps·C flat columns, or taps × ceil(C / BN)."""
+    return triton.cdiv(taps * C, tile.BN) if tile.flat else taps * triton.cdiv(C, tile.BN)
 
 
 def wgrad_splits(P: int, programs: int, sms: Optional[int], max_terms: int, BK: int = WGRAD_BK):
@@ -267,8 +291,8 @@ def conv_wgrad_plan(N, C, H, W, CO, OH, OW, KH, KW, *, sms, max_terms=MAX_TERMS,
     """Weight-grad ``dW[CO, KH·KW·C] = Eᵀ · X̃`` reducing over P = N·OH·OW rows (``sms`` None: no fill)."""
     taps = KH * KW
     P = N * OH * OW
-    tile = wgrad_tile(CO, C)
-    programs = triton.cdiv(CO, tile.BM) * taps * triton.cdiv(C, tile.BN)
+    tile = wgrad_tile(CO, C, 16 if C % 16 == 0 else 1, taps)
+    programs = triton.cdiv(CO, tile.BM) * wgrad_col_tiles(tile, C, taps)
     splits, per = wgrad_splits(P, programs, sms, max_terms, tile.BK)
     issued = programs * triton.cdiv(P, tile.BK) * tile.BM * tile.BN * tile.BK
     useful = P * (cout_real or CO) * (cin_real or C) * taps

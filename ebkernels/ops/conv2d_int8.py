@@ -19,6 +19,7 @@ runs the PyTorch reference path (one warning). Public: ``qconv2d``; lower level 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Optional
@@ -35,7 +36,7 @@ from ..config import QConfig
 from . import _igemm
 from . import _tiles
 from ._igemm import (MAX_TERMS, alignment, assume_multiple, conv_forward_tile, conv_implicit_gemm_tile, decode_rows,
-                     decode_tap, grouped_tile_ids, int8_gemm_finalize, k_steps, load_channel_major_tile,
+                     decode_tap, grouped_tile_ids, int8_gemm_finalize, k_steps, split_fixup, load_channel_major_tile,
                      load_pixels_tile, offsets_fit_int32, phase_taps, store_gemm_tile, tap_input_coord)
 from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
                     quantize_weight_grad, refuse_double_backward, result_and_scale)
@@ -154,12 +155,12 @@ def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_p
                     ss_ptr, sw_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
 
 
-_WGRAD_SIG = {"e_ptr": "*i8", "x_ptr": "*i8", "out_ptr": "*i32", "se_ptr": "*fp32", "sx_ptr": "*fp32",
+_WGRAD_SIG = {"e_ptr": "*i8", "x_ptr": "*i8", "out_ptr": "*fp32", "se_ptr": "*fp32", "sx_ptr": "*fp32",
               "H": "i32", "W": "i32", "C": "i32", "OH": "i32", "OW": "i32", "CO": "i32", "KW": "i32",
               "M": "i32", "taps": "i32", "m_per_split": "i32", "stride_h": "i32", "stride_w": "i32",
               "pad_h": "i32", "pad_w": "i32", "dil_h": "i32", "dil_w": "i32", "se_n": "i32", "se_h": "i32",
               "se_w": "i32", "se_c": "i32", "sx_n": "i32", "sx_h": "i32", "sx_w": "i32", "sx_c": "i32",
-              "so_o": "i32", "so_h": "i32", "so_w": "i32", "so_c": "i32", "s_split": "i64", "inv_ss": "fp32",
+              "so_o": "i32", "so_h": "i32", "so_w": "i32", "so_c": "i32", "ws_ptr": "*i64", "inv_ss": "fp32",
               "gq_ptr": "*i32", "rng_ptr": "*i64", "gn": "i64", "g1": "i64", "g2": "i64", "g3": "i64", "gs0": "i64",
               "gs1": "i64", "gs2": "i64", "gs3": "i64"}
 # the weight-grad as launched for a long reduction: raw int32 partials [splits, Cout, KH·KW·Cin]
@@ -172,21 +173,22 @@ _WG_UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1}
 
 def _wgrad_aot(t, **kw):
     return {**t.aot(), **_WG_UNIT, **_NO_GQ, "sx_c": 1, "so_c": 1, "ALIGN": 16, "OUT_ALIGN": 16, "I64": False,
-            "E_CM": True, "X_CM": False, "se_w": 1, **kw}
+            "E_CM": True, "X_CM": False, "FLAT_N": t.flat, "se_w": 1, **kw}
 
 
-# every tile of the table (``_tiles.WGRAD_TILES``) as QConv2dFunction launches it (channel-major E codes:
-# scaled result with G quantized in the epilogue, or raw int32 partials of a split reduction; also
-# unaligned: E rows N·OH·OW not a multiple of 16), and at the big tile the other variants: NHWC E,
-# channel-major X (1×1), the small-gradient in-place G quantization (GQ=2)
-_ALIGNED = [t for t in _tiles.WGRAD_TILES if t.BK == _tiles.WGRAD_BK]
-_BIG = _ALIGNED[-1]
-_WGRAD_AOT = ([_wgrad_aot(t, GQ=1, RAW=False) for t in _ALIGNED]
-              + [_wgrad_aot(t, RAW=True) for t in _ALIGNED]
-              + [_wgrad_aot(t, RAW=True, ALIGN=1, OUT_ALIGN=1) for t in _tiles.WGRAD_TILES if t.BK < _tiles.WGRAD_BK]
-              + [{**_wgrad_aot(_BIG, RAW=True, E_CM=False, se_c=1), "se_w": None},
-                 {**_wgrad_aot(_BIG, RAW=True, X_CM=True, sx_w=1), "sx_c": None},
-                 _wgrad_aot(_BIG, GQ=2, RAW=False)])
+# every tile of the table (``_tiles.WGRAD_TILES``) as QConv2dFunction launches it: channel-major E codes,
+# scaled result with G quantized in the epilogue, one split or several (SPLIT_FIX: the last split of a
+# tile finishes it); the BK = 32 tiles unaligned (ALIGN=1: E rows N·OH·OW or Cin not multiples of 16);
+# at the big tile the other variants: NHWC E, channel-major X (1×1), the small-gradient in-place G
+# quantization (GQ=2), exact int64 sums (RAW, the integer API)
+_BIG = [t for t in _tiles.WGRAD_TILES if t.BK == _tiles.WGRAD_BK][-1]
+_WGRAD_AOT = ([_wgrad_aot(t, GQ=1, RAW=False, SPLIT_FIX=fix, **({} if t.BK == _tiles.WGRAD_BK else
+                                                                {"ALIGN": 1, "OUT_ALIGN": 1}))
+               for t in _tiles.WGRAD_TILES for fix in (False, True)]
+              + [{**_wgrad_aot(_BIG, RAW=True, E_CM=False, se_c=1, SPLIT_FIX=True), "se_w": None},
+                 {**_wgrad_aot(_BIG, RAW=False, X_CM=True, sx_w=1, SPLIT_FIX=True), "sx_c": None},
+                 _wgrad_aot(_BIG, GQ=2, RAW=False, SPLIT_FIX=False),
+                 _wgrad_aot(_BIG, RAW=True, SPLIT_FIX=True)])
 _WGRAD_AOT = [{k: v for k, v in c.items() if v is not None} for c in _WGRAD_AOT]
 
 
@@ -194,11 +196,12 @@ _WGRAD_AOT = [{k: v for k, v in c.items() if v is not None} for c in _WGRAD_AOT]
 @triton.jit
 def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH, OW, CO, KW, M, taps,
                              m_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, se_n, se_h, se_w,
-                             se_c, sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss, gq_ptr,
+                             se_c, sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, ws_ptr, inv_ss, gq_ptr,
                              rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
                              RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                              GROUP_M: tl.constexpr, ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr,
-                             I64: tl.constexpr, E_CM: tl.constexpr, X_CM: tl.constexpr, GQ: tl.constexpr,
+                             I64: tl.constexpr, E_CM: tl.constexpr, X_CM: tl.constexpr, FLAT_N: tl.constexpr,
+                             SPLIT_FIX: tl.constexpr, GQ: tl.constexpr,
                              BITS_G: tl.constexpr, STOCH_G: tl.constexpr, GBLOCK: tl.constexpr):
     """Weight-grad ``dW[co, kh, kw, ci] = sum_m E[m, co] · X[n, ih, iw, ci]`` over this program's chunk
     of the N·OH·OW rows (at most 2^17: its int32 sum is exact). Grid (Cout tiles × taps × Cin tiles,
@@ -209,7 +212,9 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
     operand (16-byte cp.async rows, no shared-memory transpose); otherwise E is NHWC, [rows, Cout].
     ``X_CM`` (with ``E_CM``, only for a 1×1 kernel, stride 1, no padding: X̃ = X, input pixel = row m): the
     input codes are channel-major too, ``X[ci, m]`` at ``ci * sx_c + m``: both operands K-major, a plain
-    GEMM ``E[Cout, M] · X[Cin, M]ᵀ``. ``GQ`` (1, 2; one split, scaled result): G quantization fused in
+    GEMM ``E[Cout, M] · X[Cin, M]ᵀ``. ``FLAT_N`` (fewer than 16 input channels): the columns run flat over
+    (tap, channel), each with its own input-pixel shift (a [rows, columns] gather), so the first layer's
+    3×3×3 columns fill one 32-wide tile instead of nine 16-wide ones. ``GQ`` (1, 2; one split, scaled result): G quantization fused in
     (``quantize.gquant_epilogue``; gq/rng/gn/g*/gs*: its scratch and the real gradient view)."""
     C = assume_multiple(C, ALIGN)
     M = assume_multiple(M, ALIGN if E_CM else 1)
@@ -226,16 +231,24 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
     so_o = assume_multiple(so_o, OUT_ALIGN)
     so_h = assume_multiple(so_h, OUT_ALIGN)
     so_w = assume_multiple(so_w, OUT_ALIGN)
-    s_split = assume_multiple(s_split, OUT_ALIGN)
-    num_c = tl.cdiv(C, BN)
-    pid_co, pid_col = grouped_tile_ids(tl.program_id(0), tl.cdiv(CO, BM), taps * num_c, GROUP_M)
+    if FLAT_N:  # columns flat over (tap, channel): few input channels, taps packed into one column tile
+        num_c = tl.cdiv(taps * C, BN)
+        pid_co, pid_col = grouped_tile_ids(tl.program_id(0), tl.cdiv(CO, BM), num_c, GROUP_M)
+        col = pid_col * BN + tl.arange(0, BN)
+        ci_ok = col < taps * C
+        t = col // C
+        ci = col - t * C
+    else:  # one tap per program, BN of its input channels
+        num_c = tl.cdiv(C, BN)
+        pid_co, pid_col = grouped_tile_ids(tl.program_id(0), tl.cdiv(CO, BM), taps * num_c, GROUP_M)
+        t = pid_col // num_c
+        ci = (pid_col - t * num_c) * BN + tl.arange(0, BN)
+        ci_ok = ci < C
+        col = ci
+    kh, kw = decode_tap(t, KW)  # scalars, or one per column (FLAT_N)
     pid_s = tl.program_id(1)
-    t = pid_col // num_c
-    kh, kw = decode_tap(t, KW)
     co = pid_co * BM + tl.arange(0, BM)
-    ci = (pid_col - t * num_c) * BN + tl.arange(0, BN)
     co_ok = co < CO
-    ci_ok = ci < C
     m_start = pid_s * m_per_split
     m_end = tl.minimum(m_start + m_per_split, M)
     acc = tl.zeros((BM, BN), dtype=tl.int32)
@@ -243,33 +256,56 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
         m = m0 + tl.arange(0, BK)
         m_ok = m < m_end
         n, oh, ow = decode_rows(m, OH, OW)
-        ih = tap_input_coord(oh, kh, stride_h, pad_h, dil_h)
-        iw = tap_input_coord(ow, kw, stride_w, pad_w, dil_w)
-        x_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         if I64:
             e_pix = n.to(tl.int64) * se_n + oh.to(tl.int64) * se_h + ow.to(tl.int64) * se_w
-            x_pix = n.to(tl.int64) * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
         else:
             e_pix = n * se_n + oh * se_h + ow * se_w
-            x_pix = n * sx_n + ih * sx_h + iw * sx_w
         if E_CM:
             a = load_channel_major_tile(e_ptr, co, co_ok, se_c, m, m_ok, I64)  # [BM Cout, BK rows]
         else:
             a = load_pixels_tile(e_ptr, e_pix, m_ok, co, CO, se_c)  # [BK rows, BM Cout]
-        if X_CM:
+        if FLAT_N:  # [BK rows, BN (tap, channel)]: each column its own input pixel shift
+            ih = tap_input_coord(oh[:, None], kh[None, :], stride_h, pad_h, dil_h)
+            iw = tap_input_coord(ow[:, None], kw[None, :], stride_w, pad_w, dil_w)
+            x_ok = (m_ok[:, None] & ci_ok[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            if I64:
+                x_offs = (n.to(tl.int64) * sx_n)[:, None] + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+            else:
+                x_offs = (n * sx_n)[:, None] + ih * sx_h + iw * sx_w
+            b = tl.load(x_ptr + x_offs + (ci * sx_c)[None, :], mask=x_ok, other=0)
+        elif X_CM:
             b = load_channel_major_tile(x_ptr, ci, ci_ok, sx_c, m, m_ok, I64)  # [BN Cin, BK rows]
+        else:
+            ih = tap_input_coord(oh, kh, stride_h, pad_h, dil_h)
+            iw = tap_input_coord(ow, kw, stride_w, pad_w, dil_w)
+            x_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            if I64:
+                x_pix = n.to(tl.int64) * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+            else:
+                x_pix = n * sx_n + ih * sx_h + iw * sx_w
+            b = load_pixels_tile(x_ptr, x_pix, x_ok, ci, C, sx_c)  # [BK rows, BN Cin]
+        if X_CM:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         else:
-            b = load_pixels_tile(x_ptr, x_pix, x_ok, ci, C, sx_c)  # [BK rows, BN Cin]
             if E_CM:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             else:  # the reduction is E's outer dimension: Triton transposes this operand in shared memory
                 acc = tl.dot(tl.trans(a), b, acc, out_dtype=tl.int32)
-    y, y_mask = store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, co * so_o, co_ok, ci,
-                                (kh * so_h + kw * so_w) + ci * so_c, ci_ok, se_ptr, sx_ptr, se_ptr, inv_ss, False, RAW)
-    if GQ > 0:
-        gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
-                        tl.num_programs(0), GQ, BITS_G, STOCH_G, GBLOCK)
+    col_offs = (kh * so_h + kw * so_w) + ci * so_c
+    if SPLIT_FIX:
+        total, last = split_fixup(acc, ws_ptr, tl.program_id(0), tl.num_programs(1), BM, BN)
+        if last:  # the tile's last split: the whole (int64) sum, epilogue and G quantization here
+            y, y_mask = store_gemm_tile(total, out_ptr, co * so_o, co_ok, col, col_offs, ci_ok, se_ptr, sx_ptr,
+                                        se_ptr, inv_ss, False, RAW)
+            if GQ > 0:
+                gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
+                                tl.num_programs(0), tl.program_id(0) == 0, GQ, BITS_G, STOCH_G, GBLOCK)
+    else:
+        y, y_mask = store_gemm_tile(acc, out_ptr, co * so_o, co_ok, col, col_offs, ci_ok, se_ptr, sx_ptr, se_ptr,
+                                    inv_ss, False, RAW)
+        if GQ > 0:
+            gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
+                            tl.num_programs(0), tl.program_id(0) == 0, GQ, BITS_G, STOCH_G, GBLOCK)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,30 +426,28 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     if x_cm:
         se_n, se_h, se_w = OH * OW, OW, 1
         sx_n, sx_h, sx_w = H * W, W, 1
-        align = alignment((C, M, se_c, sx_c), (qe, qx))
+        align = alignment((C, CO, M, se_c, sx_c), (qe, qx))  # CO too: the kernel assumes it a multiple
     elif e_cm:
         se_n, se_h, se_w = OH * OW, OW, 1
-        align = alignment((C, M, se_c, sx_n, sx_h, sx_w), (qe, qx))
+        align = alignment((C, CO, M, se_c, sx_n, sx_h, sx_w), (qe, qx))
     else:
         align = alignment((C, CO, se_n, se_h, se_w, sx_n, sx_h, sx_w), (qe, qx))
-    tile = _tiles.wgrad_tile(CO, C, align)  # the table (rule 5), as ``--plan`` prints it
-    BM, BN, BK = tile.BM, tile.BN, tile.BK
     taps = KH * KW
-    tiles = triton.cdiv(CO, BM) * taps * triton.cdiv(C, BN)
+    tile = _tiles.wgrad_tile(CO, C, align, taps)  # the table (rule 5), as ``--plan`` prints it
+    flat_n = tile.flat and not x_cm
+    if tile.flat and x_cm:  # 1×1 channel-major: one tap, the plain columns (same count)
+        tile = dataclasses.replace(tile, flat=False)
+    BM, BN, BK = tile.BM, tile.BN, tile.BK
+    tiles = triton.cdiv(CO, BM) * _tiles.wgrad_col_tiles(tile, C, taps)
     splits, per = _tiles.wgrad_splits(M, tiles, _tiles.device_sms(qx.device) if _tiles.on_gpu(qx.device) else None,
                                       max_terms, BK)
-    direct = splits == 1
-    if direct:
-        dst = out
-        so_o, so_c, so_h, so_w = out.stride()
-        s_split = 0
-    else:  # int32 partials [splits, Cout, KH·KW·Cin]
-        dst = _igemm.empty_output((splits, CO, taps * C), torch.int32, qx.device)
-        so_o, so_h, so_w, so_c, s_split = taps * C, KW * C, C, 1, CO * taps * C
-    epilogue = direct and not raw
-    out_align = alignment((so_o, so_h, so_w, s_split), (dst,))
+    # splits > 1: each adds its exact int32 tile into an int64 workspace, the last split of the tile
+    # finishes it (scales, G quantization) in the same launch: no int32 partials, no finalize launch
+    ws = _igemm.split_workspace(tiles, splits, BM, BN, qx.device)
+    so_o, so_c, so_h, so_w = out.stride()
+    out_align = alignment((so_o, so_h, so_w), (out,))
     i64 = not offsets_fit_int32(qe, qx)
-    fuse_g = gq is not None and epilogue and out_dtype == torch.float32
+    fuse_g = gq is not None and not raw and out_dtype == torch.float32
     if fuse_g:
         bits_g, rounding_g, cout, cin = gq
         real = out[:cout, :cin]
@@ -421,15 +455,12 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     else:
         g_args, g_mode, g_stoch, bits_g = (qe, qe, 0, 1, 1, 1, 0, 0, 0, 0), 0, False, 8
     conv2d_int8_wgrad_kernel[(tiles, splits)](
-        qe, qx, dst, se if epilogue else qe, sx if epilogue else qe, H, W, C, OH, OW, CO, KW, M, taps, per,
+        qe, qx, out, qe if raw else se, qe if raw else sx, H, W, C, OH, OW, CO, KW, M, taps, per,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], se_n, se_h, se_w, se_c,
-        sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss, *g_args, RAW=not epilogue, BM=BM, BN=BN,
-        BK=BK, GROUP_M=tile.GROUP_M, ALIGN=align, OUT_ALIGN=out_align, I64=i64, E_CM=e_cm, X_CM=x_cm, GQ=g_mode,
-        BITS_G=bits_g, STOCH_G=g_stoch, GBLOCK=1024, num_warps=tile.num_warps, num_stages=tile.num_stages)
-    if not direct:
-        o = out.stride()
-        int8_gemm_finalize(dst, out, se, sx, None, inv_ss, (1, 1, CO), (0, 0, o[0]), (KH, KW, C),
-                           (o[2], o[3], o[1]))
+        sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, ws, inv_ss, *g_args, RAW=raw, BM=BM, BN=BN,
+        BK=BK, GROUP_M=tile.GROUP_M, ALIGN=align, OUT_ALIGN=out_align, I64=i64, E_CM=e_cm, X_CM=x_cm, FLAT_N=flat_n,
+        SPLIT_FIX=splits > 1, GQ=g_mode, BITS_G=bits_g, STOCH_G=g_stoch, GBLOCK=1024, num_warps=tile.num_warps,
+        num_stages=tile.num_stages)
     if fuse_g:
         gquant_finish(real, g_args, g_mode, bits_g, g_stoch)
     return out, fuse_g
@@ -681,8 +712,12 @@ CHANNEL_PAD = 16
 
 
 def code_channels(channels: int) -> int:
-    """Channels of the int8 code buffers the Triton path stores for ``channels`` real ones (zero-padded to a
-    multiple of ``CHANNEL_PAD``; the plan printer counts the same)."""
+    """Channels of the int8 code buffers the Triton path stores for ``channels`` real ones: zero-padded to a
+    multiple of ``CHANNEL_PAD`` (the aligned path), except below ``CHANNEL_PAD``: there the kernels pack
+    (tap, channel) into K / the weight-grad's columns (``_tiles`` rules 2 and 5) and padding would only
+    multiply the work (a Cin = 3 first layer by 16/3). The plan printer counts the same."""
+    if channels < CHANNEL_PAD:
+        return channels
     return -(-channels // CHANNEL_PAD) * CHANNEL_PAD
 
 
