@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ebkernels import QConfig, force_backend, qconv2d
-from ebkernels.ops import _igemm, _tiles, conv2d_int8
+from ebkernels.ops import _conv_wgrad, _igemm, _tiles, conv2d_int8
 from ebkernels.ops.conv2d_int8 import (conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd,
                                        conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference)
 from test_linear_int8 import _QuantizeGrad, _poison_empty, _ste_quant
@@ -38,8 +38,8 @@ class _LaunchSpy:
 def spy_launches(monkeypatch):
     """The launches of the convolution kernels (forward / input-grad, weight-grad), in order."""
     calls = []
-    for name in ("conv2d_int8_fwd_dgrad_kernel", "conv2d_int8_wgrad_kernel"):
-        monkeypatch.setattr(conv2d_int8, name, _LaunchSpy(getattr(conv2d_int8, name), calls))
+    for mod, name in ((conv2d_int8, "conv2d_int8_fwd_dgrad_kernel"), (_conv_wgrad, "conv2d_int8_wgrad_kernel")):
+        monkeypatch.setattr(mod, name, _LaunchSpy(getattr(mod, name), calls))
     return calls
 
 

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .._registry import aot_kernel
 
-__all__ = ["MAX_TERMS", "GPU_TILES", "empty_output", "gemm_tiles", "alignment", "offsets_fit_int32",
+__all__ = ["MAX_TERMS", "GPU_TILES", "empty_output", "gemm_tiles", "alignment", "nchw_strides", "offsets_fit_int32",
            "int8_gemm_finalize", "assume_multiple", "to_bfloat16_rne", "cast_rne", "decode_rows", "decode_tap", "tap_input_coord",
            "phase_taps", "split_fixup", "split_workspace", "grouped_tile_ids", "k_steps", "conv_implicit_gemm_tile", "conv_forward_tile", "load_pixels_tile",
            "store_gemm_tile", "int8_gemm_finalize_kernel"]
@@ -89,6 +89,11 @@ def alignment(values=(), tensors=()) -> int:
     emits 16-byte vector loads/stores (and the ahead-of-time build sees what the JIT would infer)."""
     ok = all(int(v) % 16 == 0 for v in values) and all(t.data_ptr() % 16 == 0 for t in tensors)
     return 16 if ok else 1
+
+
+def nchw_strides(t: torch.Tensor):
+    """(s_n, s_h, s_w, s_c) of a logical NCHW tensor (any memory format)."""
+    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
 
 
 def offsets_fit_int32(*tensors) -> bool:

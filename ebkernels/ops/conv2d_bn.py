@@ -37,7 +37,8 @@ from ._gemm import inv_code_scales
 from ._igemm import (GPU_TILES, alignment, assume_multiple, conv_forward_tile, decode_rows, grouped_tile_ids,
                      offsets_fit_int32, to_bfloat16_rne)
 from .bn_relu_quant import NO_FP_FUSION, _momentum_arg
-from .conv2d_int8 import _nchw_strides, conv2d_int8_fwd_reference, conv2d_output_size
+from ._igemm import nchw_strides as _nchw_strides
+from .conv2d_int8 import conv2d_int8_fwd_reference, conv2d_output_size
 
 __all__ = ["conv2d_int8_bn_fwd", "conv2d_int8_bn_bwd_reduce", "conv2d_int8_bn_fwd_reference",
            "conv2d_int8_bn_bwd_reduce_reference"]
