@@ -168,3 +168,29 @@ def test_plan_cli():
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1].startswith("min useful MMA fraction: ")
+
+
+def test_split_k_where_the_grid_underfills(device, poisoned, monkeypatch, one_torch_thread):
+    """One output tile, 9 K steps: the table splits the reduction (rule 7) for forward and input-grad; the
+    splits meet in the int64 workspace and the last one stores: exact, every element written."""
+    case = (1, 64, 5, 5, 64)
+    fwd, dgr = _plans(case)
+    assert fwd.programs == dgr.programs == 1 and fwd.splits > 1 and dgr.splits > 1
+    N, C, H, W, CO = case
+    gen = torch.Generator().manual_seed(5)
+    qx = _codes((N, C, H, W), gen).contiguous(memory_format=torch.channels_last).to(device)
+    qw = _codes((CO, C, 3, 3), gen).to(device)
+    qe = _codes((N, CO, H, W), gen).contiguous(memory_format=torch.channels_last).to(device)
+    sx, sw = torch.tensor(2.0 ** -4, device=device), torch.tensor(8.0, device=device)
+    bias = torch.randn(CO, generator=gen).to(device)
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    calls = spy_launches(monkeypatch)
+    y = conv2d_int8_fwd(qx, qw, sx, sw, bias, stride=1, padding=1)
+    torch.testing.assert_close(y.cpu(), conv2d_int8_fwd_reference(qx.cpu(), qw.cpu(), sx.cpu(), sw.cpu(), bias.cpu(),
+                                                                  *args, 8, 8, torch.float32, True), rtol=0, atol=0)
+    dx = conv2d_int8_dgrad(qe, qw, (H, W), stride=1, padding=1)
+    torch.testing.assert_close(dx.cpu(), conv2d_int8_dgrad_reference(qe.cpu(), qw.cpu(), None, None, [H, W], *args,
+                                                                     8, 8, None, True), rtol=0, atol=0)
+    if device.type == "cpu":
+        assert [c["grid"] for c in calls] == [(1, fwd.splits), (1, dgr.splits)]
+        assert all(c["SPLIT_FIX"] for c in calls)

@@ -39,9 +39,11 @@ what runs):
 6. Warps: 8 when the accumulator tile has >= 128·64 elements (weight-grad: or 128 columns), else 4; 4
    pipeline stages. Unaligned operands (channel counts / rows not multiples of 16: byte-wise loads):
    weight-grad BK = 32, forward BM = 64 at 128 columns (the larger tiles spill there).
-7. Splits of a forward / input-grad only where one output's reduction exceeds 2^17 terms (SPEC §2:
-   int32-exact chunks; none in VGG16 or PreResNet-101). **Not done**: split-K / stream-K to fill the
-   GPU for the forward / input-grad of under-filled grids (the plan shows them: ``ctas < sms``).
+7. **Split-K** of a forward / input-grad where one output's reduction exceeds 2^17 terms (SPEC §2:
+   int32-exact chunks; none in VGG16 or PreResNet-101), and where the grid fills less than half the SMs
+   (up to one CTA per SM, at least 4 K steps per split; none of the two networks at batch 256, several at
+   batch 64). Each split adds its exact int32 tile into an int64 workspace and the last split of the tile
+   does the epilogue (``_igemm.split_fixup``): one launch, exact in any order. Not done: stream-K.
 
 Under ``TRITON_INTERPRET=1`` the same table runs with ``INTERPRETER_SMS`` SMs (small, so that the exact
 tests' small shapes make it choose every tile: ``tests/test_tiles.py`` asks it).
@@ -204,12 +206,19 @@ def k_iters(tile: Tile, n_taps: int, R: int) -> int:
     return n_taps * triton.cdiv(R, tile.BK)
 
 
-def k_split(iters: int, tile: Tile, R: int, max_terms: int):
+MIN_SPLIT_ITERS = 4  # a split of a forward / input-grad reduction keeps at least this many K steps
+
+
+def k_split(iters: int, tile: Tile, R: int, max_terms: int, programs: int = 0, sms: int = 0):
     """(splits, K steps per split) so that no split sums more than ``max_terms`` products per output
-    (SPEC §2; a K step holds at most min(BK, R) of them, flat ones BK; at least one step per split)."""
+    (SPEC §2; a K step holds at most min(BK, R) of them, flat ones BK; at least one step per split), and
+    split-K (rule 7) while the grid of ``programs`` output tiles fills less than half of ``sms`` SMs: up
+    to ``sms`` CTAs, each split keeping ``MIN_SPLIT_ITERS`` K steps."""
     terms = tile.BK if tile.flat else min(tile.BK, R)
     per = max(1, max_terms // max(terms, 1))
     splits = triton.cdiv(max(iters, 1), per)
+    if programs and 2 * programs < sms and iters >= 2 * MIN_SPLIT_ITERS:
+        splits = max(splits, min(triton.cdiv(sms, programs), iters // MIN_SPLIT_ITERS))
     per = triton.cdiv(max(iters, 1), splits)
     return triton.cdiv(max(iters, 1), per), per
 
@@ -223,7 +232,7 @@ def conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation, *, sms, max
     tile = igemm_tile(lambda bm: triton.cdiv(M, bm), CO, C, sms)
     programs = triton.cdiv(M, tile.BM) * triton.cdiv(CO, tile.BN)
     iters = k_iters(tile, KH * KW, C)
-    splits, per = k_split(iters, tile, C, max_terms)
+    splits, per = k_split(iters, tile, C, max_terms, programs, sms)
     issued = programs * iters * tile.BM * tile.BN * tile.BK
     useful = M * (cout_real or CO) * (cin_real or C) * KH * KW
     return Plan("fwd", tile, programs, splits, per, issued, useful, {"M": M})
@@ -240,7 +249,7 @@ def conv_dgrad_plan(N, CO, OH, OW, C, H, W, KH, KW, stride, padding, dilation, *
     tile = igemm_tile(lambda bm: phases * triton.cdiv(Mq, bm), C, CO, sms)
     per_phase = triton.cdiv(Mq, tile.BM) * triton.cdiv(C, tile.BN)
     iters = [k_iters(tile, a[1] * b[1], CO) for a in ph_h for b in ph_w]
-    splits, per = k_split(max(iters), tile, CO, max_terms)
+    splits, per = k_split(max(iters), tile, CO, max_terms, phases * per_phase, sms)
     issued = per_phase * sum(iters) * tile.BM * tile.BN * tile.BK
     useful = N * OH * OW * (cout_real or CO) * (cin_real or C) * KH * KW
     return Plan("dgrad", tile, phases * per_phase, splits, per, issued, useful, {"phases": phases, "Mq": Mq,

@@ -36,7 +36,7 @@ from ..config import QConfig
 from . import _igemm
 from . import _tiles
 from ._igemm import (MAX_TERMS, alignment, assume_multiple, conv_forward_tile, conv_implicit_gemm_tile, decode_rows,
-                     grouped_tile_ids, int8_gemm_finalize, k_steps, nchw_strides as _nchw_strides,
+                     grouped_tile_ids, k_steps, split_fixup, nchw_strides as _nchw_strides,
                      offsets_fit_int32, phase_taps, store_gemm_tile)
 from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
                     quantize_weight_grad, refuse_double_backward, result_and_scale)
@@ -54,9 +54,9 @@ _CONV_SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*fp32", "ss_ptr": "*f
              "stride_h": "i32", "stride_w": "i32", "pad_h": "i32", "pad_w": "i32", "dil_h": "i32",
              "dil_w": "i32", "step_h": "i32", "step_w": "i32", "s_n": "i32", "s_h": "i32", "s_w": "i32",
              "s_r": "i32", "sw_col": "i32", "sw_h": "i32", "sw_w": "i32", "sw_r": "i32", "so_n": "i32",
-             "so_h": "i32", "so_w": "i32", "so_c": "i32", "s_split": "i64", "inv_ss": "fp32"}
-# AOT configurations = GPU launches: every tile of the table (``_tiles.IGEMM_TILES``) as the forward of an
-# NHWC layer (16-aligned channel counts, ALIGN=16, channels-last result, bias, unit stride/dilation as the
+             "so_h": "i32", "so_w": "i32", "so_c": "i32", "ws_ptr": "*i64", "inv_ss": "fp32"}
+# AOT configurations = GPU launches: every tile of the table (``_tiles.IGEMM_TILES``), one split or split-K
+# (SPLIT_FIX), as the forward of an NHWC layer (16-aligned channel counts, ALIGN=16, channels-last result, bias, unit stride/dilation as the
 # JIT specialises arguments equal to 1) and as the phase-decomposed input-grad (runtime stride); the flat
 # (K packed across taps) tiles also unaligned (ALIGN=1: the unpadded Cin = 3 first layer); a forward into an
 # NCHW result (OUT_ALIGN=1) at the big tile.
@@ -65,13 +65,15 @@ _CONV_UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1, "step_h": 1,
 
 def _conv_aot(t, out_nchw=False, **kw):
     cfg = {**t.aot(), "s_r": 1, "sw_r": 1, "I64": False, "RAW": False, "FLAT": t.flat, "ALIGN": 16,
-           "OUT_ALIGN": 16, **kw}
+           "OUT_ALIGN": 16, "SPLIT_FIX": False, **kw}
     cfg.update({"so_w": 1} if out_nchw else {"so_c": 1})
     return cfg
 
 
-_CONV_AOT = ([_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True) for t in _tiles.IGEMM_TILES]
-             + [_conv_aot(t, TRANSPOSED=True, HAS_BIAS=False) for t in _tiles.IGEMM_TILES]
+_CONV_AOT = ([_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, SPLIT_FIX=fix) for t in _tiles.IGEMM_TILES
+              for fix in (False, True)]
+             + [_conv_aot(t, TRANSPOSED=True, HAS_BIAS=False, SPLIT_FIX=fix) for t in _tiles.IGEMM_TILES
+                for fix in (False, True)]
              + [_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, ALIGN=1, OUT_ALIGN=1)
                 for t in _tiles.IGEMM_TILES if t.flat and t.BM * t.BN < 128 * 128]
              + [_conv_aot(_tiles.IGEMM_TILES[-2], True, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, OUT_ALIGN=1)])
@@ -82,17 +84,18 @@ _CONV_AOT = ([_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True) for t 
 def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_ptr, P, Q, R, OP, OQ, NCOL, KH, KW,
                                  MQ, HQ, WQ, per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h,
                                  step_w, s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r, so_n, so_h, so_w, so_c,
-                                 s_split, inv_ss, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 ws_ptr, inv_ss, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                  GROUP_M: tl.constexpr, FLAT: tl.constexpr, ALIGN: tl.constexpr,
-                                 OUT_ALIGN: tl.constexpr, I64: tl.constexpr):
+                                 OUT_ALIGN: tl.constexpr, I64: tl.constexpr, SPLIT_FIX: tl.constexpr):
     """Forward (``TRANSPOSED=False``: src = x codes, P×Q = H×W, R = Cin; result Y, OP×OQ = OH×OW,
     NCOL = Cout; rows MQ = N·OH·OW over (N, HQ=OH, WQ=OW)) or input-grad by phases (``TRANSPOSED=True``:
     src = E codes, P×Q = OH×OW, R = Cout; result dX, OP×OQ = H×W, NCOL = Cin): grid axis 0 = stride_h·
     stride_w phases × row tiles of one phase (MQ = N·HQ·WQ, HQ = ceil(H / stride_h)) × column tiles; phase
     (ph, pw) computes the input pixels (ph + stride_h·a, pw + stride_w·b) from only the taps that reach them
     (``_igemm.phase_taps``, ``step_*`` = stride / gcd(stride, dil)). Grid axis 1: K splits of ``per_split``
-    steps (int32-exact chunks, raw partials). ``FLAT``: K packed across taps. ``ALIGN``/``OUT_ALIGN`` (16
+    steps (int32-exact chunks; ``SPLIT_FIX``: added into the int64 workspace ``ws_ptr``, the last split of
+    the tile stores it). ``FLAT``: K packed across taps. ``ALIGN``/``OUT_ALIGN`` (16
     or 1): the launcher guarantees R and the strides of src and w / NCOL and the strides of the result are
     multiples of it (16-byte vectors); ``I64``: 64-bit offsets."""
     R = assume_multiple(R, ALIGN)
@@ -106,7 +109,6 @@ def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_p
     so_n = assume_multiple(so_n, OUT_ALIGN)
     so_h = assume_multiple(so_h, OUT_ALIGN)
     so_w = assume_multiple(so_w, OUT_ALIGN)
-    s_split = assume_multiple(s_split, OUT_ALIGN)
     num_m = tl.cdiv(MQ, BM)
     num_n = tl.cdiv(NCOL, BN)
     pid = tl.program_id(0)
@@ -152,8 +154,14 @@ def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_p
     else:
         row_offs = n * so_n + op * so_h + oq * so_w
         col_offs = col * so_c
-    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, row_offs, m_ok, col, col_offs, col_ok,
-                    ss_ptr, sw_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
+    if SPLIT_FIX:
+        total, last = split_fixup(acc, ws_ptr, tl.program_id(0), tl.num_programs(1), BM, BN)
+        if last:  # the tile's last split: the whole (int64) sum, then the shared epilogue
+            store_gemm_tile(total, out_ptr, row_offs, m_ok, col, col_offs, col_ok, ss_ptr, sw_ptr, bias_ptr, inv_ss,
+                            HAS_BIAS, RAW)
+    else:
+        store_gemm_tile(acc, out_ptr, row_offs, m_ok, col, col_offs, col_ok, ss_ptr, sw_ptr, bias_ptr, inv_ss,
+                        HAS_BIAS, RAW)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,29 +192,19 @@ def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, N
     tile, splits = plan.tile, plan.splits
     steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]  # taps of one phase: k0, k0 + step, ...
     align = alignment((R, s_n, s_h, s_w, sw_col, wq.stride(2), wq.stride(3)), (src, wq))
-    direct = splits == 1
-    if direct:
-        dst = out
-        so_n, so_h, so_w, so_c = _nchw_strides(out)
-        s_split = 0
-    else:  # int32 partials [splits, N·OP·OQ, NCOL], then the exact int64 finalize
-        dst = _igemm.empty_output((splits, M, NCOL), torch.int32, src.device)
-        so_n, so_h, so_w, so_c, s_split = OP * OQ * NCOL, OQ * NCOL, NCOL, 1, M * NCOL
-    epilogue = direct and not raw
+    # splits > 1: exact int32 tiles added into an int64 workspace, the last split of a tile stores it
+    ws = _igemm.split_workspace(plan.programs, splits, tile.BM, tile.BN, src.device)
+    so_n, so_h, so_w, so_c = _nchw_strides(out)
     dummy = src
-    out_align = alignment((NCOL, so_n, so_h, so_w, s_split), (dst,))
-    i64 = not offsets_fit_int32(src, dst[0] if not direct else dst)
+    out_align = alignment((NCOL, so_n, so_h, so_w), (out,))
+    i64 = not offsets_fit_int32(src, out)
     conv2d_int8_fwd_dgrad_kernel[(plan.programs, splits)](
-        src, wq, dst, ss if epilogue else dummy, sw if epilogue else dummy,
-        bias if (epilogue and bias is not None) else dummy, P, Q, R, OP, OQ, NCOL, KH, KW, MQ, HQ, WQ,
-        plan.per_split, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], steps[0], steps[1],
-        s_n, s_h, s_w, s_r, sw_col, wq.stride(2), wq.stride(3), sw_r, so_n, so_h, so_w, so_c, s_split, inv_ss,
-        TRANSPOSED=transposed, HAS_BIAS=epilogue and bias is not None, RAW=not epilogue, BM=tile.BM, BN=tile.BN,
-        BK=tile.BK, GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=align, OUT_ALIGN=out_align, I64=i64,
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
-    if not direct:
-        o = _nchw_strides(out)
-        int8_gemm_finalize(dst, out, ss, sw, bias, inv_ss, (N, OP, OQ), o[:3], (1, 1, NCOL), (0, 0, o[3]))
+        src, wq, out, dummy if raw else ss, dummy if raw else sw, bias if (not raw and bias is not None) else dummy,
+        P, Q, R, OP, OQ, NCOL, KH, KW, MQ, HQ, WQ, plan.per_split, stride[0], stride[1], padding[0], padding[1],
+        dilation[0], dilation[1], steps[0], steps[1], s_n, s_h, s_w, s_r, sw_col, wq.stride(2), wq.stride(3), sw_r,
+        so_n, so_h, so_w, so_c, ws, inv_ss, TRANSPOSED=transposed, HAS_BIAS=not raw and bias is not None, RAW=raw,
+        BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=align, OUT_ALIGN=out_align,
+        I64=i64, SPLIT_FIX=splits > 1, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
 
 
