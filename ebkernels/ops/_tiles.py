@@ -33,12 +33,14 @@ what runs):
    one launch: no per-tap divisibility test, no wasted taps, any stride / padding / dilation.
 5. **Weight-grad**: rows are output channels (BM = power of two >= Cout in [16, 128]), columns the input
    channels of one tap (BN likewise from Cin) or, for fewer than 16 (unpadded) input channels, flat over
-   (tap, channel) (the first layer's 27 columns in one 32-wide tile, not 9 taps × 16); the reduction over N·OH·OW runs in steps of 64 rows, split
-   (``wgrad_splits``, also the Linear's rule) into int32-exact chunks of at most 2^17 terms and, on a GPU, into more
-   splits while the output tiles are fewer than two per SM.
+   (tap, channel) (the first layer's 27 columns in one 32-wide tile, not 9 taps × 16). The reduction over
+   N·OH·OW runs in steps of 64 rows, split (``wgrad_splits``, also the Linear's rule) into int32-exact
+   chunks of at most 2^17 terms and, on a GPU, into more splits while the output tiles are fewer than two
+   per SM; the splits meet in an int64 workspace and the last one finishes the tile (as in rule 7).
 6. Warps: 8 when the accumulator tile has >= 128·64 elements (weight-grad: or 128 columns), else 4; 4
    pipeline stages. Unaligned operands (channel counts / rows not multiples of 16: byte-wise loads):
-   weight-grad BK = 32, forward BM = 64 at 128 columns (the larger tiles spill there).
+   weight-grad BK = 32 and at most 64×128 (flat columns: 2048 accumulators), forward BM = 64 at 128
+   columns (the larger tiles spill there).
 7. **Split-K** of a forward / input-grad where one output's reduction exceeds 2^17 terms (SPEC §2:
    int32-exact chunks; none in VGG16 or PreResNet-101), and where the grid fills less than half the SMs
    (up to one CTA per SM, at least 4 K steps per split; none of the two networks at batch 256, several at
