@@ -158,8 +158,9 @@ def test_plan_printer_summary():
     assert abs(float(last.split(": ")[1][:-1]) - 100 * worst) < 0.051
     rows = [r for r in text.splitlines() if r.startswith("| ") and "/s" in r]
     assert len(rows) == 3 * (9 + 17)  # three GEMMs per distinct layer of both networks
+    assert worst >= 0.5  # the target: every GEMM that runs in training at least half useful
     legacy = io.StringIO()
-    assert print_plan(["vgg16", "preresnet101"], 256, 132, "legacy", legacy) < 0.01 < worst
+    assert print_plan(["vgg16", "preresnet101"], 256, 132, "legacy", legacy) < 0.01
 
 
 def test_plan_cli():
