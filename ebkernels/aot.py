@@ -1,11 +1,14 @@
 """Ahead-of-time compile of every registered Triton kernel for real GPU targets, without a GPU.
 
     python -m ebkernels.aot --arch 80,90 [--kernel NAME ...] [--json out.json]
+    python -m ebkernels.aot --plan vgg16,preresnet101 --batch 256 [--tiles legacy]
 
 For each kernel, configuration and architecture it prints: compiled or the error, the int8
-tensor-core instructions found in the PTX (``mma.sync…s8`` on sm_80, ``wgmma…s8`` on sm_90), shared
+tensor-core instructions found in the PTX (``mma.sync…s8`` on sm_80, ``wgmma…s8`` on sm_90), the
+byte-wise shared-memory stores (an int8 operand transposed into shared memory one byte at a time), shared
 memory, and registers/spills from ``ptxas -v`` where the ptxas bundled with Triton is present.
 Exits non-zero if any kernel fails to compile, or if a kernel declared ``int8_mma`` shows no int8 MMA.
+``--plan`` prints the convolution tile table's choices instead (``print_plan``; no compile).
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from concurrent.futures import ProcessPoolExecutor
 MMA_S8 = re.compile(r"\b((?:wgmma\.mma_async|mma\.sync)[\w.]*\.s8[\w.]*)")
 PTXAS_REGS = re.compile(r"Used (\d+) registers")
 PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+# byte-wise shared-memory stores: how Triton transposes an int8 operand that is not K-major (int8 wgmma on
+# sm_90 takes K-major operands only), one byte per instruction
+SMEM_B8 = re.compile(r"\bst\.shared(?:\.v\d)?\.[bsu]8\b")
 
 
 def _ptxas() -> str | None:
@@ -80,19 +86,22 @@ def compile_one(name: str, cfg_index: int, arch: int, extra: tuple[str, ...] = (
     from ._registry import registered_kernels
 
     k = {k.name: k for k in registered_kernels()}[name]
-    cfg = k.constexprs[cfg_index]
-    row = {"kernel": name, "config": cfg, "arch": arch, "compiled": False, "error": None,
-           "mma_s8": [], "shared": None, "registers": None, "spills": None, "int8_mma_expected": k.int8_mma}
+    cfg = dict(k.constexprs[cfg_index])
+    # a configuration may carry its own warps / stages (the tile table's), else the kernel's
+    num_warps, num_stages = cfg.pop("num_warps", k.num_warps), cfg.pop("num_stages", k.num_stages)
+    row = {"kernel": name, "config": {**cfg, "num_warps": num_warps, "num_stages": num_stages}, "arch": arch, "compiled": False, "error": None,
+           "mma_s8": [], "smem_b8_stores": None, "shared": None, "registers": None, "spills": None, "int8_mma_expected": k.int8_mma}
     try:
         signature = dict(k.signature)
         signature.update({c: "constexpr" for c in cfg})
         src = ASTSource(fn=k.fn, signature=signature, constexprs=dict(cfg), attrs=k.attrs())
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": k.num_warps, "num_stages": k.num_stages,
+                            options={"num_warps": num_warps, "num_stages": num_stages,
                                      "enable_fp_fusion": k.fp_fusion})
         ptx = ck.asm["ptx"]
         row["compiled"] = True
         row["mma_s8"] = sorted(set(MMA_S8.findall(ptx)))
+        row["smem_b8_stores"] = len(SMEM_B8.findall(ptx))
         row["shared"] = int(ck.metadata.shared)
         row["registers"], row["spills"] = _resource_usage(ptx, arch)
     except Exception as e:  # report, keep going
@@ -104,6 +113,46 @@ def _short_cfg(cfg: dict) -> str:
     return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in cfg.items()) or "-"
 
 
+def print_plan(nets: list[str], batch: int, sms: int, tiles: str, out=sys.stdout) -> float:
+    """The tile table's choice for every distinct conv layer of ``nets`` (``benchmarks/shapes.py``) at
+    ``batch``: per GEMM the tile, the grid (CTAs) against ``sms`` SMs and the useful-MMA fraction (useful
+    multiply-adds / multiply-adds the MMA tiles issue, ``ebkernels.ops._tiles``). ``tiles="legacy"``: the
+    one 128×128×64 tile every GEMM ran before the table. Returns the minimum fraction over the GEMMs
+    that run in training (the first layer's input-grad does not: the images need no gradient)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's benchmarks/
+    from benchmarks.shapes import CONV_SHAPES
+
+    from .ops import _tiles
+    from .ops.conv2d_int8 import code_channels
+
+    worst = 1.0
+    for net in nets:
+        useful = issued = 0
+        if net not in CONV_SHAPES:
+            raise SystemExit(f"--plan: unknown network {net!r}; known: {', '.join(CONV_SHAPES)}")
+        print(f"\n## {net}, batch {batch}, {sms} SMs, tiles: {tiles}\n", file=out)
+        print("| layer | × | GEMM | tile | grid (CTAs) | vs SMs | useful MMA |", file=out)
+        print("|---|---|---|---|---|---|---|", file=out)
+        for i, c in enumerate(CONV_SHAPES[net]):
+            if tiles == "legacy":
+                plans = _tiles.legacy_plans(batch, c.cin, c.h, c.w, c.cout, c.k, c.stride, c.pad, sms)
+            else:
+                plans = _tiles.layer_plans(batch, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.pad, sms, code_channels)
+            for p in plans:
+                runs = not (i == 0 and p.kind == "dgrad")
+                if runs:
+                    worst = min(worst, p.fraction)
+                    useful, issued = useful + c.count * p.useful, issued + c.count * p.issued
+                extra = f" {p.mode['phases']} phases" if p.mode.get("phases", 1) > 1 else ""
+                note = "" if runs else " (not run: the input needs no gradient)"
+                print(f"| {c.label()} | {c.count} | {p.kind}{extra} | {p.tile.name} | {p.programs}×{p.splits} "
+                      f"({p.ctas}) | {p.ctas / sms:.2f} | {100 * p.fraction:.1f}%{note} |", file=out)
+        print(f"\n{net}: useful MMA over all its GEMMs (layer counts included): {100 * useful / issued:.1f}%",
+              file=out)
+    print(f"\nmin useful MMA fraction: {100 * worst:.1f}%", file=out)
+    return worst
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ebkernels.aot", description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
@@ -112,7 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-module", action="append", default=[],
                    help="also compile the kernels declared in this Python file (for testing the tool)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    p.add_argument("--plan", help="print the tile table's plan for these networks (comma-separated: vgg16, "
+                   "preresnet101) instead of compiling")
+    p.add_argument("--batch", type=int, default=256, help="batch size of --plan (default 256)")
+    p.add_argument("--sms", type=int, default=132, help="SMs of the GPU --plan fills (default 132: H100/H200)")
+    p.add_argument("--tiles", choices=("table", "legacy"), default="table",
+                   help="--plan with the tile table (default) or the former one-size 128x128x64 tile")
     args = p.parse_args(argv)
+    if args.plan:
+        print_plan([n.strip() for n in args.plan.split(",") if n.strip()], args.batch, args.sms, args.tiles)
+        return 0
     try:
         arches = [int(a) for a in args.arch.split(",") if a.strip()]
     except ValueError:
@@ -137,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = list(ex.map(compile_one, *zip(*jobs)))
 
     failed = 0
-    print("| kernel | config | arch | compiled | int8 tensor-core instructions | shared (B) | registers | spills (B) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | config | arch | compiled | int8 tensor-core instructions | byte-wise smem stores | shared (B) "
+          "| registers | spills (B) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ok = r["compiled"] and (not r["int8_mma_expected"] or r["mma_s8"])
         failed += not ok
@@ -149,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             mma, status = "-", f"NO: {r['error']}"
         fmt = lambda v: "?" if v is None else str(v)  # noqa: E731
         print(f"| {r['kernel']} | {_short_cfg(r['config'])} | sm_{r['arch']} | {status} | {mma} | "
-              f"{fmt(r['shared'])} | {fmt(r['registers'])} | {fmt(r['spills'])} |")
+              f"{fmt(r['smem_b8_stores'])} | {fmt(r['shared'])} | {fmt(r['registers'])} | {fmt(r['spills'])} |")
     print(f"\n{len(rows) - failed}/{len(rows)} builds passed ({len(kernels)} kernels, arch {args.arch})")
     if args.json:
         with open(args.json, "w") as f:

@@ -38,13 +38,27 @@ def test_every_kernel_compiles_for_sm80_and_sm90(shipped):
             mine = [r for r in rows if r["kernel"] == name and r["arch"] == arch]
             assert mine and all(r["compiled"] for r in mine), (name, arch)
     assert "| quantize_codes_kernel |" in proc.stdout
+    assert "byte-wise smem stores" in proc.stdout
+
+
+def test_the_report_shows_byte_wise_shared_memory_transposes(shipped):
+    """sm_90 int8 wgmma takes K-major operands only: an MN-major operand goes through registers and byte-wise
+    shared-memory stores (issue 11 item 5). The report counts them per build; the 1×1 weight-grad with both
+    operands channel-major (X_CM) has none, the NHWC-X 3×3 weight-grad still has them."""
+    _, rows = shipped
+    wg = [r for r in rows if r["kernel"] == "conv2d_int8_wgrad_kernel" and r["arch"] == 90 and r["compiled"]]
+    assert all(isinstance(r["smem_b8_stores"], int) for r in wg)
+    xcm = [r for r in wg if r["config"].get("X_CM")]
+    assert xcm and all(r["smem_b8_stores"] == 0 for r in xcm)
 
 
 def test_gemm_kernels_use_int8_tensor_cores(shipped):
     _, rows = shipped
     for r in rows:
         if r["int8_mma_expected"]:
-            want = "wgmma" if r["arch"] == 90 else "mma.sync"
+            # sm_90: wgmma, except tiles below its 64-row minimum (the 16/32-row weight-grad tiles of the
+            # tile table), which Triton builds with mma.sync: int8 tensor cores all the same
+            want = "wgmma" if r["arch"] == 90 and r["config"].get("BM", 64) >= 64 else "mma.sync"
             assert any(want in m and ".s8" in m for m in r["mma_s8"]), r
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ebkernels import QConfig, force_backend, qconv2d
-from ebkernels.ops import _igemm, conv2d_int8
+from ebkernels.ops import _conv_wgrad, _igemm, _tiles, conv2d_int8
 from ebkernels.ops.conv2d_int8 import (conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd,
                                        conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference)
 from test_linear_int8 import _QuantizeGrad, _poison_empty, _ste_quant
@@ -18,6 +18,29 @@ from test_linear_int8 import _QuantizeGrad, _poison_empty, _ste_quant
 def poisoned(monkeypatch):
     """Every kernel output / partial buffer starts as NaN or 0x7f7f7f7f: unwritten elements fail."""
     monkeypatch.setattr(_igemm, "empty_output", _poison_empty)
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records every launch's grid and keyword (constexpr) arguments."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kw):
+            self.calls.append({**kw, "grid": tuple(grid), "kernel": self.kernel})
+            return launch(*args, **kw)
+        return run
+
+
+def spy_launches(monkeypatch):
+    """The launches of the convolution kernels (forward / input-grad, weight-grad), in order."""
+    calls = []
+    for mod, name in ((conv2d_int8, "conv2d_int8_fwd_dgrad_kernel"), (_conv_wgrad, "conv2d_int8_wgrad_kernel")):
+        monkeypatch.setattr(mod, name, _LaunchSpy(getattr(mod, name), calls))
+    return calls
 
 
 def _codes(shape, gen, device, channels_last):
@@ -110,8 +133,7 @@ def test_chunked_reductions_and_epilogue(device, poisoned, cl):
 def test_wgrad_int32_overflow_guard(device, poisoned, monkeypatch):
     """Weight-grad reduction over N·OH·OW = 134,689 rows of maximal codes: 127² · 134,689 > 2^31."""
     if device.type == "cpu":  # long row chunks: few (slow) interpreter loop steps
-        tiles = {"BM": 16, "BN": 16, "BK": 16384, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
-        monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, conv=False, align=16: tiles)
+        monkeypatch.setattr(_tiles, "wgrad_tile", lambda CO, C, align, taps: _tiles.Tile(16, 16, 16384, True, 4, 1, 1))
     H = W = 367
     qx = torch.full((1, 1, H, W), 127, dtype=torch.int8)
     qx[..., 0, :5] = -7  # a few other values so the taps differ
@@ -257,8 +279,9 @@ def test_qconv2d_torch_compile(device):
     assert w.grad is not None and x.grad.shape == x.shape
 
 
-# Channel counts that are not multiples of 16 (first layer Cin = 3; Cout = 17): the quantizer pads the A and
-# W codes' Cin (and the E codes' Cout) with zeros, so every int8 kernel runs its aligned path (ALIGN=16).
+# Channel counts of 16 or more that are not multiples of 16 (Cout = 17, Cin = 20): the quantizer pads the A and
+# W codes' Cin (and the E codes' Cout) with zeros, so every int8 kernel runs its aligned path (ALIGN=16);
+# fewer than 16 (first layer Cin = 3, Cin = 5) stay unpadded: the flat (tap, channel) layouts, ALIGN=1.
 PAD_CASES = [
     ((2, 3, 6, 6), 17, 3, 1, 1, 1, True, True),
     ((4, 3, 4, 4), 20, 3, 1, 1, 1, False, True),  # M = 64: the weight-grad is aligned too
@@ -271,33 +294,39 @@ PAD_CASES = [
 @pytest.mark.parametrize("case", PAD_CASES, ids=[f"{c[0]}-O{c[1]}K{c[2]}s{c[3]}" for c in PAD_CASES])
 def test_qconv2d_unaligned_channels_are_padded_onto_the_aligned_path(device, poisoned, monkeypatch, case):
     shape, CO, K, stride, padding, dilation, cl, bias = case
-    aligns = []
-    tiles = _igemm.gemm_tiles
-
-    def spy(dev, conv=False, align=16):
-        aligns.append(align)
-        return tiles(dev, conv, align)
-
-    monkeypatch.setattr(_igemm, "gemm_tiles", spy)
+    calls = spy_launches(monkeypatch)
     _check_qconv(device, shape, CO, K, stride, padding, dilation, 1, cl, bias, QConfig(bits_g=None), seed=CO + K)
     if conv2d_int8.use_triton(torch.empty(1, device=device)):
         # forward, input-grad, weight-grad: all on 16-byte aligned operands (the weight-grad's channel-major E
         # rows are N·OH·OW long: aligned when that is a multiple of 16, e.g. any batch that is)
         OH, OW = conv2d_int8.conv2d_output_size(*shape[2:], K, K, (stride,) * 2, (padding,) * 2, (dilation,) * 2)
-        assert aligns == [16, 16, 16 if shape[0] * OH * OW % 16 == 0 else 1]
+        # (fewer than 16 channels stay unpadded: the flat K / column layouts, ALIGN=1)
+        cin, cout = (conv2d_int8.code_channels(c) % 16 == 0 for c in (shape[1], CO))
+        assert [c["ALIGN"] for c in calls] == [16 if cin else 1, 16 if cout else 1,
+                                               16 if cin and shape[0] * OH * OW % 16 == 0 else 1]
 
 
 def test_qconv2d_saved_codes_are_channel_padded(device):
+    """Channel counts of 16 or more are zero-padded to a multiple of 16; fewer stay as they are."""
     x = torch.randn(2, 3, 5, 5).to(device).requires_grad_()
     w = torch.randn(4, 3, 3, 3).to(device).requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         qconv2d(x, w, padding=1)
     big = [t for t in saved if t.numel() > 1]
-    cin = 16 if conv2d_int8.use_triton(x) else 3  # the reference path keeps the unpadded codes
+    # fewer than 16 channels stay unpadded (the kernels pack taps × channels), 17 is padded to 32
+    assert [tuple(t.shape) for t in big] == [(2, 3, 5, 5), (4, 3, 3, 3)]
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in big)
+    x = torch.randn(2, 17, 5, 5).to(device).requires_grad_()
+    w = torch.randn(4, 17, 3, 3).to(device).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        qconv2d(x, w, padding=1)
+    big = [t for t in saved if t.numel() > 1]
+    cin = 32 if conv2d_int8.use_triton(x) else 17  # the reference path keeps the unpadded codes
     assert [tuple(t.shape) for t in big] == [(2, cin, 5, 5), (4, cin, 3, 3)]
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in big)
-    assert all(torch.count_nonzero(t[:, 3:]) == 0 for t in big)
+    assert all(torch.count_nonzero(t[:, 17:]) == 0 for t in big)
 
 
 # (N, Cin, H, W, Cout, K, stride, padding, dilation, x channel-major): E codes channel-major ([Cout, N·OH·OW],
@@ -318,10 +347,7 @@ ECM_CASES = [
 @pytest.mark.parametrize("case", ECM_CASES, ids=["N{}C{}H{}W{}O{}K{}s{}p{}d{}xcm{}".format(*c) for c in ECM_CASES])
 def test_wgrad_channel_major_e_exact(device, poisoned, monkeypatch, case, max_terms):
     N, C, H, W, CO, K, stride, padding, dilation, x_cm = case
-    aligns = []
-    tiles = _igemm.gemm_tiles
-    monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, conv=False, align=16: aligns.append(align) or
-                        tiles(dev, conv, align))
+    calls = spy_launches(monkeypatch)
     gen = torch.Generator().manual_seed(sum(case) + max_terms)
     OH, OW = conv2d_int8.conv2d_output_size(H, W, K, K, (stride,) * 2, (padding,) * 2, (dilation,) * 2)
     qx = _codes((C, N, H, W), gen, device, False).permute(1, 0, 2, 3) if x_cm else _codes((N, C, H, W), gen, device,
@@ -338,4 +364,4 @@ def test_wgrad_channel_major_e_exact(device, poisoned, monkeypatch, case, max_te
     torch.testing.assert_close(dwf.cpu(), conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), se.cpu(), sx.cpu(), *args,
                                                                       torch.float32), rtol=0, atol=0)
     if conv2d_int8.use_triton(qx) and case in (ECM_CASES[0], ECM_CASES[4]):
-        assert aligns[0] == 16  # the aligned E_CM / E_CM+X_CM variants ran
+        assert calls[0]["ALIGN"] == 16  # the aligned E_CM / E_CM+X_CM variants ran

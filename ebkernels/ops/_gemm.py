@@ -23,14 +23,11 @@ __all__ = ["split_reduction", "inv_code_scales", "result_and_scale", "F32_EXACT_
 def split_reduction(length: int, tiles: int, BK: int, device: torch.device, max_terms: int):
     """(splits, terms per split) for a reduction of ``length`` terms: every split at most ``max_terms``
     terms (int32-exact) and a multiple of BK; on a GPU, more splits when there are too few output tiles
-    to fill the SMs."""
-    max_terms = max(BK, max_terms // BK * BK)
-    splits = triton.cdiv(length, max_terms)
-    if device.type == "cuda" and _igemm.gemm_tiles(device)["BM"] > 32:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(splits, min(triton.cdiv(2 * sms, max(tiles, 1)), triton.cdiv(length, 8 * BK)))
-    per = triton.cdiv(triton.cdiv(max(length, 1), splits), BK) * BK
-    return triton.cdiv(max(length, 1), per), per
+    to fill the SMs (one rule with the convolution weight-grad: ``_tiles.wgrad_splits``)."""
+    from . import _tiles
+
+    return _tiles.wgrad_splits(length, tiles, _tiles.device_sms(device) if _tiles.on_gpu(device) else None,
+                               max_terms, BK)
 
 
 def inv_code_scales(bits_a: int, bits_b: int) -> float:

@@ -3,14 +3,17 @@
 One index decode and one set of tile helpers for every kernel in ``linear_int8`` and ``conv2d_int8``:
 
 - ``decode_rows``: a flat row index over a (D0, D1, D2) grid, e.g. m -> (n, oh, ow) of an NHWC output;
-- ``decode_tap`` / ``next_k_step``: the convolution's K position (kernel tap (kh, kw), first channel r0 of
-  a BK chunk): decoded once per program, then advanced by scalar compares — no division in the K loop;
+- ``decode_tap``: a kernel tap index -> (kh, kw) (the weight-grad's one tap per program);
 - ``tap_input_coord``: the input coordinate that output coordinate ``o`` reads through kernel tap ``t``,
   ``o*stride - pad + t*dil`` (forward and weight-grad);
-- ``tap_output_coord``: the inverse, for the input-grad (a transposed convolution): the output coordinate
-  that reads input coordinate ``i`` through tap ``t``, and whether it exists (``stride`` divides, in range);
-- ``conv_implicit_gemm_tile``: the main loop of the convolution forward and input-grad (one body, the
-  input-grad being the transposed convolution with the same weight codes);
+- ``phase_taps``: the taps of one phase of a strided input-grad (a transposed convolution split into
+  stride_h·stride_w dense sub-problems: no per-tap divisibility test; ``_tiles.dgrad_phase_taps`` on the
+  host);
+- ``conv_implicit_gemm_tile``: the main loop of the convolution forward and input-grad (one body: a set of
+  taps j = (jh, jw) whose source pixel moves by (DH, DW) and whose weight tap by (step_h, step_w) per
+  step of j), the K loop one tap at a time (BK channels per step) or flat over (tap, channel) (``FLAT``:
+  K packed across taps for fewer channels than a K tile); ``conv_forward_tile``: its forward form, shared
+  with the fused conv+BatchNorm kernel; ``k_steps``: its K-step count;
 - ``load_pixels_tile``: an int8 [pixels, channels] tile gathered from an NHWC tensor with padding masks —
   the im2col happens here, in registers, never in memory;
 - ``store_gemm_tile``: the epilogue every kernel shares: raw int32 (exact partial sums, reduced later in
@@ -39,9 +42,9 @@ import triton.language as tl
 
 from .._registry import aot_kernel
 
-__all__ = ["MAX_TERMS", "GPU_TILES", "empty_output", "gemm_tiles", "alignment", "offsets_fit_int32",
-           "int8_gemm_finalize", "assume_multiple", "to_bfloat16_rne", "cast_rne", "decode_rows", "decode_tap", "next_k_step", "tap_input_coord",
-           "tap_output_coord", "grouped_tile_ids", "conv_implicit_gemm_tile", "load_pixels_tile",
+__all__ = ["MAX_TERMS", "GPU_TILES", "empty_output", "gemm_tiles", "alignment", "nchw_strides", "offsets_fit_int32",
+           "int8_gemm_finalize", "assume_multiple", "to_bfloat16_rne", "cast_rne", "decode_rows", "decode_tap", "tap_input_coord",
+           "phase_taps", "split_fixup", "split_workspace", "grouped_tile_ids", "k_steps", "conv_implicit_gemm_tile", "conv_forward_tile", "load_pixels_tile",
            "store_gemm_tile", "int8_gemm_finalize_kernel"]
 
 # 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
@@ -86,6 +89,11 @@ def alignment(values=(), tensors=()) -> int:
     emits 16-byte vector loads/stores (and the ahead-of-time build sees what the JIT would infer)."""
     ok = all(int(v) % 16 == 0 for v in values) and all(t.data_ptr() % 16 == 0 for t in tensors)
     return 16 if ok else 1
+
+
+def nchw_strides(t: torch.Tensor):
+    """(s_n, s_h, s_w, s_c) of a logical NCHW tensor (any memory format)."""
+    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
 
 
 def offsets_fit_int32(*tensors) -> bool:
@@ -137,31 +145,29 @@ def decode_tap(t, KW):
 
 
 @triton.jit
-def next_k_step(kh, kw, r0, KW, R, BK: tl.constexpr):
-    """The convolution K step after (tap (kh, kw), channels [r0, r0+BK)): the next BK channels of the tap,
-    else channel 0 of the next tap. A K tile never straddles two taps, so its decode stays scalar."""
-    r0 += BK
-    wrap = r0 >= R
-    r0 = tl.where(wrap, 0, r0)
-    kw = tl.where(wrap, kw + 1, kw)
-    wrap = kw == KW
-    return tl.where(wrap, kh + 1, kh), tl.where(wrap, 0, kw), r0
-
-
-@triton.jit
 def tap_input_coord(o, t, stride, pad, dil):
     """Input coordinate read by output coordinate ``o`` at kernel tap ``t`` (may fall in the padding)."""
     return o * stride - pad + t * dil
 
 
 @triton.jit
-def tap_output_coord(i, t, stride, pad, dil, O):
-    """Output coordinate reading input coordinate ``i`` through tap ``t``, and whether it exists."""
-    num = i + pad - t * dil
-    nonneg = num >= 0
-    o = tl.where(nonneg, num, 0) // stride  # clamp first: truncating division == floor division
-    valid = nonneg & (o * stride == num) & (o < O)
-    return o, valid
+def phase_taps(ph, pad, dil, stride, K, step):
+    """Taps of input phase ``ph`` (input coordinates ≡ ph mod stride) of a transposed convolution along
+    one axis, ``step`` = stride / gcd(stride, dil): ``(k0, count, c0)``: taps k0, k0 + step, ... (count of
+    them) are the only ones whose output coordinate ``(i + pad - k·dil) / stride`` is an integer for the
+    inputs of the phase, and input ``ph + stride·a`` reads output ``a + c0 - j·(dil / gcd)`` through the
+    j-th. Scalar arithmetic on non-negative operands (``_tiles.dgrad_phase_taps`` is the host mirror, the
+    plan printer counts the same taps)."""
+    k0 = step  # none yet
+    for k in range(0, step):
+        hit = (k * dil + (stride - 1) * (ph + pad)) % stride == 0  # (k·dil - ph - pad) ≡ 0 (mod stride)
+        k0 = tl.where(hit & (k0 == step), k, k0)
+    ok = (k0 < step) & (k0 < K)
+    k0 = tl.where(ok, k0, 0)
+    count = tl.where(ok, (K - 1 - k0) // step + 1, 0)
+    big = K * dil  # >= k0·dil: keeps the (exact) division's numerator non-negative
+    c0 = (ph + pad - k0 * dil + stride * big) // stride - big
+    return k0, count, c0
 
 
 @triton.jit
@@ -197,62 +203,128 @@ def load_channel_major_tile(ptr, c, c_ok, s_c, m, m_ok, I64: tl.constexpr):
 
 
 @triton.jit
-def conv_implicit_gemm_tile(src_ptr, w_ptr, n, p, q, row_ok, col, col_ok, t_start, t_end, KW, P, Q, R,
-                            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r,
-                            sw_col, sw_h, sw_w, sw_r, BM: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr, TRANSPOSED: tl.constexpr, I64: tl.constexpr):
-    """int32 [BM, BN] tile of an implicit-GEMM convolution over kernel taps ``[t_start, t_end)``.
+def k_steps(n_taps, R, BK: tl.constexpr, FLAT: tl.constexpr):
+    """K steps of ``conv_implicit_gemm_tile`` over ``n_taps`` taps of R channels (``_tiles.k_iters``)."""
+    if FLAT:
+        return tl.cdiv(n_taps * R, BK)
+    return n_taps * tl.cdiv(R, BK)
 
-    Rows are pixels (n, p, q) of the result, columns ``col`` its channels. Each tap (kh, kw) maps the
-    row pixels to pixels (h, w) of ``src`` (NHWC-strided, spatial size P×Q, R channels), and the
-    reduction runs over those R channels against ``w[col, kh, kw, r]`` (strides sw_*):
-    - forward (``TRANSPOSED=False``): src = x, ``h = p*stride - pad + kh*dil``, R = Cin, col = Cout;
-    - input-grad (``TRANSPOSED=True``): src = E, h is the output row that reads input row p through
-      tap kh (only where ``stride`` divides), R = Cout, col = Cin — the transposed convolution.
 
-    One flat K loop over (tap, BK-channel chunk), like Inductor's conv template: the software pipeline
-    runs across taps (a nested tap/channel loop restarts it every tap, with 1-2 steps per tap at
-    Cin = 64). Per row the loop carries only the image's base offset and the tap-0 coordinate (decoded
-    once); (kh, kw, r0) are scalars advanced by ``next_k_step``. ``I64``: 64-bit pixel offsets (tensors
-    past 2^31 elements); otherwise int32.
-    """
+@triton.jit
+def conv_implicit_gemm_tile(src_ptr, w_ptr, pix_n, h0, w0, row_ok, col, col_ok, it0, it1, NTW, n_taps, kh0, kw0,
+                            step_h, step_w, DH, DW, P, Q, R, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr,
+                            I64: tl.constexpr):
+    """int32 [BM, BN] tile of an implicit-GEMM convolution over K steps ``[it0, it1)`` of this program's taps.
+
+    Rows are pixels of the result (``pix_n``: each row's image offset in ``src``; ``row_ok``), columns
+    ``col`` its channels. Tap j = (jh, jw) (``n_taps`` of them, jw < NTW) reads source pixel
+    ``(h0 + jh·DH, w0 + jw·DW)`` (P×Q image, NHWC-strided, R channels; outside: 0) against weight tap
+    ``(kh0 + jh·step_h, kw0 + jw·step_w)`` (``w[col, kh, kw, r]``, strides sw_*):
+    - forward (``conv_forward_tile``): h0 = oh·stride - pad, DH = dil, every tap (kh0 = 0, step 1);
+    - input-grad phase (a transposed convolution, ``phase_taps``): h0 = a + c0, DH = -dil/gcd, only the
+      taps that hit the phase: no divisibility test, no wasted taps.
+
+    K steps: ``FLAT=False``: step i = (tap i // ceil(R/BK), BK channels): a K tile never straddles taps,
+    its decode is scalar (advanced by compares, no division in the loop), the pipeline runs across taps;
+    ``FLAT=True``: flat K index k = i·BK + [0, BK) over (tap k // R, channel k % R), K packed across taps
+    for fewer than 64 channels per tap (16-channel layers, the unpadded Cin = 3 first layer), which a
+    one-tap K tile would mostly fill with zeros (one [BK] division per K step). ``I64``: 64-bit offsets."""
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     rr = tl.arange(0, BK)
+    w_cols = col * sw_col
+    if not FLAT:
+        nrb = tl.cdiv(R, BK)
+        j = it0 // nrb
+        r0 = (it0 - j * nrb) * BK
+        jh = j // NTW
+        jw = j - jh * NTW
+        w_rows = w_cols[:, None] + (rr * sw_r)[None, :]
+        for _ in range(it0, it1):
+            h = h0 + jh * DH
+            w = w0 + jw * DW
+            ok = row_ok & (h >= 0) & (h < P) & (w >= 0) & (w < Q)
+            if I64:
+                pix = pix_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
+            else:
+                pix = pix_n + h * s_h + w * s_w
+            a = load_pixels_tile(src_ptr, pix, ok, r0 + rr, R, s_r)  # [BM, BK] im2col rows
+            woff = (kh0 + jh * step_h) * sw_h + (kw0 + jw * step_w) * sw_w + r0 * sw_r
+            b = tl.load(w_ptr + woff + w_rows, mask=col_ok[:, None] & (rr < R - r0)[None, :], other=0)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+            r0 += BK
+            wrap = r0 >= R
+            r0 = tl.where(wrap, 0, r0)
+            jw = tl.where(wrap, jw + 1, jw)
+            wrap = jw == NTW
+            jh = tl.where(wrap, jh + 1, jh)
+            jw = tl.where(wrap, 0, jw)
+    else:
+        KT = n_taps * R
+        for it in range(it0, it1):
+            k = it * BK + rr
+            j = k // R
+            c = k - j * R
+            jh = j // NTW
+            jw = j - jh * NTW
+            k_ok = k < KT
+            h = h0[:, None] + (jh * DH)[None, :]
+            w = w0[:, None] + (jw * DW)[None, :]
+            ok = row_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < P) & (w >= 0) & (w < Q)
+            if I64:
+                offs = pix_n[:, None] + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w + (c * s_r)[None, :]
+            else:
+                offs = pix_n[:, None] + h * s_h + w * s_w + (c * s_r)[None, :]
+            a = tl.load(src_ptr + offs, mask=ok, other=0)  # [BM, BK]: taps × channels packed in K
+            woff = (kh0 + jh * step_h) * sw_h + (kw0 + jw * step_w) * sw_w + c * sw_r
+            b = tl.load(w_ptr + w_cols[:, None] + woff[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def conv_forward_tile(src_ptr, w_ptr, n, op, oq, row_ok, col, col_ok, it0, it1, KH, KW, P, Q, R, stride_h, stride_w,
+                      pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r, BM: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr, I64: tl.constexpr):
+    """The forward convolution's tile (``conv2d_int8`` and the fused conv+BatchNorm kernel): output pixels
+    (n, op, oq), every tap, source pixel ``(op·stride - pad + kh·dil, ...)``."""
     if I64:
         pix_n = n.to(tl.int64) * s_n
     else:
         pix_n = n * s_n
-    # tap-0 coordinate of every row, once: forward h = h0 + kh*dil; input-grad h = (h0 - kh*dil) / stride
-    if TRANSPOSED:
-        h0 = p + pad_h
-        w0 = q + pad_w
-    else:
-        h0 = tap_input_coord(p, 0, stride_h, pad_h, dil_h)
-        w0 = tap_input_coord(q, 0, stride_w, pad_w, dil_w)
-    # the weight rows move by a scalar offset per K step: build their (int32: weights are small) offsets once
-    w_rows = (col * sw_col)[:, None] + (rr * sw_r)[None, :]
-    nrb = tl.cdiv(R, BK)
-    kh, kw = decode_tap(t_start, KW)
-    r0 = t_start * 0
-    for _ in range(t_start * nrb, t_end * nrb):
-        if TRANSPOSED:
-            h, h_ok = tap_output_coord(h0, kh, stride_h, 0, dil_h, P)
-            w, w_ok = tap_output_coord(w0, kw, stride_w, 0, dil_w, Q)
-        else:
-            h = tap_input_coord(h0, kh, 1, 0, dil_h)
-            w = tap_input_coord(w0, kw, 1, 0, dil_w)
-            h_ok = (h >= 0) & (h < P)
-            w_ok = (w >= 0) & (w < Q)
-        if I64:
-            pix = pix_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
-        else:
-            pix = pix_n + h * s_h + w * s_w
-        a = load_pixels_tile(src_ptr, pix, row_ok & h_ok & w_ok, r0 + rr, R, s_r)  # [BM, BK] im2col rows
-        b = tl.load(w_ptr + (kh * sw_h + kw * sw_w + r0 * sw_r) + w_rows,
-                    mask=col_ok[:, None] & (rr < R - r0)[None, :], other=0)  # [BN, BK] weight rows
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        kh, kw, r0 = next_k_step(kh, kw, r0, KW, R, BK)
-    return acc
+    h0 = tap_input_coord(op, 0, stride_h, pad_h, dil_h)
+    w0 = tap_input_coord(oq, 0, stride_w, pad_w, dil_w)
+    return conv_implicit_gemm_tile(src_ptr, w_ptr, pix_n, h0, w0, row_ok, col, col_ok, it0, it1, KW, KH * KW, 0, 0,
+                                   1, 1, dil_h, dil_w, P, Q, R, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r, BM, BN, BK,
+                                   FLAT, I64)
+
+
+@triton.jit
+def split_fixup(acc, ws_ptr, tile, splits, BM: tl.constexpr, BN: tl.constexpr):
+    """Split-K without int32 partials in memory or a finalize launch: add this split's exact int32 ``acc``
+    (at most 2^17 terms) into the int64 workspace tile ``tile`` (``split_workspace``: zero at launch) with
+    integer atomics — exact in any order, so the sum is deterministic — then count the split in on the
+    tile's semaphore. Returns ``(total, last)``: ``last`` in the one program of the tile that arrived last
+    (it alone goes on to the epilogue), ``total`` there the int64 sum over all splits (``acc`` elsewhere).
+    Ordering: each add is a release, the semaphore an acq_rel atomic, and the last split reads the
+    workspace with L1-bypassing loads after it."""
+    offs = tile.to(tl.int64) * (BM * BN) + (tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :])
+    tl.atomic_add(ws_ptr + offs, acc.to(tl.int64), sem="release")
+    tl.debug_barrier()  # every thread's adds are issued before the semaphore
+    done = tl.atomic_add(ws_ptr + tl.num_programs(0).to(tl.int64) * (BM * BN) + tile, 1)
+    last = done == splits - 1
+    total = acc.to(tl.int64)
+    if last:
+        total = tl.load(ws_ptr + offs, cache_modifier=".cg")
+    return total, last
+
+
+def split_workspace(programs: int, splits: int, BM: int, BN: int, device: torch.device) -> torch.Tensor:
+    """The zeroed int64 workspace of ``split_fixup``: one BM×BN tile per program, then one semaphore per
+    program (a one-element dummy for one split)."""
+    if splits <= 1:
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    return torch.zeros(programs * (BM * BN + 1), dtype=torch.int64, device=device)
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 produces the BatchNorm statistics of its output, and the same GEMM in backward, recomputing y exactly
 to form the BatchNorm-backward sums.
 
-Both run the forward convolution of ``conv2d_int8`` (same main loop, ``_igemm.conv_implicit_gemm_tile``)
+Both run the forward convolution of ``conv2d_int8`` (same main loop, ``_igemm.conv_forward_tile``)
 and the same first step of the epilogue: ``y = acc * sx*sw/S² (+ bias)`` in float32, rounded to
 bfloat16 (the value BatchNorm sees, in forward and backward) and stored NHWC. Then:
 
@@ -34,10 +34,11 @@ from ._bn_math import BNP_ROWS, bn_finalize_channels, bn_grad_in, finalize_refer
 from ._channel_stats import (MOMENTS, SUMS, ReductionSpace, finish_reduction, moments_reference, publish_max,
                              store_partials, tile_moments, tile_sums)
 from ._gemm import inv_code_scales
-from ._igemm import (GPU_TILES, alignment, assume_multiple, conv_implicit_gemm_tile, decode_rows, grouped_tile_ids,
+from ._igemm import (GPU_TILES, alignment, assume_multiple, conv_forward_tile, decode_rows, grouped_tile_ids,
                      offsets_fit_int32, to_bfloat16_rne)
 from .bn_relu_quant import NO_FP_FUSION, _momentum_arg
-from .conv2d_int8 import _nchw_strides, conv2d_int8_fwd_reference, conv2d_output_size
+from ._igemm import nchw_strides as _nchw_strides
+from .conv2d_int8 import conv2d_int8_fwd_reference, conv2d_output_size
 
 __all__ = ["conv2d_int8_bn_fwd", "conv2d_int8_bn_bwd_reduce", "conv2d_int8_bn_fwd_reference",
            "conv2d_int8_bn_bwd_reduce_reference"]
@@ -93,9 +94,9 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
     m_ok = m < M
     col_ok = col < NCOL
     n, op, oq = decode_rows(m, OP, OQ)
-    acc = conv_implicit_gemm_tile(src_ptr, w_ptr, n, op, oq, m_ok, col, col_ok, 0, taps, KW, P, Q, R, stride_h,
-                                  stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r,
-                                  BM, BN, BK, False, I64)
+    acc = conv_forward_tile(src_ptr, w_ptr, n, op, oq, m_ok, col, col_ok, 0, taps * tl.cdiv(R, BK), taps // KW, KW,
+                            P, Q, R, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r, sw_col, sw_h,
+                            sw_w, sw_r, BM, BN, BK, False, I64)
     y = acc.to(tl.float32) * (tl.load(ss_ptr) * tl.load(sw_ptr) * inv_ss)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]

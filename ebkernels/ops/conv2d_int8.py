@@ -3,14 +3,15 @@
 
 Activations and errors are int8 codes in NHWC memory order (the quantizer writes them so), weights
 int8 codes viewed as [Cout, KH·KW·Cin]. All three kernels share the index decode, the main loop and
-the epilogue of ``_igemm``:
+the epilogue of ``_igemm``; their tiles come from the per-shape table of ``_tiles``:
 
 - ``conv2d_int8_fwd_dgrad_kernel``: forward ``Y[N·OH·OW, Cout] = X̃ · Wᵀ`` (reduction over (kh, kw, ci)),
-  or, with ``TRANSPOSED``, input-grad ``dX[N·H·W, Cin] = Ẽ · W``, each tap reading the output pixel
-  ``(ih + pad - kh·dil) / stride`` where stride divides it (any stride, padding, dilation);
-- ``conv2d_int8_wgrad_kernel``: ``dW[Cout, (kh, kw, ci)] = Eᵀ · X̃``, the reduction over N·OH·OW split
-  into chunks of at most 2^17 terms whose int32 partials are summed exactly in int64 (no overflow at any
-  batch size), then scaled.
+  or, with ``TRANSPOSED``, input-grad ``dX[N·H·W, Cin] = Ẽ · W`` as stride_h·stride_w dense phases, each
+  reading only the taps whose output pixel ``(ih + pad - kh·dil) / stride`` exists (any stride, padding,
+  dilation);
+- ``conv2d_int8_wgrad_kernel`` (in ``_conv_wgrad``, its own file for size): ``dW[Cout, (kh, kw, ci)]
+  = Eᵀ · X̃``, the reduction over N·OH·OW split into chunks of at most 2^17 terms whose exact int32 sums
+  are added in int64 (no overflow at any batch size), then scaled and G-quantized in the same launch.
 
 Scales are read from device tensors in the epilogue (no host synchronisation); the bias is fused there
 too; outputs are written straight into the input's memory format (NCHW or channels-last). groups > 1
@@ -19,6 +20,7 @@ runs the PyTorch reference path (one warning). Public: ``qconv2d``; lower level 
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -32,65 +34,70 @@ from .._checks import check_same_device, check_tensor
 from .._registry import aot_kernel
 from ..config import QConfig
 from . import _igemm
-from ._igemm import (GPU_TILES, MAX_TERMS, alignment, assume_multiple, conv_implicit_gemm_tile, decode_rows,
-                     decode_tap, grouped_tile_ids, int8_gemm_finalize, load_channel_major_tile, load_pixels_tile,
-                     offsets_fit_int32, store_gemm_tile, tap_input_coord)
+from . import _tiles
+from ._igemm import (MAX_TERMS, alignment, assume_multiple, conv_forward_tile, conv_implicit_gemm_tile, decode_rows,
+                     grouped_tile_ids, k_steps, split_fixup, nchw_strides as _nchw_strides,
+                     offsets_fit_int32, phase_taps, store_gemm_tile)
 from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
-                    quantize_weight_grad, refuse_double_backward, result_and_scale, split_reduction)
-from .quantize import dequantize, gquant_epilogue, gquant_finish, gquant_plan, quantize
+                    quantize_weight_grad, refuse_double_backward, result_and_scale)
+from ._conv_wgrad import _wgrad_triton, conv2d_int8_wgrad_kernel  # noqa: F401 (the kernel: re-exported)
+from .quantize import dequantize, quantize
 
 __all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad", "conv2d_int8_wgrad",
            "conv2d_int8_fwd_reference", "conv2d_int8_dgrad_reference", "conv2d_int8_wgrad_reference",
            "conv2d_output_size"]
 
-_GPU, _GPU_UNALIGNED = ({k: v for k, v in GPU_TILES[c].items() if k not in ("num_warps", "num_stages")}
-                        for c in ("conv", "unaligned"))
 # Runtime arguments as the JIT types them for tensors below 2^31 elements (I64=False: int32 offsets).
 _CONV_SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*fp32", "ss_ptr": "*fp32", "sw_ptr": "*fp32",
              "bias_ptr": "*fp32", "P": "i32", "Q": "i32", "R": "i32", "OP": "i32", "OQ": "i32",
-             "NCOL": "i32", "KW": "i32", "M": "i32", "taps": "i32", "taps_per_split": "i32",
+             "NCOL": "i32", "KH": "i32", "KW": "i32", "MQ": "i32", "HQ": "i32", "WQ": "i32", "per_split": "i32",
              "stride_h": "i32", "stride_w": "i32", "pad_h": "i32", "pad_w": "i32", "dil_h": "i32",
-             "dil_w": "i32", "s_n": "i32", "s_h": "i32", "s_w": "i32", "s_r": "i32", "sw_col": "i32",
-             "sw_h": "i32", "sw_w": "i32", "sw_r": "i32", "so_n": "i32", "so_h": "i32", "so_w": "i32",
-             "so_c": "i32", "s_split": "i64", "inv_ss": "fp32"}
-# AOT configurations = GPU launches of the common layers: NHWC int8 codes with 16-aligned channel counts
-# (ALIGN=16: what the JIT infers from such arguments), channels-last result, unit stride/dilation
-# specialised as the JIT does for arguments equal to 1; plus the input-grad of a stride-2 layer (the
-# per-tap divisibility test at run time), a forward into an NCHW result (OUT_ALIGN=1), and the unaligned
-# fallback tiles (ALIGN=1: e.g. a first layer with Cin=3) for a forward and a stride-2 input-grad.
-_CONV_COMMON = {**_GPU, "s_r": 1, "sw_r": 1, "I64": False, "ALIGN": 16}
-_CONV_UNALIGNED = {**_GPU_UNALIGNED, "s_r": 1, "sw_r": 1, "I64": False, "ALIGN": 1, "OUT_ALIGN": 1}
-_CONV_UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1}
-_CONV_AOT = [
-    {**_CONV_COMMON, **_CONV_UNIT, "TRANSPOSED": False, "HAS_BIAS": True, "RAW": False, "so_c": 1,
-     "OUT_ALIGN": 16},
-    {**_CONV_COMMON, **_CONV_UNIT, "TRANSPOSED": True, "HAS_BIAS": False, "RAW": False, "so_c": 1,
-     "OUT_ALIGN": 16},
-    {**_CONV_COMMON, "dil_h": 1, "dil_w": 1, "TRANSPOSED": True, "HAS_BIAS": False, "RAW": False, "so_c": 1,
-     "OUT_ALIGN": 16},
-    {**_CONV_COMMON, **_CONV_UNIT, "TRANSPOSED": False, "HAS_BIAS": True, "RAW": False, "so_w": 1,
-     "OUT_ALIGN": 1},
-    {**_CONV_UNALIGNED, **_CONV_UNIT, "TRANSPOSED": False, "HAS_BIAS": True, "RAW": False, "so_c": 1},
-    {**_CONV_UNALIGNED, "dil_h": 1, "dil_w": 1, "TRANSPOSED": True, "HAS_BIAS": False, "RAW": False, "so_c": 1},
-]
+             "dil_w": "i32", "step_h": "i32", "step_w": "i32", "s_n": "i32", "s_h": "i32", "s_w": "i32",
+             "s_r": "i32", "sw_col": "i32", "sw_h": "i32", "sw_w": "i32", "sw_r": "i32", "so_n": "i32",
+             "so_h": "i32", "so_w": "i32", "so_c": "i32", "ws_ptr": "*i64", "inv_ss": "fp32"}
+# AOT configurations = GPU launches: every tile of the table (``_tiles.IGEMM_TILES``), one split or split-K
+# (SPLIT_FIX), as the forward of an NHWC layer (16-aligned channel counts, ALIGN=16, channels-last result, bias, unit stride/dilation as the
+# JIT specialises arguments equal to 1) and as the phase-decomposed input-grad (runtime stride); the flat
+# (K packed across taps) tiles also unaligned (ALIGN=1: the unpadded Cin = 3 first layer); a forward into an
+# NCHW result (OUT_ALIGN=1) at the big tile.
+_CONV_UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1, "step_h": 1, "step_w": 1}
 
 
-@aot_kernel(signature=_CONV_SIG, constexprs=_CONV_AOT, num_warps=GPU_TILES["conv"]["num_warps"],
-            num_stages=GPU_TILES["conv"]["num_stages"], int8_mma=True, aligned=("src_ptr", "w_ptr", "out_ptr"))
+def _conv_aot(t, out_nchw=False, **kw):
+    cfg = {**t.aot(), "s_r": 1, "sw_r": 1, "I64": False, "RAW": False, "FLAT": t.flat, "ALIGN": 16,
+           "OUT_ALIGN": 16, "SPLIT_FIX": False, **kw}
+    cfg.update({"so_w": 1} if out_nchw else {"so_c": 1})
+    return cfg
+
+
+_CONV_AOT = ([_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, SPLIT_FIX=fix) for t in _tiles.IGEMM_TILES
+              for fix in (False, True)]
+             + [_conv_aot(t, TRANSPOSED=True, HAS_BIAS=False, SPLIT_FIX=fix) for t in _tiles.IGEMM_TILES
+                for fix in (False, True)]
+             + [_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, ALIGN=1, OUT_ALIGN=1)
+                for t in _tiles.IGEMM_TILES if t.flat and t.BM * t.BN < 128 * 128]
+             + [_conv_aot(_tiles.IGEMM_TILES[-2], True, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, OUT_ALIGN=1)])
+
+
+@aot_kernel(signature=_CONV_SIG, constexprs=_CONV_AOT, int8_mma=True, aligned=("src_ptr", "w_ptr", "out_ptr"))
 @triton.jit
-def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_ptr, P, Q, R, OP, OQ, NCOL,
-                                 KW, M, taps, taps_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                                 s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r, so_n, so_h, so_w, so_c,
-                                 s_split, inv_ss, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_ptr, P, Q, R, OP, OQ, NCOL, KH, KW,
+                                 MQ, HQ, WQ, per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h,
+                                 step_w, s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r, so_n, so_h, so_w, so_c,
+                                 ws_ptr, inv_ss, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                                 GROUP_M: tl.constexpr, ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr,
-                                 I64: tl.constexpr):
+                                 GROUP_M: tl.constexpr, FLAT: tl.constexpr, ALIGN: tl.constexpr,
+                                 OUT_ALIGN: tl.constexpr, I64: tl.constexpr, SPLIT_FIX: tl.constexpr):
     """Forward (``TRANSPOSED=False``: src = x codes, P×Q = H×W, R = Cin; result Y, OP×OQ = OH×OW,
-    NCOL = Cout) or input-grad (``TRANSPOSED=True``: src = E codes, P×Q = OH×OW, R = Cout; result dX,
-    OP×OQ = H×W, NCOL = Cin). Grid (row tiles × column tiles, tap splits): rows are the result's
-    pixels (n, op, oq), columns its channels, the reduction runs over this program's kernel taps.
-    ``ALIGN``/``OUT_ALIGN`` (16 or 1): the launcher guarantees R and the strides of src and w / NCOL and
-    the strides of the result are multiples of it (16-byte vectors); ``I64``: 64-bit offsets."""
+    NCOL = Cout; rows MQ = N·OH·OW over (N, HQ=OH, WQ=OW)) or input-grad by phases (``TRANSPOSED=True``:
+    src = E codes, P×Q = OH×OW, R = Cout; result dX, OP×OQ = H×W, NCOL = Cin): grid axis 0 = stride_h·
+    stride_w phases × row tiles of one phase (MQ = N·HQ·WQ, HQ = ceil(H / stride_h)) × column tiles; phase
+    (ph, pw) computes the input pixels (ph + stride_h·a, pw + stride_w·b) from only the taps that reach them
+    (``_igemm.phase_taps``, ``step_*`` = stride / gcd(stride, dil)). Grid axis 1: K splits of ``per_split``
+    steps (int32-exact chunks; ``SPLIT_FIX``: added into the int64 workspace ``ws_ptr``, the last split of
+    the tile stores it). ``FLAT``: K packed across taps. ``ALIGN``/``OUT_ALIGN`` (16
+    or 1): the launcher guarantees R and the strides of src and w / NCOL and the strides of the result are
+    multiples of it (16-byte vectors); ``I64``: 64-bit offsets."""
     R = assume_multiple(R, ALIGN)
     s_n = assume_multiple(s_n, ALIGN)
     s_h = assume_multiple(s_h, ALIGN)
@@ -102,136 +109,59 @@ def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_p
     so_n = assume_multiple(so_n, OUT_ALIGN)
     so_h = assume_multiple(so_h, OUT_ALIGN)
     so_w = assume_multiple(so_w, OUT_ALIGN)
-    s_split = assume_multiple(s_split, OUT_ALIGN)
-    pid_m, pid_n = grouped_tile_ids(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(NCOL, BN), GROUP_M)
+    num_m = tl.cdiv(MQ, BM)
+    num_n = tl.cdiv(NCOL, BN)
+    pid = tl.program_id(0)
     pid_s = tl.program_id(1)
+    if TRANSPOSED:
+        phase = pid // (num_m * num_n)
+        pid = pid - phase * (num_m * num_n)
+    pid_m, pid_n = grouped_tile_ids(pid, num_m, num_n, GROUP_M)
     m = pid_m * BM + tl.arange(0, BM)
     col = pid_n * BN + tl.arange(0, BN)
-    m_ok = m < M
     col_ok = col < NCOL
-    n, op, oq = decode_rows(m, OP, OQ)  # once per program: the K loop carries per-row offsets only
-    t_start = pid_s * taps_per_split
-    acc = conv_implicit_gemm_tile(src_ptr, w_ptr, n, op, oq, m_ok, col, col_ok, t_start,
-                                  tl.minimum(t_start + taps_per_split, taps), KW, P, Q, R, stride_h,
-                                  stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r, sw_col, sw_h,
-                                  sw_w, sw_r, BM, BN, BK, TRANSPOSED, I64)
+    n, a, b = decode_rows(m, HQ, WQ)  # once per program: the K loop carries per-row offsets only
+    it0 = pid_s * per_split
+    if TRANSPOSED:
+        ph_h = phase // stride_w
+        ph_w = phase - ph_h * stride_w
+        kh0, cnt_h, c0_h = phase_taps(ph_h, pad_h, dil_h, stride_h, KH, step_h)
+        kw0, cnt_w, c0_w = phase_taps(ph_w, pad_w, dil_w, stride_w, KW, step_w)
+        op = ph_h + stride_h * a
+        oq = ph_w + stride_w * b
+        m_ok = (m < MQ) & (op < OP) & (oq < OQ)
+        if I64:
+            pix_n = n.to(tl.int64) * s_n
+        else:
+            pix_n = n * s_n
+        it1 = tl.minimum(it0 + per_split, k_steps(cnt_h * cnt_w, R, BK, FLAT))
+        # tap j of the phase reads output row a + c0 - j·dil/gcd (DH < 0: the transposed convolution)
+        acc = conv_implicit_gemm_tile(src_ptr, w_ptr, pix_n, a + c0_h, b + c0_w, m_ok, col, col_ok, it0, it1,
+                                      tl.maximum(cnt_w, 1), cnt_h * cnt_w, kh0, kw0, step_h, step_w,
+                                      -(dil_h * step_h // stride_h), -(dil_w * step_w // stride_w), P, Q, R, s_h,
+                                      s_w, s_r, sw_col, sw_h, sw_w, sw_r, BM, BN, BK, FLAT, I64)
+    else:
+        op = a
+        oq = b
+        m_ok = m < MQ
+        it1 = tl.minimum(it0 + per_split, k_steps(KH * KW, R, BK, FLAT))
+        acc = conv_forward_tile(src_ptr, w_ptr, n, op, oq, m_ok, col, col_ok, it0, it1, KH, KW, P, Q, R, stride_h,
+                                stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r,
+                                BM, BN, BK, FLAT, I64)
     if I64:
         row_offs = n.to(tl.int64) * so_n + op.to(tl.int64) * so_h + oq.to(tl.int64) * so_w
         col_offs = col.to(tl.int64) * so_c
     else:
         row_offs = n * so_n + op * so_h + oq * so_w
         col_offs = col * so_c
-    store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, row_offs, m_ok, col, col_offs, col_ok,
-                    ss_ptr, sw_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
-
-
-_WGRAD_SIG = {"e_ptr": "*i8", "x_ptr": "*i8", "out_ptr": "*i32", "se_ptr": "*fp32", "sx_ptr": "*fp32",
-              "H": "i32", "W": "i32", "C": "i32", "OH": "i32", "OW": "i32", "CO": "i32", "KW": "i32",
-              "M": "i32", "taps": "i32", "m_per_split": "i32", "stride_h": "i32", "stride_w": "i32",
-              "pad_h": "i32", "pad_w": "i32", "dil_h": "i32", "dil_w": "i32", "se_n": "i32", "se_h": "i32",
-              "se_w": "i32", "se_c": "i32", "sx_n": "i32", "sx_h": "i32", "sx_w": "i32", "sx_c": "i32",
-              "so_o": "i32", "so_h": "i32", "so_w": "i32", "so_c": "i32", "s_split": "i64", "inv_ss": "fp32",
-              "gq_ptr": "*i32", "rng_ptr": "*i64", "gn": "i64", "g1": "i64", "g2": "i64", "g3": "i64", "gs0": "i64",
-              "gs1": "i64", "gs2": "i64", "gs3": "i64"}
-# the weight-grad as launched for a long reduction: raw int32 partials [splits, Cout, KH·KW·Cin]
-# (aligned, and the unaligned fallback)
-# (aligned, and the unaligned fallback), and the launch QConv2dFunction makes: E codes channel-major
-# (``E_CM``: [Cout, N·OH·OW], the reduction dimension contiguous, se_w = 1)
-_NO_GQ = {"GQ": 0, "BITS_G": 8, "STOCH_G": True, "GBLOCK": 1024}
-_WGRAD_AOT = [{**_GPU, **_CONV_UNIT, **_NO_GQ, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 1, "ALIGN": 16,
-               "OUT_ALIGN": 16, "I64": False, "E_CM": False, "X_CM": False},
-              {**_GPU_UNALIGNED, **_CONV_UNIT, **_NO_GQ, "RAW": True, "se_c": 1, "sx_c": 1, "so_c": 1, "ALIGN": 1,
-               "OUT_ALIGN": 1, "I64": False, "E_CM": False, "X_CM": False},
-              {**_GPU, **_CONV_UNIT, **_NO_GQ, "RAW": True, "se_w": 1, "sx_c": 1, "so_c": 1, "ALIGN": 16,
-               "OUT_ALIGN": 16, "I64": False, "E_CM": True, "X_CM": False},
-              {**_GPU, **_CONV_UNIT, **_NO_GQ, "RAW": True, "se_w": 1, "sx_w": 1, "so_c": 1, "ALIGN": 16,
-               "OUT_ALIGN": 16, "I64": False, "E_CM": True, "X_CM": True}]
-# the launches QConv2dFunction and the fused blocks make: scaled result, G quantized in the epilogue
-_WGRAD_AOT += [{**_GPU, **_CONV_UNIT, **_NO_GQ, "GQ": gq, "RAW": False, "se_w": 1, "sx_c": 1, "so_c": 1, "ALIGN": 16,
-                "OUT_ALIGN": 16, "I64": False, "E_CM": True, "X_CM": False} for gq in (1, 2)]
-
-
-@aot_kernel(signature=_WGRAD_SIG, constexprs=_WGRAD_AOT, num_warps=GPU_TILES["conv"]["num_warps"],
-            num_stages=GPU_TILES["conv"]["num_stages"], int8_mma=True, aligned=("e_ptr", "x_ptr", "out_ptr"))
-@triton.jit
-def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH, OW, CO, KW, M, taps,
-                             m_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, se_n, se_h, se_w,
-                             se_c, sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss, gq_ptr,
-                             rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
-                             RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                             GROUP_M: tl.constexpr, ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr,
-                             I64: tl.constexpr, E_CM: tl.constexpr, X_CM: tl.constexpr, GQ: tl.constexpr,
-                             BITS_G: tl.constexpr, STOCH_G: tl.constexpr, GBLOCK: tl.constexpr):
-    """Weight-grad ``dW[co, kh, kw, ci] = sum_m E[m, co] · X[n, ih, iw, ci]`` over this program's chunk
-    of the N·OH·OW rows (at most 2^17: its int32 sum is exact). Grid (Cout tiles × taps × Cin tiles,
-    chunks): each program holds one tap, so its input pixels are one shifted, masked row set.
-    ``ALIGN``/``OUT_ALIGN``/``I64`` as in ``conv2d_int8_fwd_dgrad_kernel``. ``E_CM``: the E codes are
-    channel-major, ``E[co, m]`` at ``co * se_c + m`` (the launcher checks se_n = OH·OW, se_h = OW,
-    se_w = 1): the E tile is loaded as [Cout, rows] with the reduction contiguous, a K-major int8 MMA
-    operand (16-byte cp.async rows, no shared-memory transpose); otherwise E is NHWC, [rows, Cout].
-    ``X_CM`` (with ``E_CM``, only for a 1×1 kernel, stride 1, no padding: X̃ = X, input pixel = row m): the
-    input codes are channel-major too, ``X[ci, m]`` at ``ci * sx_c + m``: both operands K-major, a plain
-    GEMM ``E[Cout, M] · X[Cin, M]ᵀ``. ``GQ`` (1, 2; one split, scaled result): G quantization fused in
-    (``quantize.gquant_epilogue``; gq/rng/gn/g*/gs*: its scratch and the real gradient view)."""
-    C = assume_multiple(C, ALIGN)
-    M = assume_multiple(M, ALIGN if E_CM else 1)
-    m_per_split = assume_multiple(m_per_split, ALIGN if E_CM else 1)
-    se_c = assume_multiple(se_c, ALIGN if E_CM else 1)
-    sx_c = assume_multiple(sx_c, ALIGN if X_CM else 1)
-    CO = assume_multiple(CO, ALIGN)
-    se_n = assume_multiple(se_n, ALIGN)
-    se_h = assume_multiple(se_h, ALIGN)
-    se_w = assume_multiple(se_w, ALIGN)
-    sx_n = assume_multiple(sx_n, ALIGN)
-    sx_h = assume_multiple(sx_h, ALIGN)
-    sx_w = assume_multiple(sx_w, ALIGN)
-    so_o = assume_multiple(so_o, OUT_ALIGN)
-    so_h = assume_multiple(so_h, OUT_ALIGN)
-    so_w = assume_multiple(so_w, OUT_ALIGN)
-    s_split = assume_multiple(s_split, OUT_ALIGN)
-    num_c = tl.cdiv(C, BN)
-    pid_co, pid_col = grouped_tile_ids(tl.program_id(0), tl.cdiv(CO, BM), taps * num_c, GROUP_M)
-    pid_s = tl.program_id(1)
-    t = pid_col // num_c
-    kh, kw = decode_tap(t, KW)
-    co = pid_co * BM + tl.arange(0, BM)
-    ci = (pid_col - t * num_c) * BN + tl.arange(0, BN)
-    co_ok = co < CO
-    ci_ok = ci < C
-    m_start = pid_s * m_per_split
-    m_end = tl.minimum(m_start + m_per_split, M)
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for m0 in range(m_start, m_end, BK):
-        m = m0 + tl.arange(0, BK)
-        m_ok = m < m_end
-        n, oh, ow = decode_rows(m, OH, OW)
-        ih = tap_input_coord(oh, kh, stride_h, pad_h, dil_h)
-        iw = tap_input_coord(ow, kw, stride_w, pad_w, dil_w)
-        x_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        if I64:
-            e_pix = n.to(tl.int64) * se_n + oh.to(tl.int64) * se_h + ow.to(tl.int64) * se_w
-            x_pix = n.to(tl.int64) * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
-        else:
-            e_pix = n * se_n + oh * se_h + ow * se_w
-            x_pix = n * sx_n + ih * sx_h + iw * sx_w
-        if E_CM:
-            a = load_channel_major_tile(e_ptr, co, co_ok, se_c, m, m_ok, I64)  # [BM Cout, BK rows]
-        else:
-            a = load_pixels_tile(e_ptr, e_pix, m_ok, co, CO, se_c)  # [BK rows, BM Cout]
-        if X_CM:
-            b = load_channel_major_tile(x_ptr, ci, ci_ok, sx_c, m, m_ok, I64)  # [BN Cin, BK rows]
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        else:
-            b = load_pixels_tile(x_ptr, x_pix, x_ok, ci, C, sx_c)  # [BK rows, BN Cin]
-            if E_CM:
-                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-            else:  # the reduction is E's outer dimension: Triton transposes this operand in shared memory
-                acc = tl.dot(tl.trans(a), b, acc, out_dtype=tl.int32)
-    y, y_mask = store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, co * so_o, co_ok, ci,
-                                (kh * so_h + kw * so_w) + ci * so_c, ci_ok, se_ptr, sx_ptr, se_ptr, inv_ss, False, RAW)
-    if GQ > 0:
-        gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
-                        tl.num_programs(0), GQ, BITS_G, STOCH_G, GBLOCK)
+    if SPLIT_FIX:
+        total, last = split_fixup(acc, ws_ptr, tl.program_id(0), tl.num_programs(1), BM, BN)
+        if last:  # the tile's last split: the whole (int64) sum, then the shared epilogue
+            store_gemm_tile(total, out_ptr, row_offs, m_ok, col, col_offs, col_ok, ss_ptr, sw_ptr, bias_ptr, inv_ss,
+                            HAS_BIAS, RAW)
+    else:
+        store_gemm_tile(acc, out_ptr, row_offs, m_ok, col, col_offs, col_ok, ss_ptr, sw_ptr, bias_ptr, inv_ss,
+                        HAS_BIAS, RAW)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,49 +172,39 @@ def conv2d_output_size(H, W, KH, KW, stride, padding, dilation):
             (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1)
 
 
-def _nchw_strides(t: torch.Tensor):
-    """(s_n, s_h, s_w, s_c) of a logical NCHW tensor (any memory format)."""
-    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
-
-
 def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, NCOL, KH, KW, stride, padding,
                       dilation, sw_col, sw_r, inv_ss, max_terms):
     """Shared launch of the forward / input-grad kernels: result pixels (N, OP, OQ) × NCOL channels,
-    reduction over KH·KW taps × R channels, split over taps when longer than ``max_terms``."""
+    reduction over KH·KW taps × R channels; the tile from the table (``_tiles``), the same plan
+    ``python -m ebkernels.aot --plan`` prints; split over K steps when longer than ``max_terms``."""
     N = src.shape[0]
     M = N * OP * OQ
     raw = ss is None
     s_n, s_h, s_w, s_r = _nchw_strides(src)
+    sms = _tiles.device_sms(src.device)
+    if transposed:
+        plan = _tiles.conv_dgrad_plan(N, R, P, Q, NCOL, OP, OQ, KH, KW, stride, padding, dilation, sms=sms,
+                                      max_terms=max_terms)
+        MQ, HQ, WQ = plan.mode["Mq"], triton.cdiv(OP, stride[0]), triton.cdiv(OQ, stride[1])
+    else:
+        plan = _tiles.conv_fwd_plan(N, R, P, Q, NCOL, KH, KW, stride, padding, dilation, sms=sms, max_terms=max_terms)
+        MQ, HQ, WQ = M, OP, OQ
+    tile, splits = plan.tile, plan.splits
+    steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]  # taps of one phase: k0, k0 + step, ...
     align = alignment((R, s_n, s_h, s_w, sw_col, wq.stride(2), wq.stride(3)), (src, wq))
-    cfg = _igemm.gemm_tiles(src.device, conv=True, align=align)
-    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    taps = KH * KW
-    per = max(1, max_terms // max(R, 1))  # taps per int32-exact chunk
-    splits = triton.cdiv(taps, per)
-    per = triton.cdiv(taps, splits)
-    direct = splits == 1
-    if direct:
-        dst = out
-        so_n, so_h, so_w, so_c = _nchw_strides(out)
-        s_split = 0
-    else:  # int32 partials [splits, N·OP·OQ, NCOL], then the exact int64 finalize
-        dst = _igemm.empty_output((splits, M, NCOL), torch.int32, src.device)
-        so_n, so_h, so_w, so_c, s_split = OP * OQ * NCOL, OQ * NCOL, NCOL, 1, M * NCOL
-    epilogue = direct and not raw
+    # splits > 1: exact int32 tiles added into an int64 workspace, the last split of a tile stores it
+    ws = _igemm.split_workspace(plan.programs, splits, tile.BM, tile.BN, src.device)
+    so_n, so_h, so_w, so_c = _nchw_strides(out)
     dummy = src
-    out_align = alignment((NCOL, so_n, so_h, so_w, s_split), (dst,))
-    i64 = not offsets_fit_int32(src, dst[0] if not direct else dst)
-    grid = (triton.cdiv(M, BM) * triton.cdiv(NCOL, BN), splits)
-    conv2d_int8_fwd_dgrad_kernel[grid](src, wq, dst, ss if epilogue else dummy, sw if epilogue else dummy,
-                 bias if (epilogue and bias is not None) else dummy, P, Q, R, OP, OQ, NCOL, KW, M, taps, per,
-                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], s_n, s_h, s_w, s_r,
-                 sw_col, wq.stride(2), wq.stride(3), sw_r, so_n, so_h, so_w, so_c, s_split, inv_ss,
-                 TRANSPOSED=transposed, HAS_BIAS=epilogue and bias is not None, RAW=not epilogue,
-                 BM=BM, BN=BN, BK=BK, GROUP_M=cfg["GROUP_M"], ALIGN=align, OUT_ALIGN=out_align, I64=i64,
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if not direct:
-        o = _nchw_strides(out)
-        int8_gemm_finalize(dst, out, ss, sw, bias, inv_ss, (N, OP, OQ), o[:3], (1, 1, NCOL), (0, 0, o[3]))
+    out_align = alignment((NCOL, so_n, so_h, so_w), (out,))
+    i64 = not offsets_fit_int32(src, out)
+    conv2d_int8_fwd_dgrad_kernel[(plan.programs, splits)](
+        src, wq, out, dummy if raw else ss, dummy if raw else sw, bias if (not raw and bias is not None) else dummy,
+        P, Q, R, OP, OQ, NCOL, KH, KW, MQ, HQ, WQ, plan.per_split, stride[0], stride[1], padding[0], padding[1],
+        dilation[0], dilation[1], steps[0], steps[1], s_n, s_h, s_w, s_r, sw_col, wq.stride(2), wq.stride(3), sw_r,
+        so_n, so_h, so_w, so_c, ws, inv_ss, TRANSPOSED=transposed, HAS_BIAS=not raw and bias is not None, RAW=raw,
+        BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=align, OUT_ALIGN=out_align,
+        I64=i64, SPLIT_FIX=splits > 1, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
 
 
@@ -321,74 +241,6 @@ def _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, b
     qw_t = qw.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     return _conv_like_launch(True, qe, qw_t, se, sw, None, out, OH, OW, CO, H, W, C, KH,
                              KW, stride, padding, dilation, qw_t.stride(1), qw_t.stride(0), inv_ss, max_terms)
-
-
-def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
-                  max_terms, gq=None):
-    """``gq``: None, or (bits_g, rounding_g, cout, cin): G-quantize the real [:cout, :cin] part in the
-    kernel when the reduction is one split (else the caller quantizes); returns (out, quantized?)."""
-    N, C, H, W = qx.shape
-    _, CO, OH, OW = qe.shape
-    KH, KW = kernel_hw
-    raw = se is None
-    out, inv_ss = result_and_scale((CO, C, KH, KW), se, out_dtype, bits_e, bits_a, qx.device)
-    if out.numel() == 0:
-        return out, False
-    M = N * OH * OW
-    if M == 0:
-        return out.zero_(), False
-    se_n, se_h, se_w, se_c = _nchw_strides(qe)
-    sx_n, sx_h, sx_w, sx_c = _nchw_strides(qx)
-    # channel-major E ([Cout, N·OH·OW] with the rows contiguous, see QConv2dFunction): the K-major operand
-    e_cm = (se_w == 1 or OW == 1) and (se_h == OW or OH == 1) and (se_n == OH * OW or N == 1) and CO > 1
-    # channel-major input codes, 1×1 kernel, stride 1, no padding: X̃ = X, pixel m; both operands K-major
-    x_cm = (e_cm and KH == KW == 1 and list(stride) == [1, 1] and list(padding) == [0, 0] and C > 1
-            and (sx_w == 1 or W == 1) and (sx_h == W or H == 1) and (sx_n == H * W or N == 1))
-    if x_cm:
-        se_n, se_h, se_w = OH * OW, OW, 1
-        sx_n, sx_h, sx_w = H * W, W, 1
-        align = alignment((C, M, se_c, sx_c), (qe, qx))
-    elif e_cm:
-        se_n, se_h, se_w = OH * OW, OW, 1
-        align = alignment((C, M, se_c, sx_n, sx_h, sx_w), (qe, qx))
-    else:
-        align = alignment((C, CO, se_n, se_h, se_w, sx_n, sx_h, sx_w), (qe, qx))
-    cfg = _igemm.gemm_tiles(qx.device, conv=True, align=align)
-    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    taps = KH * KW
-    tiles = triton.cdiv(CO, BM) * taps * triton.cdiv(C, BN)
-    splits, per = split_reduction(M, tiles, BK, qx.device, max_terms)
-    direct = splits == 1
-    if direct:
-        dst = out
-        so_o, so_c, so_h, so_w = out.stride()
-        s_split = 0
-    else:  # int32 partials [splits, Cout, KH·KW·Cin]
-        dst = _igemm.empty_output((splits, CO, taps * C), torch.int32, qx.device)
-        so_o, so_h, so_w, so_c, s_split = taps * C, KW * C, C, 1, CO * taps * C
-    epilogue = direct and not raw
-    out_align = alignment((so_o, so_h, so_w, s_split), (dst,))
-    i64 = not offsets_fit_int32(qe, qx)
-    fuse_g = gq is not None and epilogue and out_dtype == torch.float32
-    if fuse_g:
-        bits_g, rounding_g, cout, cin = gq
-        real = out[:cout, :cin]
-        g_args, g_mode, g_stoch = gquant_plan(real, bits_g, rounding_g)
-    else:
-        g_args, g_mode, g_stoch, bits_g = (qe, qe, 0, 1, 1, 1, 0, 0, 0, 0), 0, False, 8
-    conv2d_int8_wgrad_kernel[(tiles, splits)](
-        qe, qx, dst, se if epilogue else qe, sx if epilogue else qe, H, W, C, OH, OW, CO, KW, M, taps, per,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], se_n, se_h, se_w, se_c,
-        sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, s_split, inv_ss, *g_args, RAW=not epilogue, BM=BM, BN=BN,
-        BK=BK, GROUP_M=cfg["GROUP_M"], ALIGN=align, OUT_ALIGN=out_align, I64=i64, E_CM=e_cm, X_CM=x_cm, GQ=g_mode,
-        BITS_G=bits_g, STOCH_G=g_stoch, GBLOCK=1024, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if not direct:
-        o = out.stride()
-        int8_gemm_finalize(dst, out, se, sx, None, inv_ss, (1, 1, CO), (0, 0, o[0]), (KH, KW, C),
-                           (o[2], o[3], o[1]))
-    if fuse_g:
-        gquant_finish(real, g_args, g_mode, bits_g, g_stoch)
-    return out, fuse_g
 
 
 # --------------------------------------------------------------------------------------------------
@@ -636,10 +488,20 @@ def conv2d_int8_wgrad(qe, qx, kernel_hw, se=None, sx=None, stride=1, padding=0, 
 CHANNEL_PAD = 16
 
 
+def code_channels(channels: int) -> int:
+    """Channels of the int8 code buffers the Triton path stores for ``channels`` real ones: zero-padded to a
+    multiple of ``CHANNEL_PAD`` (the aligned path), except below ``CHANNEL_PAD``: there the kernels pack
+    (tap, channel) into K / the weight-grad's columns (``_tiles`` rules 2 and 5) and padding would only
+    multiply the work (a Cin = 3 first layer by 16/3). The plan printer counts the same."""
+    if channels < CHANNEL_PAD:
+        return channels
+    return -(-channels // CHANNEL_PAD) * CHANNEL_PAD
+
+
 def _pad_multiple(t: torch.Tensor, groups: int, channels: int) -> int:
-    """``CHANNEL_PAD`` when the int8 Triton kernels will see ``channels`` and it is not a multiple of it
-    (then the quantizer writes zero-padded channels), else 0 (no padding: e.g. the reference path)."""
-    return CHANNEL_PAD if groups == 1 and channels % CHANNEL_PAD and use_triton(t) else 0
+    """``CHANNEL_PAD`` when the int8 Triton kernels will see ``channels`` and ``code_channels`` pads it (then
+    the quantizer writes zero-padded channels), else 0 (no padding: e.g. the reference path)."""
+    return CHANNEL_PAD if groups == 1 and code_channels(channels) != channels and use_triton(t) else 0
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:

@@ -117,7 +117,7 @@ def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, 
                                 sa_ptr, sb_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
     if GQ > 0:
         gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, tl.num_programs(0),
-                        GQ, BITS_G, STOCH_G, GBLOCK)
+                        (tl.program_id(0) == 0) & (tl.program_id(1) == 0), GQ, BITS_G, STOCH_G, GBLOCK)
 
 
 def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, gq=None):

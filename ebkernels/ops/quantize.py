@@ -265,18 +265,19 @@ def quantize_small_kernel(x_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s
 
 
 @triton.jit
-def gquant_epilogue(y, mask, gq_ptr, rng_ptr, out_ptr, gn, d1, d2, d3, s0, s1, s2, s3, ntiles, GQ: tl.constexpr,
-                    BITS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+def gquant_epilogue(y, mask, gq_ptr, rng_ptr, out_ptr, gn, d1, d2, d3, s0, s1, s2, s3, ntiles, first,
+                    GQ: tl.constexpr, BITS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     """G quantization fused into a weight-grad GEMM, after the program stored its fp32 tile ``y``.
 
-    ``gq`` (int32, zero at launch): [semaphore, bits of max |G|, ticket]; GQ=2 leaves it zero again. Every program folds its tile
-    into the max. ``GQ=1``: program (0, 0) takes the random ticket; the launcher runs the codes pass
+    ``gq`` (int32, zero at launch): [semaphore, bits of max |G|, ticket]; GQ=2 leaves it zero again. Every
+    program that finishes an output tile (``ntiles`` of them: one per tile, the last split of a split
+    reduction) folds its tile into the max. ``GQ=1``: the ``first`` of them (true in exactly one) takes the
+    random ticket; the launcher runs the codes pass
     (``quantize_codes_kernel``) afterwards. ``GQ=2`` (small gradients): the last program to count itself
     in quantizes the whole gradient in place (the real view ``(gn elements; sizes d1..d3, strides
     s0..s3)`` of ``out``), writing the values of the codes: no further launch."""
     bits = tl.max(tl.max(tl.where(mask, tl.abs(y), 0.0).to(tl.int32, bitcast=True), axis=1), axis=0)
     tl.atomic_max(gq_ptr + 1, bits)
-    first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
     if GQ == 1:
         if STOCHASTIC:
             if first:

@@ -1,0 +1,241 @@
+"""The weight-grad kernel of the int8 Conv2d (``conv2d_int8``; its own file for size, same op):
+``dW[Cout, (kh, kw, ci)] = Eᵀ · X̃`` reducing over the N·OH·OW rows, no materialised im2col.
+
+The tile comes from the per-shape table (``_tiles.wgrad_tile``: narrow Cout/Cin tiles; columns flat over
+(tap, channel) below 16 input channels), the reduction is split into chunks of at most 2^17 rows whose
+exact int32 sums are added into an int64 workspace, and the last split of each output tile applies the
+scales and the fused G quantization (``_igemm.split_fixup``, ``quantize.gquant_epilogue``): one launch,
+exact at any batch size. The float64 oracle is ``conv2d_int8.conv2d_int8_wgrad_reference``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from .._registry import aot_kernel
+from . import _igemm, _tiles
+from ._gemm import result_and_scale
+from ._igemm import (alignment, assume_multiple, decode_rows, decode_tap, grouped_tile_ids, load_channel_major_tile,
+                     load_pixels_tile, nchw_strides, offsets_fit_int32, split_fixup, store_gemm_tile, tap_input_coord)
+from .quantize import gquant_epilogue, gquant_finish, gquant_plan
+
+__all__ = ["conv2d_int8_wgrad_kernel"]
+
+_WGRAD_SIG = {"e_ptr": "*i8", "x_ptr": "*i8", "out_ptr": "*fp32", "se_ptr": "*fp32", "sx_ptr": "*fp32",
+              "H": "i32", "W": "i32", "C": "i32", "OH": "i32", "OW": "i32", "CO": "i32", "KW": "i32",
+              "M": "i32", "taps": "i32", "m_per_split": "i32", "stride_h": "i32", "stride_w": "i32",
+              "pad_h": "i32", "pad_w": "i32", "dil_h": "i32", "dil_w": "i32", "se_n": "i32", "se_h": "i32",
+              "se_w": "i32", "se_c": "i32", "sx_n": "i32", "sx_h": "i32", "sx_w": "i32", "sx_c": "i32",
+              "so_o": "i32", "so_h": "i32", "so_w": "i32", "so_c": "i32", "ws_ptr": "*i64", "inv_ss": "fp32",
+              "gq_ptr": "*i32", "rng_ptr": "*i64", "gn": "i64", "g1": "i64", "g2": "i64", "g3": "i64", "gs0": "i64",
+              "gs1": "i64", "gs2": "i64", "gs3": "i64"}
+# the weight-grad as launched for a long reduction: raw int32 partials [splits, Cout, KH·KW·Cin]
+# (aligned, and the unaligned fallback)
+# (aligned, and the unaligned fallback), and the launch QConv2dFunction makes: E codes channel-major
+# (``E_CM``: [Cout, N·OH·OW], the reduction dimension contiguous, se_w = 1)
+_NO_GQ = {"GQ": 0, "BITS_G": 8, "STOCH_G": True, "GBLOCK": 1024}
+_WG_UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1}
+
+
+def _wgrad_aot(t, **kw):
+    return {**t.aot(), **_WG_UNIT, **_NO_GQ, "sx_c": 1, "so_c": 1, "ALIGN": 16, "OUT_ALIGN": 16, "I64": False,
+            "E_CM": True, "X_CM": False, "FLAT_N": t.flat, "se_w": 1, **kw}
+
+
+# every tile of the table (``_tiles.WGRAD_TILES``) as QConv2dFunction launches it: channel-major E codes,
+# scaled result with G quantized in the epilogue, one split or several (SPLIT_FIX: the last split of a
+# tile finishes it); the BK = 32 tiles unaligned (ALIGN=1: E rows N·OH·OW or Cin not multiples of 16);
+# at the big tile the other variants: NHWC E, channel-major X (1×1), the small-gradient in-place G
+# quantization (GQ=2), exact int64 sums (RAW, the integer API)
+_BIG = [t for t in _tiles.WGRAD_TILES if t.BK == _tiles.WGRAD_BK][-1]
+_WGRAD_AOT = ([_wgrad_aot(t, GQ=1, RAW=False, SPLIT_FIX=fix, **({} if t.BK == _tiles.WGRAD_BK else
+                                                                {"ALIGN": 1, "OUT_ALIGN": 1}))
+               for t in _tiles.WGRAD_TILES for fix in (False, True)]
+              + [{**_wgrad_aot(_BIG, RAW=True, E_CM=False, se_c=1, SPLIT_FIX=True), "se_w": None},
+                 {**_wgrad_aot(_BIG, RAW=False, X_CM=True, sx_w=1, SPLIT_FIX=True), "sx_c": None},
+                 _wgrad_aot(_BIG, GQ=2, RAW=False, SPLIT_FIX=False),
+                 _wgrad_aot(_BIG, RAW=True, SPLIT_FIX=True)])
+_WGRAD_AOT = [{k: v for k, v in c.items() if v is not None} for c in _WGRAD_AOT]
+
+
+@aot_kernel(signature=_WGRAD_SIG, constexprs=_WGRAD_AOT, int8_mma=True, aligned=("e_ptr", "x_ptr", "out_ptr"))
+@triton.jit
+def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH, OW, CO, KW, M, taps,
+                             m_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, se_n, se_h, se_w,
+                             se_c, sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, ws_ptr, inv_ss, gq_ptr,
+                             rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
+                             RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                             GROUP_M: tl.constexpr, ALIGN: tl.constexpr, OUT_ALIGN: tl.constexpr,
+                             I64: tl.constexpr, E_CM: tl.constexpr, X_CM: tl.constexpr, FLAT_N: tl.constexpr,
+                             SPLIT_FIX: tl.constexpr, GQ: tl.constexpr,
+                             BITS_G: tl.constexpr, STOCH_G: tl.constexpr, GBLOCK: tl.constexpr):
+    """Weight-grad ``dW[co, kh, kw, ci] = sum_m E[m, co] · X[n, ih, iw, ci]`` over this program's chunk
+    of the N·OH·OW rows (at most 2^17: its int32 sum is exact). Grid (Cout tiles × taps × Cin tiles,
+    chunks): each program holds one tap, so its input pixels are one shifted, masked row set.
+    ``ALIGN``/``OUT_ALIGN``/``I64`` as in ``conv2d_int8_fwd_dgrad_kernel``. ``E_CM``: the E codes are
+    channel-major, ``E[co, m]`` at ``co * se_c + m`` (the launcher checks se_n = OH·OW, se_h = OW,
+    se_w = 1): the E tile is loaded as [Cout, rows] with the reduction contiguous, a K-major int8 MMA
+    operand (16-byte cp.async rows, no shared-memory transpose); otherwise E is NHWC, [rows, Cout].
+    ``X_CM`` (with ``E_CM``, only for a 1×1 kernel, stride 1, no padding: X̃ = X, input pixel = row m): the
+    input codes are channel-major too, ``X[ci, m]`` at ``ci * sx_c + m``: both operands K-major, a plain
+    GEMM ``E[Cout, M] · X[Cin, M]ᵀ``. ``FLAT_N`` (fewer than 16 input channels): the columns run flat over
+    (tap, channel), each with its own input-pixel shift (a [rows, columns] gather), so the first layer's
+    3×3×3 columns fill one 32-wide tile instead of nine 16-wide ones. ``GQ`` (1, 2; one split, scaled result): G quantization fused in
+    (``quantize.gquant_epilogue``; gq/rng/gn/g*/gs*: its scratch and the real gradient view)."""
+    C = assume_multiple(C, ALIGN)
+    M = assume_multiple(M, ALIGN if E_CM else 1)
+    m_per_split = assume_multiple(m_per_split, ALIGN if E_CM else 1)
+    se_c = assume_multiple(se_c, ALIGN if E_CM else 1)
+    sx_c = assume_multiple(sx_c, ALIGN if X_CM else 1)
+    CO = assume_multiple(CO, ALIGN)
+    se_n = assume_multiple(se_n, ALIGN)
+    se_h = assume_multiple(se_h, ALIGN)
+    se_w = assume_multiple(se_w, ALIGN)
+    sx_n = assume_multiple(sx_n, ALIGN)
+    sx_h = assume_multiple(sx_h, ALIGN)
+    sx_w = assume_multiple(sx_w, ALIGN)
+    so_o = assume_multiple(so_o, OUT_ALIGN)
+    so_h = assume_multiple(so_h, OUT_ALIGN)
+    so_w = assume_multiple(so_w, OUT_ALIGN)
+    if FLAT_N:  # columns flat over (tap, channel): few input channels, taps packed into one column tile
+        num_c = tl.cdiv(taps * C, BN)
+        pid_co, pid_col = grouped_tile_ids(tl.program_id(0), tl.cdiv(CO, BM), num_c, GROUP_M)
+        col = pid_col * BN + tl.arange(0, BN)
+        ci_ok = col < taps * C
+        t = col // C
+        ci = col - t * C
+    else:  # one tap per program, BN of its input channels
+        num_c = tl.cdiv(C, BN)
+        pid_co, pid_col = grouped_tile_ids(tl.program_id(0), tl.cdiv(CO, BM), taps * num_c, GROUP_M)
+        t = pid_col // num_c
+        ci = (pid_col - t * num_c) * BN + tl.arange(0, BN)
+        ci_ok = ci < C
+        col = ci
+    kh, kw = decode_tap(t, KW)  # scalars, or one per column (FLAT_N)
+    pid_s = tl.program_id(1)
+    co = pid_co * BM + tl.arange(0, BM)
+    co_ok = co < CO
+    m_start = pid_s * m_per_split
+    m_end = tl.minimum(m_start + m_per_split, M)
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for m0 in range(m_start, m_end, BK):
+        m = m0 + tl.arange(0, BK)
+        m_ok = m < m_end
+        n, oh, ow = decode_rows(m, OH, OW)
+        if I64:
+            e_pix = n.to(tl.int64) * se_n + oh.to(tl.int64) * se_h + ow.to(tl.int64) * se_w
+        else:
+            e_pix = n * se_n + oh * se_h + ow * se_w
+        if E_CM:
+            a = load_channel_major_tile(e_ptr, co, co_ok, se_c, m, m_ok, I64)  # [BM Cout, BK rows]
+        else:
+            a = load_pixels_tile(e_ptr, e_pix, m_ok, co, CO, se_c)  # [BK rows, BM Cout]
+        if FLAT_N:  # [BK rows, BN (tap, channel)]: each column its own input pixel shift
+            ih = tap_input_coord(oh[:, None], kh[None, :], stride_h, pad_h, dil_h)
+            iw = tap_input_coord(ow[:, None], kw[None, :], stride_w, pad_w, dil_w)
+            x_ok = (m_ok[:, None] & ci_ok[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            if I64:
+                x_offs = (n.to(tl.int64) * sx_n)[:, None] + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+            else:
+                x_offs = (n * sx_n)[:, None] + ih * sx_h + iw * sx_w
+            b = tl.load(x_ptr + x_offs + (ci * sx_c)[None, :], mask=x_ok, other=0)
+        elif X_CM:
+            b = load_channel_major_tile(x_ptr, ci, ci_ok, sx_c, m, m_ok, I64)  # [BN Cin, BK rows]
+        else:
+            ih = tap_input_coord(oh, kh, stride_h, pad_h, dil_h)
+            iw = tap_input_coord(ow, kw, stride_w, pad_w, dil_w)
+            x_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            if I64:
+                x_pix = n.to(tl.int64) * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
+            else:
+                x_pix = n * sx_n + ih * sx_h + iw * sx_w
+            b = load_pixels_tile(x_ptr, x_pix, x_ok, ci, C, sx_c)  # [BK rows, BN Cin]
+        if X_CM:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        else:
+            if E_CM:
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            else:  # the reduction is E's outer dimension: Triton transposes this operand in shared memory
+                acc = tl.dot(tl.trans(a), b, acc, out_dtype=tl.int32)
+    col_offs = (kh * so_h + kw * so_w) + ci * so_c
+    if SPLIT_FIX:
+        total, last = split_fixup(acc, ws_ptr, tl.program_id(0), tl.num_programs(1), BM, BN)
+        if last:  # the tile's last split: the whole (int64) sum, epilogue and G quantization here
+            y, y_mask = store_gemm_tile(total, out_ptr, co * so_o, co_ok, col, col_offs, ci_ok, se_ptr, sx_ptr,
+                                        se_ptr, inv_ss, False, RAW)
+            if GQ > 0:
+                gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
+                                tl.num_programs(0), tl.program_id(0) == 0, GQ, BITS_G, STOCH_G, GBLOCK)
+    else:
+        y, y_mask = store_gemm_tile(acc, out_ptr, co * so_o, co_ok, col, col_offs, ci_ok, se_ptr, sx_ptr, se_ptr,
+                                    inv_ss, False, RAW)
+        if GQ > 0:
+            gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
+                            tl.num_programs(0), tl.program_id(0) == 0, GQ, BITS_G, STOCH_G, GBLOCK)
+
+
+def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
+                  max_terms, gq=None):
+    """``gq``: None, or (bits_g, rounding_g, cout, cin): G-quantize the real [:cout, :cin] part in the
+    kernel when the reduction is one split (else the caller quantizes); returns (out, quantized?)."""
+    N, C, H, W = qx.shape
+    _, CO, OH, OW = qe.shape
+    KH, KW = kernel_hw
+    raw = se is None
+    out, inv_ss = result_and_scale((CO, C, KH, KW), se, out_dtype, bits_e, bits_a, qx.device)
+    if out.numel() == 0:
+        return out, False
+    M = N * OH * OW
+    if M == 0:
+        return out.zero_(), False
+    se_n, se_h, se_w, se_c = nchw_strides(qe)
+    sx_n, sx_h, sx_w, sx_c = nchw_strides(qx)
+    # channel-major E ([Cout, N·OH·OW] with the rows contiguous, see QConv2dFunction): the K-major operand
+    e_cm = (se_w == 1 or OW == 1) and (se_h == OW or OH == 1) and (se_n == OH * OW or N == 1) and CO > 1
+    # channel-major input codes, 1×1 kernel, stride 1, no padding: X̃ = X, pixel m; both operands K-major
+    x_cm = (e_cm and KH == KW == 1 and list(stride) == [1, 1] and list(padding) == [0, 0] and C > 1
+            and (sx_w == 1 or W == 1) and (sx_h == W or H == 1) and (sx_n == H * W or N == 1))
+    if x_cm:
+        se_n, se_h, se_w = OH * OW, OW, 1
+        sx_n, sx_h, sx_w = H * W, W, 1
+        align = alignment((C, CO, M, se_c, sx_c), (qe, qx))  # CO too: the kernel assumes it a multiple
+    elif e_cm:
+        se_n, se_h, se_w = OH * OW, OW, 1
+        align = alignment((C, CO, M, se_c, sx_n, sx_h, sx_w), (qe, qx))
+    else:
+        align = alignment((C, CO, se_n, se_h, se_w, sx_n, sx_h, sx_w), (qe, qx))
+    taps = KH * KW
+    tile = _tiles.wgrad_tile(CO, C, align, taps)  # the table (rule 5), as ``--plan`` prints it
+    flat_n = tile.flat and not x_cm
+    if tile.flat and x_cm:  # 1×1 channel-major: one tap, the plain columns (same count)
+        tile = dataclasses.replace(tile, flat=False)
+    BM, BN, BK = tile.BM, tile.BN, tile.BK
+    tiles = triton.cdiv(CO, BM) * _tiles.wgrad_col_tiles(tile, C, taps)
+    splits, per = _tiles.wgrad_splits(M, tiles, _tiles.device_sms(qx.device) if _tiles.on_gpu(qx.device) else None,
+                                      max_terms, BK)
+    # splits > 1: each adds its exact int32 tile into an int64 workspace, the last split of the tile
+    # finishes it (scales, G quantization) in the same launch: no int32 partials, no finalize launch
+    ws = _igemm.split_workspace(tiles, splits, BM, BN, qx.device)
+    so_o, so_c, so_h, so_w = out.stride()
+    out_align = alignment((so_o, so_h, so_w), (out,))
+    i64 = not offsets_fit_int32(qe, qx)
+    fuse_g = gq is not None and not raw and out_dtype == torch.float32
+    if fuse_g:
+        bits_g, rounding_g, cout, cin = gq
+        real = out[:cout, :cin]
+        g_args, g_mode, g_stoch = gquant_plan(real, bits_g, rounding_g)
+    else:
+        g_args, g_mode, g_stoch, bits_g = (qe, qe, 0, 1, 1, 1, 0, 0, 0, 0), 0, False, 8
+    conv2d_int8_wgrad_kernel[(tiles, splits)](
+        qe, qx, out, qe if raw else se, qe if raw else sx, H, W, C, OH, OW, CO, KW, M, taps, per,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], se_n, se_h, se_w, se_c,
+        sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, ws, inv_ss, *g_args, RAW=raw, BM=BM, BN=BN,
+        BK=BK, GROUP_M=tile.GROUP_M, ALIGN=align, OUT_ALIGN=out_align, I64=i64, E_CM=e_cm, X_CM=x_cm, FLAT_N=flat_n,
+        SPLIT_FIX=splits > 1, GQ=g_mode, BITS_G=bits_g, STOCH_G=g_stoch, GBLOCK=1024, num_warps=tile.num_warps,
+        num_stages=tile.num_stages)
+    if fuse_g:
+        gquant_finish(real, g_args, g_mode, bits_g, g_stoch)
+    return out, fuse_g
