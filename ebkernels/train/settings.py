@@ -3,7 +3,9 @@
 Adding a flag: a field here (with its default), its check in :func:`resolve_settings`, its argparse
 line and its mapping in ``cli.py``. A setting that cannot change what a run computes (where files go,
 how progress is shown, how fast a kernel runs) goes into ``NOT_HASHED``; any other new field changes
-the hash, and so the directory name, of every run made before it.
+the hash, and so the directory name, of every run made before it, unless ``Settings.hashed`` leaves
+it out where it has no effect (as it does for ``method`` and the criteria's own settings, see
+``METHOD_UNUSED``).
 """
 from __future__ import annotations
 
@@ -15,12 +17,30 @@ import math
 from .. import data as data_mod
 
 __all__ = ["Settings", "TrainerError", "resolve_settings", "settings_hash", "PRECISIONS", "RETRAIN_PRECISIONS",
-           "RETRAIN_INITS", "DETECTOR_MODES", "DATASET_DEFAULTS", "NOT_HASHED", "INT_RANGES", "FLOAT_RANGES"]
+           "RETRAIN_INITS", "DETECTOR_MODES", "DATASET_DEFAULTS", "NOT_HASHED", "INT_RANGES", "FLOAT_RANGES",
+           "METHODS", "METHOD_UNUSED", "run_mode"]
 
 PRECISIONS = ("int8", "bf16", "fp32")
 RETRAIN_PRECISIONS = ("fp32", "bf16")
 RETRAIN_INITS = ("inherit", "reinit", "both")
 DETECTOR_MODES = ("consecutive", "window")
+# ticket criteria (ebkernels/methods/): eb and ns use |gamma| with L1 on it; the others are the paper's
+# Table 2 competitors (lt, snip, thinet) and SynFlow
+METHODS = ("eb", "ns", "lt", "snip", "synflow", "thinet")
+_DETECTOR = ("eps", "window", "detector_mode")
+_CRITERIA_OPTIONS = ("score_batches", "synflow_rounds")
+# Settings a method does not read, left out of its run's hash (the same computation names one directory).
+# eb and ns leave out ``method`` itself: ``baseline`` tells them apart, as it did before methods existed,
+# so their run directories keep their names.
+METHOD_UNUSED = {
+    "eb": ("method",) + _CRITERIA_OPTIONS,
+    "ns": ("method",) + _CRITERIA_OPTIONS,
+    "lt": ("sparsity", "draw_at") + _CRITERIA_OPTIONS,  # trains without L1 on gamma; ranks weights
+    "thinet": ("sparsity", "draw_at", "synflow_rounds"),
+    # at initialisation: no dense training, so no search schedule, precision, detector or L1
+    "snip": ("sparsity", "draw_at", "epochs", "precision", "synflow_rounds") + _DETECTOR,
+    "synflow": ("sparsity", "draw_at", "epochs", "precision", "score_batches") + _DETECTOR,
+}
 
 # Per-dataset defaults for the settings left unset on the command line. The digits entry is the
 # no-argument demo: tuned so the whole job (search, detection, pruning, retraining) takes about a
@@ -40,7 +60,7 @@ NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet", "cud
 MAX_EPOCHS = 100_000
 INT_RANGES = {"epochs": (1, MAX_EPOCHS), "retrain_epochs": (0, MAX_EPOCHS), "window": (1, MAX_EPOCHS),
               "batch_size": (2, 2**20), "train_subset": (1, 10**9), "test_subset": (1, 10**9),
-              "seed": (-(2**32 - 1), 2**32 - 1)}
+              "seed": (-(2**32 - 1), 2**32 - 1), "score_batches": (1, 10**6), "synflow_rounds": (1, 10**6)}
 # (lowest, lowest excluded, highest or None, highest excluded)
 FLOAT_RANGES = {"eps": (0.0, True, 1.0, False),  # a mask distance lies in [0, 1]
                 "lr": (0.0, True, None, False), "momentum": (0.0, False, 1.0, True),
@@ -75,7 +95,10 @@ class Settings:
     retrain_epochs: int | None = None
     retrain_init: str = "inherit"
     retrain_precision: str = "fp32"
-    baseline: bool = False
+    baseline: bool = False  # = method "ns" (kept: older callers and run directories use it)
+    method: str = "eb"
+    score_batches: int = 4  # training batches SNIP's gradients and ThiNet's sampled activations read
+    synflow_rounds: int = 100
     draw_at: tuple = ()
     sync_bn: bool = True
     seed: int = 0
@@ -87,7 +110,13 @@ class Settings:
 
     def hashed(self) -> dict:
         d = dataclasses.asdict(self)
-        return {k: v for k, v in d.items() if k not in NOT_HASHED}
+        unused = METHOD_UNUSED.get(self.method, ())
+        return {k: v for k, v in d.items() if k not in NOT_HASHED and k not in unused}
+
+
+def run_mode(s: Settings) -> str:
+    """The run directory's mode word: ``eb``, ``baseline`` (ns, as before methods existed) or the method."""
+    return "baseline" if s.baseline or s.method == "ns" else s.method
 
 
 def _bad(msg: str):
@@ -99,6 +128,18 @@ def resolve_settings(s: Settings) -> Settings:
     from .._checks import check_ratio
 
     s = dataclasses.replace(s)
+    if s.method not in METHODS:
+        _bad(f"--method {s.method!r} is not supported; accepted: {', '.join(METHODS)}")
+    if s.baseline and s.method not in ("eb", "ns"):
+        _bad(f"--baseline is --method ns; it contradicts --method {s.method}")
+    if s.baseline or s.method == "ns":
+        s.baseline, s.method = True, "ns"
+    if s.draw_at and s.method not in ("eb", "ns"):
+        _bad(f"--draw-at draws extra |gamma| tickets during the search of --method eb or ns; --method {s.method} "
+             f"draws its ticket by its own criterion")
+    if s.method in ("lt", "thinet", "snip", "synflow") and s.sparsity != Settings.sparsity:
+        _bad(f"--sparsity is network slimming's L1 on the BN scaling factors, which --method {s.method} does not "
+             f"use; accepted with it: the default (leave --sparsity out)")
     if s.dataset not in data_mod.DATASETS:
         _bad(f"unknown dataset {s.dataset!r}; accepted: {', '.join(data_mod.DATASETS)}")
     for key, value in DATASET_DEFAULTS[s.dataset].items():
