@@ -542,7 +542,7 @@ def test_bad_masks_and_ratios():
 def test_bad_models():
     with pytest.raises(ValueError, match="no BatchNorm2d"):
         prune(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), ratio=0.5)
-    with pytest.raises(TypeError, match="prune supports"):
-        prune(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), ratio=0.5)
+    with pytest.raises(TypeError, match="engine='family' prunes VGG and PreResNet"):
+        prune(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), ratio=0.5, engine="family")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         prune("vgg11", ratio=0.5)

@@ -248,6 +248,10 @@ def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
     (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm", "--no-download"],
      "apt-get install dataset-fashion-mnist"),
     (["--dataset", "cifar10", "--data-dir", "{tmp}", "--no-download"], "cifar10 not found in"),
+    (["--small-stem"], "--small-stem adapts torchvision:<name> models; vgg11 is one of ebkernels' own"),
+    (["--coupled", "most"], "--coupled 'most' is not supported; accepted: majority, any, all"),
+    (["--model", "torchvision:resnet18"], "--width 0.125 is for ebkernels' own models; torchvision:resnet18 is "
+                                          "built at torchvision's widths"),
 ] + ([] if torch.cuda.is_available() else [
     (["--cuda-graphs"], "--cuda-graphs needs a CUDA device; this run uses cpu"),
 ]))
@@ -515,6 +519,18 @@ def test_explicit_triton_backend_without_cuda_or_interpreter_says_what_it_needs(
         assert line.startswith("backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
                                "before ebkernels is imported") and "the gammas are on cpu" in line
         assert "accepted here: backend='auto'" in line
+
+
+def test_settings_added_later_leave_the_hash_of_earlier_runs_alone():
+    """small_stem and coupled join the hash only when set: runs made before they existed still resume."""
+    s = train.resolve_settings(train.Settings())
+    assert "small_stem" not in s.hashed() and "coupled" not in s.hashed()
+    assert train.settings_hash(s) == train.settings_hash(train.resolve_settings(train.Settings(coupled="majority")))
+    assert train.settings_hash(s) != train.settings_hash(train.resolve_settings(train.Settings(coupled="any")))
+    tv = train.resolve_settings(train.Settings(model="torchvision:resnet18"))
+    assert tv.width == 1.0 and os.path.basename(train.run_dir_for(tv)).startswith("torchvision_resnet18-digits-eb-")
+    stem = train.resolve_settings(train.Settings(model="torchvision:resnet18", small_stem=True))
+    assert stem.hashed()["small_stem"] is True and train.settings_hash(stem) != train.settings_hash(tv)
 
 
 def test_settings_hash_names_the_run():

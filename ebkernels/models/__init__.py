@@ -5,7 +5,9 @@
 - ``vgg11``, ``vgg13``, ``vgg16``, ``vgg19`` (kw: ``width``, ``cfg``),
 - ``preresnet<depth>`` with depth = 9n+2 (``preresnet20``, ``preresnet56``, ``preresnet101``, …;
   kw: ``width``, ``cfg``),
-- ``resnet18`` (torchvision's structure; kw: ``cfg``, ``use_torchvision``).
+- ``resnet18`` (torchvision's structure; kw: ``cfg``, ``use_torchvision``),
+- ``torchvision:<name>``: any torchvision classification model (``torchvision:resnet50``,
+  ``torchvision:mobilenet_v2``, ...; kw: ``small_stem``, ``cfg``), see ``torchvision_models.py``.
 
 Every model it returns carries ``ebk_arch`` (name and constructor arguments), so
 :func:`architecture` can describe it — pruned or not — as JSON-able data that rebuilds it.
@@ -18,11 +20,13 @@ from torch import nn
 
 from .preresnet import Bottleneck, ChannelSelection, PreResNet, preresnet_blocks_per_stage, preresnet_cfg
 from .resnet import ResNet, is_basic_resnet, resnet18, resnet_cfg
+from .torchvision_models import PREFIX as TORCHVISION_PREFIX
+from .torchvision_models import build_torchvision, is_torchvision_name, layer_widths
 from .vgg import VGG, VGG_CFGS, vgg_cfg
 
 __all__ = [
     "build_model", "model_names", "architecture", "VGG", "PreResNet", "Bottleneck", "ChannelSelection",
-    "ResNet", "resnet18", "vgg_cfg", "preresnet_cfg",
+    "ResNet", "resnet18", "vgg_cfg", "preresnet_cfg", "is_grouped_conv", "layer_widths", "TORCHVISION_PREFIX",
 ]
 
 _PRERESNET = re.compile(r"preresnet(\d+)")
@@ -36,7 +40,8 @@ def model_names() -> list[str]:
 
 def _unknown(name) -> ValueError:
     return ValueError(f"unknown model name {name!r}; accepted: {', '.join(model_names())} "
-                      "(preresnet<depth> takes any depth 9n+2)")
+                      "(preresnet<depth> takes any depth 9n+2), or torchvision:<name> for any torchvision "
+                      "classification model (torchvision:resnet50, torchvision:mobilenet_v2, ...)")
 
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3, **kw) -> nn.Module:
@@ -44,7 +49,14 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, **kw) ->
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     key = name.strip().lower()
-    if key.startswith("vgg") and key[3:].isdigit():
+    if is_torchvision_name(key):
+        unknown = sorted(k for k in kw if k not in ("small_stem", "cfg"))
+        if unknown:
+            raise ValueError(f"{name!r} does not take {', '.join(unknown)}; accepted keyword arguments for "
+                             f"torchvision models: small_stem, cfg")
+        model = build_torchvision(key[len(TORCHVISION_PREFIX):], num_classes=num_classes, in_channels=in_channels,
+                                  **kw)
+    elif key.startswith("vgg") and key[3:].isdigit():
         depth = int(key[3:])
         if depth not in VGG_CFGS:
             raise _unknown(name)
@@ -66,13 +78,26 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, **kw) ->
     return model
 
 
-def current_cfg(model: nn.Module) -> list:
-    """The cfg of a VGG, PreResNet or BasicBlock ResNet, read from its layers."""
+def is_grouped_conv(name: str, module: nn.Module) -> bool:
+    """True for a Conv2d with ``groups > 1`` (depthwise included): a ``quantize_model`` skip predicate.
+
+    The int8 kernels run grouped convolutions on a slow reference path; the trainer keeps them in float
+    (``quantize_model(model, skip=is_grouped_conv)``) and says how many it kept.
+    """
+    return isinstance(module, nn.Conv2d) and module.groups > 1
+
+
+def current_cfg(model: nn.Module):
+    """The cfg of a VGG, PreResNet or BasicBlock ResNet, read from its layers; of a ``torchvision:``
+    model, its :func:`layer_widths` record."""
+    if is_torchvision_name(getattr(model, "ebk_arch", {}).get("name")):
+        return layer_widths(model)
     if isinstance(model, (VGG, PreResNet)):
         return model.cfg
     if is_basic_resnet(model):
         return resnet_cfg(model)
-    raise TypeError(f"no cfg for a {type(model).__name__}; accepted: VGG, PreResNet, BasicBlock ResNet")
+    raise TypeError(f"no cfg for a {type(model).__name__}; accepted: VGG, PreResNet, BasicBlock ResNet, "
+                    f"models built by build_model('torchvision:<name>')")
 
 
 def architecture(model: nn.Module) -> dict:

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  ebkernels --dataset fashion-mnist --model vgg11 --width 0.25 --epochs 24 --ratio 0.3,0.5,0.7\n"
                "  ebkernels --dataset cifar10 --data-dir data/ --baseline   # progressive pruning baseline\n"
                "  ebkernels --method snip                     # a competitor: SNIP's ticket at initialisation\n"
+               "  ebkernels --dataset cifar10 --model torchvision:resnet50 --small-stem   # any torchvision CNN\n"
                "  torchrun --nproc-per-node 8 -m ebkernels --dataset cifar10   # DDP; rank 0 writes\n"
                "The same command again resumes an interrupted run, or says that it is finished.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,8 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-subset", type=int, default=None, help="use a fixed random subset of the test set")
     g.add_argument("--no-augment", dest="augment", action="store_false", help="no crop/flip augmentation")
     g = p.add_argument_group("model and search")
-    g.add_argument("--model", default=None, help="vgg11..vgg19, preresnet20..preresnet101, resnet18 "
-                                                 "(default: vgg11 on digits, vgg16 otherwise)")
+    g.add_argument("--model", default=None,
+                   help="vgg11..vgg19, preresnet20..preresnet101, resnet18, or torchvision:<name> for any torchvision "
+                        "classification model, e.g. torchvision:resnet50 (first conv and classifier adapted to the "
+                        "dataset; needs torchvision, and torch-pruning to prune it) (default: vgg11 on digits, vgg16)")
+    g.add_argument("--small-stem", action="store_true",
+                   help="torchvision models: a 3x3 stride-1 first conv and no max-pool after it, for small images "
+                        "(CIFAR, digits) instead of the ImageNet stem (7x7 / 2 + max-pool)")
     g.add_argument("--width", type=float, default=None, help="channel width multiplier (default 0.25 on digits, 1)")
     g.add_argument("--precision", default="int8",
                    help="search-phase arithmetic: int8 (QConv2d/QLinear, default), bf16 (autocast), fp32")
@@ -97,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training batches SNIP's gradients and ThiNet's sampled activations read (default 4)")
     g.add_argument("--synflow-rounds", type=int, default=100, help="SynFlow's pruning rounds (default 100)")
     g.add_argument("--draw-at", type=_int_list, default=(), help="also draw tickets at these epochs (e.g. 5,10,20)")
+    g.add_argument("--coupled", default="majority",
+                   help="channels a model can only prune together (a bottleneck ResNet's residual stream, DenseNet "
+                        "concatenations, depthwise pairs): majority (default: kept when most of their BNs keep "
+                        "them, ties by |gamma| up to the BNs' average request), any (kept when any BN keeps them), "
+                        "all (kept only when every BN keeps them); torchvision models only")
     g = p.add_argument_group("retraining")
     g.add_argument("--retrain-epochs", type=int, default=None, help="default 20 on digits, 160")
     g.add_argument("--reinit", action="store_true", help="retrain from a random re-initialisation (EB Train re-init)")
@@ -123,7 +134,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     init = args.retrain_init or ("reinit" if args.reinit else "inherit")
     if args.reinit and args.retrain_init not in (None, "reinit"):
         raise TrainerError(f"--reinit contradicts --retrain-init {args.retrain_init}")
-    return Settings(dataset=args.dataset, model=args.model, width=args.width, data_dir=args.data_dir,
+    return Settings(dataset=args.dataset, model=args.model, width=args.width, small_stem=args.small_stem,
+                    coupled=args.coupled, data_dir=args.data_dir,
                     download=args.download, train_subset=args.train_subset, test_subset=args.test_subset,
                     augment=args.augment, precision=args.precision, ratios=ratios, eps=args.eps,
                     window=args.window, detector_mode=args.detector_mode, sparsity=args.sparsity, lr=args.lr,

@@ -32,8 +32,8 @@ from ..methods import ScoringData, get_method
 from ..pruning import count_flops, count_params, load_ticket, prune, reinit, save_ticket
 from .dist import Dist
 from .energy import EnergyMeter
-from .loop import (EpochRunner, build_dense_model, float_copy, local_batch_size, lr_at, make_optimizer,
-                   prepare_for_training)
+from .loop import (EpochRunner, build_dense_model, float_copy, int8_layers_line, local_batch_size, lr_at,
+                   make_optimizer, prepare_for_training)
 from .report import (Log, build_summary, epoch_line, print_summary, report_dict, start_lines, ticket_line,
                      write_plots)
 from .rundir import RunDir, describe_progress, new_state, ratio_key
@@ -158,6 +158,8 @@ class Job:
     def search(self, state: dict) -> dict:
         s = self.s
         model, wrapped, opt = self._trainable(self.model, s.precision, state)
+        if s.precision == "int8":
+            self.log(int8_layers_line(model))
         graphed = self.epochs.graphed_step(model, s.sparsity, s.precision) if s.cuda_graphs else None
         detector = make_detector(s)  # one detector, all ratios: one fused update per epoch
         if state["detector"] is not None:
@@ -255,7 +257,10 @@ class Job:
     def draw_ticket(self, dense: nn.Module, ratio: float, tag: str, epoch: int, by_detector: bool,
                     mask, criterion: dict) -> dict:
         """Prune the float network ``dense`` with the criterion's ``mask``, save it (rank 0)."""
-        pruned, report = prune(dense, mask, ratio=ratio, input_shape=self.ds.input_shape)
+        try:
+            pruned, report = prune(dense, mask, ratio=ratio, input_shape=self.ds.input_shape, coupled=self.s.coupled)
+        except (ImportError, ValueError) as e:  # torch-pruning missing, a structure it cannot prune exactly
+            raise TrainerError(f"cannot prune --model {self.s.model} at p={ratio_key(ratio)}: {e}") from e
         acc = self.epochs.evaluate(pruned)["test_acc"]
         path = self.run_dir.ticket_path(tag)
         if self.dist.is_main:  # save_ticket writes atomically itself

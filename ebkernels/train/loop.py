@@ -20,7 +20,7 @@ from .dist import Dist, SyncBatchNorm2d, swap_bn
 from .settings import TrainerError
 
 __all__ = ["lr_at", "EpochRunner", "local_batch_size", "build_dense_model", "prepare_for_training", "make_optimizer",
-           "float_copy", "add_l1_subgradient"]
+           "float_copy", "add_l1_subgradient", "int8_layers_line"]
 
 
 def lr_at(epoch: int, base_lr: float, total_epochs: int) -> float:
@@ -60,9 +60,10 @@ def prepare_for_training(model: nn.Module, precision: str, dist: Dist, sync_bn: 
     SyncBatchNorm2d under torchrun when ``sync_bn``), and what to call forward on (DDP or the model)."""
     model = model.to(dist.device)
     if precision == "int8":
+        from ..models import is_grouped_conv
         from ..modules import quantize_model
 
-        model = quantize_model(model)
+        model = quantize_model(model, skip=is_grouped_conv)
     if dist.enabled and sync_bn:
         model = swap_bn(model, SyncBatchNorm2d)
     if not dist.enabled:
@@ -102,12 +103,42 @@ def build_dense_model(s, ds) -> nn.Module:
     _rng.manual_seed(s.seed)  # the int8 layers' stochastic rounding (device-side state)
     try:
         kw = {} if s.width == 1.0 else {"width": s.width}
+        if s.small_stem:
+            kw["small_stem"] = True
         model = build_model(s.model, num_classes=ds.num_classes, in_channels=ds.in_channels, **kw)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, ImportError) as e:
         raise TrainerError(f"--model {s.model!r}: {e}") from e
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         raise TrainerError(f"--model {s.model!r} has no BatchNorm2d layers: the detector needs BN scaling factors")
-    return model
+    try:  # an ImageNet stem or five pools on 8-16 px images fail here, before a run directory exists
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, *ds.input_shape)))
+    except RuntimeError as e:
+        raise TrainerError(f"--model {s.model!r} cannot run on {ds.name} images of shape {ds.input_shape} ({e}); "
+                           f"accepted: a model whose downsampling leaves them at least 1x1 (for torchvision models "
+                           f"try --small-stem, or a dataset with larger images)") from e
+    return model.train()
+
+
+def int8_layers_line(model: nn.Module) -> str:
+    """What ``quantize_model`` swapped for the int8 search, and what it kept in float."""
+    from ..fusion import fused_chains
+    from ..modules import QConv2d, QLinear
+
+    q = [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
+    grouped = [n for n, m in model.named_modules() if type(m) is nn.Conv2d and m.groups > 1]
+    plain = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear) and n not in grouped]
+    line = (f"int8 search layers: {sum(isinstance(m, QConv2d) for m in q)} Conv2d and "
+            f"{sum(isinstance(m, QLinear) for m in q)} Linear swapped to QConv2d/QLinear")
+    if grouped:
+        line += (f"; {len(grouped)} grouped/depthwise Conv2d kept in float (the int8 kernels run them on a slow "
+                 f"reference path): {', '.join(grouped[:4])}{', ...' if len(grouped) > 4 else ''}")
+    if plain:
+        line += f"; {len(plain)} other layer(s) kept in float"
+    chains = fused_chains(model)
+    if chains:
+        line += f"; {len(chains)} conv-BN-ReLU chains run as fused int8 blocks (ebkernels.fusion)"
+    return line
 
 
 def make_optimizer(model: nn.Module, settings) -> torch.optim.Optimizer:

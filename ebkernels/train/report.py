@@ -46,7 +46,7 @@ class Log:
 def start_lines(s, ds, run_dir: str) -> list[str]:
     """What a fresh run says first: where it writes, on what data, what it searches."""
     return [f"run directory: {run_dir}", f"data: {ds.describe()}",
-            f"model: {s.model} width {s.width:g}; search precision {s.precision}, ratios "
+            f"model: {s.model}{' (small-image stem)' if s.small_stem else ''} width {s.width:g}; search precision {s.precision}, ratios "
             f"{', '.join(map(ratio_key, s.ratios))}, eps {s.eps:g}, "
             f"{_method_words(s)}"]
 
@@ -75,9 +75,14 @@ def epoch_line(phase: str, epoch: int, total: int, lr: float, train: dict, test:
 
 
 def ticket_line(tag: str, epoch: int, by_detector: bool, report: dict, acc: float) -> str:
+    requested = ""
+    if "requested_params" in report:
+        requested = (f" (the mask asked for {report['requested_params']} and {report['requested_flops']}; coupled "
+                     f"channels: {report.get('coupled')})")
     return (f"  drew ticket {tag} at epoch {epoch}{' (detector)' if by_detector else ''}: params "
             f"{report.get('params_before')} -> {report.get('params_after')}, multiply-adds "
-            f"{report.get('flops_before')} -> {report.get('flops_after')}, accuracy before retraining {acc:.2f}%")
+            f"{report.get('flops_before')} -> {report.get('flops_after')}{requested}, accuracy before retraining "
+            f"{acc:.2f}%")
 
 
 def report_dict(report) -> dict:
@@ -90,6 +95,9 @@ def report_dict(report) -> dict:
         d = {k: getattr(report, k) for k in keys if hasattr(report, k)}
         extra = {}
     d = {k: int(v) for k, v in d.items()}
+    requested = report.get("requested") if isinstance(report, dict) else None
+    if isinstance(requested, dict):  # the graph pruner: what the mask asked for, next to what was achieved
+        d.update(requested_params=int(requested["params"]), requested_flops=int(requested["flops"]))
     return {**extra, **d}
 
 
@@ -180,6 +188,9 @@ def print_summary(summary: dict, out=sys.stdout, finished_before: bool = False) 
             line += f"params {pb:,} -> {pa:,} (-{100 * (1 - pa / pb):.1f}%), "
         if fa is not None and fb:
             line += f"multiply-adds {fb / 1e6:.2f}M -> {fa / 1e6:.2f}M (-{100 * (1 - fa / fb):.1f}%), "
+        if t.get("requested_params") is not None and pb and fb:
+            line += (f"the mask asked for -{100 * (1 - t['requested_params'] / pb):.1f}% params and "
+                     f"-{100 * (1 - t['requested_flops'] / fb):.1f}% multiply-adds, ")
         line += f"accuracy {t['acc_before_retrain']:.2f}% as pruned (before retraining)"
         if "retrain_acc" in t:
             line += f", {t['retrain_acc']:.2f}% retrained"

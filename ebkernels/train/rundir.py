@@ -44,7 +44,7 @@ def ratio_key(r: float) -> str:
 
 def run_dir_for(s: Settings) -> str:
     """Where a run with these (resolved) settings lives."""
-    name = f"{s.model}-{s.dataset}-{run_mode(s)}-{settings_hash(s)}"
+    name = f"{s.model.replace(':', '_')}-{s.dataset}-{run_mode(s)}-{settings_hash(s)}"
     return os.path.join(s.out, name)
 
 

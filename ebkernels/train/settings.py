@@ -2,10 +2,11 @@
 
 Adding a flag: a field here (with its default), its check in :func:`resolve_settings`, its argparse
 line and its mapping in ``cli.py``. A setting that cannot change what a run computes (where files go,
-how progress is shown, how fast a kernel runs) goes into ``NOT_HASHED``; any other new field changes
-the hash, and so the directory name, of every run made before it, unless ``Settings.hashed`` leaves
-it out where it has no effect (as it does for ``method`` and the criteria's own settings, see
-``METHOD_UNUSED``).
+how progress is shown, how fast a kernel runs) goes into ``NOT_HASHED``. Any other new field goes into
+``HASHED_UNLESS_DEFAULT`` with its default: it joins the hash only when a run sets it to something else,
+so the runs made before the field existed keep their directory names (and resume). ``METHOD_UNUSED``
+also leaves out, per ticket criterion, the settings it does not read (``method`` itself for eb and ns,
+whose directories ``baseline`` already tells apart).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import math
 from .. import data as data_mod
 
 __all__ = ["Settings", "TrainerError", "resolve_settings", "settings_hash", "PRECISIONS", "RETRAIN_PRECISIONS",
-           "RETRAIN_INITS", "DETECTOR_MODES", "DATASET_DEFAULTS", "NOT_HASHED", "INT_RANGES", "FLOAT_RANGES",
-           "METHODS", "METHOD_UNUSED", "run_mode"]
+           "RETRAIN_INITS", "DETECTOR_MODES", "DATASET_DEFAULTS", "NOT_HASHED", "HASHED_UNLESS_DEFAULT", "INT_RANGES",
+           "FLOAT_RANGES", "METHODS", "METHOD_UNUSED", "run_mode"]
 
 PRECISIONS = ("int8", "bf16", "fp32")
 RETRAIN_PRECISIONS = ("fp32", "bf16")
@@ -53,6 +54,8 @@ DATASET_DEFAULTS = {
 }
 # Settings that do not change what a run computes: left out of the run directory's hash.
 NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet", "cuda_graphs")
+# Settings added after runs existed, with their defaults: hashed only when set to something else.
+HASHED_UNLESS_DEFAULT = {"small_stem": False, "coupled": "majority"}
 
 
 # Accepted ranges, inclusive: wide enough for any real run, narrow enough that a typo is caught before
@@ -76,6 +79,7 @@ class Settings:
     dataset: str = "digits"
     model: str | None = None
     width: float | None = None
+    small_stem: bool = False
     data_dir: str | None = None
     download: bool = True
     train_subset: int | None = None
@@ -100,6 +104,7 @@ class Settings:
     score_batches: int = 4  # training batches SNIP's gradients and ThiNet's sampled activations read
     synflow_rounds: int = 100
     draw_at: tuple = ()
+    coupled: str = "majority"
     sync_bn: bool = True
     seed: int = 0
     out: str = "runs"
@@ -111,7 +116,8 @@ class Settings:
     def hashed(self) -> dict:
         d = dataclasses.asdict(self)
         unused = METHOD_UNUSED.get(self.method, ())
-        return {k: v for k, v in d.items() if k not in NOT_HASHED and k not in unused}
+        return {k: v for k, v in d.items() if k not in NOT_HASHED and k not in unused
+                and not (k in HASHED_UNLESS_DEFAULT and v == HASHED_UNLESS_DEFAULT[k])}
 
 
 def run_mode(s: Settings) -> str:
@@ -126,6 +132,8 @@ def _bad(msg: str):
 def resolve_settings(s: Settings) -> Settings:
     """Fill per-dataset defaults and check every value; raises TrainerError naming what is accepted."""
     from .._checks import check_ratio
+    from ..models import TORCHVISION_PREFIX
+    from ..pruning import COUPLED_RULES
 
     s = dataclasses.replace(s)
     if s.method not in METHODS:
@@ -142,9 +150,18 @@ def resolve_settings(s: Settings) -> Settings:
              f"use; accepted with it: the default (leave --sparsity out)")
     if s.dataset not in data_mod.DATASETS:
         _bad(f"unknown dataset {s.dataset!r}; accepted: {', '.join(data_mod.DATASETS)}")
+    if isinstance(s.model, str) and s.model.strip().lower().startswith(TORCHVISION_PREFIX):
+        if s.width not in (None, 1, 1.0):
+            _bad(f"--width {s.width!r} is for ebkernels' own models; {s.model} is built at torchvision's widths "
+                 f"(accepted: no --width, or --width 1)")
+        s.width = 1.0
     for key, value in DATASET_DEFAULTS[s.dataset].items():
         if getattr(s, key) is None:
             setattr(s, key, value)
+    if s.small_stem and not s.model.strip().lower().startswith(TORCHVISION_PREFIX):
+        _bad(f"--small-stem adapts torchvision:<name> models; {s.model} is one of ebkernels' own (their CIFAR "
+             f"stem is already 3x3 without a max-pool, except resnet18's: use --model torchvision:resnet18 "
+             f"--small-stem)")
     if not s.ratios:
         _bad("at least one --ratio is needed")
     try:
@@ -154,7 +171,8 @@ def resolve_settings(s: Settings) -> Settings:
     for name, value, choices in (("--precision", s.precision, PRECISIONS),
                                  ("--retrain-precision", s.retrain_precision, RETRAIN_PRECISIONS),
                                  ("--retrain-init", s.retrain_init, RETRAIN_INITS),
-                                 ("--detector-mode", s.detector_mode, DETECTOR_MODES)):
+                                 ("--detector-mode", s.detector_mode, DETECTOR_MODES),
+                                 ("--coupled", s.coupled, COUPLED_RULES)):
         if value not in choices:
             _bad(f"{name} {value!r} is not supported; accepted: {', '.join(choices)}")
     for name, (lo, hi) in INT_RANGES.items():
