@@ -129,6 +129,35 @@ def _bad(msg: str):
     raise TrainerError(msg)
 
 
+# why a setting in METHOD_UNUSED has no effect on a method ({m}: the method), for the error a set one gets
+_WHY_UNUSED = {
+    "sparsity": "network slimming's L1 on the BN scaling factors, which --method {m} does not use",
+    "draw_at": "for extra |gamma| tickets during the search of --method eb or ns; --method {m} draws its "
+               "ticket by its own criterion",
+    "epochs": "the dense training schedule; --method {m} scores the initial network and trains only the pruned "
+              "one (--retrain-epochs)",
+    "precision": "the dense search's precision; --method {m} trains no dense network (--retrain-precision "
+                 "sets its ticket's)",
+    "eps": "the early-bird detector's, which watches a dense search; --method {m} has none",
+    "window": "the early-bird detector's, which watches a dense search; --method {m} has none",
+    "detector_mode": "the early-bird detector's, which watches a dense search; --method {m} has none",
+    "score_batches": "the training batches SNIP's gradients and ThiNet's activations read; --method {m} reads none",
+    "synflow_rounds": "SynFlow's; --method {m} has no rounds",
+}
+
+
+def _check_applies(s: Settings) -> None:
+    """A setting the method does not read, set to anything but its default, is an error (not ignored)."""
+    for key in METHOD_UNUSED[s.method]:
+        if key == "method":
+            continue
+        default = DATASET_DEFAULTS[s.dataset].get(key, getattr(Settings, key, None))
+        if getattr(s, key) != default:
+            flag = "--" + key.replace("_", "-")
+            _bad(f"{flag} is {_WHY_UNUSED[key].format(m=s.method)}; accepted with --method {s.method}: the "
+                 f"default (leave {flag} out)")
+
+
 def resolve_settings(s: Settings) -> Settings:
     """Fill per-dataset defaults and check every value; raises TrainerError naming what is accepted."""
     from .._checks import check_ratio
@@ -142,12 +171,6 @@ def resolve_settings(s: Settings) -> Settings:
         _bad(f"--baseline is --method ns; it contradicts --method {s.method}")
     if s.baseline or s.method == "ns":
         s.baseline, s.method = True, "ns"
-    if s.draw_at and s.method not in ("eb", "ns"):
-        _bad(f"--draw-at draws extra |gamma| tickets during the search of --method eb or ns; --method {s.method} "
-             f"draws its ticket by its own criterion")
-    if s.method in ("lt", "thinet", "snip", "synflow") and s.sparsity != Settings.sparsity:
-        _bad(f"--sparsity is network slimming's L1 on the BN scaling factors, which --method {s.method} does not "
-             f"use; accepted with it: the default (leave --sparsity out)")
     if s.dataset not in data_mod.DATASETS:
         _bad(f"unknown dataset {s.dataset!r}; accepted: {', '.join(data_mod.DATASETS)}")
     if isinstance(s.model, str) and s.model.strip().lower().startswith(TORCHVISION_PREFIX):
@@ -158,6 +181,7 @@ def resolve_settings(s: Settings) -> Settings:
     for key, value in DATASET_DEFAULTS[s.dataset].items():
         if getattr(s, key) is None:
             setattr(s, key, value)
+    _check_applies(s)
     if s.small_stem and not s.model.strip().lower().startswith(TORCHVISION_PREFIX):
         _bad(f"--small-stem adapts torchvision:<name> models; {s.model} is one of ebkernels' own (their CIFAR "
              f"stem is already 3x3 without a max-pool, except resnet18's: use --model torchvision:resnet18 "
