@@ -166,7 +166,9 @@ def print_summary(summary: dict, out=sys.stdout, finished_before: bool = False) 
         if method in ("snip", "synflow"):
             txt = f"drawn at initialisation by {method} (no dense training)"
         elif method != "eb":
-            txt = (f"the detector would have fired at epoch {ep}" if ep else "the detector did not fire") + \
+            # lt and thinet train without L1 on gamma: the detector's verdict there is only a record
+            txt = (f"the |gamma| detector would have fired at epoch {ep}" if ep else
+                   "the |gamma| detector did not fire") + \
                   f"; {mode} trained all {search['epochs_run']} epochs and drew it at the end"
         else:
             txt = (f"found by the detector at epoch {ep} (search stopped after epoch {search['epochs_run']} of "
