@@ -99,14 +99,17 @@ def main(argv=None):
                      for s in seeds]
             flops = statistics.mean(c["flops"] for c in cells)
             title = TITLES[m] + (" (re-init)" if init == "reinit" else "")
+            per_seed = ["/".join(f"{c['acc']:.2f}" for c in cells)] if len(seeds) > 1 else []
             rows.append([key, title, "/".join(str(c["epoch"]) for c in cells), spread([c["acc"] for c in cells]),
+                         *per_seed,
                          f"{flops / 1e12:.3g}", f"{statistics.mean(c['scoring_flops'] for c in cells) / 1e12:.3g}",
                          spread([c["wall"] for c in cells]),
                          f"{ns_flops / flops:.2f}" if ns_flops else None])
             plot.setdefault(title, {})[key] = (statistics.mean(c["acc"] for c in cells), flops)
 
     first = runs[methods[0], seeds[0]][0]
-    dense = next((runs[m, seeds[0]][0] for m in methods if runs[m, seeds[0]][0]["search"]["final_test_acc"]), None)
+    # the dense network trained all search epochs (EB stops early; SNIP and SynFlow train none)
+    dense = next((runs[m, seeds[0]][0] for m in ("ns", "lt", "thinet") if m in methods), None)
     note = (f"Seeds {', '.join(map(str, seeds))}" + (" (accuracy and wall time: mean ± half range over seeds)"
                                                     if len(seeds) > 1 else "") + ". "
             + (f"Dense network after {dense['search']['epochs_run']} epochs: "
@@ -119,7 +122,8 @@ def main(argv=None):
             "of those epochs plus the scoring seconds (a shared machine: noisy). FLOPs vs NS: NS's training "
             f"FLOPs / the row's.\nSetup: {R.describe_setup(args, method_settings(args, 'ns', seeds[0]))}.")
     table = R.write_table(args.results, "table2",
-                          ["p", "method", "drawn at epoch", "retrain acc. (%)", "training FLOPs (1e12)",
+                          ["p", "method", "drawn at epoch", "retrain acc. (%)"]
+                          + (["retrain acc. per seed (%)"] if len(seeds) > 1 else []) + ["training FLOPs (1e12)",
                            "of which scoring (1e12)", "wall time (s)", "FLOPs vs NS (x)"], rows, note=note)
     print(table)
 
