@@ -7,7 +7,6 @@ torchvision: the tests that need its model definitions skip, with the reason, wh
 CI sets EBKERNELS_REQUIRE_TORCHVISION=1, so there they must run.
 """
 import os
-import sys
 
 import torch
 

@@ -18,6 +18,8 @@ from torch import nn
 from ebkernels.models import build_model
 from ebkernels.pruning import bn_layers, count_flops, count_params, load_ticket, prune, reinit, save_ticket
 
+from _masking import masked_network, n_channels
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -45,24 +47,6 @@ def make_model(family, seed=0, **extra):
             if isinstance(m, nn.Linear):  # the reference init (std 0.01) makes tiny logits
                 m.weight.normal_(0, 0.3, generator=g)
     return model
-
-
-def masked_network(model, mask):
-    """Copy of ``model`` with gamma = beta = 0 on the BN channels where ``mask`` is False."""
-    masked = copy.deepcopy(model)
-    offset = 0
-    with torch.no_grad():
-        for _, bn in bn_layers(masked):
-            keep = mask[offset: offset + bn.num_features]
-            offset += bn.num_features
-            bn.weight[~keep] = 0
-            bn.bias[~keep] = 0
-    assert offset == mask.numel()
-    return masked
-
-
-def n_channels(model):
-    return sum(bn.num_features for _, bn in bn_layers(model))
 
 
 def random_mask(model, p, seed):
