@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  ebkernels                                   # the demo: digits, int8 search, p = 0.5\n"
                "  ebkernels --dataset fashion-mnist --model vgg11 --width 0.25 --epochs 24 --ratio 0.3,0.5,0.7\n"
                "  ebkernels --dataset cifar10 --data-dir data/ --baseline   # progressive pruning baseline\n"
+               "  ebkernels --method snip                     # a competitor: SNIP's ticket at initialisation\n"
                "  ebkernels --dataset cifar10 --model torchvision:resnet50 --small-stem   # any torchvision CNN\n"
                "  torchrun --nproc-per-node 8 -m ebkernels --dataset cifar10   # DDP; rank 0 writes\n"
                "The same command again resumes an interrupted run, or says that it is finished.",
@@ -88,8 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "the batch before it (BatchNorm cannot train on one)")
     g.add_argument("--epochs", type=int, default=None,
                    help="search schedule length and maximum (default 40 on digits, 160); lr /10 at 50%% and 75%%")
+    g.add_argument("--method", default=None,
+                   help="ticket criterion (ebkernels/methods/): eb (default: |gamma| with L1, drawn when the detector "
+                        "fires), ns (network slimming: train all --epochs with L1, prune by |gamma|), lt (train all "
+                        "--epochs, prune by filter l1 / layer mean, rewind to the initial weights), snip (at init: "
+                        "|dL/dgate| per channel from --score-batches batches), synflow (at init, no data: "
+                        "--synflow-rounds of synaptic flow), thinet (train all --epochs, greedy next-layer "
+                        "reconstruction per layer). lt, thinet, snip and synflow train without L1; snip and "
+                        "synflow train only the pruned network (--retrain-epochs)")
     g.add_argument("--baseline", action="store_true",
-                   help="progressive pruning baseline: train all --epochs, then prune and retrain")
+                   help="progressive pruning baseline: train all --epochs, then prune and retrain (= --method ns)")
+    g.add_argument("--score-batches", type=int, default=4,
+                   help="training batches SNIP's gradients and ThiNet's sampled activations read (default 4)")
+    g.add_argument("--synflow-rounds", type=int, default=100, help="SynFlow's pruning rounds (default 100)")
     g.add_argument("--draw-at", type=_int_list, default=(), help="also draw tickets at these epochs (e.g. 5,10,20)")
     g.add_argument("--coupled", default="majority",
                    help="channels a model can only prune together (a bottleneck ResNet's residual stream, DenseNet "
@@ -130,6 +142,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
                     epochs=args.epochs, retrain_epochs=args.retrain_epochs, retrain_init=init,
                     retrain_precision=args.retrain_precision, baseline=args.baseline,
+                    method=args.method or ("ns" if args.baseline else "eb"), score_batches=args.score_batches,
+                    synflow_rounds=args.synflow_rounds,
                     draw_at=tuple(args.draw_at), sync_bn=args.sync_bn, seed=args.seed, out=args.out,
                     device=args.device, progress=args.progress, quiet=args.quiet,
                     cuda_graphs=args.cuda_graphs)

@@ -4,7 +4,11 @@
    epoch the detector records each ratio's channel mask and its distance to the previous ones. EB mode
    stops once every ratio's ticket is found (or at ``--epochs``); ``--baseline`` trains all epochs (the
    paper's "progressive pruning and training"). ``--draw-at`` draws extra tickets (Fig. 1).
-2. Prune: each drawn ticket is the mask of its epoch applied physically (``ticket_<tag>.pt``).
+   ``--method`` picks the ticket criterion (``ebkernels/methods/``): ``lt`` and ``thinet`` train all
+   epochs too (without the L1 term) and then apply their criterion; ``snip`` and ``synflow`` skip the
+   search and score the initial network.
+2. Prune: each drawn ticket is the mask of its epoch applied physically (``ticket_<tag>.pt``); with
+   ``lt`` the mask is applied to the dense network's initial weights (rewinding).
 3. Retrain: every ticket, inheriting its weights and/or re-initialised (``pruned_<tag>[_reinit].pt``).
 4. Summarise: ``summary.json``, the plots and the printed summary (report.py).
 
@@ -13,6 +17,7 @@ A checkpoint after every epoch lets a killed run continue where it stopped (rund
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 
@@ -22,7 +27,8 @@ import torch.nn as nn
 from .. import _rng
 from .. import data as data_mod
 from .._io import WriteFailed
-from ..detector import EarlyBird, NonFiniteImportanceError, channel_mask
+from ..detector import EarlyBird, NonFiniteImportanceError
+from ..methods import ScoringData, get_method
 from ..pruning import count_flops, count_params, load_ticket, prune, reinit, save_ticket
 from .dist import Dist
 from .energy import EnergyMeter
@@ -48,6 +54,7 @@ class Job:
         self.run_dir = RunDir(s)
         self.log = self.run_dir.say = Log(self.run_dir.path, log_stream, quiet=s.quiet, is_main=dist.is_main)
         self.energy = EnergyMeter(dist.device)
+        self.method = get_method(s.method, **({"rounds": s.synflow_rounds} if s.method == "synflow" else {}))
 
     # ---- setup ----------------------------------------------------------------------------------
     def prepare(self):
@@ -68,6 +75,10 @@ class Job:
         self.epochs = EpochRunner(self.ds, self.dist, local_batch, s.seed, s.augment,
                                   show_progress=s.progress and not s.quiet)
         self.model = build_dense_model(s, self.ds)
+        # the seed rebuilds these same initial weights on a resume, so they need no checkpoint
+        self.initial_weights = (copy.deepcopy(self.model.state_dict())
+                                if self.method.ticket_weights == "initial" else None)
+        self.scoring_data = ScoringData(self.ds, s.batch_size, s.score_batches, s.seed, self.dist.device)
         error = None
         if self.dist.is_main:
             try:
@@ -110,7 +121,7 @@ class Job:
                 self.log(line)
             state = self._fresh_state()
         if state["phase"] == "search":
-            state = self.search(state)
+            state = self.draw_at_init(state) if self.method.draws == "init" else self.search(state)
         if state["phase"] == "retrain":
             state = self.retrain_all(state)
         return self.finish(state)
@@ -153,10 +164,11 @@ class Job:
         detector = make_detector(s)  # one detector, all ratios: one fused update per epoch
         if state["detector"] is not None:
             detector.load_state_dict(state["detector"])
+        sparsity = s.sparsity if self.method.l1_on_gamma else 0.0  # L1 on gamma: NS's and EB's ingredient only
         for epoch in range(state["epoch"], s.epochs):
             t0, e0 = time.perf_counter(), self.energy.read()
             lr = lr_at(epoch, s.lr, s.epochs)
-            train = self.epochs.train_epoch(model, wrapped, opt, epoch, lr, s.sparsity, s.precision,
+            train = self.epochs.train_epoch(model, wrapped, opt, epoch, lr, sparsity, s.precision,
                                             f"search {epoch + 1}/{s.epochs}", graphed)
             if not math.isfinite(train["train_loss"]):
                 self._diverged(f"non-finite training loss in search epoch {epoch + 1}")
@@ -170,12 +182,9 @@ class Job:
             self.energy.add_since(state["energy"], "search", e0)
             state["wall"]["search"] += t1 - t0
             state["wall"]["eval"] += t2 - t1
-            stop = epoch + 1 == s.epochs or (not s.baseline and all(ratio_key(r) in state["found"]
-                                                                    for r in s.ratios))
-            tp = time.perf_counter()
-            for r, tag, by_detector in self._tickets_to_draw(state, epoch + 1, newly, stop):
-                state["tickets"].append(self.draw_ticket(model, r, tag, epoch + 1, by_detector))
-            state["wall"]["prune"] += time.perf_counter() - tp
+            stop = epoch + 1 == s.epochs or (self.method.draws == "early" and all(ratio_key(r) in state["found"]
+                                                                                  for r in s.ratios))
+            self._draw(state, model, self._tickets_to_draw(state, epoch + 1, newly, stop), epoch + 1)
             state["records"].append({"phase": "search", "epoch": epoch + 1, "lr": lr, **train, **test,
                                      "distances": distances, "found": sorted(state["found"].items()),
                                      "time": round(t2 - t0, 4)})
@@ -210,7 +219,7 @@ class Job:
     def _tickets_to_draw(self, state: dict, epoch: int, newly: list, stop: bool) -> list:
         """``(ratio, tag, by_detector)``: at the detector's verdict (EB mode), at ``--draw-at`` epochs,
         and when the search stops, every main ticket not drawn yet (baseline's, or EB's never found)."""
-        draws = [] if self.s.baseline else [(r, ratio_key(r), True) for r in newly]
+        draws = [(r, ratio_key(r), True) for r in newly] if self.method.draws == "early" else []
         if epoch in self.s.draw_at:
             draws += [(r, f"{ratio_key(r)}@{epoch}", False) for r in self.s.ratios]
         if stop:
@@ -218,10 +227,36 @@ class Job:
             draws += [(r, ratio_key(r), False) for r in self.s.ratios if ratio_key(r) not in drawn]
         return draws
 
-    def draw_ticket(self, model: nn.Module, ratio: float, tag: str, epoch: int, by_detector: bool) -> dict:
-        """Mask at ``ratio`` from the current BN scaling factors, prune physically, save (rank 0)."""
+    def draw_at_init(self, state: dict) -> dict:
+        """Criteria at initialisation (SNIP, SynFlow): no search; every ratio's ticket is drawn from the
+        initial network (epoch 0), then retrained from its initial weights."""
+        self._draw(state, self.model, [(r, ratio_key(r), False) for r in self.s.ratios], 0)
+        state.update(phase="retrain", epoch=0, model=None, optimizer=None, search_epochs=0,
+                     retrain_jobs=self._retrain_jobs(state))
+        self._checkpoint(state)
+        return state
+
+    def _draw(self, state: dict, model: nn.Module, draws: list, epoch: int) -> None:
+        """Score once for all ``draws`` (``(ratio, tag, by_detector)``) with the run's criterion, then
+        prune and save each ticket; the scoring time is training time (``wall["score"]``)."""
+        if not draws:
+            return
         dense = float_copy(model)
-        mask = channel_mask(dense, ratio)
+        t0 = time.perf_counter()
+        masks = self.method.masks(dense, self.scoring_data, sorted({r for r, _, _ in draws}))
+        masks = self.dist.broadcast_obj(masks)  # rank 0's masks are the masks (float noise between ranks)
+        t1 = time.perf_counter()
+        state["wall"]["score"] = state["wall"].get("score", 0.0) + t1 - t0
+        if self.method.ticket_weights == "initial":  # LT: the kept weights rewind to their initial values
+            dense.load_state_dict(self.initial_weights)
+        for r, tag, by_detector in draws:
+            mask, criterion = masks[r]
+            state["tickets"].append(self.draw_ticket(dense, r, tag, epoch, by_detector, mask, criterion))
+        state["wall"]["prune"] += time.perf_counter() - t1
+
+    def draw_ticket(self, dense: nn.Module, ratio: float, tag: str, epoch: int, by_detector: bool,
+                    mask, criterion: dict) -> dict:
+        """Prune the float network ``dense`` with the criterion's ``mask``, save it (rank 0)."""
         try:
             pruned, report = prune(dense, mask, ratio=ratio, input_shape=self.ds.input_shape, coupled=self.s.coupled)
         except (ImportError, ValueError) as e:  # torch-pruning missing, a structure it cannot prune exactly
@@ -231,11 +266,12 @@ class Job:
         if self.dist.is_main:  # save_ticket writes atomically itself
             save_ticket(path, (pruned, report), meta={"ratio": ratio, "epoch": epoch, "tag": tag,
                                                       "by_detector": by_detector, "dataset": self.s.dataset,
-                                                      "search_precision": self.s.precision})
+                                                      "search_precision": self.s.precision,
+                                                      "method": self.s.method})
         report = report_dict(report)
         self.log(ticket_line(tag, epoch, by_detector, report, acc))
         return {"tag": tag, "ratio": ratio, "epoch": epoch, "by_detector": by_detector, "path": path,
-                "acc_before_retrain": acc, **report}
+                "acc_before_retrain": acc, **report, "criterion": criterion}
 
     def _retrain_jobs(self, state: dict) -> list:
         inits = ["inherit", "reinit"] if self.s.retrain_init == "both" else [self.s.retrain_init]

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from .rundir import ratio_key
+from .settings import run_mode
 
 __all__ = ["Log", "start_lines", "epoch_line", "ticket_line", "report_dict", "build_summary", "print_summary",
            "write_plots"]
@@ -47,7 +48,18 @@ def start_lines(s, ds, run_dir: str) -> list[str]:
     return [f"run directory: {run_dir}", f"data: {ds.describe()}",
             f"model: {s.model}{' (small-image stem)' if s.small_stem else ''} width {s.width:g}; search precision {s.precision}, ratios "
             f"{', '.join(map(ratio_key, s.ratios))}, eps {s.eps:g}, "
-            f"{'baseline (train fully, prune, retrain)' if s.baseline else 'EB training'}"]
+            f"{_method_words(s)}"]
+
+
+def _method_words(s) -> str:
+    """What the run does, in words, for its first lines."""
+    return {"eb": "EB training",
+            "ns": "baseline (train fully, prune, retrain)",
+            "lt": "LT (train fully without L1, prune by filter l1 norm, rewind to the initial weights, retrain)",
+            "thinet": "ThiNet (train fully without L1, prune by greedy next-layer reconstruction, retrain)",
+            "snip": "SNIP (score the initial network on training batches, prune, train from the initial weights)",
+            "synflow": f"SynFlow ({s.synflow_rounds} data-free rounds at initialisation, prune, train from the "
+                       f"initial weights)"}[s.method]
 
 
 def epoch_line(phase: str, epoch: int, total: int, lr: float, train: dict, test: dict, seconds: float,
@@ -110,8 +122,11 @@ def build_summary(s, state: dict, run_dir: str, ds, dist) -> dict:
                 entry[f"{key}_best_acc"] = res["best_acc"]
                 entry[f"{key}_path"] = os.path.relpath(res["path"], run_dir)
         retrain_flops = 3 * t.get("flops_after", dense_flops) * n_train * s.retrain_epochs
-        entry["train_flops"] = {"search": train_flops_per_epoch_dense * t["epoch"], "retrain": retrain_flops,
-                                "total": train_flops_per_epoch_dense * t["epoch"] + retrain_flops}
+        # the criterion's own work (SNIP's gradients, ThiNet's sampled activations, SynFlow's rounds)
+        scoring_flops = int(t.get("criterion", {}).get("scoring_flops", 0))
+        search_flops = train_flops_per_epoch_dense * t["epoch"]
+        entry["train_flops"] = {"search": search_flops, "scoring": scoring_flops, "retrain": retrain_flops,
+                                "total": search_flops + scoring_flops + retrain_flops}
         tickets.append(entry)
     last = search_records[-1] if search_records else {}
     wall = {k: round(v, 3) for k, v in state["wall"].items()}
@@ -119,7 +134,8 @@ def build_summary(s, state: dict, run_dir: str, ds, dist) -> dict:
     return {
         "finished": True,
         "run_dir": run_dir,
-        "mode": "baseline" if s.baseline else "eb",
+        "mode": run_mode(s),
+        "method": s.method,
         "settings": s.hashed(),
         "data": ds.describe(),
         "device": str(dist.device) + (f" x{dist.world_size} processes" if dist.enabled else ""),
@@ -132,7 +148,8 @@ def build_summary(s, state: dict, run_dir: str, ds, dist) -> dict:
         "dense": {**state["dense"], "flops_note": "forward multiply-adds per sample (count_flops)"},
         "tickets": tickets,
         "train_flops_note": "3 x forward multiply-adds x training samples x epochs; search epochs are counted up to "
-                            "each ticket's draw epoch (int8 operations in an int8 search)",
+                            "each ticket's draw epoch (int8 operations in an int8 search); scoring: the multiply-adds "
+                            "of the criterion's own network passes",
         "wall_time_s": wall,
         "energy_j": state["energy"] or None,
     }
@@ -142,19 +159,29 @@ def print_summary(summary: dict, out=sys.stdout, finished_before: bool = False) 
     p = lambda *a: print(*a, file=out)  # noqa: E731
     search = summary["search"]
     p("")
-    p(f"== early-bird {'baseline ' if summary['mode'] == 'baseline' else ''}summary: {summary['data']}")
+    mode = summary["mode"]
+    method = summary.get("method", "ns" if mode == "baseline" else "eb")
+    p(f"== early-bird {'' if mode == 'eb' else mode + ' '}summary: {summary['data']}")
     for key, ep in search["found_epoch"].items():
-        if summary["mode"] == "baseline":
-            txt = (f"the detector would have fired at epoch {ep}" if ep else "the detector did not fire") + \
-                  f"; baseline trained all {search['epochs_run']} epochs and drew it at the end"
+        if method in ("snip", "synflow"):
+            txt = f"drawn at initialisation by {method} (no dense training)"
+        elif method != "eb":
+            # lt and thinet train without L1 on gamma: the detector's verdict there is only a record
+            txt = (f"the |gamma| detector would have fired at epoch {ep}" if ep else
+                   "the |gamma| detector did not fire") + \
+                  f"; {mode} trained all {search['epochs_run']} epochs and drew it at the end"
         else:
             txt = (f"found by the detector at epoch {ep} (search stopped after epoch {search['epochs_run']} of "
                    f"at most {summary['settings']['epochs']})" if ep else
                    f"not found by the detector within {search['epochs_run']} epochs; drawn at the last epoch")
         p(f"ticket p={key}: {txt}")
-    p(f"dense network ({search['precision']} search): test accuracy {search['final_test_acc']:.2f}% after "
-      f"epoch {search['epochs_run']}; {summary['dense']['params']:,} params, "
-      f"{summary['dense']['flops'] / 1e6:.2f} M multiply-adds per image")
+    if search["final_test_acc"] is None:  # a ticket drawn at initialisation: no dense network trained
+        p(f"dense network (not trained): {summary['dense']['params']:,} params, "
+          f"{summary['dense']['flops'] / 1e6:.2f} M multiply-adds per image")
+    else:
+        p(f"dense network ({search['precision']} search): test accuracy {search['final_test_acc']:.2f}% after "
+          f"epoch {search['epochs_run']}; {summary['dense']['params']:,} params, "
+          f"{summary['dense']['flops'] / 1e6:.2f} M multiply-adds per image")
     for t in summary["tickets"]:
         pa, pb = t.get("params_after"), t.get("params_before")
         fa, fb = t.get("flops_after"), t.get("flops_before")
@@ -173,7 +200,9 @@ def print_summary(summary: dict, out=sys.stdout, finished_before: bool = False) 
             line += f", {t['retrain_reinit_acc']:.2f}% retrained from re-init"
         p(line)
     w = summary["wall_time_s"]
-    p(f"wall time: search {w['search']:.1f}s, prune {w['prune']:.1f}s, retrain {w['retrain']:.1f}s, "
+    p(f"wall time: search {w['search']:.1f}s, "
+      + (f"scoring {w['score']:.1f}s, " if w.get("score") else "")
+      + f"prune {w['prune']:.1f}s, retrain {w['retrain']:.1f}s, "
       f"eval {w['eval']:.1f}s (total {w['total']:.1f}s)"
       + (f"; GPU energy {summary['energy_j']}" if summary.get("energy_j") else ""))
     p(f"run directory: {summary['run_dir']}  (plots: mask_distance_matrix.png, mask_distance.png, accuracy.png)")

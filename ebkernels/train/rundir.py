@@ -29,7 +29,7 @@ from .. import _rng
 
 from .._io import (NotPlainData, atomic_torch_save, atomic_write_bytes, atomic_write_text, content_digest, load_plain,
                    remove_stale_temporaries)
-from .settings import Settings, TrainerError, settings_hash
+from .settings import Settings, TrainerError, run_mode, settings_hash
 
 __all__ = ["RunDir", "RunLock", "run_dir_for", "new_state", "describe_progress", "atomic_write_json", "json_default",
            "ratio_key"]
@@ -44,7 +44,7 @@ def ratio_key(r: float) -> str:
 
 def run_dir_for(s: Settings) -> str:
     """Where a run with these (resolved) settings lives."""
-    name = f"{s.model.replace(':', '_')}-{s.dataset}-{'baseline' if s.baseline else 'eb'}-{settings_hash(s)}"
+    name = f"{s.model.replace(':', '_')}-{s.dataset}-{run_mode(s)}-{settings_hash(s)}"
     return os.path.join(s.out, name)
 
 

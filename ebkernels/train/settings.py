@@ -4,7 +4,9 @@ Adding a flag: a field here (with its default), its check in :func:`resolve_sett
 line and its mapping in ``cli.py``. A setting that cannot change what a run computes (where files go,
 how progress is shown, how fast a kernel runs) goes into ``NOT_HASHED``. Any other new field goes into
 ``HASHED_UNLESS_DEFAULT`` with its default: it joins the hash only when a run sets it to something else,
-so the runs made before the field existed keep their directory names (and resume).
+so the runs made before the field existed keep their directory names (and resume). ``METHOD_UNUSED``
+also leaves out, per ticket criterion, the settings it does not read (``method`` itself for eb and ns,
+whose directories ``baseline`` already tells apart).
 """
 from __future__ import annotations
 
@@ -17,12 +19,29 @@ from .. import data as data_mod
 
 __all__ = ["Settings", "TrainerError", "resolve_settings", "settings_hash", "PRECISIONS", "RETRAIN_PRECISIONS",
            "RETRAIN_INITS", "DETECTOR_MODES", "DATASET_DEFAULTS", "NOT_HASHED", "HASHED_UNLESS_DEFAULT", "INT_RANGES",
-           "FLOAT_RANGES"]
+           "FLOAT_RANGES", "METHODS", "METHOD_UNUSED", "run_mode"]
 
 PRECISIONS = ("int8", "bf16", "fp32")
 RETRAIN_PRECISIONS = ("fp32", "bf16")
 RETRAIN_INITS = ("inherit", "reinit", "both")
 DETECTOR_MODES = ("consecutive", "window")
+# ticket criteria (ebkernels/methods/): eb and ns use |gamma| with L1 on it; the others are the paper's
+# Table 2 competitors (lt, snip, thinet) and SynFlow
+METHODS = ("eb", "ns", "lt", "snip", "synflow", "thinet")
+_DETECTOR = ("eps", "window", "detector_mode")
+_CRITERIA_OPTIONS = ("score_batches", "synflow_rounds")
+# Settings a method does not read, left out of its run's hash (the same computation names one directory).
+# eb and ns leave out ``method`` itself: ``baseline`` tells them apart, as it did before methods existed,
+# so their run directories keep their names.
+METHOD_UNUSED = {
+    "eb": ("method",) + _CRITERIA_OPTIONS,
+    "ns": ("method",) + _CRITERIA_OPTIONS,
+    "lt": ("sparsity", "draw_at") + _CRITERIA_OPTIONS,  # trains without L1 on gamma; ranks weights
+    "thinet": ("sparsity", "draw_at", "synflow_rounds"),
+    # at initialisation: no dense training, so no search schedule, precision, detector or L1
+    "snip": ("sparsity", "draw_at", "epochs", "precision", "synflow_rounds") + _DETECTOR,
+    "synflow": ("sparsity", "draw_at", "epochs", "precision", "score_batches") + _DETECTOR,
+}
 
 # Per-dataset defaults for the settings left unset on the command line. The digits entry is the
 # no-argument demo: tuned so the whole job (search, detection, pruning, retraining) takes about a
@@ -44,7 +63,7 @@ HASHED_UNLESS_DEFAULT = {"small_stem": False, "coupled": "majority"}
 MAX_EPOCHS = 100_000
 INT_RANGES = {"epochs": (1, MAX_EPOCHS), "retrain_epochs": (0, MAX_EPOCHS), "window": (1, MAX_EPOCHS),
               "batch_size": (2, 2**20), "train_subset": (1, 10**9), "test_subset": (1, 10**9),
-              "seed": (-(2**32 - 1), 2**32 - 1)}
+              "seed": (-(2**32 - 1), 2**32 - 1), "score_batches": (1, 10**6), "synflow_rounds": (1, 10**6)}
 # (lowest, lowest excluded, highest or None, highest excluded)
 FLOAT_RANGES = {"eps": (0.0, True, 1.0, False),  # a mask distance lies in [0, 1]
                 "lr": (0.0, True, None, False), "momentum": (0.0, False, 1.0, True),
@@ -80,7 +99,10 @@ class Settings:
     retrain_epochs: int | None = None
     retrain_init: str = "inherit"
     retrain_precision: str = "fp32"
-    baseline: bool = False
+    baseline: bool = False  # = method "ns" (kept: older callers and run directories use it)
+    method: str = "eb"
+    score_batches: int = 4  # training batches SNIP's gradients and ThiNet's sampled activations read
+    synflow_rounds: int = 100
     draw_at: tuple = ()
     coupled: str = "majority"
     sync_bn: bool = True
@@ -93,12 +115,47 @@ class Settings:
 
     def hashed(self) -> dict:
         d = dataclasses.asdict(self)
-        return {k: v for k, v in d.items() if k not in NOT_HASHED
+        unused = METHOD_UNUSED.get(self.method, ())
+        return {k: v for k, v in d.items() if k not in NOT_HASHED and k not in unused
                 and not (k in HASHED_UNLESS_DEFAULT and v == HASHED_UNLESS_DEFAULT[k])}
+
+
+def run_mode(s: Settings) -> str:
+    """The run directory's mode word: ``eb``, ``baseline`` (ns, as before methods existed) or the method."""
+    return "baseline" if s.baseline or s.method == "ns" else s.method
 
 
 def _bad(msg: str):
     raise TrainerError(msg)
+
+
+# why a setting in METHOD_UNUSED has no effect on a method ({m}: the method), for the error a set one gets
+_WHY_UNUSED = {
+    "sparsity": "network slimming's L1 on the BN scaling factors, which --method {m} does not use",
+    "draw_at": "for extra |gamma| tickets during the search of --method eb or ns; --method {m} draws its "
+               "ticket by its own criterion",
+    "epochs": "the dense training schedule; --method {m} scores the initial network and trains only the pruned "
+              "one (--retrain-epochs)",
+    "precision": "the dense search's precision; --method {m} trains no dense network (--retrain-precision "
+                 "sets its ticket's)",
+    "eps": "the early-bird detector's, which watches a dense search; --method {m} has none",
+    "window": "the early-bird detector's, which watches a dense search; --method {m} has none",
+    "detector_mode": "the early-bird detector's, which watches a dense search; --method {m} has none",
+    "score_batches": "the training batches SNIP's gradients and ThiNet's activations read; --method {m} reads none",
+    "synflow_rounds": "SynFlow's; --method {m} has no rounds",
+}
+
+
+def _check_applies(s: Settings) -> None:
+    """A setting the method does not read, set to anything but its default, is an error (not ignored)."""
+    for key in METHOD_UNUSED[s.method]:
+        if key == "method":
+            continue
+        default = DATASET_DEFAULTS[s.dataset].get(key, getattr(Settings, key, None))
+        if getattr(s, key) != default:
+            flag = "--" + key.replace("_", "-")
+            _bad(f"{flag} is {_WHY_UNUSED[key].format(m=s.method)}; accepted with --method {s.method}: the "
+                 f"default (leave {flag} out)")
 
 
 def resolve_settings(s: Settings) -> Settings:
@@ -108,6 +165,12 @@ def resolve_settings(s: Settings) -> Settings:
     from ..pruning import COUPLED_RULES
 
     s = dataclasses.replace(s)
+    if s.method not in METHODS:
+        _bad(f"--method {s.method!r} is not supported; accepted: {', '.join(METHODS)}")
+    if s.baseline and s.method not in ("eb", "ns"):
+        _bad(f"--baseline is --method ns; it contradicts --method {s.method}")
+    if s.baseline or s.method == "ns":
+        s.baseline, s.method = True, "ns"
     if s.dataset not in data_mod.DATASETS:
         _bad(f"unknown dataset {s.dataset!r}; accepted: {', '.join(data_mod.DATASETS)}")
     if isinstance(s.model, str) and s.model.strip().lower().startswith(TORCHVISION_PREFIX):
@@ -118,6 +181,7 @@ def resolve_settings(s: Settings) -> Settings:
     for key, value in DATASET_DEFAULTS[s.dataset].items():
         if getattr(s, key) is None:
             setattr(s, key, value)
+    _check_applies(s)
     if s.small_stem and not s.model.strip().lower().startswith(TORCHVISION_PREFIX):
         _bad(f"--small-stem adapts torchvision:<name> models; {s.model} is one of ebkernels' own (their CIFAR "
              f"stem is already 3x3 without a max-pool, except resnet18's: use --model torchvision:resnet18 "
