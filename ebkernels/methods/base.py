@@ -30,7 +30,7 @@ from torch import nn
 from .._checks import check_ratio
 from ..pruning import bn_layers
 
-__all__ = ["TicketMethod", "ScoringData", "mask_from_scores", "bn_output_gates", "layer_sizes", "check_ratios",
+__all__ = ["TicketMethod", "ScoringData", "mask_from_scores", "masks_at_ratios", "bn_output_gates", "layer_sizes", "check_ratios",
            "DRAWS", "TICKET_WEIGHTS"]
 
 # When the trainer asks a criterion for its masks.
@@ -157,6 +157,16 @@ def mask_from_scores(scores: torch.Tensor, sizes: list[tuple[str, int]], ratio: 
             rescued.append(name)
         offset += n
     return keep, rescued
+
+
+def masks_at_ratios(scores: torch.Tensor, sizes: list[tuple[str, int]], ratios, report: dict) -> dict:
+    """``{ratio: (mask, report)}`` for a criterion that scores every channel once: ``mask_from_scores`` at each
+    ratio, its report ``report`` plus the layers rescued at that ratio (``rescued_by_score``)."""
+    out = {}
+    for r in ratios:
+        mask, rescued = mask_from_scores(scores, sizes, r)
+        out[r] = (mask, {**report, "rescued_by_score": rescued})
+    return out
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._graph import channel_links
-from .base import ScoringData, TicketMethod, check_ratios, layer_sizes, mask_from_scores
+from .base import ScoringData, TicketMethod, check_ratios, layer_sizes, masks_at_ratios
 
 __all__ = ["LotteryTicket", "filter_l1_scores"]
 
@@ -64,16 +64,7 @@ class LotteryTicket(TicketMethod):
         ratios = check_ratios(ratios)
         t0 = time.perf_counter()
         scores, sources = filter_l1_scores(model)
-        sizes = layer_sizes(model)
-        out = {}
-        for r in ratios:
-            mask, rescued = mask_from_scores(scores, sizes, r)
-            out[r] = (mask, {"criterion": "filter l1 norm / mean of its layer (global ranking), weights rewound "
-                                          "to their initial values",
-                             "scored": sources, "rescued_by_score": rescued,
-                             "scoring_flops": 0,  # weight norms: no network pass
-                             "scoring_seconds": 0.0})
-        seconds = time.perf_counter() - t0
-        for _, report in out.values():
-            report["scoring_seconds"] = seconds
-        return out
+        return masks_at_ratios(scores, layer_sizes(model), ratios, {
+            "criterion": "filter l1 norm / mean of its layer (global ranking), weights rewound to their initial values",
+            "scored": sources, "scoring_flops": 0,  # weight norms: no network pass
+            "scoring_seconds": time.perf_counter() - t0})

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..pruning import count_flops
-from .base import ScoringData, TicketMethod, bn_output_gates, check_ratios, layer_sizes, mask_from_scores
+from .base import ScoringData, TicketMethod, bn_output_gates, check_ratios, layer_sizes, masks_at_ratios
 
 __all__ = ["Snip", "snip_scores"]
 
@@ -59,15 +59,9 @@ class Snip(TicketMethod):
         ratios = check_ratios(ratios)
         t0 = time.perf_counter()
         scores, images = snip_scores(model, data)
-        sizes = layer_sizes(model)
         seconds = time.perf_counter() - t0
         # one forward and one input-gradient backward (about the forward's cost) per image
         flops = 2 * count_flops(model, data.input_shape) * images
-        out = {}
-        for r in ratios:
-            mask, rescued = mask_from_scores(scores, sizes, r)
-            out[r] = (mask, {"criterion": "|dL/dg| of a gate on each BN output channel at initialisation "
-                                          "(global ranking)", "scoring_images": images,
-                             "rescued_by_score": rescued, "scoring_flops": int(flops),
-                             "scoring_seconds": seconds})
-        return out
+        return masks_at_ratios(scores, layer_sizes(model), ratios, {
+            "criterion": "|dL/dg| of a gate on each BN output channel at initialisation (global ranking)",
+            "scoring_images": images, "scoring_flops": int(flops), "scoring_seconds": seconds})
