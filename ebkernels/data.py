@@ -239,12 +239,12 @@ def read_cifar_batches(paths: list[str], label_key: bytes) -> tuple[np.ndarray, 
 # Loaders
 # --------------------------------------------------------------------------------------------------
 def _torchvision():
-    try:
-        import torchvision  # noqa: F401
-        from torchvision import datasets
+    """``torchvision.datasets`` (for downloads), or None where torchvision does not import."""
+    from .models.torchvision_models import import_torchvision_package
 
-        return datasets
-    except Exception:  # not installed, or built against another torch
+    try:
+        return import_torchvision_package().datasets
+    except ImportError:  # not installed, or built against another torch
         return None
 
 

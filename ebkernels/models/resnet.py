@@ -115,12 +115,14 @@ def resnet_cfg(model: nn.Module) -> list:
 
 
 def _torchvision_resnet18(num_classes: int):
+    from .torchvision_models import import_torchvision
+
     try:
-        from torchvision.models import resnet18 as tv_resnet18
-    except Exception:  # absent, or a build that does not match this torch (fails at import)
+        tv_models = import_torchvision()
+    except ImportError:  # absent, or a build that does not match this torch (fails at import)
         return None
     try:
-        return tv_resnet18(weights=None, num_classes=num_classes)
+        return tv_models.resnet18(weights=None, num_classes=num_classes)
     except Exception as exc:  # pragma: no cover - depends on the installed torchvision
         warnings.warn(f"torchvision.models.resnet18 failed ({exc}); using the local ResNet-18", stacklevel=3)
         return None

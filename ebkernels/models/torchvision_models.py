@@ -27,7 +27,7 @@ import difflib
 import torch
 from torch import nn
 
-__all__ = ["PREFIX", "import_torchvision", "torchvision_names", "build_torchvision", "layer_widths",
+__all__ = ["PREFIX", "import_torchvision", "import_torchvision_package", "torchvision_names", "build_torchvision", "layer_widths",
            "apply_widths", "is_torchvision_name"]
 
 PREFIX = "torchvision:"
@@ -57,31 +57,39 @@ def _define_missing_torchvision_ops() -> None:
     _OP_SCHEMAS.append(lib)
 
 
-def import_torchvision():
-    """``torchvision.models``, or an ImportError saying why it is unusable and what to install."""
+def _mismatch(exc: Exception, what: str = "") -> ImportError:
+    return ImportError(f"torchvision is installed but does not import next to torch {torch.__version__}{what} "
+                       f"({type(exc).__name__}: {exc}); install the torchvision release built for this torch")
+
+
+def import_torchvision_package():
+    """The ``torchvision`` package (models, datasets), or an ImportError saying why it is unusable and what
+    to install. Every torchvision import of ebkernels goes through here, so the op schemas are declared
+    (``_define_missing_torchvision_ops``) the same way whichever part imports it first."""
     import sys
 
     try:
-        import torchvision.models as tv_models
-        return tv_models
+        import torchvision
+        return torchvision
     except ImportError:
         raise ImportError(f"torchvision models need torchvision: `pip install torchvision` (the release built for "
                           f"torch {torch.__version__.split('+')[0]})") from None
     except RuntimeError as exc:
         if "torchvision::nms" not in str(exc) or _OP_SCHEMAS:
-            raise ImportError(f"torchvision is installed but does not import next to torch {torch.__version__} "
-                              f"({type(exc).__name__}: {exc}); install the torchvision release built for this "
-                              f"torch") from exc
+            raise _mismatch(exc) from exc
     for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
         del sys.modules[name]  # the failed, half-initialised import
     _define_missing_torchvision_ops()
     try:
-        import torchvision.models as tv_models
+        import torchvision
     except Exception as exc:
-        raise ImportError(f"torchvision is installed but does not import next to torch {torch.__version__}, even "
-                          f"with its detection ops declared ({type(exc).__name__}: {exc}); install the "
-                          f"torchvision release built for this torch") from exc
-    return tv_models
+        raise _mismatch(exc, ", even with its detection ops declared") from exc
+    return torchvision
+
+
+def import_torchvision():
+    """``torchvision.models``, or an ImportError saying why it is unusable and what to install."""
+    return import_torchvision_package().models
 
 
 def torchvision_names() -> list[str]:
