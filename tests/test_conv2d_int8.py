@@ -306,23 +306,25 @@ def test_qconv2d_unaligned_channels_are_padded_onto_the_aligned_path(device, poi
                                                16 if cin and shape[0] * OH * OW % 16 == 0 else 1]
 
 
+def _saved_codes(x, w):
+    """The tensors (more than one element) qconv2d saves for backward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        qconv2d(x, w, padding=1)
+    return [t for t in saved if t.numel() > 1]
+
+
 def test_qconv2d_saved_codes_are_channel_padded(device):
     """Channel counts of 16 or more are zero-padded to a multiple of 16; fewer stay as they are."""
     x = torch.randn(2, 3, 5, 5).to(device).requires_grad_()
     w = torch.randn(4, 3, 3, 3).to(device).requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        qconv2d(x, w, padding=1)
-    big = [t for t in saved if t.numel() > 1]
+    big = _saved_codes(x, w)
     # fewer than 16 channels stay unpadded (the kernels pack taps × channels), 17 is padded to 32
     assert [tuple(t.shape) for t in big] == [(2, 3, 5, 5), (4, 3, 3, 3)]
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in big)
     x = torch.randn(2, 17, 5, 5).to(device).requires_grad_()
     w = torch.randn(4, 17, 3, 3).to(device).requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        qconv2d(x, w, padding=1)
-    big = [t for t in saved if t.numel() > 1]
+    big = _saved_codes(x, w)
     cin = 32 if conv2d_int8.use_triton(x) else 17  # the reference path keeps the unpadded codes
     assert [tuple(t.shape) for t in big] == [(2, cin, 5, 5), (4, cin, 3, 3)]
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in big)
