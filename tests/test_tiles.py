@@ -12,6 +12,7 @@ import torch
 
 from ebkernels.aot import print_plan
 from ebkernels.ops import _tiles, conv2d_int8
+from ebkernels.ops._channel_stats import counter_pool
 from ebkernels.ops.conv2d_int8 import (conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd,
                                        conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference)
 from test_conv2d_int8 import spy_launches
@@ -195,3 +196,5 @@ def test_split_k_where_the_grid_underfills(device, poisoned, monkeypatch, one_to
     if device.type == "cpu":
         assert [c["grid"] for c in calls] == [(1, fwd.splits), (1, dgr.splits)]
         assert all(c["SPLIT_FIX"] for c in calls)
+    # the last split of each tile left the shared workspace zero again (the next launch needs no memset)
+    assert int(torch.count_nonzero(counter_pool(device, 1, torch.int64))) == 0

@@ -199,17 +199,17 @@ def publish_max(bits, slots_ptr, slot, n_slots, sem_ptr, out_ptr):
 _POOLS: dict = {}
 
 
-def counter_pool(device, n: int) -> torch.Tensor:
-    """``n`` int32 counters that are zero, and that every kernel using them leaves zero again (the last
-    program to count itself in resets its counter): one pool per device and stream, shared by every
-    launch on that stream (launches on a stream run one after the other), so no launch needs a memset.
-    Grows (a new zeroed tensor) when a launch needs more."""
+def counter_pool(device, n: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """``n`` counters (``dtype``: int32, or int64 for the split-K workspaces) that are zero, and that every
+    kernel using them leaves zero again (the last program to count itself in resets what it used): one pool
+    per device, stream and dtype, shared by every launch on that stream (launches on a stream run one after
+    the other), so no launch needs a memset. Grows (a new zeroed tensor) when a launch needs more."""
     device = torch.device(device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    key = (str(device), stream) if dtype == torch.int32 else (str(device), stream, dtype)
     pool = _POOLS.get(key)
     if pool is None or pool.numel() < n:
-        pool = torch.zeros(max(n, 1024, 2 * (pool.numel() if pool is not None else 0)), dtype=torch.int32,
+        pool = torch.zeros(max(n, 1024, 2 * (pool.numel() if pool is not None else 0)), dtype=dtype,
                            device=device)
         _POOLS[key] = pool
     return pool

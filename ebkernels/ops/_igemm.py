@@ -307,24 +307,29 @@ def split_fixup(acc, ws_ptr, tile, splits, BM: tl.constexpr, BN: tl.constexpr):
     tile's semaphore. Returns ``(total, last)``: ``last`` in the one program of the tile that arrived last
     (it alone goes on to the epilogue), ``total`` there the int64 sum over all splits (``acc`` elsewhere).
     Ordering: each add is a release, the semaphore an acq_rel atomic, and the last split reads the
-    workspace with L1-bypassing loads after it."""
+    workspace with L1-bypassing loads after it. Every other split has added and counted in by then, so the
+    last one leaves its tile and semaphore zero again: the workspace comes from ``counter_pool``, no memset."""
     offs = tile.to(tl.int64) * (BM * BN) + (tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :])
     tl.atomic_add(ws_ptr + offs, acc.to(tl.int64), sem="release")
     tl.debug_barrier()  # every thread's adds are issued before the semaphore
-    done = tl.atomic_add(ws_ptr + tl.num_programs(0).to(tl.int64) * (BM * BN) + tile, 1)
+    sem = ws_ptr + tl.num_programs(0).to(tl.int64) * (BM * BN) + tile
+    done = tl.atomic_add(sem, 1)
     last = done == splits - 1
     total = acc.to(tl.int64)
     if last:
         total = tl.load(ws_ptr + offs, cache_modifier=".cg")
+        tl.store(ws_ptr + offs, tl.zeros([BM, BN], dtype=tl.int64))
+        tl.atomic_xchg(sem, 0)
     return total, last
 
 
 def split_workspace(programs: int, splits: int, BM: int, BN: int, device: torch.device) -> torch.Tensor:
-    """The zeroed int64 workspace of ``split_fixup``: one BM×BN tile per program, then one semaphore per
-    program (a one-element dummy for one split)."""
-    if splits <= 1:
-        return torch.zeros(1, dtype=torch.int64, device=device)
-    return torch.zeros(programs * (BM * BN + 1), dtype=torch.int64, device=device)
+    """The int64 workspace of ``split_fixup``, zero at launch and left zero by it (``counter_pool``): one
+    BM×BN tile per program, then one semaphore per program (a one-element dummy for one split)."""
+    from ._channel_stats import counter_pool
+
+    n = 1 if splits <= 1 else programs * (BM * BN + 1)
+    return counter_pool(device, n, torch.int64)[:n]
 
 
 @triton.jit
