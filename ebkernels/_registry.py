@@ -13,7 +13,9 @@ pass a list of dicts to build several configurations; a configuration's ``num_wa
 PTX must contain int8 tensor-core instructions. ``aligned`` names pointer arguments the launcher
 keeps 16-byte aligned (the JIT specialises on this too, so the AOT build sees the same code).
 ``fp_fusion=False``: the launcher passes ``enable_fp_fusion=False`` (no ``a*b+c`` -> fma contraction: the
-kernel rounds like its PyTorch reference and the interpreter), and so does the AOT build.
+kernel rounds like its PyTorch reference and the interpreter), and so does the AOT build. A signature
+entry may name constexprs of the configuration (a TMA descriptor's block: ``tensordesc<i8[{BM}, {BK}]>``);
+``arches``: build only for these compute capabilities (a TMA kernel: 90).
 """
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ class AOTKernel:
     int8_mma: bool
     aligned: tuple[str, ...]
     fp_fusion: bool = True
+    arches: tuple[int, ...] | None = None  # the architectures it is built for (None: every one asked)
+
+    def signature_for(self, cfg: dict) -> dict[str, str]:
+        """The signature of one configuration: an entry may name constexprs (``tensordesc<i8[{BM}, {BK}]>``)."""
+        return {a: t.format(**cfg) if "{" in t else t for a, t in self.signature.items()}
 
     def attrs(self) -> dict:
         """Argument attributes in the form ``triton.compiler.ASTSource`` expects."""
@@ -54,6 +61,7 @@ def aot_kernel(
     int8_mma: bool = False,
     aligned: tuple[str, ...] = (),
     fp_fusion: bool = True,
+    arches: tuple[int, ...] | None = None,
 ) -> Callable:
     def register(fn):
         kname = name or getattr(fn, "__name__", None) or fn.fn.__name__
@@ -72,7 +80,7 @@ def aot_kernel(
         if kname in _REGISTRY:
             raise ValueError(f"aot_kernel: kernel name {kname!r} registered twice")
         _REGISTRY[kname] = AOTKernel(kname, fn, dict(signature), tuple(cfgs), num_warps, num_stages,
-                                     int8_mma, tuple(aligned), fp_fusion)
+                                     int8_mma, tuple(aligned), fp_fusion, arches)
         return fn
 
     return register

@@ -5,7 +5,8 @@
 
 For each kernel, configuration and architecture it prints: compiled or the error, the int8
 tensor-core instructions found in the PTX (``mma.sync…s8`` on sm_80, ``wgmma…s8`` on sm_90), the
-byte-wise shared-memory stores (an int8 operand transposed into shared memory one byte at a time), shared
+byte-wise shared-memory stores (an int8 operand transposed into shared memory one byte at a time), TMA
+tile loads (``cp.async.bulk.tensor``: operands the Tensor Memory Accelerator puts in shared memory), shared
 memory, and registers/spills from ``ptxas -v`` where the ptxas bundled with Triton is present.
 Exits non-zero if any kernel fails to compile, or if a kernel declared ``int8_mma`` shows no int8 MMA.
 ``--plan`` prints the convolution tile table's choices instead (``print_plan``; no compile).
@@ -28,6 +29,8 @@ PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 # byte-wise shared-memory stores: how Triton transposes an int8 operand that is not K-major (int8 wgmma on
 # sm_90 takes K-major operands only), one byte per instruction
 SMEM_B8 = re.compile(r"\bst\.shared(?:\.v\d)?\.[bsu]8\b")
+# TMA tile loads (global -> shared by the Tensor Memory Accelerator: the TMA weight-grad's operands)
+TMA_LOADS = re.compile(r"\bcp\.async\.bulk\.tensor\.\dd\.shared[\w:.]*\.global\b")
 
 
 def _ptxas() -> str | None:
@@ -90,9 +93,9 @@ def compile_one(name: str, cfg_index: int, arch: int, extra: tuple[str, ...] = (
     # a configuration may carry its own warps / stages (the tile table's), else the kernel's
     num_warps, num_stages = cfg.pop("num_warps", k.num_warps), cfg.pop("num_stages", k.num_stages)
     row = {"kernel": name, "config": {**cfg, "num_warps": num_warps, "num_stages": num_stages}, "arch": arch, "compiled": False, "error": None,
-           "mma_s8": [], "smem_b8_stores": None, "shared": None, "registers": None, "spills": None, "int8_mma_expected": k.int8_mma}
+           "mma_s8": [], "smem_b8_stores": None, "tma_loads": None, "shared": None, "registers": None, "spills": None, "int8_mma_expected": k.int8_mma}
     try:
-        signature = dict(k.signature)
+        signature = k.signature_for(cfg)
         signature.update({c: "constexpr" for c in cfg})
         src = ASTSource(fn=k.fn, signature=signature, constexprs=dict(cfg), attrs=k.attrs())
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -102,6 +105,7 @@ def compile_one(name: str, cfg_index: int, arch: int, extra: tuple[str, ...] = (
         row["compiled"] = True
         row["mma_s8"] = sorted(set(MMA_S8.findall(ptx)))
         row["smem_b8_stores"] = len(SMEM_B8.findall(ptx))
+        row["tma_loads"] = len(TMA_LOADS.findall(ptx))
         row["shared"] = int(ck.metadata.shared)
         row["registers"], row["spills"] = _resource_usage(ptx, arch)
     except Exception as e:  # report, keep going
@@ -117,7 +121,8 @@ def print_plan(nets: list[str], batch: int, sms: int, tiles: str, out=sys.stdout
     """The tile table's choice for every distinct conv layer of ``nets`` (``benchmarks/shapes.py``) at
     ``batch``: per GEMM the tile, the grid (CTAs) against ``sms`` SMs and the useful-MMA fraction (useful
     multiply-adds / multiply-adds the MMA tiles issue, ``ebkernels.ops._tiles``). ``tiles="legacy"``: the
-    one 128×128×64 tile every GEMM ran before the table. Returns the minimum fraction over the GEMMs
+    one 128×128×64 tile every GEMM ran before the table. The weight-grads are planned as on sm_90 (an
+    H100/H200): the TMA kernel where rule 8 takes the shape ("TMA BH×BW"). Returns the minimum fraction over the GEMMs
     that run in training (the first layer's input-grad does not: the images need no gradient)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's benchmarks/
     from benchmarks.shapes import CONV_SHAPES
@@ -144,6 +149,8 @@ def print_plan(nets: list[str], batch: int, sms: int, tiles: str, out=sys.stdout
                     worst = min(worst, p.fraction)
                     useful, issued = useful + c.count * p.useful, issued + c.count * p.issued
                 extra = f" {p.mode['phases']} phases" if p.mode.get("phases", 1) > 1 else ""
+                if p.mode.get("tma"):  # rule 8: the sm_90 TMA weight-grad, boxes of BH×BW output pixels
+                    extra = f" TMA {p.mode['tma'].BH}×{p.mode['tma'].BW}"
                 note = "" if runs else " (not run: the input needs no gradient)"
                 print(f"| {c.label()} | {c.count} | {p.kind}{extra} | {p.tile.name} | {p.programs}×{p.splits} "
                       f"({p.ctas}) | {p.ctas / sms:.2f} | {100 * p.fraction:.1f}%{note} |", file=out)
@@ -190,14 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     if not kernels:
         print("no kernels matched", file=sys.stderr)
         return 2
-    jobs = [(k.name, i, a, extra) for k in kernels for i in range(len(k.constexprs)) for a in arches]
+    jobs = [(k.name, i, a, extra) for k in kernels for i in range(len(k.constexprs)) for a in arches
+            if k.arches is None or a in k.arches]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as ex:
         rows = list(ex.map(compile_one, *zip(*jobs)))
 
     failed = 0
-    print("| kernel | config | arch | compiled | int8 tensor-core instructions | byte-wise smem stores | shared (B) "
-          "| registers | spills (B) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | config | arch | compiled | int8 tensor-core instructions | byte-wise smem stores | TMA loads "
+          "| shared (B) | registers | spills (B) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ok = r["compiled"] and (not r["int8_mma_expected"] or r["mma_s8"])
         failed += not ok
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             mma, status = "-", f"NO: {r['error']}"
         fmt = lambda v: "?" if v is None else str(v)  # noqa: E731
         print(f"| {r['kernel']} | {_short_cfg(r['config'])} | sm_{r['arch']} | {status} | {mma} | "
-              f"{fmt(r['smem_b8_stores'])} | {fmt(r['shared'])} | {fmt(r['registers'])} | {fmt(r['spills'])} |")
+              f"{fmt(r['smem_b8_stores'])} | {fmt(r['tma_loads'])} | {fmt(r['shared'])} | {fmt(r['registers'])} | {fmt(r['spills'])} |")
     print(f"\n{len(rows) - failed}/{len(rows)} builds passed ({len(kernels)} kernels, arch {args.arch})")
     if args.json:
         with open(args.json, "w") as f:

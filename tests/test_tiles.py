@@ -160,6 +160,7 @@ def test_plan_printer_summary():
     rows = [r for r in text.splitlines() if r.startswith("| ") and "/s" in r]
     assert len(rows) == 3 * (9 + 17)  # three GEMMs per distinct layer of both networks
     assert worst >= 0.5  # the target: every GEMM that runs in training at least half useful
+    assert sum(" TMA " in r for r in rows) == 5  # the stride-1 3×3 weight-grads at 16² and 32² but the first (rule 8)
     legacy = io.StringIO()
     assert print_plan(["vgg16", "preresnet101"], 256, 132, "legacy", legacy) < 0.01
 

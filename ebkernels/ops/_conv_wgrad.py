@@ -161,16 +161,24 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
             else:  # the reduction is E's outer dimension: Triton transposes this operand in shared memory
                 acc = tl.dot(tl.trans(a), b, acc, out_dtype=tl.int32)
     col_offs = (kh * so_h + kw * so_w) + ci * so_c
+    finish_wgrad_tile(acc, out_ptr, co * so_o, co_ok, col, col_offs, ci_ok, se_ptr, sx_ptr, inv_ss, ws_ptr, gq_ptr,
+                      rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, RAW, SPLIT_FIX, GQ, BITS_G, STOCH_G, GBLOCK, BM, BN)
+
+
+@triton.jit
+def finish_wgrad_tile(acc, out_ptr, row_offs, co_ok, col, col_offs, col_ok, se_ptr, sx_ptr, inv_ss, ws_ptr, gq_ptr,
+                      rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, RAW: tl.constexpr, SPLIT_FIX: tl.constexpr,
+                      GQ: tl.constexpr, BITS_G: tl.constexpr, STOCH_G: tl.constexpr, GBLOCK: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr):
+    """The end of every weight-grad program (this kernel's and the TMA one's): with ``SPLIT_FIX`` the
+    split's int32 tile goes into the int64 workspace and the tile's last split goes on; then the scales
+    (or the raw sum) and, with ``GQ``, the fused G quantization."""
+    total = acc
+    last = True
     if SPLIT_FIX:
         total, last = split_fixup(acc, ws_ptr, tl.program_id(0), tl.num_programs(1), BM, BN)
-        if last:  # the tile's last split: the whole (int64) sum, epilogue and G quantization here
-            y, y_mask = store_gemm_tile(total, out_ptr, co * so_o, co_ok, col, col_offs, ci_ok, se_ptr, sx_ptr,
-                                        se_ptr, inv_ss, False, RAW)
-            if GQ > 0:
-                gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
-                                tl.num_programs(0), tl.program_id(0) == 0, GQ, BITS_G, STOCH_G, GBLOCK)
-    else:
-        y, y_mask = store_gemm_tile(acc, out_ptr, co * so_o, co_ok, col, col_offs, ci_ok, se_ptr, sx_ptr, se_ptr,
+    if last:
+        y, y_mask = store_gemm_tile(total, out_ptr, row_offs, co_ok, col, col_offs, col_ok, se_ptr, sx_ptr, se_ptr,
                                     inv_ss, False, RAW)
         if GQ > 0:
             gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
@@ -212,15 +220,19 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     flat_n = tile.flat and not x_cm
     if tile.flat and x_cm:  # 1×1 channel-major: one tap, the plain columns (same count)
         tile = dataclasses.replace(tile, flat=False)
+    # rule 8 (sm_90): both operands K-major through TMA, over the padded rows of their copies
+    tma = None if x_cm else _tiles.wgrad_tma_plan(qx.device, N, C, H, W, CO, OH, OW, KH, KW, stride, padding)
+    rows = None
+    if tma is not None:
+        tile, rows = tma
     BM, BN, BK = tile.BM, tile.BN, tile.BK
     tiles = triton.cdiv(CO, BM) * _tiles.wgrad_col_tiles(tile, C, taps)
-    splits, per = _tiles.wgrad_splits(M, tiles, _tiles.device_sms(qx.device) if _tiles.on_gpu(qx.device) else None,
+    splits, per = _tiles.wgrad_splits(N * rows.rows if rows else M, tiles,
+                                      _tiles.device_sms(qx.device) if _tiles.on_gpu(qx.device) else None,
                                       max_terms, BK)
     # splits > 1: each adds its exact int32 tile into an int64 workspace, the last split of the tile
     # finishes it (scales, G quantization) in the same launch: no int32 partials, no finalize launch
     ws = _igemm.split_workspace(tiles, splits, BM, BN, qx.device)
-    so_o, so_c, so_h, so_w = out.stride()
-    out_align = alignment((so_o, so_h, so_w), (out,))
     i64 = not offsets_fit_int32(qe, qx)
     fuse_g = gq is not None and not raw and out_dtype == torch.float32
     if fuse_g:
@@ -229,13 +241,20 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
         g_args, g_mode, g_stoch = gquant_plan(real, bits_g, rounding_g)
     else:
         g_args, g_mode, g_stoch, bits_g = (qe, qe, 0, 1, 1, 1, 0, 0, 0, 0), 0, False, 8
-    conv2d_int8_wgrad_kernel[(tiles, splits)](
-        qe, qx, out, qe if raw else se, qe if raw else sx, H, W, C, OH, OW, CO, KW, M, taps, per,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], se_n, se_h, se_w, se_c,
-        sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, ws, inv_ss, *g_args, RAW=raw, BM=BM, BN=BN,
-        BK=BK, GROUP_M=tile.GROUP_M, ALIGN=align, OUT_ALIGN=out_align, I64=i64, E_CM=e_cm, X_CM=x_cm, FLAT_N=flat_n,
-        SPLIT_FIX=splits > 1, GQ=g_mode, BITS_G=bits_g, STOCH_G=g_stoch, GBLOCK=1024, num_warps=tile.num_warps,
-        num_stages=tile.num_stages)
+    if rows is not None:
+        from ._conv_wgrad_tma import launch_wgrad_tma  # imports this module's epilogue
+        launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows, tile, kernel_hw, padding, dilation, splits, per, ws,
+                         g_args, g_mode, g_stoch, bits_g, raw)
+    else:
+        so_o, so_c, so_h, so_w = out.stride()
+        out_align = alignment((so_o, so_h, so_w), (out,))
+        conv2d_int8_wgrad_kernel[(tiles, splits)](
+            qe, qx, out, qe if raw else se, qe if raw else sx, H, W, C, OH, OW, CO, KW, M, taps, per,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], se_n, se_h, se_w, se_c,
+            sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, ws, inv_ss, *g_args, RAW=raw, BM=BM, BN=BN,
+            BK=BK, GROUP_M=tile.GROUP_M, ALIGN=align, OUT_ALIGN=out_align, I64=i64, E_CM=e_cm, X_CM=x_cm,
+            FLAT_N=flat_n, SPLIT_FIX=splits > 1, GQ=g_mode, BITS_G=bits_g, STOCH_G=g_stoch, GBLOCK=1024,
+            num_warps=tile.num_warps, num_stages=tile.num_stages)
     if fuse_g:
         gquant_finish(real, g_args, g_mode, bits_g, g_stoch)
     return out, fuse_g

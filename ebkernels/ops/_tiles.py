@@ -62,7 +62,7 @@ import triton
 
 __all__ = ["Tile", "Plan", "MAX_TERMS", "SMS_H100", "INTERPRETER_SMS", "device_sms", "on_gpu", "IGEMM_TILES",
            "WGRAD_TILES", "declared_tiles", "conv_fwd_plan", "conv_dgrad_plan", "conv_wgrad_plan", "igemm_tile",
-           "wgrad_tile", "wgrad_col_tiles", "dgrad_phase_taps", "pow2_at_least", "k_iters", "legacy_plans"]
+           "wgrad_tile", "wgrad_col_tiles", "TmaRows", "wgrad_tma_rows", "wgrad_tma_plan", "wgrad_tma_wanted", "dgrad_phase_taps", "pow2_at_least", "k_iters", "legacy_plans"]
 
 # 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
 MAX_TERMS = 1 << 17
@@ -280,6 +280,69 @@ def wgrad_tile(CO: int, C: int, align: int = 16, taps: int = 1) -> Tile:
     return _find(WGRAD_TILES, BM, BN, 32, False)
 
 
+@dataclasses.dataclass(frozen=True)
+class TmaRows:
+    """Row geometry of the TMA weight-grad (rule 8): the reduction rows as [N·OHs, OWs] (output rows padded
+    to OHs, a multiple of BH, and columns to OWs, a multiple of BW), one K step a BH×BW box of them; the
+    input codes as ``KW`` copies [N·Hp, OWs] (Hp = H + 2·pad_h), copy j shifted left by j·dil_w columns, so
+    tap (kh, kw) is the box of copy kw at row offset kh·dil_h: every box start 16-byte aligned."""
+
+    BH: int
+    BW: int
+    OHs: int
+    OWs: int
+    Hp: int
+
+    @property
+    def rows(self) -> int:  # reduction rows per image, padding included
+        return self.OHs * self.OWs
+
+
+WGRAD_TMA_BOXES = ((1, 64), (2, 32), (4, 16))  # (BH, BW): BH·BW = 64 rows per K step
+WGRAD_TMA_MIN_USEFUL = 0.6  # padded rows: at most 40% of the reduction (8×8 images: 50%, not taken)
+WGRAD_TMA: Optional[bool] = None  # None: on sm_90 GPUs; True: wherever the shape fits (tests); False: never
+
+
+def wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, padding, C, CO, tile: Tile) -> Optional[TmaRows]:
+    """Rule 8: the geometry of the TMA weight-grad, or None where it does not apply (stride 1, at least
+    two taps, at least 16 input channels at an aligned 64-row tile, output rows at least 16 wide, and
+    no more than 40% padding rows)."""
+    if (tuple(stride) != (1, 1) or KH * KW < 2 or C < 16 or tile.flat or tile.BK != WGRAD_BK or OW < 16
+            or N * H * W == 0):
+        return None
+    BH, BW = WGRAD_TMA_BOXES[0] if OW > 32 else WGRAD_TMA_BOXES[1] if OW > 16 else WGRAD_TMA_BOXES[2]
+    g = TmaRows(BH, BW, triton.cdiv(OH, BH) * BH, triton.cdiv(OW, BW) * BW, H + 2 * padding[0])
+    if OH * OW < WGRAD_TMA_MIN_USEFUL * g.rows:
+        return None
+    return g
+
+
+def wgrad_tma_plan(device, N, C, H, W, CO, OH, OW, KH, KW, stride, padding):
+    """(tile, rows) of the TMA weight-grad for codes on ``device``, or None (rule 8 off there, or the shape
+    does not fit it, or its copies would not index in int32). The tile is the aligned one: the kernel
+    reads its own copies, whatever the alignment of the codes."""
+    if not wgrad_tma_wanted(device):
+        return None
+    tile = wgrad_tile(CO, C, 16, KH * KW)
+    rows = wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, padding, C, CO, tile)
+    if rows is None:
+        return None
+    cp, cop = triton.cdiv(C, tile.BN) * tile.BN, triton.cdiv(CO, tile.BM) * tile.BM
+    if max(KW * cp * N * rows.Hp * rows.OWs, cop * N * rows.rows, N * C * H * W, N * CO * OH * OW) >= 2**31:
+        return None
+    return tile, rows
+
+
+def wgrad_tma_wanted(device: Optional[torch.device]) -> bool:
+    """Whether rule 8 is on for tensors on ``device``: ``WGRAD_TMA``, or by default an sm_90 GPU, where
+    the int8 wgmma takes K-major shared-memory operands only and TMA fills them without a byte-wise
+    transpose (sm_80's mma.sync takes them from registers; there the descriptors would lower to
+    plain loads)."""
+    if WGRAD_TMA is not None:
+        return WGRAD_TMA
+    return on_gpu(device) and torch.cuda.get_device_capability(device)[0] == 9
+
+
 def wgrad_col_tiles(tile: Tile, C: int, taps: int) -> int:
     """Column tiles of a weight-grad: over taps·C flat columns, or taps × ceil(C / BN)."""
     return triton.cdiv(taps * C, tile.BN) if tile.flat else taps * triton.cdiv(C, tile.BN)
@@ -298,16 +361,19 @@ def wgrad_splits(P: int, programs: int, sms: Optional[int], max_terms: int, BK: 
 
 
 def conv_wgrad_plan(N, C, H, W, CO, OH, OW, KH, KW, *, sms, max_terms=MAX_TERMS, cin_real=None,
-                    cout_real=None) -> Plan:
-    """Weight-grad ``dW[CO, KH·KW·C] = Eᵀ · X̃`` reducing over P = N·OH·OW rows (``sms`` None: no fill)."""
+                    cout_real=None, stride=(1, 1), padding=(0, 0), tma=False) -> Plan:
+    """Weight-grad ``dW[CO, KH·KW·C] = Eᵀ · X̃`` reducing over P = N·OH·OW rows (``sms`` None: no fill);
+    ``tma``: rule 8 where the shape fits (an sm_90 GPU), the reduction then over its padded rows."""
     taps = KH * KW
     P = N * OH * OW
     tile = wgrad_tile(CO, C, 16 if C % 16 == 0 else 1, taps)
+    rows = wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, padding, C, CO, tile) if tma else None
+    Pr = N * rows.rows if rows else P
     programs = triton.cdiv(CO, tile.BM) * wgrad_col_tiles(tile, C, taps)
-    splits, per = wgrad_splits(P, programs, sms, max_terms, tile.BK)
-    issued = programs * triton.cdiv(P, tile.BK) * tile.BM * tile.BN * tile.BK
+    splits, per = wgrad_splits(Pr, programs, sms, max_terms, tile.BK)
+    issued = programs * triton.cdiv(Pr, tile.BK) * tile.BM * tile.BN * tile.BK
     useful = P * (cout_real or CO) * (cin_real or C) * taps
-    return Plan("wgrad", tile, programs, splits, per, issued, useful, {"P": P})
+    return Plan("wgrad", tile, programs, splits, per, issued, useful, {"P": Pr, "tma": rows})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,15 +401,16 @@ def legacy_plans(N, C, H, W, CO, K, stride, pad, sms):
 # --------------------------------------------------------------------------------------------------
 # a layer's three GEMMs, as the launchers run them (the plan printer of ``python -m ebkernels.aot --plan``)
 # --------------------------------------------------------------------------------------------------
-def layer_plans(N, C, CO, H, W, K, stride, pad, sms, code_channels):
+def layer_plans(N, C, CO, H, W, K, stride, pad, sms, code_channels, tma=True):
     """(fwd, dgrad, wgrad) plans of a square-kernel, dilation-1 convolution layer at batch N, with the
     code buffers' channel counts ``code_channels(c)`` (``conv2d_int8.code_channels``: the zero padding
-    the Triton path applies) and the real ones counted as useful."""
+    the Triton path applies) and the real ones counted as useful; ``tma``: the weight-grad as on sm_90
+    (rule 8; the plan's default, an H100/H200)."""
     Cp, COp = code_channels(C), code_channels(CO)
     s, p, d = (stride, stride), (pad, pad), (1, 1)
     OH, OW = conv_out(H, K, stride, pad, 1), conv_out(W, K, stride, pad, 1)
     real = {"cin_real": C, "cout_real": CO}
     fwd = conv_fwd_plan(N, Cp, H, W, CO, K, K, s, p, d, sms=sms, **real)
     dgr = conv_dgrad_plan(N, COp, OH, OW, C, H, W, K, K, s, p, d, sms=sms, **real)
-    wgr = conv_wgrad_plan(N, Cp, H, W, COp, OH, OW, K, K, sms=sms, **real)
+    wgr = conv_wgrad_plan(N, Cp, H, W, COp, OH, OW, K, K, sms=sms, stride=s, padding=p, tma=tma, **real)
     return fwd, dgr, wgr

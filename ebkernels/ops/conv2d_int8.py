@@ -584,7 +584,10 @@ class QConv2dFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if qe is not None and sx is not None:
                 qe_w = qe
-                if groups == 1 and use_triton(qe):
+                N_, C_, H_, W_ = xa.shape
+                tma = groups == 1 and _tiles.wgrad_tma_plan(qe.device, N_, C_, H_, W_, qe.shape[1], *qe.shape[2:],
+                                                             *w_shape[2:], stride, padding)
+                if groups == 1 and use_triton(qe) and not tma:  # (the TMA weight-grad makes its own copy)
                     # the weight-grad reduces over N·OH·OW: a channel-major copy of the E codes ([Cout, M], rows
                     # contiguous) is a K-major int8 MMA operand (no byte-wise transpose in shared memory);
                     # 1 B/element read + 1 written, the same int8 values

@@ -1,0 +1,148 @@
+"""The TMA weight-grad (``ops._conv_wgrad_tma``, rule 8 of the tile table): its operand copies match
+their PyTorch reference element for element (outputs poisoned), the weight-grad is exact against the
+float64 oracle on every box shape, rectangular / dilated / padded kernels, ragged channels, one split and
+several, raw and scaled, and bit-identical to the generic kernel with the G quantization fused; the table
+takes it only where it fits. Under the interpreter it runs with ``_tiles.WGRAD_TMA = True`` (on a GPU,
+sm_90 decides)."""
+import pytest
+import torch
+
+from ebkernels.ops import _conv_wgrad_tma, _tiles, conv2d_int8
+from ebkernels.ops.conv2d_int8 import conv2d_int8_wgrad, conv2d_int8_wgrad_reference, conv2d_output_size
+from test_conv2d_int8 import _LaunchSpy
+
+# (N, Cin, H, W, Cout, (KH, KW), padding, dilation): the box (BH, BW) follows OW: (4, 16) for OW <= 16,
+# (2, 32) up to 32, (1, 64) above; ragged channels (20, 24, 40: Cin/Cout tiles with zero rows)
+CASES = [
+    (2, 16, 16, 16, 16, (3, 3), (1, 1), (1, 1)),   # (4, 16), the CIFAR shape
+    (1, 24, 6, 20, 40, (3, 3), (1, 1), (1, 1)),    # (2, 32): 20 of 32 columns
+    (1, 16, 3, 40, 20, (3, 3), (1, 1), (1, 1)),    # (1, 64): 40 of 64 columns
+    (2, 32, 7, 30, 16, (3, 2), (1, 0), (1, 2)),    # rectangular, dilated columns, no column padding
+    (1, 16, 9, 24, 32, (5, 5), (4, 4), (2, 2)),    # 5×5 dilation 2
+    (1, 40, 5, 16, 24, (1, 3), (0, 1), (1, 1)),    # one row of taps: OHs past the padded image
+]
+IDS = ["N{}C{}H{}W{}O{}".format(*c[:5]) + "K{}x{}".format(*c[5]) for c in CASES]
+
+
+def _codes(shape, gen):
+    return torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+
+
+def _case(case, gen, device):
+    N, C, H, W, CO, (KH, KW), pad, dil = case
+    OH, OW = conv2d_output_size(H, W, KH, KW, (1, 1), pad, dil)
+    qx = _codes((N, C, H, W), gen).contiguous(memory_format=torch.channels_last).to(device)
+    qe = _codes((N, CO, OH, OW), gen).contiguous(memory_format=torch.channels_last).to(device)
+    return qx, qe, OH, OW
+
+
+@pytest.fixture
+def tma_on(monkeypatch):
+    monkeypatch.setattr(_tiles, "WGRAD_TMA", True)
+
+
+def _spy(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_conv_wgrad_tma, "conv2d_int8_wgrad_tma_kernel",
+                        _LaunchSpy(_conv_wgrad_tma.conv2d_int8_wgrad_tma_kernel, calls))
+    return calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_operand_copies_match_reference(device, poisoned, case, one_torch_thread):
+    N, C, H, W, CO, (KH, KW), pad, dil = case
+    qx, qe, OH, OW = _case(case, torch.Generator().manual_seed(sum(case[:5])), device)
+    tile = _tiles.wgrad_tile(CO, C, 16, KH * KW)
+    rows = _tiles.wgrad_tma_rows(N, H, W, OH, OW, KH, KW, (1, 1), pad, C, CO, tile)
+    assert rows is not None
+    ed, xd = _conv_wgrad_tma.wgrad_tma_operands(qe, qx, rows, tile, KW, pad, dil)
+    ed_ref, xd_ref = _conv_wgrad_tma.wgrad_tma_operands_reference(qe, qx, rows, tile, KW, pad, dil)
+    assert torch.equal(ed.cpu(), ed_ref) and torch.equal(xd.cpu(), xd_ref)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_tma_wgrad_exact(device, poisoned, monkeypatch, tma_on, case, one_torch_thread):
+    N, C, H, W, CO, (KH, KW), pad, dil = case
+    qx, qe, OH, OW = _case(case, torch.Generator().manual_seed(sum(case[:5]) + 1), device)
+    calls = _spy(monkeypatch)
+    se, sx = torch.tensor(2.0 ** -3, device=device), torch.tensor(0.5, device=device)
+    args = ([KH, KW], [1, 1], list(pad), list(dil), 1, 8, 8)
+    rows = _tiles.wgrad_tma_rows(N, H, W, OH, OW, KH, KW, (1, 1), pad, C, CO, _tiles.wgrad_tile(CO, C, 16, KH * KW))
+    # one split, and splits of 64 rows (one box) each, which the int64 fix-up adds
+    for max_terms in (_tiles.MAX_TERMS, 64):
+        for scales, dtype in (((None, None), None), ((se, sx), torch.float32)):
+            dw = conv2d_int8_wgrad(qe, qx, (KH, KW), *scales, padding=pad, dilation=dil, max_terms=max_terms)
+            ref = conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), *(s if s is None else s.cpu() for s in scales),
+                                              *args, dtype)
+            torch.testing.assert_close(dw.cpu(), ref, rtol=0, atol=0)
+    assert len(calls) == 4 and all((c["BH"], c["BW"]) == (rows.BH, rows.BW) for c in calls)
+    assert [c["SPLIT_FIX"] for c in calls] == [False, False, True, True]
+
+
+def test_fused_g_quantization_matches_the_generic_kernel(device, monkeypatch, one_torch_thread):
+    """The G quantization in the TMA kernel's epilogue gives the generic kernel's codes bit for bit (same
+    gradient, same rounding stream), for nearest and stochastic rounding, one split and several."""
+    from ebkernels import QConfig, _rng
+    from ebkernels.ops.conv2d_int8 import weight_grad_op
+
+    case = CASES[0]
+    N, C, H, W, CO, (KH, KW), pad, dil = case
+    qx, qe, OH, OW = _case(case, torch.Generator().manual_seed(7), device)
+    se, sx = torch.tensor(2.0 ** -9, device=device), torch.tensor(2.0 ** -4, device=device)
+    calls = _spy(monkeypatch)
+    for rounding, max_terms in (("nearest", None), ("stochastic", None), ("stochastic", 64)):
+        if max_terms:  # splits of one box each: the fix-up's last split quantizes
+            monkeypatch.setattr(conv2d_int8, "MAX_TERMS", max_terms)
+        qc = QConfig(rounding_g=rounding)
+        got = {}
+        for tma in (False, True):
+            monkeypatch.setattr(_tiles, "WGRAD_TMA", tma)
+            _rng.manual_seed(11)
+            got[tma] = weight_grad_op(qe, qx, se, sx, [KH, KW], [1, 1], list(pad), list(dil), 1, qc, [CO, C])
+        assert torch.equal(got[False], got[True])
+        assert got[True].abs().sum() > 0
+    assert [c["SPLIT_FIX"] for c in calls] == [False, False, True]
+
+
+@pytest.mark.parametrize("shape, why", [
+    ((2, 16, 16, 16, 16, 16, 16, 3, 3, (2, 2), (1, 1)), "stride 2"),
+    ((2, 16, 16, 16, 16, 16, 16, 1, 1, (1, 1), (0, 0)), "one tap (the channel-major 1×1 path)"),
+    ((2, 8, 16, 16, 16, 16, 16, 3, 3, (1, 1), (1, 1)), "fewer than 16 input channels (flat columns)"),
+    ((2, 16, 8, 8, 16, 8, 8, 3, 3, (1, 1), (1, 1)), "8-wide rows: half the 16-wide box padding"),
+    ((2, 16, 33, 33, 16, 33, 33, 3, 3, (1, 1), (1, 1)), "33 of 64 columns"),
+])
+def test_table_takes_tma_only_where_it_fits(shape, why):
+    N, C, H, W, CO, OH, OW, KH, KW, stride, pad = shape
+    tile = _tiles.wgrad_tile(CO, C, 16, KH * KW)
+    assert _tiles.wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, pad, C, CO, tile) is None, why
+
+
+def test_tma_is_off_by_default_off_sm90(monkeypatch):
+    assert _tiles.WGRAD_TMA is None
+    assert not _tiles.wgrad_tma_wanted(torch.device("cpu"))
+    monkeypatch.setattr(_tiles, "WGRAD_TMA", True)
+    assert _tiles.wgrad_tma_wanted(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["per_layer", "fused_chain"])
+def test_training_step_gradients_identical_with_tma(fuse, monkeypatch, one_torch_thread):
+    """A whole int8 step of conv → BN → ReLU → conv → BN → ReLU (the per-layer path, and the fused chain
+    whose E codes come channel-major from ``bn_relu_bwd``) gives the same gradients, bit for bit, with the
+    TMA weight-grad as with the generic one."""
+    import ebkernels
+    from ebkernels import _rng
+
+    calls = _spy(monkeypatch)
+    grads = {}
+    for tma in (False, True):
+        monkeypatch.setattr(_tiles, "WGRAD_TMA", tma)
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU())
+        ebkernels.quantize_model(model, fuse=fuse)
+        x = torch.randn(2, 16, 16, 16).contiguous(memory_format=torch.channels_last)
+        _rng.manual_seed(5)
+        model(x).square().mean().backward()
+        grads[tma] = [p.grad.clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+    assert len(calls) == 2  # both convs' weight-grads ran the TMA kernel (the first layer's too: x needs no grad)
