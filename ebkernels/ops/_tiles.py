@@ -46,6 +46,12 @@ what runs):
    (up to one CTA per SM, at least 4 K steps per split; none of the two networks at batch 256, several at
    batch 64). Each split adds its exact int32 tile into an int64 workspace and the last split of the tile
    does the epilogue (``_igemm.split_fixup``): one launch, exact in any order. Not done: stream-K.
+8. **TMA weight-grad on sm_90** (``wgrad_tma_rows``, ``_conv_wgrad_tma``): stride 1, two or more taps, at
+   least 16 input channels, output rows at least 16 wide and at most 40% padding rows: both operands go
+   K-major into shared memory by TMA from channel-major copies (E in boxes of BH×BW output pixels: 1×64
+   for rows wider than 32, 2×32 up to 32, 4×16 up to 16; the input codes as KW column-shifted copies),
+   so int8 wgmma needs no byte-wise transpose of X̃; the tile is rule 5's aligned one, the reduction its
+   padded rows (N·OHs·OWs). Off elsewhere (``WGRAD_TMA``: None = sm_90 only; the tests set True).
 
 Under ``TRITON_INTERPRET=1`` the same table runs with ``INTERPRETER_SMS`` SMs (small, so that the exact
 tests' small shapes make it choose every tile: ``tests/test_tiles.py`` asks it).
