@@ -14,7 +14,10 @@ the log and the next section runs; a section that would overrun the time budget 
    and the host µs to issue one eager fwd+bwd (launch overhead: what graphs remove);
 4. ``profile``: per-kernel device times (torch.profiler) of three representative layers: 16→16 3×3 @32²,
    64→64 3×3 @32², 512→512 3×3 @2²;
-5. ``epoch``: search-epoch steps of both networks, int8 vs bf16 autocast eagerly, and the int8 step
+5. ``wgrad``: the weight-grad alone on the layers rule 8 of the tile table gives to the sm_90 TMA kernel
+   (the 3×3 stride-1 layers at 32² and 16²): TMA (copies included) against the generic kernel, device
+   ms, and whether both give the same bits;
+6. ``epoch``: search-epoch steps of both networks, int8 vs bf16 autocast eagerly, and the int8 step
    captured in a CUDA graph (``ebkernels.train.graphs.GraphedStep``), extrapolated to a 196-step epoch.
 
 Output folder: ``RESULTS.md`` (the report) and ``logs/`` (one raw log and one JSON per section). A GPU run
@@ -45,7 +48,7 @@ import torch.nn as nn  # noqa: E402
 from benchmarks.common import environment, markdown_table  # noqa: E402
 from benchmarks.shapes import CONV_SHAPES, SMOKE_CONV_SHAPES, ConvShape  # noqa: E402
 
-SECTIONS = ("tests", "ceiling", "layers", "profile", "epoch")
+SECTIONS = ("tests", "ceiling", "layers", "profile", "wgrad", "epoch")
 # the three profiled layers: narrow channels (the tile table's small-N tiles), the common 64-channel layer,
 # the under-filled 512-channel tail
 PROFILE_SHAPES = (ConvShape("profile", 16, 16, 32, 32, 3, 1, 1), ConvShape("profile", 64, 64, 32, 32, 3, 1, 1),
@@ -247,6 +250,57 @@ def section_profile(s: Session):
     return "\n\n".join(parts), raw
 
 
+def section_wgrad(s: Session):
+    """Rule 8 measured: the weight-grad of each layer it takes, WGRAD_TMA on (TMA kernel and its copies)
+    and off (generic kernel, E permute-copy included), same int8 codes, same G rounding stream."""
+    from ebkernels import _rng
+    from ebkernels.config import QConfig
+    from ebkernels.ops import _tiles
+    from ebkernels.ops.conv2d_int8 import code_channels, weight_grad_op
+
+    shapes = {(sh.cin, sh.cout, sh.h, sh.k): sh for net in s.cfg["models"] for sh in CONV_SHAPES[net]}
+    batch = s.cfg["batch"]
+    rows, raw = [], []
+    for sh in shapes.values():
+        C, CO = code_channels(sh.cin), code_channels(sh.cout)
+        OH = (sh.h + 2 * sh.pad - sh.k) // sh.stride + 1
+        tile = _tiles.wgrad_tile(CO, C, 16, sh.k * sh.k)
+        box = _tiles.wgrad_tma_rows(batch, sh.h, sh.w, OH, OH, sh.k, sh.k, (sh.stride,) * 2, (sh.pad,) * 2, C, CO,
+                                    tile)
+        if box is None:
+            continue
+        if s.left() < 60:
+            rows.append([sh.label(), "", "skipped: time budget", "", "", ""])
+            continue
+        g = torch.Generator().manual_seed(sh.cin + sh.h)
+        qx = torch.randint(-127, 128, (batch, C, sh.h, sh.w), generator=g, dtype=torch.int8)
+        qe = torch.randint(-127, 128, (batch, CO, OH, OH), generator=g, dtype=torch.int8)
+        qx = qx.contiguous(memory_format=torch.channels_last).to(s.device)
+        qe = qe.contiguous(memory_format=torch.channels_last).to(s.device)
+        se = torch.tensor(2.0 ** -12, device=s.device)
+        sx = torch.tensor(2.0 ** -6, device=s.device)
+        r, out = {"layer": sh.label(), "box": f"{box.BH}x{box.BW}"}, {}
+        for tma in (True, False):
+            _tiles.WGRAD_TMA = tma  # (reset below, and by the finally of a failing section)
+            qe_w = qe if tma else qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)  # as QConv2dFunction
+
+            def fn(qe_w=qe_w, copy=not tma):
+                e = qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3) if copy else qe_w
+                return weight_grad_op(e, qx, se, sx, [sh.k, sh.k], [sh.stride] * 2, [sh.pad] * 2, [1, 1], 1,
+                                      QConfig(), [sh.cout, sh.cin])
+            _rng.manual_seed(1)
+            out[tma] = fn()
+            r["tma_ms" if tma else "generic_ms"] = s.time_ms(fn)
+        _tiles.WGRAD_TMA = None
+        r["same_bits"] = bool(torch.equal(out[True], out[False]))
+        raw.append(r)
+        rows.append([sh.label(), r["box"], f"{r['tma_ms']:.3f}", f"{r['generic_ms']:.3f}",
+                     f"{r['generic_ms'] / r['tma_ms']:.2f}", "yes" if r["same_bits"] else "**NO**"])
+    note = "" if s.gpu else "(dry run: the PyTorch reference path on CPU, the flag has no effect)\n\n"
+    headers = ["layer", "box", "TMA ms", "generic ms", "generic / TMA", "same bits"]
+    return note + markdown_table(headers, rows), raw
+
+
 def section_epoch(s: Session):
     from benchmarks import bench_epoch as be
 
@@ -297,10 +351,11 @@ def _graphed_int8_step(s: Session, name: str):
 
 
 RUNNERS = {"tests": section_tests, "ceiling": section_ceiling, "layers": section_layers,
-           "profile": section_profile, "epoch": section_epoch}
+           "profile": section_profile, "wgrad": section_wgrad, "epoch": section_epoch}
 TITLES = {"tests": "CUDA test suite", "ceiling": "Ceiling: copy and bf16 matmul",
           "layers": "Per-layer fwd+bwd, int8 vs bf16 channels-last (eager, CUDA graph, host µs)",
           "profile": "Per-kernel times of three representative layers",
+          "wgrad": "Weight-grad on the TMA layers (rule 8): TMA vs generic kernel",
           "epoch": "Search-epoch steps (eager and graph-captured int8)"}
 
 
@@ -329,6 +384,8 @@ def main(argv=None) -> int:
             with contextlib.redirect_stdout(buf):
                 md, raw = RUNNERS[name](s)
         except Exception:
+            from ebkernels.ops import _tiles
+            _tiles.WGRAD_TMA = None  # a failed wgrad section leaves the table's default behind
             failed += 1
             md, raw = f"FAILED (traceback in `logs/{name}.log`)", {"error": traceback.format_exc()}
             with open(s.log_path(f"{name}.log"), "a") as f:

@@ -27,12 +27,14 @@ def test_gpu_session_dry_run(tmp_path):
     md = (tmp_path / "RESULTS.md").read_text()
     assert md.startswith("# ebkernels GPU session (DRY RUN on CPU")
     for title in ("## CUDA test suite", "## Ceiling", "## Per-layer fwd+bwd", "## Per-kernel times",
-                  "## Search-epoch steps"):
+                  "## Weight-grad on the TMA layers", "## Search-epoch steps"):
         assert title in md, title
     assert "FAILED" not in md
     assert "skipped: no CUDA" in md  # the CUDA-graph columns say why they are empty
-    for name in ("tests", "ceiling", "layers", "profile", "epoch"):
+    for name in ("tests", "ceiling", "layers", "profile", "wgrad", "epoch"):
         json.loads((tmp_path / "logs" / f"{name}.json").read_text())
+    wgrad = json.loads((tmp_path / "logs" / "wgrad.json").read_text())
+    assert wgrad and all(r["same_bits"] and r["tma_ms"] > 0 for r in wgrad)  # VGG16's 32² and 16² 3×3 layers
     layers = json.loads((tmp_path / "logs" / "layers.json").read_text())
     assert layers and all(r["int8"]["eager_ms"] > 0 and r["bf16-cl"]["eager_ms"] > 0 for r in layers)
     assert (os.stat(RESULTS_MD).st_mtime_ns if os.path.exists(RESULTS_MD) else None) == before
