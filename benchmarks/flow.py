@@ -40,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import ebkernels  # noqa: E402
 from benchmarks.common import markdown_table  # noqa: E402
+from ebkernels._cli import comma_list  # noqa: E402
 
 MODES = ("int8 fused", "int8 per-layer", "bf16 autocast", "fp32")
 MEMORY_CASES = (("vgg16", 32), ("preresnet101", 16))
@@ -194,13 +195,11 @@ def bytes_rows():
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tables", default="memory,kernels,bytes", help="comma-separated: memory, kernels, bytes")
+    ap.add_argument("--tables", type=comma_list(accepted=("memory", "kernels", "bytes")),
+                    default=["memory", "kernels", "bytes"], help="comma-separated: memory, kernels, bytes")
     ap.add_argument("--smoke", action="store_true", help="small networks (VGG-11 / PreResNet-20 at width 0.25)")
     args = ap.parse_args(argv)
-    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
-    bad = [t for t in tables if t not in ("memory", "kernels", "bytes")]
-    if bad:
-        ap.error(f"--tables: unknown {bad}; accepted: memory, kernels, bytes")
+    tables = args.tables
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = "GPU" if device.type == "cuda" else "CPU (exact counts; no timing)"
     if args.smoke:

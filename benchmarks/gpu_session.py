@@ -47,6 +47,7 @@ import torch.nn as nn  # noqa: E402
 
 from benchmarks.common import environment, markdown_table  # noqa: E402
 from benchmarks.shapes import CONV_SHAPES, SMOKE_CONV_SHAPES, ConvShape  # noqa: E402
+from ebkernels._cli import comma_list  # noqa: E402
 
 SECTIONS = ("tests", "ceiling", "layers", "profile", "wgrad", "epoch")
 # the three profiled layers: narrow channels (the tile table's small-N tiles), the common 64-channel layer,
@@ -364,12 +365,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, seconds (what the test suite runs)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "gpu_session"), help="output folder")
     ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget (default 8 minutes)")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}")
+    ap.add_argument("--sections", type=comma_list(accepted=SECTIONS), default=list(SECTIONS),
+                    help=f"subset of {','.join(SECTIONS)}")
     args = ap.parse_args(argv)
-    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
-    bad = [x for x in sections if x not in SECTIONS]
-    if bad:
-        ap.error(f"--sections: unknown {bad}")
+    sections = args.sections
     if not args.dry_run and not torch.cuda.is_available():
         ap.error("no CUDA device: run with --dry-run (CPU, tiny shapes) or on the GPU machine")
     s = Session(args.out, args.dry_run, args.budget_s)

@@ -15,6 +15,7 @@ import warnings
 import torch
 
 import ebkernels
+from ebkernels._cli import comma_list
 from ebkernels.pruning import bn_layers
 
 
@@ -32,18 +33,20 @@ def slimmed_gammas(model, seed: int) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--models", default="resnet50,mobilenet_v2,vgg16_bn,densenet121")
-    ap.add_argument("--rules", default="majority,any,all")
+    ap.add_argument("--models", type=comma_list(), default=["resnet50", "mobilenet_v2", "vgg16_bn", "densenet121"],
+                    help="comma-separated torchvision model names")
+    ap.add_argument("--rules", type=comma_list(accepted=("majority", "any", "all")), default=["majority", "any", "all"],
+                    help="comma-separated coupling rules")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     print(f"ratio p = {args.ratio}, input 3x32x32, small-image stem, seed {args.seed} (CPU, exact counts)")
     print(f"{'model':<14}{'rule':<10}{'params req':>11}{'achieved':>10}{'MACs req':>10}{'achieved':>10}"
           f"{'channels kept/asked':>21}{'float64 diff':>14}{'s':>6}")
-    for name in args.models.split(","):
+    for name in args.models:
         model = ebkernels.build_model(f"torchvision:{name}", num_classes=10, in_channels=3, small_stem=True)
         slimmed_gammas(model, args.seed)
         mask = ebkernels.channel_mask(model, args.ratio)
-        for rule in args.rules.split(","):
+        for rule in args.rules:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # rescued layers are listed in the report

@@ -33,6 +33,8 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.common import CPU_LABEL, default_device, environment, is_gpu, markdown_table  # noqa: E402
+from benchmarks.shapes import CONV_SHAPES  # noqa: E402
+from ebkernels._cli import comma_list, positive_int  # noqa: E402
 
 RESULTS_MD = os.path.join(REPO, "benchmarks", "RESULTS.md")
 SECTIONS = ("layers", "quantize", "detector", "epoch", "flow")
@@ -42,33 +44,19 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds (CPU: reference path)")
-    ap.add_argument("--sections", default=",".join(SECTIONS),
+    ap.add_argument("--sections", type=comma_list(accepted=SECTIONS), default=list(SECTIONS),
                     help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
-    ap.add_argument("--batches", default=None, help="conv batch sizes, e.g. 64,256 (default: 64,256)")
-    ap.add_argument("--nets", default=None, help="conv shape lists: vgg16,preresnet101 (default: both)")
-    ap.add_argument("--epoch-models", default="vgg16,preresnet101", help="models of the epoch section")
+    ap.add_argument("--batches", type=comma_list(positive_int, what="positive ints, e.g. 64,256"), default=None,
+                    help="conv batch sizes, e.g. 64,256 (default: 64,256)")
+    ap.add_argument("--nets", type=comma_list(accepted=CONV_SHAPES), default=None,
+                    help="conv shape lists: vgg16,preresnet101 (default: both)")
+    ap.add_argument("--epoch-models", type=comma_list(), default=["vgg16", "preresnet101"],
+                    help="models of the epoch section")
     ap.add_argument("--epoch-repeats", type=int, default=1, help="epochs timed per model and mode (median)")
     ap.add_argument("--epoch-steps", type=int, default=None,
                     help="steps per timed epoch (default: a full CIFAR-10 epoch, 196 steps)")
     ap.add_argument("--out", default=None, help="also write the markdown report to this path")
     args = ap.parse_args(argv)
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = [s for s in sections if s not in SECTIONS]
-    if bad:
-        ap.error(f"--sections: unknown {bad}; accepted: {', '.join(SECTIONS)}")
-    args.sections = sections
-    try:
-        args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
-    except ValueError:
-        ap.error(f"--batches={args.batches!r}: expected comma-separated ints, e.g. 64,256")
-    if args.batches and any(b < 1 for b in args.batches):
-        ap.error(f"--batches={args.batches}: batch sizes must be positive")
-    args.nets = [n.strip() for n in args.nets.split(",")] if args.nets else None
-    from benchmarks.shapes import CONV_SHAPES
-
-    if args.nets and any(n not in CONV_SHAPES for n in args.nets):
-        ap.error(f"--nets={args.nets}: accepted: {', '.join(CONV_SHAPES)}")
-    args.epoch_models = [m.strip() for m in args.epoch_models.split(",") if m.strip()]
     if args.epoch_repeats < 1:
         ap.error(f"--epoch-repeats={args.epoch_repeats}: must be >= 1")
     if args.epoch_steps is not None and args.epoch_steps < 1:

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+from ._cli import comma_list
+
 MMA_S8 = re.compile(r"\b((?:wgmma\.mma_async|mma\.sync)[\w.]*\.s8[\w.]*)")
 PTXAS_REGS = re.compile(r"Used (\d+) registers")
 PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -162,26 +164,24 @@ def print_plan(nets: list[str], batch: int, sms: int, tiles: str, out=sys.stdout
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ebkernels.aot", description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
+    p.add_argument("--arch", type=comma_list(int, what="compute capabilities such as 80,90"), default=[80, 90],
+                   help="comma-separated compute capabilities (default 80,90)")
     p.add_argument("--kernel", action="append", help="only kernels whose name contains this (repeatable)")
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--extra-module", action="append", default=[],
                    help="also compile the kernels declared in this Python file (for testing the tool)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
-    p.add_argument("--plan", help="print the tile table's plan for these networks (comma-separated: vgg16, "
-                   "preresnet101) instead of compiling")
+    p.add_argument("--plan", type=comma_list(), help="print the tile table's plan for these networks "
+                   "(comma-separated: vgg16, preresnet101) instead of compiling")
     p.add_argument("--batch", type=int, default=256, help="batch size of --plan (default 256)")
     p.add_argument("--sms", type=int, default=132, help="SMs of the GPU --plan fills (default 132: H100/H200)")
     p.add_argument("--tiles", choices=("table", "legacy"), default="table",
                    help="--plan with the tile table (default) or the former one-size 128x128x64 tile")
     args = p.parse_args(argv)
     if args.plan:
-        print_plan([n.strip() for n in args.plan.split(",") if n.strip()], args.batch, args.sms, args.tiles)
+        print_plan(args.plan, args.batch, args.sms, args.tiles)
         return 0
-    try:
-        arches = [int(a) for a in args.arch.split(",") if a.strip()]
-    except ValueError:
-        p.error(f"--arch {args.arch!r}: expected comma-separated integers such as 80,90")
+    arches = args.arch
     bad = [a for a in arches if a < 80]
     if bad:
         p.error(f"--arch {bad}: int8 tensor-core kernels need compute capability 80 or newer")
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         fmt = lambda v: "?" if v is None else str(v)  # noqa: E731
         print(f"| {r['kernel']} | {_short_cfg(r['config'])} | sm_{r['arch']} | {status} | {mma} | "
               f"{fmt(r['smem_b8_stores'])} | {fmt(r['tma_loads'])} | {fmt(r['shared'])} | {fmt(r['registers'])} | {fmt(r['spills'])} |")
-    print(f"\n{len(rows) - failed}/{len(rows)} builds passed ({len(kernels)} kernels, arch {args.arch})")
+    print(f"\n{len(rows) - failed}/{len(rows)} builds passed ({len(kernels)} kernels, arch {','.join(map(str, arches))})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)

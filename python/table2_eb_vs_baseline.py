@@ -33,6 +33,7 @@ import statistics
 from tqdm import tqdm
 
 import _recipe as R
+from ebkernels._cli import comma_list
 
 METHODS = ("eb", "ns", "lt", "snip", "synflow", "thinet")
 TITLES = {"eb": "EB Train", "ns": "NS (progressive baseline)", "lt": "LT (rewound)", "snip": "SNIP",
@@ -69,14 +70,13 @@ def spread(values: list) -> str:
 
 def main(argv=None):
     p = R.parser(__doc__.splitlines()[0], "table2")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
+    p.add_argument("--methods", type=comma_list(accepted=METHODS), default=list(METHODS),
+                   help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--seeds", type=comma_list(int, what="ints"), default=None,
+                   help="comma-separated seeds (default: --seed)")
     args = p.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"--methods {','.join(unknown)}: accepted: {', '.join(METHODS)}")
-    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
+    methods = args.methods
+    seeds = args.seeds or [args.seed]
 
     jobs = [(m, seed) for seed in seeds for m in methods]
     runs = {}
