@@ -13,7 +13,7 @@ import torch
 import ebkernels
 from ebkernels.ops.early_bird_mask import (early_bird_update, early_bird_update_reference,
                                            early_bird_update_triton, n_words, pack_masks, popcount_words,
-                                           ratio_ks, unpack_masks)
+                                           ratio_keep, ratio_ks, unpack_masks)
 
 RATIOS = (0.3, 0.5, 0.7)
 VGG16_BN = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
@@ -189,6 +189,17 @@ def test_channel_mask_matches_for_several_ratios(device):
         assert torch.equal(ebkernels.channel_mask(g, p), m)
         if torch.unique(g.abs()).numel() == g.numel():  # no ties: exactly total - 1 - floor(total*p) survive
             assert int(m.sum()) == g.numel() - 1 - math.floor(g.numel() * p)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_host_rule_is_the_kernels(kind):
+    """``ratio_keep`` (the host rule pruning and the other criteria use) is the SPEC formula the kernel
+    computes, ties and every kind of gamma included."""
+    seed = _seed()
+    g = fresh_gammas(1000, kind, seed)
+    expect = spec_masks_numpy(g, RATIOS)
+    for p, e in zip(RATIOS, expect):
+        assert np.array_equal(ratio_keep(g.abs(), p).numpy(), e), (kind, seed, p)
 
 
 def test_pack_unpack_and_popcount():

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from .._checks import check_ratio
+from ..ops.early_bird_mask import ratio_keep
 from ..pruning import bn_layers
 
 __all__ = ["TicketMethod", "ScoringData", "mask_from_scores", "masks_at_ratios", "bn_output_gates", "layer_sizes", "check_ratios",
@@ -147,8 +147,7 @@ def mask_from_scores(scores: torch.Tensor, sizes: list[tuple[str, int]], ratio: 
         raise ValueError(f"{scores.numel()} scores for {total} BatchNorm2d channels")
     if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
         raise ValueError("channel scores must be finite and non-negative")
-    thr = torch.sort(scores).values[int(math.floor(total * ratio))]
-    keep = scores > thr
+    keep = ratio_keep(scores, ratio)
     rescued = []
     offset = 0
     for name, n in sizes:

@@ -45,7 +45,7 @@ from .._backend import INTERPRET, use_triton
 from .._registry import aot_kernel
 
 __all__ = ["early_bird_update", "early_bird_update_reference", "early_bird_update_triton",
-           "thresholds_reference", "pack_masks", "unpack_masks", "popcount_words", "ratio_ks",
+           "thresholds_reference", "pack_masks", "unpack_masks", "popcount_words", "ratio_ks", "ratio_keep",
            "n_words", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "native", "reference")
@@ -61,6 +61,12 @@ def ratio_ks(total: int, ratios) -> list[int]:
     """``floor(total * p)`` per ratio: the sorted position of each threshold (float64, as the reference
     code's ``int(total * percent)``)."""
     return [int(math.floor(total * float(p))) for p in ratios]
+
+
+def ratio_keep(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The mask rule on the host, for flat non-negative ``scores`` (|gamma|, or another criterion's):
+    ``scores > sort(scores)[floor(total * ratio)]`` (strict), what the kernel computes on |gamma|."""
+    return scores > torch.sort(scores).values[ratio_ks(scores.numel(), [ratio])[0]]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """The channel mask a pruner applies: one flag per BatchNorm2d channel, in module order (SPEC §3)."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..ops.early_bird_mask import ratio_keep
 from .costs import _unwrap
 
 __all__ = ["bn_layers"]
@@ -20,9 +20,7 @@ def bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
 def _ratio_mask(bns, ratio: float) -> list[torch.Tensor]:
     """SPEC §3: thr = sort(|gamma|)[floor(total * p)], keep |gamma| > thr (strict)."""
     gammas = [bn.weight.detach().abs().flatten().cpu() for _, bn in bns]
-    flat = torch.cat(gammas)
-    thr = torch.sort(flat).values[int(math.floor(flat.numel() * ratio))]
-    return [g > thr for g in gammas]
+    return list(torch.split(ratio_keep(torch.cat(gammas), ratio), [g.numel() for g in gammas]))
 
 
 def _as_bool_tensor(name: str, value) -> torch.Tensor:
