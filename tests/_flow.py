@@ -7,6 +7,7 @@ outputs, bit-level comparisons.
   -128 (int8: never a code, never a window position) or 0x7F7F7F7F (int32/int64), so an element a
   kernel fails to write shows up.
 - ``bits_equal(a, b)``: same shape and the same bits (NaN payloads, -0.0 vs +0.0 included).
+- ``spy_kernels(monkeypatch, targets)``: records the grid and constexprs of every launch of the named kernels.
 """
 import os
 
@@ -88,3 +89,27 @@ def bnp_exact(mean, var, gamma, beta, eps: float) -> torch.Tensor:
     a = gamma * rstd
     b = beta - mean * a
     return torch.stack([a, b, mean, rstd])
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel: records every launch's grid and keyword (constexpr) arguments."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kw):
+            self.calls.append({**kw, "grid": tuple(grid), "kernel": self.kernel})
+            return launch(*args, **kw)
+        return run
+
+
+def spy_kernels(monkeypatch, targets):
+    """The launches, in order, of the kernels ``targets``: (module, kernel name) pairs, each replaced there
+    by a ``LaunchSpy``."""
+    calls = []
+    for mod, name in targets:
+        monkeypatch.setattr(mod, name, LaunchSpy(getattr(mod, name), calls))
+    return calls

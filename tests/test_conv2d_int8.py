@@ -11,6 +11,7 @@ from ebkernels import QConfig, force_backend, qconv2d
 from ebkernels.ops import _conv_wgrad, _igemm, _tiles, conv2d_int8
 from ebkernels.ops.conv2d_int8 import (conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd,
                                        conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference)
+from _flow import spy_kernels
 from test_linear_int8 import _QuantizeGrad, _poison_empty, _ste_quant
 
 
@@ -20,27 +21,10 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(_igemm, "empty_output", _poison_empty)
 
 
-class _LaunchSpy:
-    """Stands in for a Triton kernel: records every launch's grid and keyword (constexpr) arguments."""
-
-    def __init__(self, kernel, calls):
-        self.kernel, self.calls = kernel, calls
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def run(*args, **kw):
-            self.calls.append({**kw, "grid": tuple(grid), "kernel": self.kernel})
-            return launch(*args, **kw)
-        return run
-
-
 def spy_launches(monkeypatch):
     """The launches of the convolution kernels (forward / input-grad, weight-grad), in order."""
-    calls = []
-    for mod, name in ((conv2d_int8, "conv2d_int8_fwd_dgrad_kernel"), (_conv_wgrad, "conv2d_int8_wgrad_kernel")):
-        monkeypatch.setattr(mod, name, _LaunchSpy(getattr(mod, name), calls))
-    return calls
+    return spy_kernels(monkeypatch, ((conv2d_int8, "conv2d_int8_fwd_dgrad_kernel"),
+                                     (_conv_wgrad, "conv2d_int8_wgrad_kernel")))
 
 
 def _codes(shape, gen, device, channels_last):
@@ -98,8 +82,8 @@ def test_integer_sums_exact(device, poisoned, case):
 
 @pytest.mark.parametrize("cl", [False, True])
 def test_chunked_reductions_and_epilogue(device, poisoned, cl):
-    """Tap-split forward / input-grad and row-chunked weight-grad (int32 partials summed in int64 by the
-    finalize kernel, written in NCHW / NHWC / OIHW order), raw and scaled with bias."""
+    """Tap-split forward / input-grad and row-chunked weight-grad (int32 chunks added in the int64 workspace,
+    the last split writing NCHW / NHWC / OIHW order), raw and scaled with bias."""
     gen = torch.Generator().manual_seed(11 + cl)
     N, C, H, W, CO, K = 2, 5, 7, 6, 6, 3
     qx = _codes((N, C, H, W), gen, device, cl)

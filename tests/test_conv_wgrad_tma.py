@@ -9,7 +9,7 @@ import torch
 
 from ebkernels.ops import _conv_wgrad_tma, _tiles, conv2d_int8
 from ebkernels.ops.conv2d_int8 import conv2d_int8_wgrad, conv2d_int8_wgrad_reference, conv2d_output_size
-from test_conv2d_int8 import _LaunchSpy
+from _flow import spy_kernels
 
 # (N, Cin, H, W, Cout, (KH, KW), padding, dilation): the box (BH, BW) follows OW: (4, 16) for OW <= 16,
 # (2, 32) up to 32, (1, 64) above; ragged channels (20, 24, 40: Cin/Cout tiles with zero rows)
@@ -42,10 +42,7 @@ def tma_on(monkeypatch):
 
 
 def _spy(monkeypatch):
-    calls = []
-    monkeypatch.setattr(_conv_wgrad_tma, "conv2d_int8_wgrad_tma_kernel",
-                        _LaunchSpy(_conv_wgrad_tma.conv2d_int8_wgrad_tma_kernel, calls))
-    return calls
+    return spy_kernels(monkeypatch, [(_conv_wgrad_tma, "conv2d_int8_wgrad_tma_kernel")])
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

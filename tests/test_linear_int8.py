@@ -1,13 +1,17 @@
-"""Int8 Linear: GEMM kernel against the float64 oracle on the same codes, autograd function against
-autograd through the reference under the straight-through rule, the int32-overflow guard, bad input."""
+"""Int8 Linear: GEMM kernel against the float64 oracle on the same codes, split-K in one launch (the splits
+meet in the int64 workspace, left zero), autograd function against autograd through the reference under
+the straight-through rule, the int32-overflow guard, bad input."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ebkernels
+from benchmarks.flow import _Launches as TritonLaunches
 from ebkernels import QConfig, dequantize, force_backend, qlinear, quantize
-from ebkernels.ops import _igemm
+from ebkernels.ops import _igemm, linear_int8
+from ebkernels.ops._channel_stats import _POOLS
 from ebkernels.ops.linear_int8 import MAX_TERMS, linear_int8_mm, linear_int8_mm_reference
+from _flow import fresh_seed, spy_kernels
 
 
 def _poison_empty(shape, dtype, device, memory_format=torch.contiguous_format):
@@ -65,7 +69,7 @@ def test_dequantized_epilogue(device, poisoned, M, K, N, bias, out_dtype):
     bvec = torch.randn(N, generator=gen).to(device) if bias else None
     ref = linear_int8_mm_reference(a.cpu(), b.cpu(), sa.cpu(), sb.cpu(), None if bvec is None else bvec.cpu(),
                                    8, 6, out_dtype)
-    for max_terms in (MAX_TERMS, 32):  # fused epilogue, and split partials + finalize kernel
+    for max_terms in (MAX_TERMS, 32):  # one split, and split-K where K > 64 (the last split applies the epilogue)
         got = linear_int8_mm(a, b, sa, sb, bvec, bits_a=8, bits_b=6, out_dtype=out_dtype, max_terms=max_terms)
         assert got.dtype == out_dtype
         # fp32: identical epilogue, bit for bit; bf16: the interpreter's fp32->bf16 cast truncates where
@@ -80,6 +84,45 @@ def test_dequantized_epilogue(device, poisoned, M, K, N, bias, out_dtype):
                                atol=1e-5)
 
 
+def spy_gemm(monkeypatch):
+    """The launches of the Linear GEMM kernel, in order (grid, constexprs)."""
+    return spy_kernels(monkeypatch, ((linear_int8, "linear_int8_gemm_kernel"),))
+
+
+def pools_are_zero() -> bool:
+    """Every counter pool (semaphores, split-K workspaces) is zero again: the next launch needs no memset."""
+    return bool(_POOLS) and all(int(torch.count_nonzero(p)) == 0 for p in _POOLS.values())
+
+
+@pytest.mark.parametrize("layout", ["fwd", "dgrad", "wgrad"])
+def test_split_k_in_one_launch(device, poisoned, monkeypatch, layout):
+    """A 200-term reduction in chunks of 64 (4 splits, the last one 8 terms) over 2×2 ragged output tiles:
+    one launch, no partial buffer, no finalize kernel; exact against the float64 oracle (int64 sums, scaled
+    with bias in float32 and bfloat16), every element written, the workspace zero again afterwards."""
+    M, K, N, max_terms = 70, 200, 40, 64
+    s = fresh_seed()
+    gen = torch.Generator().manual_seed(s)
+    a, b = _operands(M, K, N, layout, gen, device)
+    sa = torch.tensor(2.0 ** -4, device=device)
+    sb = torch.tensor(2.0 ** 3, device=device)
+    bias = torch.randn(N, generator=gen).to(device)
+    ac, bc = a.cpu(), b.cpu()
+    calls = spy_gemm(monkeypatch)
+    for scales, out_dtype in (((None, None, None), torch.float32), ((sa, sb, bias), torch.float32),
+                              ((sa, sb, bias), torch.bfloat16)):
+        ref = linear_int8_mm_reference(ac, bc, *(t if t is None else t.cpu() for t in scales), 8, 8, out_dtype)
+        assert torch.count_nonzero(ref) == ref.numel()
+        with TritonLaunches(dry=False) as launches:
+            got = linear_int8_mm(a, b, *scales, out_dtype=out_dtype, max_terms=max_terms)
+        msg = f"seed={s} {layout} {got.dtype}"
+        assert dict(launches.count) == {"linear_int8_gemm_kernel": 1}, msg
+        assert calls[-1]["SPLIT_FIX"] and calls[-1]["grid"][1] == 4, msg
+        assert got.dtype == ref.dtype, msg
+        # bf16: the same rounding (cast_rne) as torch's, bit for bit
+        torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=0, msg=msg)
+        assert pools_are_zero(), msg
+
+
 @pytest.fixture
 def long_k_tiles(monkeypatch, device):
     """Under the interpreter, long K tiles so a 134,000-term reduction takes few (slow) loop steps."""
@@ -88,8 +131,10 @@ def long_k_tiles(monkeypatch, device):
         monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, conv=False, align=16: tiles)
 
 
-def test_int32_overflow_guard(device, poisoned, long_k_tiles):
-    """Weight-grad-like reduction of 134,000 maximal products: 127² · 134,000 > 2^31."""
+def test_int32_overflow_guard(device, poisoned, long_k_tiles, monkeypatch):
+    """Weight-grad-like reduction of 134,000 maximal products: 127² · 134,000 > 2^31: split, each split's
+    int32 sum at most 2^17 terms, the splits added in int64."""
+    calls = spy_gemm(monkeypatch)
     rows = 134_000
     e = torch.full((rows, 2), 127, dtype=torch.int8)
     x = torch.full((rows, 3), -127, dtype=torch.int8)
@@ -103,6 +148,8 @@ def test_int32_overflow_guard(device, poisoned, long_k_tiles):
     y = linear_int8_mm(e.t(), x, se, sx)
     torch.testing.assert_close(y.cpu(), linear_int8_mm_reference(e.t().cpu(), x.cpu(), se.cpu(), sx.cpu(), None,
                                                                  8, 8, torch.float32), rtol=0, atol=0)
+    assert len(calls) == 2 and all(c["SPLIT_FIX"] and c["grid"][1] >= 2 for c in calls)
+    assert pools_are_zero()
 
 
 # --------------------------------------------------------------------------------------------------

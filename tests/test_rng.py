@@ -15,9 +15,12 @@ import triton.language as tl
 import ebkernels
 from ebkernels import _rng, dequantize, force_backend, quantize
 from ebkernels.ops.conv2d_int8 import MAX_TERMS, _conv2d_int8_wgrad_op, conv2d_int8_wgrad_reference
+from benchmarks.flow import _Launches as TritonLaunches
+from ebkernels.ops._channel_stats import _POOLS
 from ebkernels.ops.linear_int8 import _linear_int8_mm_op, linear_int8_mm_reference
 from ebkernels.ops.quantize import SMALL_NUMEL, _quantize_op, quantize_dequantize, quantize_reference
 from _flow import CL, bits_equal, codes, fresh_seed, gen, mismatch  # noqa: F401
+from test_linear_int8 import spy_gemm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
 
@@ -262,27 +265,44 @@ def test_conv_wgrad_fused_g_quantization(device, case, rounding):
 
 
 LCASES = [(50, 30, 40), (64, 250, 300)]  # (batch, in, out): 1,200 and 75,000 gradient elements
+# the same with 150 rows in chunks of 64 (``max_terms``): 3 splits, the last split of each tile G-quantizes
+LSPLIT = [(150, 30, 40), (150, 250, 300)]
 
 
-@pytest.mark.parametrize("case, rounding", [(LCASES[0], "stochastic"), (LCASES[0], "nearest"),
-                                            (LCASES[1], "stochastic")],
-                         ids=["small-stochastic", "small-nearest", "large-stochastic"])
-def test_linear_wgrad_fused_g_quantization(device, case, rounding):
+@pytest.mark.parametrize("case, rounding, max_terms",
+                         [(LCASES[0], "stochastic", MAX_TERMS), (LCASES[0], "nearest", MAX_TERMS),
+                          (LCASES[1], "stochastic", MAX_TERMS), (LSPLIT[0], "stochastic", 64),
+                          (LSPLIT[0], "nearest", 64), (LSPLIT[1], "stochastic", 64)],
+                         ids=["small-stochastic", "small-nearest", "large-stochastic", "split-small-stochastic",
+                              "split-small-nearest", "split-large-stochastic"])
+def test_linear_wgrad_fused_g_quantization(device, monkeypatch, case, rounding, max_terms):
     B, fin, fout = case
     s = fresh_seed()
-    msg = f"seed={s} case={case} {rounding}"
+    msg = f"seed={s} case={case} {rounding} max_terms={max_terms}"
     g = gen(s)
     qe = codes((B, fout), g, device, channels_last=False)
     qx = codes((B, fin), g, device, channels_last=False)
     se, sx = torch.tensor(2.0 ** -12, device=device), torch.tensor(2.0 ** 2, device=device)
+    calls = spy_gemm(monkeypatch)
+    counts = []
 
     def run():
-        return _linear_int8_mm_op(qe.t(), qx, se, sx, None, 8, 8, torch.float32, MAX_TERMS, 8, rounding,
-                                  _rng.device_state(device))
+        with TritonLaunches(dry=False) as launches:
+            out = _linear_int8_mm_op(qe.t(), qx, se, sx, None, 8, 8, torch.float32, max_terms, 8, rounding,
+                                     _rng.device_state(device))
+        counts.append(dict(launches.count))
+        return out
 
     gq, gq_ref, taken = _both_paths(run, s % 1000, device)
     exact = linear_int8_mm_reference(qe.t().cpu(), qx.cpu(), se.cpu(), sx.cpu(), None, 8, 8, torch.float32)
     _check_gq(gq, gq_ref, taken, exact, rounding, msg)
+    # the Triton path quantized in the GEMM launch (only GQ=1 adds its codes pass), one split or several
+    large = exact.numel() > SMALL_NUMEL
+    assert [(c["GQ"], c["SPLIT_FIX"]) for c in calls] == [(1 if large else 2, B > max_terms)], msg
+    assert counts[0] == {"linear_int8_gemm_kernel": 1, **({"quantize_codes_kernel": 1} if large else {})}, msg
+    if B > max_terms:
+        assert calls[0]["grid"][1] == 3, msg
+    assert all(int(torch.count_nonzero(p)) == 0 for p in _POOLS.values()), msg
 
 
 def test_opcheck_schema():

@@ -4,7 +4,7 @@
 The tile comes from the per-shape table (``_tiles.wgrad_tile``: narrow Cout/Cin tiles; columns flat over
 (tap, channel) below 16 input channels), the reduction is split into chunks of at most 2^17 rows whose
 exact int32 sums are added into an int64 workspace, and the last split of each output tile applies the
-scales and the fused G quantization (``_igemm.split_fixup``, ``quantize.gquant_epilogue``): one launch,
+scales and the fused G quantization (``_igemm.finish_gemm_tile``): one launch,
 exact at any batch size. The float64 oracle is ``conv2d_int8.conv2d_int8_wgrad_reference``.
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ import triton.language as tl
 
 from .._registry import aot_kernel
 from . import _igemm, _tiles
+from ._conv_wgrad_tma import launch_wgrad_tma
 from ._gemm import result_and_scale
-from ._igemm import (alignment, assume_multiple, decode_rows, decode_tap, grouped_tile_ids, load_channel_major_tile,
-                     load_pixels_tile, nchw_strides, offsets_fit_int32, split_fixup, store_gemm_tile, tap_input_coord)
-from .quantize import gquant_epilogue, gquant_finish, gquant_plan
+from ._igemm import (alignment, assume_multiple, decode_rows, decode_tap, finish_gemm_tile, grouped_tile_ids,
+                     load_channel_major_tile, load_pixels_tile, nchw_strides, offsets_fit_int32, tap_input_coord)
+from .quantize import gquant_finish, gquant_plan
 
 __all__ = ["conv2d_int8_wgrad_kernel"]
 
@@ -32,10 +33,8 @@ _WGRAD_SIG = {"e_ptr": "*i8", "x_ptr": "*i8", "out_ptr": "*fp32", "se_ptr": "*fp
               "so_o": "i32", "so_h": "i32", "so_w": "i32", "so_c": "i32", "ws_ptr": "*i64", "inv_ss": "fp32",
               "gq_ptr": "*i32", "rng_ptr": "*i64", "gn": "i64", "g1": "i64", "g2": "i64", "g3": "i64", "gs0": "i64",
               "gs1": "i64", "gs2": "i64", "gs3": "i64"}
-# the weight-grad as launched for a long reduction: raw int32 partials [splits, Cout, KH·KW·Cin]
-# (aligned, and the unaligned fallback)
-# (aligned, and the unaligned fallback), and the launch QConv2dFunction makes: E codes channel-major
-# (``E_CM``: [Cout, N·OH·OW], the reduction dimension contiguous, se_w = 1)
+# QConv2dFunction's launch: E codes channel-major (``E_CM``: [Cout, N·OH·OW], the reduction dimension
+# contiguous, se_w = 1); the variants below
 _NO_GQ = {"GQ": 0, "BITS_G": 8, "STOCH_G": True, "GBLOCK": 1024}
 _WG_UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1}
 
@@ -83,8 +82,9 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
     input codes are channel-major too, ``X[ci, m]`` at ``ci * sx_c + m``: both operands K-major, a plain
     GEMM ``E[Cout, M] · X[Cin, M]ᵀ``. ``FLAT_N`` (fewer than 16 input channels): the columns run flat over
     (tap, channel), each with its own input-pixel shift (a [rows, columns] gather), so the first layer's
-    3×3×3 columns fill one 32-wide tile instead of nine 16-wide ones. ``GQ`` (1, 2; one split, scaled result): G quantization fused in
-    (``quantize.gquant_epilogue``; gq/rng/gn/g*/gs*: its scratch and the real gradient view)."""
+    3×3×3 columns fill one 32-wide tile instead of nine 16-wide ones. ``SPLIT_FIX`` (several chunks): they meet
+    in the int64 workspace ``ws_ptr``, the last one of the tile finishes it. ``GQ`` (1, 2; scaled result): G
+    quantization fused in (``_igemm.finish_gemm_tile``)."""
     C = assume_multiple(C, ALIGN)
     M = assume_multiple(M, ALIGN if E_CM else 1)
     m_per_split = assume_multiple(m_per_split, ALIGN if E_CM else 1)
@@ -161,28 +161,9 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
             else:  # the reduction is E's outer dimension: Triton transposes this operand in shared memory
                 acc = tl.dot(tl.trans(a), b, acc, out_dtype=tl.int32)
     col_offs = (kh * so_h + kw * so_w) + ci * so_c
-    finish_wgrad_tile(acc, out_ptr, co * so_o, co_ok, col, col_offs, ci_ok, se_ptr, sx_ptr, inv_ss, ws_ptr, gq_ptr,
-                      rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, RAW, SPLIT_FIX, GQ, BITS_G, STOCH_G, GBLOCK, BM, BN)
-
-
-@triton.jit
-def finish_wgrad_tile(acc, out_ptr, row_offs, co_ok, col, col_offs, col_ok, se_ptr, sx_ptr, inv_ss, ws_ptr, gq_ptr,
-                      rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, RAW: tl.constexpr, SPLIT_FIX: tl.constexpr,
-                      GQ: tl.constexpr, BITS_G: tl.constexpr, STOCH_G: tl.constexpr, GBLOCK: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr):
-    """The end of every weight-grad program (this kernel's and the TMA one's): with ``SPLIT_FIX`` the
-    split's int32 tile goes into the int64 workspace and the tile's last split goes on; then the scales
-    (or the raw sum) and, with ``GQ``, the fused G quantization."""
-    total = acc
-    last = True
-    if SPLIT_FIX:
-        total, last = split_fixup(acc, ws_ptr, tl.program_id(0), tl.num_programs(1), BM, BN)
-    if last:
-        y, y_mask = store_gemm_tile(total, out_ptr, row_offs, co_ok, col, col_offs, col_ok, se_ptr, sx_ptr, se_ptr,
-                                    inv_ss, False, RAW)
-        if GQ > 0:
-            gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
-                            tl.num_programs(0), tl.program_id(0) == 0, GQ, BITS_G, STOCH_G, GBLOCK)
+    finish_gemm_tile(acc, ws_ptr, out_ptr, co * so_o, co_ok, col, col_offs, ci_ok, se_ptr, sx_ptr, se_ptr, inv_ss,
+                     gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, False, RAW, SPLIT_FIX, GQ, BITS_G, STOCH_G,
+                     GBLOCK, BM, BN)
 
 
 def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
@@ -242,7 +223,6 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     else:
         g_args, g_mode, g_stoch, bits_g = (qe, qe, 0, 1, 1, 1, 0, 0, 0, 0), 0, False, 8
     if rows is not None:
-        from ._conv_wgrad_tma import launch_wgrad_tma  # imports this module's epilogue
         launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows, tile, kernel_hw, padding, dilation, splits, per, ws,
                          g_args, g_mode, g_stoch, bits_g, raw)
     else:

@@ -17,7 +17,7 @@ Then a K step is one BH×BW box of output pixels (BH·BW = 64): ``E[co, n, oh0:o
 against ``X_kw[ci, n, oh0+kh·dil_h : ..., ow0 : ow0+BW]``, each a 3-D TMA box reshaped to [channels, 64],
 and ``tl.dot`` reduces them. Padded rows multiply zeros of E; rows past an image's end read the next
 image's or TMA's zero fill, against E's zero padding rows. The splits, the int64 fix-up, the scales and
-the fused G quantization are the generic kernel's (``_conv_wgrad.finish_wgrad_tile``). Exact against the
+the fused G quantization are every GEMM's (``_igemm.finish_gemm_tile``). Exact against the
 same float64 oracle (``conv2d_int8_wgrad_reference``); under ``TRITON_INTERPRET=1`` the descriptors
 become masked loads, which ``tests/test_conv_wgrad_tma.py`` runs with ``_tiles.WGRAD_TMA = True``.
 
@@ -33,8 +33,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._registry import aot_kernel
 from . import _igemm, _tiles
-from ._conv_wgrad import finish_wgrad_tile
-from ._igemm import assume_multiple, decode_tap, grouped_tile_ids
+from ._igemm import assume_multiple, decode_tap, finish_gemm_tile, grouped_tile_ids
 
 __all__ = ["conv2d_int8_wgrad_tma_kernel", "wgrad_tma_operands_kernel", "wgrad_tma_operands",
            "wgrad_tma_operands_reference", "launch_wgrad_tma"]
@@ -150,9 +149,9 @@ def conv2d_int8_wgrad_tma_kernel(e_desc, x_desc, out_ptr, se_ptr, sx_ptr, C, CP,
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
     co = co0 + tl.arange(0, BM)
     ci = ci0 + tl.arange(0, BN)
-    finish_wgrad_tile(acc, out_ptr, co * so_o, co < CO, ci, (kh * so_h + kw * so_w) + ci * so_c, ci < C, se_ptr,
-                      sx_ptr, inv_ss, ws_ptr, gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, RAW, SPLIT_FIX,
-                      GQ, BITS_G, STOCH_G, GBLOCK, BM, BN)
+    finish_gemm_tile(acc, ws_ptr, out_ptr, co * so_o, co < CO, ci, (kh * so_h + kw * so_w) + ci * so_c, ci < C,
+                     se_ptr, sx_ptr, se_ptr, inv_ss, gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, False, RAW,
+                     SPLIT_FIX, GQ, BITS_G, STOCH_G, GBLOCK, BM, BN)
 
 
 # --------------------------------------------------------------------------------------------------

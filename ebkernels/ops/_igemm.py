@@ -16,9 +16,12 @@ One index decode and one set of tile helpers for every kernel in ``linear_int8``
   with the fused conv+BatchNorm kernel; ``k_steps``: its K-step count;
 - ``load_pixels_tile``: an int8 [pixels, channels] tile gathered from an NHWC tensor with padding masks —
   the im2col happens here, in registers, never in memory;
-- ``store_gemm_tile``: the epilogue every kernel shares: raw int32 (exact partial sums, reduced later in
-  int64) or the dequantized value ``acc * sa * sb / (S_a * S_b) + bias`` with scales read from device;
-- ``int8_gemm_finalize_kernel``: sums int32 split partials exactly in int64, then the same epilogue;
+- ``store_gemm_tile``: the epilogue every kernel shares: the raw integer sums (exact, int64 results) or the
+  dequantized value ``acc * sa * sb / (S_a * S_b) + bias`` with scales read from device;
+- ``split_fixup`` / ``split_workspace``: split-K in one launch: each split adds its exact int32 tile (at
+  most 2^17 terms) into an int64 workspace and the tile's last split applies the epilogue;
+  ``finish_gemm_tile``: that and the epilogue with the weight-grad's fused G quantization, the end of
+  the Linear and convolution weight-grad kernels;
 - ``assume_multiple`` / ``alignment``: the launcher checks which extents and strides are multiples of 16
   and tells the kernel (constexpr ``ALIGN``), so loads and stores are 16-byte vectors in the
   ahead-of-time build too (the JIT would infer it from the arguments; ``python -m ebkernels.aot`` cannot);
@@ -40,12 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .._registry import aot_kernel
+from .quantize import gquant_epilogue
 
 __all__ = ["MAX_TERMS", "GPU_TILES", "empty_output", "gemm_tiles", "alignment", "nchw_strides", "offsets_fit_int32",
-           "int8_gemm_finalize", "assume_multiple", "to_bfloat16_rne", "cast_rne", "decode_rows", "decode_tap", "tap_input_coord",
+           "assume_multiple", "to_bfloat16_rne", "cast_rne", "decode_rows", "decode_tap", "tap_input_coord",
            "phase_taps", "split_fixup", "split_workspace", "grouped_tile_ids", "k_steps", "conv_implicit_gemm_tile", "conv_forward_tile", "load_pixels_tile",
-           "store_gemm_tile", "int8_gemm_finalize_kernel"]
+           "store_gemm_tile", "finish_gemm_tile"]
 
 # 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
 MAX_TERMS = 1 << 17
@@ -335,7 +338,7 @@ def split_workspace(programs: int, splits: int, BM: int, BN: int, device: torch.
 @triton.jit
 def store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr,
                     inv_ss, HAS_BIAS: tl.constexpr, RAW: tl.constexpr):
-    """Epilogue. RAW: store the integer accumulator as is (exact partial sums). Otherwise
+    """Epilogue. RAW: store the integer accumulator as is (the exact sums, int64 results). Otherwise
     ``acc * (sa * sb * inv_ss) + bias[col]`` in fp32, stored in ``out_ptr``'s element type; the
     scales are 0-dim device tensors, so no host synchronisation is needed to get them. Returns the fp32
     tile and its mask (the weight-grad's fused G quantization reads them)."""
@@ -353,51 +356,23 @@ def store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_pt
     return y, mask
 
 
-_FINALIZE_SIG = {"part_ptr": "*i32", "out_ptr": "*fp32", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
-                 "bias_ptr": "*fp32", "SPLIT": "i32", "s_split": "i64", "R": "i32", "CC": "i32", "R1": "i32",
-                 "R2": "i32",
-                 "rs0": "i64", "rs1": "i64", "rs2": "i64", "C1": "i32", "C2": "i32", "cs0": "i64",
-                 "cs1": "i64", "cs2": "i64", "inv_ss": "fp32"}
-
-
-@aot_kernel(signature=_FINALIZE_SIG,
-            constexprs=[{"HAS_BIAS": b, "RAW": False, "BR": 64, "BC": 64} for b in (False, True)],
-            num_warps=4, aligned=("part_ptr",))
 @triton.jit
-def int8_gemm_finalize_kernel(part_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, SPLIT, s_split, R, CC, R1, R2, rs0, rs1,
-                              rs2, C1, C2, cs0, cs1, cs2, inv_ss, HAS_BIAS: tl.constexpr,
-                              RAW: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """Sum the int32 partials ``part[SPLIT, R, CC]`` in int64 (exact at any reduction length), then the
-    shared epilogue into ``out``: row r and column c decode over (R0, R1, R2) / (C0, C1, C2) grids with
-    the given strides, so the result lands directly in NCHW, NHWC or OIHW order."""
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    r_ok = r < R
-    c_ok = c < CC
-    mask = r_ok[:, None] & c_ok[None, :]
-    src = part_ptr + r.to(tl.int64)[:, None] * CC + c[None, :]
-    total = tl.zeros((BR, BC), tl.int64)
-    for _ in range(0, SPLIT):
-        total += tl.load(src, mask=mask, other=0).to(tl.int64)
-        src += s_split
-    r0, r1, r2 = decode_rows(r, R1, R2)
-    c0, c1, c2 = decode_rows(c, C1, C2)
-    row_offs = r0.to(tl.int64) * rs0 + r1.to(tl.int64) * rs1 + r2.to(tl.int64) * rs2
-    col_offs = c0.to(tl.int64) * cs0 + c1.to(tl.int64) * cs1 + c2.to(tl.int64) * cs2
-    store_gemm_tile(total, out_ptr, row_offs, r_ok, c, col_offs, c_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss,
-                    HAS_BIAS, RAW)
-
-
-def int8_gemm_finalize(part: torch.Tensor, out: torch.Tensor, sa, sb, bias, inv_ss: float,
-                       rows: tuple, row_strides: tuple, cols: tuple, col_strides: tuple) -> None:
-    """Launch the finalize kernel. ``rows``/``cols``: (D0, D1, D2) grids whose flat index is the partial
-    buffer's row/column, ``*_strides`` the matching strides of ``out``. ``sa is None``: raw int64 sums."""
-    split, R, CC = part.shape
-    raw = sa is None
-    dummy = part  # never dereferenced when RAW / no bias
-    BR = BC = 64 if part.device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1" else 32
-    grid = (triton.cdiv(R, BR), triton.cdiv(CC, BC))
-    int8_gemm_finalize_kernel[grid](
-        part, out, dummy if raw else sa, dummy if raw else sb, bias if bias is not None else dummy,
-        split, R * CC, R, CC, rows[1], rows[2], *row_strides, cols[1], cols[2], *col_strides, float(inv_ss),
-        HAS_BIAS=bias is not None, RAW=raw, BR=BR, BC=BC, num_warps=4)
+def finish_gemm_tile(acc, ws_ptr, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss,
+                     gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, HAS_BIAS: tl.constexpr, RAW: tl.constexpr,
+                     SPLIT_FIX: tl.constexpr, GQ: tl.constexpr, BITS_G: tl.constexpr, STOCH_G: tl.constexpr,
+                     GBLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The end of a GEMM program on grid (tiles, splits) with its int32 tile ``acc``. ``SPLIT_FIX``
+    (splits > 1): ``split_fixup`` adds it into the int64 workspace and only the tile's last split goes on,
+    with the int64 sum over all splits (RAW results stay exact). Then the epilogue (``store_gemm_tile``)
+    and, ``GQ`` > 0, the weight-grad's G quantization (``quantize.gquant_epilogue``: every tile finished
+    by exactly one program, so it counts ``tiles`` of them; gq/rng/gn/g*/gs*: its scratch and the real
+    gradient view)."""
+    last = True
+    if SPLIT_FIX:
+        acc, last = split_fixup(acc, ws_ptr, tl.program_id(0), tl.num_programs(1), BM, BN)
+    if last:
+        y, y_mask = store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr,
+                                    inv_ss, HAS_BIAS, RAW)
+        if GQ > 0:
+            gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
+                            tl.num_programs(0), tl.program_id(0) == 0, GQ, BITS_G, STOCH_G, GBLOCK)

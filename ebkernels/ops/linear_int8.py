@@ -6,9 +6,10 @@ weight-grad ``Eᵀ x``, all on one strided int8 GEMM kernel.
 tensor cores (``tl.dot`` -> ``mma.sync…s8`` / ``wgmma…s8``). The epilogue reads the two per-tensor scales
 from device tensors, multiplies by ``sa·sb / (S_a·S_b)`` and adds the bias: no host synchronisation.
 
-Reductions longer than ``MAX_TERMS = 2^17`` (127² · 2^17 < 2^31) are split across programs; each split
-writes its exact int32 partial sums and ``int8_gemm_finalize_kernel`` adds them in int64 before the
-epilogue. This matters for the weight-grad, whose reduction runs over all rows of the batch.
+Reductions longer than ``MAX_TERMS = 2^17`` (127² · 2^17 < 2^31), or split to fill the GPU, run as
+splits in one launch: each adds its exact int32 sums into an int64 workspace and the last split of each
+output tile applies the epilogue and the weight-grad's fused G quantization (``_igemm.finish_gemm_tile``).
+This matters for the weight-grad, whose reduction runs over all rows of the batch.
 
 Public: ``qlinear(x, weight, bias=None, qconfig=None)``; lower level ``linear_int8_mm`` (a
 ``torch.library`` custom op, ``ebkernels::linear_int8_mm``) and its oracle ``linear_int8_mm_reference``.
@@ -28,8 +29,8 @@ from ..config import QConfig
 from . import _igemm
 from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
                     quantize_weight_grad, refuse_double_backward, result_and_scale, split_reduction)
-from ._igemm import MAX_TERMS, alignment, assume_multiple, grouped_tile_ids, int8_gemm_finalize, store_gemm_tile
-from .quantize import dequantize, gquant_epilogue, gquant_finish, gquant_plan, quantize
+from ._igemm import MAX_TERMS, alignment, assume_multiple, finish_gemm_tile, grouped_tile_ids
+from .quantize import dequantize, gquant_finish, gquant_plan, quantize
 
 __all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunction"]
 
@@ -40,25 +41,26 @@ __all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunc
 _GEMM_SIG = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*fp32", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
              "bias_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
              "s_am": "i32", "s_ak": "i32", "s_bk": "i32", "s_bn": "i32", "s_om": "i32", "s_on": "i32",
-             "s_split": "i64", "inv_ss": "fp32", "gq_ptr": "*i32", "rng_ptr": "*i64", "gn": "i64", "g1": "i64",
+             "ws_ptr": "*i64", "inv_ss": "fp32", "gq_ptr": "*i32", "rng_ptr": "*i64", "gn": "i64", "g1": "i64",
              "g2": "i64", "g3": "i64", "gs0": "i64", "gs1": "i64", "gs2": "i64", "gs3": "i64"}
 _GPU_TILES, _GPU_UNALIGNED = ({k: v for k, v in _igemm.GPU_TILES[c].items() if k not in ("num_warps", "num_stages")}
                               for c in ("linear", "unaligned"))
 # AOT configurations as launched on a GPU (unit strides are specialised the way the JIT does it; ALIGN=16:
-# extents and leading dimensions multiples of 16, what the JIT infers for such arguments):
-# forward (x, Wᵀ: both K-contiguous) with fused scale + bias; input-grad (E, transposed copy of W:
-# K-contiguous) the same kernel; weight-grad (Eᵀ, x: M/N-contiguous operands) writing raw int32 split
-# partials; and both with the unaligned fallback tiles (ALIGN=1, e.g. 10 output features).
+# extents and leading dimensions multiples of 16, what the JIT infers for such arguments), each with one
+# split and with several (SPLIT_FIX: the last split of a tile finishes it): forward (x, Wᵀ: both
+# K-contiguous) with fused scale + bias, input-grad (E, transposed copy of W: K-contiguous) the same
+# kernel; the integer API's exact int64 sums (RAW) on the weight-grad's operands (Eᵀ, x: M/N-contiguous);
+# both with the unaligned fallback tiles (ALIGN=1, e.g. 10 output features); QLinearFunction's weight-grad:
+# scaled result with the G quantization fused in (small and large gradients; a classifier head's small
+# one unaligned too).
 _NO_GQ = {"GQ": 0, "BITS_G": 8, "STOCH_G": True, "GBLOCK": 1024}
+_FWD, _WGRAD = {"s_ak": 1, "s_bk": 1, "s_on": 1}, {"s_am": 1, "s_bn": 1, "s_on": 1}
 _GEMM_AOT = [
-    {**_GPU_TILES, "HAS_BIAS": True, "RAW": False, "ALIGN": 16, **_NO_GQ, "s_ak": 1, "s_bk": 1, "s_on": 1},
-    {**_GPU_TILES, "HAS_BIAS": False, "RAW": True, "ALIGN": 16, **_NO_GQ, "s_am": 1, "s_bn": 1, "s_on": 1},
-    {**_GPU_UNALIGNED, "HAS_BIAS": True, "RAW": False, "ALIGN": 1, **_NO_GQ, "s_ak": 1, "s_bk": 1, "s_on": 1},
-    {**_GPU_UNALIGNED, "HAS_BIAS": False, "RAW": True, "ALIGN": 1, **_NO_GQ, "s_am": 1, "s_bn": 1, "s_on": 1},
-]
-# QLinearFunction's weight-grad: scaled result with the G quantization fused in (small and large gradients)
-_GEMM_AOT += [{**_GPU_TILES, "HAS_BIAS": False, "RAW": False, "ALIGN": 16, **_NO_GQ, "GQ": gq, "s_am": 1, "s_bn": 1,
-               "s_on": 1} for gq in (1, 2)]
+    {**tiles, "HAS_BIAS": not raw, "RAW": raw, "ALIGN": align, **_NO_GQ, **(_WGRAD if raw else _FWD), "SPLIT_FIX": fix}
+    for tiles, align in ((_GPU_TILES, 16), (_GPU_UNALIGNED, 1)) for raw in (False, True) for fix in (False, True)]
+_GEMM_AOT += [{**tiles, "HAS_BIAS": False, "RAW": False, "ALIGN": align, **_NO_GQ, "GQ": gq, **_WGRAD, "SPLIT_FIX": fix}
+              for tiles, align, gq in ((_GPU_TILES, 16, 1), (_GPU_TILES, 16, 2), (_GPU_UNALIGNED, 1, 2))
+              for fix in (False, True)]
 
 
 @aot_kernel(signature=_GEMM_SIG, constexprs=_GEMM_AOT, num_warps=_igemm.GPU_TILES["linear"]["num_warps"],
@@ -66,21 +68,23 @@ _GEMM_AOT += [{**_GPU_TILES, "HAS_BIAS": False, "RAW": False, "ALIGN": 16, **_NO
             aligned=("a_ptr", "b_ptr", "out_ptr"))
 @triton.jit
 def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, k_per_split,
-                            s_am, s_ak, s_bk, s_bn, s_om, s_on, s_split, inv_ss, gq_ptr, rng_ptr, gn, g1, g2,
+                            s_am, s_ak, s_bk, s_bn, s_om, s_on, ws_ptr, inv_ss, gq_ptr, rng_ptr, gn, g1, g2,
                             g3, gs0, gs1, gs2, gs3, HAS_BIAS: tl.constexpr, RAW: tl.constexpr, BM: tl.constexpr,
                             BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, ALIGN: tl.constexpr,
-                            GQ: tl.constexpr, BITS_G: tl.constexpr, STOCH_G: tl.constexpr, GBLOCK: tl.constexpr):
-    """``out[m, n] (+ split * s_split) = sum_k a[m, k] b[k, n]`` over this program's K range
-    ``[split * k_per_split, (split+1) * k_per_split)``; grid (tiles, splits). Offsets are int32 (the
-    launcher routes operands past 2^31 elements to the reference path). ``ALIGN`` (16 or 1): the launcher
-    guarantees M, N, K, ``k_per_split`` and every stride other than 1 are multiples of it. ``GQ`` (1, 2):
-    the weight-grad's G quantization fused in (``quantize.gquant_epilogue``)."""
+                            SPLIT_FIX: tl.constexpr, GQ: tl.constexpr, BITS_G: tl.constexpr, STOCH_G: tl.constexpr,
+                            GBLOCK: tl.constexpr):
+    """``out[m, n] = sum_k a[m, k] b[k, n]``, this program's part over the K range
+    ``[split * k_per_split, (split+1) * k_per_split)``; grid (tiles, splits). ``SPLIT_FIX`` (splits > 1):
+    the splits meet in the int64 workspace ``ws_ptr`` and the last one of the tile finishes it
+    (``_igemm.finish_gemm_tile``). Offsets are int32 (the launcher routes operands past 2^31 elements to
+    the reference path). ``ALIGN`` (16 or 1): the launcher guarantees M, N, K, ``k_per_split`` and every
+    stride other than 1 are multiples of it. ``GQ`` (1, 2): the weight-grad's G quantization fused in
+    (``quantize.gquant_epilogue``)."""
     M = assume_multiple(M, ALIGN)
     N = assume_multiple(N, ALIGN)
     K = assume_multiple(K, ALIGN)
     k_per_split = assume_multiple(k_per_split, ALIGN)
     s_om = assume_multiple(s_om, ALIGN)
-    s_split = assume_multiple(s_split, ALIGN)
     pid_m, pid_n = grouped_tile_ids(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     pid_s = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -113,15 +117,13 @@ def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, 
         a_ptrs += BK * s_ak
         b_ptrs += BK * s_bk
         rk += BK
-    y, y_mask = store_gemm_tile(acc, out_ptr + pid_s.to(tl.int64) * s_split, rm * s_om, m_ok, rn, rn * s_on, n_ok,
-                                sa_ptr, sb_ptr, bias_ptr, inv_ss, HAS_BIAS, RAW)
-    if GQ > 0:
-        gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, tl.num_programs(0),
-                        (tl.program_id(0) == 0) & (tl.program_id(1) == 0), GQ, BITS_G, STOCH_G, GBLOCK)
+    finish_gemm_tile(acc, ws_ptr, out_ptr, rm * s_om, m_ok, rn, rn * s_on, n_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss,
+                     gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, HAS_BIAS, RAW, SPLIT_FIX, GQ, BITS_G, STOCH_G,
+                     GBLOCK, BM, BN)
 
 
 def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, gq=None):
-    """``gq``: None or (bits_g, rounding_g): G-quantize the result in the kernel when one split."""
+    """``gq``: None or (bits_g, rounding_g): G-quantize the (scaled fp32) result in the kernel."""
     M, K = a.shape
     N = b.shape[1]
     raw = sa is None
@@ -138,30 +140,22 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     splits, per = split_reduction(K, tiles, BK, a.device, max_terms)
-    dummy = a
-    direct = splits == 1  # one split: the epilogue (or the raw int store) goes straight to the output
-    if direct:
-        dst, s_om, s_on, s_split = out, out.stride(0), out.stride(1), 0
-    else:  # exact int32 partials, summed in int64 by the finalize kernel
-        dst = _igemm.empty_output((splits, M, N), torch.int32, a.device)
-        s_om, s_on, s_split = N, 1, M * N
-    epilogue = direct and not raw
-    align = alignment((M, N, K, per, s_split, *strides, *(st for st in (s_om, s_on) if st != 1)), (a, b, dst))
-    fuse_g = gq is not None and epilogue and out_dtype == torch.float32
+    # splits > 1: each adds its exact int32 tile into an int64 workspace, the last split of the tile
+    # finishes it (epilogue, G quantization) in the same launch: no int32 partials, no finalize launch
+    ws = _igemm.split_workspace(tiles, splits, BM, BN, a.device)
+    align = alignment((M, N, K, per, *strides, *(st for st in out.stride() if st != 1)), (a, b, out))
+    fuse_g = gq is not None and not raw and out_dtype == torch.float32
     if fuse_g:
         g_args, g_mode, g_stoch = gquant_plan(out, gq[0], gq[1])
     else:
         g_args, g_mode, g_stoch = (a, a, 0, 1, 1, 1, 0, 0, 0, 0), 0, False
+    dummy = a  # never dereferenced: RAW / no bias
     linear_int8_gemm_kernel[(tiles, splits)](
-        a, b, dst, sa if epilogue else dummy, sb if epilogue else dummy,
-        bias if (epilogue and bias is not None) else dummy, M, N, K, per,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), s_om, s_on, s_split, inv_ss, *g_args,
-        HAS_BIAS=epilogue and bias is not None, RAW=not epilogue, BM=BM, BN=BN, BK=BK,
-        GROUP_M=cfg["GROUP_M"], ALIGN=align, GQ=g_mode, BITS_G=gq[0] if fuse_g else 8, STOCH_G=g_stoch, GBLOCK=1024,
+        a, b, out, dummy if raw else sa, dummy if raw else sb, dummy if bias is None else bias, M, N, K, per,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), ws, inv_ss, *g_args,
+        HAS_BIAS=not raw and bias is not None, RAW=raw, BM=BM, BN=BN, BK=BK, GROUP_M=cfg["GROUP_M"], ALIGN=align,
+        SPLIT_FIX=splits > 1, GQ=g_mode, BITS_G=gq[0] if fuse_g else 8, STOCH_G=g_stoch, GBLOCK=1024,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if not direct:
-        int8_gemm_finalize(dst, out, sa, sb, bias, inv_ss, (1, 1, M), (0, 0, out.stride(0)),
-                           (1, 1, N), (0, 0, out.stride(1)))
     if fuse_g:
         gquant_finish(out, g_args, g_mode, gq[0], g_stoch)
     return out, fuse_g
