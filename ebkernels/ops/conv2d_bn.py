@@ -70,11 +70,15 @@ _SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "y_ptr": "*bf16", "ss_ptr": "*fp32", "
 _COMMON = {"s_r": 1, "sw_r": 1, "sd_c": 1, "I64": False, "ALIGN": 16, "HAS_BIAS": False, "HAS_AFFINE": True,
            "RELU": True, "TB": 32, "GROUP": STATS_GROUP, "DZ_LIKE_Y": True}
 _UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1}
+# the register cap of a launch (``.maxnreg``): without one, ptxas aims below the per-thread budget and spilled
+# 12-104 B on sm_80 in the statistics epilogue (MODE 0 at 64×64, 128×16 flat, 128×64: 96-168 registers used);
+# with the whole budget it keeps everything in 112-218 registers
+MAXNREG = 255
 
 
 def _bn_aot(t, mode, **kw):
     return {**t.aot(), "FLAT": t.flat, **_COMMON, "MODE": mode, "BATCH_STATS": True, "UPDATE": mode == 0,
-            "dil_h": 1, "dil_w": 1, **kw}
+            "dil_h": 1, "dil_w": 1, "maxnreg": MAXNREG, **kw}
 
 
 _AOT = ([cfg for t in _tiles.IGEMM_TILES for cfg in (_bn_aot(t, 0, **_UNIT), _bn_aot(t, 0), _bn_aot(t, 1, **_UNIT))]
@@ -226,7 +230,7 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
         _momentum_arg(momentum), float(M), MODE=mode, HAS_BIAS=bias is not None, HAS_AFFINE=weight is not None,
         BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M,
         FLAT=tile.flat, ALIGN=align, I64=i64, TB=32, GROUP=STATS_GROUP, DZ_LIKE_Y=dz_like_y, num_warps=tile.num_warps,
-        num_stages=tile.num_stages, **NO_FP_FUSION)
+        num_stages=tile.num_stages, maxnreg=MAXNREG, **NO_FP_FUSION)
     if mode == 0:
         return y, space.out, bnp_out, zmax[:1]
     return y, space.out
