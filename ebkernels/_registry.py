@@ -9,9 +9,10 @@ A kernel registers itself where it is defined::
 ``signature`` gives the Triton type of every runtime argument (``*i8``, ``*fp32``, ``i32``,
 ``i64``, ``fp32``...). ``constexprs`` fixes the compile-time arguments for the ahead-of-time build;
 pass a list of dicts to build several configurations; a configuration's ``num_warps`` /
-``num_stages`` keys override the kernel's (per-tile warps of the tile table). ``int8_mma=True`` marks a GEMM kernel whose
-PTX must contain int8 tensor-core instructions. ``aligned`` names pointer arguments the launcher
-keeps 16-byte aligned (the JIT specialises on this too, so the AOT build sees the same code).
+``num_stages`` keys override the kernel's (per-tile warps of the tile table); its ``maxnreg`` (the
+register cap per thread, ``.maxnreg``) goes to the compiler as the launcher passes it. ``int8_mma=True``
+marks a GEMM kernel whose PTX must contain int8 tensor-core instructions. ``aligned`` names pointer
+arguments the launcher keeps 16-byte aligned (the JIT specialises on this too, so the AOT build sees the same code).
 ``fp_fusion=False``: the launcher passes ``enable_fp_fusion=False`` (no ``a*b+c`` -> fma contraction: the
 kernel rounds like its PyTorch reference and the interpreter), and so does the AOT build. A signature
 entry may name constexprs of the configuration (a TMA descriptor's block: ``tensordesc<i8[{BM}, {BK}]>``);
@@ -49,6 +50,7 @@ class AOTKernel:
 
 
 _REGISTRY: dict[str, AOTKernel] = {}
+COMPILE_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # configuration keys that are not kernel arguments
 
 
 def aot_kernel(
@@ -69,7 +71,7 @@ def aot_kernel(
         cfgs = constexprs if isinstance(constexprs, list) else [constexprs or {}]
         for cfg in cfgs:
             missing = [a for a in arg_names if a not in signature and a not in cfg]
-            extra = [a for a in cfg if a not in arg_names and a not in ("num_warps", "num_stages")]
+            extra = [a for a in cfg if a not in arg_names and a not in COMPILE_OPTIONS]
             if extra:
                 raise TypeError(f"aot_kernel({kname}): constexprs {extra} are not arguments of the kernel")
             if missing:

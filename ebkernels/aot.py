@@ -92,17 +92,19 @@ def compile_one(name: str, cfg_index: int, arch: int, extra: tuple[str, ...] = (
 
     k = {k.name: k for k in registered_kernels()}[name]
     cfg = dict(k.constexprs[cfg_index])
-    # a configuration may carry its own warps / stages (the tile table's), else the kernel's
+    # a configuration may carry its own warps / stages (the tile table's), else the kernel's, and a register cap
     num_warps, num_stages = cfg.pop("num_warps", k.num_warps), cfg.pop("num_stages", k.num_stages)
-    row = {"kernel": name, "config": {**cfg, "num_warps": num_warps, "num_stages": num_stages}, "arch": arch, "compiled": False, "error": None,
-           "mma_s8": [], "smem_b8_stores": None, "tma_loads": None, "shared": None, "registers": None, "spills": None, "int8_mma_expected": k.int8_mma}
+    maxnreg = {"maxnreg": cfg.pop("maxnreg")} if "maxnreg" in cfg else {}
+    row = {"kernel": name, "config": {**cfg, "num_warps": num_warps, "num_stages": num_stages, **maxnreg},
+           "arch": arch, "compiled": False, "error": None, "mma_s8": [], "smem_b8_stores": None, "tma_loads": None,
+           "shared": None, "registers": None, "spills": None, "int8_mma_expected": k.int8_mma}
     try:
         signature = k.signature_for(cfg)
         signature.update({c: "constexpr" for c in cfg})
         src = ASTSource(fn=k.fn, signature=signature, constexprs=dict(cfg), attrs=k.attrs())
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages,
-                                     "enable_fp_fusion": k.fp_fusion})
+                                     "enable_fp_fusion": k.fp_fusion, **maxnreg})
         ptx = ck.asm["ptx"]
         row["compiled"] = True
         row["mma_s8"] = sorted(set(MMA_S8.findall(ptx)))

@@ -4,33 +4,70 @@ GEMM that recomputes y to form the BatchNorm-backward sums (``conv2d_int8_bn_bwd
 y (bfloat16, NHWC) must be bit-identical to the float32 epilogue of the exact integer convolution rounded
 to bfloat16, in forward and recomputed in backward; the per-channel max/min exact, mean/var close to
 float64, ``bnp`` the correctly rounded float32 formula on the kernel's statistics, the zmax bits the bits
-of max |z| over every element of y; the sums [Σ g, Σ g·xhat] close to float64. Ragged shapes: Cin padded
-to 16 in the codes, Cout not a multiple of 16, strides, 1×1 and 3×3, bias, > 32 row tiles."""
+of max |z| over every element of y; the sums [Σ g, Σ g·xhat] close to float64. Ragged shapes on which the
+per-layer forward's tile table chooses each of its tiles (asked of the table): K flat across taps (the
+unpadded Cin = 3, 16 and 48 channels) or one tap per K step, BN 16 to 128, BM 64 / 128, Cin padded to 16
+in the codes, Cout not a multiple of 16, strides, 1×1 and 3×3, bias, several column blocks, > 32 row
+tiles."""
 import pytest
 import torch
 import torch.nn as nn
 
 from ebkernels import force_backend
+from ebkernels.ops import _channel_stats, _tiles, conv2d_bn
 from ebkernels.ops._bn_math import bn_act_reference
 from ebkernels.ops.conv2d_bn import (_bwd_op, _fwd_op, conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_bwd_reduce_reference,
                                      conv2d_int8_bn_fwd)
 from ebkernels.ops.conv2d_int8 import conv2d_int8_fwd_reference, conv2d_output_size
 from _flow import CL, bits_equal, bnp_exact, codes, f32_of_bits, fresh_seed, gen, mismatch, rows
+from test_conv2d_int8 import _LaunchSpy
 
 EPS = 1e-5
-BM = 64  # the interpreter's row tile (_igemm._INTERPRETER_TILES)
+SMS = _tiles.INTERPRETER_SMS
 
 # (N, Cin, Cin_p, H, W, Cout, K, stride, pad, bias, qx channels-last, qw layout, relu, affine, stats, dz layout,
-#  dz dtype, momentum)
+#  dz dtype, momentum): the table (on INTERPRETER_SMS SMs) chooses each of its tiles once (asserted below):
+# flat K (Cin_p 3 unpadded / 16 / 48) then one tap per K step (Cin_p 64, 128), each BN class (Cout 16, 20-32,
+# 40-50, 100-136), BM 64 (<= 384 rows) / 128; Cout 136: two column blocks; 4232 rows: 34 row tiles of 128
+# (> 32: both merge levels); the 1×64×6×7 3×3 layer: the per-layer forward would split K (rule 7), this
+# kernel runs the plan's tile unsplit
 BF16, F32 = torch.bfloat16, torch.float32
 CASES = [
+    (2, 3, 3, 9, 8, 16, 3, 1, 1, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
     (2, 13, 16, 9, 8, 20, 3, 1, 1, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (3, 32, 32, 7, 9, 40, 1, 2, 0, False, True, "oihw", True, True, "train", "nchw", F32, 0.1),
-    (2, 16, 16, 11, 10, 20, 3, 2, 1, True, False, "ohwi", False, True, "train", "like_y", BF16, None),
-    (2, 5, 16, 6, 7, 24, 3, 1, 0, True, True, "oihw", True, False, "eval", "nchw", BF16, 0.1),
-    # 2 * 33 * 33 = 2178 output rows: 35 row tiles of 64 (> 32: both merge levels), two column blocks
-    (2, 16, 16, 33, 33, 40, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
+    (2, 16, 16, 11, 10, 40, 3, 2, 1, True, False, "ohwi", False, True, "train", "like_y", BF16, None),
+    (1, 3, 3, 15, 15, 100, 3, 1, 1, False, True, "oihw", True, True, "train", "nchw", F32, 0.1),
+    (3, 3, 3, 12, 12, 16, 3, 1, 1, True, True, "ohwi", True, False, "eval", "like_y", BF16, 0.1),
+    (2, 16, 16, 46, 46, 20, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
+    (2, 40, 48, 15, 14, 50, 3, 1, 1, False, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
+    (2, 5, 16, 10, 10, 136, 3, 1, 1, True, True, "oihw", True, False, "eval", "nchw", BF16, 0.1),
+    (2, 64, 64, 9, 8, 16, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
+    (3, 50, 64, 7, 9, 32, 1, 2, 0, False, True, "oihw", True, True, "train", "nchw", F32, 0.1),
+    (1, 64, 64, 6, 7, 50, 3, 1, 1, True, True, "ohwi", False, True, "train", "like_y", BF16, None),
+    (1, 128, 128, 15, 14, 100, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
+    (3, 64, 64, 12, 12, 16, 1, 1, 0, True, False, "ohwi", True, True, "train", "like_y", BF16, 0.1),
+    (2, 64, 64, 16, 15, 24, 1, 1, 0, True, True, "oihw", True, False, "eval", "like_y", BF16, 0.1),
+    (2, 64, 64, 30, 28, 40, 1, 2, 0, True, True, "ohwi", True, True, "train", "nchw", BF16, 0.1),
+    (2, 100, 128, 14, 15, 100, 1, 1, 0, False, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
+    (1, 64, 64, 11, 12, 136, 3, 1, 1, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
 ]
+
+
+def _plan(case):
+    """The table's plan for the case, as ``conv2d_bn._launch`` asks it (the codes' Cin_p channels)."""
+    N, C, Cp, H, W, CO, K, stride, pad = case[:9]
+    return _tiles.conv_fwd_plan(N, Cp, H, W, CO, K, K, (stride, stride), (pad, pad), (1, 1), sms=SMS)
+
+
+def test_the_cases_make_the_table_choose_every_tile():
+    """Every tile the table can choose (and the AOT list declares) is launched by some case, in both modes."""
+    plans = [_plan(c) for c in CASES]
+    assert {p.tile for p in plans} == set(_tiles.declared_tiles("igemm"))
+    declared = {(c["BM"], c["BN"], c["BK"], c["FLAT"], c["num_warps"], c["MODE"]) for c in conv2d_bn._AOT}
+    assert {(t.BM, t.BN, t.BK, t.flat, t.num_warps, m) for t in _tiles.IGEMM_TILES for m in (0, 1)} <= declared
+    assert any(p.splits > 1 for p in plans)  # where the per-layer forward splits K, this kernel does not
+    assert any(p.programs > -(-p.mode["M"] // p.tile.BM) for p in plans)  # several column blocks
+    assert any(-(-p.mode["M"] // p.tile.BM) > _channel_stats.GROUP for p in plans)  # both merge levels
 
 
 def _ids(c):
@@ -84,7 +121,7 @@ def _assert_sums(sums, want, mag, msg):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
-def test_forward_statistics_and_backward_recompute(device, poisoned, case):
+def test_forward_statistics_and_backward_recompute(device, poisoned, monkeypatch, case, one_torch_thread):
     seed = fresh_seed()
     msg = f"seed={seed} case={_ids(case)}"
     g = gen(seed)
@@ -92,8 +129,8 @@ def test_forward_statistics_and_backward_recompute(device, poisoned, case):
     relu, stats, dz_layout, dz_dtype, momentum = case[12], case[14], case[15], case[16], case[17]
     qx, qw, sx, sw, bias, gamma, beta, rm, rv, nbt, conv = _setup(case, device, g)
     OH, OW = conv2d_output_size(H, W, K, K, *conv)
-    if OH == 33:
-        assert -(-N * OH * OW // BM) > 32, "the large case must have more than 32 row tiles"
+    calls = []
+    monkeypatch.setattr(conv2d_bn, "conv2d_int8_bn_kernel", _LaunchSpy(conv2d_bn.conv2d_int8_bn_kernel, calls))
     train = stats == "train"
     rm0, rv0 = rm.clone(), rv.clone()
     y, chan, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, 8, 8, gamma, beta, rm, rv, nbt, momentum,
@@ -146,6 +183,10 @@ def test_forward_statistics_and_backward_recompute(device, poisoned, case):
                                                        dz.cpu(), bnp.cpu(), relu)
     assert bits_equal(y3, y_ref), msg
     _assert_sums(sums_ref, want, mag, msg + " (reference)")
+    if device.type == "cpu":  # both modes launched the table's tile, one split
+        t = _plan(case).tile
+        assert [(c["MODE"], c["BM"], c["BN"], c["BK"], c["FLAT"], c["num_warps"], c["grid"]) for c in calls] == [
+            (m, t.BM, t.BN, t.BK, t.flat, t.num_warps, (-(-N * OH * OW // t.BM) * -(-CO // t.BN),)) for m in (0, 1)]
 
 
 def test_reference_path_agrees(device):

@@ -128,7 +128,7 @@ def long_k_tiles(monkeypatch, device):
     """Under the interpreter, long K tiles so a 134,000-term reduction takes few (slow) loop steps."""
     if device.type == "cpu":
         tiles = {"BM": 16, "BN": 16, "BK": 4096, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
-        monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, conv=False, align=16: tiles)
+        monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, align=16: tiles)
 
 
 def test_int32_overflow_guard(device, poisoned, long_k_tiles, monkeypatch):

@@ -61,28 +61,28 @@ def empty_output(shape, dtype: torch.dtype, device: torch.device,
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
 
 
-# Tile configurations launched on a GPU; the ``@aot_kernel`` declarations compile exactly these.
+# Tile configurations of the int8 Linear GEMM launched on a GPU (the convolutions, the fused conv+BatchNorm
+# included, take theirs from the per-shape table of ``_tiles``); the ``@aot_kernel`` declarations compile
+# exactly these.
 # Chosen from the ptxas resource report (no GPU was available to time them): int8 MMA (mma.sync m16n8k32 on
 # sm_80, wgmma m64n128k32 on sm_90), 0 spills, a 128x128 int32 accumulator over 8 warps (64 registers a
-# thread), BK=64 (one 3x3 tap of a Cin=64 layer per K step), 4 stages (3 K tiles in flight).
-# "unaligned": operands whose channel counts / leading dimensions are not multiples of 16 (ALIGN=1, e.g.
-# a first layer with Cin=3) cannot use 16-byte vector loads: one address and predicate per byte, which
-# spills at 128x128x64; 64x128x32 halves the per-thread load state and does not. Same warps/stages (the
-# AOT registry holds one pair per kernel).
+# thread), BK=64, 4 stages (3 K tiles in flight).
+# "unaligned": operands whose leading dimensions are not multiples of 16 (ALIGN=1) cannot use 16-byte vector
+# loads: one address and predicate per byte, which spills at 128x128x64; 64x128x32 halves the per-thread
+# load state and does not. Same warps/stages (the Linear's AOT declaration holds one pair).
 GPU_TILES = {
     "linear": {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
-    "conv": {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
     "unaligned": {"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
 }
 # the interpreter's cost is per operation, not per element: few, mid-sized tiles
 _INTERPRETER_TILES = {"BM": 64, "BN": 32, "BK": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
 
 
-def gemm_tiles(device: torch.device, conv: bool = False, align: int = 16) -> dict:
-    """Tile configuration: ``GPU_TILES`` on a GPU (``conv``: the convolution kernels; ``align`` 1, see
-    ``alignment``: the unaligned fallback), few mid-sized tiles under the CPU interpreter."""
+def gemm_tiles(device: torch.device, align: int = 16) -> dict:
+    """Tile configuration of the Linear GEMM: ``GPU_TILES`` on a GPU (``align`` 1, see ``alignment``: the
+    unaligned fallback), few mid-sized tiles under the CPU interpreter."""
     if device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return dict(GPU_TILES["unaligned" if align < 16 else "conv" if conv else "linear"])
+        return dict(GPU_TILES["unaligned" if align < 16 else "linear"])
     return dict(_INTERPRETER_TILES)
 
 

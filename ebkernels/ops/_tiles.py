@@ -2,7 +2,9 @@
 
 No GPU was available to autotune, so the table is a documented rule computed from the shapes alone; every
 tile it can choose is declared to the AOT registry (``declared_tiles``, read by the ``@aot_kernel``
-lists of ``conv2d_int8``) and builds for sm_80 and sm_90 (``python -m ebkernels.aot``).
+lists of ``conv2d_int8`` and ``conv2d_bn``) and builds for sm_80 and sm_90 (``python -m ebkernels.aot``).
+The fused conv + BatchNorm forward (``conv2d_bn``, and its backward recompute of y) runs the forward's
+rule 1-3/6 tile (``conv_fwd_plan``) with no split: its epilogue needs each output's whole sum.
 ``python -m ebkernels.aot --plan vgg16,preresnet101 --batch 256`` prints what the table chooses for every
 layer, the grid against the GPU's SMs, and the *useful-MMA fraction* of each GEMM:
 

@@ -15,6 +15,16 @@ bfloat16 (the value BatchNorm sees, in forward and backward) and stored NHWC. Th
   (y - mean) * rstd``, and the sums [Σ g, Σ g·xhat] are merged in the kernel. y is stored again for
   the elementwise backward passes (``bn_relu_bwd``); nothing of y was kept from the forward.
 
+The tile is the per-layer forward's (``_tiles.conv_fwd_plan``: narrow BN for small Cout, BM by grid fill,
+K packed across taps (``FLAT``) below 64 channels per tap, BM = 64 for unaligned 128-column tiles), but
+always one split: the epilogue needs each output's whole sum, so where the table splits K (rule 7, an
+underfilled grid) this kernel runs the plan's tile unsplit. Split-K with the last split doing the BatchNorm
+epilogue (``_igemm.split_fixup``) is not done: it would carry an int64 [BM, BN] sum into an epilogue that
+already holds 236-255 registers at 128×128, and only small-batch layers would gain. The statistics merge
+depends on the tile only through BM (rows per partial: ``span``) and the row / column tile counts, which
+``ReductionSpace`` is sized from; its ``GROUP`` (row tiles per merge) and ``TB`` (partials per merge step)
+do not depend on BM or BN.
+
 Only whole reductions (Cin·KH·KW within one int32-exact chunk, every real layer) and groups = 1 come
 here; the fused block checks that. References: the float64-exact integer conv of ``conv2d_int8`` with
 the kernel's float32 epilogue, then the float64 statistics / sums of ``_channel_stats``.
@@ -29,12 +39,13 @@ import triton.language as tl
 
 from .._backend import use_triton
 from .._registry import aot_kernel
-from . import _igemm
+from . import _igemm, _tiles
 from ._bn_math import BNP_ROWS, bn_finalize_channels, bn_grad_in, finalize_reference
+from ._channel_stats import GROUP as STATS_GROUP
 from ._channel_stats import (MOMENTS, SUMS, ReductionSpace, finish_reduction, moments_reference, publish_max,
                              store_partials, tile_moments, tile_sums)
 from ._gemm import inv_code_scales
-from ._igemm import (GPU_TILES, alignment, assume_multiple, conv_forward_tile, decode_rows, grouped_tile_ids,
+from ._igemm import (alignment, assume_multiple, conv_forward_tile, decode_rows, grouped_tile_ids, k_steps,
                      offsets_fit_int32, to_bfloat16_rne)
 from .bn_relu_quant import NO_FP_FUSION, _momentum_arg
 from ._igemm import nchw_strides as _nchw_strides
@@ -43,7 +54,6 @@ from .conv2d_int8 import conv2d_int8_fwd_reference, conv2d_output_size
 __all__ = ["conv2d_int8_bn_fwd", "conv2d_int8_bn_bwd_reduce", "conv2d_int8_bn_fwd_reference",
            "conv2d_int8_bn_bwd_reduce_reference"]
 
-_GPU = {k: v for k, v in GPU_TILES["conv"].items() if k not in ("num_warps", "num_stages")}
 _SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "y_ptr": "*bf16", "ss_ptr": "*fp32", "sw_ptr": "*fp32",
         "bias_ptr": "*fp32", "dz_ptr": "*bf16", "part_ptr": "*fp32", "grp_ptr": "*fp32", "chan_ptr": "*fp32",
         "sem_ptr": "*i32", "gamma_ptr": "*fp32", "beta_ptr": "*fp32", "rm_ptr": "*fp32", "rv_ptr": "*fp32",
@@ -53,18 +63,30 @@ _SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "y_ptr": "*bf16", "ss_ptr": "*fp32", "
         "s_h": "i32", "s_w": "i32", "s_r": "i32", "sw_col": "i32", "sw_h": "i32", "sw_w": "i32", "sw_r": "i32",
         "sd_n": "i32", "sd_h": "i32", "sd_w": "i32", "sd_c": "i32", "inv_ss": "fp32", "eps": "fp32",
         "momentum": "fp32", "n_f": "fp32"}
-_COMMON = {**_GPU, "s_r": 1, "sw_r": 1, "sd_c": 1, "I64": False, "ALIGN": 16, "HAS_BIAS": False, "HAS_AFFINE": True,
-           "RELU": True, "TB": 32, "GROUP": 32, "DZ_LIKE_Y": True}
-_AOT = [{**_COMMON, "MODE": 0, "BATCH_STATS": True, "UPDATE": True, "stride_h": 1, "stride_w": 1, "dil_h": 1,
-         "dil_w": 1},
-        {**_COMMON, "MODE": 0, "BATCH_STATS": True, "UPDATE": True, "dil_h": 1, "dil_w": 1},
-        {**_COMMON, "MODE": 1, "BATCH_STATS": True, "UPDATE": False, "stride_h": 1, "stride_w": 1, "dil_h": 1,
-         "dil_w": 1}]
+# AOT configurations = GPU launches: every tile of the per-layer forward's table (``_tiles.IGEMM_TILES``, its
+# warps / stages), MODE 0 at unit stride (the JIT specialises arguments equal to 1) and at a runtime stride,
+# MODE 1 at unit stride; the flat tiles the unpadded Cin = 3 first layer gets (R % 16: no 128×128) also
+# unaligned (ALIGN=1), both modes.
+_COMMON = {"s_r": 1, "sw_r": 1, "sd_c": 1, "I64": False, "ALIGN": 16, "HAS_BIAS": False, "HAS_AFFINE": True,
+           "RELU": True, "TB": 32, "GROUP": STATS_GROUP, "DZ_LIKE_Y": True}
+_UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1}
+# the register cap of a launch (``.maxnreg``): without one, ptxas aims below the per-thread budget and spilled
+# 12-104 B on sm_80 in the statistics epilogue (MODE 0 at 64×64, 128×16 flat, 128×64: 96-168 registers used);
+# with the whole budget it keeps everything in 112-218 registers
+MAXNREG = 255
 
 
-@aot_kernel(signature=_SIG, constexprs=_AOT, num_warps=GPU_TILES["conv"]["num_warps"],
-            num_stages=GPU_TILES["conv"]["num_stages"], int8_mma=True, aligned=("src_ptr", "w_ptr", "y_ptr"),
-            fp_fusion=False)
+def _bn_aot(t, mode, **kw):
+    return {**t.aot(), "FLAT": t.flat, **_COMMON, "MODE": mode, "BATCH_STATS": True, "UPDATE": mode == 0,
+            "dil_h": 1, "dil_w": 1, "maxnreg": MAXNREG, **kw}
+
+
+_AOT = ([cfg for t in _tiles.IGEMM_TILES for cfg in (_bn_aot(t, 0, **_UNIT), _bn_aot(t, 0), _bn_aot(t, 1, **_UNIT))]
+        + [_bn_aot(t, mode, **_UNIT, ALIGN=1) for t in _tiles.IGEMM_TILES if t.flat and t.BM * t.BN < 128 * 128
+           for mode in (0, 1)])
+
+
+@aot_kernel(signature=_SIG, constexprs=_AOT, int8_mma=True, aligned=("src_ptr", "w_ptr", "y_ptr"), fp_fusion=False)
 @triton.jit
 def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_ptr, part_ptr, grp_ptr, chan_ptr,
                           sem_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, bnp_ptr, zmax_ptr, P, Q, R, OP, OQ,
@@ -72,13 +94,14 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
                           sw_col, sw_h, sw_w, sw_r, sd_n, sd_h, sd_w, sd_c, inv_ss, eps, momentum, n_f,
                           MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr,
                           BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, RELU: tl.constexpr, BM: tl.constexpr,
-                          BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, ALIGN: tl.constexpr,
-                          I64: tl.constexpr, TB: tl.constexpr, GROUP: tl.constexpr, DZ_LIKE_Y: tl.constexpr):
+                          BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FLAT: tl.constexpr,
+                          ALIGN: tl.constexpr, I64: tl.constexpr, TB: tl.constexpr, GROUP: tl.constexpr,
+                          DZ_LIKE_Y: tl.constexpr):
     """Forward convolution of int8 codes (rows: output pixels (n, op, oq), columns: NCOL output channels,
     all KH·KW taps in one program) with the bfloat16 y stored NHWC (``m * NCOL + col``), then
     ``MODE`` 0: BatchNorm statistics + finalisation; ``MODE`` 1: BatchNorm-backward sums of the bfloat16
     ``dz`` (strides sd_*; ``DZ_LIKE_Y``: laid out like y) with ``bnp`` as input. ``ALIGN``, ``I64``: as
-    ``conv2d_int8_fwd_dgrad_kernel``."""
+    ``conv2d_int8_fwd_dgrad_kernel``; ``FLAT``: K packed across taps (the table's tile)."""
     R = assume_multiple(R, ALIGN)
     s_n = assume_multiple(s_n, ALIGN)
     s_h = assume_multiple(s_h, ALIGN)
@@ -94,9 +117,9 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
     m_ok = m < M
     col_ok = col < NCOL
     n, op, oq = decode_rows(m, OP, OQ)
-    acc = conv_forward_tile(src_ptr, w_ptr, n, op, oq, m_ok, col, col_ok, 0, taps * tl.cdiv(R, BK), taps // KW, KW,
-                            P, Q, R, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r, sw_col, sw_h,
-                            sw_w, sw_r, BM, BN, BK, False, I64)
+    acc = conv_forward_tile(src_ptr, w_ptr, n, op, oq, m_ok, col, col_ok, 0, k_steps(taps, R, BK, FLAT), taps // KW,
+                            KW, P, Q, R, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r, sw_col,
+                            sw_h, sw_w, sw_r, BM, BN, BK, FLAT, I64)
     y = acc.to(tl.float32) * (tl.load(ss_ptr) * tl.load(sw_ptr) * inv_ss)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -183,9 +206,10 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
     y = _igemm.empty_output((N, CO, OH, OW), torch.bfloat16, qx.device, torch.channels_last)
     s_n, s_h, s_w, s_r = _nchw_strides(qx)
     align = alignment((C, s_n, s_h, s_w, qw.stride(0), qw.stride(2), qw.stride(3)), (qx, qw))
-    cfg = _igemm.gemm_tiles(qx.device, conv=True, align=align)
-    BM, BN = cfg["BM"], cfg["BN"]
-    num_m, num_n = triton.cdiv(M, BM), triton.cdiv(CO, BN)
+    # the per-layer forward's tile (``_tiles`` rules 1-3, 6), always one split: see the module docstring
+    tile = _tiles.conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation,
+                                sms=_tiles.device_sms(qx.device)).tile
+    num_m, num_n = triton.cdiv(M, tile.BM), triton.cdiv(CO, tile.BN)
     space = ReductionSpace(MOMENTS if mode == 0 else SUMS, num_m, num_n, CO, qx.device, extra=1)
     i64 = not offsets_fit_int32(qx, y) or (dz is not None and not offsets_fit_int32(dz))
     if mode == 0:
@@ -204,10 +228,9 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
         KW, M, KH * KW, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], s_n, s_h, s_w, s_r,
         qw.stride(0), qw.stride(2), qw.stride(3), qw.stride(1), *sd, inv_code_scales(bits_a, bits_w), float(eps),
         _momentum_arg(momentum), float(M), MODE=mode, HAS_BIAS=bias is not None, HAS_AFFINE=weight is not None,
-        BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, BM=BM, BN=BN, BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
-        ALIGN=align, I64=i64, TB=32, GROUP=32, DZ_LIKE_Y=dz_like_y, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-        **NO_FP_FUSION)
+        BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M,
+        FLAT=tile.flat, ALIGN=align, I64=i64, TB=32, GROUP=STATS_GROUP, DZ_LIKE_Y=dz_like_y, num_warps=tile.num_warps,
+        num_stages=tile.num_stages, maxnreg=MAXNREG, **NO_FP_FUSION)
     if mode == 0:
         return y, space.out, bnp_out, zmax[:1]
     return y, space.out
