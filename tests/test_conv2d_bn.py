@@ -19,8 +19,7 @@ from ebkernels.ops._bn_math import bn_act_reference
 from ebkernels.ops.conv2d_bn import (_bwd_op, _fwd_op, conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_bwd_reduce_reference,
                                      conv2d_int8_bn_fwd)
 from ebkernels.ops.conv2d_int8 import conv2d_int8_fwd_reference, conv2d_output_size
-from _flow import CL, bits_equal, bnp_exact, codes, f32_of_bits, fresh_seed, gen, mismatch, rows
-from test_conv2d_int8 import _LaunchSpy
+from _flow import CL, bits_equal, bnp_exact, codes, f32_of_bits, fresh_seed, gen, mismatch, rows, spy_kernels
 
 EPS = 1e-5
 SMS = _tiles.INTERPRETER_SMS
@@ -129,8 +128,7 @@ def test_forward_statistics_and_backward_recompute(device, poisoned, monkeypatch
     relu, stats, dz_layout, dz_dtype, momentum = case[12], case[14], case[15], case[16], case[17]
     qx, qw, sx, sw, bias, gamma, beta, rm, rv, nbt, conv = _setup(case, device, g)
     OH, OW = conv2d_output_size(H, W, K, K, *conv)
-    calls = []
-    monkeypatch.setattr(conv2d_bn, "conv2d_int8_bn_kernel", _LaunchSpy(conv2d_bn.conv2d_int8_bn_kernel, calls))
+    calls = spy_kernels(monkeypatch, [(conv2d_bn, "conv2d_int8_bn_kernel")])
     train = stats == "train"
     rm0, rv0 = rm.clone(), rv.clone()
     y, chan, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, 8, 8, gamma, beta, rm, rv, nbt, momentum,
