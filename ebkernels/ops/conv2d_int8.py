@@ -36,8 +36,8 @@ from ..config import QConfig
 from . import _igemm
 from . import _tiles
 from ._igemm import (MAX_TERMS, alignment, assume_multiple, conv_forward_tile, conv_implicit_gemm_tile, decode_rows,
-                     grouped_tile_ids, k_steps, split_fixup, nchw_strides as _nchw_strides,
-                     offsets_fit_int32, phase_taps, store_gemm_tile)
+                     finish_gemm_tile, grouped_tile_ids, k_steps, nchw_strides as _nchw_strides, offsets_fit_int32,
+                     phase_taps)
 from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
                     quantize_weight_grad, refuse_double_backward, result_and_scale)
 from ._conv_wgrad import _wgrad_triton, conv2d_int8_wgrad_kernel  # noqa: F401 (the kernel: re-exported)
@@ -154,14 +154,9 @@ def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_p
     else:
         row_offs = n * so_n + op * so_h + oq * so_w
         col_offs = col * so_c
-    if SPLIT_FIX:
-        total, last = split_fixup(acc, ws_ptr, tl.program_id(0), tl.num_programs(1), BM, BN)
-        if last:  # the tile's last split: the whole (int64) sum, then the shared epilogue
-            store_gemm_tile(total, out_ptr, row_offs, m_ok, col, col_offs, col_ok, ss_ptr, sw_ptr, bias_ptr, inv_ss,
-                            HAS_BIAS, RAW)
-    else:
-        store_gemm_tile(acc, out_ptr, row_offs, m_ok, col, col_offs, col_ok, ss_ptr, sw_ptr, bias_ptr, inv_ss,
-                        HAS_BIAS, RAW)
+    # the shared end of a GEMM program (splits meet in int64, the last one stores); no G quantization here
+    finish_gemm_tile(acc, ws_ptr, out_ptr, row_offs, m_ok, col, col_offs, col_ok, ss_ptr, sw_ptr, bias_ptr, inv_ss,
+                     ws_ptr, ws_ptr, 0, 0, 0, 0, 0, 0, 0, 0, HAS_BIAS, RAW, SPLIT_FIX, 0, 8, False, 1024, BM, BN)
 
 
 # --------------------------------------------------------------------------------------------------
