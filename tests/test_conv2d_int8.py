@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ebkernels import QConfig, force_backend, qconv2d
-from ebkernels.ops import _conv_wgrad, _igemm, _tiles, conv2d_int8
+from ebkernels.ops import _conv_fwd_dgrad, _conv_wgrad, _igemm, _tiles, conv2d_int8
 from ebkernels.ops.conv2d_int8 import (conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd,
                                        conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference)
 from _flow import spy_kernels
@@ -23,7 +23,7 @@ def poisoned(monkeypatch):
 
 def spy_launches(monkeypatch):
     """The launches of the convolution kernels (forward / input-grad, weight-grad), in order."""
-    return spy_kernels(monkeypatch, ((conv2d_int8, "conv2d_int8_fwd_dgrad_kernel"),
+    return spy_kernels(monkeypatch, ((_conv_fwd_dgrad, "conv2d_int8_fwd_dgrad_kernel"),
                                      (_conv_wgrad, "conv2d_int8_wgrad_kernel")))
 
 

@@ -5,7 +5,7 @@ Activations and errors are int8 codes in NHWC memory order (the quantizer writes
 int8 codes viewed as [Cout, KH·KW·Cin]. All three kernels share the index decode, the main loop and
 the epilogue of ``_igemm``; their tiles come from the per-shape table of ``_tiles``:
 
-- ``conv2d_int8_fwd_dgrad_kernel``: forward ``Y[N·OH·OW, Cout] = X̃ · Wᵀ`` (reduction over (kh, kw, ci)),
+- ``conv2d_int8_fwd_dgrad_kernel`` (in ``_conv_fwd_dgrad`` with its launchers): forward ``Y[N·OH·OW, Cout] = X̃ · Wᵀ`` (reduction over (kh, kw, ci)),
   or, with ``TRANSPOSED``, input-grad ``dX[N·H·W, Cin] = Ẽ · W`` as stride_h·stride_w dense phases, each
   reading only the taps whose output pixel ``(ih + pad - kh·dil) / stride`` exists (any stride, padding,
   dilation);
@@ -20,223 +20,27 @@ runs the PyTorch reference path (one warning). Public: ``qconv2d``; lower level 
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from .._backend import use_triton
 from .._checks import check_same_device, check_tensor
-from .._registry import aot_kernel
 from ..config import QConfig
-from . import _igemm
 from . import _tiles
-from ._igemm import (MAX_TERMS, alignment, assume_multiple, conv_forward_tile, conv_implicit_gemm_tile, decode_rows,
-                     finish_gemm_tile, grouped_tile_ids, k_steps, nchw_strides as _nchw_strides, offsets_fit_int32,
-                     phase_taps)
+from ._igemm import MAX_TERMS
 from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
-                    quantize_weight_grad, refuse_double_backward, result_and_scale)
-from ._conv_wgrad import _wgrad_triton, conv2d_int8_wgrad_kernel  # noqa: F401 (the kernel: re-exported)
+                    quantize_weight_grad, refuse_double_backward)
+from ._conv_fwd_dgrad import (_dgrad_triton, _fwd_triton, _out_format, conv2d_int8_fwd_dgrad_kernel,  # noqa: F401
+                              conv2d_output_size)  # (the kernels: re-exported)
+from ._conv_wgrad import _wgrad_triton, conv2d_int8_wgrad_kernel  # noqa: F401
 from .quantize import dequantize, quantize
 
 __all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad", "conv2d_int8_wgrad",
            "conv2d_int8_fwd_reference", "conv2d_int8_dgrad_reference", "conv2d_int8_wgrad_reference",
            "conv2d_output_size"]
-
-# Runtime arguments as the JIT types them for tensors below 2^31 elements (I64=False: int32 offsets).
-_CONV_SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*fp32", "ss_ptr": "*fp32", "sw_ptr": "*fp32",
-             "bias_ptr": "*fp32", "P": "i32", "Q": "i32", "R": "i32", "OP": "i32", "OQ": "i32",
-             "NCOL": "i32", "KH": "i32", "KW": "i32", "MQ": "i32", "HQ": "i32", "WQ": "i32", "per_split": "i32",
-             "stride_h": "i32", "stride_w": "i32", "pad_h": "i32", "pad_w": "i32", "dil_h": "i32",
-             "dil_w": "i32", "step_h": "i32", "step_w": "i32", "s_n": "i32", "s_h": "i32", "s_w": "i32",
-             "s_r": "i32", "sw_col": "i32", "sw_h": "i32", "sw_w": "i32", "sw_r": "i32", "so_n": "i32",
-             "so_h": "i32", "so_w": "i32", "so_c": "i32", "ws_ptr": "*i64", "inv_ss": "fp32"}
-# AOT configurations = GPU launches: every tile of the table (``_tiles.IGEMM_TILES``), one split or split-K
-# (SPLIT_FIX), as the forward of an NHWC layer (16-aligned channel counts, ALIGN=16, channels-last result, bias, unit stride/dilation as the
-# JIT specialises arguments equal to 1) and as the phase-decomposed input-grad (runtime stride); the flat
-# (K packed across taps) tiles also unaligned (ALIGN=1: the unpadded Cin = 3 first layer); a forward into an
-# NCHW result (OUT_ALIGN=1) at the big tile.
-_CONV_UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1, "step_h": 1, "step_w": 1}
-
-
-def _conv_aot(t, out_nchw=False, **kw):
-    cfg = {**t.aot(), "s_r": 1, "sw_r": 1, "I64": False, "RAW": False, "FLAT": t.flat, "ALIGN": 16,
-           "OUT_ALIGN": 16, "SPLIT_FIX": False, **kw}
-    cfg.update({"so_w": 1} if out_nchw else {"so_c": 1})
-    return cfg
-
-
-_CONV_AOT = ([_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, SPLIT_FIX=fix) for t in _tiles.IGEMM_TILES
-              for fix in (False, True)]
-             + [_conv_aot(t, TRANSPOSED=True, HAS_BIAS=False, SPLIT_FIX=fix) for t in _tiles.IGEMM_TILES
-                for fix in (False, True)]
-             + [_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, ALIGN=1, OUT_ALIGN=1)
-                for t in _tiles.IGEMM_TILES if t.flat and t.BM * t.BN < 128 * 128]
-             + [_conv_aot(_tiles.IGEMM_TILES[-2], True, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, OUT_ALIGN=1)])
-
-
-@aot_kernel(signature=_CONV_SIG, constexprs=_CONV_AOT, int8_mma=True, aligned=("src_ptr", "w_ptr", "out_ptr"))
-@triton.jit
-def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_ptr, P, Q, R, OP, OQ, NCOL, KH, KW,
-                                 MQ, HQ, WQ, per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h,
-                                 step_w, s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r, so_n, so_h, so_w, so_c,
-                                 ws_ptr, inv_ss, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                 RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                                 GROUP_M: tl.constexpr, FLAT: tl.constexpr, ALIGN: tl.constexpr,
-                                 OUT_ALIGN: tl.constexpr, I64: tl.constexpr, SPLIT_FIX: tl.constexpr):
-    """Forward (``TRANSPOSED=False``: src = x codes, P×Q = H×W, R = Cin; result Y, OP×OQ = OH×OW,
-    NCOL = Cout; rows MQ = N·OH·OW over (N, HQ=OH, WQ=OW)) or input-grad by phases (``TRANSPOSED=True``:
-    src = E codes, P×Q = OH×OW, R = Cout; result dX, OP×OQ = H×W, NCOL = Cin): grid axis 0 = stride_h·
-    stride_w phases × row tiles of one phase (MQ = N·HQ·WQ, HQ = ceil(H / stride_h)) × column tiles; phase
-    (ph, pw) computes the input pixels (ph + stride_h·a, pw + stride_w·b) from only the taps that reach them
-    (``_igemm.phase_taps``, ``step_*`` = stride / gcd(stride, dil)). Grid axis 1: K splits of ``per_split``
-    steps (int32-exact chunks; ``SPLIT_FIX``: added into the int64 workspace ``ws_ptr``, the last split of
-    the tile stores it). ``FLAT``: K packed across taps. ``ALIGN``/``OUT_ALIGN`` (16
-    or 1): the launcher guarantees R and the strides of src and w / NCOL and the strides of the result are
-    multiples of it (16-byte vectors); ``I64``: 64-bit offsets."""
-    R = assume_multiple(R, ALIGN)
-    s_n = assume_multiple(s_n, ALIGN)
-    s_h = assume_multiple(s_h, ALIGN)
-    s_w = assume_multiple(s_w, ALIGN)
-    sw_col = assume_multiple(sw_col, ALIGN)
-    sw_h = assume_multiple(sw_h, ALIGN)
-    sw_w = assume_multiple(sw_w, ALIGN)
-    NCOL = assume_multiple(NCOL, OUT_ALIGN)
-    so_n = assume_multiple(so_n, OUT_ALIGN)
-    so_h = assume_multiple(so_h, OUT_ALIGN)
-    so_w = assume_multiple(so_w, OUT_ALIGN)
-    num_m = tl.cdiv(MQ, BM)
-    num_n = tl.cdiv(NCOL, BN)
-    pid = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    if TRANSPOSED:
-        phase = pid // (num_m * num_n)
-        pid = pid - phase * (num_m * num_n)
-    pid_m, pid_n = grouped_tile_ids(pid, num_m, num_n, GROUP_M)
-    m = pid_m * BM + tl.arange(0, BM)
-    col = pid_n * BN + tl.arange(0, BN)
-    col_ok = col < NCOL
-    n, a, b = decode_rows(m, HQ, WQ)  # once per program: the K loop carries per-row offsets only
-    it0 = pid_s * per_split
-    if TRANSPOSED:
-        ph_h = phase // stride_w
-        ph_w = phase - ph_h * stride_w
-        kh0, cnt_h, c0_h = phase_taps(ph_h, pad_h, dil_h, stride_h, KH, step_h)
-        kw0, cnt_w, c0_w = phase_taps(ph_w, pad_w, dil_w, stride_w, KW, step_w)
-        op = ph_h + stride_h * a
-        oq = ph_w + stride_w * b
-        m_ok = (m < MQ) & (op < OP) & (oq < OQ)
-        if I64:
-            pix_n = n.to(tl.int64) * s_n
-        else:
-            pix_n = n * s_n
-        it1 = tl.minimum(it0 + per_split, k_steps(cnt_h * cnt_w, R, BK, FLAT))
-        # tap j of the phase reads output row a + c0 - j·dil/gcd (DH < 0: the transposed convolution)
-        acc = conv_implicit_gemm_tile(src_ptr, w_ptr, pix_n, a + c0_h, b + c0_w, m_ok, col, col_ok, it0, it1,
-                                      tl.maximum(cnt_w, 1), cnt_h * cnt_w, kh0, kw0, step_h, step_w,
-                                      -(dil_h * step_h // stride_h), -(dil_w * step_w // stride_w), P, Q, R, s_h,
-                                      s_w, s_r, sw_col, sw_h, sw_w, sw_r, BM, BN, BK, FLAT, I64)
-    else:
-        op = a
-        oq = b
-        m_ok = m < MQ
-        it1 = tl.minimum(it0 + per_split, k_steps(KH * KW, R, BK, FLAT))
-        acc = conv_forward_tile(src_ptr, w_ptr, n, op, oq, m_ok, col, col_ok, it0, it1, KH, KW, P, Q, R, stride_h,
-                                stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r,
-                                BM, BN, BK, FLAT, I64)
-    if I64:
-        row_offs = n.to(tl.int64) * so_n + op.to(tl.int64) * so_h + oq.to(tl.int64) * so_w
-        col_offs = col.to(tl.int64) * so_c
-    else:
-        row_offs = n * so_n + op * so_h + oq * so_w
-        col_offs = col * so_c
-    # the shared end of a GEMM program (splits meet in int64, the last one stores); no G quantization here
-    finish_gemm_tile(acc, ws_ptr, out_ptr, row_offs, m_ok, col, col_offs, col_ok, ss_ptr, sw_ptr, bias_ptr, inv_ss,
-                     ws_ptr, ws_ptr, 0, 0, 0, 0, 0, 0, 0, 0, HAS_BIAS, RAW, SPLIT_FIX, 0, 8, False, 1024, BM, BN)
-
-
-# --------------------------------------------------------------------------------------------------
-# Launchers (Triton path)
-# --------------------------------------------------------------------------------------------------
-def conv2d_output_size(H, W, KH, KW, stride, padding, dilation):
-    return ((H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1,
-            (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1)
-
-
-def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, NCOL, KH, KW, stride, padding,
-                      dilation, sw_col, sw_r, inv_ss, max_terms):
-    """Shared launch of the forward / input-grad kernels: result pixels (N, OP, OQ) × NCOL channels,
-    reduction over KH·KW taps × R channels; the tile from the table (``_tiles``), the same plan
-    ``python -m ebkernels.aot --plan`` prints; split over K steps when longer than ``max_terms``."""
-    N = src.shape[0]
-    M = N * OP * OQ
-    raw = ss is None
-    s_n, s_h, s_w, s_r = _nchw_strides(src)
-    sms = _tiles.device_sms(src.device)
-    if transposed:
-        plan = _tiles.conv_dgrad_plan(N, R, P, Q, NCOL, OP, OQ, KH, KW, stride, padding, dilation, sms=sms,
-                                      max_terms=max_terms)
-        MQ, HQ, WQ = plan.mode["Mq"], triton.cdiv(OP, stride[0]), triton.cdiv(OQ, stride[1])
-    else:
-        plan = _tiles.conv_fwd_plan(N, R, P, Q, NCOL, KH, KW, stride, padding, dilation, sms=sms, max_terms=max_terms)
-        MQ, HQ, WQ = M, OP, OQ
-    tile, splits = plan.tile, plan.splits
-    steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]  # taps of one phase: k0, k0 + step, ...
-    align = alignment((R, s_n, s_h, s_w, sw_col, wq.stride(2), wq.stride(3)), (src, wq))
-    # splits > 1: exact int32 tiles added into an int64 workspace, the last split of a tile stores it
-    ws = _igemm.split_workspace(plan.programs, splits, tile.BM, tile.BN, src.device)
-    so_n, so_h, so_w, so_c = _nchw_strides(out)
-    dummy = src
-    out_align = alignment((NCOL, so_n, so_h, so_w), (out,))
-    i64 = not offsets_fit_int32(src, out)
-    conv2d_int8_fwd_dgrad_kernel[(plan.programs, splits)](
-        src, wq, out, dummy if raw else ss, dummy if raw else sw, bias if (not raw and bias is not None) else dummy,
-        P, Q, R, OP, OQ, NCOL, KH, KW, MQ, HQ, WQ, plan.per_split, stride[0], stride[1], padding[0], padding[1],
-        dilation[0], dilation[1], steps[0], steps[1], s_n, s_h, s_w, s_r, sw_col, wq.stride(2), wq.stride(3), sw_r,
-        so_n, so_h, so_w, so_c, ws, inv_ss, TRANSPOSED=transposed, HAS_BIAS=not raw and bias is not None, RAW=raw,
-        BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=align, OUT_ALIGN=out_align,
-        I64=i64, SPLIT_FIX=splits > 1, num_warps=tile.num_warps, num_stages=tile.num_stages)
-    return out
-
-
-def _out_format(channels_last: bool):
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, out_dtype, channels_last,
-                max_terms):
-    N, C, H, W = qx.shape
-    CO, _, KH, KW = qw.shape
-    OH, OW = conv2d_output_size(H, W, KH, KW, stride, padding, dilation)
-    out, inv_ss = result_and_scale((N, CO, OH, OW), sx, out_dtype, bits_a, bits_w, qx.device,
-                                   _out_format(channels_last))
-    if out.numel() == 0:
-        return out
-    if qw.stride(1) != 1 and C > 1:  # the reduction runs over Cin: keep it contiguous (K-major operand)
-        qw = qw.contiguous(memory_format=torch.channels_last)
-    return _conv_like_launch(False, qx, qw, sx, sw, bias, out, H, W, C, OH, OW, CO, KH, KW,
-                             stride, padding, dilation, qw.stride(0), qw.stride(1), inv_ss, max_terms)
-
-
-def _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, bits_w, out_dtype,
-                  channels_last, max_terms):
-    N, CO, OH, OW = qe.shape
-    _, C, KH, KW = qw.shape
-    H, W = input_hw
-    out, inv_ss = result_and_scale((N, C, H, W), se, out_dtype, bits_e, bits_w, qe.device,
-                                   _out_format(channels_last))
-    if out.numel() == 0:
-        return out
-    # the reduction runs over Cout: a copy of the (small) weight codes with Cout contiguous keeps the
-    # tensor-core operand K-major
-    qw_t = qw.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
-    return _conv_like_launch(True, qe, qw_t, se, sw, None, out, OH, OW, CO, H, W, C, KH,
-                             KW, stride, padding, dilation, qw_t.stride(1), qw_t.stride(0), inv_ss, max_terms)
-
 
 # --------------------------------------------------------------------------------------------------
 # Float64 oracles on the integer codes (exact sums), with the kernels' fp32 epilogue
