@@ -1,7 +1,7 @@
 """The forward / input-grad kernel of the int8 Conv2d (``conv2d_int8``; its own file for size, same op)
 and its launchers: ``conv2d_int8_fwd_dgrad_kernel`` runs the forward ``Y[N·OH·OW, Cout] = X̃ · Wᵀ`` or,
 with ``TRANSPOSED``, the input-grad ``dX[N·H·W, Cin] = Ẽ · W`` as stride_h·stride_w dense phases, on the
-tile the per-shape table (``_tiles``) chooses, split-K ending in ``_igemm.finish_gemm_tile``. The float64
+tile the per-shape table (``_tiles``) chooses, split-K ending in ``_gemm_end.finish_gemm_tile``. The float64
 oracles are ``conv2d_int8.conv2d_int8_fwd_reference`` / ``conv2d_int8_dgrad_reference``.
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import triton.language as tl
 from .._registry import aot_kernel
 from . import _igemm, _tiles
 from ._gemm import result_and_scale
+from ._gemm_end import finish_gemm_tile
 from ._igemm import (alignment, assume_multiple, conv_forward_tile, conv_implicit_gemm_tile, decode_rows,
-                     finish_gemm_tile, grouped_tile_ids, k_steps, nchw_strides as _nchw_strides, offsets_fit_int32,
+                     grouped_tile_ids, k_steps, nchw_strides as _nchw_strides, offsets_fit_int32,
                      phase_taps)
 
 __all__ = ["conv2d_int8_fwd_dgrad_kernel", "conv2d_output_size"]

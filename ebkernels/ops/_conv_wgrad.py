@@ -4,7 +4,7 @@
 The tile comes from the per-shape table (``_tiles.wgrad_tile``: narrow Cout/Cin tiles; columns flat over
 (tap, channel) below 16 input channels), the reduction is split into chunks of at most 2^17 rows whose
 exact int32 sums are added into an int64 workspace, and the last split of each output tile applies the
-scales and the fused G quantization (``_igemm.finish_gemm_tile``): one launch,
+scales and the fused G quantization (``_gemm_end.finish_gemm_tile``): one launch,
 exact at any batch size. The float64 oracle is ``conv2d_int8.conv2d_int8_wgrad_reference``.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from .._registry import aot_kernel
 from . import _igemm, _tiles
 from ._conv_wgrad_tma import launch_wgrad_tma
 from ._gemm import result_and_scale
-from ._igemm import (alignment, assume_multiple, decode_rows, decode_tap, finish_gemm_tile, grouped_tile_ids,
+from ._gemm_end import finish_gemm_tile
+from ._igemm import (alignment, assume_multiple, decode_rows, decode_tap, grouped_tile_ids,
                      load_channel_major_tile, load_pixels_tile, nchw_strides, offsets_fit_int32, tap_input_coord)
 from .quantize import gquant_finish, gquant_plan
 
@@ -84,7 +85,7 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
     (tap, channel), each with its own input-pixel shift (a [rows, columns] gather), so the first layer's
     3×3×3 columns fill one 32-wide tile instead of nine 16-wide ones. ``SPLIT_FIX`` (several chunks): they meet
     in the int64 workspace ``ws_ptr``, the last one of the tile finishes it. ``GQ`` (1, 2; scaled result): G
-    quantization fused in (``_igemm.finish_gemm_tile``)."""
+    quantization fused in (``_gemm_end.finish_gemm_tile``)."""
     C = assume_multiple(C, ALIGN)
     M = assume_multiple(M, ALIGN if E_CM else 1)
     m_per_split = assume_multiple(m_per_split, ALIGN if E_CM else 1)

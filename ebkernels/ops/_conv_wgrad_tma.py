@@ -17,7 +17,7 @@ Then a K step is one BH×BW box of output pixels (BH·BW = 64): ``E[co, n, oh0:o
 against ``X_kw[ci, n, oh0+kh·dil_h : ..., ow0 : ow0+BW]``, each a 3-D TMA box reshaped to [channels, 64],
 and ``tl.dot`` reduces them. Padded rows multiply zeros of E; rows past an image's end read the next
 image's or TMA's zero fill, against E's zero padding rows. The splits, the int64 fix-up, the scales and
-the fused G quantization are every GEMM's (``_igemm.finish_gemm_tile``). Exact against the
+the fused G quantization are every GEMM's (``_gemm_end.finish_gemm_tile``). Exact against the
 same float64 oracle (``conv2d_int8_wgrad_reference``); under ``TRITON_INTERPRET=1`` the descriptors
 become masked loads, which ``tests/test_conv_wgrad_tma.py`` runs with ``_tiles.WGRAD_TMA = True``.
 
@@ -33,7 +33,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._registry import aot_kernel
 from . import _igemm, _tiles
-from ._igemm import assume_multiple, decode_tap, finish_gemm_tile, grouped_tile_ids
+from ._gemm_end import finish_gemm_tile
+from ._igemm import assume_multiple, decode_tap, grouped_tile_ids
 
 __all__ = ["conv2d_int8_wgrad_tma_kernel", "wgrad_tma_operands_kernel", "wgrad_tma_operands",
            "wgrad_tma_operands_reference", "launch_wgrad_tma"]

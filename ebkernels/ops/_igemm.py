@@ -19,9 +19,8 @@ One index decode and one set of tile helpers for every kernel in ``linear_int8``
 - ``store_gemm_tile``: the epilogue every kernel shares: the raw integer sums (exact, int64 results) or the
   dequantized value ``acc * sa * sb / (S_a * S_b) + bias`` with scales read from device;
 - ``split_fixup`` / ``split_workspace``: split-K in one launch: each split adds its exact int32 tile (at
-  most 2^17 terms) into an int64 workspace and the tile's last split applies the epilogue;
-  ``finish_gemm_tile``: that and the epilogue with the weight-grad's fused G quantization, the end of
-  the Linear and convolution weight-grad kernels;
+  most 2^17 terms) into an int64 workspace and the tile's last split applies the epilogue (the end of
+  every GEMM program, with the weight-grad's fused G quantization: ``_gemm_end.finish_gemm_tile``);
 - ``assume_multiple`` / ``alignment``: the launcher checks which extents and strides are multiples of 16
   and tells the kernel (constexpr ``ALIGN``), so loads and stores are 16-byte vectors in the
   ahead-of-time build too (the JIT would infer it from the arguments; ``python -m ebkernels.aot`` cannot);
@@ -43,12 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantize import gquant_epilogue
 
 __all__ = ["MAX_TERMS", "GPU_TILES", "empty_output", "gemm_tiles", "alignment", "nchw_strides", "offsets_fit_int32",
            "assume_multiple", "to_bfloat16_rne", "cast_rne", "decode_rows", "decode_tap", "tap_input_coord",
            "phase_taps", "split_fixup", "split_workspace", "grouped_tile_ids", "k_steps", "conv_implicit_gemm_tile", "conv_forward_tile", "load_pixels_tile",
-           "store_gemm_tile", "finish_gemm_tile"]
+           "store_gemm_tile"]
 
 # 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
 MAX_TERMS = 1 << 17
@@ -354,25 +352,3 @@ def store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_pt
             y = y + tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs, cast_rne(y, out_ptr.dtype.element_ty), mask=mask)
     return y, mask
-
-
-@triton.jit
-def finish_gemm_tile(acc, ws_ptr, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss,
-                     gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, HAS_BIAS: tl.constexpr, RAW: tl.constexpr,
-                     SPLIT_FIX: tl.constexpr, GQ: tl.constexpr, BITS_G: tl.constexpr, STOCH_G: tl.constexpr,
-                     GBLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """The end of a GEMM program on grid (tiles, splits) with its int32 tile ``acc``. ``SPLIT_FIX``
-    (splits > 1): ``split_fixup`` adds it into the int64 workspace and only the tile's last split goes on,
-    with the int64 sum over all splits (RAW results stay exact). Then the epilogue (``store_gemm_tile``)
-    and, ``GQ`` > 0, the weight-grad's G quantization (``quantize.gquant_epilogue``: every tile finished
-    by exactly one program, so it counts ``tiles`` of them; gq/rng/gn/g*/gs*: its scratch and the real
-    gradient view)."""
-    last = True
-    if SPLIT_FIX:
-        acc, last = split_fixup(acc, ws_ptr, tl.program_id(0), tl.num_programs(1), BM, BN)
-    if last:
-        y, y_mask = store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr,
-                                    inv_ss, HAS_BIAS, RAW)
-        if GQ > 0:
-            gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
-                            tl.num_programs(0), tl.program_id(0) == 0, GQ, BITS_G, STOCH_G, GBLOCK)

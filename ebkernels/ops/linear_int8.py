@@ -8,7 +8,7 @@ from device tensors, multiplies by ``sa·sb / (S_a·S_b)`` and adds the bias: no
 
 Reductions longer than ``MAX_TERMS = 2^17`` (127² · 2^17 < 2^31), or split to fill the GPU, run as
 splits in one launch: each adds its exact int32 sums into an int64 workspace and the last split of each
-output tile applies the epilogue and the weight-grad's fused G quantization (``_igemm.finish_gemm_tile``).
+output tile applies the epilogue and the weight-grad's fused G quantization (``_gemm_end.finish_gemm_tile``).
 This matters for the weight-grad, whose reduction runs over all rows of the batch.
 
 Public: ``qlinear(x, weight, bias=None, qconfig=None)``; lower level ``linear_int8_mm`` (a
@@ -29,7 +29,8 @@ from ..config import QConfig
 from . import _igemm
 from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
                     quantize_weight_grad, refuse_double_backward, result_and_scale, split_reduction)
-from ._igemm import MAX_TERMS, alignment, assume_multiple, finish_gemm_tile, grouped_tile_ids
+from ._gemm_end import finish_gemm_tile
+from ._igemm import MAX_TERMS, alignment, assume_multiple, grouped_tile_ids
 from .quantize import dequantize, gquant_finish, gquant_plan, quantize
 
 __all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunction"]
@@ -76,7 +77,7 @@ def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, 
     """``out[m, n] = sum_k a[m, k] b[k, n]``, this program's part over the K range
     ``[split * k_per_split, (split+1) * k_per_split)``; grid (tiles, splits). ``SPLIT_FIX`` (splits > 1):
     the splits meet in the int64 workspace ``ws_ptr`` and the last one of the tile finishes it
-    (``_igemm.finish_gemm_tile``). Offsets are int32 (the launcher routes operands past 2^31 elements to
+    (``_gemm_end.finish_gemm_tile``). Offsets are int32 (the launcher routes operands past 2^31 elements to
     the reference path). ``ALIGN`` (16 or 1): the launcher guarantees M, N, K, ``k_per_split`` and every
     stride other than 1 are multiples of it. ``GQ`` (1, 2): the weight-grad's G quantization fused in
     (``quantize.gquant_epilogue``)."""
