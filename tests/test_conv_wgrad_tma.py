@@ -107,6 +107,7 @@ def test_fused_g_quantization_matches_the_generic_kernel(device, monkeypatch, on
     ((2, 8, 16, 16, 16, 16, 16, 3, 3, (1, 1), (1, 1)), "fewer than 16 input channels (flat columns)"),
     ((2, 16, 8, 8, 16, 8, 8, 3, 3, (1, 1), (1, 1)), "8-wide rows: half the 16-wide box padding"),
     ((2, 16, 33, 33, 16, 33, 33, 3, 3, (1, 1), (1, 1)), "33 of 64 columns"),
+    ((1, 16, 3, 18, 16, 3, 16, 1, 3, (1, 1), (0, 0)), "3 input rows: a 4-row box taller than the copies"),
 ])
 def test_table_takes_tma_only_where_it_fits(shape, why):
     N, C, H, W, CO, OH, OW, KH, KW, stride, pad = shape

@@ -320,7 +320,7 @@ def wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, padding, C, CO, tile: Tile) 
         return None
     BH, BW = WGRAD_TMA_BOXES[0] if OW > 32 else WGRAD_TMA_BOXES[1] if OW > 16 else WGRAD_TMA_BOXES[2]
     g = TmaRows(BH, BW, triton.cdiv(OH, BH) * BH, triton.cdiv(OW, BW) * BW, H + 2 * padding[0])
-    if OH * OW < WGRAD_TMA_MIN_USEFUL * g.rows:
+    if OH * OW < WGRAD_TMA_MIN_USEFUL * g.rows or N * g.Hp < BH:  # (no box taller than the input copies)
         return None
     return g
 
