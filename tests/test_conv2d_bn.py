@@ -143,7 +143,10 @@ def test_forward_statistics_and_backward_recompute(device, poisoned, monkeypatch
     assert torch.equal(chan[2].cpu(), r.amax(0).float()) and torch.equal(chan[3].cpu(), r.amin(0).float()), msg
     torch.testing.assert_close(chan[0].cpu().double(), r.mean(0), rtol=1e-6, atol=1e-6 * r.abs().max().item(),
                                msg=lambda m: f"mean {msg}: {m}")
-    torch.testing.assert_close(chan[1].cpu().double(), r.var(0, unbiased=False), rtol=1e-5, atol=0,
+    # float32 moments merged across row tiles (Chan): the tile means' rounding (eps·|mean|) enters the
+    # between-tile term, so the relative error grows with mean²/var; a near-constant bf16 channel (seed
+    # 1465658436: mean -0.71, var 3.6e-8, mean²/var 1.4e7) came out 1.25e-5 off in var: 1e-4 relative
+    torch.testing.assert_close(chan[1].cpu().double(), r.var(0, unbiased=False), rtol=1e-4, atol=0,
                                msg=lambda m: f"var {msg}: {m}")
     # bnp from the batch statistics (train) or the running ones (eval), no affine: gamma 1, beta 0
     ones, zeros = torch.ones(CO), torch.zeros(CO)
