@@ -282,11 +282,10 @@ def section_wgrad(s: Session):
         sx = torch.tensor(2.0 ** -6, device=s.device)
         r, out = {"layer": sh.label(), "box": f"{box.BH}x{box.BW}"}, {}
         for tma in (True, False):
-            _tiles.WGRAD_TMA = tma  # (reset below, and by the finally of a failing section)
-            qe_w = qe if tma else qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)  # as QConv2dFunction
+            _tiles.WGRAD_TMA = tma  # (reset below, and by the except of a failing section)
 
-            def fn(qe_w=qe_w, copy=not tma):
-                e = qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3) if copy else qe_w
+            def fn(copy=not tma):  # the generic kernel: with QConv2dFunction's channel-major copy of E, timed
+                e = qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3) if copy else qe
                 return weight_grad_op(e, qx, se, sx, [sh.k, sh.k], [sh.stride] * 2, [sh.pad] * 2, [1, 1], 1,
                                       QConfig(), [sh.cout, sh.cin])
             _rng.manual_seed(1)

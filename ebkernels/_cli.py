@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Iterable, Optional
 
-__all__ = ["comma_list"]
+__all__ = ["comma_list", "positive_int"]
 
 
 def comma_list(item: Callable = str, accepted: Optional[Iterable] = None, what: str = "") -> Callable[[str], list]:

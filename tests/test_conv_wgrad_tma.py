@@ -52,8 +52,8 @@ def test_operand_copies_match_reference(device, poisoned, case, one_torch_thread
     tile = _tiles.wgrad_tile(CO, C, 16, KH * KW)
     rows = _tiles.wgrad_tma_rows(N, H, W, OH, OW, KH, KW, (1, 1), pad, C, CO, tile)
     assert rows is not None
-    ed, xd = _conv_wgrad_tma.wgrad_tma_operands(qe, qx, rows, tile, KW, pad, dil)
-    ed_ref, xd_ref = _conv_wgrad_tma.wgrad_tma_operands_reference(qe, qx, rows, tile, KW, pad, dil)
+    ed, xd = _conv_wgrad_tma.wgrad_tma_operands(qe, qx, rows, KW, pad, dil)
+    ed_ref, xd_ref = _conv_wgrad_tma.wgrad_tma_operands_reference(qe, qx, rows, KW, pad, dil)
     assert torch.equal(ed.cpu(), ed_ref) and torch.equal(xd.cpu(), xd_ref)
 
 

@@ -16,7 +16,7 @@ from .._registry import aot_kernel
 from . import _igemm, _tiles
 from ._gemm import result_and_scale
 from ._gemm_end import finish_gemm_tile
-from ._igemm import (alignment, assume_multiple, conv_forward_tile, conv_implicit_gemm_tile, decode_rows,
+from ._igemm import (alignment, assume_conv_operands, assume_multiple, conv_forward_tile, conv_implicit_gemm_tile, decode_rows,
                      grouped_tile_ids, k_steps, nchw_strides as _nchw_strides, offsets_fit_int32,
                      phase_taps)
 
@@ -73,13 +73,7 @@ def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_p
     the tile stores it). ``FLAT``: K packed across taps. ``ALIGN``/``OUT_ALIGN`` (16
     or 1): the launcher guarantees R and the strides of src and w / NCOL and the strides of the result are
     multiples of it (16-byte vectors); ``I64``: 64-bit offsets."""
-    R = assume_multiple(R, ALIGN)
-    s_n = assume_multiple(s_n, ALIGN)
-    s_h = assume_multiple(s_h, ALIGN)
-    s_w = assume_multiple(s_w, ALIGN)
-    sw_col = assume_multiple(sw_col, ALIGN)
-    sw_h = assume_multiple(sw_h, ALIGN)
-    sw_w = assume_multiple(sw_w, ALIGN)
+    R, s_n, s_h, s_w, sw_col, sw_h, sw_w = assume_conv_operands(R, s_n, s_h, s_w, sw_col, sw_h, sw_w, ALIGN)
     NCOL = assume_multiple(NCOL, OUT_ALIGN)
     so_n = assume_multiple(so_n, OUT_ALIGN)
     so_h = assume_multiple(so_h, OUT_ALIGN)

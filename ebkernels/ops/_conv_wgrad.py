@@ -22,7 +22,7 @@ from ._gemm import result_and_scale
 from ._gemm_end import finish_gemm_tile
 from ._igemm import (alignment, assume_multiple, decode_rows, decode_tap, grouped_tile_ids,
                      load_channel_major_tile, load_pixels_tile, nchw_strides, offsets_fit_int32, tap_input_coord)
-from .quantize import gquant_finish, gquant_plan
+from .quantize import gquant_finish, gquant_off, gquant_plan
 
 __all__ = ["conv2d_int8_wgrad_kernel"]
 
@@ -222,10 +222,10 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
         real = out[:cout, :cin]
         g_args, g_mode, g_stoch = gquant_plan(real, bits_g, rounding_g)
     else:
-        g_args, g_mode, g_stoch, bits_g = (qe, qe, 0, 1, 1, 1, 0, 0, 0, 0), 0, False, 8
+        (g_args, g_mode, g_stoch), bits_g = gquant_off(qe), 8
     if rows is not None:
-        launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows, tile, kernel_hw, padding, dilation, splits, per, ws,
-                         g_args, g_mode, g_stoch, bits_g, raw)
+        launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows, tile, kernel_hw, padding, dilation, tiles, splits, per,
+                         ws, g_args, g_mode, g_stoch, bits_g, raw)
     else:
         so_o, so_c, so_h, so_w = out.stride()
         out_align = alignment((so_o, so_h, so_w), (out,))

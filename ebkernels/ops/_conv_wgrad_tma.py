@@ -34,7 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .._registry import aot_kernel
 from . import _igemm, _tiles
 from ._gemm_end import finish_gemm_tile
-from ._igemm import assume_multiple, decode_tap, grouped_tile_ids
+from ._igemm import alignment, assume_multiple, decode_tap, grouped_tile_ids
 
 __all__ = ["conv2d_int8_wgrad_tma_kernel", "wgrad_tma_operands_kernel", "wgrad_tma_operands",
            "wgrad_tma_operands_reference", "launch_wgrad_tma"]
@@ -158,31 +158,26 @@ def conv2d_int8_wgrad_tma_kernel(e_desc, x_desc, out_ptr, se_ptr, sx_ptr, C, CP,
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
-def wgrad_tma_operands(qe, qx, rows: _tiles.TmaRows, tile: _tiles.Tile, KW, padding, dilation):
+def wgrad_tma_operands(qe, qx, rows: _tiles.TmaRows, KW, padding, dilation):
     """(e_copy [COp, N·OHs, OWs], x_copies [KW·Cp, N·Hp, OWs]) int8, in one launch."""
     N, C, H, W = qx.shape
     _, CO, OH, OW = qe.shape
-    cp, cop = triton.cdiv(C, tile.BN) * tile.BN, triton.cdiv(CO, tile.BM) * tile.BM
+    cp, cop = rows.CP, rows.COP
     xd = _igemm.empty_output((KW * cp, N * rows.Hp, rows.OWs), torch.int8, qx.device)
     ed = _igemm.empty_output((cop, N * rows.OHs, rows.OWs), torch.int8, qx.device)
     x_rows = N * rows.Hp * rows.OWs
     grid = (triton.cdiv(max(x_rows, N * rows.rows), _COPY_BLOCK_R), triton.cdiv(max(cp, cop), _COPY_BLOCK_C), KW + 1)
     wgrad_tma_operands_kernel[grid](qx, qe, xd, ed, C, cp, CO, cop, N, H, W, OH, OW, rows.Hp, rows.OHs, rows.OWs,
-                                    padding[0], padding[1], dilation[1], *_nchw(qx), *_nchw(qe),
+                                    padding[0], padding[1], dilation[1], *qx.stride(), *qe.stride(),
                                     BLOCK_C=_COPY_BLOCK_C, BLOCK_R=_COPY_BLOCK_R)
     return ed, xd
 
 
-def _nchw(t):
-    """(s_n, s_c, s_h, s_w) of an (N, C, H, W) tensor."""
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
-
-
-def wgrad_tma_operands_reference(qe, qx, rows: _tiles.TmaRows, tile: _tiles.Tile, KW, padding, dilation):
+def wgrad_tma_operands_reference(qe, qx, rows: _tiles.TmaRows, KW, padding, dilation):
     """The copies of ``wgrad_tma_operands`` in PyTorch."""
     N, C, H, W = qx.shape
     _, CO, OH, OW = qe.shape
-    cp, cop = triton.cdiv(C, tile.BN) * tile.BN, triton.cdiv(CO, tile.BM) * tile.BM
+    cp, cop = rows.CP, rows.COP
     ed = torch.zeros((cop, N, rows.OHs, rows.OWs), dtype=torch.int8)
     ed[:CO, :, :OH, :OW] = qe.cpu().permute(1, 0, 2, 3)
     # the zero-padded image, wide enough for every shifted copy
@@ -194,21 +189,21 @@ def wgrad_tma_operands_reference(qe, qx, rows: _tiles.TmaRows, tile: _tiles.Tile
 
 
 def launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows: _tiles.TmaRows, tile: _tiles.Tile, kernel_hw, padding,
-                     dilation, splits, per, ws, g_args, g_mode, g_stoch, bits_g, raw):
-    """The copies, then the TMA weight-grad over ``splits`` splits of ``per`` rows (a multiple of 64)."""
+                     dilation, tiles, splits, per, ws, g_args, g_mode, g_stoch, bits_g, raw):
+    """The copies, then the TMA weight-grad on the grid (``tiles`` output tiles, the ones ``ws`` was sized
+    for; ``splits`` splits of ``per`` rows, a multiple of 64)."""
     N, C = qx.shape[:2]
     CO = qe.shape[1]
     KH, KW = kernel_hw
-    ed, xd = wgrad_tma_operands(qe, qx, rows, tile, KW, padding, dilation)
+    ed, xd = wgrad_tma_operands(qe, qx, rows, KW, padding, dilation)
     box = [rows.BH, rows.BW]
     e_desc = TensorDescriptor.from_tensor(ed, [tile.BM, *box])
     x_desc = TensorDescriptor.from_tensor(xd, [tile.BN, *box])
     so_o, so_c, so_h, so_w = out.stride()
-    out_align = 16 if all(s % 16 == 0 for s in (so_o, so_h, so_w)) else 1
+    out_align = alignment((so_o, so_h, so_w), (out,))
     q_total = N * rows.rows // tile.BK
-    tiles = triton.cdiv(CO, tile.BM) * KH * KW * triton.cdiv(C, tile.BN)
     conv2d_int8_wgrad_tma_kernel[(tiles, splits)](
-        e_desc, x_desc, out, qe if raw else se, qe if raw else sx, C, xd.shape[0] // KW, CO, KW, KH * KW, rows.Hp,
+        e_desc, x_desc, out, qe if raw else se, qe if raw else sx, C, rows.CP, CO, KW, KH * KW, rows.Hp,
         rows.OHs, rows.OWs, q_total, per // tile.BK, dilation[0], so_o, so_h, so_w, so_c, ws, inv_ss, *g_args,
         RAW=raw, BM=tile.BM, BN=tile.BN, BK=tile.BK, BH=rows.BH, BW=rows.BW, GROUP_M=tile.GROUP_M,
         OUT_ALIGN=out_align, SPLIT_FIX=splits > 1, GQ=g_mode, BITS_G=bits_g, STOCH_G=g_stoch, GBLOCK=1024,

@@ -44,7 +44,7 @@ import triton.language as tl
 
 
 __all__ = ["MAX_TERMS", "GPU_TILES", "empty_output", "gemm_tiles", "alignment", "nchw_strides", "offsets_fit_int32",
-           "assume_multiple", "to_bfloat16_rne", "cast_rne", "decode_rows", "decode_tap", "tap_input_coord",
+           "assume_multiple", "assume_conv_operands", "to_bfloat16_rne", "cast_rne", "decode_rows", "decode_tap", "tap_input_coord",
            "phase_taps", "split_fixup", "split_workspace", "grouped_tile_ids", "k_steps", "conv_implicit_gemm_tile", "conv_forward_tile", "load_pixels_tile",
            "store_gemm_tile"]
 
@@ -109,6 +109,15 @@ def assume_multiple(x, A: tl.constexpr):
     if A > 1:
         x = x // A * A
     return x
+
+
+@triton.jit
+def assume_conv_operands(R, s_n, s_h, s_w, sw_col, sw_h, sw_w, ALIGN: tl.constexpr):
+    """``assume_multiple`` on what every implicit-GEMM convolution launcher aligns: the source's channels
+    per tap R, its pixel strides, the weight's column and tap strides."""
+    return (assume_multiple(R, ALIGN), assume_multiple(s_n, ALIGN), assume_multiple(s_h, ALIGN),
+            assume_multiple(s_w, ALIGN), assume_multiple(sw_col, ALIGN), assume_multiple(sw_h, ALIGN),
+            assume_multiple(sw_w, ALIGN))
 
 
 @triton.jit

@@ -293,13 +293,17 @@ class TmaRows:
     """Row geometry of the TMA weight-grad (rule 8): the reduction rows as [N·OHs, OWs] (output rows padded
     to OHs, a multiple of BH, and columns to OWs, a multiple of BW), one K step a BH×BW box of them; the
     input codes as ``KW`` copies [N·Hp, OWs] (Hp = H + 2·pad_h), copy j shifted left by j·dil_w columns, so
-    tap (kh, kw) is the box of copy kw at row offset kh·dil_h: every box start 16-byte aligned."""
+    tap (kh, kw) is the box of copy kw at row offset kh·dil_h: every box start 16-byte aligned. ``CP`` /
+    ``COP``: the copies' channel rows (Cin, Cout rounded up to the tile's BN / BM: no box spans two copies
+    or runs past the tensor)."""
 
     BH: int
     BW: int
     OHs: int
     OWs: int
     Hp: int
+    CP: int
+    COP: int
 
     @property
     def rows(self) -> int:  # reduction rows per image, padding included
@@ -319,7 +323,8 @@ def wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, padding, C, CO, tile: Tile) 
             or N * H * W == 0):
         return None
     BH, BW = WGRAD_TMA_BOXES[0] if OW > 32 else WGRAD_TMA_BOXES[1] if OW > 16 else WGRAD_TMA_BOXES[2]
-    g = TmaRows(BH, BW, triton.cdiv(OH, BH) * BH, triton.cdiv(OW, BW) * BW, H + 2 * padding[0])
+    g = TmaRows(BH, BW, triton.cdiv(OH, BH) * BH, triton.cdiv(OW, BW) * BW, H + 2 * padding[0],
+                triton.cdiv(C, tile.BN) * tile.BN, triton.cdiv(CO, tile.BM) * tile.BM)
     if OH * OW < WGRAD_TMA_MIN_USEFUL * g.rows or N * g.Hp < BH:  # (no box taller than the input copies)
         return None
     return g
@@ -335,8 +340,7 @@ def wgrad_tma_plan(device, N, C, H, W, CO, OH, OW, KH, KW, stride, padding):
     rows = wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, padding, C, CO, tile)
     if rows is None:
         return None
-    cp, cop = triton.cdiv(C, tile.BN) * tile.BN, triton.cdiv(CO, tile.BM) * tile.BM
-    if max(KW * cp * N * rows.Hp * rows.OWs, cop * N * rows.rows, N * C * H * W, N * CO * OH * OW) >= 2**31:
+    if max(KW * rows.CP * N * rows.Hp * rows.OWs, rows.COP * N * rows.rows, N * C * H * W, N * CO * OH * OW) >= 2**31:
         return None
     return tile, rows
 

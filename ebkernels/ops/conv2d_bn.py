@@ -45,7 +45,7 @@ from ._channel_stats import GROUP as STATS_GROUP
 from ._channel_stats import (MOMENTS, SUMS, ReductionSpace, finish_reduction, moments_reference, publish_max,
                              store_partials, tile_moments, tile_sums)
 from ._gemm import inv_code_scales
-from ._igemm import (alignment, assume_multiple, conv_forward_tile, decode_rows, grouped_tile_ids, k_steps,
+from ._igemm import (alignment, assume_conv_operands, conv_forward_tile, decode_rows, grouped_tile_ids, k_steps,
                      offsets_fit_int32, to_bfloat16_rne)
 from .bn_relu_quant import NO_FP_FUSION, _momentum_arg
 from ._igemm import nchw_strides as _nchw_strides
@@ -102,13 +102,7 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
     ``MODE`` 0: BatchNorm statistics + finalisation; ``MODE`` 1: BatchNorm-backward sums of the bfloat16
     ``dz`` (strides sd_*; ``DZ_LIKE_Y``: laid out like y) with ``bnp`` as input. ``ALIGN``, ``I64``: as
     ``conv2d_int8_fwd_dgrad_kernel``; ``FLAT``: K packed across taps (the table's tile)."""
-    R = assume_multiple(R, ALIGN)
-    s_n = assume_multiple(s_n, ALIGN)
-    s_h = assume_multiple(s_h, ALIGN)
-    s_w = assume_multiple(s_w, ALIGN)
-    sw_col = assume_multiple(sw_col, ALIGN)
-    sw_h = assume_multiple(sw_h, ALIGN)
-    sw_w = assume_multiple(sw_w, ALIGN)
+    R, s_n, s_h, s_w, sw_col, sw_h, sw_w = assume_conv_operands(R, s_n, s_h, s_w, sw_col, sw_h, sw_w, ALIGN)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(NCOL, BN)
     pid_m, pid_n = grouped_tile_ids(tl.program_id(0), num_m, num_n, GROUP_M)

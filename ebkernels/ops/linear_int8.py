@@ -31,7 +31,7 @@ from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, 
                     quantize_weight_grad, refuse_double_backward, result_and_scale, split_reduction)
 from ._gemm_end import finish_gemm_tile
 from ._igemm import MAX_TERMS, alignment, assume_multiple, grouped_tile_ids
-from .quantize import dequantize, gquant_finish, gquant_plan, quantize
+from .quantize import dequantize, gquant_finish, gquant_off, gquant_plan, quantize
 
 __all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunction"]
 
@@ -149,7 +149,7 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
     if fuse_g:
         g_args, g_mode, g_stoch = gquant_plan(out, gq[0], gq[1])
     else:
-        g_args, g_mode, g_stoch = (a, a, 0, 1, 1, 1, 0, 0, 0, 0), 0, False
+        g_args, g_mode, g_stoch = gquant_off(a)
     dummy = a  # never dereferenced: RAW / no bias
     linear_int8_gemm_kernel[(tiles, splits)](
         a, b, out, dummy if raw else sa, dummy if raw else sb, dummy if bias is None else bias, M, N, K, per,

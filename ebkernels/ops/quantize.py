@@ -302,6 +302,12 @@ def gquant_epilogue(y, mask, gq_ptr, rng_ptr, out_ptr, gn, d1, d2, d3, s0, s1, s
                              scale, seed, ticket, BITS, STOCHASTIC, False, False, True)
 
 
+def gquant_off(dummy: torch.Tensor):
+    """``gquant_plan``'s form for a launch without the fused G quantization (GQ=0): placeholder arguments
+    the kernel never reads (``dummy``: any tensor of the launch), the mode, the rounding."""
+    return (dummy, dummy, 0, 1, 1, 1, 0, 0, 0, 0), 0, False
+
+
 def gquant_plan(real: torch.Tensor, bits_g: int, rounding_g: str):
     """Launcher side of ``gquant_epilogue`` for the (real part of the) gradient buffer ``real``: the
     kernel arguments (gq scratch, rng state, gn, sizes d1..d3, strides s0..s3) and the GQ mode."""
