@@ -103,7 +103,7 @@ def make_fused_step(weights, backend):
 
 
 def make_fused_update(weights, backend):
-    from ebkernels.ops.early_bird_mask import early_bird_update, n_words, ratio_ks
+    from ebkernels.detector.early_bird_mask import early_bird_update, n_words, ratio_ks
 
     flat = torch.cat([w.detach() for w in weights]).float()
     total = flat.numel()

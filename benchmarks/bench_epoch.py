@@ -43,7 +43,7 @@ def _build(name: str, mode: str, device, width: float = 1.0):
     kw = {} if width == 1.0 else {"width": width}
     model = build_model(name, num_classes=10, in_channels=3, **kw).to(device)
     if mode == "int8":
-        from ebkernels.modules import quantize_model
+        from ebkernels.convert import quantize_model
 
         quantize_model(model)
     if is_gpu(device):

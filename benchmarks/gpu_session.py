@@ -252,12 +252,14 @@ def section_profile(s: Session):
 
 
 def section_wgrad(s: Session):
-    """Rule 8 measured: the weight-grad of each layer it takes, WGRAD_TMA on (TMA kernel and its copies)
+    """Rule 8 measured: the weight-grad of each layer it takes, ``override(wgrad_tma=True)`` (TMA kernel and its copies)
     and off (generic kernel, E permute-copy included), same int8 codes, same G rounding stream."""
     from ebkernels import _rng
     from ebkernels.config import QConfig
-    from ebkernels.ops import _tiles
-    from ebkernels.ops.conv2d_int8 import code_channels, weight_grad_op
+    from ebkernels.config import override
+    from ebkernels.ops.gemm import tiles as _tiles
+    from ebkernels.ops._launch import code_channels
+    from ebkernels.ops.gemm.conv import weight_grad_op
 
     shapes = {(sh.cin, sh.cout, sh.h, sh.k): sh for net in s.cfg["models"] for sh in CONV_SHAPES[net]}
     batch = s.cfg["batch"]
@@ -282,16 +284,14 @@ def section_wgrad(s: Session):
         sx = torch.tensor(2.0 ** -6, device=s.device)
         r, out = {"layer": sh.label(), "box": f"{box.BH}x{box.BW}"}, {}
         for tma in (True, False):
-            _tiles.WGRAD_TMA = tma  # (reset below, and by the except of a failing section)
-
-            def fn(copy=not tma):  # the generic kernel: with QConv2dFunction's channel-major copy of E, timed
-                e = qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3) if copy else qe
-                return weight_grad_op(e, qx, se, sx, [sh.k, sh.k], [sh.stride] * 2, [sh.pad] * 2, [1, 1], 1,
-                                      QConfig(), [sh.cout, sh.cin])
+            def fn(copy=not tma, tma=tma):  # the generic kernel: with QConv2dFunction's channel-major copy of E
+                with override(wgrad_tma=tma):
+                    e = qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3) if copy else qe
+                    return weight_grad_op(e, qx, se, sx, [sh.k, sh.k], [sh.stride] * 2, [sh.pad] * 2, [1, 1], 1,
+                                          QConfig(), [sh.cout, sh.cin])
             _rng.manual_seed(1)
             out[tma] = fn()
             r["tma_ms" if tma else "generic_ms"] = s.time_ms(fn)
-        _tiles.WGRAD_TMA = None
         r["same_bits"] = bool(torch.equal(out[True], out[False]))
         raw.append(r)
         rows.append([sh.label(), r["box"], f"{r['tma_ms']:.3f}", f"{r['generic_ms']:.3f}",
@@ -382,8 +382,6 @@ def main(argv=None) -> int:
             with contextlib.redirect_stdout(buf):
                 md, raw = RUNNERS[name](s)
         except Exception:
-            from ebkernels.ops import _tiles
-            _tiles.WGRAD_TMA = None  # a failed wgrad section leaves the table's default behind
             failed += 1
             md, raw = f"FAILED (traceback in `logs/{name}.log`)", {"error": traceback.format_exc()}
             with open(s.log_path(f"{name}.log"), "a") as f:

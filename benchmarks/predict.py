@@ -26,7 +26,7 @@ every pipeline has, are left out), bytes per element of X and Y for one fwd+bwd:
 int8 per-layer (QConv2d + float nn.BatchNorm2d + nn.ReLU, fp32 between them): the conv as "int8
 current" (15, 15), plus BN forward (statistics pass 4, normalise 4 + 4), ReLU (4 + 4), ReLU backward
 (4 + 4 + 4), BN backward (reduce 4 + 4, apply 4 + 4 + 4): X 15, Y 67.
-int8 fused block (ops/conv_bn_relu.py: y and dz in bfloat16, y recomputed in backward):
+int8 fused block (ops/fused/block.py: y and dz in bfloat16, y recomputed in backward):
   X: conv reads codes 1 + recompute reads codes 1 + dX write (bf16) 2 + wgrad reads codes 1       = 5
   Y: y write 2 + apply reads y 2, writes codes 1 | recompute: dz read 2, y write 2 | E absmax: dz 2 +
      y 2 | E codes: dz 2 + y 2, writes NHWC 1 + channel-major 1 | dgrad reads E 1 | wgrad reads E 1 = 21
@@ -61,7 +61,7 @@ TRAFFIC = {  # bytes per element of (X, Y), the convolution alone
 # step really moves. GEMMs per block: 3, and 4 for the fused int8 flow (y recomputed in backward).
 BLOCK_TRAFFIC = {  # bytes per element of (X, Y), GEMMs
     "int8 per-layer block": (15, 67, 3),
-    "int8 fused block": (5, 21, 4),  # y recomputed; where ops/conv_bn_relu.keeps_y: FUSED_KEEP_Y
+    "int8 fused block": (5, 21, 4),  # y recomputed; where ops/fused/block.keeps_y: FUSED_KEEP_Y
     "bf16 block": (6, 32, 3),
 }
 FUSED_KEEP_Y = (4, 19, 3)  # y kept in bfloat16: no recompute GEMM, no second y write, one codes read less
@@ -100,7 +100,7 @@ def block_floors(shape, batch: int, y_policy: str = "auto") -> dict:
     """Floor (µs) of each BLOCK_TRAFFIC pipeline for one conv-BN-ReLU block of this shape."""
     x = batch * shape.cin * shape.h * shape.w
     y = batch * shape.cout * shape.oh * shape.ow
-    from ebkernels.ops.conv_bn_relu import keeps_y
+    from ebkernels.ops.fused.block import keeps_y
 
     out = {}
     for name, (bx, by, gemms) in BLOCK_TRAFFIC.items():
@@ -116,7 +116,7 @@ def block_floors(shape, batch: int, y_policy: str = "auto") -> dict:
 
 def block_totals(batches=(64, 256), y_policy: str = "auto"):
     """Block floors summed over every conv of each network, and the predicted int8 fused / bf16 speed-up
-    (``y_policy`` as ``ops.conv_bn_relu.Y_POLICY``: auto, recompute, keep)."""
+    (``y_policy`` as ``config.KernelSettings.y_policy``: auto, recompute, keep)."""
     headers = ["net", "batch", "int8 per-layer block µs", "int8 fused block µs", "bf16 block µs",
                "modelled MB per step (int8 fused / bf16)", "predicted speed-up int8 fused over bf16",
                "(per-layer over bf16)"]

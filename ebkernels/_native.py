@@ -53,7 +53,7 @@ def warn_missing_once() -> None:
 
 
 def early_bird_update(gammas: torch.Tensor, ks: torch.Tensor, ring: torch.Tensor, slot: int):
-    """The native fused mask update (same contract as ``ebkernels.ops.early_bird_mask``)."""
+    """The native fused mask update (same contract as ``ebkernels.detector.early_bird_mask``)."""
     if not available(gammas.device):
         raise RuntimeError(f"native early_bird_update unavailable for {gammas.device}: "
                            f"{_reason or 'no kernel for this device type in the built extension'}")

@@ -88,13 +88,17 @@ def aot_kernel(
     return register
 
 
+KERNEL_PACKAGES = ("ebkernels.ops", "ebkernels.detector")  # where every @aot_kernel lives
+
+
 def registered_kernels() -> list[AOTKernel]:
-    """All kernels of the package (importing every ops module registers them)."""
+    """All kernels of the package (importing every module of ``KERNEL_PACKAGES``, subpackages included,
+    registers them)."""
     import importlib
     import pkgutil
 
-    import ebkernels.ops as ops
-
-    for mod in pkgutil.iter_modules(ops.__path__):
-        importlib.import_module(f"ebkernels.ops.{mod.name}")
+    for name in KERNEL_PACKAGES:
+        pkg = importlib.import_module(name)
+        for mod in pkgutil.walk_packages(pkg.__path__, prefix=f"{name}."):
+            importlib.import_module(mod.name)
     return list(_REGISTRY.values())

@@ -17,9 +17,8 @@ from __future__ import annotations
 import threading
 
 import torch
-import triton
-import triton.language as tl
-from triton.language.random import philox, uint_to_uniform_float
+
+from ._triton import philox, tl, triton, uint_to_uniform_float
 
 __all__ = ["device_state", "manual_seed", "get_state", "set_state", "take_ticket_reference", "uniform",
            "philox_uniform_reference"]

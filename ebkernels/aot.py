@@ -124,15 +124,15 @@ def _short_cfg(cfg: dict) -> str:
 def print_plan(nets: list[str], batch: int, sms: int, tiles: str, out=sys.stdout) -> float:
     """The tile table's choice for every distinct conv layer of ``nets`` (``benchmarks/shapes.py``) at
     ``batch``: per GEMM the tile, the grid (CTAs) against ``sms`` SMs and the useful-MMA fraction (useful
-    multiply-adds / multiply-adds the MMA tiles issue, ``ebkernels.ops._tiles``). ``tiles="legacy"``: the
+    multiply-adds / multiply-adds the MMA tiles issue, ``ebkernels.ops.gemm.tiles``). ``tiles="legacy"``: the
     one 128×128×64 tile every GEMM ran before the table. The weight-grads are planned as on sm_90 (an
     H100/H200): the TMA kernel where rule 8 takes the shape ("TMA BH×BW"). Returns the minimum fraction over the GEMMs
     that run in training (the first layer's input-grad does not: the images need no gradient)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's benchmarks/
     from benchmarks.shapes import CONV_SHAPES
 
-    from .ops import _tiles
-    from .ops.conv2d_int8 import code_channels
+    from .ops._launch import code_channels
+    from .ops.gemm.plans import layer_plans, legacy_plans
 
     worst = 1.0
     for net in nets:
@@ -144,9 +144,9 @@ def print_plan(nets: list[str], batch: int, sms: int, tiles: str, out=sys.stdout
         print("|---|---|---|---|---|---|---|", file=out)
         for i, c in enumerate(CONV_SHAPES[net]):
             if tiles == "legacy":
-                plans = _tiles.legacy_plans(batch, c.cin, c.h, c.w, c.cout, c.k, c.stride, c.pad, sms)
+                plans = legacy_plans(batch, c.cin, c.h, c.w, c.cout, c.k, c.stride, c.pad, sms)
             else:
-                plans = _tiles.layer_plans(batch, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.pad, sms, code_channels)
+                plans = layer_plans(batch, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.pad, sms, code_channels)
             for p in plans:
                 runs = not (i == 0 and p.kind == "dgrad")
                 if runs:

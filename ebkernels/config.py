@@ -1,7 +1,20 @@
-"""Quantization settings of the WAGE-style 8-bit training (SPEC §2)."""
+"""What the int8 layers compute and how the kernels run: ``QConfig`` (SPEC §2: bit widths, scale mode,
+rounding; one per layer) and ``KernelSettings`` (process-wide choices that change how a result is
+computed, never the result: which backend, keep or recompute y in a fused block, the TMA weight-grad,
+poisoned kernel buffers for the tests).
+
+``KernelSettings`` has one override point, the context manager ``override``::
+
+    with ebkernels.config.override(backend="reference", y_policy="keep"):
+        ...
+
+Code reads the settings in force with ``kernel_settings()``; nothing else changes them.
+"""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Optional
 
 from ._checks import check_bits, check_choice
 
@@ -38,3 +51,68 @@ class QConfig:
         check_choice("rounding_g", self.rounding_g, ROUNDINGS)
         if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
             raise ValueError(f"alpha={self.alpha!r} is not supported; accepted: a positive float")
+
+
+def as_qconfig(qconfig) -> QConfig:
+    """``qconfig`` checked: a ``QConfig``, or the defaults for None."""
+    if qconfig is None:
+        return QConfig()
+    if not isinstance(qconfig, QConfig):
+        raise TypeError(f"qconfig must be an ebkernels.QConfig or None (defaults), got "
+                        f"{type(qconfig).__name__}: {qconfig!r}")
+    return qconfig
+
+
+BACKENDS = ("auto", "reference")
+Y_POLICIES = ("auto", "keep", "recompute")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSettings:
+    """How the kernels run (never what they compute).
+
+    ``backend``: "auto" (the Triton kernels on CUDA tensors, and on CPU tensors under
+    ``TRITON_INTERPRET=1``; the PyTorch reference elsewhere) or "reference" (always the PyTorch path: the
+    oracle). ``y_policy``: a fused block's conv output y in backward: "recompute" it in the GEMM that forms
+    the BatchNorm-backward sums, "keep" it (bfloat16), or "auto" (keep where the layer is compute-bound,
+    ``ops.fused.block.keeps_y``). ``wgrad_tma``: the TMA weight-grad of ``gemm.tiles`` rule 8: None = on
+    sm_90 only, True = wherever the rule's shape conditions hold (the interpreter included), False = never.
+    ``poison_outputs``: every kernel output and workspace from ``ops._buffers.empty_output`` starts
+    poisoned (NaN / -128 / 0x7F7F7F7F), so an element a kernel fails to write shows up (tests).
+    """
+
+    backend: str = "auto"
+    y_policy: str = "auto"
+    wgrad_tma: Optional[bool] = None
+    poison_outputs: bool = False
+
+    def __post_init__(self):
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("y_policy", self.y_policy, Y_POLICIES)
+        check_choice("wgrad_tma", self.wgrad_tma, (None, True, False))
+        check_choice("poison_outputs", self.poison_outputs, (True, False))
+
+
+_settings = KernelSettings()
+
+
+def kernel_settings() -> KernelSettings:
+    """The ``KernelSettings`` in force."""
+    return _settings
+
+
+@contextlib.contextmanager
+def override(**changes):
+    """Context manager: the settings in force with ``changes`` (fields of ``KernelSettings``) for the
+    duration of the block, restored afterwards (exceptions included)."""
+    global _settings
+    old = _settings
+    fields = {f.name for f in dataclasses.fields(KernelSettings)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+        raise TypeError(f"override: unknown setting(s) {unknown}; accepted: {sorted(fields)}")
+    _settings = dataclasses.replace(old, **changes)
+    try:
+        yield _settings
+    finally:
+        _settings = old

@@ -1,5 +1,5 @@
 """Finds the conv → BatchNorm → ReLU (→ max-pool) chains of a quantized model and runs them as fused
-int8 blocks (``ops.conv_bn_relu``), carrying int8 codes from block to block (SPEC §9).
+int8 blocks (``ops.fused.block``), carrying int8 codes from block to block (SPEC §9).
 
 What it fuses, because it can prove what the forward computes:
 
@@ -21,7 +21,8 @@ other than float NCHW tensors.
 
 A chain is left on the per-layer path when a layer has forward hooks, a conv has groups > 1, non-zero
 padding modes, string padding, a float operand (``bits_* = None``) or WAGE's ``alpha != 1``, a BatchNorm
-is not a plain ``nn.BatchNorm2d``, or a max-pool has dilation or returns indices. ``fused_chains(model)``
+is not a plain ``nn.BatchNorm2d``, or a max-pool has dilation or returns indices (``ops.fused.block.supports``
+says why for a conv). ``fused_chains(model)``
 lists what was fused.
 """
 from __future__ import annotations
@@ -33,8 +34,7 @@ import torch
 import torch.nn as nn
 
 from .modules import QConv2d
-from .ops.conv_bn_relu import BlockSpec, fused_block
-from .ops._igemm import MAX_TERMS
+from .ops.fused.block import BlockInput, BlockOutput, BlockSpec, fused_block, supports
 
 __all__ = ["fuse", "unfuse", "fused_chains", "FusedForward"]
 
@@ -48,13 +48,7 @@ def _no_hooks(m: nn.Module) -> bool:
 
 def conv_ok(m) -> bool:
     """A QConv2d whose forward the fused block computes exactly."""
-    if type(m) is not QConv2d or not _no_hooks(m):
-        return False
-    qc = m.qconfig
-    taps = m.kernel_size[0] * m.kernel_size[1]
-    return (m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-            and None not in (qc.bits_a, qc.bits_w, qc.bits_e, qc.bits_g)
-            and not (qc.mode == "wage" and qc.alpha != 1.0) and m.in_channels * taps <= MAX_TERMS)
+    return type(m) is QConv2d and _no_hooks(m) and supports(m) is None
 
 
 def bn_ok(m) -> bool:
@@ -128,13 +122,13 @@ def _seq_specs(seq: nn.Sequential, chains) -> Optional[list]:
     for k, seg in enumerate(segs):  # codes between adjacent blocks, float elsewhere
         if seg[0] != "block":
             continue
-        prev_block = k > 0 and segs[k - 1][0] == "block" and segs[k - 1][1].output == "codes"
-        seg[1].input = "codes" if prev_block else "float"
+        prev_block = k > 0 and segs[k - 1][0] == "block" and segs[k - 1][1].output is BlockOutput.CODES
+        seg[1].input = BlockInput.CODES if prev_block else BlockInput.FLOAT
         nxt = segs[k + 1] if k + 1 < len(segs) else None
         if nxt is not None and nxt[0] == "block":
-            seg[1].output, seg[1].out_qconfig = "codes", nxt[1].conv.qconfig
+            seg[1].output, seg[1].out_qconfig = BlockOutput.CODES, nxt[1].conv.qconfig
         else:
-            seg[1].output = "float"
+            seg[1].output = BlockOutput.FLOAT
     return segs
 
 
@@ -151,10 +145,10 @@ def _bottleneck_specs(b) -> Optional[list]:
     if not (bn_ok(b.bn1) and relu_ok(b.relu) and conv_ok(b.conv1) and bn_ok(b.bn2) and conv_ok(b.conv2)
             and bn_ok(b.bn3) and conv_ok(b.conv3) and _no_hooks(b.select)):
         return None
-    return [BlockSpec(conv=b.conv1, input="bn", bn_in=b.bn1, relu_in=True, select=b.select, bn=b.bn2, relu=True,
-                      output="codes", out_qconfig=b.conv2.qconfig),
-            BlockSpec(conv=b.conv2, bn=b.bn3, relu=True, output="codes", out_qconfig=b.conv3.qconfig),
-            BlockSpec(conv=b.conv3, output="float")]
+    return [BlockSpec(conv=b.conv1, input=BlockInput.BN, bn_in=b.bn1, relu_in=True, select=b.select, bn=b.bn2,
+                      relu=True, output=BlockOutput.CODES, out_qconfig=b.conv2.qconfig),
+            BlockSpec(conv=b.conv2, bn=b.bn3, relu=True, output=BlockOutput.CODES, out_qconfig=b.conv3.qconfig),
+            BlockSpec(conv=b.conv3, output=BlockOutput.FLOAT)]
 
 
 def _is_basic_block(m) -> bool:
@@ -168,9 +162,9 @@ def _is_basic_block(m) -> bool:
 def _basic_specs(b) -> Optional[list]:
     if not (conv_ok(b.conv1) and bn_ok(b.bn1) and relu_ok(b.relu) and conv_ok(b.conv2) and bn_ok(b.bn2)):
         return None
-    return [BlockSpec(conv=b.conv1, input="float", bn=b.bn1, relu=True, output="codes",
+    return [BlockSpec(conv=b.conv1, input=BlockInput.FLOAT, bn=b.bn1, relu=True, output=BlockOutput.CODES,
                       out_qconfig=b.conv2.qconfig),
-            BlockSpec(conv=b.conv2, bn=b.bn2, relu=False, output="float")]
+            BlockSpec(conv=b.conv2, bn=b.bn2, relu=False, output=BlockOutput.FLOAT)]
 
 
 # --------------------------------------------------------------------------------------------------

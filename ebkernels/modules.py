@@ -1,4 +1,4 @@
-"""Drop-in int8 layers and the whole-model swap (SPEC §1, §6).
+"""Drop-in int8 layers (SPEC §1, §6): ``QConv2d`` and ``QLinear``; the whole-model swap is ``convert``.
 
 ``QConv2d`` / ``QLinear`` subclass ``nn.Conv2d`` / ``nn.Linear``: same constructor (plus the keyword
 ``qconfig``), same parameters, same ``state_dict`` keys, and ``isinstance(m, nn.Conv2d)`` holds, so
@@ -7,8 +7,8 @@ optimizers, checkpoints, BN folding and the early-bird pruner treat them like th
 quantized forward, input-grad and weight-grad (Triton kernels on CUDA, the PyTorch reference path on
 CPU tensors: same numbers, slower).
 
-``quantize_model`` swaps every eligible layer of a model in place and ``dequantize_model`` swaps back.
-Both *reuse the layer's Parameter objects* (no copy): an optimizer built before the swap keeps
+``from_float`` / ``to_float`` (which ``convert.quantize_model`` / ``dequantize_model`` call for every
+layer) *reuse the layer's Parameter objects* (no copy): an optimizer built before the swap keeps
 updating the same tensors and its state (momentum buffers, keyed by Parameter) stays valid.
 
 The ``qconfig`` is a plain attribute, not a tensor: it is not part of the ``state_dict`` (a checkpoint
@@ -17,22 +17,17 @@ of a QConv2d model loads into the float model and vice versa). It is pickled wit
 from __future__ import annotations
 
 import copy
-import fnmatch
-import warnings
-from typing import Callable, Iterable, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize  # noqa: F401 (is_parametrized)
 
-from .config import QConfig
-from .ops.conv2d_int8 import qconv2d
-from .ops.linear_int8 import qlinear
+from .config import QConfig, as_qconfig
+from .ops.gemm.conv import qconv2d
+from .ops.gemm.linear import qlinear
 
-__all__ = ["QConv2d", "QLinear", "quantize_model", "dequantize_model", "first_and_last_layers"]
-
-SkipSpec = Union[None, str, Callable[[str, nn.Module], bool], Iterable[Union[str, Callable]]]
+__all__ = ["QConv2d", "QLinear", "first_and_last_layers"]
 
 # The hook dictionaries a swap carries over, so e.g. a forward pre-hook registered on the float layer
 # keeps running on the int8 one. (Removing such a hook later needs the hook's handle *and* the new
@@ -40,15 +35,6 @@ SkipSpec = Union[None, str, Callable[[str, nn.Module], bool], Iterable[Union[str
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
                "_backward_hooks")
-
-
-def _check_qconfig(qconfig) -> QConfig:
-    if qconfig is None:
-        return QConfig()
-    if not isinstance(qconfig, QConfig):
-        raise TypeError(f"qconfig must be an ebkernels.QConfig or None (defaults), got "
-                        f"{type(qconfig).__name__}: {qconfig!r}")
-    return qconfig
 
 
 def _check_plain(layer: nn.Module) -> None:
@@ -88,7 +74,7 @@ class QConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
                          device=device, dtype=dtype)
-        self.qconfig = _check_qconfig(qconfig)
+        self.qconfig = as_qconfig(qconfig)
 
     def _conv_forward(self, input, weight, bias):
         stride, dilation, groups = self.stride, self.dilation, self.groups
@@ -132,7 +118,7 @@ class QConv2d(nn.Conv2d):
         if not isinstance(layer, nn.Conv2d):
             raise TypeError(f"layer must be an nn.Conv2d, got {type(layer).__name__}")
         _check_plain(layer)
-        qconfig = _check_qconfig(qconfig)
+        qconfig = as_qconfig(qconfig)
         # build on the meta device (no allocation), then take over the layer's own tensors
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
                   padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
@@ -156,7 +142,7 @@ class QLinear(nn.Linear):
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, qconfig=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.qconfig = _check_qconfig(qconfig)
+        self.qconfig = as_qconfig(qconfig)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return qlinear(input, self.weight, self.bias, qconfig=self.qconfig)
@@ -170,7 +156,7 @@ class QLinear(nn.Linear):
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"layer must be an nn.Linear, got {type(layer).__name__}")
         _check_plain(layer)
-        qconfig = _check_qconfig(qconfig)
+        qconfig = as_qconfig(qconfig)
         new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta",
                   qconfig=qconfig)
         return _move_state(layer, new)
@@ -179,143 +165,6 @@ class QLinear(nn.Linear):
         """The plain ``nn.Linear`` sharing this layer's Parameter objects."""
         new = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         return _move_state(self, new)
-
-
-# --------------------------------------------------------------------------------------------------
-# Whole-model swap
-# --------------------------------------------------------------------------------------------------
-# Exact types only: a subclass of nn.Conv2d/nn.Linear may override forward (or, like
-# MultiheadAttention's out_proj, never have its forward called), so swapping it could change behaviour.
-_FLOAT_TO_Q = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
-_Q_TYPES = (QConv2d, QLinear)
-
-
-def _skip_matcher(skip: SkipSpec):
-    """``skip`` as (name test, predicate test, the name patterns)."""
-    if skip is None:
-        items = []
-    elif isinstance(skip, str) or callable(skip):
-        items = [skip]
-    else:
-        try:
-            items = list(skip)
-        except TypeError:
-            raise TypeError(f"skip must be a module name or glob pattern, a predicate (name, module) -> "
-                            f"bool, or an iterable of those; got {type(skip).__name__}: {skip!r}") from None
-    patterns, predicates = [], []
-    for item in items:
-        if isinstance(item, str):
-            patterns.append(item)
-        elif callable(item):
-            predicates.append(item)
-        else:
-            raise TypeError(f"skip entry {item!r} ({type(item).__name__}) is not supported; accepted: a "
-                            f"module name or glob pattern (str) or a predicate (name, module) -> bool")
-
-    def name_matches(name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-    def predicate_matches(name: str, module: nn.Module) -> bool:
-        return any(bool(pred(name, module)) for pred in predicates)
-
-    return name_matches, predicate_matches, patterns
-
-
-def _swap(model: nn.Module, convert: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
-    """Replace modules top-down; ``convert(name, module)`` returns the replacement (``module`` itself
-    to keep it and not look inside) or None to keep it and visit its children.
-
-    A module reachable under several names (weight sharing) is converted once and the same new module
-    is put at every place, so the sharing survives.
-    """
-    done: dict[int, nn.Module] = {}
-
-    def visit(prefix: str, module: nn.Module) -> nn.Module:
-        if id(module) in done:
-            return done[id(module)]
-        new = convert(prefix, module)
-        if new is None:
-            new = module
-            for child_name, child in list(module._modules.items()):
-                if child is None:
-                    continue
-                qualified = f"{prefix}.{child_name}" if prefix else child_name
-                replacement = visit(qualified, child)
-                if replacement is not child:
-                    module._modules[child_name] = replacement
-        done[id(module)] = new
-        return new
-
-    return visit("", model)
-
-
-def quantize_model(model: nn.Module, qconfig: QConfig | None = None, skip: SkipSpec = (),
-                   inplace: bool = True, fuse: bool = True) -> nn.Module:
-    """Swap every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` for ``QConv2d`` / ``QLinear``.
-
-    ``qconfig``: an ``ebkernels.QConfig`` for all swapped layers (default ``QConfig()``).
-    ``skip``: layers to keep in float, given as qualified module names (as in ``named_modules()``),
-    glob patterns (``"features.0"``, ``"classifier*"``, ``"*.downsample.*"``), a predicate
-    ``(name, module) -> bool`` (called on eligible layers only), or an iterable mixing those. A name
-    or pattern that matches a container skips everything inside it. ``first_and_last_layers(model)``
-    names the first and last eligible layer (the usual ones to keep in float). A name pattern that
-    matches no module gives a warning (likely a typo).
-    ``inplace=True`` (default) swaps inside ``model`` and the new layers reuse the *same Parameter
-    objects*, so an existing optimizer and its state keep working. ``inplace=False`` deep-copies the
-    model first (new Parameters; the original is untouched).
-
-    Eligible: modules whose type is exactly ``nn.Conv2d`` or ``nn.Linear`` (subclasses may override
-    ``forward``, so they stay as they are); layers already quantized are left untouched, whatever
-    their qconfig. Returns the model (the new layer itself if ``model`` is a bare eligible layer).
-
-    ``fuse=True`` (default): the conv → BatchNorm → ReLU (→ max-pool) chains it can prove (runs inside
-    ``nn.Sequential``, the residual blocks of ``ebkernels.models``) then run as fused int8 blocks that
-    hand each other int8 codes (``ebkernels.fusion``; SPEC §9): same modules, Parameters, buffers and
-    ``state_dict``, far less saved memory and fewer kernels. ``ebkernels.fusion.fused_chains(model)``
-    lists them (also logged at INFO level on the "ebkernels" logger); ``fuse=False`` keeps every layer
-    on its own.
-    """
-    qconfig = _check_qconfig(qconfig)
-    name_matches, predicate_matches, patterns = _skip_matcher(skip)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not inplace:
-        model = copy.deepcopy(model)
-    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
-    for p in patterns:
-        if not any(fnmatch.fnmatchcase(n, p) for n in names):
-            warnings.warn(f"quantize_model: skip pattern {p!r} matches no module name of the model",
-                          stacklevel=2)
-
-    def convert(name: str, module: nn.Module):
-        if name and name_matches(name):
-            return module  # skipped with its whole subtree
-        qcls = _FLOAT_TO_Q.get(type(module))
-        if qcls is None:
-            return None  # not a layer: look inside
-        if predicate_matches(name, module):
-            return module
-        return qcls.from_float(module, qconfig)
-
-    model = _swap(model, convert)
-    if fuse:
-        from .fusion import fuse as fuse_chains
-
-        fuse_chains(model)
-    return model
-
-
-def dequantize_model(model: nn.Module, inplace: bool = True) -> nn.Module:
-    """The inverse of ``quantize_model``: every ``QConv2d`` / ``QLinear`` becomes ``nn.Conv2d`` /
-    ``nn.Linear`` with the same Parameter objects (``inplace=False`` deep-copies the model first)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not inplace:
-        model = copy.deepcopy(model)
-    from .fusion import unfuse
-
-    unfuse(model)
-    return _swap(model, lambda name, m: m.to_float() if isinstance(m, _Q_TYPES) else None)
 
 
 def first_and_last_layers(model: nn.Module) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ torchvision: the tests that need its model definitions skip, with the reason, wh
 ``ebkernels.models.torchvision_models.import_torchvision`` cannot import it (``@pytest.mark.torchvision``);
 CI sets EBKERNELS_REQUIRE_TORCHVISION=1, so there they must run.
 """
+import contextlib
 import os
 
 import torch
@@ -63,9 +64,20 @@ def one_torch_thread():
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
-    """Every int8-kernel output / partial buffer starts poisoned (NaN, 0x7f...): unwritten elements fail."""
-    from _flow import poison_empty
-    from ebkernels.ops import _igemm
+def poisoned():
+    """Every int8-kernel output / partial buffer starts poisoned (NaN, -128, 0x7F7F7F7F): unwritten elements
+    fail (``ebkernels.config.override(poison_outputs=True)``)."""
+    from ebkernels.config import override
 
-    monkeypatch.setattr(_igemm, "empty_output", poison_empty)
+    with override(poison_outputs=True):
+        yield
+
+
+@pytest.fixture
+def settings():
+    """``settings(**changes)``: ``ebkernels.config.override(**changes)`` until the end of the test (nested
+    calls stack; all restored at teardown)."""
+    from ebkernels.config import override
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(override(**changes))

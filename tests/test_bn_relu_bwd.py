@@ -11,11 +11,10 @@ import torch.nn.functional as F
 
 import ebkernels
 from ebkernels import _rng
-from ebkernels.ops._bn_math import bn_grad_in_reference
-from ebkernels.ops.bn_relu_bwd import (_bwd_op, _reduce_op, bn_relu_bwd, bn_relu_bwd_reduce,
-                                       bn_relu_bwd_reduce_reference, bn_relu_bwd_reference)
-from ebkernels.ops.bn_relu_quant import bn_stats
-from ebkernels.ops.quantize import shift_scale_reference
+from ebkernels.ops.fused.bn_math import bn_grad_in_reference
+from ebkernels.ops.fused.bn_relu_bwd import _bwd_op, _reduce_op, bn_relu_bwd, bn_relu_bwd_reduce, bn_relu_bwd_reduce_reference, bn_relu_bwd_reference
+from ebkernels.ops.fused.bn_relu_quant import bn_stats
+from ebkernels.ops._scale import shift_scale_reference
 from _flow import CL, bits_equal, f32_of_bits, fresh_seed, gen, mismatch, rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention

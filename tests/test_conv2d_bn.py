@@ -14,11 +14,13 @@ import torch
 import torch.nn as nn
 
 from ebkernels import force_backend
-from ebkernels.ops import _channel_stats, _tiles, conv2d_bn
-from ebkernels.ops._bn_math import bn_act_reference
-from ebkernels.ops.conv2d_bn import (_bwd_op, _fwd_op, conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_bwd_reduce_reference,
-                                     conv2d_int8_bn_fwd)
-from ebkernels.ops.conv2d_int8 import conv2d_int8_fwd_reference, conv2d_output_size
+from ebkernels.ops import _reduce as _channel_stats
+from ebkernels.ops.gemm import tiles as _tiles
+from ebkernels.ops.fused import conv_bn as conv2d_bn
+from ebkernels.ops.fused.bn_math import bn_act_reference
+from ebkernels.ops.fused.conv_bn import _bwd_op, _fwd_op, conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_bwd_reduce_reference, conv2d_int8_bn_fwd
+from ebkernels.ops.gemm.conv import conv2d_int8_fwd_reference
+from ebkernels.ops._launch import conv2d_output_size
 from _flow import CL, bits_equal, bnp_exact, codes, f32_of_bits, fresh_seed, gen, mismatch, rows, spy_kernels
 
 EPS = 1e-5

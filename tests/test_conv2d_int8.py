@@ -8,17 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from ebkernels import QConfig, force_backend, qconv2d
-from ebkernels.ops import _conv_fwd_dgrad, _conv_wgrad, _igemm, _tiles, conv2d_int8
-from ebkernels.ops.conv2d_int8 import (conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd,
-                                       conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference)
+from ebkernels.ops._launch import MAX_TERMS
+from ebkernels.ops.gemm import conv as conv2d_int8
+from ebkernels.ops.gemm import conv_fwd_dgrad as _conv_fwd_dgrad
+from ebkernels.ops.gemm import conv_wgrad as _conv_wgrad
+from ebkernels.ops.gemm import tiles as _tiles
+from ebkernels.ops.gemm.conv import conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd, conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference
 from _flow import spy_kernels
-from test_linear_int8 import _QuantizeGrad, _poison_empty, _ste_quant
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every kernel output / partial buffer starts as NaN or 0x7f7f7f7f: unwritten elements fail."""
-    monkeypatch.setattr(_igemm, "empty_output", _poison_empty)
+from test_linear_int8 import _QuantizeGrad, _ste_quant
 
 
 def spy_launches(monkeypatch):
@@ -329,7 +326,7 @@ ECM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("max_terms", [_igemm.MAX_TERMS, 64], ids=["direct", "split"])
+@pytest.mark.parametrize("max_terms", [MAX_TERMS, 64], ids=["direct", "split"])
 @pytest.mark.parametrize("case", ECM_CASES, ids=["N{}C{}H{}W{}O{}K{}s{}p{}d{}xcm{}".format(*c) for c in ECM_CASES])
 def test_wgrad_channel_major_e_exact(device, poisoned, monkeypatch, case, max_terms):
     N, C, H, W, CO, K, stride, padding, dilation, x_cm = case

@@ -2,13 +2,14 @@
 their PyTorch reference element for element (outputs poisoned), the weight-grad is exact against the
 float64 oracle on every box shape, rectangular / dilated / padded kernels, ragged channels, one split and
 several, raw and scaled, and bit-identical to the generic kernel with the G quantization fused; the table
-takes it only where it fits. Under the interpreter it runs with ``_tiles.WGRAD_TMA = True`` (on a GPU,
+takes it only where it fits. Under the interpreter it runs with ``config.override(wgrad_tma=True)`` (on a GPU,
 sm_90 decides)."""
 import pytest
 import torch
 
-from ebkernels.ops import _conv_wgrad_tma, _tiles, conv2d_int8
-from ebkernels.ops.conv2d_int8 import conv2d_int8_wgrad, conv2d_int8_wgrad_reference, conv2d_output_size
+from ebkernels.ops.gemm import conv_wgrad_tma as _conv_wgrad_tma, tiles as _tiles, conv as conv2d_int8
+from ebkernels.ops.gemm.conv import conv2d_int8_wgrad, conv2d_int8_wgrad_reference
+from ebkernels.ops._launch import conv2d_output_size
 from _flow import spy_kernels
 
 # (N, Cin, H, W, Cout, (KH, KW), padding, dilation): the box (BH, BW) follows OW: (4, 16) for OW <= 16,
@@ -37,8 +38,8 @@ def _case(case, gen, device):
 
 
 @pytest.fixture
-def tma_on(monkeypatch):
-    monkeypatch.setattr(_tiles, "WGRAD_TMA", True)
+def tma_on(settings):
+    settings(wgrad_tma=True)
 
 
 def _spy(monkeypatch):
@@ -76,11 +77,11 @@ def test_tma_wgrad_exact(device, poisoned, monkeypatch, tma_on, case, one_torch_
     assert [c["SPLIT_FIX"] for c in calls] == [False, False, True, True]
 
 
-def test_fused_g_quantization_matches_the_generic_kernel(device, monkeypatch, one_torch_thread):
+def test_fused_g_quantization_matches_the_generic_kernel(device, monkeypatch, settings, one_torch_thread):
     """The G quantization in the TMA kernel's epilogue gives the generic kernel's codes bit for bit (same
     gradient, same rounding stream), for nearest and stochastic rounding, one split and several."""
     from ebkernels import QConfig, _rng
-    from ebkernels.ops.conv2d_int8 import weight_grad_op
+    from ebkernels.ops.gemm.conv import weight_grad_op
 
     case = CASES[0]
     N, C, H, W, CO, (KH, KW), pad, dil = case
@@ -93,7 +94,7 @@ def test_fused_g_quantization_matches_the_generic_kernel(device, monkeypatch, on
         qc = QConfig(rounding_g=rounding)
         got = {}
         for tma in (False, True):
-            monkeypatch.setattr(_tiles, "WGRAD_TMA", tma)
+            settings(wgrad_tma=tma)
             _rng.manual_seed(11)
             got[tma] = weight_grad_op(qe, qx, se, sx, [KH, KW], [1, 1], list(pad), list(dil), 1, qc, [CO, C])
         assert torch.equal(got[False], got[True])
@@ -115,15 +116,17 @@ def test_table_takes_tma_only_where_it_fits(shape, why):
     assert _tiles.wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, pad, C, CO, tile) is None, why
 
 
-def test_tma_is_off_by_default_off_sm90(monkeypatch):
-    assert _tiles.WGRAD_TMA is None
+def test_tma_is_off_by_default_off_sm90(settings):
+    from ebkernels.config import kernel_settings
+
+    assert kernel_settings().wgrad_tma is None
     assert not _tiles.wgrad_tma_wanted(torch.device("cpu"))
-    monkeypatch.setattr(_tiles, "WGRAD_TMA", True)
+    settings(wgrad_tma=True)
     assert _tiles.wgrad_tma_wanted(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["per_layer", "fused_chain"])
-def test_training_step_gradients_identical_with_tma(fuse, monkeypatch, one_torch_thread):
+def test_training_step_gradients_identical_with_tma(fuse, monkeypatch, settings, one_torch_thread):
     """A whole int8 step of conv → BN → ReLU → conv → BN → ReLU (the per-layer path, and the fused chain
     whose E codes come channel-major from ``bn_relu_bwd``) gives the same gradients, bit for bit, with the
     TMA weight-grad as with the generic one."""
@@ -133,7 +136,7 @@ def test_training_step_gradients_identical_with_tma(fuse, monkeypatch, one_torch
     calls = _spy(monkeypatch)
     grads = {}
     for tma in (False, True):
-        monkeypatch.setattr(_tiles, "WGRAD_TMA", tma)
+        settings(wgrad_tma=tma)
         torch.manual_seed(3)
         model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
                                     torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU())

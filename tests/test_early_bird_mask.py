@@ -11,9 +11,7 @@ import pytest
 import torch
 
 import ebkernels
-from ebkernels.ops.early_bird_mask import (early_bird_update, early_bird_update_reference,
-                                           early_bird_update_triton, n_words, pack_masks, popcount_words,
-                                           ratio_keep, ratio_ks, unpack_masks)
+from ebkernels.detector.early_bird_mask import early_bird_update, early_bird_update_reference, early_bird_update_triton, n_words, pack_masks, popcount_words, ratio_keep, ratio_ks, unpack_masks
 
 RATIOS = (0.3, 0.5, 0.7)
 VGG16_BN = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]

@@ -18,8 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ebkernels
 from ebkernels import QConfig, fusion
 from ebkernels.models.preresnet import Bottleneck
-from ebkernels.ops import conv_bn_relu
-from ebkernels.ops.conv_bn_relu import FusedBlockFunction
+from ebkernels.ops.fused import block
+from ebkernels.ops.fused.block import BlockOutput, FusedBlockFunction
 from ebkernels.ops.quantize import dequantize, quantize
 
 
@@ -142,8 +142,8 @@ def _hard_bn_values(model, gen):
 
 
 @pytest.mark.parametrize("channels_last,y_policy", [(False, "recompute"), (True, "recompute"), (True, "keep")])
-def test_sequential_chain_matches_the_float64_wage_reference(channels_last, y_policy, monkeypatch):
-    monkeypatch.setattr(conv_bn_relu, "Y_POLICY", y_policy)
+def test_sequential_chain_matches_the_float64_wage_reference(channels_last, y_policy, settings):
+    settings(y_policy=y_policy)
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -378,18 +378,18 @@ def test_a_training_step_reads_nothing_back_to_the_host():
 
 def test_the_y_policy_keeps_y_exactly_where_the_layer_is_compute_bound():
     # VGG16-CIFAR at 32x32: the 3x3 layers from 256 channels at 8x8 on are compute-bound on an H100
-    assert not conv_bn_relu.keeps_y(64, 64, 3, 3, 32 * 32, 32 * 32, "auto")
-    assert not conv_bn_relu.keeps_y(128, 256, 3, 3, 8 * 8, 8 * 8, "auto")
-    assert conv_bn_relu.keeps_y(256, 256, 3, 3, 8 * 8, 8 * 8, "auto")
-    assert conv_bn_relu.keeps_y(512, 512, 3, 3, 2 * 2, 2 * 2, "auto")
-    assert not conv_bn_relu.keeps_y(64, 256, 1, 1, 8 * 8, 8 * 8, "auto")  # 1x1 layers: memory-bound
-    assert conv_bn_relu.keeps_y(3, 3, 1, 1, 1, 1, "keep") and not conv_bn_relu.keeps_y(512, 512, 3, 3, 4, 4, "recompute")
+    assert not block.keeps_y(64, 64, 3, 3, 32 * 32, 32 * 32, "auto")
+    assert not block.keeps_y(128, 256, 3, 3, 8 * 8, 8 * 8, "auto")
+    assert block.keeps_y(256, 256, 3, 3, 8 * 8, 8 * 8, "auto")
+    assert block.keeps_y(512, 512, 3, 3, 2 * 2, 2 * 2, "auto")
+    assert not block.keeps_y(64, 256, 1, 1, 8 * 8, 8 * 8, "auto")  # 1x1 layers: memory-bound
+    assert block.keeps_y(3, 3, 1, 1, 1, 1, "keep") and not block.keeps_y(512, 512, 3, 3, 4, 4, "recompute")
 
 
 def test_the_counter_pool_is_zero_again_after_a_training_step():
     """The kernels' semaphores share one pool per device and stream and need no memset: every launch must
     leave its counters as it found them (zero), or the next launch would count wrong."""
-    from ebkernels.ops._channel_stats import _POOLS
+    from ebkernels.ops._buffers import _POOLS
 
     torch.manual_seed(5)
     model = nn.Sequential(chain_model(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(17, 10))
@@ -414,4 +414,4 @@ def test_the_block_function_is_what_runs():
         m(torch.randn(2, 3, 8, 8))
     finally:
         FusedBlockFunction.forward = staticmethod(orig)
-    assert calls == ["codes", "codes", "float"]
+    assert calls == [BlockOutput.CODES, BlockOutput.CODES, BlockOutput.FLOAT]

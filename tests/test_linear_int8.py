@@ -8,21 +8,11 @@ import torch.nn.functional as F
 import ebkernels
 from benchmarks.flow import _Launches as TritonLaunches
 from ebkernels import QConfig, dequantize, force_backend, qlinear, quantize
-from ebkernels.ops import _igemm, linear_int8
-from ebkernels.ops._channel_stats import _POOLS
-from ebkernels.ops.linear_int8 import MAX_TERMS, linear_int8_mm, linear_int8_mm_reference
+from ebkernels.ops.gemm import linear as linear_int8
+from ebkernels.ops._buffers import _POOLS
+from ebkernels.ops._launch import MAX_TERMS
+from ebkernels.ops.gemm.linear import linear_int8_mm, linear_int8_mm_reference
 from _flow import fresh_seed, spy_kernels
-
-
-def _poison_empty(shape, dtype, device, memory_format=torch.contiguous_format):
-    t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-    return t.fill_(float("nan") if dtype.is_floating_point else (0x7F if dtype == torch.int8 else 0x7F7F7F7F))
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every kernel output / partial buffer starts as NaN or 0x7f7f7f7f: unwritten elements fail."""
-    monkeypatch.setattr(_igemm, "empty_output", _poison_empty)
 
 
 def _codes(shape, gen, device, lo=-127, hi=127):
@@ -128,7 +118,7 @@ def long_k_tiles(monkeypatch, device):
     """Under the interpreter, long K tiles so a 134,000-term reduction takes few (slow) loop steps."""
     if device.type == "cpu":
         tiles = {"BM": 16, "BN": 16, "BK": 4096, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
-        monkeypatch.setattr(_igemm, "gemm_tiles", lambda dev, align=16: tiles)
+        monkeypatch.setattr(linear_int8, "gemm_tiles", lambda dev, align=16: tiles)
 
 
 def test_int32_overflow_guard(device, poisoned, long_k_tiles, monkeypatch):

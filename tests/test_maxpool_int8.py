@@ -7,9 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ebkernels.ops.maxpool_int8 import (_bwd_op, _fwd_op, maxpool2d_int8, maxpool2d_int8_backward,
-                                        maxpool2d_int8_backward_reference, maxpool2d_int8_reference,
-                                        pool_output_size)
+from ebkernels.ops.fused.maxpool import _bwd_op, _fwd_op, maxpool2d_int8, maxpool2d_int8_backward, maxpool2d_int8_backward_reference, maxpool2d_int8_reference, pool_output_size
 from _flow import CL, bits_equal, fresh_seed, gen, mismatch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention

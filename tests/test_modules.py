@@ -21,10 +21,10 @@ import torch.nn.functional as F
 import ebkernels
 from ebkernels import QConfig
 from ebkernels._backend import force_backend
-from ebkernels.modules import (QConv2d, QLinear, dequantize_model, first_and_last_layers,
-                               quantize_model)
-from ebkernels.ops.conv2d_int8 import qconv2d
-from ebkernels.ops.linear_int8 import qlinear
+from ebkernels.convert import dequantize_model, quantize_model
+from ebkernels.modules import QConv2d, QLinear, first_and_last_layers
+from ebkernels.ops.gemm.conv import qconv2d
+from ebkernels.ops.gemm.linear import qlinear
 
 
 @pytest.fixture
@@ -528,8 +528,10 @@ def test_triton_path_training_matches_the_reference_path(device):
 
 
 def test_public_names():
-    for name in ("QConv2d", "QLinear", "quantize_model", "dequantize_model"):
-        assert getattr(ebkernels, name) is getattr(__import__("ebkernels.modules", fromlist=[name]), name)
+    for module, names in (("ebkernels.modules", ("QConv2d", "QLinear")),
+                          ("ebkernels.convert", ("quantize_model", "dequantize_model"))):
+        for name in names:
+            assert getattr(ebkernels, name) is getattr(__import__(module, fromlist=[name]), name)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ebkernels import _native
-from ebkernels.ops.early_bird_mask import early_bird_update, early_bird_update_reference, n_words, ratio_ks
+from ebkernels.detector.early_bird_mask import early_bird_update, early_bird_update_reference, n_words, ratio_ks
 from test_early_bird_mask import KINDS, RATIOS, TOTALS, fresh_gammas, spec_masks_numpy
 
 

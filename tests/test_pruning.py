@@ -320,15 +320,14 @@ def test_subclassed_convs_keep_their_class_and_qconfig():
 
 
 def test_ebkernels_qconv2d_model_prunes():
-    modules = pytest.importorskip("ebkernels.modules")
-    if not hasattr(modules, "quantize_model"):
-        pytest.skip("ebkernels.quantize_model not available yet")
+    from ebkernels import QConv2d, quantize_model
+
     model = build_model("vgg11", width=0.25)
     mask = random_mask(model, 0.5, seed=21)
     float_pruned, _ = prune(model, mask)
-    qmodel = modules.quantize_model(copy.deepcopy(model))
+    qmodel = quantize_model(copy.deepcopy(model))
     pruned, report = prune(qmodel, mask)
-    assert any(isinstance(m, modules.QConv2d) for m in pruned.modules())
+    assert any(isinstance(m, QConv2d) for m in pruned.modules())
     assert pruned.cfg == float_pruned.cfg
     assert report["flops_after"] == count_flops(float_pruned)
 

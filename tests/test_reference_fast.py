@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ebkernels.ops import linear_int8
-from ebkernels.ops.conv2d_int8 import (conv2d_int8_dgrad_reference, conv2d_int8_fwd_reference,
-                                       conv2d_int8_wgrad_reference)
-from ebkernels.ops._gemm import F32_EXACT_SUM, MAX_F32_CHUNKS, exact_int_sums, f32_chunks, f32_exact_terms
-from ebkernels.ops.linear_int8 import linear_int8_mm_reference
+from ebkernels.ops.gemm import linear as linear_int8
+from ebkernels.ops.gemm.conv import conv2d_int8_dgrad_reference, conv2d_int8_fwd_reference, conv2d_int8_wgrad_reference
+from ebkernels.ops.gemm.host import F32_EXACT_SUM, MAX_F32_CHUNKS, exact_int_sums, f32_chunks, f32_exact_terms
+from ebkernels.ops.gemm.linear import linear_int8_mm_reference
 
 
 def _full(shape, v):

@@ -14,11 +14,13 @@ import triton.language as tl
 
 import ebkernels
 from ebkernels import _rng, dequantize, force_backend, quantize
-from ebkernels.ops.conv2d_int8 import MAX_TERMS, _conv2d_int8_wgrad_op, conv2d_int8_wgrad_reference
+from ebkernels.ops._launch import MAX_TERMS
+from ebkernels.ops.gemm.conv import conv2d_int8_wgrad_op, conv2d_int8_wgrad_reference
 from benchmarks.flow import _Launches as TritonLaunches
-from ebkernels.ops._channel_stats import _POOLS
-from ebkernels.ops.linear_int8 import _linear_int8_mm_op, linear_int8_mm_reference
-from ebkernels.ops.quantize import SMALL_NUMEL, _quantize_op, quantize_dequantize, quantize_reference
+from ebkernels.ops._buffers import _POOLS
+from ebkernels.ops.gemm.linear import _linear_int8_mm_op, linear_int8_mm_reference
+from ebkernels.ops._launch import SMALL_NUMEL
+from ebkernels.ops.quantize import _quantize_op, quantize_dequantize, quantize_reference
 from _flow import CL, bits_equal, codes, fresh_seed, gen, mismatch  # noqa: F401
 from test_linear_int8 import spy_gemm
 
@@ -256,7 +258,7 @@ def test_conv_wgrad_fused_g_quantization(device, case, rounding):
     assert (n <= SMALL_NUMEL) == (cin != 93), "both fused G-quantization modes are tested"
 
     def run():
-        return _conv2d_int8_wgrad_op(qe, qx, se, sx, *geo, 1, 8, 8, torch.float32, MAX_TERMS, 8, rounding,
+        return conv2d_int8_wgrad_op(qe, qx, se, sx, *geo, 1, 8, 8, torch.float32, MAX_TERMS, 8, rounding,
                                      [cout, cin], _rng.device_state(device))
 
     gq, gq_ref, taken = _both_paths(run, s % 1000, device)
@@ -317,7 +319,7 @@ def test_opcheck_schema():
     qx = codes((1, 16, 5, 5), g, "cpu", pad_from=3)
     qe = codes((1, 16, 5, 5), g, "cpu", pad_from=6)
     se, sx = torch.tensor(2.0 ** -9), torch.tensor(0.5)
-    torch.library.opcheck(_conv2d_int8_wgrad_op, (qe, qx, se, sx, [3, 3], [1, 1], [1, 1], [1, 1], 1, 8, 8,
+    torch.library.opcheck(conv2d_int8_wgrad_op, (qe, qx, se, sx, [3, 3], [1, 1], [1, 1], [1, 1], 1, 8, 8,
                                                   torch.float32, MAX_TERMS, 8, "stochastic", [6, 3], st),
                           test_utils=utils)
     a, b = codes((7, 9), g, "cpu", channels_last=False), codes((9, 5), g, "cpu", channels_last=False)

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from ebkernels.aot import print_plan
-from ebkernels.ops import _tiles, conv2d_int8
-from ebkernels.ops._channel_stats import counter_pool
-from ebkernels.ops.conv2d_int8 import (conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd,
-                                       conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference)
+from ebkernels.ops.gemm import tiles as _tiles, conv as conv2d_int8
+from ebkernels.ops._buffers import counter_pool
+from ebkernels.ops.gemm.conv import conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd, conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference
 from test_conv2d_int8 import spy_launches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

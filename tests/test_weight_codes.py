@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import ebkernels
-from ebkernels.ops.quantize import quantize_reference, shift_scale_reference
+from ebkernels.ops.quantize import quantize_reference
+from ebkernels.ops._scale import shift_scale_reference
 from ebkernels.ops.weight_codes import _op, weight_codes, weight_codes_reference
 from _flow import CL, fresh_seed, gen, mismatch
 

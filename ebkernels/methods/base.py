@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .._checks import check_ratio
-from ..ops.early_bird_mask import ratio_keep
+from ..detector.early_bird_mask import ratio_keep
 from ..pruning import bn_layers
 
 __all__ = ["TicketMethod", "ScoringData", "mask_from_scores", "masks_at_ratios", "bn_output_gates", "layer_sizes", "check_ratios",

@@ -2,12 +2,7 @@
 
 ``q = round(clip(x / s) * S)`` with ``S = 2**(bits-1)``, ``clip`` to ``±(1 - 1/S)``, so the codes lie in
 ``[-(S-1), S-1]``; ``s = Shift(max|x|) = 2**round(log2(max|x|))`` or the fixed scale 1 (``fixed_scale``,
-WAGE mode). The value a code stands for is ``q * s / S``.
-
-Shift is computed exactly from the float's exponent and mantissa (``log2(m)`` rounds up exactly when
-the mantissa exceeds sqrt(2)); a float ``log2`` followed by ``round`` can misround next to
-``sqrt(2)·2^e``. The exponent of ``s`` is clamped to [-126, 127] so every finite input has a finite,
-normal scale; an all-zero tensor gets ``s = 1``.
+WAGE mode): the rule of ``_scale``. The value a code stands for is ``q * s / S``.
 
 Non-finite input: ``max|x|`` is NaN when ``x`` holds a NaN and +inf when it holds an inf (as
 ``torch.amax`` gives), and the scale takes that value, in every mode; codes are 0 wherever ``x / s``
@@ -15,7 +10,8 @@ is NaN. Dequantizing then yields NaN/inf instead of silently finite numbers.
 
 Two implementations, one contract: ``quantize_reference`` (PyTorch; the oracle and the CPU path) and
 two Triton kernels (absmax with an integer atomic max, then scale + codes). The scale stays a device
-tensor: nothing is read back to the host.
+tensor: nothing is read back to the host. ``block_codes`` / ``quantize_codes_kernel`` also serve the
+weight-grad's fused G quantization (``gemm.gquant``).
 """
 from __future__ import annotations
 
@@ -23,33 +19,24 @@ import math
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from .._backend import use_triton
 from .._checks import check_bits, check_choice, check_tensor
 from .._registry import aot_kernel
 from .._rng import uniform
-from ._channel_stats import counter_pool, publish_max
+from .._triton import tl, triton
+from ._buffers import counter_pool, empty_output
+from ._launch import SMALL_NUMEL, padded_channels
+from ._reduce import publish_max
+from ._scale import scale_reference, shift_scale_from_bits
+from ._tl import round_half_even, strided_offsets_4d
 
-__all__ = ["quantize", "quantize_dequantize", "dequantize", "padded_channels", "quantize_reference", "quantize_triton", "shift_scale_reference"]
-
-_MANT_SQRT2 = 0x3504F3  # mantissa bits of float32(sqrt(2)) = 1.41421354 < sqrt(2)
-
+__all__ = ["quantize", "quantize_dequantize", "dequantize", "quantize_reference", "quantize_triton", "block_codes",
+           "quantize_codes_kernel", "block_elements", "as_4d", "row_major"]
 
 # --------------------------------------------------------------------------------------------------
 # Reference (pure PyTorch)
 # --------------------------------------------------------------------------------------------------
-def shift_scale_reference(amax: torch.Tensor) -> torch.Tensor:
-    """``2**round(log2(amax))`` as float32, exactly; 0 -> 1; NaN/inf pass through."""
-    amax = amax.float()
-    frac, exp = torch.frexp(amax)  # amax = frac * 2**exp, frac in [0.5, 1)
-    k = exp - 1 + (2.0 * frac.double() > math.sqrt(2.0)).to(exp.dtype)
-    s = torch.ldexp(torch.ones_like(amax), k.clamp(-126, 127))
-    s = torch.where(amax == 0, torch.ones_like(s), s)
-    return torch.where(torch.isfinite(amax), s, amax)
-
-
 def _codes_reference(v: torch.Tensor, bits: int, noise: torch.Tensor | None) -> torch.Tensor:
     """Codes from ``v = x / s`` (float32)."""
     S = float(2 ** (bits - 1))
@@ -77,10 +64,7 @@ def quantize_reference(x: torch.Tensor, bits: int = 8, stochastic: bool = False,
     ``_noise_reference`` (the same numbers as the kernels draw)."""
     xf = x.float()
     amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
-    if fixed_scale:
-        s = torch.where(torch.isfinite(amax), torch.ones_like(amax), amax)
-    else:
-        s = shift_scale_reference(amax)
+    s = scale_reference(amax, fixed_scale)
     noise = _noise_reference(tuple(xf.shape), x.device, seed) if stochastic else None
     codes = _codes_reference(xf / s, bits, noise)
     return codes, s
@@ -89,50 +73,10 @@ def quantize_reference(x: torch.Tensor, bits: int = 8, stochastic: bool = False,
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
-def _block(linear: bool) -> int:
+def block_elements(linear: bool) -> int:
     """Elements per program: the strided index decode needs int64 registers per element, so the
     strided variants take half the block of the linear ones (no register spills at 8 warps)."""
     return 2048 if linear else 1024
-
-
-@triton.jit
-def strided_offsets_4d(idx, d1, d2, d3, s0, s1, s2, s3):
-    """Memory offsets of linear indices ``idx`` over a (d0, d1, d2, d3) view with strides s0..s3."""
-    i3 = idx % d3
-    t = idx // d3
-    i2 = t % d2
-    t = t // d2
-    i1 = t % d1
-    i0 = t // d1
-    return i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3
-
-
-@triton.jit
-def round_half_even(y):
-    """``torch.round`` in float arithmetic that is exact for any float32 (no libdevice needed)."""
-    r = tl.floor(y)
-    frac = y - r  # exact
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    up = (frac > 0.5) | ((frac == 0.5) & odd)
-    return tl.where(up, r + 1.0, r)
-
-
-@triton.jit
-def shift_scale_from_bits(bits, FIXED_SCALE: tl.constexpr):
-    """Power-of-two scale ``Shift(amax)`` from the float32 bits of a non-negative amax: ``round(log2)``
-    from exponent and mantissa (up exactly when the mantissa exceeds sqrt(2)), exponent clamped to
-    [-126, 127]; 0 -> 1, NaN/inf pass through. ``FIXED_SCALE``: 1 (NaN/inf still pass)."""
-    amax = bits.to(tl.float32, bitcast=True)
-    finite = (bits >> 23) < 255
-    if FIXED_SCALE:
-        scale = tl.where(finite, 1.0, amax)
-    else:
-        k = (bits >> 23) - 127 + ((bits & 0x7FFFFF) > 0x3504F3).to(tl.int32)
-        k = tl.minimum(tl.maximum(k, -126), 127)
-        scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
-        scale = tl.where(bits == 0, 1.0, scale)
-        scale = tl.where(finite, scale, amax)
-    return scale
 
 
 @triton.jit
@@ -148,7 +92,7 @@ def _block_absmax_bits(x_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, DENSE: tl.cons
 
 
 @triton.jit
-def _block_codes(x_ptr, out_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0, l1, l2, l3, scale, seed,
+def block_codes(x_ptr, out_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0, l1, l2, l3, scale, seed,
                  ticket, BITS: tl.constexpr, STOCHASTIC: tl.constexpr, SAME_ORDER: tl.constexpr,
                  LOGICAL: tl.constexpr, DEQUANT: tl.constexpr):
     """Codes of a block of linear indices (in the output's memory order), stored in the output's layout:
@@ -193,7 +137,7 @@ _SIG_OUT = {"o0": "i64", "o1": "i64", "o2": "i64", "o3": "i64", "l0": "i64", "l1
 def quantize_absmax_kernel(x_ptr, amax_bits_ptr, sem_ptr, rng_ptr, n, d1, d2, d3, s0, s1, s2, s3,
                            DENSE: tl.constexpr, TICKET: tl.constexpr, BLOCK: tl.constexpr):
     """``amax_bits[0]`` = bits of max |x|: every program stores its block's max in ``amax_bits[2 + pid]``,
-    the last one (counter ``sem``, from ``_channel_stats.counter_pool``) takes the max of all: no zeroed
+    the last one (counter ``sem``, from ``_buffers.counter_pool``) takes the max of all: no zeroed
     buffer, no float atomics. ``TICKET``: that program also takes the next random ticket of the device
     state ``rng`` into ``amax_bits[1]`` (stochastic rounding in the codes pass that follows)."""
     pid = tl.program_id(0)
@@ -210,7 +154,7 @@ def quantize_absmax_kernel(x_ptr, amax_bits_ptr, sem_ptr, rng_ptr, n, d1, d2, d3
 @aot_kernel(signature={"x_ptr": "*fp32", "amax_bits_ptr": "*i32", "rng_ptr": "*i64", "codes_ptr": "*i8",
                        "scale_ptr": "*fp32", **_SIG_COMMON, **_SIG_OUT},
             constexprs=[{"BITS": 8, "STOCHASTIC": s, "DEVICE_SEED": s, "FIXED_SCALE": False, "SAME_ORDER": o,
-                         "LOGICAL": o, "DEQUANT": False, "BLOCK": _block(o)}
+                         "LOGICAL": o, "DEQUANT": False, "BLOCK": block_elements(o)}
                         for s in (False, True) for o in (True, False)],
             num_warps=8, aligned=("x_ptr", "codes_ptr"))
 @triton.jit
@@ -230,7 +174,7 @@ def quantize_codes_kernel(x_ptr, amax_bits_ptr, rng_ptr, codes_ptr, scale_ptr, n
     else:
         ticket = 0
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _block_codes(x_ptr, codes_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0, l1, l2, l3, scale, seed,
+    block_codes(x_ptr, codes_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0, l1, l2, l3, scale, seed,
                  ticket, BITS, STOCHASTIC, SAME_ORDER, LOGICAL, DEQUANT)
 
 
@@ -260,88 +204,11 @@ def quantize_small_kernel(x_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s
         ticket = 0
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK).to(tl.int64)
-        _block_codes(x_ptr, codes_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0, l1, l2, l3, scale,
+        block_codes(x_ptr, codes_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0, l1, l2, l3, scale,
                      seed, ticket, BITS, STOCHASTIC, SAME_ORDER, LOGICAL, DEQUANT)
 
 
-@triton.jit
-def gquant_epilogue(y, mask, gq_ptr, rng_ptr, out_ptr, gn, d1, d2, d3, s0, s1, s2, s3, ntiles, first,
-                    GQ: tl.constexpr, BITS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
-    """G quantization fused into a weight-grad GEMM, after the program stored its fp32 tile ``y``.
-
-    ``gq`` (int32, zero at launch): [semaphore, bits of max |G|, ticket]; GQ=2 leaves it zero again. Every
-    program that finishes an output tile (``ntiles`` of them: one per tile, the last split of a split
-    reduction) folds its tile into the max. ``GQ=1``: the ``first`` of them (true in exactly one) takes the
-    random ticket; the launcher runs the codes pass
-    (``quantize_codes_kernel``) afterwards. ``GQ=2`` (small gradients): the last program to count itself
-    in quantizes the whole gradient in place (the real view ``(gn elements; sizes d1..d3, strides
-    s0..s3)`` of ``out``), writing the values of the codes: no further launch."""
-    bits = tl.max(tl.max(tl.where(mask, tl.abs(y), 0.0).to(tl.int32, bitcast=True), axis=1), axis=0)
-    tl.atomic_max(gq_ptr + 1, bits)
-    if GQ == 1:
-        if STOCHASTIC:
-            if first:
-                tl.store(gq_ptr + 2, tl.atomic_add(rng_ptr + 1, 1).to(tl.int32))
-    else:
-        done = tl.atomic_add(gq_ptr, 1)
-        if done == ntiles - 1:
-            scale = shift_scale_from_bits(tl.atomic_xchg(gq_ptr + 1, 0), False)  # read, and reset for the pool
-            tl.atomic_xchg(gq_ptr, 0)
-            if STOCHASTIC:
-                seed = tl.load(rng_ptr)
-                ticket = tl.atomic_add(rng_ptr + 1, 1).to(tl.int32)
-            else:
-                seed = 0
-                ticket = 0
-            l2 = d3
-            l1 = d2 * d3
-            l0 = d1 * l1
-            for start in range(0, gn, BLOCK):
-                idx = start + tl.arange(0, BLOCK).to(tl.int64)
-                _block_codes(out_ptr, out_ptr, idx, gn, d1, d2, d3, s0, s1, s2, s3, s0, s1, s2, s3, l0, l1, l2, 1,
-                             scale, seed, ticket, BITS, STOCHASTIC, False, False, True)
-
-
-def gquant_off(dummy: torch.Tensor):
-    """``gquant_plan``'s form for a launch without the fused G quantization (GQ=0): placeholder arguments
-    the kernel never reads (``dummy``: any tensor of the launch), the mode, the rounding."""
-    return (dummy, dummy, 0, 1, 1, 1, 0, 0, 0, 0), 0, False
-
-
-def gquant_plan(real: torch.Tensor, bits_g: int, rounding_g: str):
-    """Launcher side of ``gquant_epilogue`` for the (real part of the) gradient buffer ``real``: the
-    kernel arguments (gq scratch, rng state, gn, sizes d1..d3, strides s0..s3) and the GQ mode."""
-    from .. import _rng
-
-    mode = 2 if real.numel() <= SMALL_NUMEL else 1
-    # GQ=2 leaves its scratch zero again (the last program resets it): the shared counter pool, no memset;
-    # GQ=1's codes pass reads the max from every program, so it gets a zeroed buffer of its own
-    gq = counter_pool(real.device, 3)[:3] if mode == 2 else torch.zeros(3, dtype=torch.int32, device=real.device)
-    stochastic = rounding_g == "stochastic"
-    rng = _rng.device_state(real.device) if stochastic else gq
-    sizes, strides = _as_4d(real)
-    return (gq, rng, real.numel(), sizes[1], sizes[2], sizes[3], *strides), mode, stochastic
-
-
-def gquant_finish(real: torch.Tensor, plan_args, mode: int, bits: int, stochastic: bool) -> None:
-    """After a ``GQ=1`` launch: the codes pass over ``real`` in place (scale and ticket from gq)."""
-    if mode != 1 or real.numel() == 0:
-        return
-    gq, rng, n, d1, d2, d3, *strides = plan_args
-    scale = torch.empty((), dtype=torch.float32, device=real.device)
-    ls = _row_major(_as_4d(real)[0])
-    block = _block(False)
-    quantize_codes_kernel[(triton.cdiv(n, block),)](
-        real, gq[1:], rng, real, scale, n, d1, d2, d3, *strides, *strides, *ls, 0, BITS=bits, STOCHASTIC=stochastic,
-        DEVICE_SEED=stochastic, FIXED_SCALE=False, SAME_ORDER=False, LOGICAL=False, DEQUANT=True, BLOCK=block,
-        num_warps=8)
-
-
-# one program reads a tensor this small twice faster than two launches can start (weights, G, a head)
-SMALL_NUMEL = 1 << 16
-
-
-def _as_4d(t: torch.Tensor):
+def as_4d(t: torch.Tensor):
     """Sizes and strides of ``t`` padded to 4 dims (leading 1s); ``None`` if it has more dims."""
     if t.dim() > 4:
         return None
@@ -359,7 +226,7 @@ def _is_dense(sizes, strides) -> bool:
     return True
 
 
-def _row_major(sizes):
+def row_major(sizes):
     strides, acc = [], 1
     for size in reversed(sizes):
         strides.append(acc)
@@ -390,9 +257,9 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, fi
     device_seed = stochastic and seed is None
     rng = _rng.device_state(x.device) if device_seed else scale
     # iterate in the output's memory order so the stores are contiguous
-    sizes, xs = _as_4d(x)
-    _, os_ = _as_4d(out_view)
-    ls = _row_major(sizes)
+    sizes, xs = as_4d(x)
+    _, os_ = as_4d(out_view)
+    ls = row_major(sizes)
     order = sorted(range(4), key=lambda d: (-os_[d], -d)) if out_view.dim() else [0, 1, 2, 3]
     sizes = [sizes[d] for d in order]
     xs = [xs[d] for d in order]
@@ -407,12 +274,12 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, fi
     if n <= SMALL_NUMEL:
         quantize_small_kernel[(1,)](x, rng, out_view, scale, *args, DENSE=dense, BLOCK=1024, num_warps=8, **common)
         return out, scale
-    block = _block(dense)
+    block = block_elements(dense)
     programs = triton.cdiv(n, block)
     amax_bits = torch.empty(2 + programs, device=x.device, dtype=torch.int32)  # [bits, ticket, per program]
     quantize_absmax_kernel[(programs,)](x, amax_bits, counter_pool(x.device, 1), rng, n, sizes[1], sizes[2],
                                         sizes[3], *xs, DENSE=dense, TICKET=device_seed, BLOCK=block, num_warps=8)
-    block = _block(same_order)
+    block = block_elements(same_order)
     quantize_codes_kernel[(triton.cdiv(n, block),)](x, amax_bits, rng, out_view, scale, *args, BLOCK=block,
                                                     num_warps=8, **common)
     return out, scale
@@ -421,16 +288,6 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, fi
 # --------------------------------------------------------------------------------------------------
 # Public op (registered with torch.library so torch.compile can trace it)
 # --------------------------------------------------------------------------------------------------
-def _empty_codes(shape, device) -> torch.Tensor:
-    """The channel-padded NHWC code buffer (the tests poison it: the pad must be written explicitly)."""
-    return torch.empty(shape, dtype=torch.int8, device=device, memory_format=torch.channels_last)
-
-
-def padded_channels(channels: int, multiple: int) -> int:
-    """``channels`` rounded up to a multiple of ``multiple`` (unchanged for ``multiple <= 1``)."""
-    return channels if multiple <= 1 else -(-channels // multiple) * multiple
-
-
 @torch.library.custom_op("ebkernels::quantize", mutates_args=("rng",))
 def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, fixed_scale: bool, seed: int,
                  channels_last: bool, pad_channels_to: int = 0, dequant: bool = False,
@@ -439,7 +296,7 @@ def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, fixed_scale: bool
     seed_arg = None if seed < 0 else seed
     if pad_channels_to > 1:  # (N, Cp, H, W) NHWC codes, Cp = C rounded up; channels >= C are 0
         N, C, H, W = x.shape
-        codes = _empty_codes((N, padded_channels(C, pad_channels_to), H, W), x.device)
+        codes = empty_output((N, padded_channels(C, pad_channels_to), H, W), torch.int8, x.device, torch.channels_last)
         real = codes[:, :C]
         if use_triton(x):
             _, s = quantize_triton(x, bits, stochastic, fixed_scale, seed_arg, out=real)

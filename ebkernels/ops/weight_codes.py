@@ -6,7 +6,7 @@ scale is saved, so backward recomputes the codes bit for bit. One launch writes 
 needs, each with its zero padding:
 
 - ``fwd``: (Cout, Cin_p, KH, KW) in OHWI memory order, Cin zero-padded: the forward's K-major operand,
-  read again by the recompute GEMM of ``conv2d_bn``;
+  read again by the recompute GEMM of ``fused.conv_bn``;
 - ``dgrad``: (Cout_p, Cin, KH, KW) with Cout contiguous (memory [kh][kw][ci][co]), Cout zero-padded:
   the input-grad's K-major operand (before: a transposing copy of the forward codes).
 
@@ -19,13 +19,15 @@ launch; the block keeps those codes (at most 2 × 64 KiB per layer) and backward
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from .._backend import use_triton
 from .._registry import aot_kernel
-from . import _igemm
-from .quantize import SMALL_NUMEL, padded_channels, quantize_reference, round_half_even, shift_scale_from_bits
+from .._triton import tl, triton
+from ._buffers import empty_output
+from ._launch import SMALL_NUMEL, padded_channels
+from ._scale import shift_scale_from_bits
+from ._tl import round_half_even
+from .quantize import quantize_reference
 
 __all__ = ["weight_codes", "weight_quant_small", "weight_codes_reference"]
 
@@ -116,7 +118,7 @@ def _launch_args(weight, pad):
     CO, CI, KH, KW = weight.shape
     if KH > 1 and KW > 1 and weight.stride(2) != KW * weight.stride(3):
         weight = weight.contiguous()  # the kernels walk the KH·KW taps with one stride
-    fwd, dgrad = _layouts(CO, CI, KH, KW, pad, weight.device, _igemm.empty_output)
+    fwd, dgrad = _layouts(CO, CI, KH, KW, pad, weight.device, empty_output)
     COp, CIp = dgrad.shape[0], fwd.shape[1]
     n = COp * CIp * KH * KW
     args = (CO, CI, COp, CIp, KH * KW, weight.stride(0), weight.stride(1),
@@ -142,7 +144,7 @@ def _small_op(weight: torch.Tensor, bits: int, fixed_scale: bool, pad: int
         _, scale = quantize_reference(weight, bits, fixed_scale=fixed_scale)
         return (*weight_codes_reference(weight, scale, bits, pad), scale)
     weight, fwd, dgrad, args = _launch_args(weight, pad)
-    scale = _igemm.empty_output((), torch.float32, weight.device)
+    scale = empty_output((), torch.float32, weight.device)
     weight_quant_small_kernel[(1,)](weight, scale, fwd, dgrad, *args, BITS=bits, FIXED_SCALE=fixed_scale,
                                     BLOCK=1024, num_warps=8)
     return fwd, dgrad, scale

@@ -63,7 +63,8 @@ def _engine_for(model: nn.Module, engine: str) -> tuple[str, str | None]:
 
 def _float_copy(model: nn.Module) -> tuple[nn.Module, bool]:
     """A copy for the graph engine: plain float layers (torch-pruning rebuilds nn.Conv2d/nn.Linear only)."""
-    from ..modules import QConv2d, QLinear, dequantize_model
+    from ..convert import dequantize_model
+    from ..modules import QConv2d, QLinear
 
     pruned = copy.deepcopy(model)
     quantized = any(isinstance(m, (QConv2d, QLinear)) for m in pruned.modules())

@@ -19,7 +19,7 @@ TOLERANCE = 1e-7  # relative to the largest output; float64 reorderings are ~1e-
 
 
 def _float64_eval(model: nn.Module) -> nn.Module:
-    from ..modules import dequantize_model
+    from ..convert import dequantize_model
 
     out = dequantize_model(copy.deepcopy(model))
     return out.to(torch.float64).eval()

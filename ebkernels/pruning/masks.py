@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..ops.early_bird_mask import ratio_keep
+from ..detector.early_bird_mask import ratio_keep
 from .costs import _unwrap
 
 __all__ = ["bn_layers"]

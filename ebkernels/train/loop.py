@@ -61,7 +61,7 @@ def prepare_for_training(model: nn.Module, precision: str, dist: Dist, sync_bn: 
     model = model.to(dist.device)
     if precision == "int8":
         from ..models import is_grouped_conv
-        from ..modules import quantize_model
+        from ..convert import quantize_model
 
         model = quantize_model(model, skip=is_grouped_conv)
     if dist.enabled and sync_bn:
@@ -150,7 +150,7 @@ def float_copy(model: nn.Module) -> nn.Module:
     """A plain-float copy of a training model (no QConv2d/QLinear, no SyncBatchNorm2d)."""
     m = copy.deepcopy(model)
     if any(type(x).__name__ in ("QConv2d", "QLinear") for x in m.modules()):
-        from ..modules import dequantize_model
+        from ..convert import dequantize_model
 
         m = dequantize_model(m)
     return swap_bn(m, nn.BatchNorm2d)

@@ -3,20 +3,21 @@
 
 Activations and errors are int8 codes in NHWC memory order (the quantizer writes them so), weights
 int8 codes viewed as [Cout, KH·KW·Cin]. All three kernels share the index decode, the main loop and
-the epilogue of ``_igemm``; their tiles come from the per-shape table of ``_tiles``:
+the epilogue of ``mainloop``; their tiles come from the per-shape table of ``tiles``:
 
-- ``conv2d_int8_fwd_dgrad_kernel`` (in ``_conv_fwd_dgrad`` with its launchers): forward ``Y[N·OH·OW, Cout] = X̃ · Wᵀ`` (reduction over (kh, kw, ci)),
+- ``conv2d_int8_fwd_dgrad_kernel`` (in ``conv_fwd_dgrad`` with its launchers): forward ``Y[N·OH·OW, Cout] = X̃ · Wᵀ`` (reduction over (kh, kw, ci)),
   or, with ``TRANSPOSED``, input-grad ``dX[N·H·W, Cin] = Ẽ · W`` as stride_h·stride_w dense phases, each
   reading only the taps whose output pixel ``(ih + pad - kh·dil) / stride`` exists (any stride, padding,
   dilation);
-- ``conv2d_int8_wgrad_kernel`` (in ``_conv_wgrad``, its own file for size): ``dW[Cout, (kh, kw, ci)]
+- ``conv2d_int8_wgrad_kernel`` (in ``conv_wgrad``, and on sm_90 ``conv_wgrad_tma``): ``dW[Cout, (kh, kw, ci)]
   = Eᵀ · X̃``, the reduction over N·OH·OW split into chunks of at most 2^17 terms whose exact int32 sums
   are added in int64 (no overflow at any batch size), then scaled and G-quantized in the same launch.
 
 Scales are read from device tensors in the epilogue (no host synchronisation); the bias is fused there
 too; outputs are written straight into the input's memory format (NCHW or channels-last). groups > 1
 runs the PyTorch reference path (one warning). Public: ``qconv2d``; lower level the custom ops
-``ebkernels::conv2d_int8_{fwd,dgrad,wgrad}`` and their float64 oracles ``conv2d_int8_*_reference``.
+``ebkernels::conv2d_int8_{fwd,dgrad,wgrad}`` (``conv2d_int8_*_op``) and their float64 oracles
+``conv2d_int8_*_reference``.
 """
 from __future__ import annotations
 
@@ -26,103 +27,21 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import use_triton
-from .._checks import check_same_device, check_tensor
-from ..config import QConfig
-from . import _tiles
-from ._igemm import MAX_TERMS
-from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
-                    quantize_weight_grad, refuse_double_backward)
-from ._conv_fwd_dgrad import (_dgrad_triton, _fwd_triton, _out_format, conv2d_int8_fwd_dgrad_kernel,  # noqa: F401
-                              conv2d_output_size)  # (the kernels: re-exported)
-from ._conv_wgrad import _wgrad_triton, conv2d_int8_wgrad_kernel  # noqa: F401
-from .quantize import dequantize, quantize
+from ..._backend import use_triton
+from ..._checks import check_same_device, check_tensor
+from ...config import QConfig, as_qconfig
+from .._launch import CHANNEL_PAD, MAX_TERMS, code_channels, conv2d_output_size, memory_format
+from ..quantize import dequantize, quantize
+from . import tiles
+from .conv_fwd_dgrad import _dgrad_triton, _fwd_triton
+from .conv_reference import conv2d_int8_dgrad_reference, conv2d_int8_fwd_reference, conv2d_int8_wgrad_reference
+from .conv_wgrad import _wgrad_triton
+from .host import (quantize_weight,
+                   quantize_weight_grad, refuse_double_backward)
 
 __all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad", "conv2d_int8_wgrad",
            "conv2d_int8_fwd_reference", "conv2d_int8_dgrad_reference", "conv2d_int8_wgrad_reference",
            "conv2d_output_size"]
-
-# --------------------------------------------------------------------------------------------------
-# Float64 oracles on the integer codes (exact sums), with the kernels' fp32 epilogue
-# --------------------------------------------------------------------------------------------------
-def _epilogue_reference(acc, sa, sb, bias, bits_a, bits_b, out_dtype, channels_last):
-    if sa is None:
-        y = acc.to(torch.int64)
-    else:
-        y = acc.float() * (sa.float() * sb.float() * inv_code_scales(bits_a, bits_b))
-        if bias is not None:
-            y = y + bias.float().view(1, -1, 1, 1)
-        y = y.to(out_dtype)
-    return y.contiguous(memory_format=_out_format(channels_last))
-
-
-def _f32_conv(fn):
-    """Run a float32 convolution for ``exact_int_sums`` with NNPACK off (its Winograd/FFT algorithms do
-    not sum the products one by one; oneDNN and the native paths do)."""
-    def run(u0, u1):
-        with torch.backends.nnpack.flags(enabled=False):
-            return fn(u0, u1)
-    return run
-
-
-def _chunk_plan(groups, total, unit_terms, exact_terms):
-    """``f32_chunks`` for a reduction chunked over ``total`` channels; with groups > 1 only unchunked."""
-    if groups != 1:
-        return f32_chunks(1, total // groups * unit_terms, exact_terms) and total
-    return f32_chunks(total, unit_terms, exact_terms)
-
-
-def conv2d_int8_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, groups, bits_a, bits_w,
-                              out_dtype, channels_last, fast: bool = False):
-    """Oracle (float64 sums); ``fast`` (the CPU path): float32 chunks over Cin where exact."""
-    def f64():
-        return F.conv2d(qx.double(), qw.double(), None, stride, padding, dilation, groups)
-
-    if fast:
-        C, taps = qx.shape[1], qw.shape[2] * qw.shape[3]
-        per = _chunk_plan(groups, C, taps, f32_exact_terms(qx, qw))
-        acc = exact_int_sums(C, per, _f32_conv(lambda c0, c1: F.conv2d(
-            qx[:, c0:c1].float(), qw[:, c0:c1].float(), None, stride, padding, dilation, groups)), f64)
-    else:
-        acc = f64()
-    return _epilogue_reference(acc, sx, sw, bias, bits_a, bits_w, out_dtype, channels_last)
-
-
-def conv2d_int8_dgrad_reference(qe, qw, se, sw, input_hw, stride, padding, dilation, groups, bits_e, bits_w,
-                                out_dtype, channels_last, fast: bool = False):
-    """Oracle (float64 sums); ``fast`` (the CPU path): float32 chunks over Cout where exact."""
-    size = (qe.shape[0], qw.shape[1] * groups, *input_hw)
-
-    def f64():
-        return torch.nn.grad.conv2d_input(size, qw.double(), qe.double(), stride, padding, dilation, groups)
-
-    if fast:
-        CO, taps = qe.shape[1], qw.shape[2] * qw.shape[3]
-        per = _chunk_plan(groups, CO, taps, f32_exact_terms(qe, qw))
-        acc = exact_int_sums(CO, per, _f32_conv(lambda c0, c1: torch.nn.grad.conv2d_input(
-            size, qw[c0:c1].float(), qe[:, c0:c1].float(), stride, padding, dilation, groups)), f64)
-    else:
-        acc = f64()
-    return _epilogue_reference(acc, se, sw, None, bits_e, bits_w, out_dtype, channels_last)
-
-
-def conv2d_int8_wgrad_reference(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e,
-                                bits_a, out_dtype, fast: bool = False):
-    """Oracle (float64 sums); ``fast`` (the CPU path): float32 chunks over the batch where exact."""
-    size = (qe.shape[1], qx.shape[1] // groups, *kernel_hw)
-
-    def f64():
-        return torch.nn.grad.conv2d_weight(qx.double(), size, qe.double(), stride, padding, dilation, groups)
-
-    if fast:
-        N, pixels = qe.shape[0], qe.shape[2] * qe.shape[3]
-        per = f32_chunks(N, pixels, f32_exact_terms(qe, qx))
-        acc = exact_int_sums(N, per, _f32_conv(lambda n0, n1: torch.nn.grad.conv2d_weight(
-            qx[n0:n1].float(), size, qe[n0:n1].float(), stride, padding, dilation, groups)), f64)
-    else:
-        acc = f64()
-    return _epilogue_reference(acc, se, sx, None, bits_e, bits_a, out_dtype, False)
-
 
 # --------------------------------------------------------------------------------------------------
 # Custom ops: Triton kernels where they apply, the reference otherwise
@@ -150,7 +69,7 @@ def _cpu(t: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("ebkernels::conv2d_int8_fwd", mutates_args=())
-def _conv2d_int8_fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: Optional[torch.Tensor],
+def conv2d_int8_fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: Optional[torch.Tensor],
                         sw: Optional[torch.Tensor], bias: Optional[torch.Tensor], stride: list[int],
                         padding: list[int], dilation: list[int], groups: int, bits_a: int, bits_w: int,
                         out_dtype: torch.dtype, channels_last: bool, max_terms: int) -> torch.Tensor:
@@ -161,16 +80,16 @@ def _conv2d_int8_fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: Optional[torch.T
                                      out_dtype, channels_last, fast=_cpu(qx))
 
 
-@_conv2d_int8_fwd_op.register_fake
+@conv2d_int8_fwd_op.register_fake
 def _(qx, qw, sx, sw, bias, stride, padding, dilation, groups, bits_a, bits_w, out_dtype, channels_last,
       max_terms):
     OH, OW = conv2d_output_size(qx.shape[2], qx.shape[3], qw.shape[2], qw.shape[3], stride, padding, dilation)
     return torch.empty((qx.shape[0], qw.shape[0], OH, OW), dtype=torch.int64 if sx is None else out_dtype,
-                       device=qx.device, memory_format=_out_format(channels_last))
+                       device=qx.device, memory_format=memory_format(channels_last))
 
 
 @torch.library.custom_op("ebkernels::conv2d_int8_dgrad", mutates_args=())
-def _conv2d_int8_dgrad_op(qe: torch.Tensor, qw: torch.Tensor, se: Optional[torch.Tensor],
+def conv2d_int8_dgrad_op(qe: torch.Tensor, qw: torch.Tensor, se: Optional[torch.Tensor],
                           sw: Optional[torch.Tensor], input_hw: list[int], stride: list[int],
                           padding: list[int], dilation: list[int], groups: int, bits_e: int, bits_w: int,
                           out_dtype: torch.dtype, channels_last: bool, max_terms: int) -> torch.Tensor:
@@ -181,15 +100,15 @@ def _conv2d_int8_dgrad_op(qe: torch.Tensor, qw: torch.Tensor, se: Optional[torch
                                        bits_w, out_dtype, channels_last, fast=_cpu(qe))
 
 
-@_conv2d_int8_dgrad_op.register_fake
+@conv2d_int8_dgrad_op.register_fake
 def _(qe, qw, se, sw, input_hw, stride, padding, dilation, groups, bits_e, bits_w, out_dtype, channels_last,
       max_terms):
     return torch.empty((qe.shape[0], qw.shape[1] * groups, *input_hw), dtype=torch.int64 if se is None else out_dtype,
-                       device=qe.device, memory_format=_out_format(channels_last))
+                       device=qe.device, memory_format=memory_format(channels_last))
 
 
 @torch.library.custom_op("ebkernels::conv2d_int8_wgrad", mutates_args=("rng",))
-def _conv2d_int8_wgrad_op(qe: torch.Tensor, qx: torch.Tensor, se: Optional[torch.Tensor],
+def conv2d_int8_wgrad_op(qe: torch.Tensor, qx: torch.Tensor, se: Optional[torch.Tensor],
                           sx: Optional[torch.Tensor], kernel_hw: list[int], stride: list[int],
                           padding: list[int], dilation: list[int], groups: int, bits_e: int, bits_a: int,
                           out_dtype: torch.dtype, max_terms: int, bits_g: int = 0, rounding_g: str = "stochastic",
@@ -213,7 +132,7 @@ def _conv2d_int8_wgrad_op(qe: torch.Tensor, qx: torch.Tensor, se: Optional[torch
     return out
 
 
-@_conv2d_int8_wgrad_op.register_fake
+@conv2d_int8_wgrad_op.register_fake
 def _(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e, bits_a, out_dtype, max_terms, bits_g=0,
       rounding_g="stochastic", out_channels=None, rng=None):
     cout, cin = out_channels if out_channels else (qe.shape[1], qx.shape[1] // groups)
@@ -223,11 +142,11 @@ def _(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e, bits
 def weight_grad_op(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, qc: QConfig, out_channels):
     """The weight-grad of the autograd functions: integer GEMM, scales, and G quantization (``qc``) in one
     op; ``out_channels`` [Cout, Cin/groups]: the real part of padded code channels."""
-    from .. import _rng
+    from ... import _rng
 
     bits_g = qc.bits_g or 0
     rng = _rng.device_state(qe.device) if bits_g and qc.rounding_g == "stochastic" else None
-    return _conv2d_int8_wgrad_op(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, qc.bits_e, qc.bits_a,
+    return conv2d_int8_wgrad_op(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, qc.bits_e, qc.bits_a,
                                  torch.float32, MAX_TERMS, bits_g, qc.rounding_g, list(out_channels), rng)
 
 
@@ -256,7 +175,7 @@ def conv2d_int8_fwd(qx, qw, sx=None, sw=None, bias=None, stride=1, padding=0, di
     _check_codes(qx=qx, qw=qw)
     if channels_last is None:
         channels_last = _is_channels_last(qx)
-    return _conv2d_int8_fwd_op(qx, qw, sx, sw, bias, _pair("stride", stride, 1), _pair("padding", padding, 0),
+    return conv2d_int8_fwd_op(qx, qw, sx, sw, bias, _pair("stride", stride, 1), _pair("padding", padding, 0),
                                _pair("dilation", dilation, 1), groups, bits_a, bits_w, out_dtype,
                                channels_last, max_terms)
 
@@ -268,7 +187,7 @@ def conv2d_int8_dgrad(qe, qw, input_hw, se=None, sw=None, stride=1, padding=0, d
     _check_codes(qe=qe, qw=qw)
     if channels_last is None:
         channels_last = _is_channels_last(qe)
-    return _conv2d_int8_dgrad_op(qe, qw, se, sw, [int(v) for v in input_hw], _pair("stride", stride, 1),
+    return conv2d_int8_dgrad_op(qe, qw, se, sw, [int(v) for v in input_hw], _pair("stride", stride, 1),
                                  _pair("padding", padding, 0), _pair("dilation", dilation, 1), groups, bits_e,
                                  bits_w, out_dtype, channels_last, max_terms)
 
@@ -278,23 +197,9 @@ def conv2d_int8_wgrad(qe, qx, kernel_hw, se=None, sx=None, stride=1, padding=0, 
     """Weight gradient ``sum over N·OH·OW of E ⊗ X̃`` (Cout, Cin/groups, KH, KW), contiguous; reductions
     longer than ``max_terms`` (2^17, int32-safe) are chunked and combined in int64."""
     _check_codes(qe=qe, qx=qx)
-    return _conv2d_int8_wgrad_op(qe, qx, se, sx, [int(v) for v in kernel_hw], _pair("stride", stride, 1),
+    return conv2d_int8_wgrad_op(qe, qx, se, sx, [int(v) for v in kernel_hw], _pair("stride", stride, 1),
                                  _pair("padding", padding, 0), _pair("dilation", dilation, 1), groups, bits_e,
                                  bits_a, out_dtype, max_terms)
-
-
-# channel counts of the int8 code buffers are padded to a multiple of this (16 bytes: the kernels' ALIGN)
-CHANNEL_PAD = 16
-
-
-def code_channels(channels: int) -> int:
-    """Channels of the int8 code buffers the Triton path stores for ``channels`` real ones: zero-padded to a
-    multiple of ``CHANNEL_PAD`` (the aligned path), except below ``CHANNEL_PAD``: there the kernels pack
-    (tap, channel) into K / the weight-grad's columns (``_tiles`` rules 2 and 5) and padding would only
-    multiply the work (a Cin = 3 first layer by 16/3). The plan printer counts the same."""
-    if channels < CHANNEL_PAD:
-        return channels
-    return -(-channels // CHANNEL_PAD) * CHANNEL_PAD
 
 
 def _pad_multiple(t: torch.Tensor, groups: int, channels: int) -> int:
@@ -334,13 +239,13 @@ class QConv2dFunction(torch.autograd.Function):
             codes, sw = quantize_weight(weight, qc, channels_last=True, pad_channels_to=pad)
             qw = codes
         if qx is not None and qw is not None:
-            y = _conv2d_int8_fwd_op(qx, qw, sx, sw, bias, stride, padding, dilation, groups, qc.bits_a,
+            y = conv2d_int8_fwd_op(qx, qw, sx, sw, bias, stride, padding, dilation, groups, qc.bits_a,
                                     qc.bits_w, x.dtype, channels_last, MAX_TERMS)
         else:
             xf = dequantize(qx, sx, qc.bits_a) if qx is not None else x.float()
             wf = dequantize(qw, sw, qc.bits_w) if qw is not None else weight.float()
             y = F.conv2d(xf, wf, None if bias is None else bias.float(), stride, padding, dilation, groups)
-            y = y.to(x.dtype).contiguous(memory_format=_out_format(channels_last))
+            y = y.to(x.dtype).contiguous(memory_format=memory_format(channels_last))
         ctx.qc = qc
         ctx.conv = (stride, padding, dilation, groups)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, channels_last,
@@ -374,17 +279,17 @@ class QConv2dFunction(torch.autograd.Function):
                 qw_d = wa[:, :cin]  # the dgrad result has the real Cin channels (its launcher copies W anyway)
                 if qe.shape[1] != cout:  # zero rows for the padded E channels
                     qw_d = F.pad(qw_d, (0, 0, 0, 0, 0, 0, 0, qe.shape[1] - cout))
-                gx = _conv2d_int8_dgrad_op(qe, qw_d, se, sw, list(x_shape[2:]), stride, padding, dilation, groups,
+                gx = conv2d_int8_dgrad_op(qe, qw_d, se, sw, list(x_shape[2:]), stride, padding, dilation, groups,
                                            qc.bits_e, qc.bits_w, x_dtype, channels_last, MAX_TERMS)
             else:
                 gx = torch.nn.grad.conv2d_input(x_shape, as_float(wa, sw, qc.bits_w, cin), e_float(), stride,
                                                 padding, dilation, groups)
-                gx = gx.to(x_dtype).contiguous(memory_format=_out_format(channels_last))
+                gx = gx.to(x_dtype).contiguous(memory_format=memory_format(channels_last))
         if ctx.needs_input_grad[1]:
             if qe is not None and sx is not None:
                 qe_w = qe
                 N_, C_, H_, W_ = xa.shape
-                tma = groups == 1 and _tiles.wgrad_tma_plan(qe.device, N_, C_, H_, W_, qe.shape[1], *qe.shape[2:],
+                tma = groups == 1 and tiles.wgrad_tma_plan(qe.device, N_, C_, H_, W_, qe.shape[1], *qe.shape[2:],
                                                              *w_shape[2:], stride, padding)
                 if groups == 1 and use_triton(qe) and not tma:  # (the TMA weight-grad makes its own copy)
                     # the weight-grad reduces over N·OH·OW: a channel-major copy of the E codes ([Cout, M], rows
@@ -435,7 +340,7 @@ def qconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     reference path (same numbers, one warning). An operand with ``bits_* = None`` stays float and the
     products involving it run as float32 torch convolutions. CUDA tensors (or CPU under
     TRITON_INTERPRET=1) use the Triton kernels, other CPU tensors the PyTorch reference."""
-    qc = check_qconfig(qconfig)
+    qc = as_qconfig(qconfig)
     check_tensor("x", x)
     check_tensor("weight", weight)
     if bias is not None:

@@ -1,7 +1,7 @@
-"""The forward / input-grad kernel of the int8 Conv2d (``conv2d_int8``; its own file for size, same op)
+"""The forward / input-grad kernel of the int8 Conv2d (``conv``; its own file for size, same op)
 and its launchers: ``conv2d_int8_fwd_dgrad_kernel`` runs the forward ``Y[N·OH·OW, Cout] = X̃ · Wᵀ`` or,
 with ``TRANSPOSED``, the input-grad ``dX[N·H·W, Cin] = Ẽ · W`` as stride_h·stride_w dense phases, on the
-tile the per-shape table (``_tiles``) chooses, split-K ending in ``_gemm_end.finish_gemm_tile``. The float64
+tile the per-shape table (``tiles``) chooses, split-K ending in ``mainloop.finish_gemm_tile``. The float64
 oracles are ``conv2d_int8.conv2d_int8_fwd_reference`` / ``conv2d_int8_dgrad_reference``.
 """
 from __future__ import annotations
@@ -9,18 +9,18 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
-from .._registry import aot_kernel
-from . import _igemm, _tiles
-from ._gemm import result_and_scale
-from ._gemm_end import finish_gemm_tile
-from ._igemm import (alignment, assume_conv_operands, assume_multiple, conv_forward_tile, conv_implicit_gemm_tile, decode_rows,
-                     grouped_tile_ids, k_steps, nchw_strides as _nchw_strides, offsets_fit_int32,
-                     phase_taps)
+from ..._registry import aot_kernel
+from ..._triton import tl, triton
+from .._buffers import split_workspace
+from .._launch import alignment, conv2d_output_size, memory_format, nchw_strides, offsets_fit_int32
+from .._tl import assume_conv_operands, assume_multiple, decode_rows
+from . import tiles
+from .host import result_and_scale
+from .mainloop import (conv_forward_tile, conv_implicit_gemm_tile, finish_gemm_tile, grouped_tile_ids, k_steps,
+                       phase_taps)
 
-__all__ = ["conv2d_int8_fwd_dgrad_kernel", "conv2d_output_size"]
+__all__ = ["conv2d_int8_fwd_dgrad_kernel"]
 
 # Runtime arguments as the JIT types them for tensors below 2^31 elements (I64=False: int32 offsets).
 _CONV_SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*fp32", "ss_ptr": "*fp32", "sw_ptr": "*fp32",
@@ -30,7 +30,7 @@ _CONV_SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*fp32", "ss_ptr": "*f
              "dil_w": "i32", "step_h": "i32", "step_w": "i32", "s_n": "i32", "s_h": "i32", "s_w": "i32",
              "s_r": "i32", "sw_col": "i32", "sw_h": "i32", "sw_w": "i32", "sw_r": "i32", "so_n": "i32",
              "so_h": "i32", "so_w": "i32", "so_c": "i32", "ws_ptr": "*i64", "inv_ss": "fp32"}
-# AOT configurations = GPU launches: every tile of the table (``_tiles.IGEMM_TILES``), one split or split-K
+# AOT configurations = GPU launches: every tile of the table (``tiles.IGEMM_TILES``), one split or split-K
 # (SPLIT_FIX), as the forward of an NHWC layer (16-aligned channel counts, ALIGN=16, channels-last result, bias, unit stride/dilation as the
 # JIT specialises arguments equal to 1) and as the phase-decomposed input-grad (runtime stride); the flat
 # (K packed across taps) tiles also unaligned (ALIGN=1: the unpadded Cin = 3 first layer); a forward into an
@@ -45,13 +45,13 @@ def _conv_aot(t, out_nchw=False, **kw):
     return cfg
 
 
-_CONV_AOT = ([_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, SPLIT_FIX=fix) for t in _tiles.IGEMM_TILES
+_CONV_AOT = ([_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, SPLIT_FIX=fix) for t in tiles.IGEMM_TILES
               for fix in (False, True)]
-             + [_conv_aot(t, TRANSPOSED=True, HAS_BIAS=False, SPLIT_FIX=fix) for t in _tiles.IGEMM_TILES
+             + [_conv_aot(t, TRANSPOSED=True, HAS_BIAS=False, SPLIT_FIX=fix) for t in tiles.IGEMM_TILES
                 for fix in (False, True)]
              + [_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, ALIGN=1, OUT_ALIGN=1)
-                for t in _tiles.IGEMM_TILES if t.flat and t.BM * t.BN < 128 * 128]
-             + [_conv_aot(_tiles.IGEMM_TILES[-2], True, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, OUT_ALIGN=1)])
+                for t in tiles.IGEMM_TILES if t.flat and t.BM * t.BN < 128 * 128]
+             + [_conv_aot(tiles.IGEMM_TILES[-2], True, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, OUT_ALIGN=1)])
 
 
 @aot_kernel(signature=_CONV_SIG, constexprs=_CONV_AOT, int8_mma=True, aligned=("src_ptr", "w_ptr", "out_ptr"))
@@ -68,7 +68,7 @@ def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_p
     src = E codes, P×Q = OH×OW, R = Cout; result dX, OP×OQ = H×W, NCOL = Cin): grid axis 0 = stride_h·
     stride_w phases × row tiles of one phase (MQ = N·HQ·WQ, HQ = ceil(H / stride_h)) × column tiles; phase
     (ph, pw) computes the input pixels (ph + stride_h·a, pw + stride_w·b) from only the taps that reach them
-    (``_igemm.phase_taps``, ``step_*`` = stride / gcd(stride, dil)). Grid axis 1: K splits of ``per_split``
+    (``phase_taps``, ``step_*`` = stride / gcd(stride, dil)). Grid axis 1: K splits of ``per_split``
     steps (int32-exact chunks; ``SPLIT_FIX``: added into the int64 workspace ``ws_ptr``, the last split of
     the tile stores it). ``FLAT``: K packed across taps. ``ALIGN``/``OUT_ALIGN`` (16
     or 1): the launcher guarantees R and the strides of src and w / NCOL and the strides of the result are
@@ -131,34 +131,29 @@ def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_p
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
-def conv2d_output_size(H, W, KH, KW, stride, padding, dilation):
-    return ((H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1,
-            (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1)
-
-
 def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, NCOL, KH, KW, stride, padding,
                       dilation, sw_col, sw_r, inv_ss, max_terms):
     """Shared launch of the forward / input-grad kernels: result pixels (N, OP, OQ) × NCOL channels,
-    reduction over KH·KW taps × R channels; the tile from the table (``_tiles``), the same plan
+    reduction over KH·KW taps × R channels; the tile from the table (``tiles``), the same plan
     ``python -m ebkernels.aot --plan`` prints; split over K steps when longer than ``max_terms``."""
     N = src.shape[0]
     M = N * OP * OQ
     raw = ss is None
-    s_n, s_h, s_w, s_r = _nchw_strides(src)
-    sms = _tiles.device_sms(src.device)
+    s_n, s_h, s_w, s_r = nchw_strides(src)
+    sms = tiles.device_sms(src.device)
     if transposed:
-        plan = _tiles.conv_dgrad_plan(N, R, P, Q, NCOL, OP, OQ, KH, KW, stride, padding, dilation, sms=sms,
+        plan = tiles.conv_dgrad_plan(N, R, P, Q, NCOL, OP, OQ, KH, KW, stride, padding, dilation, sms=sms,
                                       max_terms=max_terms)
         MQ, HQ, WQ = plan.mode["Mq"], triton.cdiv(OP, stride[0]), triton.cdiv(OQ, stride[1])
     else:
-        plan = _tiles.conv_fwd_plan(N, R, P, Q, NCOL, KH, KW, stride, padding, dilation, sms=sms, max_terms=max_terms)
+        plan = tiles.conv_fwd_plan(N, R, P, Q, NCOL, KH, KW, stride, padding, dilation, sms=sms, max_terms=max_terms)
         MQ, HQ, WQ = M, OP, OQ
     tile, splits = plan.tile, plan.splits
     steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]  # taps of one phase: k0, k0 + step, ...
     align = alignment((R, s_n, s_h, s_w, sw_col, wq.stride(2), wq.stride(3)), (src, wq))
     # splits > 1: exact int32 tiles added into an int64 workspace, the last split of a tile stores it
-    ws = _igemm.split_workspace(plan.programs, splits, tile.BM, tile.BN, src.device)
-    so_n, so_h, so_w, so_c = _nchw_strides(out)
+    ws = split_workspace(plan.programs, splits, tile.BM, tile.BN, src.device)
+    so_n, so_h, so_w, so_c = nchw_strides(out)
     dummy = src
     out_align = alignment((NCOL, so_n, so_h, so_w), (out,))
     i64 = not offsets_fit_int32(src, out)
@@ -172,17 +167,13 @@ def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, N
     return out
 
 
-def _out_format(channels_last: bool):
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 def _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, out_dtype, channels_last,
                 max_terms):
     N, C, H, W = qx.shape
     CO, _, KH, KW = qw.shape
     OH, OW = conv2d_output_size(H, W, KH, KW, stride, padding, dilation)
     out, inv_ss = result_and_scale((N, CO, OH, OW), sx, out_dtype, bits_a, bits_w, qx.device,
-                                   _out_format(channels_last))
+                                   memory_format(channels_last))
     if out.numel() == 0:
         return out
     if qw.stride(1) != 1 and C > 1:  # the reduction runs over Cin: keep it contiguous (K-major operand)
@@ -197,7 +188,7 @@ def _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, b
     _, C, KH, KW = qw.shape
     H, W = input_hw
     out, inv_ss = result_and_scale((N, C, H, W), se, out_dtype, bits_e, bits_w, qe.device,
-                                   _out_format(channels_last))
+                                   memory_format(channels_last))
     if out.numel() == 0:
         return out
     # the reduction runs over Cout: a copy of the (small) weight codes with Cout contiguous keeps the

@@ -8,7 +8,7 @@ integer atomic ("last program merges", as CUB's single-pass reductions do): the 
 a column block merges the group partials into the final value. Two levels keep each merge short (a
 first conv layer at batch 256 has 2,048 row tiles: 32 + 64 partials per merge instead of 2,048) and
 the order fixed: the result is bit-identical run to run. Counters come from a per-device, per-stream
-pool (``counter_pool``) that is zero at every launch: the program that counts out last resets its
+pool (``_buffers.counter_pool``) that is zero at every launch: the program that counts out last resets its
 counter, so no launch needs a memset.
 
 Two kinds of partial:
@@ -24,11 +24,12 @@ use ``.cg`` (L2, not the incoherent L1).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from .._triton import tl, triton
+from ._buffers import counter_pool, empty_output
 
 __all__ = ["GROUP", "MOMENTS", "SUMS", "tile_moments", "tile_sums", "store_partials", "finish_reduction",
-           "publish_max", "counter_pool", "ReductionSpace", "moments_reference"]
+           "publish_max", "ReductionSpace", "moments_reference"]
 
 GROUP = 32  # row tiles per first-level merge
 MOMENTS = 0
@@ -196,45 +197,21 @@ def publish_max(bits, slots_ptr, slot, n_slots, sem_ptr, out_ptr):
     return last
 
 
-_POOLS: dict = {}
-
-
-def counter_pool(device, n: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """``n`` counters (``dtype``: int32, or int64 for the split-K workspaces) that are zero, and that every
-    kernel using them leaves zero again (the last program to count itself in resets what it used): one pool
-    per device, stream and dtype, shared by every launch on that stream (launches on a stream run one after
-    the other), so no launch needs a memset. Grows (a new zeroed tensor) when a launch needs more."""
-    device = torch.device(device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream) if dtype == torch.int32 else (str(device), stream, dtype)
-    pool = _POOLS.get(key)
-    if pool is None or pool.numel() < n:
-        pool = torch.zeros(max(n, 1024, 2 * (pool.numel() if pool is not None else 0)), dtype=dtype,
-                           device=device)
-        _POOLS[key] = pool
-    return pool
-
-
 class ReductionSpace:
     """The buffers of one in-kernel reduction: tile partials, group partials, the semaphores (from
     ``counter_pool``: zero, and left zero) and the float32 result ``out`` [4 or 2, C]; ``extra`` more
     counters after the semaphores (``extra_sem``), e.g. for ``publish_max``."""
 
     def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device, extra: int = 0):
-        from . import _igemm  # its empty_output: the tests poison every kernel output through it
-
-        def empty(shape, dtype, device):
-            return _igemm.empty_output(shape, dtype, device)
-
         parts = _PARTS[kind]
         groups = triton.cdiv(tiles, GROUP)
         self.kind, self.tiles, self.C = kind, tiles, C
-        self.part = empty((parts, tiles, C), dtype=torch.float32, device=device)
-        self.grp = empty((parts, groups, C), dtype=torch.float32, device=device)
+        self.part = empty_output((parts, tiles, C), dtype=torch.float32, device=device)
+        self.grp = empty_output((parts, groups, C), dtype=torch.float32, device=device)
         n_sem = (groups + 1) * col_blocks
         pool = counter_pool(device, n_sem + extra)
         self.sem, self.extra_sem = pool[:n_sem], pool[n_sem:n_sem + max(extra, 1)]
-        self.out = empty((parts, C), dtype=torch.float32, device=device)
+        self.out = empty_output((parts, C), dtype=torch.float32, device=device)
 
 
 def moments_reference(v: torch.Tensor):

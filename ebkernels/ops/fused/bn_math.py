@@ -23,14 +23,13 @@ Backward (batch statistics; ``n`` = N·H·W; eval: m1 = m2 = 0), with ``g = dz``
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from .quantize import shift_scale_from_bits, shift_scale_reference  # noqa: F401 (re-exported)
+from ..._triton import tl, triton
+
 
 __all__ = ["BNP_ROWS", "bn_finalize_channels", "bn_params", "relu_keep_nan", "bn_act", "act_extreme", "bn_grad_in",
-           "shift_scale_from_bits", "bn_params_reference", "bn_act_reference", "act_absmax_reference",
-           "bn_grad_in_reference", "finalize_reference", "scale_reference"]
+           "momentum_arg", "bn_params_reference", "bn_act_reference", "act_absmax_reference", "bn_grad_in_reference",
+           "finalize_reference"]
 
 BNP_ROWS = 4  # a, b, mean, rstd
 
@@ -126,6 +125,11 @@ def bn_finalize_channels(chan_ptr, C, col, col_ok, max_ok, gamma_ptr, beta_ptr, 
     return zbits
 
 
+def momentum_arg(momentum) -> float:
+    """A BatchNorm's ``momentum`` as the kernels take it: -1 for None (cumulative average)."""
+    return -1.0 if momentum is None else float(momentum)
+
+
 # ----- PyTorch twins ---------------------------------------------------------------------------------
 def bn_params_reference(mean, var, gamma, beta, eps: float) -> torch.Tensor:
     """``bnp`` = [a, b, mean, rstd] (4, C) float32, as ``bn_params``."""
@@ -187,12 +191,6 @@ def bn_grad_in_reference(dz, y, bnp, sums, n: int, relu: bool, channel_dim: int 
         m2 = _col(sums[1] / float(n), y.dim(), channel_dim)
     dy = a * ((g - m1) - xhat * m2)
     return dy, g, xhat
-
-
-def scale_reference(amax: torch.Tensor, fixed_scale: bool) -> torch.Tensor:
-    if fixed_scale:
-        return torch.where(torch.isfinite(amax), torch.ones_like(amax), amax)
-    return shift_scale_reference(amax)
 
 
 def finalize_reference(chan, gamma, beta, running_mean, running_var, num_batches_tracked, momentum, eps: float,

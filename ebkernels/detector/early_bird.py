@@ -2,7 +2,7 @@
 
 ``channel_mask`` gives the global channel mask at a pruning ratio, ``mask_distance`` the normalised
 Hamming distance of two masks, and ``EarlyBird`` runs the per-epoch detection: one fused launch per
-step (all ratios at once; see ``ebkernels.ops.early_bird_mask``) and one host read of the distances
+step (all ratios at once; see ``ebkernels.detector.early_bird_mask``) and one host read of the distances
 for the verdict.
 
 Stopping rules (``mode``):
@@ -21,9 +21,8 @@ import math
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_ratio
-from .ops.early_bird_mask import (BACKENDS, early_bird_update, n_words, popcount_words, ratio_ks,
-                                  unpack_masks)
+from .._checks import check_choice, check_ratio
+from .early_bird_mask import BACKENDS, early_bird_update, n_words, popcount_words, ratio_ks, unpack_masks
 
 __all__ = ["channel_mask", "mask_distance", "EarlyBird", "gather_gammas", "MODES", "NonFiniteImportanceError"]
 
@@ -107,7 +106,7 @@ def _non_finite_error(gammas: torch.Tensor, layout, name: str) -> NonFiniteImpor
 def _check_backend_runs_on(backend: str, device: torch.device) -> None:
     """An explicit ``backend="triton"`` needs CUDA tensors, or CPU tensors under the Triton interpreter;
     said here, before Triton's own "0 active drivers"."""
-    from . import _backend
+    from .. import _backend  # (lazy: the detector stays importable without it)
 
     if backend != "triton" or (_backend.HAS_TRITON and (device.type == "cuda" or
                                                         (device.type == "cpu" and _backend.INTERPRET))):

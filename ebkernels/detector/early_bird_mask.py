@@ -37,12 +37,11 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
-from .. import _backend
 from .._backend import INTERPRET, use_triton
 from .._registry import aot_kernel
+from .._triton import tl, triton
+from ..config import kernel_settings
 
 __all__ = ["early_bird_update", "early_bird_update_reference", "early_bird_update_triton",
            "thresholds_reference", "pack_masks", "unpack_masks", "popcount_words", "ratio_ks", "ratio_keep",
@@ -270,7 +269,7 @@ def _pick_backend(gammas: torch.Tensor, backend: str) -> str:
         return backend
     if use_triton(gammas):
         return "triton"
-    if _backend._forced == "reference":  # force_backend("reference") pins the oracle, not the C++ op
+    if kernel_settings().backend == "reference":  # force_backend("reference") pins the oracle, not the C++ op
         return "reference"
     from .. import _native
 

@@ -1,10 +1,10 @@
-"""The TMA weight-grad of the int8 Conv2d (``conv2d_int8``, rule 8 of ``_tiles``): stride-1 convolutions
+"""The TMA weight-grad of the int8 Conv2d (``conv``, rule 8 of ``tiles``): stride-1 convolutions
 with two or more taps on sm_90, both MMA operands K-major in shared memory, filled by the Tensor Memory
 Accelerator — no byte-wise shared-memory transpose of the input codes.
 
 Why: sm_90's int8 ``wgmma`` reads both operands from shared memory K-major only. The weight-grad reduces
 over the N·OH·OW rows, and NHWC input codes are row-major the other way, so the generic kernel
-(``_conv_wgrad``) transposes every X̃ tile into shared memory one byte per instruction (``python -m
+(``conv_wgrad``) transposes every X̃ tile into shared memory one byte per instruction (``python -m
 ebkernels.aot`` counts those stores). Here one launch first writes channel-major copies of the codes
 (``wgrad_tma_operands_kernel``):
 
@@ -17,9 +17,9 @@ Then a K step is one BH×BW box of output pixels (BH·BW = 64): ``E[co, n, oh0:o
 against ``X_kw[ci, n, oh0+kh·dil_h : ..., ow0 : ow0+BW]``, each a 3-D TMA box reshaped to [channels, 64],
 and ``tl.dot`` reduces them. Padded rows multiply zeros of E; rows past an image's end read the next
 image's or TMA's zero fill, against E's zero padding rows. The splits, the int64 fix-up, the scales and
-the fused G quantization are every GEMM's (``_gemm_end.finish_gemm_tile``). Exact against the
+the fused G quantization are every GEMM's (``mainloop.finish_gemm_tile``). Exact against the
 same float64 oracle (``conv2d_int8_wgrad_reference``); under ``TRITON_INTERPRET=1`` the descriptors
-become masked loads, which ``tests/test_conv_wgrad_tma.py`` runs with ``_tiles.WGRAD_TMA = True``.
+become masked loads, which ``tests/test_conv_wgrad_tma.py`` runs with ``config.override(wgrad_tma=True)``.
 
 Cost, from the shapes (not measured: no GPU was lent): the copies write KW·|X| + |E| bytes once per
 step and layer; the generic kernel instead spends BN·64 one-byte shared stores per K step and program.
@@ -27,14 +27,14 @@ step and layer; the generic kernel instead spends BN·64 one-byte shared stores 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .._registry import aot_kernel
-from . import _igemm, _tiles
-from ._gemm_end import finish_gemm_tile
-from ._igemm import alignment, assume_multiple, decode_tap, grouped_tile_ids
+from ..._registry import aot_kernel
+from ..._triton import TensorDescriptor, tl, triton
+from .._buffers import empty_output
+from .._launch import alignment
+from .._tl import assume_multiple, decode_tap
+from . import tiles
+from .mainloop import finish_gemm_tile, grouped_tile_ids
 
 __all__ = ["conv2d_int8_wgrad_tma_kernel", "wgrad_tma_operands_kernel", "wgrad_tma_operands",
            "wgrad_tma_operands_reference", "launch_wgrad_tma"]
@@ -97,10 +97,10 @@ def _tma_aot():
     """Every aligned 64-row tile of the table with the (2, 32) box, one split or several, G quantized in the
     epilogue; the other two boxes at the 64×64 tile (the box changes the loads only), and there the
     in-kernel small-gradient G quantization and the raw int64 sums."""
-    tiles = [t for t in _tiles.WGRAD_TILES if t.BK == _tiles.WGRAD_BK and not t.flat]
+    aligned = [t for t in tiles.WGRAD_TILES if t.BK == tiles.WGRAD_BK and not t.flat]
     out = []
-    for t in tiles:
-        for bh, bw in _tiles.WGRAD_TMA_BOXES:
+    for t in aligned:
+        for bh, bw in tiles.WGRAD_TMA_BOXES:
             if (bh, bw) != (2, 32) and (t.BM, t.BN) != (64, 64):
                 continue
             for fix in (False, True):
@@ -158,13 +158,13 @@ def conv2d_int8_wgrad_tma_kernel(e_desc, x_desc, out_ptr, se_ptr, sx_ptr, C, CP,
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
-def wgrad_tma_operands(qe, qx, rows: _tiles.TmaRows, KW, padding, dilation):
+def wgrad_tma_operands(qe, qx, rows: tiles.TmaRows, KW, padding, dilation):
     """(e_copy [COp, N·OHs, OWs], x_copies [KW·Cp, N·Hp, OWs]) int8, in one launch."""
     N, C, H, W = qx.shape
     _, CO, OH, OW = qe.shape
     cp, cop = rows.CP, rows.COP
-    xd = _igemm.empty_output((KW * cp, N * rows.Hp, rows.OWs), torch.int8, qx.device)
-    ed = _igemm.empty_output((cop, N * rows.OHs, rows.OWs), torch.int8, qx.device)
+    xd = empty_output((KW * cp, N * rows.Hp, rows.OWs), torch.int8, qx.device)
+    ed = empty_output((cop, N * rows.OHs, rows.OWs), torch.int8, qx.device)
     x_rows = N * rows.Hp * rows.OWs
     grid = (triton.cdiv(max(x_rows, N * rows.rows), _COPY_BLOCK_R), triton.cdiv(max(cp, cop), _COPY_BLOCK_C), KW + 1)
     wgrad_tma_operands_kernel[grid](qx, qe, xd, ed, C, cp, CO, cop, N, H, W, OH, OW, rows.Hp, rows.OHs, rows.OWs,
@@ -173,7 +173,7 @@ def wgrad_tma_operands(qe, qx, rows: _tiles.TmaRows, KW, padding, dilation):
     return ed, xd
 
 
-def wgrad_tma_operands_reference(qe, qx, rows: _tiles.TmaRows, KW, padding, dilation):
+def wgrad_tma_operands_reference(qe, qx, rows: tiles.TmaRows, KW, padding, dilation):
     """The copies of ``wgrad_tma_operands`` in PyTorch."""
     N, C, H, W = qx.shape
     _, CO, OH, OW = qe.shape
@@ -188,9 +188,9 @@ def wgrad_tma_operands_reference(qe, qx, rows: _tiles.TmaRows, KW, padding, dila
     return ed.reshape(cop, N * rows.OHs, rows.OWs), xd.reshape(KW * cp, N * rows.Hp, rows.OWs)
 
 
-def launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows: _tiles.TmaRows, tile: _tiles.Tile, kernel_hw, padding,
-                     dilation, tiles, splits, per, ws, g_args, g_mode, g_stoch, bits_g, raw):
-    """The copies, then the TMA weight-grad on the grid (``tiles`` output tiles, the ones ``ws`` was sized
+def launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows: tiles.TmaRows, tile: tiles.Tile, kernel_hw, padding,
+                     dilation, n_tiles, splits, per, ws, g_args, g_mode, g_stoch, bits_g, raw):
+    """The copies, then the TMA weight-grad on the grid (``n_tiles`` output tiles, the ones ``ws`` was sized
     for; ``splits`` splits of ``per`` rows, a multiple of 64)."""
     N, C = qx.shape[:2]
     CO = qe.shape[1]
@@ -202,7 +202,7 @@ def launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows: _tiles.TmaRows, tile: _t
     so_o, so_c, so_h, so_w = out.stride()
     out_align = alignment((so_o, so_h, so_w), (out,))
     q_total = N * rows.rows // tile.BK
-    conv2d_int8_wgrad_tma_kernel[(tiles, splits)](
+    conv2d_int8_wgrad_tma_kernel[(n_tiles, splits)](
         e_desc, x_desc, out, qe if raw else se, qe if raw else sx, C, rows.CP, CO, KW, KH * KW, rows.Hp,
         rows.OHs, rows.OWs, q_total, per // tile.BK, dilation[0], so_o, so_h, so_w, so_c, ws, inv_ss, *g_args,
         RAW=raw, BM=tile.BM, BN=tile.BN, BK=tile.BK, BH=rows.BH, BW=rows.BW, GROUP_M=tile.GROUP_M,

@@ -2,12 +2,12 @@
 produces the BatchNorm statistics of its output, and the same GEMM in backward, recomputing y exactly
 to form the BatchNorm-backward sums.
 
-Both run the forward convolution of ``conv2d_int8`` (same main loop, ``_igemm.conv_forward_tile``)
+Both run the forward convolution of ``gemm.conv`` (same main loop, ``conv_forward_tile``)
 and the same first step of the epilogue: ``y = acc * sx*sw/S² (+ bias)`` in float32, rounded to
 bfloat16 (the value BatchNorm sees, in forward and backward) and stored NHWC. Then:
 
 - ``conv2d_int8_bn_fwd``: per-tile moments of y per channel, the two-level in-kernel merge of
-  ``_channel_stats`` into [mean, var, max, min], and the BatchNorm finalisation of ``_bn_math`` by the
+  ``_reduce`` into [mean, var, max, min], and the BatchNorm finalisation of ``bn_math`` by the
   merging program: ``bnp`` = [a, b, mean, rstd], the bits of max |z| (the next quantizer's absmax,
   exact), the running statistics. One launch instead of conv + statistics + finalise.
 - ``conv2d_int8_bn_bwd_reduce``: y is recomputed from the saved int8 codes (an exact integer GEMM: the
@@ -15,41 +15,39 @@ bfloat16 (the value BatchNorm sees, in forward and backward) and stored NHWC. Th
   (y - mean) * rstd``, and the sums [Σ g, Σ g·xhat] are merged in the kernel. y is stored again for
   the elementwise backward passes (``bn_relu_bwd``); nothing of y was kept from the forward.
 
-The tile is the per-layer forward's (``_tiles.conv_fwd_plan``: narrow BN for small Cout, BM by grid fill,
+The tile is the per-layer forward's (``tiles.conv_fwd_plan``: narrow BN for small Cout, BM by grid fill,
 K packed across taps (``FLAT``) below 64 channels per tap, BM = 64 for unaligned 128-column tiles), but
 always one split: the epilogue needs each output's whole sum, so where the table splits K (rule 7, an
 underfilled grid) this kernel runs the plan's tile unsplit. Split-K with the last split doing the BatchNorm
-epilogue (``_igemm.split_fixup``) is not done: it would carry an int64 [BM, BN] sum into an epilogue that
+epilogue (``split_fixup``) is not done: it would carry an int64 [BM, BN] sum into an epilogue that
 already holds 236-255 registers at 128×128, and only small-batch layers would gain. The statistics merge
 depends on the tile only through BM (rows per partial: ``span``) and the row / column tile counts, which
 ``ReductionSpace`` is sized from; its ``GROUP`` (row tiles per merge) and ``TB`` (partials per merge step)
 do not depend on BM or BN.
 
 Only whole reductions (Cin·KH·KW within one int32-exact chunk, every real layer) and groups = 1 come
-here; the fused block checks that. References: the float64-exact integer conv of ``conv2d_int8`` with
-the kernel's float32 epilogue, then the float64 statistics / sums of ``_channel_stats``.
+here; the fused block checks that. References: the float64-exact integer conv of ``gemm.conv_reference`` with
+the kernel's float32 epilogue, then the float64 statistics / sums of ``_reduce``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from .._backend import use_triton
-from .._registry import aot_kernel
-from . import _igemm, _tiles
-from ._bn_math import BNP_ROWS, bn_finalize_channels, bn_grad_in, finalize_reference
-from ._channel_stats import GROUP as STATS_GROUP
-from ._channel_stats import (MOMENTS, SUMS, ReductionSpace, finish_reduction, moments_reference, publish_max,
-                             store_partials, tile_moments, tile_sums)
-from ._gemm import inv_code_scales
-from ._igemm import (alignment, assume_conv_operands, conv_forward_tile, decode_rows, grouped_tile_ids, k_steps,
-                     offsets_fit_int32, to_bfloat16_rne)
-from .bn_relu_quant import NO_FP_FUSION, _momentum_arg
-from ._igemm import nchw_strides as _nchw_strides
-from .conv2d_int8 import conv2d_int8_fwd_reference, conv2d_output_size
+from ..._backend import use_triton
+from ..._registry import aot_kernel
+from ..._triton import tl, triton
+from .._buffers import empty_output
+from .._launch import MAX_TERMS, NO_FP_FUSION, alignment, conv2d_output_size, nchw_strides, offsets_fit_int32
+from .._reduce import (GROUP as STATS_GROUP, MOMENTS, SUMS, ReductionSpace, finish_reduction, moments_reference,
+                       publish_max, store_partials, tile_moments, tile_sums)
+from .._tl import assume_conv_operands, decode_rows, to_bfloat16_rne
+from ..gemm import tiles
+from ..gemm.conv import conv2d_int8_fwd_reference
+from ..gemm.host import inv_code_scales
+from ..gemm.mainloop import conv_forward_tile, grouped_tile_ids, k_steps
+from .bn_math import BNP_ROWS, bn_finalize_channels, bn_grad_in, finalize_reference, momentum_arg
 
 __all__ = ["conv2d_int8_bn_fwd", "conv2d_int8_bn_bwd_reduce", "conv2d_int8_bn_fwd_reference",
            "conv2d_int8_bn_bwd_reduce_reference"]
@@ -63,7 +61,7 @@ _SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "y_ptr": "*bf16", "ss_ptr": "*fp32", "
         "s_h": "i32", "s_w": "i32", "s_r": "i32", "sw_col": "i32", "sw_h": "i32", "sw_w": "i32", "sw_r": "i32",
         "sd_n": "i32", "sd_h": "i32", "sd_w": "i32", "sd_c": "i32", "inv_ss": "fp32", "eps": "fp32",
         "momentum": "fp32", "n_f": "fp32"}
-# AOT configurations = GPU launches: every tile of the per-layer forward's table (``_tiles.IGEMM_TILES``, its
+# AOT configurations = GPU launches: every tile of the per-layer forward's table (``tiles.IGEMM_TILES``, its
 # warps / stages), MODE 0 at unit stride (the JIT specialises arguments equal to 1) and at a runtime stride,
 # MODE 1 at unit stride; the flat tiles the unpadded Cin = 3 first layer gets (R % 16: no 128×128) also
 # unaligned (ALIGN=1), both modes.
@@ -81,8 +79,8 @@ def _bn_aot(t, mode, **kw):
             "dil_h": 1, "dil_w": 1, "maxnreg": MAXNREG, **kw}
 
 
-_AOT = ([cfg for t in _tiles.IGEMM_TILES for cfg in (_bn_aot(t, 0, **_UNIT), _bn_aot(t, 0), _bn_aot(t, 1, **_UNIT))]
-        + [_bn_aot(t, mode, **_UNIT, ALIGN=1) for t in _tiles.IGEMM_TILES if t.flat and t.BM * t.BN < 128 * 128
+_AOT = ([cfg for t in tiles.IGEMM_TILES for cfg in (_bn_aot(t, 0, **_UNIT), _bn_aot(t, 0), _bn_aot(t, 1, **_UNIT))]
+        + [_bn_aot(t, mode, **_UNIT, ALIGN=1) for t in tiles.IGEMM_TILES if t.flat and t.BM * t.BN < 128 * 128
            for mode in (0, 1)])
 
 
@@ -181,7 +179,7 @@ def conv2d_int8_bn_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation
 
 def conv2d_int8_bn_bwd_reduce_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz, bnp,
                                         relu):
-    from ._bn_math import bn_grad_in_reference
+    from .bn_math import bn_grad_in_reference
     y = _y_bf16_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w)
     _, g, xhat = bn_grad_in_reference(dz, y, bnp, None, 1, relu)
     sums = torch.stack([_rows(g).double().sum(0), _rows(g * xhat).double().sum(0)]).float()
@@ -197,22 +195,22 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
     M = N * OH * OW
     if qw.stride(1) != 1 and C > 1:  # K-major weight operand (OHWI)
         qw = qw.contiguous(memory_format=torch.channels_last)
-    y = _igemm.empty_output((N, CO, OH, OW), torch.bfloat16, qx.device, torch.channels_last)
-    s_n, s_h, s_w, s_r = _nchw_strides(qx)
+    y = empty_output((N, CO, OH, OW), torch.bfloat16, qx.device, torch.channels_last)
+    s_n, s_h, s_w, s_r = nchw_strides(qx)
     align = alignment((C, s_n, s_h, s_w, qw.stride(0), qw.stride(2), qw.stride(3)), (qx, qw))
-    # the per-layer forward's tile (``_tiles`` rules 1-3, 6), always one split: see the module docstring
-    tile = _tiles.conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation,
-                                sms=_tiles.device_sms(qx.device)).tile
+    # the per-layer forward's tile (``gemm.tiles`` rules 1-3, 6), always one split: see the module docstring
+    tile = tiles.conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation,
+                                sms=tiles.device_sms(qx.device)).tile
     num_m, num_n = triton.cdiv(M, tile.BM), triton.cdiv(CO, tile.BN)
     space = ReductionSpace(MOMENTS if mode == 0 else SUMS, num_m, num_n, CO, qx.device, extra=1)
     i64 = not offsets_fit_int32(qx, y) or (dz is not None and not offsets_fit_int32(dz))
     if mode == 0:
-        bnp_out = _igemm.empty_output((BNP_ROWS, CO), torch.float32, qx.device)
+        bnp_out = empty_output((BNP_ROWS, CO), torch.float32, qx.device)
         zmax = torch.empty(1 + num_n, dtype=torch.int32, device=qx.device)  # [max |z| bits, per column block]
     else:
         bnp_out, zmax = bnp, space.sem
     dummy = space.out
-    sd = _nchw_strides(dz) if dz is not None else (0, 0, 0, 1)
+    sd = nchw_strides(dz) if dz is not None else (0, 0, 0, 1)
     dz_like_y = dz is not None and dz.stride() == y.stride()
     conv2d_int8_bn_kernel[(num_m * num_n,)](
         qx, qw, y, sx, sw, bias if bias is not None else dummy, dz if dz is not None else y, space.part, space.grp,
@@ -221,7 +219,7 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
         num_batches_tracked if num_batches_tracked is not None else space.sem, bnp_out, zmax, H, W, C, OH, OW, CO,
         KW, M, KH * KW, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], s_n, s_h, s_w, s_r,
         qw.stride(0), qw.stride(2), qw.stride(3), qw.stride(1), *sd, inv_code_scales(bits_a, bits_w), float(eps),
-        _momentum_arg(momentum), float(M), MODE=mode, HAS_BIAS=bias is not None, HAS_AFFINE=weight is not None,
+        momentum_arg(momentum), float(M), MODE=mode, HAS_BIAS=bias is not None, HAS_AFFINE=weight is not None,
         BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M,
         FLAT=tile.flat, ALIGN=align, I64=i64, TB=32, GROUP=STATS_GROUP, DZ_LIKE_Y=dz_like_y, num_warps=tile.num_warps,
         num_stages=tile.num_stages, maxnreg=MAXNREG, **NO_FP_FUSION)
@@ -233,7 +231,7 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
 
 def _triton_ok(qx, qw, *others) -> bool:
     taps = qw.shape[2] * qw.shape[3]
-    return use_triton(qx, qw, *others) and qx.shape[1] * taps <= _igemm.MAX_TERMS and qx.numel() < 2**31
+    return use_triton(qx, qw, *others) and qx.shape[1] * taps <= MAX_TERMS and qx.numel() < 2**31
 
 
 @torch.library.custom_op("ebkernels::conv2d_int8_bn_fwd", mutates_args=("running_mean", "running_var"))

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from .._backend import use_triton
-from .._registry import aot_kernel
-from . import _igemm
-from ._igemm import cast_rne, decode_rows
-from .bn_relu_quant import ELEMENTWISE_WARPS, elementwise_tiles
+from ..._backend import use_triton
+from ..._registry import aot_kernel
+from ..._triton import tl, triton
+from .._buffers import empty_output
+from .._launch import ELEMENTWISE_WARPS, elementwise_tiles
+from .._tl import cast_rne, decode_rows
 
 __all__ = ["maxpool2d_int8", "maxpool2d_int8_backward", "maxpool2d_int8_reference",
            "maxpool2d_int8_backward_reference", "pool_output_size"]
@@ -156,10 +155,10 @@ def _fwd_triton(codes, k, s, p, ceil_mode):
     N, Cp, H, W = codes.shape
     OH = pool_output_size(H, k[0], s[0], p[0], ceil_mode)
     OW = pool_output_size(W, k[1], s[1], p[1], ceil_mode)
-    out = _igemm.empty_output((N, Cp, OH, OW), torch.int8, codes.device, torch.channels_last)
-    pos = _igemm.empty_output((N, Cp, OH, OW), torch.int8, codes.device, torch.channels_last)
+    out = empty_output((N, Cp, OH, OW), torch.int8, codes.device, torch.channels_last)
+    pos = empty_output((N, Cp, OH, OW), torch.int8, codes.device, torch.channels_last)
     P = N * OH * OW
-    BP, CB = elementwise_tiles(Cp, codes.device)
+    BP, CB = elementwise_tiles(Cp)
     maxpool2d_int8_kernel[(triton.cdiv(P, BP), triton.cdiv(Cp, CB))](
         codes, out, pos, P, Cp, H, W, OH, OW, codes.stride(0), codes.stride(1), codes.stride(2), codes.stride(3),
         s[0], s[1], p[0], p[1], KH=k[0], KW=k[1], BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS)
@@ -170,9 +169,9 @@ def _bwd_triton(dp, pos, input_hw, channels, k, s, p):
     pos = pos.contiguous(memory_format=torch.channels_last)  # the kernel reads positions NHWC
     N, Cp, OH, OW = pos.shape
     H, W = input_hw
-    dx = _igemm.empty_output((N, channels, H, W), dp.dtype, dp.device, torch.channels_last)
+    dx = empty_output((N, channels, H, W), dp.dtype, dp.device, torch.channels_last)
     M = N * H * W
-    BP, CB = elementwise_tiles(channels, dp.device)
+    BP, CB = elementwise_tiles(channels)
     maxpool2d_int8_bwd_kernel[(triton.cdiv(M, BP), triton.cdiv(channels, CB))](
         dp, pos, dx, M, channels, Cp, H, W, OH, OW, dp.stride(0), dp.stride(1), dp.stride(2), dp.stride(3), s[0], s[1],
         p[0], p[1], KH=k[0], KW=k[1], WH=-(-k[0] // s[0]), WW=-(-k[1] // s[1]), BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS)

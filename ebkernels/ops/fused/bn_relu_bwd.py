@@ -1,8 +1,8 @@
 """Backward of BatchNorm + ReLU without a float y kept from the forward (SPEC §9), producing the error
 E of the layer below quantized in two passes after the sums.
 
-The math is ``_bn_math.bn_grad_in``: per channel the sums [Σ g, Σ g·xhat] (from the recompute epilogue
-of ``conv2d_bn``, or from ``bn_relu_bwd_reduce`` here for a BatchNorm on a float tensor), then per
+The math is ``bn_math.bn_grad_in``: per channel the sums [Σ g, Σ g·xhat] (from the recompute epilogue
+of ``conv_bn``, or from ``bn_relu_bwd_reduce`` here for a BatchNorm on a float tensor), then per
 element ``dy = a·((g - m1) - xhat·m2)``. E's per-tensor scale ``Shift(max |dy|)`` needs every dy before
 the first code, so:
 
@@ -23,18 +23,17 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from .. import _rng
-from .._backend import use_triton
-from .._registry import aot_kernel
-from . import _igemm
-from ._bn_math import bn_grad_in, bn_grad_in_reference, scale_reference, shift_scale_from_bits
-from ._channel_stats import SUMS, ReductionSpace, counter_pool, finish_reduction, publish_max, store_partials, tile_sums
-from ._igemm import cast_rne, decode_rows
-from .bn_relu_quant import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tile, elementwise_tiles, nhwc_rows
-from .quantize import round_half_even
+from ... import _rng
+from ..._backend import use_triton
+from ..._registry import aot_kernel
+from ..._triton import tl, triton
+from .._buffers import counter_pool, empty_output
+from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
+from .._reduce import SUMS, ReductionSpace, finish_reduction, publish_max, store_partials, tile_sums
+from .._scale import scale_reference, shift_scale_from_bits
+from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even
+from .bn_math import bn_grad_in, bn_grad_in_reference
 
 __all__ = ["bn_relu_bwd_reduce", "bn_relu_bwd", "bn_relu_bwd_reduce_reference", "bn_relu_bwd_reference",
            "MODES"]
@@ -227,7 +226,7 @@ def _inv_arg(inv, fallback):
 def _reduce_triton(dz, y, bnp, inv, relu):
     N, C, H, W = y.shape
     M = N * H * W
-    BP, CB = elementwise_tiles(C, y.device)
+    BP, CB = elementwise_tiles(C)
     T, num_n = triton.cdiv(M, BP), triton.cdiv(C, CB)
     space = ReductionSpace(SUMS, T, num_n, C, y.device)
     bn_relu_bwd_reduce_kernel[(T, num_n)](
@@ -264,7 +263,7 @@ def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, ama
     rng = _rng.device_state(dev) if stochastic else bnp
     scale = out = cm = None
     # stochastic codes: the Philox state per element as well: 2K elements per program
-    BP, CB = elementwise_tiles(Cp, dev, 2048 if (stochastic and mode == "codes") else 4096)
+    BP, CB = elementwise_tiles(Cp, 2048 if (stochastic and mode == "codes") else 4096)
     grid = (triton.cdiv(M, BP), triton.cdiv(Cp, CB))
     sem = counter_pool(dev, 1)
     if mode == "absmax":
@@ -272,13 +271,13 @@ def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, ama
         amax, dst, dcm = out, out, out
         so = (0, 0, 0, 0)
     elif mode == "codes":
-        out = _igemm.empty_output((N, Cp, H, W), torch.int8, dev, torch.channels_last)
-        cm = _igemm.empty_output((Cp, N, H, W), torch.int8, dev).permute(1, 0, 2, 3)
-        scale = _igemm.empty_output((), torch.float32, dev)
+        out = empty_output((N, Cp, H, W), torch.int8, dev, torch.channels_last)
+        cm = empty_output((Cp, N, H, W), torch.int8, dev).permute(1, 0, 2, 3)
+        scale = empty_output((), torch.float32, dev)
         dst, dcm, so = out, cm, (0, 0, 0, 0)
     else:
         fmt = torch.channels_last if channels_last_out else torch.contiguous_format
-        out = _igemm.empty_output((N, C, H, W), out_dtype, dev, fmt)
+        out = empty_output((N, C, H, W), out_dtype, dev, fmt)
         dst, dcm, amax = out, out, bnp
         so = nhwc_rows(out)
     bn_relu_bwd_kernel[grid](

@@ -2,8 +2,8 @@
 
 No GPU was available to autotune, so the table is a documented rule computed from the shapes alone; every
 tile it can choose is declared to the AOT registry (``declared_tiles``, read by the ``@aot_kernel``
-lists of ``conv2d_int8`` and ``conv2d_bn``) and builds for sm_80 and sm_90 (``python -m ebkernels.aot``).
-The fused conv + BatchNorm forward (``conv2d_bn``, and its backward recompute of y) runs the forward's
+lists of ``conv_fwd_dgrad``, ``conv_wgrad`` and ``fused.conv_bn``) and builds for sm_80 and sm_90 (``python -m ebkernels.aot``).
+The fused conv + BatchNorm forward (``fused.conv_bn``, and its backward recompute of y) runs the forward's
 rule 1-3/6 tile (``conv_fwd_plan``) with no split: its epilogue needs each output's whole sum.
 ``python -m ebkernels.aot --plan vgg16,preresnet101 --batch 256`` prints what the table chooses for every
 layer, the grid against the GPU's SMs, and the *useful-MMA fraction* of each GEMM:
@@ -47,13 +47,13 @@ what runs):
    int32-exact chunks; none in VGG16 or PreResNet-101), and where the grid fills less than half the SMs
    (up to one CTA per SM, at least 4 K steps per split; none of the two networks at batch 256, several at
    batch 64). Each split adds its exact int32 tile into an int64 workspace and the last split of the tile
-   does the epilogue (``_igemm.split_fixup``): one launch, exact in any order. Not done: stream-K.
-8. **TMA weight-grad on sm_90** (``wgrad_tma_rows``, ``_conv_wgrad_tma``): stride 1, two or more taps, at
+   does the epilogue (``mainloop.split_fixup``): one launch, exact in any order. Not done: stream-K.
+8. **TMA weight-grad on sm_90** (``wgrad_tma_rows``, ``conv_wgrad_tma``): stride 1, two or more taps, at
    least 16 input channels, output rows at least 16 wide and at most 40% padding rows: both operands go
    K-major into shared memory by TMA from channel-major copies (E in boxes of BH×BW output pixels: 1×64
    for rows wider than 32, 2×32 up to 32, 4×16 up to 16; the input codes as KW column-shifted copies),
    so int8 wgmma needs no byte-wise transpose of X̃; the tile is rule 5's aligned one, the reduction its
-   padded rows (N·OHs·OWs). Off elsewhere (``WGRAD_TMA``: None = sm_90 only; the tests set True).
+   padded rows (N·OHs·OWs). Off elsewhere (``config.KernelSettings.wgrad_tma``: None = sm_90 only).
 
 Under ``TRITON_INTERPRET=1`` the same table runs with ``INTERPRETER_SMS`` SMs (small, so that the exact
 tests' small shapes make it choose every tile: ``tests/test_tiles.py`` asks it).
@@ -66,14 +66,15 @@ import os
 from typing import Optional
 
 import torch
-import triton
+
+from ..._triton import triton
+from ...config import kernel_settings
+from .._launch import MAX_TERMS, conv_out
 
 __all__ = ["Tile", "Plan", "MAX_TERMS", "SMS_H100", "INTERPRETER_SMS", "device_sms", "on_gpu", "IGEMM_TILES",
            "WGRAD_TILES", "declared_tiles", "conv_fwd_plan", "conv_dgrad_plan", "conv_wgrad_plan", "igemm_tile",
-           "wgrad_tile", "wgrad_col_tiles", "TmaRows", "wgrad_tma_rows", "wgrad_tma_plan", "wgrad_tma_wanted", "dgrad_phase_taps", "pow2_at_least", "k_iters", "legacy_plans"]
+           "wgrad_tile", "wgrad_col_tiles", "TmaRows", "wgrad_tma_rows", "wgrad_tma_plan", "wgrad_tma_wanted", "dgrad_phase_taps", "pow2_at_least", "k_iters"]
 
-# 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
-MAX_TERMS = 1 << 17
 SMS_H100 = 132  # H100 / H200 SXM
 INTERPRETER_SMS = 4  # what the table assumes under the interpreter (tests: small shapes, every choice)
 WGRAD_BK = 64
@@ -118,7 +119,6 @@ WGRAD_UNALIGNED_MAX = {False: 8192, True: 2048}
 WGRAD_TILES = tuple(_tile(BM, BN, BK, flat, wide_warps=True) for BK, flat in ((WGRAD_BK, False), (32, False), (32, True))
                     for BM in (16, 32, 64, 128) for BN in (16, 32, 64, 128)
                     if BK == WGRAD_BK or BM * BN <= WGRAD_UNALIGNED_MAX[flat])
-LEGACY = Tile(128, 128, 64, False, 8, 4)  # the one tile of every GEMM before this table
 
 
 def declared_tiles(kind: str) -> tuple:
@@ -171,10 +171,6 @@ class Plan:
         return self.useful / self.issued if self.issued else 1.0
 
 
-def conv_out(H, KH, stride, pad, dil):
-    return (H + 2 * pad - dil * (KH - 1) - 1) // stride + 1
-
-
 # --------------------------------------------------------------------------------------------------
 # implicit GEMM: forward and input-grad
 # --------------------------------------------------------------------------------------------------
@@ -182,7 +178,7 @@ def dgrad_phase_taps(K: int, stride: int, pad: int, dil: int):
     """Per input phase ph (0 <= ph < stride: the input coordinates i ≡ ph mod stride) of a transposed
     convolution along one axis: ``(k0, count, c0)``: the taps that hit it are k0, k0 + step, ... (``count``
     of them, step = stride / gcd(stride, dil)), input i = ph + stride·a reads output coordinate
-    ``a + c0 - j·(dil / gcd)`` through tap j. Mirrors the kernel's ``_igemm.phase_taps``."""
+    ``a + c0 - j·(dil / gcd)`` through tap j. Mirrors the kernel's ``phase_taps``."""
     step = stride // math.gcd(stride, dil)
     out = []
     for ph in range(stride):
@@ -312,7 +308,6 @@ class TmaRows:
 
 WGRAD_TMA_BOXES = ((1, 64), (2, 32), (4, 16))  # (BH, BW): BH·BW = 64 rows per K step
 WGRAD_TMA_MIN_USEFUL = 0.6  # padded rows: at most 40% of the reduction (8×8 images: 50%, not taken)
-WGRAD_TMA: Optional[bool] = None  # None: on sm_90 GPUs; True: wherever the shape fits (tests); False: never
 
 
 def wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, padding, C, CO, tile: Tile) -> Optional[TmaRows]:
@@ -346,12 +341,13 @@ def wgrad_tma_plan(device, N, C, H, W, CO, OH, OW, KH, KW, stride, padding):
 
 
 def wgrad_tma_wanted(device: Optional[torch.device]) -> bool:
-    """Whether rule 8 is on for tensors on ``device``: ``WGRAD_TMA``, or by default an sm_90 GPU, where
-    the int8 wgmma takes K-major shared-memory operands only and TMA fills them without a byte-wise
-    transpose (sm_80's mma.sync takes them from registers; there the descriptors would lower to
+    """Whether rule 8 is on for tensors on ``device``: ``KernelSettings.wgrad_tma``, or by default an sm_90
+    GPU, where the int8 wgmma takes K-major shared-memory operands only and TMA fills them without a
+    byte-wise transpose (sm_80's mma.sync takes them from registers; there the descriptors would lower to
     plain loads)."""
-    if WGRAD_TMA is not None:
-        return WGRAD_TMA
+    forced = kernel_settings().wgrad_tma
+    if forced is not None:
+        return forced
     return on_gpu(device) and torch.cuda.get_device_capability(device)[0] == 9
 
 
@@ -386,43 +382,3 @@ def conv_wgrad_plan(N, C, H, W, CO, OH, OW, KH, KW, *, sms, max_terms=MAX_TERMS,
     issued = programs * triton.cdiv(Pr, tile.BK) * tile.BM * tile.BN * tile.BK
     useful = P * (cout_real or CO) * (cin_real or C) * taps
     return Plan("wgrad", tile, programs, splits, per, issued, useful, {"P": Pr, "tma": rows})
-
-
-# --------------------------------------------------------------------------------------------------
-# the one-size configuration every GEMM ran before the table ("before" of the plan summary)
-# --------------------------------------------------------------------------------------------------
-def legacy_plans(N, C, H, W, CO, K, stride, pad, sms):
-    """(fwd, dgrad, wgrad) plans of the former launch: 128×128×64 everywhere, Cin/Cout zero-padded to a
-    multiple of 16, input-grad over every tap of every input pixel (masked where the stride does not
-    divide), weight-grad splits as above."""
-    t = LEGACY
-    Cp, COp = -(-C // 16) * 16, -(-CO // 16) * 16
-    OH, OW = conv_out(H, K, stride, pad, 1), conv_out(W, K, stride, pad, 1)
-    M, MI, taps = N * OH * OW, N * H * W, K * K
-    useful = M * CO * C * taps
-    fwd_p = triton.cdiv(M, 128) * triton.cdiv(CO, 128)
-    dgr_p = triton.cdiv(MI, 128) * triton.cdiv(C, 128)
-    wgr_p = triton.cdiv(COp, 128) * taps * triton.cdiv(Cp, 128)
-    fwd = Plan("fwd", t, fwd_p, 1, 0, fwd_p * taps * triton.cdiv(Cp, 64) * 128 * 128 * 64, useful)
-    dgr = Plan("dgrad", t, dgr_p, 1, 0, dgr_p * taps * triton.cdiv(COp, 64) * 128 * 128 * 64, useful)
-    s, per = wgrad_splits(M, wgr_p, sms, MAX_TERMS)
-    wgr = Plan("wgrad", t, wgr_p, s, per, wgr_p * triton.cdiv(M, 64) * 128 * 128 * 64, useful)
-    return fwd, dgr, wgr
-
-
-# --------------------------------------------------------------------------------------------------
-# a layer's three GEMMs, as the launchers run them (the plan printer of ``python -m ebkernels.aot --plan``)
-# --------------------------------------------------------------------------------------------------
-def layer_plans(N, C, CO, H, W, K, stride, pad, sms, code_channels, tma=True):
-    """(fwd, dgrad, wgrad) plans of a square-kernel, dilation-1 convolution layer at batch N, with the
-    code buffers' channel counts ``code_channels(c)`` (``conv2d_int8.code_channels``: the zero padding
-    the Triton path applies) and the real ones counted as useful; ``tma``: the weight-grad as on sm_90
-    (rule 8; the plan's default, an H100/H200)."""
-    Cp, COp = code_channels(C), code_channels(CO)
-    s, p, d = (stride, stride), (pad, pad), (1, 1)
-    OH, OW = conv_out(H, K, stride, pad, 1), conv_out(W, K, stride, pad, 1)
-    real = {"cin_real": C, "cout_real": CO}
-    fwd = conv_fwd_plan(N, Cp, H, W, CO, K, K, s, p, d, sms=sms, **real)
-    dgr = conv_dgrad_plan(N, COp, OH, OW, C, H, W, K, K, s, p, d, sms=sms, **real)
-    wgr = conv_wgrad_plan(N, Cp, H, W, COp, OH, OW, K, K, sms=sms, stride=s, padding=p, tma=tma, **real)
-    return fwd, dgr, wgr

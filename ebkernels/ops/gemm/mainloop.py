@@ -1,13 +1,10 @@
-"""Shared pieces of the int8 GEMM and implicit-GEMM convolution kernels (SPEC §8).
+"""The int8 GEMM programs' shared body (SPEC §8): main loops and the end of every tile.
 
-One index decode and one set of tile helpers for every kernel in ``linear_int8`` and ``conv2d_int8``:
+One index decode and one set of tile helpers for every kernel in ``linear``, ``conv_fwd_dgrad``,
+``conv_wgrad``, ``conv_wgrad_tma`` and the fused conv+BatchNorm kernel (``ops.fused.conv_bn``):
 
-- ``decode_rows``: a flat row index over a (D0, D1, D2) grid, e.g. m -> (n, oh, ow) of an NHWC output;
-- ``decode_tap``: a kernel tap index -> (kh, kw) (the weight-grad's one tap per program);
-- ``tap_input_coord``: the input coordinate that output coordinate ``o`` reads through kernel tap ``t``,
-  ``o*stride - pad + t*dil`` (forward and weight-grad);
 - ``phase_taps``: the taps of one phase of a strided input-grad (a transposed convolution split into
-  stride_h·stride_w dense sub-problems: no per-tap divisibility test; ``_tiles.dgrad_phase_taps`` on the
+  stride_h·stride_w dense sub-problems: no per-tap divisibility test; ``tiles.dgrad_phase_taps`` on the
   host);
 - ``conv_implicit_gemm_tile``: the main loop of the convolution forward and input-grad (one body: a set of
   taps j = (jh, jw) whose source pixel moves by (DH, DW) and whose weight tap by (step_h, step_w) per
@@ -16,148 +13,27 @@ One index decode and one set of tile helpers for every kernel in ``linear_int8``
   with the fused conv+BatchNorm kernel; ``k_steps``: its K-step count;
 - ``load_pixels_tile``: an int8 [pixels, channels] tile gathered from an NHWC tensor with padding masks —
   the im2col happens here, in registers, never in memory;
-- ``store_gemm_tile``: the epilogue every kernel shares: the raw integer sums (exact, int64 results) or the
-  dequantized value ``acc * sa * sb / (S_a * S_b) + bias`` with scales read from device;
-- ``split_fixup`` / ``split_workspace``: split-K in one launch: each split adds its exact int32 tile (at
-  most 2^17 terms) into an int64 workspace and the tile's last split applies the epilogue (the end of
-  every GEMM program, with the weight-grad's fused G quantization: ``_gemm_end.finish_gemm_tile``);
-- ``assume_multiple`` / ``alignment``: the launcher checks which extents and strides are multiples of 16
-  and tells the kernel (constexpr ``ALIGN``), so loads and stores are 16-byte vectors in the
-  ahead-of-time build too (the JIT would infer it from the arguments; ``python -m ebkernels.aot`` cannot);
-- ``offsets_fit_int32``: whether a tensor's element offsets fit int32 (constexpr ``I64`` otherwise), so
-  per-row offsets stay 32-bit in the common case.
+- ``finish_gemm_tile``: the end of every GEMM program: ``split_fixup`` (split-K in one launch: each split
+  adds its exact int32 tile, at most 2^17 terms, into an int64 workspace and the tile's last split goes
+  on), ``store_gemm_tile`` (the raw integer sums, exact int64 results, or the dequantized value
+  ``acc * sa * sb / (S_a * S_b) + bias`` with scales read from device), and the weight-grad's fused G
+  quantization (``gquant``).
+
+Index decode, casts and divisibility hints are the ``ops._tl`` leaves; the host side of a launch
+(alignment, strides, workspaces) is ``ops._launch`` / ``ops._buffers``.
 
 Register budget (why the kernels are written this way, see benchmarks/NOTES.md "Resource tuning"): the
 K loop carries only per-row base offsets (one int32 per row) and scalars; the tile decode happens once
 per program; the epilogue sees divisibility hints so its layout holds few rows per thread.
-
-Integer division here only ever sees non-negative operands (negative coordinates are clamped before
-dividing), so C-style truncation on the GPU and in the interpreter agree with floor division.
 """
 from __future__ import annotations
 
-import os
+from ..._triton import tl, triton
+from .._tl import cast_rne, tap_input_coord
+from .gquant import gquant_epilogue
 
-import torch
-import triton
-import triton.language as tl
-
-
-__all__ = ["MAX_TERMS", "GPU_TILES", "empty_output", "gemm_tiles", "alignment", "nchw_strides", "offsets_fit_int32",
-           "assume_multiple", "assume_conv_operands", "to_bfloat16_rne", "cast_rne", "decode_rows", "decode_tap", "tap_input_coord",
-           "phase_taps", "split_fixup", "split_workspace", "grouped_tile_ids", "k_steps", "conv_implicit_gemm_tile", "conv_forward_tile", "load_pixels_tile",
-           "store_gemm_tile"]
-
-# 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
-MAX_TERMS = 1 << 17
-
-
-def empty_output(shape, dtype: torch.dtype, device: torch.device,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """Every output and partial-sum buffer of the int8 kernels comes from here (the tests replace it
-    with a poisoned allocation, so an element a kernel fails to write shows up)."""
-    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-
-
-# Tile configurations of the int8 Linear GEMM launched on a GPU (the convolutions, the fused conv+BatchNorm
-# included, take theirs from the per-shape table of ``_tiles``); the ``@aot_kernel`` declarations compile
-# exactly these.
-# Chosen from the ptxas resource report (no GPU was available to time them): int8 MMA (mma.sync m16n8k32 on
-# sm_80, wgmma m64n128k32 on sm_90), 0 spills, a 128x128 int32 accumulator over 8 warps (64 registers a
-# thread), BK=64, 4 stages (3 K tiles in flight).
-# "unaligned": operands whose leading dimensions are not multiples of 16 (ALIGN=1) cannot use 16-byte vector
-# loads: one address and predicate per byte, which spills at 128x128x64; 64x128x32 halves the per-thread
-# load state and does not. Same warps/stages (the Linear's AOT declaration holds one pair).
-GPU_TILES = {
-    "linear": {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
-    "unaligned": {"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
-}
-# the interpreter's cost is per operation, not per element: few, mid-sized tiles
-_INTERPRETER_TILES = {"BM": 64, "BN": 32, "BK": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
-
-
-def gemm_tiles(device: torch.device, align: int = 16) -> dict:
-    """Tile configuration of the Linear GEMM: ``GPU_TILES`` on a GPU (``align`` 1, see ``alignment``: the
-    unaligned fallback), few mid-sized tiles under the CPU interpreter."""
-    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return dict(GPU_TILES["unaligned" if align < 16 else "linear"])
-    return dict(_INTERPRETER_TILES)
-
-
-def alignment(values=(), tensors=()) -> int:
-    """16 when every integer in ``values`` is a multiple of 16 and every tensor in ``tensors`` starts on a
-    16-byte boundary, else 1: the ``ALIGN`` constexpr. With 16, the kernels tell the compiler so and it
-    emits 16-byte vector loads/stores (and the ahead-of-time build sees what the JIT would infer)."""
-    ok = all(int(v) % 16 == 0 for v in values) and all(t.data_ptr() % 16 == 0 for t in tensors)
-    return 16 if ok else 1
-
-
-def nchw_strides(t: torch.Tensor):
-    """(s_n, s_h, s_w, s_c) of a logical NCHW tensor (any memory format)."""
-    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
-
-
-def offsets_fit_int32(*tensors) -> bool:
-    """Whether every element offset of every tensor fits int32 (then the kernels keep 32-bit offsets)."""
-    return all(sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride()) if d > 0) < 2**31 for t in tensors)
-
-
-@triton.jit
-def assume_multiple(x, A: tl.constexpr):
-    """``x``, which the launcher guarantees to be a multiple of ``A``, written as ``x // A * A`` (the same
-    value) so the compiler knows its divisibility even for a kernel argument. ``A = 1``: unchanged."""
-    if A > 1:
-        x = x // A * A
-    return x
-
-
-@triton.jit
-def assume_conv_operands(R, s_n, s_h, s_w, sw_col, sw_h, sw_w, ALIGN: tl.constexpr):
-    """``assume_multiple`` on what every implicit-GEMM convolution launcher aligns: the source's channels
-    per tap R, its pixel strides, the weight's column and tap strides."""
-    return (assume_multiple(R, ALIGN), assume_multiple(s_n, ALIGN), assume_multiple(s_h, ALIGN),
-            assume_multiple(s_w, ALIGN), assume_multiple(sw_col, ALIGN), assume_multiple(sw_h, ALIGN),
-            assume_multiple(sw_w, ALIGN))
-
-
-@triton.jit
-def to_bfloat16_rne(x):
-    """float32 -> bfloat16, round to nearest even (as ``torch.Tensor.to``; NaN -> the canonical quiet NaN).
-    Spelled out in integer arithmetic: the interpreter's own cast truncates, a GPU's rounds; this gives
-    the same bits on both."""
-    bits = x.to(tl.uint32, bitcast=True)
-    hi = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
-    hi = tl.where(x != x, 0x7FC0, hi).to(tl.uint16)
-    return hi.to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def cast_rne(x, dtype: tl.constexpr):
-    """float32 ``x`` in ``dtype``, bfloat16 rounded to nearest even on every backend (``to_bfloat16_rne``)."""
-    if dtype == tl.bfloat16:
-        return to_bfloat16_rne(x)
-    return x.to(dtype)
-
-
-@triton.jit
-def decode_rows(r, D1, D2):
-    """Flat index ``r`` over a (D0, D1, D2) grid, last fastest -> (i0, i1, i2)."""
-    i2 = r % D2
-    t = r // D2
-    return t // D1, t % D1, i2
-
-
-@triton.jit
-def decode_tap(t, KW):
-    """Kernel tap index ``t`` (row-major over KH×KW) -> (kh, kw)."""
-    kh = t // KW
-    return kh, t - kh * KW
-
-
-@triton.jit
-def tap_input_coord(o, t, stride, pad, dil):
-    """Input coordinate read by output coordinate ``o`` at kernel tap ``t`` (may fall in the padding)."""
-    return o * stride - pad + t * dil
+__all__ = ["phase_taps", "grouped_tile_ids", "load_pixels_tile", "load_channel_major_tile", "k_steps",
+           "conv_implicit_gemm_tile", "conv_forward_tile", "split_fixup", "store_gemm_tile", "finish_gemm_tile"]
 
 
 @triton.jit
@@ -166,7 +42,7 @@ def phase_taps(ph, pad, dil, stride, K, step):
     one axis, ``step`` = stride / gcd(stride, dil): ``(k0, count, c0)``: taps k0, k0 + step, ... (count of
     them) are the only ones whose output coordinate ``(i + pad - k·dil) / stride`` is an integer for the
     inputs of the phase, and input ``ph + stride·a`` reads output ``a + c0 - j·(dil / gcd)`` through the
-    j-th. Scalar arithmetic on non-negative operands (``_tiles.dgrad_phase_taps`` is the host mirror, the
+    j-th. Scalar arithmetic on non-negative operands (``tiles.dgrad_phase_taps`` is the host mirror, the
     plan printer counts the same taps)."""
     k0 = step  # none yet
     for k in range(0, step):
@@ -214,7 +90,7 @@ def load_channel_major_tile(ptr, c, c_ok, s_c, m, m_ok, I64: tl.constexpr):
 
 @triton.jit
 def k_steps(n_taps, R, BK: tl.constexpr, FLAT: tl.constexpr):
-    """K steps of ``conv_implicit_gemm_tile`` over ``n_taps`` taps of R channels (``_tiles.k_iters``)."""
+    """K steps of ``conv_implicit_gemm_tile`` over ``n_taps`` taps of R channels (``tiles.k_iters``)."""
     if FLAT:
         return tl.cdiv(n_taps * R, BK)
     return n_taps * tl.cdiv(R, BK)
@@ -296,7 +172,7 @@ def conv_implicit_gemm_tile(src_ptr, w_ptr, pix_n, h0, w0, row_ok, col, col_ok, 
 def conv_forward_tile(src_ptr, w_ptr, n, op, oq, row_ok, col, col_ok, it0, it1, KH, KW, P, Q, R, stride_h, stride_w,
                       pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r, BM: tl.constexpr,
                       BN: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr, I64: tl.constexpr):
-    """The forward convolution's tile (``conv2d_int8`` and the fused conv+BatchNorm kernel): output pixels
+    """The forward convolution's tile (``conv_fwd_dgrad`` and the fused conv+BatchNorm kernel): output pixels
     (n, op, oq), every tap, source pixel ``(op·stride - pad + kh·dil, ...)``."""
     if I64:
         pix_n = n.to(tl.int64) * s_n
@@ -333,15 +209,6 @@ def split_fixup(acc, ws_ptr, tile, splits, BM: tl.constexpr, BN: tl.constexpr):
     return total, last
 
 
-def split_workspace(programs: int, splits: int, BM: int, BN: int, device: torch.device) -> torch.Tensor:
-    """The int64 workspace of ``split_fixup``, zero at launch and left zero by it (``counter_pool``): one
-    BM×BN tile per program, then one semaphore per program (a one-element dummy for one split)."""
-    from ._channel_stats import counter_pool
-
-    n = 1 if splits <= 1 else programs * (BM * BN + 1)
-    return counter_pool(device, n, torch.int64)[:n]
-
-
 @triton.jit
 def store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr,
                     inv_ss, HAS_BIAS: tl.constexpr, RAW: tl.constexpr):
@@ -361,3 +228,25 @@ def store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_pt
             y = y + tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs, cast_rne(y, out_ptr.dtype.element_ty), mask=mask)
     return y, mask
+
+
+@triton.jit
+def finish_gemm_tile(acc, ws_ptr, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss,
+                     gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, HAS_BIAS: tl.constexpr, RAW: tl.constexpr,
+                     SPLIT_FIX: tl.constexpr, GQ: tl.constexpr, BITS_G: tl.constexpr, STOCH_G: tl.constexpr,
+                     GBLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The end of a GEMM program on grid (tiles, splits) with its int32 tile ``acc``. ``SPLIT_FIX``
+    (splits > 1): ``split_fixup`` adds it into the int64 workspace and only the tile's last split goes on,
+    with the int64 sum over all splits (RAW results stay exact). Then the epilogue (``store_gemm_tile``)
+    and, ``GQ`` > 0, the weight-grad's G quantization (``gquant.gquant_epilogue``: every tile finished
+    by exactly one program, so it counts ``tiles`` of them; gq/rng/gn/g*/gs*: its scratch and the real
+    gradient view)."""
+    last = True
+    if SPLIT_FIX:
+        acc, last = split_fixup(acc, ws_ptr, tl.program_id(0), tl.num_programs(1), BM, BN)
+    if last:
+        y, y_mask = store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr,
+                                    inv_ss, HAS_BIAS, RAW)
+        if GQ > 0:
+            gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
+                            tl.num_programs(0), tl.program_id(0) == 0, GQ, BITS_G, STOCH_G, GBLOCK)

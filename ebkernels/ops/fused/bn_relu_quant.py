@@ -4,7 +4,7 @@
 the int8 codes of ``z = relu(y * a + b)`` straight in the layout the next convolution reads (NHWC,
 channels zero-padded to a multiple of 16), or z itself as float where the next layer is not an int8
 convolution. The per-channel ``bnp`` = [a, b, mean, rstd] and the float32 bits of ``max |z|`` come from
-the kernel that produced the statistics (the conv epilogue of ``conv2d_bn``, or ``bn_stats`` below), so
+the kernel that produced the statistics (the conv epilogue of ``conv_bn``, or ``bn_stats`` below), so
 the power-of-two scale is known before z exists and the float z is never materialised. An optional
 channel gather (``index``) is the pre-activation ResNet's ``ChannelSelection``.
 
@@ -21,53 +21,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from .._backend import use_triton
-from .._registry import aot_kernel
-from . import _igemm
-from ._bn_math import (BNP_ROWS, bn_act, bn_act_reference, bn_finalize_channels, finalize_reference,
-                       scale_reference, shift_scale_from_bits)
-from ._channel_stats import (MOMENTS, ReductionSpace, finish_reduction, moments_reference, publish_max,
-                             store_partials, tile_moments)
-from ._igemm import cast_rne, decode_rows, to_bfloat16_rne
-from .quantize import round_half_even
+from ..._backend import use_triton
+from ..._registry import aot_kernel
+from ..._triton import tl, triton
+from .._buffers import empty_output
+from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
+from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, moments_reference, publish_max, store_partials,
+                       tile_moments)
+from .._scale import scale_reference, shift_scale_from_bits
+from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even, to_bfloat16_rne
+from .bn_math import BNP_ROWS, bn_act, bn_act_reference, bn_finalize_channels, finalize_reference, momentum_arg
 
-__all__ = ["bn_stats", "bn_relu_quant", "bn_stats_reference", "bn_relu_quant_reference", "elementwise_tiles",
-           "ELEMENTWISE_WARPS", "elementwise_tile",
-           "nhwc_rows"]
-
-
-# 8 warps: 16 elements of a 4K-element tile per thread (at 4 warps the index and BatchNorm math of 32
-# elements per thread took 200+ registers)
-ELEMENTWISE_WARPS = 8
-
-
-def elementwise_tiles(C: int, device: torch.device, elements: int = 4096):
-    """(rows, channels) per program of the per-element BatchNorm kernels: whole 16-byte channel runs,
-    about ``elements`` elements (4K; 2K for the kernels with more live state per element)."""
-    cb = min(128, triton.next_power_of_2(max(C, 16)))
-    return max(16, elements // cb), cb
-
-
-def nhwc_rows(t: torch.Tensor):
-    """(s_n, s_c, s_h, s_w) of a 4-D tensor in its own memory layout."""
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
-
-
-@triton.jit
-def elementwise_tile(M, C, BP: tl.constexpr, CB: tl.constexpr):
-    """This program's tile of a (rows, channels) grid: (pid_m, pid_n, rows, channels, row mask, channel mask)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    m = pid_m * BP + tl.arange(0, BP)
-    c = pid_n * CB + tl.arange(0, CB)
-    return pid_m, pid_n, m, c, m < M, c < C
-
-
-# z = y*a + b must round twice, as the references (and the interpreter) do: no fma contraction
-NO_FP_FUSION = {"enable_fp_fusion": False}
+__all__ = ["bn_stats", "bn_relu_quant", "bn_stats_reference", "bn_relu_quant_reference"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,10 +83,6 @@ def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_p
         publish_max(zbits, zmax_ptr + 1, pid_n, num_n, sem_ptr + (tl.cdiv(T, GROUP) + 1) * num_n, zmax_ptr)
 
 
-def _momentum_arg(momentum) -> float:
-    return -1.0 if momentum is None else float(momentum)
-
-
 def bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
                        update, relu, keep=None):
     """(x rounded to bfloat16 in NHWC order, chan [mean, var, max, min], bnp, zmax bits)."""
@@ -136,11 +98,11 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
                      update, relu, keep):
     N, C, H, W = x.shape
     M = N * H * W
-    xb = _igemm.empty_output((N, C, H, W), torch.bfloat16, x.device, torch.channels_last)
-    BP, CB = elementwise_tiles(C, x.device, 2048)  # the fp32 input, its bf16 copy and the moments: 2K elements
+    xb = empty_output((N, C, H, W), torch.bfloat16, x.device, torch.channels_last)
+    BP, CB = elementwise_tiles(C, 2048)  # the fp32 input, its bf16 copy and the moments: 2K elements
     T, num_n = triton.cdiv(M, BP), triton.cdiv(C, CB)
     space = ReductionSpace(MOMENTS, T, num_n, C, x.device, extra=1)
-    bnp = _igemm.empty_output((BNP_ROWS, C), torch.float32, x.device)
+    bnp = empty_output((BNP_ROWS, C), torch.float32, x.device)
     zmax = torch.empty(1 + num_n, dtype=torch.int32, device=x.device)  # [max |z| bits, per column block]
     dummy = space.out
     bn_stats_kernel[(T, num_n)](
@@ -148,7 +110,7 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
         bias if bias is not None else dummy, running_mean if running_mean is not None else dummy,
         running_var if running_var is not None else dummy,
         num_batches_tracked if num_batches_tracked is not None else zmax, keep if keep is not None else zmax,
-        bnp, zmax, M, C, H, W, *nhwc_rows(x), float(eps), _momentum_arg(momentum), float(M),
+        bnp, zmax, M, C, H, W, *nhwc_rows(x), float(eps), momentum_arg(momentum), float(M),
         HAS_AFFINE=weight is not None, BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, HAS_KEEP=keep is not None,
         BP=BP, CB=CB, TB=32, GROUP=32, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return xb, space.out, bnp, zmax[:1]
@@ -280,12 +242,12 @@ def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, f
     codes = out_dtype is None
     Kp = _padded(K, pad_to) if codes else K
     if codes:
-        out = _igemm.empty_output((N, Kp, H, W), torch.int8, y.device, torch.channels_last)
-        scale = _igemm.empty_output((), torch.float32, y.device)
+        out = empty_output((N, Kp, H, W), torch.int8, y.device, torch.channels_last)
+        scale = empty_output((), torch.float32, y.device)
     else:
-        out = _igemm.empty_output((N, K, H, W), out_dtype, y.device, torch.channels_last)
+        out = empty_output((N, K, H, W), out_dtype, y.device, torch.channels_last)
         scale = torch.ones((), dtype=torch.float32, device=y.device)
-    BP, CB = elementwise_tiles(Kp, y.device)
+    BP, CB = elementwise_tiles(Kp)
     grid = (triton.cdiv(M, BP), triton.cdiv(Kp, CB))
     bn_relu_quant_kernel[grid](
         y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale if codes else bnp,

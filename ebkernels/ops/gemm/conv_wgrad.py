@@ -1,10 +1,10 @@
-"""The weight-grad kernel of the int8 Conv2d (``conv2d_int8``; its own file for size, same op):
+"""The weight-grad kernel of the int8 Conv2d (``conv``; its own file for size, same op):
 ``dW[Cout, (kh, kw, ci)] = Eᵀ · X̃`` reducing over the N·OH·OW rows, no materialised im2col.
 
-The tile comes from the per-shape table (``_tiles.wgrad_tile``: narrow Cout/Cin tiles; columns flat over
+The tile comes from the per-shape table (``tiles.wgrad_tile``: narrow Cout/Cin tiles; columns flat over
 (tap, channel) below 16 input channels), the reduction is split into chunks of at most 2^17 rows whose
 exact int32 sums are added into an int64 workspace, and the last split of each output tile applies the
-scales and the fused G quantization (``_gemm_end.finish_gemm_tile``): one launch,
+scales and the fused G quantization (``mainloop.finish_gemm_tile``): one launch,
 exact at any batch size. The float64 oracle is ``conv2d_int8.conv2d_int8_wgrad_reference``.
 """
 from __future__ import annotations
@@ -12,17 +12,17 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import triton
-import triton.language as tl
 
-from .._registry import aot_kernel
-from . import _igemm, _tiles
-from ._conv_wgrad_tma import launch_wgrad_tma
-from ._gemm import result_and_scale
-from ._gemm_end import finish_gemm_tile
-from ._igemm import (alignment, assume_multiple, decode_rows, decode_tap, grouped_tile_ids,
-                     load_channel_major_tile, load_pixels_tile, nchw_strides, offsets_fit_int32, tap_input_coord)
-from .quantize import gquant_finish, gquant_off, gquant_plan
+from ..._registry import aot_kernel
+from ..._triton import tl, triton
+from .._buffers import split_workspace
+from .._launch import alignment, nchw_strides, offsets_fit_int32
+from .._tl import assume_multiple, decode_rows, decode_tap, tap_input_coord
+from . import tiles
+from .conv_wgrad_tma import launch_wgrad_tma
+from .gquant import gquant_finish, gquant_off, gquant_plan
+from .host import result_and_scale
+from .mainloop import finish_gemm_tile, grouped_tile_ids, load_channel_major_tile, load_pixels_tile
 
 __all__ = ["conv2d_int8_wgrad_kernel"]
 
@@ -45,15 +45,15 @@ def _wgrad_aot(t, **kw):
             "E_CM": True, "X_CM": False, "FLAT_N": t.flat, "se_w": 1, **kw}
 
 
-# every tile of the table (``_tiles.WGRAD_TILES``) as QConv2dFunction launches it: channel-major E codes,
+# every tile of the table (``tiles.WGRAD_TILES``) as QConv2dFunction launches it: channel-major E codes,
 # scaled result with G quantized in the epilogue, one split or several (SPLIT_FIX: the last split of a
 # tile finishes it); the BK = 32 tiles unaligned (ALIGN=1: E rows N·OH·OW or Cin not multiples of 16);
 # at the big tile the other variants: NHWC E, channel-major X (1×1), the small-gradient in-place G
 # quantization (GQ=2), exact int64 sums (RAW, the integer API)
-_BIG = [t for t in _tiles.WGRAD_TILES if t.BK == _tiles.WGRAD_BK][-1]
-_WGRAD_AOT = ([_wgrad_aot(t, GQ=1, RAW=False, SPLIT_FIX=fix, **({} if t.BK == _tiles.WGRAD_BK else
+_BIG = [t for t in tiles.WGRAD_TILES if t.BK == tiles.WGRAD_BK][-1]
+_WGRAD_AOT = ([_wgrad_aot(t, GQ=1, RAW=False, SPLIT_FIX=fix, **({} if t.BK == tiles.WGRAD_BK else
                                                                 {"ALIGN": 1, "OUT_ALIGN": 1}))
-               for t in _tiles.WGRAD_TILES for fix in (False, True)]
+               for t in tiles.WGRAD_TILES for fix in (False, True)]
               + [{**_wgrad_aot(_BIG, RAW=True, E_CM=False, se_c=1, SPLIT_FIX=True), "se_w": None},
                  {**_wgrad_aot(_BIG, RAW=False, X_CM=True, sx_w=1, SPLIT_FIX=True), "sx_c": None},
                  _wgrad_aot(_BIG, GQ=2, RAW=False, SPLIT_FIX=False),
@@ -85,7 +85,7 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
     (tap, channel), each with its own input-pixel shift (a [rows, columns] gather), so the first layer's
     3×3×3 columns fill one 32-wide tile instead of nine 16-wide ones. ``SPLIT_FIX`` (several chunks): they meet
     in the int64 workspace ``ws_ptr``, the last one of the tile finishes it. ``GQ`` (1, 2; scaled result): G
-    quantization fused in (``_gemm_end.finish_gemm_tile``)."""
+    quantization fused in (``mainloop.finish_gemm_tile``)."""
     C = assume_multiple(C, ALIGN)
     M = assume_multiple(M, ALIGN if E_CM else 1)
     m_per_split = assume_multiple(m_per_split, ALIGN if E_CM else 1)
@@ -198,23 +198,23 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     else:
         align = alignment((C, CO, se_n, se_h, se_w, sx_n, sx_h, sx_w), (qe, qx))
     taps = KH * KW
-    tile = _tiles.wgrad_tile(CO, C, align, taps)  # the table (rule 5), as ``--plan`` prints it
+    tile = tiles.wgrad_tile(CO, C, align, taps)  # the table (rule 5), as ``--plan`` prints it
     flat_n = tile.flat and not x_cm
     if tile.flat and x_cm:  # 1×1 channel-major: one tap, the plain columns (same count)
         tile = dataclasses.replace(tile, flat=False)
     # rule 8 (sm_90): both operands K-major through TMA, over the padded rows of their copies
-    tma = None if x_cm else _tiles.wgrad_tma_plan(qx.device, N, C, H, W, CO, OH, OW, KH, KW, stride, padding)
+    tma = None if x_cm else tiles.wgrad_tma_plan(qx.device, N, C, H, W, CO, OH, OW, KH, KW, stride, padding)
     rows = None
     if tma is not None:
         tile, rows = tma
     BM, BN, BK = tile.BM, tile.BN, tile.BK
-    tiles = triton.cdiv(CO, BM) * _tiles.wgrad_col_tiles(tile, C, taps)
-    splits, per = _tiles.wgrad_splits(N * rows.rows if rows else M, tiles,
-                                      _tiles.device_sms(qx.device) if _tiles.on_gpu(qx.device) else None,
+    n_tiles = triton.cdiv(CO, BM) * tiles.wgrad_col_tiles(tile, C, taps)
+    splits, per = tiles.wgrad_splits(N * rows.rows if rows else M, n_tiles,
+                                      tiles.device_sms(qx.device) if tiles.on_gpu(qx.device) else None,
                                       max_terms, BK)
     # splits > 1: each adds its exact int32 tile into an int64 workspace, the last split of the tile
     # finishes it (scales, G quantization) in the same launch: no int32 partials, no finalize launch
-    ws = _igemm.split_workspace(tiles, splits, BM, BN, qx.device)
+    ws = split_workspace(n_tiles, splits, BM, BN, qx.device)
     i64 = not offsets_fit_int32(qe, qx)
     fuse_g = gq is not None and not raw and out_dtype == torch.float32
     if fuse_g:
@@ -224,12 +224,12 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     else:
         (g_args, g_mode, g_stoch), bits_g = gquant_off(qe), 8
     if rows is not None:
-        launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows, tile, kernel_hw, padding, dilation, tiles, splits, per,
+        launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows, tile, kernel_hw, padding, dilation, n_tiles, splits, per,
                          ws, g_args, g_mode, g_stoch, bits_g, raw)
     else:
         so_o, so_c, so_h, so_w = out.stride()
         out_align = alignment((so_o, so_h, so_w), (out,))
-        conv2d_int8_wgrad_kernel[(tiles, splits)](
+        conv2d_int8_wgrad_kernel[(n_tiles, splits)](
             qe, qx, out, qe if raw else se, qe if raw else sx, H, W, C, OH, OW, CO, KW, M, taps, per,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], se_n, se_h, se_w, se_c,
             sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, ws, inv_ss, *g_args, RAW=raw, BM=BM, BN=BN,

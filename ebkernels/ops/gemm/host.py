@@ -1,33 +1,32 @@
-"""Shared plumbing of the int8 GEMM and convolution ops (``linear_int8``, ``conv2d_int8`` and the fused
-conv-BN ops): the epilogue's scale factor, result buffers, the split of long reductions into
-int32-exact chunks, exact integer sums on the CPU reference path, and W / G quantization.
+"""Host-side plumbing of the int8 GEMM and convolution ops (``linear``, ``conv`` and the fused conv-BN
+ops): the epilogue's scale factor, result buffers, the split of long reductions into int32-exact chunks,
+exact integer sums on the CPU reference path, W / G quantization, and the double-backward refusal.
 
-Kernels and their index math live in ``_igemm``; this module is host-side Python only.
+Kernels and their index math live in ``mainloop``; this module is host-side Python only.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import triton
 
-from ..config import QConfig
-from . import _igemm
-from .quantize import quantize, quantize_dequantize
+from ..._triton import triton
+from ...config import QConfig
+from .._buffers import empty_output
+from ..quantize import quantize, quantize_dequantize
+from . import tiles
 
 __all__ = ["split_reduction", "inv_code_scales", "result_and_scale", "F32_EXACT_SUM", "MAX_F32_CHUNKS", "f32_exact_terms",
-           "f32_chunks", "exact_int_sums", "check_qconfig", "quantize_weight", "quantize_weight_grad",
+           "f32_chunks", "exact_int_sums", "quantize_weight", "quantize_weight_grad",
            "refuse_double_backward"]
 
 
-def split_reduction(length: int, tiles: int, BK: int, device: torch.device, max_terms: int):
+def split_reduction(length: int, n_tiles: int, BK: int, device: torch.device, max_terms: int):
     """(splits, terms per split) for a reduction of ``length`` terms: every split at most ``max_terms``
     terms (int32-exact) and a multiple of BK; on a GPU, more splits when there are too few output tiles
-    to fill the SMs (one rule with the convolution weight-grad: ``_tiles.wgrad_splits``)."""
-    from . import _tiles
-
-    return _tiles.wgrad_splits(length, tiles, _tiles.device_sms(device) if _tiles.on_gpu(device) else None,
-                               max_terms, BK)
+    to fill the SMs (one rule with the convolution weight-grad: ``tiles.wgrad_splits``)."""
+    return tiles.wgrad_splits(length, n_tiles, tiles.device_sms(device) if tiles.on_gpu(device) else None,
+                              max_terms, BK)
 
 
 def inv_code_scales(bits_a: int, bits_b: int) -> float:
@@ -40,8 +39,8 @@ def result_and_scale(shape, sa, out_dtype, bits_a, bits_b, device,
     """A launcher's result buffer and its epilogue's ``1 / (S_a·S_b)``; without scales (``sa`` None) the
     exact integer sums: an int64 buffer and 0.0."""
     if sa is None:
-        return _igemm.empty_output(shape, torch.int64, device, memory_format), 0.0
-    return _igemm.empty_output(shape, out_dtype, device, memory_format), inv_code_scales(bits_a, bits_b)
+        return empty_output(shape, torch.int64, device, memory_format), 0.0
+    return empty_output(shape, out_dtype, device, memory_format), inv_code_scales(bits_a, bits_b)
 
 
 # ----- exact integer sums on the CPU reference path -------------------------------------------------
@@ -91,14 +90,6 @@ def exact_int_sums(total: int, per: Optional[int], f32_part, f64_full) -> torch.
 
 
 # --------------------------------------------------------------------------------------------------
-def check_qconfig(qconfig) -> QConfig:
-    if qconfig is None:
-        return QConfig()
-    if not isinstance(qconfig, QConfig):
-        raise TypeError(f"qconfig must be an ebkernels.QConfig or None, got {type(qconfig).__name__}")
-    return qconfig
-
-
 def quantize_weight(weight: torch.Tensor, qc: QConfig, channels_last: bool = False, pad_channels_to: int = 0):
     """W codes and its scale: ``Shift(max|W|)`` (mode shift) or ``1 · alpha`` (mode wage);
     ``channels_last``: 4-D codes in OHWI memory order (the convolution's K-major weight operand);

@@ -8,7 +8,7 @@ from device tensors, multiplies by ``sa·sb / (S_a·S_b)`` and adds the bias: no
 
 Reductions longer than ``MAX_TERMS = 2^17`` (127² · 2^17 < 2^31), or split to fill the GPU, run as
 splits in one launch: each adds its exact int32 sums into an int64 workspace and the last split of each
-output tile applies the epilogue and the weight-grad's fused G quantization (``_gemm_end.finish_gemm_tile``).
+output tile applies the epilogue and the weight-grad's fused G quantization (``mainloop.finish_gemm_tile``).
 This matters for the weight-grad, whose reduction runs over all rows of the batch.
 
 Public: ``qlinear(x, weight, bias=None, qconfig=None)``; lower level ``linear_int8_mm`` (a
@@ -19,21 +19,48 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from .._backend import use_triton
-from .._checks import check_same_device, check_tensor
-from .._registry import aot_kernel
-from ..config import QConfig
-from . import _igemm
-from ._gemm import (check_qconfig, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
-                    quantize_weight_grad, refuse_double_backward, result_and_scale, split_reduction)
-from ._gemm_end import finish_gemm_tile
-from ._igemm import MAX_TERMS, alignment, assume_multiple, grouped_tile_ids
-from .quantize import dequantize, gquant_finish, gquant_off, gquant_plan, quantize
+from ..._backend import use_triton
+from ..._checks import check_same_device, check_tensor
+from ..._registry import aot_kernel
+from ..._triton import tl, triton
+from ...config import QConfig, as_qconfig
+from .._buffers import split_workspace
+from .._launch import MAX_TERMS, alignment
+from .._tl import assume_multiple
+from ..quantize import dequantize, quantize
+from . import tiles
+from .gquant import gquant_finish, gquant_off, gquant_plan
+from .host import (exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
+                   quantize_weight_grad, refuse_double_backward, result_and_scale, split_reduction)
+from .mainloop import finish_gemm_tile, grouped_tile_ids
 
 __all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunction"]
+
+
+# Tile configurations of the int8 Linear GEMM launched on a GPU (the convolutions, the fused conv+BatchNorm
+# included, take theirs from the per-shape table of ``tiles``); the Linear's ``@aot_kernel`` declarations compile
+# exactly these.
+# Chosen from the ptxas resource report (no GPU was available to time them): int8 MMA (mma.sync m16n8k32 on
+# sm_80, wgmma m64n128k32 on sm_90), 0 spills, a 128x128 int32 accumulator over 8 warps (64 registers a
+# thread), BK=64, 4 stages (3 K tiles in flight).
+# "unaligned": operands whose leading dimensions are not multiples of 16 (ALIGN=1) cannot use 16-byte vector
+# loads: one address and predicate per byte, which spills at 128x128x64; 64x128x32 halves the per-thread
+# load state and does not. Same warps/stages (the Linear's AOT declaration holds one pair).
+GPU_TILES = {
+    "linear": {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    "unaligned": {"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+}
+# the interpreter's cost is per operation, not per element: few, mid-sized tiles
+_INTERPRETER_TILES = {"BM": 64, "BN": 32, "BK": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+
+
+def gemm_tiles(device: torch.device, align: int = 16) -> dict:
+    """Tile configuration of the Linear GEMM: ``GPU_TILES`` on a GPU (``align`` 1, see
+    ``_launch.alignment``: the unaligned fallback), few mid-sized tiles under the CPU interpreter."""
+    if tiles.on_gpu(device):
+        return dict(GPU_TILES["unaligned" if align < 16 else "linear"])
+    return dict(_INTERPRETER_TILES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -44,7 +71,7 @@ _GEMM_SIG = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*fp32", "sa_ptr": "*fp3
              "s_am": "i32", "s_ak": "i32", "s_bk": "i32", "s_bn": "i32", "s_om": "i32", "s_on": "i32",
              "ws_ptr": "*i64", "inv_ss": "fp32", "gq_ptr": "*i32", "rng_ptr": "*i64", "gn": "i64", "g1": "i64",
              "g2": "i64", "g3": "i64", "gs0": "i64", "gs1": "i64", "gs2": "i64", "gs3": "i64"}
-_GPU_TILES, _GPU_UNALIGNED = ({k: v for k, v in _igemm.GPU_TILES[c].items() if k not in ("num_warps", "num_stages")}
+_GPU_TILES, _GPU_UNALIGNED = ({k: v for k, v in GPU_TILES[c].items() if k not in ("num_warps", "num_stages")}
                               for c in ("linear", "unaligned"))
 # AOT configurations as launched on a GPU (unit strides are specialised the way the JIT does it; ALIGN=16:
 # extents and leading dimensions multiples of 16, what the JIT infers for such arguments), each with one
@@ -57,15 +84,15 @@ _GPU_TILES, _GPU_UNALIGNED = ({k: v for k, v in _igemm.GPU_TILES[c].items() if k
 _NO_GQ = {"GQ": 0, "BITS_G": 8, "STOCH_G": True, "GBLOCK": 1024}
 _FWD, _WGRAD = {"s_ak": 1, "s_bk": 1, "s_on": 1}, {"s_am": 1, "s_bn": 1, "s_on": 1}
 _GEMM_AOT = [
-    {**tiles, "HAS_BIAS": not raw, "RAW": raw, "ALIGN": align, **_NO_GQ, **(_WGRAD if raw else _FWD), "SPLIT_FIX": fix}
-    for tiles, align in ((_GPU_TILES, 16), (_GPU_UNALIGNED, 1)) for raw in (False, True) for fix in (False, True)]
-_GEMM_AOT += [{**tiles, "HAS_BIAS": False, "RAW": False, "ALIGN": align, **_NO_GQ, "GQ": gq, **_WGRAD, "SPLIT_FIX": fix}
-              for tiles, align, gq in ((_GPU_TILES, 16, 1), (_GPU_TILES, 16, 2), (_GPU_UNALIGNED, 1, 2))
+    {**cfg, "HAS_BIAS": not raw, "RAW": raw, "ALIGN": align, **_NO_GQ, **(_WGRAD if raw else _FWD), "SPLIT_FIX": fix}
+    for cfg, align in ((_GPU_TILES, 16), (_GPU_UNALIGNED, 1)) for raw in (False, True) for fix in (False, True)]
+_GEMM_AOT += [{**cfg, "HAS_BIAS": False, "RAW": False, "ALIGN": align, **_NO_GQ, "GQ": gq, **_WGRAD, "SPLIT_FIX": fix}
+              for cfg, align, gq in ((_GPU_TILES, 16, 1), (_GPU_TILES, 16, 2), (_GPU_UNALIGNED, 1, 2))
               for fix in (False, True)]
 
 
-@aot_kernel(signature=_GEMM_SIG, constexprs=_GEMM_AOT, num_warps=_igemm.GPU_TILES["linear"]["num_warps"],
-            num_stages=_igemm.GPU_TILES["linear"]["num_stages"], int8_mma=True,
+@aot_kernel(signature=_GEMM_SIG, constexprs=_GEMM_AOT, num_warps=GPU_TILES["linear"]["num_warps"],
+            num_stages=GPU_TILES["linear"]["num_stages"], int8_mma=True,
             aligned=("a_ptr", "b_ptr", "out_ptr"))
 @triton.jit
 def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, k_per_split,
@@ -77,7 +104,7 @@ def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, 
     """``out[m, n] = sum_k a[m, k] b[k, n]``, this program's part over the K range
     ``[split * k_per_split, (split+1) * k_per_split)``; grid (tiles, splits). ``SPLIT_FIX`` (splits > 1):
     the splits meet in the int64 workspace ``ws_ptr`` and the last one of the tile finishes it
-    (``_gemm_end.finish_gemm_tile``). Offsets are int32 (the launcher routes operands past 2^31 elements to
+    (``mainloop.finish_gemm_tile``). Offsets are int32 (the launcher routes operands past 2^31 elements to
     the reference path). ``ALIGN`` (16 or 1): the launcher guarantees M, N, K, ``k_per_split`` and every
     stride other than 1 are multiples of it. ``GQ`` (1, 2): the weight-grad's G quantization fused in
     (``quantize.gquant_epilogue``)."""
@@ -137,13 +164,13 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
             out += bias.to(out_dtype)
         return out, False
     strides = [st for st in (*a.stride(), *b.stride()) if st != 1]
-    cfg = _igemm.gemm_tiles(a.device, align=alignment((M, N, K, *strides), (a, b)))
+    cfg = gemm_tiles(a.device, align=alignment((M, N, K, *strides), (a, b)))
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    splits, per = split_reduction(K, tiles, BK, a.device, max_terms)
+    n_tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    splits, per = split_reduction(K, n_tiles, BK, a.device, max_terms)
     # splits > 1: each adds its exact int32 tile into an int64 workspace, the last split of the tile
     # finishes it (epilogue, G quantization) in the same launch: no int32 partials, no finalize launch
-    ws = _igemm.split_workspace(tiles, splits, BM, BN, a.device)
+    ws = split_workspace(n_tiles, splits, BM, BN, a.device)
     align = alignment((M, N, K, per, *strides, *(st for st in out.stride() if st != 1)), (a, b, out))
     fuse_g = gq is not None and not raw and out_dtype == torch.float32
     if fuse_g:
@@ -151,7 +178,7 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
     else:
         g_args, g_mode, g_stoch = gquant_off(a)
     dummy = a  # never dereferenced: RAW / no bias
-    linear_int8_gemm_kernel[(tiles, splits)](
+    linear_int8_gemm_kernel[(n_tiles, splits)](
         a, b, out, dummy if raw else sa, dummy if raw else sb, dummy if bias is None else bias, M, N, K, per,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), ws, inv_ss, *g_args,
         HAS_BIAS=not raw and bias is not None, RAW=raw, BM=BM, BN=BN, BK=BK, GROUP_M=cfg["GROUP_M"], ALIGN=align,
@@ -280,7 +307,7 @@ class QLinearFunction(torch.autograd.Function):
                 gx = (ef @ as_float(wa, sw, qc.bits_w)).to(x_dtype)
         if ctx.needs_input_grad[1]:
             if qe is not None and sx is not None:  # dW = Eᵀ X, reduction over the rows; G quantization fused
-                from .. import _rng
+                from ... import _rng
 
                 bits_g = qc.bits_g or 0
                 rng = _rng.device_state(qe.device) if bits_g and qc.rounding_g == "stochastic" else None
@@ -305,7 +332,7 @@ def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     with ``bits_* = None`` stays float and the products involving it run as float32 torch matmuls.
     CUDA tensors (or CPU under TRITON_INTERPRET=1) use the Triton kernels, other CPU tensors the
     PyTorch reference with the same numerics."""
-    qc = check_qconfig(qconfig)
+    qc = as_qconfig(qconfig)
     check_tensor("x", x)
     check_tensor("weight", weight)
     if bias is not None:

@@ -1,0 +1,96 @@
+"""Launch facts every op's host code shares, each defined once (a leaf: imports nothing of ops).
+
+- ``MAX_TERMS``: the longest int32-exact reduction of int8 products (SPEC §2);
+- ``CHANNEL_PAD`` / ``code_channels`` / ``padded_channels``: how the int8 code buffers pad channels;
+- ``conv_out`` / ``conv2d_output_size``: a convolution's output extent;
+- ``alignment``, ``nchw_strides``, ``nhwc_rows``, ``offsets_fit_int32``: what a launcher tells a kernel
+  about its operands' layout (16-byte alignment, strides, 32- or 64-bit offsets);
+- ``elementwise_tiles``, ``ELEMENTWISE_WARPS``, ``NO_FP_FUSION``: the per-element BatchNorm kernels' grid;
+- ``SMALL_NUMEL``: below this size one program handles a whole tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._triton import triton
+
+__all__ = ["MAX_TERMS", "CHANNEL_PAD", "SMALL_NUMEL", "ELEMENTWISE_WARPS", "NO_FP_FUSION", "code_channels",
+           "padded_channels", "conv_out", "conv2d_output_size", "alignment", "nchw_strides", "nhwc_rows",
+           "offsets_fit_int32", "elementwise_tiles", "memory_format"]
+
+# 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
+MAX_TERMS = 1 << 17
+
+# channel counts of the int8 code buffers are padded to a multiple of this (16 bytes: the kernels' ALIGN)
+CHANNEL_PAD = 16
+
+# one program reads a tensor this small twice faster than two launches can start (weights, G, a head)
+SMALL_NUMEL = 1 << 16
+
+# 8 warps: 16 elements of a 4K-element tile per thread (at 4 warps the index and BatchNorm math of 32
+# elements per thread took 200+ registers)
+ELEMENTWISE_WARPS = 8
+
+# z = y*a + b must round twice, as the references (and the interpreter) do: no fma contraction
+NO_FP_FUSION = {"enable_fp_fusion": False}
+
+
+def padded_channels(channels: int, multiple: int) -> int:
+    """``channels`` rounded up to a multiple of ``multiple`` (unchanged for ``multiple <= 1``)."""
+    return channels if multiple <= 1 else -(-channels // multiple) * multiple
+
+
+def code_channels(channels: int) -> int:
+    """Channels of the int8 code buffers the Triton path stores for ``channels`` real ones: zero-padded to a
+    multiple of ``CHANNEL_PAD`` (the aligned path), except below ``CHANNEL_PAD``: there the kernels pack
+    (tap, channel) into K / the weight-grad's columns (``gemm.tiles`` rules 2 and 5) and padding would only
+    multiply the work (a Cin = 3 first layer by 16/3). The plan printer counts the same."""
+    if channels < CHANNEL_PAD:
+        return channels
+    return padded_channels(channels, CHANNEL_PAD)
+
+
+def conv_out(H: int, KH: int, stride: int, pad: int, dil: int) -> int:
+    """Output extent of a convolution along one axis."""
+    return (H + 2 * pad - dil * (KH - 1) - 1) // stride + 1
+
+
+def conv2d_output_size(H, W, KH, KW, stride, padding, dilation):
+    """(OH, OW) of a 2-D convolution (``stride``, ``padding``, ``dilation``: pairs)."""
+    return (conv_out(H, KH, stride[0], padding[0], dilation[0]),
+            conv_out(W, KW, stride[1], padding[1], dilation[1]))
+
+
+def memory_format(channels_last: bool):
+    """The torch memory format of an output written channels-last or not."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def alignment(values=(), tensors=()) -> int:
+    """16 when every integer in ``values`` is a multiple of 16 and every tensor in ``tensors`` starts on a
+    16-byte boundary, else 1: the ``ALIGN`` constexpr. With 16, the kernels tell the compiler so and it
+    emits 16-byte vector loads/stores (and the ahead-of-time build sees what the JIT would infer)."""
+    ok = all(int(v) % 16 == 0 for v in values) and all(t.data_ptr() % 16 == 0 for t in tensors)
+    return 16 if ok else 1
+
+
+def nchw_strides(t):
+    """(s_n, s_h, s_w, s_c) of a logical NCHW tensor (any memory format)."""
+    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
+
+
+def nhwc_rows(t):
+    """(s_n, s_c, s_h, s_w) of a 4-D tensor in its own memory layout."""
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def offsets_fit_int32(*tensors) -> bool:
+    """Whether every element offset of every tensor fits int32 (then the kernels keep 32-bit offsets)."""
+    return all(sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride()) if d > 0) < 2**31 for t in tensors)
+
+
+def elementwise_tiles(C: int, elements: int = 4096):
+    """(rows, channels) per program of the per-element BatchNorm kernels: whole 16-byte channel runs,
+    about ``elements`` elements (4K; 2K for the kernels with more live state per element)."""
+    cb = min(128, triton.next_power_of_2(max(C, 16)))
+    return max(16, elements // cb), cb

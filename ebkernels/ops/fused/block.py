@@ -1,0 +1,154 @@
+"""The fused int8 block (SPEC §9): [BatchNorm → ReLU →] conv → [BatchNorm → ReLU → [max-pool]] as one
+autograd function, carrying int8 codes from block to block. This is the entry point of ``ops.fused``.
+
+One block = one ``BlockSpec``: a ``QConv2d``, what feeds it (``BlockInput``), what follows it. Inputs:
+
+- ``CODES``: the int8 codes and scale of the previous block (``Int8Activation``);
+- ``FLOAT``: a float tensor, quantized per tensor like ``QConv2d`` does (the first layer);
+- ``BN``: a float tensor through a pre-activation BatchNorm (+ ReLU, + channel gather): the residual
+  stream of a pre-activation ResNet. Its statistics and codes come from ``bn_stats`` / ``bn_relu_quant``;
+  the block keeps the input rounded to bfloat16 (2 bytes per element, the values the BatchNorm saw) and
+  recomputes the codes in backward.
+
+Outputs (``BlockOutput``): the codes (NHWC, channels padded to 16) + scale of ``relu(bn(conv))``
+(optionally max-pooled on the codes) for the next block, or a float tensor (the conv output, or
+``bn(conv)`` with or without ReLU) for a layer that is not an int8 convolution.
+
+``FusedBlockFunction`` only sequences the named stages of ``stages`` — forward: input, weight codes,
+conv (+ BatchNorm statistics), output; backward: output (E's codes), conv (input-grad, weight-grad),
+input (the pre-activation BatchNorm) — as the Triton layer-norm tutorial and Liger-Kernel's ops do.
+
+What backward keeps (SPEC §9): the block's int8 input codes (the previous block's output: no new
+storage), the per-channel ``bnp`` and the scales; the float weight is a Parameter. y is recomputed
+bit-identically inside the GEMM that also forms the BatchNorm-backward sums (``conv_bn``), except in
+compute-bound layers, which keep y in bfloat16 (``keeps_y``, ``config.KernelSettings.y_policy``: there the
+tensors are small and the extra GEMM is not).
+
+Numerics that differ from the per-layer path (``QConv2d`` + ``nn.BatchNorm2d`` + ``nn.ReLU``), all
+documented where they happen: the conv output y and the error dz between blocks are held in bfloat16;
+a pre-activation BatchNorm reads its input rounded to bfloat16; the max-pool routes gradients to the
+first maximum of the codes; a conv bias directly followed by a training-mode BatchNorm gets the exact
+gradient 0 (the BatchNorm removes it).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from ...config import kernel_settings
+from .._launch import MAX_TERMS
+from ..gemm.host import refuse_double_backward
+from . import stages
+from .spec import BlockInput, BlockOutput, BlockSpec, Int8Activation
+
+__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "Int8Activation", "fused_block", "FusedBlockFunction",
+           "CARRIER_DTYPE", "keeps_y", "supports"]
+
+CARRIER_DTYPE = stages.CARRIER_DTYPE
+
+# "auto" y policy: the GEMM and memory peaks of the target GPU (SPEC §5, H100: int8 1979 TOPS, HBM 3.35 TB/s)
+INT8_OPS_PER_S, HBM_BYTES_PER_S = 1979e12, 3.35e12
+
+
+def keeps_y(cin: int, cout: int, kh: int, kw: int, hw_in: int, hw_out: int, policy: str | None = None) -> bool:
+    """The y policy for a conv (per image: ``hw_in`` input pixels, ``hw_out`` output pixels): ``policy``,
+    default ``KernelSettings.y_policy``. "auto": keep y when the three int8 GEMMs of the layer take longer
+    at peak than its fused-block traffic (4 bytes per input element, 19 per output element when y is kept)
+    at peak bandwidth: there the recompute GEMM would cost time and the tensors are small."""
+    policy = policy or kernel_settings().y_policy
+    if policy != "auto":
+        return policy == "keep"
+    gemm_s = 3 * 2 * cout * cin * kh * kw * hw_out / INT8_OPS_PER_S
+    bytes_s = (4 * cin * hw_in + 19 * cout * hw_out) / HBM_BYTES_PER_S
+    return gemm_s >= bytes_s
+
+
+def supports(conv: nn.Module) -> Optional[str]:
+    """Why a fused block cannot compute this QConv2d exactly as the per-layer path does, or None when it can
+    (what ``fusion`` asks before it fuses a chain)."""
+    qc = conv.qconfig
+    if conv.groups != 1:
+        return f"groups={conv.groups} (grouped/depthwise convolutions run the per-layer path)"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"padding {conv.padding!r} / padding_mode {conv.padding_mode!r} (zero padding given as ints only)"
+    if None in (qc.bits_a, qc.bits_w, qc.bits_e, qc.bits_g):
+        return "a float operand (bits_* = None)"
+    if qc.mode == "wage" and qc.alpha != 1.0:
+        return f"WAGE alpha={qc.alpha} (fused blocks need alpha == 1)"
+    if conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] > MAX_TERMS:
+        return "a reduction of more than 2^17 terms per output (Cin·KH·KW)"
+    return None
+
+
+class BlockGrads(NamedTuple):
+    """The differentiable arguments of ``FusedBlockFunction`` by name (its ``needs_input_grad``, and the
+    gradients its backward returns)."""
+
+    x: object = None
+    weight: object = None
+    bias: object = None
+    bn_weight: object = None
+    bn_bias: object = None
+    bn_in_weight: object = None
+    bn_in_bias: object = None
+
+
+class FusedBlockFunction(torch.autograd.Function):
+    """One fused block (see the module docstring): the forward and backward stages in order."""
+
+    @staticmethod
+    def forward(ctx, spec: BlockSpec, x, in_codes, in_scale, weight, bias, bn_w, bn_b, bnin_w, bnin_b):
+        qc = spec.conv.qconfig
+        saved = stages.Saved(weight=weight, bias=bias)
+        qx, sx, cin = stages.input_forward(spec, x, in_codes, in_scale, qc, saved)
+        qw, sw = stages.weight_forward(weight, qc, qx, cin, saved)
+        if spec.bn is not None:
+            y, bnp, zmax, nbt = stages.conv_bn_forward(spec, x.shape, qx, qw, sx, sw, bias, qc, saved)
+            out = stages.output_forward(spec, y, bnp, zmax, nbt, qc, stages.float_dtype(spec, x, weight), saved)
+            if keeps_y(weight.shape[1], weight.shape[0], weight.shape[2], weight.shape[3],
+                       x.shape[2] * x.shape[3], y.shape[2] * y.shape[3]):
+                saved.y = y  # backward forms the sums from it instead of recomputing the GEMM
+        else:
+            out = (stages.conv_forward(spec, qx, qw, sx, sw, bias, qc, stages.float_dtype(spec, x, weight)),
+                   None, None)
+        ctx.set_materialize_grads(False)  # the codes and scale get no gradient: no zero tensors for them
+        ctx.spec = spec
+        ctx.meta = stages.Meta(tuple(x.shape), x.dtype, cin, x.is_contiguous(memory_format=torch.channels_last))
+        saved.save(ctx, spec)
+        main, out_codes, out_scale = out
+        if out_codes is not None:
+            ctx.mark_non_differentiable(out_codes, out_scale)
+        return main, out_codes, out_scale
+
+    @staticmethod
+    def backward(ctx, g_main, _g_codes, _g_scale):
+        refuse_double_backward()
+        spec, meta = ctx.spec, ctx.meta
+        qc = spec.conv.qconfig
+        need = BlockGrads(*(ctx.needs_input_grad[i] for i in (1, 4, 5, 6, 7, 8, 9)))
+        saved = stages.Saved.load(ctx)
+        qx = stages.input_codes_backward(spec, saved, qc, meta)
+        qw_f, qw_d = stages.weight_backward(saved, qc, qx)
+        e = stages.output_backward(spec, g_main, saved, qc, qx, qw_f, meta, need)
+        gx, gw = stages.conv_backward(spec, e, saved, qc, qx, qw_d, meta, need)
+        gx, g_in_w, g_in_b = stages.input_backward(spec, gx, saved, meta, need)
+        grads = BlockGrads(x=gx if need.x else None, weight=gw, bias=e.g_bias, bn_weight=e.g_bn_w, bn_bias=e.g_bn_b,
+                           bn_in_weight=g_in_w, bn_in_bias=g_in_b)
+        return (None, grads.x, None, None, grads.weight, grads.bias, grads.bn_weight, grads.bn_bias,
+                grads.bn_in_weight, grads.bn_in_bias)
+
+
+def fused_block(spec: BlockSpec, x):
+    """Run one fused block. ``x``: an ``Int8Activation`` (input ``CODES``) or a float tensor. Returns an
+    ``Int8Activation`` (output ``CODES``) or a float tensor."""
+    conv, bn, bn_in = spec.conv, spec.bn, spec.bn_in
+    args = (x.carrier, x.codes, x.scale) if spec.input is BlockInput.CODES else (x, None, None)
+    out = FusedBlockFunction.apply(spec, *args, conv.weight, conv.bias, bn.weight if bn is not None else None,
+                                   bn.bias if bn is not None else None, bn_in.weight if bn_in is not None else None,
+                                   bn_in.bias if bn_in is not None else None)
+    if spec.output is BlockOutput.CODES:
+        main, codes, scale = out
+        return Int8Activation(main, codes, scale, main.shape[1])
+    return out[0]

@@ -1,0 +1,65 @@
+"""What a fused block is (``BlockSpec``: its layers, what feeds it, what it hands on) and what blocks hand
+each other (``Int8Activation``); read by ``block`` (the autograd Function), ``stages`` and ``fusion``."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from ...config import QConfig
+
+__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "Int8Activation"]
+
+
+class BlockInput(enum.Enum):
+    """What feeds a block's conv (see ``block``)."""
+
+    CODES = "codes"
+    FLOAT = "float"
+    BN = "bn"
+
+
+class BlockOutput(enum.Enum):
+    """What a block hands on: int8 codes for the next block, or a float tensor."""
+
+    CODES = "codes"
+    FLOAT = "float"
+
+
+class Int8Activation(NamedTuple):
+    """What one fused block hands the next: ``codes`` (N, Cp, H, W) int8 NHWC with ``channels`` real
+    channels, their ``scale`` (0-dim float32), and ``carrier``: an (N, channels, H, W) bfloat16 tensor
+    with a single element of storage (stride 0) whose only job is to carry the gradient w.r.t. these
+    codes from the next block's backward to this block's (autograd needs a differentiable tensor of the
+    right shape; int8 tensors cannot require grad)."""
+
+    carrier: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor
+    channels: int
+
+
+@dataclasses.dataclass
+class BlockSpec:
+    """A fused block. ``conv`` is a QConv2d (``supports(conv)`` is None); ``bn``/``relu``/``pool`` follow
+    it (``pool``: (kernel, stride, padding, ceil_mode) pairs); ``input``: what feeds the conv (``BN``: then
+    ``bn_in``/``relu_in`` and the gather ``select`` (int64 indices, None = all) precede it); ``output``:
+    ``CODES`` (quantized with ``out_qconfig``'s bits_a/mode) or ``FLOAT``."""
+
+    conv: nn.Module
+    input: BlockInput = BlockInput.CODES
+    bn: Optional[nn.Module] = None
+    relu: bool = False
+    pool: Optional[tuple] = None
+    output: BlockOutput = BlockOutput.FLOAT
+    out_qconfig: Optional[QConfig] = None
+    bn_in: Optional[nn.Module] = None
+    relu_in: bool = False
+    select: Optional[nn.Module] = None
+
+    def conv_geometry(self):
+        c = self.conv
+        return list(c.stride), list(c.padding), list(c.dilation)

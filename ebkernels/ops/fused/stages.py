@@ -1,0 +1,310 @@
+"""The stages of a fused int8 block (``block``), each a named ``*_forward`` / ``*_backward`` helper over the
+kernels of this package, in the order ``FusedBlockFunction`` runs them:
+
+forward:  ``input_forward``   the conv's int8 input: codes as given, a float tensor quantized, or the
+                              pre-activation BatchNorm (+ ReLU, + gather) of the residual stream;
+          ``weight_forward``  W's codes (a small weight's, in both GEMM layouts, kept for backward);
+          ``conv_bn_forward`` the conv with the BatchNorm statistics in its epilogue (``conv_bn``), or
+          ``conv_forward``    the plain conv (no BatchNorm after it);
+          ``output_forward``  BatchNorm + ReLU → the next block's codes (+ max-pool on codes), or a float.
+backward: ``input_codes_backward``, ``weight_backward``  the input / weight codes again (recomputed or
+                              kept), then ``output_backward`` (max-pool backward, BatchNorm + ReLU
+                              backward → E's codes), ``conv_backward`` (input-grad, weight-grad with G
+                              quantization), ``input_backward`` (the pre-activation BatchNorm's backward).
+
+What a stage keeps for backward goes into one ``Saved`` record, saved through ``save_for_backward`` in
+its declared field order (saved-tensor hooks see every tensor; autograd checks their versions).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+from ..._backend import use_triton
+from ...config import QConfig
+from .._launch import CHANNEL_PAD, MAX_TERMS, SMALL_NUMEL, conv2d_output_size
+from ..gemm.conv import conv2d_int8_dgrad_op, conv2d_int8_fwd_op, weight_grad_op
+from ..gemm.host import quantize_weight
+from ..quantize import quantize
+from ..weight_codes import weight_codes, weight_quant_small
+from .bn_relu_bwd import bn_relu_bwd, bn_relu_bwd_reduce
+from .bn_relu_quant import bn_relu_quant, bn_stats
+from .conv_bn import conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_fwd
+from .maxpool import maxpool2d_int8, maxpool2d_int8_backward
+from .spec import BlockInput, BlockOutput, BlockSpec
+
+__all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "float_dtype", "input_forward", "weight_forward",
+           "conv_bn_forward", "conv_forward", "output_forward", "input_codes_backward", "weight_backward",
+           "output_backward", "conv_backward", "input_backward"]
+
+# The dtype in which the gradient w.r.t. a block's codes travels (see spec.Int8Activation).
+CARRIER_DTYPE = torch.bfloat16
+
+
+@dataclasses.dataclass
+class Saved:
+    """What backward needs. Tensors (``TENSORS``, in this order through ``save_for_backward``): the conv's
+    input codes ``qx`` (the previous block's output: no new storage; for a ``BN`` input nothing, recomputed
+    from ``xb``), scales, weight, bias; the pre-activation BatchNorm's bfloat16 input ``xb``, ``bnp_in``,
+    ``zmax_in`` and gather maps; a small weight's codes; the BatchNorm's ``bnp``; y where kept; the max-pool's
+    window positions. Flags: which BatchNorms used batch statistics, the pre-pool size."""
+
+    qx: Optional[torch.Tensor] = None
+    sx: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None
+    sw: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    xb: Optional[torch.Tensor] = None
+    bnp_in: Optional[torch.Tensor] = None
+    zmax_in: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None
+    inv: Optional[torch.Tensor] = None
+    qw_f: Optional[torch.Tensor] = None
+    qw_d: Optional[torch.Tensor] = None
+    bnp: Optional[torch.Tensor] = None
+    y: Optional[torch.Tensor] = None
+    pos: Optional[torch.Tensor] = None
+    batch_in: bool = False
+    batch_stats: bool = False
+    pre_pool_hw: tuple = ()
+
+    TENSORS = ("qx", "sx", "weight", "sw", "bias", "xb", "bnp_in", "zmax_in", "index", "inv", "qw_f", "qw_d",
+               "bnp", "y", "pos")
+    FLAGS = ("batch_in", "batch_stats", "pre_pool_hw")
+
+    def save(self, ctx, spec: BlockSpec) -> None:
+        if spec.input is BlockInput.BN:
+            self.qx = None  # recomputed in backward from the bfloat16 input
+        ctx.save_for_backward(*(getattr(self, k) for k in self.TENSORS))
+        ctx.saved_flags = {k: getattr(self, k) for k in self.FLAGS}
+
+    @classmethod
+    def load(cls, ctx) -> "Saved":
+        return cls(**dict(zip(cls.TENSORS, ctx.saved_tensors)), **ctx.saved_flags)
+
+
+class Meta(NamedTuple):
+    """The block input's shape, dtype, real channels (after a gather) and layout."""
+
+    x_shape: tuple
+    x_dtype: torch.dtype
+    cin: int
+    channels_last: bool
+
+
+class Error(NamedTuple):
+    """What ``output_backward`` hands ``conv_backward``: E's codes (NHWC and channel-major) and scale, and
+    the gradients it computed on the way (BatchNorm affine, conv bias)."""
+
+    qe: torch.Tensor
+    qe_cm: torch.Tensor
+    se: torch.Tensor
+    g_bn_w: Optional[torch.Tensor]
+    g_bn_b: Optional[torch.Tensor]
+    g_bias: Optional[torch.Tensor]
+
+
+def _bn_mode(bn: nn.Module):
+    """(batch_stats, update) of a BatchNorm as ``nn.BatchNorm2d.forward`` decides them."""
+    batch_stats = bn.training or not bn.track_running_stats
+    update = bn.training and bn.track_running_stats
+    return batch_stats, update
+
+
+def _check_bn_batch(bn: nn.Module, shape) -> None:
+    batch_stats, _ = _bn_mode(bn)
+    if batch_stats and shape[0] * shape[2] * shape[3] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
+
+
+def _pad_of(channels: int, x: torch.Tensor) -> int:
+    return CHANNEL_PAD if use_triton(x) and channels % CHANNEL_PAD else 0
+
+
+def _index_maps(select, C: int, device):
+    """(index, inv): the gather's int64 indices (None when it keeps all channels) and its inverse map."""
+    if select is None or select.indices.numel() == C:
+        return None, None
+    idx = select.indices.to(device)
+    inv = torch.full((C,), -1, dtype=torch.int32, device=device)
+    inv[idx] = torch.arange(idx.numel(), dtype=torch.int32, device=device)
+    return idx, inv
+
+
+def float_dtype(spec: BlockSpec, x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """A float result comes in the float input's dtype, after int8 codes in the weight's."""
+    return weight.dtype if spec.input is BlockInput.CODES else x.dtype
+
+
+# ----- forward ------------------------------------------------------------------------------------------
+def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Saved):
+    """(qx, sx, cin): the conv's int8 input codes, their scale, its real channel count."""
+    if spec.input is BlockInput.CODES:
+        saved.qx, saved.sx = in_codes, in_scale
+        return in_codes, in_scale, x.shape[1]
+    if spec.input is BlockInput.FLOAT:
+        cin = x.shape[1]
+        qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode, channels_last=True, pad_channels_to=_pad_of(cin, x))
+        saved.qx, saved.sx = qx, sx
+        return qx, sx, cin
+    bn_in = spec.bn_in
+    _check_bn_batch(bn_in, x.shape)
+    batch_in, update_in = _bn_mode(bn_in)
+    index, inv = _index_maps(spec.select, x.shape[1], x.device)
+    cin = x.shape[1] if index is None else index.numel()
+    xb, _, bnp_in, zmax_in = bn_stats(x, bn_in.weight, bn_in.bias, bn_in.running_mean, bn_in.running_var,
+                                      bn_in.num_batches_tracked, bn_in.momentum, bn_in.eps, batch_in, update_in,
+                                      spec.relu_in, inv)
+    qx, sx = bn_relu_quant(xb, bnp_in, zmax_in, bn_in.num_batches_tracked if update_in else None, index, qc.bits_a,
+                           qc.mode == "wage", spec.relu_in, _pad_of(cin, x))
+    saved.sx, saved.xb, saved.bnp_in, saved.zmax_in = sx, xb, bnp_in, zmax_in
+    saved.index, saved.inv, saved.batch_in = index, inv, batch_in
+    return qx, sx, cin
+
+
+def weight_forward(weight, qc: QConfig, qx, cin: int, saved: Saved):
+    """(qw, sw): W's codes in the forward layout (Cin padded like qx) and scale. A small weight's codes
+    come in one launch for both layouts and are kept; a large weight's are re-derived in backward from the
+    Parameter and ``sw``."""
+    if qc.mode == "wage" and qc.alpha != 1.0:
+        raise ValueError("fused blocks need alpha == 1 in mode 'wage'")
+    if weight.numel() <= SMALL_NUMEL:
+        qw, qw_d, sw = weight_quant_small(weight, qc.bits_w, qc.mode == "wage", CHANNEL_PAD if use_triton(qx) else 0)
+        saved.qw_f, saved.qw_d = qw, qw_d
+    else:
+        pad_in = qx.shape[1] != cin
+        qw, sw = quantize_weight(weight, qc, channels_last=True, pad_channels_to=CHANNEL_PAD if pad_in else 0)
+    saved.sw = sw
+    return qw, sw
+
+
+def conv_bn_forward(spec: BlockSpec, x_shape, qx, qw, sx, sw, bias, qc: QConfig, saved: Saved):
+    """(y bfloat16, bnp, zmax bits, num_batches_tracked to bump or None): the conv with the BatchNorm's
+    statistics, parameters and running-statistics update in its epilogue."""
+    bn = spec.bn
+    stride, padding, dilation = spec.conv_geometry()
+    oh_ow = conv2d_output_size(*x_shape[2:], *qw.shape[2:], stride, padding, dilation)
+    _check_bn_batch(bn, (x_shape[0], 1) + tuple(oh_ow))
+    batch_stats, update = _bn_mode(bn)
+    y, _, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, stride, padding, dilation, qc.bits_a, qc.bits_w,
+                                         bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                                         bn.momentum, bn.eps, batch_stats, update, spec.relu)
+    saved.bnp, saved.batch_stats = bnp, batch_stats
+    return y, bnp, zmax, bn.num_batches_tracked if update else None
+
+
+def conv_forward(spec: BlockSpec, qx, qw, sx, sw, bias, qc: QConfig, out_dtype):
+    """The plain conv (no BatchNorm follows): its float output."""
+    stride, padding, dilation = spec.conv_geometry()
+    return conv2d_int8_fwd_op(qx, qw, sx, sw, bias, stride, padding, dilation, 1, qc.bits_a, qc.bits_w, out_dtype,
+                              True, MAX_TERMS)
+
+
+def output_forward(spec: BlockSpec, y, bnp, zmax, nbt, qc: QConfig, out_dtype, saved: Saved):
+    """(main, codes, scale): for ``CODES`` the next block's codes (max-pooled if asked) and a gradient
+    carrier as ``main``; for ``FLOAT`` ``bn(y)`` (+ ReLU) in ``out_dtype`` and no codes."""
+    if spec.output is BlockOutput.FLOAT:
+        main, _ = bn_relu_quant(y, bnp, zmax, nbt, None, 8, False, spec.relu, 0, out_dtype=out_dtype)
+        return main, None, None
+    oq = spec.out_qconfig or qc
+    codes, scale = bn_relu_quant(y, bnp, zmax, nbt, None, oq.bits_a, oq.mode == "wage", spec.relu,
+                                 _pad_of(y.shape[1], y))
+    saved.pre_pool_hw = tuple(codes.shape[2:])
+    if spec.pool is not None:
+        k, s, p, ceil = spec.pool
+        codes, saved.pos = maxpool2d_int8(codes, k, s, p, ceil)
+    main = y.new_empty((), dtype=CARRIER_DTYPE).expand(codes.shape[0], y.shape[1], *codes.shape[2:])
+    return main, codes, scale
+
+
+# ----- backward -----------------------------------------------------------------------------------------
+def input_codes_backward(spec: BlockSpec, saved: Saved, qc: QConfig, meta: Meta):
+    """The conv's input codes: kept, or (``BN`` input) recomputed from the bfloat16 input, bit-identical."""
+    if spec.input is not BlockInput.BN:
+        return saved.qx
+    qx, _ = bn_relu_quant(saved.xb, saved.bnp_in, saved.zmax_in, None, saved.index, qc.bits_a, qc.mode == "wage",
+                          spec.relu_in, _pad_of(meta.cin, saved.xb))
+    return qx
+
+
+def weight_backward(saved: Saved, qc: QConfig, qx):
+    """(forward-layout, input-grad-layout) weight codes: kept (small weights) or re-derived in one launch
+    (the kernels' buffers pad channels to 16: forward Cin, as the codes qx already are; input-grad Cout)."""
+    if saved.qw_f is not None:
+        return saved.qw_f, saved.qw_d
+    return weight_codes(saved.weight, saved.sw, qc.bits_w, CHANNEL_PAD if use_triton(qx) else 0)
+
+
+def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f, meta: Meta, need) -> Error:
+    """E's codes from the gradient of the block's output: through the max-pool, then the BatchNorm + ReLU
+    backward (y kept or recomputed in the GEMM that also forms the BatchNorm sums) in two passes (absmax,
+    then codes); without a BatchNorm, the gradient quantized as ``QConv2d`` does."""
+    cout = saved.weight.shape[0]
+    pad_out = _pad_of(cout, qx)
+    bias = saved.bias
+    g_bn_w = g_bn_b = g_bias = None
+    if spec.bn is None:
+        qe, se = quantize(g_main, qc.bits_e, qc.rounding_e, "shift", channels_last=True, pad_channels_to=pad_out)
+        qe_cm = qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+        if bias is not None and need.bias:
+            g_bias = g_main.float().sum((0, 2, 3)).to(bias.dtype)
+        return Error(qe, qe_cm, se, None, None, g_bias)
+    dz = g_main
+    if spec.pool is not None:
+        k, s, p, ceil = spec.pool
+        dz = maxpool2d_int8_backward(dz, saved.pos, saved.pre_pool_hw, cout, k, s, p, ceil)
+    if saved.y is not None:  # kept from the forward (compute-bound layer)
+        y = saved.y
+        sums = bn_relu_bwd_reduce(dz, y, saved.bnp, None, spec.relu)
+    else:  # recomputed, bit-identical, in the GEMM that also forms the sums
+        stride, padding, dilation = spec.conv_geometry()
+        y, sums = conv2d_int8_bn_bwd_reduce(qx, qw_f, saved.sx, saved.sw, bias, stride, padding, dilation, qc.bits_a,
+                                            qc.bits_w, dz, saved.bnp, spec.relu)
+    s_dy = sums if saved.batch_stats else None
+    stochastic = qc.rounding_e == "stochastic"
+    amax, = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, spec.relu, "absmax", qc.bits_e, stochastic)
+    qe, qe_cm, se = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, spec.relu, "codes", qc.bits_e, stochastic, pad_out,
+                                amax)
+    if need.bn_weight or need.bn_bias:
+        g_bn_w, g_bn_b = sums[1].to(spec.bn.weight.dtype), sums[0].to(spec.bn.bias.dtype)
+    if bias is not None and need.bias:
+        # train-mode BatchNorm right after: the bias has exactly no effect; eval: Σ dy = a·Σ g
+        g_bias = torch.zeros_like(bias) if saved.batch_stats else (saved.bnp[0] * sums[0]).to(bias.dtype)
+    return Error(qe, qe_cm, se, g_bn_w, g_bn_b, g_bias)
+
+
+def conv_backward(spec: BlockSpec, e: Error, saved: Saved, qc: QConfig, qx, qw_d, meta: Meta, need):
+    """(gx, gw): the input-grad (bfloat16 towards codes and the pre-activation BatchNorm, the input's dtype
+    towards a float input) and the weight-grad with its G quantization, on the int8 kernels."""
+    stride, padding, dilation = spec.conv_geometry()
+    weight = saved.weight
+    gx = gw = None
+    need_bn_in = spec.input is BlockInput.BN and (need.bn_in_weight or need.bn_in_bias)
+    if need.x or need_bn_in:
+        out_dtype = meta.x_dtype if spec.input is BlockInput.FLOAT else CARRIER_DTYPE
+        gx = conv2d_int8_dgrad_op(e.qe, qw_d[:e.qe.shape[1], :meta.cin], e.se, saved.sw, list(meta.x_shape[2:]),
+                                  stride, padding, dilation, 1, qc.bits_e, qc.bits_w, out_dtype, True, MAX_TERMS)
+    if need.weight:
+        qx_w = qx
+        if tuple(weight.shape[2:]) == (1, 1) and stride == [1, 1] and padding == [0, 0] and use_triton(qx):
+            qx_w = qx.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)  # both wgrad operands K-major
+        gw = weight_grad_op(e.qe_cm, qx_w, e.se, saved.sx, list(weight.shape[2:]), stride, padding, dilation, 1, qc,
+                            [weight.shape[0], weight.shape[1]]).to(weight.dtype)
+    return gx, gw
+
+
+def input_backward(spec: BlockSpec, gx, saved: Saved, meta: Meta, need):
+    """(gx, g_bn_in_weight, g_bn_in_bias): through the pre-activation BatchNorm (+ ReLU, + gather) of a
+    ``BN`` input; unchanged otherwise."""
+    if spec.input is not BlockInput.BN or gx is None:
+        return gx, None, None
+    sums_in = bn_relu_bwd_reduce(gx, saved.xb, saved.bnp_in, saved.inv, spec.relu_in)
+    gx, = bn_relu_bwd(gx, saved.xb, saved.bnp_in, sums_in if saved.batch_in else None, saved.inv, spec.relu_in,
+                      "float", out_dtype=meta.x_dtype, channels_last_out=meta.channels_last)
+    g_in_w = g_in_b = None
+    if (need.bn_in_weight or need.bn_in_bias) and spec.bn_in.weight is not None:
+        g_in_w, g_in_b = sums_in[1].to(spec.bn_in.weight.dtype), sums_in[0].to(spec.bn_in.bias.dtype)
+    return gx, g_in_w, g_in_b
