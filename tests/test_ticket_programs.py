@@ -174,6 +174,7 @@ def _pickled_weights(members):
     (_in_graph(lambda g: _every(g, "expr_str", "__import__('pathlib').Path({marker!r}).touch()")),
      "the shape expression"),
     (_in_graph(lambda g: _every(g, "target", "torch.os.system")), "the operator 'torch.os.system'"),
+    (_in_graph(lambda g: _every(g, "target", "torch.ops.import_module")), "the operator 'torch.ops.import_module'"),
     (_pickled_weights, "a pickled weights payload"),
     (lambda m: m.update({"archive/data/aotinductor/model.so": b"\x7fELF"}), "the file 'data/aotinductor/model.so'"),
 ])

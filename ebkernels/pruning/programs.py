@@ -17,8 +17,8 @@ archive this module accepts only what an exported CNN consists of and refuses th
 - members: JSON (graph, payload configs), raw tensor bytes named by a config, sample inputs that load
   with ``weights_only=True``, the archive's version files; no pickled payload, no custom object, no
   AOTInductor package, no guard code;
-- in the graph JSON: operator targets under ``torch.ops.`` (or Python's arithmetic operators on
-  sizes), shape expressions over size symbols and sympy's arithmetic only, pytree specs of tuples,
+- in the graph JSON: operator targets that name registered ``torch.ops`` operators (or Python's
+  arithmetic on sizes), shape expressions over size symbols and sympy's arithmetic only, pytree specs of tuples,
   lists and dicts, and every other string a plain name (letters, digits, ``_ . + -``). Each node's
   metadata (source lines, module paths: text for debugging only) is dropped before loading.
 """
@@ -71,7 +71,8 @@ def export_program(model: nn.Module, input_shape) -> torch.Tensor:
 _PLAIN = re.compile(r"[A-Za-z0-9_.+\-]*")
 _SIZE_OPERATORS = {"add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pos", "pow", "abs", "getitem",
                    "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_"}
-_TARGET = re.compile(r"torch\.ops\.[A-Za-z0-9_.]+|torch\.sym_[a-z_]+|math\.(ceil|floor|trunc|sqrt)"
+_OPERATOR = re.compile(r"torch\.ops\.[a-z][a-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)?")
+_TARGET = re.compile(r"torch\.sym_[a-z]+|math\.(ceil|floor|trunc|sqrt)"
                      r"|_operator\.(" + "|".join(sorted(_SIZE_OPERATORS)) + ")")
 # what shape expressions may name: size symbols (s0, u3, ...) and sympy / torch.utils._sympy arithmetic
 _SYMBOL = re.compile(r"[a-z]+[0-9]+")
@@ -95,12 +96,27 @@ def _refuse(path: str, what: str) -> ProgramRefused:
                           "or load its weights into your model with load_ticket(path, model=...))")
 
 
+def _is_operator(target: str) -> bool:
+    """``torch.ops.<namespace>.<op>[.<overload>]`` naming a registered operator (not another attribute of
+    ``torch.ops``, such as ``import_module``)."""
+    if not _OPERATOR.fullmatch(target):
+        return False
+    obj = torch
+    for part in target.split(".")[1:]:
+        try:
+            obj = getattr(obj, part)
+        except (AttributeError, RuntimeError):
+            return False
+    return isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator))
+
+
 def _check_expression(text: str, path: str) -> None:
     """A shape expression: size symbols, numbers and sympy arithmetic; quotes only around a symbol name."""
     bare = re.sub(r"'([a-z]+[0-9]+)'", r"\1", text)
     names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", bare)
     unknown = [n for n in names if n not in _SYMPY_NAMES and not _SYMBOL.fullmatch(n)]
-    if "'" in bare or "__" in bare or not _EXPRESSION.fullmatch(bare) or unknown:
+    attribute = re.search(r"(?<![0-9])\.|\.(?![0-9])", bare)  # a dot only inside a number
+    if "'" in bare or "__" in bare or attribute or not _EXPRESSION.fullmatch(bare) or unknown:
         raise _refuse(path, f"the shape expression {text[:80]!r}")
 
 
@@ -146,7 +162,7 @@ def _clean_graph(node, path: str):
             _check_spec(value, path)
             out[key] = value
         elif key == "target" and isinstance(value, str):
-            if not _TARGET.fullmatch(value):
+            if not (_TARGET.fullmatch(value) or _is_operator(value)):
                 raise _refuse(path, f"the operator {value[:80]!r}")
             out[key] = value
         else:
