@@ -1,6 +1,7 @@
 """Argument checks shared by the public functions: one message style everywhere."""
 from __future__ import annotations
 
+import numbers
 from typing import Iterable
 
 import torch
@@ -38,7 +39,11 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 
 
 def check_ratio(ratio) -> float:
-    """A pruning ratio p with 0 < p < 1."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+    """A pruning ratio p with 0 < p < 1: a TypeError for what is no number (a string, a tensor), a
+    ValueError for a number out of range (bools count as numbers there, as in Python)."""
+    if not isinstance(ratio, numbers.Real):
+        raise TypeError(f"ratio={ratio!r} is a {type(ratio).__name__}; accepted: a float with 0 < ratio < 1 "
+                        f"(a Python or NumPy number{', e.g. float(ratio)' if isinstance(ratio, str) else ''})")
+    if isinstance(ratio, bool) or not 0.0 < float(ratio) < 1.0:
         raise ValueError(f"ratio={ratio!r} is out of range; accepted: a float with 0 < ratio < 1")
     return float(ratio)

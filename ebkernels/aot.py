@@ -23,7 +23,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-from ._cli import comma_list
+from ._cli import comma_list, positive_int
 
 MMA_S8 = re.compile(r"\b((?:wgmma\.mma_async|mma\.sync)[\w.]*\.s8[\w.]*)")
 PTXAS_REGS = re.compile(r"Used (\d+) registers")
@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the rows as JSON to this file")
     p.add_argument("--extra-module", action="append", default=[],
                    help="also compile the kernels declared in this Python file (for testing the tool)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel compile processes")
     p.add_argument("--plan", type=comma_list(), help="print the tile table's plan for these networks "
                    "(comma-separated: vgg16, preresnet101) instead of compiling")
-    p.add_argument("--batch", type=int, default=256, help="batch size of --plan (default 256)")
-    p.add_argument("--sms", type=int, default=132, help="SMs of the GPU --plan fills (default 132: H100/H200)")
+    p.add_argument("--batch", type=positive_int, default=256, help="batch size of --plan (default 256)")
+    p.add_argument("--sms", type=positive_int, default=132, help="SMs of the GPU --plan fills (default 132: H100/H200)")
     p.add_argument("--tiles", choices=("table", "legacy"), default="table",
                    help="--plan with the tile table (default) or the former one-size 128x128x64 tile")
     args = p.parse_args(argv)

@@ -60,6 +60,18 @@ def _qconfig_repr(qconfig: QConfig) -> str:
     return repr(qconfig)
 
 
+def _check_input_dtype(layer: nn.Module, input) -> None:
+    """``nn.Conv2d`` / ``nn.Linear`` refuse an input whose dtype is not their weight's (outside autocast);
+    the int8 layers quantize any float input and would return its dtype instead, so they refuse too."""
+    if (isinstance(input, torch.Tensor) and input.dtype != layer.weight.dtype
+            and not torch.is_autocast_enabled(input.device.type)):
+        dtype = lambda d: str(d).replace("torch.", "")  # noqa: E731
+        raise RuntimeError(f"{type(layer).__name__}: input dtype {dtype(input.dtype)} and weight dtype "
+                           f"{dtype(layer.weight.dtype)} should be the same, as in nn.{'Conv2d' if isinstance(layer, nn.Conv2d) else 'Linear'}; "
+                           f"accepted: an input of dtype {dtype(layer.weight.dtype)} (x.to(...)), or the call under "
+                           f"torch.autocast")
+
+
 class QConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose forward and backward run in int8 (WAGE-style, per-tensor power-of-two scales).
 
@@ -107,6 +119,7 @@ class QConv2d(nn.Conv2d):
         return [left, right, top, bottom]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        _check_input_dtype(self, input)
         return self._conv_forward(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -145,6 +158,7 @@ class QLinear(nn.Linear):
         self.qconfig = as_qconfig(qconfig)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        _check_input_dtype(self, input)
         return qlinear(input, self.weight, self.bias, qconfig=self.qconfig)
 
     def extra_repr(self) -> str:

@@ -31,3 +31,14 @@ def test_argparse_reports_the_argument(capsys):
     with pytest.raises(SystemExit):
         ap.parse_args(["--sections", "a,z"])
     assert "argument --sections: unknown ['z']; accepted: a, b" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--batch", "0"), ("--batch", "-1"), ("--sms", "0"), ("--jobs", "0")])
+def test_aot_plan_numbers_must_be_positive(capsys, flag, value):
+    # --batch 0 / --sms 0 were a ZeroDivisionError traceback (issue 24.3): now argparse's usage error
+    from ebkernels import aot
+
+    with pytest.raises(SystemExit) as exit_:
+        aot.main(["--plan", "vgg16", flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: invalid positive_int value: '{value}'" in capsys.readouterr().err

@@ -294,6 +294,16 @@ def test_bad_ratio(ratio):
         EarlyBird((0.5, ratio))
 
 
+@pytest.mark.parametrize("ratio", ["0.5", None, torch.tensor(0.5), [0.5, "0.3"]])
+def test_a_ratio_of_the_wrong_type_says_so(ratio):
+    # a str was "out of range" (issue 24.3): the problem is its type, and the message says which
+    with pytest.raises(TypeError, match=r"ratio=.* is a (str|NoneType|Tensor); accepted: a float with 0 < ratio < 1"):
+        channel_mask(torch.randn(10), ratio)
+    with pytest.raises(TypeError, match="accepted: a float with 0 < ratio < 1"):
+        EarlyBird(ratio)
+    assert channel_mask(torch.arange(1.0, 11.0), np.float32(0.5)).sum() == 4  # a NumPy number is a number (keep > 6)
+
+
 def test_bad_settings():
     with pytest.raises(ValueError, match="ratio=.* repeats a value; accepted: distinct ratios"):
         EarlyBird((0.5, 0.5))

@@ -575,3 +575,25 @@ def test_double_backward_is_a_clear_error(kind):
         torch.autograd.grad(m(x).sum(), x, create_graph=True)
     g, = torch.autograd.grad(m(x).sum(), x)  # a plain backward still works
     assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: (QConv2d(3, 4, 3), nn.Conv2d(3, 4, 3)), (2, 3, 5, 5)),
+    (lambda: (QLinear(5, 4), nn.Linear(5, 4)), (3, 5)),
+], ids=["conv", "linear"])
+@pytest.mark.parametrize("weights, inputs", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64)])
+def test_an_input_of_another_dtype_is_refused_as_the_float_layers_refuse_it(reference, make, shape, weights, inputs):
+    # a bf16 QConv2d given fp32 input returned fp32 (issue 24.3); nn.Conv2d raises, and so does it now
+    q, f = (m.to(weights) for m in make())
+    x = torch.randn(shape, dtype=inputs)
+    with pytest.raises(RuntimeError):
+        f(x)
+    name = type(q).__name__
+    with pytest.raises(RuntimeError, match=f"{name}: input dtype {str(inputs)[6:]} and weight dtype "
+                                           f"{str(weights)[6:]} should be the same.*accepted: an input of dtype"):
+        q(x)
+    assert q(x.to(weights)).dtype == weights  # the matching dtype runs
+    if inputs == torch.float32:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtypes: no error, as for nn.Conv2d
+            q(x)
+            f(x)

@@ -491,8 +491,8 @@ def test_ticket_bad_files(tmp_path):
         load_ticket(other)
     with pytest.raises(FileNotFoundError, match="directory"):
         save_ticket(tmp_path / "no" / "such" / "dir.pt", model)
-    with pytest.raises(ValueError, match="build_model"):
-        save_ticket(tmp_path / "x.pt", nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
+    with pytest.raises(ValueError, match=r"save_ticket needs input_shape=\(C, H, W\) for this Sequential"):
+        save_ticket(tmp_path / "x.pt", nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))  # tests/test_ticket_programs.py
 
 
 # ------------------------------------------------------------------------------------- bad input

@@ -210,6 +210,7 @@ def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
     ddp = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
     assert ddp.stdout.count("== early-bird summary") == 1  # rank 0 alone writes and prints
+    assert "Warning" not in ddp.stderr, ddp.stderr[-3000:]  # no deprecated DDP/all_reduce call (24.3)
     assert main(args + ["--out", str(tmp_path / "single"), "--quiet"]) == 0
     d_run, s_run = only_run_dir(tmp_path / "ddp"), only_run_dir(tmp_path / "single")
     assert os.path.basename(d_run) == os.path.basename(s_run)  # the world size is no setting of the run
@@ -245,6 +246,8 @@ def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
     (["--lr", "inf"], "--lr inf is not supported; accepted: a finite number > 0"),
     (["--detector-mode", "window", "--window", "1"], "--window 1 is not supported with --detector-mode window"),
     (["--train-subset", "1"], "the training set has 1 sample(s) for 1 process(es)"),
+    (["--batch-size", "257"], "--batch-size 257 is larger than the training set (256 samples): an epoch would be "
+                              "one step on a batch that is not full"),
     (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm", "--no-download"],
      "apt-get install dataset-fashion-mnist"),
     (["--dataset", "cifar10", "--data-dir", "{tmp}", "--no-download"], "cifar10 not found in"),
@@ -262,6 +265,32 @@ def test_bad_input_is_a_clear_message_and_writes_nothing(tmp_path, capsys, extra
     err = capsys.readouterr().err
     assert err.startswith("ebkernels: error: ") and message in err, err
     assert not out.exists()
+
+
+def test_an_empty_out_is_refused_and_the_current_folder_stays_untouched(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in ("", "  "):
+        assert main(TINY + ["--out", out]) == 2
+        assert "the run directory would go into the current folder; accepted: a folder path" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_quiet_sends_warnings_to_the_log_file_only(tmp_path, capsys, monkeypatch):
+    class Noted(train.cli.Job):
+        def prepare(self):
+            super().prepare()
+            import warnings
+            warnings.warn("a note that --quiet must not print (24.3)", FutureWarning)
+
+        def run(self):
+            return {}
+
+    monkeypatch.setattr(train.cli, "Job", Noted)
+    assert main(TINY + ["--epochs", "1", "--quiet", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err == ""
+    log = open(os.path.join(only_run_dir(tmp_path), "log.txt")).read()
+    assert "warning: FutureWarning: a note that --quiet must not print (24.3) (test_trainer.py:" in log
 
 
 def test_unwritable_run_directory(tmp_path, capsys):

@@ -27,6 +27,7 @@ from .vgg import VGG, VGG_CFGS, vgg_cfg
 __all__ = [
     "build_model", "model_names", "architecture", "VGG", "PreResNet", "Bottleneck", "ChannelSelection",
     "ResNet", "resnet18", "vgg_cfg", "preresnet_cfg", "is_grouped_conv", "layer_widths", "TORCHVISION_PREFIX",
+    "design_input_shape",
 ]
 
 _PRERESNET = re.compile(r"preresnet(\d+)")
@@ -98,6 +99,22 @@ def current_cfg(model: nn.Module):
         return resnet_cfg(model)
     raise TypeError(f"no cfg for a {type(model).__name__}; accepted: VGG, PreResNet, BasicBlock ResNet, "
                     f"models built by build_model('torchvision:<name>')")
+
+
+def design_input_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) of the images a model from :func:`build_model` is built for; None for any other model.
+
+    C is the ``in_channels`` it was built with; H×W is 32×32 for VGG and PreResNet (the paper's CIFAR
+    networks) and for torchvision models built with ``small_stem=True``, 224×224 for resnet18 and
+    torchvision models with their ImageNet stem. All of them end in a global average pool and run on
+    other sizes as well: this is the size their FLOPs are quoted at when no other is given.
+    """
+    arch = getattr(model, "ebk_arch", None)
+    if not isinstance(arch, dict) or not isinstance(arch.get("in_channels"), int):
+        return None
+    cifar = isinstance(model, (VGG, PreResNet)) or bool(arch.get("kwargs", {}).get("small_stem"))
+    side = 32 if cifar else 224
+    return (arch["in_channels"], side, side)
 
 
 def architecture(model: nn.Module) -> dict:

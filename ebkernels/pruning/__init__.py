@@ -82,9 +82,11 @@ def prune(model: nn.Module, mask=None, *, ratio=None, input_shape=None, engine: 
     mask: bool tensor over all BatchNorm2d channels in module order (True = keep), or
     ``{bn_module_name: bool tensor}`` (layers not named keep everything). With ``mask=None`` the
     mask is computed from the BN gammas at ``ratio`` (SPEC §3 rule); with both, ``ratio`` only labels
-    the report. input_shape: (C, H, W) for the FLOP count (and the graph engine's trace), default
-    (first conv's channels, 32, 32). engine: ``"auto"`` (default: ``"family"`` for ebkernels' own
-    families, ``"graph"`` for any other CNN), ``"family"`` or ``"graph"``. coupled: the rule for
+    the report. input_shape: (C, H, W) for the FLOP count, the exactness check and the graph engine's
+    trace; default: the size a model from ``build_model`` is built for
+    (``ebkernels.models.design_input_shape``); any other model needs it (a ValueError says so).
+    engine: ``"auto"`` (default: ``"family"`` for ebkernels' own families, ``"graph"`` for any other
+    CNN), ``"family"`` or ``"graph"``. coupled: the rule for
     channels the graph engine must remove together, ``"majority"`` (default), ``"any"`` or ``"all"``
     (``ebkernels.pruning.coupling``). verify: check the result against the masked network in float64
     (``ebkernels.pruning.equivalence``) and raise a ValueError if it differs.

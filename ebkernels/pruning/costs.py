@@ -36,11 +36,24 @@ def _plain_linear_forward(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(x, m.weight, m.bias)
 
 
-def _input_shape(model: nn.Module, input_shape) -> tuple:
+def _input_shape(model: nn.Module, input_shape, who: str = "prune") -> tuple:
+    """(N, C, H, W) from ``input_shape`` ((C, H, W) or (N, C, H, W)); when None, the shape a model from
+    ``build_model`` is built for (``models.design_input_shape``). Any other model's image size cannot
+    be read from it (convolutions and adaptive pools run on any size), so it is a ValueError asking
+    for ``input_shape``, never a guess."""
     if input_shape is None:
+        from ..models import design_input_shape
+
+        shape = design_input_shape(model)
+        if shape is not None:
+            return (1, *shape)
         first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        channels = first_conv.in_channels if first_conv is not None else 3
-        return (1, channels, 32, 32)
+        example = f"{first_conv.in_channels}, 32, 32" if first_conv is not None else "3, 32, 32"
+        raise ValueError(f"{who} needs input_shape=(C, H, W) for this {type(model).__name__}: it runs the network "
+                         f"on one input of that shape, and the image size of a model not built by "
+                         f"ebkernels.build_model cannot be read from it; e.g. input_shape=({example}) for "
+                         f"{example.split(', ', 1)[1].replace(', ', 'x')} images with the channels its first "
+                         f"conv reads")
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else None
     if shape is None or len(shape) not in (3, 4) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
@@ -54,12 +67,13 @@ def count_flops(model: nn.Module, input_shape=None) -> int:
 
     Counted with forward hooks on a no-grad eval-mode forward (train/eval flags are restored).
     Quantized subclasses (``QConv2d``/``QLinear``) run the plain float op for this pass: same
-    shapes, same count, no quantization kernels. Default input: the first conv's channels at 32×32.
+    shapes, same count, no quantization kernels. Default input: the size a model from ``build_model``
+    is built for (``ebkernels.models.design_input_shape``); any other model needs ``input_shape``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = _unwrap(model)
-    shape = _input_shape(model, input_shape)
+    shape = _input_shape(model, input_shape, "count_flops")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -124,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "loss, backward) from a CUDA graph; needs a CUDA device and one process; a smaller last "
                         "batch runs eagerly")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
-    g.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    g.add_argument("--quiet", action="store_true",
+                   help="print nothing but errors (warnings go to the run's log.txt); under torchrun, torchrun's own "
+                        "OMP_NUM_THREADS notice comes before ebkernels starts: set OMP_NUM_THREADS to silence it")
     g.add_argument("--print-run-dir", action="store_true", help="print the run directory of these settings and exit")
     return p
 
@@ -154,13 +158,20 @@ def run(settings: Settings, log_stream=None) -> dict:
     from .._backend import force_backend
 
     s = resolve_settings(settings)
-    dist = setup_dist(s.device)
-    job = Job(s, dist, log_stream)
-    job.prepare()
-    # The Triton interpreter (TRITON_INTERPRET=1) is for checking kernels; training on CPU tensors
-    # takes the PyTorch reference path, which computes the same numbers much faster.
-    with force_backend("reference") if dist.device.type == "cpu" else contextlib.nullcontext():
-        return job.run()
+    with warnings.catch_warnings():
+        dist = setup_dist(s.device)
+        job = Job(s, dist, log_stream)
+        if s.quiet:  # --quiet prints nothing but errors: a warning goes to the run's log.txt only
+            warnings.showwarning = functools.partial(_warning_to_log, job.log)
+        job.prepare()
+        # The Triton interpreter (TRITON_INTERPRET=1) is for checking kernels; training on CPU tensors
+        # takes the PyTorch reference path, which computes the same numbers much faster.
+        with force_backend("reference") if dist.device.type == "cpu" else contextlib.nullcontext():
+            return job.run()
+
+
+def _warning_to_log(log, message, category, filename, lineno, file=None, line=None) -> None:
+    log(f"warning: {category.__name__}: {message} ({os.path.basename(filename)}:{lineno})")
 
 
 def main(argv=None) -> int:

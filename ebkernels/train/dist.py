@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .settings import TrainerError
 
-__all__ = ["Dist", "setup_dist", "SyncBatchNorm2d", "swap_bn"]
+__all__ = ["Dist", "setup_dist", "SyncBatchNorm2d", "swap_bn", "ddp_buffer_sync"]
 
 
 @dataclasses.dataclass
@@ -72,26 +72,53 @@ def setup_dist(device_arg: str) -> Dist:
     return Dist(rank, world, local, device)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward sums the gradients over the ranks too: what
+    ``torch.distributed.nn.functional.all_reduce`` does, which torch 2.13 deprecates (its suggested
+    replacement, ``torch.distributed._functional_collectives``, is private and has no autograd here)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _SumOverRanks.apply(grad)
+
+
+def ddp_buffer_sync(sync_every_forward: bool) -> dict:
+    """DistributedDataParallel's keyword for syncing buffers from rank 0 before each forward: torch 2.13
+    renamed ``broadcast_buffers`` to ``forward_sync_buffers`` (the old name warns), torch 2.11 only has
+    the old one. Both sync the buffers at construction as well (the new keyword always does; for the old
+    one, ``False`` skipped it, but every rank builds the same model from the same seed, so rank 0's
+    buffers are everyone's)."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {key: sync_every_forward}
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are summed over all ranks (CPU/gloo and CUDA/nccl).
 
     ``nn.SyncBatchNorm`` only runs on GPUs and is no ``BatchNorm2d`` (the detector and the pruner look
     for BatchNorm2d). Forward all-reduces per-channel sums and squared sums once per layer; the
-    all-reduce is differentiable (``torch.distributed.nn``), so backward sums the statistics'
-    gradients over ranks as well. With one process it is an ordinary BatchNorm2d.
+    all-reduce is differentiable (:class:`_SumOverRanks`), so backward sums the statistics' gradients
+    over ranks as well. With one process it is an ordinary BatchNorm2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
         xf = x.float()
         count = torch.full((1,), float(xf.numel() // c), device=x.device)
         stats = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), count])
-        stats = all_reduce(stats)
+        stats = _SumOverRanks.apply(stats)
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import _rng
 from .. import data as data_mod
-from .dist import Dist, SyncBatchNorm2d, swap_bn
+from .dist import Dist, SyncBatchNorm2d, ddp_buffer_sync, swap_bn
 from .settings import TrainerError
 
 __all__ = ["lr_at", "EpochRunner", "local_batch_size", "build_dense_model", "prepare_for_training", "make_optimizer",
@@ -75,7 +75,7 @@ def prepare_for_training(model: nn.Module, precision: str, dist: Dist, sync_bn: 
     # 1-input-channel conv weights have ambiguous strides; DDP's notice about it is harmless
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return model, DDP(model, device_ids=ids, broadcast_buffers=not sync_bn)
+    return model, DDP(model, device_ids=ids, **ddp_buffer_sync(not sync_bn))
 
 
 def local_batch_size(batch_size: int, world_size: int, n_train: int) -> int:
@@ -92,6 +92,10 @@ def local_batch_size(batch_size: int, world_size: int, n_train: int) -> int:
         raise TrainerError(f"the training set has {n_train} sample(s) for {world_size} process(es); BatchNorm "
                            f"cannot train on one sample: accepted: at least {world_size + 1} training samples "
                            f"(--train-subset)")
+    if batch_size > n_train:
+        raise TrainerError(f"--batch-size {batch_size} is larger than the training set ({n_train} samples): an epoch "
+                           f"would be one step on a batch that is not full, and the ticket would be drawn from a "
+                           f"barely trained network; accepted: at most {n_train} (or a larger --train-subset)")
     return batch_size // world_size
 
 

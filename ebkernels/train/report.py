@@ -2,7 +2,8 @@
 
 ``summary.json`` holds the epoch found per ratio, accuracies, params/FLOPs before and after, training
 FLOPs, wall time per phase and GPU energy per phase (NVML, when available); its presence marks the run
-finished. Plots: ``mask_distance_matrix.png`` (paper Fig. 3), ``mask_distance.png``, ``accuracy.png``.
+finished. Plots: ``mask_distance_matrix.png`` (paper Fig. 3), ``mask_distance.png``, ``accuracy.png``
+(``plots.py``).
 """
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import contextlib
 import os
 import sys
 
-import numpy as np
-
+from .plots import write_plots
 from .rundir import ratio_key
 from .settings import run_mode
 
@@ -206,71 +206,3 @@ def print_summary(summary: dict, out=sys.stdout, finished_before: bool = False) 
       f"eval {w['eval']:.1f}s (total {w['total']:.1f}s)"
       + (f"; GPU energy {summary['energy_j']}" if summary.get("energy_j") else ""))
     p(f"run directory: {summary['run_dir']}  (plots: mask_distance_matrix.png, mask_distance.png, accuracy.png)")
-
-
-def write_plots(run_dir: str, state: dict, s, pairwise: dict) -> None:
-    """The three PNGs; ``pairwise``: ratio key -> [T, T] mask distances (``EarlyBird.pairwise_distances``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [ratio_key(r) for r in s.ratios]
-    # Fig. 3: 1 - normalised pairwise distance (warmer = closer), red lines at the ticket epoch
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4.1), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        d = pairwise.get(key, np.zeros((0, 0)))
-        if d.size:
-            span = d.max() - d.min()
-            img = 1 - (d - d.min()) / span if span > 0 else np.ones_like(d)
-            n = len(d)
-            im = ax.imshow(img, cmap="viridis", origin="upper", extent=(0.5, n + 0.5, n + 0.5, 0.5))
-            fe = state["found"].get(key)
-            if fe:
-                ax.axvline(fe, color="red", lw=1.2)
-                ax.axhline(fe, color="red", lw=1.2)
-            fig.colorbar(im, ax=ax, fraction=0.046)
-        ax.set_title(f"p = {key}" + (f", ticket at epoch {state['found'][key]}" if state["found"].get(key) else ""))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("epoch")
-    fig.suptitle("pairwise mask distance\n(1 - normalised: warmer = closer; red: ticket)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "mask_distance_matrix.png"), dpi=110)
-    plt.close(fig)
-
-    # distance to the previous epoch's mask
-    recs = [r for r in state["records"] if r["phase"] == "search"]
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for key in keys:
-        xs = [r["epoch"] for r in recs if r["distances"].get(key) is not None]
-        ys = [r["distances"][key] for r in recs if r["distances"].get(key) is not None]
-        line, = ax.plot(xs, ys, marker=".", label=f"p = {key}")
-        if state["found"].get(key):
-            ax.axvline(state["found"][key], color=line.get_color(), ls=":", lw=1)
-    ax.axhline(s.eps, color="red", ls="--", lw=1, label=f"eps = {s.eps:g}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("mask distance to previous epoch")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    ax.set_title("mask distance per epoch (dotted: ticket found)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "mask_distance.png"), dpi=110)
-    plt.close(fig)
-
-    # accuracy curves: search, then each retraining job continuing from its draw epoch
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot([r["epoch"] for r in recs], [r["test_acc"] for r in recs], color="black",
-            label=f"search ({s.precision}) test")
-    ax.plot([r["epoch"] for r in recs], [r["train_acc"] for r in recs], color="gray", ls="--", lw=1,
-            label="search train")
-    tickets = {t["tag"]: t for t in state["tickets"]}
-    for res in state["results"]:
-        curve = [r for r in state["records"] if r.get("job") == res["job"]]
-        start = tickets[res["ticket"]]["epoch"]
-        ax.plot([start + r["epoch"] for r in curve], [r["test_acc"] for r in curve], label=f"retrain {res['job']}")
-    ax.set_xlabel("epoch (retraining continues from the draw epoch)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "accuracy.png"), dpi=110)
-    plt.close(fig)

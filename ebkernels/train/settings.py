@@ -190,7 +190,7 @@ def resolve_settings(s: Settings) -> Settings:
         _bad("at least one --ratio is needed")
     try:
         s.ratios = tuple(sorted({check_ratio(r) for r in s.ratios}))
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         _bad(f"--ratio: {e}")
     for name, value, choices in (("--precision", s.precision, PRECISIONS),
                                  ("--retrain-precision", s.retrain_precision, RETRAIN_PRECISIONS),
@@ -224,6 +224,9 @@ def resolve_settings(s: Settings) -> Settings:
     if bad_draw:
         _bad(f"--draw-at {bad_draw} out of range; accepted: epochs from 1 to --epochs ({s.epochs})")
     s.draw_at = tuple(sorted(set(s.draw_at)))
+    if not isinstance(s.out, str) or not s.out.strip():
+        _bad(f"--out {s.out!r} is not supported: the run directory would go into the current folder; accepted: a "
+             f"folder path (default runs)")
     if s.device not in ("auto", "cpu", "cuda") and not s.device.startswith("cuda:"):
         _bad(f"--device {s.device!r} is not supported; accepted: auto, cpu, cuda, cuda:N")
     return s
