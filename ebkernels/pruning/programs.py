@@ -44,7 +44,8 @@ def export_program(model: nn.Module, input_shape) -> torch.Tensor:
     """The eval-mode ``torch.export`` program of ``model`` for inputs ``(N, *input_shape)`` (any N),
     as the uint8 bytes of ``torch.export.save``. Int8 layers are exported as the float layers they
     wrap (the ticket is the float network that is retrained). The model itself is left untouched."""
-    from ..modules import QConv2d, QLinear, dequantize_model
+    from ..convert import dequantize_model
+    from ..modules import QConv2d, QLinear
 
     net = copy.deepcopy(model).cpu().eval()
     if any(isinstance(m, (QConv2d, QLinear)) for m in net.modules()):

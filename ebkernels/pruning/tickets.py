@@ -243,7 +243,7 @@ def _apply_to(model: nn.Module, payload: dict, arch: dict, path: str) -> nn.Modu
     """A copy of the user's ``model`` with the ticket's widths and weights: loaded as it is when its
     shapes are the ticket's already (the user rebuilt the pruned network, or it was never pruned), else
     pruned first by the saved kept channels of every BatchNorm2d."""
-    from . import prune
+    from .engine import prune
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a fresh {arch.get('class')}), got {type(model).__name__}")
