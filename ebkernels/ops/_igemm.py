@@ -36,12 +36,11 @@ dividing), so C-style truncation on the GPU and in the interpreter agree with fl
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import _tiles
 
 __all__ = ["MAX_TERMS", "GPU_TILES", "empty_output", "gemm_tiles", "alignment", "nchw_strides", "offsets_fit_int32",
            "assume_multiple", "assume_conv_operands", "to_bfloat16_rne", "cast_rne", "decode_rows", "decode_tap", "tap_input_coord",
@@ -79,7 +78,7 @@ _INTERPRETER_TILES = {"BM": 64, "BN": 32, "BK": 64, "GROUP_M": 4, "num_warps": 4
 def gemm_tiles(device: torch.device, align: int = 16) -> dict:
     """Tile configuration of the Linear GEMM: ``GPU_TILES`` on a GPU (``align`` 1, see ``alignment``: the
     unaligned fallback), few mid-sized tiles under the CPU interpreter."""
-    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if _tiles.on_gpu(device):  # (a real GPU, or the one EBKERNELS_PLAN_SMS plans for)
         return dict(GPU_TILES["unaligned" if align < 16 else "linear"])
     return dict(_INTERPRETER_TILES)
 

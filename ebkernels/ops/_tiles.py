@@ -57,6 +57,12 @@ what runs):
 
 Under ``TRITON_INTERPRET=1`` the same table runs with ``INTERPRETER_SMS`` SMs (small, so that the exact
 tests' small shapes make it choose every tile: ``tests/test_tiles.py`` asks it).
+
+``EBKERNELS_PLAN_SMS=N`` (read at import; the cost model ``benchmarks/cost_model.py`` and its tests set it):
+plan every launch as the priced GPU runs it, whatever executes it: an sm_90 card (H100 / H200) with N SMs
+(132 for both), so that a launch recorded under the interpreter is the GPU's launch: the GPU tile table
+with N SMs for the grid fill and the split rules, rule 8's TMA weight-grad, the Linear's GPU tiles
+(``on_gpu`` and ``device_sms`` say so; ``_igemm.gemm_tiles`` asks ``on_gpu``). Unset or 0: off.
 """
 from __future__ import annotations
 
@@ -76,6 +82,7 @@ __all__ = ["Tile", "Plan", "MAX_TERMS", "SMS_H100", "INTERPRETER_SMS", "device_s
 MAX_TERMS = 1 << 17
 SMS_H100 = 132  # H100 / H200 SXM
 INTERPRETER_SMS = 4  # what the table assumes under the interpreter (tests: small shapes, every choice)
+PLAN_SMS = int(os.environ.get("EBKERNELS_PLAN_SMS", "0") or 0)  # > 0: plan as an sm_90 GPU with this many SMs
 WGRAD_BK = 64
 
 
@@ -127,11 +134,17 @@ def declared_tiles(kind: str) -> tuple:
 
 
 def on_gpu(device: Optional[torch.device]) -> bool:
+    """Whether launches plan for a GPU: a real one, or the card ``EBKERNELS_PLAN_SMS`` names."""
+    if PLAN_SMS > 0:
+        return True
     return device is not None and device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def device_sms(device: Optional[torch.device]) -> int:
-    """SMs the table fills: the GPU's own count, ``INTERPRETER_SMS`` under the interpreter."""
+    """SMs the table fills: ``EBKERNELS_PLAN_SMS`` when set, the GPU's own count, ``INTERPRETER_SMS`` under
+    the interpreter."""
+    if PLAN_SMS > 0:
+        return PLAN_SMS
     if on_gpu(device):
         return torch.cuda.get_device_properties(device).multi_processor_count
     return INTERPRETER_SMS
@@ -352,6 +365,8 @@ def wgrad_tma_wanted(device: Optional[torch.device]) -> bool:
     plain loads)."""
     if WGRAD_TMA is not None:
         return WGRAD_TMA
+    if PLAN_SMS > 0:  # the planned card is an sm_90 one
+        return True
     return on_gpu(device) and torch.cuda.get_device_capability(device)[0] == 9
 
 
