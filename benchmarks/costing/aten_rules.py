@@ -71,7 +71,8 @@ def _matmul_flops(op: AtenOp) -> float:
 def aten_work(op: AtenOp, card, rules) -> dict:
     """{launches, bytes, flops, peak (ops/s at the stated efficiency), us, bound} of one aten op."""
     name = base_name(op)
-    if name in HOST_ONLY:
+    same = op.inputs and op.outputs and op.outputs[0].storage == op.inputs[0].storage
+    if name in HOST_ONLY or (name == "contiguous" and same):  # (already contiguous: returns itself)
         return {"launches": 0, "bytes": 0.0, "flops": 0.0, "us": 0.0, "bound": "host"}
     bw = card.copy_bw * rules.stream_eff
     ins, outs = _bytes(op.inputs), _bytes(op.outputs)

@@ -57,7 +57,8 @@ CARRIER_DTYPE = torch.bfloat16
 # layer is compute-bound on the target GPU (SPEC §5, H100: int8 1979 TOPS, HBM 3.35 TB/s), there the
 # recompute GEMM would cost time and the tensors are small; recompute where the layer is memory-bound,
 # there the activations are large and one more int8 GEMM is nearly free. "recompute" / "keep": always.
-# Measured on CPU (saved bytes) and modelled (benchmarks/predict.py, "y policy"): see benchmarks/NOTES.md.
+# Measured on CPU (saved bytes) and modelled (the former benchmarks/predict.py, "y policy"; now
+# benchmarks/cost_model.py): see benchmarks/NOTES.md.
 Y_POLICY = "auto"
 INT8_OPS_PER_S, HBM_BYTES_PER_S = 1979e12, 3.35e12
 
