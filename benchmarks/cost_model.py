@@ -55,10 +55,11 @@ def markdown(net: str, batch: int, card_name: str, results: dict, per_kernel: bo
     traces = {m: r["trace"] for m, r in results.items()}
     any_tr = next(iter(traces.values()))
     lines = [f"## {net}, batch {batch}, {c.name}: model predictions (not measurements)", "",
-             f"One training step (forward, cross-entropy, backward, SGD) recorded on a CPU ({platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores), {datetime.date.today().isoformat()}; host times measured there with the "
-             f"launches stubbed (CPU time of the Python thread; dispatch-mode entry {1e6 * any_tr.calibration[0]:.1f} µs "
-             f"subtracted and a trivial aten dispatch {1e6 * any_tr.calibration[1]:.1f} µs added per PyTorch op).", "",
+             f"One training step (forward, cross-entropy, backward, SGD) recorded on a CPU "
+             f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
+             f"{datetime.date.today().isoformat()}; host times measured there with the launches stubbed (CPU time of "
+             f"the Python thread; dispatch-mode entry {1e6 * any_tr.calibration[0]:.1f} µs subtracted and a trivial "
+             f"aten dispatch {1e6 * any_tr.calibration[1]:.1f} µs added per PyTorch op).", "",
              markdown_table(*report.totals_table(results)), "",
              markdown_table(*report.targets(results, traces)), ""]
     for mode in ("int8-fused", "int8-layer"):
@@ -85,9 +86,14 @@ def as_json(results: dict) -> dict:
                  "bound": g["p"].bound, "us_each": g["p"].device_us, "us_total": g["us"], "serial_us": g["p"].serial_us,
                  "fence_us": g["p"].fence_us, "fences": g["p"].fences, "host_cpu_us": g["host"], "op": g["p"].op}
                 for g in report.kernel_rows(r["priced"])]
-        out[mode] = {"totals": t, "kernels": rows,
-                     "findings": report.findings(mode, r["priced"], r["trace"], r["totals"]) if mode.startswith("int8") else []}
+        seen = report.findings(mode, r["priced"], r["trace"], r["totals"]) if mode.startswith("int8") else []
+        out[mode] = {"totals": t, "kernels": rows, "findings": seen}
     return out
+
+
+def document(sections: list) -> str:
+    """A whole report: the rules once, then each network's tables."""
+    return "\n\n".join([report.rules_markdown(), *sections])
 
 
 def main(argv=None) -> int:
@@ -113,7 +119,7 @@ def main(argv=None) -> int:
         ap.error(f"EBKERNELS_PLAN_SMS={os.environ['EBKERNELS_PLAN_SMS']} but {args.card} has {card(args.card).sms} SMs")
     results = price_modes(args.net, args.batch, args.card, args.modes, args.small_stem, args.width, args.hw,
                           args.repeats)
-    print(markdown(args.net, args.batch, args.card, results, args.per_kernel, args.limit))
+    print(document([markdown(args.net, args.batch, args.card, results, args.per_kernel, args.limit)]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"net": args.net, "batch": args.batch, "card": args.card, "modes": as_json(results)}, f,

@@ -313,7 +313,8 @@ def section_wgrad(s: Session):
         s.model_ready()
         rows.append([sh.label(), r["box"], f"{r['tma_ms']:.3f}", f"{r['generic_ms']:.3f}",
                      f"{r['generic_ms'] / r['tma_ms']:.2f}", "yes" if r["same_bits"] else "**NO**",
-                     s.model.us("wgrad", sh.label(), "tma", "graph_us"), s.model.us("wgrad", sh.label(), "generic", "graph_us")])
+                     s.model.us("wgrad", sh.label(), "tma", "graph_us"),
+                     s.model.us("wgrad", sh.label(), "generic", "graph_us")])
     note = "" if s.gpu else "(dry run: the PyTorch reference path on CPU, the flag has no effect)\n\n"
     headers = ["layer", "box", "TMA ms", "generic ms", "generic / TMA", "same bits", "model TMA µs", "model generic µs"]
     return note + markdown_table(headers, rows), raw

@@ -113,7 +113,8 @@ def test_split_fixup_fences_come_from_the_sass_cache():
 
 def test_report_flags_a_serial_phase():
     """A constructed one-program weight quantizer shows up under item 1 and in the target rows."""
-    w, f, d = _t("w_ptr", (64, 64, 3, 3)), _t("fwd_ptr", (64, 64, 3, 3), "int8", 1), _t("dgrad_ptr", (64, 64, 3, 3), "int8", 1)
+    w = _t("w_ptr", (64, 64, 3, 3))
+    f, d = _t("fwd_ptr", (64, 64, 3, 3), "int8", 1), _t("dgrad_ptr", (64, 64, 3, 3), "int8", 1)
     e = _launch("weight_quant_small_kernel", (1,), [w, f, d], {"n": 36864}, {"BLOCK": 1024, "num_warps": 8})
 
     class Trace:
@@ -158,6 +159,7 @@ def test_cli_smoke(tmp_path):
                            "2", "--modes", "int8-fused,bf16", "--repeats", "1", "--json", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("## vgg11, batch 2, H100 SXM: model predictions (not measurements)")
+    assert proc.stdout.startswith("| parameter | H100 SXM | H200 SXM |")
+    assert "## vgg11, batch 2, H100 SXM: model predictions (not measurements)" in proc.stdout
     data = json.loads(out.read_text())
     assert set(data["modes"]) == {"int8-fused", "bf16"} and data["modes"]["int8-fused"]["kernels"]

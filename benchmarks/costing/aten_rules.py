@@ -21,7 +21,8 @@ from .trace import AtenOp
 __all__ = ["aten_work", "HOST_ONLY", "COPY_OPS", "is_copy"]
 
 HOST_ONLY = {"view", "_unsafe_view", "as_strided", "as_strided_", "t", "transpose", "permute", "expand", "detach",
-             "alias", "unsqueeze", "squeeze", "slice", "select", "_reshape_alias", "reshape", "split", "split_with_sizes",
+             "alias", "unsqueeze", "squeeze", "slice", "select", "_reshape_alias", "reshape", "split",
+             "split_with_sizes",
              "unbind", "view_as", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
              "new_empty_strided", "set_", "resize_", "_local_scalar_dense", "is_same_size", "sym_size", "sym_stride",
              "sym_numel", "sym_storage_offset", "_has_compatible_shallow_copy_type", "record_stream", "unfold",

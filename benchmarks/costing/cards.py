@@ -89,7 +89,7 @@ def card_table() -> tuple[list[str], list[list]]:
                                for c in CARDS.values())],
         ["L2 MiB / TB/s", *(f"{c.l2_bytes / 2**20:.0f} / {c.l2_bw / 1e12:.1f}" for c in CARDS.values())],
         ["int8 dense TOPS", *(f"{c.int8_peak / 1e12:.0f}" for c in CARDS.values())],
-        ["bf16 / TF32 / fp32 TFLOP/s", *(f"{c.bf16_peak / 1e12:.0f} / {c.tf32_peak / 1e12:.0f} / {c.fp32_peak / 1e12:.0f}"
-                                         for c in CARDS.values())],
+        ["bf16 / TF32 / fp32 TFLOP/s", *(f"{c.bf16_peak / 1e12:.0f} / {c.tf32_peak / 1e12:.0f} / "
+                                         f"{c.fp32_peak / 1e12:.0f}" for c in CARDS.values())],
     ]
     return ["parameter", *(c.name for c in CARDS.values())], rows

@@ -2,7 +2,8 @@
 
 ``python -m ebkernels.aot --arch 90 --json`` counts, per kernel and configuration, the ``MEMBAR`` and
 ``ATOM``/``RED`` instructions of the SASS (``nvdisasm`` bundled with Triton), and the byte-wise shared-memory
-stores of the PTX (an int8 operand transposed one byte at a time: issue slots the K loop spends). The counts are cached in
+stores of the PTX (an int8 operand transposed one byte at a time: issue slots the K loop spends). The counts
+are cached in
 ``fences_sm90.json`` next to this file (kernel name -> configurations) so that pricing does not recompile;
 ``python benchmarks/cost_model.py --refresh-fences`` rebuilds the cache (a few minutes of both cores).
 

@@ -31,7 +31,8 @@ def _real_channels(events) -> dict:
 
     for e in events:
         if isinstance(e, AtenOp):
-            if len(e.inputs) >= 1 and e.outputs and e.name.split(".")[1] in ("clone", "_to_copy", "copy_", "contiguous"):
+            copy = e.name.split(".")[1] in ("clone", "_to_copy", "copy_", "contiguous")
+            if copy and e.inputs and e.outputs:
                 src = e.inputs[-1]
                 if src.storage in real:
                     real[e.outputs[0].storage] = real[src.storage]

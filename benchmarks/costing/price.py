@@ -160,7 +160,8 @@ def step_totals(priced: list, host_tail_us: float, rules) -> dict:
     host_gpu = host_clock + host_tail_us
     host_cpu = sum(p.host_cpu_us for p in priced) + host_tail_us
     triton = sum(1 for p in priced if p.kind == "triton")
-    return {"device_us": device, "dram_bytes": sum(p.hbm for p in priced), "launches": launches, "triton_launches": triton,
+    return {"device_us": device, "dram_bytes": sum(p.hbm for p in priced), "launches": launches,
+            "triton_launches": triton,
             "aten_launches": launches - triton, "graph_us": graph, "eager_us": max(dev_free, host_gpu),
             "host_gpu_us": host_gpu, "host_cpu_us": host_cpu,
             "host_cpu_per_launch_us": host_cpu / max(launches, 1),

@@ -9,7 +9,7 @@ from benchmarks.common import markdown_table
 from .aten_rules import base_name
 from .cards import RULES, card_table
 
-__all__ = ["totals_table", "targets", "findings", "kernel_rows", "kernel_table", "name_table"]
+__all__ = ["totals_table", "targets", "findings", "kernel_rows", "kernel_table", "name_table", "rules_markdown"]
 
 LABEL = {"int8-fused": "int8 fused", "int8-layer": "int8 per-layer", "bf16": "bf16 autocast", "fp32": "fp32"}
 
@@ -35,7 +35,8 @@ def totals_table(results: dict) -> tuple:
 
 
 def _big_few(priced) -> list:
-    return [p for p in priced if p.kind == "triton" and p.hbm >= RULES.big_launch_bytes and p.programs < RULES.few_programs]
+    return [p for p in priced
+            if p.kind == "triton" and p.hbm >= RULES.big_launch_bytes and p.programs < RULES.few_programs]
 
 
 def _heavy_programs(priced) -> list:
@@ -66,7 +67,8 @@ def targets(results: dict, traces: dict) -> tuple:
     if f and b:
         g = b["totals"]["graph_us"] / f["totals"]["graph_us"]
         e = b["totals"]["eager_us"] / f["totals"]["eager_us"]
-        rows.append(["int8 fused / bf16 step speed, graph-captured", "≥ 1.3 (VGG16), ≥ 1.15 (PreResNet-101)", f"{g:.2f}"])
+        rows.append(["int8 fused / bf16 step speed, graph-captured", "≥ 1.3 (VGG16), ≥ 1.15 (PreResNet-101)",
+                     f"{g:.2f}"])
         rows.append(["int8 fused / bf16 step speed, eager with host time", "≥ 1.0", f"{e:.2f}"])
     if f:
         p, tr = f["priced"], traces["int8-fused"]
@@ -103,7 +105,8 @@ def findings(mode: str, priced: list, trace, totals: dict) -> list:
     worst = sorted(serial, key=lambda p: -p.serial_us)[:3]
     s1 = (f"**1. serial phases**: {len(serial)} launches per step end in a one-program loop, "
           f"{sum(p.serial_us for p in serial):,.0f} µs in all ("
-          + "; ".join(f"{k} ×{n}: {us:,.0f} µs" for k, (n, us) in sorted(by.items(), key=lambda kv: -kv[1][1])) + "). "
+          + "; ".join(f"{k} ×{n}: {us:,.0f} µs" for k, (n, us) in sorted(by.items(), key=lambda kv: -kv[1][1]))
+          + "). "
           + "Longest: " + "; ".join(f"{p.name} {p.serial_us:.1f} µs ({p.serial_what})" for p in worst))
     fx = _split_fences(priced)
     s2 = (f"**2. fences**: {len(fx)} split-K launches per step run `split_fixup`, "
@@ -120,7 +123,8 @@ def findings(mode: str, priced: list, trace, totals: dict) -> list:
     low = min(convs, key=lambda p: p.useful / p.ops, default=None)
     s4 = (f"**4. layout copies**: {len(copies)} PyTorch copies of activation-sized tensors per step "
           f"({sum(p.hbm for p in copies) / 1e6:,.0f} MB, {sum(p.device_us for p in copies):,.0f} µs: "
-          + ", ".join(sorted({f'{base_name(p.event)} in {p.op or "autograd"}' for p in copies})[:4])
+          + ", ".join(sorted({f'{base_name(p.event)} of {p.event.outputs[0].dtype} in {p.op or "autograd"}'
+                              for p in copies})[:4])
           + f"); TMA weight-grad operand copies: {len(tma)} launches, {sum(p.hbm for p in tma) / 1e6:,.0f} MB, "
           f"{sum(p.device_us for p in tma):,.0f} µs"
           + (f"; lowest useful MMA: {100 * low.useful / low.ops:.0f} % ({low.name}, grid {low.grid})" if low else ""))
@@ -183,5 +187,21 @@ def name_table(priced: list) -> tuple:
     return ["kernel / op", "launches", "device µs", "share", "of which serial + fence µs", "host µs (CPU)"], rows
 
 
-def card_markdown() -> str:
-    return markdown_table(*card_table())
+def rules_markdown() -> str:
+    """The cards and the rules the figures rest on (``cards.Rules``), as the report prints them."""
+    r = RULES
+    lines = [markdown_table(*card_table()), "",
+             "Rules (predictions; `benchmarks/costing/`): "
+             f"memory-bound work at {r.stream_eff:.0%} of the copy rate; int8 MMA at {r.int8_mma_eff:.0%} of the dense "
+             f"peak (Triton, conservative end), issued work = tiles × BM·BN·BK per K step, wave-quantised; bf16 "
+             f"convolutions/matmuls at {r.bf16_conv_eff:.0%} of 989 TFLOP/s (cuDNN/cuBLAS), fp32 without TF32 at "
+             f"{r.fp32_conv_eff:.0%} of 67; DRAM = every tensor once, a GEMM operand's re-reads from L2 while it is "
+             f"≤ {r.l2_resident_bytes >> 20} MiB, else from DRAM again; every K step's tiles cross L2 → SM; "
+             f"a launch "
+             f"with fewer programs than SMs gets that share of the machine; a one-program loop costs per iteration "
+             f"one dependent round trip ({r.hbm_latency_us} µs DRAM, {r.l2_latency_us} µs L2) or its bytes at "
+             f"{r.sm_stream_bw / 1e9:.0f} GB/s; a fence (SASS MEMBAR per thread) {r.fence_us} µs per wave; "
+             f"{r.graph_launch_us} µs per launch in a CUDA graph, {r.eager_launch_us} µs eager; host: measured here "
+             f"+ {r.triton_launch_us} µs (+{r.triton_launch_per_arg_us} µs per argument past 19) per Triton launch "
+             f"and {r.aten_cuda_launch_us} µs per PyTorch kernel for the GPU launch APIs."]
+    return "\n".join(lines)

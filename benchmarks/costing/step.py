@@ -66,7 +66,8 @@ class StepTrace:
         out = set()
         for c in self.layers:
             out.add((c.h, c.w))
-            out.add(((c.h + 2 * c.padding[0] - c.kh) // c.stride[0] + 1, (c.w + 2 * c.padding[1] - c.kw) // c.stride[1] + 1))
+            out.add(((c.h + 2 * c.padding[0] - c.kh) // c.stride[0] + 1,
+                     (c.w + 2 * c.padding[1] - c.kw) // c.stride[1] + 1))
         return out
 
 

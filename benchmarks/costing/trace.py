@@ -18,9 +18,9 @@ Host time (``Event.host_us``): the wall time between the end of the previous eve
 one, i.e. the Python wrappers, planning, custom-op dispatch, autograd and module code, with the recorder's
 own bookkeeping and the CPU compute of aten ops (which a GPU does not do on the host) taken out, minus the
 calibrated cost of entering the dispatch mode, plus the calibrated cost of dispatching a trivial aten op
-on this CPU (``calibrate``). It is measured on the machine that runs the trace, launches stubbed, as CPU time of the Python thread
-(``time.thread_time``): engineers share the CPUs here, and time the thread spends descheduled is not host
-work of the step.
+on this CPU (``calibrate``). It is measured on the machine that runs the trace, launches stubbed, as CPU
+time of the Python thread (``time.thread_time``): engineers share the CPUs here, and time the thread spends
+descheduled is not host work of the step.
 """
 from __future__ import annotations
 
@@ -157,7 +157,6 @@ class Recorder(TorchDispatchMode):
             elif isinstance(v, (int, float, bool)) and k not in kwargs:
                 scalars[k] = v
         consts = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, bool, str)) or v is None}
-        consts = {k: (str(v) if not isinstance(v, (int, float, bool)) and v is not None else v) for k, v in consts.items()}
         self.events.append(Launch(host, self.stack[-1] if self.stack else "", fn.__name__, _grid3(grid, named),
                                   tensors, scalars, consts, len(names)))
         self._last_end = time.thread_time()
