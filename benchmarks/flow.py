@@ -17,8 +17,8 @@ training step, modelled bytes per step, for int8 fused / int8 per-layer / bf16 a
   inside the ebkernels custom ops (buffer zeroing, copies); views and allocations excluded.
   "per block": divided by the number of convolutions. On a GPU the Triton launches are counted as they
   run instead.
-- **bytes**: the traffic model of ``benchmarks/predict.py`` (conv → BN → ReLU blocks, fwd+bwd) summed
-  over the network's convolutions: a model, not a measurement.
+- **bytes**: DRAM bytes of one training step as ``benchmarks/cost_model.py`` prices it on an H100 (every
+  launch and PyTorch op of the recorded step, re-reads by its L2 rule): a model, not a measurement.
 """
 from __future__ import annotations
 
@@ -180,17 +180,30 @@ def kernel_rows(device, smoke: bool = False):
     return ["network", "mode", "Triton launches", "PyTorch ops", "kernels per step", "per conv block"], rows
 
 
-def bytes_rows():
-    from benchmarks.predict import BLOCK_TRAFFIC, block_floors
-    from benchmarks.shapes import CONV_SHAPES
+def bytes_rows(smoke: bool = False):
+    """DRAM MB per training step from the cost model (its own process: it plans for the H100)."""
+    import json
+    import subprocess
+    import tempfile
 
+    modes = ("int8-fused", "int8-layer", "bf16")
+    batch = 4 if smoke else 256
     rows = []
-    for net, shapes in CONV_SHAPES.items():
-        for batch in (32, 256):
-            mb = {k: sum(s.count * block_floors(s, batch)[f"{k} MB"] for s in shapes) for k in BLOCK_TRAFFIC}
-            rows.append([net, batch, *(f"{mb[k]:.0f}" for k in BLOCK_TRAFFIC),
-                         f"{mb['int8 fused block'] / mb['bf16 block']:.2f}"])
-    return ["network", "batch", *(f"{k} MB" for k in BLOCK_TRAFFIC), "int8 fused / bf16"], rows
+    for net in (SMOKE_NETS if smoke else NETS):
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "cost.json")
+            cmd = [sys.executable, os.path.join(REPO, "benchmarks", "cost_model.py"), "--net", net, "--batch",
+                   str(batch), "--modes", ",".join(modes), "--repeats", "1", "--json", out]
+            cmd += ["--width", str(SMOKE_WIDTH), "--hw", "16"] if smoke else []
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"cost_model.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+            totals = {m: v["totals"] for m, v in json.load(open(out))["modes"].items()}
+        mb = {m: totals[m]["dram_bytes"] / 1e6 for m in modes}
+        rows.append([net, batch, *(f"{mb[m]:.0f}" for m in modes), f"{mb['int8-fused'] / mb['bf16']:.2f}"])
+    return ["network", "batch", *(f"{m} MB" for m in ("int8 fused", "int8 per-layer", "bf16 autocast")),
+            "int8 fused / bf16"], rows
 
 
 def main(argv=None) -> int:
@@ -213,9 +226,9 @@ def main(argv=None) -> int:
         print(f"\nKernels per training step, batch 2 at {hw}×{hw} ({where}{dry}):\n")
         print(markdown_table(*kernel_rows(device, args.smoke)))
     if "bytes" in tables:
-        print("\nModelled DRAM traffic per step, conv-BN-ReLU blocks (benchmarks/predict.py; a model, not a "
+        print("\nModelled DRAM traffic per training step on an H100 (benchmarks/cost_model.py; a model, not a "
               "measurement):\n")
-        print(markdown_table(*bytes_rows()))
+        print(markdown_table(*bytes_rows(args.smoke)))
     return 0
 
 

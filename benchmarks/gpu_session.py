@@ -20,6 +20,10 @@ the log and the next section runs; a section that would overrun the time budget 
 6. ``epoch``: search-epoch steps of both networks, int8 vs bf16 autocast eagerly, and the int8 step
    captured in a CUDA graph (``ebkernels.train.graphs.GraphedStep``), extrapolated to a 196-step epoch.
 
+Next to every layer, kernel, weight-grad and step it times, the report prints the cost model's figure for
+the same work (``benchmarks/cost_model.py``; µs on an H100, predictions: computed on the CPU in the
+background while the tests run, ``logs/model.json``), so that the first GPU run calibrates the model.
+
 Output folder: ``RESULTS.md`` (the report) and ``logs/`` (one raw log and one JSON per section). A GPU run
 also copies the report to ``benchmarks/RESULTS.md``; ``--dry-run`` never touches it. ``--dry-run`` runs
 the same code on CPU (the int8 layers on the PyTorch reference path, no graphs: "skipped: no CUDA") so
@@ -46,6 +50,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from benchmarks.common import environment, markdown_table  # noqa: E402
+from benchmarks.costing.figures import ModelFigures  # noqa: E402
 from benchmarks.shapes import CONV_SHAPES, SMOKE_CONV_SHAPES, ConvShape  # noqa: E402
 from ebkernels._cli import comma_list  # noqa: E402
 
@@ -66,13 +71,17 @@ EPOCH_STEPS = 196  # a CIFAR-10 epoch at batch 256
 
 
 class Session:
-    def __init__(self, out: str, dry: bool, budget_s: float):
+    def __init__(self, out: str, dry: bool, budget_s: float, model: bool = True):
         self.out, self.dry, self.t0, self.budget = out, dry, time.monotonic(), budget_s
         self.cfg = DRY if dry else FULL
         self.device = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
         self.gpu = self.device.type == "cuda"
         self.md: list[str] = []
         os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+        self.model = ModelFigures(out, dry, model)  # the cost model's figures, computed in the background
+
+    def model_ready(self) -> bool:
+        return self.model.ready(min(240.0, max(1.0, self.left() - 120)))
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.t0)
@@ -197,9 +206,11 @@ def section_layers(s: Session):
     shapes = ([("smoke", sh) for sh in SMOKE_CONV_SHAPES] if s.dry else
               [(net, sh) for net in ("vgg16", "preresnet101") for sh in CONV_SHAPES[net]])
     rows, raw = [], []
+    s.model_ready()
+    m = s.model
     for net, sh in shapes:
         if s.left() < 150:  # keep time for profile and epoch
-            rows.append([net, sh.label(), "skipped: time budget"] + [""] * 6)
+            rows.append([net, sh.label(), "skipped: time budget"] + [""] * 9)
             continue
         r = {"net": net, "layer": sh.label(), "count": sh.count}
         for impl in ("int8", "bf16-cl"):
@@ -215,10 +226,13 @@ def section_layers(s: Session):
         cell = lambda d, k: (f"{d[k]:.3f}" if d.get(k) is not None else d.get("graph_note") or d.get("error", ""))  # noqa: E731
         i8, bf = r["int8"], r["bf16-cl"]
         ratio = (f"{bf['eager_ms'] / i8['eager_ms']:.2f}" if "eager_ms" in i8 and "eager_ms" in bf else "")
-        rows.append([net, sh.label(), sh.count, cell(i8, "eager_ms"), cell(i8, "graph_ms"), f"{i8.get('host_us', 0):.0f}",
-                     cell(bf, "eager_ms"), cell(bf, "graph_ms"), ratio])
+        lab = sh.label()
+        rows.append([net, lab, sh.count, cell(i8, "eager_ms"), cell(i8, "graph_ms"), f"{i8.get('host_us', 0):.0f}",
+                     cell(bf, "eager_ms"), cell(bf, "graph_ms"), ratio, m.us("layers", lab, "int8", "graph_us"),
+                     m.us("layers", lab, "int8", "host_cpu_us"), m.us("layers", lab, "bf16-cl", "graph_us")])
     headers = ["net", "layer", "×", "int8 eager ms", "int8 graph ms", "int8 host µs", "bf16-cl eager ms",
-               "bf16-cl graph ms", "bf16 / int8 (eager)"]
+               "bf16-cl graph ms", "bf16 / int8 (eager)", "model int8 graph µs", "model int8 host µs (CPU)",
+               "model bf16 graph µs"]
     return markdown_table(headers, rows), raw
 
 
@@ -241,11 +255,13 @@ def section_profile(s: Session):
         if s.gpu:  # kernels only (device activity), not their host-side callers
             events = [e for e in events if getattr(e, "self_device_time_total", 0) > 0]
         events.sort(key=lambda e: -getattr(e, key))
-        rows = [[e.key[:80], e.count // reps, f"{getattr(e, key) / reps:.1f}"] for e in events[:12]]
+        s.model_ready()
+        rows = [[e.key[:80], e.count // reps, f"{getattr(e, key) / reps:.1f}", s.model.kernel_us(sh.label(), e.key)]
+                for e in events[:12]]
         raw[sh.label()] = rows
         parts.append(f"**{sh.label()}**, batch {s.cfg['batch']}, one fwd+bwd "
                      f"({'device' if s.gpu else 'CPU'} µs):\n\n"
-                     + markdown_table(["kernel / op", "calls", "µs"], rows))
+                     + markdown_table(["kernel / op", "calls", "µs", "model µs (H100)"], rows))
         with open(s.log_path("profile.log"), "a") as f:
             f.write(f"== {sh.label()}\n{prof.key_averages().table(sort_by=key, row_limit=30)}\n")
     return "\n\n".join(parts), raw
@@ -273,7 +289,7 @@ def section_wgrad(s: Session):
         if box is None:
             continue
         if s.left() < 60:
-            rows.append([sh.label(), "", "skipped: time budget", "", "", ""])
+            rows.append([sh.label(), "", "skipped: time budget", "", "", "", "", ""])
             continue
         g = torch.Generator().manual_seed(sh.cin + sh.h)
         qx = torch.randint(-127, 128, (batch, C, sh.h, sh.w), generator=g, dtype=torch.int8)
@@ -294,10 +310,13 @@ def section_wgrad(s: Session):
             r["tma_ms" if tma else "generic_ms"] = s.time_ms(fn)
         r["same_bits"] = bool(torch.equal(out[True], out[False]))
         raw.append(r)
+        s.model_ready()
         rows.append([sh.label(), r["box"], f"{r['tma_ms']:.3f}", f"{r['generic_ms']:.3f}",
-                     f"{r['generic_ms'] / r['tma_ms']:.2f}", "yes" if r["same_bits"] else "**NO**"])
+                     f"{r['generic_ms'] / r['tma_ms']:.2f}", "yes" if r["same_bits"] else "**NO**",
+                     s.model.us("wgrad", sh.label(), "tma", "graph_us"),
+                     s.model.us("wgrad", sh.label(), "generic", "graph_us")])
     note = "" if s.gpu else "(dry run: the PyTorch reference path on CPU, the flag has no effect)\n\n"
-    headers = ["layer", "box", "TMA ms", "generic ms", "generic / TMA", "same bits"]
+    headers = ["layer", "box", "TMA ms", "generic ms", "generic / TMA", "same bits", "model TMA µs", "model generic µs"]
     return note + markdown_table(headers, rows), raw
 
 
@@ -306,21 +325,26 @@ def section_epoch(s: Session):
 
     rows, raw = [], []
     steps = s.cfg["epoch_steps"]
+    s.model_ready()
+    model = {"int8": ("int8-fused", "eager_us"), "bf16-autocast": ("bf16", "eager_us")}
     for name in s.cfg["models"]:
         for mode in ("int8", "bf16-autocast"):
             if s.left() < 20:
-                rows.append([name, mode, "skipped: time budget", "", ""])
+                rows.append([name, mode, "skipped: time budget", "", "", ""])
                 continue
             r = be.epoch_result(name, mode, s.device, s.dry, steps=steps)
             per = r["seconds"] / r["steps"]
             raw.append(r)
-            rows.append([name, mode, f"{r['steps']} × {r['batch']}", f"{1e3 * per:.2f}", f"{per * EPOCH_STEPS:.2f}"])
+            rows.append([name, mode, f"{r['steps']} × {r['batch']}", f"{1e3 * per:.2f}", f"{per * EPOCH_STEPS:.2f}",
+                         s.model.us("steps", name, *model[mode])])
         graphed = _graphed_int8_step(s, name) if s.left() > 20 else (None, "skipped: time budget")
         ms, note = graphed
         rows.append([name, "int8, CUDA graph", f"{s.cfg['epoch_steps']} × {s.cfg['batch']}",
-                     f"{ms:.2f}" if ms is not None else note, f"{ms * EPOCH_STEPS / 1e3:.2f}" if ms is not None else ""])
+                     f"{ms:.2f}" if ms is not None else note, f"{ms * EPOCH_STEPS / 1e3:.2f}" if ms is not None else "",
+                     s.model.us("steps", name, "int8-fused", "graph_us")])
         raw.append({"model": name, "mode": "int8-graph", "ms_per_step": ms, "note": note})
-    headers = ["model", "mode", "steps × batch", "ms / step", f"s / epoch ({EPOCH_STEPS} steps, extrapolated)"]
+    headers = ["model", "mode", "steps × batch", "ms / step", f"s / epoch ({EPOCH_STEPS} steps, extrapolated)",
+               "model µs / step (H100; eager incl. host)"]
     return markdown_table(headers, rows), raw
 
 
@@ -366,11 +390,12 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget (default 8 minutes)")
     ap.add_argument("--sections", type=comma_list(accepted=SECTIONS), default=list(SECTIONS),
                     help=f"subset of {','.join(SECTIONS)}")
+    ap.add_argument("--no-model", action="store_true", help="do not compute the cost model's figures")
     args = ap.parse_args(argv)
     sections = args.sections
     if not args.dry_run and not torch.cuda.is_available():
         ap.error("no CUDA device: run with --dry-run (CPU, tiny shapes) or on the GPU machine")
-    s = Session(args.out, args.dry_run, args.budget_s)
+    s = Session(args.out, args.dry_run, args.budget_s, not args.no_model)
     label = "DRY RUN on CPU (tiny shapes) — not a GPU result" if s.dry else "GPU session"
     s.md += [f"# ebkernels GPU session ({label})", ""]
     s.md += [f"- **{k}**: {v}" for k, v in environment(s.device).items()] + [""]
@@ -390,6 +415,8 @@ def main(argv=None) -> int:
             json.dump(raw, f, indent=1, default=str)
         s.md += [f"## {TITLES[name]}", "", md, "", f"_{time.monotonic() - t:.1f} s; {s.left():.0f} s of budget left_", ""]
         print(f"[gpu_session] {name}: {time.monotonic() - t:.1f} s", flush=True)
+    if s.model.proc is not None and s.model.proc.poll() is None:  # sections that never needed it
+        s.model.proc.kill()
     report = "\n".join(s.md)
     with open(os.path.join(s.out, "RESULTS.md"), "w") as f:
         f.write(report)

@@ -6,7 +6,10 @@
 For each kernel, configuration and architecture it prints: compiled or the error, the int8
 tensor-core instructions found in the PTX (``mma.sync…s8`` on sm_80, ``wgmma…s8`` on sm_90), the
 byte-wise shared-memory stores (an int8 operand transposed into shared memory one byte at a time), TMA
-tile loads (``cp.async.bulk.tensor``: operands the Tensor Memory Accelerator puts in shared memory), shared
+tile loads (``cp.async.bulk.tensor``: operands the Tensor Memory Accelerator puts in shared memory), memory
+fences and atomics per thread (``MEMBAR`` and ``ATOM``/``RED`` in the SASS from the ``nvdisasm`` bundled with
+Triton, else ``fence``/``membar`` and ``atom``/``red`` in the PTX: ptxas adds a fence to a release atomic, so
+the PTX count is a floor; static counts, i.e. per program where the code has no loop around them), shared
 memory, and registers/spills from ``ptxas -v`` where the ptxas bundled with Triton is present.
 Exits non-zero if any kernel fails to compile, or if a kernel declared ``int8_mma`` shows no int8 MMA.
 ``--plan`` prints the convolution tile table's choices instead (``print_plan``; no compile).
@@ -33,6 +36,11 @@ PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 SMEM_B8 = re.compile(r"\bst\.shared(?:\.v\d)?\.[bsu]8\b")
 # TMA tile loads (global -> shared by the Tensor Memory Accelerator: the TMA weight-grad's operands)
 TMA_LOADS = re.compile(r"\bcp\.async\.bulk\.tensor\.\dd\.shared[\w:.]*\.global\b")
+# memory fences and global atomics: SASS (what runs: a release atomic is a MEMBAR + RED/ATOM there), or PTX
+SASS_FENCE = re.compile(r"\bMEMBAR\b")
+SASS_ATOMIC = re.compile(r"\b(?:ATOMG|ATOM|REDG|RED)\.")
+PTX_FENCE = re.compile(r"\b(?:fence|membar)\.")
+PTX_ATOMIC = re.compile(r"\b(?:atom|red)\.global\.")
 
 
 def _ptxas() -> str | None:
@@ -45,6 +53,30 @@ def _ptxas() -> str | None:
     except ImportError:
         pass
     return shutil.which("ptxas")
+
+
+def _nvdisasm() -> str | None:
+    try:
+        import triton.backends.nvidia as nv
+
+        path = os.path.join(os.path.dirname(nv.__file__), "bin", "nvdisasm")
+        return path if os.path.exists(path) else shutil.which("nvdisasm")
+    except ImportError:
+        return shutil.which("nvdisasm")
+
+
+def fences_and_atomics(cubin: bytes | None, ptx: str) -> tuple[int, int, str]:
+    """(memory fences, global atomics, "sass" or "ptx"): instruction counts of one build (see the docstring)."""
+    tool = _nvdisasm() if cubin else None
+    if tool:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(cubin)
+            res = subprocess.run([tool, path], capture_output=True, text=True)
+        if res.returncode == 0 and res.stdout:
+            return len(SASS_FENCE.findall(res.stdout)), len(SASS_ATOMIC.findall(res.stdout)), "sass"
+    return len(PTX_FENCE.findall(ptx)), len(PTX_ATOMIC.findall(ptx)), "ptx"
 
 
 def _resource_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
@@ -97,7 +129,8 @@ def compile_one(name: str, cfg_index: int, arch: int, extra: tuple[str, ...] = (
     maxnreg = {"maxnreg": cfg.pop("maxnreg")} if "maxnreg" in cfg else {}
     row = {"kernel": name, "config": {**cfg, "num_warps": num_warps, "num_stages": num_stages, **maxnreg},
            "arch": arch, "compiled": False, "error": None, "mma_s8": [], "smem_b8_stores": None, "tma_loads": None,
-           "shared": None, "registers": None, "spills": None, "int8_mma_expected": k.int8_mma}
+           "shared": None, "registers": None, "spills": None, "fences": None, "atomics": None, "fence_source": None,
+           "int8_mma_expected": k.int8_mma}
     try:
         signature = k.signature_for(cfg)
         signature.update({c: "constexpr" for c in cfg})
@@ -111,6 +144,7 @@ def compile_one(name: str, cfg_index: int, arch: int, extra: tuple[str, ...] = (
         row["smem_b8_stores"] = len(SMEM_B8.findall(ptx))
         row["tma_loads"] = len(TMA_LOADS.findall(ptx))
         row["shared"] = int(ck.metadata.shared)
+        row["fences"], row["atomics"], row["fence_source"] = fences_and_atomics(ck.asm.get("cubin"), ptx)
         row["registers"], row["spills"] = _resource_usage(ptx, arch)
     except Exception as e:  # report, keep going
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
@@ -206,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = 0
     print("| kernel | config | arch | compiled | int8 tensor-core instructions | byte-wise smem stores | TMA loads "
-          "| shared (B) | registers | spills (B) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| fences | atomics | shared (B) | registers | spills (B) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ok = r["compiled"] and (not r["int8_mma_expected"] or r["mma_s8"])
         failed += not ok
@@ -218,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             mma, status = "-", f"NO: {r['error']}"
         fmt = lambda v: "?" if v is None else str(v)  # noqa: E731
         print(f"| {r['kernel']} | {_short_cfg(r['config'])} | sm_{r['arch']} | {status} | {mma} | "
-              f"{fmt(r['smem_b8_stores'])} | {fmt(r['tma_loads'])} | {fmt(r['shared'])} | {fmt(r['registers'])} | {fmt(r['spills'])} |")
+              f"{fmt(r['smem_b8_stores'])} | {fmt(r['tma_loads'])} | {fmt(r['fences'])} | {fmt(r['atomics'])} | {fmt(r['shared'])} | {fmt(r['registers'])} | {fmt(r['spills'])} |")
     print(f"\n{len(rows) - failed}/{len(rows)} builds passed ({len(kernels)} kernels, arch {','.join(map(str, arches))})")
     if args.json:
         with open(args.json, "w") as f:

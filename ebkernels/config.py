@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Optional
 
 from ._checks import check_bits, check_choice
@@ -79,18 +80,34 @@ class KernelSettings:
     sm_90 only, True = wherever the rule's shape conditions hold (the interpreter included), False = never.
     ``poison_outputs``: every kernel output and workspace from ``ops._buffers.empty_output`` starts
     poisoned (NaN / -128 / 0x7F7F7F7F), so an element a kernel fails to write shows up (tests).
+    ``plan_sms``: plan every launch as an sm_90 GPU with this many SMs runs it, whatever executes it
+    (``ops.gemm.tiles``; the cost model prices the GPU's launches from an interpreter run); None = off.
+    Default: the environment variable ``EBKERNELS_PLAN_SMS`` (unset or 0: None).
     """
 
     backend: str = "auto"
     y_policy: str = "auto"
     wgrad_tma: Optional[bool] = None
     poison_outputs: bool = False
+    plan_sms: Optional[int] = dataclasses.field(default_factory=lambda: _env_plan_sms())
 
     def __post_init__(self):
         check_choice("backend", self.backend, BACKENDS)
         check_choice("y_policy", self.y_policy, Y_POLICIES)
         check_choice("wgrad_tma", self.wgrad_tma, (None, True, False))
         check_choice("poison_outputs", self.poison_outputs, (True, False))
+        if self.plan_sms is not None and (isinstance(self.plan_sms, bool) or not isinstance(self.plan_sms, int)
+                                          or self.plan_sms < 1):
+            raise ValueError(f"plan_sms={self.plan_sms!r} is not supported; accepted: None or an int >= 1")
+
+
+def _env_plan_sms() -> Optional[int]:
+    raw = os.environ.get("EBKERNELS_PLAN_SMS", "").strip()
+    if raw in ("", "0"):
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"EBKERNELS_PLAN_SMS={raw!r} is not supported; accepted: an int >= 1 (the GPU's SMs), or 0")
+    return int(raw)
 
 
 _settings = KernelSettings()

@@ -65,6 +65,20 @@ def test_tma_weight_grad_has_no_byte_wise_transpose(shipped):
     assert max(r["smem_b8_stores"] for r in generic) > 0  # what it replaces
 
 
+def test_the_report_counts_fences_and_atomics(shipped):
+    """Fences and global atomics per build (issue 20: the cost model reads them; the SASS where nvdisasm is
+    bundled): every compiled build has counts, and a split-K build of the forward / input-grad (its fix-up adds
+    its tile into the int64 workspace with atomics) has more atomics than any one-split build."""
+    proc, rows = shipped
+    assert "| fences | atomics |" in proc.stdout
+    built = [r for r in rows if r["compiled"]]
+    assert all(isinstance(r["fences"], int) and isinstance(r["atomics"], int) for r in built)
+    conv = [r for r in built if r["kernel"] == "conv2d_int8_fwd_dgrad_kernel"]
+    split = [r["atomics"] for r in conv if r["config"].get("SPLIT_FIX")]
+    plain = [r["atomics"] for r in conv if not r["config"].get("SPLIT_FIX")]
+    assert split and plain and min(split) > max(plain)
+
+
 def test_gemm_kernels_use_int8_tensor_cores(shipped):
     _, rows = shipped
     for r in rows:

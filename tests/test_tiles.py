@@ -1,4 +1,4 @@
-"""The per-shape tile table (``ebkernels.ops._tiles``): its choices cover every declared tile on small ragged
+"""The per-shape tile table (``ebkernels.ops.gemm.tiles``): its choices cover every declared tile on small ragged
 shapes (asked of the table itself), each of those launches is exact against the float64 oracle with
 poisoned outputs, the phase split of a strided input-grad matches brute force, the plan printer."""
 import io
@@ -198,3 +198,53 @@ def test_split_k_where_the_grid_underfills(device, poisoned, monkeypatch, one_to
         assert all(c["SPLIT_FIX"] for c in calls)
     # the last split of each tile left the shared workspace zero again (the next launch needs no memset)
     assert int(torch.count_nonzero(counter_pool(device, 1, torch.int64))) == 0
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records launches under the interpreter")
+def test_plan_sms_plans_the_launches_as_the_aot_plan(monkeypatch, settings):
+    """``EBKERNELS_PLAN_SMS=132`` (``KernelSettings.plan_sms``' default, read at import: the cost model prices the launches the
+    interpreter records as the GPU's): for every distinct conv layer of VGG16 and PreResNet-101 at batch 256
+    the launchers choose the tile and grid ``python -m ebkernels.aot --plan`` prints (``plans.layer_plans``:
+    forward, input-grad, weight-grad with rule 8's TMA kernel), with every launch recorded and not run."""
+    import triton.runtime.interpreter as ti
+
+    from benchmarks.shapes import CONV_SHAPES
+    from ebkernels.config import QConfig
+    from ebkernels.ops._launch import code_channels
+    from ebkernels.ops.gemm.conv import weight_grad_op
+    from ebkernels.ops.gemm.plans import layer_plans
+
+    env = {k: v for k, v in os.environ.items()}
+    env["EBKERNELS_PLAN_SMS"] = "132"
+    proc = subprocess.run([sys.executable, "-c", "from ebkernels.config import kernel_settings; print(kernel_settings().plan_sms)"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.stdout.strip() == "132", proc.stderr[-2000:]
+    settings(plan_sms=132, wgrad_tma=None)
+    launches = []
+    monkeypatch.setattr(ti.InterpretedFunction, "run",
+                        lambda self, *a, grid, warmup, **kw: launches.append((self.fn.__name__, tuple(grid), kw)))
+    N, one = 256, torch.tensor(1.0)
+    shapes = {(s.cin, s.cout, s.h, s.k, s.stride, s.pad): s for net in ("vgg16", "preresnet101") for s in CONV_SHAPES[net]}
+    tma = 0
+    for c in shapes.values():
+        C, CO = code_channels(c.cin), code_channels(c.cout)
+        OH = (c.h + 2 * c.pad - c.k) // c.stride + 1
+        fwd, dgr, wgr = layer_plans(N, c.cin, c.cout, c.h, c.w, c.k, c.stride, c.pad, 132, code_channels)
+        qx = torch.zeros(N, C, c.h, c.w, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+        qe = torch.zeros(N, CO, OH, OH, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+        geo = dict(stride=c.stride, padding=c.pad)
+        conv2d_int8_fwd(qx, torch.zeros(c.cout, C, c.k, c.k, dtype=torch.int8), one, one, **geo)
+        conv2d_int8_dgrad(qe, torch.zeros(CO, c.cin, c.k, c.k, dtype=torch.int8), (c.h, c.w), one, one, **geo)
+        qe_cm = qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+        weight_grad_op(qe_cm, qx, one, one, [c.k] * 2, [c.stride] * 2, [c.pad] * 2, [1, 1], 1, QConfig(),
+                       [c.cout, c.cin])
+        gemms = [x for x in launches if x[0] != "wgrad_tma_operands_kernel" and "quantize" not in x[0]][-3:]
+        launches.clear()
+        assert len(gemms) == 3, (c.label(), gemms)
+        tma += gemms[2][0].endswith("tma_kernel")
+        for (name, grid, kw), plan in zip(gemms, (fwd, dgr, wgr)):
+            assert name.endswith("tma_kernel") == bool(plan.mode.get("tma")), (c.label(), name)
+            got = (grid[0], grid[1], kw["BM"], kw["BN"], kw["BK"], bool(kw.get("FLAT", kw.get("FLAT_N", False))))
+            want = (plan.programs, plan.splits, plan.tile.BM, plan.tile.BN, plan.tile.BK, plan.tile.flat)
+            assert got == want, (c.label(), plan.kind, got, want)
+    assert tma == 5  # rule 8's layers (as the plan printer counts them)

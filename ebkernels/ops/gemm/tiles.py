@@ -57,6 +57,13 @@ what runs):
 
 Under ``TRITON_INTERPRET=1`` the same table runs with ``INTERPRETER_SMS`` SMs (small, so that the exact
 tests' small shapes make it choose every tile: ``tests/test_tiles.py`` asks it).
+
+``KernelSettings.plan_sms = N`` (default: the environment variable ``EBKERNELS_PLAN_SMS``, read at import;
+the cost model ``benchmarks/cost_model.py`` sets it, tests use ``config.override(plan_sms=132)``): plan every
+launch as the priced GPU runs it, whatever executes it: an sm_90 card (H100 / H200) with N SMs (132 for
+both), so that a launch recorded under the interpreter is the GPU's launch: the GPU tile table with N SMs
+for the grid fill and the split rules, rule 8's TMA weight-grad, the Linear's GPU tiles (``on_gpu`` and
+``device_sms`` say so; ``linear.gemm_tiles`` asks ``on_gpu``). None or 0: off.
 """
 from __future__ import annotations
 
@@ -127,11 +134,18 @@ def declared_tiles(kind: str) -> tuple:
 
 
 def on_gpu(device: Optional[torch.device]) -> bool:
+    """Whether launches plan for a GPU: a real one, or the card ``KernelSettings.plan_sms`` names."""
+    if kernel_settings().plan_sms:
+        return True
     return device is not None and device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def device_sms(device: Optional[torch.device]) -> int:
-    """SMs the table fills: the GPU's own count, ``INTERPRETER_SMS`` under the interpreter."""
+    """SMs the table fills: ``KernelSettings.plan_sms`` when set, the GPU's own count, ``INTERPRETER_SMS``
+    under the interpreter."""
+    plan = kernel_settings().plan_sms
+    if plan:
+        return plan
     if on_gpu(device):
         return torch.cuda.get_device_properties(device).multi_processor_count
     return INTERPRETER_SMS
@@ -348,6 +362,8 @@ def wgrad_tma_wanted(device: Optional[torch.device]) -> bool:
     forced = kernel_settings().wgrad_tma
     if forced is not None:
         return forced
+    if kernel_settings().plan_sms:  # the planned card is an sm_90 one
+        return True
     return on_gpu(device) and torch.cuda.get_device_capability(device)[0] == 9
 
 

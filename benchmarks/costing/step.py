@@ -1,0 +1,177 @@
+"""One real training step of a model, recorded: forward, cross-entropy, backward, SGD step.
+
+Modes (what ``--modes`` takes): ``int8-fused`` (``quantize_model``, the default fused blocks), ``int8-layer``
+(``quantize_model(fuse=False)``), ``bf16`` (autocast), ``fp32``. Every mode builds the model CIFAR-sized
+(32×32 RGB input, 10 classes), channels-last, as ``bench_epoch.py`` runs it on a GPU, with SGD (lr 0.1,
+momentum 0.9, weight decay 1e-4; ``foreach=True``: the multi-tensor kernels a GPU step uses). A warm-up
+step runs first (momentum buffers, counter pools, kernel rewrites), then the recorded one.
+
+- int8 modes run for real on CPU tensors under ``TRITON_INTERPRET=1`` with every Triton launch recorded and
+  not executed: the wrappers, the tile planning (for the priced card: ``EBKERNELS_PLAN_SMS``, set by
+  ``benchmarks/cost_model.py`` before ebkernels is imported) and the PyTorch ops around them run at the
+  real shapes (kernel outputs are left unwritten: the values are garbage, the shapes and launches are
+  not; nothing in a step reads a value back to the host).
+- float modes run under ``FakeTensorMode`` (shapes only, no arithmetic: a batch-256 fp32 VGG16 step would
+  take minutes on 2 cores), with CPU autocast for bf16: convolutions and matmuls in bf16, as CUDA autocast.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .trace import Recorder, calibrate
+
+__all__ = ["MODES", "ConvLayer", "StepTrace", "conv_layers", "record_step"]
+
+MODES = ("int8-fused", "int8-layer", "bf16", "fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvLayer:
+    """A convolution of the network as the float model runs it (real channel counts)."""
+
+    cin: int
+    cout: int
+    kh: int
+    kw: int
+    stride: tuple
+    padding: tuple
+    h: int
+    w: int
+    groups: int
+
+
+@dataclasses.dataclass
+class StepTrace:
+    net: str
+    mode: str
+    batch: int
+    events: list
+    host_tail_us: float
+    wall_s: float  # wall time of the recorded step on this CPU (aten compute included)
+    calibration: tuple  # (dispatch-mode entry s, trivial aten dispatch s)
+    layers: list  # ConvLayer, in forward order
+    input_numel: int  # the smallest convolution input (activation size threshold of the copy count)
+
+    @property
+    def map_sizes(self) -> set:
+        """(H, W) of every convolution's input and output: what an activation looks like."""
+        out = set()
+        for c in self.layers:
+            out.add((c.h, c.w))
+            out.add(((c.h + 2 * c.padding[0] - c.kh) // c.stride[0] + 1,
+                     (c.w + 2 * c.padding[1] - c.kw) // c.stride[1] + 1))
+        return out
+
+
+def _model_kwargs(name: str, small_stem: bool, width: float) -> dict:
+    kw = {}
+    if name.startswith("torchvision:"):
+        kw["small_stem"] = small_stem
+    if width != 1.0:
+        kw["width"] = width
+    return kw
+
+
+def build(name: str, mode: str, small_stem: bool = False, width: float = 1.0) -> nn.Module:
+    import ebkernels
+    from ebkernels.models import is_grouped_conv
+
+    torch.manual_seed(0)
+    model = ebkernels.build_model(name, num_classes=10, in_channels=3, **_model_kwargs(name, small_stem, width))
+    model = model.to(memory_format=torch.channels_last).train()
+    if mode.startswith("int8"):
+        ebkernels.quantize_model(model, skip=is_grouped_conv, fuse=mode == "int8-fused")
+    return model
+
+
+def conv_layers(name: str, small_stem: bool = False, width: float = 1.0, hw: int = 32) -> list:
+    """Every ``nn.Conv2d`` call of one float forward at batch 1, with its input size."""
+    model = build(name, "fp32", small_stem, width)
+    found = []
+
+    def hook(mod, inp):
+        x = inp[0]
+        found.append(ConvLayer(mod.in_channels, mod.out_channels, *mod.kernel_size, tuple(mod.stride),
+                               tuple(mod.padding), x.shape[2], x.shape[3], mod.groups))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, hw, hw))
+    for h in handles:
+        h.remove()
+    return found
+
+
+def _fake(model: nn.Module, fm) -> None:
+    """Parameters and buffers as fake tensors of ``fm`` (same shapes, strides, dtypes)."""
+    for mod in model.modules():
+        for k, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[k] = nn.Parameter(fm.from_tensor(p.detach()), requires_grad=p.requires_grad)
+        for k, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[k] = fm.from_tensor(b)
+
+
+def record_step(name: str, mode: str, batch: int, small_stem: bool = False, width: float = 1.0, hw: int = 32,
+                repeats: int = 2) -> StepTrace:
+    """Build, warm up, then record ``repeats`` steps; the events of the first, each event's host time the
+    minimum over the repeats (the same launches in the same order: a quieter repeat is a truer host cost)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}; accepted: {', '.join(MODES)}")
+    if mode.startswith("int8") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("int8 modes need TRITON_INTERPRET=1 set before ebkernels is imported")
+    layers = conv_layers(name, small_stem, width, hw)
+    model = build(name, mode, small_stem, width)
+    fake = mode in ("bf16", "fp32")
+    ctx = contextlib.nullcontext()
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        ctx = FakeTensorMode()
+        _fake(model, ctx)
+    tramp, floor = calibrate()
+    runs = []
+    with ctx:
+        x = torch.randn(batch, 3, hw, hw).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
+        amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16")
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with amp:
+                out = model(x)
+            F.cross_entropy(out.float(), y).backward()
+            opt.step()
+
+        with Recorder(tramp, floor):  # warm-up, launches stubbed too
+            step()
+        for _ in range(repeats):
+            gc.collect()
+            gc.disable()
+            rec = Recorder(tramp, floor)
+            t = time.perf_counter()
+            try:
+                with rec:
+                    step()
+            finally:
+                gc.enable()
+            runs.append((rec, time.perf_counter() - t))
+    first = runs[0][0]
+    for rec, _ in runs[1:]:
+        if len(rec.events) == len(first.events):
+            for a, b in zip(first.events, rec.events):
+                a.host_us = min(a.host_us, b.host_us)
+            first.host_tail_us = min(first.host_tail_us, rec.host_tail_us)
+    smallest = min((batch * c.cin * c.h * c.w for c in layers), default=batch)
+    return StepTrace(name, mode, batch, first.events, first.host_tail_us, min(w for _, w in runs), (tramp, floor),
+                     layers, smallest)
