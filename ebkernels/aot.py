@@ -41,6 +41,7 @@ SASS_FENCE = re.compile(r"\bMEMBAR\b")
 SASS_ATOMIC = re.compile(r"\b(?:ATOMG|ATOM|REDG|RED)\.")
 PTX_FENCE = re.compile(r"\b(?:fence|membar)\.")
 PTX_ATOMIC = re.compile(r"\b(?:atom|red)\.global\.")
+PTX_ANY_ATOMIC = re.compile(r"\b(?:atom|red)\.")
 
 
 def _ptxas() -> str | None:
@@ -66,7 +67,11 @@ def _nvdisasm() -> str | None:
 
 
 def fences_and_atomics(cubin: bytes | None, ptx: str) -> tuple[int, int, str]:
-    """(memory fences, global atomics, "sass" or "ptx"): instruction counts of one build (see the docstring)."""
+    """(memory fences, global atomics, "sass" or "ptx"): instruction counts of one build (see the docstring).
+    A build whose PTX has no atomic and no fence has none in its SASS either (ptxas adds fences only to
+    release/acquire atomics): no disassembly then (most builds: it keeps the full build's time down)."""
+    if not (PTX_FENCE.search(ptx) or PTX_ANY_ATOMIC.search(ptx)):
+        return 0, 0, "sass" if cubin and _nvdisasm() else "ptx"
     tool = _nvdisasm() if cubin else None
     if tool:
         with tempfile.TemporaryDirectory() as d:
