@@ -7,12 +7,11 @@ may not have them): torchvision (``@pytest.mark.torchvision``: its model definit
 ``ebkernels.models.torchvision_models.import_torchvision``), torch-pruning (``@pytest.mark.torch_pruning``),
 matplotlib (``@pytest.mark.matplotlib``). Their tests skip, with the reason, where the import fails, unless
 ``EBKERNELS_REQUIRE_<NAME>=1`` (CI sets it for each, see .ci/run): then they run and fail, and so does
-test_requirements_available.py.
+test_requirements_available.py (``helpers.REQUIREMENTS``).
 
 A failing test that asked ``helpers.fresh_seed()`` for its seed reports it ("test seed" section).
 """
 import contextlib
-import importlib
 import os
 
 import torch
@@ -23,39 +22,7 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-
-def _import_torchvision():
-    """None when ``import torchvision`` works (through the product's own import, which declares the detection
-    ops a CUDA-built wheel cannot load next to the CPU torch), else why it does not."""
-    from ebkernels.models.torchvision_models import import_torchvision
-
-    try:
-        import_torchvision()
-        return None
-    except ImportError as exc:
-        return f"{exc}; `pip install -r requirements.txt` installs torchvision 0.28.0, the release for torch 2.13"
-
-
-def _import(module: str, requirement: str):
-    """None when ``module`` imports, else why it does not."""
-    try:
-        importlib.import_module(module)
-        return None
-    except ImportError as exc:
-        return f"{exc}; `pip install -r requirements.txt` installs {requirement}"
-
-
-TORCHVISION_MISSING = _import_torchvision()
-# marker: (why it is missing or None, the variable that makes a missing one a failure)
-REQUIREMENTS = {
-    "torchvision": (TORCHVISION_MISSING, "EBKERNELS_REQUIRE_TORCHVISION"),
-    "torch_pruning": (_import("torch_pruning", "torch-pruning 1.6.1"), "EBKERNELS_REQUIRE_TORCH_PRUNING"),
-    "matplotlib": (_import("matplotlib", "matplotlib"), "EBKERNELS_REQUIRE_MATPLOTLIB"),
-}
-
-
-def required(marker: str) -> bool:
-    return os.environ.get(REQUIREMENTS[marker][1]) == "1"
+from helpers import REQUIREMENTS, SEED_VARIABLE, required, seed_of  # noqa: E402
 
 
 def pytest_configure(config):
@@ -83,8 +50,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failing test's seed (``helpers.fresh_seed``), with the variable that replays it."""
-    from helpers import SEED_VARIABLE, seed_of
-
     report = (yield).get_result()
     seed = seed_of(item.nodeid) if report.when == "teardown" or report.failed else None
     if report.failed and seed is not None:

@@ -14,11 +14,14 @@ pruning oracle — the masked network — in _masking.py). One place per helper:
 - ``pin_tile``: the one way a test replaces a tile-table lookup (no API takes a tile).
 - the straight-through reference of the quantized layers (``ste_quant``, ``QuantizeGrad``); early-bird
   gamma sets and the SPEC §3 masks in numpy; the trainer run in a subprocess.
+- ``REQUIREMENTS``: what a machine may lack (torchvision, torch-pruning, matplotlib), why, and the
+  ``EBKERNELS_REQUIRE_<NAME>=1`` that makes it a failure (conftest.py).
 """
 from __future__ import annotations
 
 import collections
 import glob
+import importlib
 import math
 import os
 import signal
@@ -31,6 +34,40 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CL = torch.channels_last
+
+
+# ---- requirements a machine may lack (conftest.py skips or fails their tests) ------------------------
+def _import_torchvision():
+    """None when ``import torchvision`` works (through the product's own import, which declares the detection
+    ops a CUDA-built wheel cannot load next to the CPU torch), else why it does not."""
+    from ebkernels.models.torchvision_models import import_torchvision
+
+    try:
+        import_torchvision()
+        return None
+    except ImportError as exc:
+        return f"{exc}; `pip install -r requirements.txt` installs torchvision 0.28.0, the release for torch 2.13"
+
+
+def _import(module: str, requirement: str):
+    """None when ``module`` imports, else why it does not."""
+    try:
+        importlib.import_module(module)
+        return None
+    except ImportError as exc:
+        return f"{exc}; `pip install -r requirements.txt` installs {requirement}"
+
+
+# marker: (why it is missing or None, the variable that makes a missing one a failure)
+REQUIREMENTS = {
+    "torchvision": (_import_torchvision(), "EBKERNELS_REQUIRE_TORCHVISION"),
+    "torch_pruning": (_import("torch_pruning", "torch-pruning 1.6.1"), "EBKERNELS_REQUIRE_TORCH_PRUNING"),
+    "matplotlib": (_import("matplotlib", "matplotlib"), "EBKERNELS_REQUIRE_MATPLOTLIB"),
+}
+
+
+def required(marker: str) -> bool:
+    return os.environ.get(REQUIREMENTS[marker][1]) == "1"
 
 
 # ---- seeds -------------------------------------------------------------------------------------------

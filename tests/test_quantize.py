@@ -8,12 +8,13 @@ import torch
 import ebkernels
 from ebkernels.ops.quantize import _quantize_op, quantize_reference, quantize_triton
 from ebkernels.ops._scale import shift_scale_reference
+from helpers import fresh_seed, gen
 
 SHAPES = [(1,), (7,), (33, 5), (3, 5, 7, 9), (2, 3, 4, 5, 6), (1_048_583,)]
 
 
 def _fresh(shape, device, dtype=torch.float32, scale=None):
-    g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, (1,)).item())
+    g = gen(fresh_seed())
     scale = scale if scale is not None else 10 ** torch.empty(1).uniform_(-3, 3, generator=g).item()
     return (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
 

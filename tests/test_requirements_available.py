@@ -1,4 +1,4 @@
-"""The requirements a machine may lack (torchvision, torch-pruning, matplotlib: see conftest.py) import
+"""The requirements a machine may lack (torchvision, torch-pruning, matplotlib: ``helpers.REQUIREMENTS``) import
 here. Skipped, with the reason, where one cannot be imported; with ``EBKERNELS_REQUIRE_<NAME>=1`` (set by
 CI, whose requirements.txt installs them) that is a failure, so their tests cannot silently skip there.
 torchvision imports through ebkernels' import_torchvision, which declares the detection ops a CUDA-built
@@ -6,7 +6,7 @@ wheel cannot load."""
 import pytest
 import torch
 
-from conftest import REQUIREMENTS, required
+from helpers import REQUIREMENTS, required
 
 
 @pytest.mark.parametrize("marker", list(REQUIREMENTS))
