@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ebkernels
+from ebkernels.ops._buffers import poison
 from ebkernels.ops.quantize import _quantize_op, quantize_reference, quantize_triton
 from ebkernels.ops._scale import shift_scale_reference
 from helpers import fresh_seed, gen
@@ -37,7 +38,7 @@ def test_nearest_bit_exact(shape, bits, mode, device):
     fixed = mode == "wage"
     codes_ref, s_ref = quantize_reference(x, bits, fixed_scale=fixed)
     torch.manual_seed(1)
-    codes = torch.full(x.shape, 99, dtype=torch.int8, device=device)  # poison: 99 is never a code here
+    codes = poison(torch.empty(x.shape, dtype=torch.int8, device=device))  # -128: never a code
     codes, s = quantize_triton(x, bits, fixed_scale=fixed, out=codes)
     assert s.device == x.device and s.dtype == torch.float32 and s.dim() == 0
     assert torch.equal(s.cpu(), s_ref.cpu())
