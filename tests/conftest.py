@@ -2,9 +2,14 @@
 
 TRITON_INTERPRET must be set before ebkernels (and so any @triton.jit) is imported.
 
-torchvision: the tests that need its model definitions skip, with the reason, where
-``ebkernels.models.torchvision_models.import_torchvision`` cannot import it (``@pytest.mark.torchvision``);
-CI sets EBKERNELS_REQUIRE_TORCHVISION=1, so there they must run.
+Requirements a machine may lack (requirements.txt installs them; a GPU machine run without that install
+may not have them): torchvision (``@pytest.mark.torchvision``: its model definitions, imported through
+``ebkernels.models.torchvision_models.import_torchvision``), torch-pruning (``@pytest.mark.torch_pruning``),
+matplotlib (``@pytest.mark.matplotlib``). Their tests skip, with the reason, where the import fails, unless
+``EBKERNELS_REQUIRE_<NAME>=1`` (CI sets it for each, see .ci/run): then they run and fail, and so does
+test_requirements_available.py (``helpers.REQUIREMENTS``).
+
+A failing test that asked ``helpers.fresh_seed()`` for its seed reports it ("test seed" section).
 """
 import contextlib
 import os
@@ -17,25 +22,13 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-
-def _import_torchvision():
-    """None when ``import torchvision`` works (through the product's own import, which declares the detection
-    ops a CUDA-built wheel cannot load next to the CPU torch), else why it does not."""
-    from ebkernels.models.torchvision_models import import_torchvision
-
-    try:
-        import_torchvision()
-        return None
-    except ImportError as exc:
-        return f"{exc}; `pip install -r requirements.txt` installs torchvision 0.28.0, the release for torch 2.13"
-
-
-TORCHVISION_MISSING = _import_torchvision()
+from helpers import REQUIREMENTS, SEED_VARIABLE, required, seed_of  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "torchvision: needs torchvision's model definitions (skipped, with the "
-                                       "reason, where torchvision cannot be imported)")
+    for marker, (_, variable) in REQUIREMENTS.items():
+        config.addinivalue_line("markers", f"{marker}: needs {marker} (skipped, with the reason, where it cannot be "
+                                           f"imported, unless {variable}=1)")
 
 
 @pytest.fixture(params=["cpu"] + (["cuda"] if HAS_CUDA else []))
@@ -46,12 +39,22 @@ def device(request):
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none present")
-    skip_torchvision = pytest.mark.skip(reason=str(TORCHVISION_MISSING))
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
-        if "torchvision" in item.keywords and TORCHVISION_MISSING is not None:
-            item.add_marker(skip_torchvision)
+        for marker, (missing, _) in REQUIREMENTS.items():
+            if missing is not None and item.get_closest_marker(marker) and not required(marker):
+                item.add_marker(pytest.mark.skip(reason=missing))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's seed (``helpers.fresh_seed``), with the variable that replays it."""
+    report = (yield).get_result()
+    seed = seed_of(item.nodeid) if report.when == "teardown" or report.failed else None
+    if report.failed and seed is not None:
+        report.sections.append(("test seed", f"{seed} (replay: {SEED_VARIABLE}={seed} python -m pytest "
+                                             f"'{item.nodeid}')"))
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ per-element passes bit-identical to the PyTorch reference given the same sums: "
 |dy| and the random ticket), "codes" in both layouts (NHWC and channel-major, channels padded to 16 with
 zeros), for nearest and for stochastic rounding (both draw the same Philox numbers from
 ``ebkernels._rng``), "float"; eval mode (no sums); dy against the float64 BatchNorm backward."""
+from typing import NamedTuple
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from ebkernels.ops.fused.bn_math import bn_grad_in_reference
 from ebkernels.ops.fused.bn_relu_bwd import _bwd_op, _reduce_op, bn_relu_bwd, bn_relu_bwd_reduce, bn_relu_bwd_reduce_reference, bn_relu_bwd_reference
 from ebkernels.ops.fused.bn_relu_quant import bn_stats
 from ebkernels.ops._scale import shift_scale_reference
-from _flow import CL, bits_equal, f32_of_bits, fresh_seed, gen, mismatch, rows
+from helpers import CL, bits_equal, f32_of_bits, fresh_seed, gen, mismatch, rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
 
@@ -79,25 +81,39 @@ def _assert_sums(sums, want, mag, msg):
     assert (err <= bound).all(), f"sums {msg}: worst err/bound {(err / bound).max().item():.3g}"
 
 
-# (N, C, H, W, inv, relu, dz dtype, dz layout, y)
+class ReduceCase(NamedTuple):
+    N: int
+    C: int
+    H: int
+    W: int
+    inv: object  # None, or "inv": a channel map of a gather
+    relu: bool
+    dz_dtype: torch.dtype
+    dz_layout: str
+    y: str  # how y is made: "bn_stats" or "f32"
+
+    @property
+    def id(self):
+        return "N{}C{}H{}W{}-{}-{}-{}-{}-y{}".format(*self[:4], self.inv, "relu" if self.relu else "lin",
+                                                   str(self.dz_dtype)[6:], self.dz_layout, self.y)
+
+
 REDUCE_CASES = [
-    (2, 20, 6, 7, None, True, torch.bfloat16, "cl", "bn_stats"),
-    (3, 37, 5, 4, "inv", True, torch.bfloat16, "cl", "bn_stats"),
-    (2, 20, 6, 7, None, False, torch.float32, "nchw", "f32"),
-    (1, 20, 70, 70, None, True, torch.bfloat16, "cl", "bn_stats"),  # 4900 rows, 128 a tile: 39 row tiles
-    (2, 140, 3, 4, "inv", True, torch.float32, "nchw", "bn_stats"),  # two channel blocks
+    ReduceCase(N=2, C=20, H=6, W=7, inv=None, relu=True, dz_dtype=torch.bfloat16, dz_layout="cl", y="bn_stats"),
+    ReduceCase(N=3, C=37, H=5, W=4, inv="inv", relu=True, dz_dtype=torch.bfloat16, dz_layout="cl", y="bn_stats"),
+    ReduceCase(N=2, C=20, H=6, W=7, inv=None, relu=False, dz_dtype=torch.float32, dz_layout="nchw", y="f32"),
+    # 4900 rows, 128 a tile: 39 row tiles
+    ReduceCase(N=1, C=20, H=70, W=70, inv=None, relu=True, dz_dtype=torch.bfloat16, dz_layout="cl", y="bn_stats"),
+    # two channel blocks
+    ReduceCase(N=2, C=140, H=3, W=4, inv="inv", relu=True, dz_dtype=torch.float32, dz_layout="nchw", y="bn_stats"),
 ]
 
 
-def _rid(c):
-    return "N{}C{}H{}W{}-{}-{}-{}-{}-y{}".format(*c[:4], c[4], "relu" if c[5] else "lin", str(c[6])[6:], c[7], c[8])
-
-
-@pytest.mark.parametrize("case", REDUCE_CASES, ids=[_rid(c) for c in REDUCE_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in REDUCE_CASES])
 def test_reduce_sums(device, poisoned, case):
     N, C, H, W, inv_kind, relu, dz_dtype, dz_layout, y_kind = case
     seed = fresh_seed()
-    msg = f"seed={seed} case={_rid(case)}"
+    msg = f"seed={seed} case={case.id}"
     g = gen(seed)
     y, bnp, dz, inv, _, _ = _setup(N, C, H, W, inv_kind, dz_dtype, dz_layout, y_kind, device, g)
     sums = bn_relu_bwd_reduce(dz, y, bnp, inv, relu)
@@ -111,21 +127,42 @@ def test_reduce_sums(device, poisoned, case):
         assert dead.any() and sums[:, dead].abs().max().item() == 0, msg
 
 
-# (N, C, H, W, inv, relu, stats, dz dtype, dz layout, y, pad_to, bits)
+class BwdCase(NamedTuple):
+    N: int
+    C: int
+    H: int
+    W: int
+    inv: object  # None, or "inv": a channel map of a gather
+    relu: bool
+    stats: str  # "train" or "eval" (no sums)
+    dz_dtype: torch.dtype
+    dz_layout: str
+    y: str  # how y is made: "bn_stats" or "f32"
+    pad_to: int
+    bits: int
+
+    @property
+    def id(self):
+        return "N{}C{}H{}W{}-{}-{}-{}-{}-{}-y{}-pad{}-b{}".format(*self[:4], self.inv, "relu" if self.relu else "lin",
+                                                                self.stats, str(self.dz_dtype)[6:], *self[8:])
+
+
 CASES = [
-    (2, 20, 6, 7, None, True, "train", torch.bfloat16, "cl", "bn_stats", 16, 8),    # Cp = 32
-    (3, 37, 5, 4, "inv", True, "train", torch.bfloat16, "cl", "bn_stats", 16, 8),   # Cp = 48
-    (2, 16, 5, 5, None, False, "train", torch.float32, "nchw", "f32", 16, 6),       # no padding, 6 bits
-    (2, 20, 6, 7, None, True, "eval", torch.bfloat16, "nchw", "bn_stats", 16, 8),   # no sums
-    (1, 9, 30, 40, None, True, "train", torch.bfloat16, "cl", "bn_stats", 16, 8),   # 1200 rows: 5 row tiles
-    (2, 140, 3, 4, "inv", True, "train", torch.bfloat16, "cl", "bn_stats", 16, 8),  # Cp = 144: 2 channel blocks
-    (2, 7, 4, 5, None, True, "train", torch.bfloat16, "cl", "bn_stats", 1, 8),      # pad_to 1: Cp = C
+    BwdCase(N=2, C=20, H=6, W=7, inv=None, relu=True, stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
+            y="bn_stats", pad_to=16, bits=8),  # Cp = 32
+    BwdCase(N=3, C=37, H=5, W=4, inv="inv", relu=True, stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
+            y="bn_stats", pad_to=16, bits=8),  # Cp = 48
+    BwdCase(N=2, C=16, H=5, W=5, inv=None, relu=False, stats="train", dz_dtype=torch.float32, dz_layout="nchw", y="f32",
+            pad_to=16, bits=6),  # no padding, 6 bits
+    BwdCase(N=2, C=20, H=6, W=7, inv=None, relu=True, stats="eval", dz_dtype=torch.bfloat16, dz_layout="nchw",
+            y="bn_stats", pad_to=16, bits=8),  # no sums
+    BwdCase(N=1, C=9, H=30, W=40, inv=None, relu=True, stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
+            y="bn_stats", pad_to=16, bits=8),  # 1200 rows: 5 row tiles
+    BwdCase(N=2, C=140, H=3, W=4, inv="inv", relu=True, stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
+            y="bn_stats", pad_to=16, bits=8),  # Cp = 144: 2 channel blocks
+    BwdCase(N=2, C=7, H=4, W=5, inv=None, relu=True, stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
+            y="bn_stats", pad_to=1, bits=8),  # pad_to 1: Cp = C
 ]
-
-
-def _id(c):
-    return "N{}C{}H{}W{}-{}-{}-{}-{}-{}-y{}-pad{}-b{}".format(*c[:4], c[4], "relu" if c[5] else "lin", c[6],
-                                                            str(c[7])[6:], *c[8:])
 
 
 def _run_both(fn_kernel, fn_ref, seed):
@@ -138,11 +175,11 @@ def _run_both(fn_kernel, fn_ref, seed):
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_absmax_and_codes_bit_identical(device, poisoned, rng_state, case, rounding):
     N, C, H, W, inv_kind, relu, stats, dz_dtype, dz_layout, y_kind, pad_to, nbits = case
     seed = fresh_seed()
-    msg = f"seed={seed} case={_id(case)} {rounding}"
+    msg = f"seed={seed} case={case.id} {rounding}"
     g = gen(seed)
     y, bnp, dz, inv, _, _ = _setup(N, C, H, W, inv_kind, dz_dtype, dz_layout, y_kind, device, g)
     sums = bn_relu_bwd_reduce(dz, y, bnp, inv, relu) if stats == "train" else None
@@ -189,11 +226,11 @@ def test_absmax_and_codes_bit_identical(device, poisoned, rng_state, case, round
         assert torch.equal(q, torch.round(v)), msg
 
 
-@pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 2, 3, 5)], ids=[_id(CASES[i]) for i in (0, 1, 2, 3, 5)])
+@pytest.mark.parametrize("case", [pytest.param(CASES[i], id=CASES[i].id) for i in (0, 1, 2, 3, 5)])
 def test_float_mode(device, poisoned, case):
     N, C, H, W, inv_kind, relu, stats, dz_dtype, dz_layout, y_kind = case[:10]
     seed = fresh_seed()
-    msg = f"seed={seed} case={_id(case)}"
+    msg = f"seed={seed} case={case.id}"
     g = gen(seed)
     y, bnp, dz, inv, gamma, beta = _setup(N, C, H, W, inv_kind, dz_dtype, dz_layout, y_kind, device, g)
     sums = bn_relu_bwd_reduce(dz, y, bnp, inv, relu) if stats == "train" else None

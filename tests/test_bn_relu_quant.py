@@ -7,6 +7,8 @@ element of z, computed elementwise (the per-channel-extreme trick is exact, gamm
 all-negative channels included) — and the codes, which must equal the quantizer's codes of z itself.
 Mean and variance against float64 within float tolerance; running statistics against ``nn.BatchNorm2d``
 on the bfloat16-rounded input."""
+from typing import NamedTuple
+
 import pytest
 import torch
 import torch.nn as nn
@@ -17,7 +19,7 @@ from ebkernels.ops.fused.bn_relu_quant import _bn_relu_quant_op, _bn_stats_op, b
 from ebkernels.ops._launch import elementwise_tiles
 from ebkernels.ops.quantize import quantize_reference
 from ebkernels.ops._scale import shift_scale_reference
-from _flow import CL, bits_equal, bnp_exact, f32_of_bits, fresh_seed, gen, mismatch, rows
+from helpers import CL, bits_equal, bnp_exact, f32_of_bits, fresh_seed, gen, mismatch, rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
 
@@ -210,15 +212,39 @@ def test_running_stats_like_batchnorm2d(device, poisoned, momentum, backend):
     torch.testing.assert_close(z, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"eval z {msg}: {m}")
 
 
-# (N, C, H, W, relu, index, pad_to, bits, fixed_scale, y_kind)
+class ApplyCase(NamedTuple):
+    N: int
+    C: int
+    H: int
+    W: int
+    relu: bool  # False: signed codes
+    index: object  # None, or a gather of kept channels: "perm" (any order) / "sorted"
+    pad_to: int
+    bits: int
+    fixed_scale: bool  # WAGE's fixed scale
+    y: str  # y's kind: "bn_stats" (bn_stats' bf16 copy), "f32", "bf16_nchw"
+
+    @property
+    def id(self):
+        return "C{}-{}-{}-pad{}-b{}-{}".format(self.C, "relu" if self.relu else "signed", self.index, self.pad_to,
+                                               self.bits, self.y)
+
+
 APPLY_CASES = [
-    (2, 20, 5, 7, True, None, 16, 8, False, "bn_stats"),     # Kp = 32
-    (2, 20, 5, 7, False, None, 16, 8, False, "bn_stats"),    # signed codes
-    (3, 37, 4, 5, True, "perm", 16, 6, False, "bn_stats"),  # a gather of 21 channels, Kp = 32
-    (4, 20, 9, 9, True, "sorted", 16, 8, False, "bn_stats"),  # 13 kept, 324 rows: 2 row tiles
-    (1, 16, 6, 6, True, None, 16, 8, False, "f32"),          # any float y (contiguous fp32), no padding needed
-    (2, 7, 5, 3, False, None, 1, 4, True, "bf16_nchw"),      # no padding, WAGE's fixed scale, 4 bits
-    (1, 140, 3, 4, True, "sorted", 16, 8, False, "bn_stats"),  # 130 kept of 140 -> Kp = 144: two channel blocks
+    # Kp = 32
+    ApplyCase(N=2, C=20, H=5, W=7, relu=True, index=None, pad_to=16, bits=8, fixed_scale=False, y="bn_stats"),
+    # signed codes
+    ApplyCase(N=2, C=20, H=5, W=7, relu=False, index=None, pad_to=16, bits=8, fixed_scale=False, y="bn_stats"),
+    # a gather of 21 channels, Kp = 32
+    ApplyCase(N=3, C=37, H=4, W=5, relu=True, index="perm", pad_to=16, bits=6, fixed_scale=False, y="bn_stats"),
+    # 13 kept, 324 rows: 2 row tiles
+    ApplyCase(N=4, C=20, H=9, W=9, relu=True, index="sorted", pad_to=16, bits=8, fixed_scale=False, y="bn_stats"),
+    # any float y (contiguous fp32), no padding needed
+    ApplyCase(N=1, C=16, H=6, W=6, relu=True, index=None, pad_to=16, bits=8, fixed_scale=False, y="f32"),
+    # no padding, WAGE's fixed scale, 4 bits
+    ApplyCase(N=2, C=7, H=5, W=3, relu=False, index=None, pad_to=1, bits=4, fixed_scale=True, y="bf16_nchw"),
+    # 130 kept of 140 -> Kp = 144: two channel blocks
+    ApplyCase(N=1, C=140, H=3, W=4, relu=True, index="sorted", pad_to=16, bits=8, fixed_scale=False, y="bn_stats"),
 ]
 
 
@@ -233,8 +259,7 @@ def _index(kind, C, g, device):
     return idx.to(device), keep.to(device)
 
 
-@pytest.mark.parametrize("case", APPLY_CASES, ids=lambda c: "C{}-{}-{}-pad{}-b{}-{}".format(
-    c[1], "relu" if c[4] else "signed", c[5], c[6], c[7], c[9]))
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in APPLY_CASES])
 def test_bn_relu_quant_codes_bit_identical(device, poisoned, case):
     N, C, H, W, relu, index_kind, pad_to, nbits, fixed, y_kind = case
     seed = fresh_seed()

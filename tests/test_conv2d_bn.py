@@ -9,6 +9,8 @@ per-layer forward's tile table chooses each of its tiles (asked of the table): K
 unpadded Cin = 3, 16 and 48 channels) or one tap per K step, BN 16 to 128, BM 64 / 128, Cin padded to 16
 in the codes, Cout not a multiple of 16, strides, 1×1 and 3×3, bias, several column blocks, > 32 row
 tiles."""
+from typing import NamedTuple
+
 import pytest
 import torch
 import torch.nn as nn
@@ -21,36 +23,81 @@ from ebkernels.ops.fused.bn_math import bn_act_reference
 from ebkernels.ops.fused.conv_bn import _bwd_op, _fwd_op, conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_bwd_reduce_reference, conv2d_int8_bn_fwd
 from ebkernels.ops.gemm.conv import conv2d_int8_fwd_reference
 from ebkernels.ops._launch import conv2d_output_size
-from _flow import CL, bits_equal, bnp_exact, codes, f32_of_bits, fresh_seed, gen, mismatch, rows, spy_kernels
+from helpers import CL, bits_equal, bnp_exact, codes, f32_of_bits, fresh_seed, gen, mismatch, rows, spy_launches
 
 EPS = 1e-5
 SMS = _tiles.INTERPRETER_SMS
 
-# (N, Cin, Cin_p, H, W, Cout, K, stride, pad, bias, qx channels-last, qw layout, relu, affine, stats, dz layout,
-#  dz dtype, momentum): the table (on INTERPRETER_SMS SMs) chooses each of its tiles once (asserted below):
+
+class BnCase(NamedTuple):
+    N: int
+    Cin: int
+    Cin_p: int  # the codes' channels (Cin padded)
+    H: int
+    W: int
+    Cout: int
+    K: int
+    stride: int
+    pad: int
+    bias: bool
+    qx_cl: bool  # input codes channels-last
+    qw_layout: str  # weight codes "ohwi" (channels-last) or "oihw"
+    relu: bool
+    affine: bool
+    stats: str  # "train": batch statistics, "eval": the running ones
+    dz_layout: str  # "like_y" (NHWC) or "nchw"
+    dz_dtype: torch.dtype
+    momentum: object
+
+    @property
+    def id(self):
+        return "N{}Ci{}p{}H{}W{}Co{}K{}s{}p{}{}{}-{}-{}-{}-{}-dz{}-{}-m{}".format(
+            *self[:9], "-bias" if self.bias else "", "-cl" if self.qx_cl else "-nchw", self.qw_layout,
+            "relu" if self.relu else "lin", "affine" if self.affine else "plain", self.stats, self.dz_layout,
+            str(self.dz_dtype)[6:], self.momentum)
+
+
+# the table (on INTERPRETER_SMS SMs) chooses each of its tiles once (asserted below):
 # flat K (Cin_p 3 unpadded / 16 / 48) then one tap per K step (Cin_p 64, 128), each BN class (Cout 16, 20-32,
 # 40-50, 100-136), BM 64 (<= 384 rows) / 128; Cout 136: two column blocks; 4232 rows: 34 row tiles of 128
 # (> 32: both merge levels); the 1×64×6×7 3×3 layer: the per-layer forward would split K (rule 7), this
 # kernel runs the plan's tile unsplit
 BF16, F32 = torch.bfloat16, torch.float32
 CASES = [
-    (2, 3, 3, 9, 8, 16, 3, 1, 1, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (2, 13, 16, 9, 8, 20, 3, 1, 1, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (2, 16, 16, 11, 10, 40, 3, 2, 1, True, False, "ohwi", False, True, "train", "like_y", BF16, None),
-    (1, 3, 3, 15, 15, 100, 3, 1, 1, False, True, "oihw", True, True, "train", "nchw", F32, 0.1),
-    (3, 3, 3, 12, 12, 16, 3, 1, 1, True, True, "ohwi", True, False, "eval", "like_y", BF16, 0.1),
-    (2, 16, 16, 46, 46, 20, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (2, 40, 48, 15, 14, 50, 3, 1, 1, False, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (2, 5, 16, 10, 10, 136, 3, 1, 1, True, True, "oihw", True, False, "eval", "nchw", BF16, 0.1),
-    (2, 64, 64, 9, 8, 16, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (3, 50, 64, 7, 9, 32, 1, 2, 0, False, True, "oihw", True, True, "train", "nchw", F32, 0.1),
-    (1, 64, 64, 6, 7, 50, 3, 1, 1, True, True, "ohwi", False, True, "train", "like_y", BF16, None),
-    (1, 128, 128, 15, 14, 100, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (3, 64, 64, 12, 12, 16, 1, 1, 0, True, False, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (2, 64, 64, 16, 15, 24, 1, 1, 0, True, True, "oihw", True, False, "eval", "like_y", BF16, 0.1),
-    (2, 64, 64, 30, 28, 40, 1, 2, 0, True, True, "ohwi", True, True, "train", "nchw", BF16, 0.1),
-    (2, 100, 128, 14, 15, 100, 1, 1, 0, False, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (1, 64, 64, 11, 12, 136, 3, 1, 1, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
+    BnCase(N=2, Cin=3, Cin_p=3, H=9, W=8, Cout=16, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="ohwi",
+           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=2, Cin=13, Cin_p=16, H=9, W=8, Cout=20, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="ohwi",
+           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=2, Cin=16, Cin_p=16, H=11, W=10, Cout=40, K=3, stride=2, pad=1, bias=True, qx_cl=False, qw_layout="ohwi",
+           relu=False, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=None),
+    BnCase(N=1, Cin=3, Cin_p=3, H=15, W=15, Cout=100, K=3, stride=1, pad=1, bias=False, qx_cl=True, qw_layout="oihw",
+           relu=True, affine=True, stats="train", dz_layout="nchw", dz_dtype=F32, momentum=0.1),
+    BnCase(N=3, Cin=3, Cin_p=3, H=12, W=12, Cout=16, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="ohwi",
+           relu=True, affine=False, stats="eval", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=2, Cin=16, Cin_p=16, H=46, W=46, Cout=20, K=1, stride=1, pad=0, bias=True, qx_cl=True, qw_layout="ohwi",
+           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=2, Cin=40, Cin_p=48, H=15, W=14, Cout=50, K=3, stride=1, pad=1, bias=False, qx_cl=True, qw_layout="ohwi",
+           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=2, Cin=5, Cin_p=16, H=10, W=10, Cout=136, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="oihw",
+           relu=True, affine=False, stats="eval", dz_layout="nchw", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=2, Cin=64, Cin_p=64, H=9, W=8, Cout=16, K=1, stride=1, pad=0, bias=True, qx_cl=True, qw_layout="ohwi",
+           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=3, Cin=50, Cin_p=64, H=7, W=9, Cout=32, K=1, stride=2, pad=0, bias=False, qx_cl=True, qw_layout="oihw",
+           relu=True, affine=True, stats="train", dz_layout="nchw", dz_dtype=F32, momentum=0.1),
+    BnCase(N=1, Cin=64, Cin_p=64, H=6, W=7, Cout=50, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="ohwi",
+           relu=False, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=None),
+    BnCase(N=1, Cin=128, Cin_p=128, H=15, W=14, Cout=100, K=1, stride=1, pad=0, bias=True, qx_cl=True, qw_layout="ohwi",
+           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=3, Cin=64, Cin_p=64, H=12, W=12, Cout=16, K=1, stride=1, pad=0, bias=True, qx_cl=False, qw_layout="ohwi",
+           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=2, Cin=64, Cin_p=64, H=16, W=15, Cout=24, K=1, stride=1, pad=0, bias=True, qx_cl=True, qw_layout="oihw",
+           relu=True, affine=False, stats="eval", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=2, Cin=64, Cin_p=64, H=30, W=28, Cout=40, K=1, stride=2, pad=0, bias=True, qx_cl=True, qw_layout="ohwi",
+           relu=True, affine=True, stats="train", dz_layout="nchw", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=2, Cin=100, Cin_p=128, H=14, W=15, Cout=100, K=1, stride=1, pad=0, bias=False, qx_cl=True,
+           qw_layout="ohwi", relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=1, Cin=64, Cin_p=64, H=11, W=12, Cout=136, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="ohwi",
+           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
 ]
 
 
@@ -69,12 +116,6 @@ def test_the_cases_make_the_table_choose_every_tile():
     assert any(p.splits > 1 for p in plans)  # where the per-layer forward splits K, this kernel does not
     assert any(p.programs > -(-p.mode["M"] // p.tile.BM) for p in plans)  # several column blocks
     assert any(-(-p.mode["M"] // p.tile.BM) > _channel_stats.GROUP for p in plans)  # both merge levels
-
-
-def _ids(c):
-    return "N{}Ci{}p{}H{}W{}Co{}K{}s{}p{}{}{}-{}-{}-{}-{}-dz{}-{}-m{}".format(
-        *c[:9], "-bias" if c[9] else "", "-cl" if c[10] else "-nchw", c[11], "relu" if c[12] else "lin",
-        "affine" if c[13] else "plain", c[14], c[15], str(c[16])[6:], c[17])
 
 
 def _setup(case, device, g):
@@ -121,16 +162,16 @@ def _assert_sums(sums, want, mag, msg):
     assert (err <= bound).all(), f"sums {msg}: worst err/bound {(err / bound).max().item():.3g}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_forward_statistics_and_backward_recompute(device, poisoned, monkeypatch, case, one_torch_thread):
     seed = fresh_seed()
-    msg = f"seed={seed} case={_ids(case)}"
+    msg = f"seed={seed} case={case.id}"
     g = gen(seed)
     N, C, Cp, H, W, CO, K = case[:7]
-    relu, stats, dz_layout, dz_dtype, momentum = case[12], case[14], case[15], case[16], case[17]
+    relu, stats, dz_layout, dz_dtype, momentum = case.relu, case.stats, case.dz_layout, case.dz_dtype, case.momentum
     qx, qw, sx, sw, bias, gamma, beta, rm, rv, nbt, conv = _setup(case, device, g)
     OH, OW = conv2d_output_size(H, W, K, K, *conv)
-    calls = spy_kernels(monkeypatch, [(conv2d_bn, "conv2d_int8_bn_kernel")])
+    calls = spy_launches(monkeypatch, "conv2d_int8_bn_kernel")
     train = stats == "train"
     rm0, rv0 = rm.clone(), rv.clone()
     y, chan, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, 8, 8, gamma, beta, rm, rv, nbt, momentum,

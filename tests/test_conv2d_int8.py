@@ -2,6 +2,7 @@
 the same codes, the int64 chunk combination, the autograd function against autograd through the
 reference (straight-through rule), the int32-overflow guard, groups fallback, bad input."""
 import warnings
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -10,18 +11,9 @@ import torch.nn.functional as F
 from ebkernels import QConfig, force_backend, qconv2d
 from ebkernels.ops._launch import MAX_TERMS
 from ebkernels.ops.gemm import conv as conv2d_int8
-from ebkernels.ops.gemm import conv_fwd_dgrad as _conv_fwd_dgrad
-from ebkernels.ops.gemm import conv_wgrad as _conv_wgrad
 from ebkernels.ops.gemm import tiles as _tiles
 from ebkernels.ops.gemm.conv import conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd, conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference
-from _flow import spy_kernels
-from test_linear_int8 import _QuantizeGrad, _ste_quant
-
-
-def spy_launches(monkeypatch):
-    """The launches of the convolution kernels (forward / input-grad, weight-grad), in order."""
-    return spy_kernels(monkeypatch, ((_conv_fwd_dgrad, "conv2d_int8_fwd_dgrad_kernel"),
-                                     (_conv_wgrad, "conv2d_int8_wgrad_kernel")))
+from helpers import CONV_KERNELS, QuantizeGrad, fresh_seed, gen as seeded, pin_tile, spy_launches, ste_quant
 
 
 def _codes(shape, gen, device, channels_last):
@@ -34,30 +26,43 @@ def _fmt(cl):
     return torch.channels_last if cl else torch.contiguous_format
 
 
-# (N, Cin, H, W, Cout, K, stride, padding, dilation, channels_last)
+class ConvCase(NamedTuple):
+    N: int
+    Cin: int
+    H: int
+    W: int
+    Cout: int
+    K: int
+    stride: object
+    padding: object
+    dilation: object
+    channels_last: bool
+
+    @property
+    def id(self):
+        layout = "cl" if self.channels_last else "nchw"
+        return "N{}C{}H{}W{}O{}K{}s{}p{}d{}{}".format(*self[:9], layout).replace(" ", "")
+
+
 CASES = [
-    (1, 3, 5, 5, 17, 3, 1, 1, 1, True),
-    (3, 17, 7, 7, 3, 3, 2, 1, 1, False),
-    (1, 3, 13, 13, 8, 5, 2, 0, 2, True),
-    (2, 4, 7, 5, 17, 7, 1, 3, 1, False),
-    (8, 17, 5, 5, 3, 1, 2, 1, 1, True),
-    (3, 64, 5, 7, 17, 3, 1, 1, 2, False),
-    (1, 17, 13, 13, 64, 3, 2, 3, 1, True),
-    (2, 3, 5, 7, 3, 5, (1, 2), (0, 1), (1, 2), True),
+    ConvCase(N=1, Cin=3, H=5, W=5, Cout=17, K=3, stride=1, padding=1, dilation=1, channels_last=True),
+    ConvCase(N=3, Cin=17, H=7, W=7, Cout=3, K=3, stride=2, padding=1, dilation=1, channels_last=False),
+    ConvCase(N=1, Cin=3, H=13, W=13, Cout=8, K=5, stride=2, padding=0, dilation=2, channels_last=True),
+    ConvCase(N=2, Cin=4, H=7, W=5, Cout=17, K=7, stride=1, padding=3, dilation=1, channels_last=False),
+    ConvCase(N=8, Cin=17, H=5, W=5, Cout=3, K=1, stride=2, padding=1, dilation=1, channels_last=True),
+    ConvCase(N=3, Cin=64, H=5, W=7, Cout=17, K=3, stride=1, padding=1, dilation=2, channels_last=False),
+    ConvCase(N=1, Cin=17, H=13, W=13, Cout=64, K=3, stride=2, padding=3, dilation=1, channels_last=True),
+    ConvCase(N=2, Cin=3, H=5, W=7, Cout=3, K=5, stride=(1, 2), padding=(0, 1), dilation=(1, 2), channels_last=True),
     # channel counts that are multiples of 16 in NHWC: the launchers pass ALIGN=16 (vector-load hints)
-    (2, 32, 6, 5, 16, 3, 1, 1, 1, True),
-    (2, 16, 7, 7, 32, 3, 2, 1, 1, True),
+    ConvCase(N=2, Cin=32, H=6, W=5, Cout=16, K=3, stride=1, padding=1, dilation=1, channels_last=True),
+    ConvCase(N=2, Cin=16, H=7, W=7, Cout=32, K=3, stride=2, padding=1, dilation=1, channels_last=True),
 ]
 
 
-def _ids(c):
-    return "N{}C{}H{}W{}O{}K{}s{}p{}d{}{}".format(*c[:9], "cl" if c[9] else "nchw").replace(" ", "")
-
-
-@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_integer_sums_exact(device, poisoned, case):
     N, C, H, W, CO, K, stride, padding, dilation, cl = case
-    gen = torch.Generator().manual_seed(hash(_ids(case)) % 2**31)
+    gen = seeded(fresh_seed())
     s2, p2, d2 = (conv2d_int8._pair(n, v, 0) for n, v in (("s", stride), ("p", padding), ("d", dilation)))
     qx = _codes((N, C, H, W), gen, device, cl)
     qw = _codes((CO, C, K, K), gen, device, False)
@@ -114,7 +119,7 @@ def test_chunked_reductions_and_epilogue(device, poisoned, cl):
 def test_wgrad_int32_overflow_guard(device, poisoned, monkeypatch):
     """Weight-grad reduction over N·OH·OW = 134,689 rows of maximal codes: 127² · 134,689 > 2^31."""
     if device.type == "cpu":  # long row chunks: few (slow) interpreter loop steps
-        monkeypatch.setattr(_tiles, "wgrad_tile", lambda CO, C, align, taps: _tiles.Tile(16, 16, 16384, True, 4, 1, 1))
+        pin_tile(monkeypatch, _tiles, "wgrad_tile", _tiles.Tile(16, 16, 16384, True, 4, 1, 1))
     H = W = 367
     qx = torch.full((1, 1, H, W), 127, dtype=torch.int8)
     qx[..., 0, :5] = -7  # a few other values so the taps differ
@@ -136,9 +141,9 @@ def test_wgrad_int32_overflow_guard(device, poisoned, monkeypatch):
 # qconv2d: forward / backward
 # --------------------------------------------------------------------------------------------------
 def _reference_qconv(x, w, b, stride, padding, dilation, groups, qc):
-    y = F.conv2d(_ste_quant(x.double(), qc.bits_a), _ste_quant(w.double(), qc.bits_w),
+    y = F.conv2d(ste_quant(x.double(), qc.bits_a), ste_quant(w.double(), qc.bits_w),
                  None if b is None else b.double(), stride, padding, dilation, groups)
-    return _QuantizeGrad.apply(y, qc.bits_e) if qc.bits_e is not None else y
+    return QuantizeGrad.apply(y, qc.bits_e) if qc.bits_e is not None else y
 
 
 def _check_qconv(device, shape, CO, K, stride, padding, dilation, groups, cl, bias, qc, seed):
@@ -169,17 +174,31 @@ def _check_qconv(device, shape, CO, K, stride, padding, dilation, groups, cl, bi
         torch.testing.assert_close(qconv2d(x0, w0, b0, stride, padding, dilation, groups, qc), y, rtol=0, atol=0)
 
 
-# (shape, Cout, K, stride, padding, dilation, channels_last, bias)
+class QConvCase(NamedTuple):
+    shape: tuple
+    Cout: int
+    K: int
+    stride: int
+    padding: int
+    dilation: int
+    channels_last: bool
+    bias: bool
+
+    @property
+    def id(self):
+        return f"{self.shape}-O{self.Cout}K{self.K}s{self.stride}p{self.padding}d{self.dilation}"
+
+
 STE_CASES = [
-    ((1, 3, 5, 5), 17, 3, 1, 1, 1, True, True),
-    ((3, 17, 7, 7), 3, 3, 2, 1, 1, False, False),
-    ((2, 4, 7, 5), 8, 5, 2, 3, 2, True, True),
-    ((8, 3, 5, 5), 3, 1, 2, 0, 1, False, True),
-    ((1, 3, 7, 7), 5, 7, 1, 3, 1, True, False),
+    QConvCase(shape=(1, 3, 5, 5), Cout=17, K=3, stride=1, padding=1, dilation=1, channels_last=True, bias=True),
+    QConvCase(shape=(3, 17, 7, 7), Cout=3, K=3, stride=2, padding=1, dilation=1, channels_last=False, bias=False),
+    QConvCase(shape=(2, 4, 7, 5), Cout=8, K=5, stride=2, padding=3, dilation=2, channels_last=True, bias=True),
+    QConvCase(shape=(8, 3, 5, 5), Cout=3, K=1, stride=2, padding=0, dilation=1, channels_last=False, bias=True),
+    QConvCase(shape=(1, 3, 7, 7), Cout=5, K=7, stride=1, padding=3, dilation=1, channels_last=True, bias=False),
 ]
 
 
-@pytest.mark.parametrize("case", STE_CASES, ids=[f"{c[0]}-O{c[1]}K{c[2]}s{c[3]}p{c[4]}d{c[5]}" for c in STE_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in STE_CASES])
 def test_qconv2d_forward_backward_ste(device, poisoned, case):
     shape, CO, K, stride, padding, dilation, cl, bias = case
     _check_qconv(device, shape, CO, K, stride, padding, dilation, 1, cl, bias, QConfig(bits_g=None),
@@ -264,18 +283,20 @@ def test_qconv2d_torch_compile(device):
 # W codes' Cin (and the E codes' Cout) with zeros, so every int8 kernel runs its aligned path (ALIGN=16);
 # fewer than 16 (first layer Cin = 3, Cin = 5) stay unpadded: the flat (tap, channel) layouts, ALIGN=1.
 PAD_CASES = [
-    ((2, 3, 6, 6), 17, 3, 1, 1, 1, True, True),
-    ((4, 3, 4, 4), 20, 3, 1, 1, 1, False, True),  # M = 64: the weight-grad is aligned too
-    ((2, 5, 7, 7), 16, 3, 2, 1, 1, False, False),
-    ((1, 20, 5, 5), 24, 1, 1, 0, 1, True, True),
-    ((2, 5, 4, 4), 32, 1, 1, 0, 1, True, False),  # 1×1: weight-grad on channel-major E and X codes, M = 32
+    QConvCase(shape=(2, 3, 6, 6), Cout=17, K=3, stride=1, padding=1, dilation=1, channels_last=True, bias=True),
+    # M = 64: the weight-grad is aligned too
+    QConvCase(shape=(4, 3, 4, 4), Cout=20, K=3, stride=1, padding=1, dilation=1, channels_last=False, bias=True),
+    QConvCase(shape=(2, 5, 7, 7), Cout=16, K=3, stride=2, padding=1, dilation=1, channels_last=False, bias=False),
+    QConvCase(shape=(1, 20, 5, 5), Cout=24, K=1, stride=1, padding=0, dilation=1, channels_last=True, bias=True),
+    # 1×1: weight-grad on channel-major E and X codes, M = 32
+    QConvCase(shape=(2, 5, 4, 4), Cout=32, K=1, stride=1, padding=0, dilation=1, channels_last=True, bias=False),
 ]
 
 
-@pytest.mark.parametrize("case", PAD_CASES, ids=[f"{c[0]}-O{c[1]}K{c[2]}s{c[3]}" for c in PAD_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in PAD_CASES])
 def test_qconv2d_unaligned_channels_are_padded_onto_the_aligned_path(device, poisoned, monkeypatch, case):
     shape, CO, K, stride, padding, dilation, cl, bias = case
-    calls = spy_launches(monkeypatch)
+    calls = spy_launches(monkeypatch, *CONV_KERNELS)
     _check_qconv(device, shape, CO, K, stride, padding, dilation, 1, cl, bias, QConfig(bits_g=None), seed=CO + K)
     if conv2d_int8.use_triton(torch.empty(1, device=device)):
         # forward, input-grad, weight-grad: all on 16-byte aligned operands (the weight-grad's channel-major E
@@ -312,25 +333,43 @@ def test_qconv2d_saved_codes_are_channel_padded(device):
     assert all(torch.count_nonzero(t[:, 17:]) == 0 for t in big)
 
 
-# (N, Cin, H, W, Cout, K, stride, padding, dilation, x channel-major): E codes channel-major ([Cout, N·OH·OW],
-# rows contiguous), as QConv2dFunction hands them to the weight-grad (its K-major MMA operand, E_CM); for a
-# 1×1 / stride-1 / unpadded kernel the input codes channel-major too (X_CM: both operands K-major)
+class EcmCase(NamedTuple):
+    """E codes channel-major ([Cout, N·OH·OW], rows contiguous), as QConv2dFunction hands them to the
+    weight-grad (its K-major MMA operand, E_CM); ``x_cm``: for a 1×1 / stride-1 / unpadded kernel the input
+    codes channel-major too (X_CM: both operands K-major)."""
+    N: int
+    Cin: int
+    H: int
+    W: int
+    Cout: int
+    K: int
+    stride: int
+    padding: int
+    dilation: int
+    x_cm: bool
+
+    @property
+    def id(self):
+        return "N{}C{}H{}W{}O{}K{}s{}p{}d{}xcm{}".format(*self)
+
+
 ECM_CASES = [
-    (2, 16, 8, 8, 32, 3, 1, 1, 1, False),  # M = 128: ALIGN=16
-    (3, 17, 7, 7, 5, 3, 2, 1, 1, False),
-    (2, 16, 5, 5, 16, 1, 1, 0, 1, False),
-    (1, 3, 9, 9, 8, 3, 1, 2, 2, False),
-    (2, 16, 8, 8, 32, 1, 1, 0, 1, True),  # X_CM, ALIGN=16
-    (3, 5, 5, 3, 17, 1, 1, 0, 1, True),  # X_CM, ALIGN=1
-    (2, 16, 8, 8, 16, 1, 2, 0, 1, True),  # stride 2: not X_CM (the strided input pixels), still exact
+    EcmCase(N=2, Cin=16, H=8, W=8, Cout=32, K=3, stride=1, padding=1, dilation=1, x_cm=False),  # M = 128: ALIGN=16
+    EcmCase(N=3, Cin=17, H=7, W=7, Cout=5, K=3, stride=2, padding=1, dilation=1, x_cm=False),
+    EcmCase(N=2, Cin=16, H=5, W=5, Cout=16, K=1, stride=1, padding=0, dilation=1, x_cm=False),
+    EcmCase(N=1, Cin=3, H=9, W=9, Cout=8, K=3, stride=1, padding=2, dilation=2, x_cm=False),
+    EcmCase(N=2, Cin=16, H=8, W=8, Cout=32, K=1, stride=1, padding=0, dilation=1, x_cm=True),  # X_CM, ALIGN=16
+    EcmCase(N=3, Cin=5, H=5, W=3, Cout=17, K=1, stride=1, padding=0, dilation=1, x_cm=True),  # X_CM, ALIGN=1
+    # stride 2: not X_CM (the strided input pixels), still exact
+    EcmCase(N=2, Cin=16, H=8, W=8, Cout=16, K=1, stride=2, padding=0, dilation=1, x_cm=True),
 ]
 
 
 @pytest.mark.parametrize("max_terms", [MAX_TERMS, 64], ids=["direct", "split"])
-@pytest.mark.parametrize("case", ECM_CASES, ids=["N{}C{}H{}W{}O{}K{}s{}p{}d{}xcm{}".format(*c) for c in ECM_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in ECM_CASES])
 def test_wgrad_channel_major_e_exact(device, poisoned, monkeypatch, case, max_terms):
     N, C, H, W, CO, K, stride, padding, dilation, x_cm = case
-    calls = spy_launches(monkeypatch)
+    calls = spy_launches(monkeypatch, *CONV_KERNELS)
     gen = torch.Generator().manual_seed(sum(case) + max_terms)
     OH, OW = conv2d_int8.conv2d_output_size(H, W, K, K, (stride,) * 2, (padding,) * 2, (dilation,) * 2)
     qx = _codes((C, N, H, W), gen, device, False).permute(1, 0, 2, 3) if x_cm else _codes((N, C, H, W), gen, device,

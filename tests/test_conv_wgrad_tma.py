@@ -4,25 +4,47 @@ float64 oracle on every box shape, rectangular / dilated / padded kernels, ragge
 several, raw and scaled, and bit-identical to the generic kernel with the G quantization fused; the table
 takes it only where it fits. Under the interpreter it runs with ``config.override(wgrad_tma=True)`` (on a GPU,
 sm_90 decides)."""
+from typing import NamedTuple
+
 import pytest
 import torch
 
-from ebkernels.ops.gemm import conv_wgrad_tma as _conv_wgrad_tma, tiles as _tiles, conv as conv2d_int8
+from ebkernels.ops.gemm import conv_wgrad_tma as _conv_wgrad_tma, tiles as _tiles
 from ebkernels.ops.gemm.conv import conv2d_int8_wgrad, conv2d_int8_wgrad_reference
 from ebkernels.ops._launch import conv2d_output_size
-from _flow import spy_kernels
+from helpers import spy_launches
 
-# (N, Cin, H, W, Cout, (KH, KW), padding, dilation): the box (BH, BW) follows OW: (4, 16) for OW <= 16,
-# (2, 32) up to 32, (1, 64) above; ragged channels (20, 24, 40: Cin/Cout tiles with zero rows)
+class TmaCase(NamedTuple):
+    N: int
+    Cin: int
+    H: int
+    W: int
+    Cout: int
+    kernel: tuple  # (KH, KW)
+    padding: tuple
+    dilation: tuple
+
+    @property
+    def id(self):
+        return "N{}C{}H{}W{}O{}".format(*self[:5]) + "K{}x{}".format(*self.kernel)
+
+
+# the box (BH, BW) follows OW: (4, 16) for OW <= 16, (2, 32) up to 32, (1, 64) above; ragged channels (20, 24,
+# 40: Cin/Cout tiles with zero rows)
 CASES = [
-    (2, 16, 16, 16, 16, (3, 3), (1, 1), (1, 1)),   # (4, 16), the CIFAR shape
-    (1, 24, 6, 20, 40, (3, 3), (1, 1), (1, 1)),    # (2, 32): 20 of 32 columns
-    (1, 16, 3, 40, 20, (3, 3), (1, 1), (1, 1)),    # (1, 64): 40 of 64 columns
-    (2, 32, 7, 30, 16, (3, 2), (1, 0), (1, 2)),    # rectangular, dilated columns, no column padding
-    (1, 16, 9, 24, 32, (5, 5), (4, 4), (2, 2)),    # 5×5 dilation 2
-    (1, 40, 5, 16, 24, (1, 3), (0, 1), (1, 1)),    # one row of taps: OHs past the padded image
+    # (4, 16), the CIFAR shape
+    TmaCase(N=2, Cin=16, H=16, W=16, Cout=16, kernel=(3, 3), padding=(1, 1), dilation=(1, 1)),
+    # (2, 32): 20 of 32 columns
+    TmaCase(N=1, Cin=24, H=6, W=20, Cout=40, kernel=(3, 3), padding=(1, 1), dilation=(1, 1)),
+    # (1, 64): 40 of 64 columns
+    TmaCase(N=1, Cin=16, H=3, W=40, Cout=20, kernel=(3, 3), padding=(1, 1), dilation=(1, 1)),
+    # rectangular, dilated columns, no column padding
+    TmaCase(N=2, Cin=32, H=7, W=30, Cout=16, kernel=(3, 2), padding=(1, 0), dilation=(1, 2)),
+    TmaCase(N=1, Cin=16, H=9, W=24, Cout=32, kernel=(5, 5), padding=(4, 4), dilation=(2, 2)),  # 5×5 dilation 2
+    # one row of taps: OHs past the padded image
+    TmaCase(N=1, Cin=40, H=5, W=16, Cout=24, kernel=(1, 3), padding=(0, 1), dilation=(1, 1)),
 ]
-IDS = ["N{}C{}H{}W{}O{}".format(*c[:5]) + "K{}x{}".format(*c[5]) for c in CASES]
+PARAMS = [pytest.param(c, id=c.id) for c in CASES]
 
 
 def _codes(shape, gen):
@@ -43,10 +65,10 @@ def tma_on(settings):
 
 
 def _spy(monkeypatch):
-    return spy_kernels(monkeypatch, [(_conv_wgrad_tma, "conv2d_int8_wgrad_tma_kernel")])
+    return spy_launches(monkeypatch, "conv2d_int8_wgrad_tma_kernel")
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", PARAMS)
 def test_operand_copies_match_reference(device, poisoned, case, one_torch_thread):
     N, C, H, W, CO, (KH, KW), pad, dil = case
     qx, qe, OH, OW = _case(case, torch.Generator().manual_seed(sum(case[:5])), device)
@@ -58,7 +80,7 @@ def test_operand_copies_match_reference(device, poisoned, case, one_torch_thread
     assert torch.equal(ed.cpu(), ed_ref) and torch.equal(xd.cpu(), xd_ref)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", PARAMS)
 def test_tma_wgrad_exact(device, poisoned, monkeypatch, tma_on, case, one_torch_thread):
     N, C, H, W, CO, (KH, KW), pad, dil = case
     qx, qe, OH, OW = _case(case, torch.Generator().manual_seed(sum(case[:5]) + 1), device)
@@ -79,38 +101,64 @@ def test_tma_wgrad_exact(device, poisoned, monkeypatch, tma_on, case, one_torch_
 
 def test_fused_g_quantization_matches_the_generic_kernel(device, monkeypatch, settings, one_torch_thread):
     """The G quantization in the TMA kernel's epilogue gives the generic kernel's codes bit for bit (same
-    gradient, same rounding stream), for nearest and stochastic rounding, one split and several."""
+    gradient, same rounding stream), for nearest and stochastic rounding, one split and several (the op of
+    the autograd functions' weight-grad, ``conv.weight_grad_op``, with its ``max_terms``)."""
     from ebkernels import QConfig, _rng
-    from ebkernels.ops.gemm.conv import weight_grad_op
+    from ebkernels.ops.gemm.conv import conv2d_int8_wgrad_op
 
     case = CASES[0]
     N, C, H, W, CO, (KH, KW), pad, dil = case
     qx, qe, OH, OW = _case(case, torch.Generator().manual_seed(7), device)
     se, sx = torch.tensor(2.0 ** -9, device=device), torch.tensor(2.0 ** -4, device=device)
     calls = _spy(monkeypatch)
-    for rounding, max_terms in (("nearest", None), ("stochastic", None), ("stochastic", 64)):
-        if max_terms:  # splits of one box each: the fix-up's last split quantizes
-            monkeypatch.setattr(conv2d_int8, "MAX_TERMS", max_terms)
+    # max_terms 64: splits of one box each: the fix-up's last split quantizes
+    for rounding, max_terms in (("nearest", _tiles.MAX_TERMS), ("stochastic", _tiles.MAX_TERMS), ("stochastic", 64)):
         qc = QConfig(rounding_g=rounding)
         got = {}
         for tma in (False, True):
             settings(wgrad_tma=tma)
             _rng.manual_seed(11)
-            got[tma] = weight_grad_op(qe, qx, se, sx, [KH, KW], [1, 1], list(pad), list(dil), 1, qc, [CO, C])
+            rng = _rng.device_state(qe.device) if rounding == "stochastic" else None  # as weight_grad_op passes it
+            got[tma] = conv2d_int8_wgrad_op(qe, qx, se, sx, [KH, KW], [1, 1], list(pad), list(dil), 1, qc.bits_e,
+                                            qc.bits_a, torch.float32, max_terms, qc.bits_g, rounding, [CO, C], rng)
         assert torch.equal(got[False], got[True])
         assert got[True].abs().sum() > 0
     assert [c["SPLIT_FIX"] for c in calls] == [False, False, True]
 
 
-@pytest.mark.parametrize("shape, why", [
-    ((2, 16, 16, 16, 16, 16, 16, 3, 3, (2, 2), (1, 1)), "stride 2"),
-    ((2, 16, 16, 16, 16, 16, 16, 1, 1, (1, 1), (0, 0)), "one tap (the channel-major 1×1 path)"),
-    ((2, 8, 16, 16, 16, 16, 16, 3, 3, (1, 1), (1, 1)), "fewer than 16 input channels (flat columns)"),
-    ((2, 16, 8, 8, 16, 8, 8, 3, 3, (1, 1), (1, 1)), "8-wide rows: half the 16-wide box padding"),
-    ((2, 16, 33, 33, 16, 33, 33, 3, 3, (1, 1), (1, 1)), "33 of 64 columns"),
-    ((1, 16, 3, 18, 16, 3, 16, 1, 3, (1, 1), (0, 0)), "3 input rows: a 4-row box taller than the copies"),
-])
-def test_table_takes_tma_only_where_it_fits(shape, why):
+class Geometry(NamedTuple):
+    N: int
+    Cin: int
+    H: int
+    W: int
+    Cout: int
+    OH: int
+    OW: int
+    KH: int
+    KW: int
+    stride: tuple
+    padding: tuple
+
+
+NO_TMA = [  # why the table must not take the TMA weight-grad: the id
+    pytest.param(Geometry(N=2, Cin=16, H=16, W=16, Cout=16, OH=16, OW=16, KH=3, KW=3, stride=(2, 2), padding=(1, 1)),
+                 id="stride 2"),
+    pytest.param(Geometry(N=2, Cin=16, H=16, W=16, Cout=16, OH=16, OW=16, KH=1, KW=1, stride=(1, 1), padding=(0, 0)),
+                 id="one tap (the channel-major 1×1 path)"),
+    pytest.param(Geometry(N=2, Cin=8, H=16, W=16, Cout=16, OH=16, OW=16, KH=3, KW=3, stride=(1, 1), padding=(1, 1)),
+                 id="fewer than 16 input channels (flat columns)"),
+    pytest.param(Geometry(N=2, Cin=16, H=8, W=8, Cout=16, OH=8, OW=8, KH=3, KW=3, stride=(1, 1), padding=(1, 1)),
+                 id="8-wide rows: half the 16-wide box padding"),
+    pytest.param(Geometry(N=2, Cin=16, H=33, W=33, Cout=16, OH=33, OW=33, KH=3, KW=3, stride=(1, 1), padding=(1, 1)),
+                 id="33 of 64 columns"),
+    pytest.param(Geometry(N=1, Cin=16, H=3, W=18, Cout=16, OH=3, OW=16, KH=1, KW=3, stride=(1, 1), padding=(0, 0)),
+                 id="3 input rows: a 4-row box taller than the copies"),
+]
+
+
+@pytest.mark.parametrize("shape", NO_TMA)
+def test_table_takes_tma_only_where_it_fits(shape, request):
+    why = request.node.callspec.id
     N, C, H, W, CO, OH, OW, KH, KW, stride, pad = shape
     tile = _tiles.wgrad_tile(CO, C, 16, KH * KW)
     assert _tiles.wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, pad, C, CO, tile) is None, why

@@ -1,8 +1,8 @@
 """The fused early-bird mask update (SPEC §3): the Triton kernel (interpreter on CPU, CUDA where present)
 and the sort-based PyTorch reference, bit for bit, against the SPEC formula written with numpy.
 
-Fresh random gamma sets every run (the seed is in every failure message). The 2·10⁶-channel case runs
-on the interpreter too (one call, a few seconds); the C++ op is checked at that size in test_native.py.
+Random gamma sets from the test's seed (``helpers.fresh_seed``, in every failure message). The 2·10⁶-channel
+case runs on the interpreter too (one call, a few seconds); the C++ op is checked at that size in test_native.py.
 """
 import math
 
@@ -12,62 +12,7 @@ import torch
 
 import ebkernels
 from ebkernels.detector.early_bird_mask import early_bird_update, early_bird_update_reference, early_bird_update_triton, n_words, pack_masks, popcount_words, ratio_keep, ratio_ks, unpack_masks
-
-RATIOS = (0.3, 0.5, 0.7)
-VGG16_BN = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
-
-
-def preresnet_bn_widths(depth: int = 101) -> list[int]:
-    """BatchNorm2d widths of the CIFAR pre-activation bottleneck ResNet (network-slimming layout):
-    per block bn1 over the block input, bn2/bn3 over the inner width; a final BN over the stream."""
-    n = (depth - 2) // 9  # 11 blocks per stage for depth 101
-    widths, inplanes = [], 16
-    for planes in (16, 32, 64):
-        for _ in range(n):
-            widths += [inplanes, planes, planes]
-            inplanes = planes * 4  # expansion 4
-    return widths + [inplanes]
-
-
-PRERESNET101_BN = preresnet_bn_widths(101)
-TOTALS = [1, 31, 32, 33, sum(VGG16_BN), sum(PRERESNET101_BN)]
-KINDS = ["randn", "ties", "all_equal", "zeros", "negatives", "mixed"]
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
-
-
-def fresh_gammas(total: int, kind: str, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if kind == "randn":
-        return torch.randn(total, generator=g) * 10 ** torch.empty(1).uniform_(-3, 1, generator=g).item()
-    if kind == "ties":  # few distinct magnitudes, both signs: long runs of equal |gamma|
-        levels = torch.tensor([0.0, 0.25, 0.5, 1.0, 2.0])
-        vals = levels[torch.randint(0, 5, (total,), generator=g)]
-        return vals * (torch.randint(0, 2, (total,), generator=g) * 2 - 1)
-    if kind == "all_equal":
-        return torch.full((total,), float(torch.rand(1, generator=g).item() + 0.1))
-    if kind == "zeros":
-        return torch.zeros(total)
-    if kind == "negatives":
-        return -torch.rand(total, generator=g) - 1e-3
-    if kind == "mixed":  # zeros, signed ties, tiny (subnormal) and huge magnitudes
-        x = torch.randn(total, generator=g)
-        pick = torch.randint(0, 5, (total,), generator=g)
-        x = torch.where(pick == 0, torch.zeros_like(x), x)
-        x = torch.where(pick == 1, torch.sign(x) * 0.5, x)
-        x = torch.where(pick == 2, x * 1e-40, x)
-        x = torch.where(pick == 3, x * 1e30, x)
-        return x
-    raise AssertionError(kind)
-
-
-def spec_masks_numpy(gammas: torch.Tensor, ratios) -> np.ndarray:
-    """SPEC §3 in numpy: thr = sort(|g|)[floor(total * p)], keep = |g| > thr; bool [R, total]."""
-    a = np.abs(gammas.cpu().numpy().astype(np.float32))
-    s = np.sort(a)
-    return np.stack([a > s[int(math.floor(a.size * p))] for p in ratios])
+from helpers import KINDS, PRERESNET101_BN, RATIOS, TOTALS, fresh_gammas, fresh_seed, spec_masks_numpy
 
 
 def spec_distances_numpy(new_masks: np.ndarray, ring_words: torch.Tensor, total: int, slot: int):
@@ -95,7 +40,7 @@ def _check_update(gammas, ratios, device, seed, H=5):
     total = gammas.numel()
     ring0 = _random_ring(len(ratios), H, total, seed, "cpu")
     ring_ref, ring_tri = ring0.clone(), ring0.clone().to(device)
-    slot = int(torch.randint(0, H, (1,)))
+    slot = seed % H
     packed_ref, dist_ref, thr_ref = _run(early_bird_update_reference, gammas, ratios, ring_ref, slot)
     packed, dist, thr = _run(early_bird_update_triton, gammas.to(device), ratios, ring_tri, slot)
     msg = f"total={total} seed={seed} slot={slot}"
@@ -118,25 +63,25 @@ def _check_update(gammas, ratios, device, seed, H=5):
 @pytest.mark.parametrize("total", TOTALS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_kernel_matches_sort_reference(total, kind, device):
-    seed = _seed()
+    seed = fresh_seed()
     _check_update(fresh_gammas(total, kind, seed), RATIOS, device, seed)
 
 
 def test_two_million_channels(device):
-    seed = _seed()
+    seed = fresh_seed()
     g = fresh_gammas(2_000_000, "mixed", seed)
     _check_update(g, RATIOS, device, seed, H=2)
 
 
 @pytest.mark.parametrize("total", [(1 << 18) + 33])  # two interpreter blocks, a partial word
 def test_multi_block_totals(total, device):
-    seed = _seed()
+    seed = fresh_seed()
     _check_update(fresh_gammas(total, "ties", seed), (0.1, 0.9), device, seed, H=3)
 
 
 def test_many_ratios_and_extremes(device):
     """Ratios next to 0 and 1 (k = 0 and k = total - 1), repeated ratios, one launch."""
-    seed = _seed()
+    seed = fresh_seed()
     total = 1000
     ratios = (1e-9, 0.001, 0.5, 0.5, 0.999, 1 - 1e-9)
     assert ratio_ks(total, ratios) == [0, 1, 500, 500, 999, 999]
@@ -144,7 +89,7 @@ def test_many_ratios_and_extremes(device):
 
 
 def test_sign_is_ignored(device):
-    seed = _seed()
+    seed = fresh_seed()
     g = fresh_gammas(4224, "randn", seed)
     m_pos = ebkernels.channel_mask(g.abs().to(device), RATIOS)
     m_neg = ebkernels.channel_mask((-g.abs()).to(device), RATIOS)
@@ -170,7 +115,7 @@ def test_nan_sorts_last_and_is_never_kept(device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_gammas_widen_exactly(dtype, device):
-    seed = _seed()
+    seed = fresh_seed()
     g = fresh_gammas(999, "randn", seed).to(dtype)
     mask = ebkernels.channel_mask(g.to(device), 0.5)
     expect = spec_masks_numpy(g.float(), (0.5,))[0]
@@ -178,7 +123,7 @@ def test_low_precision_gammas_widen_exactly(dtype, device):
 
 
 def test_channel_mask_matches_for_several_ratios(device):
-    seed = _seed()
+    seed = fresh_seed()
     g = fresh_gammas(sum(PRERESNET101_BN), "randn", seed).to(device)
     masks = ebkernels.channel_mask(g, RATIOS)
     assert masks.shape == (3, g.numel()) and masks.dtype == torch.bool and masks.device == g.device
@@ -193,7 +138,7 @@ def test_channel_mask_matches_for_several_ratios(device):
 def test_host_rule_is_the_kernels(kind):
     """``ratio_keep`` (the host rule pruning and the other criteria use) is the SPEC formula the kernel
     computes, ties and every kind of gamma included."""
-    seed = _seed()
+    seed = fresh_seed()
     g = fresh_gammas(1000, kind, seed)
     expect = spec_masks_numpy(g, RATIOS)
     for p, e in zip(RATIOS, expect):
@@ -201,7 +146,7 @@ def test_host_rule_is_the_kernels(kind):
 
 
 def test_pack_unpack_and_popcount():
-    seed = _seed()
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     for total in (1, 31, 32, 33, 95, 1000):
         keep = torch.rand(3, total, generator=gen) < 0.5

@@ -21,10 +21,7 @@ from ebkernels.models.preresnet import Bottleneck
 from ebkernels.ops.fused import block
 from ebkernels.ops.fused.block import BlockOutput, FusedBlockFunction
 from ebkernels.ops.quantize import dequantize, quantize
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+from helpers import fresh_seed
 
 
 def rel(a, b) -> float:

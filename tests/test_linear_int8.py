@@ -6,13 +6,12 @@ import torch
 import torch.nn.functional as F
 
 import ebkernels
-from benchmarks.flow import _Launches as TritonLaunches
-from ebkernels import QConfig, dequantize, force_backend, qlinear, quantize
+from ebkernels import QConfig, force_backend, qlinear
 from ebkernels.ops.gemm import linear as linear_int8
 from ebkernels.ops._buffers import _POOLS
 from ebkernels.ops._launch import MAX_TERMS
 from ebkernels.ops.gemm.linear import linear_int8_mm, linear_int8_mm_reference
-from _flow import fresh_seed, spy_kernels
+from helpers import LaunchSpy, QuantizeGrad, fresh_seed, pin_tile, spy_launches, ste_quant
 
 
 def _codes(shape, gen, device, lo=-127, hi=127):
@@ -74,11 +73,6 @@ def test_dequantized_epilogue(device, poisoned, M, K, N, bias, out_dtype):
                                atol=1e-5)
 
 
-def spy_gemm(monkeypatch):
-    """The launches of the Linear GEMM kernel, in order (grid, constexprs)."""
-    return spy_kernels(monkeypatch, ((linear_int8, "linear_int8_gemm_kernel"),))
-
-
 def pools_are_zero() -> bool:
     """Every counter pool (semaphores, split-K workspaces) is zero again: the next launch needs no memset."""
     return bool(_POOLS) and all(int(torch.count_nonzero(p)) == 0 for p in _POOLS.values())
@@ -97,12 +91,12 @@ def test_split_k_in_one_launch(device, poisoned, monkeypatch, layout):
     sb = torch.tensor(2.0 ** 3, device=device)
     bias = torch.randn(N, generator=gen).to(device)
     ac, bc = a.cpu(), b.cpu()
-    calls = spy_gemm(monkeypatch)
+    calls = spy_launches(monkeypatch, "linear_int8_gemm_kernel")
     for scales, out_dtype in (((None, None, None), torch.float32), ((sa, sb, bias), torch.float32),
                               ((sa, sb, bias), torch.bfloat16)):
         ref = linear_int8_mm_reference(ac, bc, *(t if t is None else t.cpu() for t in scales), 8, 8, out_dtype)
         assert torch.count_nonzero(ref) == ref.numel()
-        with TritonLaunches(dry=False) as launches:
+        with LaunchSpy() as launches:
             got = linear_int8_mm(a, b, *scales, out_dtype=out_dtype, max_terms=max_terms)
         msg = f"seed={s} {layout} {got.dtype}"
         assert dict(launches.count) == {"linear_int8_gemm_kernel": 1}, msg
@@ -118,13 +112,13 @@ def long_k_tiles(monkeypatch, device):
     """Under the interpreter, long K tiles so a 134,000-term reduction takes few (slow) loop steps."""
     if device.type == "cpu":
         tiles = {"BM": 16, "BN": 16, "BK": 4096, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
-        monkeypatch.setattr(linear_int8, "gemm_tiles", lambda dev, align=16: tiles)
+        pin_tile(monkeypatch, linear_int8, "gemm_tiles", tiles)
 
 
 def test_int32_overflow_guard(device, poisoned, long_k_tiles, monkeypatch):
     """Weight-grad-like reduction of 134,000 maximal products: 127² · 134,000 > 2^31: split, each split's
     int32 sum at most 2^17 terms, the splits added in int64."""
-    calls = spy_gemm(monkeypatch)
+    calls = spy_launches(monkeypatch, "linear_int8_gemm_kernel")
     rows = 134_000
     e = torch.full((rows, 2), 127, dtype=torch.int8)
     x = torch.full((rows, 3), -127, dtype=torch.int8)
@@ -145,33 +139,11 @@ def test_int32_overflow_guard(device, poisoned, long_k_tiles, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # qlinear: forward / backward
 # --------------------------------------------------------------------------------------------------
-def _ste_quant(t, bits, mode="shift"):
-    """Quantize-dequantize with the straight-through gradient."""
-    if bits is None:
-        return t
-    codes, s = quantize(t.detach(), bits, mode=mode)
-    return t + (dequantize(codes, s, bits).to(t.dtype) - t).detach()
-
-
-class _QuantizeGrad(torch.autograd.Function):
-    """Identity forward; E quantization (nearest) on the way back."""
-
-    @staticmethod
-    def forward(ctx, y, bits):
-        ctx.bits = bits
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g):
-        codes, s = quantize(g, ctx.bits)
-        return dequantize(codes, s, ctx.bits).to(g.dtype), None
-
-
 def _reference_qlinear(x, w, b, qc):
     """Autograd through float64 ops on the quantized operands (straight-through rule)."""
-    y = F.linear(_ste_quant(x.double(), qc.bits_a), _ste_quant(w.double(), qc.bits_w),
+    y = F.linear(ste_quant(x.double(), qc.bits_a), ste_quant(w.double(), qc.bits_w),
                  None if b is None else b.double())
-    return _QuantizeGrad.apply(y, qc.bits_e) if qc.bits_e is not None else y
+    return QuantizeGrad.apply(y, qc.bits_e) if qc.bits_e is not None else y
 
 
 QCONFIGS = {

@@ -3,31 +3,54 @@ position against a brute-force first-maximum scan, the PyTorch reference and ``F
 codes as floats; the backward against the reference and against autograd of ``F.max_pool2d`` (PyTorch's
 first-maximum rule) — exactly, with gradients whose sums are exact. Ceil mode on odd sizes, overlapping
 windows with padding, many ties, channel padding, two channel blocks."""
+from typing import NamedTuple
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ebkernels.ops.fused.maxpool import _bwd_op, _fwd_op, maxpool2d_int8, maxpool2d_int8_backward, maxpool2d_int8_backward_reference, maxpool2d_int8_reference, pool_output_size
-from _flow import CL, bits_equal, fresh_seed, gen, mismatch
+from helpers import CL, bits_equal, fresh_seed, gen, mismatch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
 
-# (N, Cp, C, H, W, k, s, p, ceil, (lo, hi) code range, codes channels-last)
+class PoolCase(NamedTuple):
+    N: int
+    Cp: int  # code channels: C real ones, the rest zero (the fused flow's channel padding)
+    C: int
+    H: int
+    W: int
+    k: object  # an int or (kh, kw)
+    s: object
+    p: object
+    ceil: bool
+    code_range: tuple  # (lo, hi)
+    channels_last: bool  # the codes' layout
+
+    @property
+    def id(self):
+        k, s, p = ("x".join(map(str, _pair(v))) for v in (self.k, self.s, self.p))
+        return "N{}Cp{}C{}H{}W{}-k{}s{}p{}{}-codes{}..{}{}".format(*self[:5], k, s, p, "-ceil" if self.ceil else "",
+                                                                 *self.code_range,
+                                                                 "-cl" if self.channels_last else "-nchw")
+
+
 CASES = [
-    (2, 16, 13, 7, 9, 2, 2, 0, True, (-127, 127), True),   # ceil mode on odd sizes: 4 x 5 windows, ragged edge
-    (2, 32, 32, 8, 6, 2, 2, 0, False, (0, 3), True),       # ties everywhere (post-ReLU codes)
-    (1, 16, 10, 9, 7, 3, 2, 1, False, (-2, 2), True),      # overlapping windows, padding, ties
-    (2, 16, 16, 10, 8, 3, 2, 1, True, (0, 127), False),    # overlapping + ceil mode, NCHW codes
-    (1, 144, 130, 5, 6, 3, 1, 1, False, (-1, 1), True),    # stride 1 (3 x 3 windows per input), two channel blocks
-    (2, 16, 5, 7, 8, 3, 3, 0, True, (-5, 5), True),        # k = s = 3, ceil: partial windows at both edges
-    (2, 16, 9, 7, 6, (3, 2), (2, 1), (1, 0), True, (-3, 3), True),  # rectangular kernel, stride and padding
+    # ceil mode on odd sizes: 4 x 5 windows, ragged edge
+    PoolCase(N=2, Cp=16, C=13, H=7, W=9, k=2, s=2, p=0, ceil=True, code_range=(-127, 127), channels_last=True),
+    # ties everywhere (post-ReLU codes)
+    PoolCase(N=2, Cp=32, C=32, H=8, W=6, k=2, s=2, p=0, ceil=False, code_range=(0, 3), channels_last=True),
+    # overlapping windows, padding, ties
+    PoolCase(N=1, Cp=16, C=10, H=9, W=7, k=3, s=2, p=1, ceil=False, code_range=(-2, 2), channels_last=True),
+    # overlapping + ceil mode, NCHW codes
+    PoolCase(N=2, Cp=16, C=16, H=10, W=8, k=3, s=2, p=1, ceil=True, code_range=(0, 127), channels_last=False),
+    # stride 1 (3 x 3 windows per input), two channel blocks
+    PoolCase(N=1, Cp=144, C=130, H=5, W=6, k=3, s=1, p=1, ceil=False, code_range=(-1, 1), channels_last=True),
+    # k = s = 3, ceil: partial windows at both edges
+    PoolCase(N=2, Cp=16, C=5, H=7, W=8, k=3, s=3, p=0, ceil=True, code_range=(-5, 5), channels_last=True),
+    PoolCase(N=2, Cp=16, C=9, H=7, W=6, k=(3, 2), s=(2, 1), p=(1, 0), ceil=True, code_range=(-3, 3),
+             channels_last=True),  # rectangular kernel, stride and padding
 ]
-
-
-def _id(c):
-    k, s, p = ("x".join(map(str, _pair(v))) for v in c[5:8])
-    return "N{}Cp{}C{}H{}W{}-k{}s{}p{}{}-codes{}..{}{}".format(*c[:5], k, s, p, "-ceil" if c[8] else "", *c[9],
-                                                             "-cl" if c[10] else "-nchw")
 
 
 def _pair(v):
@@ -36,18 +59,18 @@ def _pair(v):
 
 def _geometry(case):
     """(k, s, p) pairs, (OH, OW)."""
-    H, W = case[3:5]
-    k, s, p = (_pair(v) for v in case[5:8])
-    ceil = case[8]
+    H, W = case.H, case.W
+    k, s, p = (_pair(v) for v in (case.k, case.s, case.p))
+    ceil = case.ceil
     return k, s, p, (pool_output_size(H, k[0], s[0], p[0], ceil), pool_output_size(W, k[1], s[1], p[1], ceil))
 
 
 def _codes(case, g, device):
     N, Cp, C, H, W = case[:5]
-    lo, hi = case[9]
+    lo, hi = case.code_range
     q = torch.randint(lo, hi + 1, (N, Cp, H, W), generator=g, dtype=torch.int8)
     q[:, C:] = 0  # the channel padding of the fused flow
-    q = q.contiguous(memory_format=CL) if case[10] else q
+    q = q.contiguous(memory_format=CL) if case.channels_last else q
     return q.to(device)
 
 
@@ -80,13 +103,13 @@ def test_output_size_matches_pytorch():
                         assert pool_output_size(size, k, s, p, ceil) == want, (size, k, s, p, ceil)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_forward_codes_and_first_max(device, poisoned, case):
     N, Cp, C, H, W = case[:5]
-    ceil = case[8]
+    ceil = case.ceil
     k, s, p, (OH, OW) = _geometry(case)
     seed = fresh_seed()
-    msg = f"seed={seed} case={_id(case)}"
+    msg = f"seed={seed} case={case.id}"
     g = gen(seed)
     q = _codes(case, g, device)
     out, pos = maxpool2d_int8(q, k, s, p, ceil)
@@ -104,7 +127,7 @@ def test_forward_codes_and_first_max(device, poisoned, case):
     ow = torch.arange(OW).view(1, 1, 1, -1)
     want = (idx // W - (oh * s[0] - p[0])) * k[1] + (idx % W - (ow * s[1] - p[1]))
     assert torch.equal(pos.cpu().long(), want), f"vs F.max_pool2d indices {msg}"
-    if case[9][1] - case[9][0] <= 6:  # the tie cases really have ties
+    if case.code_range[1] - case.code_range[0] <= 6:  # the tie cases really have ties
         assert (pos.cpu() != 0).any() and (best == q.cpu().amax()).sum() > best.numel() // 4, msg
 
 
@@ -116,13 +139,13 @@ def _exact_grad(shape, g, dtype, layout):
 
 @pytest.mark.parametrize("dtype, layout", [(torch.bfloat16, "cl"), (torch.float32, "nchw")],
                          ids=["bf16-cl", "f32-nchw"])
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_backward_first_max_rule(device, poisoned, case, dtype, layout):
     N, Cp, C, H, W = case[:5]
-    ceil = case[8]
+    ceil = case.ceil
     k, s, p, (OH, OW) = _geometry(case)
     seed = fresh_seed()
-    msg = f"seed={seed} case={_id(case)} {dtype} {layout}"
+    msg = f"seed={seed} case={case.id} {dtype} {layout}"
     g = gen(seed)
     q = _codes(case, g, device)
     out, pos = maxpool2d_int8(q, k, s, p, ceil)

@@ -1,7 +1,8 @@
 """Each ticket criterion (ebkernels/methods/) does what its paper says, on small cases built to show it.
 
-Fresh random weights (and data seeds) in every run of a test; the trainer-level behaviour (LT's
-rewinding to the initial weights, the CLI, resume) is in test_methods_cli.py.
+Random weights (and data seeds) from the test's seed (``helpers.fresh_seed``; EBKERNELS_TEST_SEED=random
+draws fresh ones); the trainer-level behaviour (LT's rewinding to the initial weights, the CLI, resume) is
+in test_methods_cli.py.
 """
 import itertools
 import math
@@ -20,6 +21,7 @@ from ebkernels.methods.snip import snip_scores
 from ebkernels.methods.synflow import linearised, synaptic_flow
 from ebkernels.methods.thinet import greedy_removal_order, next_layer_contributions, removal_error
 from ebkernels.pruning import bn_layers
+from helpers import fresh_seed
 
 
 def tiny_vgg(seed: int) -> nn.Module:
@@ -30,10 +32,6 @@ def tiny_vgg(seed: int) -> nn.Module:
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", None, False, 64, 64, seed=0)
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
 
 
 def test_every_method_is_listed_and_an_unknown_one_names_the_accepted():

@@ -12,7 +12,7 @@ from ebkernels import load_ticket, prune, train
 from ebkernels.data import load_dataset
 from ebkernels.train import main
 from ebkernels.train.loop import build_dense_model, float_copy
-from test_trainer import REPO, _kill_when, _start, env, only_run_dir
+from helpers import REPO, env, kill_when, only_run_dir, start_run
 
 TINY = ["--train-subset", "64", "--test-subset", "64", "--width", "0.125", "--batch-size", "32", "--no-progress",
         "--retrain-epochs", "1", "--ratio", "0.5", "--quiet"]
@@ -71,7 +71,7 @@ def test_a_killed_method_run_resumes_to_the_same_result(tmp_path, method):
     same command finishes with the uninterrupted run's tickets and accuracies."""
     args = [a for a in TINY if a != "--quiet"] + OWN[method] + ["--method", method, "--retrain-epochs", "3"]
     killed = tmp_path / "killed"
-    _kill_when(_start(args, killed), str(killed / "*" / "checkpoint.pt"))
+    kill_when(start_run(args, killed), str(killed / "*" / "checkpoint.pt"))
     run = only_run_dir(killed)
     assert not os.path.exists(os.path.join(run, "summary.json"))
     done = subprocess.run([sys.executable, "-m", "ebkernels", *args, "--out", str(killed)], cwd=REPO, env=env(),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import pickle
 import warnings
 
@@ -25,6 +24,7 @@ from ebkernels.convert import dequantize_model, quantize_model
 from ebkernels.modules import QConv2d, QLinear, first_and_last_layers
 from ebkernels.ops.gemm.conv import qconv2d
 from ebkernels.ops.gemm.linear import qlinear
+from helpers import fresh_seed
 
 
 @pytest.fixture
@@ -37,11 +37,6 @@ def fake_quant(t: torch.Tensor) -> torch.Tensor:
     """The values the int8 codes of ``t`` stand for (default QConfig: 8 bit, Shift scale, nearest)."""
     codes, scale = ebkernels.quantize(t.detach())
     return ebkernels.dequantize(codes, scale)
-
-
-def fresh_seed() -> int:
-    """A new seed per run: fresh random inputs every time, reported in the failure messages."""
-    return int.from_bytes(os.urandom(4), "little") % (2**31 - 3)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from ebkernels import _native
 from ebkernels.detector.early_bird_mask import early_bird_update, early_bird_update_reference, n_words, ratio_ks
-from test_early_bird_mask import KINDS, RATIOS, TOTALS, fresh_gammas, spec_masks_numpy
+from helpers import KINDS, RATIOS, TOTALS, fresh_gammas, fresh_seed, spec_masks_numpy
 
 
 
@@ -26,13 +26,9 @@ needs_native = pytest.mark.skipif(
     reason=f"native extension ebkernels._C not built: {_native.missing_reason()}")
 
 
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
-
-
 def _compare(gammas, ratios, seed, device="cpu", H=4, slot=None):
     total = gammas.numel()
-    slot = int(torch.randint(0, H, (1,))) if slot is None else slot
+    slot = seed % H if slot is None else slot
     gen = torch.Generator().manual_seed(seed)
     ring0 = torch.randint(-2**31, 2**31, (len(ratios), H, n_words(total)), generator=gen,
                           dtype=torch.int64).to(torch.int32)
@@ -55,13 +51,13 @@ def _compare(gammas, ratios, seed, device="cpu", H=4, slot=None):
 @pytest.mark.parametrize("total", TOTALS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpu_op_matches_reference(total, kind):
-    seed = _seed()
+    seed = fresh_seed()
     _compare(fresh_gammas(total, kind, seed), RATIOS, seed)
 
 
 @needs_native
 def test_cpu_op_two_million_and_extreme_ratios():
-    seed = _seed()
+    seed = fresh_seed()
     g = fresh_gammas(2_000_000, "mixed", seed)
     packed, _, _ = _compare(g, (1e-9, 0.3, 0.5, 0.5, 0.7, 1 - 1e-9), seed, H=2)
     expect = spec_masks_numpy(g, (0.3,))[0]
@@ -112,7 +108,7 @@ def test_cuda_op_matches_reference():
         pytest.skip(f"native CUDA op not built: {_native.missing_reason() or 'extension built without CUDA'}")
     for total in TOTALS + [2_000_000]:
         for kind in ("ties", "mixed"):
-            seed = _seed()
+            seed = fresh_seed()
             _compare(fresh_gammas(total, kind, seed), RATIOS, seed, device="cuda")
 
 

@@ -10,7 +10,7 @@ import pytest
 from ebkernels.train.plots import accuracy_figure, distance_figure, distance_matrix_figure, ticket_marks, write_plots
 from ebkernels.train.settings import Settings
 
-pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.matplotlib
 
 
 def short_run(by_detector=False, method="eb", init="inherit"):

@@ -6,14 +6,16 @@ import pytest
 import torch
 
 import ebkernels
+from ebkernels.ops._buffers import poison
 from ebkernels.ops.quantize import _quantize_op, quantize_reference, quantize_triton
 from ebkernels.ops._scale import shift_scale_reference
+from helpers import fresh_seed, gen
 
 SHAPES = [(1,), (7,), (33, 5), (3, 5, 7, 9), (2, 3, 4, 5, 6), (1_048_583,)]
 
 
 def _fresh(shape, device, dtype=torch.float32, scale=None):
-    g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, (1,)).item())
+    g = gen(fresh_seed())
     scale = scale if scale is not None else 10 ** torch.empty(1).uniform_(-3, 3, generator=g).item()
     return (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
 
@@ -36,7 +38,7 @@ def test_nearest_bit_exact(shape, bits, mode, device):
     fixed = mode == "wage"
     codes_ref, s_ref = quantize_reference(x, bits, fixed_scale=fixed)
     torch.manual_seed(1)
-    codes = torch.full(x.shape, 99, dtype=torch.int8, device=device)  # poison: 99 is never a code here
+    codes = poison(torch.empty(x.shape, dtype=torch.int8, device=device))  # -128: never a code
     codes, s = quantize_triton(x, bits, fixed_scale=fixed, out=codes)
     assert s.device == x.device and s.dtype == torch.float32 and s.dim() == 0
     assert torch.equal(s.cpu(), s_ref.cpu())

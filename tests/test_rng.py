@@ -7,6 +7,8 @@ on both Triton paths (one program below 65,536 elements, absmax + codes kernels 
 reference path draws the same sequence); ``quantize_dequantize`` is ``dequantize(quantize(...))``; the G
 quantization fused into the weight-grad GEMMs equals the reference path's separate quantization (fused in
 the last program for small gradients, the GQ=1 codes pass for large ones)."""
+from typing import NamedTuple
+
 import pytest
 import torch
 import triton
@@ -16,13 +18,11 @@ import ebkernels
 from ebkernels import _rng, dequantize, force_backend, quantize
 from ebkernels.ops._launch import MAX_TERMS
 from ebkernels.ops.gemm.conv import conv2d_int8_wgrad_op, conv2d_int8_wgrad_reference
-from benchmarks.flow import _Launches as TritonLaunches
 from ebkernels.ops._buffers import _POOLS
 from ebkernels.ops.gemm.linear import _linear_int8_mm_op, linear_int8_mm_reference
 from ebkernels.ops._launch import SMALL_NUMEL
 from ebkernels.ops.quantize import _quantize_op, quantize_dequantize, quantize_reference
-from _flow import CL, bits_equal, codes, fresh_seed, gen, mismatch  # noqa: F401
-from test_linear_int8 import spy_gemm
+from helpers import CL, LaunchSpy, bits_equal, codes, fresh_seed, gen, mismatch, spy_launches
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
 
@@ -230,23 +230,39 @@ def _check_gq(gq, gq_ref, taken, exact, rounding, msg):
         assert torch.equal(codes_k, torch.round(v)), msg
 
 
-# (N, cin real, Cin_p, cout real, Cout_p, H, W, K, stride, pad): 20·13·9 = 2,340 gradient elements (fused into
-# the last program) and 90·93·9 = 75,330 > 65,536 (the GQ=1 codes pass over the real part of a 96 x 96 buffer)
-WCASES = [(2, 13, 16, 20, 32, 7, 6, 3, 1, 1), (1, 93, 96, 90, 96, 8, 8, 3, 1, 1), (2, 16, 16, 40, 48, 9, 8, 1, 2, 0)]
+class WCase(NamedTuple):
+    """A weight-grad: ``cin`` / ``cout`` real channels of ``Cin_p`` / ``Cout_p`` code channels."""
+    N: int
+    cin: int
+    Cin_p: int
+    cout: int
+    Cout_p: int
+    H: int
+    W: int
+    K: int
+    stride: int
+    pad: int
+
+    @property
+    def id(self):
+        return "N{}ci{}p{}co{}p{}H{}W{}K{}s{}p{}".format(*self)
 
 
-def _wid(c):
-    return "N{}ci{}p{}co{}p{}H{}W{}K{}s{}p{}".format(*c)
+# 20·13·9 = 2,340 gradient elements (fused into the last program) and 90·93·9 = 75,330 > 65,536 (the GQ=1 codes
+# pass over the real part of a 96 x 96 buffer)
+WCASES = [
+    WCase(N=2, cin=13, Cin_p=16, cout=20, Cout_p=32, H=7, W=6, K=3, stride=1, pad=1),
+    WCase(N=1, cin=93, Cin_p=96, cout=90, Cout_p=96, H=8, W=8, K=3, stride=1, pad=1),
+    WCase(N=2, cin=16, Cin_p=16, cout=40, Cout_p=48, H=9, W=8, K=1, stride=2, pad=0),
+]
 
 
-@pytest.mark.parametrize("case, rounding", [(WCASES[0], "stochastic"), (WCASES[0], "nearest"),
-                                            (WCASES[1], "stochastic"), (WCASES[2], "stochastic")],
-                         ids=[_wid(WCASES[0]) + "-stochastic", _wid(WCASES[0]) + "-nearest",
-                              _wid(WCASES[1]) + "-stochastic", _wid(WCASES[2]) + "-stochastic"])
+@pytest.mark.parametrize("case, rounding", [pytest.param(c, r, id=f"{c.id}-{r}") for c, r in (
+    (WCASES[0], "stochastic"), (WCASES[0], "nearest"), (WCASES[1], "stochastic"), (WCASES[2], "stochastic"))])
 def test_conv_wgrad_fused_g_quantization(device, case, rounding):
     N, cin, Cin_p, cout, Cout_p, H, W, K, stride, pad = case
     s = fresh_seed()
-    msg = f"seed={s} case={_wid(case)} {rounding}"
+    msg = f"seed={s} case={case.id} {rounding}"
     g = gen(s)
     OH, OW = (H + 2 * pad - K) // stride + 1, (W + 2 * pad - K) // stride + 1
     qx = codes((N, Cin_p, H, W), g, device, pad_from=cin)
@@ -285,11 +301,11 @@ def test_linear_wgrad_fused_g_quantization(device, monkeypatch, case, rounding, 
     qe = codes((B, fout), g, device, channels_last=False)
     qx = codes((B, fin), g, device, channels_last=False)
     se, sx = torch.tensor(2.0 ** -12, device=device), torch.tensor(2.0 ** 2, device=device)
-    calls = spy_gemm(monkeypatch)
+    calls = spy_launches(monkeypatch, "linear_int8_gemm_kernel")
     counts = []
 
     def run():
-        with TritonLaunches(dry=False) as launches:
+        with LaunchSpy() as launches:
             out = _linear_int8_mm_op(qe.t(), qx, se, sx, None, 8, 8, torch.float32, max_terms, 8, rounding,
                                      _rng.device_state(device))
         counts.append(dict(launches.count))

@@ -20,9 +20,7 @@ from ebkernels._io import content_digest
 from ebkernels.models import build_model, design_input_shape
 from ebkernels.pruning import count_flops, load_ticket, prune, save_ticket
 
-pytest.importorskip("torch_pruning", reason="torch-pruning is not installed (`pip install torch-pruning`)",
-                    exc_type=ImportError)
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.torch_pruning, pytest.mark.usefixtures("one_torch_thread")]
 
 SHAPE = (3, 8, 8)
 

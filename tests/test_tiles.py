@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from ebkernels.aot import print_plan
 from ebkernels.ops.gemm import tiles as _tiles, conv as conv2d_int8
 from ebkernels.ops._buffers import counter_pool
 from ebkernels.ops.gemm.conv import conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd, conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference
-from test_conv2d_int8 import spy_launches
+from helpers import CONV_KERNELS, spy_launches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMS = _tiles.INTERPRETER_SMS
@@ -62,7 +63,7 @@ def test_every_igemm_tile_exact(device, poisoned, monkeypatch, case, one_torch_t
     qw = _codes((CO, C, 3, 3), gen).to(device)
     qe = _codes((N, CO, H, W), gen).contiguous(memory_format=torch.channels_last).to(device)
     conv, args = dict(stride=1, padding=1), ([1, 1], [1, 1], [1, 1], 1, 8, 8, None)
-    calls = spy_launches(monkeypatch)
+    calls = spy_launches(monkeypatch, *CONV_KERNELS)
     y = conv2d_int8_fwd(qx, qw, **conv)
     torch.testing.assert_close(y.cpu(), conv2d_int8_fwd_reference(qx.cpu(), qw.cpu(), None, None, None, *args, True),
                                rtol=0, atol=0)
@@ -86,7 +87,7 @@ def test_every_wgrad_tile_exact(device, poisoned, monkeypatch, case, one_torch_t
     gen = torch.Generator().manual_seed(sum(case) + 1)
     qx = _codes((N, C, H, W), gen).contiguous(memory_format=torch.channels_last).to(device)
     qe = _codes((CO, N, H, W), gen).to(device).permute(1, 0, 2, 3)  # channel-major E, as QConv2dFunction
-    calls = spy_launches(monkeypatch)
+    calls = spy_launches(monkeypatch, *CONV_KERNELS)
     se, sx = torch.tensor(2.0 ** -3, device=device), torch.tensor(0.5, device=device)
     args = ([K, K], [1, 1], [K // 2] * 2, [1, 1], 1, 8, 8)
     for scales, dtype in (((None, None), None), ((se, sx), torch.float32)):
@@ -117,19 +118,35 @@ def test_dgrad_phase_taps_match_brute_force(stride, dil, pad):
                     assert (ph + stride * a + pad - k * dil) // stride == a + c0 - j * (dil * step // stride)
 
 
+class PhaseCase(NamedTuple):
+    N: int
+    Cin: int
+    H: int
+    W: int
+    Cout: int
+    KH: int
+    KW: int
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+    @property
+    def id(self):
+        return "N{}C{}H{}W{}O{}K{}x{}s{}p{}d{}".format(*self).replace(" ", "")
+
+
 # strided input-grads (each phase its own taps): strides 2 and 3, rectangular, padding, dilation, a 1×1
 # (phases without taps write zeros), channels ragged and flat / one-tap K
-PHASE_CASES = [  # (N, Cin, H, W, Cout, KH, KW, stride, padding, dilation)
-    (2, 5, 9, 8, 7, 3, 3, (2, 2), (1, 1), (1, 1)),
-    (1, 13, 11, 10, 64, 3, 2, (3, 2), (2, 0), (1, 2)),
-    (2, 64, 7, 9, 16, 1, 1, (2, 3), (0, 0), (1, 1)),
-    (1, 6, 13, 12, 5, 5, 3, (3, 3), (2, 1), (2, 3)),
-    (1, 16, 10, 10, 32, 4, 4, (2, 2), (3, 1), (2, 1)),
+PHASE_CASES = [
+    PhaseCase(N=2, Cin=5, H=9, W=8, Cout=7, KH=3, KW=3, stride=(2, 2), padding=(1, 1), dilation=(1, 1)),
+    PhaseCase(N=1, Cin=13, H=11, W=10, Cout=64, KH=3, KW=2, stride=(3, 2), padding=(2, 0), dilation=(1, 2)),
+    PhaseCase(N=2, Cin=64, H=7, W=9, Cout=16, KH=1, KW=1, stride=(2, 3), padding=(0, 0), dilation=(1, 1)),
+    PhaseCase(N=1, Cin=6, H=13, W=12, Cout=5, KH=5, KW=3, stride=(3, 3), padding=(2, 1), dilation=(2, 3)),
+    PhaseCase(N=1, Cin=16, H=10, W=10, Cout=32, KH=4, KW=4, stride=(2, 2), padding=(3, 1), dilation=(2, 1)),
 ]
 
 
-@pytest.mark.parametrize("case", PHASE_CASES, ids=["N{}C{}H{}W{}O{}K{}x{}s{}p{}d{}".format(*c).replace(" ", "")
-                                                   for c in PHASE_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in PHASE_CASES])
 def test_phase_decomposed_dgrad_exact(device, poisoned, case, one_torch_thread):
     N, C, H, W, CO, KH, KW, stride, padding, dilation = case
     gen = torch.Generator().manual_seed(sum(case[:7]))
@@ -186,7 +203,7 @@ def test_split_k_where_the_grid_underfills(device, poisoned, monkeypatch, one_to
     sx, sw = torch.tensor(2.0 ** -4, device=device), torch.tensor(8.0, device=device)
     bias = torch.randn(CO, generator=gen).to(device)
     args = ([1, 1], [1, 1], [1, 1], 1)
-    calls = spy_launches(monkeypatch)
+    calls = spy_launches(monkeypatch, *CONV_KERNELS)
     y = conv2d_int8_fwd(qx, qw, sx, sw, bias, stride=1, padding=1)
     torch.testing.assert_close(y.cpu(), conv2d_int8_fwd_reference(qx.cpu(), qw.cpu(), sx.cpu(), sw.cpu(), bias.cpu(),
                                                                   *args, 8, 8, torch.float32, True), rtol=0, atol=0)

@@ -19,9 +19,7 @@ from ebkernels.train import main
 
 from _masking import assert_same_outputs, no_zero_width_layer, per_layer, random_mask, randomise_bns
 
-pytest.importorskip("torch_pruning", reason="torch-pruning is not installed (`pip install torch-pruning`)",
-                    exc_type=ImportError)
-pytestmark = [pytest.mark.torchvision, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.torchvision, pytest.mark.torch_pruning, pytest.mark.usefixtures("one_torch_thread")]
 
 SHAPE = (3, 32, 32)
 

@@ -4,10 +4,8 @@ import glob
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,25 +14,13 @@ import torch
 from ebkernels import load_ticket, train
 from ebkernels.train import main
 from ebkernels.train.loop import EpochRunner
+from helpers import REPO, env, kill_when, only_run_dir, start_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--train-subset", "256", "--test-subset", "128", "--width", "0.125", "--batch-size", "32", "--no-progress"]
 # a setting whose verdict is not on a knife's edge: the lr drops at epochs 4 and 6 settle the masks
 STABLE = ["--precision", "fp32", "--train-subset", "512", "--test-subset", "128", "--width", "0.25",
           "--batch-size", "64", "--lr", "0.02", "--eps", "0.05", "--window", "3", "--epochs", "8",
           "--ratio", "0.3,0.5", "--no-progress"]
-
-
-def env():
-    e = dict(os.environ)
-    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
-    return e
-
-
-def only_run_dir(out):
-    dirs = [d for d in glob.glob(os.path.join(str(out), "*")) if os.path.isdir(d)]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
 
 
 def read_jsonl(path):
@@ -133,34 +119,18 @@ def test_a_last_batch_of_one_sample_trains(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- resume
-def _start(args, out):
-    return subprocess.Popen([sys.executable, "-m", "ebkernels", *args, "--out", str(out)], cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _kill_when(proc, path_glob, timeout=120):
-    t0 = time.time()
-    while not glob.glob(path_glob):
-        assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stdout.read()}"
-        assert time.time() - t0 < timeout, "nothing written in time"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-
-
 def test_resume_after_kill_9_continues_with_the_same_detector_state(tmp_path):
     args = TINY + ["--precision", "fp32", "--epochs", "10", "--retrain-epochs", "4", "--eps", "0.2", "--window", "2"]
     killed = tmp_path / "killed"
     # kill -9 right after the first checkpoint (search phase) ...
-    _kill_when(_start(args, killed), str(killed / "*" / "checkpoint.pt"))
+    kill_when(start_run(args, killed), str(killed / "*" / "checkpoint.pt"))
     run = only_run_dir(killed)
     state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
     assert state["phase"] == "search" and 1 <= state["epoch"] < 4
     assert not os.path.exists(os.path.join(run, "summary.json"))
     # ... and again during retraining (the first ticket file exists)
-    proc = _start(args, killed)
-    _kill_when(proc, os.path.join(run, "ticket_*.pt"))
+    proc = start_run(args, killed)
+    kill_when(proc, os.path.join(run, "ticket_*.pt"))
     resumed_log = proc.stdout.read()
     assert f"resuming {run} from its checkpoint (search epoch {state['epoch']} done)" in resumed_log
     assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)["phase"] in ("search", "retrain")
@@ -191,7 +161,7 @@ def test_an_int8_search_resumes_bit_identically(tmp_path):
     --seed and kept in the checkpoint, so a killed int8 search continues exactly where it stopped."""
     args = TINY + ["--precision", "int8", "--epochs", "3", "--retrain-epochs", "0", "--eps", "0.001"]
     killed = tmp_path / "killed"
-    _kill_when(_start(args, killed), str(killed / "*" / "checkpoint.pt"))
+    kill_when(start_run(args, killed), str(killed / "*" / "checkpoint.pt"))
     run = only_run_dir(killed)
     state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
     assert state["phase"] == "search" and state["epoch"] < 3 and state["ebk_rng"]["devices"]

@@ -9,7 +9,7 @@ import ebkernels
 from ebkernels.ops.quantize import quantize_reference
 from ebkernels.ops._scale import shift_scale_reference
 from ebkernels.ops.weight_codes import _op, weight_codes, weight_codes_reference
-from _flow import CL, fresh_seed, gen, mismatch
+from helpers import CL, fresh_seed, gen, mismatch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
 
