@@ -210,15 +210,19 @@ def test_running_stats_like_batchnorm2d(device, poisoned, momentum, backend):
     torch.testing.assert_close(z, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"eval z {msg}: {m}")
 
 
-# (N, C, H, W, relu, index, pad_to, bits, fixed_scale, y_kind)
+# (N, C, H, W, relu, index, pad_to, bits, scale mode, y_kind)
 APPLY_CASES = [
-    (2, 20, 5, 7, True, None, 16, 8, False, "bn_stats"),     # Kp = 32
-    (2, 20, 5, 7, False, None, 16, 8, False, "bn_stats"),    # signed codes
-    (3, 37, 4, 5, True, "perm", 16, 6, False, "bn_stats"),  # a gather of 21 channels, Kp = 32
-    (4, 20, 9, 9, True, "sorted", 16, 8, False, "bn_stats"),  # 13 kept, 324 rows: 2 row tiles
-    (1, 16, 6, 6, True, None, 16, 8, False, "f32"),          # any float y (contiguous fp32), no padding needed
-    (2, 7, 5, 3, False, None, 1, 4, True, "bf16_nchw"),      # no padding, WAGE's fixed scale, 4 bits
-    (1, 140, 3, 4, True, "sorted", 16, 8, False, "bn_stats"),  # 130 kept of 140 -> Kp = 144: two channel blocks
+    (2, 20, 5, 7, True, None, 16, 8, "shift", "bn_stats"),     # Kp = 32
+    (2, 20, 5, 7, False, None, 16, 8, "shift", "bn_stats"),    # signed codes
+    (3, 37, 4, 5, True, "perm", 16, 6, "shift", "bn_stats"),  # a gather of 21 channels, Kp = 32
+    (4, 20, 9, 9, True, "sorted", 16, 8, "shift", "bn_stats"),  # 13 kept, 324 rows: 2 row tiles
+    (1, 16, 6, 6, True, None, 16, 8, "shift", "f32"),          # any float y (contiguous fp32), no padding needed
+    (2, 7, 5, 3, False, None, 1, 4, "wage", "bf16_nchw"),      # no padding, WAGE's fixed scale, 4 bits
+    (1, 140, 3, 4, True, "sorted", 16, 8, "shift", "bn_stats"),  # 130 kept of 140 -> Kp = 144: two channel blocks
+    # absmax (SPEC §2): the scale max|z|·S/(S-1) from the per-channel extremes (act_extreme) is quantize(z)'s
+    (2, 20, 5, 7, True, None, 16, 8, "absmax", "bn_stats"),
+    (3, 37, 4, 5, False, "perm", 16, 6, "absmax", "bn_stats"),  # signed, gathered, 6 bits
+    (2, 7, 5, 3, True, None, 1, 4, "absmax", "bf16_nchw"),
 ]
 
 
@@ -233,10 +237,10 @@ def _index(kind, C, g, device):
     return idx.to(device), keep.to(device)
 
 
-@pytest.mark.parametrize("case", APPLY_CASES, ids=lambda c: "C{}-{}-{}-pad{}-b{}-{}".format(
-    c[1], "relu" if c[4] else "signed", c[5], c[6], c[7], c[9]))
+@pytest.mark.parametrize("case", APPLY_CASES, ids=lambda c: "C{}-{}-{}-pad{}-b{}-{}-{}".format(
+    c[1], "relu" if c[4] else "signed", c[5], c[6], c[7], c[8], c[9]))
 def test_bn_relu_quant_codes_bit_identical(device, poisoned, case):
-    N, C, H, W, relu, index_kind, pad_to, nbits, fixed, y_kind = case
+    N, C, H, W, relu, index_kind, pad_to, nbits, mode, y_kind = case
     seed = fresh_seed()
     msg = f"seed={seed} case={case}"
     g = gen(seed)
@@ -246,21 +250,21 @@ def test_bn_relu_quant_codes_bit_identical(device, poisoned, case):
     xb, _, bnp, zmax = bn_stats(x, gamma, beta, relu=relu, keep=keep)
     y = {"bn_stats": xb, "f32": xb.float().contiguous(), "bf16_nchw": xb.contiguous()}[y_kind]
     nbt = torch.tensor(7, device=device)
-    q, s = bn_relu_quant(y, bnp, zmax, nbt, index, nbits, fixed, relu, pad_to)
+    q, s = bn_relu_quant(y, bnp, zmax, nbt, index, nbits, mode, relu, pad_to)
     assert nbt.item() == 8, msg
     K = C if index is None else index.numel()
     Kp = -(-K // pad_to) * pad_to if pad_to > 1 else K
     assert q.dtype == torch.int8 and q.shape == (N, Kp, H, W) and q.is_contiguous(memory_format=CL), msg
     assert q[:, K:].numel() == 0 or q[:, K:].abs().max().item() == 0, f"padded channels {msg}"
     q_ref, s_ref = bn_relu_quant_reference(y.cpu(), bnp.cpu(), zmax.cpu(), None, None if index is None
-                                           else index.cpu(), nbits, fixed, relu, pad_to, None)
+                                           else index.cpu(), nbits, mode, relu, pad_to, None)
     assert bits_equal(s.cpu(), s_ref), msg
     assert torch.equal(q.cpu(), q_ref), f"codes {msg}: {mismatch(q.cpu(), q_ref)}"
     # and the quantizer's codes of the gathered z itself (zmax over the kept channels only)
     z = bn_act_reference(y.cpu(), bnp.cpu(), relu)
     if index is not None:
         z = z.index_select(1, index.cpu())
-    q_z, s_z = quantize_reference(z, nbits, fixed_scale=fixed)
+    q_z, s_z = quantize_reference(z, nbits, mode=mode)
     assert bits_equal(s.cpu(), s_z), f"scale {s.item()} != quantize(z) scale {s_z.item()} {msg}"
     assert torch.equal(q[:, :K].cpu(), q_z), f"codes vs quantize(z) {msg}: {mismatch(q[:, :K].cpu(), q_z)}"
     if relu:
@@ -284,7 +288,7 @@ def test_bn_relu_quant_float_output(device, poisoned, out_dtype, index_kind):
     K = C if index is None else index.numel()
     assert z.dtype == out_dtype and z.shape == (2, K, 6, 5) and z.is_contiguous(memory_format=CL), msg
     z_ref, _ = bn_relu_quant_reference(xb.cpu(), bnp.cpu(), zmax.cpu(), None, None if index is None else index.cpu(),
-                                       8, False, True, 0, out_dtype)
+                                       8, "shift", True, 0, out_dtype)
     assert bits_equal(z.cpu(), z_ref), f"{msg}: {mismatch(z.cpu(), z_ref)}"
     want = bn_act_reference(xb.cpu(), bnp.cpu(), True)
     want = want if index is None else want.index_select(1, index.cpu())
@@ -339,8 +343,8 @@ def test_opcheck():
     rm, rv, nbt = torch.zeros(5), torch.ones(5), torch.tensor(0)
     torch.library.opcheck(_bn_stats_op, (x, w, b, rm, rv, nbt, 0.1, EPS, True, True, True, None))
     xb, _, bnp, zmax = bn_stats(x, w, b)
-    torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, nbt, None, 8, False, True, 16, None))
-    torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, None, torch.tensor([4, 0, 2]), 8, False, False, 0,
+    torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, nbt, None, 8, "absmax", True, 16, None))
+    torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, None, torch.tensor([4, 0, 2]), 8, "shift", False, 0,
                                               torch.float32))
     ref = bn_stats_reference(x, w, b, None, None, None, 0.1, EPS, True, False, True)
     assert bits_equal(ref[0], xb)
