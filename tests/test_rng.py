@@ -72,6 +72,13 @@ def test_philox_reference_is_the_triton_uniform(device, seed, ticket):
     assert bits_equal(ref_t, ref), msg
     other = _rng.philox_uniform_reference(seed, ticket + 1, offs.cpu())
     assert (other != ref).float().mean() > 0.99, f"the ticket must change the numbers {msg}"
+    # more offsets than one chunk of the reference (its cache-sized passes), in a 2-D shape
+    big = torch.cat([offs.cpu(), torch.randint(0, 2**62, (2 * _rng._CHUNK + 77 - offs.numel() % 2,), generator=g)])
+    big = big[: big.numel() // 2 * 2].view(2, -1)
+    out = torch.full(big.shape, float("nan"), device=device)
+    _uniform_kernel[(triton.cdiv(big.numel(), 1024),)](st, tk, big.to(device), out, big.numel(), BLOCK=1024)
+    ref = _rng.philox_uniform_reference(torch.tensor(seed), torch.tensor(ticket), big)
+    assert ref.shape == big.shape and bits_equal(out.cpu(), ref), f"chunked {msg}: {mismatch(out.cpu(), ref)}"
 
 
 def _x(shape, layout, g, device):
