@@ -26,6 +26,8 @@ import os
 import statistics
 import time
 
+import numpy as np
+
 import _recipe as R
 from ebkernels import load_ticket, mask_distance
 
@@ -56,7 +58,16 @@ def _job(args, row, seed):
     for p in R.RATIOS:
         t = R.ticket(summary, f"{p:g}")
         masks[f"{p:g}"] = load_ticket(os.path.join(run_dir, t["path"]), with_info=True)[1]["mask"]
-    return {"summary": summary, "recs": recs, "masks": masks, "settings": s}
+    return {"summary": summary, "recs": recs, "masks": masks, "settings": s, "run_dir": run_dir}
+
+
+def _same_epoch_distance(job, ref, pk):
+    """Distance between the detector's masks of two runs at the epoch ``ref``'s ticket was drawn (the packed
+    mask history of masks.npz): the trajectories' divergence without the draw epochs' difference."""
+    a, b = (np.load(os.path.join(j["run_dir"], "masks.npz")) for j in (job, ref))
+    e = R.ticket(ref["summary"], pk)["epoch"]
+    x = np.bitwise_xor(a[f"p{pk}"][e - 1], b[f"p{pk}"][e - 1]).astype("<u4").view(np.uint8)
+    return float(np.unpackbits(x).sum()) / int(b["channels"])
 
 
 def _at(recs, epoch, key):
@@ -109,11 +120,14 @@ def main(argv=None):
             js = [jobs[row, s] for s in seeds]
             ts = [R.ticket(j["summary"], pk) for j in js]
             drawn = "/".join(f"{t['epoch']}{'' if t['by_detector'] else '*'}" for t in ts)
-            dist = (_ms([mask_distance(j["masks"][pk], jobs["fp32", s]["masks"][pk]) for j, s in zip(js, seeds)], 3)
-                    if have_fp32 and row != "fp32" else "–")
-            tickets.append([pk, WORDS[row], drawn, dist, _ms([t.get("retrain_acc") for t in ts])])
+            dist = same = "–"
+            if have_fp32 and row != "fp32":
+                dist = _ms([mask_distance(j["masks"][pk], jobs["fp32", s]["masks"][pk]) for j, s in zip(js, seeds)], 3)
+                same = _ms([_same_epoch_distance(j, jobs["fp32", s], pk) for j, s in zip(js, seeds)], 3)
+            tickets.append([pk, WORDS[row], drawn, dist, same, _ms([t.get("retrain_acc") for t in ts])])
     note = ("Drawn at: the search epoch of each seed's ticket (* = the detector had not fired by the last "
-            "epoch). Mask distance: normalised Hamming distance to the fp32 ticket of the same seed. ")
+            "epoch). Mask distance: normalised Hamming distance to the fp32 ticket of the same seed; at the same "
+            "epoch: between the two searches' masks at the epoch the fp32 ticket was drawn. ")
     if have_fp32 and len(seeds) > 1:
         note += ("fp32 seed-to-seed distance (mean over seed pairs): "
                  + ", ".join(f"p = {k} {_ms(v, 3)}" for k, v in seed_to_seed.items()) + ". ")
@@ -122,7 +136,7 @@ def main(argv=None):
              f"re-estimated on 8 training batches for the dense accuracy.")
     tickets_md = R.write_table(args.results, "low_precision_tickets",
                                ["p", "search", "drawn at epoch (per seed)", "mask distance to fp32 ticket",
-                                "retrain acc. (%)"], tickets, note=note)
+                                "same epoch", "retrain acc. (%)"], tickets, note=note)
     text = "## Dense network\n\n" + dense_md + "\n## Tickets\n\n" + tickets_md
     with open(os.path.join(args.results, "low_precision.md"), "w") as f:
         f.write(text)
