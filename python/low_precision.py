@@ -74,6 +74,11 @@ def _at(recs, epoch, key):
     return next((r[key] for r in recs if r["epoch"] == epoch), None)
 
 
+def _mean_to(recs, epoch, key):
+    """Mean over the epochs 1..epoch (the lr-0.1 phase: less noisy than one epoch)."""
+    return statistics.fmean(r[key] for r in recs if r["epoch"] <= epoch)
+
+
 def main(argv=None):
     p = R.parser(__doc__.splitlines()[0], "low_precision")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
@@ -100,13 +105,16 @@ def main(argv=None):
                       _ms([_at(j["recs"], epochs, "test_acc_running") for j in js]),
                       _ms([_at(j["recs"], half, "test_acc") for j in js]),
                       _ms([_at(j["recs"], half, "test_acc_running") for j in js]),
+                      _ms([_mean_to(j["recs"], half, "test_acc") for j in js]),
+                      _ms([_mean_to(j["recs"], half, "test_acc_running") for j in js]),
                       _ms([_at(j["recs"], epochs, "train_loss") for j in js], 4),
                       _ms([_at(j["recs"], half, "train_loss") for j in js], 4),
                       _ms([statistics.fmean(r["time"] for r in j["recs"]) for j in js], 1)])
     dense_md = R.write_table(args.results, "low_precision_dense",
                              ["search", f"dense acc. epoch {epochs}, BN re-estimated (%)",
                               f"epoch {epochs}, running BN (%)", f"epoch {half} (lr 0.1), BN re-estimated (%)",
-                              f"epoch {half}, running BN (%)", f"train loss epoch {epochs}",
+                              f"epoch {half}, running BN (%)", f"epochs 1-{half} mean, BN re-estimated (%)",
+                              f"epochs 1-{half} mean, running BN (%)", f"train loss epoch {epochs}",
                               f"train loss epoch {half}", "s / search epoch"], dense)
 
     have_fp32 = "fp32" in rows
