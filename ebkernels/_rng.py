@@ -117,7 +117,7 @@ def _umul_hi_lo_wrapping(a: int, b: torch.Tensor):
     """The same words from one int64 product: a * b < 2^64 wraps modulo 2^64 in two's complement, and
     the masks take the bits back (20× faster than splitting into 16-bit halves)."""
     p = b * a
-    return (p >> 32) & _M32, p & _M32
+    return (p >> 32).bitwise_and_(_M32), p.bitwise_and_(_M32)
 
 
 def _wrapping_products_are_exact() -> bool:
@@ -127,31 +127,47 @@ def _wrapping_products_are_exact() -> bool:
                for x, y in zip(_umul_hi_lo_wrapping(a, b), _umul_hi_lo(a, b)))
 
 
+_CHUNK = 1 << 15  # elements per pass: the ~12 int64 temporaries of a round stay in the CPU's L2 cache
+
+
 def philox_uniform_reference(seed: int | torch.Tensor, ticket, offs: torch.Tensor) -> torch.Tensor:
-    """``uniform(seed, ticket, offs)`` in PyTorch (int64 arithmetic on uint32 words)."""
+    """``uniform(seed, ticket, offs)`` in PyTorch (int64 arithmetic on uint32 words). The keys stay 0-dim
+    (broadcast, no host read), and a large ``offs`` is done in chunks that fit a cache: the rounds are a
+    chain of cheap element-wise ops, memory-bound on whole tensors (E of every layer is drawn here on the
+    CPU path since stochastic E became the default)."""
     offs = offs.to(torch.int64)
     seed = torch.as_tensor(seed, dtype=torch.int64, device=offs.device)
     ticket = torch.as_tensor(ticket, dtype=torch.int64, device=offs.device)
-    k0 = (seed & _M32).expand_as(offs).clone()
-    k1 = ((seed >> 32) & _M32).expand_as(offs).clone()
+    keys = (seed & _M32, (seed >> 32) & _M32, ticket & _M32)
+    if offs.device.type != "cpu" or offs.numel() <= _CHUNK:
+        return _philox_rounds(offs, *keys)
+    flat = offs.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.float32)
+    for i in range(0, flat.numel(), _CHUNK):
+        out[i:i + _CHUNK] = _philox_rounds(flat[i:i + _CHUNK], *keys)
+    return out.view(offs.shape)
+
+
+def _philox_rounds(offs: torch.Tensor, k0, k1, c2) -> torch.Tensor:
     c0 = offs & _M32
     c1 = (offs >> 32) & _M32
-    c2 = (ticket & _M32).expand_as(offs).clone()
+    c2 = c2.expand_as(offs)
     c3 = torch.zeros_like(offs)
     mul = _umul_hi_lo_wrapping if _WRAPS else _umul_hi_lo
     for _ in range(10):
         hi_b, lo_b = mul(_PHILOX_ROUND_B, c2)
         hi_a, lo_a = mul(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = (hi_b ^ c1 ^ k0) & _M32, lo_b, (hi_a ^ c3 ^ k1) & _M32, lo_a
+        # every word is < 2^32: their xor is too (no mask)
+        c0, c1, c2, c3 = hi_b.bitwise_xor_(c1).bitwise_xor_(k0), lo_b, hi_a.bitwise_xor_(c3).bitwise_xor_(k1), lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _M32
         k1 = (k1 + _PHILOX_KEY_B) & _M32
     return _uint_to_uniform_reference(c0)
 
 
 def _uint_to_uniform_reference(x: torch.Tensor) -> torch.Tensor:
-    # triton: x as int32; x = where(x < 0, -x - 1, x); return x * 4.6566127342e-10 (float32)
-    xi = torch.where(x >= 2**31, x - 2**32, x)
-    xi = torch.where(xi < 0, -xi - 1, xi)
+    # triton: x as int32; x = where(x < 0, -x - 1, x); return x * 4.6566127342e-10 (float32).
+    # For x >= 2^31 that is -(x - 2^32) - 1 = (2^32 - 1) - x = x ^ (2^32 - 1): one xor, no where
+    xi = x.bitwise_xor((x >> 31) * _M32)
     return xi.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 

@@ -19,20 +19,26 @@ from typing import Optional
 
 from ._checks import check_bits, check_choice
 
-MODES = ("shift", "wage")
+MODES = ("shift", "wage", "absmax")
 ROUNDINGS = ("nearest", "stochastic")
 
 
 @dataclasses.dataclass(frozen=True)
 class QConfig:
-    """Bit widths and rounding of the four quantized operands.
+    """Bit widths, scale mode and rounding of the four quantized operands (SPEC §2).
 
     ``bits_w``/``bits_a``/``bits_e``/``bits_g`` (2..8, or None to keep that operand in float):
     weights, activations (the layer input), errors (gradient w.r.t. the layer output) and the
-    weight gradient. ``mode="shift"`` scales W and A per tensor by ``Shift(max|x|)``;
-    ``mode="wage"`` uses the fixed scale 1 for W and A (times ``alpha`` for W), as in WAGE.
-    E and G always use ``Shift(max|x|)``. ``rounding_e`` is "nearest" (default) or "stochastic";
-    G is always rounded stochastically (``rounding_g``).
+    weight gradient. ``mode`` (the per-tensor scale, ``ops._scale``): "shift" (default) scales all four
+    by ``Shift(max|x|) = 2**round(log2 max|x|)``; "wage" uses the fixed scale 1 for W and A (times
+    ``alpha`` for W), as in WAGE, and Shift for E and G; "absmax" scales all four by
+    ``max|x|·S/(S-1)`` (max|x| maps to code S-1: nothing saturates). ``mode_eg`` is the mode E and G use.
+
+    ``rounding_e`` is "stochastic" by default: rounding E to nearest with one scale per tensor zeroes most
+    small error entries, and behind a training-mode BatchNorm the per-channel sums of the quantized E
+    (exactly zero in float) then keep a bias that shifts the channel means (measured, issue 22: the BN
+    running statistics lag and the dense accuracy with them); stochastic rounding is unbiased.
+    "nearest" stays available. G is rounded stochastically too (``rounding_g``).
     """
 
     bits_w: int | None = 8
@@ -40,7 +46,7 @@ class QConfig:
     bits_g: int | None = 8
     bits_e: int | None = 8
     mode: str = "shift"
-    rounding_e: str = "nearest"
+    rounding_e: str = "stochastic"
     rounding_g: str = "stochastic"
     alpha: float = 1.0
 
@@ -52,6 +58,11 @@ class QConfig:
         check_choice("rounding_g", self.rounding_g, ROUNDINGS)
         if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
             raise ValueError(f"alpha={self.alpha!r} is not supported; accepted: a positive float")
+
+    @property
+    def mode_eg(self) -> str:
+        """The scale mode of E and G: "absmax" in mode absmax, else "shift" (WAGE's fixed 1 is for W and A)."""
+        return "absmax" if self.mode == "absmax" else "shift"
 
 
 def as_qconfig(qconfig) -> QConfig:

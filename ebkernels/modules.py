@@ -73,7 +73,7 @@ def _check_input_dtype(layer: nn.Module, input) -> None:
 
 
 class QConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose forward and backward run in int8 (WAGE-style, per-tensor power-of-two scales).
+    """``nn.Conv2d`` whose forward and backward run in int8 (WAGE-style, per-tensor scales).
 
     Same arguments as ``nn.Conv2d`` plus ``qconfig`` (an ``ebkernels.QConfig``; default ``QConfig()``,
     8 bit for W, A, E, G). ``padding_mode`` other than ``"zeros"`` pads the input with ``F.pad`` first,
@@ -148,7 +148,7 @@ class QConv2d(nn.Conv2d):
 
 
 class QLinear(nn.Linear):
-    """``nn.Linear`` whose forward and backward run in int8 (WAGE-style, per-tensor power-of-two scales).
+    """``nn.Linear`` whose forward and backward run in int8 (WAGE-style, per-tensor scales).
 
     Same arguments as ``nn.Linear`` plus ``qconfig`` (an ``ebkernels.QConfig``; default ``QConfig()``).
     """

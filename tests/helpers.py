@@ -350,3 +350,19 @@ def kill_when(proc, path_glob, timeout=120):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def both_paths(fn, seed, device):
+    """The Triton path and the reference path of ``fn()``, each after ``ebkernels.manual_seed(seed)`` (so their
+    random tickets match): (Triton result, reference result, (tickets the Triton path took, tickets both took))."""
+    import ebkernels
+    from ebkernels import _rng, force_backend
+
+    st = _rng.device_state(device)
+    ebkernels.manual_seed(seed)
+    k = fn()
+    taken = st[1].item()
+    ebkernels.manual_seed(seed)
+    with force_backend("reference"):
+        r = fn()
+    return k, r, (taken, st[1].item())

@@ -16,7 +16,7 @@ from ebkernels import _rng
 from ebkernels.ops.fused.bn_math import bn_grad_in_reference
 from ebkernels.ops.fused.bn_relu_bwd import _bwd_op, _reduce_op, bn_relu_bwd, bn_relu_bwd_reduce, bn_relu_bwd_reduce_reference, bn_relu_bwd_reference
 from ebkernels.ops.fused.bn_relu_quant import bn_stats
-from ebkernels.ops._scale import shift_scale_reference
+from ebkernels.ops._scale import scale_reference
 from helpers import CL, bits_equal, f32_of_bits, fresh_seed, gen, mismatch, rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
@@ -174,12 +174,17 @@ def _run_both(fn_kernel, fn_ref, seed):
     return k, r
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
-def test_absmax_and_codes_bit_identical(device, poisoned, rng_state, case, rounding):
+# every case with the shift scale, a few with absmax (SPEC §2: max|dy|·S/(S-1))
+BIT_CASES = ([(c, r, "shift") for c in CASES for r in ("nearest", "stochastic")]
+             + [(CASES[0], "nearest", "absmax"), (CASES[1], "stochastic", "absmax"), (CASES[2], "stochastic", "absmax"),
+                (CASES[3], "nearest", "absmax")])
+
+
+@pytest.mark.parametrize("case, rounding, scale_mode", [pytest.param(c, r, m, id=f"{c.id}-{r}-{m}") for c, r, m in BIT_CASES])
+def test_absmax_and_codes_bit_identical(device, poisoned, rng_state, case, rounding, scale_mode):
     N, C, H, W, inv_kind, relu, stats, dz_dtype, dz_layout, y_kind, pad_to, nbits = case
     seed = fresh_seed()
-    msg = f"seed={seed} case={case.id} {rounding}"
+    msg = f"seed={seed} case={case.id} {rounding} {scale_mode}"
     g = gen(seed)
     y, bnp, dz, inv, _, _ = _setup(N, C, H, W, inv_kind, dz_dtype, dz_layout, y_kind, device, g)
     sums = bn_relu_bwd_reduce(dz, y, bnp, inv, relu) if stats == "train" else None
@@ -191,11 +196,12 @@ def test_absmax_and_codes_bit_identical(device, poisoned, rng_state, case, round
         before = state[1].item()
         amax, = bn_relu_bwd(dz, y, bnp, sums, inv, relu, "absmax", nbits, stoch)
         assert state[1].item() == before + stoch, f"one ticket per stochastic absmax pass {msg}"
-        return amax, bn_relu_bwd(dz, y, bnp, sums, inv, relu, "codes", nbits, stoch, pad_to, amax)
+        return amax, bn_relu_bwd(dz, y, bnp, sums, inv, relu, "codes", nbits, stoch, pad_to, amax,
+                                 scale_mode=scale_mode)
 
     def reference():
         amax, = bn_relu_bwd_reference(*cpu, relu, "absmax", nbits, stoch, pad_to, None, None, True)
-        return amax, bn_relu_bwd_reference(*cpu, relu, "codes", nbits, stoch, pad_to, amax, None, True)
+        return amax, bn_relu_bwd_reference(*cpu, relu, "codes", nbits, stoch, pad_to, amax, None, True, scale_mode)
 
     (amax, (qe, qe_cm, se)), (amax_r, (qe_r, qe_cm_r, se_r)) = _run_both(kernel, reference, seed % 1000)
     # absmax: the bits of max |dy| and the ticket (the counter before; 0 for nearest rounding)
@@ -205,11 +211,12 @@ def test_absmax_and_codes_bit_identical(device, poisoned, rng_state, case, round
     dy, _, _ = bn_grad_in_reference(_gathered64(dz, inv, C).to(dz_dtype).to(torch.float32), cpu[1], cpu[2], cpu[3],
                                     N * H * W, relu)
     assert bits_equal(f32_of_bits(amax[:1]), dy.abs().amax().reshape(1)), msg
-    # codes: both layouts, padding zero, the scale Shift(max |dy|)
+    # codes: both layouts, padding zero, the scale of max |dy| (Shift, or absmax)
     Cp = -(-C // pad_to) * pad_to if pad_to > 1 else C
     assert qe.shape == qe_cm.shape == (N, Cp, H, W) and qe.dtype == qe_cm.dtype == torch.int8, msg
     assert qe.is_contiguous(memory_format=CL) and qe_cm.permute(1, 0, 2, 3).is_contiguous(), msg
-    assert bits_equal(se.cpu(), se_r) and bits_equal(se.cpu(), shift_scale_reference(dy.abs().amax())), msg
+    assert bits_equal(se.cpu(), se_r), msg
+    assert bits_equal(se.cpu(), scale_reference(dy.abs().amax(), scale_mode, nbits)), msg
     assert torch.equal(qe.cpu(), qe_r), f"NHWC codes {msg}: {mismatch(qe.cpu(), qe_r)}"
     assert torch.equal(qe_cm.cpu(), qe_cm_r), f"channel-major codes {msg}: {mismatch(qe_cm.cpu(), qe_cm_r)}"
     assert torch.equal(qe_cm.cpu(), qe.cpu()), msg
@@ -224,6 +231,41 @@ def test_absmax_and_codes_bit_identical(device, poisoned, rng_state, case, round
         assert (q != torch.round(v)).any(), f"stochastic codes equal the nearest ones {msg}"
     else:
         assert torch.equal(q, torch.round(v)), msg
+    if scale_mode == "absmax":  # max |dy| maps to code S-1 (nearest), S-1 or S-2 (stochastic)
+        assert q.abs().max().item() == S - 1, msg
+
+
+def test_stochastic_codes_keep_the_per_channel_sums_unbiased(device, rng_state):
+    """QConfig's default E rounding (stochastic) in the fused path's codes pass: behind a training-mode
+    BatchNorm the exact E sums to zero per channel; the codes' per-channel sums must equal, on average over
+    fresh tickets, the sums of their exact expectation ``clip(dy/s·S)`` (clipping included), while
+    rounding to nearest moves them (issue 22: the bias that made the BN running means lag)."""
+    assert ebkernels.QConfig().rounding_e == "stochastic"
+    seed = fresh_seed()
+    msg = f"seed={seed}"
+    g = gen(seed)
+    N, C, H, W, R = 4, 16, 8, 8, 96
+    y, bnp, dz, _, _, _ = _setup(N, C, H, W, None, torch.float32, "cl", "bn_stats", device, g)
+    dz = (dz.float() ** 3).to(device)  # heavy tails: most entries far below the largest, as in training
+    sums = bn_relu_bwd_reduce(dz, y, bnp, None, True)
+    dy, = bn_relu_bwd(dz, y, bnp, sums, None, True, "float")
+    assert (rows(dy.cpu()).double().sum(0).abs() <= 1e-3 * rows(dy.cpu()).double().abs().sum(0)).all(), msg
+    S = 128
+    total = torch.zeros(C, dtype=torch.float64)
+    for _ in range(R):
+        amax, = bn_relu_bwd(dz, y, bnp, sums, None, True, "absmax", 8, True)
+        qe, _, se = bn_relu_bwd(dz, y, bnp, sums, None, True, "codes", 8, True, 16, amax)
+        total += rows(qe[:, :C].cpu()).double().sum(0)
+    v = rows(((dy.cpu() / se.cpu()) * S).clamp(-(S - 1), S - 1)).double()  # each code's expectation
+    frac = v - torch.floor(v)
+    sd = (frac * (1 - frac)).sum(0).sqrt() / R ** 0.5  # sd of the mean per-channel sum over R draws
+    z = (total / R - v.sum(0)) / sd.clamp(min=1e-9)
+    assert z.abs().max().item() < 5.5, f"per-channel sums biased, z = {z.tolist()} {msg}"
+    # the nearest codes' per-channel sums: off by many standard deviations of the stochastic mean
+    amax, = bn_relu_bwd(dz, y, bnp, sums, None, True, "absmax", 8, False)
+    qn, _, _ = bn_relu_bwd(dz, y, bnp, sums, None, True, "codes", 8, False, 16, amax)
+    zn = (rows(qn[:, :C].cpu()).double().sum(0) - v.sum(0)) / sd.clamp(min=1e-9)
+    assert zn.abs().max().item() > 10, f"nearest rounding unbiased here? z = {zn.tolist()} {msg}"
 
 
 @pytest.mark.parametrize("case", [pytest.param(CASES[i], id=CASES[i].id) for i in (0, 1, 2, 3, 5)])

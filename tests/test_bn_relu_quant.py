@@ -221,30 +221,35 @@ class ApplyCase(NamedTuple):
     index: object  # None, or a gather of kept channels: "perm" (any order) / "sorted"
     pad_to: int
     bits: int
-    fixed_scale: bool  # WAGE's fixed scale
+    scale_mode: str  # shift, wage (fixed scale) or absmax
     y: str  # y's kind: "bn_stats" (bn_stats' bf16 copy), "f32", "bf16_nchw"
 
     @property
     def id(self):
-        return "C{}-{}-{}-pad{}-b{}-{}".format(self.C, "relu" if self.relu else "signed", self.index, self.pad_to,
-                                               self.bits, self.y)
+        return "C{}-{}-{}-pad{}-b{}-{}-{}".format(self.C, "relu" if self.relu else "signed", self.index, self.pad_to,
+                                                  self.bits, self.scale_mode, self.y)
 
 
 APPLY_CASES = [
     # Kp = 32
-    ApplyCase(N=2, C=20, H=5, W=7, relu=True, index=None, pad_to=16, bits=8, fixed_scale=False, y="bn_stats"),
+    ApplyCase(N=2, C=20, H=5, W=7, relu=True, index=None, pad_to=16, bits=8, scale_mode="shift", y="bn_stats"),
     # signed codes
-    ApplyCase(N=2, C=20, H=5, W=7, relu=False, index=None, pad_to=16, bits=8, fixed_scale=False, y="bn_stats"),
+    ApplyCase(N=2, C=20, H=5, W=7, relu=False, index=None, pad_to=16, bits=8, scale_mode="shift", y="bn_stats"),
     # a gather of 21 channels, Kp = 32
-    ApplyCase(N=3, C=37, H=4, W=5, relu=True, index="perm", pad_to=16, bits=6, fixed_scale=False, y="bn_stats"),
+    ApplyCase(N=3, C=37, H=4, W=5, relu=True, index="perm", pad_to=16, bits=6, scale_mode="shift", y="bn_stats"),
     # 13 kept, 324 rows: 2 row tiles
-    ApplyCase(N=4, C=20, H=9, W=9, relu=True, index="sorted", pad_to=16, bits=8, fixed_scale=False, y="bn_stats"),
+    ApplyCase(N=4, C=20, H=9, W=9, relu=True, index="sorted", pad_to=16, bits=8, scale_mode="shift", y="bn_stats"),
     # any float y (contiguous fp32), no padding needed
-    ApplyCase(N=1, C=16, H=6, W=6, relu=True, index=None, pad_to=16, bits=8, fixed_scale=False, y="f32"),
+    ApplyCase(N=1, C=16, H=6, W=6, relu=True, index=None, pad_to=16, bits=8, scale_mode="shift", y="f32"),
     # no padding, WAGE's fixed scale, 4 bits
-    ApplyCase(N=2, C=7, H=5, W=3, relu=False, index=None, pad_to=1, bits=4, fixed_scale=True, y="bf16_nchw"),
+    ApplyCase(N=2, C=7, H=5, W=3, relu=False, index=None, pad_to=1, bits=4, scale_mode="wage", y="bf16_nchw"),
     # 130 kept of 140 -> Kp = 144: two channel blocks
-    ApplyCase(N=1, C=140, H=3, W=4, relu=True, index="sorted", pad_to=16, bits=8, fixed_scale=False, y="bn_stats"),
+    ApplyCase(N=1, C=140, H=3, W=4, relu=True, index="sorted", pad_to=16, bits=8, scale_mode="shift", y="bn_stats"),
+    # absmax (SPEC §2): the scale max|z|·S/(S-1) from the per-channel extremes (act_extreme) is quantize(z)'s
+    ApplyCase(N=2, C=20, H=5, W=7, relu=True, index=None, pad_to=16, bits=8, scale_mode="absmax", y="bn_stats"),
+    # signed, gathered, 6 bits
+    ApplyCase(N=3, C=37, H=4, W=5, relu=False, index="perm", pad_to=16, bits=6, scale_mode="absmax", y="bn_stats"),
+    ApplyCase(N=2, C=7, H=5, W=3, relu=True, index=None, pad_to=1, bits=4, scale_mode="absmax", y="bf16_nchw"),
 ]
 
 
@@ -261,7 +266,7 @@ def _index(kind, C, g, device):
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in APPLY_CASES])
 def test_bn_relu_quant_codes_bit_identical(device, poisoned, case):
-    N, C, H, W, relu, index_kind, pad_to, nbits, fixed, y_kind = case
+    N, C, H, W, relu, index_kind, pad_to, nbits, mode, y_kind = case
     seed = fresh_seed()
     msg = f"seed={seed} case={case}"
     g = gen(seed)
@@ -271,21 +276,21 @@ def test_bn_relu_quant_codes_bit_identical(device, poisoned, case):
     xb, _, bnp, zmax = bn_stats(x, gamma, beta, relu=relu, keep=keep)
     y = {"bn_stats": xb, "f32": xb.float().contiguous(), "bf16_nchw": xb.contiguous()}[y_kind]
     nbt = torch.tensor(7, device=device)
-    q, s = bn_relu_quant(y, bnp, zmax, nbt, index, nbits, fixed, relu, pad_to)
+    q, s = bn_relu_quant(y, bnp, zmax, nbt, index, nbits, mode, relu, pad_to)
     assert nbt.item() == 8, msg
     K = C if index is None else index.numel()
     Kp = -(-K // pad_to) * pad_to if pad_to > 1 else K
     assert q.dtype == torch.int8 and q.shape == (N, Kp, H, W) and q.is_contiguous(memory_format=CL), msg
     assert q[:, K:].numel() == 0 or q[:, K:].abs().max().item() == 0, f"padded channels {msg}"
     q_ref, s_ref = bn_relu_quant_reference(y.cpu(), bnp.cpu(), zmax.cpu(), None, None if index is None
-                                           else index.cpu(), nbits, fixed, relu, pad_to, None)
+                                           else index.cpu(), nbits, mode, relu, pad_to, None)
     assert bits_equal(s.cpu(), s_ref), msg
     assert torch.equal(q.cpu(), q_ref), f"codes {msg}: {mismatch(q.cpu(), q_ref)}"
     # and the quantizer's codes of the gathered z itself (zmax over the kept channels only)
     z = bn_act_reference(y.cpu(), bnp.cpu(), relu)
     if index is not None:
         z = z.index_select(1, index.cpu())
-    q_z, s_z = quantize_reference(z, nbits, fixed_scale=fixed)
+    q_z, s_z = quantize_reference(z, nbits, mode=mode)
     assert bits_equal(s.cpu(), s_z), f"scale {s.item()} != quantize(z) scale {s_z.item()} {msg}"
     assert torch.equal(q[:, :K].cpu(), q_z), f"codes vs quantize(z) {msg}: {mismatch(q[:, :K].cpu(), q_z)}"
     if relu:
@@ -309,7 +314,7 @@ def test_bn_relu_quant_float_output(device, poisoned, out_dtype, index_kind):
     K = C if index is None else index.numel()
     assert z.dtype == out_dtype and z.shape == (2, K, 6, 5) and z.is_contiguous(memory_format=CL), msg
     z_ref, _ = bn_relu_quant_reference(xb.cpu(), bnp.cpu(), zmax.cpu(), None, None if index is None else index.cpu(),
-                                       8, False, True, 0, out_dtype)
+                                       8, "shift", True, 0, out_dtype)
     assert bits_equal(z.cpu(), z_ref), f"{msg}: {mismatch(z.cpu(), z_ref)}"
     want = bn_act_reference(xb.cpu(), bnp.cpu(), True)
     want = want if index is None else want.index_select(1, index.cpu())
@@ -364,8 +369,8 @@ def test_opcheck():
     rm, rv, nbt = torch.zeros(5), torch.ones(5), torch.tensor(0)
     torch.library.opcheck(_bn_stats_op, (x, w, b, rm, rv, nbt, 0.1, EPS, True, True, True, None))
     xb, _, bnp, zmax = bn_stats(x, w, b)
-    torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, nbt, None, 8, False, True, 16, None))
-    torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, None, torch.tensor([4, 0, 2]), 8, False, False, 0,
+    torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, nbt, None, 8, "absmax", True, 16, None))
+    torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, None, torch.tensor([4, 0, 2]), 8, "shift", False, 0,
                                               torch.float32))
     ref = bn_stats_reference(x, w, b, None, None, None, 0.1, EPS, True, False, True)
     assert bits_equal(ref[0], xb)

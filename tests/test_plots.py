@@ -91,3 +91,19 @@ def test_write_plots_writes_three_pngs(tmp_path):
     write_plots(str(tmp_path), state, s, pairwise())
     for name in ("mask_distance_matrix.png", "mask_distance.png", "accuracy.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_search_curve_says_which_batchnorm_statistics_it_shows():
+    """Issue 22: the search's dense accuracy is the one with BN statistics re-estimated; the legend says so,
+    and the running statistics' accuracy is drawn beside it; records without it say "running"."""
+    state, s = short_run()
+    for r, run in zip(state["records"][:3], (20.0, 60.1, 90.2)):
+        r["test_acc_running"] = run
+    fig = accuracy_figure(state, s)
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert "search (int8): test, BN statistics re-estimated (8 training batches)" in labels
+    running = [line for line in fig.axes[0].get_lines() if line.get_label() == "search: test, running BN statistics"]
+    assert len(running) == 1 and list(running[0].get_ydata()) == [20.0, 60.1, 90.2]
+    plain, s = short_run()
+    labels = [line.get_label() for line in accuracy_figure(plain, s).axes[0].get_lines()]
+    assert "search (int8): test, running BN statistics" in labels

@@ -36,10 +36,10 @@ def spec_quantize_f64(x: torch.Tensor, bits: int, fixed_scale: bool = False):
 def test_nearest_bit_exact(shape, bits, mode, device):
     x = _fresh(shape, device, scale=None if mode == "shift" else 0.7)
     fixed = mode == "wage"
-    codes_ref, s_ref = quantize_reference(x, bits, fixed_scale=fixed)
+    codes_ref, s_ref = quantize_reference(x, bits, mode=mode)
     torch.manual_seed(1)
     codes = poison(torch.empty(x.shape, dtype=torch.int8, device=device))  # -128: never a code
-    codes, s = quantize_triton(x, bits, fixed_scale=fixed, out=codes)
+    codes, s = quantize_triton(x, bits, mode=mode, out=codes)
     assert s.device == x.device and s.dtype == torch.float32 and s.dim() == 0
     assert torch.equal(s.cpu(), s_ref.cpu())
     assert torch.equal(codes.cpu(), codes_ref.cpu())
@@ -100,18 +100,18 @@ def test_all_zero_tensor(device):
 
 @pytest.mark.parametrize("bad, expect_scale", [(float("nan"), "nan"), (float("inf"), "inf"),
                                                 (float("-inf"), "inf")])
-@pytest.mark.parametrize("mode", ["shift", "wage"])
+@pytest.mark.parametrize("mode", ["shift", "wage", "absmax"])
 def test_nonfinite_propagates(bad, expect_scale, mode, device):
     x = _fresh((4, 9), device)
     x[2, 3] = bad
     fixed = mode == "wage"
     for impl in (quantize_reference, quantize_triton):
-        codes, s = impl(x, fixed_scale=fixed)
+        codes, s = impl(x, mode=mode)
         assert (math.isnan(s.item()) if expect_scale == "nan" else s.item() == math.inf)
         deq = ebkernels.dequantize(codes, s)
         assert not torch.isfinite(deq).any(), "non-finite input must not dequantize to finite numbers"
     if not fixed:  # nan in nan out, mirroring torch.amax
-        assert torch.equal(quantize_reference(x)[0].cpu(), quantize_triton(x)[0].cpu())
+        assert torch.equal(quantize_reference(x, mode=mode)[0].cpu(), quantize_triton(x, mode=mode)[0].cpu())
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -198,7 +198,7 @@ def test_dequantize(device):
 
 def test_fake_impl_and_schema():
     x = torch.randn(2, 3, 4, 5)
-    torch.library.opcheck(_quantize_op, (x, 8, False, False, 0, True),
+    torch.library.opcheck(_quantize_op, (x, 8, False, "shift", 0, True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -211,7 +211,7 @@ def test_bad_input_messages():
     for bits in (1, 9, 8.0, True):
         with pytest.raises(ValueError, match=rf"bits={bits!r} is not supported; accepted: an int from 2 to 8"):
             ebkernels.quantize(x, bits=bits)
-    with pytest.raises(ValueError, match=r"mode='log' is not supported; accepted: 'shift', 'wage'"):
+    with pytest.raises(ValueError, match=r"mode='log' is not supported; accepted: 'shift', 'wage', 'absmax'"):
         ebkernels.quantize(x, mode="log")
     with pytest.raises(ValueError, match=r"rounding='up' is not supported; accepted: 'nearest', 'stochastic'"):
         ebkernels.quantize(x, rounding="up")
@@ -265,5 +265,5 @@ def test_pad_channels_codes_exact_and_pad_zero(device, poisoned, cl, rounding):
 
 def test_fake_impl_and_schema_padded():
     x = torch.randn(2, 3, 4, 5)
-    torch.library.opcheck(_quantize_op, (x, 8, False, False, 0, True, 16),
+    torch.library.opcheck(_quantize_op, (x, 8, False, "absmax", 0, True, 16),
                           test_utils=("test_schema", "test_faketensor"))

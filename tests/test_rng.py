@@ -22,7 +22,7 @@ from ebkernels.ops._buffers import _POOLS
 from ebkernels.ops.gemm.linear import _linear_int8_mm_op, linear_int8_mm_reference
 from ebkernels.ops._launch import SMALL_NUMEL
 from ebkernels.ops.quantize import _quantize_op, quantize_dequantize, quantize_reference
-from helpers import CL, LaunchSpy, bits_equal, codes, fresh_seed, gen, mismatch, spy_launches
+from helpers import CL, LaunchSpy, bits_equal, both_paths, codes, fresh_seed, gen, mismatch, spy_launches
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
 
@@ -72,6 +72,13 @@ def test_philox_reference_is_the_triton_uniform(device, seed, ticket):
     assert bits_equal(ref_t, ref), msg
     other = _rng.philox_uniform_reference(seed, ticket + 1, offs.cpu())
     assert (other != ref).float().mean() > 0.99, f"the ticket must change the numbers {msg}"
+    # more offsets than one chunk of the reference (its cache-sized passes), in a 2-D shape
+    big = torch.cat([offs.cpu(), torch.randint(0, 2**62, (2 * _rng._CHUNK + 77 - offs.numel() % 2,), generator=g)])
+    big = big[: big.numel() // 2 * 2].view(2, -1)
+    out = torch.full(big.shape, float("nan"), device=device)
+    _uniform_kernel[(triton.cdiv(big.numel(), 1024),)](st, tk, big.to(device), out, big.numel(), BLOCK=1024)
+    ref = _rng.philox_uniform_reference(torch.tensor(seed), torch.tensor(ticket), big)
+    assert ref.shape == big.shape and bits_equal(out.cpu(), ref), f"chunked {msg}: {mismatch(out.cpu(), ref)}"
 
 
 def _x(shape, layout, g, device):
@@ -200,18 +207,6 @@ def test_quantize_dequantize_is_dequantize_of_quantize(device, name, rounding):
 
 
 # ---- G quantization fused into the weight-grad GEMMs -------------------------------------------------
-def _both_paths(fn, seed, device):
-    """The Triton path and the reference path, each after ``manual_seed(seed)``; the tickets each took."""
-    st = _rng.device_state(device)
-    ebkernels.manual_seed(seed)
-    k = fn()
-    taken = st[1].item()
-    ebkernels.manual_seed(seed)
-    with force_backend("reference"):
-        r = fn()
-    return k, r, (taken, st[1].item())
-
-
 def _check_gq(gq, gq_ref, taken, exact, rounding, msg):
     assert gq.dtype == torch.float32 and gq.shape == exact.shape and gq.is_contiguous(), msg
     assert bits_equal(gq.cpu(), gq_ref.cpu()), f"fused vs reference {msg}: {mismatch(gq.cpu(), gq_ref.cpu())}"
@@ -277,7 +272,7 @@ def test_conv_wgrad_fused_g_quantization(device, case, rounding):
         return conv2d_int8_wgrad_op(qe, qx, se, sx, *geo, 1, 8, 8, torch.float32, MAX_TERMS, 8, rounding,
                                      [cout, cin], _rng.device_state(device))
 
-    gq, gq_ref, taken = _both_paths(run, s % 1000, device)
+    gq, gq_ref, taken = both_paths(run, s % 1000, device)
     exact = conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), se.cpu(), sx.cpu(), *geo, 1, 8, 8, torch.float32)
     _check_gq(gq, gq_ref, taken, exact[:cout, :cin].contiguous(), rounding, msg)
 
@@ -311,7 +306,7 @@ def test_linear_wgrad_fused_g_quantization(device, monkeypatch, case, rounding, 
         counts.append(dict(launches.count))
         return out
 
-    gq, gq_ref, taken = _both_paths(run, s % 1000, device)
+    gq, gq_ref, taken = both_paths(run, s % 1000, device)
     exact = linear_int8_mm_reference(qe.t().cpu(), qx.cpu(), se.cpu(), sx.cpu(), None, 8, 8, torch.float32)
     _check_gq(gq, gq_ref, taken, exact, rounding, msg)
     # the Triton path quantized in the GEMM launch (only GQ=1 adds its codes pass), one split or several
@@ -330,8 +325,8 @@ def test_opcheck_schema():
     st = _rng.device_state("cpu")
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     x = torch.randn((2, 3, 4, 5), generator=g)
-    torch.library.opcheck(_quantize_op, (x, 8, True, False, -1, False, 0, False, st), test_utils=utils)
-    torch.library.opcheck(_quantize_op, (x, 8, True, False, 11, True, 16, False, None))
+    torch.library.opcheck(_quantize_op, (x, 8, True, "shift", -1, False, 0, False, st), test_utils=utils)
+    torch.library.opcheck(_quantize_op, (x, 8, True, "shift", 11, True, 16, False, None))
     qx = codes((1, 16, 5, 5), g, "cpu", pad_from=3)
     qe = codes((1, 16, 5, 5), g, "cpu", pad_from=6)
     se, sx = torch.tensor(2.0 ** -9), torch.tensor(0.5)

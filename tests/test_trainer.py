@@ -532,6 +532,41 @@ def test_settings_added_later_leave_the_hash_of_earlier_runs_alone():
     assert stem.hashed()["small_stem"] is True and train.settings_hash(stem) != train.settings_hash(tv)
 
 
+def test_reported_search_accuracy_reestimates_bn_and_leaves_the_search_alone(tmp_path, capsys):
+    """Issue 22: the printed and saved dense accuracy of the search uses BN statistics re-estimated on
+    --bn-recal-batches training batches, on a copy: the search (losses, masks, tickets) is bit for bit the
+    one with --bn-recal-batches 0, and the running statistics' accuracy stays beside it."""
+    base = TINY + ["--precision", "fp32", "--epochs", "3", "--retrain-epochs", "1", "--baseline"]
+    runs = {}
+    for n in (0, 3):
+        out = tmp_path / f"recal{n}"
+        assert main(base + ["--bn-recal-batches", str(n), "--out", str(out)]) == 0
+        run = only_run_dir(out)
+        runs[n] = (json.load(open(os.path.join(run, "summary.json"))), read_jsonl(os.path.join(run, "metrics.jsonl")),
+                   dict(np.load(os.path.join(run, "masks.npz"))))
+    printed = capsys.readouterr().out
+    (s0, r0, m0), (s3, r3, m3) = runs[0], runs[3]
+    assert [r["train_loss"] for r in r0] == [r["train_loss"] for r in r3]  # search and retraining unchanged
+    assert all(np.array_equal(m0[k], m3[k]) for k in m0) and m0.keys() == m3.keys()
+    search0 = [r for r in r0 if r["phase"] == "search"]
+    search3 = [r for r in r3 if r["phase"] == "search"]
+    assert all("test_acc_running" not in r for r in search0)
+    assert [r["test_acc_running"] for r in search3] == [r["test_acc"] for r in search0]  # running: as before
+    assert s0["search"]["bn_statistics"] == "running"
+    assert s3["search"]["bn_statistics"] == "re-estimated on 3 training batches"
+    assert s3["search"]["final_test_acc"] == search3[-1]["test_acc"]
+    assert s3["search"]["final_test_acc_running"] == s0["search"]["final_test_acc"]
+    assert "(BN statistics re-estimated on 3 training batches; with the running ones" in printed
+    assert "(running BN" in printed
+    # the setting is hashed unless default, and int8-only settings with --precision fp32 are errors
+    d = train.resolve_settings(train.Settings())
+    assert "bn_recal_batches" not in d.hashed() and d.hashed()["int8_rounding_e"] == "stochastic"
+    assert "int8_mode" not in train.resolve_settings(train.Settings(precision="fp32")).hashed()
+    assert main(TINY + ["--precision", "fp32", "--int8-rounding-e", "nearest", "--out", str(tmp_path / "x")]) == 2
+    assert "--int8-rounding-e sets the int8 search's quantization; --precision fp32 has none" in \
+        capsys.readouterr().err
+
+
 def test_settings_hash_names_the_run():
     s = train.resolve_settings(train.Settings())
     assert s.model == "vgg11" and s.width == 0.25 and s.precision == "int8"

@@ -111,22 +111,22 @@ def test_opcheck():
     torch.library.opcheck(_op, (w, ebkernels.quantize(w)[1], 8, 16))
 
 
-@pytest.mark.parametrize("fixed", [False, True], ids=["shift", "wage"])
+@pytest.mark.parametrize("mode", ["shift", "wage", "absmax"])
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_small_weights_quantized_in_one_launch(device, poisoned, case, fixed):
-    """``weight_quant_small``: the scale is the quantizer's (Shift(max|w|), or WAGE's 1) and both layouts are
-    the quantizer's codes, on the Triton path and the reference path alike."""
+def test_small_weights_quantized_in_one_launch(device, poisoned, case, mode):
+    """``weight_quant_small``: the scale is the quantizer's (Shift(max|w|), WAGE's 1, or max|w|·S/(S-1)) and both
+    layouts are the quantizer's codes, on the Triton path and the reference path alike."""
     from ebkernels.ops.weight_codes import weight_quant_small
 
     seed = fresh_seed()
-    msg = f"seed={seed} case={_id(case)} fixed={fixed}"
+    msg = f"seed={seed} case={_id(case)} mode={mode}"
     w = _weight(case, gen(seed), device)
-    if fixed:
+    if mode == "wage":
         w = w / w.abs().max() * 0.9  # WAGE's fixed scale 1 expects |w| < 1
-    codes, s = quantize_reference(w.cpu(), 8, fixed_scale=fixed)
+    codes, s = quantize_reference(w.cpu(), 8, mode=mode)
     for backend in ("auto", "reference"):
         with ebkernels.force_backend(backend):
-            fwd, dgrad, scale = weight_quant_small(w, 8, fixed, case[4])
+            fwd, dgrad, scale = weight_quant_small(w, 8, mode, case[4])
         assert scale.shape == () and scale.item() == s.item(), msg
         _check_layouts(fwd, dgrad, codes, case[4], f"{msg} {backend}")
     with pytest.raises(ValueError, match="at most 65536"):

@@ -1,8 +1,9 @@
-"""WAGE-style per-tensor quantizer (SPEC §2): absmax -> power-of-two scale -> int8 codes.
+"""WAGE-style per-tensor quantizer (SPEC §2): absmax -> per-tensor scale -> int8 codes.
 
 ``q = round(clip(x / s) * S)`` with ``S = 2**(bits-1)``, ``clip`` to ``±(1 - 1/S)``, so the codes lie in
-``[-(S-1), S-1]``; ``s = Shift(max|x|) = 2**round(log2(max|x|))`` or the fixed scale 1 (``fixed_scale``,
-WAGE mode): the rule of ``_scale``. The value a code stands for is ``q * s / S``.
+``[-(S-1), S-1]``; ``s`` by the scale ``mode`` of ``_scale``: ``Shift(max|x|) = 2**round(log2(max|x|))``
+("shift"), the fixed scale 1 ("wage") or ``max|x|·S/(S-1)`` ("absmax"). The value a code stands for is
+``q * s / S``.
 
 Non-finite input: ``max|x|`` is NaN when ``x`` holds a NaN and +inf when it holds an inf (as
 ``torch.amax`` gives), and the scale takes that value, in every mode; codes are 0 wherever ``x / s``
@@ -28,7 +29,7 @@ from .._triton import tl, triton
 from ._buffers import counter_pool, empty_output
 from ._launch import SMALL_NUMEL, padded_channels
 from ._reduce import publish_max
-from ._scale import scale_reference, shift_scale_from_bits
+from ._scale import SCALE_MODES, scale_from_bits, scale_mode_code, scale_reference
 from ._tl import round_half_even, strided_offsets_4d
 
 __all__ = ["quantize", "quantize_dequantize", "dequantize", "quantize_reference", "quantize_triton", "block_codes",
@@ -58,13 +59,13 @@ def _noise_reference(shape, device, seed) -> torch.Tensor:
     return _rng.philox_uniform_reference(seed, ticket, torch.arange(n, device=device)).view(shape)
 
 
-def quantize_reference(x: torch.Tensor, bits: int = 8, stochastic: bool = False,
-                       fixed_scale: bool = False, seed: int | None = 0):
-    """PyTorch reference: ``(codes int8 like x, scale 0-dim float32)``. Stochastic noise: see
-    ``_noise_reference`` (the same numbers as the kernels draw)."""
+def quantize_reference(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mode: str = "shift",
+                       seed: int | None = 0):
+    """PyTorch reference: ``(codes int8 like x, scale 0-dim float32)``; ``mode``: the scale rule
+    (``_scale``). Stochastic noise: see ``_noise_reference`` (the same numbers as the kernels draw)."""
     xf = x.float()
     amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
-    s = scale_reference(amax, fixed_scale)
+    s = scale_reference(amax, mode, bits)
     noise = _noise_reference(tuple(xf.shape), x.device, seed) if stochastic else None
     codes = _codes_reference(xf / s, bits, noise)
     return codes, s
@@ -153,18 +154,18 @@ def quantize_absmax_kernel(x_ptr, amax_bits_ptr, sem_ptr, rng_ptr, n, d1, d2, d3
 
 @aot_kernel(signature={"x_ptr": "*fp32", "amax_bits_ptr": "*i32", "rng_ptr": "*i64", "codes_ptr": "*i8",
                        "scale_ptr": "*fp32", **_SIG_COMMON, **_SIG_OUT},
-            constexprs=[{"BITS": 8, "STOCHASTIC": s, "DEVICE_SEED": s, "FIXED_SCALE": False, "SAME_ORDER": o,
+            constexprs=[{"BITS": 8, "STOCHASTIC": s, "DEVICE_SEED": s, "SCALE_MODE": m, "SAME_ORDER": o,
                          "LOGICAL": o, "DEQUANT": False, "BLOCK": block_elements(o)}
-                        for s in (False, True) for o in (True, False)],
+                        for s in (False, True) for o in (True, False) for m in ((0, 2) if o else (0,))],
             num_warps=8, aligned=("x_ptr", "codes_ptr"))
 @triton.jit
 def quantize_codes_kernel(x_ptr, amax_bits_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s0, s1, s2, s3, o0, o1,
                           o2, o3, l0, l1, l2, l3, seed, BITS: tl.constexpr, STOCHASTIC: tl.constexpr,
-                          DEVICE_SEED: tl.constexpr, FIXED_SCALE: tl.constexpr, SAME_ORDER: tl.constexpr,
+                          DEVICE_SEED: tl.constexpr, SCALE_MODE: tl.constexpr, SAME_ORDER: tl.constexpr,
                           LOGICAL: tl.constexpr, DEQUANT: tl.constexpr, BLOCK: tl.constexpr):
     """Scale from the absmax bits, then codes (``_block_codes``) in the output's own layout.
     ``DEVICE_SEED``: seed and ticket from the device state / the absmax pass, else (``seed``, 0)."""
-    scale = shift_scale_from_bits(tl.load(amax_bits_ptr), FIXED_SCALE)
+    scale = scale_from_bits(tl.load(amax_bits_ptr), SCALE_MODE, BITS)
     pid = tl.program_id(0)
     if pid == 0:
         tl.store(scale_ptr, scale)
@@ -180,14 +181,14 @@ def quantize_codes_kernel(x_ptr, amax_bits_ptr, rng_ptr, codes_ptr, scale_ptr, n
 
 @aot_kernel(signature={"x_ptr": "*fp32", "rng_ptr": "*i64", "codes_ptr": "*i8", "scale_ptr": "*fp32", **_SIG_COMMON,
                        **_SIG_OUT},
-            constexprs=[{"BITS": 8, "STOCHASTIC": s, "DEVICE_SEED": s, "FIXED_SCALE": False, "DENSE": o,
+            constexprs=[{"BITS": 8, "STOCHASTIC": s, "DEVICE_SEED": s, "SCALE_MODE": m, "DENSE": o,
                          "SAME_ORDER": o, "LOGICAL": o, "DEQUANT": s, "BLOCK": 1024}
-                        for s in (False, True) for o in (True, False)],
+                        for s in (False, True) for o in (True, False) for m in ((0, 2) if o else (0,))],
             num_warps=8, aligned=("x_ptr", "codes_ptr"))
 @triton.jit
 def quantize_small_kernel(x_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0,
                           l1, l2, l3, seed, BITS: tl.constexpr, STOCHASTIC: tl.constexpr, DEVICE_SEED: tl.constexpr,
-                          FIXED_SCALE: tl.constexpr, DENSE: tl.constexpr, SAME_ORDER: tl.constexpr,
+                          SCALE_MODE: tl.constexpr, DENSE: tl.constexpr, SAME_ORDER: tl.constexpr,
                           LOGICAL: tl.constexpr, DEQUANT: tl.constexpr, BLOCK: tl.constexpr):
     """Small tensors (weights, weight gradients, a classifier's activations) in one launch of one
     program: the absmax loop, then the codes loop. Same numbers as the two-kernel path."""
@@ -195,7 +196,7 @@ def quantize_small_kernel(x_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK).to(tl.int64)
         bits = tl.maximum(bits, _block_absmax_bits(x_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, DENSE))
-    scale = shift_scale_from_bits(bits, FIXED_SCALE)
+    scale = scale_from_bits(bits, SCALE_MODE, BITS)
     tl.store(scale_ptr, scale)
     if DEVICE_SEED:
         seed = tl.load(rng_ptr)
@@ -234,7 +235,7 @@ def row_major(sizes):
     return strides[::-1]
 
 
-def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, fixed_scale: bool = False,
+def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mode: str = "shift",
                     seed: int | None = 0, out: torch.Tensor | None = None, dequant: bool = False):
     """Triton path. ``out``: an int8 tensor of x's shape with any strides (e.g. channels-last, or a view
     into a channel-padded buffer) to write the codes into (``dequant``: a float tensor for the values
@@ -268,7 +269,7 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, fi
     dense = _is_dense(sizes, xs)
     same_order = dense and _is_dense(sizes, os_) and xs == os_
     logical = order == sorted(order)
-    common = dict(BITS=bits, STOCHASTIC=stochastic, DEVICE_SEED=device_seed, FIXED_SCALE=fixed_scale,
+    common = dict(BITS=bits, STOCHASTIC=stochastic, DEVICE_SEED=device_seed, SCALE_MODE=scale_mode_code(mode),
                   SAME_ORDER=same_order, LOGICAL=logical, DEQUANT=dequant)
     args = (n, sizes[1], sizes[2], sizes[3], *xs, *os_, *ls, 0 if seed is None else seed)
     if n <= SMALL_NUMEL:
@@ -289,7 +290,7 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, fi
 # Public op (registered with torch.library so torch.compile can trace it)
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("ebkernels::quantize", mutates_args=("rng",))
-def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, fixed_scale: bool, seed: int,
+def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, scale_mode: str, seed: int,
                  channels_last: bool, pad_channels_to: int = 0, dequant: bool = False,
                  rng: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     # seed < 0: stochastic noise from the device random state ``rng`` (which this op advances)
@@ -299,9 +300,9 @@ def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, fixed_scale: bool
         codes = empty_output((N, padded_channels(C, pad_channels_to), H, W), torch.int8, x.device, torch.channels_last)
         real = codes[:, :C]
         if use_triton(x):
-            _, s = quantize_triton(x, bits, stochastic, fixed_scale, seed_arg, out=real)
+            _, s = quantize_triton(x, bits, stochastic, scale_mode, seed_arg, out=real)
         else:
-            q, s = quantize_reference(x, bits, stochastic, fixed_scale, seed_arg)
+            q, s = quantize_reference(x, bits, stochastic, scale_mode, seed_arg)
             real.copy_(q)
         codes[:, C:].zero_()  # after (and outside) the absmax over the real tensor: 0 adds 0 to every sum
         return codes, s
@@ -309,8 +310,8 @@ def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, fixed_scale: bool
         out = None
         if channels_last:
             out = torch.empty_like(x, dtype=x.dtype if dequant else torch.int8, memory_format=torch.channels_last)
-        return quantize_triton(x, bits, stochastic, fixed_scale, seed_arg, out=out, dequant=dequant)
-    codes, s = quantize_reference(x, bits, stochastic, fixed_scale, seed_arg)
+        return quantize_triton(x, bits, stochastic, scale_mode, seed_arg, out=out, dequant=dequant)
+    codes, s = quantize_reference(x, bits, stochastic, scale_mode, seed_arg)
     if dequant:
         codes = (codes.float() * (s / 2 ** (bits - 1))).to(x.dtype)
     if channels_last:
@@ -319,7 +320,7 @@ def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, fixed_scale: bool
 
 
 @_quantize_op.register_fake
-def _(x, bits, stochastic, fixed_scale, seed, channels_last, pad_channels_to=0, dequant=False, rng=None):
+def _(x, bits, stochastic, scale_mode, seed, channels_last, pad_channels_to=0, dequant=False, rng=None):
     if pad_channels_to > 1:
         N, C, H, W = x.shape
         codes = torch.empty((N, padded_channels(C, pad_channels_to), H, W), dtype=torch.int8, device=x.device,
@@ -334,7 +335,7 @@ def _check_args(x, bits, rounding, mode, seed, channels_last, pad_channels_to):
     check_tensor("x", x)
     check_bits("bits", bits)
     check_choice("rounding", rounding, ("nearest", "stochastic"))
-    check_choice("mode", mode, ("shift", "wage"))
+    check_choice("mode", mode, tuple(SCALE_MODES))
     if channels_last and x.dim() != 4:
         raise ValueError(f"channels_last=True needs a 4-D tensor, got {x.dim()}-D shape {tuple(x.shape)}")
     if isinstance(pad_channels_to, bool) or not isinstance(pad_channels_to, int) or pad_channels_to < 0:
@@ -355,14 +356,15 @@ def _seed_args(stochastic: bool, seed, device):
 
 def quantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest", mode: str = "shift",
              seed: int | None = None, channels_last: bool = False, pad_channels_to: int = 0):
-    """Quantize ``x`` to ``bits``-bit integer codes with a power-of-two scale (SPEC §2).
+    """Quantize ``x`` to ``bits``-bit integer codes with a per-tensor scale (SPEC §2).
 
     Returns ``(codes, scale)``: int8 codes of x's shape and a 0-dim float32 tensor on x's device.
     ``rounding``: "nearest" (half to even) or "stochastic" (``floor(x*S/s + u)``, u ~ U[0,1) from Philox at
     each element's row-major index): with ``seed`` an int, the same seed gives the same codes; with
     ``seed=None`` the noise comes from the device's random state (``ebkernels.manual_seed``; each call a
-    fresh ticket, drawn on the device: no host synchronisation). ``mode``: "shift" (``s = Shift(max|x|)``)
-    or "wage" (``s = 1``). ``channels_last=True`` writes the codes of a 4-D tensor in NHWC memory order.
+    fresh ticket, drawn on the device: no host synchronisation). ``mode``: "shift" (``s = Shift(max|x|)``),
+    "wage" (``s = 1``) or "absmax" (``s = max|x|·S/(S-1)``: max|x| maps to code S-1; ``ops._scale``).
+    ``channels_last=True`` writes the codes of a 4-D tensor in NHWC memory order.
     ``pad_channels_to`` (> 1, needs ``channels_last``): the codes come back as (N, Cp, H, W) in NHWC order
     with ``Cp`` = C rounded up to that multiple and channels ``>= C`` equal to 0 (the scale is the one of
     x itself): 16-byte aligned pixel rows for the int8 kernels, at ``Cp - C`` extra bytes per pixel.
@@ -370,7 +372,7 @@ def quantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest", mode: st
     _check_args(x, bits, rounding, mode, seed, channels_last, pad_channels_to)
     stochastic = rounding == "stochastic"
     seed_arg, rng = _seed_args(stochastic, seed, x.device)
-    return _quantize_op(x, bits, stochastic, mode == "wage", seed_arg, channels_last, pad_channels_to, False, rng)
+    return _quantize_op(x, bits, stochastic, mode, seed_arg, channels_last, pad_channels_to, False, rng)
 
 
 def quantize_dequantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest", mode: str = "shift",
@@ -380,7 +382,7 @@ def quantize_dequantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest
     _check_args(x, bits, rounding, mode, seed, False, 0)
     stochastic = rounding == "stochastic"
     seed_arg, rng = _seed_args(stochastic, seed, x.device)
-    return _quantize_op(x, bits, stochastic, mode == "wage", seed_arg, False, 0, True, rng)[0]
+    return _quantize_op(x, bits, stochastic, mode, seed_arg, False, 0, True, rng)[0]
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .._registry import aot_kernel
 from .._triton import tl, triton
 from ._buffers import empty_output
 from ._launch import SMALL_NUMEL, padded_channels
-from ._scale import shift_scale_from_bits
+from ._scale import scale_from_bits, scale_mode_code
 from ._tl import round_half_even
 from .quantize import quantize_reference
 
@@ -75,11 +75,11 @@ def weight_codes_kernel(w_ptr, scale_ptr, fwd_ptr, dgrad_ptr, CO, CI, COp, CIp, 
                         sw_t, n, BITS)
 
 
-@aot_kernel(signature=_SIG, constexprs=[{"BITS": 8, "FIXED_SCALE": f, "BLOCK": 1024} for f in (False, True)],
+@aot_kernel(signature=_SIG, constexprs=[{"BITS": 8, "SCALE_MODE": m, "BLOCK": 1024} for m in (0, 1, 2)],
             num_warps=8)
 @triton.jit
 def weight_quant_small_kernel(w_ptr, scale_ptr, fwd_ptr, dgrad_ptr, CO, CI, COp, CIp, KHW, sw_o, sw_i, sw_t, n,
-                              BITS: tl.constexpr, FIXED_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+                              BITS: tl.constexpr, SCALE_MODE: tl.constexpr, BLOCK: tl.constexpr):
     """Forward of a small weight in one program of one launch: max |w|, its scale (stored), then both
     layouts (kept for backward: at most SMALL_NUMEL bytes each)."""
     bits = tl.zeros((), tl.int32)
@@ -87,7 +87,7 @@ def weight_quant_small_kernel(w_ptr, scale_ptr, fwd_ptr, dgrad_ptr, CO, CI, COp,
         idx = start + tl.arange(0, BLOCK)
         w = _load_weight_block(w_ptr, idx, CO, CI, CIp, KHW, sw_o, sw_i, sw_t, n)[5]
         bits = tl.maximum(bits, tl.max(tl.abs(w).to(tl.int32, bitcast=True), axis=0))
-    scale = shift_scale_from_bits(bits, FIXED_SCALE)
+    scale = scale_from_bits(bits, SCALE_MODE, BITS)
     tl.store(scale_ptr, scale)
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK)
@@ -138,33 +138,34 @@ def _op(weight: torch.Tensor, scale: torch.Tensor, bits: int, pad: int) -> tuple
 
 
 @torch.library.custom_op("ebkernels::weight_quant_small", mutates_args=())
-def _small_op(weight: torch.Tensor, bits: int, fixed_scale: bool, pad: int
+def _small_op(weight: torch.Tensor, bits: int, scale_mode: str, pad: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not use_triton(weight):
-        _, scale = quantize_reference(weight, bits, fixed_scale=fixed_scale)
+        _, scale = quantize_reference(weight, bits, mode=scale_mode)
         return (*weight_codes_reference(weight, scale, bits, pad), scale)
     weight, fwd, dgrad, args = _launch_args(weight, pad)
     scale = empty_output((), torch.float32, weight.device)
-    weight_quant_small_kernel[(1,)](weight, scale, fwd, dgrad, *args, BITS=bits, FIXED_SCALE=fixed_scale,
+    weight_quant_small_kernel[(1,)](weight, scale, fwd, dgrad, *args, BITS=bits, SCALE_MODE=scale_mode_code(scale_mode),
                                     BLOCK=1024, num_warps=8)
     return fwd, dgrad, scale
 
 
 @_small_op.register_fake
-def _(weight, bits, fixed_scale, pad):
+def _(weight, bits, scale_mode, pad):
     CO, CI, KH, KW = weight.shape
     fwd, dgrad = _layouts(CO, CI, KH, KW, pad, weight.device,
                           lambda s, d, dev, f: torch.empty(s, dtype=d, device=dev).contiguous(memory_format=f))
     return fwd, dgrad, weight.new_empty((), dtype=torch.float32)
 
 
-def weight_quant_small(weight, bits=8, fixed_scale=False, pad=16):
+def weight_quant_small(weight, bits=8, mode="shift", pad=16):
     """Forward weight quantization of a small weight (<= ``SMALL_NUMEL`` elements) in one launch:
-    ``(fwd codes, dgrad codes, scale)``, the scale ``Shift(max |w|)`` (``fixed_scale``: WAGE's 1) and the
+    ``(fwd codes, dgrad codes, scale)``, the scale of ``mode`` (``ops._scale``: "shift" ``Shift(max |w|)``,
+    "wage" 1, "absmax" ``max |w|·S/(S-1)``) and the
     codes of both layouts (module docstring), which the fused block keeps: backward needs no launch."""
     if weight.numel() > SMALL_NUMEL:
         raise ValueError(f"weight_quant_small: {weight.numel()} elements; accepted: at most {SMALL_NUMEL}")
-    return _small_op(weight, int(bits), bool(fixed_scale), int(pad))
+    return _small_op(weight, int(bits), str(mode), int(pad))
 
 
 @_op.register_fake
@@ -175,6 +176,6 @@ def _(weight, scale, bits, pad):
 
 
 def weight_codes(weight, scale, bits=8, pad=16):
-    """Codes of ``weight`` (Cout, Cin, KH, KW) with the given power-of-two ``scale``: ``(fwd, dgrad)``,
+    """Codes of ``weight`` (Cout, Cin, KH, KW) with the given ``scale``: ``(fwd, dgrad)``,
     see the module docstring. ``pad``: channel multiple of the int8 buffers (16; <= 1: none)."""
     return _op(weight, scale, int(bits), int(pad))

@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=float, default=None, help="channel width multiplier (default 0.25 on digits, 1)")
     g.add_argument("--precision", default="int8",
                    help="search-phase arithmetic: int8 (QConv2d/QLinear, default), bf16 (autocast), fp32")
+    g.add_argument("--int8-mode", default="shift",
+                   help="int8 search: the per-tensor scale of W, A, E, G: shift (2^round(log2 max|x|), default), "
+                        "absmax (max|x|*S/(S-1): nothing saturates) or wage (1 for W and A)")
+    g.add_argument("--int8-rounding-e", default="stochastic",
+                   help="int8 search: rounding of the errors E: stochastic (default, unbiased) or nearest")
+    g.add_argument("--bn-recal-batches", type=int, default=8,
+                   help="the search's reported dense accuracy uses BatchNorm statistics re-estimated on this many "
+                        "training batches (a copy of the model: the search is unchanged); 0: the running "
+                        "statistics (default 8)")
     g.add_argument("--ratio", dest="ratios", type=_ratio_arg, action="append", default=None,
                    help="channel pruning ratio p in (0,1); repeat or comma-separate for several (default 0.5)")
     g.add_argument("--eps", type=float, default=0.1, help="detector threshold on the mask distance (default 0.1)")
@@ -104,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--score-batches", type=int, default=4,
                    help="training batches SNIP's gradients and ThiNet's sampled activations read (default 4)")
     g.add_argument("--synflow-rounds", type=int, default=100, help="SynFlow's pruning rounds (default 100)")
+    g.add_argument("--search-to-end", action="store_true",
+                   help="eb: the tickets are drawn when the detector fires, and the dense network trains on to "
+                        "--epochs (its accuracy after the lr decay, for comparisons); the tickets are the same")
     g.add_argument("--draw-at", type=_int_list, default=(), help="also draw tickets at these epochs (e.g. 5,10,20)")
     g.add_argument("--coupled", default="majority",
                    help="channels a model can only prune together (a bottleneck ResNet's residual stream, DenseNet "
@@ -141,14 +153,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(dataset=args.dataset, model=args.model, width=args.width, small_stem=args.small_stem,
                     coupled=args.coupled, data_dir=args.data_dir,
                     download=args.download, train_subset=args.train_subset, test_subset=args.test_subset,
-                    augment=args.augment, precision=args.precision, ratios=ratios, eps=args.eps,
+                    augment=args.augment, precision=args.precision, int8_mode=args.int8_mode,
+                    int8_rounding_e=args.int8_rounding_e, bn_recal_batches=args.bn_recal_batches,
+                    ratios=ratios, eps=args.eps,
                     window=args.window, detector_mode=args.detector_mode, sparsity=args.sparsity, lr=args.lr,
                     momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
                     epochs=args.epochs, retrain_epochs=args.retrain_epochs, retrain_init=init,
                     retrain_precision=args.retrain_precision, baseline=args.baseline,
                     method=args.method or ("ns" if args.baseline else "eb"), score_batches=args.score_batches,
                     synflow_rounds=args.synflow_rounds,
-                    draw_at=tuple(args.draw_at), sync_bn=args.sync_bn, seed=args.seed, out=args.out,
+                    draw_at=tuple(args.draw_at), search_to_end=args.search_to_end, sync_bn=args.sync_bn, seed=args.seed, out=args.out,
                     device=args.device, progress=args.progress, quiet=args.quiet,
                     cuda_graphs=args.cuda_graphs)
 

@@ -33,7 +33,7 @@ from ..pruning import count_flops, count_params, load_ticket, prune, reinit, sav
 from .dist import Dist
 from .energy import EnergyMeter
 from .loop import (EpochRunner, build_dense_model, float_copy, int8_layers_line, local_batch_size, lr_at,
-                   make_optimizer, prepare_for_training)
+                   make_optimizer, prepare_for_training, search_qconfig)
 from .report import (Log, build_summary, epoch_line, print_summary, report_dict, start_lines, ticket_line,
                      write_plots)
 from .rundir import RunDir, describe_progress, new_state, ratio_key
@@ -135,7 +135,7 @@ class Job:
         and optimizer state when it holds them."""
         if state["model"] is not None:
             model.load_state_dict(state["model"])
-        model, wrapped = prepare_for_training(model, precision, self.dist, self.s.sync_bn)
+        model, wrapped = prepare_for_training(model, precision, self.dist, self.s.sync_bn, search_qconfig(self.s))
         opt = make_optimizer(model, self.s)
         if state["optimizer"] is not None:
             opt.load_state_dict(state["optimizer"])
@@ -173,7 +173,7 @@ class Job:
             if not math.isfinite(train["train_loss"]):
                 self._diverged(f"non-finite training loss in search epoch {epoch + 1}")
             t1 = time.perf_counter()
-            test = self.epochs.evaluate(model, s.precision)
+            test = self.epochs.evaluate_search(model, s.precision, s.bn_recal_batches)  # BN re-estimated
             t2 = time.perf_counter()
             try:
                 newly, distances = self._detect(detector, model, state)
@@ -182,8 +182,8 @@ class Job:
             self.energy.add_since(state["energy"], "search", e0)
             state["wall"]["search"] += t1 - t0
             state["wall"]["eval"] += t2 - t1
-            stop = epoch + 1 == s.epochs or (self.method.draws == "early" and all(ratio_key(r) in state["found"]
-                                                                                  for r in s.ratios))
+            stop = epoch + 1 == s.epochs or (self.method.draws == "early" and not s.search_to_end
+                                             and all(ratio_key(r) in state["found"] for r in s.ratios))
             self._draw(state, model, self._tickets_to_draw(state, epoch + 1, newly, stop), epoch + 1)
             state["records"].append({"phase": "search", "epoch": epoch + 1, "lr": lr, **train, **test,
                                      "distances": distances, "found": sorted(state["found"].items()),

@@ -3,8 +3,9 @@
 - ``mask_distance_matrix.png`` (paper Fig. 3): the normalised Hamming distance between the masks of
   every pair of search epochs, on a scale from 0 (same mask) to the largest distance seen, labelled;
 - ``mask_distance.png``: each epoch's distance to the previous epoch's mask, and the threshold eps;
-- ``accuracy.png``: test accuracy of the search, then of each ticket: as pruned (a marker at the epoch
-  it was drawn) and along its retraining, counted on from that epoch.
+- ``accuracy.png``: test accuracy of the search (BatchNorm statistics re-estimated on a few training batches,
+  the legend says so, with the running statistics' accuracy as a thin line), then of each ticket: as pruned
+  (a marker at the epoch it was drawn) and along its retraining, counted on from that epoch.
 
 In all three the epoch axis has whole-number ticks and each ticket's epoch is marked with how it was
 taken: by the detector, at the last epoch because the detector did not fire, or at the end of
@@ -128,8 +129,13 @@ def accuracy_figure(state: dict, s):
     ax = fig.subplots()
     if recs:
         xs = [r["epoch"] for r in recs]
+        recal = all("test_acc_running" in r for r in recs)
         ax.plot(xs, [r["test_acc"] for r in recs], color="black", marker="o", ms=3,
-                label=f"search ({s.precision}): test")
+                label=f"search ({s.precision}): test" + (f", BN statistics re-estimated ({s.bn_recal_batches} "
+                                                         f"training batches)" if recal else ", running BN statistics"))
+        if recal:
+            ax.plot(xs, [r["test_acc_running"] for r in recs], color="black", lw=0.8, ls=":", marker=".", ms=2,
+                    label="search: test, running BN statistics")
         ax.plot(xs, [r["train_acc"] for r in recs], color="gray", ls="--", lw=1, marker="o", ms=2,
                 label="search: train")
     colors = {}

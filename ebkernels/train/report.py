@@ -67,6 +67,8 @@ def epoch_line(phase: str, epoch: int, total: int, lr: float, train: dict, test:
     """One epoch's log line; a search epoch adds each ratio's mask distance and the tickets found."""
     line = (f"[{phase}] epoch {epoch:3d}/{total}  lr {lr:.4g}  loss {train['train_loss']:.4f}  "
             f"train {train['train_acc']:5.1f}%  test {test['test_acc']:5.1f}%  ")
+    if "test_acc_running" in test:  # the search: BN statistics re-estimated, and the running ones
+        line += f"(running BN {test['test_acc_running']:5.1f}%)  "
     if distances is not None:
         line += "  ".join(f"d(p={k}) {v:.3f}" if v is not None else f"d(p={k}) -" for k, v in distances.items())
         line += "  "
@@ -140,8 +142,15 @@ def build_summary(s, state: dict, run_dir: str, ds, dist) -> dict:
         "data": ds.describe(),
         "device": str(dist.device) + (f" x{dist.world_size} processes" if dist.enabled else ""),
         "search": {"epochs_run": search_epochs, "precision": s.precision,
+                   **({"int8": {"mode": s.int8_mode, "rounding_e": s.int8_rounding_e}} if s.precision == "int8"
+                      else {}),
                    "found_epoch": {ratio_key(r): state["found"].get(ratio_key(r)) for r in s.ratios},
+                   # the dense accuracy with BN statistics re-estimated on bn_recal_batches training batches
+                   # (when "bn_statistics" says so), and with the running statistics beside it
                    "final_test_acc": last.get("test_acc"),
+                   "final_test_acc_running": last.get("test_acc_running", last.get("test_acc")),
+                   "bn_statistics": (f"re-estimated on {s.bn_recal_batches} training batches"
+                                     if "test_acc_running" in last else "running"),
                    "best_test_acc": max((r["test_acc"] for r in search_records), default=None),
                    "distances": {ratio_key(r): [rec["distances"].get(ratio_key(r)) for rec in search_records]
                                  for r in s.ratios}},
@@ -171,16 +180,20 @@ def print_summary(summary: dict, out=sys.stdout, finished_before: bool = False) 
                    "the |gamma| detector did not fire") + \
                   f"; {mode} trained all {search['epochs_run']} epochs and drew it at the end"
         else:
-            txt = (f"found by the detector at epoch {ep} (search stopped after epoch {search['epochs_run']} of "
-                   f"at most {summary['settings']['epochs']})" if ep else
+            went_on = summary["settings"].get("search_to_end")
+            txt = (f"found by the detector at epoch {ep} (search {'went on to' if went_on else 'stopped after'} "
+                   f"epoch {search['epochs_run']} of at most {summary['settings']['epochs']})" if ep else
                    f"not found by the detector within {search['epochs_run']} epochs; drawn at the last epoch")
         p(f"ticket p={key}: {txt}")
     if search["final_test_acc"] is None:  # a ticket drawn at initialisation: no dense network trained
         p(f"dense network (not trained): {summary['dense']['params']:,} params, "
           f"{summary['dense']['flops'] / 1e6:.2f} M multiply-adds per image")
     else:
-        p(f"dense network ({search['precision']} search): test accuracy {search['final_test_acc']:.2f}% after "
-          f"epoch {search['epochs_run']}; {summary['dense']['params']:,} params, "
+        bn = search.get("bn_statistics", "running")
+        words = "" if bn == "running" else (f" (BN statistics {bn}; with the running ones "
+                                            f"{search['final_test_acc_running']:.2f}%)")
+        p(f"dense network ({search['precision']} search): test accuracy {search['final_test_acc']:.2f}%{words} "
+          f"after epoch {search['epochs_run']}; {summary['dense']['params']:,} params, "
           f"{summary['dense']['flops'] / 1e6:.2f} M multiply-adds per image")
     for t in summary["tickets"]:
         pa, pb = t.get("params_after"), t.get("params_before")

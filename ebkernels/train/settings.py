@@ -6,7 +6,9 @@ how progress is shown, how fast a kernel runs) goes into ``NOT_HASHED``. Any oth
 ``HASHED_UNLESS_DEFAULT`` with its default: it joins the hash only when a run sets it to something else,
 so the runs made before the field existed keep their directory names (and resume). ``METHOD_UNUSED``
 also leaves out, per ticket criterion, the settings it does not read (``method`` itself for eb and ns,
-whose directories ``baseline`` already tells apart).
+whose directories ``baseline`` already tells apart). ``INT8_ONLY`` (the int8 search's quantization) is
+read by int8 searches only and hashed only there, always: when its defaults changed (issue 22: stochastic
+E), the int8 searches of earlier runs computed something else, so their directories are not reused.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .. import data as data_mod
 
 __all__ = ["Settings", "TrainerError", "resolve_settings", "settings_hash", "PRECISIONS", "RETRAIN_PRECISIONS",
            "RETRAIN_INITS", "DETECTOR_MODES", "DATASET_DEFAULTS", "NOT_HASHED", "HASHED_UNLESS_DEFAULT", "INT_RANGES",
-           "FLOAT_RANGES", "METHODS", "METHOD_UNUSED", "run_mode"]
+           "FLOAT_RANGES", "METHODS", "METHOD_UNUSED", "INT8_ONLY", "run_mode"]
 
 PRECISIONS = ("int8", "bf16", "fp32")
 RETRAIN_PRECISIONS = ("fp32", "bf16")
@@ -30,17 +32,20 @@ DETECTOR_MODES = ("consecutive", "window")
 METHODS = ("eb", "ns", "lt", "snip", "synflow", "thinet")
 _DETECTOR = ("eps", "window", "detector_mode")
 _CRITERIA_OPTIONS = ("score_batches", "synflow_rounds")
+# the int8 search's QConfig (ebkernels.QConfig): scale mode and E's rounding
+INT8_ONLY = ("int8_mode", "int8_rounding_e")
+_DENSE_SEARCH = INT8_ONLY + ("bn_recal_batches", "search_to_end")
 # Settings a method does not read, left out of its run's hash (the same computation names one directory).
 # eb and ns leave out ``method`` itself: ``baseline`` tells them apart, as it did before methods existed,
 # so their run directories keep their names.
 METHOD_UNUSED = {
     "eb": ("method",) + _CRITERIA_OPTIONS,
-    "ns": ("method",) + _CRITERIA_OPTIONS,
-    "lt": ("sparsity", "draw_at") + _CRITERIA_OPTIONS,  # trains without L1 on gamma; ranks weights
-    "thinet": ("sparsity", "draw_at", "synflow_rounds"),
+    "ns": ("method", "search_to_end") + _CRITERIA_OPTIONS,  # trains all epochs anyway
+    "lt": ("sparsity", "draw_at", "search_to_end") + _CRITERIA_OPTIONS,  # trains without L1 on gamma; ranks weights
+    "thinet": ("sparsity", "draw_at", "synflow_rounds", "search_to_end"),
     # at initialisation: no dense training, so no search schedule, precision, detector or L1
-    "snip": ("sparsity", "draw_at", "epochs", "precision", "synflow_rounds") + _DETECTOR,
-    "synflow": ("sparsity", "draw_at", "epochs", "precision", "score_batches") + _DETECTOR,
+    "snip": ("sparsity", "draw_at", "epochs", "precision", "synflow_rounds") + _DETECTOR + _DENSE_SEARCH,
+    "synflow": ("sparsity", "draw_at", "epochs", "precision", "score_batches") + _DETECTOR + _DENSE_SEARCH,
 }
 
 # Per-dataset defaults for the settings left unset on the command line. The digits entry is the
@@ -55,7 +60,7 @@ DATASET_DEFAULTS = {
 # Settings that do not change what a run computes: left out of the run directory's hash.
 NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet", "cuda_graphs")
 # Settings added after runs existed, with their defaults: hashed only when set to something else.
-HASHED_UNLESS_DEFAULT = {"small_stem": False, "coupled": "majority"}
+HASHED_UNLESS_DEFAULT = {"small_stem": False, "coupled": "majority", "bn_recal_batches": 8, "search_to_end": False}
 
 
 # Accepted ranges, inclusive: wide enough for any real run, narrow enough that a typo is caught before
@@ -63,7 +68,8 @@ HASHED_UNLESS_DEFAULT = {"small_stem": False, "coupled": "majority"}
 MAX_EPOCHS = 100_000
 INT_RANGES = {"epochs": (1, MAX_EPOCHS), "retrain_epochs": (0, MAX_EPOCHS), "window": (1, MAX_EPOCHS),
               "batch_size": (2, 2**20), "train_subset": (1, 10**9), "test_subset": (1, 10**9),
-              "seed": (-(2**32 - 1), 2**32 - 1), "score_batches": (1, 10**6), "synflow_rounds": (1, 10**6)}
+              "seed": (-(2**32 - 1), 2**32 - 1), "score_batches": (1, 10**6), "synflow_rounds": (1, 10**6),
+              "bn_recal_batches": (0, 10**6)}
 # (lowest, lowest excluded, highest or None, highest excluded)
 FLOAT_RANGES = {"eps": (0.0, True, 1.0, False),  # a mask distance lies in [0, 1]
                 "lr": (0.0, True, None, False), "momentum": (0.0, False, 1.0, True),
@@ -86,6 +92,8 @@ class Settings:
     test_subset: int | None = None
     augment: bool = True
     precision: str = "int8"
+    int8_mode: str = "shift"  # QConfig.mode of the int8 search
+    int8_rounding_e: str = "stochastic"  # QConfig.rounding_e of the int8 search
     ratios: tuple = (0.5,)
     eps: float = 0.1
     window: int = 5
@@ -97,6 +105,9 @@ class Settings:
     batch_size: int | None = None
     epochs: int | None = None
     retrain_epochs: int | None = None
+    # the dense accuracy reported during the search: BatchNorm statistics re-estimated on this many training
+    # batches (a copy of the model; 0: the running statistics)
+    bn_recal_batches: int = 8
     retrain_init: str = "inherit"
     retrain_precision: str = "fp32"
     baseline: bool = False  # = method "ns" (kept: older callers and run directories use it)
@@ -104,6 +115,7 @@ class Settings:
     score_batches: int = 4  # training batches SNIP's gradients and ThiNet's sampled activations read
     synflow_rounds: int = 100
     draw_at: tuple = ()
+    search_to_end: bool = False  # eb: keep training the dense network to --epochs after the tickets are drawn
     coupled: str = "majority"
     sync_bn: bool = True
     seed: int = 0
@@ -115,7 +127,7 @@ class Settings:
 
     def hashed(self) -> dict:
         d = dataclasses.asdict(self)
-        unused = METHOD_UNUSED.get(self.method, ())
+        unused = METHOD_UNUSED.get(self.method, ()) + (INT8_ONLY if self.precision != "int8" else ())
         return {k: v for k, v in d.items() if k not in NOT_HASHED and k not in unused
                 and not (k in HASHED_UNLESS_DEFAULT and v == HASHED_UNLESS_DEFAULT[k])}
 
@@ -143,6 +155,11 @@ _WHY_UNUSED = {
     "detector_mode": "the early-bird detector's, which watches a dense search; --method {m} has none",
     "score_batches": "the training batches SNIP's gradients and ThiNet's activations read; --method {m} reads none",
     "synflow_rounds": "SynFlow's; --method {m} has no rounds",
+    "int8_mode": "the int8 search's scale mode; --method {m} trains no dense network",
+    "int8_rounding_e": "the int8 search's rounding of E; --method {m} trains no dense network",
+    "bn_recal_batches": "for the dense search's reported accuracy; --method {m} trains no dense network",
+    "search_to_end": "for --method eb, whose search stops at the detector's verdict; --method {m} draws at the end "
+                     "or trains no dense network",
 }
 
 
@@ -162,6 +179,8 @@ def resolve_settings(s: Settings) -> Settings:
     """Fill per-dataset defaults and check every value; raises TrainerError naming what is accepted."""
     from .._checks import check_ratio
     from ..models import TORCHVISION_PREFIX
+    from ..config import MODES as QMODES
+    from ..config import ROUNDINGS
     from ..pruning import COUPLED_RULES
 
     s = dataclasses.replace(s)
@@ -182,6 +201,12 @@ def resolve_settings(s: Settings) -> Settings:
         if getattr(s, key) is None:
             setattr(s, key, value)
     _check_applies(s)
+    if s.precision != "int8":
+        for key in INT8_ONLY:
+            if getattr(s, key) != getattr(Settings, key):
+                flag = "--" + key.replace("_", "-")
+                _bad(f"{flag} sets the int8 search's quantization; --precision {s.precision} has none (accepted: "
+                     f"--precision int8, or leave {flag} out)")
     if s.small_stem and not s.model.strip().lower().startswith(TORCHVISION_PREFIX):
         _bad(f"--small-stem adapts torchvision:<name> models; {s.model} is one of ebkernels' own (their CIFAR "
              f"stem is already 3x3 without a max-pool, except resnet18's: use --model torchvision:resnet18 "
@@ -196,7 +221,9 @@ def resolve_settings(s: Settings) -> Settings:
                                  ("--retrain-precision", s.retrain_precision, RETRAIN_PRECISIONS),
                                  ("--retrain-init", s.retrain_init, RETRAIN_INITS),
                                  ("--detector-mode", s.detector_mode, DETECTOR_MODES),
-                                 ("--coupled", s.coupled, COUPLED_RULES)):
+                                 ("--coupled", s.coupled, COUPLED_RULES),
+                                 ("--int8-mode", s.int8_mode, QMODES),
+                                 ("--int8-rounding-e", s.int8_rounding_e, ROUNDINGS)):
         if value not in choices:
             _bad(f"{name} {value!r} is not supported; accepted: {', '.join(choices)}")
     for name, (lo, hi) in INT_RANGES.items():

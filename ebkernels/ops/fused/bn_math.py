@@ -10,7 +10,7 @@ Per channel c (statistics of the conv output y over the N·H·W pixels, or the r
     z    = relu(y * a + b)            (ReLU keeps NaN; without ReLU z = y * a + b)
 
 Rounding is monotone, so ``max z`` over channel c is reached at ``ymax`` when ``a >= 0`` and at ``ymin``
-otherwise: the absmax of z, hence its power-of-two scale, follows exactly from the per-channel
+otherwise: the absmax of z, hence its scale (any mode of SPEC §2), follows exactly from the per-channel
 extremes before z is computed. The per-channel parameters travel as one float32 tensor ``bnp``
 ``[a, b, mean, rstd]`` (4, C).
 

@@ -3,8 +3,8 @@ E of the layer below quantized in two passes after the sums.
 
 The math is ``bn_math.bn_grad_in``: per channel the sums [Σ g, Σ g·xhat] (from the recompute epilogue
 of ``conv_bn``, or from ``bn_relu_bwd_reduce`` here for a BatchNorm on a float tensor), then per
-element ``dy = a·((g - m1) - xhat·m2)``. E's per-tensor scale ``Shift(max |dy|)`` needs every dy before
-the first code, so:
+element ``dy = a·((g - m1) - xhat·m2)``. E's per-tensor scale (``Shift(max |dy|)``, or another
+``scale_mode`` of ``ops._scale``) needs every dy before the first code, so:
 
 - ``bn_relu_bwd(..., mode="absmax")``: one read of (dz, y), the float32 bits of max |dy| by an integer
   atomic max (NaN wins), and, for stochastic rounding, the ticket of the device random state (``_rng``);
@@ -31,7 +31,7 @@ from ..._triton import tl, triton
 from .._buffers import counter_pool, empty_output
 from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
 from .._reduce import SUMS, ReductionSpace, finish_reduction, publish_max, store_partials, tile_sums
-from .._scale import scale_reference, shift_scale_from_bits
+from .._scale import scale_from_bits, scale_mode_code, scale_reference
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even
 from .bn_math import bn_grad_in, bn_grad_in_reference
 
@@ -99,11 +99,11 @@ _BWD_SIG = {"dz_ptr": "*bf16", "y_ptr": "*bf16", "inv_ptr": "*i32", "bnp_ptr": "
             "sd_w": "i64", "sy_n": "i64", "sy_c": "i64", "sy_h": "i64", "sy_w": "i64", "so_n": "i64", "so_c": "i64",
             "so_h": "i64", "so_w": "i64", "n_f": "fp32"}
 _BWD_AOT = ([{"MODE": 0, "HAS_INV": False, "HAS_SUMS": True, "RELU": True, "BITS": 8, "STOCHASTIC": s, "CM": True,
-              "BP": 32, "CB": 128} for s in (False, True)]
+              "SCALE_MODE": 0, "BP": 32, "CB": 128} for s in (False, True)]
             + [{"MODE": 1, "HAS_INV": False, "HAS_SUMS": True, "RELU": True, "BITS": 8, "STOCHASTIC": s, "CM": True,
-                "BP": 16 if s else 32, "CB": 128} for s in (False, True)]
+                "SCALE_MODE": m, "BP": 16 if s else 32, "CB": 128} for s in (False, True) for m in (0, 2)]
             + [{"MODE": 2, "HAS_INV": i, "HAS_SUMS": True, "RELU": True, "BITS": 8, "STOCHASTIC": False, "CM": False,
-                "BP": 32, "CB": 128} for i in (False, True)])
+                "SCALE_MODE": 0, "BP": 32, "CB": 128} for i in (False, True)])
 
 
 @aot_kernel(signature=_BWD_SIG, constexprs=_BWD_AOT, num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
@@ -111,13 +111,13 @@ _BWD_AOT = ([{"MODE": 0, "HAS_INV": False, "HAS_SUMS": True, "RELU": True, "BITS
 def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_ptr, rng_ptr, out_ptr, cm_ptr, scale_ptr, M, C,
                        Cp, H, W, sd_n, sd_c, sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, so_n, so_c, so_h, so_w, n_f,
                        MODE: tl.constexpr, HAS_INV: tl.constexpr, HAS_SUMS: tl.constexpr, RELU: tl.constexpr,
-                       BITS: tl.constexpr, STOCHASTIC: tl.constexpr, CM: tl.constexpr, BP: tl.constexpr,
-                       CB: tl.constexpr):
+                       BITS: tl.constexpr, STOCHASTIC: tl.constexpr, CM: tl.constexpr, SCALE_MODE: tl.constexpr,
+                       BP: tl.constexpr, CB: tl.constexpr):
     """Grid (row tiles, channel blocks over Cp). ``MODE`` 0: max |dy| bits into ``amax[0]`` through the
     per-program slots ``amax[2:]`` (``publish_max``, counter ``sem`` from the pool; the last program also
     takes the random ticket into ``amax[1]`` when ``STOCHASTIC``); 1: codes at ``m * Cp + c`` (NHWC)
-    and, with ``CM``, at ``c * M + m`` (channel-major), channels C..Cp-1 written 0, scale stored by program
-    (0, 0); 2: dy in ``out`` (strides so_*). ``HAS_SUMS`` False: eval-mode BatchNorm (m1 = m2 = 0)."""
+    and, with ``CM``, at ``c * M + m`` (channel-major), channels C..Cp-1 written 0, the scale of ``amax[0]``
+    in ``SCALE_MODE`` (``_scale``) stored by program (0, 0); 2: dy in ``out`` (strides so_*). ``HAS_SUMS`` False: eval-mode BatchNorm (m1 = m2 = 0)."""
     pid_m, pid_n, m, c, m_ok, c_ok = elementwise_tile(M, C, BP, CB)
     dz, y, a, b, mean, rstd = _load_inputs(dz_ptr, y_ptr, inv_ptr, bnp_ptr, m, m_ok, c, c_ok, C, H, W, sd_n, sd_c,
                                            sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV)
@@ -142,7 +142,7 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_
                 tl.store(amax_ptr + 1, 0)  # no ticket
     elif MODE == 1:
         S: tl.constexpr = 2.0 ** (BITS - 1)
-        scale = shift_scale_from_bits(tl.load(amax_ptr), False)
+        scale = scale_from_bits(tl.load(amax_ptr), SCALE_MODE, BITS)
         q = tl.minimum(tl.maximum(tl.math.div_rn(dy, scale) * S, -(S - 1.0)), S - 1.0)
         offs = m.to(tl.int64)[:, None] * C + c[None, :]
         if STOCHASTIC:
@@ -185,7 +185,7 @@ def bn_relu_bwd_reduce_reference(dz, y, bnp, inv, relu):
 
 
 def bn_relu_bwd_reference(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype,
-                          channels_last_out):
+                          channels_last_out, scale_mode="shift"):
     """``bn_relu_bwd`` in PyTorch (same outputs as the op)."""
     N, C, H, W = y.shape
     dy, _, _ = bn_grad_in_reference(_gathered(dz, inv, C), y, bnp, sums, N * H * W, relu)
@@ -199,7 +199,7 @@ def bn_relu_bwd_reference(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, p
         if stochastic:
             out[1] = _rng.take_ticket_reference(y.device).to(torch.int32)
         return (out,)
-    scale = scale_reference(amax[0:1].view(torch.float32).reshape(()), False)
+    scale = scale_reference(amax[0:1].view(torch.float32).reshape(()), scale_mode, bits)
     S = float(2 ** (bits - 1))
     q = ((dy / scale) * S).clamp(-(S - 1), S - 1)
     if stochastic:
@@ -254,7 +254,8 @@ def bn_relu_bwd_reduce(dz, y, bnp, inv=None, relu=True):
     return _reduce_op(dz, y, bnp, inv, bool(relu))
 
 
-def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out):
+def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
+                scale_mode):
     N, C, H, W = y.shape
     M = N * H * W
     dev = y.device
@@ -284,7 +285,7 @@ def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, ama
         dz, y, _inv_arg(inv, bnp), bnp, sums if sums is not None else bnp, amax, sem, rng, dst, dcm,
         scale if scale is not None else bnp, M, C, Cp, H, W, *nhwc_rows(dz), *nhwc_rows(y), *so, float(M), MODE=m,
         HAS_INV=inv is not None, HAS_SUMS=sums is not None, RELU=relu, BITS=bits, STOCHASTIC=stochastic, CM=True,
-        BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+        SCALE_MODE=scale_mode_code(scale_mode) if mode == "codes" else 0, BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     if mode == "codes":
         return out, cm, scale
     if mode == "absmax":
@@ -296,17 +297,18 @@ def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, ama
 def _bwd_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, sums: Optional[torch.Tensor],
             inv: Optional[torch.Tensor], relu: bool, mode: str, bits: int, stochastic: bool, pad_to: int,
             amax: Optional[torch.Tensor], out_dtype: Optional[torch.dtype], channels_last_out: bool,
-            rng: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+            scale_mode: str = "shift", rng: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
     # rng: the device random state, which mode "absmax" advances for stochastic rounding (the ticket)
     if use_triton(dz, y) and y.numel() < 2**31:
         return list(_bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype,
-                                channels_last_out))
+                                channels_last_out, scale_mode))
     return list(bn_relu_bwd_reference(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype,
-                                      channels_last_out))
+                                      channels_last_out, scale_mode))
 
 
 @_bwd_op.register_fake
-def _(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out, rng=None):
+def _(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
+      scale_mode="shift", rng=None):
     N, C, H, W = y.shape
     if mode == "absmax":
         return [y.new_empty((2,), dtype=torch.int32)]
@@ -320,10 +322,11 @@ def _(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dty
 
 
 def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, relu=True, mode="codes", bits=8, stochastic=False, pad_to=16,
-                amax=None, out_dtype=torch.float32, channels_last_out=True):
+                amax=None, out_dtype=torch.float32, channels_last_out=True, scale_mode="shift"):
     """Per element ``dy = a·((g - m1) - xhat·m2)`` (``sums`` None: eval, m1 = m2 = 0). ``mode="absmax"``:
     ``[bits of max |dy|, random ticket]`` (int32 [2]); ``"codes"`` (needs that ``amax``): ``(codes NHWC (N, Cp,
-    H, W), codes channel-major (same shape, memory [Cp, N, H, W]), scale)``; ``"float"``: ``(dy,)`` in
+    H, W), codes channel-major (same shape, memory [Cp, N, H, W]), scale)`` with the scale rule ``scale_mode``
+    ("shift", "wage" or "absmax": ``ops._scale``); ``"float"``: ``(dy,)`` in
     ``out_dtype``, channels-last when ``channels_last_out``."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not supported; accepted: {', '.join(MODES)}")
@@ -331,4 +334,4 @@ def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, relu=True, mode="codes", bits=8
         raise ValueError("mode='codes' needs the amax that mode='absmax' returned")
     rng = _rng.device_state(y.device) if (stochastic and mode == "absmax") else None
     return tuple(_bwd_op(dz, y, bnp, sums, inv, bool(relu), mode, int(bits), bool(stochastic), int(pad_to), amax,
-                         out_dtype, bool(channels_last_out), rng))
+                         out_dtype, bool(channels_last_out), str(scale_mode), rng))

@@ -5,7 +5,7 @@ the int8 codes of ``z = relu(y * a + b)`` straight in the layout the next convol
 channels zero-padded to a multiple of 16), or z itself as float where the next layer is not an int8
 convolution. The per-channel ``bnp`` = [a, b, mean, rstd] and the float32 bits of ``max |z|`` come from
 the kernel that produced the statistics (the conv epilogue of ``conv_bn``, or ``bn_stats`` below), so
-the power-of-two scale is known before z exists and the float z is never materialised. An optional
+the scale (SPEC §2, any mode) is known before z exists and the float z is never materialised. An optional
 channel gather (``index``) is the pre-activation ResNet's ``ChannelSelection``.
 
 ``bn_stats``: per-channel statistics of a float tensor (a pre-activation BatchNorm reading the residual
@@ -29,7 +29,7 @@ from .._buffers import empty_output
 from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
 from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, moments_reference, publish_max, store_partials,
                        tile_moments)
-from .._scale import scale_reference, shift_scale_from_bits
+from .._scale import scale_from_bits, scale_mode_code, scale_reference
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even, to_bfloat16_rne
 from .bn_math import BNP_ROWS, bn_act, bn_act_reference, bn_finalize_channels, finalize_reference, momentum_arg
 
@@ -160,19 +160,19 @@ _APPLY_SIG = {"y_ptr": "*bf16", "bnp_ptr": "*fp32", "zmax_ptr": "*i32", "index_p
 
 
 @aot_kernel(signature=_APPLY_SIG,
-            constexprs=[{"BITS": 8, "FIXED_SCALE": False, "RELU": True, "HAS_INDEX": i, "CODES": True,
-                         "UPDATE_NBT": True, "BP": 32, "CB": 128} for i in (False, True)]
-            + [{"BITS": 8, "FIXED_SCALE": False, "RELU": r, "HAS_INDEX": False, "CODES": False, "UPDATE_NBT": True,
+            constexprs=[{"BITS": 8, "SCALE_MODE": m, "RELU": True, "HAS_INDEX": i, "CODES": True,
+                         "UPDATE_NBT": True, "BP": 32, "CB": 128} for i in (False, True) for m in (0, 2)]
+            + [{"BITS": 8, "SCALE_MODE": 0, "RELU": r, "HAS_INDEX": False, "CODES": False, "UPDATE_NBT": True,
                 "BP": 32, "CB": 128} for r in (False, True)],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr, nbt_ptr, M, K, Kp, C, H, W, s_n,
-                         s_c, s_h, s_w, BITS: tl.constexpr, FIXED_SCALE: tl.constexpr, RELU: tl.constexpr,
+                         s_c, s_h, s_w, BITS: tl.constexpr, SCALE_MODE: tl.constexpr, RELU: tl.constexpr,
                          HAS_INDEX: tl.constexpr, CODES: tl.constexpr, UPDATE_NBT: tl.constexpr, BP: tl.constexpr,
                          CB: tl.constexpr):
     """Grid (row tiles, output-channel blocks): output channel k of pixel m is ``z`` of input channel
     ``index[k]`` (or k); ``CODES``: int8 codes at ``m * Kp + k`` (NHWC, channels K..Kp-1 written 0) with
-    the scale ``Shift(zmax)`` (stored by program (0, 0)); else z at ``m * K + k`` in out's dtype."""
+    the scale of ``zmax`` in ``SCALE_MODE`` (``_scale``; stored by program (0, 0)); else z at ``m * K + k`` in out's dtype."""
     pid_m, pid_n, m, k, m_ok, k_ok = elementwise_tile(M, K, BP, CB)
     if HAS_INDEX:
         src = tl.load(index_ptr + k, mask=k_ok, other=0).to(tl.int32)
@@ -188,7 +188,7 @@ def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr
     first = (pid_m == 0) & (pid_n == 0)
     if CODES:
         S: tl.constexpr = 2.0 ** (BITS - 1)
-        scale = shift_scale_from_bits(tl.load(zmax_ptr), FIXED_SCALE)
+        scale = scale_from_bits(tl.load(zmax_ptr), SCALE_MODE, BITS)
         q = tl.math.div_rn(z, scale) * S
         q = round_half_even(tl.minimum(tl.maximum(q, -(S - 1.0)), S - 1.0))
         q = tl.where((q != q) | ~k_ok[None, :], 0.0, q)
@@ -211,7 +211,7 @@ def _codes_reference(z: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.T
     return torch.nan_to_num(q, nan=0.0).to(torch.int8)
 
 
-def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
+def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to,
                             out_dtype):
     """``bn_relu_quant`` in PyTorch: (codes (N, Kp, H, W) NHWC, scale) or (z in out_dtype NHWC, 1)."""
     z = bn_act_reference(y, bnp, relu)
@@ -221,7 +221,7 @@ def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits,
         num_batches_tracked.add_(1)
     if out_dtype is not None:
         return z.to(out_dtype).contiguous(memory_format=torch.channels_last), z.new_ones(())
-    scale = scale_reference(zmax_bits.view(torch.float32).reshape(()), fixed_scale)
+    scale = scale_reference(zmax_bits.view(torch.float32).reshape(()), scale_mode, bits)
     codes = _codes_reference(z, scale, bits)
     N, K, H, W = codes.shape
     Kp = _padded(K, pad_to)
@@ -234,7 +234,7 @@ def _padded(K: int, pad_to: int) -> int:
     return K if pad_to <= 1 else -(-K // pad_to) * pad_to
 
 
-def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
+def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to,
                           out_dtype):
     N, C, H, W = y.shape
     K = C if index is None else index.numel()
@@ -252,7 +252,7 @@ def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, f
     bn_relu_quant_kernel[grid](
         y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale if codes else bnp,
         num_batches_tracked if num_batches_tracked is not None else zmax_bits, M, K, Kp, C, H, W, *nhwc_rows(y),
-        BITS=bits, FIXED_SCALE=fixed_scale, RELU=relu, HAS_INDEX=index is not None, CODES=codes,
+        BITS=bits, SCALE_MODE=scale_mode_code(scale_mode), RELU=relu, HAS_INDEX=index is not None, CODES=codes,
         UPDATE_NBT=num_batches_tracked is not None, BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return out, scale
 
@@ -260,17 +260,17 @@ def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, f
 @torch.library.custom_op("ebkernels::bn_relu_quant", mutates_args=("num_batches_tracked",))
 def _bn_relu_quant_op(y: torch.Tensor, bnp: torch.Tensor, zmax_bits: torch.Tensor,
                       num_batches_tracked: Optional[torch.Tensor], index: Optional[torch.Tensor], bits: int,
-                      fixed_scale: bool, relu: bool, pad_to: int, out_dtype: Optional[torch.dtype]
+                      scale_mode: str, relu: bool, pad_to: int, out_dtype: Optional[torch.dtype]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(y, bnp) and y.numel() < 2**31:
-        return _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
+        return _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to,
                                      out_dtype)
-    return bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
+    return bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to,
                                    out_dtype)
 
 
 @_bn_relu_quant_op.register_fake
-def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to, out_dtype):
+def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to, out_dtype):
     N, C, H, W = y.shape
     K = C if index is None else index.shape[0]
     if out_dtype is not None:
@@ -281,12 +281,12 @@ def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pa
     return out, y.new_empty((), dtype=torch.float32)
 
 
-def bn_relu_quant(y, bnp, zmax_bits, num_batches_tracked=None, index=None, bits=8, fixed_scale=False, relu=True,
+def bn_relu_quant(y, bnp, zmax_bits, num_batches_tracked=None, index=None, bits=8, scale_mode="shift", relu=True,
                   pad_to=16, out_dtype=None):
     """``z = relu(y * a + b)`` per channel (``bnp`` rows a, b; ``relu=False``: no ReLU), optionally gathered
     (``index``: output channel k is input channel index[k]). ``out_dtype`` None: int8 codes (N, Kp, H, W)
-    in NHWC order, Kp = K rounded up to ``pad_to`` (pad channels 0), with the power-of-two scale of
-    ``zmax_bits`` (``fixed_scale``: WAGE's 1); returns ``(codes, scale)``. Else ``(z, None)`` in that dtype,
+    in NHWC order, Kp = K rounded up to ``pad_to`` (pad channels 0), with the scale of ``zmax_bits`` in
+    ``scale_mode`` ("shift", "wage" or "absmax": ``ops._scale``, the rule ``quantize`` applies to z); returns ``(codes, scale)``. Else ``(z, None)`` in that dtype,
     NHWC (and a scale of 1). ``num_batches_tracked``: incremented by one (training step of a BatchNorm that tracks)."""
-    return _bn_relu_quant_op(y, bnp, zmax_bits, num_batches_tracked, index, int(bits), bool(fixed_scale), bool(relu),
+    return _bn_relu_quant_op(y, bnp, zmax_bits, num_batches_tracked, index, int(bits), str(scale_mode), bool(relu),
                              int(pad_to), out_dtype)

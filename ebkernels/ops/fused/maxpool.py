@@ -1,6 +1,6 @@
 """Max-pool over int8 codes (SPEC §9) and its backward.
 
-Quantization with one per-tensor power-of-two scale is monotone, so ``maxpool(q(z)) == q(maxpool(z))``:
+Quantization with one positive per-tensor scale (any mode) is monotone, so ``maxpool(q(z)) == q(maxpool(z))``:
 pooling the codes reads 1 byte per element instead of 4 and yields exactly the next layer's codes.
 
 Gradient routing: to the *first maximum of the codes* in each window, in row-major window order

@@ -159,7 +159,7 @@ def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Sa
                                       bn_in.num_batches_tracked, bn_in.momentum, bn_in.eps, batch_in, update_in,
                                       spec.relu_in, inv)
     qx, sx = bn_relu_quant(xb, bnp_in, zmax_in, bn_in.num_batches_tracked if update_in else None, index, qc.bits_a,
-                           qc.mode == "wage", spec.relu_in, _pad_of(cin, x))
+                           qc.mode, spec.relu_in, _pad_of(cin, x))
     saved.sx, saved.xb, saved.bnp_in, saved.zmax_in = sx, xb, bnp_in, zmax_in
     saved.index, saved.inv, saved.batch_in = index, inv, batch_in
     return qx, sx, cin
@@ -172,7 +172,7 @@ def weight_forward(weight, qc: QConfig, qx, cin: int, saved: Saved):
     if qc.mode == "wage" and qc.alpha != 1.0:
         raise ValueError("fused blocks need alpha == 1 in mode 'wage'")
     if weight.numel() <= SMALL_NUMEL:
-        qw, qw_d, sw = weight_quant_small(weight, qc.bits_w, qc.mode == "wage", CHANNEL_PAD if use_triton(qx) else 0)
+        qw, qw_d, sw = weight_quant_small(weight, qc.bits_w, qc.mode, CHANNEL_PAD if use_triton(qx) else 0)
         saved.qw_f, saved.qw_d = qw, qw_d
     else:
         pad_in = qx.shape[1] != cin
@@ -207,10 +207,10 @@ def output_forward(spec: BlockSpec, y, bnp, zmax, nbt, qc: QConfig, out_dtype, s
     """(main, codes, scale): for ``CODES`` the next block's codes (max-pooled if asked) and a gradient
     carrier as ``main``; for ``FLOAT`` ``bn(y)`` (+ ReLU) in ``out_dtype`` and no codes."""
     if spec.output is BlockOutput.FLOAT:
-        main, _ = bn_relu_quant(y, bnp, zmax, nbt, None, 8, False, spec.relu, 0, out_dtype=out_dtype)
+        main, _ = bn_relu_quant(y, bnp, zmax, nbt, None, 8, "shift", spec.relu, 0, out_dtype=out_dtype)
         return main, None, None
     oq = spec.out_qconfig or qc
-    codes, scale = bn_relu_quant(y, bnp, zmax, nbt, None, oq.bits_a, oq.mode == "wage", spec.relu,
+    codes, scale = bn_relu_quant(y, bnp, zmax, nbt, None, oq.bits_a, oq.mode, spec.relu,
                                  _pad_of(y.shape[1], y))
     saved.pre_pool_hw = tuple(codes.shape[2:])
     if spec.pool is not None:
@@ -225,7 +225,7 @@ def input_codes_backward(spec: BlockSpec, saved: Saved, qc: QConfig, meta: Meta)
     """The conv's input codes: kept, or (``BN`` input) recomputed from the bfloat16 input, bit-identical."""
     if spec.input is not BlockInput.BN:
         return saved.qx
-    qx, _ = bn_relu_quant(saved.xb, saved.bnp_in, saved.zmax_in, None, saved.index, qc.bits_a, qc.mode == "wage",
+    qx, _ = bn_relu_quant(saved.xb, saved.bnp_in, saved.zmax_in, None, saved.index, qc.bits_a, qc.mode,
                           spec.relu_in, _pad_of(meta.cin, saved.xb))
     return qx
 
@@ -247,7 +247,7 @@ def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f
     bias = saved.bias
     g_bn_w = g_bn_b = g_bias = None
     if spec.bn is None:
-        qe, se = quantize(g_main, qc.bits_e, qc.rounding_e, "shift", channels_last=True, pad_channels_to=pad_out)
+        qe, se = quantize(g_main, qc.bits_e, qc.rounding_e, qc.mode_eg, channels_last=True, pad_channels_to=pad_out)
         qe_cm = qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
         if bias is not None and need.bias:
             g_bias = g_main.float().sum((0, 2, 3)).to(bias.dtype)
@@ -267,7 +267,7 @@ def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f
     stochastic = qc.rounding_e == "stochastic"
     amax, = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, spec.relu, "absmax", qc.bits_e, stochastic)
     qe, qe_cm, se = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, spec.relu, "codes", qc.bits_e, stochastic, pad_out,
-                                amax)
+                                amax, scale_mode=qc.mode_eg)
     if need.bn_weight or need.bn_bias:
         g_bn_w, g_bn_b = sums[1].to(spec.bn.weight.dtype), sums[0].to(spec.bn.bias.dtype)
     if bias is not None and need.bias:

@@ -112,13 +112,13 @@ def conv2d_int8_wgrad_op(qe: torch.Tensor, qx: torch.Tensor, se: Optional[torch.
                           sx: Optional[torch.Tensor], kernel_hw: list[int], stride: list[int],
                           padding: list[int], dilation: list[int], groups: int, bits_e: int, bits_a: int,
                           out_dtype: torch.dtype, max_terms: int, bits_g: int = 0, rounding_g: str = "stochastic",
-                          out_channels: Optional[list[int]] = None, rng: Optional[torch.Tensor] = None
-                          ) -> torch.Tensor:
-    # bits_g > 0: the result is the G-quantized gradient (dequantized values) of its real part
-    # [:out_channels[0], :out_channels[1]] (padded code channels dropped); rng: the device random state
-    # its stochastic rounding advances
+                          out_channels: Optional[list[int]] = None, rng: Optional[torch.Tensor] = None,
+                          mode_g: str = "shift") -> torch.Tensor:
+    # bits_g > 0: the result is the G-quantized gradient (dequantized values, scale mode ``mode_g``) of its
+    # real part [:out_channels[0], :out_channels[1]] (padded code channels dropped); rng: the device random
+    # state its stochastic rounding advances
     cout, cin = out_channels if out_channels else (qe.shape[1], qx.shape[1] // groups)
-    gq = (bits_g, rounding_g, cout, cin) if bits_g > 0 else None
+    gq = (bits_g, rounding_g, cout, cin, mode_g) if bits_g > 0 else None
     if _triton_applies(groups, 0, qe, qx):
         out, done = _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
                                   max_terms, gq)
@@ -128,13 +128,13 @@ def conv2d_int8_wgrad_op(qe: torch.Tensor, qx: torch.Tensor, se: Optional[torch.
     if out.shape[0] != cout or out.shape[1] != cin:
         out = out[:cout, :cin].contiguous()
     if gq is not None and not done:
-        out = quantize_weight_grad(out, QConfig(bits_g=bits_g, rounding_g=rounding_g))
+        out = quantize_weight_grad(out, QConfig(bits_g=bits_g, rounding_g=rounding_g), mode_g)
     return out
 
 
 @conv2d_int8_wgrad_op.register_fake
 def _(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e, bits_a, out_dtype, max_terms, bits_g=0,
-      rounding_g="stochastic", out_channels=None, rng=None):
+      rounding_g="stochastic", out_channels=None, rng=None, mode_g="shift"):
     cout, cin = out_channels if out_channels else (qe.shape[1], qx.shape[1] // groups)
     return qe.new_empty((cout, cin, *kernel_hw), dtype=torch.int64 if se is None else out_dtype)
 
@@ -147,7 +147,8 @@ def weight_grad_op(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups,
     bits_g = qc.bits_g or 0
     rng = _rng.device_state(qe.device) if bits_g and qc.rounding_g == "stochastic" else None
     return conv2d_int8_wgrad_op(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, qc.bits_e, qc.bits_a,
-                                 torch.float32, MAX_TERMS, bits_g, qc.rounding_g, list(out_channels), rng)
+                                 torch.float32, MAX_TERMS, bits_g, qc.rounding_g, list(out_channels), rng,
+                                 qc.mode_eg)
 
 
 def _pair(name, value, minimum):
@@ -266,7 +267,7 @@ class QConv2dFunction(torch.autograd.Function):
         if qc.bits_e is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             # Cout not a multiple of 16: E codes with Cout zero-padded (the dgrad reduction, the wgrad rows)
             pad_e = _pad_multiple(gy, groups, cout)
-            qe, se = quantize(gy, qc.bits_e, qc.rounding_e, "shift", channels_last=True, pad_channels_to=pad_e)
+            qe, se = quantize(gy, qc.bits_e, qc.rounding_e, qc.mode_eg, channels_last=True, pad_channels_to=pad_e)
 
         def as_float(t, s, bits, channels):
             return (dequantize(t, s, bits) if s is not None else t.float())[:, :channels]

@@ -169,7 +169,7 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
 
 def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
                   max_terms, gq=None):
-    """``gq``: None, or (bits_g, rounding_g, cout, cin): G-quantize the real [:cout, :cin] part in the
+    """``gq``: None, or (bits_g, rounding_g, cout, cin, scale mode of G): G-quantize the real [:cout, :cin] part in the
     kernel when the reduction is one split (else the caller quantizes); returns (out, quantized?)."""
     N, C, H, W = qx.shape
     _, CO, OH, OW = qe.shape
@@ -218,9 +218,9 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     i64 = not offsets_fit_int32(qe, qx)
     fuse_g = gq is not None and not raw and out_dtype == torch.float32
     if fuse_g:
-        bits_g, rounding_g, cout, cin = gq
+        bits_g, rounding_g, cout, cin, scale_g = gq
         real = out[:cout, :cin]
-        g_args, g_mode, g_stoch = gquant_plan(real, bits_g, rounding_g)
+        g_args, g_mode, g_stoch = gquant_plan(real, bits_g, rounding_g, scale_g)
     else:
         (g_args, g_mode, g_stoch), bits_g = gquant_off(qe), 8
     if rows is not None:
@@ -237,5 +237,5 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
             FLAT_N=flat_n, SPLIT_FIX=splits > 1, GQ=g_mode, BITS_G=bits_g, STOCH_G=g_stoch, GBLOCK=1024,
             num_warps=tile.num_warps, num_stages=tile.num_stages)
     if fuse_g:
-        gquant_finish(real, g_args, g_mode, bits_g, g_stoch)
+        gquant_finish(real, g_args, g_mode, bits_g, g_stoch, scale_g)
     return out, fuse_g

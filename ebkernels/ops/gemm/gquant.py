@@ -1,7 +1,12 @@
-"""The weight-grad's G quantization (SPEC §2: ``Shift(max|G|)``, stochastic rounding by default) fused into
-the GEMM that produces G: the device side (``gquant_epilogue``, called from ``mainloop.finish_gemm_tile``)
-and the launcher side (``gquant_plan`` / ``gquant_off`` / ``gquant_finish``). The codes are the
-quantizer's own (``ops.quantize.block_codes``), so G matches ``quantize_dequantize`` bit for bit."""
+"""The weight-grad's G quantization (SPEC §2: ``Shift(max|G|)`` or ``max|G|·S/(S-1)`` in mode absmax,
+stochastic rounding by default) fused into the GEMM that produces G: the device side (``gquant_epilogue``,
+called from ``mainloop.finish_gemm_tile``) and the launcher side (``gquant_plan`` / ``gquant_off`` /
+``gquant_finish``). The codes are the quantizer's own (``ops.quantize.block_codes``), so G matches
+``quantize_dequantize`` bit for bit.
+
+The scale mode reaches only the codes pass (``quantize_codes_kernel``, GQ=1): the GEMM kernels fold max |G|
+and take the ticket, whatever the mode, and their in-place small-gradient path (GQ=2) is Shift's; an
+absmax G takes GQ=1 at every size (one more launch for a small gradient, no new GEMM constexpr)."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +15,7 @@ from ..._rng import device_state
 from ..._triton import tl, triton
 from .._buffers import counter_pool
 from .._launch import SMALL_NUMEL
-from .._scale import shift_scale_from_bits
+from .._scale import scale_from_bits, scale_mode_code
 from ..quantize import as_4d, block_codes, block_elements, quantize_codes_kernel, row_major
 
 __all__ = ["gquant_epilogue", "gquant_off", "gquant_plan", "gquant_finish"]
@@ -37,7 +42,7 @@ def gquant_epilogue(y, mask, gq_ptr, rng_ptr, out_ptr, gn, d1, d2, d3, s0, s1, s
     else:
         done = tl.atomic_add(gq_ptr, 1)
         if done == ntiles - 1:
-            scale = shift_scale_from_bits(tl.atomic_xchg(gq_ptr + 1, 0), False)  # read, and reset for the pool
+            scale = scale_from_bits(tl.atomic_xchg(gq_ptr + 1, 0), 0, BITS)  # Shift; read, reset for the pool
             tl.atomic_xchg(gq_ptr, 0)
             if STOCHASTIC:
                 seed = tl.load(rng_ptr)
@@ -60,10 +65,11 @@ def gquant_off(dummy: torch.Tensor):
     return (dummy, dummy, 0, 1, 1, 1, 0, 0, 0, 0), 0, False
 
 
-def gquant_plan(real: torch.Tensor, bits_g: int, rounding_g: str):
+def gquant_plan(real: torch.Tensor, bits_g: int, rounding_g: str, scale_g: str = "shift"):
     """Launcher side of ``gquant_epilogue`` for the (real part of the) gradient buffer ``real``: the
-    kernel arguments (gq scratch, rng state, gn, sizes d1..d3, strides s0..s3) and the GQ mode."""
-    mode = 2 if real.numel() <= SMALL_NUMEL else 1
+    kernel arguments (gq scratch, rng state, gn, sizes d1..d3, strides s0..s3) and the GQ mode (2, in place,
+    only for a small gradient with G's scale mode ``scale_g`` "shift")."""
+    mode = 2 if real.numel() <= SMALL_NUMEL and scale_g == "shift" else 1
     # GQ=2 leaves its scratch zero again (the last program resets it): the shared counter pool, no memset;
     # GQ=1's codes pass reads the max from every program, so it gets a zeroed buffer of its own
     gq = counter_pool(real.device, 3)[:3] if mode == 2 else torch.zeros(3, dtype=torch.int32, device=real.device)
@@ -73,8 +79,10 @@ def gquant_plan(real: torch.Tensor, bits_g: int, rounding_g: str):
     return (gq, rng, real.numel(), sizes[1], sizes[2], sizes[3], *strides), mode, stochastic
 
 
-def gquant_finish(real: torch.Tensor, plan_args, mode: int, bits: int, stochastic: bool) -> None:
-    """After a ``GQ=1`` launch: the codes pass over ``real`` in place (scale and ticket from gq)."""
+def gquant_finish(real: torch.Tensor, plan_args, mode: int, bits: int, stochastic: bool,
+                  scale_g: str = "shift") -> None:
+    """After a ``GQ=1`` launch: the codes pass over ``real`` in place (scale of G's mode ``scale_g`` and
+    ticket from gq)."""
     if mode != 1 or real.numel() == 0:
         return
     gq, rng, n, d1, d2, d3, *strides = plan_args
@@ -83,5 +91,5 @@ def gquant_finish(real: torch.Tensor, plan_args, mode: int, bits: int, stochasti
     block = block_elements(False)
     quantize_codes_kernel[(triton.cdiv(n, block),)](
         real, gq[1:], rng, real, scale, n, d1, d2, d3, *strides, *strides, *ls, 0, BITS=bits, STOCHASTIC=stochastic,
-        DEVICE_SEED=stochastic, FIXED_SCALE=False, SAME_ORDER=False, LOGICAL=False, DEQUANT=True, BLOCK=block,
+        DEVICE_SEED=stochastic, SCALE_MODE=scale_mode_code(scale_g), SAME_ORDER=False, LOGICAL=False, DEQUANT=True, BLOCK=block,
         num_warps=8)

@@ -91,7 +91,8 @@ def exact_int_sums(total: int, per: Optional[int], f32_part, f64_full) -> torch.
 
 # --------------------------------------------------------------------------------------------------
 def quantize_weight(weight: torch.Tensor, qc: QConfig, channels_last: bool = False, pad_channels_to: int = 0):
-    """W codes and its scale: ``Shift(max|W|)`` (mode shift) or ``1 · alpha`` (mode wage);
+    """W codes and its scale: ``Shift(max|W|)`` (mode shift), ``1 · alpha`` (mode wage) or ``max|W|·S/(S-1)``
+    (mode absmax);
     ``channels_last``: 4-D codes in OHWI memory order (the convolution's K-major weight operand);
     ``pad_channels_to``: Cin zero-padded to that multiple (see ``quantize``)."""
     codes, s = quantize(weight, qc.bits_w, "nearest", qc.mode, channels_last=channels_last,
@@ -101,12 +102,13 @@ def quantize_weight(weight: torch.Tensor, qc: QConfig, channels_last: bool = Fal
     return codes, s
 
 
-def quantize_weight_grad(grad_w: torch.Tensor, qc: QConfig) -> torch.Tensor:
-    """G quantization of the weight gradient (``Shift(max|G|)``, rounding ``qc.rounding_g``, stochastic
-    by default), returned dequantized in the gradient's dtype; unchanged when ``bits_g`` is None."""
+def quantize_weight_grad(grad_w: torch.Tensor, qc: QConfig, mode: str | None = None) -> torch.Tensor:
+    """G quantization of the weight gradient (scale mode ``mode``, default ``qc.mode_eg``: ``Shift(max|G|)``,
+    or absmax; rounding ``qc.rounding_g``, stochastic by default), returned dequantized in the gradient's
+    dtype; unchanged when ``bits_g`` is None."""
     if qc.bits_g is None:
         return grad_w
-    return quantize_dequantize(grad_w, qc.bits_g, qc.rounding_g, "shift")
+    return quantize_dequantize(grad_w, qc.bits_g, qc.rounding_g, mode or qc.mode_eg)
 
 
 def refuse_double_backward() -> None:

@@ -151,7 +151,8 @@ def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, 
 
 
 def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, gq=None):
-    """``gq``: None or (bits_g, rounding_g): G-quantize the (scaled fp32) result in the kernel."""
+    """``gq``: None or (bits_g, rounding_g, scale mode of G): G-quantize the (scaled fp32) result in the
+    kernel."""
     M, K = a.shape
     N = b.shape[1]
     raw = sa is None
@@ -174,7 +175,7 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
     align = alignment((M, N, K, per, *strides, *(st for st in out.stride() if st != 1)), (a, b, out))
     fuse_g = gq is not None and not raw and out_dtype == torch.float32
     if fuse_g:
-        g_args, g_mode, g_stoch = gquant_plan(out, gq[0], gq[1])
+        g_args, g_mode, g_stoch = gquant_plan(out, *gq)
     else:
         g_args, g_mode, g_stoch = gquant_off(a)
     dummy = a  # never dereferenced: RAW / no bias
@@ -185,7 +186,7 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
         SPLIT_FIX=splits > 1, GQ=g_mode, BITS_G=gq[0] if fuse_g else 8, STOCH_G=g_stoch, GBLOCK=1024,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if fuse_g:
-        gquant_finish(out, g_args, g_mode, gq[0], g_stoch)
+        gquant_finish(out, g_args, g_mode, gq[0], g_stoch, gq[2])
     return out, fuse_g
 
 
@@ -213,9 +214,10 @@ def linear_int8_mm_reference(a, b, sa, sb, bias, bits_a: int, bits_b: int, out_d
 def _linear_int8_mm_op(a: torch.Tensor, b: torch.Tensor, sa: Optional[torch.Tensor],
                        sb: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits_a: int, bits_b: int,
                        out_dtype: torch.dtype, max_terms: int, bits_g: int = 0, rounding_g: str = "stochastic",
-                       rng: Optional[torch.Tensor] = None) -> torch.Tensor:
-    # bits_g > 0: the result G-quantized (a weight-grad); rng: the device random state it advances
-    gq = (bits_g, rounding_g) if bits_g > 0 else None
+                       rng: Optional[torch.Tensor] = None, mode_g: str = "shift") -> torch.Tensor:
+    # bits_g > 0: the result G-quantized (a weight-grad, scale mode ``mode_g``); rng: the device random state
+    # it advances
+    gq = (bits_g, rounding_g, mode_g) if bits_g > 0 else None
     # the kernel's tile offsets are int32: operands past 2^31 elements take the reference path
     small = all((t.shape[0] - 1) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) < 2**31 for t in (a, b))
     if use_triton(a, b) and small and a.shape[0] * b.shape[1] < 2**31:
@@ -224,12 +226,13 @@ def _linear_int8_mm_op(a: torch.Tensor, b: torch.Tensor, sa: Optional[torch.Tens
         out, done = linear_int8_mm_reference(a, b, sa, sb, bias, bits_a, bits_b, out_dtype,
                                              fast=a.device.type == "cpu"), False  # GPU fp32 matmul may use TF32
     if gq is not None and not done:
-        out = quantize_weight_grad(out, QConfig(bits_g=bits_g, rounding_g=rounding_g))
+        out = quantize_weight_grad(out, QConfig(bits_g=bits_g, rounding_g=rounding_g), mode_g)
     return out
 
 
 @_linear_int8_mm_op.register_fake
-def _(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, bits_g=0, rounding_g="stochastic", rng=None):
+def _(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, bits_g=0, rounding_g="stochastic", rng=None,
+      mode_g="shift"):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int64 if sa is None else out_dtype)
 
 
@@ -292,7 +295,7 @@ class QLinearFunction(torch.autograd.Function):
         gx = gw = gb = None
         qe = se = None
         if qc.bits_e is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            qe, se = quantize(gy, qc.bits_e, qc.rounding_e, "shift")
+            qe, se = quantize(gy, qc.bits_e, qc.rounding_e, qc.mode_eg)
 
         def as_float(t, s, bits):
             return dequantize(t, s, bits) if s is not None else t.float()
@@ -312,7 +315,7 @@ class QLinearFunction(torch.autograd.Function):
                 bits_g = qc.bits_g or 0
                 rng = _rng.device_state(qe.device) if bits_g and qc.rounding_g == "stochastic" else None
                 gw = _linear_int8_mm_op(qe.t(), xa, se, sx, None, qc.bits_e, qc.bits_a, torch.float32, MAX_TERMS,
-                                        bits_g, qc.rounding_g, rng)
+                                        bits_g, qc.rounding_g, rng, qc.mode_eg)
             else:
                 if ef is None:
                     ef = as_float(qe, se, qc.bits_e) if qe is not None else gy.float()
