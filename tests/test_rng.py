@@ -21,7 +21,8 @@ from ebkernels.ops._buffers import _POOLS
 from ebkernels.ops.gemm.linear import _linear_int8_mm_op, linear_int8_mm_reference
 from ebkernels.ops._launch import SMALL_NUMEL
 from ebkernels.ops.quantize import _quantize_op, quantize_dequantize, quantize_reference
-from _flow import CL, bits_equal, codes, fresh_seed, gen, mismatch  # noqa: F401
+from _flow import CL, bits_equal, codes, fresh_seed, gen, mismatch, spy_kernels  # noqa: F401
+from ebkernels.ops.gemm import conv_wgrad
 from test_linear_int8 import spy_gemm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
@@ -232,7 +233,9 @@ def _check_gq(gq, gq_ref, taken, exact, rounding, msg):
 
 # (N, cin real, Cin_p, cout real, Cout_p, H, W, K, stride, pad): 20·13·9 = 2,340 gradient elements (fused into
 # the last program) and 90·93·9 = 75,330 > 65,536 (the GQ=1 codes pass over the real part of a 96 x 96 buffer)
-WCASES = [(2, 13, 16, 20, 32, 7, 6, 3, 1, 1), (1, 93, 96, 90, 96, 8, 8, 3, 1, 1), (2, 16, 16, 40, 48, 9, 8, 1, 2, 0)]
+# (the last: a 1×1 layer without channel padding, its 32 x 16 gradient one output tile: G quantized in registers)
+WCASES = [(2, 13, 16, 20, 32, 7, 6, 3, 1, 1), (1, 93, 96, 90, 96, 8, 8, 3, 1, 1), (2, 16, 16, 40, 48, 9, 8, 1, 2, 0),
+          (2, 16, 16, 32, 32, 7, 6, 1, 1, 0)]
 
 
 def _wid(c):
@@ -240,10 +243,12 @@ def _wid(c):
 
 
 @pytest.mark.parametrize("case, rounding", [(WCASES[0], "stochastic"), (WCASES[0], "nearest"),
-                                            (WCASES[1], "stochastic"), (WCASES[2], "stochastic")],
+                                            (WCASES[1], "stochastic"), (WCASES[2], "stochastic"),
+                                            (WCASES[3], "stochastic"), (WCASES[3], "nearest")],
                          ids=[_wid(WCASES[0]) + "-stochastic", _wid(WCASES[0]) + "-nearest",
-                              _wid(WCASES[1]) + "-stochastic", _wid(WCASES[2]) + "-stochastic"])
-def test_conv_wgrad_fused_g_quantization(device, case, rounding):
+                              _wid(WCASES[1]) + "-stochastic", _wid(WCASES[2]) + "-stochastic",
+                              _wid(WCASES[3]) + "-stochastic", _wid(WCASES[3]) + "-nearest"])
+def test_conv_wgrad_fused_g_quantization(device, monkeypatch, case, rounding):
     N, cin, Cin_p, cout, Cout_p, H, W, K, stride, pad = case
     s = fresh_seed()
     msg = f"seed={s} case={_wid(case)} {rounding}"
@@ -257,6 +262,8 @@ def test_conv_wgrad_fused_g_quantization(device, case, rounding):
     n = cout * cin * K * K
     assert (n <= SMALL_NUMEL) == (cin != 93), "both fused G-quantization modes are tested"
 
+    calls = spy_kernels(monkeypatch, ((conv_wgrad, "conv2d_int8_wgrad_kernel"),))
+
     def run():
         return conv2d_int8_wgrad_op(qe, qx, se, sx, *geo, 1, 8, 8, torch.float32, MAX_TERMS, 8, rounding,
                                      [cout, cin], _rng.device_state(device))
@@ -264,6 +271,10 @@ def test_conv_wgrad_fused_g_quantization(device, case, rounding):
     gq, gq_ref, taken = _both_paths(run, s % 1000, device)
     exact = conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), se.cpu(), sx.cpu(), *geo, 1, 8, 8, torch.float32)
     _check_gq(gq, gq_ref, taken, exact[:cout, :cin].contiguous(), rounding, msg)
+    # GQ=2 (in registers) exactly where the launch has one output tile and G is its whole buffer
+    one_tile = calls[0]["grid"][0] == 1 and (cout, cin) == (Cout_p, Cin_p)
+    assert calls[0]["GQ"] == (2 if one_tile else 1), msg
+    assert one_tile == (case == WCASES[3]), msg
 
 
 LCASES = [(50, 30, 40), (64, 250, 300)]  # (batch, in, out): 1,200 and 75,000 gradient elements
@@ -298,10 +309,12 @@ def test_linear_wgrad_fused_g_quantization(device, monkeypatch, case, rounding, 
     gq, gq_ref, taken = _both_paths(run, s % 1000, device)
     exact = linear_int8_mm_reference(qe.t().cpu(), qx.cpu(), se.cpu(), sx.cpu(), None, 8, 8, torch.float32)
     _check_gq(gq, gq_ref, taken, exact, rounding, msg)
-    # the Triton path quantized in the GEMM launch (only GQ=1 adds its codes pass), one split or several
-    large = exact.numel() > SMALL_NUMEL
-    assert [(c["GQ"], c["SPLIT_FIX"]) for c in calls] == [(1 if large else 2, B > max_terms)], msg
-    assert counts[0] == {"linear_int8_gemm_kernel": 1, **({"quantize_codes_kernel": 1} if large else {})}, msg
+    # the Triton path quantized in the GEMM launch (GQ=2: the launch's one output tile, in registers; GQ=1,
+    # several tiles, adds its codes pass), one split or several
+    many = calls[0]["grid"][0] > 1
+    assert many == (exact.numel() > SMALL_NUMEL), msg
+    assert [(c["GQ"], c["SPLIT_FIX"]) for c in calls] == [(1 if many else 2, B > max_terms)], msg
+    assert counts[0] == {"linear_int8_gemm_kernel": 1, **({"quantize_codes_kernel": 1} if many else {})}, msg
     if B > max_terms:
         assert calls[0]["grid"][1] == 3, msg
     assert all(int(torch.count_nonzero(p)) == 0 for p in _POOLS.values()), msg

@@ -6,7 +6,9 @@
 - ``alignment``, ``nchw_strides``, ``nhwc_rows``, ``offsets_fit_int32``: what a launcher tells a kernel
   about its operands' layout (16-byte alignment, strides, 32- or 64-bit offsets);
 - ``elementwise_tiles``, ``ELEMENTWISE_WARPS``, ``NO_FP_FUSION``: the per-element BatchNorm kernels' grid;
-- ``SMALL_NUMEL``: below this size one program handles a whole tensor.
+- ``SMALL_NUMEL``: below this size one program handles a whole tensor;
+- ``PROGRAM_BYTES`` / ``one_program_numel`` / ``MIN_PROGRAMS``: what one program may stream by itself and the
+  grid a large launch needs (issue 20: no serial phase).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from .._triton import triton
 
 __all__ = ["MAX_TERMS", "CHANNEL_PAD", "SMALL_NUMEL", "ELEMENTWISE_WARPS", "NO_FP_FUSION", "code_channels",
            "padded_channels", "conv_out", "conv2d_output_size", "alignment", "nchw_strides", "nhwc_rows",
-           "offsets_fit_int32", "elementwise_tiles", "memory_format"]
+           "offsets_fit_int32", "elementwise_tiles", "memory_format", "PROGRAM_BYTES", "MIN_PROGRAMS",
+           "one_program_numel"]
 
 # 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
 MAX_TERMS = 1 << 17
@@ -26,6 +29,17 @@ CHANNEL_PAD = 16
 
 # one program reads a tensor this small twice faster than two launches can start (weights, G, a head)
 SMALL_NUMEL = 1 << 16
+
+# one SM streams roughly 30-60 GB/s by itself: a program that moves at most 64 KiB is done in ~1-2 µs; a launch
+# that moves 256 KiB or more gets at least a quarter of an H100's 132 SMs (issue 20, "no serial phase")
+PROGRAM_BYTES = 64 * 1024
+MIN_PROGRAMS = 33
+
+
+def one_program_numel(bytes_per_element: int) -> int:
+    """The most elements one program may handle when it moves ``bytes_per_element`` bytes for each."""
+    return PROGRAM_BYTES // max(1, bytes_per_element)
+
 
 # 8 warps: 16 elements of a 4K-element tile per thread (at 4 warps the index and BatchNorm math of 32
 # elements per thread took 200+ registers)

@@ -23,13 +23,12 @@ import torch
 from .._backend import use_triton
 from .._checks import check_bits, check_choice, check_tensor
 from .._registry import aot_kernel
-from .._rng import uniform
 from .._triton import tl, triton
 from ._buffers import counter_pool, empty_output
-from ._launch import SMALL_NUMEL, padded_channels
+from ._launch import one_program_numel, padded_channels
 from ._reduce import publish_max
-from ._scale import scale_reference, shift_scale_from_bits
-from ._tl import round_half_even, strided_offsets_4d
+from ._scale import codes_of, scale_reference, shift_scale_from_bits
+from ._tl import strided_offsets_4d
 
 __all__ = ["quantize", "quantize_dequantize", "dequantize", "quantize_reference", "quantize_triton", "block_codes",
            "quantize_codes_kernel", "block_elements", "as_4d", "row_major"]
@@ -73,10 +72,12 @@ def quantize_reference(x: torch.Tensor, bits: int = 8, stochastic: bool = False,
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
-def block_elements(linear: bool) -> int:
+def block_elements(linear: bool, n: int = 1 << 30) -> int:
     """Elements per program: the strided index decode needs int64 registers per element, so the
-    strided variants take half the block of the linear ones (no register spills at 8 warps)."""
-    return 2048 if linear else 1024
+    strided variants take half the block of the linear ones (no register spills at 8 warps); a tensor of
+    ``n`` elements that would get fewer than 64 programs of 2048 takes 1024 (a launch that moves 256 KiB
+    or more keeps at least ``MIN_PROGRAMS`` programs)."""
+    return 2048 if linear and n >= 64 * 2048 else 1024
 
 
 @triton.jit
@@ -108,17 +109,11 @@ def block_codes(x_ptr, out_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, 
         x_offs = strided_offsets_4d(idx, d1, d2, d3, s0, s1, s2, s3)
         out_offs = strided_offsets_4d(idx, d1, d2, d3, o0, o1, o2, o3)
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
-    y = tl.math.div_rn(x.to(tl.float32), scale) * S
-    y = tl.minimum(tl.maximum(y, -(S - 1.0)), S - 1.0)
-    if STOCHASTIC:
-        if LOGICAL:
-            lidx = idx
-        else:
-            lidx = strided_offsets_4d(idx, d1, d2, d3, l0, l1, l2, l3)
-        y = tl.floor(y + uniform(seed, ticket, lidx))
+    if STOCHASTIC and not LOGICAL:
+        lidx = strided_offsets_4d(idx, d1, d2, d3, l0, l1, l2, l3)
     else:
-        y = round_half_even(y)
-    y = tl.where(y != y, 0.0, y)  # NaN -> 0 (min/max above may or may not have kept it)
+        lidx = idx
+    y = codes_of(x, scale, seed, ticket, lidx, BITS, STOCHASTIC)
     if DEQUANT:
         tl.store(out_ptr + out_offs, (y * (scale / S)).to(out_ptr.dtype.element_ty), mask=mask)
     else:
@@ -136,17 +131,17 @@ _SIG_OUT = {"o0": "i64", "o1": "i64", "o2": "i64", "o3": "i64", "l0": "i64", "l1
 @triton.jit
 def quantize_absmax_kernel(x_ptr, amax_bits_ptr, sem_ptr, rng_ptr, n, d1, d2, d3, s0, s1, s2, s3,
                            DENSE: tl.constexpr, TICKET: tl.constexpr, BLOCK: tl.constexpr):
-    """``amax_bits[0]`` = bits of max |x|: every program stores its block's max in ``amax_bits[2 + pid]``,
-    the last one (counter ``sem``, from ``_buffers.counter_pool``) takes the max of all: no zeroed
-    buffer, no float atomics. ``TICKET``: that program also takes the next random ticket of the device
-    state ``rng`` into ``amax_bits[1]`` (stochastic rounding in the codes pass that follows)."""
+    """``amax_bits[0]`` = bits of max |x|: every program folds its block's max into the pool counters
+    ``sem[0:2]`` (``_reduce.publish_max``: an integer atomic max, the last program takes it out): no zeroed
+    buffer, no float atomics, no slot scan. ``TICKET``: that program also takes the next random ticket of the
+    device state ``rng`` into ``amax_bits[1]`` (stochastic rounding in the codes pass that follows)."""
     pid = tl.program_id(0)
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    last = publish_max(_block_absmax_bits(x_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, DENSE), amax_bits_ptr + 2, pid,
-                       tl.num_programs(0), sem_ptr, amax_bits_ptr)
+    last = publish_max(_block_absmax_bits(x_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, DENSE), tl.num_programs(0),
+                       sem_ptr, amax_bits_ptr)
     if last:
         if TICKET:
-            tl.store(amax_bits_ptr + 1, tl.atomic_add(rng_ptr + 1, 1).to(tl.int32))
+            tl.store(amax_bits_ptr + 1, tl.atomic_add(rng_ptr + 1, 1, sem="relaxed").to(tl.int32))
         else:
             tl.store(amax_bits_ptr + 1, 0)  # no ticket
 
@@ -189,8 +184,9 @@ def quantize_small_kernel(x_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s
                           l1, l2, l3, seed, BITS: tl.constexpr, STOCHASTIC: tl.constexpr, DEVICE_SEED: tl.constexpr,
                           FIXED_SCALE: tl.constexpr, DENSE: tl.constexpr, SAME_ORDER: tl.constexpr,
                           LOGICAL: tl.constexpr, DEQUANT: tl.constexpr, BLOCK: tl.constexpr):
-    """Small tensors (weights, weight gradients, a classifier's activations) in one launch of one
-    program: the absmax loop, then the codes loop. Same numbers as the two-kernel path."""
+    """Small tensors (a classifier's weight or error, a small weight gradient: at most 64 KiB moved,
+    ``_launch.one_program_numel``) in one launch of one program: the absmax loop, then the codes loop. Same
+    numbers as the two-kernel path."""
     bits = tl.zeros((), tl.int32)
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -199,7 +195,7 @@ def quantize_small_kernel(x_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s
     tl.store(scale_ptr, scale)
     if DEVICE_SEED:
         seed = tl.load(rng_ptr)
-        ticket = tl.atomic_add(rng_ptr + 1, 1).to(tl.int32)  # one program: nobody else reads it
+        ticket = tl.atomic_add(rng_ptr + 1, 1, sem="relaxed").to(tl.int32)  # one program: nobody else reads it
     else:
         ticket = 0
     for start in range(0, n, BLOCK):
@@ -271,15 +267,16 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, fi
     common = dict(BITS=bits, STOCHASTIC=stochastic, DEVICE_SEED=device_seed, FIXED_SCALE=fixed_scale,
                   SAME_ORDER=same_order, LOGICAL=logical, DEQUANT=dequant)
     args = (n, sizes[1], sizes[2], sizes[3], *xs, *os_, *ls, 0 if seed is None else seed)
-    if n <= SMALL_NUMEL:
+    # one program reads x twice and writes the codes: only while that moves at most PROGRAM_BYTES
+    if n <= one_program_numel(2 * x.element_size() + out_view.element_size()):
         quantize_small_kernel[(1,)](x, rng, out_view, scale, *args, DENSE=dense, BLOCK=1024, num_warps=8, **common)
         return out, scale
-    block = block_elements(dense)
+    block = block_elements(dense, n)
     programs = triton.cdiv(n, block)
-    amax_bits = torch.empty(2 + programs, device=x.device, dtype=torch.int32)  # [bits, ticket, per program]
-    quantize_absmax_kernel[(programs,)](x, amax_bits, counter_pool(x.device, 1), rng, n, sizes[1], sizes[2],
+    amax_bits = torch.empty(2, device=x.device, dtype=torch.int32)  # [bits, ticket]
+    quantize_absmax_kernel[(programs,)](x, amax_bits, counter_pool(x.device, 2), rng, n, sizes[1], sizes[2],
                                         sizes[3], *xs, DENSE=dense, TICKET=device_seed, BLOCK=block, num_warps=8)
-    block = block_elements(same_order)
+    block = block_elements(same_order, n)
     quantize_codes_kernel[(triton.cdiv(n, block),)](x, amax_bits, rng, out_view, scale, *args, BLOCK=block,
                                                     num_warps=8, **common)
     return out, scale

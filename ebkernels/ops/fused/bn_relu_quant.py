@@ -27,8 +27,8 @@ from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import empty_output
 from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
-from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, moments_reference, publish_max, store_partials,
-                       tile_moments)
+from .._reduce import (GROUP, MOMENTS, TB, ReductionSpace, finish_reduction, moments_reference, publish_max,
+                       sem_count, store_partials, tile_moments)
 from .._scale import scale_reference, shift_scale_from_bits
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even, to_bfloat16_rne
 from .bn_math import BNP_ROWS, bn_act, bn_act_reference, bn_finalize_channels, finalize_reference, momentum_arg
@@ -48,7 +48,7 @@ _STATS_SIG = {"x_ptr": "*fp32", "xb_ptr": "*bf16", "part_ptr": "*fp32", "grp_ptr
 
 @aot_kernel(signature=_STATS_SIG,
             constexprs=[{"HAS_AFFINE": True, "BATCH_STATS": True, "UPDATE": True, "RELU": True, "HAS_KEEP": k,
-                         "BP": 16, "CB": 128, "TB": 32, "GROUP": 32} for k in (False, True)],
+                         "BP": 16, "CB": 128, "TB": TB, "GROUP": GROUP} for k in (False, True)],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
@@ -80,7 +80,7 @@ def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_p
         zbits = bn_finalize_channels(chan_ptr, C, c, c_ok, max_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
                                      momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
         num_n = tl.num_programs(1)
-        publish_max(zbits, zmax_ptr + 1, pid_n, num_n, sem_ptr + (tl.cdiv(T, GROUP) + 1) * num_n, zmax_ptr)
+        publish_max(zbits, num_n, sem_ptr + sem_count(T, GROUP) * num_n, zmax_ptr)
 
 
 def bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
@@ -101,9 +101,9 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
     xb = empty_output((N, C, H, W), torch.bfloat16, x.device, torch.channels_last)
     BP, CB = elementwise_tiles(C, 2048)  # the fp32 input, its bf16 copy and the moments: 2K elements
     T, num_n = triton.cdiv(M, BP), triton.cdiv(C, CB)
-    space = ReductionSpace(MOMENTS, T, num_n, C, x.device, extra=1)
+    space = ReductionSpace(MOMENTS, T, num_n, C, x.device, extra=2)
     bnp = empty_output((BNP_ROWS, C), torch.float32, x.device)
-    zmax = torch.empty(1 + num_n, dtype=torch.int32, device=x.device)  # [max |z| bits, per column block]
+    zmax = torch.empty(1, dtype=torch.int32, device=x.device)  # max |z| bits
     dummy = space.out
     bn_stats_kernel[(T, num_n)](
         x, xb, space.part, space.grp, space.out, space.sem, weight if weight is not None else dummy,
@@ -112,7 +112,7 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
         num_batches_tracked if num_batches_tracked is not None else zmax, keep if keep is not None else zmax,
         bnp, zmax, M, C, H, W, *nhwc_rows(x), float(eps), momentum_arg(momentum), float(M),
         HAS_AFFINE=weight is not None, BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, HAS_KEEP=keep is not None,
-        BP=BP, CB=CB, TB=32, GROUP=32, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+        BP=BP, CB=CB, TB=TB, GROUP=GROUP, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return xb, space.out, bnp, zmax[:1]
 
 

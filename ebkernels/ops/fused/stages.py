@@ -25,18 +25,19 @@ import torch.nn as nn
 
 from ..._backend import use_triton
 from ...config import QConfig
-from .._launch import CHANNEL_PAD, MAX_TERMS, SMALL_NUMEL, conv2d_output_size
+from .._launch import CHANNEL_PAD, MAX_TERMS, code_channels, conv2d_output_size
 from ..gemm.conv import conv2d_int8_dgrad_op, conv2d_int8_fwd_op, weight_grad_op
-from ..gemm.host import quantize_weight
 from ..quantize import quantize
-from ..weight_codes import weight_codes, weight_quant_small
+from ..weight_batch import WeightItem, batched_weight_codes, weight_quant
+from ..weight_codes import weight_codes
 from .bn_relu_bwd import bn_relu_bwd, bn_relu_bwd_reduce
 from .bn_relu_quant import bn_relu_quant, bn_stats
 from .conv_bn import conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_fwd
 from .maxpool import maxpool2d_int8, maxpool2d_int8_backward
 from .spec import BlockInput, BlockOutput, BlockSpec
 
-__all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "float_dtype", "input_forward", "weight_forward",
+__all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "float_dtype", "input_pad", "weight_item", "input_forward",
+           "weight_forward",
            "conv_bn_forward", "conv_forward", "output_forward", "input_codes_backward", "weight_backward",
            "output_backward", "conv_backward", "input_backward"]
 
@@ -124,6 +125,25 @@ def _pad_of(channels: int, x: torch.Tensor) -> int:
     return CHANNEL_PAD if use_triton(x) and channels % CHANNEL_PAD else 0
 
 
+def input_pad(spec: BlockSpec, cin: int, x: torch.Tensor) -> int:
+    """The channel multiple of the conv's int8 input codes as ``input_forward`` writes them: a float input
+    (the first layer) as the per-layer path does (``_launch.code_channels``: fewer than 16 channels packed,
+    not padded: the Cin = 3 first layer reads 3 bytes per pixel, as the tile plan counts), codes and the
+    pre-activation BatchNorm's output padded to 16."""
+    if spec.input is BlockInput.FLOAT:
+        return CHANNEL_PAD if use_triton(x) and code_channels(cin) != cin else 0
+    return _pad_of(cin, x)
+
+
+def weight_item(spec: BlockSpec, x: torch.Tensor) -> WeightItem:
+    """What ``weight_forward`` will ask of the model's weight batch for this block (``fusion`` prepares the
+    batch from these at the start of the model's forward; input ``x`` gives the device)."""
+    w = spec.conv.weight
+    qc = spec.conv.qconfig
+    return WeightItem(w, qc.bits_w, qc.mode == "wage", input_pad(spec, w.shape[1], x),
+                      CHANNEL_PAD if use_triton(x) else 0)
+
+
 def _index_maps(select, C: int, device):
     """(index, inv): the gather's int64 indices (None when it keeps all channels) and its inverse map."""
     if select is None or select.indices.numel() == C:
@@ -147,7 +167,8 @@ def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Sa
         return in_codes, in_scale, x.shape[1]
     if spec.input is BlockInput.FLOAT:
         cin = x.shape[1]
-        qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode, channels_last=True, pad_channels_to=_pad_of(cin, x))
+        qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode, channels_last=True,
+                          pad_channels_to=input_pad(spec, cin, x))
         saved.qx, saved.sx = qx, sx
         return qx, sx, cin
     bn_in = spec.bn_in
@@ -166,18 +187,16 @@ def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Sa
 
 
 def weight_forward(weight, qc: QConfig, qx, cin: int, saved: Saved):
-    """(qw, sw): W's codes in the forward layout (Cin padded like qx) and scale. A small weight's codes
-    come in one launch for both layouts and are kept; a large weight's are re-derived in backward from the
-    Parameter and ``sw``."""
+    """(qw, sw): W's codes in the forward layout (Cin padded like qx) and scale, both layouts kept for
+    backward: from the model's weight batch (``ops.weight_batch``: every weight in two launches at the start of
+    the model's forward), or, outside one or for a weight changed since, its own two launches."""
     if qc.mode == "wage" and qc.alpha != 1.0:
         raise ValueError("fused blocks need alpha == 1 in mode 'wage'")
-    if weight.numel() <= SMALL_NUMEL:
-        qw, qw_d, sw = weight_quant_small(weight, qc.bits_w, qc.mode == "wage", CHANNEL_PAD if use_triton(qx) else 0)
-        saved.qw_f, saved.qw_d = qw, qw_d
-    else:
-        pad_in = qx.shape[1] != cin
-        qw, sw = quantize_weight(weight, qc, channels_last=True, pad_channels_to=CHANNEL_PAD if pad_in else 0)
-    saved.sw = sw
+    item = WeightItem(weight, qc.bits_w, qc.mode == "wage", CHANNEL_PAD if qx.shape[1] != cin else 0,
+                      CHANNEL_PAD if use_triton(qx) else 0)
+    codes = batched_weight_codes(item)
+    qw, qw_d, sw = codes if codes is not None else weight_quant(item)
+    saved.qw_f, saved.qw_d, saved.sw = qw, qw_d, sw
     return qw, sw
 
 

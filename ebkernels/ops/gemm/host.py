@@ -21,12 +21,13 @@ __all__ = ["split_reduction", "inv_code_scales", "result_and_scale", "F32_EXACT_
            "refuse_double_backward"]
 
 
-def split_reduction(length: int, n_tiles: int, BK: int, device: torch.device, max_terms: int):
+def split_reduction(length: int, n_tiles: int, BK: int, device: torch.device, max_terms: int, min_iters: int = 8):
     """(splits, terms per split) for a reduction of ``length`` terms: every split at most ``max_terms``
     terms (int32-exact) and a multiple of BK; on a GPU, more splits when there are too few output tiles
-    to fill the SMs (one rule with the convolution weight-grad: ``tiles.wgrad_splits``)."""
+    to fill the SMs (one rule with the convolution weight-grad: ``tiles.wgrad_splits``), each at least
+    ``min_iters`` K steps."""
     return tiles.wgrad_splits(length, n_tiles, tiles.device_sms(device) if tiles.on_gpu(device) else None,
-                              max_terms, BK)
+                              max_terms, BK, min_iters)
 
 
 def inv_code_scales(bits_a: int, bits_b: int) -> float:

@@ -372,14 +372,14 @@ def wgrad_col_tiles(tile: Tile, C: int, taps: int) -> int:
     return triton.cdiv(taps * C, tile.BN) if tile.flat else taps * triton.cdiv(C, tile.BN)
 
 
-def wgrad_splits(P: int, programs: int, sms: Optional[int], max_terms: int, BK: int = WGRAD_BK):
+def wgrad_splits(P: int, programs: int, sms: Optional[int], max_terms: int, BK: int = WGRAD_BK, min_iters: int = 8):
     """(splits, rows per split) of a weight-grad reduction over P rows: every split at most ``max_terms``
     rows (int32-exact) and a multiple of BK; with ``sms`` (a GPU), more splits while there are fewer
-    than two output tiles per SM, each split keeping at least 8 steps."""
+    than two output tiles per SM, each split keeping at least ``min_iters`` steps."""
     max_terms = max(BK, max_terms // BK * BK)
     splits = triton.cdiv(P, max_terms)
     if sms:
-        splits = max(splits, min(triton.cdiv(2 * sms, max(programs, 1)), triton.cdiv(P, 8 * BK)))
+        splits = max(splits, min(triton.cdiv(2 * sms, max(programs, 1)), triton.cdiv(P, min_iters * BK)))
     per = triton.cdiv(triton.cdiv(max(P, 1), splits), BK) * BK
     return triton.cdiv(max(P, 1), per), per
 
