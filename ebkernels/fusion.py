@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from .modules import QConv2d
 from .ops.fused.block import BlockInput, BlockOutput, BlockSpec, fused_block, supports
-from .ops.fused.stages import weight_item
+from .ops.fused.stages import channel_major_input, weight_item
 from .ops.weight_batch import pop_weight_batch, prepare_weight_batch, push_weight_batch
 
 __all__ = ["fuse", "unfuse", "fused_chains", "FusedForward"]
@@ -133,6 +133,7 @@ def _seq_specs(seq: nn.Sequential, chains) -> Optional[list]:
         nxt = segs[k + 1] if k + 1 < len(segs) else None
         if nxt is not None and nxt[0] == "block":
             seg[1].output, seg[1].out_qconfig = BlockOutput.CODES, nxt[1].conv.qconfig
+            seg[1].out_channel_major = seg[1].pool is None and channel_major_input(nxt[1].conv)
         else:
             seg[1].output = BlockOutput.FLOAT
     return segs
@@ -153,7 +154,8 @@ def _bottleneck_specs(b) -> Optional[list]:
         return None
     return [BlockSpec(conv=b.conv1, input=BlockInput.BN, bn_in=b.bn1, relu_in=True, select=b.select, bn=b.bn2,
                       relu=True, output=BlockOutput.CODES, out_qconfig=b.conv2.qconfig),
-            BlockSpec(conv=b.conv2, bn=b.bn3, relu=True, output=BlockOutput.CODES, out_qconfig=b.conv3.qconfig),
+            BlockSpec(conv=b.conv2, bn=b.bn3, relu=True, output=BlockOutput.CODES, out_qconfig=b.conv3.qconfig,
+                      out_channel_major=channel_major_input(b.conv3)),
             BlockSpec(conv=b.conv3, output=BlockOutput.FLOAT)]
 
 

@@ -314,7 +314,7 @@ def test_linear_wgrad_fused_g_quantization(device, monkeypatch, case, rounding, 
     many = calls[0]["grid"][0] > 1
     assert many == (exact.numel() > SMALL_NUMEL), msg
     assert [(c["GQ"], c["SPLIT_FIX"]) for c in calls] == [(1 if many else 2, B > max_terms)], msg
-    assert counts[0] == {"linear_int8_gemm_kernel": 1, **({"quantize_codes_kernel": 1} if many else {})}, msg
+    assert counts[0] == {"linear_int8_gemm_kernel": 1, **({"gquant_codes_kernel": 1} if many else {})}, msg
     if B > max_terms:
         assert calls[0]["grid"][1] == 3, msg
     assert all(int(torch.count_nonzero(p)) == 0 for p in _POOLS.values()), msg

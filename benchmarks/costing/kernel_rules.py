@@ -136,6 +136,15 @@ def quantize_codes(launch: Launch) -> Work:
                 _foot(launch, ["x_ptr", "codes_ptr"]), program_bytes=per)
 
 
+def gquant_codes(launch: Launch) -> Work:
+    """The weight-grad's G codes pass (GQ=1): G read and written in place, BLOCK per program, every program
+    counting itself in on one word (the last zeroes the scratch)."""
+    g = launch.t("g_ptr")
+    w = Work(hbm_bytes=2 * _size(launch, "g_ptr"), program_bytes=launch.get("BLOCK", 1024) * 2 * g.itemsize)
+    w.same_address_atomics = launch.programs
+    return w
+
+
 def quantize_small(launch: Launch) -> Work:
     """One program: an absmax loop over x, then a codes loop (reads x again, writes the codes)."""
     x, c = launch.t("x_ptr"), launch.t("codes_ptr")
@@ -352,7 +361,7 @@ def linear(launch: Launch, useful) -> Work:
 
 SIMPLE = {"quantize_absmax_kernel": quantize_absmax, "quantize_codes_kernel": quantize_codes,
           "quantize_small_kernel": quantize_small, "weight_absmax_many_kernel": weight_absmax_many,
-          "weight_codes_many_kernel": weight_codes_many,
+          "weight_codes_many_kernel": weight_codes_many, "gquant_codes_kernel": gquant_codes,
           "weight_codes_kernel": weight_codes, "bn_stats_kernel": bn_stats, "bn_relu_quant_kernel": bn_relu_quant,
           "bn_relu_bwd_reduce_kernel": bn_relu_bwd_reduce, "bn_relu_bwd_kernel": bn_relu_bwd,
           "maxpool2d_int8_kernel": maxpool_fwd, "maxpool2d_int8_bwd_kernel": maxpool_bwd,

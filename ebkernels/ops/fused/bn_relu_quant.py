@@ -156,20 +156,20 @@ def bn_stats(x, weight=None, bias=None, running_mean=None, running_var=None, num
 # --------------------------------------------------------------------------------------------------
 _APPLY_SIG = {"y_ptr": "*bf16", "bnp_ptr": "*fp32", "zmax_ptr": "*i32", "index_ptr": "*i64", "out_ptr": "*i8",
               "scale_ptr": "*fp32", "nbt_ptr": "*i64", "M": "i32", "K": "i32", "Kp": "i32", "C": "i32", "H": "i32",
-              "W": "i32", "s_n": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64"}
+              "W": "i32", "s_n": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64", "cm_ptr": "*i8"}
 
 
 @aot_kernel(signature=_APPLY_SIG,
             constexprs=[{"BITS": 8, "FIXED_SCALE": False, "RELU": True, "HAS_INDEX": i, "CODES": True,
-                         "UPDATE_NBT": True, "BP": 32, "CB": 128} for i in (False, True)]
+                         "UPDATE_NBT": True, "BP": 32, "CB": 128, "CM": cm} for i in (False, True) for cm in (False, True)]
             + [{"BITS": 8, "FIXED_SCALE": False, "RELU": r, "HAS_INDEX": False, "CODES": False, "UPDATE_NBT": True,
-                "BP": 32, "CB": 128} for r in (False, True)],
+                "BP": 32, "CB": 128, "CM": False} for r in (False, True)],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr, nbt_ptr, M, K, Kp, C, H, W, s_n,
-                         s_c, s_h, s_w, BITS: tl.constexpr, FIXED_SCALE: tl.constexpr, RELU: tl.constexpr,
+                         s_c, s_h, s_w, cm_ptr, BITS: tl.constexpr, FIXED_SCALE: tl.constexpr, RELU: tl.constexpr,
                          HAS_INDEX: tl.constexpr, CODES: tl.constexpr, UPDATE_NBT: tl.constexpr, BP: tl.constexpr,
-                         CB: tl.constexpr):
+                         CB: tl.constexpr, CM: tl.constexpr):
     """Grid (row tiles, output-channel blocks): output channel k of pixel m is ``z`` of input channel
     ``index[k]`` (or k); ``CODES``: int8 codes at ``m * Kp + k`` (NHWC, channels K..Kp-1 written 0) with
     the scale ``Shift(zmax)`` (stored by program (0, 0)); else z at ``m * K + k`` in out's dtype."""
@@ -194,6 +194,9 @@ def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr
         q = tl.where((q != q) | ~k_ok[None, :], 0.0, q)
         tl.store(out_ptr + m.to(tl.int64)[:, None] * Kp + k[None, :], q.to(tl.int8),
                  mask=m_ok[:, None] & (k < Kp)[None, :])
+        if CM:  # the same codes channel-major ([Kp, M]: the K-major operand of a 1×1 weight-grad)
+            tl.store(cm_ptr + k.to(tl.int64)[None, :] * M + m[:, None], q.to(tl.int8),
+                     mask=m_ok[:, None] & (k < Kp)[None, :])
         if first:
             tl.store(scale_ptr, scale)
     else:
@@ -212,7 +215,7 @@ def _codes_reference(z: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.T
 
 
 def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
-                            out_dtype):
+                            out_dtype, cm=None):
     """``bn_relu_quant`` in PyTorch: (codes (N, Kp, H, W) NHWC, scale) or (z in out_dtype NHWC, 1)."""
     z = bn_act_reference(y, bnp, relu)
     if index is not None:
@@ -227,6 +230,8 @@ def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits,
     Kp = _padded(K, pad_to)
     out = torch.zeros((N, H, W, Kp), dtype=torch.int8, device=y.device).permute(0, 3, 1, 2)
     out[:, :K] = codes
+    if cm is not None:
+        cm.copy_(out)
     return out, scale
 
 
@@ -235,7 +240,7 @@ def _padded(K: int, pad_to: int) -> int:
 
 
 def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
-                          out_dtype):
+                          out_dtype, cm=None):
     N, C, H, W = y.shape
     K = C if index is None else index.numel()
     M = N * H * W
@@ -252,25 +257,27 @@ def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, f
     bn_relu_quant_kernel[grid](
         y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale if codes else bnp,
         num_batches_tracked if num_batches_tracked is not None else zmax_bits, M, K, Kp, C, H, W, *nhwc_rows(y),
-        BITS=bits, FIXED_SCALE=fixed_scale, RELU=relu, HAS_INDEX=index is not None, CODES=codes,
-        UPDATE_NBT=num_batches_tracked is not None, BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+        cm if cm is not None else out, BITS=bits, FIXED_SCALE=fixed_scale, RELU=relu, HAS_INDEX=index is not None,
+        CODES=codes, UPDATE_NBT=num_batches_tracked is not None, BP=BP, CB=CB, CM=cm is not None,
+        num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return out, scale
 
 
-@torch.library.custom_op("ebkernels::bn_relu_quant", mutates_args=("num_batches_tracked",))
+@torch.library.custom_op("ebkernels::bn_relu_quant", mutates_args=("num_batches_tracked", "cm"))
 def _bn_relu_quant_op(y: torch.Tensor, bnp: torch.Tensor, zmax_bits: torch.Tensor,
                       num_batches_tracked: Optional[torch.Tensor], index: Optional[torch.Tensor], bits: int,
-                      fixed_scale: bool, relu: bool, pad_to: int, out_dtype: Optional[torch.dtype]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      fixed_scale: bool, relu: bool, pad_to: int, out_dtype: Optional[torch.dtype],
+                      cm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # cm: an int8 (N, Kp, H, W) tensor with channel-major memory that gets the codes too (same pass)
     if use_triton(y, bnp) and y.numel() < 2**31:
         return _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
-                                     out_dtype)
+                                     out_dtype, cm)
     return bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
-                                   out_dtype)
+                                   out_dtype, cm)
 
 
 @_bn_relu_quant_op.register_fake
-def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to, out_dtype):
+def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to, out_dtype, cm=None):
     N, C, H, W = y.shape
     K = C if index is None else index.shape[0]
     if out_dtype is not None:
@@ -282,11 +289,19 @@ def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pa
 
 
 def bn_relu_quant(y, bnp, zmax_bits, num_batches_tracked=None, index=None, bits=8, fixed_scale=False, relu=True,
-                  pad_to=16, out_dtype=None):
+                  pad_to=16, out_dtype=None, channel_major=False):
     """``z = relu(y * a + b)`` per channel (``bnp`` rows a, b; ``relu=False``: no ReLU), optionally gathered
     (``index``: output channel k is input channel index[k]). ``out_dtype`` None: int8 codes (N, Kp, H, W)
     in NHWC order, Kp = K rounded up to ``pad_to`` (pad channels 0), with the power-of-two scale of
     ``zmax_bits`` (``fixed_scale``: WAGE's 1); returns ``(codes, scale)``. Else ``(z, None)`` in that dtype,
-    NHWC (and a scale of 1). ``num_batches_tracked``: incremented by one (training step of a BatchNorm that tracks)."""
-    return _bn_relu_quant_op(y, bnp, zmax_bits, num_batches_tracked, index, int(bits), bool(fixed_scale), bool(relu),
-                             int(pad_to), out_dtype)
+    NHWC (and a scale of 1). ``num_batches_tracked``: incremented by one (training step of a BatchNorm that tracks).
+    ``channel_major`` (codes only): ``(codes, scale, codes_cm)``, the same codes also with channel-major memory
+    ([Kp, N, H, W]: the K-major operand of a 1×1 weight-grad) from the same pass."""
+    cm = None
+    if channel_major:
+        N, _, H, W = y.shape
+        K = y.shape[1] if index is None else index.numel()
+        cm = empty_output((_padded(K, pad_to), N, H, W), torch.int8, y.device).permute(1, 0, 2, 3)
+    out = _bn_relu_quant_op(y, bnp, zmax_bits, num_batches_tracked, index, int(bits), bool(fixed_scale), bool(relu),
+                            int(pad_to), out_dtype, cm)
+    return (*out, cm) if channel_major else out

@@ -172,14 +172,14 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
 
 
 def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
-                  max_terms, gq=None):
+                  max_terms, gq=None, fmt=torch.contiguous_format):
     """``gq``: None, or (bits_g, rounding_g, cout, cin): G-quantize the real [:cout, :cin] part in the
-    kernel when the reduction is one split (else the caller quantizes); returns (out, quantized?)."""
+    kernel (``gquant``); ``fmt``: the result's memory format; returns (out, quantized?)."""
     N, C, H, W = qx.shape
     _, CO, OH, OW = qe.shape
     KH, KW = kernel_hw
     raw = se is None
-    out, inv_ss = result_and_scale((CO, C, KH, KW), se, out_dtype, bits_e, bits_a, qx.device)
+    out, inv_ss = result_and_scale((CO, C, KH, KW), se, out_dtype, bits_e, bits_a, qx.device, fmt)
     if out.numel() == 0:
         return out, False
     M = N * OH * OW

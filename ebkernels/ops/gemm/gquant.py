@@ -8,8 +8,9 @@ Two modes, neither with a serial phase (issue 20 item 1) or a fence (item 2):
 - ``GQ=1`` (several output tiles): every program that finishes a tile folds it into max |G| with a relaxed
   integer ``atomic_max`` on the float32 bits (order-free, so deterministic; NaN above all), the program that
   finishes tile 0 takes the random ticket; the launcher then runs the multi-program codes pass
-  (``quantize_codes_kernel``), which reads both: the scale is known only when every tile is done, and a
-  kernel boundary is the only wait that costs nothing.
+  (``gquant_codes_kernel``), which reads both: the scale is known only when every tile is done, and a
+  kernel boundary is the only wait that costs nothing. The three words [counter, max, ticket] come from the
+  stream's counter pool (zero at launch) and the codes pass's last program zeroes them again: no memset.
 - ``GQ=2`` (the launch has ONE output tile and G is that dense row-major buffer): the one program that
   finishes the tile holds all of G in registers, so it knows the scale at once and stores the values of the
   codes instead of the raw tile: no second pass, no re-read, no extra launch.
@@ -18,12 +19,15 @@ from __future__ import annotations
 
 import torch
 
+from ..._registry import aot_kernel
 from ..._rng import device_state
 from ..._triton import tl, triton
+from .._buffers import counter_pool
+from .._launch import filling_block
 from .._scale import codes_of, shift_scale_from_bits
-from ..quantize import as_4d, block_elements, quantize_codes_kernel, row_major
+from ..quantize import as_4d, block_codes, block_elements, row_major
 
-__all__ = ["gquant_max", "gquant_tile", "gquant_off", "gquant_plan", "gquant_finish"]
+__all__ = ["gquant_max", "gquant_tile", "gquant_codes_kernel", "gquant_off", "gquant_plan", "gquant_finish"]
 
 
 @triton.jit
@@ -56,6 +60,36 @@ def gquant_tile(y, mask, offs, out_ptr, rng_ptr, BITS: tl.constexpr, STOCHASTIC:
     tl.store(out_ptr + offs, (q * (scale / S)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_SIG = {"g_ptr": "*fp32", "gq_ptr": "*i32", "rng_ptr": "*i64", "n": "i64", "d1": "i64", "d2": "i64", "d3": "i64",
+        "s0": "i64", "s1": "i64", "s2": "i64", "s3": "i64", "l0": "i64", "l1": "i64", "l2": "i64", "l3": "i64"}
+
+
+@aot_kernel(signature=_SIG, constexprs=[{"BITS": 8, "STOCHASTIC": s, "BLOCK": 1024} for s in (True, False)],
+            num_warps=8)
+@triton.jit
+def gquant_codes_kernel(g_ptr, gq_ptr, rng_ptr, n, d1, d2, d3, s0, s1, s2, s3, l0, l1, l2, l3, BITS: tl.constexpr,
+                        STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    """``GQ=1``'s codes pass, in place over the real gradient view (n elements; sizes d1..d3, strides s0..s3;
+    logical strides l0..l3 for the noise): the scale from ``gq[1]``, the ticket ``gq[2]``, the quantizer's
+    codes (``quantize.block_codes``) stored as their values. Each program then counts itself in at ``gq[0]``
+    (acquire-release, after a CTA barrier: every thread has read gq) and the last one zeroes the three words."""
+    scale = shift_scale_from_bits(tl.load(gq_ptr + 1), False)
+    ticket = tl.load(gq_ptr + 2)
+    if STOCHASTIC:
+        seed = tl.load(rng_ptr)
+    else:
+        seed = 0
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    block_codes(g_ptr, g_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, s0, s1, s2, s3, l0, l1, l2, l3, scale, seed, ticket,
+                BITS, STOCHASTIC, False, False, True)
+    tl.debug_barrier()
+    done = tl.atomic_add(gq_ptr, 1, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:
+        tl.store(gq_ptr + 1, 0)
+        tl.store(gq_ptr + 2, 0)
+        tl.atomic_xchg(gq_ptr, 0, sem="relaxed")
+
+
 def gquant_off(dummy: torch.Tensor):
     """``gquant_plan``'s form for a launch without the fused G quantization (GQ=0): placeholder arguments
     the kernel never reads (``dummy``: any tensor of the launch), the mode, the rounding."""
@@ -78,7 +112,7 @@ def gquant_plan(real: torch.Tensor, bits_g: int, rounding_g: str, out: torch.Ten
     if out is not None and single_tile_mode(real, out, n_tiles):
         rng = device_state(real.device) if stochastic else out
         return (out, rng, 0, 1, 1, 1, 0, 0, 0, 0), 2, stochastic
-    gq = torch.zeros(3, dtype=torch.int32, device=real.device)  # the codes pass reads it: a buffer of its own
+    gq = counter_pool(real.device, 3)[:3]  # [counter, max bits, ticket]: zero; the codes pass leaves them zero
     rng = device_state(real.device) if stochastic else gq
     sizes, strides = as_4d(real)
     return (gq, rng, real.numel(), sizes[1], sizes[2], sizes[3], *strides), 1, stochastic
@@ -89,10 +123,7 @@ def gquant_finish(real: torch.Tensor, plan_args, mode: int, bits: int, stochasti
     if mode != 1 or real.numel() == 0:
         return
     gq, rng, n, d1, d2, d3, *strides = plan_args
-    scale = torch.empty((), dtype=torch.float32, device=real.device)
     ls = row_major(as_4d(real)[0])
-    block = block_elements(False)
-    quantize_codes_kernel[(triton.cdiv(n, block),)](
-        real, gq[1:], rng, real, scale, n, d1, d2, d3, *strides, *strides, *ls, 0, BITS=bits, STOCHASTIC=stochastic,
-        DEVICE_SEED=stochastic, FIXED_SCALE=False, SAME_ORDER=False, LOGICAL=False, DEQUANT=True, BLOCK=block,
-        num_warps=8)
+    block = filling_block(n, block_elements(False), 2 * real.element_size())
+    gquant_codes_kernel[(triton.cdiv(n, block),)](real, gq, rng, n, d1, d2, d3, *strides, *ls, BITS=bits,
+                                                  STOCHASTIC=stochastic, BLOCK=block, num_warps=8)

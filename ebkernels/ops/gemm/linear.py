@@ -48,12 +48,12 @@ __all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunc
 # loads: one address and predicate per byte, which spills at 128x128x64; 64x128x32 halves the per-thread
 # load state and does not. Same warps/stages (the Linear's AOT declaration holds one pair).
 # "small": a GEMM whose operands total 256 KiB or more but whose big-tile grid (splits included) has fewer than
-# MIN_PROGRAMS programs (a classifier head: 10 output features) takes 64x32x32 tiles and splits of one K step
+# MIN_PROGRAMS programs (a classifier head: 10 output features) takes 32x32x32 tiles and splits of one K step
 # or more, so that no launch of that size runs on a handful of SMs (issue 20).
 GPU_TILES = {
     "linear": {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
     "unaligned": {"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
-    "small": {"BM": 64, "BN": 32, "BK": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    "small": {"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
 }
 # the interpreter's cost is per operation, not per element: few, mid-sized tiles
 _INTERPRETER_TILES = {"BM": 64, "BN": 32, "BK": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
