@@ -193,7 +193,8 @@ def bn_stats(launch: Launch) -> Work:
     w = Work(hbm_bytes=_foot(launch, ["x_ptr", "xb_ptr"]), l2_bytes=2 * _partials(launch))
     w.serial_us = _finish_reduction_us(launch.grid[0], True) + _publish_max_us()
     w.program_bytes = _merge_bytes(launch.grid[0], True, launch.get("CB"))
-    w.serial_what = f"merge of {launch.grid[0]} tile partials (2 levels, 2 passes) + finalize + publish_max"
+    w.serial_what = (f"merge of {launch.grid[0]} tile partials ({len(_merge_levels(launch.grid[0]))} levels, 2 passes)"
+                     " + finalize + publish_max")
     return w
 
 
@@ -205,7 +206,7 @@ def bn_relu_bwd_reduce(launch: Launch) -> Work:
     w = Work(hbm_bytes=_foot(launch, ["dz_ptr", "y_ptr"]), l2_bytes=2 * _partials(launch))
     w.serial_us = _finish_reduction_us(launch.grid[0], False)
     w.program_bytes = _merge_bytes(launch.grid[0], False, launch.get("CB"))
-    w.serial_what = f"merge of {launch.grid[0]} tile partials (2 levels)"
+    w.serial_what = f"merge of {launch.grid[0]} tile partials ({len(_merge_levels(launch.grid[0]))} levels)"
     return w
 
 

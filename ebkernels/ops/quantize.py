@@ -152,8 +152,8 @@ def quantize_absmax_kernel(x_ptr, amax_bits_ptr, sem_ptr, rng_ptr, n, d1, d2, d3
             constexprs=[{"BITS": 8, "STOCHASTIC": s, "DEVICE_SEED": s, "FIXED_SCALE": False, "SAME_ORDER": o,
                          "LOGICAL": o, "DEQUANT": False, "BLOCK": block_elements(o), "CM": False}
                         for s in (False, True) for o in (True, False)]
-            + [{"BITS": 8, "STOCHASTIC": s, "DEVICE_SEED": s, "FIXED_SCALE": False, "SAME_ORDER": False,
-                "LOGICAL": False, "DEQUANT": False, "BLOCK": 1024, "CM": True} for s in (False, True)],
+            + [{"BITS": 8, "STOCHASTIC": True, "DEVICE_SEED": True, "FIXED_SCALE": False, "SAME_ORDER": False,
+                "LOGICAL": False, "DEQUANT": False, "BLOCK": 1024, "CM": True}],
             num_warps=8, aligned=("x_ptr", "codes_ptr"))
 @triton.jit
 def quantize_codes_kernel(x_ptr, amax_bits_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s0, s1, s2, s3, o0, o1,

@@ -161,7 +161,8 @@ _APPLY_SIG = {"y_ptr": "*bf16", "bnp_ptr": "*fp32", "zmax_ptr": "*i32", "index_p
 
 @aot_kernel(signature=_APPLY_SIG,
             constexprs=[{"BITS": 8, "FIXED_SCALE": False, "RELU": True, "HAS_INDEX": i, "CODES": True,
-                         "UPDATE_NBT": True, "BP": 32, "CB": 128, "CM": cm} for i in (False, True) for cm in (False, True)]
+                         "UPDATE_NBT": True, "BP": 32, "CB": 128, "CM": cm} for i, cm in ((False, False), (True, False),
+                                                                           (False, True))]
             + [{"BITS": 8, "FIXED_SCALE": False, "RELU": r, "HAS_INDEX": False, "CODES": False, "UPDATE_NBT": True,
                 "BP": 32, "CB": 128, "CM": False} for r in (False, True)],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)

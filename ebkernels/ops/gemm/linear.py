@@ -95,10 +95,8 @@ _GEMM_AOT += [{**cfg, "HAS_BIAS": False, "RAW": False, "ALIGN": align, **_NO_GQ,
               for cfg, align, gq in ((_GPU_TILES, 16, 1), (_GPU_TILES, 16, 2), (_GPU_UNALIGNED, 1, 2))
               for fix in (False, True)]
 # the small-grid tile (its own warps): forward / input-grad with bias, split or not; the weight-grad's G quantized
-_GEMM_AOT += [{**_GPU_SMALL, "HAS_BIAS": True, "RAW": False, "ALIGN": 1, **_NO_GQ, **_FWD, "SPLIT_FIX": fix}
-              for fix in (False, True)]
-_GEMM_AOT += [{**_GPU_SMALL, "HAS_BIAS": False, "RAW": False, "ALIGN": 1, **_NO_GQ, "GQ": gq, **_WGRAD,
-               "SPLIT_FIX": True} for gq in (1, 2)]
+_GEMM_AOT += [{**_GPU_SMALL, "HAS_BIAS": True, "RAW": False, "ALIGN": 1, **_NO_GQ, **_FWD, "SPLIT_FIX": True},
+              {**_GPU_SMALL, "HAS_BIAS": False, "RAW": False, "ALIGN": 1, **_NO_GQ, "GQ": 2, **_WGRAD, "SPLIT_FIX": True}]
 
 
 @aot_kernel(signature=_GEMM_SIG, constexprs=_GEMM_AOT, num_warps=GPU_TILES["linear"]["num_warps"],
