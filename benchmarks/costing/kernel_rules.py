@@ -104,17 +104,17 @@ def _merge_levels(tiles: int) -> list:
 
 
 def _merge_bytes(tiles: int, moments: bool, cols: int) -> float:
-    """Bytes the largest merge's one program reads: its partials, 5 rows each for MOMENTS (mean, max, min,
-    then mean and M2 again in Chan's second pass), 2 for SUMS."""
-    return (5 if moments else 2) * max(_merge_levels(tiles)) * cols * 4.0
+    """Bytes the largest merge's one program reads: its partials, 4 rows each for MOMENTS (mean, M2, max,
+    min), 2 for SUMS."""
+    return (4 if moments else 2) * max(_merge_levels(tiles)) * cols * 4.0
 
 
 def _finish_reduction_us(tiles: int, moments: bool) -> float:
-    """The chain of ``finish_reduction``: per level, the count-in round trip, then the merge of its group
-    (MOMENTS: two passes, Chan's M2) in steps of TB_STATS partials, plus the counter reset."""
-    passes = 2 if moments else 1
+    """The chain of ``finish_reduction``: per level, the count-in round trip, the merge of its group (every
+    row of at most TB_STATS partials loaded at once: one round trip, Chan's M2 from registers), the counter
+    reset and the group partial's store before the next level's count-in."""
     levels = _merge_levels(tiles)
-    iters = sum(passes * math.ceil(n / TB_STATS) + 2 for n in levels)
+    iters = sum(math.ceil(n / TB_STATS) + 2 for n in levels)
     return iters * RULES.l2_latency_us
 
 
@@ -193,7 +193,7 @@ def bn_stats(launch: Launch) -> Work:
     w = Work(hbm_bytes=_foot(launch, ["x_ptr", "xb_ptr"]), l2_bytes=2 * _partials(launch))
     w.serial_us = _finish_reduction_us(launch.grid[0], True) + _publish_max_us()
     w.program_bytes = _merge_bytes(launch.grid[0], True, launch.get("CB"))
-    w.serial_what = (f"merge of {launch.grid[0]} tile partials ({len(_merge_levels(launch.grid[0]))} levels, 2 passes)"
+    w.serial_what = (f"merge of {launch.grid[0]} tile partials ({len(_merge_levels(launch.grid[0]))} levels)"
                      " + finalize + publish_max")
     return w
 

@@ -86,65 +86,38 @@ def store_partials(part_ptr, t, T, C, col, col_ok, p0, p1, p2, p3, KIND: tl.cons
 
 
 @triton.jit
-def _nan_maximum(a, b):
-    return tl.where((a != a) | (b != b), float("nan"), tl.maximum(a, b))
-
-
-@triton.jit
-def _nan_minimum(a, b):
-    return tl.where((a != a) | (b != b), float("nan"), tl.minimum(a, b))
-
-
-@triton.jit
 def _merge(src_ptr, s_src, lo, hi, span, M, col, col_ok, C, dst_ptr, s_dst, slot, KIND: tl.constexpr,
            TB: tl.constexpr, BC: tl.constexpr, FINAL: tl.constexpr):
-    """Merge the partials ``[lo, hi)`` of ``src`` (item i at ``k * s_src + i * C + col``, covering rows
-    ``[i*span, min((i+1)*span, M))``) in index order and store the result at ``slot`` of ``dst``
+    """Merge the partials ``[lo, hi)`` (at most TB) of ``src`` (item i at ``k * s_src + i * C + col``, covering
+    rows ``[i*span, min((i+1)*span, M))``) in index order and store the result at ``slot`` of ``dst``
     (``k * s_dst + slot * C + col``): a partial of the same kind, or (``FINAL``) the float32 result
     (MOMENTS: mean, biased variance, max, min; SUMS: the two sums)."""
-    cmask = col_ok[None, :]
-    s0 = tl.zeros((BC,), tl.float64)
-    s1 = tl.zeros((BC,), tl.float64)
-    mx = tl.full((BC,), -float("inf"), tl.float32)
-    mn = tl.full((BC,), float("inf"), tl.float32)
-    for i0 in range(lo, hi, TB):
-        i = i0 + tl.arange(0, TB)
-        i_ok = i < hi
-        offs = i.to(tl.int64)[:, None] * C + col[None, :]
-        m = i_ok[:, None] & cmask
-        a = tl.load(src_ptr + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
-        if KIND == 0:
-            cnt = tl.where(i_ok, tl.minimum(span, M - i * span), 0).to(tl.float64)
-            s0 += tl.sum(cnt[:, None] * a, axis=0)
-            x = tl.load(src_ptr + 2 * s_src + offs, mask=m, other=-float("inf"), cache_modifier=".cg")
-            mx = _nan_maximum(mx, _nan_max(x, 0))
-            x = tl.load(src_ptr + 3 * s_src + offs, mask=m, other=float("inf"), cache_modifier=".cg")
-            mn = _nan_minimum(mn, _nan_min(x, 0))
-        else:
-            s0 += tl.sum(a, axis=0)
-            s1 += tl.sum(tl.load(src_ptr + s_src + offs, mask=m, other=0.0, cache_modifier=".cg")
-                         .to(tl.float64), axis=0)
+    # one block of at most TB partials (finish_reduction merges at most GROUP <= TB): every row loaded at once,
+    # one L2 round trip; Chan's M2 = sum M2_i + sum n_i (mean_i - mean)^2 from the registers
+    i = lo + tl.arange(0, TB)
+    i_ok = i < hi
+    offs = i.to(tl.int64)[:, None] * C + col[None, :]
+    m = i_ok[:, None] & col_ok[None, :]
+    a = tl.load(src_ptr + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
+    b = tl.load(src_ptr + s_src + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
     if KIND == 0:
+        x = tl.load(src_ptr + 2 * s_src + offs, mask=m, other=-float("inf"), cache_modifier=".cg")
+        mx = _nan_max(x, 0)
+        x = tl.load(src_ptr + 3 * s_src + offs, mask=m, other=float("inf"), cache_modifier=".cg")
+        mn = _nan_min(x, 0)
+        cnt = tl.where(i_ok, tl.minimum(span, M - i * span), 0).to(tl.float64)
         n_all = (tl.minimum(hi * span, M) - lo * span).to(tl.float64)
-        mean = s0 / n_all
-        for i0 in range(lo, hi, TB):  # second pass: Chan's M2 = sum M2_i + sum n_i (mean_i - mean)^2
-            i = i0 + tl.arange(0, TB)
-            i_ok = i < hi
-            offs = i.to(tl.int64)[:, None] * C + col[None, :]
-            m = i_ok[:, None] & cmask
-            cnt = tl.where(i_ok, tl.minimum(span, M - i * span), 0).to(tl.float64)
-            mi = tl.load(src_ptr + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
-            m2i = tl.load(src_ptr + s_src + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
-            d = mi - mean[None, :]
-            s1 += tl.sum(m2i + cnt[:, None] * d * d, axis=0)
+        mean = tl.sum(cnt[:, None] * a, axis=0) / n_all
+        d = a - mean[None, :]
+        s1 = tl.sum(b + cnt[:, None] * d * d, axis=0)
         r0 = mean.to(tl.float32)
         if FINAL:
             r1 = (s1 / n_all).to(tl.float32)
         else:
             r1 = s1.to(tl.float32)
     else:
-        r0 = s0.to(tl.float32)
-        r1 = s1.to(tl.float32)
+        r0 = tl.sum(a, axis=0).to(tl.float32)
+        r1 = tl.sum(b, axis=0).to(tl.float32)
     dst = dst_ptr + slot.to(tl.int64) * C + col
     tl.store(dst, r0, mask=col_ok)
     tl.store(dst + s_dst, r1, mask=col_ok)
@@ -181,6 +154,7 @@ def finish_reduction(part_ptr, grp_ptr, out_ptr, sem_ptr, t, T, pid_n, num_n, M,
     (``counter_pool``). One acquire-release count-in per level a program reaches (after a CTA barrier, so
     that its release covers every thread's stores)."""
     PARTS: tl.constexpr = 4 if KIND == 0 else 2
+    tl.static_assert(GROUP <= TB)  # every merge is one block of partials (_merge)
     i = t
     n = T
     src = part_ptr
