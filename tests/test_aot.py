@@ -15,7 +15,7 @@ def run_aot(tmp_path, *extra_args):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     out = tmp_path / "aot.json"
     proc = subprocess.run([sys.executable, "-m", "ebkernels.aot", "--arch", "80,90", "--json", str(out),
-                           *extra_args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+                           *extra_args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     rows = json.loads(out.read_text()) if out.exists() else []
     return proc, rows
 

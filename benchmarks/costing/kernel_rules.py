@@ -93,28 +93,28 @@ def _publish_max_us() -> float:
     return 2 * RULES.l2_latency_us
 
 
-def _merge_levels(tiles: int) -> list:
-    """Partials the largest merge of each level of ``finish_reduction``'s tree reads (at most GROUP_STATS)."""
+def _merge_levels(tiles: int, group: int = GROUP_STATS) -> list:
+    """Partials the largest merge of each level of ``finish_reduction``'s tree reads (at most ``group``)."""
     out, n = [], max(tiles, 1)
     while True:
-        out.append(min(n, GROUP_STATS))
-        if n <= GROUP_STATS:
+        out.append(min(n, group))
+        if n <= group:
             return out
-        n = math.ceil(n / GROUP_STATS)
+        n = math.ceil(n / group)
 
 
-def _merge_bytes(tiles: int, moments: bool, cols: int) -> float:
+def _merge_bytes(tiles: int, moments: bool, cols: int, group: int = GROUP_STATS) -> float:
     """Bytes the largest merge's one program reads: its partials, 4 rows each for MOMENTS (mean, M2, max,
     min), 2 for SUMS."""
-    return (4 if moments else 2) * max(_merge_levels(tiles)) * cols * 4.0
+    return (4 if moments else 2) * max(_merge_levels(tiles, group)) * cols * 4.0
 
 
-def _finish_reduction_us(tiles: int, moments: bool) -> float:
+def _finish_reduction_us(tiles: int, moments: bool, group: int = GROUP_STATS) -> float:
     """The chain of ``finish_reduction``: per level, the count-in round trip, the merge of its group (every
     row of at most TB_STATS partials loaded at once: one round trip, Chan's M2 from registers), the counter
     reset and the group partial's store before the next level's count-in."""
-    levels = _merge_levels(tiles)
-    iters = sum(math.ceil(n / TB_STATS) + 2 for n in levels)
+    levels = _merge_levels(tiles, group)
+    iters = sum(math.ceil(n / max(TB_STATS, group)) + 2 for n in levels)
     return iters * RULES.l2_latency_us
 
 
@@ -191,9 +191,10 @@ def _partials(launch: Launch) -> float:
 
 def bn_stats(launch: Launch) -> Work:
     w = Work(hbm_bytes=_foot(launch, ["x_ptr", "xb_ptr"]), l2_bytes=2 * _partials(launch))
-    w.serial_us = _finish_reduction_us(launch.grid[0], True) + _publish_max_us()
-    w.program_bytes = _merge_bytes(launch.grid[0], True, launch.get("CB"))
-    w.serial_what = (f"merge of {launch.grid[0]} tile partials ({len(_merge_levels(launch.grid[0]))} levels)"
+    grp = launch.get("GROUP", GROUP_STATS)
+    w.serial_us = _finish_reduction_us(launch.grid[0], True, grp) + _publish_max_us()
+    w.program_bytes = _merge_bytes(launch.grid[0], True, launch.get("CB"), grp)
+    w.serial_what = (f"merge of {launch.grid[0]} tile partials ({len(_merge_levels(launch.grid[0], grp))} levels)"
                      " + finalize + publish_max")
     return w
 

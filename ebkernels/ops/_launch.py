@@ -6,7 +6,8 @@
 - ``alignment``, ``nchw_strides``, ``nhwc_rows``, ``offsets_fit_int32``: what a launcher tells a kernel
   about its operands' layout (16-byte alignment, strides, 32- or 64-bit offsets);
 - ``elementwise_tiles``, ``ELEMENTWISE_WARPS``, ``NO_FP_FUSION``: the per-element BatchNorm kernels' grid;
-- ``SMALL_NUMEL``: below this size one program handles a whole tensor;
+- ``SMALL_NUMEL``: a "small" tensor (the tests' line between their cases; the kernels decide by the bytes one
+  program moves, ``one_program_numel``);
 - ``PROGRAM_BYTES`` / ``one_program_numel`` / ``MIN_PROGRAMS``: what one program may stream by itself and the
   grid a large launch needs (issue 20: no serial phase);
 - ``as_4d``, ``is_dense``, ``row_major``: a tensor's sizes and strides as the element-wise kernels walk them.
@@ -28,7 +29,7 @@ MAX_TERMS = 1 << 17
 # channel counts of the int8 code buffers are padded to a multiple of this (16 bytes: the kernels' ALIGN)
 CHANNEL_PAD = 16
 
-# one program reads a tensor this small twice faster than two launches can start (weights, G, a head)
+# what the tests call a small tensor (no kernel rule: one program handles what moves <= PROGRAM_BYTES)
 SMALL_NUMEL = 1 << 16
 
 # one SM streams roughly 30-60 GB/s by itself: a program that moves at most 64 KiB is done in ~1-2 µs; a launch

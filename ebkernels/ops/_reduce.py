@@ -29,11 +29,17 @@ import torch
 from .._triton import tl, triton
 from ._buffers import counter_pool, empty_output
 
-__all__ = ["GROUP", "TB", "MOMENTS", "SUMS", "tile_moments", "tile_sums", "store_partials", "finish_reduction",
+__all__ = ["GROUP", "TB", "merge_group", "MOMENTS", "SUMS", "tile_moments", "tile_sums", "store_partials", "finish_reduction",
            "sem_count", "publish_max", "ReductionSpace", "moments_reference"]
 
 GROUP = 16  # partials per merge, at every level
 TB = 16  # partials per merge step (one step per merge)
+
+
+def merge_group(columns: int) -> int:
+    """The merge group of an element-wise kernel's reduction over ``columns`` channels per program: 16, or 8
+    for 128 (a [16, 128] float64 merge block spills at 8 warps)."""
+    return 8 if columns > 64 else GROUP
 MOMENTS = 0
 SUMS = 1
 _PARTS = {MOMENTS: 4, SUMS: 2}
@@ -216,9 +222,9 @@ class ReductionSpace:
     ``extra`` more counters after the semaphores (``extra_sem``, at ``sem_count(T) * col_blocks`` in the
     kernel), e.g. 2 for ``publish_max``."""
 
-    def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device, extra: int = 0):
+    def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device, extra: int = 0, group: int = GROUP):
         parts = _PARTS[kind]
-        levels = self.levels(tiles)
+        levels = self.levels(tiles, group)
         self.kind, self.tiles, self.C = kind, tiles, C
         self.part = empty_output((parts, tiles, C), dtype=torch.float32, device=device)
         self.grp = empty_output((max(1, parts * sum(levels[:-1]) * C),), dtype=torch.float32, device=device)
@@ -228,11 +234,11 @@ class ReductionSpace:
         self.out = empty_output((parts, C), dtype=torch.float32, device=device)
 
     @staticmethod
-    def levels(tiles: int) -> list:
+    def levels(tiles: int, group: int = GROUP) -> list:
         """Groups per level of the merge tree over ``tiles`` partials (the last level: one group)."""
         out, n = [], tiles
         while n > 0:
-            n = -(-n // GROUP)
+            n = -(-n // group)
             out.append(n)
             if n == 1:
                 break

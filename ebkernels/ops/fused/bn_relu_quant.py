@@ -27,7 +27,7 @@ from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import empty_output
 from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
-from .._reduce import (GROUP, MOMENTS, TB, ReductionSpace, finish_reduction, moments_reference, publish_max,
+from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, merge_group, moments_reference, publish_max,
                        sem_count, store_partials, tile_moments)
 from .._scale import scale_reference, shift_scale_from_bits
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even, to_bfloat16_rne
@@ -48,7 +48,8 @@ _STATS_SIG = {"x_ptr": "*fp32", "xb_ptr": "*bf16", "part_ptr": "*fp32", "grp_ptr
 
 @aot_kernel(signature=_STATS_SIG,
             constexprs=[{"HAS_AFFINE": True, "BATCH_STATS": True, "UPDATE": True, "RELU": True, "HAS_KEEP": k,
-                         "BP": 16, "CB": 128, "TB": TB, "GROUP": GROUP} for k in (False, True)],
+                         "BP": 2048 // cb, "CB": cb, "TB": merge_group(cb), "GROUP": merge_group(cb)}
+                        for k, cb in ((False, 128), (True, 128), (False, 64))],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
@@ -101,7 +102,8 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
     xb = empty_output((N, C, H, W), torch.bfloat16, x.device, torch.channels_last)
     BP, CB = elementwise_tiles(C, 2048)  # the fp32 input, its bf16 copy and the moments: 2K elements
     T, num_n = triton.cdiv(M, BP), triton.cdiv(C, CB)
-    space = ReductionSpace(MOMENTS, T, num_n, C, x.device, extra=2)
+    group = merge_group(CB)
+    space = ReductionSpace(MOMENTS, T, num_n, C, x.device, extra=2, group=group)
     bnp = empty_output((BNP_ROWS, C), torch.float32, x.device)
     zmax = torch.empty(1, dtype=torch.int32, device=x.device)  # max |z| bits
     dummy = space.out
@@ -112,7 +114,7 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
         num_batches_tracked if num_batches_tracked is not None else zmax, keep if keep is not None else zmax,
         bnp, zmax, M, C, H, W, *nhwc_rows(x), float(eps), momentum_arg(momentum), float(M),
         HAS_AFFINE=weight is not None, BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, HAS_KEEP=keep is not None,
-        BP=BP, CB=CB, TB=TB, GROUP=GROUP, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+        BP=BP, CB=CB, TB=group, GROUP=group, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return xb, space.out, bnp, zmax[:1]
 
 
