@@ -84,7 +84,8 @@ def as_json(results: dict) -> dict:
         rows = [{"name": g["p"].name, "count": g["n"], "grid": list(g["p"].grid), "programs": g["p"].programs,
                  "dram_bytes": g["p"].hbm, "l2_bytes": g["p"].l2, "ops": g["p"].ops, "useful_ops": g["p"].useful,
                  "bound": g["p"].bound, "us_each": g["p"].device_us, "us_total": g["us"], "serial_us": g["p"].serial_us,
-                 "fence_us": g["p"].fence_us, "fences": g["p"].fences, "host_cpu_us": g["host"], "op": g["p"].op}
+                 "fence_us": g["p"].fence_us, "fences": g["p"].fences, "program_bytes": g["p"].program_bytes,
+                 "host_cpu_us": g["host"], "op": g["p"].op}
                 for g in report.kernel_rows(r["priced"])]
         seen = report.findings(mode, r["priced"], r["trace"], r["totals"]) if mode.startswith("int8") else []
         out[mode] = {"totals": t, "kernels": rows, "findings": seen}

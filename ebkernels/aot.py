@@ -6,10 +6,11 @@
 For each kernel, configuration and architecture it prints: compiled or the error, the int8
 tensor-core instructions found in the PTX (``mma.sync…s8`` on sm_80, ``wgmma…s8`` on sm_90), the
 byte-wise shared-memory stores (an int8 operand transposed into shared memory one byte at a time), TMA
-tile loads (``cp.async.bulk.tensor``: operands the Tensor Memory Accelerator puts in shared memory), memory
-fences and atomics per thread (``MEMBAR`` and ``ATOM``/``RED`` in the SASS from the ``nvdisasm`` bundled with
-Triton, else ``fence``/``membar`` and ``atom``/``red`` in the PTX: ptxas adds a fence to a release atomic, so
-the PTX count is a floor; static counts, i.e. per program where the code has no loop around them), shared
+tile loads (``cp.async.bulk.tensor``: operands the Tensor Memory Accelerator puts in shared memory), GPU-scope
+memory fences and atomics per thread (``MEMBAR.*.GPU``/``.SYS`` and ``ATOM``/``RED`` in the SASS from the
+``nvdisasm`` bundled with Triton, else ``fence``/``membar`` and ``atom``/``red`` in the PTX: ptxas adds a fence
+to a release atomic, so the PTX count is a floor; static counts, i.e. per program where the code has no loop
+around them; a fence executed by one thread of the program, as the split fix-up's one release, counts once), shared
 memory, and registers/spills from ``ptxas -v`` where the ptxas bundled with Triton is present.
 Exits non-zero if any kernel fails to compile, or if a kernel declared ``int8_mma`` shows no int8 MMA.
 ``--plan`` prints the convolution tile table's choices instead (``print_plan``; no compile).
@@ -36,10 +37,12 @@ PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 SMEM_B8 = re.compile(r"\bst\.shared(?:\.v\d)?\.[bsu]8\b")
 # TMA tile loads (global -> shared by the Tensor Memory Accelerator: the TMA weight-grad's operands)
 TMA_LOADS = re.compile(r"\bcp\.async\.bulk\.tensor\.\dd\.shared[\w:.]*\.global\b")
-# memory fences and global atomics: SASS (what runs: a release atomic is a MEMBAR + RED/ATOM there), or PTX
-SASS_FENCE = re.compile(r"\bMEMBAR\b")
+# GPU-scope memory fences and global atomics: SASS (what runs: a release atomic is a MEMBAR.*.GPU + RED/ATOM
+# there), or PTX. A CTA-scope MEMBAR (``fence.proxy.async`` before wgmma reads an operand the threads stored
+# into shared memory) waits for shared memory only and is not counted: the column is the fences that wait for L2
+SASS_FENCE = re.compile(r"\bMEMBAR(?:\.\w+)*\.(?:GPU|SYS)\b")
 SASS_ATOMIC = re.compile(r"\b(?:ATOMG|ATOM|REDG|RED)\.")
-PTX_FENCE = re.compile(r"\b(?:fence|membar)\.")
+PTX_FENCE = re.compile(r"\b(?:fence\.(?:sc|acq_rel)\.(?:gpu|sys)|membar\.(?:gl|sys))\b")
 PTX_ATOMIC = re.compile(r"\b(?:atom|red)\.global\.")
 PTX_ANY_ATOMIC = re.compile(r"\b(?:atom|red)\.")
 

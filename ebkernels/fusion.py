@@ -24,6 +24,10 @@ padding modes, string padding, a float operand (``bits_* = None``) or WAGE's ``a
 is not a plain ``nn.BatchNorm2d``, or a max-pool has dilation or returns indices (``ops.fused.block.supports``
 says why for a conv). ``fused_chains(model)``
 lists what was fused.
+
+The weight codes of every fused conv come from one batch at the start of the model's forward (a forward
+pre-hook on the model that ``fuse`` was given, ``ops.weight_batch``: two multi-program launches for all
+weights instead of one single-program launch per layer); a block run outside it quantizes its own weight.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ import torch.nn as nn
 
 from .modules import QConv2d
 from .ops.fused.block import BlockInput, BlockOutput, BlockSpec, fused_block, supports
+from .ops.fused.stages import channel_major_input, weight_item
+from .ops.weight_batch import pop_weight_batch, prepare_weight_batch, push_weight_batch
 
 __all__ = ["fuse", "unfuse", "fused_chains", "FusedForward"]
 
@@ -127,6 +133,7 @@ def _seq_specs(seq: nn.Sequential, chains) -> Optional[list]:
         nxt = segs[k + 1] if k + 1 < len(segs) else None
         if nxt is not None and nxt[0] == "block":
             seg[1].output, seg[1].out_qconfig = BlockOutput.CODES, nxt[1].conv.qconfig
+            seg[1].out_channel_major = seg[1].pool is None and channel_major_input(nxt[1].conv)
         else:
             seg[1].output = BlockOutput.FLOAT
     return segs
@@ -147,7 +154,8 @@ def _bottleneck_specs(b) -> Optional[list]:
         return None
     return [BlockSpec(conv=b.conv1, input=BlockInput.BN, bn_in=b.bn1, relu_in=True, select=b.select, bn=b.bn2,
                       relu=True, output=BlockOutput.CODES, out_qconfig=b.conv2.qconfig),
-            BlockSpec(conv=b.conv2, bn=b.bn3, relu=True, output=BlockOutput.CODES, out_qconfig=b.conv3.qconfig),
+            BlockSpec(conv=b.conv2, bn=b.bn3, relu=True, output=BlockOutput.CODES, out_qconfig=b.conv3.qconfig,
+                      out_channel_major=channel_major_input(b.conv3)),
             BlockSpec(conv=b.conv3, output=BlockOutput.FLOAT)]
 
 
@@ -234,6 +242,13 @@ class FusedForward:
         identity = x if b.downsample is None else b.downsample(x)
         return b.relu(out + identity)
 
+    def block_specs(self) -> list:
+        """The ``BlockSpec`` of every fused block of this container (none when it falls back)."""
+        specs = self._specs() or []
+        if self.kind == "sequential":
+            return [item for kind, item in specs if kind == "block"]
+        return list(specs)
+
     def describe(self, name: str) -> list[str]:
         specs = self._specs() or []
         if self.kind == "sequential":
@@ -246,6 +261,34 @@ class FusedForward:
 
     def __repr__(self) -> str:
         return f"FusedForward({self.kind})"
+
+
+def _weight_batch_pre_hook(model: nn.Module, args) -> None:
+    """Forward pre-hook of the fused model: the codes of every fused conv weight in one batch
+    (``ops.weight_batch``), active until the forward returns (``_weight_batch_hook``)."""
+    x = args[0] if len(args) == 1 else None
+    batch = None
+    if _runnable(x):  # what the fused blocks take; otherwise they run the original forwards
+        items = [weight_item(spec, x) for m in model.modules()
+                 if isinstance(m.__dict__.get("forward"), FusedForward) for spec in m.forward.block_specs()]
+        if items:
+            batch = prepare_weight_batch(items)
+    push_weight_batch(batch)
+
+
+def _weight_batch_hook(model: nn.Module, args, out) -> None:
+    pop_weight_batch()
+
+
+def _weight_batch_hooks(model: nn.Module, install: bool) -> None:
+    """Install (once) or remove the weight-batch hooks of ``model``."""
+    for hooks, fn in ((model._forward_pre_hooks, _weight_batch_pre_hook), (model._forward_hooks, _weight_batch_hook)):
+        for key in [k for k, h in hooks.items() if h is fn]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
+    if install:
+        model.register_forward_pre_hook(_weight_batch_pre_hook)
+        model.register_forward_hook(_weight_batch_hook, always_call=True)
 
 
 def fuse(model: nn.Module) -> list[str]:
@@ -268,6 +311,7 @@ def fuse(model: nn.Module) -> list[str]:
         if ff is not None:
             m.forward = ff
             lines += ff.describe(name or "<model>")
+    _weight_batch_hooks(model, bool(lines))
     for line in lines:
         log.info("fused int8 chain: %s", line)
     return lines
@@ -280,6 +324,7 @@ def unfuse(model: nn.Module) -> int:
         if isinstance(m.__dict__.get("forward"), FusedForward):
             del m.__dict__["forward"]
             n += 1
+    _weight_batch_hooks(model, False)
     return n
 
 

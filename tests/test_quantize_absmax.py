@@ -216,7 +216,7 @@ def test_conv_weight_grad_g_absmax(device, cin, cout, rounding):
 
     def run():
         return conv2d_int8_wgrad_op(qe, qx, se, sx, *geo, 1, 8, 8, torch.float32, MAX_TERMS, 8, rounding,
-                                     [cout, cin], _rng.device_state(device), "absmax")
+                                     [cout, cin], _rng.device_state(device), mode_g="absmax")
 
     gq, gq_ref, taken = both_paths(run, s % 1000, device)
     exact = conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), se.cpu(), sx.cpu(), *geo, 1, 8, 8, torch.float32)

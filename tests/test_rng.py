@@ -243,18 +243,21 @@ class WCase(NamedTuple):
         return "N{}ci{}p{}co{}p{}H{}W{}K{}s{}p{}".format(*self)
 
 
-# 20·13·9 = 2,340 gradient elements (fused into the last program) and 90·93·9 = 75,330 > 65,536 (the GQ=1 codes
-# pass over the real part of a 96 x 96 buffer)
+# 20·13·9 = 2,340 gradient elements and 90·93·9 = 75,330 > 65,536 (the GQ=1 codes pass over the real part of
+# a 96 x 96 buffer); the last: a 1×1 layer without channel padding, its 32 x 16 gradient one output tile (G
+# quantized in registers, GQ=2)
 WCASES = [
     WCase(N=2, cin=13, Cin_p=16, cout=20, Cout_p=32, H=7, W=6, K=3, stride=1, pad=1),
     WCase(N=1, cin=93, Cin_p=96, cout=90, Cout_p=96, H=8, W=8, K=3, stride=1, pad=1),
     WCase(N=2, cin=16, Cin_p=16, cout=40, Cout_p=48, H=9, W=8, K=1, stride=2, pad=0),
+    WCase(N=2, cin=16, Cin_p=16, cout=32, Cout_p=32, H=7, W=6, K=1, stride=1, pad=0),
 ]
 
 
 @pytest.mark.parametrize("case, rounding", [pytest.param(c, r, id=f"{c.id}-{r}") for c, r in (
-    (WCASES[0], "stochastic"), (WCASES[0], "nearest"), (WCASES[1], "stochastic"), (WCASES[2], "stochastic"))])
-def test_conv_wgrad_fused_g_quantization(device, case, rounding):
+    (WCASES[0], "stochastic"), (WCASES[0], "nearest"), (WCASES[1], "stochastic"), (WCASES[2], "stochastic"),
+    (WCASES[3], "stochastic"), (WCASES[3], "nearest"))])
+def test_conv_wgrad_fused_g_quantization(device, monkeypatch, case, rounding):
     N, cin, Cin_p, cout, Cout_p, H, W, K, stride, pad = case
     s = fresh_seed()
     msg = f"seed={s} case={case.id} {rounding}"
@@ -268,6 +271,8 @@ def test_conv_wgrad_fused_g_quantization(device, case, rounding):
     n = cout * cin * K * K
     assert (n <= SMALL_NUMEL) == (cin != 93), "both fused G-quantization modes are tested"
 
+    calls = spy_launches(monkeypatch, "conv2d_int8_wgrad_kernel")
+
     def run():
         return conv2d_int8_wgrad_op(qe, qx, se, sx, *geo, 1, 8, 8, torch.float32, MAX_TERMS, 8, rounding,
                                      [cout, cin], _rng.device_state(device))
@@ -275,6 +280,10 @@ def test_conv_wgrad_fused_g_quantization(device, case, rounding):
     gq, gq_ref, taken = both_paths(run, s % 1000, device)
     exact = conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), se.cpu(), sx.cpu(), *geo, 1, 8, 8, torch.float32)
     _check_gq(gq, gq_ref, taken, exact[:cout, :cin].contiguous(), rounding, msg)
+    # GQ=2 (in registers) exactly where the launch has one output tile and G is its whole buffer
+    one_tile = calls[0]["grid"][0] == 1 and (cout, cin) == (Cout_p, Cin_p)
+    assert calls[0]["GQ"] == (2 if one_tile else 1), msg
+    assert one_tile == (case == WCASES[3]), msg
 
 
 LCASES = [(50, 30, 40), (64, 250, 300)]  # (batch, in, out): 1,200 and 75,000 gradient elements
@@ -309,10 +318,12 @@ def test_linear_wgrad_fused_g_quantization(device, monkeypatch, case, rounding, 
     gq, gq_ref, taken = both_paths(run, s % 1000, device)
     exact = linear_int8_mm_reference(qe.t().cpu(), qx.cpu(), se.cpu(), sx.cpu(), None, 8, 8, torch.float32)
     _check_gq(gq, gq_ref, taken, exact, rounding, msg)
-    # the Triton path quantized in the GEMM launch (only GQ=1 adds its codes pass), one split or several
-    large = exact.numel() > SMALL_NUMEL
-    assert [(c["GQ"], c["SPLIT_FIX"]) for c in calls] == [(1 if large else 2, B > max_terms)], msg
-    assert counts[0] == {"linear_int8_gemm_kernel": 1, **({"quantize_codes_kernel": 1} if large else {})}, msg
+    # the Triton path quantized in the GEMM launch (GQ=2: the launch's one output tile, in registers; GQ=1,
+    # several tiles, adds its codes pass), one split or several
+    many = calls[0]["grid"][0] > 1
+    assert many == (exact.numel() > SMALL_NUMEL), msg
+    assert [(c["GQ"], c["SPLIT_FIX"]) for c in calls] == [(1 if many else 2, B > max_terms)], msg
+    assert counts[0] == {"linear_int8_gemm_kernel": 1, **({"gquant_codes_kernel": 1} if many else {})}, msg
     if B > max_terms:
         assert calls[0]["grid"][1] == 3, msg
     assert all(int(torch.count_nonzero(p)) == 0 for p in _POOLS.values()), msg

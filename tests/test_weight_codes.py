@@ -1,7 +1,8 @@
-"""Convolution weight codes recomputed for backward (``weight_codes``): both layouts (forward OHWI with Cin
-zero-padded, input-grad with Cout contiguous and zero-padded) bit-identical to the quantizer's codes of
-the weight with its scale, the padding written as zeros in poisoned buffers, ragged Cin/Cout, any weight
-layout, other bit widths and a scale smaller than Shift(max|w|) (saturation)."""
+"""Convolution weight codes in both layouts (forward OHWI with Cin zero-padded, input-grad with Cout contiguous and
+zero-padded): ``weight_codes`` from a given scale and ``weight_batch`` (many weights, their scales too),
+bit-identical to the quantizer's codes of the weight with its scale, the padding written as zeros in poisoned
+buffers, ragged Cin/Cout, any weight layout, other bit widths and a scale smaller than Shift(max|w|)
+(saturation)."""
 import pytest
 import torch
 
@@ -112,22 +113,38 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("mode", ["shift", "wage", "absmax"])
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_small_weights_quantized_in_one_launch(device, poisoned, case, mode):
-    """``weight_quant_small``: the scale is the quantizer's (Shift(max|w|), WAGE's 1, or max|w|·S/(S-1)) and both
-    layouts are the quantizer's codes, on the Triton path and the reference path alike."""
-    from ebkernels.ops.weight_codes import weight_quant_small
+def test_a_batch_of_weights_in_two_multi_program_launches(device, poisoned, mode):
+    """``weight_batch.weight_codes_many``: every case's weight (mixed layouts, paddings, a strided view) in one
+    batch per padding: two launches of many programs each (no program over 2048 weights), each scale the
+    quantizer's (Shift(max|w|), WAGE's 1, or max|w|·S/(S-1)), both layouts its codes, padding zero (poisoned buffers); the
+    same from a batch of one (``weight_quant``), from the reference path, and with the programs run in
+    reversed and shuffled order (the per-tensor maxima have a last arriver each)."""
+    from ebkernels.ops.weight_batch import BLOCK, WeightItem, weight_codes_many, weight_quant
+    from _grid_order import run_in_orders
 
     seed = fresh_seed()
-    msg = f"seed={seed} case={_id(case)} mode={mode}"
-    w = _weight(case, gen(seed), device)
+    msg = f"seed={seed} mode={mode}"
+    g = gen(seed)
+    ws = [_weight(c, g, device) for c in CASES]
     if mode == "wage":
-        w = w / w.abs().max() * 0.9  # WAGE's fixed scale 1 expects |w| < 1
-    codes, s = quantize_reference(w.cpu(), 8, mode=mode)
-    for backend in ("auto", "reference"):
-        with ebkernels.force_backend(backend):
-            fwd, dgrad, scale = weight_quant_small(w, 8, mode, case[4])
-        assert scale.shape == () and scale.item() == s.item(), msg
-        _check_layouts(fwd, dgrad, codes, case[4], f"{msg} {backend}")
-    with pytest.raises(ValueError, match="at most 65536"):
-        weight_quant_small(torch.randn(65537, 1, 1, 1, device=device))
+        ws = [w / w.abs().max() * 0.9 for w in ws]  # WAGE's fixed scale 1 expects |w| < 1
+    items = [WeightItem(w, 8, mode, c[4], c[4]) for w, c in zip(ws, CASES)]
+    ref = [quantize_reference(w.cpu(), 8, mode=mode) for w in ws]
+
+    def check(got, how):
+        for (fwd, dgrad, scale), (codes, s), c in zip(got, ref, CASES):
+            m = f"{msg} {how} case={_id(c)}"
+            assert scale.shape == () and scale.item() == s.item(), m
+            _check_layouts(fwd, dgrad, codes, c[4], m)
+
+    launches = []
+    runs = run_in_orders(lambda: weight_codes_many(items), launches=launches)
+    for order in launches:  # one batch per padding (16, none): two launches each, many programs
+        assert [r.kernel for r in order] == ["weight_absmax_many_kernel", "weight_codes_many_kernel"] * 2, msg
+        assert max(len(r.order) for r in order) > 8, msg
+    for got, order in zip(runs, ("forward", "reversed", "shuffled 1", "shuffled 2")):
+        check(got, order)
+    check([weight_quant(it) for it in items], "one at a time")
+    with ebkernels.force_backend("reference"):
+        check(weight_codes_many(items), "reference")
+    assert max(w.numel() for w in ws) > 4 * BLOCK, msg  # the big case spans several programs

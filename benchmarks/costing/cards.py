@@ -53,6 +53,8 @@ class Rules:
     hbm_latency_us: float = 0.7  # one dependent global-memory round trip (unpipelined loop iteration)
     l2_latency_us: float = 0.35  # one dependent L2 round trip (.cg loads of partials just written)
     fence_us: float = 0.5  # one GPU-scope fence (MEMBAR.ALL.GPU: waits for the thread's stores to reach L2)
+    # atomics on one word are serialised in its L2 slice: about one per clock at ~1 GHz (charge more: 1 ns)
+    atomic_same_address_ns: float = 1.0
     min_kernel_us: float = 2.0  # the shortest kernel body (ramp up + drain), any launch
     # --- launches ------------------------------------------------------------------------------------------
     graph_launch_us: float = 3.0  # device gap per launch when the step is one CUDA graph

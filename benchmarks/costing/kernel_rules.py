@@ -17,6 +17,10 @@ Serial-phase rule: a loop that runs in one program after (or instead of) the par
 iteration, one dependent round trip (``hbm_latency_us``; ``l2_latency_us`` for partials just written) or
 its bytes at one SM's streaming rate (``sm_stream_bw``), whichever is longer: Triton does not pipeline
 the loads of a loop without ``tl.dot``.
+
+Same-address atomics: every program of a launch that counts itself in on one counter (and folds a max into
+one word: ``publish_max``) issues atomics that the L2 serialises; ``same_address_atomics`` of them per
+launch cost ``atomic_same_address_ns`` each, a floor under the launch's body (``price.launch_time``).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from .trace import Launch
 
 __all__ = ["Work", "kernel_work", "RULED"]
 
-TB_STATS, GROUP_STATS = 32, 32  # ops._reduce merge block / group (the kernels pass TB=32, GROUP=32)
+from ebkernels.ops._reduce import GROUP as GROUP_STATS, TB as TB_STATS  # noqa: E402  (merge group / step)
 
 
 @dataclasses.dataclass
@@ -44,6 +48,7 @@ class Work:
     all_serial: bool = False  # one program: the whole launch is its loop
     program_bytes: float = 0.0  # bytes one program streams through its own loop
     fence_programs: int = 0  # programs that run the fenced code (split fix-ups: all)
+    same_address_atomics: int = 0  # atomics the L2 serialises on one word (counters, published maxima)
     gemm: bool = False
     matched: bool = True  # a conv GEMM's layer was found (else useful = issued, and the report says so)
     rule: str = ""
@@ -82,22 +87,34 @@ def generic(launch: Launch) -> Work:
 # ----------------------------------------------------------------------------------------------------------
 # last-arriver reductions (``ebkernels.ops._reduce``): the serial tail after every program has stored its partial
 # ----------------------------------------------------------------------------------------------------------
-def _publish_max_us(slots: int) -> float:
-    """The last program's scan of every slot: an atomic round trip, then one .cg load round trip per 128."""
-    return (1 + math.ceil(max(slots, 1) / 128)) * RULES.l2_latency_us
+def _publish_max_us() -> float:
+    """``publish_max``'s last program: its count-in round trip, then the exchange that takes the max out
+    (O(1): every program folded its value in with an atomic max)."""
+    return 2 * RULES.l2_latency_us
 
 
-def _merge_bytes(tiles: int, moments: bool, cols: int) -> float:
-    """Bytes the final merge's one program reads: every group partial (4 or 2 rows), 2 passes for MOMENTS."""
-    return (4 * 2 if moments else 2) * math.ceil(tiles / GROUP_STATS) * cols * 4.0
+def _merge_levels(tiles: int, group: int = GROUP_STATS) -> list:
+    """Partials the largest merge of each level of ``finish_reduction``'s tree reads (at most ``group``)."""
+    out, n = [], max(tiles, 1)
+    while True:
+        out.append(min(n, group))
+        if n <= group:
+            return out
+        n = math.ceil(n / group)
 
 
-def _finish_reduction_us(tiles: int, moments: bool) -> float:
-    """The chain of ``finish_reduction``: the last tile of the last group merges its group, then the final
-    merge of every group partial (MOMENTS: two passes over them, Chan's M2), three atomic round trips."""
-    passes = 2 if moments else 1
-    groups = math.ceil(tiles / GROUP_STATS)
-    iters = passes * (math.ceil(GROUP_STATS / TB_STATS) + math.ceil(groups / TB_STATS)) + 3
+def _merge_bytes(tiles: int, moments: bool, cols: int, group: int = GROUP_STATS) -> float:
+    """Bytes the largest merge's one program reads: its partials, 4 rows each for MOMENTS (mean, M2, max,
+    min), 2 for SUMS."""
+    return (4 if moments else 2) * max(_merge_levels(tiles, group)) * cols * 4.0
+
+
+def _finish_reduction_us(tiles: int, moments: bool, group: int = GROUP_STATS) -> float:
+    """The chain of ``finish_reduction``: per level, the count-in round trip, the merge of its group (every
+    row of at most TB_STATS partials loaded at once: one round trip, Chan's M2 from registers), the counter
+    reset and the group partial's store before the next level's count-in."""
+    levels = _merge_levels(tiles, group)
+    iters = sum(math.ceil(n / max(TB_STATS, group)) + 2 for n in levels)
     return iters * RULES.l2_latency_us
 
 
@@ -106,8 +123,8 @@ def _finish_reduction_us(tiles: int, moments: bool) -> float:
 # ----------------------------------------------------------------------------------------------------------
 def quantize_absmax(launch: Launch) -> Work:
     w = Work(hbm_bytes=_foot(launch, ["x_ptr"]), program_bytes=launch.get("BLOCK", 1024) * launch.t("x_ptr").itemsize)
-    w.serial_us, w.serial_what = _publish_max_us(launch.programs), f"publish_max over {launch.programs} slots"
-    w.program_bytes = max(w.program_bytes, 4.0 * launch.programs)
+    w.serial_us, w.serial_what = _publish_max_us(), "publish_max (atomic max, last arriver O(1))"
+    w.same_address_atomics = 2 * launch.programs
     return w
 
 
@@ -117,6 +134,15 @@ def quantize_codes(launch: Launch) -> Work:
     per = launch.get("BLOCK", 1024) * (x.itemsize + c.itemsize)
     return Work(hbm_bytes=_size(launch, "x_ptr") + _size(launch, "codes_ptr") if inplace else
                 _foot(launch, ["x_ptr", "codes_ptr"]), program_bytes=per)
+
+
+def gquant_codes(launch: Launch) -> Work:
+    """The weight-grad's G codes pass (GQ=1): G read and written in place, BLOCK per program, every program
+    counting itself in on one word (the last zeroes the scratch)."""
+    g = launch.t("g_ptr")
+    w = Work(hbm_bytes=2 * _size(launch, "g_ptr"), program_bytes=launch.get("BLOCK", 1024) * 2 * g.itemsize)
+    w.same_address_atomics = launch.programs
+    return w
 
 
 def quantize_small(launch: Launch) -> Work:
@@ -131,15 +157,23 @@ def quantize_small(launch: Launch) -> Work:
                 serial_what=f"one program: {n} elements, 2 loops × {it} iterations")
 
 
-def weight_quant_small(launch: Launch) -> Work:
-    """One program: the absmax loop over the padded index space, then the codes loop writing both layouts
-    (the input-grad layout a byte scatter with stride COp)."""
-    n, block = launch.get("n"), launch.get("BLOCK", 1024)
-    it = math.ceil(n / block)
-    us = _loop_us(it, block * 4, RULES.hbm_latency_us) + _loop_us(it, block * 6, RULES.hbm_latency_us)
-    total = 2 * _size(launch, "w_ptr") + _foot(launch, ["fwd_ptr", "dgrad_ptr"])
-    return Work(hbm_bytes=total, serial_us=us, all_serial=True, program_bytes=total,
-                serial_what=f"one program: {n} weights, 2 loops × {it} iterations")
+def weight_absmax_many(launch: Launch) -> Work:
+    """Every weight of a batch read once (``n_total`` elements of ``w_ptr``'s type, read through the table),
+    BLOCK per program; per tensor a ``publish_max`` (counted as if all programs hit one word: charge more)."""
+    size = launch.t("w_ptr").itemsize
+    w = Work(hbm_bytes=launch.get("n_total") * size, program_bytes=launch.get("BLOCK") * size)
+    w.serial_us, w.serial_what = _publish_max_us(), "publish_max per tensor (O(1))"
+    w.same_address_atomics = 2 * launch.programs
+    return w
+
+
+def weight_codes_many(launch: Launch) -> Work:
+    """The weights read again (``n_total``: the padded index space, charged whole) and both layouts written
+    (the flat ``codes`` buffer), each in 64-byte runs of a [64, 64] tile (transposed on chip)."""
+    size = launch.t("w_ptr").itemsize
+    n = launch.get("n_total")
+    return Work(hbm_bytes=n * size + _size(launch, "codes_ptr"),
+                program_bytes=launch.get("TILE") ** 2 * (size + 2))
 
 
 def weight_codes(launch: Launch) -> Work:
@@ -157,9 +191,11 @@ def _partials(launch: Launch) -> float:
 
 def bn_stats(launch: Launch) -> Work:
     w = Work(hbm_bytes=_foot(launch, ["x_ptr", "xb_ptr"]), l2_bytes=2 * _partials(launch))
-    w.serial_us = _finish_reduction_us(launch.grid[0], True) + _publish_max_us(launch.grid[1])
-    w.program_bytes = _merge_bytes(launch.grid[0], True, launch.get("CB"))
-    w.serial_what = f"merge of {launch.grid[0]} tile partials (2 levels, 2 passes) + finalize + publish_max"
+    grp = launch.get("GROUP", GROUP_STATS)
+    w.serial_us = _finish_reduction_us(launch.grid[0], True, grp) + _publish_max_us()
+    w.program_bytes = _merge_bytes(launch.grid[0], True, launch.get("CB"), grp)
+    w.serial_what = (f"merge of {launch.grid[0]} tile partials ({len(_merge_levels(launch.grid[0], grp))} levels)"
+                     " + finalize + publish_max")
     return w
 
 
@@ -171,7 +207,7 @@ def bn_relu_bwd_reduce(launch: Launch) -> Work:
     w = Work(hbm_bytes=_foot(launch, ["dz_ptr", "y_ptr"]), l2_bytes=2 * _partials(launch))
     w.serial_us = _finish_reduction_us(launch.grid[0], False)
     w.program_bytes = _merge_bytes(launch.grid[0], False, launch.get("CB"))
-    w.serial_what = f"merge of {launch.grid[0]} tile partials (2 levels)"
+    w.serial_what = f"merge of {launch.grid[0]} tile partials ({len(_merge_levels(launch.grid[0]))} levels)"
     return w
 
 
@@ -179,9 +215,9 @@ def bn_relu_bwd(launch: Launch) -> Work:
     mode = launch.get("MODE")
     w = Work(hbm_bytes=_foot(launch, ["dz_ptr", "y_ptr"]))
     if mode == 0:
-        w.serial_us = _publish_max_us(launch.programs)
-        w.serial_what = f"publish_max over {launch.programs} slots"
-        w.program_bytes = 4.0 * launch.programs
+        w.serial_us = _publish_max_us()
+        w.serial_what = "publish_max (atomic max, last arriver O(1))"
+        w.same_address_atomics = 2 * launch.programs
     elif mode == 1:
         bp = launch.get("BP", 32)
         # NHWC codes, and the channel-major copy: runs of BP bytes per channel (a 32-byte sector: BP >= 32)
@@ -202,10 +238,13 @@ def maxpool_bwd(launch: Launch) -> Work:
 
 
 def wgrad_tma_operands(launch: Launch) -> Work:
-    """The TMA weight-grad's operand copies: E once, the input codes once per column shift (KW copies)."""
-    kw = launch.grid[2] - 1
+    """The TMA weight-grad's operand copies: the input codes once per column shift (KW copies) and E once,
+    unless E already is the operand (``WITH_E`` false: no E bytes)."""
+    with_e = bool(launch.get("WITH_E", True))
+    kw = launch.grid[2] - int(with_e)
     x = _size(launch, "x_ptr")
-    return Work(hbm_bytes=x + _rereads(x, kw) + _foot(launch, ["e_ptr", "xd_ptr", "ed_ptr"]), l2_bytes=kw * x)
+    moved = _foot(launch, ["xd_ptr"] + (["e_ptr", "ed_ptr"] if with_e else []))
+    return Work(hbm_bytes=x + _rereads(x, kw) + moved, l2_bytes=kw * x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,15 +258,11 @@ def _gemm_end(launch: Launch, w: Work, tiles: int, splits: int) -> None:
         w.l2_bytes += splits * ws + 2 * ws  # every split's int64 atomics; the last one's read and zeroing
         w.hbm_bytes += ws
         w.fence_programs = tiles * splits
-    gq = launch.get("GQ", 0)
-    if gq == 2:  # the last program to finish a tile quantizes the whole gradient in place
-        gn, block = launch.get("gn"), launch.get("GBLOCK", 1024)
-        it = math.ceil(gn / block)
-        w.serial_us += _loop_us(it, block * 8, RULES.hbm_latency_us)
-        w.serial_what = (w.serial_what + "; " if w.serial_what else "") + \
-            f"G quantization of {gn} elements in the last program ({it} iterations)"
-        w.program_bytes = max(w.program_bytes, 8.0 * gn)
-        w.hbm_bytes += 8.0 * gn
+    # GQ=1: each finishing program folds its tile into max |G| (one atomic; the codes pass is its own launch,
+    # priced by its rule); GQ=2: the launch's one tile is quantized in the registers of the program that
+    # finishes it, no pass over memory: neither adds bytes or a loop here
+    if launch.get("GQ", 0) == 1:
+        w.same_address_atomics += tiles
 
 
 def _gemm_work(launch: Launch, a: str, b: str, out: str, tiles: int, splits: int, row_tiles: int, col_tiles: int,
@@ -284,7 +319,7 @@ def conv_bn(launch: Launch, useful) -> Work:
                    useful("fwd", launch))
     w.hbm_bytes += (_size(launch, "dz_ptr") if g("MODE") == 1 else 0.0)
     w.l2_bytes += 2 * _partials(launch)
-    w.serial_us = _finish_reduction_us(num_m, g("MODE") == 0) + (_publish_max_us(num_n) if g("MODE") == 0 else 0.0)
+    w.serial_us = _finish_reduction_us(num_m, g("MODE") == 0) + (_publish_max_us() if g("MODE") == 0 else 0.0)
     w.serial_what = f"merge of {num_m} tile partials" + (" + finalize + publish_max" if g("MODE") == 0 else "")
     w.program_bytes = _merge_bytes(num_m, g("MODE") == 0, bn)
     return w
@@ -327,7 +362,8 @@ def linear(launch: Launch, useful) -> Work:
 
 
 SIMPLE = {"quantize_absmax_kernel": quantize_absmax, "quantize_codes_kernel": quantize_codes,
-          "quantize_small_kernel": quantize_small, "weight_quant_small_kernel": weight_quant_small,
+          "quantize_small_kernel": quantize_small, "weight_absmax_many_kernel": weight_absmax_many,
+          "weight_codes_many_kernel": weight_codes_many, "gquant_codes_kernel": gquant_codes,
           "weight_codes_kernel": weight_codes, "bn_stats_kernel": bn_stats, "bn_relu_quant_kernel": bn_relu_quant,
           "bn_relu_bwd_reduce_kernel": bn_relu_bwd_reduce, "bn_relu_bwd_kernel": bn_relu_bwd,
           "maxpool2d_int8_kernel": maxpool_fwd, "maxpool2d_int8_bwd_kernel": maxpool_bwd,

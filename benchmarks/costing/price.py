@@ -100,12 +100,13 @@ def launch_time(work, launch: Launch, card, rules, fence: dict | None) -> dict:
         steps = work.program_mma_ops / (2 * launch.get("BM") * launch.get("BN") * launch.get("BK"))
         b8 = (fence or {}).get("smem_b8", 0) * launch.get("num_warps", 4) / 4 / CLOCK_HZ * 1e6
         t_mma = max(work.mma_ops / rate * 1e6, waves * (work.program_mma_ops / (rate / sms) * 1e6 + steps * b8))
+    t_atom = work.same_address_atomics * rules.atomic_same_address_ns * 1e-3
     if work.all_serial:
         body = rules.min_kernel_us
         parts = {"serial": work.serial_us}
     else:
-        body = max(t_hbm, t_l2, t_mma, rules.min_kernel_us)
-        parts = {"HBM": t_hbm, "L2": t_l2, "MMA": t_mma, "serial": work.serial_us}
+        body = max(t_hbm, t_l2, t_mma, t_atom, rules.min_kernel_us)
+        parts = {"HBM": t_hbm, "L2": t_l2, "MMA": t_mma, "atomics": t_atom, "serial": work.serial_us}
     t_fence = 0.0
     if fences and (work.fence_programs or work.gemm):
         resident = resident_programs(launch, fence)

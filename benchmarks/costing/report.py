@@ -49,8 +49,9 @@ def _split_fences(priced) -> list:
 
 def _activation(t, trace) -> bool:
     """An activation-sized tensor: (batch, C, H, W) at one of the network's feature-map sizes, at least as
-    large as the smallest convolution input (a weight of Cout = batch is not one)."""
-    return (len(t.shape) == 4 and t.shape[0] == trace.batch and t.numel >= trace.input_numel
+    large as the smallest convolution input (a weight of Cout = batch is not one); also (C, batch, H, W): a
+    channel-major copy (``permute(1, 0, 2, 3).contiguous()``) is one too."""
+    return (len(t.shape) == 4 and trace.batch in tuple(t.shape[:2]) and t.numel >= trace.input_numel
             and tuple(t.shape[2:]) in trace.map_sizes)
 
 
@@ -103,7 +104,8 @@ def findings(mode: str, priced: list, trace, totals: dict) -> list:
         by[p.name][0] += 1
         by[p.name][1] += p.serial_us
     worst = sorted(serial, key=lambda p: -p.serial_us)[:3]
-    s1 = (f"**1. serial phases**: {len(serial)} launches per step end in a one-program loop, "
+    s1 = (f"**1. serial phases**: {len(serial)} launches per step end in a serial tail (a one-program loop, or a "
+          f"last arriver's O(1) round trips), "
           f"{sum(p.serial_us for p in serial):,.0f} µs in all ("
           + "; ".join(f"{k} ×{n}: {us:,.0f} µs" for k, (n, us) in sorted(by.items(), key=lambda kv: -kv[1][1]))
           + "). "

@@ -6,7 +6,11 @@
 - ``alignment``, ``nchw_strides``, ``nhwc_rows``, ``offsets_fit_int32``: what a launcher tells a kernel
   about its operands' layout (16-byte alignment, strides, 32- or 64-bit offsets);
 - ``elementwise_tiles``, ``ELEMENTWISE_WARPS``, ``NO_FP_FUSION``: the per-element BatchNorm kernels' grid;
-- ``SMALL_NUMEL``: below this size one program handles a whole tensor.
+- ``SMALL_NUMEL``: a "small" tensor (the tests' line between their cases; the kernels decide by the bytes one
+  program moves, ``one_program_numel``);
+- ``PROGRAM_BYTES`` / ``one_program_numel`` / ``MIN_PROGRAMS``: what one program may stream by itself and the
+  grid a large launch needs (issue 20: no serial phase);
+- ``as_4d``, ``is_dense``, ``row_major``: a tensor's sizes and strides as the element-wise kernels walk them.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from .._triton import triton
 
 __all__ = ["MAX_TERMS", "CHANNEL_PAD", "SMALL_NUMEL", "ELEMENTWISE_WARPS", "NO_FP_FUSION", "code_channels",
            "padded_channels", "conv_out", "conv2d_output_size", "alignment", "nchw_strides", "nhwc_rows",
-           "offsets_fit_int32", "elementwise_tiles", "memory_format"]
+           "offsets_fit_int32", "elementwise_tiles", "memory_format", "PROGRAM_BYTES", "MIN_PROGRAMS",
+           "one_program_numel", "filling_block", "as_4d", "is_dense", "row_major"]
 
 # 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
 MAX_TERMS = 1 << 17
@@ -24,8 +29,27 @@ MAX_TERMS = 1 << 17
 # channel counts of the int8 code buffers are padded to a multiple of this (16 bytes: the kernels' ALIGN)
 CHANNEL_PAD = 16
 
-# one program reads a tensor this small twice faster than two launches can start (weights, G, a head)
+# what the tests call a small tensor (no kernel rule: one program handles what moves <= PROGRAM_BYTES)
 SMALL_NUMEL = 1 << 16
+
+# one SM streams roughly 30-60 GB/s by itself: a program that moves at most 64 KiB is done in ~1-2 µs; a launch
+# that moves 256 KiB or more gets at least a quarter of an H100's 132 SMs (issue 20, "no serial phase")
+PROGRAM_BYTES = 64 * 1024
+MIN_PROGRAMS = 33
+
+
+def one_program_numel(bytes_per_element: int) -> int:
+    """The most elements one program may handle when it moves ``bytes_per_element`` bytes for each."""
+    return PROGRAM_BYTES // max(1, bytes_per_element)
+
+
+def filling_block(n: int, block: int, bytes_per_element: int) -> int:
+    """``block`` (elements per program of a one-pass kernel over ``n``), halved (down to 256) while a launch
+    that moves 256 KiB or more would have fewer than ``MIN_PROGRAMS`` programs."""
+    while block > 256 and n * bytes_per_element >= 4 * PROGRAM_BYTES and -(-n // block) < MIN_PROGRAMS:
+        block //= 2
+    return block
+
 
 # 8 warps: 16 elements of a 4K-element tile per thread (at 4 warps the index and BatchNorm math of 32
 # elements per thread took 200+ registers)
@@ -94,3 +118,29 @@ def elementwise_tiles(C: int, elements: int = 4096):
     about ``elements`` elements (4K; 2K for the kernels with more live state per element)."""
     cb = min(128, triton.next_power_of_2(max(C, 16)))
     return max(16, elements // cb), cb
+
+
+def as_4d(t: torch.Tensor):
+    """Sizes and strides of ``t`` padded to 4 dims (leading 1s); ``None`` if it has more dims."""
+    if t.dim() > 4:
+        return None
+    pad = 4 - t.dim()
+    return [1] * pad + list(t.shape), [0] * pad + list(t.stride())
+
+
+def is_dense(sizes, strides) -> bool:
+    """True when (sizes, strides), dims ordered outermost first, is a contiguous row-major block."""
+    expect = 1
+    for size, stride in zip(reversed(sizes), reversed(strides)):
+        if size != 1 and stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def row_major(sizes):
+    strides, acc = [], 1
+    for size in reversed(sizes):
+        strides.append(acc)
+        acc *= size
+    return strides[::-1]

@@ -4,10 +4,11 @@ epilogue, BatchNorm-backward sums in the recompute epilogue, and the same over a
 Every program reduces its own tile of rows to a *partial* per channel and stores it at its tile index;
 no float atomics, so results do not depend on scheduling. The programs then count themselves in with an
 integer atomic ("last program merges", as CUB's single-pass reductions do): the last tile of a group of
-``GROUP`` tiles merges that group's partials in index order into a group partial, and the last group of
-a column block merges the group partials into the final value. Two levels keep each merge short (a
-first conv layer at batch 256 has 2,048 row tiles: 32 + 64 partials per merge instead of 2,048) and
-the order fixed: the result is bit-identical run to run. Counters come from a per-device, per-stream
+``GROUP`` tiles merges that group's partials in index order into a partial of the next level, and so on up
+to one group, whose last arriver merges it into the final value. The tree keeps every merge short (a first
+conv layer at batch 256 has 2,048 row tiles: three levels of at most 16 partials instead of one of 2,048; no
+program streams more than 64 KiB) and the order fixed: the result is bit-identical run to run, in any
+arrival order. Counters come from a per-device, per-stream
 pool (``_buffers.counter_pool``) that is zero at every launch: the program that counts out last resets its
 counter, so no launch needs a memset.
 
@@ -28,10 +29,17 @@ import torch
 from .._triton import tl, triton
 from ._buffers import counter_pool, empty_output
 
-__all__ = ["GROUP", "MOMENTS", "SUMS", "tile_moments", "tile_sums", "store_partials", "finish_reduction",
-           "publish_max", "ReductionSpace", "moments_reference"]
+__all__ = ["GROUP", "TB", "merge_group", "MOMENTS", "SUMS", "tile_moments", "tile_sums", "store_partials", "finish_reduction",
+           "sem_count", "publish_max", "ReductionSpace", "moments_reference"]
 
-GROUP = 32  # row tiles per first-level merge
+GROUP = 16  # partials per merge, at every level
+TB = 16  # partials per merge step (one step per merge)
+
+
+def merge_group(columns: int) -> int:
+    """The merge group of an element-wise kernel's reduction over ``columns`` channels per program: 16, or 8
+    for 128 (a [16, 128] float64 merge block spills at 8 warps)."""
+    return 8 if columns > 64 else GROUP
 MOMENTS = 0
 SUMS = 1
 _PARTS = {MOMENTS: 4, SUMS: 2}
@@ -84,65 +92,38 @@ def store_partials(part_ptr, t, T, C, col, col_ok, p0, p1, p2, p3, KIND: tl.cons
 
 
 @triton.jit
-def _nan_maximum(a, b):
-    return tl.where((a != a) | (b != b), float("nan"), tl.maximum(a, b))
-
-
-@triton.jit
-def _nan_minimum(a, b):
-    return tl.where((a != a) | (b != b), float("nan"), tl.minimum(a, b))
-
-
-@triton.jit
 def _merge(src_ptr, s_src, lo, hi, span, M, col, col_ok, C, dst_ptr, s_dst, slot, KIND: tl.constexpr,
            TB: tl.constexpr, BC: tl.constexpr, FINAL: tl.constexpr):
-    """Merge the partials ``[lo, hi)`` of ``src`` (item i at ``k * s_src + i * C + col``, covering rows
-    ``[i*span, min((i+1)*span, M))``) in index order and store the result at ``slot`` of ``dst``
+    """Merge the partials ``[lo, hi)`` (at most TB) of ``src`` (item i at ``k * s_src + i * C + col``, covering
+    rows ``[i*span, min((i+1)*span, M))``) in index order and store the result at ``slot`` of ``dst``
     (``k * s_dst + slot * C + col``): a partial of the same kind, or (``FINAL``) the float32 result
     (MOMENTS: mean, biased variance, max, min; SUMS: the two sums)."""
-    cmask = col_ok[None, :]
-    s0 = tl.zeros((BC,), tl.float64)
-    s1 = tl.zeros((BC,), tl.float64)
-    mx = tl.full((BC,), -float("inf"), tl.float32)
-    mn = tl.full((BC,), float("inf"), tl.float32)
-    for i0 in range(lo, hi, TB):
-        i = i0 + tl.arange(0, TB)
-        i_ok = i < hi
-        offs = i.to(tl.int64)[:, None] * C + col[None, :]
-        m = i_ok[:, None] & cmask
-        a = tl.load(src_ptr + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
-        if KIND == 0:
-            cnt = tl.where(i_ok, tl.minimum(span, M - i * span), 0).to(tl.float64)
-            s0 += tl.sum(cnt[:, None] * a, axis=0)
-            x = tl.load(src_ptr + 2 * s_src + offs, mask=m, other=-float("inf"), cache_modifier=".cg")
-            mx = _nan_maximum(mx, _nan_max(x, 0))
-            x = tl.load(src_ptr + 3 * s_src + offs, mask=m, other=float("inf"), cache_modifier=".cg")
-            mn = _nan_minimum(mn, _nan_min(x, 0))
-        else:
-            s0 += tl.sum(a, axis=0)
-            s1 += tl.sum(tl.load(src_ptr + s_src + offs, mask=m, other=0.0, cache_modifier=".cg")
-                         .to(tl.float64), axis=0)
+    # one block of at most TB partials (finish_reduction merges at most GROUP <= TB): every row loaded at once,
+    # one L2 round trip; Chan's M2 = sum M2_i + sum n_i (mean_i - mean)^2 from the registers
+    i = lo + tl.arange(0, TB)
+    i_ok = i < hi
+    offs = i.to(tl.int64)[:, None] * C + col[None, :]
+    m = i_ok[:, None] & col_ok[None, :]
+    a = tl.load(src_ptr + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
+    b = tl.load(src_ptr + s_src + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
     if KIND == 0:
+        x = tl.load(src_ptr + 2 * s_src + offs, mask=m, other=-float("inf"), cache_modifier=".cg")
+        mx = _nan_max(x, 0)
+        x = tl.load(src_ptr + 3 * s_src + offs, mask=m, other=float("inf"), cache_modifier=".cg")
+        mn = _nan_min(x, 0)
+        cnt = tl.where(i_ok, tl.minimum(span, M - i * span), 0).to(tl.float64)
         n_all = (tl.minimum(hi * span, M) - lo * span).to(tl.float64)
-        mean = s0 / n_all
-        for i0 in range(lo, hi, TB):  # second pass: Chan's M2 = sum M2_i + sum n_i (mean_i - mean)^2
-            i = i0 + tl.arange(0, TB)
-            i_ok = i < hi
-            offs = i.to(tl.int64)[:, None] * C + col[None, :]
-            m = i_ok[:, None] & cmask
-            cnt = tl.where(i_ok, tl.minimum(span, M - i * span), 0).to(tl.float64)
-            mi = tl.load(src_ptr + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
-            m2i = tl.load(src_ptr + s_src + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
-            d = mi - mean[None, :]
-            s1 += tl.sum(m2i + cnt[:, None] * d * d, axis=0)
+        mean = tl.sum(cnt[:, None] * a, axis=0) / n_all
+        d = a - mean[None, :]
+        s1 = tl.sum(b + cnt[:, None] * d * d, axis=0)
         r0 = mean.to(tl.float32)
         if FINAL:
             r1 = (s1 / n_all).to(tl.float32)
         else:
             r1 = s1.to(tl.float32)
     else:
-        r0 = s0.to(tl.float32)
-        r1 = s1.to(tl.float32)
+        r0 = tl.sum(a, axis=0).to(tl.float32)
+        r1 = tl.sum(b, axis=0).to(tl.float32)
     dst = dst_ptr + slot.to(tl.int64) * C + col
     tl.store(dst, r0, mask=col_ok)
     tl.store(dst + s_dst, r1, mask=col_ok)
@@ -152,66 +133,116 @@ def _merge(src_ptr, s_src, lo, hi, span, M, col, col_ok, C, dst_ptr, s_dst, slot
 
 
 @triton.jit
+def sem_count(T, GROUP: tl.constexpr):
+    """Semaphores per column block of ``finish_reduction`` over ``T`` tiles: one per group of every level
+    (``ReductionSpace.levels`` is the host's count)."""
+    n = T
+    total = T * 0
+    go = T > 0
+    while go:
+        n = tl.cdiv(n, GROUP)
+        total += n
+        go = n > 1
+    return total
+
+
+@triton.jit
 def finish_reduction(part_ptr, grp_ptr, out_ptr, sem_ptr, t, T, pid_n, num_n, M, span, col, col_ok,
                      C, KIND: tl.constexpr, GROUP: tl.constexpr, TB: tl.constexpr, BC: tl.constexpr):
     """After tile ``t`` (of ``T``, each covering ``span`` of the ``M`` rows) stored its partial: count it
-    in; the last tile of its group merges the group, the last group of column block ``pid_n`` merges
-    everything into ``out[k, col]`` (row pitch C) and the function returns True (in that one program per
-    column block: it may go on to use the result, e.g. ``bn_finalize_channels``). Semaphores: ``sem[g * num_n
-    + pid_n]`` per group, ``sem[G * num_n + pid_n]`` per column block (G = number of groups): zero at launch
-    and zero again when the launch ends (``counter_pool``)."""
-    G = tl.cdiv(T, GROUP)
-    g = t // GROUP
-    in_group = tl.minimum(GROUP, T - g * GROUP)
-    final = g < 0  # False, as a scalar tensor
-    done = tl.atomic_add(sem_ptr + g * num_n + pid_n, 1)
-    if done == in_group - 1:
-        tl.atomic_xchg(sem_ptr + g * num_n + pid_n, 0)  # counted out: back to 0 for the next launch
-        _merge(part_ptr, T * C, g * GROUP, g * GROUP + in_group, span, M, col, col_ok, C, grp_ptr, G * C, g,
-               KIND, TB, BC, False)
-        done_g = tl.atomic_add(sem_ptr + G * num_n + pid_n, 1)
-        if done_g == G - 1:
-            tl.atomic_xchg(sem_ptr + G * num_n + pid_n, 0)
-            _merge(grp_ptr, G * C, 0, G, span * GROUP, M, col, col_ok, C, out_ptr, C, g * 0, KIND, TB, BC,
-                   True)
-            final = g >= 0
+    in; the last tile of its group of ``GROUP`` merges the group into a partial of the next level, which
+    counts itself in there the same way, up to the level with one group, whose last arriver merges it into
+    ``out[k, col]`` (row pitch C) and returns True (in that one program per column block: it may go on to
+    use the result, e.g. ``bn_finalize_channels``). No merge reads more than ``GROUP`` partials (issue 20:
+    no program streams more than 64 KiB: 16 partials of 4 rows of 128 channels are 32 KiB), whatever T.
+    Level ℓ's partials follow level ℓ-1's in ``grp`` (``ReductionSpace``), its semaphores ``sem[... + g *
+    num_n + pid_n]`` level after level: zero at launch and zero again when the launch ends
+    (``counter_pool``). One acquire-release count-in per level a program reaches (after a CTA barrier, so
+    that its release covers every thread's stores)."""
+    PARTS: tl.constexpr = 4 if KIND == 0 else 2
+    tl.static_assert(GROUP <= TB)  # every merge is one block of partials (_merge)
+    i = t
+    n = T
+    src = part_ptr
+    s_src = T * C
+    dst = grp_ptr
+    sem = sem_ptr
+    sp = span
+    final = t < 0  # False, as a scalar tensor
+    go = t >= 0
+    while go:
+        G = tl.cdiv(n, GROUP)
+        g = i // GROUP
+        in_group = tl.minimum(GROUP, n - g * GROUP)
+        counter = sem + g * num_n + pid_n
+        tl.debug_barrier()  # every thread's stores before the one thread's count-in (release: cumulative)
+        done = tl.atomic_add(counter, 1, sem="acq_rel")
+        go = done == in_group - 1
+        if go:
+            tl.atomic_xchg(counter, 0, sem="relaxed")  # counted out: 0 for the next launch
+            if G == 1:
+                _merge(src, s_src, 0, n, sp, M, col, col_ok, C, out_ptr, C, g * 0, KIND, TB, BC, True)
+                final = g >= 0
+                go = g < 0
+            else:
+                _merge(src, s_src, g * GROUP, g * GROUP + in_group, sp, M, col, col_ok, C, dst, G * C, g, KIND,
+                       TB, BC, False)
+                src = dst
+                s_src = G * C
+                dst = dst + PARTS * G * C
+                sem = sem + G * num_n
+                i = g
+                n = G
+                sp = sp * GROUP
     return final
 
 
 @triton.jit
-def publish_max(bits, slots_ptr, slot, n_slots, sem_ptr, out_ptr):
-    """Order-free max of per-program values (float32 bits of non-negative floats, NaN above all) without
-    a zeroed output: ``slot`` stores its value, counts itself in at ``sem``; the last of ``n_slots`` reads
-    all of them and stores the max at ``out_ptr`` and resets the counter. Returns True in that program."""
-    tl.store(slots_ptr + slot, bits)
-    done = tl.atomic_add(sem_ptr, 1)
-    last = done == n_slots - 1
+def publish_max(bits, n_programs, sem_ptr, out_ptr):
+    """Order-free max of per-program values (float32 bits of non-negative floats, NaN above all: an integer
+    max propagates NaN) without a zeroed output and without a serial phase: every program folds its value
+    into ``sem[1]`` with a relaxed integer ``atomic_max`` and counts itself in at ``sem[0]`` (two counters of
+    ``_buffers.counter_pool``: zero at launch); the last of ``n_programs`` takes the max out (an atomic
+    exchange that leaves ``sem[1]`` zero again), stores it at ``out_ptr`` and resets the counter: O(1) work,
+    whoever arrives last. One GPU-scope fence per program: the counter's acquire-release (its release
+    orders this program's max before the count, its acquire the last program's read after every count).
+    Returns True in the last program."""
+    tl.atomic_max(sem_ptr + 1, bits, sem="relaxed")
+    done = tl.atomic_add(sem_ptr, 1, sem="acq_rel")
+    last = done == n_programs - 1
     if last:
-        tl.atomic_xchg(sem_ptr, 0)
-        best = bits * 0
-        for i0 in range(0, n_slots, 128):
-            i = i0 + tl.arange(0, 128)
-            v = tl.load(slots_ptr + i, mask=i < n_slots, other=0, cache_modifier=".cg")
-            best = tl.maximum(best, tl.max(v, axis=0))
-        tl.store(out_ptr, best)
+        tl.store(out_ptr, tl.atomic_xchg(sem_ptr + 1, 0, sem="relaxed"))
+        tl.atomic_xchg(sem_ptr, 0, sem="relaxed")
     return last
 
 
 class ReductionSpace:
-    """The buffers of one in-kernel reduction: tile partials, group partials, the semaphores (from
-    ``counter_pool``: zero, and left zero) and the float32 result ``out`` [4 or 2, C]; ``extra`` more
-    counters after the semaphores (``extra_sem``), e.g. for ``publish_max``."""
+    """The buffers of one in-kernel reduction: tile partials, the partials of every merge level, the
+    semaphores (from ``counter_pool``: zero, and left zero) and the float32 result ``out`` [4 or 2, C];
+    ``extra`` more counters after the semaphores (``extra_sem``, at ``sem_count(T) * col_blocks`` in the
+    kernel), e.g. 2 for ``publish_max``."""
 
-    def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device, extra: int = 0):
+    def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device, extra: int = 0, group: int = GROUP):
         parts = _PARTS[kind]
-        groups = triton.cdiv(tiles, GROUP)
+        levels = self.levels(tiles, group)
         self.kind, self.tiles, self.C = kind, tiles, C
         self.part = empty_output((parts, tiles, C), dtype=torch.float32, device=device)
-        self.grp = empty_output((parts, groups, C), dtype=torch.float32, device=device)
-        n_sem = (groups + 1) * col_blocks
+        self.grp = empty_output((max(1, parts * sum(levels[:-1]) * C),), dtype=torch.float32, device=device)
+        n_sem = sum(levels) * col_blocks
         pool = counter_pool(device, n_sem + extra)
         self.sem, self.extra_sem = pool[:n_sem], pool[n_sem:n_sem + max(extra, 1)]
         self.out = empty_output((parts, C), dtype=torch.float32, device=device)
+
+    @staticmethod
+    def levels(tiles: int, group: int = GROUP) -> list:
+        """Groups per level of the merge tree over ``tiles`` partials (the last level: one group)."""
+        out, n = [], tiles
+        while n > 0:
+            n = -(-n // group)
+            out.append(n)
+            if n == 1:
+                break
+        return out
 
 
 def moments_reference(v: torch.Tensor):

@@ -18,6 +18,9 @@ Three modes (``SCALE_MODES``: the name in Python, the number a kernel's ``SCALE_
 Every mode: an all-zero tensor gets ``s = 1`` (codes 0); NaN / inf pass through as the scale (then
 dequantized values are NaN/inf, never silently finite).
 
+``codes_of``: the codes of values with a given scale (nearest or stochastic), for every kernel that writes
+codes the quantizer could have written.
+
 The kernels carry max|x| as float32 *bits* (non-negative floats order like their bits, NaN above inf):
 an integer max is order-free and propagates NaN.
 """
@@ -27,10 +30,12 @@ import math
 
 import torch
 
+from .._rng import uniform
 from .._triton import tl, triton
+from ._tl import round_half_even
 
 __all__ = ["SCALE_MODES", "scale_mode_code", "shift_scale_reference", "absmax_scale_reference", "scale_reference",
-           "scale_from_bits"]
+           "scale_from_bits", "codes_of"]
 
 SCALE_MODES = {"shift": 0, "wage": 1, "absmax": 2}
 _MANT_SQRT2 = 0x3504F3  # mantissa bits of float32(sqrt(2)) = 1.41421354 < sqrt(2)
@@ -97,3 +102,19 @@ def scale_from_bits(bits, SCALE_MODE: tl.constexpr, BITS: tl.constexpr):
         scale = tl.where(bits == 0, 1.0, scale)
         scale = tl.where(finite, scale, amax)
     return scale
+
+
+@triton.jit
+def codes_of(x, scale, seed, ticket, lidx, BITS: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """The codes (as float32 integers) of values ``x`` with scale ``scale``: ``round(clip(x / s) * S)``, or
+    ``floor(clip(x / s) * S + u)`` with u the Philox number of (seed, ticket) at the logical row-major index
+    ``lidx`` (``STOCHASTIC``); NaN -> 0. Every kernel that writes codes of a tensor the quantizer could
+    have written uses this (the weight-grad's fused G quantization too)."""
+    S: tl.constexpr = 2.0 ** (BITS - 1)
+    y = tl.math.div_rn(x.to(tl.float32), scale) * S
+    y = tl.minimum(tl.maximum(y, -(S - 1.0)), S - 1.0)
+    if STOCHASTIC:
+        y = tl.floor(y + uniform(seed, ticket, lidx))
+    else:
+        y = round_half_even(y)
+    return tl.where(y != y, 0.0, y)  # NaN -> 0 (min/max above may or may not have kept it)

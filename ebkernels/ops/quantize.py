@@ -24,13 +24,12 @@ import torch
 from .._backend import use_triton
 from .._checks import check_bits, check_choice, check_tensor
 from .._registry import aot_kernel
-from .._rng import uniform
 from .._triton import tl, triton
 from ._buffers import counter_pool, empty_output
-from ._launch import SMALL_NUMEL, padded_channels
+from ._launch import as_4d, filling_block, is_dense, one_program_numel, padded_channels, row_major
 from ._reduce import publish_max
-from ._scale import SCALE_MODES, scale_from_bits, scale_mode_code, scale_reference
-from ._tl import round_half_even, strided_offsets_4d
+from ._scale import SCALE_MODES, codes_of, scale_from_bits, scale_mode_code, scale_reference
+from ._tl import strided_offsets_4d
 
 __all__ = ["quantize", "quantize_dequantize", "dequantize", "quantize_reference", "quantize_triton", "block_codes",
            "quantize_codes_kernel", "block_elements", "as_4d", "row_major"]
@@ -76,7 +75,8 @@ def quantize_reference(x: torch.Tensor, bits: int = 8, stochastic: bool = False,
 # --------------------------------------------------------------------------------------------------
 def block_elements(linear: bool) -> int:
     """Elements per program: the strided index decode needs int64 registers per element, so the
-    strided variants take half the block of the linear ones (no register spills at 8 warps)."""
+    strided variants take half the block of the linear ones (no register spills at 8 warps). Launchers
+    shrink it for mid-sized tensors (``_launch.filling_block``)."""
     return 2048 if linear else 1024
 
 
@@ -109,26 +109,22 @@ def block_codes(x_ptr, out_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, 
         x_offs = strided_offsets_4d(idx, d1, d2, d3, s0, s1, s2, s3)
         out_offs = strided_offsets_4d(idx, d1, d2, d3, o0, o1, o2, o3)
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
-    y = tl.math.div_rn(x.to(tl.float32), scale) * S
-    y = tl.minimum(tl.maximum(y, -(S - 1.0)), S - 1.0)
-    if STOCHASTIC:
-        if LOGICAL:
-            lidx = idx
-        else:
-            lidx = strided_offsets_4d(idx, d1, d2, d3, l0, l1, l2, l3)
-        y = tl.floor(y + uniform(seed, ticket, lidx))
+    if STOCHASTIC and not LOGICAL:
+        lidx = strided_offsets_4d(idx, d1, d2, d3, l0, l1, l2, l3)
     else:
-        y = round_half_even(y)
-    y = tl.where(y != y, 0.0, y)  # NaN -> 0 (min/max above may or may not have kept it)
+        lidx = idx
+    y = codes_of(x, scale, seed, ticket, lidx, BITS, STOCHASTIC)
     if DEQUANT:
         tl.store(out_ptr + out_offs, (y * (scale / S)).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptr + out_offs, y.to(tl.int8), mask=mask)
+    return y
 
 
 _SIG_COMMON = {"n": "i64", "d1": "i64", "d2": "i64", "d3": "i64", "s0": "i64", "s1": "i64", "s2": "i64", "s3": "i64"}
 _SIG_OUT = {"o0": "i64", "o1": "i64", "o2": "i64", "o3": "i64", "l0": "i64", "l1": "i64", "l2": "i64", "l3": "i64",
             "seed": "i64"}
+_SIG_CM = {"cm_ptr": "*i8", "c0": "i64", "c1": "i64", "c2": "i64", "c3": "i64"}
 
 
 @aot_kernel(signature={"x_ptr": "*fp32", "amax_bits_ptr": "*i32", "sem_ptr": "*i32", "rng_ptr": "*i64", **_SIG_COMMON},
@@ -137,33 +133,38 @@ _SIG_OUT = {"o0": "i64", "o1": "i64", "o2": "i64", "o3": "i64", "l0": "i64", "l1
 @triton.jit
 def quantize_absmax_kernel(x_ptr, amax_bits_ptr, sem_ptr, rng_ptr, n, d1, d2, d3, s0, s1, s2, s3,
                            DENSE: tl.constexpr, TICKET: tl.constexpr, BLOCK: tl.constexpr):
-    """``amax_bits[0]`` = bits of max |x|: every program stores its block's max in ``amax_bits[2 + pid]``,
-    the last one (counter ``sem``, from ``_buffers.counter_pool``) takes the max of all: no zeroed
-    buffer, no float atomics. ``TICKET``: that program also takes the next random ticket of the device
-    state ``rng`` into ``amax_bits[1]`` (stochastic rounding in the codes pass that follows)."""
+    """``amax_bits[0]`` = bits of max |x|: every program folds its block's max into the pool counters
+    ``sem[0:2]`` (``_reduce.publish_max``: an integer atomic max, the last program takes it out): no zeroed
+    buffer, no float atomics, no slot scan. ``TICKET``: that program also takes the next random ticket of the
+    device state ``rng`` into ``amax_bits[1]`` (stochastic rounding in the codes pass that follows)."""
     pid = tl.program_id(0)
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    last = publish_max(_block_absmax_bits(x_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, DENSE), amax_bits_ptr + 2, pid,
-                       tl.num_programs(0), sem_ptr, amax_bits_ptr)
+    last = publish_max(_block_absmax_bits(x_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, DENSE), tl.num_programs(0),
+                       sem_ptr, amax_bits_ptr)
     if last:
         if TICKET:
-            tl.store(amax_bits_ptr + 1, tl.atomic_add(rng_ptr + 1, 1).to(tl.int32))
+            tl.store(amax_bits_ptr + 1, tl.atomic_add(rng_ptr + 1, 1, sem="relaxed").to(tl.int32))
         else:
             tl.store(amax_bits_ptr + 1, 0)  # no ticket
 
 
 @aot_kernel(signature={"x_ptr": "*fp32", "amax_bits_ptr": "*i32", "rng_ptr": "*i64", "codes_ptr": "*i8",
-                       "scale_ptr": "*fp32", **_SIG_COMMON, **_SIG_OUT},
+                       "scale_ptr": "*fp32", **_SIG_COMMON, **_SIG_OUT, **_SIG_CM},
             constexprs=[{"BITS": 8, "STOCHASTIC": s, "DEVICE_SEED": s, "SCALE_MODE": m, "SAME_ORDER": o,
-                         "LOGICAL": o, "DEQUANT": False, "BLOCK": block_elements(o)}
-                        for s in (False, True) for o in (True, False) for m in ((0, 2) if o else (0,))],
+                         "LOGICAL": o, "DEQUANT": False, "BLOCK": block_elements(o), "CM": False}
+                        for s in (False, True) for o in (True, False) for m in ((0, 2) if o else (0,))]
+            + [{"BITS": 8, "STOCHASTIC": True, "DEVICE_SEED": True, "SCALE_MODE": 0, "SAME_ORDER": False,
+                "LOGICAL": False, "DEQUANT": False, "BLOCK": 1024, "CM": True}],
             num_warps=8, aligned=("x_ptr", "codes_ptr"))
 @triton.jit
 def quantize_codes_kernel(x_ptr, amax_bits_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s0, s1, s2, s3, o0, o1,
-                          o2, o3, l0, l1, l2, l3, seed, BITS: tl.constexpr, STOCHASTIC: tl.constexpr,
-                          DEVICE_SEED: tl.constexpr, SCALE_MODE: tl.constexpr, SAME_ORDER: tl.constexpr,
-                          LOGICAL: tl.constexpr, DEQUANT: tl.constexpr, BLOCK: tl.constexpr):
-    """Scale from the absmax bits, then codes (``_block_codes``) in the output's own layout.
+                          o2, o3, l0, l1, l2, l3, seed, cm_ptr, c0, c1, c2, c3, BITS: tl.constexpr,
+                          STOCHASTIC: tl.constexpr, DEVICE_SEED: tl.constexpr, SCALE_MODE: tl.constexpr,
+                          SAME_ORDER: tl.constexpr, LOGICAL: tl.constexpr, DEQUANT: tl.constexpr, BLOCK: tl.constexpr,
+                          CM: tl.constexpr):
+    """Scale from the absmax bits, then codes (``_block_codes``) in the output's own layout; ``CM``: the same
+    codes also at ``cm_ptr`` with strides c0..c3 (a second layout: the channel-major codes a weight-grad
+    reads), written by the pass that makes them instead of a copy afterwards.
     ``DEVICE_SEED``: seed and ticket from the device state / the absmax pass, else (``seed``, 0)."""
     scale = scale_from_bits(tl.load(amax_bits_ptr), SCALE_MODE, BITS)
     pid = tl.program_id(0)
@@ -175,8 +176,10 @@ def quantize_codes_kernel(x_ptr, amax_bits_ptr, rng_ptr, codes_ptr, scale_ptr, n
     else:
         ticket = 0
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    block_codes(x_ptr, codes_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0, l1, l2, l3, scale, seed,
-                 ticket, BITS, STOCHASTIC, SAME_ORDER, LOGICAL, DEQUANT)
+    y = block_codes(x_ptr, codes_ptr, idx, n, d1, d2, d3, s0, s1, s2, s3, o0, o1, o2, o3, l0, l1, l2, l3, scale, seed,
+                    ticket, BITS, STOCHASTIC, SAME_ORDER, LOGICAL, DEQUANT)
+    if CM:
+        tl.store(cm_ptr + strided_offsets_4d(idx, d1, d2, d3, c0, c1, c2, c3), y.to(tl.int8), mask=idx < n)
 
 
 @aot_kernel(signature={"x_ptr": "*fp32", "rng_ptr": "*i64", "codes_ptr": "*i8", "scale_ptr": "*fp32", **_SIG_COMMON,
@@ -190,8 +193,9 @@ def quantize_small_kernel(x_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s
                           l1, l2, l3, seed, BITS: tl.constexpr, STOCHASTIC: tl.constexpr, DEVICE_SEED: tl.constexpr,
                           SCALE_MODE: tl.constexpr, DENSE: tl.constexpr, SAME_ORDER: tl.constexpr,
                           LOGICAL: tl.constexpr, DEQUANT: tl.constexpr, BLOCK: tl.constexpr):
-    """Small tensors (weights, weight gradients, a classifier's activations) in one launch of one
-    program: the absmax loop, then the codes loop. Same numbers as the two-kernel path."""
+    """Small tensors (a classifier's weight or error, a small weight gradient: at most 64 KiB moved,
+    ``_launch.one_program_numel``) in one launch of one program: the absmax loop, then the codes loop. Same
+    numbers as the two-kernel path."""
     bits = tl.zeros((), tl.int32)
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -200,7 +204,7 @@ def quantize_small_kernel(x_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s
     tl.store(scale_ptr, scale)
     if DEVICE_SEED:
         seed = tl.load(rng_ptr)
-        ticket = tl.atomic_add(rng_ptr + 1, 1).to(tl.int32)  # one program: nobody else reads it
+        ticket = tl.atomic_add(rng_ptr + 1, 1, sem="relaxed").to(tl.int32)  # one program: nobody else reads it
     else:
         ticket = 0
     for start in range(0, n, BLOCK):
@@ -209,37 +213,13 @@ def quantize_small_kernel(x_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s
                      seed, ticket, BITS, STOCHASTIC, SAME_ORDER, LOGICAL, DEQUANT)
 
 
-def as_4d(t: torch.Tensor):
-    """Sizes and strides of ``t`` padded to 4 dims (leading 1s); ``None`` if it has more dims."""
-    if t.dim() > 4:
-        return None
-    pad = 4 - t.dim()
-    return [1] * pad + list(t.shape), [0] * pad + list(t.stride())
-
-
-def _is_dense(sizes, strides) -> bool:
-    """True when (sizes, strides), dims ordered outermost first, is a contiguous row-major block."""
-    expect = 1
-    for size, stride in zip(reversed(sizes), reversed(strides)):
-        if size != 1 and stride != expect:
-            return False
-        expect *= size
-    return True
-
-
-def row_major(sizes):
-    strides, acc = [], 1
-    for size in reversed(sizes):
-        strides.append(acc)
-        acc *= size
-    return strides[::-1]
-
-
 def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mode: str = "shift",
-                    seed: int | None = 0, out: torch.Tensor | None = None, dequant: bool = False):
+                    seed: int | None = 0, out: torch.Tensor | None = None, dequant: bool = False,
+                    cm: torch.Tensor | None = None):
     """Triton path. ``out``: an int8 tensor of x's shape with any strides (e.g. channels-last, or a view
     into a channel-padded buffer) to write the codes into (``dequant``: a float tensor for the values
-    the codes stand for). ``seed`` None: stochastic noise from the device random state."""
+    the codes stand for); ``cm``: a second int8 tensor of x's shape that gets the same codes (any
+    strides: e.g. channel-major). ``seed`` None: stochastic noise from the device random state."""
     from .. import _rng
 
     if out is None:
@@ -260,28 +240,32 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mo
     # iterate in the output's memory order so the stores are contiguous
     sizes, xs = as_4d(x)
     _, os_ = as_4d(out_view)
+    cs = as_4d(cm)[1] if cm is not None else [0, 0, 0, 0]
     ls = row_major(sizes)
     order = sorted(range(4), key=lambda d: (-os_[d], -d)) if out_view.dim() else [0, 1, 2, 3]
     sizes = [sizes[d] for d in order]
     xs = [xs[d] for d in order]
     os_ = [os_[d] for d in order]
     ls = [ls[d] for d in order]
-    dense = _is_dense(sizes, xs)
-    same_order = dense and _is_dense(sizes, os_) and xs == os_
+    cs = [cs[d] for d in order]
+    dense = is_dense(sizes, xs)
+    same_order = dense and is_dense(sizes, os_) and xs == os_
     logical = order == sorted(order)
     common = dict(BITS=bits, STOCHASTIC=stochastic, DEVICE_SEED=device_seed, SCALE_MODE=scale_mode_code(mode),
                   SAME_ORDER=same_order, LOGICAL=logical, DEQUANT=dequant)
     args = (n, sizes[1], sizes[2], sizes[3], *xs, *os_, *ls, 0 if seed is None else seed)
-    if n <= SMALL_NUMEL:
+    # one program reads x twice and writes the codes: only while that moves at most PROGRAM_BYTES
+    if cm is None and n <= one_program_numel(2 * x.element_size() + out_view.element_size()):
         quantize_small_kernel[(1,)](x, rng, out_view, scale, *args, DENSE=dense, BLOCK=1024, num_warps=8, **common)
         return out, scale
-    block = block_elements(dense)
+    block = filling_block(n, block_elements(dense), x.element_size())
     programs = triton.cdiv(n, block)
-    amax_bits = torch.empty(2 + programs, device=x.device, dtype=torch.int32)  # [bits, ticket, per program]
-    quantize_absmax_kernel[(programs,)](x, amax_bits, counter_pool(x.device, 1), rng, n, sizes[1], sizes[2],
+    amax_bits = torch.empty(2, device=x.device, dtype=torch.int32)  # [bits, ticket]
+    quantize_absmax_kernel[(programs,)](x, amax_bits, counter_pool(x.device, 2), rng, n, sizes[1], sizes[2],
                                         sizes[3], *xs, DENSE=dense, TICKET=device_seed, BLOCK=block, num_warps=8)
-    block = block_elements(same_order)
-    quantize_codes_kernel[(triton.cdiv(n, block),)](x, amax_bits, rng, out_view, scale, *args, BLOCK=block,
+    block = filling_block(n, block_elements(same_order), x.element_size() + out_view.element_size())
+    quantize_codes_kernel[(triton.cdiv(n, block),)](x, amax_bits, rng, out_view, scale, *args,
+                                                    out_view if cm is None else cm, *cs, BLOCK=block, CM=cm is not None,
                                                     num_warps=8, **common)
     return out, scale
 
@@ -289,29 +273,37 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mo
 # --------------------------------------------------------------------------------------------------
 # Public op (registered with torch.library so torch.compile can trace it)
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("ebkernels::quantize", mutates_args=("rng",))
+@torch.library.custom_op("ebkernels::quantize", mutates_args=("rng", "cm"))
 def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, scale_mode: str, seed: int,
                  channels_last: bool, pad_channels_to: int = 0, dequant: bool = False,
-                 rng: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    # seed < 0: stochastic noise from the device random state ``rng`` (which this op advances)
+                 rng: Optional[torch.Tensor] = None, cm: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # seed < 0: stochastic noise from the device random state ``rng`` (which this op advances); ``cm``: an int8
+    # tensor shaped like the codes (any strides) that gets them too, written by the same pass
     seed_arg = None if seed < 0 else seed
     if pad_channels_to > 1:  # (N, Cp, H, W) NHWC codes, Cp = C rounded up; channels >= C are 0
         N, C, H, W = x.shape
         codes = empty_output((N, padded_channels(C, pad_channels_to), H, W), torch.int8, x.device, torch.channels_last)
-        real = codes[:, :C]
+        real, cm_real = codes[:, :C], (cm[:, :C] if cm is not None else None)
         if use_triton(x):
-            _, s = quantize_triton(x, bits, stochastic, scale_mode, seed_arg, out=real)
+            _, s = quantize_triton(x, bits, stochastic, scale_mode, seed_arg, out=real, cm=cm_real)
         else:
             q, s = quantize_reference(x, bits, stochastic, scale_mode, seed_arg)
             real.copy_(q)
+            if cm is not None:
+                cm_real.copy_(q)
         codes[:, C:].zero_()  # after (and outside) the absmax over the real tensor: 0 adds 0 to every sum
+        if cm is not None:
+            cm[:, C:].zero_()
         return codes, s
     if use_triton(x):
         out = None
         if channels_last:
             out = torch.empty_like(x, dtype=x.dtype if dequant else torch.int8, memory_format=torch.channels_last)
-        return quantize_triton(x, bits, stochastic, scale_mode, seed_arg, out=out, dequant=dequant)
+        return quantize_triton(x, bits, stochastic, scale_mode, seed_arg, out=out, dequant=dequant, cm=cm)
     codes, s = quantize_reference(x, bits, stochastic, scale_mode, seed_arg)
+    if cm is not None:
+        cm.copy_(codes)
     if dequant:
         codes = (codes.float() * (s / 2 ** (bits - 1))).to(x.dtype)
     if channels_last:
@@ -320,7 +312,7 @@ def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, scale_mode: str, 
 
 
 @_quantize_op.register_fake
-def _(x, bits, stochastic, scale_mode, seed, channels_last, pad_channels_to=0, dequant=False, rng=None):
+def _(x, bits, stochastic, scale_mode, seed, channels_last, pad_channels_to=0, dequant=False, rng=None, cm=None):
     if pad_channels_to > 1:
         N, C, H, W = x.shape
         codes = torch.empty((N, padded_channels(C, pad_channels_to), H, W), dtype=torch.int8, device=x.device,

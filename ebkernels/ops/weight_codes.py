@@ -1,9 +1,5 @@
-"""Convolution weight codes for backward, recomputed from the float weight and its saved scale.
-
-The fused conv block keeps no weight codes between forward and backward (one byte per weight less in
-memory: 14 MiB for VGG16): the float weight is a Parameter, unchanged until the optimizer steps, and its
-scale is saved, so backward recomputes the codes bit for bit. One launch writes both layouts backward
-needs, each with its zero padding:
+"""Convolution weight codes in both GEMM layouts from the float weight and its scale, and the jit pieces
+``weight_batch`` builds its kernels from. One launch writes both layouts, each with its zero padding:
 
 - ``fwd``: (Cout, Cin_p, KH, KW) in OHWI memory order, Cin zero-padded: the forward's K-major operand,
   read again by the recompute GEMM of ``fused.conv_bn``;
@@ -12,9 +8,8 @@ needs, each with its zero padding:
 
 Codes are the quantizer's (``ops.quantize``): ``round_half_even(clip(w / s * S))``, NaN -> 0.
 
-Small weights (at most ``SMALL_NUMEL`` elements: most of PreResNet's, the first VGG layer) are quantized
-in the forward by ``weight_quant_small``: max |w|, the scale and both layouts in one program of one
-launch; the block keeps those codes (at most 2 × 64 KiB per layer) and backward needs no weight launch.
+The forward's codes of both layouts come from ``weight_batch`` (every weight of a model in two multi-program
+launches) and are kept; this launch, from a given scale, re-derives them where a caller keeps only the scale.
 """
 from __future__ import annotations
 
@@ -24,12 +19,10 @@ from .._backend import use_triton
 from .._registry import aot_kernel
 from .._triton import tl, triton
 from ._buffers import empty_output
-from ._launch import SMALL_NUMEL, padded_channels
-from ._scale import scale_from_bits, scale_mode_code
+from ._launch import padded_channels
 from ._tl import round_half_even
-from .quantize import quantize_reference
 
-__all__ = ["weight_codes", "weight_quant_small", "weight_codes_reference"]
+__all__ = ["weight_codes", "weight_codes_reference"]
 
 _SIG = {"w_ptr": "*fp32", "scale_ptr": "*fp32", "fwd_ptr": "*i8", "dgrad_ptr": "*i8", "CO": "i32", "CI": "i32",
         "COp": "i32", "CIp": "i32", "KHW": "i32", "sw_o": "i64", "sw_i": "i64", "sw_t": "i64", "n": "i32"}
@@ -75,25 +68,6 @@ def weight_codes_kernel(w_ptr, scale_ptr, fwd_ptr, dgrad_ptr, CO, CI, COp, CIp, 
                         sw_t, n, BITS)
 
 
-@aot_kernel(signature=_SIG, constexprs=[{"BITS": 8, "SCALE_MODE": m, "BLOCK": 1024} for m in (0, 1, 2)],
-            num_warps=8)
-@triton.jit
-def weight_quant_small_kernel(w_ptr, scale_ptr, fwd_ptr, dgrad_ptr, CO, CI, COp, CIp, KHW, sw_o, sw_i, sw_t, n,
-                              BITS: tl.constexpr, SCALE_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """Forward of a small weight in one program of one launch: max |w|, its scale (stored), then both
-    layouts (kept for backward: at most SMALL_NUMEL bytes each)."""
-    bits = tl.zeros((), tl.int32)
-    for start in range(0, n, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        w = _load_weight_block(w_ptr, idx, CO, CI, CIp, KHW, sw_o, sw_i, sw_t, n)[5]
-        bits = tl.maximum(bits, tl.max(tl.abs(w).to(tl.int32, bitcast=True), axis=0))
-    scale = scale_from_bits(bits, SCALE_MODE, BITS)
-    tl.store(scale_ptr, scale)
-    for start in range(0, n, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        _block_weight_codes(w_ptr, scale, fwd_ptr, dgrad_ptr, idx, CO, CI, COp, CIp, KHW, sw_o, sw_i, sw_t, n, BITS)
-
-
 def _layouts(CO, CI, KH, KW, pad, device, empty):
     COp, CIp = padded_channels(CO, pad), padded_channels(CI, pad)
     fwd = empty((CO, CIp, KH, KW), torch.int8, device, torch.channels_last)
@@ -135,37 +109,6 @@ def _op(weight: torch.Tensor, scale: torch.Tensor, bits: int, pad: int) -> tuple
         weight_codes_kernel[(triton.cdiv(args[-1], 1024),)](weight, scale, fwd, dgrad, *args, BITS=bits, BLOCK=1024,
                                                             num_warps=4)
     return fwd, dgrad
-
-
-@torch.library.custom_op("ebkernels::weight_quant_small", mutates_args=())
-def _small_op(weight: torch.Tensor, bits: int, scale_mode: str, pad: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not use_triton(weight):
-        _, scale = quantize_reference(weight, bits, mode=scale_mode)
-        return (*weight_codes_reference(weight, scale, bits, pad), scale)
-    weight, fwd, dgrad, args = _launch_args(weight, pad)
-    scale = empty_output((), torch.float32, weight.device)
-    weight_quant_small_kernel[(1,)](weight, scale, fwd, dgrad, *args, BITS=bits, SCALE_MODE=scale_mode_code(scale_mode),
-                                    BLOCK=1024, num_warps=8)
-    return fwd, dgrad, scale
-
-
-@_small_op.register_fake
-def _(weight, bits, scale_mode, pad):
-    CO, CI, KH, KW = weight.shape
-    fwd, dgrad = _layouts(CO, CI, KH, KW, pad, weight.device,
-                          lambda s, d, dev, f: torch.empty(s, dtype=d, device=dev).contiguous(memory_format=f))
-    return fwd, dgrad, weight.new_empty((), dtype=torch.float32)
-
-
-def weight_quant_small(weight, bits=8, mode="shift", pad=16):
-    """Forward weight quantization of a small weight (<= ``SMALL_NUMEL`` elements) in one launch:
-    ``(fwd codes, dgrad codes, scale)``, the scale of ``mode`` (``ops._scale``: "shift" ``Shift(max |w|)``,
-    "wage" 1, "absmax" ``max |w|·S/(S-1)``) and the
-    codes of both layouts (module docstring), which the fused block keeps: backward needs no launch."""
-    if weight.numel() > SMALL_NUMEL:
-        raise ValueError(f"weight_quant_small: {weight.numel()} elements; accepted: at most {SMALL_NUMEL}")
-    return _small_op(weight, int(bits), str(mode), int(pad))
 
 
 @_op.register_fake

@@ -19,7 +19,9 @@ conv (+ BatchNorm statistics), output; backward: output (E's codes), conv (input
 input (the pre-activation BatchNorm) — as the Triton layer-norm tutorial and Liger-Kernel's ops do.
 
 What backward keeps (SPEC §9): the block's int8 input codes (the previous block's output: no new
-storage), the per-channel ``bnp`` and the scales; the float weight is a Parameter. y is recomputed
+storage; channel-major instead where its weight-grad reads them so), the per-channel ``bnp``, the scales
+and the weight's codes in both GEMM layouts (2 bytes per weight, from the model's weight batch: backward
+needs no weight launch). y is recomputed
 bit-identically inside the GEMM that also forms the BatchNorm-backward sums (``conv_bn``), except in
 compute-bound layers, which keep y in bfloat16 (``keeps_y``, ``config.KernelSettings.y_policy``: there the
 tensors are small and the extra GEMM is not).
@@ -99,10 +101,10 @@ class FusedBlockFunction(torch.autograd.Function):
     """One fused block (see the module docstring): the forward and backward stages in order."""
 
     @staticmethod
-    def forward(ctx, spec: BlockSpec, x, in_codes, in_scale, weight, bias, bn_w, bn_b, bnin_w, bnin_b):
+    def forward(ctx, spec: BlockSpec, x, in_codes, in_scale, in_codes_cm, weight, bias, bn_w, bn_b, bnin_w, bnin_b):
         qc = spec.conv.qconfig
         saved = stages.Saved(weight=weight, bias=bias)
-        qx, sx, cin = stages.input_forward(spec, x, in_codes, in_scale, qc, saved)
+        qx, sx, cin = stages.input_forward(spec, x, in_codes, in_scale, qc, saved, in_codes_cm)
         qw, sw = stages.weight_forward(weight, qc, qx, cin, saved)
         if spec.bn is not None:
             y, bnp, zmax, nbt = stages.conv_bn_forward(spec, x.shape, qx, qw, sx, sw, bias, qc, saved)
@@ -112,22 +114,22 @@ class FusedBlockFunction(torch.autograd.Function):
                 saved.y = y  # backward forms the sums from it instead of recomputing the GEMM
         else:
             out = (stages.conv_forward(spec, qx, qw, sx, sw, bias, qc, stages.float_dtype(spec, x, weight)),
-                   None, None)
+                   None, None, None)
         ctx.set_materialize_grads(False)  # the codes and scale get no gradient: no zero tensors for them
         ctx.spec = spec
         ctx.meta = stages.Meta(tuple(x.shape), x.dtype, cin, x.is_contiguous(memory_format=torch.channels_last))
         saved.save(ctx, spec)
-        main, out_codes, out_scale = out
+        main, out_codes, out_scale, out_cm = out
         if out_codes is not None:
-            ctx.mark_non_differentiable(out_codes, out_scale)
-        return main, out_codes, out_scale
+            ctx.mark_non_differentiable(out_codes, out_scale, *((out_cm,) if out_cm is not None else ()))
+        return main, out_codes, out_scale, out_cm
 
     @staticmethod
-    def backward(ctx, g_main, _g_codes, _g_scale):
+    def backward(ctx, g_main, _g_codes, _g_scale, _g_cm):
         refuse_double_backward()
         spec, meta = ctx.spec, ctx.meta
         qc = spec.conv.qconfig
-        need = BlockGrads(*(ctx.needs_input_grad[i] for i in (1, 4, 5, 6, 7, 8, 9)))
+        need = BlockGrads(*(ctx.needs_input_grad[i] for i in (1, 5, 6, 7, 8, 9, 10)))
         saved = stages.Saved.load(ctx)
         qx = stages.input_codes_backward(spec, saved, qc, meta)
         qw_f, qw_d = stages.weight_backward(saved, qc, qx)
@@ -136,7 +138,7 @@ class FusedBlockFunction(torch.autograd.Function):
         gx, g_in_w, g_in_b = stages.input_backward(spec, gx, saved, meta, need)
         grads = BlockGrads(x=gx if need.x else None, weight=gw, bias=e.g_bias, bn_weight=e.g_bn_w, bn_bias=e.g_bn_b,
                            bn_in_weight=g_in_w, bn_in_bias=g_in_b)
-        return (None, grads.x, None, None, grads.weight, grads.bias, grads.bn_weight, grads.bn_bias,
+        return (None, grads.x, None, None, None, grads.weight, grads.bias, grads.bn_weight, grads.bn_bias,
                 grads.bn_in_weight, grads.bn_in_bias)
 
 
@@ -144,11 +146,11 @@ def fused_block(spec: BlockSpec, x):
     """Run one fused block. ``x``: an ``Int8Activation`` (input ``CODES``) or a float tensor. Returns an
     ``Int8Activation`` (output ``CODES``) or a float tensor."""
     conv, bn, bn_in = spec.conv, spec.bn, spec.bn_in
-    args = (x.carrier, x.codes, x.scale) if spec.input is BlockInput.CODES else (x, None, None)
+    args = (x.carrier, x.codes, x.scale, x.codes_cm) if spec.input is BlockInput.CODES else (x, None, None, None)
     out = FusedBlockFunction.apply(spec, *args, conv.weight, conv.bias, bn.weight if bn is not None else None,
                                    bn.bias if bn is not None else None, bn_in.weight if bn_in is not None else None,
                                    bn_in.bias if bn_in is not None else None)
     if spec.output is BlockOutput.CODES:
-        main, codes, scale = out
-        return Int8Activation(main, codes, scale, main.shape[1])
+        main, codes, scale, codes_cm = out
+        return Int8Activation(main, codes, scale, main.shape[1], codes_cm)
     return out[0]

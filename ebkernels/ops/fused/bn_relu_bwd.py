@@ -30,7 +30,7 @@ from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import counter_pool, empty_output
 from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
-from .._reduce import SUMS, ReductionSpace, finish_reduction, publish_max, store_partials, tile_sums
+from .._reduce import GROUP, SUMS, TB, ReductionSpace, finish_reduction, publish_max, store_partials, tile_sums
 from .._scale import scale_from_bits, scale_mode_code, scale_reference
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even
 from .bn_math import bn_grad_in, bn_grad_in_reference
@@ -75,7 +75,7 @@ _REDUCE_SIG = {"dz_ptr": "*bf16", "y_ptr": "*bf16", "inv_ptr": "*i32", "bnp_ptr"
 
 
 @aot_kernel(signature=_REDUCE_SIG,
-            constexprs=[{"HAS_INV": i, "RELU": True, "BP": 32, "CB": 128, "TB": 32, "GROUP": 32} for i in (False, True)],
+            constexprs=[{"HAS_INV": i, "RELU": True, "BP": 32, "CB": 128, "TB": TB, "GROUP": GROUP} for i in (False, True)],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_relu_bwd_reduce_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, part_ptr, grp_ptr, out_ptr, sem_ptr, M, C, H, W, sd_n,
@@ -113,9 +113,9 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_
                        MODE: tl.constexpr, HAS_INV: tl.constexpr, HAS_SUMS: tl.constexpr, RELU: tl.constexpr,
                        BITS: tl.constexpr, STOCHASTIC: tl.constexpr, CM: tl.constexpr, SCALE_MODE: tl.constexpr,
                        BP: tl.constexpr, CB: tl.constexpr):
-    """Grid (row tiles, channel blocks over Cp). ``MODE`` 0: max |dy| bits into ``amax[0]`` through the
-    per-program slots ``amax[2:]`` (``publish_max``, counter ``sem`` from the pool; the last program also
-    takes the random ticket into ``amax[1]`` when ``STOCHASTIC``); 1: codes at ``m * Cp + c`` (NHWC)
+    """Grid (row tiles, channel blocks over Cp). ``MODE`` 0: max |dy| bits into ``amax[0]`` (``publish_max``
+    over the pool counters ``sem[0:2]``; the last program also takes the random ticket into ``amax[1]`` when
+    ``STOCHASTIC``); 1: codes at ``m * Cp + c`` (NHWC)
     and, with ``CM``, at ``c * M + m`` (channel-major), channels C..Cp-1 written 0, the scale of ``amax[0]``
     in ``SCALE_MODE`` (``_scale``) stored by program (0, 0); 2: dy in ``out`` (strides so_*). ``HAS_SUMS`` False: eval-mode BatchNorm (m1 = m2 = 0)."""
     pid_m, pid_n, m, c, m_ok, c_ok = elementwise_tile(M, C, BP, CB)
@@ -133,11 +133,10 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_
     if MODE == 0:
         bits = tl.abs(tl.where(mask, dy, 0.0)).to(tl.int32, bitcast=True)
         num_n = tl.num_programs(1)
-        last = publish_max(tl.max(tl.max(bits, axis=1), axis=0), amax_ptr + 2, pid_m * num_n + pid_n,
-                           tl.num_programs(0) * num_n, sem_ptr, amax_ptr)
+        last = publish_max(tl.max(tl.max(bits, axis=1), axis=0), tl.num_programs(0) * num_n, sem_ptr, amax_ptr)
         if last:
             if STOCHASTIC:
-                tl.store(amax_ptr + 1, tl.atomic_add(rng_ptr + 1, 1).to(tl.int32))
+                tl.store(amax_ptr + 1, tl.atomic_add(rng_ptr + 1, 1, sem="relaxed").to(tl.int32))
             else:
                 tl.store(amax_ptr + 1, 0)  # no ticket
     elif MODE == 1:
@@ -231,7 +230,8 @@ def _reduce_triton(dz, y, bnp, inv, relu):
     space = ReductionSpace(SUMS, T, num_n, C, y.device)
     bn_relu_bwd_reduce_kernel[(T, num_n)](
         dz, y, _inv_arg(inv, space.sem), bnp, space.part, space.grp, space.out, space.sem, M, C, H, W, *nhwc_rows(dz),
-        *nhwc_rows(y), HAS_INV=inv is not None, RELU=relu, BP=BP, CB=CB, TB=32, GROUP=32, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+        *nhwc_rows(y), HAS_INV=inv is not None, RELU=relu, BP=BP, CB=CB, TB=TB, GROUP=GROUP,
+        num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return space.out
 
 
@@ -266,9 +266,9 @@ def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, ama
     # stochastic codes: the Philox state per element as well: 2K elements per program
     BP, CB = elementwise_tiles(Cp, 2048 if (stochastic and mode == "codes") else 4096)
     grid = (triton.cdiv(M, BP), triton.cdiv(Cp, CB))
-    sem = counter_pool(dev, 1)
+    sem = counter_pool(dev, 2)
     if mode == "absmax":
-        out = torch.empty(2 + grid[0] * grid[1], dtype=torch.int32, device=dev)  # [bits, ticket, slots...]
+        out = torch.empty(2, dtype=torch.int32, device=dev)  # [bits, ticket]
         amax, dst, dcm = out, out, out
         so = (0, 0, 0, 0)
     elif mode == "codes":

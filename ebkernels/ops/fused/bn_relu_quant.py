@@ -27,8 +27,8 @@ from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import empty_output
 from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
-from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, moments_reference, publish_max, store_partials,
-                       tile_moments)
+from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, merge_group, moments_reference, publish_max,
+                       sem_count, store_partials, tile_moments)
 from .._scale import scale_from_bits, scale_mode_code, scale_reference
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even, to_bfloat16_rne
 from .bn_math import BNP_ROWS, bn_act, bn_act_reference, bn_finalize_channels, finalize_reference, momentum_arg
@@ -48,7 +48,8 @@ _STATS_SIG = {"x_ptr": "*fp32", "xb_ptr": "*bf16", "part_ptr": "*fp32", "grp_ptr
 
 @aot_kernel(signature=_STATS_SIG,
             constexprs=[{"HAS_AFFINE": True, "BATCH_STATS": True, "UPDATE": True, "RELU": True, "HAS_KEEP": k,
-                         "BP": 16, "CB": 128, "TB": 32, "GROUP": 32} for k in (False, True)],
+                         "BP": 2048 // cb, "CB": cb, "TB": merge_group(cb), "GROUP": merge_group(cb)}
+                        for k, cb in ((False, 128), (True, 128), (False, 64))],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
@@ -80,7 +81,7 @@ def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_p
         zbits = bn_finalize_channels(chan_ptr, C, c, c_ok, max_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
                                      momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
         num_n = tl.num_programs(1)
-        publish_max(zbits, zmax_ptr + 1, pid_n, num_n, sem_ptr + (tl.cdiv(T, GROUP) + 1) * num_n, zmax_ptr)
+        publish_max(zbits, num_n, sem_ptr + sem_count(T, GROUP) * num_n, zmax_ptr)
 
 
 def bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
@@ -101,9 +102,10 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
     xb = empty_output((N, C, H, W), torch.bfloat16, x.device, torch.channels_last)
     BP, CB = elementwise_tiles(C, 2048)  # the fp32 input, its bf16 copy and the moments: 2K elements
     T, num_n = triton.cdiv(M, BP), triton.cdiv(C, CB)
-    space = ReductionSpace(MOMENTS, T, num_n, C, x.device, extra=1)
+    group = merge_group(CB)
+    space = ReductionSpace(MOMENTS, T, num_n, C, x.device, extra=2, group=group)
     bnp = empty_output((BNP_ROWS, C), torch.float32, x.device)
-    zmax = torch.empty(1 + num_n, dtype=torch.int32, device=x.device)  # [max |z| bits, per column block]
+    zmax = torch.empty(1, dtype=torch.int32, device=x.device)  # max |z| bits
     dummy = space.out
     bn_stats_kernel[(T, num_n)](
         x, xb, space.part, space.grp, space.out, space.sem, weight if weight is not None else dummy,
@@ -112,7 +114,7 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
         num_batches_tracked if num_batches_tracked is not None else zmax, keep if keep is not None else zmax,
         bnp, zmax, M, C, H, W, *nhwc_rows(x), float(eps), momentum_arg(momentum), float(M),
         HAS_AFFINE=weight is not None, BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, HAS_KEEP=keep is not None,
-        BP=BP, CB=CB, TB=32, GROUP=32, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+        BP=BP, CB=CB, TB=group, GROUP=group, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return xb, space.out, bnp, zmax[:1]
 
 
@@ -156,20 +158,21 @@ def bn_stats(x, weight=None, bias=None, running_mean=None, running_var=None, num
 # --------------------------------------------------------------------------------------------------
 _APPLY_SIG = {"y_ptr": "*bf16", "bnp_ptr": "*fp32", "zmax_ptr": "*i32", "index_ptr": "*i64", "out_ptr": "*i8",
               "scale_ptr": "*fp32", "nbt_ptr": "*i64", "M": "i32", "K": "i32", "Kp": "i32", "C": "i32", "H": "i32",
-              "W": "i32", "s_n": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64"}
+              "W": "i32", "s_n": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64", "cm_ptr": "*i8"}
 
 
 @aot_kernel(signature=_APPLY_SIG,
             constexprs=[{"BITS": 8, "SCALE_MODE": m, "RELU": True, "HAS_INDEX": i, "CODES": True,
-                         "UPDATE_NBT": True, "BP": 32, "CB": 128} for i in (False, True) for m in (0, 2)]
+                         "UPDATE_NBT": True, "BP": 32, "CB": 128, "CM": cm}
+                        for i, cm in ((False, False), (True, False), (False, True)) for m in (0, 2)]
             + [{"BITS": 8, "SCALE_MODE": 0, "RELU": r, "HAS_INDEX": False, "CODES": False, "UPDATE_NBT": True,
-                "BP": 32, "CB": 128} for r in (False, True)],
+                "BP": 32, "CB": 128, "CM": False} for r in (False, True)],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr, nbt_ptr, M, K, Kp, C, H, W, s_n,
-                         s_c, s_h, s_w, BITS: tl.constexpr, SCALE_MODE: tl.constexpr, RELU: tl.constexpr,
+                         s_c, s_h, s_w, cm_ptr, BITS: tl.constexpr, SCALE_MODE: tl.constexpr, RELU: tl.constexpr,
                          HAS_INDEX: tl.constexpr, CODES: tl.constexpr, UPDATE_NBT: tl.constexpr, BP: tl.constexpr,
-                         CB: tl.constexpr):
+                         CB: tl.constexpr, CM: tl.constexpr):
     """Grid (row tiles, output-channel blocks): output channel k of pixel m is ``z`` of input channel
     ``index[k]`` (or k); ``CODES``: int8 codes at ``m * Kp + k`` (NHWC, channels K..Kp-1 written 0) with
     the scale of ``zmax`` in ``SCALE_MODE`` (``_scale``; stored by program (0, 0)); else z at ``m * K + k`` in out's dtype."""
@@ -194,6 +197,9 @@ def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr
         q = tl.where((q != q) | ~k_ok[None, :], 0.0, q)
         tl.store(out_ptr + m.to(tl.int64)[:, None] * Kp + k[None, :], q.to(tl.int8),
                  mask=m_ok[:, None] & (k < Kp)[None, :])
+        if CM:  # the same codes channel-major ([Kp, M]: the K-major operand of a 1×1 weight-grad)
+            tl.store(cm_ptr + k.to(tl.int64)[None, :] * M + m[:, None], q.to(tl.int8),
+                     mask=m_ok[:, None] & (k < Kp)[None, :])
         if first:
             tl.store(scale_ptr, scale)
     else:
@@ -212,7 +218,7 @@ def _codes_reference(z: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.T
 
 
 def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to,
-                            out_dtype):
+                            out_dtype, cm=None):
     """``bn_relu_quant`` in PyTorch: (codes (N, Kp, H, W) NHWC, scale) or (z in out_dtype NHWC, 1)."""
     z = bn_act_reference(y, bnp, relu)
     if index is not None:
@@ -227,6 +233,8 @@ def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits,
     Kp = _padded(K, pad_to)
     out = torch.zeros((N, H, W, Kp), dtype=torch.int8, device=y.device).permute(0, 3, 1, 2)
     out[:, :K] = codes
+    if cm is not None:
+        cm.copy_(out)
     return out, scale
 
 
@@ -235,7 +243,7 @@ def _padded(K: int, pad_to: int) -> int:
 
 
 def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to,
-                          out_dtype):
+                          out_dtype, cm=None):
     N, C, H, W = y.shape
     K = C if index is None else index.numel()
     M = N * H * W
@@ -252,25 +260,27 @@ def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, s
     bn_relu_quant_kernel[grid](
         y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale if codes else bnp,
         num_batches_tracked if num_batches_tracked is not None else zmax_bits, M, K, Kp, C, H, W, *nhwc_rows(y),
-        BITS=bits, SCALE_MODE=scale_mode_code(scale_mode), RELU=relu, HAS_INDEX=index is not None, CODES=codes,
-        UPDATE_NBT=num_batches_tracked is not None, BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+        cm if cm is not None else out, BITS=bits, SCALE_MODE=scale_mode_code(scale_mode), RELU=relu, HAS_INDEX=index is not None,
+        CODES=codes, UPDATE_NBT=num_batches_tracked is not None, BP=BP, CB=CB, CM=cm is not None,
+        num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return out, scale
 
 
-@torch.library.custom_op("ebkernels::bn_relu_quant", mutates_args=("num_batches_tracked",))
+@torch.library.custom_op("ebkernels::bn_relu_quant", mutates_args=("num_batches_tracked", "cm"))
 def _bn_relu_quant_op(y: torch.Tensor, bnp: torch.Tensor, zmax_bits: torch.Tensor,
                       num_batches_tracked: Optional[torch.Tensor], index: Optional[torch.Tensor], bits: int,
-                      scale_mode: str, relu: bool, pad_to: int, out_dtype: Optional[torch.dtype]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale_mode: str, relu: bool, pad_to: int, out_dtype: Optional[torch.dtype],
+                      cm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # cm: an int8 (N, Kp, H, W) tensor with channel-major memory that gets the codes too (same pass)
     if use_triton(y, bnp) and y.numel() < 2**31:
         return _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to,
-                                     out_dtype)
+                                     out_dtype, cm)
     return bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to,
-                                   out_dtype)
+                                   out_dtype, cm)
 
 
 @_bn_relu_quant_op.register_fake
-def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to, out_dtype):
+def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to, out_dtype, cm=None):
     N, C, H, W = y.shape
     K = C if index is None else index.shape[0]
     if out_dtype is not None:
@@ -282,11 +292,19 @@ def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad
 
 
 def bn_relu_quant(y, bnp, zmax_bits, num_batches_tracked=None, index=None, bits=8, scale_mode="shift", relu=True,
-                  pad_to=16, out_dtype=None):
+                  pad_to=16, out_dtype=None, channel_major=False):
     """``z = relu(y * a + b)`` per channel (``bnp`` rows a, b; ``relu=False``: no ReLU), optionally gathered
     (``index``: output channel k is input channel index[k]). ``out_dtype`` None: int8 codes (N, Kp, H, W)
     in NHWC order, Kp = K rounded up to ``pad_to`` (pad channels 0), with the scale of ``zmax_bits`` in
     ``scale_mode`` ("shift", "wage" or "absmax": ``ops._scale``, the rule ``quantize`` applies to z); returns ``(codes, scale)``. Else ``(z, None)`` in that dtype,
-    NHWC (and a scale of 1). ``num_batches_tracked``: incremented by one (training step of a BatchNorm that tracks)."""
-    return _bn_relu_quant_op(y, bnp, zmax_bits, num_batches_tracked, index, int(bits), str(scale_mode), bool(relu),
-                             int(pad_to), out_dtype)
+    NHWC (and a scale of 1). ``num_batches_tracked``: incremented by one (training step of a BatchNorm that tracks).
+    ``channel_major`` (codes only): ``(codes, scale, codes_cm)``, the same codes also with channel-major memory
+    ([Kp, N, H, W]: the K-major operand of a 1×1 weight-grad) from the same pass."""
+    cm = None
+    if channel_major:
+        N, _, H, W = y.shape
+        K = y.shape[1] if index is None else index.numel()
+        cm = empty_output((_padded(K, pad_to), N, H, W), torch.int8, y.device).permute(1, 0, 2, 3)
+    out = _bn_relu_quant_op(y, bnp, zmax_bits, num_batches_tracked, index, int(bits), str(scale_mode), bool(relu),
+                            int(pad_to), out_dtype, cm)
+    return (*out, cm) if channel_major else out

@@ -40,8 +40,8 @@ from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import empty_output
 from .._launch import MAX_TERMS, NO_FP_FUSION, alignment, conv2d_output_size, nchw_strides, offsets_fit_int32
-from .._reduce import (GROUP as STATS_GROUP, MOMENTS, SUMS, ReductionSpace, finish_reduction, moments_reference,
-                       publish_max, store_partials, tile_moments, tile_sums)
+from .._reduce import (GROUP as STATS_GROUP, MOMENTS, SUMS, TB as STATS_TB, ReductionSpace, finish_reduction,
+                       moments_reference, publish_max, sem_count, store_partials, tile_moments, tile_sums)
 from .._tl import assume_conv_operands, decode_rows, to_bfloat16_rne
 from ..gemm import tiles
 from ..gemm.conv import conv2d_int8_fwd_reference
@@ -66,7 +66,7 @@ _SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "y_ptr": "*bf16", "ss_ptr": "*fp32", "
 # MODE 1 at unit stride; the flat tiles the unpadded Cin = 3 first layer gets (R % 16: no 128×128) also
 # unaligned (ALIGN=1), both modes.
 _COMMON = {"s_r": 1, "sw_r": 1, "sd_c": 1, "I64": False, "ALIGN": 16, "HAS_BIAS": False, "HAS_AFFINE": True,
-           "RELU": True, "TB": 32, "GROUP": STATS_GROUP, "DZ_LIKE_Y": True}
+           "RELU": True, "TB": STATS_TB, "GROUP": STATS_GROUP, "DZ_LIKE_Y": True}
 _UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1}
 # the register cap of a launch (``.maxnreg``): without one, ptxas aims below the per-thread budget and spilled
 # 12-104 B on sm_80 in the statistics epilogue (MODE 0 at 64×64, 128×16 flat, 128×64: 96-168 registers used);
@@ -132,7 +132,7 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
         if final:
             zbits = bn_finalize_channels(chan_ptr, NCOL, col, col_ok, col_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
                                          nbt_ptr, eps, momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
-            publish_max(zbits, zmax_ptr + 1, pid_n, num_n, sem_ptr + (tl.cdiv(num_m, GROUP) + 1) * num_n, zmax_ptr)
+            publish_max(zbits, num_n, sem_ptr + sem_count(num_m, GROUP) * num_n, zmax_ptr)
     else:
         if DZ_LIKE_Y:  # dz in y's own NHWC layout (what the kernels produce): no second offset tile
             d_offs = y_offs
@@ -202,11 +202,11 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
     tile = tiles.conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation,
                                 sms=tiles.device_sms(qx.device)).tile
     num_m, num_n = triton.cdiv(M, tile.BM), triton.cdiv(CO, tile.BN)
-    space = ReductionSpace(MOMENTS if mode == 0 else SUMS, num_m, num_n, CO, qx.device, extra=1)
+    space = ReductionSpace(MOMENTS if mode == 0 else SUMS, num_m, num_n, CO, qx.device, extra=2)
     i64 = not offsets_fit_int32(qx, y) or (dz is not None and not offsets_fit_int32(dz))
     if mode == 0:
         bnp_out = empty_output((BNP_ROWS, CO), torch.float32, qx.device)
-        zmax = torch.empty(1 + num_n, dtype=torch.int32, device=qx.device)  # [max |z| bits, per column block]
+        zmax = torch.empty(1, dtype=torch.int32, device=qx.device)  # max |z| bits
     else:
         bnp_out, zmax = bnp, space.sem
     dummy = space.out
@@ -221,7 +221,7 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
         qw.stride(0), qw.stride(2), qw.stride(3), qw.stride(1), *sd, inv_code_scales(bits_a, bits_w), float(eps),
         momentum_arg(momentum), float(M), MODE=mode, HAS_BIAS=bias is not None, HAS_AFFINE=weight is not None,
         BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M,
-        FLAT=tile.flat, ALIGN=align, I64=i64, TB=32, GROUP=STATS_GROUP, DZ_LIKE_Y=dz_like_y, num_warps=tile.num_warps,
+        FLAT=tile.flat, ALIGN=align, I64=i64, TB=STATS_TB, GROUP=STATS_GROUP, DZ_LIKE_Y=dz_like_y, num_warps=tile.num_warps,
         num_stages=tile.num_stages, maxnreg=MAXNREG, **NO_FP_FUSION)
     if mode == 0:
         return y, space.out, bnp_out, zmax[:1]

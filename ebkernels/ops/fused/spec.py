@@ -40,6 +40,7 @@ class Int8Activation(NamedTuple):
     codes: torch.Tensor
     scale: torch.Tensor
     channels: int
+    codes_cm: Optional[torch.Tensor] = None  # the same codes channel-major, where the next conv's weight-grad reads them so
 
 
 @dataclasses.dataclass
@@ -47,7 +48,8 @@ class BlockSpec:
     """A fused block. ``conv`` is a QConv2d (``supports(conv)`` is None); ``bn``/``relu``/``pool`` follow
     it (``pool``: (kernel, stride, padding, ceil_mode) pairs); ``input``: what feeds the conv (``BN``: then
     ``bn_in``/``relu_in`` and the gather ``select`` (int64 indices, None = all) precede it); ``output``:
-    ``CODES`` (quantized with ``out_qconfig``'s bits_a/mode) or ``FLOAT``."""
+    ``CODES`` (quantized with ``out_qconfig``'s bits_a/mode) or ``FLOAT``; ``out_channel_major``: the codes
+    also channel-major (the next conv is 1×1, stride 1, unpadded: its weight-grad reads them so)."""
 
     conv: nn.Module
     input: BlockInput = BlockInput.CODES
@@ -59,6 +61,7 @@ class BlockSpec:
     bn_in: Optional[nn.Module] = None
     relu_in: bool = False
     select: Optional[nn.Module] = None
+    out_channel_major: bool = False
 
     def conv_geometry(self):
         c = self.conv

@@ -25,18 +25,21 @@ import torch.nn as nn
 
 from ..._backend import use_triton
 from ...config import QConfig
-from .._launch import CHANNEL_PAD, MAX_TERMS, SMALL_NUMEL, conv2d_output_size
-from ..gemm.conv import conv2d_int8_dgrad_op, conv2d_int8_fwd_op, weight_grad_op
-from ..gemm.host import quantize_weight
+from .._launch import CHANNEL_PAD, MAX_TERMS, code_channels, conv2d_output_size
+from ..gemm.conv import conv2d_int8_dgrad_op, conv2d_int8_fwd_op, weight_grad_op, weight_layout
+from ..gemm.host import quantize_two_layouts
 from ..quantize import quantize
-from ..weight_codes import weight_codes, weight_quant_small
+from ..weight_batch import WeightItem, batched_weight_codes, weight_quant
+from ..weight_codes import weight_codes
 from .bn_relu_bwd import bn_relu_bwd, bn_relu_bwd_reduce
 from .bn_relu_quant import bn_relu_quant, bn_stats
 from .conv_bn import conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_fwd
 from .maxpool import maxpool2d_int8, maxpool2d_int8_backward
 from .spec import BlockInput, BlockOutput, BlockSpec
 
-__all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "float_dtype", "input_forward", "weight_forward",
+__all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "float_dtype", "channel_major_input", "input_pad", "weight_item",
+           "input_forward",
+           "weight_forward",
            "conv_bn_forward", "conv_forward", "output_forward", "input_codes_backward", "weight_backward",
            "output_backward", "conv_backward", "input_backward"]
 
@@ -67,12 +70,13 @@ class Saved:
     bnp: Optional[torch.Tensor] = None
     y: Optional[torch.Tensor] = None
     pos: Optional[torch.Tensor] = None
+    qx_cm: Optional[torch.Tensor] = None
     batch_in: bool = False
     batch_stats: bool = False
     pre_pool_hw: tuple = ()
 
     TENSORS = ("qx", "sx", "weight", "sw", "bias", "xb", "bnp_in", "zmax_in", "index", "inv", "qw_f", "qw_d",
-               "bnp", "y", "pos")
+               "bnp", "y", "pos", "qx_cm")
     FLAGS = ("batch_in", "batch_stats", "pre_pool_hw")
 
     def save(self, ctx, spec: BlockSpec) -> None:
@@ -120,8 +124,33 @@ def _check_bn_batch(bn: nn.Module, shape) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
 
 
+def channel_major_input(conv: nn.Module) -> bool:
+    """Whether a conv's weight-grad reads its input codes channel-major (a 1×1 kernel, stride 1, no padding:
+    X̃ = X, both GEMM operands K-major): then their producer writes that layout too, no copy."""
+    return tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (0, 0)
+
+
 def _pad_of(channels: int, x: torch.Tensor) -> int:
     return CHANNEL_PAD if use_triton(x) and channels % CHANNEL_PAD else 0
+
+
+def input_pad(spec: BlockSpec, cin: int, x: torch.Tensor) -> int:
+    """The channel multiple of the conv's int8 input codes as ``input_forward`` writes them: a float input
+    (the first layer) as the per-layer path does (``_launch.code_channels``: fewer than 16 channels packed,
+    not padded: the Cin = 3 first layer reads 3 bytes per pixel, as the tile plan counts), codes and the
+    pre-activation BatchNorm's output padded to 16."""
+    if spec.input is BlockInput.FLOAT:
+        return CHANNEL_PAD if use_triton(x) and code_channels(cin) != cin else 0
+    return _pad_of(cin, x)
+
+
+def weight_item(spec: BlockSpec, x: torch.Tensor) -> WeightItem:
+    """What ``weight_forward`` will ask of the model's weight batch for this block (``fusion`` prepares the
+    batch from these at the start of the model's forward; input ``x`` gives the device)."""
+    w = spec.conv.weight
+    qc = spec.conv.qconfig
+    return WeightItem(w, qc.bits_w, qc.mode, input_pad(spec, w.shape[1], x),
+                      CHANNEL_PAD if use_triton(x) else 0)
 
 
 def _index_maps(select, C: int, device):
@@ -140,14 +169,22 @@ def float_dtype(spec: BlockSpec, x: torch.Tensor, weight: torch.Tensor) -> torch
 
 
 # ----- forward ------------------------------------------------------------------------------------------
-def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Saved):
-    """(qx, sx, cin): the conv's int8 input codes, their scale, its real channel count."""
+def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Saved, in_codes_cm=None):
+    """(qx, sx, cin): the conv's int8 input codes, their scale, its real channel count. ``in_codes_cm``: the
+    same codes channel-major (the previous block wrote them for this conv's weight-grad): kept instead of the
+    NHWC ones where backward needs no recompute of y, else as well."""
     if spec.input is BlockInput.CODES:
         saved.qx, saved.sx = in_codes, in_scale
+        if in_codes_cm is not None:
+            if spec.bn is None:
+                saved.qx = in_codes_cm
+            else:
+                saved.qx_cm = in_codes_cm
         return in_codes, in_scale, x.shape[1]
     if spec.input is BlockInput.FLOAT:
         cin = x.shape[1]
-        qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode, channels_last=True, pad_channels_to=_pad_of(cin, x))
+        qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode, channels_last=True,
+                          pad_channels_to=input_pad(spec, cin, x))
         saved.qx, saved.sx = qx, sx
         return qx, sx, cin
     bn_in = spec.bn_in
@@ -166,18 +203,16 @@ def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Sa
 
 
 def weight_forward(weight, qc: QConfig, qx, cin: int, saved: Saved):
-    """(qw, sw): W's codes in the forward layout (Cin padded like qx) and scale. A small weight's codes
-    come in one launch for both layouts and are kept; a large weight's are re-derived in backward from the
-    Parameter and ``sw``."""
+    """(qw, sw): W's codes in the forward layout (Cin padded like qx) and scale, both layouts kept for
+    backward: from the model's weight batch (``ops.weight_batch``: every weight in two launches at the start of
+    the model's forward), or, outside one or for a weight changed since, its own two launches."""
     if qc.mode == "wage" and qc.alpha != 1.0:
         raise ValueError("fused blocks need alpha == 1 in mode 'wage'")
-    if weight.numel() <= SMALL_NUMEL:
-        qw, qw_d, sw = weight_quant_small(weight, qc.bits_w, qc.mode, CHANNEL_PAD if use_triton(qx) else 0)
-        saved.qw_f, saved.qw_d = qw, qw_d
-    else:
-        pad_in = qx.shape[1] != cin
-        qw, sw = quantize_weight(weight, qc, channels_last=True, pad_channels_to=CHANNEL_PAD if pad_in else 0)
-    saved.sw = sw
+    item = WeightItem(weight, qc.bits_w, qc.mode, CHANNEL_PAD if qx.shape[1] != cin else 0,
+                      CHANNEL_PAD if use_triton(qx) else 0)
+    codes = batched_weight_codes(item)
+    qw, qw_d, sw = codes if codes is not None else weight_quant(item)
+    saved.qw_f, saved.qw_d, saved.sw = qw, qw_d, sw
     return qw, sw
 
 
@@ -204,29 +239,40 @@ def conv_forward(spec: BlockSpec, qx, qw, sx, sw, bias, qc: QConfig, out_dtype):
 
 
 def output_forward(spec: BlockSpec, y, bnp, zmax, nbt, qc: QConfig, out_dtype, saved: Saved):
-    """(main, codes, scale): for ``CODES`` the next block's codes (max-pooled if asked) and a gradient
-    carrier as ``main``; for ``FLOAT`` ``bn(y)`` (+ ReLU) in ``out_dtype`` and no codes."""
+    """(main, codes, scale, codes_cm): for ``CODES`` the next block's codes (max-pooled if asked; also
+    channel-major when ``spec.out_channel_major`` and no pool) and a gradient carrier as ``main``; for
+    ``FLOAT`` ``bn(y)`` (+ ReLU) in ``out_dtype`` and no codes."""
     if spec.output is BlockOutput.FLOAT:
         main, _ = bn_relu_quant(y, bnp, zmax, nbt, None, 8, "shift", spec.relu, 0, out_dtype=out_dtype)
-        return main, None, None
+        return main, None, None, None
     oq = spec.out_qconfig or qc
-    codes, scale = bn_relu_quant(y, bnp, zmax, nbt, None, oq.bits_a, oq.mode, spec.relu,
-                                 _pad_of(y.shape[1], y))
+    cm = None
+    if spec.out_channel_major and spec.pool is None and use_triton(y):
+        codes, scale, cm = bn_relu_quant(y, bnp, zmax, nbt, None, oq.bits_a, oq.mode, spec.relu,
+                                         _pad_of(y.shape[1], y), channel_major=True)
+    else:
+        codes, scale = bn_relu_quant(y, bnp, zmax, nbt, None, oq.bits_a, oq.mode, spec.relu,
+                                     _pad_of(y.shape[1], y))
     saved.pre_pool_hw = tuple(codes.shape[2:])
     if spec.pool is not None:
         k, s, p, ceil = spec.pool
         codes, saved.pos = maxpool2d_int8(codes, k, s, p, ceil)
     main = y.new_empty((), dtype=CARRIER_DTYPE).expand(codes.shape[0], y.shape[1], *codes.shape[2:])
-    return main, codes, scale
+    return main, codes, scale, cm
 
 
 # ----- backward -----------------------------------------------------------------------------------------
 def input_codes_backward(spec: BlockSpec, saved: Saved, qc: QConfig, meta: Meta):
-    """The conv's input codes: kept, or (``BN`` input) recomputed from the bfloat16 input, bit-identical."""
+    """The conv's input codes: kept, or (``BN`` input) recomputed from the bfloat16 input, bit-identical (and
+    channel-major in the same pass into ``saved.qx_cm`` where the weight-grad reads them so)."""
     if spec.input is not BlockInput.BN:
         return saved.qx
-    qx, _ = bn_relu_quant(saved.xb, saved.bnp_in, saved.zmax_in, None, saved.index, qc.bits_a, qc.mode,
-                          spec.relu_in, _pad_of(meta.cin, saved.xb))
+    args = (saved.xb, saved.bnp_in, saved.zmax_in, None, saved.index, qc.bits_a, qc.mode, spec.relu_in,
+            _pad_of(meta.cin, saved.xb))
+    if channel_major_input(spec.conv) and use_triton(saved.xb):
+        qx, _, saved.qx_cm = bn_relu_quant(*args, channel_major=True)
+    else:
+        qx, _ = bn_relu_quant(*args)
     return qx
 
 
@@ -246,9 +292,8 @@ def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f
     pad_out = _pad_of(cout, qx)
     bias = saved.bias
     g_bn_w = g_bn_b = g_bias = None
-    if spec.bn is None:
-        qe, se = quantize(g_main, qc.bits_e, qc.rounding_e, qc.mode_eg, channels_last=True, pad_channels_to=pad_out)
-        qe_cm = qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    if spec.bn is None:  # both layouts from the quantizer's one codes pass (no copy)
+        qe, qe_cm, se = quantize_two_layouts(g_main, qc.bits_e, qc.rounding_e, qc.mode_eg, pad_out)
         if bias is not None and need.bias:
             g_bias = g_main.float().sum((0, 2, 3)).to(bias.dtype)
         return Error(qe, qe_cm, se, None, None, g_bias)
@@ -288,11 +333,12 @@ def conv_backward(spec: BlockSpec, e: Error, saved: Saved, qc: QConfig, qx, qw_d
         gx = conv2d_int8_dgrad_op(e.qe, qw_d[:e.qe.shape[1], :meta.cin], e.se, saved.sw, list(meta.x_shape[2:]),
                                   stride, padding, dilation, 1, qc.bits_e, qc.bits_w, out_dtype, True, MAX_TERMS)
     if need.weight:
-        qx_w = qx
-        if tuple(weight.shape[2:]) == (1, 1) and stride == [1, 1] and padding == [0, 0] and use_triton(qx):
-            qx_w = qx.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)  # both wgrad operands K-major
+        qx_w = saved.qx_cm if saved.qx_cm is not None else qx
+        if channel_major_input(spec.conv) and use_triton(qx):  # both wgrad operands K-major
+            # (written so by the codes' producer; a copy only where the input came from elsewhere)
+            qx_w = qx_w.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
         gw = weight_grad_op(e.qe_cm, qx_w, e.se, saved.sx, list(weight.shape[2:]), stride, padding, dilation, 1, qc,
-                            [weight.shape[0], weight.shape[1]]).to(weight.dtype)
+                            [weight.shape[0], weight.shape[1]], weight_layout(weight)).to(weight.dtype)
     return gx, gw
 
 

@@ -30,14 +30,13 @@ import torch.nn.functional as F
 from ..._backend import use_triton
 from ..._checks import check_same_device, check_tensor
 from ...config import QConfig, as_qconfig
-from .._launch import CHANNEL_PAD, MAX_TERMS, code_channels, conv2d_output_size, memory_format
+from .._launch import CHANNEL_PAD, MAX_TERMS, code_channels, conv2d_output_size, memory_format, padded_channels
 from ..quantize import dequantize, quantize
 from . import tiles
 from .conv_fwd_dgrad import _dgrad_triton, _fwd_triton
 from .conv_reference import conv2d_int8_dgrad_reference, conv2d_int8_fwd_reference, conv2d_int8_wgrad_reference
 from .conv_wgrad import _wgrad_triton
-from .host import (quantize_weight,
-                   quantize_weight_grad, refuse_double_backward)
+from .host import quantize_two_layouts, quantize_weight, quantize_weight_grad, refuse_double_backward
 
 __all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad", "conv2d_int8_wgrad",
            "conv2d_int8_fwd_reference", "conv2d_int8_dgrad_reference", "conv2d_int8_wgrad_reference",
@@ -113,20 +112,22 @@ def conv2d_int8_wgrad_op(qe: torch.Tensor, qx: torch.Tensor, se: Optional[torch.
                           padding: list[int], dilation: list[int], groups: int, bits_e: int, bits_a: int,
                           out_dtype: torch.dtype, max_terms: int, bits_g: int = 0, rounding_g: str = "stochastic",
                           out_channels: Optional[list[int]] = None, rng: Optional[torch.Tensor] = None,
-                          mode_g: str = "shift") -> torch.Tensor:
+                          channels_last: bool = False, mode_g: str = "shift") -> torch.Tensor:
     # bits_g > 0: the result is the G-quantized gradient (dequantized values, scale mode ``mode_g``) of its
     # real part [:out_channels[0], :out_channels[1]] (padded code channels dropped); rng: the device random
-    # state its stochastic rounding advances
+    # state its stochastic rounding advances; channels_last: the result in OHWI memory order (the weight's: autograd
+    # then accumulates it without a layout copy)
     cout, cin = out_channels if out_channels else (qe.shape[1], qx.shape[1] // groups)
     gq = (bits_g, rounding_g, cout, cin, mode_g) if bits_g > 0 else None
+    fmt = memory_format(channels_last)
     if _triton_applies(groups, 0, qe, qx):
         out, done = _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
-                                  max_terms, gq)
+                                  max_terms, gq, fmt)
     else:
         out, done = conv2d_int8_wgrad_reference(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups,
                                                 bits_e, bits_a, out_dtype, fast=_cpu(qe)), False
-    if out.shape[0] != cout or out.shape[1] != cin:
-        out = out[:cout, :cin].contiguous()
+    if out.shape[0] != cout or out.shape[1] != cin or not out.is_contiguous(memory_format=fmt):
+        out = out[:cout, :cin].contiguous(memory_format=fmt)
     if gq is not None and not done:
         out = quantize_weight_grad(out, QConfig(bits_g=bits_g, rounding_g=rounding_g), mode_g)
     return out
@@ -134,21 +135,30 @@ def conv2d_int8_wgrad_op(qe: torch.Tensor, qx: torch.Tensor, se: Optional[torch.
 
 @conv2d_int8_wgrad_op.register_fake
 def _(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e, bits_a, out_dtype, max_terms, bits_g=0,
-      rounding_g="stochastic", out_channels=None, rng=None, mode_g="shift"):
+      rounding_g="stochastic", out_channels=None, rng=None, channels_last=False, mode_g="shift"):
     cout, cin = out_channels if out_channels else (qe.shape[1], qx.shape[1] // groups)
-    return qe.new_empty((cout, cin, *kernel_hw), dtype=torch.int64 if se is None else out_dtype)
+    return torch.empty((cout, cin, *kernel_hw), dtype=torch.int64 if se is None else out_dtype, device=qe.device,
+                       memory_format=memory_format(channels_last))
 
 
-def weight_grad_op(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, qc: QConfig, out_channels):
+def weight_grad_op(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, qc: QConfig, out_channels,
+                   channels_last: bool = False):
     """The weight-grad of the autograd functions: integer GEMM, scales, and G quantization (``qc``) in one
-    op; ``out_channels`` [Cout, Cin/groups]: the real part of padded code channels."""
+    op; ``out_channels`` [Cout, Cin/groups]: the real part of padded code channels; ``channels_last``: in the
+    weight's OHWI memory order (``weight_layout``)."""
     from ... import _rng
 
     bits_g = qc.bits_g or 0
     rng = _rng.device_state(qe.device) if bits_g and qc.rounding_g == "stochastic" else None
     return conv2d_int8_wgrad_op(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, qc.bits_e, qc.bits_a,
                                  torch.float32, MAX_TERMS, bits_g, qc.rounding_g, list(out_channels), rng,
-                                 qc.mode_eg)
+                                 channels_last, qc.mode_eg)
+
+
+def weight_layout(weight: torch.Tensor) -> bool:
+    """Whether a weight is stored channels-last (OHWI) and not also contiguous (a 1×1 weight is both): its
+    gradient is then written channels-last, so that autograd accumulates it with no copy."""
+    return weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 def _pair(name, value, minimum):
@@ -209,6 +219,20 @@ def _pad_multiple(t: torch.Tensor, groups: int, channels: int) -> int:
     return CHANNEL_PAD if groups == 1 and code_channels(channels) != channels and use_triton(t) else 0
 
 
+def _x_channel_major(x, weight, stride, padding, groups) -> bool:
+    """Whether the weight-grad reads the input codes channel-major: a 1×1 kernel, stride 1, no padding
+    (X̃ = X, row m = pixel m), on the Triton path."""
+    return (groups == 1 and tuple(weight.shape[2:]) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]
+            and use_triton(x))
+
+
+def _tma(gy, xa, w_shape, stride, padding, pad_e) -> bool:
+    """Whether the weight-grad runs rule 8's TMA kernel (it reads its own copy of the E codes)."""
+    N, C, H, W = xa.shape
+    return bool(tiles.wgrad_tma_plan(gy.device, N, C, H, W, padded_channels(gy.shape[1], pad_e), *gy.shape[2:],
+                                     *w_shape[2:], stride, padding))
+
+
 def _is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
@@ -234,7 +258,12 @@ class QConv2dFunction(torch.autograd.Function):
         # SPEC §8: Cin not a multiple of 16 (first layer, Cin = 3) -> A and W codes with Cin zero-padded, so
         # the int8 kernels run their aligned path (16-byte loads, big tile); the padding adds 0 to every sum
         pad = _pad_multiple(x, groups, x.shape[1]) if qc.bits_a is not None and qc.bits_w is not None else 0
-        if qc.bits_a is not None:
+        xa = None
+        if qc.bits_a is not None and qc.bits_w is not None and _x_channel_major(x, weight, stride, padding, groups):
+            # 1×1, stride 1, no padding: the weight-grad reads X̃ = X channel-major (K-major): the quantizer
+            # writes that layout too (saved for backward; the forward GEMM reads the NHWC codes)
+            qx, xa, sx = quantize_two_layouts(x, qc.bits_a, "nearest", qc.mode, pad)
+        elif qc.bits_a is not None:
             qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode, channels_last=True, pad_channels_to=pad)
         if qc.bits_w is not None:  # OHWI codes: Cin contiguous, the forward's K-major weight operand
             codes, sw = quantize_weight(weight, qc, channels_last=True, pad_channels_to=pad)
@@ -250,8 +279,9 @@ class QConv2dFunction(torch.autograd.Function):
         ctx.qc = qc
         ctx.conv = (stride, padding, dilation, groups)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, channels_last,
-                    tuple(x.shape), tuple(weight.shape))
-        ctx.save_for_backward(qx if qx is not None else x, sx, qw if qw is not None else weight, sw)
+                    tuple(x.shape), tuple(weight.shape), weight_layout(weight))
+        ctx.save_for_backward(xa if xa is not None else qx if qx is not None else x, sx, qw if qw is not None else weight,
+                              sw)
         return y
 
     @staticmethod
@@ -259,15 +289,22 @@ class QConv2dFunction(torch.autograd.Function):
         refuse_double_backward()
         qc = ctx.qc
         stride, padding, dilation, groups = ctx.conv
-        x_dtype, w_dtype, b_dtype, channels_last, x_shape, w_shape = ctx.meta
+        x_dtype, w_dtype, b_dtype, channels_last, x_shape, w_shape, w_cl = ctx.meta
         xa, sx, wa, sw = ctx.saved_tensors
         cin, cout = x_shape[1], w_shape[0]
         gx = gw = gb = None
         qe = se = None
+        qe_cm = None
         if qc.bits_e is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             # Cout not a multiple of 16: E codes with Cout zero-padded (the dgrad reduction, the wgrad rows)
             pad_e = _pad_multiple(gy, groups, cout)
-            qe, se = quantize(gy, qc.bits_e, qc.rounding_e, qc.mode_eg, channels_last=True, pad_channels_to=pad_e)
+            if ctx.needs_input_grad[1] and sx is not None and groups == 1 and use_triton(gy) and not _tma(
+                    gy, xa, w_shape, stride, padding, pad_e):
+                # the weight-grad reduces over N·OH·OW: channel-major E codes ([Cout, M], rows contiguous) are
+                # its K-major int8 MMA operand; the quantizer writes them in the same pass as the NHWC ones
+                qe, qe_cm, se = quantize_two_layouts(gy, qc.bits_e, qc.rounding_e, qc.mode_eg, pad_e)
+            else:
+                qe, se = quantize(gy, qc.bits_e, qc.rounding_e, qc.mode_eg, channels_last=True, pad_channels_to=pad_e)
 
         def as_float(t, s, bits, channels):
             return (dequantize(t, s, bits) if s is not None else t.float())[:, :channels]
@@ -288,22 +325,11 @@ class QConv2dFunction(torch.autograd.Function):
                 gx = gx.to(x_dtype).contiguous(memory_format=memory_format(channels_last))
         if ctx.needs_input_grad[1]:
             if qe is not None and sx is not None:
-                qe_w = qe
-                N_, C_, H_, W_ = xa.shape
-                tma = groups == 1 and tiles.wgrad_tma_plan(qe.device, N_, C_, H_, W_, qe.shape[1], *qe.shape[2:],
-                                                             *w_shape[2:], stride, padding)
-                if groups == 1 and use_triton(qe) and not tma:  # (the TMA weight-grad makes its own copy)
-                    # the weight-grad reduces over N·OH·OW: a channel-major copy of the E codes ([Cout, M], rows
-                    # contiguous) is a K-major int8 MMA operand (no byte-wise transpose in shared memory);
-                    # 1 B/element read + 1 written, the same int8 values
-                    qe_w = qe.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
-                xa_w = xa
-                if (groups == 1 and use_triton(xa) and tuple(w_shape[2:]) == (1, 1) and list(stride) == [1, 1]
-                        and list(padding) == [0, 0]):  # X̃ = X: channel-major input codes, both operands K-major
-                    xa_w = xa.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
-                # padded rows/columns (exactly 0) dropped; G quantization fused into the kernel
-                gw = weight_grad_op(qe_w, xa_w, se, sx, list(w_shape[2:]), stride, padding, dilation, groups, qc,
-                                    [cout, cin // groups])
+                # channel-major E (above) and, for a 1×1 stride-1 layer, channel-major input codes (saved so by
+                # the forward): both K-major, written by their quantizer passes; padded rows/columns (exactly 0)
+                # dropped; G quantization fused into the kernel
+                gw = weight_grad_op(qe_cm if qe_cm is not None else qe, xa, se, sx, list(w_shape[2:]), stride,
+                                    padding, dilation, groups, qc, [cout, cin // groups], w_cl)
             else:
                 gw = torch.nn.grad.conv2d_weight(as_float(xa, sx, qc.bits_a, cin), w_shape, e_float(), stride,
                                                  padding, dilation, groups)

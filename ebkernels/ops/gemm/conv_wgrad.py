@@ -48,15 +48,19 @@ def _wgrad_aot(t, **kw):
 # every tile of the table (``tiles.WGRAD_TILES``) as QConv2dFunction launches it: channel-major E codes,
 # scaled result with G quantized in the epilogue, one split or several (SPLIT_FIX: the last split of a
 # tile finishes it); the BK = 32 tiles unaligned (ALIGN=1: E rows N·OH·OW or Cin not multiples of 16);
-# at the big tile the other variants: NHWC E, channel-major X (1×1), the small-gradient in-place G
-# quantization (GQ=2), exact int64 sums (RAW, the integer API)
+# at the big tile the other variants: NHWC E, channel-major X (1×1), the one-tile G quantization in registers
+# (GQ=2: a 1×1 layer's or the flat first layer's gradient in one tile, split or not), exact int64 sums (RAW,
+# the integer API)
 _BIG = [t for t in tiles.WGRAD_TILES if t.BK == tiles.WGRAD_BK][-1]
+_FLAT = [t for t in tiles.WGRAD_TILES if t.flat and (t.BM, t.BN) == (64, 32)][0]
 _WGRAD_AOT = ([_wgrad_aot(t, GQ=1, RAW=False, SPLIT_FIX=fix, **({} if t.BK == tiles.WGRAD_BK else
                                                                 {"ALIGN": 1, "OUT_ALIGN": 1}))
                for t in tiles.WGRAD_TILES for fix in (False, True)]
               + [{**_wgrad_aot(_BIG, RAW=True, E_CM=False, se_c=1, SPLIT_FIX=True), "se_w": None},
                  {**_wgrad_aot(_BIG, RAW=False, X_CM=True, sx_w=1, SPLIT_FIX=True), "sx_c": None},
                  _wgrad_aot(_BIG, GQ=2, RAW=False, SPLIT_FIX=False),
+                 {**_wgrad_aot(_BIG, GQ=2, RAW=False, X_CM=True, sx_w=1, SPLIT_FIX=True), "sx_c": None},
+                 _wgrad_aot(_FLAT, GQ=2, RAW=False, SPLIT_FIX=True, ALIGN=1, OUT_ALIGN=1),
                  _wgrad_aot(_BIG, RAW=True, SPLIT_FIX=True)])
 _WGRAD_AOT = [{k: v for k, v in c.items() if v is not None} for c in _WGRAD_AOT]
 
@@ -85,7 +89,7 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
     (tap, channel), each with its own input-pixel shift (a [rows, columns] gather), so the first layer's
     3×3×3 columns fill one 32-wide tile instead of nine 16-wide ones. ``SPLIT_FIX`` (several chunks): they meet
     in the int64 workspace ``ws_ptr``, the last one of the tile finishes it. ``GQ`` (1, 2; scaled result): G
-    quantization fused in (``mainloop.finish_gemm_tile``)."""
+    quantization fused in (``mainloop.finish_gemm_tile``, ``gquant``)."""
     C = assume_multiple(C, ALIGN)
     M = assume_multiple(M, ALIGN if E_CM else 1)
     m_per_split = assume_multiple(m_per_split, ALIGN if E_CM else 1)
@@ -168,14 +172,14 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
 
 
 def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
-                  max_terms, gq=None):
+                  max_terms, gq=None, fmt=torch.contiguous_format):
     """``gq``: None, or (bits_g, rounding_g, cout, cin, scale mode of G): G-quantize the real [:cout, :cin] part in the
-    kernel when the reduction is one split (else the caller quantizes); returns (out, quantized?)."""
+    kernel (``gquant``); ``fmt``: the result's memory format; returns (out, quantized?)."""
     N, C, H, W = qx.shape
     _, CO, OH, OW = qe.shape
     KH, KW = kernel_hw
     raw = se is None
-    out, inv_ss = result_and_scale((CO, C, KH, KW), se, out_dtype, bits_e, bits_a, qx.device)
+    out, inv_ss = result_and_scale((CO, C, KH, KW), se, out_dtype, bits_e, bits_a, qx.device, fmt)
     if out.numel() == 0:
         return out, False
     M = N * OH * OW
@@ -220,7 +224,7 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     if fuse_g:
         bits_g, rounding_g, cout, cin, scale_g = gq
         real = out[:cout, :cin]
-        g_args, g_mode, g_stoch = gquant_plan(real, bits_g, rounding_g, scale_g)
+        g_args, g_mode, g_stoch = gquant_plan(real, bits_g, rounding_g, scale_g, out, n_tiles)
     else:
         (g_args, g_mode, g_stoch), bits_g = gquant_off(qe), 8
     if rows is not None:

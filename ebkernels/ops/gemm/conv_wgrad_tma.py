@@ -65,18 +65,21 @@ _OPERANDS_SIG = {"x_ptr": "*i8", "e_ptr": "*i8", "xd_ptr": "*i8", "ed_ptr": "*i8
                  "se_h": "i32", "se_w": "i32"}
 
 
-@aot_kernel(signature=_OPERANDS_SIG, constexprs={"BLOCK_C": _COPY_BLOCK_C, "BLOCK_R": _COPY_BLOCK_R})
+@aot_kernel(signature=_OPERANDS_SIG,
+            constexprs=[{"BLOCK_C": _COPY_BLOCK_C, "BLOCK_R": _COPY_BLOCK_R, "WITH_E": e} for e in (True, False)])
 @triton.jit
 def wgrad_tma_operands_kernel(x_ptr, e_ptr, xd_ptr, ed_ptr, C, CP, CO, COP, N, H, W, OH, OW, HP, OHS, OWS, pad_h,
                               pad_w, dil_w, sx_n, sx_c, sx_h, sx_w, se_n, se_c, se_h, se_w,
-                              BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Both operands of the TMA weight-grad in one launch (grid: row blocks, channel blocks, KW + 1):
+                              BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, WITH_E: tl.constexpr):
+    """The operands of the TMA weight-grad in one launch (grid: row blocks, channel blocks, KW (+ 1)):
     axis 2 = j < KW: input copy j (``xd[j·CP + c, n·HP + h, w] = x[n, c, h - pad_h, w + j·dil_w - pad_w]``),
-    axis 2 = KW: E (``ed[co, n·OHS + oh, ow] = e[n, co, oh, ow]``); zero wherever the source has nothing."""
+    axis 2 = KW (``WITH_E``): E (``ed[co, n·OHS + oh, ow] = e[n, co, oh, ow]``); zero wherever the source has
+    nothing. Without ``WITH_E`` the E codes are already in that layout (the channel-major codes ``bn_relu_bwd``
+    writes, when no row or channel needs padding): no copy of them."""
     j = tl.program_id(2)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if j < tl.num_programs(2) - 1:
+    if j < tl.num_programs(2) - WITH_E:
         _copy_channel_major(x_ptr, xd_ptr + j * CP * (N * HP * OWS), c, r, C, CP, N * HP, OWS, HP, H, W, sx_n,
                             sx_c, sx_h, sx_w, pad_h, pad_w - j * dil_w, N * HP * OWS)
     elif tl.program_id(0) * BLOCK_R < N * OHS * OWS:
@@ -95,8 +98,8 @@ _NO_GQ = {"GQ": 1, "BITS_G": 8, "STOCH_G": True, "GBLOCK": 1024, "RAW": False, "
 
 def _tma_aot():
     """Every aligned 64-row tile of the table with the (2, 32) box, one split or several, G quantized in the
-    epilogue; the other two boxes at the 64×64 tile (the box changes the loads only), and there the
-    in-kernel small-gradient G quantization and the raw int64 sums."""
+    epilogue; the other two boxes at the 64×64 tile (the box changes the loads only), and there the raw
+    int64 sums."""
     aligned = [t for t in tiles.WGRAD_TILES if t.BK == tiles.WGRAD_BK and not t.flat]
     out = []
     for t in aligned:
@@ -105,9 +108,8 @@ def _tma_aot():
                 continue
             for fix in (False, True):
                 out.append({**t.aot(), **_NO_GQ, "BH": bh, "BW": bw, "SPLIT_FIX": fix})
-            if (t.BM, t.BN, bh) == (64, 64, 2):  # the small-gradient G quantization; the raw int64 API
-                out += [{**t.aot(), **_NO_GQ, "BH": bh, "BW": bw, "SPLIT_FIX": False, "GQ": 2},
-                        {**t.aot(), **_NO_GQ, "BH": bh, "BW": bw, "SPLIT_FIX": True, "GQ": 0, "RAW": True}]
+            if (t.BM, t.BN, bh) == (64, 64, 2):  # the raw int64 API (GQ=2 never: two or more taps, two tiles)
+                out += [{**t.aot(), **_NO_GQ, "BH": bh, "BW": bw, "SPLIT_FIX": True, "GQ": 0, "RAW": True}]
     return out
 
 
@@ -158,18 +160,33 @@ def conv2d_int8_wgrad_tma_kernel(e_desc, x_desc, out_ptr, se_ptr, sx_ptr, C, CP,
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
+def e_is_tma_ready(qe, rows: tiles.TmaRows) -> bool:
+    """Whether the E codes already are the TMA operand [COp, N·OHs, OWs]: channel-major and contiguous (as
+    ``bn_relu_bwd`` writes them), no padded channel, row or column, 16-byte aligned."""
+    N, CO, OH, OW = qe.shape
+    return ((CO, OH, OW) == (rows.COP, rows.OHs, rows.OWs) and qe.permute(1, 0, 2, 3).is_contiguous()
+            and qe.data_ptr() % 16 == 0)
+
+
 def wgrad_tma_operands(qe, qx, rows: tiles.TmaRows, KW, padding, dilation):
-    """(e_copy [COp, N·OHs, OWs], x_copies [KW·Cp, N·Hp, OWs]) int8, in one launch."""
+    """(e operand [COp, N·OHs, OWs], x_copies [KW·Cp, N·Hp, OWs]) int8, in one launch; E is a view of ``qe``
+    where that already is the operand (``e_is_tma_ready``), else a copy."""
     N, C, H, W = qx.shape
     _, CO, OH, OW = qe.shape
     cp, cop = rows.CP, rows.COP
     xd = empty_output((KW * cp, N * rows.Hp, rows.OWs), torch.int8, qx.device)
-    ed = empty_output((cop, N * rows.OHs, rows.OWs), torch.int8, qx.device)
+    ready = e_is_tma_ready(qe, rows)
+    if ready:
+        ed = qe.permute(1, 0, 2, 3).reshape(cop, N * rows.OHs, rows.OWs)
+    else:
+        ed = empty_output((cop, N * rows.OHs, rows.OWs), torch.int8, qx.device)
     x_rows = N * rows.Hp * rows.OWs
-    grid = (triton.cdiv(max(x_rows, N * rows.rows), _COPY_BLOCK_R), triton.cdiv(max(cp, cop), _COPY_BLOCK_C), KW + 1)
+    e_rows = 0 if ready else N * rows.rows
+    grid = (triton.cdiv(max(x_rows, e_rows), _COPY_BLOCK_R), triton.cdiv(max(cp, 0 if ready else cop), _COPY_BLOCK_C),
+            KW + (not ready))
     wgrad_tma_operands_kernel[grid](qx, qe, xd, ed, C, cp, CO, cop, N, H, W, OH, OW, rows.Hp, rows.OHs, rows.OWs,
                                     padding[0], padding[1], dilation[1], *qx.stride(), *qe.stride(),
-                                    BLOCK_C=_COPY_BLOCK_C, BLOCK_R=_COPY_BLOCK_R)
+                                    BLOCK_C=_COPY_BLOCK_C, BLOCK_R=_COPY_BLOCK_R, WITH_E=not ready)
     return ed, xd
 
 

@@ -13,20 +13,22 @@ import torch
 from ..._triton import triton
 from ...config import QConfig
 from .._buffers import empty_output
-from ..quantize import quantize, quantize_dequantize
+from .._launch import padded_channels
+from ..quantize import _check_args, _quantize_op, _seed_args, quantize, quantize_dequantize
 from . import tiles
 
 __all__ = ["split_reduction", "inv_code_scales", "result_and_scale", "F32_EXACT_SUM", "MAX_F32_CHUNKS", "f32_exact_terms",
-           "f32_chunks", "exact_int_sums", "quantize_weight", "quantize_weight_grad",
+           "f32_chunks", "exact_int_sums", "quantize_weight", "quantize_weight_grad", "quantize_two_layouts",
            "refuse_double_backward"]
 
 
-def split_reduction(length: int, n_tiles: int, BK: int, device: torch.device, max_terms: int):
+def split_reduction(length: int, n_tiles: int, BK: int, device: torch.device, max_terms: int, min_iters: int = 8):
     """(splits, terms per split) for a reduction of ``length`` terms: every split at most ``max_terms``
     terms (int32-exact) and a multiple of BK; on a GPU, more splits when there are too few output tiles
-    to fill the SMs (one rule with the convolution weight-grad: ``tiles.wgrad_splits``)."""
+    to fill the SMs (one rule with the convolution weight-grad: ``tiles.wgrad_splits``), each at least
+    ``min_iters`` K steps."""
     return tiles.wgrad_splits(length, n_tiles, tiles.device_sms(device) if tiles.on_gpu(device) else None,
-                              max_terms, BK)
+                              max_terms, BK, min_iters)
 
 
 def inv_code_scales(bits_a: int, bits_b: int) -> float:
@@ -100,6 +102,20 @@ def quantize_weight(weight: torch.Tensor, qc: QConfig, channels_last: bool = Fal
     if qc.mode == "wage" and qc.alpha != 1.0:
         s = s * qc.alpha  # device op: no synchronisation
     return codes, s
+
+
+def quantize_two_layouts(x: torch.Tensor, bits: int, rounding: str, mode: str = "shift", pad_channels_to: int = 0):
+    """``quantize(x, ..., channels_last=True, pad_channels_to)`` of a 4-D tensor that also writes the codes
+    channel-major (memory [Cp, N, H, W]: the K-major operand of a weight-grad) in the same pass, instead of a
+    ``permute(1, 0, 2, 3).contiguous()`` copy afterwards: ``(codes NHWC, codes channel-major, scale)``, the
+    same codes (and noise) as ``quantize``."""
+    _check_args(x, bits, rounding, mode, None, True, pad_channels_to)
+    N, C, H, W = x.shape
+    cm = empty_output((padded_channels(C, pad_channels_to), N, H, W), torch.int8, x.device).permute(1, 0, 2, 3)
+    stochastic = rounding == "stochastic"
+    seed_arg, rng = _seed_args(stochastic, None, x.device)
+    codes, s = _quantize_op(x, bits, stochastic, mode, seed_arg, True, pad_channels_to, False, rng, cm)
+    return codes, cm, s
 
 
 def quantize_weight_grad(grad_w: torch.Tensor, qc: QConfig, mode: str | None = None) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from ...config import QConfig, as_qconfig
 from .._buffers import split_workspace
-from .._launch import MAX_TERMS, alignment
+from .._launch import MAX_TERMS, MIN_PROGRAMS, PROGRAM_BYTES, alignment
 from .._tl import assume_multiple
 from ..quantize import dequantize, quantize
 from . import tiles
@@ -47,9 +47,13 @@ __all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunc
 # "unaligned": operands whose leading dimensions are not multiples of 16 (ALIGN=1) cannot use 16-byte vector
 # loads: one address and predicate per byte, which spills at 128x128x64; 64x128x32 halves the per-thread
 # load state and does not. Same warps/stages (the Linear's AOT declaration holds one pair).
+# "small": a GEMM whose operands total 256 KiB or more but whose big-tile grid (splits included) has fewer than
+# MIN_PROGRAMS programs (a classifier head: 10 output features) takes 32x32x32 tiles and splits of one K step
+# or more, so that no launch of that size runs on a handful of SMs (issue 20).
 GPU_TILES = {
     "linear": {"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
     "unaligned": {"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+    "small": {"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
 }
 # the interpreter's cost is per operation, not per element: few, mid-sized tiles
 _INTERPRETER_TILES = {"BM": 64, "BN": 32, "BK": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
@@ -73,6 +77,7 @@ _GEMM_SIG = {"a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": "*fp32", "sa_ptr": "*fp3
              "g2": "i64", "g3": "i64", "gs0": "i64", "gs1": "i64", "gs2": "i64", "gs3": "i64"}
 _GPU_TILES, _GPU_UNALIGNED = ({k: v for k, v in GPU_TILES[c].items() if k not in ("num_warps", "num_stages")}
                               for c in ("linear", "unaligned"))
+_GPU_SMALL = dict(GPU_TILES["small"])
 # AOT configurations as launched on a GPU (unit strides are specialised the way the JIT does it; ALIGN=16:
 # extents and leading dimensions multiples of 16, what the JIT infers for such arguments), each with one
 # split and with several (SPLIT_FIX: the last split of a tile finishes it): forward (x, Wᵀ: both
@@ -89,6 +94,9 @@ _GEMM_AOT = [
 _GEMM_AOT += [{**cfg, "HAS_BIAS": False, "RAW": False, "ALIGN": align, **_NO_GQ, "GQ": gq, **_WGRAD, "SPLIT_FIX": fix}
               for cfg, align, gq in ((_GPU_TILES, 16, 1), (_GPU_TILES, 16, 2), (_GPU_UNALIGNED, 1, 2))
               for fix in (False, True)]
+# the small-grid tile (its own warps): forward / input-grad with bias, split or not; the weight-grad's G quantized
+_GEMM_AOT += [{**_GPU_SMALL, "HAS_BIAS": True, "RAW": False, "ALIGN": 1, **_NO_GQ, **_FWD, "SPLIT_FIX": True},
+              {**_GPU_SMALL, "HAS_BIAS": False, "RAW": False, "ALIGN": 1, **_NO_GQ, "GQ": 2, **_WGRAD, "SPLIT_FIX": True}]
 
 
 @aot_kernel(signature=_GEMM_SIG, constexprs=_GEMM_AOT, num_warps=GPU_TILES["linear"]["num_warps"],
@@ -169,13 +177,20 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     n_tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     splits, per = split_reduction(K, n_tiles, BK, a.device, max_terms)
+    min_iters = 8
+    moved = M * K + K * N + M * N * out.element_size() + (n_tiles * BM * BN * 8 if splits > 1 else 0)
+    if tiles.on_gpu(a.device) and n_tiles * splits < MIN_PROGRAMS and moved >= 4 * PROGRAM_BYTES:
+        cfg, min_iters = dict(GPU_TILES["small"]), 1  # a small grid over 256 KiB or more (see GPU_TILES)
+        BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+        n_tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+        splits, per = split_reduction(K, n_tiles, BK, a.device, max_terms, min_iters)
     # splits > 1: each adds its exact int32 tile into an int64 workspace, the last split of the tile
     # finishes it (epilogue, G quantization) in the same launch: no int32 partials, no finalize launch
     ws = split_workspace(n_tiles, splits, BM, BN, a.device)
     align = alignment((M, N, K, per, *strides, *(st for st in out.stride() if st != 1)), (a, b, out))
     fuse_g = gq is not None and not raw and out_dtype == torch.float32
     if fuse_g:
-        g_args, g_mode, g_stoch = gquant_plan(out, *gq)
+        g_args, g_mode, g_stoch = gquant_plan(out, *gq, out, n_tiles)
     else:
         g_args, g_mode, g_stoch = gquant_off(a)
     dummy = a  # never dereferenced: RAW / no bias

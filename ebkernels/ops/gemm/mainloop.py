@@ -30,10 +30,11 @@ from __future__ import annotations
 
 from ..._triton import tl, triton
 from .._tl import cast_rne, tap_input_coord
-from .gquant import gquant_epilogue
+from .gquant import gquant_max, gquant_tile
 
 __all__ = ["phase_taps", "grouped_tile_ids", "load_pixels_tile", "load_channel_major_tile", "k_steps",
-           "conv_implicit_gemm_tile", "conv_forward_tile", "split_fixup", "store_gemm_tile", "finish_gemm_tile"]
+           "conv_implicit_gemm_tile", "conv_forward_tile", "split_fixup", "gemm_tile_values", "store_gemm_tile",
+           "finish_gemm_tile"]
 
 
 @triton.jit
@@ -192,40 +193,50 @@ def split_fixup(acc, ws_ptr, tile, splits, BM: tl.constexpr, BN: tl.constexpr):
     integer atomics — exact in any order, so the sum is deterministic — then count the split in on the
     tile's semaphore. Returns ``(total, last)``: ``last`` in the one program of the tile that arrived last
     (it alone goes on to the epilogue), ``total`` there the int64 sum over all splits (``acc`` elsewhere).
-    Ordering: each add is a release, the semaphore an acq_rel atomic, and the last split reads the
-    workspace with L1-bypassing loads after it. Every other split has added and counted in by then, so the
-    last one leaves its tile and semaphore zero again: the workspace comes from ``counter_pool``, no memset."""
+
+    Ordering, with ONE GPU-scope fence per program: the element adds are relaxed atomics (no fence each);
+    a CTA barrier orders every thread's adds before the semaphore, and the semaphore add is the one
+    acquire-release atomic (executed by one thread: its release is cumulative over what the CTA did before
+    the barrier, its acquire orders what the CTA does after it). The last split then reads the workspace with
+    L2 (``.cg``) loads, zeroes its tile and the semaphore (relaxed: the next launch on the stream sees them),
+    so the workspace comes from ``counter_pool``, no memset."""
     offs = tile.to(tl.int64) * (BM * BN) + (tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :])
-    tl.atomic_add(ws_ptr + offs, acc.to(tl.int64), sem="release")
+    tl.atomic_add(ws_ptr + offs, acc.to(tl.int64), sem="relaxed")
     tl.debug_barrier()  # every thread's adds are issued before the semaphore
     sem = ws_ptr + tl.num_programs(0).to(tl.int64) * (BM * BN) + tile
-    done = tl.atomic_add(sem, 1)
+    done = tl.atomic_add(sem, 1, sem="acq_rel")
     last = done == splits - 1
     total = acc.to(tl.int64)
     if last:
         total = tl.load(ws_ptr + offs, cache_modifier=".cg")
         tl.store(ws_ptr + offs, tl.zeros([BM, BN], dtype=tl.int64))
-        tl.atomic_xchg(sem, 0)
+        tl.atomic_xchg(sem, 0, sem="relaxed")
     return total, last
+
+
+@triton.jit
+def gemm_tile_values(acc, col, col_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss, HAS_BIAS: tl.constexpr):
+    """The dequantized fp32 tile ``acc * (sa * sb * inv_ss) + bias[col]`` (scales: 0-dim device tensors, so
+    no host synchronisation is needed to get them)."""
+    y = acc.to(tl.float32) * (tl.load(sa_ptr) * tl.load(sb_ptr) * inv_ss)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return y
 
 
 @triton.jit
 def store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr,
                     inv_ss, HAS_BIAS: tl.constexpr, RAW: tl.constexpr):
     """Epilogue. RAW: store the integer accumulator as is (the exact sums, int64 results). Otherwise
-    ``acc * (sa * sb * inv_ss) + bias[col]`` in fp32, stored in ``out_ptr``'s element type; the
-    scales are 0-dim device tensors, so no host synchronisation is needed to get them. Returns the fp32
-    tile and its mask (the weight-grad's fused G quantization reads them)."""
+    ``gemm_tile_values`` stored in ``out_ptr``'s element type. Returns the fp32 tile and its mask (the
+    weight-grad's fused G quantization reads them)."""
     offs = row_offs[:, None] + col_offs[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if RAW:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         y = acc.to(tl.float32)  # not the result: RAW callers ignore it
     else:
-        scale = tl.load(sa_ptr) * tl.load(sb_ptr) * inv_ss
-        y = acc.to(tl.float32) * scale
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = gemm_tile_values(acc, col, col_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss, HAS_BIAS)
         tl.store(out_ptr + offs, cast_rne(y, out_ptr.dtype.element_ty), mask=mask)
     return y, mask
 
@@ -238,15 +249,20 @@ def finish_gemm_tile(acc, ws_ptr, out_ptr, row_offs, row_ok, col, col_offs, col_
     """The end of a GEMM program on grid (tiles, splits) with its int32 tile ``acc``. ``SPLIT_FIX``
     (splits > 1): ``split_fixup`` adds it into the int64 workspace and only the tile's last split goes on,
     with the int64 sum over all splits (RAW results stay exact). Then the epilogue (``store_gemm_tile``)
-    and, ``GQ`` > 0, the weight-grad's G quantization (``gquant.gquant_epilogue``: every tile finished
-    by exactly one program, so it counts ``tiles`` of them; gq/rng/gn/g*/gs*: its scratch and the real
-    gradient view)."""
+    and, ``GQ`` > 0, the weight-grad's G quantization (``gquant``): ``GQ=1`` folds the tile into max |G|
+    (the launcher's codes pass follows), ``GQ=2`` (the launch's only tile, G dense row-major in ``out``)
+    stores the values of G's codes instead of the tile. gq/rng: the scratch and random state; gn, g*, gs*
+    (the real gradient view) and GBLOCK are kept for the launchers' argument lists and not read."""
     last = True
     if SPLIT_FIX:
         acc, last = split_fixup(acc, ws_ptr, tl.program_id(0), tl.num_programs(1), BM, BN)
     if last:
-        y, y_mask = store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr,
-                                    inv_ss, HAS_BIAS, RAW)
-        if GQ > 0:
-            gquant_epilogue(y, y_mask, gq_ptr, rng_ptr, out_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3,
-                            tl.num_programs(0), tl.program_id(0) == 0, GQ, BITS_G, STOCH_G, GBLOCK)
+        if GQ == 2:
+            y = gemm_tile_values(acc, col, col_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss, HAS_BIAS)
+            offs = row_offs.to(tl.int64)[:, None] + col_offs.to(tl.int64)[None, :]
+            gquant_tile(y, row_ok[:, None] & col_ok[None, :], offs, out_ptr, rng_ptr, BITS_G, STOCH_G)
+        else:
+            y, y_mask = store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr,
+                                        bias_ptr, inv_ss, HAS_BIAS, RAW)
+            if GQ == 1:
+                gquant_max(y, y_mask, gq_ptr, rng_ptr, tl.program_id(0) == 0, STOCH_G)

@@ -27,9 +27,9 @@ what runs):
    (``FLAT``), so a 16-channel 3×3 layer issues 5 K steps of 32 (144 of 160 lanes useful) instead of 9 of
    64 (144 of 576), and the Cin = 3 first layer, whose codes are no longer padded to 16 channels, one step
    (27 of 32) instead of 9 of 64 (27 of 576). R a multiple of 64: one tap per K step of 64 (scalar decode).
-3. **M tiles by grid fill**: BM = 128 unless that launches fewer programs than the GPU has SMs, then 64;
-   if still short and BN = 128, BN = 64 (the 512-channel 2×2 layers: 32 programs at 128×128, 128 at
-   64×64 on 132 SMs).
+3. **M tiles by grid fill**: BM = 128 unless that fills fewer than 3/4 of the SMs (larger tiles: less L2
+   traffic per multiply-add), then 64; if still short and BN = 128, BN = 64 (the 512-channel 2×2 layers: 32
+   programs at 128×128, 128 at 64×64 on 132 SMs; the 4×4 ones keep 128 of 128×128).
 4. **Input-grad by phase decomposition**: a stride (sh, sw) input-grad is sh·sw dense sub-problems, one
    per input phase (ih % sh, iw % sw), each reading only the taps that hit it (``dgrad_phase_taps``), in
    one launch: no per-tap divisibility test, no wasted taps, any stride / padding / dilation.
@@ -84,6 +84,7 @@ __all__ = ["Tile", "Plan", "MAX_TERMS", "SMS_H100", "INTERPRETER_SMS", "device_s
 
 SMS_H100 = 132  # H100 / H200 SXM
 INTERPRETER_SMS = 4  # what the table assumes under the interpreter (tests: small shapes, every choice)
+GRID_FILL = 0.75  # rule 3: a grid of at least this share of the SMs keeps the larger tile
 WGRAD_BK = 64
 
 
@@ -212,9 +213,9 @@ def igemm_tile(row_tiles, NCOL: int, R: int, sms: int) -> Tile:
     flat = R % 64 != 0
     BK = 32 if flat else 64
     BM = 128
-    if row_tiles(128) * triton.cdiv(NCOL, BN) < sms or (R % 16 and BN == 128):
+    if row_tiles(128) * triton.cdiv(NCOL, BN) < GRID_FILL * sms or (R % 16 and BN == 128):
         BM = 64
-    if row_tiles(BM) * triton.cdiv(NCOL, BN) < sms and BN == 128:
+    if row_tiles(BM) * triton.cdiv(NCOL, BN) < GRID_FILL * sms and BN == 128:
         BN = 64
     return _find(IGEMM_TILES, BM, BN, BK, flat)
 
@@ -372,14 +373,13 @@ def wgrad_col_tiles(tile: Tile, C: int, taps: int) -> int:
     return triton.cdiv(taps * C, tile.BN) if tile.flat else taps * triton.cdiv(C, tile.BN)
 
 
-def wgrad_splits(P: int, programs: int, sms: Optional[int], max_terms: int, BK: int = WGRAD_BK):
-    """(splits, rows per split) of a weight-grad reduction over P rows: every split at most ``max_terms``
-    rows (int32-exact) and a multiple of BK; with ``sms`` (a GPU), more splits while there are fewer
-    than two output tiles per SM, each split keeping at least 8 steps."""
+def wgrad_splits(P: int, programs: int, sms: Optional[int], max_terms: int, BK: int = WGRAD_BK, min_iters: int = 8):
+    """(splits, rows per split) of a reduction over P rows: each at most ``max_terms`` rows (int32-exact), a
+    multiple of BK; with ``sms`` (a GPU), more while under two tiles per SM, each >= ``min_iters`` steps."""
     max_terms = max(BK, max_terms // BK * BK)
     splits = triton.cdiv(P, max_terms)
     if sms:
-        splits = max(splits, min(triton.cdiv(2 * sms, max(programs, 1)), triton.cdiv(P, 8 * BK)))
+        splits = max(splits, min(triton.cdiv(2 * sms, max(programs, 1)), triton.cdiv(P, min_iters * BK)))
     per = triton.cdiv(triton.cdiv(max(P, 1), splits), BK) * BK
     return triton.cdiv(max(P, 1), per), per
 
