@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import ebkernels
 from ebkernels import _rng
-from ebkernels.ops.fused.bn_math import bn_grad_in_reference
+from ebkernels.ops.fused.bn_math import act_grad_reference, bn_grad_in_reference
 from ebkernels.ops.fused.bn_relu_bwd import _bwd_op, _reduce_op, bn_relu_bwd, bn_relu_bwd_reduce, bn_relu_bwd_reduce_reference, bn_relu_bwd_reference
 from ebkernels.ops.fused.bn_relu_quant import bn_stats
 from ebkernels.ops._scale import shift_scale_reference
@@ -62,12 +62,20 @@ def _gathered64(dz, inv, C):
     return torch.where((i >= 0).view(1, -1, 1, 1), out, torch.zeros_like(out))
 
 
-def _sums64(dz, y, bnp, inv, relu):
+def _g64(d, yf, bnp, act):
+    """dz·act'(t) in float64, with the float32 pre-activation t and (SiLU, Hardswish) derivative the kernels use."""
+    t = yf * bnp[0].cpu().view(1, -1, 1, 1) + bnp[1].cpu().view(1, -1, 1, 1)
+    if act in ("silu", "hardswish"):
+        return d * act_grad_reference(t, torch.ones_like(t), act).double()
+    return act_grad_reference(t, d, act)
+
+
+def _sums64(dz, y, bnp, inv, act):
     """float64 sums over the kernels' float32 mask and xhat, and the sums of magnitudes."""
     a, b, mean, rstd = (bnp[i].cpu().view(1, -1, 1, 1) for i in range(4))
     yf = y.cpu().float()
     d = _gathered64(dz, inv, y.shape[1])
-    g = torch.where(~((yf * a + b) <= 0), d, torch.zeros_like(d)) if relu else d
+    g = _g64(d, yf, bnp, act)
     xhat = ((yf - mean) * rstd).double()
     t0, t1 = rows(g), rows(g * xhat)
     return torch.stack([t0.sum(0), t1.sum(0)]), torch.stack([t0.abs().sum(0), t1.abs().sum(0)])
@@ -79,53 +87,57 @@ def _assert_sums(sums, want, mag, msg):
     assert (err <= bound).all(), f"sums {msg}: worst err/bound {(err / bound).max().item():.3g}"
 
 
-# (N, C, H, W, inv, relu, dz dtype, dz layout, y)
+# (N, C, H, W, inv, act, dz dtype, dz layout, y)
 REDUCE_CASES = [
-    (2, 20, 6, 7, None, True, torch.bfloat16, "cl", "bn_stats"),
-    (3, 37, 5, 4, "inv", True, torch.bfloat16, "cl", "bn_stats"),
-    (2, 20, 6, 7, None, False, torch.float32, "nchw", "f32"),
-    (1, 20, 70, 70, None, True, torch.bfloat16, "cl", "bn_stats"),  # 4900 rows, 128 a tile: 39 row tiles
-    (2, 140, 3, 4, "inv", True, torch.float32, "nchw", "bn_stats"),  # two channel blocks
+    (2, 20, 6, 7, None, "relu", torch.bfloat16, "cl", "bn_stats"),
+    (3, 37, 5, 4, "inv", "relu", torch.bfloat16, "cl", "bn_stats"),
+    (2, 20, 6, 7, None, "identity", torch.float32, "nchw", "f32"),
+    (2, 20, 6, 7, None, "relu6", torch.bfloat16, "cl", "bn_stats"),
+    (2, 20, 6, 7, None, "silu", torch.bfloat16, "cl", "bn_stats"),
+    (2, 20, 6, 7, None, "hardswish", torch.bfloat16, "cl", "bn_stats"),
+    (1, 20, 70, 70, None, "relu", torch.bfloat16, "cl", "bn_stats"),  # 4900 rows, 128 a tile: 39 row tiles
+    (2, 140, 3, 4, "inv", "relu", torch.float32, "nchw", "bn_stats"),  # two channel blocks
 ]
 
 
 def _rid(c):
-    return "N{}C{}H{}W{}-{}-{}-{}-{}-y{}".format(*c[:4], c[4], "relu" if c[5] else "lin", str(c[6])[6:], c[7], c[8])
+    return "N{}C{}H{}W{}-{}-{}-{}-{}-y{}".format(*c[:4], c[4], c[5], str(c[6])[6:], c[7], c[8])
 
 
 @pytest.mark.parametrize("case", REDUCE_CASES, ids=[_rid(c) for c in REDUCE_CASES])
 def test_reduce_sums(device, poisoned, case):
-    N, C, H, W, inv_kind, relu, dz_dtype, dz_layout, y_kind = case
+    N, C, H, W, inv_kind, act, dz_dtype, dz_layout, y_kind = case
     seed = fresh_seed()
     msg = f"seed={seed} case={_rid(case)}"
     g = gen(seed)
     y, bnp, dz, inv, _, _ = _setup(N, C, H, W, inv_kind, dz_dtype, dz_layout, y_kind, device, g)
-    sums = bn_relu_bwd_reduce(dz, y, bnp, inv, relu)
+    sums = bn_relu_bwd_reduce(dz, y, bnp, inv, act)
     assert sums.shape == (2, C) and sums.dtype == torch.float32, msg
-    want, mag = _sums64(dz, y, bnp, inv, relu)
+    want, mag = _sums64(dz, y, bnp, inv, act)
     _assert_sums(sums, want, mag, msg)
-    ref = bn_relu_bwd_reduce_reference(dz.cpu(), y.cpu(), bnp.cpu(), None if inv is None else inv.cpu(), relu)
+    ref = bn_relu_bwd_reduce_reference(dz.cpu(), y.cpu(), bnp.cpu(), None if inv is None else inv.cpu(), act)
     _assert_sums(ref, want, mag, msg + " (reference)")
     if inv is not None:  # channels nobody reads get exactly nothing
         dead = (inv.cpu() < 0)
         assert dead.any() and sums[:, dead].abs().max().item() == 0, msg
 
 
-# (N, C, H, W, inv, relu, stats, dz dtype, dz layout, y, pad_to, bits)
+# (N, C, H, W, inv, act, stats, dz dtype, dz layout, y, pad_to, bits)
 CASES = [
-    (2, 20, 6, 7, None, True, "train", torch.bfloat16, "cl", "bn_stats", 16, 8),    # Cp = 32
-    (3, 37, 5, 4, "inv", True, "train", torch.bfloat16, "cl", "bn_stats", 16, 8),   # Cp = 48
-    (2, 16, 5, 5, None, False, "train", torch.float32, "nchw", "f32", 16, 6),       # no padding, 6 bits
-    (2, 20, 6, 7, None, True, "eval", torch.bfloat16, "nchw", "bn_stats", 16, 8),   # no sums
-    (1, 9, 30, 40, None, True, "train", torch.bfloat16, "cl", "bn_stats", 16, 8),   # 1200 rows: 5 row tiles
-    (2, 140, 3, 4, "inv", True, "train", torch.bfloat16, "cl", "bn_stats", 16, 8),  # Cp = 144: 2 channel blocks
-    (2, 7, 4, 5, None, True, "train", torch.bfloat16, "cl", "bn_stats", 1, 8),      # pad_to 1: Cp = C
+    (2, 20, 6, 7, None, "relu", "train", torch.bfloat16, "cl", "bn_stats", 16, 8),    # Cp = 32
+    (3, 37, 5, 4, "inv", "relu", "train", torch.bfloat16, "cl", "bn_stats", 16, 8),   # Cp = 48
+    (2, 16, 5, 5, None, "identity", "train", torch.float32, "nchw", "f32", 16, 6),    # no padding, 6 bits
+    (2, 20, 6, 7, None, "relu", "eval", torch.bfloat16, "nchw", "bn_stats", 16, 8),   # no sums
+    (1, 9, 30, 40, None, "relu", "train", torch.bfloat16, "cl", "bn_stats", 16, 8),   # 1200 rows: 5 row tiles
+    (2, 140, 3, 4, "inv", "relu", "train", torch.bfloat16, "cl", "bn_stats", 16, 8),  # Cp = 144: 2 channel blocks
+    (2, 7, 4, 5, None, "relu", "train", torch.bfloat16, "cl", "bn_stats", 1, 8),      # pad_to 1: Cp = C
+    (2, 20, 6, 7, None, "relu6", "train", torch.bfloat16, "cl", "bn_stats", 16, 8),
+    (2, 20, 6, 7, None, "hardswish", "train", torch.bfloat16, "cl", "bn_stats", 16, 8),
 ]
 
 
 def _id(c):
-    return "N{}C{}H{}W{}-{}-{}-{}-{}-{}-y{}-pad{}-b{}".format(*c[:4], c[4], "relu" if c[5] else "lin", c[6],
-                                                            str(c[7])[6:], *c[8:])
+    return "N{}C{}H{}W{}-{}-{}-{}-{}-{}-y{}-pad{}-b{}".format(*c[:4], c[4], c[5], c[6], str(c[7])[6:], *c[8:])
 
 
 def _run_both(fn_kernel, fn_ref, seed):
@@ -140,25 +152,25 @@ def _run_both(fn_kernel, fn_ref, seed):
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_absmax_and_codes_bit_identical(device, poisoned, rng_state, case, rounding):
-    N, C, H, W, inv_kind, relu, stats, dz_dtype, dz_layout, y_kind, pad_to, nbits = case
+    N, C, H, W, inv_kind, act, stats, dz_dtype, dz_layout, y_kind, pad_to, nbits = case
     seed = fresh_seed()
     msg = f"seed={seed} case={_id(case)} {rounding}"
     g = gen(seed)
     y, bnp, dz, inv, _, _ = _setup(N, C, H, W, inv_kind, dz_dtype, dz_layout, y_kind, device, g)
-    sums = bn_relu_bwd_reduce(dz, y, bnp, inv, relu) if stats == "train" else None
+    sums = bn_relu_bwd_reduce(dz, y, bnp, inv, act) if stats == "train" else None
     stoch = rounding == "stochastic"
     cpu = [None if t is None else t.cpu() for t in (dz, y, bnp, sums, inv)]
     state = _rng.device_state(device)
 
     def kernel():
         before = state[1].item()
-        amax, = bn_relu_bwd(dz, y, bnp, sums, inv, relu, "absmax", nbits, stoch)
+        amax, = bn_relu_bwd(dz, y, bnp, sums, inv, act, "absmax", nbits, stoch)
         assert state[1].item() == before + stoch, f"one ticket per stochastic absmax pass {msg}"
-        return amax, bn_relu_bwd(dz, y, bnp, sums, inv, relu, "codes", nbits, stoch, pad_to, amax)
+        return amax, bn_relu_bwd(dz, y, bnp, sums, inv, act, "codes", nbits, stoch, pad_to, amax)
 
     def reference():
-        amax, = bn_relu_bwd_reference(*cpu, relu, "absmax", nbits, stoch, pad_to, None, None, True)
-        return amax, bn_relu_bwd_reference(*cpu, relu, "codes", nbits, stoch, pad_to, amax, None, True)
+        amax, = bn_relu_bwd_reference(*cpu, act, "absmax", nbits, stoch, pad_to, None, None, True)
+        return amax, bn_relu_bwd_reference(*cpu, act, "codes", nbits, stoch, pad_to, amax, None, True)
 
     (amax, (qe, qe_cm, se)), (amax_r, (qe_r, qe_cm_r, se_r)) = _run_both(kernel, reference, seed % 1000)
     # absmax: the bits of max |dy| and the ticket (the counter before; 0 for nearest rounding)
@@ -166,7 +178,7 @@ def test_absmax_and_codes_bit_identical(device, poisoned, rng_state, case, round
     assert torch.equal(amax.cpu(), amax_r), f"absmax {amax.tolist()} vs {amax_r.tolist()} {msg}"
     assert amax[1].item() == 0, msg  # first ticket after manual_seed
     dy, _, _ = bn_grad_in_reference(_gathered64(dz, inv, C).to(dz_dtype).to(torch.float32), cpu[1], cpu[2], cpu[3],
-                                    N * H * W, relu)
+                                    N * H * W, act)
     assert bits_equal(f32_of_bits(amax[:1]), dy.abs().amax().reshape(1)), msg
     # codes: both layouts, padding zero, the scale Shift(max |dy|)
     Cp = -(-C // pad_to) * pad_to if pad_to > 1 else C
@@ -189,36 +201,36 @@ def test_absmax_and_codes_bit_identical(device, poisoned, rng_state, case, round
         assert torch.equal(q, torch.round(v)), msg
 
 
-@pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 2, 3, 5)], ids=[_id(CASES[i]) for i in (0, 1, 2, 3, 5)])
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 2, 3, 5, 7, 8)],
+                         ids=[_id(CASES[i]) for i in (0, 1, 2, 3, 5, 7, 8)])
 def test_float_mode(device, poisoned, case):
-    N, C, H, W, inv_kind, relu, stats, dz_dtype, dz_layout, y_kind = case[:10]
+    N, C, H, W, inv_kind, act, stats, dz_dtype, dz_layout, y_kind = case[:10]
     seed = fresh_seed()
     msg = f"seed={seed} case={_id(case)}"
     g = gen(seed)
     y, bnp, dz, inv, gamma, beta = _setup(N, C, H, W, inv_kind, dz_dtype, dz_layout, y_kind, device, g)
-    sums = bn_relu_bwd_reduce(dz, y, bnp, inv, relu) if stats == "train" else None
+    sums = bn_relu_bwd_reduce(dz, y, bnp, inv, act) if stats == "train" else None
     cpu = [None if t is None else t.cpu() for t in (dz, y, bnp, sums, inv)]
     for out_dtype, cl_out in ((torch.float32, dz_layout == "cl"), (torch.bfloat16, dz_layout != "cl")):
-        dy, = bn_relu_bwd(dz, y, bnp, sums, inv, relu, "float", out_dtype=out_dtype, channels_last_out=cl_out)
+        dy, = bn_relu_bwd(dz, y, bnp, sums, inv, act, "float", out_dtype=out_dtype, channels_last_out=cl_out)
         assert dy.dtype == out_dtype and dy.shape == (N, C, H, W), msg
         assert dy.is_contiguous(memory_format=CL if cl_out else torch.contiguous_format), msg
-        dy_r, = bn_relu_bwd_reference(*cpu, relu, "float", 8, False, 0, None, out_dtype, cl_out)
+        dy_r, = bn_relu_bwd_reference(*cpu, act, "float", 8, False, 0, None, out_dtype, cl_out)
         assert bits_equal(dy.cpu(), dy_r), f"dy {out_dtype} {msg}: {mismatch(dy.cpu(), dy_r)}"
     # semantics: the float64 BatchNorm(+ReLU) backward, same mask and statistics (within float32 rounding)
     a, b, mean, rstd = (bnp[i].cpu().double().view(1, -1, 1, 1) for i in range(4))
     yf = y.cpu().float()
     d = _gathered64(dz, inv, C)
-    mask = ~((yf * bnp[0].cpu().view(1, -1, 1, 1) + bnp[1].cpu().view(1, -1, 1, 1)) <= 0)
-    g64 = torch.where(mask, d, torch.zeros_like(d)) if relu else d
+    g64 = _g64(d, yf, bnp, act)
     xhat = (yf.double() - mean) * rstd
     if sums is None:
         want = a * g64
     else:
         want = a * (g64 - g64.mean((0, 2, 3), keepdim=True) - xhat * (g64 * xhat).mean((0, 2, 3), keepdim=True))
-    dy, = bn_relu_bwd(dz, y, bnp, sums, inv, relu, "float")
+    dy, = bn_relu_bwd(dz, y, bnp, sums, inv, act, "float")
     torch.testing.assert_close(dy.cpu().double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item(),
                                msg=lambda m: f"dy vs float64 {msg}: {m}")
-    if not relu and inv is None and stats == "train":  # and autograd's own BatchNorm backward
+    if act == "identity" and inv is None and stats == "train":  # and autograd's own BatchNorm backward
         x64 = y.cpu().double().requires_grad_()
         F.batch_norm(x64, None, None, gamma.cpu().double(), beta.cpu().double(), True, 0.0, EPS).backward(d)
         torch.testing.assert_close(dy.cpu().double(), x64.grad, rtol=1e-3, atol=1e-3 * x64.grad.abs().max().item())
@@ -238,7 +250,7 @@ def test_gather_backward_after_bn_stats_with_keep(device, poisoned):
     xb, _, bnp, _ = bn_stats(x, gamma, beta, keep=inv)  # as FusedBlockFunction.forward (input "bn" + select)
     dz = torch.randn((2, K, 4, 5), generator=g).to(torch.bfloat16).contiguous(memory_format=CL).to(device)
     sums = bn_relu_bwd_reduce(dz, xb, bnp, inv)
-    dx, = bn_relu_bwd(dz, xb, bnp, sums, inv, True, "float")
+    dx, = bn_relu_bwd(dz, xb, bnp, sums, inv, "relu", "float")
     dropped = (inv < 0).cpu()
     assert torch.isfinite(sums).all() and sums.cpu()[:, dropped].abs().max() == 0, f"sums {sums} {msg}"
     assert torch.isfinite(dx).all() and dx.cpu()[:, dropped].abs().max() == 0, f"dx of dropped channels {msg}"
@@ -247,14 +259,14 @@ def test_gather_backward_after_bn_stats_with_keep(device, poisoned):
 def test_opcheck(rng_state):
     g = gen(2)
     y, bnp, dz, inv, _, _ = _setup(2, 6, 3, 4, "inv", torch.bfloat16, "cl", "bn_stats", torch.device("cpu"), g)
-    torch.library.opcheck(_reduce_op, (dz, y, bnp, inv, True))
+    torch.library.opcheck(_reduce_op, (dz, y, bnp, inv, "relu"))
     sums = bn_relu_bwd_reduce(dz, y, bnp, inv)
     # the op declares the device random state it may advance (mutated optional input): the AOT-dispatch
     # check of opcheck cannot functionalise such an op, so schema, fake tensors and autograd registration
-    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, True, "absmax", 8, False, 16, None, None, True),
+    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, "relu", "absmax", 8, False, 16, None, None, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    amax, = bn_relu_bwd(dz, y, bnp, sums, inv, True, "absmax")
-    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, True, "codes", 8, False, 16, amax, None, True),
+    amax, = bn_relu_bwd(dz, y, bnp, sums, inv, "relu", "absmax")
+    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, "relu", "codes", 8, False, 16, amax, None, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    torch.library.opcheck(_bwd_op, (dz, y, bnp, None, inv, True, "float", 8, False, 16, None, torch.float32, False),
+    torch.library.opcheck(_bwd_op, (dz, y, bnp, None, inv, "silu", "float", 8, False, 16, None, torch.float32, False),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

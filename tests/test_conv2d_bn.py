@@ -17,7 +17,7 @@ from ebkernels import force_backend
 from ebkernels.ops import _reduce as _channel_stats
 from ebkernels.ops.gemm import tiles as _tiles
 from ebkernels.ops.fused import conv_bn as conv2d_bn
-from ebkernels.ops.fused.bn_math import bn_act_reference
+from ebkernels.ops.fused.bn_math import act_grad_reference, bn_act_reference
 from ebkernels.ops.fused.conv_bn import _bwd_op, _fwd_op, conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_bwd_reduce_reference, conv2d_int8_bn_fwd
 from ebkernels.ops.gemm.conv import conv2d_int8_fwd_reference
 from ebkernels.ops._launch import conv2d_output_size
@@ -26,7 +26,7 @@ from _flow import CL, bits_equal, bnp_exact, codes, f32_of_bits, fresh_seed, gen
 EPS = 1e-5
 SMS = _tiles.INTERPRETER_SMS
 
-# (N, Cin, Cin_p, H, W, Cout, K, stride, pad, bias, qx channels-last, qw layout, relu, affine, stats, dz layout,
+# (N, Cin, Cin_p, H, W, Cout, K, stride, pad, bias, qx channels-last, qw layout, act, affine, stats, dz layout,
 #  dz dtype, momentum): the table (on INTERPRETER_SMS SMs) chooses each of its tiles once (asserted below):
 # flat K (Cin_p 3 unpadded / 16 / 48) then one tap per K step (Cin_p 64, 128), each BN class (Cout 16, 20-32,
 # 40-50, 100-136), BM 64 (<= 384 rows) / 128; Cout 136: two column blocks; 4232 rows: 34 row tiles of 128
@@ -34,23 +34,23 @@ SMS = _tiles.INTERPRETER_SMS
 # kernel runs the plan's tile unsplit
 BF16, F32 = torch.bfloat16, torch.float32
 CASES = [
-    (2, 3, 3, 9, 8, 16, 3, 1, 1, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (2, 13, 16, 9, 8, 20, 3, 1, 1, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (2, 16, 16, 11, 10, 40, 3, 2, 1, True, False, "ohwi", False, True, "train", "like_y", BF16, None),
-    (1, 3, 3, 15, 15, 100, 3, 1, 1, False, True, "oihw", True, True, "train", "nchw", F32, 0.1),
-    (3, 3, 3, 12, 12, 16, 3, 1, 1, True, True, "ohwi", True, False, "eval", "like_y", BF16, 0.1),
-    (2, 16, 16, 46, 46, 20, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (2, 40, 48, 15, 14, 50, 3, 1, 1, False, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (2, 5, 16, 10, 10, 136, 3, 1, 1, True, True, "oihw", True, False, "eval", "nchw", BF16, 0.1),
-    (2, 64, 64, 9, 8, 16, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (3, 50, 64, 7, 9, 32, 1, 2, 0, False, True, "oihw", True, True, "train", "nchw", F32, 0.1),
-    (1, 64, 64, 6, 7, 50, 3, 1, 1, True, True, "ohwi", False, True, "train", "like_y", BF16, None),
-    (1, 128, 128, 15, 14, 100, 1, 1, 0, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (3, 64, 64, 12, 12, 16, 1, 1, 0, True, False, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (2, 64, 64, 16, 15, 24, 1, 1, 0, True, True, "oihw", True, False, "eval", "like_y", BF16, 0.1),
-    (2, 64, 64, 30, 28, 40, 1, 2, 0, True, True, "ohwi", True, True, "train", "nchw", BF16, 0.1),
-    (2, 100, 128, 14, 15, 100, 1, 1, 0, False, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
-    (1, 64, 64, 11, 12, 136, 3, 1, 1, True, True, "ohwi", True, True, "train", "like_y", BF16, 0.1),
+    (2, 3, 3, 9, 8, 16, 3, 1, 1, True, True, "ohwi", "relu", True, "train", "like_y", BF16, 0.1),
+    (2, 13, 16, 9, 8, 20, 3, 1, 1, True, True, "ohwi", "relu", True, "train", "like_y", BF16, 0.1),
+    (2, 16, 16, 11, 10, 40, 3, 2, 1, True, False, "ohwi", "identity", True, "train", "like_y", BF16, None),
+    (1, 3, 3, 15, 15, 100, 3, 1, 1, False, True, "oihw", "relu", True, "train", "nchw", F32, 0.1),
+    (3, 3, 3, 12, 12, 16, 3, 1, 1, True, True, "ohwi", "relu", False, "eval", "like_y", BF16, 0.1),
+    (2, 16, 16, 46, 46, 20, 1, 1, 0, True, True, "ohwi", "relu6", True, "train", "like_y", BF16, 0.1),
+    (2, 40, 48, 15, 14, 50, 3, 1, 1, False, True, "ohwi", "relu", True, "train", "like_y", BF16, 0.1),
+    (2, 5, 16, 10, 10, 136, 3, 1, 1, True, True, "oihw", "relu", False, "eval", "nchw", BF16, 0.1),
+    (2, 64, 64, 9, 8, 16, 1, 1, 0, True, True, "ohwi", "relu", True, "train", "like_y", BF16, 0.1),
+    (3, 50, 64, 7, 9, 32, 1, 2, 0, False, True, "oihw", "hardswish", True, "train", "nchw", F32, 0.1),
+    (1, 64, 64, 6, 7, 50, 3, 1, 1, True, True, "ohwi", "identity", True, "train", "like_y", BF16, None),
+    (1, 128, 128, 15, 14, 100, 1, 1, 0, True, True, "ohwi", "relu", True, "train", "like_y", BF16, 0.1),
+    (3, 64, 64, 12, 12, 16, 1, 1, 0, True, False, "ohwi", "relu", True, "train", "like_y", BF16, 0.1),
+    (2, 64, 64, 16, 15, 24, 1, 1, 0, True, True, "oihw", "relu", False, "eval", "like_y", BF16, 0.1),
+    (2, 64, 64, 30, 28, 40, 1, 2, 0, True, True, "ohwi", "relu", True, "train", "nchw", BF16, 0.1),
+    (2, 100, 128, 14, 15, 100, 1, 1, 0, False, True, "ohwi", "relu", True, "train", "like_y", BF16, 0.1),
+    (1, 64, 64, 11, 12, 136, 3, 1, 1, True, True, "ohwi", "relu", True, "train", "like_y", BF16, 0.1),
 ]
 
 
@@ -73,7 +73,7 @@ def test_the_cases_make_the_table_choose_every_tile():
 
 def _ids(c):
     return "N{}Ci{}p{}H{}W{}Co{}K{}s{}p{}{}{}-{}-{}-{}-{}-dz{}-{}-m{}".format(
-        *c[:9], "-bias" if c[9] else "", "-cl" if c[10] else "-nchw", c[11], "relu" if c[12] else "lin",
+        *c[:9], "-bias" if c[9] else "", "-cl" if c[10] else "-nchw", c[11], c[12],
         "affine" if c[13] else "plain", c[14], c[15], str(c[16])[6:], c[17])
 
 
@@ -104,12 +104,12 @@ def _y_reference(qx, qw, sx, sw, bias, conv):
     return y.to(torch.bfloat16)
 
 
-def _sums64(dz, y, bnp, relu):
-    """[Σ g, Σ g·xhat] in float64 from the float32 g and xhat of the kernels (same ReLU mask), and the sums of
-    the magnitudes (the scale of the rounding error)."""
+def _sums64(dz, y, bnp, act):
+    """[Σ g, Σ g·xhat] in float64 from the float32 g and xhat of the kernels (same activation derivative), and the
+    sums of the magnitudes (the scale of the rounding error)."""
     a, b, mean, rstd = (bnp[i].cpu().view(1, -1, 1, 1) for i in range(4))
     yf, dzf = y.cpu().float(), dz.cpu().float()
-    g = torch.where(~((yf * a + b) <= 0), dzf, torch.zeros_like(dzf)) if relu else dzf
+    g = act_grad_reference(yf * a + b, dzf, act)
     xhat = (yf - mean) * rstd
     t0, t1 = rows(g).double(), rows(g * xhat).double()
     return torch.stack([t0.sum(0), t1.sum(0)]), torch.stack([t0.abs().sum(0), t1.abs().sum(0)])
@@ -127,14 +127,14 @@ def test_forward_statistics_and_backward_recompute(device, poisoned, monkeypatch
     msg = f"seed={seed} case={_ids(case)}"
     g = gen(seed)
     N, C, Cp, H, W, CO, K = case[:7]
-    relu, stats, dz_layout, dz_dtype, momentum = case[12], case[14], case[15], case[16], case[17]
+    act, stats, dz_layout, dz_dtype, momentum = case[12], case[14], case[15], case[16], case[17]
     qx, qw, sx, sw, bias, gamma, beta, rm, rv, nbt, conv = _setup(case, device, g)
     OH, OW = conv2d_output_size(H, W, K, K, *conv)
     calls = spy_kernels(monkeypatch, [(conv2d_bn, "conv2d_int8_bn_kernel")])
     train = stats == "train"
     rm0, rv0 = rm.clone(), rv.clone()
     y, chan, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, 8, 8, gamma, beta, rm, rv, nbt, momentum,
-                                            EPS, batch_stats=train, update=train, relu=relu)
+                                            EPS, batch_stats=train, update=train, act=act)
     # y: the exact integer conv's float32 epilogue, rounded to bfloat16, NHWC
     y_ref = _y_reference(qx, qw, sx, sw, bias, conv)
     assert y.dtype == torch.bfloat16 and y.shape == (N, CO, OH, OW) and y.is_contiguous(memory_format=CL), msg
@@ -157,7 +157,7 @@ def test_forward_statistics_and_backward_recompute(device, poisoned, monkeypatch
     want_bnp = bnp_exact(chan[0], chan[1], gm, bt, EPS) if train else bnp_exact(rm0, rv0, gm, bt, EPS)
     assert bits_equal(bnp.cpu(), want_bnp), f"bnp {msg}: {mismatch(bnp.cpu(), want_bnp)}"
     # zmax: the bits of max |z| over every element of y
-    z = bn_act_reference(y_ref, bnp.cpu(), relu)
+    z = bn_act_reference(y_ref, bnp.cpu(), act)
     assert bits_equal(f32_of_bits(zmax).reshape(()), z.abs().amax()), \
         f"zmax {f32_of_bits(zmax).item()} vs {z.abs().amax().item()} {msg}"
     # running statistics as nn.BatchNorm2d on y (the counter is left to bn_relu_quant)
@@ -175,15 +175,15 @@ def test_forward_statistics_and_backward_recompute(device, poisoned, monkeypatch
     # ---- backward: y recomputed bit for bit, the sums --------------------------------------------------
     dz = torch.randn((N, CO, OH, OW), generator=g).to(dz_dtype)
     dz = (dz.contiguous(memory_format=CL) if dz_layout == "like_y" else dz.contiguous()).to(device)
-    y2, sums = conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, *conv, 8, 8, dz, bnp, relu)
+    y2, sums = conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, *conv, 8, 8, dz, bnp, act)
     assert bits_equal(y2.cpu(), y.cpu()), f"recomputed y {msg}: {mismatch(y2.cpu(), y.cpu())}"
     assert sums.shape == (2, CO) and sums.dtype == torch.float32, msg
-    want, mag = _sums64(dz, y_ref, bnp, relu)
+    want, mag = _sums64(dz, y_ref, bnp, act)
     _assert_sums(sums, want, mag, msg)
     stride, pad, dil = (list(v) for v in conv)
     y3, sums_ref = conv2d_int8_bn_bwd_reduce_reference(qx.cpu(), qw.cpu(), sx.cpu(), sw.cpu(),
                                                        None if bias is None else bias.cpu(), stride, pad, dil, 8, 8,
-                                                       dz.cpu(), bnp.cpu(), relu)
+                                                       dz.cpu(), bnp.cpu(), act)
     assert bits_equal(y3, y_ref), msg
     _assert_sums(sums_ref, want, mag, msg + " (reference)")
     if device.type == "cpu":  # both modes launched the table's tile, one split
@@ -208,7 +208,7 @@ def test_reference_path_agrees(device):
     assert torch.equal(out[1][2:].cpu(), ref[1][2:].cpu()), msg
     torch.testing.assert_close(out[1].cpu(), ref[1].cpu(), rtol=1e-5, atol=1e-6)
     y, sums = conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, *conv, 8, 8, dz, out[2])
-    want, mag = _sums64(dz, out[0], out[2], True)
+    want, mag = _sums64(dz, out[0], out[2], "relu")
     _assert_sums(sums_r, want, mag, msg)
     _assert_sums(sums, want, mag, msg)
 
@@ -222,7 +222,7 @@ def test_opcheck():
     rm, rv, nbt = torch.zeros(5), torch.ones(5), torch.tensor(0)
     geo = ([1, 1], [1, 1], [1, 1])
     torch.library.opcheck(_fwd_op, (qx, qw, sx, sw, bias, *geo, 8, 8, gamma, beta, rm, rv, nbt, 0.1, EPS, True, True,
-                                    True))
+                                    "relu"))
     y, _, bnp, _ = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *geo, 8, 8, gamma, beta)
     dz = torch.randn(y.shape, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
-    torch.library.opcheck(_bwd_op, (qx, qw, sx, sw, bias, *geo, 8, 8, dz, bnp, True))
+    torch.library.opcheck(_bwd_op, (qx, qw, sx, sw, bias, *geo, 8, 8, dz, bnp, "silu"))

@@ -1,7 +1,7 @@
-"""BatchNorm-apply + ReLU + quantize in one pass (SPEC §9), and BatchNorm statistics of a float tensor.
+"""BatchNorm-apply + activation + quantize in one pass (SPEC §9), and BatchNorm statistics of a float tensor.
 
 ``bn_relu_quant``: reads y once (NHWC, bfloat16 from the conv epilogue, or any float tensor) and writes
-the int8 codes of ``z = relu(y * a + b)`` straight in the layout the next convolution reads (NHWC,
+the int8 codes of ``z = act(y * a + b)`` (``bn_math.ACTIVATIONS``) straight in the layout the next convolution reads (NHWC,
 channels zero-padded to a multiple of 16), or z itself as float where the next layer is not an int8
 convolution. The per-channel ``bnp`` = [a, b, mean, rstd] and the float32 bits of ``max |z|`` come from
 the kernel that produced the statistics (the conv epilogue of ``conv_bn``, or ``bn_stats`` below), so
@@ -31,7 +31,7 @@ from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, moments_refere
                        tile_moments)
 from .._scale import scale_reference, shift_scale_from_bits
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even, to_bfloat16_rne
-from .bn_math import BNP_ROWS, bn_act, bn_act_reference, bn_finalize_channels, finalize_reference, momentum_arg
+from .bn_math import BNP_ROWS, act_code, bn_act, bn_act_reference, bn_finalize_channels, finalize_reference, momentum_arg
 
 __all__ = ["bn_stats", "bn_relu_quant", "bn_stats_reference", "bn_relu_quant_reference"]
 
@@ -47,13 +47,13 @@ _STATS_SIG = {"x_ptr": "*fp32", "xb_ptr": "*bf16", "part_ptr": "*fp32", "grp_ptr
 
 
 @aot_kernel(signature=_STATS_SIG,
-            constexprs=[{"HAS_AFFINE": True, "BATCH_STATS": True, "UPDATE": True, "RELU": True, "HAS_KEEP": k,
+            constexprs=[{"HAS_AFFINE": True, "BATCH_STATS": True, "UPDATE": True, "ACT": 1, "HAS_KEEP": k,
                          "BP": 16, "CB": 128, "TB": 32, "GROUP": 32} for k in (False, True)],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
                     keep_ptr, bnp_ptr, zmax_ptr, M, C, H, W, s_n, s_c, s_h, s_w, eps, momentum, n_f,
-                    HAS_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, RELU: tl.constexpr,
+                    HAS_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, ACT: tl.constexpr,
                     HAS_KEEP: tl.constexpr, BP: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr,
                     GROUP: tl.constexpr):
     """Grid (row tiles, channel blocks) over the N·H·W × C elements of x (any strides): x rounded to
@@ -78,24 +78,24 @@ def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_p
         if HAS_KEEP:
             max_ok = tl.load(keep_ptr + c, mask=c_ok, other=-1) >= 0
         zbits = bn_finalize_channels(chan_ptr, C, c, c_ok, max_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
-                                     momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
+                                     momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, ACT)
         num_n = tl.num_programs(1)
         publish_max(zbits, zmax_ptr + 1, pid_n, num_n, sem_ptr + (tl.cdiv(T, GROUP) + 1) * num_n, zmax_ptr)
 
 
 def bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
-                       update, relu, keep=None):
+                       update, act, keep=None):
     """(x rounded to bfloat16 in NHWC order, chan [mean, var, max, min], bnp, zmax bits)."""
     xb = x.to(torch.bfloat16).clone(memory_format=torch.channels_last)  # a new tensor, whatever x is
     C = x.shape[1]
     chan = moments_reference(xb.permute(0, 2, 3, 1).reshape(-1, C))
     bnp, zmax = finalize_reference(chan, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                                   xb.numel() // max(C, 1), batch_stats, update, relu, keep)
+                                   xb.numel() // max(C, 1), batch_stats, update, act, keep)
     return xb, chan, bnp, zmax
 
 
 def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
-                     update, relu, keep):
+                     update, act, keep):
     N, C, H, W = x.shape
     M = N * H * W
     xb = empty_output((N, C, H, W), torch.bfloat16, x.device, torch.channels_last)
@@ -111,7 +111,7 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
         running_var if running_var is not None else dummy,
         num_batches_tracked if num_batches_tracked is not None else zmax, keep if keep is not None else zmax,
         bnp, zmax, M, C, H, W, *nhwc_rows(x), float(eps), momentum_arg(momentum), float(M),
-        HAS_AFFINE=weight is not None, BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, HAS_KEEP=keep is not None,
+        HAS_AFFINE=weight is not None, BATCH_STATS=batch_stats, UPDATE=update, ACT=act_code(act), HAS_KEEP=keep is not None,
         BP=BP, CB=CB, TB=32, GROUP=32, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return xb, space.out, bnp, zmax[:1]
 
@@ -121,17 +121,17 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
 def _bn_stats_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                  num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float], eps: float,
-                 batch_stats: bool, update: bool, relu: bool, keep: Optional[torch.Tensor]
+                 batch_stats: bool, update: bool, act: str, keep: Optional[torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(x) and x.numel() < 2**31:
         return _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                                batch_stats, update, relu, keep)
+                                batch_stats, update, act, keep)
     return bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                              batch_stats, update, relu, keep)
+                              batch_stats, update, act, keep)
 
 
 @_bn_stats_op.register_fake
-def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats, update, relu,
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats, update, act,
       keep):
     C = x.shape[1]
     xb = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last)
@@ -140,15 +140,16 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
 
 
 def bn_stats(x, weight=None, bias=None, running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1,
-             eps=1e-5, batch_stats=True, update=False, relu=True, keep=None):
+             eps=1e-5, batch_stats=True, update=False, act="relu", keep=None):
     """Statistics of ``x`` (N, C, H, W) per channel: ``(xb, chan, bnp, zmax_bits)`` with ``xb`` = x in
     bfloat16 (NHWC), ``chan`` = [mean, biased var, max, min] of xb, ``bnp`` = [a, b, mean, rstd] from
     the batch statistics (``batch_stats``) or the running ones, and the float32 bits of max |z| over the
     channels with ``keep[c] >= 0`` (all when ``keep`` is None). ``update``: move the running statistics
-    as ``nn.BatchNorm2d`` in training (``num_batches_tracked`` is incremented by ``bn_relu_quant``)."""
+    as ``nn.BatchNorm2d`` in training (``num_batches_tracked`` is incremented by ``bn_relu_quant``). ``act``: the
+    activation after the BatchNorm (``bn_math.ACTIVATIONS``), which max |z| is of."""
     return _bn_stats_op(x, weight, bias, running_mean, running_var, num_batches_tracked,
                         None if momentum is None else float(momentum), float(eps), bool(batch_stats), bool(update),
-                        bool(relu), keep)
+                        _act(act), keep)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,14 +161,14 @@ _APPLY_SIG = {"y_ptr": "*bf16", "bnp_ptr": "*fp32", "zmax_ptr": "*i32", "index_p
 
 
 @aot_kernel(signature=_APPLY_SIG,
-            constexprs=[{"BITS": 8, "FIXED_SCALE": False, "RELU": True, "HAS_INDEX": i, "CODES": True,
+            constexprs=[{"BITS": 8, "FIXED_SCALE": False, "ACT": 1, "HAS_INDEX": i, "CODES": True,
                          "UPDATE_NBT": True, "BP": 32, "CB": 128} for i in (False, True)]
-            + [{"BITS": 8, "FIXED_SCALE": False, "RELU": r, "HAS_INDEX": False, "CODES": False, "UPDATE_NBT": True,
-                "BP": 32, "CB": 128} for r in (False, True)],
+            + [{"BITS": 8, "FIXED_SCALE": False, "ACT": a, "HAS_INDEX": False, "CODES": c, "UPDATE_NBT": True,
+                "BP": 32, "CB": 128} for a, c in ((0, False), (1, False), (3, True))],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr, nbt_ptr, M, K, Kp, C, H, W, s_n,
-                         s_c, s_h, s_w, BITS: tl.constexpr, FIXED_SCALE: tl.constexpr, RELU: tl.constexpr,
+                         s_c, s_h, s_w, BITS: tl.constexpr, FIXED_SCALE: tl.constexpr, ACT: tl.constexpr,
                          HAS_INDEX: tl.constexpr, CODES: tl.constexpr, UPDATE_NBT: tl.constexpr, BP: tl.constexpr,
                          CB: tl.constexpr):
     """Grid (row tiles, output-channel blocks): output channel k of pixel m is ``z`` of input channel
@@ -184,7 +185,7 @@ def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr
     offs = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
     y = tl.load(y_ptr + offs[:, None] + src.to(tl.int64)[None, :] * s_c, mask=m_ok[:, None] & k_ok[None, :],
                 other=0.0).to(tl.float32)
-    z = bn_act(y, a[None, :], b[None, :], RELU)
+    z = bn_act(y, a[None, :], b[None, :], ACT)
     first = (pid_m == 0) & (pid_n == 0)
     if CODES:
         S: tl.constexpr = 2.0 ** (BITS - 1)
@@ -211,10 +212,10 @@ def _codes_reference(z: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.T
     return torch.nan_to_num(q, nan=0.0).to(torch.int8)
 
 
-def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
+def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, act, pad_to,
                             out_dtype):
     """``bn_relu_quant`` in PyTorch: (codes (N, Kp, H, W) NHWC, scale) or (z in out_dtype NHWC, 1)."""
-    z = bn_act_reference(y, bnp, relu)
+    z = bn_act_reference(y, bnp, act)
     if index is not None:
         z = z.index_select(1, index)
     if num_batches_tracked is not None:
@@ -234,7 +235,7 @@ def _padded(K: int, pad_to: int) -> int:
     return K if pad_to <= 1 else -(-K // pad_to) * pad_to
 
 
-def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
+def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, act, pad_to,
                           out_dtype):
     N, C, H, W = y.shape
     K = C if index is None else index.numel()
@@ -252,7 +253,7 @@ def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, f
     bn_relu_quant_kernel[grid](
         y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale if codes else bnp,
         num_batches_tracked if num_batches_tracked is not None else zmax_bits, M, K, Kp, C, H, W, *nhwc_rows(y),
-        BITS=bits, FIXED_SCALE=fixed_scale, RELU=relu, HAS_INDEX=index is not None, CODES=codes,
+        BITS=bits, FIXED_SCALE=fixed_scale, ACT=act_code(act), HAS_INDEX=index is not None, CODES=codes,
         UPDATE_NBT=num_batches_tracked is not None, BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return out, scale
 
@@ -260,17 +261,17 @@ def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, f
 @torch.library.custom_op("ebkernels::bn_relu_quant", mutates_args=("num_batches_tracked",))
 def _bn_relu_quant_op(y: torch.Tensor, bnp: torch.Tensor, zmax_bits: torch.Tensor,
                       num_batches_tracked: Optional[torch.Tensor], index: Optional[torch.Tensor], bits: int,
-                      fixed_scale: bool, relu: bool, pad_to: int, out_dtype: Optional[torch.dtype]
+                      fixed_scale: bool, act: str, pad_to: int, out_dtype: Optional[torch.dtype]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(y, bnp) and y.numel() < 2**31:
-        return _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
+        return _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, act, pad_to,
                                      out_dtype)
-    return bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to,
+    return bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, act, pad_to,
                                    out_dtype)
 
 
 @_bn_relu_quant_op.register_fake
-def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pad_to, out_dtype):
+def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, act, pad_to, out_dtype):
     N, C, H, W = y.shape
     K = C if index is None else index.shape[0]
     if out_dtype is not None:
@@ -281,12 +282,18 @@ def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, fixed_scale, relu, pa
     return out, y.new_empty((), dtype=torch.float32)
 
 
-def bn_relu_quant(y, bnp, zmax_bits, num_batches_tracked=None, index=None, bits=8, fixed_scale=False, relu=True,
+def bn_relu_quant(y, bnp, zmax_bits, num_batches_tracked=None, index=None, bits=8, fixed_scale=False, act="relu",
                   pad_to=16, out_dtype=None):
-    """``z = relu(y * a + b)`` per channel (``bnp`` rows a, b; ``relu=False``: no ReLU), optionally gathered
+    """``z = act(y * a + b)`` per channel (``bnp`` rows a, b; ``act`` one of ``bn_math.ACTIVATIONS``; signed codes
+    unless it is ReLU / ReLU6), optionally gathered
     (``index``: output channel k is input channel index[k]). ``out_dtype`` None: int8 codes (N, Kp, H, W)
     in NHWC order, Kp = K rounded up to ``pad_to`` (pad channels 0), with the power-of-two scale of
     ``zmax_bits`` (``fixed_scale``: WAGE's 1); returns ``(codes, scale)``. Else ``(z, None)`` in that dtype,
     NHWC (and a scale of 1). ``num_batches_tracked``: incremented by one (training step of a BatchNorm that tracks)."""
-    return _bn_relu_quant_op(y, bnp, zmax_bits, num_batches_tracked, index, int(bits), bool(fixed_scale), bool(relu),
+    return _bn_relu_quant_op(y, bnp, zmax_bits, num_batches_tracked, index, int(bits), bool(fixed_scale), _act(act),
                              int(pad_to), out_dtype)
+
+
+def _act(act) -> str:
+    act_code(act)  # refuses an unknown activation by name
+    return act

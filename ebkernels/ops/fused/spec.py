@@ -1,5 +1,6 @@
-"""What a fused block is (``BlockSpec``: its layers, what feeds it, what it hands on) and what blocks hand
-each other (``Int8Activation``); read by ``block`` (the autograd Function), ``stages`` and ``fusion``."""
+"""What a fused block is (``BlockSpec``: its layers, what feeds it, what it hands on; ``BnActSpec``: a
+BatchNorm + activation with no conv after it) and what blocks hand each other (``Int8Activation``); read by
+``block`` (the autograd Function), ``bn_act``, ``stages`` and ``fusion``."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,7 @@ import torch.nn as nn
 
 from ...config import QConfig
 
-__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "Int8Activation"]
+__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "BnActSpec", "Int8Activation"]
 
 
 class BlockInput(enum.Enum):
@@ -44,22 +45,36 @@ class Int8Activation(NamedTuple):
 
 @dataclasses.dataclass
 class BlockSpec:
-    """A fused block. ``conv`` is a QConv2d (``supports(conv)`` is None); ``bn``/``relu``/``pool`` follow
-    it (``pool``: (kernel, stride, padding, ceil_mode) pairs); ``input``: what feeds the conv (``BN``: then
-    ``bn_in``/``relu_in`` and the gather ``select`` (int64 indices, None = all) precede it); ``output``:
-    ``CODES`` (quantized with ``out_qconfig``'s bits_a/mode) or ``FLOAT``."""
+    """A fused block. ``conv`` is a QConv2d (``supports(conv)`` is None); ``bn``/``act``/``pool`` follow it
+    (``act``: one of ``bn_math.ACTIVATIONS``, applied only with a ``bn``; ``pool``: (kernel, stride, padding,
+    ceil_mode) pairs); ``input``: what feeds the conv (``BN``: then ``bn_in``/``act_in`` and the gather
+    ``select`` (a module with int64 ``indices``; None = all) precede it); ``output``: ``CODES`` (quantized with
+    ``out_qconfig``'s bits_a/mode) or ``FLOAT`` (in ``out_dtype``; None: the float input's dtype, after codes
+    the weight's)."""
 
     conv: nn.Module
     input: BlockInput = BlockInput.CODES
     bn: Optional[nn.Module] = None
-    relu: bool = False
+    act: str = "identity"
     pool: Optional[tuple] = None
     output: BlockOutput = BlockOutput.FLOAT
     out_qconfig: Optional[QConfig] = None
     bn_in: Optional[nn.Module] = None
-    relu_in: bool = False
+    act_in: str = "relu"
     select: Optional[nn.Module] = None
+    out_dtype: Optional[torch.dtype] = None
 
     def conv_geometry(self):
         c = self.conv
         return list(c.stride), list(c.padding), list(c.dilation)
+
+
+@dataclasses.dataclass
+class BnActSpec:
+    """A BatchNorm (+ gather ``select``) + activation on a float tensor, no convolution after it (what
+    ``bn_act`` runs): its float output in ``out_dtype`` (None: the input's dtype)."""
+
+    bn: nn.Module
+    act: str = "relu"
+    select: Optional[nn.Module] = None
+    out_dtype: Optional[torch.dtype] = None

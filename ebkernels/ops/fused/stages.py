@@ -36,7 +36,8 @@ from .conv_bn import conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_fwd
 from .maxpool import maxpool2d_int8, maxpool2d_int8_backward
 from .spec import BlockInput, BlockOutput, BlockSpec
 
-__all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "float_dtype", "input_forward", "weight_forward",
+__all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "bn_mode", "check_bn_batch", "index_maps", "float_dtype",
+           "input_forward", "weight_forward",
            "conv_bn_forward", "conv_forward", "output_forward", "input_codes_backward", "weight_backward",
            "output_backward", "conv_backward", "input_backward"]
 
@@ -107,15 +108,15 @@ class Error(NamedTuple):
     g_bias: Optional[torch.Tensor]
 
 
-def _bn_mode(bn: nn.Module):
+def bn_mode(bn: nn.Module):
     """(batch_stats, update) of a BatchNorm as ``nn.BatchNorm2d.forward`` decides them."""
     batch_stats = bn.training or not bn.track_running_stats
     update = bn.training and bn.track_running_stats
     return batch_stats, update
 
 
-def _check_bn_batch(bn: nn.Module, shape) -> None:
-    batch_stats, _ = _bn_mode(bn)
+def check_bn_batch(bn: nn.Module, shape) -> None:
+    batch_stats, _ = bn_mode(bn)
     if batch_stats and shape[0] * shape[2] * shape[3] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
 
@@ -124,7 +125,7 @@ def _pad_of(channels: int, x: torch.Tensor) -> int:
     return CHANNEL_PAD if use_triton(x) and channels % CHANNEL_PAD else 0
 
 
-def _index_maps(select, C: int, device):
+def index_maps(select, C: int, device):
     """(index, inv): the gather's int64 indices (None when it keeps all channels) and its inverse map."""
     if select is None or select.indices.numel() == C:
         return None, None
@@ -135,7 +136,10 @@ def _index_maps(select, C: int, device):
 
 
 def float_dtype(spec: BlockSpec, x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """A float result comes in the float input's dtype, after int8 codes in the weight's."""
+    """A float result comes in ``spec.out_dtype``; without one in the float input's dtype, after int8 codes
+    in the weight's."""
+    if spec.out_dtype is not None:
+        return spec.out_dtype
     return weight.dtype if spec.input is BlockInput.CODES else x.dtype
 
 
@@ -151,15 +155,15 @@ def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Sa
         saved.qx, saved.sx = qx, sx
         return qx, sx, cin
     bn_in = spec.bn_in
-    _check_bn_batch(bn_in, x.shape)
-    batch_in, update_in = _bn_mode(bn_in)
-    index, inv = _index_maps(spec.select, x.shape[1], x.device)
+    check_bn_batch(bn_in, x.shape)
+    batch_in, update_in = bn_mode(bn_in)
+    index, inv = index_maps(spec.select, x.shape[1], x.device)
     cin = x.shape[1] if index is None else index.numel()
     xb, _, bnp_in, zmax_in = bn_stats(x, bn_in.weight, bn_in.bias, bn_in.running_mean, bn_in.running_var,
                                       bn_in.num_batches_tracked, bn_in.momentum, bn_in.eps, batch_in, update_in,
-                                      spec.relu_in, inv)
+                                      spec.act_in, inv)
     qx, sx = bn_relu_quant(xb, bnp_in, zmax_in, bn_in.num_batches_tracked if update_in else None, index, qc.bits_a,
-                           qc.mode == "wage", spec.relu_in, _pad_of(cin, x))
+                           qc.mode == "wage", spec.act_in, _pad_of(cin, x))
     saved.sx, saved.xb, saved.bnp_in, saved.zmax_in = sx, xb, bnp_in, zmax_in
     saved.index, saved.inv, saved.batch_in = index, inv, batch_in
     return qx, sx, cin
@@ -187,11 +191,11 @@ def conv_bn_forward(spec: BlockSpec, x_shape, qx, qw, sx, sw, bias, qc: QConfig,
     bn = spec.bn
     stride, padding, dilation = spec.conv_geometry()
     oh_ow = conv2d_output_size(*x_shape[2:], *qw.shape[2:], stride, padding, dilation)
-    _check_bn_batch(bn, (x_shape[0], 1) + tuple(oh_ow))
-    batch_stats, update = _bn_mode(bn)
+    check_bn_batch(bn, (x_shape[0], 1) + tuple(oh_ow))
+    batch_stats, update = bn_mode(bn)
     y, _, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, stride, padding, dilation, qc.bits_a, qc.bits_w,
                                          bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                                         bn.momentum, bn.eps, batch_stats, update, spec.relu)
+                                         bn.momentum, bn.eps, batch_stats, update, spec.act)
     saved.bnp, saved.batch_stats = bnp, batch_stats
     return y, bnp, zmax, bn.num_batches_tracked if update else None
 
@@ -205,12 +209,12 @@ def conv_forward(spec: BlockSpec, qx, qw, sx, sw, bias, qc: QConfig, out_dtype):
 
 def output_forward(spec: BlockSpec, y, bnp, zmax, nbt, qc: QConfig, out_dtype, saved: Saved):
     """(main, codes, scale): for ``CODES`` the next block's codes (max-pooled if asked) and a gradient
-    carrier as ``main``; for ``FLOAT`` ``bn(y)`` (+ ReLU) in ``out_dtype`` and no codes."""
+    carrier as ``main``; for ``FLOAT`` ``act(bn(y))`` in ``out_dtype`` and no codes (a max-pool only pools codes)."""
     if spec.output is BlockOutput.FLOAT:
-        main, _ = bn_relu_quant(y, bnp, zmax, nbt, None, 8, False, spec.relu, 0, out_dtype=out_dtype)
+        main, _ = bn_relu_quant(y, bnp, zmax, nbt, None, 8, False, spec.act, 0, out_dtype=out_dtype)
         return main, None, None
     oq = spec.out_qconfig or qc
-    codes, scale = bn_relu_quant(y, bnp, zmax, nbt, None, oq.bits_a, oq.mode == "wage", spec.relu,
+    codes, scale = bn_relu_quant(y, bnp, zmax, nbt, None, oq.bits_a, oq.mode == "wage", spec.act,
                                  _pad_of(y.shape[1], y))
     saved.pre_pool_hw = tuple(codes.shape[2:])
     if spec.pool is not None:
@@ -226,7 +230,7 @@ def input_codes_backward(spec: BlockSpec, saved: Saved, qc: QConfig, meta: Meta)
     if spec.input is not BlockInput.BN:
         return saved.qx
     qx, _ = bn_relu_quant(saved.xb, saved.bnp_in, saved.zmax_in, None, saved.index, qc.bits_a, qc.mode == "wage",
-                          spec.relu_in, _pad_of(meta.cin, saved.xb))
+                          spec.act_in, _pad_of(meta.cin, saved.xb))
     return qx
 
 
@@ -258,15 +262,15 @@ def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f
         dz = maxpool2d_int8_backward(dz, saved.pos, saved.pre_pool_hw, cout, k, s, p, ceil)
     if saved.y is not None:  # kept from the forward (compute-bound layer)
         y = saved.y
-        sums = bn_relu_bwd_reduce(dz, y, saved.bnp, None, spec.relu)
+        sums = bn_relu_bwd_reduce(dz, y, saved.bnp, None, spec.act)
     else:  # recomputed, bit-identical, in the GEMM that also forms the sums
         stride, padding, dilation = spec.conv_geometry()
         y, sums = conv2d_int8_bn_bwd_reduce(qx, qw_f, saved.sx, saved.sw, bias, stride, padding, dilation, qc.bits_a,
-                                            qc.bits_w, dz, saved.bnp, spec.relu)
+                                            qc.bits_w, dz, saved.bnp, spec.act)
     s_dy = sums if saved.batch_stats else None
     stochastic = qc.rounding_e == "stochastic"
-    amax, = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, spec.relu, "absmax", qc.bits_e, stochastic)
-    qe, qe_cm, se = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, spec.relu, "codes", qc.bits_e, stochastic, pad_out,
+    amax, = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, spec.act, "absmax", qc.bits_e, stochastic)
+    qe, qe_cm, se = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, spec.act, "codes", qc.bits_e, stochastic, pad_out,
                                 amax)
     if need.bn_weight or need.bn_bias:
         g_bn_w, g_bn_b = sums[1].to(spec.bn.weight.dtype), sums[0].to(spec.bn.bias.dtype)
@@ -301,8 +305,8 @@ def input_backward(spec: BlockSpec, gx, saved: Saved, meta: Meta, need):
     ``BN`` input; unchanged otherwise."""
     if spec.input is not BlockInput.BN or gx is None:
         return gx, None, None
-    sums_in = bn_relu_bwd_reduce(gx, saved.xb, saved.bnp_in, saved.inv, spec.relu_in)
-    gx, = bn_relu_bwd(gx, saved.xb, saved.bnp_in, sums_in if saved.batch_in else None, saved.inv, spec.relu_in,
+    sums_in = bn_relu_bwd_reduce(gx, saved.xb, saved.bnp_in, saved.inv, spec.act_in)
+    gx, = bn_relu_bwd(gx, saved.xb, saved.bnp_in, sums_in if saved.batch_in else None, saved.inv, spec.act_in,
                       "float", out_dtype=meta.x_dtype, channels_last_out=meta.channels_last)
     g_in_w = g_in_b = None
     if (need.bn_in_weight or need.bn_in_bias) and spec.bn_in.weight is not None:

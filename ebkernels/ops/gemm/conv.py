@@ -36,8 +36,7 @@ from . import tiles
 from .conv_fwd_dgrad import _dgrad_triton, _fwd_triton
 from .conv_reference import conv2d_int8_dgrad_reference, conv2d_int8_fwd_reference, conv2d_int8_wgrad_reference
 from .conv_wgrad import _wgrad_triton
-from .host import (quantize_weight,
-                   quantize_weight_grad, refuse_double_backward)
+from .host import autocast_dtype, no_autocast, quantize_weight, quantize_weight_grad, refuse_double_backward
 
 __all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad", "conv2d_int8_wgrad",
            "conv2d_int8_fwd_reference", "conv2d_int8_dgrad_reference", "conv2d_int8_wgrad_reference",
@@ -224,10 +223,19 @@ class QConv2dFunction(torch.autograd.Function):
     Layouts for the int8 kernels (Triton path): channel counts that are not multiples of 16 are zero-padded
     in the code buffers (A and W: Cin; E: Cout), so every kernel takes its aligned path; the weight-grad
     gets channel-major E codes (and, for a 1×1 / stride-1 / unpadded kernel, channel-major A codes), its
-    K-major MMA operands. Zero padding adds exactly 0 to every integer sum."""
+    K-major MMA operands. Zero padding adds exactly 0 to every integer sum.
+
+    ``out_dtype``: the output's dtype (``qconv2d`` passes autocast's under ``torch.autocast``, else x's); forward
+    and backward run with autocast off (``host.no_autocast``), so the integer sums stay exact either way."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, qc: QConfig):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, qc: QConfig, out_dtype=None):
+        with no_autocast(x):
+            return QConv2dFunction._forward(ctx, x, weight, bias, stride, padding, dilation, groups, qc,
+                                            out_dtype or x.dtype)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, stride, padding, dilation, groups, qc: QConfig, out_dtype):
         channels_last = _is_channels_last(x)
         qx = sx = qw = sw = None
         # SPEC §8: Cin not a multiple of 16 (first layer, Cin = 3) -> A and W codes with Cin zero-padded, so
@@ -240,12 +248,12 @@ class QConv2dFunction(torch.autograd.Function):
             qw = codes
         if qx is not None and qw is not None:
             y = conv2d_int8_fwd_op(qx, qw, sx, sw, bias, stride, padding, dilation, groups, qc.bits_a,
-                                    qc.bits_w, x.dtype, channels_last, MAX_TERMS)
+                                    qc.bits_w, out_dtype, channels_last, MAX_TERMS)
         else:
             xf = dequantize(qx, sx, qc.bits_a) if qx is not None else x.float()
             wf = dequantize(qw, sw, qc.bits_w) if qw is not None else weight.float()
             y = F.conv2d(xf, wf, None if bias is None else bias.float(), stride, padding, dilation, groups)
-            y = y.to(x.dtype).contiguous(memory_format=memory_format(channels_last))
+            y = y.to(out_dtype).contiguous(memory_format=memory_format(channels_last))
         ctx.qc = qc
         ctx.conv = (stride, padding, dilation, groups)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, channels_last,
@@ -256,6 +264,11 @@ class QConv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         refuse_double_backward()
+        with no_autocast(gy):
+            return QConv2dFunction._backward(ctx, gy)
+
+    @staticmethod
+    def _backward(ctx, gy):
         qc = ctx.qc
         stride, padding, dilation, groups = ctx.conv
         x_dtype, w_dtype, b_dtype, channels_last, x_shape, w_shape = ctx.meta
@@ -310,7 +323,7 @@ class QConv2dFunction(torch.autograd.Function):
             gw = gw.to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             gb = gy.float().sum((0, 2, 3)).to(b_dtype)  # the float E, not its codes
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 def _resolve_padding(padding, weight_hw, dilation, stride):
@@ -339,7 +352,9 @@ def qconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     ``padding`` (also 'valid'/'same'), ``dilation``: int or pair. ``groups > 1`` runs the PyTorch
     reference path (same numbers, one warning). An operand with ``bits_* = None`` stays float and the
     products involving it run as float32 torch convolutions. CUDA tensors (or CPU under
-    TRITON_INTERPRET=1) use the Triton kernels, other CPU tensors the PyTorch reference."""
+    TRITON_INTERPRET=1) use the Triton kernels, other CPU tensors the PyTorch reference. Under
+    ``torch.autocast`` the result comes in autocast's dtype (bfloat16) and only int8 codes are kept for
+    backward, so an int8 layer never keeps more than the bfloat16 layer it replaces."""
     qc = as_qconfig(qconfig)
     check_tensor("x", x)
     check_tensor("weight", weight)
@@ -369,4 +384,6 @@ def qconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if x.numel() == 0 or weight.numel() == 0:
         # nothing to quantize: nn.Conv2d's own result for empty inputs / layers (shapes, bias, gradients)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return QConv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, qc)
+    ac = autocast_dtype(x)
+    out_dtype = ac if ac is not None and x.dtype != torch.float64 else x.dtype
+    return QConv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, qc, out_dtype)

@@ -18,7 +18,7 @@ from . import tiles
 
 __all__ = ["split_reduction", "inv_code_scales", "result_and_scale", "F32_EXACT_SUM", "MAX_F32_CHUNKS", "f32_exact_terms",
            "f32_chunks", "exact_int_sums", "quantize_weight", "quantize_weight_grad",
-           "refuse_double_backward"]
+           "refuse_double_backward", "no_autocast", "autocast_dtype"]
 
 
 def split_reduction(length: int, n_tiles: int, BK: int, device: torch.device, max_terms: int):
@@ -107,6 +107,20 @@ def quantize_weight_grad(grad_w: torch.Tensor, qc: QConfig) -> torch.Tensor:
     if qc.bits_g is None:
         return grad_w
     return quantize_dequantize(grad_w, qc.bits_g, qc.rounding_g, "shift")
+
+
+def no_autocast(t):
+    """The context every int8 autograd function runs its forward and backward in: autocast off on the device
+    of ``t`` (a tensor or a device). Their float parts (the reference path's float32 convolutions of integer codes, exact by SPEC §2)
+    must not be cast to bfloat16 by a caller's ``torch.autocast``; what they hand on follows it instead
+    (``autocast_dtype``)."""
+    return torch.autocast((t.device if isinstance(t, torch.Tensor) else torch.device(t)).type, enabled=False)
+
+
+def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` gives float results on ``t``'s device, or None outside autocast."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
 def refuse_double_backward() -> None:
