@@ -252,6 +252,10 @@ def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
      "apt-get install dataset-fashion-mnist"),
     (["--dataset", "cifar10", "--data-dir", "{tmp}", "--no-download"], "cifar10 not found in"),
     (["--small-stem"], "--small-stem adapts torchvision:<name> models; vgg11 is one of ebkernels' own"),
+    (["--precision", "fp32", "--no-int8-autocast"], "--no-int8-autocast is for the int8 search; --precision fp32 "
+                                                    "has no int8 layers"),
+    (["--method", "snip", "--no-int8-autocast"], "--no-int8-autocast is for the dense int8 search, which --method "
+                                                 "snip does not run"),
     (["--coupled", "most"], "--coupled 'most' is not supported; accepted: majority, any, all"),
     (["--model", "torchvision:resnet18"], "--width 0.125 is for ebkernels' own models; torchvision:resnet18 is "
                                           "built at torchvision's widths"),

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=float, default=None, help="channel width multiplier (default 0.25 on digits, 1)")
     g.add_argument("--precision", default="int8",
                    help="search-phase arithmetic: int8 (QConv2d/QLinear, default), bf16 (autocast), fp32")
+    g.add_argument("--no-int8-autocast", dest="int8_autocast", action="store_false",
+                   help="int8 search: run its float parts (BatchNorm, activations, depthwise convs, the head) in "
+                        "fp32 instead of bf16 autocast (the default; the fused chains hand bfloat16 on either way)")
     g.add_argument("--ratio", dest="ratios", type=_ratio_arg, action="append", default=None,
                    help="channel pruning ratio p in (0,1); repeat or comma-separate for several (default 0.5)")
     g.add_argument("--eps", type=float, default=0.1, help="detector threshold on the mask distance (default 0.1)")
@@ -141,7 +144,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(dataset=args.dataset, model=args.model, width=args.width, small_stem=args.small_stem,
                     coupled=args.coupled, data_dir=args.data_dir,
                     download=args.download, train_subset=args.train_subset, test_subset=args.test_subset,
-                    augment=args.augment, precision=args.precision, ratios=ratios, eps=args.eps,
+                    augment=args.augment, precision=args.precision, int8_autocast=args.int8_autocast,
+                    ratios=ratios, eps=args.eps,
                     window=args.window, detector_mode=args.detector_mode, sparsity=args.sparsity, lr=args.lr,
                     momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
                     epochs=args.epochs, retrain_epochs=args.retrain_epochs, retrain_init=init,

@@ -39,8 +39,8 @@ METHOD_UNUSED = {
     "lt": ("sparsity", "draw_at") + _CRITERIA_OPTIONS,  # trains without L1 on gamma; ranks weights
     "thinet": ("sparsity", "draw_at", "synflow_rounds"),
     # at initialisation: no dense training, so no search schedule, precision, detector or L1
-    "snip": ("sparsity", "draw_at", "epochs", "precision", "synflow_rounds") + _DETECTOR,
-    "synflow": ("sparsity", "draw_at", "epochs", "precision", "score_batches") + _DETECTOR,
+    "snip": ("sparsity", "draw_at", "epochs", "precision", "int8_autocast", "synflow_rounds") + _DETECTOR,
+    "synflow": ("sparsity", "draw_at", "epochs", "precision", "int8_autocast", "score_batches") + _DETECTOR,
 }
 
 # Per-dataset defaults for the settings left unset on the command line. The digits entry is the
@@ -55,7 +55,7 @@ DATASET_DEFAULTS = {
 # Settings that do not change what a run computes: left out of the run directory's hash.
 NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet", "cuda_graphs")
 # Settings added after runs existed, with their defaults: hashed only when set to something else.
-HASHED_UNLESS_DEFAULT = {"small_stem": False, "coupled": "majority"}
+HASHED_UNLESS_DEFAULT = {"small_stem": False, "coupled": "majority", "int8_autocast": True}
 
 
 # Accepted ranges, inclusive: wide enough for any real run, narrow enough that a typo is caught before
@@ -86,6 +86,7 @@ class Settings:
     test_subset: int | None = None
     augment: bool = True
     precision: str = "int8"
+    int8_autocast: bool = True  # the int8 search's float parts under bf16 autocast
     ratios: tuple = (0.5,)
     eps: float = 0.1
     window: int = 5
@@ -138,6 +139,7 @@ _WHY_UNUSED = {
               "one (--retrain-epochs)",
     "precision": "the dense search's precision; --method {m} trains no dense network (--retrain-precision "
                  "sets its ticket's)",
+    "int8_autocast": "for the dense int8 search, which --method {m} does not run",
     "eps": "the early-bird detector's, which watches a dense search; --method {m} has none",
     "window": "the early-bird detector's, which watches a dense search; --method {m} has none",
     "detector_mode": "the early-bird detector's, which watches a dense search; --method {m} has none",
@@ -153,7 +155,7 @@ def _check_applies(s: Settings) -> None:
             continue
         default = DATASET_DEFAULTS[s.dataset].get(key, getattr(Settings, key, None))
         if getattr(s, key) != default:
-            flag = "--" + key.replace("_", "-")
+            flag = ("--no-" if default is True else "--") + key.replace("_", "-")  # a flag that turns a default off
             _bad(f"{flag} is {_WHY_UNUSED[key].format(m=s.method)}; accepted with --method {s.method}: the "
                  f"default (leave {flag} out)")
 
@@ -182,6 +184,9 @@ def resolve_settings(s: Settings) -> Settings:
         if getattr(s, key) is None:
             setattr(s, key, value)
     _check_applies(s)
+    if not s.int8_autocast and s.precision != "int8":
+        _bad(f"--no-int8-autocast is for the int8 search; --precision {s.precision} has no int8 layers (accepted: "
+             f"--precision int8, or leave --no-int8-autocast out)")
     if s.small_stem and not s.model.strip().lower().startswith(TORCHVISION_PREFIX):
         _bad(f"--small-stem adapts torchvision:<name> models; {s.model} is one of ebkernels' own (their CIFAR "
              f"stem is already 3x3 without a max-pool, except resnet18's: use --model torchvision:resnet18 "
