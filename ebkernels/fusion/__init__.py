@@ -49,6 +49,8 @@ def fuse(model: nn.Module) -> list:
     """Trace ``model`` and install the fused forward when any chain fuses (quantize first: only ``QConv2d``
     layers fuse). Returns the fused chains, one line each (also logged at INFO)."""
     unfuse(model)
+    if not model._modules:  # a bare layer: nothing to chain
+        return []
     ff = FusedForward(model)
     plan = ff.plan()
     if plan.fn is None:

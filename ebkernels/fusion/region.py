@@ -15,6 +15,7 @@ dtype the per-layer path would give them.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Optional
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_map
 
 from ..modules import QConv2d
+from .patterns import role_of
 
 __all__ = ["REGION_DTYPE", "Region", "plan_region", "call_in_bf16", "exit_cast"]
 
@@ -32,10 +34,17 @@ REGION_DTYPE = torch.bfloat16
 @dataclasses.dataclass
 class Region:
     """``in_bf16``: the call_module nodes run under a local bfloat16 autocast; ``casts``: node -> the dtype its
-    region arguments are cast to before it runs."""
+    region arguments are cast to before it runs; ``masked``: the ReLUs that keep a 1-byte mask instead of their
+    output (``ops.fused.relu_mask``: no user of their output keeps it)."""
 
     in_bf16: set
     casts: dict
+    masked: set = dataclasses.field(default_factory=set)
+
+
+# operations that keep nothing of their inputs for backward (a ReLU feeding only these, chains and int8 layers
+# need not keep its output)
+_KEEP_NOTHING = {operator.add, operator.sub, torch.add, torch.sub, torch.cat, operator.getitem}
 
 
 def _float_dtype(m: nn.Module) -> Optional[torch.dtype]:
@@ -50,6 +59,32 @@ def _attr_dtype(root: nn.Module, target: str) -> Optional[torch.dtype]:
     for part in target.split("."):
         obj = getattr(obj, part, None)
     return obj.dtype if isinstance(obj, torch.Tensor) and obj.is_floating_point() else None
+
+
+def _keeps_nothing_of(user: fx.Node, heads: set, in_bf16: set, modules: dict) -> bool:
+    """Whether ``user`` keeps no copy of its input for backward: a chain (it keeps codes or its own bfloat16
+    copy), an int8 conv outside chains (codes), an add / concatenation, the model's output."""
+    if user in heads or user.op == "output":
+        return True
+    if user in in_bf16:
+        m = modules[user.target]
+        return type(m) is QConv2d and m.qconfig.bits_a is not None
+    return (user.op == "call_function" and user.target in _KEEP_NOTHING) or \
+        (user.op == "call_method" and user.target in ("add", "sub"))
+
+
+def _masked_relus(graph: fx.Graph, chains: list, in_bf16: set, modules: dict) -> set:
+    heads = {c.nodes[0] for c in chains}
+    taken = {n for c in chains for n in c.nodes}
+    out = set()
+    for n in graph.nodes:
+        if n in taken or not n.all_input_nodes:
+            continue
+        role = role_of(n, modules)
+        if role.kind == "act" and role.act == "relu" and role.refused is None and \
+                all(_keeps_nothing_of(u, heads, in_bf16, modules) for u in n.users):
+            out.add(n)
+    return out
 
 
 def plan_region(graph: fx.Graph, chains: list, modules: dict, root: nn.Module, model_dtype: torch.dtype) -> Region:
@@ -84,7 +119,7 @@ def plan_region(graph: fx.Graph, chains: list, modules: dict, root: nn.Module, m
                 inside.add(n)
         elif n.op == "output" and reads:
             casts[n] = model_dtype
-    return Region(in_bf16, casts)
+    return Region(in_bf16, casts, _masked_relus(graph, chains, in_bf16, modules))
 
 
 def _device_type(args) -> str:

@@ -23,7 +23,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..modules import QConv2d
-from ..ops.fused.block import (BlockInput, BlockOutput, BlockSpec, BnActSpec, bn_act, fused_block)
+from ..ops.fused.block import BlockInput, BlockOutput, BlockSpec, BnActSpec, bn_act, fused_block
+from ..ops.fused.relu_mask import relu_keep_mask
 from .matcher import Chain, match
 from .patterns import BN_ACT, CONV_ON_CODES, POST_ACTIVATION, hooked, pool_args
 from .region import REGION_DTYPE, call_in_bf16, exit_cast, plan_region
@@ -93,6 +94,8 @@ def _rewrite(graph: fx.Graph, chains: list, region) -> fx.Graph:
         if n in by_last:
             i, c = by_last[n]
             env[n] = out.call_function(_runner(_spec(c), i), (env[c.source],))
+        elif n in region.masked:
+            env[n] = out.call_function(relu_keep_mask, (env[n.all_input_nodes[0]],))
         elif n in region.in_bf16:
             mod = out.get_attr(n.target)
             env[n] = out.call_function(call_in_bf16, (mod, *fx.map_arg(n.args, mapped)),
@@ -121,15 +124,16 @@ class Plan:
         if traced is None:
             return
         chains = match(traced.graph, modules, report)
-        if not chains:
-            return
+        region = plan_region(traced.graph, chains, modules, model, self.dtype)
+        if not chains and not region.masked:
+            return  # nothing to gain: the model's own forward
         for c in chains:
             for r in c.roles + c.consumers:
                 if r.module is not None:
                     self._hooks.append(r.module)
                     if type(r.module) is QConv2d:
                         self._convs.append((r.module, r.module.qconfig, r.module.weight.dtype))
-        region = plan_region(traced.graph, chains, modules, model, self.dtype)
+        self._hooks += [modules[n.target] for n in region.masked if n.op == "call_module"]
         code = _rewrite(traced.graph, chains, region).python_code(root_module="self")
         scope = dict(code.globals)
         exec(compile(code.src, f"<ebkernels fused forward of {type(model).__name__}>", "exec"), scope)  # noqa: S102
