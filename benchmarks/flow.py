@@ -1,8 +1,8 @@
 """The int8 data flow in figures a CPU measures exactly (SPEC §9): saved activations, kernels per
 training step, modelled bytes per step, for int8 fused / int8 per-layer / bf16 autocast / fp32.
 
-    python benchmarks/flow.py                  # all tables (about a minute on 2 cores)
-    python benchmarks/flow.py --tables memory  # one of: memory, kernels, bytes
+    python benchmarks/flow.py                  # all tables (a few minutes on 2 cores)
+    python benchmarks/flow.py --tables models  # one of: memory, kernels, bytes, models
     python benchmarks/flow.py --smoke          # small networks, seconds (the test suite runs this)
 
 - **memory**: bytes autograd saves in one training forward (``saved_tensors_hooks``, storages counted
@@ -19,6 +19,11 @@ training step, modelled bytes per step, for int8 fused / int8 per-layer / bf16 a
   run instead.
 - **bytes**: the traffic model of ``benchmarks/predict.py`` (conv → BN → ReLU blocks, fwd+bwd) summed
   over the network's convolutions: a model, not a measurement.
+- **models** (issue 21's table): any CNN through the graph fuser, batch 16 at 32×32 (torchvision models with
+  the small stem), ``quantize_model(m, skip=is_grouped_conv)``: the fused chains, saved activations of int8
+  without and with bf16 autocast against bf16 autocast, and kernels per conv in one training step under
+  autocast (the trainer's default), counted as in **kernels**; "nothing fusable" is a GroupNorm CNN whose only
+  int8 layers are per-layer ``QConv2d``/``QLinear``.
 """
 from __future__ import annotations
 
@@ -43,6 +48,10 @@ from benchmarks.common import markdown_table  # noqa: E402
 from ebkernels._cli import comma_list  # noqa: E402
 
 MODES = ("int8 fused", "int8 per-layer", "bf16 autocast", "fp32")
+MODEL_CASES = ("torchvision:resnet50", "torchvision:mobilenet_v2", "torchvision:densenet121",
+               "torchvision:efficientnet_b0", "torchvision:regnet_x_400mf", "torchvision:resnet18",
+               "torchvision:vgg16_bn", "vgg16", "preresnet101", "resnet18", "nothing fusable")
+SMOKE_MODEL_CASES = ("torchvision:mobilenet_v2", "nothing fusable")
 MEMORY_CASES = (("vgg16", 32), ("preresnet101", 16))
 NETS = ("vgg16", "preresnet101")
 # --smoke (the test suite): the same kinds of network, small, so every table is computed in seconds
@@ -54,12 +63,28 @@ VIEWS = {"view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "exp
          "empty_like", "empty", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense"}
 
 
+def _nothing_fusable() -> nn.Module:
+    """A CNN with no conv → BatchNorm chain (GroupNorm after every conv, a ReLU before a pool)."""
+    layers, c = [], 3
+    for w in (64, 128, 256):
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.GroupNorm(8, w), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1),
+                   nn.GroupNorm(8, w), nn.ReLU(), nn.MaxPool2d(2)]
+        c = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
 def build(name: str, mode: str, device, width: float = 1.0):
+    """``name`` in ``mode``: torchvision models with the small stem, grouped convs left float (as the trainer)."""
+    from ebkernels.models import is_grouped_conv
+
     torch.manual_seed(0)
     kw = {} if width == 1.0 else {"width": width}
-    model = ebkernels.build_model(name, num_classes=10, in_channels=3, **kw).to(device).train()
+    if name.startswith("torchvision:"):
+        kw["small_stem"] = True
+    model = (_nothing_fusable() if name == "nothing fusable" else
+             ebkernels.build_model(name, num_classes=10, in_channels=3, **kw)).to(device).train()
     if mode.startswith("int8"):
-        ebkernels.quantize_model(model, fuse=mode == "int8 fused")
+        ebkernels.quantize_model(model, fuse=mode == "int8 fused", skip=is_grouped_conv)
     return model
 
 
@@ -67,7 +92,7 @@ def _autocast(mode: str, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16 autocast")
 
 
-def saved_bytes(model: nn.Module, x: torch.Tensor, mode: str) -> int:
+def saved_bytes(model: nn.Module, x: torch.Tensor, mode: str, autocast: bool | None = None) -> int:
     params = {p.data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -77,7 +102,9 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, mode: str) -> int:
             seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(mode, x.device):
+    ac = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast) if autocast is not None else \
+        _autocast(mode, x.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ac:
         model(x)
     return sum(seen.values())
 
@@ -148,15 +175,19 @@ class _Launches:
         setattr(self._cls, self._name, self._orig)
 
 
-def kernel_counts(name: str, mode: str, device, batch: int = 2, hw: int = 32, width: float = 1.0):
-    """(Triton launches, PyTorch ops, convolutions) of one training step after a warm-up."""
+def kernel_counts(name: str, mode: str, device, batch: int = 2, hw: int = 32, width: float = 1.0,
+                  autocast: bool | None = None):
+    """(Triton launches, PyTorch ops, convolutions) of one training step after a warm-up (``autocast``: bf16
+    autocast on / off; None: as ``mode`` has it)."""
     model = build(name, mode, device, width)
     x = torch.randn(batch, 3, hw, hw, device=device).contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 10, (batch,), device=device)
     dry = device.type == "cpu"
+    ac = (lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)) if autocast is not None \
+        else (lambda: _autocast(mode, device))
 
     def step():
-        with _autocast(mode, device):
+        with ac():
             out = model(x)
         F.cross_entropy(out.float(), t).backward()
 
@@ -180,6 +211,25 @@ def kernel_rows(device, smoke: bool = False):
     return ["network", "mode", "Triton launches", "PyTorch ops", "kernels per step", "per conv block"], rows
 
 
+def model_rows(device, smoke: bool = False):
+    """Issue 21's table: chains, saved MiB int8 (without / with autocast) vs bf16 autocast, kernels per conv."""
+    rows = []
+    batch, hw = (4, 16) if smoke else (16, 32)
+    for name in (SMOKE_MODEL_CASES if smoke else MODEL_CASES):
+        x = torch.randn(batch, 3, hw, hw, device=device)
+        with ebkernels.force_backend("reference"):
+            bf16 = saved_bytes(build(name, "bf16 autocast", device), x, "bf16 autocast") / 2**20
+            model = build(name, "int8 fused", device)
+            chains = len(ebkernels.fusion.fused_chains(model))
+            plain = saved_bytes(model, x, "int8 fused", autocast=False) / 2**20
+            ac = saved_bytes(model, x, "int8 fused", autocast=True) / 2**20
+        tri, ops, convs = kernel_counts(name, "int8 fused", device, hw=hw, autocast=True)
+        rows.append([name, chains, f"{plain:.1f}", f"{ac:.1f}", f"{bf16:.1f}", f"{plain / bf16:.2f}",
+                     f"{ac / bf16:.2f}", f"{(tri + ops) / convs:.1f}"])
+    return ["network", "fused chains", "int8 MiB", "int8 + autocast MiB", "bf16 autocast MiB", "int8 / bf16",
+            "int8 + autocast / bf16", "kernels per conv"], rows
+
+
 def bytes_rows():
     from benchmarks.predict import BLOCK_TRAFFIC, block_floors
     from benchmarks.shapes import CONV_SHAPES
@@ -195,8 +245,9 @@ def bytes_rows():
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tables", type=comma_list(accepted=("memory", "kernels", "bytes")),
-                    default=["memory", "kernels", "bytes"], help="comma-separated: memory, kernels, bytes")
+    ap.add_argument("--tables", type=comma_list(accepted=("memory", "kernels", "bytes", "models")),
+                    default=["memory", "kernels", "bytes", "models"],
+                    help="comma-separated: memory, kernels, bytes, models")
     ap.add_argument("--smoke", action="store_true", help="small networks (VGG-11 / PreResNet-20 at width 0.25)")
     args = ap.parse_args(argv)
     tables = args.tables
@@ -212,6 +263,11 @@ def main(argv=None) -> int:
         dry = ", Triton launches counted dry" if device.type == "cpu" else ""
         print(f"\nKernels per training step, batch 2 at {hw}×{hw} ({where}{dry}):\n")
         print(markdown_table(*kernel_rows(device, args.smoke)))
+    if "models" in tables:
+        size = "batch 4 at 16×16" if args.smoke else "batch 16 at 32×32"
+        print(f"\nAny CNN through the graph fuser: saved activations ({size}) and kernels per conv in a training "
+              f"step under bf16 autocast ({where}):\n")
+        print(markdown_table(*model_rows(device, args.smoke)))
     if "bytes" in tables:
         print("\nModelled DRAM traffic per step, conv-BN-ReLU blocks (benchmarks/predict.py; a model, not a "
               "measurement):\n")

@@ -344,3 +344,68 @@ def test_per_layer_int8_layers_keep_only_codes_and_hand_bfloat16_on_under_autoca
     with ebkernels.force_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
         y = conv(x)
     assert y.dtype == torch.bfloat16 and y.grad_fn.saved_tensors[0].dtype == torch.int8
+
+
+# --------------------------------------------------------------------------------------------------
+# Pre-activation inputs rebuilt in backward instead of kept
+# --------------------------------------------------------------------------------------------------
+class Dense(nn.Module):
+    """Two DenseNet layers (BN → ReLU → conv1 → BN → ReLU → conv2 on the concatenation) and a transition."""
+
+    def __init__(self, c=8, k=4):
+        super().__init__()
+        def layer(cin):
+            return nn.ModuleDict(dict(n1=nn.BatchNorm2d(cin), c1=nn.Conv2d(cin, 2 * k, 1, bias=False),
+                                      n2=nn.BatchNorm2d(2 * k), c2=nn.Conv2d(2 * k, k, 3, padding=1, bias=False)))
+        self.stem = block(c)
+        self.l1, self.l2 = layer(c), layer(c + k)
+        self.trans = nn.Sequential(nn.BatchNorm2d(c + 2 * k), nn.ReLU(), nn.Conv2d(c + 2 * k, c, 1, bias=False))
+
+    def forward(self, x):
+        feats = [self.stem(x)]
+        for l in (self.l1, self.l2):
+            h = l["c1"](F.relu(l["n1"](torch.cat(feats, 1))))
+            feats.append(l["c2"](F.relu(l["n2"](h))))
+        return self.trans(torch.cat(feats, 1))
+
+
+def _saved_bytes(model, x):
+    params = {p.data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("name,backend", [("preresnet20", "reference"), ("dense", "reference"),
+                                          ("preresnet20", "auto")])
+def test_rebuilt_preactivation_inputs_give_bit_identical_gradients_for_less_memory(name, backend, monkeypatch):
+    """A pre-activation chain on a concatenation keeps its pieces (DenseNet), one on ``conv on codes + xprev``
+    replays the conv (every other PreResNet block): the same gradients, bit for bit, as keeping the input."""
+    from ebkernels.fusion import runner
+
+    torch.manual_seed(9)
+    base = (ebkernels.build_model("preresnet20", width=0.25, num_classes=10, in_channels=3) if name == "preresnet20"
+            else Dense()).train()
+    size = 8 if backend == "reference" else 4  # "auto": the kernels (the interpreter on CPU)
+    x = torch.randn(4, 3 if name == "preresnet20" else 8, size, size).contiguous(memory_format=torch.channels_last)
+    results = []
+    for rebuild in (True, False):
+        if not rebuild:
+            monkeypatch.setattr(runner, "_bn_sources", lambda *a: {})
+        m = ebkernels.quantize_model(copy.deepcopy(base), qconfig=QC)
+        with ebkernels.force_backend(backend):
+            nbytes, out = _saved_bytes(m, x)
+            out.float().square().sum().backward()
+        results.append((nbytes, out.detach(), [p.grad for p in m.parameters()],
+                        [b.clone() for b in m.buffers()]))
+    (b1, o1, g1, s1), (b0, o0, g0, s0) = results
+    assert b1 < b0, (b1, b0)  # (tiny models: the codes, scales and per-channel parameters weigh much)
+    assert torch.equal(o1, o0) and all(torch.equal(a, b) for a, b in zip(s1, s0))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g0))

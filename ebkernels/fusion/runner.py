@@ -15,6 +15,7 @@ model's own forward.
 from __future__ import annotations
 
 import logging
+import operator
 from collections import OrderedDict
 from typing import Optional
 
@@ -23,10 +24,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..modules import QConv2d
-from ..ops.fused.block import BlockInput, BlockOutput, BlockSpec, BnActSpec, bn_act, fused_block
+from ..ops.fused.block import (BlockInput, BlockOutput, BlockSpec, BnActSpec, BnSource, Int8Activation, bn_act,
+                               fused_block)
 from ..ops.fused.relu_mask import relu_keep_mask
 from .matcher import Chain, match
-from .patterns import BN_ACT, CONV_ON_CODES, POST_ACTIVATION, hooked, pool_args
+from .patterns import BN_ACT, CONV_ON_CODES, POST_ACTIVATION, PRE_ACTIVATION, hooked, pool_args
 from .region import REGION_DTYPE, call_in_bf16, exit_cast, plan_region
 from .trace import trace
 
@@ -62,25 +64,88 @@ def _spec(chain: Chain):
     return spec
 
 
+def _source_args(spec, extra: tuple) -> tuple:
+    """What ``keep_bn_input`` may rebuild a pre-activation BatchNorm's input from (``BnSource``), from the
+    values the compiled forward hands the chain: the concatenation's pieces, or the conv's codes and xprev."""
+    src = spec.bn_source
+    if src is None or not extra:
+        return ()
+    if src.kind == "cat":
+        return tuple(extra[0])
+    codes, xprev = extra
+    conv = src.conv.conv
+    if not isinstance(codes, Int8Activation) or not isinstance(xprev, torch.Tensor):
+        return ()
+    return codes.codes, codes.scale, xprev, conv.weight, conv.bias
+
+
 def _runner(spec, index: int):
     """The function the compiled forward calls for one chain (named, so the generated code reads well)."""
     if isinstance(spec, BnActSpec):
-        def run(x):
-            return bn_act(spec, x)
+        def run(x, *extra):
+            return bn_act(spec, x, _source_args(spec, extra))
     else:
-        def run(x):
-            return fused_block(spec, x)
+        def run(x, *extra):
+            return fused_block(spec, x, _source_args(spec, extra))
     run.__name__ = run.__qualname__ = f"fused_chain_{index}"
     run.__module__ = __name__
     return run
 
 
-def _rewrite(graph: fx.Graph, chains: list, region) -> fx.Graph:
+def _inplace_users(node: fx.Node, modules: dict) -> bool:
+    """Whether an operation changes ``node``'s value in place (then a chain must keep a copy of it)."""
+    for u in node.users:
+        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+        if u.op == "call_module":
+            if getattr(modules[u.target], "inplace", False):
+                return True
+        elif u.kwargs.get("inplace") or (name.endswith("_") and not name.startswith("__")):
+            return True
+    return False
+
+
+def _bn_sources(chains: list, specs: list, modules: dict) -> dict:
+    """chain index -> (BnSource, the nodes whose values the chain gets): a pre-activation chain reading a
+    concatenation along channels keeps its pieces; one reading ``conv on codes + xprev``, where xprev is what
+    another pre-activation chain keeps, replays the conv in backward (every other block of a residual stream:
+    the one before keeps its input)."""
+    index = {id(c): i for i, c in enumerate(chains)}
+    by_last = {c.last: c for c in chains}
+    pre = [c for c in chains if c.pattern in (PRE_ACTIVATION, BN_ACT)]
+    keeps = {c.source: c for c in reversed(pre)}
+    out, replaying = {}, set()
+    for c in pre:
+        src = c.source
+        if src.op != "call_function":
+            continue
+        dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)
+        if src.target is torch.cat and dim == 1 and isinstance(src.args[0], (list, tuple)) and \
+                all(isinstance(a, fx.Node) for a in src.args[0]):
+            out[index[id(c)]] = (BnSource("cat"), (list(src.args[0]),))
+        elif src.target in (operator.add, torch.add) and len(src.args) == 2 and not src.kwargs and \
+                all(isinstance(a, fx.Node) for a in src.args):
+            for r_node, xprev in (src.args, src.args[::-1]):
+                r, before = by_last.get(r_node), keeps.get(xprev)
+                if r is not None and r.pattern is CONV_ON_CODES and before is not None and before is not c \
+                        and id(before) not in replaying:
+                    out[index[id(c)]] = (BnSource("residual", specs[index[id(r)]]), (r.source, xprev))
+                    replaying.add(id(c))
+                    break
+    return out
+
+
+def _rewrite(graph: fx.Graph, chains: list, region, modules: dict) -> fx.Graph:
     """A new graph: each chain one call of its runner, the region's local autocast and casts inserted."""
     out = fx.Graph()
     env: dict = {}
     inner = {n for c in chains for n in c.nodes[:-1]}
     by_last = {c.last: (i, c) for i, c in enumerate(chains)}
+    specs = [_spec(c) for c in chains]
+    sources = _bn_sources(chains, specs, modules)
+    for i, c in enumerate(chains):
+        if c.pattern in (PRE_ACTIVATION, BN_ACT):
+            specs[i].keep_input = not _inplace_users(c.source, modules)
+            specs[i].bn_source = sources.get(i, (None, ()))[0]
 
     def arg(a, dtype=None):
         v = env[a]
@@ -93,7 +158,8 @@ def _rewrite(graph: fx.Graph, chains: list, region) -> fx.Graph:
         mapped = lambda a: arg(a, dtype)  # noqa: E731
         if n in by_last:
             i, c = by_last[n]
-            env[n] = out.call_function(_runner(_spec(c), i), (env[c.source],))
+            extra = fx.map_arg(sources.get(i, (None, ()))[1], lambda a: env[a])
+            env[n] = out.call_function(_runner(specs[i], i), (env[c.source], *extra))
         elif n in region.masked:
             env[n] = out.call_function(relu_keep_mask, (env[n.all_input_nodes[0]],))
         elif n in region.in_bf16:
@@ -134,7 +200,7 @@ class Plan:
                     if type(r.module) is QConv2d:
                         self._convs.append((r.module, r.module.qconfig, r.module.weight.dtype))
         self._hooks += [modules[n.target] for n in region.masked if n.op == "call_module"]
-        code = _rewrite(traced.graph, chains, region).python_code(root_module="self")
+        code = _rewrite(traced.graph, chains, region, modules).python_code(root_module="self")
         scope = dict(code.globals)
         exec(compile(code.src, f"<ebkernels fused forward of {type(model).__name__}>", "exec"), scope)  # noqa: S102
         self.fn = scope["forward"]

@@ -52,9 +52,9 @@ from ..gemm.host import no_autocast, refuse_double_backward
 from . import stages
 from .bn_act import bn_act
 from .bn_math import ACTIVATIONS
-from .spec import BlockInput, BlockOutput, BlockSpec, BnActSpec, Int8Activation
+from .spec import BlockInput, BlockOutput, BlockSpec, BnActSpec, BnSource, Int8Activation
 
-__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "BnActSpec", "Int8Activation", "fused_block", "bn_act",
+__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "BnActSpec", "BnSource", "Int8Activation", "fused_block", "bn_act",
            "FusedBlockFunction", "CARRIER_DTYPE", "ACTIVATIONS", "keeps_y", "supports"]
 
 CARRIER_DTYPE = stages.CARRIER_DTYPE
@@ -110,17 +110,18 @@ class FusedBlockFunction(torch.autograd.Function):
     """One fused block (see the module docstring): the forward and backward stages in order."""
 
     @staticmethod
-    def forward(ctx, spec: BlockSpec, x, in_codes, in_scale, weight, bias, bn_w, bn_b, bnin_w, bnin_b):
+    def forward(ctx, spec: BlockSpec, x, in_codes, in_scale, weight, bias, bn_w, bn_b, bnin_w, bnin_b, *source):
         if spec.pool is not None and spec.output is not BlockOutput.CODES:
             raise ValueError("a fused block max-pools its output codes only (output CODES)")
+        ctx.n_source = len(source)
         with no_autocast(weight):
-            return FusedBlockFunction._forward(ctx, spec, x, in_codes, in_scale, weight, bias)
+            return FusedBlockFunction._forward(ctx, spec, x, in_codes, in_scale, weight, bias, source)
 
     @staticmethod
-    def _forward(ctx, spec: BlockSpec, x, in_codes, in_scale, weight, bias):
+    def _forward(ctx, spec: BlockSpec, x, in_codes, in_scale, weight, bias, source):
         qc = spec.conv.qconfig
         saved = stages.Saved(weight=weight, bias=bias)
-        qx, sx, cin = stages.input_forward(spec, x, in_codes, in_scale, qc, saved)
+        qx, sx, cin = stages.input_forward(spec, x, in_codes, in_scale, qc, saved, source)
         qw, sw = stages.weight_forward(weight, qc, qx, cin, saved)
         if spec.bn is not None:
             y, bnp, zmax, nbt = stages.conv_bn_forward(spec, x.shape, qx, qw, sx, sw, bias, qc, saved)
@@ -152,6 +153,7 @@ class FusedBlockFunction(torch.autograd.Function):
         qc = spec.conv.qconfig
         need = BlockGrads(*(ctx.needs_input_grad[i] for i in (1, 4, 5, 6, 7, 8, 9)))
         saved = stages.Saved.load(ctx)
+        stages.restore_bn_input(spec.bn_source, saved)
         qx = stages.input_codes_backward(spec, saved, qc, meta)
         qw_f, qw_d = stages.weight_backward(saved, qc, qx)
         e = stages.output_backward(spec, g_main, saved, qc, qx, qw_f, meta, need)
@@ -160,17 +162,18 @@ class FusedBlockFunction(torch.autograd.Function):
         grads = BlockGrads(x=gx if need.x else None, weight=gw, bias=e.g_bias, bn_weight=e.g_bn_w, bn_bias=e.g_bn_b,
                            bn_in_weight=g_in_w, bn_in_bias=g_in_b)
         return (None, grads.x, None, None, grads.weight, grads.bias, grads.bn_weight, grads.bn_bias,
-                grads.bn_in_weight, grads.bn_in_bias)
+                grads.bn_in_weight, grads.bn_in_bias) + (None,) * ctx.n_source
 
 
-def fused_block(spec: BlockSpec, x):
-    """Run one fused block. ``x``: an ``Int8Activation`` (input ``CODES``) or a float tensor. Returns an
+def fused_block(spec: BlockSpec, x, source: tuple = ()):
+    """Run one fused block. ``x``: an ``Int8Activation`` (input ``CODES``) or a float tensor; ``source``: what
+    may rebuild a ``BN`` input in backward (``spec.bn_source``; ``stages.keep_bn_input``). Returns an
     ``Int8Activation`` (output ``CODES``) or a float tensor."""
     conv, bn, bn_in = spec.conv, spec.bn, spec.bn_in
     args = (x.carrier, x.codes, x.scale) if spec.input is BlockInput.CODES else (x, None, None)
     out = FusedBlockFunction.apply(spec, *args, conv.weight, conv.bias, bn.weight if bn is not None else None,
                                    bn.bias if bn is not None else None, bn_in.weight if bn_in is not None else None,
-                                   bn_in.bias if bn_in is not None else None)
+                                   bn_in.bias if bn_in is not None else None, *source)
     if spec.output is BlockOutput.CODES:
         main, codes, scale = out
         return Int8Activation(main, codes, scale, main.shape[1])

@@ -17,7 +17,7 @@ from ..gemm.host import no_autocast, refuse_double_backward
 from .bn_relu_bwd import bn_relu_bwd, bn_relu_bwd_reduce
 from .bn_relu_quant import bn_relu_quant, bn_stats
 from .spec import BnActSpec
-from .stages import bn_mode, check_bn_batch, index_maps
+from .stages import Saved, bn_mode, check_bn_batch, index_maps, keep_bn_input, restore_bn_input
 
 __all__ = ["BnActFunction", "bn_act"]
 
@@ -27,7 +27,7 @@ class BnActFunction(torch.autograd.Function):
     statistics, running-statistics update, ``num_batches_tracked``)."""
 
     @staticmethod
-    def forward(ctx, spec: BnActSpec, x, weight, bias):
+    def forward(ctx, spec: BnActSpec, x, weight, bias, *source):
         bn = spec.bn
         check_bn_batch(bn, x.shape)
         batch, update = bn_mode(bn)
@@ -37,21 +37,28 @@ class BnActFunction(torch.autograd.Function):
                                         bn.momentum, bn.eps, batch, update, spec.act, inv)
             z, _ = bn_relu_quant(xb, bnp, zmax, bn.num_batches_tracked if update else None, index, 8, False, spec.act,
                                  0, out_dtype=spec.out_dtype or x.dtype)
+        saved = Saved()
+        keep_bn_input(spec.bn_source, spec.keep_input, x, xb, source, saved)
         ctx.set_materialize_grads(False)
-        ctx.spec, ctx.batch = spec, batch
+        ctx.spec, ctx.batch, ctx.n_source, ctx.kind = spec, batch, len(source), saved.source_kind
         ctx.meta = (x.dtype, x.is_contiguous(memory_format=torch.channels_last))
-        ctx.save_for_backward(xb, bnp, inv)
+        ctx.save_for_backward(saved.xb, bnp, inv, *saved.source)
         return z
 
     @staticmethod
     def backward(ctx, gz):
         refuse_double_backward()
+        none = (None,) * ctx.n_source
         if gz is None:
-            return None, None, None, None
-        xb, bnp, inv = ctx.saved_tensors
+            return (None, None, None, None) + none
+        xb, bnp, inv, *source = ctx.saved_tensors
+        saved = Saved(xb=xb, source=tuple(source), source_kind=ctx.kind)
+        with no_autocast(bnp):
+            restore_bn_input(ctx.spec.bn_source, saved)
+        xb = saved.xb
         x_dtype, channels_last = ctx.meta
         act = ctx.spec.act
-        with no_autocast(xb):
+        with no_autocast(bnp):
             sums = bn_relu_bwd_reduce(gz, xb, bnp, inv, act)
             gx, = bn_relu_bwd(gz, xb, bnp, sums if ctx.batch else None, inv, act, "float", out_dtype=x_dtype,
                               channels_last_out=channels_last)
@@ -59,10 +66,10 @@ class BnActFunction(torch.autograd.Function):
         bn = ctx.spec.bn
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             gw, gb = sums[1].to(bn.weight.dtype), sums[0].to(bn.bias.dtype)
-        return None, gx if ctx.needs_input_grad[1] else None, gw, gb
+        return (None, gx if ctx.needs_input_grad[1] else None, gw, gb) + none
 
 
-def bn_act(spec: BnActSpec, x: torch.Tensor) -> torch.Tensor:
+def bn_act(spec: BnActSpec, x: torch.Tensor, source: tuple = ()) -> torch.Tensor:
     """Run ``spec`` on the float tensor ``x`` (N, C, H, W); returns ``act(bn(x))`` NHWC in ``spec.out_dtype``
-    (None: x's dtype)."""
-    return BnActFunction.apply(spec, x, spec.bn.weight, spec.bn.bias)
+    (None: x's dtype). ``source``: as ``block.fused_block``'s."""
+    return BnActFunction.apply(spec, x, spec.bn.weight, spec.bn.bias, *source)

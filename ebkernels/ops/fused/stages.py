@@ -37,7 +37,7 @@ from .maxpool import maxpool2d_int8, maxpool2d_int8_backward
 from .spec import BlockInput, BlockOutput, BlockSpec
 
 __all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "bn_mode", "check_bn_batch", "index_maps", "float_dtype",
-           "input_forward", "weight_forward",
+           "keep_bn_input", "restore_bn_input", "input_forward", "weight_forward",
            "conv_bn_forward", "conv_forward", "output_forward", "input_codes_backward", "weight_backward",
            "output_backward", "conv_backward", "input_backward"]
 
@@ -51,7 +51,8 @@ class Saved:
     input codes ``qx`` (the previous block's output: no new storage; for a ``BN`` input nothing, recomputed
     from ``xb``), scales, weight, bias; the pre-activation BatchNorm's bfloat16 input ``xb``, ``bnp_in``,
     ``zmax_in`` and gather maps; a small weight's codes; the BatchNorm's ``bnp``; y where kept; the max-pool's
-    window positions. Flags: which BatchNorms used batch statistics, the pre-pool size."""
+    window positions; then ``source``, what rebuilds ``xb`` when it is not kept (``keep_bn_input``). Flags: which
+    BatchNorms used batch statistics, the pre-pool size, how ``xb`` comes back (``source_kind``)."""
 
     qx: Optional[torch.Tensor] = None
     sx: Optional[torch.Tensor] = None
@@ -68,23 +69,27 @@ class Saved:
     bnp: Optional[torch.Tensor] = None
     y: Optional[torch.Tensor] = None
     pos: Optional[torch.Tensor] = None
+    source: tuple = ()
     batch_in: bool = False
     batch_stats: bool = False
     pre_pool_hw: tuple = ()
+    source_kind: str = ""
 
     TENSORS = ("qx", "sx", "weight", "sw", "bias", "xb", "bnp_in", "zmax_in", "index", "inv", "qw_f", "qw_d",
                "bnp", "y", "pos")
-    FLAGS = ("batch_in", "batch_stats", "pre_pool_hw")
+    FLAGS = ("batch_in", "batch_stats", "pre_pool_hw", "source_kind")
 
     def save(self, ctx, spec: BlockSpec) -> None:
         if spec.input is BlockInput.BN:
             self.qx = None  # recomputed in backward from the bfloat16 input
-        ctx.save_for_backward(*(getattr(self, k) for k in self.TENSORS))
+        ctx.save_for_backward(*(getattr(self, k) for k in self.TENSORS), *self.source)
         ctx.saved_flags = {k: getattr(self, k) for k in self.FLAGS}
 
     @classmethod
     def load(cls, ctx) -> "Saved":
-        return cls(**dict(zip(cls.TENSORS, ctx.saved_tensors)), **ctx.saved_flags)
+        t = ctx.saved_tensors
+        n = len(cls.TENSORS)
+        return cls(**dict(zip(cls.TENSORS, t[:n])), source=tuple(t[n:]), **ctx.saved_flags)
 
 
 class Meta(NamedTuple):
@@ -144,8 +149,41 @@ def float_dtype(spec: BlockSpec, x: torch.Tensor, weight: torch.Tensor) -> torch
 
 
 # ----- forward ------------------------------------------------------------------------------------------
-def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Saved):
-    """(qx, sx, cin): the conv's int8 input codes, their scale, its real channel count."""
+def keep_bn_input(bn_source, keep_input: bool, x, xb, source: tuple, saved: Saved) -> None:
+    """What backward gets a pre-activation BatchNorm's bfloat16 input ``xb`` from (``spec.BnSource``): the
+    concatenation's pieces or the residual's codes and ``xprev`` (``source``) when they are bfloat16, so that
+    rebuilding gives exactly xb; the input itself when it is bfloat16 channels-last (xb equals it) and may be
+    kept; else xb."""
+    bf16, cl = CARRIER_DTYPE, torch.channels_last
+    kind = bn_source.kind if bn_source is not None and source else ""
+    if kind == "cat" and all(p.dtype == bf16 for p in source):
+        saved.source, saved.source_kind = tuple(source), kind
+    elif kind == "residual" and x.dtype == bf16 and source[2].dtype == bf16 and source[2].is_contiguous(
+            memory_format=cl):  # xprev is what the block before keeps (itself): no new storage
+        saved.source, saved.source_kind = tuple(source), kind
+    elif keep_input and x.dtype == bf16 and x.is_contiguous(memory_format=cl):
+        saved.xb = x
+    else:
+        saved.xb = xb
+
+
+def restore_bn_input(bn_source, saved: Saved) -> None:
+    """``saved.xb`` back from ``saved.source`` (``keep_bn_input``), bit-identical to the forward's: the pieces
+    concatenated again, or the conv on codes replayed (the same int8 GEMM and epilogue) plus ``xprev``."""
+    if saved.source_kind == "cat":
+        saved.xb = torch.cat(saved.source, 1).contiguous(memory_format=torch.channels_last)
+    elif saved.source_kind == "residual":
+        codes, scale, xprev, weight, bias = saved.source
+        conv = bn_source.conv
+        qc = conv.conv.qconfig
+        qw, sw = weight_forward(weight, qc, codes, weight.shape[1], Saved())
+        y = conv_forward(conv, codes, qw, scale, sw, bias, qc, CARRIER_DTYPE)
+        saved.xb = (y + xprev).contiguous(memory_format=torch.channels_last)
+
+
+def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Saved, source: tuple = ()):
+    """(qx, sx, cin): the conv's int8 input codes, their scale, its real channel count (``source``: what may
+    rebuild a ``BN`` input in backward, ``keep_bn_input``)."""
     if spec.input is BlockInput.CODES:
         saved.qx, saved.sx = in_codes, in_scale
         return in_codes, in_scale, x.shape[1]
@@ -164,7 +202,8 @@ def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Sa
                                       spec.act_in, inv)
     qx, sx = bn_relu_quant(xb, bnp_in, zmax_in, bn_in.num_batches_tracked if update_in else None, index, qc.bits_a,
                            qc.mode == "wage", spec.act_in, _pad_of(cin, x))
-    saved.sx, saved.xb, saved.bnp_in, saved.zmax_in = sx, xb, bnp_in, zmax_in
+    keep_bn_input(spec.bn_source, spec.keep_input, x, xb, source, saved)
+    saved.sx, saved.bnp_in, saved.zmax_in = sx, bnp_in, zmax_in
     saved.index, saved.inv, saved.batch_in = index, inv, batch_in
     return qx, sx, cin
 
