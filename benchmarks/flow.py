@@ -22,8 +22,11 @@ training step, modelled bytes per step, for int8 fused / int8 per-layer / bf16 a
 - **models** (issue 21's table): any CNN through the graph fuser, batch 16 at 32×32 (torchvision models with
   the small stem), ``quantize_model(m, skip=is_grouped_conv)``: the fused chains, saved activations of int8
   without and with bf16 autocast against bf16 autocast, and kernels per conv in one training step under
-  autocast (the trainer's default), counted as in **kernels**; "nothing fusable" is a GroupNorm CNN whose only
-  int8 layers are per-layer ``QConv2d``/``QLinear``.
+  autocast (the trainer's default), counted as in **kernels** ("all ops") and by the rule of
+  ``../shared/tools/measure_flow.py`` ("on activations": Triton launches plus the PyTorch ops outside the
+  ebkernels namespace that touch a tensor at least as large as the model's smallest conv activation, so
+  weight-sized and scalar bookkeeping does not count); "nothing fusable" is a GroupNorm CNN whose only int8
+  layers are per-layer ``QConv2d``/``QLinear``.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import ebkernels  # noqa: E402
 from benchmarks.common import markdown_table  # noqa: E402
@@ -60,7 +64,8 @@ SMOKE_NETS = ("vgg11", "preresnet20")
 SMOKE_WIDTH = 0.25
 VIEWS = {"view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expand", "detach", "alias", "unsqueeze",
          "squeeze", "slice", "select", "_reshape_alias", "reshape", "split", "unbind", "view_as", "lift_fresh",
-         "empty_like", "empty", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense"}
+         "empty_like", "empty", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense", "narrow",
+         "split_with_sizes"}
 
 
 def _nothing_fusable() -> nn.Module:
@@ -175,10 +180,27 @@ class _Launches:
         setattr(self._cls, self._name, self._orig)
 
 
+class _ActivationOps(TorchDispatchMode):
+    """measure_flow's rule: PyTorch ops outside the ebkernels namespace (views excluded) that touch a tensor of
+    at least ``big`` elements."""
+
+    def __init__(self, big: int):
+        super().__init__()
+        self.big, self.count = big, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace != "ebkernels" and func.overloadpacket.__name__ not in VIEWS:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            if any(isinstance(t, torch.Tensor) and t.numel() >= self.big for t in leaves):
+                self.count += 1
+        return out
+
+
 def kernel_counts(name: str, mode: str, device, batch: int = 2, hw: int = 32, width: float = 1.0,
-                  autocast: bool | None = None):
+                  autocast: bool | None = None, activations: bool = False):
     """(Triton launches, PyTorch ops, convolutions) of one training step after a warm-up (``autocast``: bf16
-    autocast on / off; None: as ``mode`` has it)."""
+    autocast on / off; None: as ``mode`` has it; ``activations``: PyTorch ops by measure_flow's rule)."""
     model = build(name, mode, device, width)
     x = torch.randn(batch, 3, hw, hw, device=device).contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 10, (batch,), device=device)
@@ -195,10 +217,24 @@ def kernel_counts(name: str, mode: str, device, batch: int = 2, hw: int = 32, wi
         step()  # warm-up: lazy state
     for p in model.parameters():
         p.grad = None  # as after optimizer.zero_grad(): no gradient accumulation ops
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if activations:
+        sizes = []
+        hooks = [m.register_forward_hook(lambda mod, i, o: sizes.append(o.numel())) for m in convs]
+        fusion_off = model.__dict__.pop("forward", None)  # the hooks see every conv on the per-layer path
+        with torch.no_grad(), torch.autocast(device.type, enabled=False), ebkernels.force_backend("reference"):
+            model.eval()(x.float())
+        model.train()
+        if fusion_off is not None:
+            model.forward = fusion_off
+        for h in hooks:
+            h.remove()
+        with _Launches(dry) as launches, _ActivationOps(min(sizes)) as ops:
+            step()
+        return sum(launches.count.values()), ops.count, len(convs)
     with _Launches(dry) as launches, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
-    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    return sum(launches.count.values()), sum(_device_ops(prof).values()), convs
+    return sum(launches.count.values()), sum(_device_ops(prof).values()), len(convs)
 
 
 def kernel_rows(device, smoke: bool = False):
@@ -223,11 +259,15 @@ def model_rows(device, smoke: bool = False):
             chains = len(ebkernels.fusion.fused_chains(model))
             plain = saved_bytes(model, x, "int8 fused", autocast=False) / 2**20
             ac = saved_bytes(model, x, "int8 fused", autocast=True) / 2**20
-        tri, ops, convs = kernel_counts(name, "int8 fused", device, hw=hw, autocast=True)
+        per_conv = []
+        for mode, act in (("int8 fused", False), ("int8 fused", True), ("bf16 autocast", True)):
+            tri, ops, convs = kernel_counts(name, mode, device, hw=hw, autocast=True, activations=act)
+            per_conv.append(f"{(tri + ops) / convs:.1f}")
         rows.append([name, chains, f"{plain:.1f}", f"{ac:.1f}", f"{bf16:.1f}", f"{plain / bf16:.2f}",
-                     f"{ac / bf16:.2f}", f"{(tri + ops) / convs:.1f}"])
+                     f"{ac / bf16:.2f}", *per_conv])
     return ["network", "fused chains", "int8 MiB", "int8 + autocast MiB", "bf16 autocast MiB", "int8 / bf16",
-            "int8 + autocast / bf16", "kernels per conv"], rows
+            "int8 + autocast / bf16", "kernels/conv int8 (all ops)", "kernels/conv int8 (on activations)",
+            "kernels/conv bf16 (on activations)"], rows
 
 
 def bytes_rows():
@@ -245,12 +285,12 @@ def bytes_rows():
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tables", type=comma_list(accepted=("memory", "kernels", "bytes", "models")),
-                    default=["memory", "kernels", "bytes", "models"],
-                    help="comma-separated: memory, kernels, bytes, models")
+    ap.add_argument("--tables", type=comma_list(accepted=("memory", "kernels", "bytes", "models")), default=None,
+                    help="comma-separated: memory, kernels, bytes, models (default: all; with --smoke all but "
+                         "models, a minute of its own: --smoke --tables models)")
     ap.add_argument("--smoke", action="store_true", help="small networks (VGG-11 / PreResNet-20 at width 0.25)")
     args = ap.parse_args(argv)
-    tables = args.tables
+    tables = args.tables or (["memory", "kernels", "bytes"] if args.smoke else ["memory", "kernels", "bytes", "models"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = "GPU" if device.type == "cuda" else "CPU (exact counts; no timing)"
     if args.smoke:

@@ -62,8 +62,9 @@ def _attr_dtype(root: nn.Module, target: str) -> Optional[torch.dtype]:
 
 
 def _keeps_nothing_of(user: fx.Node, heads: set, in_bf16: set, modules: dict) -> bool:
-    """Whether ``user`` keeps no copy of its input for backward: a chain (it keeps codes or its own bfloat16
-    copy), an int8 conv outside chains (codes), an add / concatenation, the model's output."""
+    """Whether ``user`` keeps no copy of its input for backward: a chain that starts with its conv (it keeps
+    codes; one that starts with a BatchNorm may keep its input itself), an int8 conv outside chains (codes), an
+    add / concatenation, the model's output."""
     if user in heads or user.op == "output":
         return True
     if user in in_bf16:
@@ -74,7 +75,7 @@ def _keeps_nothing_of(user: fx.Node, heads: set, in_bf16: set, modules: dict) ->
 
 
 def _masked_relus(graph: fx.Graph, chains: list, in_bf16: set, modules: dict) -> set:
-    heads = {c.nodes[0] for c in chains}
+    heads = {c.nodes[0] for c in chains if c.role("conv") is c.roles[0]}  # a conv first: it keeps codes only
     taken = {n for c in chains for n in c.nodes}
     out = set()
     for n in graph.nodes:

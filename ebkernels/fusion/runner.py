@@ -99,7 +99,8 @@ def _inplace_users(node: fx.Node, modules: dict) -> bool:
         if u.op == "call_module":
             if getattr(modules[u.target], "inplace", False):
                 return True
-        elif u.kwargs.get("inplace") or (name.endswith("_") and not name.startswith("__")):
+        elif u.kwargs.get("inplace") or (name.endswith("_") and not name.startswith("__")) or \
+                u.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv):
             return True
     return False
 
@@ -119,7 +120,7 @@ def _bn_sources(chains: list, specs: list, modules: dict) -> dict:
         if src.op != "call_function":
             continue
         dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)
-        if src.target is torch.cat and dim == 1 and isinstance(src.args[0], (list, tuple)) and \
+        if src.target is torch.cat and dim in (1, -3) and isinstance(src.args[0], (list, tuple)) and \
                 all(isinstance(a, fx.Node) for a in src.args[0]):
             out[index[id(c)]] = (BnSource("cat"), (list(src.args[0]),))
         elif src.target in (operator.add, torch.add) and len(src.args) == 2 and not src.kwargs and \

@@ -23,7 +23,7 @@ class ReluKeepMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         mask, = ctx.saved_tensors
-        return torch.where(mask, g, g.new_zeros(()))
+        return torch.where(mask, g, 0.0)
 
 
 def relu_keep_mask(x: torch.Tensor) -> torch.Tensor:
