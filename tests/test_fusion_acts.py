@@ -102,7 +102,8 @@ def test_a_preactivation_chain_after_a_depthwise_conv_matches_the_float64_refere
     ebkernels.quantize_model(m, qconfig=QConfig(rounding_g="nearest"), skip=is_grouped_conv)
     lines = fusion.fused_chains(m)
     assert lines == ["expand.0 → expand.1 → expand.2 (conv → BN → act; float in, float out)",
-                     "project.0 → project.1 → project.2 → project.3 (BN → act → conv; float in, float out)"], lines
+                     "project.0 → project.1 → project.2 → project.3 → add() (BN → act → conv; float in, float out)"],\
+        lines  # the residual add runs in the BatchNorm pass (ops/fused/bn_add_act.py)
     x = torch.randn(4, 8, 6, 5, generator=gen).contiguous(memory_format=torch.channels_last)
     r = torch.randn(4, 8, 6, 5, generator=gen)
     xk = x.clone().requires_grad_(True)
@@ -125,6 +126,54 @@ def test_a_preactivation_chain_after_a_depthwise_conv_matches_the_float64_refere
     for b, p in zip((m.expand[1], m.project[0], m.project[3]), p_bn):
         assert rel(b.weight.grad, p["g"].grad) < 0.12, msg
         torch.testing.assert_close(b.running_var.double(), p["rv"], rtol=0.02, atol=2e-3, msg=msg)
+
+
+class Basic(nn.Module):
+    """A stem chain and a post-activation BasicBlock: relu(bn2(conv2(relu(bn1(conv1(s))))) + s)."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        s = self.stem(x)
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(s))))) + s)
+
+
+def test_a_post_activation_residual_block_fuses_its_add_and_relu_and_matches_the_float64_reference():
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    m = Basic().train()
+    _hard_bn_values(m, gen)
+    convs, bns = (m.stem[0], m.conv1, m.conv2), (m.stem[1], m.bn1, m.bn2)
+    p_conv, p_bn = [leaf(c.weight) for c in convs], [bn_params(b) for b in bns]
+    ebkernels.quantize_model(m, qconfig=QConfig(rounding_g="nearest"))
+    lines = fusion.fused_chains(m)
+    assert lines[2] == "conv2 → bn2 → add() → relu() (conv → BN → act; codes in, float out)", lines
+    x = torch.randn(4, 3, 6, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(4, 12, 6, 7, generator=gen)
+    xk = x.clone().requires_grad_(True)
+    out = m(xk)
+    (out * r).sum().backward()
+
+    def conv(a, k):
+        return round_bf16(RefQConv.apply(a, p_conv[k], (1, 1), (1, 1)))
+
+    xr = x.double().requires_grad_(True)
+    s = round_bf16(F.relu(ref_bn(conv(ste_quant(xr), 0), bns[0], p_bn[0])))
+    a = RoundGradBF16.apply(ste_quant(F.relu(ref_bn(conv(ste_quant(s), 1), bns[1], p_bn[1]))))
+    ref = F.relu(ref_bn(conv(a, 2), bns[2], p_bn[2]) + s)
+    (ref * r.double()).sum().backward()
+    msg = f"seed {seed}"
+    assert out.dtype == torch.float32 and rel(out, ref) < 0.02, msg
+    assert rel(xk.grad, xr.grad) < 0.12, msg
+    for k, (c, b) in enumerate(zip(convs, bns)):
+        assert rel(c.weight.grad, p_conv[k].grad) < 0.12, f"{msg}: conv {k}"
+        assert rel(b.weight.grad, p_bn[k]["g"].grad) < 0.12, f"{msg}: bn {k} gamma"
+        assert rel(b.bias.grad, p_bn[k]["b"].grad) < 0.12, f"{msg}: bn {k} beta"
 
 
 class Reads(TorchDispatchMode):

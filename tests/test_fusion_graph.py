@@ -297,7 +297,7 @@ def test_the_region_runs_in_bfloat16_and_hands_the_head_its_dtype(autocast):
     torch.manual_seed(6)
     m = ebkernels.quantize_model(Residual(), qconfig=QC, skip=is_grouped_conv)
     lines = fusion.fused_chains(m)
-    assert len(lines) == 2 and "body.0 → body.1 → body.2 → body.3 (BN → act → conv" in lines[1], lines
+    assert len(lines) == 2 and "body.0 → body.1 → body.2 → body.3 → add() → relu() (BN → act → conv" in lines[1], lines
     seen = {}
     m.dw.register_forward_hook(lambda mod, i, o: seen.update(dw=(i[0].dtype, o.dtype)))
     m.head.register_forward_pre_hook(lambda mod, i: seen.update(head=i[0].dtype))

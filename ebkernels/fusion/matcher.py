@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch.fx as fx
 
+from ..ops.fused.bn_add_act import MASKED_ACTIVATIONS
 from .patterns import BN_ACT, CONV_ON_CODES, POST_ACTIVATION, PRE_ACTIVATION, Pattern, Role, role_of
 
 __all__ = ["Chain", "match"]
@@ -58,6 +59,14 @@ class Chain:
                 return r
         return None
 
+    @property
+    def residual(self) -> Optional[fx.Node]:
+        """The tensor a residual add in the chain adds (None without one)."""
+        for n, r in zip(self.nodes, self.roles):
+            if r.kind == "add":
+                return n.args[1] if n.args[0] in self.nodes else n.args[0]
+        return None
+
     def describe(self) -> str:
         names = [n.target if n.op == "call_module" else f"{getattr(n.target, '__name__', n.target)}()"
                  for n in self.nodes]
@@ -70,10 +79,20 @@ def _plain_args(node: fx.Node, first) -> bool:
     return len(node.args) == 1 and node.args[0] is first and set(node.kwargs) <= _KWARGS_OK
 
 
+def _fits(cand: fx.Node, prev: Optional[fx.Node], kind: str, after_add: bool) -> bool:
+    """The arguments of a step: the chain's value first and alone (an add: the chain's value and one other
+    tensor, the residual); after an add, only an activation whose backward is a mask, and no pool."""
+    if prev is None:
+        return len(cand.args) == 1 and isinstance(cand.args[0], fx.Node) and set(cand.kwargs) <= _KWARGS_OK
+    if kind == "add":
+        return prev in cand.args and cand.args[0] is not cand.args[1]
+    return _plain_args(cand, prev) and not (after_add and kind == "pool")
+
+
 def _extend(pattern: Pattern, start: fx.Node, roles: dict, taken: set, strict: bool) -> Optional[list]:
     """The longest run of ``pattern`` from ``start`` (its nodes), or None. ``strict``: refused nodes do not
     fit (the real match); else they do (what would match without the refusals, for the report)."""
-    nodes, prev = [], None
+    nodes, prev, after_add = [], None, False
     for step in pattern.steps:
         kind, optional = step.rstrip("?"), step.endswith("?")
         if prev is None:
@@ -82,10 +101,10 @@ def _extend(pattern: Pattern, start: fx.Node, roles: dict, taken: set, strict: b
             users = list(prev.users)
             cand = users[0] if len(users) == 1 else None
         fits = (cand is not None and cand not in taken and roles[cand].kind == kind
-                and (not strict or roles[cand].refused is None)
-                and (_plain_args(cand, prev) if prev is not None else
-                     len(cand.args) == 1 and isinstance(cand.args[0], fx.Node) and set(cand.kwargs) <= _KWARGS_OK))
+                and (not strict or roles[cand].refused is None) and _fits(cand, prev, kind, after_add)
+                and not (after_add and kind == "act" and roles[cand].act not in MASKED_ACTIVATIONS))
         if fits:
+            after_add = after_add or kind == "add"
             nodes.append(cand)
             prev = cand
         elif not optional:
@@ -133,7 +152,8 @@ def _decide_codes(chains: list, roles: dict, taken: set) -> list:
                 convs = None
                 break
         last_role = roles[out]
-        can_code = c.role("bn", after_conv=True) is not None  # codes need the BatchNorm's per-channel extremes
+        # codes need the BatchNorm's per-channel extremes, which a residual add changes
+        can_code = c.role("bn", after_conv=True) is not None and c.residual is None
         quant = {(r.module.qconfig.bits_a, r.module.qconfig.mode) for r in
                  (roles[u] for u, _ in convs or [])}
         if convs and can_code and len(quant) == 1:

@@ -11,7 +11,9 @@ single-use edges and takes the longest match. The roles:
 - ``gather``: a channel gather between a BatchNorm and its activation: a module whose type says
   ``gathers_channels = True`` and holds the kept channels as the int64 buffer ``indices`` (the pruned
   pre-activation ResNets' ``ChannelSelection``);
-- ``pool``: an ``nn.MaxPool2d`` the codes max-pool runs (dilation 1, no indices returned).
+- ``pool``: an ``nn.MaxPool2d`` the codes max-pool runs (dilation 1, no indices returned);
+- ``add``: a residual add right after a conv's BatchNorm (``operator.add`` / ``torch.add`` of two tensors, or
+  ``x.add(y)``), then at most a ReLU / ReLU6 (their backward is a mask: ``ops.fused.bn_add_act``).
 
 Each role also has a *reason* why a node that looks like it (a BatchNorm of another type, a layer with hooks,
 a double-precision layer) cannot fuse: ``matcher`` logs it, once, and leaves the chain on the per-layer path.
@@ -19,6 +21,7 @@ a double-precision layer) cannot fuse: ``matcher`` logs it, once, and leaves the
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Optional
 
 import torch
@@ -54,10 +57,10 @@ class Pattern:
 
 
 # pre-activation (the residual stream of PreResNet, DenseNet's concatenations, a float conv's output):
-# BN [→ gather] [→ act] → conv [→ BN [→ act]] [→ max-pool]
-PRE_ACTIVATION = Pattern("BN → act → conv", ("bn", "gather?", "act?", "conv", "bn?", "act?", "pool?"))
-# post-activation (VGG, ResNet, MobileNet, EfficientNet, RegNet): conv → BN [→ act] [→ max-pool]
-POST_ACTIVATION = Pattern("conv → BN → act", ("conv", "bn", "act?", "pool?"))
+# BN [→ gather] [→ act] → conv [→ BN [→ add] [→ act]] [→ max-pool]
+PRE_ACTIVATION = Pattern("BN → act → conv", ("bn", "gather?", "act?", "conv", "bn?", "add?", "act?", "pool?"))
+# post-activation (VGG, ResNet, MobileNet, EfficientNet, RegNet): conv → BN [→ add] [→ act] [→ max-pool]
+POST_ACTIVATION = Pattern("conv → BN → act", ("conv", "bn", "add?", "act?", "pool?"))
 # a BatchNorm + activation whose output feeds no int8 conv (before a depthwise conv, a squeeze-excitation,
 # the global pool)
 BN_ACT = Pattern("BN → act", ("bn", "gather?", "act"))
@@ -116,6 +119,9 @@ def _pair(v) -> tuple:
     return tuple(int(e) for e in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
+_ADD_FUNCTIONS = (operator.add, torch.add)
+
+
 def role_of(node: fx.Node, modules: dict) -> Role:
     """The role of ``node`` of a graph traced from a model whose ``named_modules()`` are ``modules``. A
     function or method activation counts only with the tensor as its one positional argument (``inplace``
@@ -126,6 +132,10 @@ def role_of(node: fx.Node, modules: dict) -> Role:
         return Role("act", act=_ACT_FUNCTIONS[node.target])
     if node.op == "call_method" and node.target in _ACT_METHODS and len(node.args) == 1 and not node.kwargs:
         return Role("act", act=_ACT_METHODS[node.target])
+    two_tensors = len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)
+    if two_tensors and ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+                        or (node.op == "call_method" and node.target == "add")):
+        return Role("add")
     return Role(None)
 
 

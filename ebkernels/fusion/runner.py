@@ -54,7 +54,7 @@ def _spec(chain: Chain):
                      act=act_after.act if act_after else "identity", pool=pool_args(pool.module) if pool else None,
                      output=BlockOutput.CODES if codes_out else BlockOutput.FLOAT,
                      out_qconfig=chain.consumers[0].module.qconfig if codes_out else None,
-                     out_dtype=None if codes_out else REGION_DTYPE)
+                     out_dtype=None if codes_out else REGION_DTYPE, residual=chain.residual is not None)
     if chain.pattern in (POST_ACTIVATION, CONV_ON_CODES):
         spec.input = BlockInput.CODES if chain.codes_in else BlockInput.FLOAT
     else:
@@ -85,8 +85,8 @@ def _runner(spec, index: int):
         def run(x, *extra):
             return bn_act(spec, x, _source_args(spec, extra))
     else:
-        def run(x, *extra):
-            return fused_block(spec, x, _source_args(spec, extra))
+        def run(x, *extra, residual=None):
+            return fused_block(spec, x, _source_args(spec, extra), residual)
     run.__name__ = run.__qualname__ = f"fused_chain_{index}"
     run.__module__ = __name__
     return run
@@ -160,7 +160,8 @@ def _rewrite(graph: fx.Graph, chains: list, region, modules: dict) -> fx.Graph:
         if n in by_last:
             i, c = by_last[n]
             extra = fx.map_arg(sources.get(i, (None, ()))[1], lambda a: env[a])
-            env[n] = out.call_function(_runner(specs[i], i), (env[c.source], *extra))
+            kwargs = {"residual": env[c.residual]} if c.residual is not None else {}
+            env[n] = out.call_function(_runner(specs[i], i), (env[c.source], *extra), kwargs)
         elif n in region.masked:
             env[n] = out.call_function(relu_keep_mask, (env[n.all_input_nodes[0]],))
         elif n in region.in_bf16:

@@ -104,28 +104,33 @@ class BlockGrads(NamedTuple):
     bn_bias: object = None
     bn_in_weight: object = None
     bn_in_bias: object = None
+    residual: object = None
 
 
 class FusedBlockFunction(torch.autograd.Function):
     """One fused block (see the module docstring): the forward and backward stages in order."""
 
     @staticmethod
-    def forward(ctx, spec: BlockSpec, x, in_codes, in_scale, weight, bias, bn_w, bn_b, bnin_w, bnin_b, *source):
+    def forward(ctx, spec: BlockSpec, x, in_codes, in_scale, weight, bias, bn_w, bn_b, bnin_w, bnin_b, residual,
+                *source):
         if spec.pool is not None and spec.output is not BlockOutput.CODES:
             raise ValueError("a fused block max-pools its output codes only (output CODES)")
-        ctx.n_source = len(source)
+        if spec.residual and (residual is None or spec.bn is None or spec.output is not BlockOutput.FLOAT):
+            raise ValueError("a residual block needs a BatchNorm, a float output and the residual tensor")
+        ctx.n_source, ctx.res_dtype = len(source), None if residual is None else residual.dtype
         with no_autocast(weight):
-            return FusedBlockFunction._forward(ctx, spec, x, in_codes, in_scale, weight, bias, source)
+            return FusedBlockFunction._forward(ctx, spec, x, in_codes, in_scale, weight, bias, source, residual)
 
     @staticmethod
-    def _forward(ctx, spec: BlockSpec, x, in_codes, in_scale, weight, bias, source):
+    def _forward(ctx, spec: BlockSpec, x, in_codes, in_scale, weight, bias, source, residual):
         qc = spec.conv.qconfig
         saved = stages.Saved(weight=weight, bias=bias)
         qx, sx, cin = stages.input_forward(spec, x, in_codes, in_scale, qc, saved, source)
         qw, sw = stages.weight_forward(weight, qc, qx, cin, saved)
         if spec.bn is not None:
             y, bnp, zmax, nbt = stages.conv_bn_forward(spec, x.shape, qx, qw, sx, sw, bias, qc, saved)
-            out = stages.output_forward(spec, y, bnp, zmax, nbt, qc, stages.float_dtype(spec, x, weight), saved)
+            out = stages.output_forward(spec, y, bnp, zmax, nbt, qc, stages.float_dtype(spec, x, weight), saved,
+                                        residual)
             if keeps_y(weight.shape[1], weight.shape[0], weight.shape[2], weight.shape[3],
                        x.shape[2] * x.shape[3], y.shape[2] * y.shape[3]):
                 saved.y = y  # backward forms the sums from it instead of recomputing the GEMM
@@ -151,7 +156,7 @@ class FusedBlockFunction(torch.autograd.Function):
     def _backward(ctx, g_main):
         spec, meta = ctx.spec, ctx.meta
         qc = spec.conv.qconfig
-        need = BlockGrads(*(ctx.needs_input_grad[i] for i in (1, 4, 5, 6, 7, 8, 9)))
+        need = BlockGrads(*(ctx.needs_input_grad[i] for i in (1, 4, 5, 6, 7, 8, 9, 10)))
         saved = stages.Saved.load(ctx)
         stages.restore_bn_input(spec.bn_source, saved)
         qx = stages.input_codes_backward(spec, saved, qc, meta)
@@ -159,21 +164,23 @@ class FusedBlockFunction(torch.autograd.Function):
         e = stages.output_backward(spec, g_main, saved, qc, qx, qw_f, meta, need)
         gx, gw = stages.conv_backward(spec, e, saved, qc, qx, qw_d, meta, need)
         gx, g_in_w, g_in_b = stages.input_backward(spec, gx, saved, meta, need)
+        g_res = e.g_residual.to(ctx.res_dtype) if need.residual and e.g_residual is not None else None
         grads = BlockGrads(x=gx if need.x else None, weight=gw, bias=e.g_bias, bn_weight=e.g_bn_w, bn_bias=e.g_bn_b,
-                           bn_in_weight=g_in_w, bn_in_bias=g_in_b)
+                           bn_in_weight=g_in_w, bn_in_bias=g_in_b, residual=g_res)
         return (None, grads.x, None, None, grads.weight, grads.bias, grads.bn_weight, grads.bn_bias,
-                grads.bn_in_weight, grads.bn_in_bias) + (None,) * ctx.n_source
+                grads.bn_in_weight, grads.bn_in_bias, grads.residual) + (None,) * ctx.n_source
 
 
-def fused_block(spec: BlockSpec, x, source: tuple = ()):
+def fused_block(spec: BlockSpec, x, source: tuple = (), residual=None):
     """Run one fused block. ``x``: an ``Int8Activation`` (input ``CODES``) or a float tensor; ``source``: what
-    may rebuild a ``BN`` input in backward (``spec.bn_source``; ``stages.keep_bn_input``). Returns an
-    ``Int8Activation`` (output ``CODES``) or a float tensor."""
+    may rebuild a ``BN`` input in backward (``spec.bn_source``; ``stages.keep_bn_input``); ``residual``: the
+    tensor a ``spec.residual`` block adds before its activation. Returns an ``Int8Activation`` (output
+    ``CODES``) or a float tensor."""
     conv, bn, bn_in = spec.conv, spec.bn, spec.bn_in
     args = (x.carrier, x.codes, x.scale) if spec.input is BlockInput.CODES else (x, None, None)
     out = FusedBlockFunction.apply(spec, *args, conv.weight, conv.bias, bn.weight if bn is not None else None,
                                    bn.bias if bn is not None else None, bn_in.weight if bn_in is not None else None,
-                                   bn_in.bias if bn_in is not None else None, *source)
+                                   bn_in.bias if bn_in is not None else None, residual, *source)
     if spec.output is BlockOutput.CODES:
         main, codes, scale = out
         return Int8Activation(main, codes, scale, main.shape[1])

@@ -65,7 +65,8 @@ class BlockSpec:
     ``out_qconfig``'s bits_a/mode) or ``FLOAT`` (in ``out_dtype``; None: the float input's dtype, after codes
     the weight's). A ``BN`` input's ``bn_source`` says how backward may rebuild it, ``keep_input`` that the block
     may keep the input tensor itself (when bfloat16 channels-last: no one changes it in place) rather than a
-    copy."""
+    copy. ``residual``: the ``FLOAT`` output is ``act(bn(y) + residual)`` (the block gets the residual tensor; ``act``
+    identity, ReLU or ReLU6), the end of a post-activation residual block."""
 
     conv: nn.Module
     input: BlockInput = BlockInput.CODES
@@ -80,6 +81,7 @@ class BlockSpec:
     out_dtype: Optional[torch.dtype] = None
     bn_source: Optional[BnSource] = None
     keep_input: bool = False
+    residual: bool = False
 
     def conv_geometry(self):
         c = self.conv

@@ -30,6 +30,7 @@ from ..gemm.conv import conv2d_int8_dgrad_op, conv2d_int8_fwd_op, weight_grad_op
 from ..gemm.host import quantize_weight
 from ..quantize import quantize
 from ..weight_codes import weight_codes, weight_quant_small
+from .bn_add_act import bn_add_act
 from .bn_relu_bwd import bn_relu_bwd, bn_relu_bwd_reduce
 from .bn_relu_quant import bn_relu_quant, bn_stats
 from .conv_bn import conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_fwd
@@ -51,7 +52,7 @@ class Saved:
     input codes ``qx`` (the previous block's output: no new storage; for a ``BN`` input nothing, recomputed
     from ``xb``), scales, weight, bias; the pre-activation BatchNorm's bfloat16 input ``xb``, ``bnp_in``,
     ``zmax_in`` and gather maps; a small weight's codes; the BatchNorm's ``bnp``; y where kept; the max-pool's
-    window positions; then ``source``, what rebuilds ``xb`` when it is not kept (``keep_bn_input``). Flags: which
+    window positions; the mask of an activation after a residual add (``bn_add_act``); then ``source``, what rebuilds ``xb`` when it is not kept (``keep_bn_input``). Flags: which
     BatchNorms used batch statistics, the pre-pool size, how ``xb`` comes back (``source_kind``)."""
 
     qx: Optional[torch.Tensor] = None
@@ -69,6 +70,7 @@ class Saved:
     bnp: Optional[torch.Tensor] = None
     y: Optional[torch.Tensor] = None
     pos: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
     source: tuple = ()
     batch_in: bool = False
     batch_stats: bool = False
@@ -76,7 +78,7 @@ class Saved:
     source_kind: str = ""
 
     TENSORS = ("qx", "sx", "weight", "sw", "bias", "xb", "bnp_in", "zmax_in", "index", "inv", "qw_f", "qw_d",
-               "bnp", "y", "pos")
+               "bnp", "y", "pos", "mask")
     FLAGS = ("batch_in", "batch_stats", "pre_pool_hw", "source_kind")
 
     def save(self, ctx, spec: BlockSpec) -> None:
@@ -103,7 +105,7 @@ class Meta(NamedTuple):
 
 class Error(NamedTuple):
     """What ``output_backward`` hands ``conv_backward``: E's codes (NHWC and channel-major) and scale, and
-    the gradients it computed on the way (BatchNorm affine, conv bias)."""
+    the gradients it computed on the way (BatchNorm affine, conv bias, the residual of ``spec.residual``)."""
 
     qe: torch.Tensor
     qe_cm: torch.Tensor
@@ -111,6 +113,7 @@ class Error(NamedTuple):
     g_bn_w: Optional[torch.Tensor]
     g_bn_b: Optional[torch.Tensor]
     g_bias: Optional[torch.Tensor]
+    g_residual: Optional[torch.Tensor] = None
 
 
 def bn_mode(bn: nn.Module):
@@ -246,9 +249,14 @@ def conv_forward(spec: BlockSpec, qx, qw, sx, sw, bias, qc: QConfig, out_dtype):
                               True, MAX_TERMS)
 
 
-def output_forward(spec: BlockSpec, y, bnp, zmax, nbt, qc: QConfig, out_dtype, saved: Saved):
+def output_forward(spec: BlockSpec, y, bnp, zmax, nbt, qc: QConfig, out_dtype, saved: Saved, residual=None):
     """(main, codes, scale): for ``CODES`` the next block's codes (max-pooled if asked) and a gradient
-    carrier as ``main``; for ``FLOAT`` ``act(bn(y))`` in ``out_dtype`` and no codes (a max-pool only pools codes)."""
+    carrier as ``main``; for ``FLOAT`` ``act(bn(y))`` (``spec.residual``: ``act(bn(y) + residual)``, its mask
+    kept) in ``out_dtype`` and no codes (a max-pool only pools codes)."""
+    if spec.residual:
+        main, mask = bn_add_act(y, bnp, residual, nbt, spec.act, out_dtype)
+        saved.mask = mask if mask.numel() else None
+        return main, None, None
     if spec.output is BlockOutput.FLOAT:
         main, _ = bn_relu_quant(y, bnp, zmax, nbt, None, 8, False, spec.act, 0, out_dtype=out_dtype)
         return main, None, None
@@ -282,7 +290,8 @@ def weight_backward(saved: Saved, qc: QConfig, qx):
 
 
 def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f, meta: Meta, need) -> Error:
-    """E's codes from the gradient of the block's output: through the max-pool, then the BatchNorm + ReLU
+    """E's codes from the gradient of the block's output: through the max-pool (or, after a residual add,
+    through the activation's mask: that is also the residual's gradient), then the BatchNorm + activation
     backward (y kept or recomputed in the GEMM that also forms the BatchNorm sums) in two passes (absmax,
     then codes); without a BatchNorm, the gradient quantized as ``QConv2d`` does."""
     cout = saved.weight.shape[0]
@@ -295,28 +304,30 @@ def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f
         if bias is not None and need.bias:
             g_bias = g_main.float().sum((0, 2, 3)).to(bias.dtype)
         return Error(qe, qe_cm, se, None, None, g_bias)
-    dz = g_main
+    dz, act, g_res = g_main, spec.act, None
     if spec.pool is not None:
         k, s, p, ceil = spec.pool
         dz = maxpool2d_int8_backward(dz, saved.pos, saved.pre_pool_hw, cout, k, s, p, ceil)
+    if spec.residual:  # the activation came after the add: its mask, then the BatchNorm alone
+        dz = g_res = dz if saved.mask is None else torch.where(saved.mask, dz, 0.0)
+        act = "identity"
     if saved.y is not None:  # kept from the forward (compute-bound layer)
         y = saved.y
-        sums = bn_relu_bwd_reduce(dz, y, saved.bnp, None, spec.act)
+        sums = bn_relu_bwd_reduce(dz, y, saved.bnp, None, act)
     else:  # recomputed, bit-identical, in the GEMM that also forms the sums
         stride, padding, dilation = spec.conv_geometry()
         y, sums = conv2d_int8_bn_bwd_reduce(qx, qw_f, saved.sx, saved.sw, bias, stride, padding, dilation, qc.bits_a,
-                                            qc.bits_w, dz, saved.bnp, spec.act)
+                                            qc.bits_w, dz, saved.bnp, act)
     s_dy = sums if saved.batch_stats else None
     stochastic = qc.rounding_e == "stochastic"
-    amax, = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, spec.act, "absmax", qc.bits_e, stochastic)
-    qe, qe_cm, se = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, spec.act, "codes", qc.bits_e, stochastic, pad_out,
-                                amax)
+    amax, = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, act, "absmax", qc.bits_e, stochastic)
+    qe, qe_cm, se = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, act, "codes", qc.bits_e, stochastic, pad_out, amax)
     if need.bn_weight or need.bn_bias:
         g_bn_w, g_bn_b = sums[1].to(spec.bn.weight.dtype), sums[0].to(spec.bn.bias.dtype)
     if bias is not None and need.bias:
         # train-mode BatchNorm right after: the bias has exactly no effect; eval: Σ dy = a·Σ g
         g_bias = torch.zeros_like(bias) if saved.batch_stats else (saved.bnp[0] * sums[0]).to(bias.dtype)
-    return Error(qe, qe_cm, se, g_bn_w, g_bn_b, g_bias)
+    return Error(qe, qe_cm, se, g_bn_w, g_bn_b, g_bias, g_res)
 
 
 def conv_backward(spec: BlockSpec, e: Error, saved: Saved, qc: QConfig, qx, qw_d, meta: Meta, need):
