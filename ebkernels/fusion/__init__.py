@@ -2,10 +2,12 @@
 compute and runs it as one fused block (``ops.fused.block``), handing int8 codes from chain to chain
 (SPEC §9).
 
-What fuses (``patterns``; ``matcher`` walks the graph): ``conv → BatchNorm [→ act] [→ max-pool]``,
-pre-activation ``BatchNorm [→ channel gather] [→ act] → conv [→ BatchNorm [→ act]] [→ max-pool]`` (the chain
-may start at a residual add, a concatenation, an input: anything whose value is a float tensor), ``BatchNorm →
-act`` before a layer that is not an int8 conv, and a conv alone where its input arrives as codes. ``act`` is
+What fuses (``patterns``; ``matcher`` walks the graph): ``conv → BatchNorm [→ residual add] [→ act] [→
+max-pool]``, pre-activation ``BatchNorm [→ channel gather] [→ act] → conv [→ BatchNorm [→ residual add] [→
+act]] [→ max-pool]`` (the chain may start at a residual add, a concatenation, an input: anything whose value is
+a float tensor), ``BatchNorm → act`` before a layer that is not an int8 conv, and a conv alone where its input
+arrives as codes. After a residual add the activation is ReLU, ReLU6 or none and the output float (the add
+changes the per-channel extremes codes need). ``act`` is
 ReLU, ReLU6, SiLU, Hardswish (module, function or method) or none. The conv is a ``QConv2d`` the fused block
 computes exactly (``ops.fused.block.supports``), the BatchNorm an ``nn.BatchNorm2d``, every layer float32
 without hooks; a chain hands int8 codes to the chains that read it when all its users are convs with the same
