@@ -1,8 +1,8 @@
 """The int8 data flow in figures a CPU measures exactly (SPEC §9): saved activations, kernels per
 training step, modelled bytes per step, for int8 fused / int8 per-layer / bf16 autocast / fp32.
 
-    python benchmarks/flow.py                  # all tables (about a minute on 2 cores)
-    python benchmarks/flow.py --tables memory  # one of: memory, kernels, bytes
+    python benchmarks/flow.py                  # all tables (a few minutes on 2 cores)
+    python benchmarks/flow.py --tables models  # one of: memory, kernels, bytes, models
     python benchmarks/flow.py --smoke          # small networks, seconds (the test suite runs this)
 
 - **memory**: bytes autograd saves in one training forward (``saved_tensors_hooks``, storages counted
@@ -19,6 +19,14 @@ training step, modelled bytes per step, for int8 fused / int8 per-layer / bf16 a
   run instead.
 - **bytes**: DRAM bytes of one training step as ``benchmarks/cost_model.py`` prices it on an H100 (every
   launch and PyTorch op of the recorded step, re-reads by its L2 rule): a model, not a measurement.
+- **models** (issue 21's table): any CNN through the graph fuser, batch 16 at 32×32 (torchvision models with
+  the small stem), ``quantize_model(m, skip=is_grouped_conv)``: the fused chains, saved activations of int8
+  without and with bf16 autocast against bf16 autocast, and kernels per conv in one training step under
+  autocast (the trainer's default), counted as in **kernels** ("all ops") and by the rule of
+  ``../shared/tools/measure_flow.py`` ("on activations": Triton launches plus the PyTorch ops outside the
+  ebkernels namespace that touch a tensor at least as large as the model's smallest conv activation, so
+  weight-sized and scalar bookkeeping does not count); "nothing fusable" is a GroupNorm CNN whose only int8
+  layers are per-layer ``QConv2d``/``QLinear``.
 """
 from __future__ import annotations
 
@@ -37,12 +45,17 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import ebkernels  # noqa: E402
 from benchmarks.common import markdown_table  # noqa: E402
 from ebkernels._cli import comma_list  # noqa: E402
 
 MODES = ("int8 fused", "int8 per-layer", "bf16 autocast", "fp32")
+MODEL_CASES = ("torchvision:resnet50", "torchvision:mobilenet_v2", "torchvision:densenet121",
+               "torchvision:efficientnet_b0", "torchvision:regnet_x_400mf", "torchvision:resnet18",
+               "torchvision:vgg16_bn", "vgg16", "preresnet101", "resnet18", "nothing fusable")
+SMOKE_MODEL_CASES = ("torchvision:mobilenet_v2", "nothing fusable")
 MEMORY_CASES = (("vgg16", 32), ("preresnet101", 16))
 NETS = ("vgg16", "preresnet101")
 # --smoke (the test suite): the same kinds of network, small, so every table is computed in seconds
@@ -51,15 +64,32 @@ SMOKE_NETS = ("vgg11", "preresnet20")
 SMOKE_WIDTH = 0.25
 VIEWS = {"view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expand", "detach", "alias", "unsqueeze",
          "squeeze", "slice", "select", "_reshape_alias", "reshape", "split", "unbind", "view_as", "lift_fresh",
-         "empty_like", "empty", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense"}
+         "empty_like", "empty", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense", "narrow",
+         "split_with_sizes"}
+
+
+def _nothing_fusable() -> nn.Module:
+    """A CNN with no conv → BatchNorm chain (GroupNorm after every conv, a ReLU before a pool)."""
+    layers, c = [], 3
+    for w in (64, 128, 256):
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.GroupNorm(8, w), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1),
+                   nn.GroupNorm(8, w), nn.ReLU(), nn.MaxPool2d(2)]
+        c = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
 
 
 def build(name: str, mode: str, device, width: float = 1.0):
+    """``name`` in ``mode``: torchvision models with the small stem, grouped convs left float (as the trainer)."""
+    from ebkernels.models import is_grouped_conv
+
     torch.manual_seed(0)
     kw = {} if width == 1.0 else {"width": width}
-    model = ebkernels.build_model(name, num_classes=10, in_channels=3, **kw).to(device).train()
+    if name.startswith("torchvision:"):
+        kw["small_stem"] = True
+    model = (_nothing_fusable() if name == "nothing fusable" else
+             ebkernels.build_model(name, num_classes=10, in_channels=3, **kw)).to(device).train()
     if mode.startswith("int8"):
-        ebkernels.quantize_model(model, fuse=mode == "int8 fused")
+        ebkernels.quantize_model(model, fuse=mode == "int8 fused", skip=is_grouped_conv)
     return model
 
 
@@ -67,7 +97,7 @@ def _autocast(mode: str, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16 autocast")
 
 
-def saved_bytes(model: nn.Module, x: torch.Tensor, mode: str) -> int:
+def saved_bytes(model: nn.Module, x: torch.Tensor, mode: str, autocast: bool | None = None) -> int:
     params = {p.data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -77,7 +107,9 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, mode: str) -> int:
             seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(mode, x.device):
+    ac = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast) if autocast is not None else \
+        _autocast(mode, x.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ac:
         model(x)
     return sum(seen.values())
 
@@ -148,15 +180,36 @@ class _Launches:
         setattr(self._cls, self._name, self._orig)
 
 
-def kernel_counts(name: str, mode: str, device, batch: int = 2, hw: int = 32, width: float = 1.0):
-    """(Triton launches, PyTorch ops, convolutions) of one training step after a warm-up."""
+class _ActivationOps(TorchDispatchMode):
+    """measure_flow's rule: PyTorch ops outside the ebkernels namespace (views excluded) that touch a tensor of
+    at least ``big`` elements."""
+
+    def __init__(self, big: int):
+        super().__init__()
+        self.big, self.count = big, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace != "ebkernels" and func.overloadpacket.__name__ not in VIEWS:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            if any(isinstance(t, torch.Tensor) and t.numel() >= self.big for t in leaves):
+                self.count += 1
+        return out
+
+
+def kernel_counts(name: str, mode: str, device, batch: int = 2, hw: int = 32, width: float = 1.0,
+                  autocast: bool | None = None, activations: bool = False):
+    """(Triton launches, PyTorch ops, convolutions) of one training step after a warm-up (``autocast``: bf16
+    autocast on / off; None: as ``mode`` has it; ``activations``: PyTorch ops by measure_flow's rule)."""
     model = build(name, mode, device, width)
     x = torch.randn(batch, 3, hw, hw, device=device).contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 10, (batch,), device=device)
     dry = device.type == "cpu"
+    ac = (lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)) if autocast is not None \
+        else (lambda: _autocast(mode, device))
 
     def step():
-        with _autocast(mode, device):
+        with ac():
             out = model(x)
         F.cross_entropy(out.float(), t).backward()
 
@@ -164,10 +217,24 @@ def kernel_counts(name: str, mode: str, device, batch: int = 2, hw: int = 32, wi
         step()  # warm-up: lazy state
     for p in model.parameters():
         p.grad = None  # as after optimizer.zero_grad(): no gradient accumulation ops
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if activations:
+        sizes = []
+        hooks = [m.register_forward_hook(lambda mod, i, o: sizes.append(o.numel())) for m in convs]
+        fusion_off = model.__dict__.pop("forward", None)  # the hooks see every conv on the per-layer path
+        with torch.no_grad(), torch.autocast(device.type, enabled=False), ebkernels.force_backend("reference"):
+            model.eval()(x.float())
+        model.train()
+        if fusion_off is not None:
+            model.forward = fusion_off
+        for h in hooks:
+            h.remove()
+        with _Launches(dry) as launches, _ActivationOps(min(sizes)) as ops:
+            step()
+        return sum(launches.count.values()), ops.count, len(convs)
     with _Launches(dry) as launches, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
-    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    return sum(launches.count.values()), sum(_device_ops(prof).values()), convs
+    return sum(launches.count.values()), sum(_device_ops(prof).values()), len(convs)
 
 
 def kernel_rows(device, smoke: bool = False):
@@ -178,6 +245,29 @@ def kernel_rows(device, smoke: bool = False):
                                             width=SMOKE_WIDTH if smoke else 1.0)
             rows.append([name, mode, tri, ops, tri + ops, f"{(tri + ops) / convs:.1f}"])
     return ["network", "mode", "Triton launches", "PyTorch ops", "kernels per step", "per conv block"], rows
+
+
+def model_rows(device, smoke: bool = False):
+    """Issue 21's table: chains, saved MiB int8 (without / with autocast) vs bf16 autocast, kernels per conv."""
+    rows = []
+    batch, hw = (4, 16) if smoke else (16, 32)
+    for name in (SMOKE_MODEL_CASES if smoke else MODEL_CASES):
+        x = torch.randn(batch, 3, hw, hw, device=device)
+        with ebkernels.force_backend("reference"):
+            bf16 = saved_bytes(build(name, "bf16 autocast", device), x, "bf16 autocast") / 2**20
+            model = build(name, "int8 fused", device)
+            chains = len(ebkernels.fusion.fused_chains(model))
+            plain = saved_bytes(model, x, "int8 fused", autocast=False) / 2**20
+            ac = saved_bytes(model, x, "int8 fused", autocast=True) / 2**20
+        per_conv = []
+        for mode, act in (("int8 fused", False), ("int8 fused", True), ("bf16 autocast", True)):
+            tri, ops, convs = kernel_counts(name, mode, device, hw=hw, autocast=True, activations=act)
+            per_conv.append(f"{(tri + ops) / convs:.1f}")
+        rows.append([name, chains, f"{plain:.1f}", f"{ac:.1f}", f"{bf16:.1f}", f"{plain / bf16:.2f}",
+                     f"{ac / bf16:.2f}", *per_conv])
+    return ["network", "fused chains", "int8 MiB", "int8 + autocast MiB", "bf16 autocast MiB", "int8 / bf16",
+            "int8 + autocast / bf16", "kernels/conv int8 (all ops)", "kernels/conv int8 (on activations)",
+            "kernels/conv bf16 (on activations)"], rows
 
 
 def bytes_rows(smoke: bool = False):
@@ -208,11 +298,12 @@ def bytes_rows(smoke: bool = False):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tables", type=comma_list(accepted=("memory", "kernels", "bytes")),
-                    default=["memory", "kernels", "bytes"], help="comma-separated: memory, kernels, bytes")
+    ap.add_argument("--tables", type=comma_list(accepted=("memory", "kernels", "bytes", "models")), default=None,
+                    help="comma-separated: memory, kernels, bytes, models (default: all; with --smoke all but "
+                         "models, a minute of its own: --smoke --tables models)")
     ap.add_argument("--smoke", action="store_true", help="small networks (VGG-11 / PreResNet-20 at width 0.25)")
     args = ap.parse_args(argv)
-    tables = args.tables
+    tables = args.tables or (["memory", "kernels", "bytes"] if args.smoke else ["memory", "kernels", "bytes", "models"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = "GPU" if device.type == "cuda" else "CPU (exact counts; no timing)"
     if args.smoke:
@@ -225,6 +316,11 @@ def main(argv=None) -> int:
         dry = ", Triton launches counted dry" if device.type == "cpu" else ""
         print(f"\nKernels per training step, batch 2 at {hw}×{hw} ({where}{dry}):\n")
         print(markdown_table(*kernel_rows(device, args.smoke)))
+    if "models" in tables:
+        size = "batch 4 at 16×16" if args.smoke else "batch 16 at 32×32"
+        print(f"\nAny CNN through the graph fuser: saved activations ({size}) and kernels per conv in a training "
+              f"step under bf16 autocast ({where}):\n")
+        print(markdown_table(*model_rows(device, args.smoke)))
     if "bytes" in tables:
         print("\nModelled DRAM traffic per training step on an H100 (benchmarks/cost_model.py; a model, not a "
               "measurement):\n")

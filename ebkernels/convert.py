@@ -1,6 +1,6 @@
 """The whole-model transform (SPEC §6): ``quantize_model`` swaps every eligible ``nn.Conv2d`` / ``nn.Linear``
 of a model for ``QConv2d`` / ``QLinear`` (``modules``) and then lets ``fusion`` run the conv → BatchNorm →
-ReLU chains it can prove as fused int8 blocks; ``dequantize_model`` undoes both.
+activation chains of the model's traced graph as fused int8 blocks; ``dequantize_model`` undoes both.
 
 Both *reuse the layer's Parameter objects* (no copy): an optimizer built before the swap keeps updating
 the same tensors and its state (momentum buffers, keyed by Parameter) stays valid.
@@ -108,12 +108,14 @@ def quantize_model(model: nn.Module, qconfig: QConfig | None = None, skip: SkipS
     ``forward``, so they stay as they are); layers already quantized are left untouched, whatever
     their qconfig. Returns the model (the new layer itself if ``model`` is a bare eligible layer).
 
-    ``fuse=True`` (default): the conv → BatchNorm → ReLU (→ max-pool) chains it can prove (runs inside
-    ``nn.Sequential``, the residual blocks of ``ebkernels.models``) then run as fused int8 blocks that
-    hand each other int8 codes (``ebkernels.fusion``; SPEC §9): same modules, Parameters, buffers and
-    ``state_dict``, far less saved memory and fewer kernels. ``ebkernels.fusion.fused_chains(model)``
-    lists them (also logged at INFO level on the "ebkernels" logger); ``fuse=False`` keeps every layer
-    on its own.
+    ``fuse=True`` (default): the model is traced with ``torch.fx`` and every conv → BatchNorm → activation
+    (→ max-pool), pre-activation BatchNorm → activation → conv and BatchNorm → activation chain of the graph
+    then runs as a fused int8 block; chains hand each other int8 codes, and what runs between them (residual
+    adds, concatenations, depthwise convs, the int8 layers outside chains) runs in bfloat16 with or without
+    autocast (``ebkernels.fusion``; SPEC §9): same modules, Parameters, buffers, ``state_dict`` and type, far
+    less saved memory. ``ebkernels.fusion.fused_chains(model)`` lists them (also logged at INFO level on the
+    "ebkernels" logger, with a line for each module that keeps a chain from fusing, and why);
+    ``fuse=False`` keeps every layer on its own.
     """
     qconfig = as_qconfig(qconfig)
     name_matches, predicate_matches, patterns = _skip_matcher(skip)

@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CL = torch.channels_last
@@ -366,3 +368,113 @@ def both_paths(fn, seed, device):
     with force_backend("reference"):
         r = fn()
     return k, r, (taken, st[1].item())
+
+
+# --------------------------------------------------------------------------------------------------
+# float64 WAGE reference of the fused math (test_fusion, test_fusion_acts)
+# --------------------------------------------------------------------------------------------------
+def rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def ste_quant_f32(t, bits=8):
+    """Per-tensor Shift quantize-dequantize of ``t`` in float32 (as the kernels see it), straight-through
+    gradient."""
+    from ebkernels import dequantize, quantize
+
+    codes, s = quantize(t.detach().float(), bits)
+    return t + (dequantize(codes, s, bits).to(t.dtype) - t).detach()
+
+
+class RoundGradBF16(torch.autograd.Function):
+    """Identity forward; the gradient rounded to bfloat16 (the fused blocks pass dz in bfloat16)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(torch.bfloat16).to(g.dtype)
+
+
+def round_bf16(t):
+    """bfloat16 rounding forward (y is held in bfloat16), straight-through backward."""
+    return t + (t.detach().to(torch.bfloat16).to(t.dtype) - t.detach())
+
+
+class RefQConv(torch.autograd.Function):
+    """WAGE conv in float64: x already quantized; W quantized here; E quantized (nearest) on the way
+    back; G quantized (nearest, the test's qconfig) before the optimizer sees it."""
+
+    @staticmethod
+    def forward(ctx, xq, w, stride, padding):
+        wq = ste_quant_f32(w.detach().float()).double()
+        ctx.save_for_backward(xq, wq)
+        ctx.geom = (stride, padding, w.shape)
+        return F.conv2d(xq, wq, None, stride, padding)
+
+    @staticmethod
+    def backward(ctx, g):
+        from ebkernels import dequantize, quantize
+
+        xq, wq = ctx.saved_tensors
+        stride, padding, w_shape = ctx.geom
+        codes, s = quantize(g.float(), 8)
+        e = dequantize(codes, s, 8).double()
+        gx = torch.nn.grad.conv2d_input(xq.shape, wq, e, stride, padding)
+        gw = torch.nn.grad.conv2d_weight(xq, w_shape, e, stride, padding)
+        codes, s = quantize(gw.float(), 8)
+        return gx, dequantize(codes, s, 8).double(), None, None
+
+
+def ref_bn(y, bn, p):
+    """Training-mode BatchNorm in float64 with the module's (copied) parameters ``p``; updates p's
+    running statistics like nn.BatchNorm2d."""
+    mean = y.mean((0, 2, 3))
+    var = y.var((0, 2, 3), unbiased=False)
+    n = y.numel() // y.shape[1]
+    with torch.no_grad():
+        m = bn.momentum
+        p["rm"].mul_(1 - m).add_(m * mean.detach())
+        p["rv"].mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+    xhat = (y - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
+    return xhat * p["g"].view(1, -1, 1, 1) + p["b"].view(1, -1, 1, 1)
+
+
+def ref_block(x_in, conv, bn, p_conv, p_bn, relu=True, pool=None, quant_out=True):
+    """One conv → BN → ReLU (→ pool) block of the fused math, x_in already quantized (float64)."""
+    y = RefQConv.apply(x_in, p_conv, conv.stride, conv.padding)
+    y = round_bf16(y)
+    z = ref_bn(y, bn, p_bn)
+    if relu:
+        z = torch.relu(z)
+    if not quant_out:
+        return z
+    z = ste_quant_f32(z)
+    if pool is not None:
+        z = F.max_pool2d(z, *pool)
+    return RoundGradBF16.apply(z)
+
+
+def leaf(t):
+    return t.detach().double().clone().requires_grad_(True)
+
+
+def bn_params(bn):
+    return {"g": leaf(bn.weight), "b": leaf(bn.bias), "rm": bn.running_mean.detach().double().clone(),
+            "rv": bn.running_var.detach().double().clone()}
+
+
+def hard_bn_values(model, gen):
+    """gamma < 0 in some channels, gamma ~ 0 in one, a channel pushed all-negative by beta."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            g = torch.rand(m.num_features, generator=gen) + 0.5
+            g[::3] *= -1
+            g[1] = 1e-6
+            b = torch.randn(m.num_features, generator=gen) * 0.2
+            b[2] = -50.0  # relu(bn) == 0 everywhere in that channel
+            m.weight.data.copy_(g)
+            m.bias.data.copy_(b)

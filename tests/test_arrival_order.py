@@ -135,7 +135,7 @@ def test_conv_bn_statistics_sums_and_max(device):
     def fwd():
         m, v, nbt = rm.clone(), rv.clone(), torch.zeros((), dtype=torch.int64, device=device)
         out = conv2d_int8_bn_fwd(qx, qw, sx, sw, None, (1, 1), (1, 1), (1, 1), 8, 8, gamma, beta, m, v, nbt, 0.1, 1e-5,
-                                 batch_stats=True, update=True, relu=True)
+                                 batch_stats=True, update=True, act="relu")
         return (*out, m, v)
 
     outs = run_in_orders(fwd)
@@ -143,7 +143,7 @@ def test_conv_bn_statistics_sums_and_max(device):
     y, bnp = outs[0][0], outs[0][2]
     dz = torch.randn(tuple(y.shape), generator=g).to(torch.bfloat16).contiguous(memory_format=CL).to(device)
     sums = run_in_orders(lambda: conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, None, (1, 1), (1, 1), (1, 1), 8, 8, dz,
-                                                           bnp, True))
+                                                           bnp, "relu"))
     _same(sums, msg)
     _pools_zero(msg)
 
@@ -158,23 +158,23 @@ def test_bn_stats_and_bn_backward_reductions(device):
 
     def stats():
         m, v = torch.zeros(C, device=device), torch.ones(C, device=device)
-        return (*bn_stats(x, gamma, beta, m, v, None, 0.1, 1e-5, True, True, True), m, v)
+        return (*bn_stats(x, gamma, beta, m, v, None, 0.1, 1e-5, True, True, "relu"), m, v)
 
     outs = run_in_orders(stats)
     _same(outs, msg)
     xb, bnp = outs[0][0], outs[0][2]
     dz = torch.randn((N, C, H, W), generator=g).to(torch.bfloat16).contiguous(memory_format=CL).to(device)
-    sums = run_in_orders(lambda: bn_relu_bwd_reduce(dz, xb, bnp, None, True))
+    sums = run_in_orders(lambda: bn_relu_bwd_reduce(dz, xb, bnp, None, "relu"))
     _same(sums, msg)
-    want = bn_relu_bwd_reduce_reference(dz.cpu(), xb.cpu(), bnp.cpu(), None, True)
+    want = bn_relu_bwd_reduce_reference(dz.cpu(), xb.cpu(), bnp.cpu(), None, "relu")
     torch.testing.assert_close(sums[0].cpu(), want, rtol=1e-5, atol=1e-5)
     for stochastic in (False, True):
-        amax = run_in_orders(_seeded(lambda: bn_relu_bwd(dz, xb, bnp, sums[0], None, True, "absmax", 8, stochastic),
+        amax = run_in_orders(_seeded(lambda: bn_relu_bwd(dz, xb, bnp, sums[0], None, "relu", "absmax", 8, stochastic),
                                      s % 983, device))
         _same(amax, f"{msg} stochastic={stochastic}")
         ebkernels.manual_seed(s % 983)
         with ebkernels.force_backend("reference"):
-            want = bn_relu_bwd(dz, xb, bnp, sums[0], None, True, "absmax", 8, stochastic)
+            want = bn_relu_bwd(dz, xb, bnp, sums[0], None, "relu", "absmax", 8, stochastic)
         assert torch.equal(amax[0][0].cpu(), want[0].cpu()), msg
     _pools_zero(msg)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import ebkernels
 from ebkernels import _rng
-from ebkernels.ops.fused.bn_math import bn_grad_in_reference
+from ebkernels.ops.fused.bn_math import act_grad_reference, bn_grad_in_reference
 from ebkernels.ops.fused.bn_relu_bwd import _bwd_op, _reduce_op, bn_relu_bwd, bn_relu_bwd_reduce, bn_relu_bwd_reduce_reference, bn_relu_bwd_reference
 from ebkernels.ops.fused.bn_relu_quant import bn_stats
 from ebkernels.ops._scale import scale_reference
@@ -64,12 +64,20 @@ def _gathered64(dz, inv, C):
     return torch.where((i >= 0).view(1, -1, 1, 1), out, torch.zeros_like(out))
 
 
-def _sums64(dz, y, bnp, inv, relu):
+def _g64(d, yf, bnp, act):
+    """dz·act'(t) in float64, with the float32 pre-activation t and (SiLU, Hardswish) derivative the kernels use."""
+    t = yf * bnp[0].cpu().view(1, -1, 1, 1) + bnp[1].cpu().view(1, -1, 1, 1)
+    if act in ("silu", "hardswish"):
+        return d * act_grad_reference(t, torch.ones_like(t), act).double()
+    return act_grad_reference(t, d, act)
+
+
+def _sums64(dz, y, bnp, inv, act):
     """float64 sums over the kernels' float32 mask and xhat, and the sums of magnitudes."""
     a, b, mean, rstd = (bnp[i].cpu().view(1, -1, 1, 1) for i in range(4))
     yf = y.cpu().float()
     d = _gathered64(dz, inv, y.shape[1])
-    g = torch.where(~((yf * a + b) <= 0), d, torch.zeros_like(d)) if relu else d
+    g = _g64(d, yf, bnp, act)
     xhat = ((yf - mean) * rstd).double()
     t0, t1 = rows(g), rows(g * xhat)
     return torch.stack([t0.sum(0), t1.sum(0)]), torch.stack([t0.abs().sum(0), t1.abs().sum(0)])
@@ -87,40 +95,44 @@ class ReduceCase(NamedTuple):
     H: int
     W: int
     inv: object  # None, or "inv": a channel map of a gather
-    relu: bool
+    act: str
     dz_dtype: torch.dtype
     dz_layout: str
     y: str  # how y is made: "bn_stats" or "f32"
 
     @property
     def id(self):
-        return "N{}C{}H{}W{}-{}-{}-{}-{}-y{}".format(*self[:4], self.inv, "relu" if self.relu else "lin",
+        return "N{}C{}H{}W{}-{}-{}-{}-{}-y{}".format(*self[:4], self.inv, self.act,
                                                    str(self.dz_dtype)[6:], self.dz_layout, self.y)
 
 
 REDUCE_CASES = [
-    ReduceCase(N=2, C=20, H=6, W=7, inv=None, relu=True, dz_dtype=torch.bfloat16, dz_layout="cl", y="bn_stats"),
-    ReduceCase(N=3, C=37, H=5, W=4, inv="inv", relu=True, dz_dtype=torch.bfloat16, dz_layout="cl", y="bn_stats"),
-    ReduceCase(N=2, C=20, H=6, W=7, inv=None, relu=False, dz_dtype=torch.float32, dz_layout="nchw", y="f32"),
+    ReduceCase(N=2, C=20, H=6, W=7, inv=None, act="relu", dz_dtype=torch.bfloat16, dz_layout="cl", y="bn_stats"),
+    ReduceCase(N=3, C=37, H=5, W=4, inv="inv", act="relu", dz_dtype=torch.bfloat16, dz_layout="cl", y="bn_stats"),
+    ReduceCase(N=2, C=20, H=6, W=7, inv=None, act="identity", dz_dtype=torch.float32, dz_layout="nchw", y="f32"),
+    ReduceCase(N=2, C=20, H=6, W=7, inv=None, act="relu6", dz_dtype=torch.bfloat16, dz_layout="cl", y="bn_stats"),
+    ReduceCase(N=2, C=20, H=6, W=7, inv=None, act="silu", dz_dtype=torch.bfloat16, dz_layout="cl", y="bn_stats"),
+    ReduceCase(N=2, C=20, H=6, W=7, inv=None, act="hardswish", dz_dtype=torch.bfloat16, dz_layout="cl",
+               y="bn_stats"),
     # 4900 rows, 128 a tile: 39 row tiles
-    ReduceCase(N=1, C=20, H=70, W=70, inv=None, relu=True, dz_dtype=torch.bfloat16, dz_layout="cl", y="bn_stats"),
+    ReduceCase(N=1, C=20, H=70, W=70, inv=None, act="relu", dz_dtype=torch.bfloat16, dz_layout="cl", y="bn_stats"),
     # two channel blocks
-    ReduceCase(N=2, C=140, H=3, W=4, inv="inv", relu=True, dz_dtype=torch.float32, dz_layout="nchw", y="bn_stats"),
+    ReduceCase(N=2, C=140, H=3, W=4, inv="inv", act="relu", dz_dtype=torch.float32, dz_layout="nchw", y="bn_stats"),
 ]
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in REDUCE_CASES])
 def test_reduce_sums(device, poisoned, case):
-    N, C, H, W, inv_kind, relu, dz_dtype, dz_layout, y_kind = case
+    N, C, H, W, inv_kind, act, dz_dtype, dz_layout, y_kind = case
     seed = fresh_seed()
     msg = f"seed={seed} case={case.id}"
     g = gen(seed)
     y, bnp, dz, inv, _, _ = _setup(N, C, H, W, inv_kind, dz_dtype, dz_layout, y_kind, device, g)
-    sums = bn_relu_bwd_reduce(dz, y, bnp, inv, relu)
+    sums = bn_relu_bwd_reduce(dz, y, bnp, inv, act)
     assert sums.shape == (2, C) and sums.dtype == torch.float32, msg
-    want, mag = _sums64(dz, y, bnp, inv, relu)
+    want, mag = _sums64(dz, y, bnp, inv, act)
     _assert_sums(sums, want, mag, msg)
-    ref = bn_relu_bwd_reduce_reference(dz.cpu(), y.cpu(), bnp.cpu(), None if inv is None else inv.cpu(), relu)
+    ref = bn_relu_bwd_reduce_reference(dz.cpu(), y.cpu(), bnp.cpu(), None if inv is None else inv.cpu(), act)
     _assert_sums(ref, want, mag, msg + " (reference)")
     if inv is not None:  # channels nobody reads get exactly nothing
         dead = (inv.cpu() < 0)
@@ -133,7 +145,7 @@ class BwdCase(NamedTuple):
     H: int
     W: int
     inv: object  # None, or "inv": a channel map of a gather
-    relu: bool
+    act: str
     stats: str  # "train" or "eval" (no sums)
     dz_dtype: torch.dtype
     dz_layout: str
@@ -143,25 +155,29 @@ class BwdCase(NamedTuple):
 
     @property
     def id(self):
-        return "N{}C{}H{}W{}-{}-{}-{}-{}-{}-y{}-pad{}-b{}".format(*self[:4], self.inv, "relu" if self.relu else "lin",
+        return "N{}C{}H{}W{}-{}-{}-{}-{}-{}-y{}-pad{}-b{}".format(*self[:4], self.inv, self.act,
                                                                 self.stats, str(self.dz_dtype)[6:], *self[8:])
 
 
 CASES = [
-    BwdCase(N=2, C=20, H=6, W=7, inv=None, relu=True, stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
+    BwdCase(N=2, C=20, H=6, W=7, inv=None, act="relu", stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
             y="bn_stats", pad_to=16, bits=8),  # Cp = 32
-    BwdCase(N=3, C=37, H=5, W=4, inv="inv", relu=True, stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
+    BwdCase(N=3, C=37, H=5, W=4, inv="inv", act="relu", stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
             y="bn_stats", pad_to=16, bits=8),  # Cp = 48
-    BwdCase(N=2, C=16, H=5, W=5, inv=None, relu=False, stats="train", dz_dtype=torch.float32, dz_layout="nchw", y="f32",
+    BwdCase(N=2, C=16, H=5, W=5, inv=None, act="identity", stats="train", dz_dtype=torch.float32, dz_layout="nchw", y="f32",
             pad_to=16, bits=6),  # no padding, 6 bits
-    BwdCase(N=2, C=20, H=6, W=7, inv=None, relu=True, stats="eval", dz_dtype=torch.bfloat16, dz_layout="nchw",
+    BwdCase(N=2, C=20, H=6, W=7, inv=None, act="relu", stats="eval", dz_dtype=torch.bfloat16, dz_layout="nchw",
             y="bn_stats", pad_to=16, bits=8),  # no sums
-    BwdCase(N=1, C=9, H=30, W=40, inv=None, relu=True, stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
+    BwdCase(N=1, C=9, H=30, W=40, inv=None, act="relu", stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
             y="bn_stats", pad_to=16, bits=8),  # 1200 rows: 5 row tiles
-    BwdCase(N=2, C=140, H=3, W=4, inv="inv", relu=True, stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
+    BwdCase(N=2, C=140, H=3, W=4, inv="inv", act="relu", stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
             y="bn_stats", pad_to=16, bits=8),  # Cp = 144: 2 channel blocks
-    BwdCase(N=2, C=7, H=4, W=5, inv=None, relu=True, stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
+    BwdCase(N=2, C=7, H=4, W=5, inv=None, act="relu", stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
             y="bn_stats", pad_to=1, bits=8),  # pad_to 1: Cp = C
+    BwdCase(N=2, C=20, H=6, W=7, inv=None, act="relu6", stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
+            y="bn_stats", pad_to=16, bits=8),
+    BwdCase(N=2, C=20, H=6, W=7, inv=None, act="hardswish", stats="train", dz_dtype=torch.bfloat16, dz_layout="cl",
+            y="bn_stats", pad_to=16, bits=8),
 ]
 
 
@@ -182,26 +198,26 @@ BIT_CASES = ([(c, r, "shift") for c in CASES for r in ("nearest", "stochastic")]
 
 @pytest.mark.parametrize("case, rounding, scale_mode", [pytest.param(c, r, m, id=f"{c.id}-{r}-{m}") for c, r, m in BIT_CASES])
 def test_absmax_and_codes_bit_identical(device, poisoned, rng_state, case, rounding, scale_mode):
-    N, C, H, W, inv_kind, relu, stats, dz_dtype, dz_layout, y_kind, pad_to, nbits = case
+    N, C, H, W, inv_kind, act, stats, dz_dtype, dz_layout, y_kind, pad_to, nbits = case
     seed = fresh_seed()
     msg = f"seed={seed} case={case.id} {rounding} {scale_mode}"
     g = gen(seed)
     y, bnp, dz, inv, _, _ = _setup(N, C, H, W, inv_kind, dz_dtype, dz_layout, y_kind, device, g)
-    sums = bn_relu_bwd_reduce(dz, y, bnp, inv, relu) if stats == "train" else None
+    sums = bn_relu_bwd_reduce(dz, y, bnp, inv, act) if stats == "train" else None
     stoch = rounding == "stochastic"
     cpu = [None if t is None else t.cpu() for t in (dz, y, bnp, sums, inv)]
     state = _rng.device_state(device)
 
     def kernel():
         before = state[1].item()
-        amax, = bn_relu_bwd(dz, y, bnp, sums, inv, relu, "absmax", nbits, stoch)
+        amax, = bn_relu_bwd(dz, y, bnp, sums, inv, act, "absmax", nbits, stoch)
         assert state[1].item() == before + stoch, f"one ticket per stochastic absmax pass {msg}"
-        return amax, bn_relu_bwd(dz, y, bnp, sums, inv, relu, "codes", nbits, stoch, pad_to, amax,
+        return amax, bn_relu_bwd(dz, y, bnp, sums, inv, act, "codes", nbits, stoch, pad_to, amax,
                                  scale_mode=scale_mode)
 
     def reference():
-        amax, = bn_relu_bwd_reference(*cpu, relu, "absmax", nbits, stoch, pad_to, None, None, True)
-        return amax, bn_relu_bwd_reference(*cpu, relu, "codes", nbits, stoch, pad_to, amax, None, True, scale_mode)
+        amax, = bn_relu_bwd_reference(*cpu, act, "absmax", nbits, stoch, pad_to, None, None, True)
+        return amax, bn_relu_bwd_reference(*cpu, act, "codes", nbits, stoch, pad_to, amax, None, True, scale_mode)
 
     (amax, (qe, qe_cm, se)), (amax_r, (qe_r, qe_cm_r, se_r)) = _run_both(kernel, reference, seed % 1000)
     # absmax: the bits of max |dy| and the ticket (the counter before; 0 for nearest rounding)
@@ -209,7 +225,7 @@ def test_absmax_and_codes_bit_identical(device, poisoned, rng_state, case, round
     assert torch.equal(amax.cpu(), amax_r), f"absmax {amax.tolist()} vs {amax_r.tolist()} {msg}"
     assert amax[1].item() == 0, msg  # first ticket after manual_seed
     dy, _, _ = bn_grad_in_reference(_gathered64(dz, inv, C).to(dz_dtype).to(torch.float32), cpu[1], cpu[2], cpu[3],
-                                    N * H * W, relu)
+                                    N * H * W, act)
     assert bits_equal(f32_of_bits(amax[:1]), dy.abs().amax().reshape(1)), msg
     # codes: both layouts, padding zero, the scale of max |dy| (Shift, or absmax)
     Cp = -(-C // pad_to) * pad_to if pad_to > 1 else C
@@ -247,14 +263,14 @@ def test_stochastic_codes_keep_the_per_channel_sums_unbiased(device, rng_state):
     N, C, H, W, R = 4, 16, 8, 8, 96
     y, bnp, dz, _, _, _ = _setup(N, C, H, W, None, torch.float32, "cl", "bn_stats", device, g)
     dz = (dz.float() ** 3).to(device)  # heavy tails: most entries far below the largest, as in training
-    sums = bn_relu_bwd_reduce(dz, y, bnp, None, True)
-    dy, = bn_relu_bwd(dz, y, bnp, sums, None, True, "float")
+    sums = bn_relu_bwd_reduce(dz, y, bnp, None, "relu")
+    dy, = bn_relu_bwd(dz, y, bnp, sums, None, "relu", "float")
     assert (rows(dy.cpu()).double().sum(0).abs() <= 1e-3 * rows(dy.cpu()).double().abs().sum(0)).all(), msg
     S = 128
     total = torch.zeros(C, dtype=torch.float64)
     for _ in range(R):
-        amax, = bn_relu_bwd(dz, y, bnp, sums, None, True, "absmax", 8, True)
-        qe, _, se = bn_relu_bwd(dz, y, bnp, sums, None, True, "codes", 8, True, 16, amax)
+        amax, = bn_relu_bwd(dz, y, bnp, sums, None, "relu", "absmax", 8, True)
+        qe, _, se = bn_relu_bwd(dz, y, bnp, sums, None, "relu", "codes", 8, True, 16, amax)
         total += rows(qe[:, :C].cpu()).double().sum(0)
     v = rows(((dy.cpu() / se.cpu()) * S).clamp(-(S - 1), S - 1)).double()  # each code's expectation
     frac = v - torch.floor(v)
@@ -262,42 +278,41 @@ def test_stochastic_codes_keep_the_per_channel_sums_unbiased(device, rng_state):
     z = (total / R - v.sum(0)) / sd.clamp(min=1e-9)
     assert z.abs().max().item() < 5.5, f"per-channel sums biased, z = {z.tolist()} {msg}"
     # the nearest codes' per-channel sums: off by many standard deviations of the stochastic mean
-    amax, = bn_relu_bwd(dz, y, bnp, sums, None, True, "absmax", 8, False)
-    qn, _, _ = bn_relu_bwd(dz, y, bnp, sums, None, True, "codes", 8, False, 16, amax)
+    amax, = bn_relu_bwd(dz, y, bnp, sums, None, "relu", "absmax", 8, False)
+    qn, _, _ = bn_relu_bwd(dz, y, bnp, sums, None, "relu", "codes", 8, False, 16, amax)
     zn = (rows(qn[:, :C].cpu()).double().sum(0) - v.sum(0)) / sd.clamp(min=1e-9)
     assert zn.abs().max().item() > 10, f"nearest rounding unbiased here? z = {zn.tolist()} {msg}"
 
 
-@pytest.mark.parametrize("case", [pytest.param(CASES[i], id=CASES[i].id) for i in (0, 1, 2, 3, 5)])
+@pytest.mark.parametrize("case", [pytest.param(CASES[i], id=CASES[i].id) for i in (0, 1, 2, 3, 5, 7, 8)])
 def test_float_mode(device, poisoned, case):
-    N, C, H, W, inv_kind, relu, stats, dz_dtype, dz_layout, y_kind = case[:10]
+    N, C, H, W, inv_kind, act, stats, dz_dtype, dz_layout, y_kind = case[:10]
     seed = fresh_seed()
     msg = f"seed={seed} case={case.id}"
     g = gen(seed)
     y, bnp, dz, inv, gamma, beta = _setup(N, C, H, W, inv_kind, dz_dtype, dz_layout, y_kind, device, g)
-    sums = bn_relu_bwd_reduce(dz, y, bnp, inv, relu) if stats == "train" else None
+    sums = bn_relu_bwd_reduce(dz, y, bnp, inv, act) if stats == "train" else None
     cpu = [None if t is None else t.cpu() for t in (dz, y, bnp, sums, inv)]
     for out_dtype, cl_out in ((torch.float32, dz_layout == "cl"), (torch.bfloat16, dz_layout != "cl")):
-        dy, = bn_relu_bwd(dz, y, bnp, sums, inv, relu, "float", out_dtype=out_dtype, channels_last_out=cl_out)
+        dy, = bn_relu_bwd(dz, y, bnp, sums, inv, act, "float", out_dtype=out_dtype, channels_last_out=cl_out)
         assert dy.dtype == out_dtype and dy.shape == (N, C, H, W), msg
         assert dy.is_contiguous(memory_format=CL if cl_out else torch.contiguous_format), msg
-        dy_r, = bn_relu_bwd_reference(*cpu, relu, "float", 8, False, 0, None, out_dtype, cl_out)
+        dy_r, = bn_relu_bwd_reference(*cpu, act, "float", 8, False, 0, None, out_dtype, cl_out)
         assert bits_equal(dy.cpu(), dy_r), f"dy {out_dtype} {msg}: {mismatch(dy.cpu(), dy_r)}"
     # semantics: the float64 BatchNorm(+ReLU) backward, same mask and statistics (within float32 rounding)
     a, b, mean, rstd = (bnp[i].cpu().double().view(1, -1, 1, 1) for i in range(4))
     yf = y.cpu().float()
     d = _gathered64(dz, inv, C)
-    mask = ~((yf * bnp[0].cpu().view(1, -1, 1, 1) + bnp[1].cpu().view(1, -1, 1, 1)) <= 0)
-    g64 = torch.where(mask, d, torch.zeros_like(d)) if relu else d
+    g64 = _g64(d, yf, bnp, act)
     xhat = (yf.double() - mean) * rstd
     if sums is None:
         want = a * g64
     else:
         want = a * (g64 - g64.mean((0, 2, 3), keepdim=True) - xhat * (g64 * xhat).mean((0, 2, 3), keepdim=True))
-    dy, = bn_relu_bwd(dz, y, bnp, sums, inv, relu, "float")
+    dy, = bn_relu_bwd(dz, y, bnp, sums, inv, act, "float")
     torch.testing.assert_close(dy.cpu().double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item(),
                                msg=lambda m: f"dy vs float64 {msg}: {m}")
-    if not relu and inv is None and stats == "train":  # and autograd's own BatchNorm backward
+    if act == "identity" and inv is None and stats == "train":  # and autograd's own BatchNorm backward
         x64 = y.cpu().double().requires_grad_()
         F.batch_norm(x64, None, None, gamma.cpu().double(), beta.cpu().double(), True, 0.0, EPS).backward(d)
         torch.testing.assert_close(dy.cpu().double(), x64.grad, rtol=1e-3, atol=1e-3 * x64.grad.abs().max().item())
@@ -317,7 +332,7 @@ def test_gather_backward_after_bn_stats_with_keep(device, poisoned):
     xb, _, bnp, _ = bn_stats(x, gamma, beta, keep=inv)  # as FusedBlockFunction.forward (input "bn" + select)
     dz = torch.randn((2, K, 4, 5), generator=g).to(torch.bfloat16).contiguous(memory_format=CL).to(device)
     sums = bn_relu_bwd_reduce(dz, xb, bnp, inv)
-    dx, = bn_relu_bwd(dz, xb, bnp, sums, inv, True, "float")
+    dx, = bn_relu_bwd(dz, xb, bnp, sums, inv, "relu", "float")
     dropped = (inv < 0).cpu()
     assert torch.isfinite(sums).all() and sums.cpu()[:, dropped].abs().max() == 0, f"sums {sums} {msg}"
     assert torch.isfinite(dx).all() and dx.cpu()[:, dropped].abs().max() == 0, f"dx of dropped channels {msg}"
@@ -326,14 +341,14 @@ def test_gather_backward_after_bn_stats_with_keep(device, poisoned):
 def test_opcheck(rng_state):
     g = gen(2)
     y, bnp, dz, inv, _, _ = _setup(2, 6, 3, 4, "inv", torch.bfloat16, "cl", "bn_stats", torch.device("cpu"), g)
-    torch.library.opcheck(_reduce_op, (dz, y, bnp, inv, True))
+    torch.library.opcheck(_reduce_op, (dz, y, bnp, inv, "relu"))
     sums = bn_relu_bwd_reduce(dz, y, bnp, inv)
     # the op declares the device random state it may advance (mutated optional input): the AOT-dispatch
     # check of opcheck cannot functionalise such an op, so schema, fake tensors and autograd registration
-    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, True, "absmax", 8, False, 16, None, None, True),
+    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, "relu", "absmax", 8, False, 16, None, None, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    amax, = bn_relu_bwd(dz, y, bnp, sums, inv, True, "absmax")
-    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, True, "codes", 8, False, 16, amax, None, True),
+    amax, = bn_relu_bwd(dz, y, bnp, sums, inv, "relu", "absmax")
+    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, "relu", "codes", 8, False, 16, amax, None, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    torch.library.opcheck(_bwd_op, (dz, y, bnp, None, inv, True, "float", 8, False, 16, None, torch.float32, False),
+    torch.library.opcheck(_bwd_op, (dz, y, bnp, None, inv, "silu", "float", 8, False, 16, None, torch.float32, False),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -19,7 +19,7 @@ from ebkernels import force_backend
 from ebkernels.ops import _reduce as _channel_stats
 from ebkernels.ops.gemm import tiles as _tiles
 from ebkernels.ops.fused import conv_bn as conv2d_bn
-from ebkernels.ops.fused.bn_math import bn_act_reference
+from ebkernels.ops.fused.bn_math import act_grad_reference, bn_act_reference
 from ebkernels.ops.fused.conv_bn import _bwd_op, _fwd_op, conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_bwd_reduce_reference, conv2d_int8_bn_fwd
 from ebkernels.ops.gemm.conv import conv2d_int8_fwd_reference
 from ebkernels.ops._launch import conv2d_output_size
@@ -42,7 +42,7 @@ class BnCase(NamedTuple):
     bias: bool
     qx_cl: bool  # input codes channels-last
     qw_layout: str  # weight codes "ohwi" (channels-last) or "oihw"
-    relu: bool
+    act: str
     affine: bool
     stats: str  # "train": batch statistics, "eval": the running ones
     dz_layout: str  # "like_y" (NHWC) or "nchw"
@@ -53,7 +53,7 @@ class BnCase(NamedTuple):
     def id(self):
         return "N{}Ci{}p{}H{}W{}Co{}K{}s{}p{}{}{}-{}-{}-{}-{}-dz{}-{}-m{}".format(
             *self[:9], "-bias" if self.bias else "", "-cl" if self.qx_cl else "-nchw", self.qw_layout,
-            "relu" if self.relu else "lin", "affine" if self.affine else "plain", self.stats, self.dz_layout,
+            self.act, "affine" if self.affine else "plain", self.stats, self.dz_layout,
             str(self.dz_dtype)[6:], self.momentum)
 
 
@@ -65,39 +65,39 @@ class BnCase(NamedTuple):
 BF16, F32 = torch.bfloat16, torch.float32
 CASES = [
     BnCase(N=2, Cin=3, Cin_p=3, H=9, W=8, Cout=16, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="ohwi",
-           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+           act="relu", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
     BnCase(N=2, Cin=13, Cin_p=16, H=9, W=8, Cout=20, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="ohwi",
-           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+           act="relu", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
     BnCase(N=2, Cin=16, Cin_p=16, H=11, W=10, Cout=40, K=3, stride=2, pad=1, bias=True, qx_cl=False, qw_layout="ohwi",
-           relu=False, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=None),
+           act="identity", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=None),
     BnCase(N=1, Cin=3, Cin_p=3, H=15, W=15, Cout=100, K=3, stride=1, pad=1, bias=False, qx_cl=True, qw_layout="oihw",
-           relu=True, affine=True, stats="train", dz_layout="nchw", dz_dtype=F32, momentum=0.1),
+           act="relu", affine=True, stats="train", dz_layout="nchw", dz_dtype=F32, momentum=0.1),
     BnCase(N=3, Cin=3, Cin_p=3, H=12, W=12, Cout=16, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="ohwi",
-           relu=True, affine=False, stats="eval", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+           act="relu", affine=False, stats="eval", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
     BnCase(N=2, Cin=16, Cin_p=16, H=46, W=46, Cout=20, K=1, stride=1, pad=0, bias=True, qx_cl=True, qw_layout="ohwi",
-           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+           act="relu6", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
     BnCase(N=2, Cin=40, Cin_p=48, H=15, W=14, Cout=50, K=3, stride=1, pad=1, bias=False, qx_cl=True, qw_layout="ohwi",
-           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+           act="relu", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
     BnCase(N=2, Cin=5, Cin_p=16, H=10, W=10, Cout=136, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="oihw",
-           relu=True, affine=False, stats="eval", dz_layout="nchw", dz_dtype=BF16, momentum=0.1),
+           act="relu", affine=False, stats="eval", dz_layout="nchw", dz_dtype=BF16, momentum=0.1),
     BnCase(N=2, Cin=64, Cin_p=64, H=9, W=8, Cout=16, K=1, stride=1, pad=0, bias=True, qx_cl=True, qw_layout="ohwi",
-           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+           act="relu", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
     BnCase(N=3, Cin=50, Cin_p=64, H=7, W=9, Cout=32, K=1, stride=2, pad=0, bias=False, qx_cl=True, qw_layout="oihw",
-           relu=True, affine=True, stats="train", dz_layout="nchw", dz_dtype=F32, momentum=0.1),
+           act="hardswish", affine=True, stats="train", dz_layout="nchw", dz_dtype=F32, momentum=0.1),
     BnCase(N=1, Cin=64, Cin_p=64, H=6, W=7, Cout=50, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="ohwi",
-           relu=False, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=None),
+           act="identity", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=None),
     BnCase(N=1, Cin=128, Cin_p=128, H=15, W=14, Cout=100, K=1, stride=1, pad=0, bias=True, qx_cl=True, qw_layout="ohwi",
-           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+           act="relu", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
     BnCase(N=3, Cin=64, Cin_p=64, H=12, W=12, Cout=16, K=1, stride=1, pad=0, bias=True, qx_cl=False, qw_layout="ohwi",
-           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+           act="relu", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
     BnCase(N=2, Cin=64, Cin_p=64, H=16, W=15, Cout=24, K=1, stride=1, pad=0, bias=True, qx_cl=True, qw_layout="oihw",
-           relu=True, affine=False, stats="eval", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+           act="relu", affine=False, stats="eval", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
     BnCase(N=2, Cin=64, Cin_p=64, H=30, W=28, Cout=40, K=1, stride=2, pad=0, bias=True, qx_cl=True, qw_layout="ohwi",
-           relu=True, affine=True, stats="train", dz_layout="nchw", dz_dtype=BF16, momentum=0.1),
+           act="relu", affine=True, stats="train", dz_layout="nchw", dz_dtype=BF16, momentum=0.1),
     BnCase(N=2, Cin=100, Cin_p=128, H=14, W=15, Cout=100, K=1, stride=1, pad=0, bias=False, qx_cl=True,
-           qw_layout="ohwi", relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+           qw_layout="ohwi", act="relu", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
     BnCase(N=1, Cin=64, Cin_p=64, H=11, W=12, Cout=136, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="ohwi",
-           relu=True, affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+           act="relu", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
 ]
 
 
@@ -145,12 +145,12 @@ def _y_reference(qx, qw, sx, sw, bias, conv):
     return y.to(torch.bfloat16)
 
 
-def _sums64(dz, y, bnp, relu):
-    """[Σ g, Σ g·xhat] in float64 from the float32 g and xhat of the kernels (same ReLU mask), and the sums of
-    the magnitudes (the scale of the rounding error)."""
+def _sums64(dz, y, bnp, act):
+    """[Σ g, Σ g·xhat] in float64 from the float32 g and xhat of the kernels (same activation derivative), and the
+    sums of the magnitudes (the scale of the rounding error)."""
     a, b, mean, rstd = (bnp[i].cpu().view(1, -1, 1, 1) for i in range(4))
     yf, dzf = y.cpu().float(), dz.cpu().float()
-    g = torch.where(~((yf * a + b) <= 0), dzf, torch.zeros_like(dzf)) if relu else dzf
+    g = act_grad_reference(yf * a + b, dzf, act)
     xhat = (yf - mean) * rstd
     t0, t1 = rows(g).double(), rows(g * xhat).double()
     return torch.stack([t0.sum(0), t1.sum(0)]), torch.stack([t0.abs().sum(0), t1.abs().sum(0)])
@@ -168,14 +168,14 @@ def test_forward_statistics_and_backward_recompute(device, poisoned, monkeypatch
     msg = f"seed={seed} case={case.id}"
     g = gen(seed)
     N, C, Cp, H, W, CO, K = case[:7]
-    relu, stats, dz_layout, dz_dtype, momentum = case.relu, case.stats, case.dz_layout, case.dz_dtype, case.momentum
+    act, stats, dz_layout, dz_dtype, momentum = case.act, case.stats, case.dz_layout, case.dz_dtype, case.momentum
     qx, qw, sx, sw, bias, gamma, beta, rm, rv, nbt, conv = _setup(case, device, g)
     OH, OW = conv2d_output_size(H, W, K, K, *conv)
     calls = spy_launches(monkeypatch, "conv2d_int8_bn_kernel")
     train = stats == "train"
     rm0, rv0 = rm.clone(), rv.clone()
     y, chan, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, 8, 8, gamma, beta, rm, rv, nbt, momentum,
-                                            EPS, batch_stats=train, update=train, relu=relu)
+                                            EPS, batch_stats=train, update=train, act=act)
     # y: the exact integer conv's float32 epilogue, rounded to bfloat16, NHWC
     y_ref = _y_reference(qx, qw, sx, sw, bias, conv)
     assert y.dtype == torch.bfloat16 and y.shape == (N, CO, OH, OW) and y.is_contiguous(memory_format=CL), msg
@@ -198,7 +198,7 @@ def test_forward_statistics_and_backward_recompute(device, poisoned, monkeypatch
     want_bnp = bnp_exact(chan[0], chan[1], gm, bt, EPS) if train else bnp_exact(rm0, rv0, gm, bt, EPS)
     assert bits_equal(bnp.cpu(), want_bnp), f"bnp {msg}: {mismatch(bnp.cpu(), want_bnp)}"
     # zmax: the bits of max |z| over every element of y
-    z = bn_act_reference(y_ref, bnp.cpu(), relu)
+    z = bn_act_reference(y_ref, bnp.cpu(), act)
     assert bits_equal(f32_of_bits(zmax).reshape(()), z.abs().amax()), \
         f"zmax {f32_of_bits(zmax).item()} vs {z.abs().amax().item()} {msg}"
     # running statistics as nn.BatchNorm2d on y (the counter is left to bn_relu_quant)
@@ -216,15 +216,15 @@ def test_forward_statistics_and_backward_recompute(device, poisoned, monkeypatch
     # ---- backward: y recomputed bit for bit, the sums --------------------------------------------------
     dz = torch.randn((N, CO, OH, OW), generator=g).to(dz_dtype)
     dz = (dz.contiguous(memory_format=CL) if dz_layout == "like_y" else dz.contiguous()).to(device)
-    y2, sums = conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, *conv, 8, 8, dz, bnp, relu)
+    y2, sums = conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, *conv, 8, 8, dz, bnp, act)
     assert bits_equal(y2.cpu(), y.cpu()), f"recomputed y {msg}: {mismatch(y2.cpu(), y.cpu())}"
     assert sums.shape == (2, CO) and sums.dtype == torch.float32, msg
-    want, mag = _sums64(dz, y_ref, bnp, relu)
+    want, mag = _sums64(dz, y_ref, bnp, act)
     _assert_sums(sums, want, mag, msg)
     stride, pad, dil = (list(v) for v in conv)
     y3, sums_ref = conv2d_int8_bn_bwd_reduce_reference(qx.cpu(), qw.cpu(), sx.cpu(), sw.cpu(),
                                                        None if bias is None else bias.cpu(), stride, pad, dil, 8, 8,
-                                                       dz.cpu(), bnp.cpu(), relu)
+                                                       dz.cpu(), bnp.cpu(), act)
     assert bits_equal(y3, y_ref), msg
     _assert_sums(sums_ref, want, mag, msg + " (reference)")
     if device.type == "cpu":  # both modes launched the table's tile, one split
@@ -249,7 +249,7 @@ def test_reference_path_agrees(device):
     assert torch.equal(out[1][2:].cpu(), ref[1][2:].cpu()), msg
     torch.testing.assert_close(out[1].cpu(), ref[1].cpu(), rtol=1e-5, atol=1e-6)
     y, sums = conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, *conv, 8, 8, dz, out[2])
-    want, mag = _sums64(dz, out[0], out[2], True)
+    want, mag = _sums64(dz, out[0], out[2], "relu")
     _assert_sums(sums_r, want, mag, msg)
     _assert_sums(sums, want, mag, msg)
 
@@ -263,7 +263,7 @@ def test_opcheck():
     rm, rv, nbt = torch.zeros(5), torch.ones(5), torch.tensor(0)
     geo = ([1, 1], [1, 1], [1, 1])
     torch.library.opcheck(_fwd_op, (qx, qw, sx, sw, bias, *geo, 8, 8, gamma, beta, rm, rv, nbt, 0.1, EPS, True, True,
-                                    True))
+                                    "relu"))
     y, _, bnp, _ = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *geo, 8, 8, gamma, beta)
     dz = torch.randn(y.shape, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
-    torch.library.opcheck(_bwd_op, (qx, qw, sx, sw, bias, *geo, 8, 8, dz, bnp, True))
+    torch.library.opcheck(_bwd_op, (qx, qw, sx, sw, bias, *geo, 8, 8, dz, bnp, "silu"))

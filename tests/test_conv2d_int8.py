@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ebkernels import QConfig, _rng, force_backend, qconv2d
-from ebkernels.ops._launch import MAX_TERMS
+from ebkernels.ops._launch import MAX_TERMS, code_channels
 from ebkernels.ops.gemm import conv as conv2d_int8
 from ebkernels.ops.gemm import tiles as _tiles
 from ebkernels.ops.gemm.conv import conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd, conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference
@@ -310,7 +310,7 @@ def test_qconv2d_unaligned_channels_are_padded_onto_the_aligned_path(device, poi
         # rows are N·OH·OW long: aligned when that is a multiple of 16, e.g. any batch that is)
         OH, OW = conv2d_int8.conv2d_output_size(*shape[2:], K, K, (stride,) * 2, (padding,) * 2, (dilation,) * 2)
         # (fewer than 16 channels stay unpadded: the flat K / column layouts, ALIGN=1)
-        cin, cout = (conv2d_int8.code_channels(c) % 16 == 0 for c in (shape[1], CO))
+        cin, cout = (code_channels(c) % 16 == 0 for c in (shape[1], CO))
         assert [c["ALIGN"] for c in calls] == [16 if cin else 1, 16 if cout else 1,
                                                16 if cin and shape[0] * OH * OW % 16 == 0 else 1]
 

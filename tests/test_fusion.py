@@ -20,100 +20,8 @@ from ebkernels import QConfig, fusion
 from ebkernels.models.preresnet import Bottleneck
 from ebkernels.ops.fused import block
 from ebkernels.ops.fused.block import BlockOutput, FusedBlockFunction
-from ebkernels.ops.quantize import dequantize, quantize
-from helpers import fresh_seed
-
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-# --------------------------------------------------------------------------------------------------
-# float64 WAGE reference of the fused math
-# --------------------------------------------------------------------------------------------------
-def ste_quant(t, bits=8):
-    """Per-tensor power-of-two quantize-dequantize, straight-through gradient."""
-    codes, s = quantize(t.detach().float(), bits)
-    return t + (dequantize(codes, s, bits).to(t.dtype) - t).detach()
-
-
-class RoundGradBF16(torch.autograd.Function):
-    """Identity forward; the gradient rounded to bfloat16 (the fused blocks pass dz in bfloat16)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.to(torch.bfloat16).to(g.dtype)
-
-
-def round_bf16(t):
-    """bfloat16 rounding forward (y is held in bfloat16), straight-through backward."""
-    return t + (t.detach().to(torch.bfloat16).to(t.dtype) - t.detach())
-
-
-class RefQConv(torch.autograd.Function):
-    """WAGE conv in float64: x already quantized; W quantized here; E quantized (nearest) on the way
-    back; G quantized (nearest, the test's qconfig) before the optimizer sees it."""
-
-    @staticmethod
-    def forward(ctx, xq, w, stride, padding):
-        wq = ste_quant(w.detach().float()).double()
-        ctx.save_for_backward(xq, wq)
-        ctx.geom = (stride, padding, w.shape)
-        return F.conv2d(xq, wq, None, stride, padding)
-
-    @staticmethod
-    def backward(ctx, g):
-        xq, wq = ctx.saved_tensors
-        stride, padding, w_shape = ctx.geom
-        codes, s = quantize(g.float(), 8)
-        e = dequantize(codes, s, 8).double()
-        gx = torch.nn.grad.conv2d_input(xq.shape, wq, e, stride, padding)
-        gw = torch.nn.grad.conv2d_weight(xq, w_shape, e, stride, padding)
-        codes, s = quantize(gw.float(), 8)
-        return gx, dequantize(codes, s, 8).double(), None, None
-
-
-def ref_bn(y, bn, p):
-    """Training-mode BatchNorm in float64 with the module's (copied) parameters ``p``; updates p's
-    running statistics like nn.BatchNorm2d."""
-    mean = y.mean((0, 2, 3))
-    var = y.var((0, 2, 3), unbiased=False)
-    n = y.numel() // y.shape[1]
-    with torch.no_grad():
-        m = bn.momentum
-        p["rm"].mul_(1 - m).add_(m * mean.detach())
-        p["rv"].mul_(1 - m).add_(m * var.detach() * n / (n - 1))
-    xhat = (y - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
-    return xhat * p["g"].view(1, -1, 1, 1) + p["b"].view(1, -1, 1, 1)
-
-
-def ref_block(x_in, conv, bn, p_conv, p_bn, relu=True, pool=None, quant_out=True):
-    """One conv → BN → ReLU (→ pool) block of the fused math, x_in already quantized (float64)."""
-    y = RefQConv.apply(x_in, p_conv, conv.stride, conv.padding)
-    y = round_bf16(y)
-    z = ref_bn(y, bn, p_bn)
-    if relu:
-        z = torch.relu(z)
-    if not quant_out:
-        return z
-    z = ste_quant(z)
-    if pool is not None:
-        z = F.max_pool2d(z, *pool)
-    return RoundGradBF16.apply(z)
-
-
-def leaf(t):
-    return t.detach().double().clone().requires_grad_(True)
-
-
-def bn_params(bn):
-    return {"g": leaf(bn.weight), "b": leaf(bn.bias), "rm": bn.running_mean.detach().double().clone(),
-            "rv": bn.running_var.detach().double().clone()}
+from helpers import (RefQConv, RoundGradBF16, bn_params, fresh_seed, hard_bn_values, leaf, ref_block, ref_bn, rel,
+                     round_bf16, ste_quant_f32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,19 +33,6 @@ def chain_model(c=(3, 20, 24, 17)):
         nn.Conv2d(c[2], c[3], 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(c[3]), nn.ReLU())
 
 
-def _hard_bn_values(model, gen):
-    """gamma < 0 in some channels, gamma ~ 0 in one, a channel pushed all-negative by beta."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            g = torch.rand(m.num_features, generator=gen) + 0.5
-            g[::3] *= -1
-            g[1] = 1e-6
-            b = torch.randn(m.num_features, generator=gen) * 0.2
-            b[2] = -50.0  # relu(bn) == 0 everywhere in that channel
-            m.weight.data.copy_(g)
-            m.bias.data.copy_(b)
-
-
 @pytest.mark.parametrize("channels_last,y_policy", [(False, "recompute"), (True, "recompute"), (True, "keep")])
 def test_sequential_chain_matches_the_float64_wage_reference(channels_last, y_policy, settings):
     settings(y_policy=y_policy)
@@ -145,7 +40,7 @@ def test_sequential_chain_matches_the_float64_wage_reference(channels_last, y_po
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = chain_model().train()
-    _hard_bn_values(model, gen)
+    hard_bn_values(model, gen)
     qc = QConfig(rounding_g="nearest", rounding_e="nearest")  # deterministic: stochastic E is test_stochastic_e's
     convs = [m for m in model if isinstance(m, nn.Conv2d)]
     bns = [m for m in model if isinstance(m, nn.BatchNorm2d)]
@@ -163,7 +58,7 @@ def test_sequential_chain_matches_the_float64_wage_reference(channels_last, y_po
     (out * r).sum().backward()
 
     xr = x.double().requires_grad_(True)
-    a = ref_block(ste_quant(xr), convs[0], bns[0], p_conv[0], p_bn[0], pool=(2, 2, 0, 1, True))
+    a = ref_block(ste_quant_f32(xr), convs[0], bns[0], p_conv[0], p_bn[0], pool=(2, 2, 0, 1, True))
     a = ref_block(a, convs[1], bns[1], p_conv[1], p_bn[1])
     ref = ref_block(a, convs[2], bns[2], p_conv[2], p_bn[2], quant_out=False)
     (ref * r.double()).sum().backward()
@@ -187,14 +82,14 @@ def test_preactivation_bottleneck_matches_the_float64_reference():
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     block = Bottleneck(32, 8, [32, 8, 12], stride=1).train()
-    _hard_bn_values(block, gen)
+    hard_bn_values(block, gen)
     qc = QConfig(rounding_g="nearest")
     names = ("conv1", "conv2", "conv3")
     p_conv = {n: leaf(getattr(block, n).weight) for n in names}
     p_bn = {n: bn_params(getattr(block, n)) for n in ("bn1", "bn2", "bn3")}
     bn1, bn2, bn3 = block.bn1, block.bn2, block.bn3
     ebkernels.quantize_model(block, qconfig=qc)
-    assert len(fusion.fused_chains(block)) == 1
+    assert len(fusion.fused_chains(block)) == 3  # bn1 → select → relu → conv1 → bn2 → relu, conv2 → ..., conv3
     x = torch.randn(3, 32, 6, 7, generator=gen) * 2 + 0.5
     r = torch.randn(3, 32, 6, 7, generator=gen)
     xk = x.clone().requires_grad_(True)
@@ -203,7 +98,7 @@ def test_preactivation_bottleneck_matches_the_float64_reference():
 
     xr = x.double().requires_grad_(True)
     z = torch.relu(ref_bn(round_bf16(xr), bn1, p_bn["bn1"]))
-    a = RoundGradBF16.apply(ste_quant(z))
+    a = RoundGradBF16.apply(ste_quant_f32(z))
     a = ref_block(a, block.conv1, bn2, p_conv["conv1"], p_bn["bn2"])
     a = ref_block(a, block.conv2, bn3, p_conv["conv2"], p_bn["bn3"])
     ref = RefQConv.apply(a, p_conv["conv3"], (1, 1), (0, 0)) + xr
@@ -229,9 +124,10 @@ MODELS = {
     "preresnet20": lambda: ebkernels.build_model("preresnet20", width=0.25, num_classes=10, in_channels=3),
     "resnet18": lambda: ebkernels.build_model("resnet18", num_classes=10, in_channels=3, use_torchvision=False),
 }
-# VGG-11: 8 conv chains; PreResNet-20: 6 bottlenecks; ResNet-18: 8 BasicBlocks + 3 projection shortcuts
-# (Sequential(conv, BN): a chain without ReLU, float out)
-EXPECTED = {"vgg11": 8, "preresnet20": 6, "resnet18": 11}
+# VGG-11: 8 conv chains; PreResNet-20: 3 per bottleneck (bn1 → select → relu → conv1 → bn2 → relu, conv2 → bn3
+# → relu, conv3 on codes) + the final bn → select → relu; ResNet-18: the stem, 2 per BasicBlock, 3 projection
+# shortcuts (conv → BN: no activation, float out)
+EXPECTED = {"vgg11": 8, "preresnet20": 19, "resnet18": 20}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -308,13 +204,14 @@ def test_hooks_syncbn_and_unsupported_layers_stay_on_the_per_layer_path():
     m2 = chain_model()
     m2[0].register_forward_pre_hook(lambda mod, i: None)
     ebkernels.quantize_model(m2)
-    assert len(fusion.fused_chains(m2)) == 2
+    lines = fusion.fused_chains(m2)  # the hooked conv runs as it is; its BatchNorm → ReLU still fuse
+    assert len(lines) == 3 and lines[0].startswith("1 → 2 (BN → act"), lines
     grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.BatchNorm2d(8), nn.ReLU())
     with pytest.warns(UserWarning, match="groups > 1"):
         ebkernels.quantize_model(grouped)(torch.randn(2, 4, 5, 5))
-    assert fusion.fused_chains(grouped) == []
+    assert fusion.fused_chains(grouped) == ["1 → 2 (BN → act; float in, float out)"]  # the conv runs as it is
     floaty = ebkernels.quantize_model(chain_model(), qconfig=QConfig(bits_e=None))
-    assert fusion.fused_chains(floaty) == []
+    assert all("(BN → act;" in line for line in fusion.fused_chains(floaty))
 
 
 @pytest.mark.parametrize("spread", [True, False])
@@ -336,7 +233,7 @@ def test_a_fused_model_is_pruned_quantized_again_and_runs(spread):
         pruned, _ = ebkernels.prune(dense, ebkernels.channel_mask(dense, 0.5))
     fused = ebkernels.quantize_model(copy.deepcopy(pruned))
     plain = ebkernels.quantize_model(copy.deepcopy(pruned), fuse=False)
-    assert len(fusion.fused_chains(fused)) == 3
+    assert len(fusion.fused_chains(fused)) == 10  # 3 blocks × 3 chains + the final bn → select → relu
     assert any(b.select.num_kept < b.bn1.num_features for b in fused.blocks())
     o0, o1, o2 = pruned(x), fused(x), plain(x)
     assert rel(o1, o0) < 1.5 * rel(o2, o0) + 0.05

@@ -182,6 +182,8 @@ def test_cli_int8_job_on_torchvision_mobilenet_v2_small_stem(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "(small-image stem)" in printed
     assert "35 Conv2d and 1 Linear swapped to QConv2d/QLinear; 17 grouped/depthwise Conv2d kept in float" in printed
+    # expand conv → BN → ReLU6 and BN → ReLU6 → project conv → BN around each depthwise conv (ebkernels.fusion)
+    assert "; 35 conv/BatchNorm/activation chains run as fused int8 blocks" in printed
     assert "the mask asked for" in printed
     run, summary = _finished_run(tmp_path)
     ticket = summary["tickets"][0]
@@ -189,6 +191,21 @@ def test_cli_int8_job_on_torchvision_mobilenet_v2_small_stem(tmp_path, capsys):
     assert ticket["requested_params"] > 0 and ticket["params_after"] < ticket["params_before"]
     loaded = load_ticket(os.path.join(run, ticket["path"]))
     assert loaded.features[0][0].kernel_size == (3, 3) and loaded.features[0][0].stride == (1, 1)
+
+
+@pytest.mark.slow
+def test_cli_int8_job_on_torchvision_resnet50_small_stem(tmp_path, capsys):
+    """The paper's ImageNet model through the whole int8 job on tiny data: every conv → BN (→ ReLU) of the
+    bottlenecks and projection shortcuts fuses (53 chains), the residual adds run between them in bfloat16."""
+    args = ["--model", "torchvision:resnet50", "--small-stem", "--train-subset", "32", "--test-subset", "16",
+            "--batch-size", "32", "--epochs", "2", "--retrain-epochs", "1", "--eps", "0.5", "--window", "1",
+            "--no-progress", "--out", str(tmp_path)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "53 Conv2d and 1 Linear swapped to QConv2d/QLinear" in printed
+    assert "; 53 conv/BatchNorm/activation chains run as fused int8 blocks" in printed
+    run, summary = _finished_run(tmp_path)
+    assert summary["search"]["precision"] == "int8" and summary["tickets"][0]["params_after"] > 0
 
 
 def test_cli_unknown_torchvision_model_is_a_clear_message(tmp_path, capsys):

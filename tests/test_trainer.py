@@ -222,6 +222,10 @@ def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
      "apt-get install dataset-fashion-mnist"),
     (["--dataset", "cifar10", "--data-dir", "{tmp}", "--no-download"], "cifar10 not found in"),
     (["--small-stem"], "--small-stem adapts torchvision:<name> models; vgg11 is one of ebkernels' own"),
+    (["--precision", "fp32", "--no-int8-autocast"], "--no-int8-autocast sets the int8 search's arithmetic; "
+                                                    "--precision fp32 has none"),
+    (["--method", "snip", "--no-int8-autocast"], "--no-int8-autocast is for the dense int8 search, which --method "
+                                                 "snip does not run"),
     (["--coupled", "most"], "--coupled 'most' is not supported; accepted: majority, any, all"),
     (["--model", "torchvision:resnet18"], "--width 0.125 is for ebkernels' own models; torchvision:resnet18 is "
                                           "built at torchvision's widths"),
@@ -563,7 +567,7 @@ def test_reported_search_accuracy_reestimates_bn_and_leaves_the_search_alone(tmp
     assert "bn_recal_batches" not in d.hashed() and d.hashed()["int8_rounding_e"] == "stochastic"
     assert "int8_mode" not in train.resolve_settings(train.Settings(precision="fp32")).hashed()
     assert main(TINY + ["--precision", "fp32", "--int8-rounding-e", "nearest", "--out", str(tmp_path / "x")]) == 2
-    assert "--int8-rounding-e sets the int8 search's quantization; --precision fp32 has none" in \
+    assert "--int8-rounding-e sets the int8 search's arithmetic; --precision fp32 has none" in \
         capsys.readouterr().err
 
 

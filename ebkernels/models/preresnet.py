@@ -27,7 +27,11 @@ class ChannelSelection(nn.Module):
 
     ``indices`` is an int64 buffer (not a parameter: it is structure, not something to train or to
     count as a weight), saved in the state_dict so a loaded ticket gathers the same channels.
+    ``gathers_channels`` tells the fuser (``ebkernels.fusion.patterns``) that this module is
+    ``x.index_select(1, indices)``: it fuses into the BatchNorm → ReLU → conv chain around it.
     """
+
+    gathers_channels = True
 
     def __init__(self, num_channels: int, num_kept: int | None = None):
         super().__init__()

@@ -41,9 +41,12 @@ from .weight_codes import _load_weight_block
 
 __all__ = ["WeightItem", "WeightBatch", "weight_codes_many", "weight_codes_many_reference", "weight_quant",
            "prepare_weight_batch", "active_weight_batch", "push_weight_batch", "pop_weight_batch",
-           "batched_weight_codes", "BLOCK", "TILE"]
+           "batched_weight_codes", "BLOCK", "TILE", "KEEP_CODES_NUMEL"]
 
 BLOCK = 2048
+# weights up to this many elements keep their codes for backward (the fused block); their codes share a buffer
+# apart from the larger weights', whose buffer then dies with the forward (``weight_codes_many``)
+KEEP_CODES_NUMEL = 1 << 16
 TILE = 64  # the codes kernel's [Cout, Cin] tile
 _COLS = 16  # table row: w_off CO CI COp CIp KHW sw_o sw_i sw_t n_real n_pad first_a blocks_a first_b fwd_off dgrad_off
 _SIG = {"w_ptr": "*fp32", "table_ptr": "*i64", "prog_ptr": "*i32", "cnt_ptr": "*i32", "bits_ptr": "*i32",
@@ -245,13 +248,14 @@ def _(weights, bits, scale_mode, ci_pads, co_pad):
 
 def weight_codes_many(items: list) -> list:
     """``(fwd, dgrad, scale)`` for every ``WeightItem`` (module docstring), from two launches per group of
-    items that share dtype, device, bits, scale mode and Cout padding."""
+    items that share dtype, device, bits, scale mode, Cout padding and size class (up to ``KEEP_CODES_NUMEL``
+    elements or more: a kept small weight's codes do not keep the large ones' alive)."""
     groups: dict = {}
     for i, it in enumerate(items):
-        key = (it.weight.dtype, it.weight.device, it.bits, it.mode, it.co_pad)
+        key = (it.weight.dtype, it.weight.device, it.bits, it.mode, it.co_pad, it.weight.numel() <= KEEP_CODES_NUMEL)
         groups.setdefault(key, []).append(i)
     out: list = [None] * len(items)
-    for (_, _, bits, mode, co_pad), idx in groups.items():
+    for (_, _, bits, mode, co_pad, _), idx in groups.items():
         sub = [items[i] for i in idx]
         live = [k for k, it in enumerate(sub) if it.weight.numel()]
         if live:

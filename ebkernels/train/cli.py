@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the search's reported dense accuracy uses BatchNorm statistics re-estimated on this many "
                         "training batches (a copy of the model: the search is unchanged); 0: the running "
                         "statistics (default 8)")
+    g.add_argument("--no-int8-autocast", dest="int8_autocast", action="store_false",
+                   help="int8 search: run its float parts (BatchNorm, activations, depthwise convs, the head) in "
+                        "fp32 instead of bf16 autocast (the default; the fused chains hand bfloat16 on either way)")
     g.add_argument("--ratio", dest="ratios", type=_ratio_arg, action="append", default=None,
                    help="channel pruning ratio p in (0,1); repeat or comma-separate for several (default 0.5)")
     g.add_argument("--eps", type=float, default=0.1, help="detector threshold on the mask distance (default 0.1)")
@@ -155,6 +158,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     download=args.download, train_subset=args.train_subset, test_subset=args.test_subset,
                     augment=args.augment, precision=args.precision, int8_mode=args.int8_mode,
                     int8_rounding_e=args.int8_rounding_e, bn_recal_batches=args.bn_recal_batches,
+                    int8_autocast=args.int8_autocast,
                     ratios=ratios, eps=args.eps,
                     window=args.window, detector_mode=args.detector_mode, sparsity=args.sparsity, lr=args.lr,
                     momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,

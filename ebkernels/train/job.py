@@ -73,7 +73,7 @@ class Job:
             raise TrainerError(str(e)) from e
         local_batch = local_batch_size(s.batch_size, self.dist.world_size, len(self.ds.train_labels))
         self.epochs = EpochRunner(self.ds, self.dist, local_batch, s.seed, s.augment,
-                                  show_progress=s.progress and not s.quiet)
+                                  show_progress=s.progress and not s.quiet, int8_autocast=s.int8_autocast)
         self.model = build_dense_model(s, self.ds)
         # the seed rebuilds these same initial weights on a resume, so they need no checkpoint
         self.initial_weights = (copy.deepcopy(self.model.state_dict())

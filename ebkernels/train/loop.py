@@ -39,8 +39,11 @@ def lr_at(epoch: int, base_lr: float, total_epochs: int) -> float:
     return lr
 
 
-def _autocast(device: torch.device, precision: str, cache: bool = True):
-    if precision == "bf16":
+def _autocast(device: torch.device, precision: str, cache: bool = True, int8_autocast: bool = True):
+    """bf16 autocast for ``precision="bf16"``, and for the float parts of the int8 search (BatchNorm,
+    activations, depthwise convs, the head: the int8 layers and fused chains hand bfloat16 on under it)
+    unless ``int8_autocast`` is off (``--no-int8-autocast``)."""
+    if precision == "bf16" or (precision == "int8" and int8_autocast):
         return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
@@ -154,7 +157,7 @@ def int8_layers_line(model: nn.Module) -> str:
         line += f"; {len(plain)} other layer(s) kept in float"
     chains = fused_chains(model)
     if chains:
-        line += f"; {len(chains)} conv-BN-ReLU chains run as fused int8 blocks (ebkernels.fusion)"
+        line += f"; {len(chains)} conv/BatchNorm/activation chains run as fused int8 blocks (ebkernels.fusion)"
     return line
 
 
@@ -176,9 +179,15 @@ def float_copy(model: nn.Module) -> nn.Module:
 class EpochRunner:
     """Trains and evaluates on one dataset with this rank's share of each (global) batch."""
 
-    def __init__(self, ds, dist: Dist, local_batch: int, seed: int, augment: bool, show_progress: bool):
+    def __init__(self, ds, dist: Dist, local_batch: int, seed: int, augment: bool, show_progress: bool,
+                 int8_autocast: bool = True):
         self.ds, self.dist, self.local_batch = ds, dist, local_batch
         self.seed, self.augment, self.show_progress = seed, augment, show_progress
+        self.int8_autocast = int8_autocast
+
+    def autocast(self, precision: str, cache: bool = True):
+        """The autocast context a training step / an evaluation of this precision runs in."""
+        return _autocast(self.dist.device, precision, cache, self.int8_autocast)
 
     def _bar(self, total: int, desc: str):
         from tqdm import tqdm
@@ -193,7 +202,7 @@ class EpochRunner:
         from .graphs import GraphedStep
 
         bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
-        return GraphedStep(model, bns, sparsity, lambda: _autocast(self.dist.device, precision, cache=False))
+        return GraphedStep(model, bns, sparsity, lambda: self.autocast(precision, cache=False))
 
     def train_epoch(self, model, wrapped, opt, epoch: int, lr: float, sparsity: float, precision: str,
                     desc: str, graphed=None) -> dict:
@@ -212,7 +221,7 @@ class EpochRunner:
             if graphed is not None:  # forward, loss, backward and the L1 term replayed from a CUDA graph
                 loss, logits = graphed.step(x, y, opt)
             else:
-                with _autocast(dev, precision):
+                with self.autocast(precision):
                     logits = wrapped(x)
                 loss = F.cross_entropy(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
@@ -274,7 +283,7 @@ class EpochRunner:
         stats = torch.zeros(3, dtype=torch.float64, device=dev)
         for x, y in data_mod.iterate_batches(self.ds, max(self.local_batch, 256), train=False,
                                              rank=self.dist.rank, world_size=self.dist.world_size, device=dev):
-            with _autocast(dev, precision):
+            with self.autocast(precision):
                 logits = model(_layout(x, precision))
             stats += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
                                   (logits.argmax(1) == y).sum().double(),

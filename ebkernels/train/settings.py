@@ -32,8 +32,8 @@ DETECTOR_MODES = ("consecutive", "window")
 METHODS = ("eb", "ns", "lt", "snip", "synflow", "thinet")
 _DETECTOR = ("eps", "window", "detector_mode")
 _CRITERIA_OPTIONS = ("score_batches", "synflow_rounds")
-# the int8 search's QConfig (ebkernels.QConfig): scale mode and E's rounding
-INT8_ONLY = ("int8_mode", "int8_rounding_e")
+# the int8 search's QConfig (ebkernels.QConfig): scale mode and E's rounding; its float parts under autocast
+INT8_ONLY = ("int8_mode", "int8_rounding_e", "int8_autocast")
 _DENSE_SEARCH = INT8_ONLY + ("bn_recal_batches", "search_to_end")
 # Settings a method does not read, left out of its run's hash (the same computation names one directory).
 # eb and ns leave out ``method`` itself: ``baseline`` tells them apart, as it did before methods existed,
@@ -60,7 +60,8 @@ DATASET_DEFAULTS = {
 # Settings that do not change what a run computes: left out of the run directory's hash.
 NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet", "cuda_graphs")
 # Settings added after runs existed, with their defaults: hashed only when set to something else.
-HASHED_UNLESS_DEFAULT = {"small_stem": False, "coupled": "majority", "bn_recal_batches": 8, "search_to_end": False}
+HASHED_UNLESS_DEFAULT = {"small_stem": False, "coupled": "majority", "bn_recal_batches": 8, "search_to_end": False,
+                        "int8_autocast": True}
 
 
 # Accepted ranges, inclusive: wide enough for any real run, narrow enough that a typo is caught before
@@ -94,6 +95,7 @@ class Settings:
     precision: str = "int8"
     int8_mode: str = "shift"  # QConfig.mode of the int8 search
     int8_rounding_e: str = "stochastic"  # QConfig.rounding_e of the int8 search
+    int8_autocast: bool = True  # the int8 search's float parts under bf16 autocast
     ratios: tuple = (0.5,)
     eps: float = 0.1
     window: int = 5
@@ -150,6 +152,7 @@ _WHY_UNUSED = {
               "one (--retrain-epochs)",
     "precision": "the dense search's precision; --method {m} trains no dense network (--retrain-precision "
                  "sets its ticket's)",
+    "int8_autocast": "for the dense int8 search, which --method {m} does not run",
     "eps": "the early-bird detector's, which watches a dense search; --method {m} has none",
     "window": "the early-bird detector's, which watches a dense search; --method {m} has none",
     "detector_mode": "the early-bird detector's, which watches a dense search; --method {m} has none",
@@ -170,7 +173,7 @@ def _check_applies(s: Settings) -> None:
             continue
         default = DATASET_DEFAULTS[s.dataset].get(key, getattr(Settings, key, None))
         if getattr(s, key) != default:
-            flag = "--" + key.replace("_", "-")
+            flag = ("--no-" if default is True else "--") + key.replace("_", "-")  # a flag that turns a default off
             _bad(f"{flag} is {_WHY_UNUSED[key].format(m=s.method)}; accepted with --method {s.method}: the "
                  f"default (leave {flag} out)")
 
@@ -204,8 +207,8 @@ def resolve_settings(s: Settings) -> Settings:
     if s.precision != "int8":
         for key in INT8_ONLY:
             if getattr(s, key) != getattr(Settings, key):
-                flag = "--" + key.replace("_", "-")
-                _bad(f"{flag} sets the int8 search's quantization; --precision {s.precision} has none (accepted: "
+                flag = "--no-int8-autocast" if key == "int8_autocast" else "--" + key.replace("_", "-")
+                _bad(f"{flag} sets the int8 search's arithmetic; --precision {s.precision} has none (accepted: "
                      f"--precision int8, or leave {flag} out)")
     if s.small_stem and not s.model.strip().lower().startswith(TORCHVISION_PREFIX):
         _bad(f"--small-stem adapts torchvision:<name> models; {s.model} is one of ebkernels' own (their CIFAR "

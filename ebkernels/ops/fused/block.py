@@ -1,18 +1,26 @@
-"""The fused int8 block (SPEC §9): [BatchNorm → ReLU →] conv → [BatchNorm → ReLU → [max-pool]] as one
-autograd function, carrying int8 codes from block to block. This is the entry point of ``ops.fused``.
+"""The fused int8 block (SPEC §9): [BatchNorm → act →] conv → [BatchNorm → act → [max-pool]] as one
+autograd function, carrying int8 codes from block to block. This is the entry point of ``ops.fused``; its
+sibling for a BatchNorm + activation with no conv after it is ``bn_act`` (re-exported here).
+
+``act`` is one of ``bn_math.ACTIVATIONS``: identity (signed codes), ReLU, ReLU6, SiLU, Hardswish; the next
+layer's scale follows from the per-channel extremes (exactly for the first three; for SiLU / Hardswish with
+their interior minimum as the bound, see ``bn_math``).
 
 One block = one ``BlockSpec``: a ``QConv2d``, what feeds it (``BlockInput``), what follows it. Inputs:
 
 - ``CODES``: the int8 codes and scale of the previous block (``Int8Activation``);
 - ``FLOAT``: a float tensor, quantized per tensor like ``QConv2d`` does (the first layer);
-- ``BN``: a float tensor through a pre-activation BatchNorm (+ ReLU, + channel gather): the residual
+- ``BN``: a float tensor through a pre-activation BatchNorm (+ activation, + channel gather): the residual
   stream of a pre-activation ResNet. Its statistics and codes come from ``bn_stats`` / ``bn_relu_quant``;
   the block keeps the input rounded to bfloat16 (2 bytes per element, the values the BatchNorm saw) and
   recomputes the codes in backward.
 
-Outputs (``BlockOutput``): the codes (NHWC, channels padded to 16) + scale of ``relu(bn(conv))``
+Outputs (``BlockOutput``): the codes (NHWC, channels padded to 16) + scale of ``act(bn(conv))``
 (optionally max-pooled on the codes) for the next block, or a float tensor (the conv output, or
-``bn(conv)`` with or without ReLU) for a layer that is not an int8 convolution.
+``act(bn(conv))``) in ``spec.out_dtype`` for a layer that is not an int8 convolution.
+
+Forward and backward run with autocast off (``gemm.host.no_autocast``): what the kernels compute does not
+depend on the caller's ``torch.autocast``; under it, ``fusion`` asks for bfloat16 float outputs.
 
 ``FusedBlockFunction`` only sequences the named stages of ``stages`` — forward: input, weight codes,
 conv (+ BatchNorm statistics), output; backward: output (E's codes), conv (input-grad, weight-grad),
@@ -26,11 +34,12 @@ bit-identically inside the GEMM that also forms the BatchNorm-backward sums (``c
 compute-bound layers, which keep y in bfloat16 (``keeps_y``, ``config.KernelSettings.y_policy``: there the
 tensors are small and the extra GEMM is not).
 
-Numerics that differ from the per-layer path (``QConv2d`` + ``nn.BatchNorm2d`` + ``nn.ReLU``), all
+Numerics that differ from the per-layer path (``QConv2d`` + ``nn.BatchNorm2d`` + the activation), all
 documented where they happen: the conv output y and the error dz between blocks are held in bfloat16;
 a pre-activation BatchNorm reads its input rounded to bfloat16; the max-pool routes gradients to the
 first maximum of the codes; a conv bias directly followed by a training-mode BatchNorm gets the exact
-gradient 0 (the BatchNorm removes it).
+gradient 0 (the BatchNorm removes it); a float output is rounded once to ``spec.out_dtype`` (bfloat16 in the
+int8 region of ``fusion``), where the per-layer path rounds each layer's output to the input's dtype.
 """
 from __future__ import annotations
 
@@ -41,12 +50,14 @@ import torch.nn as nn
 
 from ...config import kernel_settings
 from .._launch import MAX_TERMS
-from ..gemm.host import refuse_double_backward
+from ..gemm.host import no_autocast, refuse_double_backward
 from . import stages
-from .spec import BlockInput, BlockOutput, BlockSpec, Int8Activation
+from .bn_act import bn_act
+from .bn_math import ACTIVATIONS
+from .spec import BlockInput, BlockOutput, BlockSpec, BnActSpec, BnSource, Int8Activation
 
-__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "Int8Activation", "fused_block", "FusedBlockFunction",
-           "CARRIER_DTYPE", "keeps_y", "supports"]
+__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "BnActSpec", "BnSource", "Int8Activation", "fused_block", "bn_act",
+           "FusedBlockFunction", "CARRIER_DTYPE", "ACTIVATIONS", "keeps_y", "supports"]
 
 CARRIER_DTYPE = stages.CARRIER_DTYPE
 
@@ -95,20 +106,34 @@ class BlockGrads(NamedTuple):
     bn_bias: object = None
     bn_in_weight: object = None
     bn_in_bias: object = None
+    residual: object = None
 
 
 class FusedBlockFunction(torch.autograd.Function):
     """One fused block (see the module docstring): the forward and backward stages in order."""
 
     @staticmethod
-    def forward(ctx, spec: BlockSpec, x, in_codes, in_scale, in_codes_cm, weight, bias, bn_w, bn_b, bnin_w, bnin_b):
+    def forward(ctx, spec: BlockSpec, x, in_codes, in_scale, in_codes_cm, weight, bias, bn_w, bn_b, bnin_w, bnin_b,
+                residual, *source):
+        if spec.pool is not None and spec.output is not BlockOutput.CODES:
+            raise ValueError("a fused block max-pools its output codes only (output CODES)")
+        if spec.residual and (residual is None or spec.bn is None or spec.output is not BlockOutput.FLOAT):
+            raise ValueError("a residual block needs a BatchNorm, a float output and the residual tensor")
+        ctx.n_source, ctx.res_dtype = len(source), None if residual is None else residual.dtype
+        with no_autocast(weight):
+            return FusedBlockFunction._forward(ctx, spec, x, in_codes, in_scale, in_codes_cm, weight, bias, source,
+                                              residual)
+
+    @staticmethod
+    def _forward(ctx, spec: BlockSpec, x, in_codes, in_scale, in_codes_cm, weight, bias, source, residual):
         qc = spec.conv.qconfig
         saved = stages.Saved(weight=weight, bias=bias)
-        qx, sx, cin = stages.input_forward(spec, x, in_codes, in_scale, qc, saved, in_codes_cm)
+        qx, sx, cin = stages.input_forward(spec, x, in_codes, in_scale, qc, saved, source, in_codes_cm)
         qw, sw = stages.weight_forward(weight, qc, qx, cin, saved)
         if spec.bn is not None:
             y, bnp, zmax, nbt = stages.conv_bn_forward(spec, x.shape, qx, qw, sx, sw, bias, qc, saved)
-            out = stages.output_forward(spec, y, bnp, zmax, nbt, qc, stages.float_dtype(spec, x, weight), saved)
+            out = stages.output_forward(spec, y, bnp, zmax, nbt, qc, stages.float_dtype(spec, x, weight), saved,
+                                        residual)
             if keeps_y(weight.shape[1], weight.shape[0], weight.shape[2], weight.shape[3],
                        x.shape[2] * x.shape[3], y.shape[2] * y.shape[3]):
                 saved.y = y  # backward forms the sums from it instead of recomputing the GEMM
@@ -116,7 +141,7 @@ class FusedBlockFunction(torch.autograd.Function):
             out = (stages.conv_forward(spec, qx, qw, sx, sw, bias, qc, stages.float_dtype(spec, x, weight)),
                    None, None, None)
         ctx.set_materialize_grads(False)  # the codes and scale get no gradient: no zero tensors for them
-        ctx.spec = spec
+        ctx.spec, ctx.device = spec, weight.device
         ctx.meta = stages.Meta(tuple(x.shape), x.dtype, cin, x.is_contiguous(memory_format=torch.channels_last))
         saved.save(ctx, spec)
         main, out_codes, out_scale, out_cm = out
@@ -127,29 +152,38 @@ class FusedBlockFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_main, _g_codes, _g_scale, _g_cm):
         refuse_double_backward()
+        with no_autocast(ctx.device):
+            return FusedBlockFunction._backward(ctx, g_main)
+
+    @staticmethod
+    def _backward(ctx, g_main):
         spec, meta = ctx.spec, ctx.meta
         qc = spec.conv.qconfig
-        need = BlockGrads(*(ctx.needs_input_grad[i] for i in (1, 5, 6, 7, 8, 9, 10)))
+        need = BlockGrads(*(ctx.needs_input_grad[i] for i in (1, 5, 6, 7, 8, 9, 10, 11)))
         saved = stages.Saved.load(ctx)
+        stages.restore_bn_input(spec.bn_source, saved)
         qx = stages.input_codes_backward(spec, saved, qc, meta)
         qw_f, qw_d = stages.weight_backward(saved, qc, qx)
         e = stages.output_backward(spec, g_main, saved, qc, qx, qw_f, meta, need)
         gx, gw = stages.conv_backward(spec, e, saved, qc, qx, qw_d, meta, need)
         gx, g_in_w, g_in_b = stages.input_backward(spec, gx, saved, meta, need)
+        g_res = e.g_residual.to(ctx.res_dtype) if need.residual and e.g_residual is not None else None
         grads = BlockGrads(x=gx if need.x else None, weight=gw, bias=e.g_bias, bn_weight=e.g_bn_w, bn_bias=e.g_bn_b,
-                           bn_in_weight=g_in_w, bn_in_bias=g_in_b)
+                           bn_in_weight=g_in_w, bn_in_bias=g_in_b, residual=g_res)
         return (None, grads.x, None, None, None, grads.weight, grads.bias, grads.bn_weight, grads.bn_bias,
-                grads.bn_in_weight, grads.bn_in_bias)
+                grads.bn_in_weight, grads.bn_in_bias, grads.residual) + (None,) * ctx.n_source
 
 
-def fused_block(spec: BlockSpec, x):
-    """Run one fused block. ``x``: an ``Int8Activation`` (input ``CODES``) or a float tensor. Returns an
-    ``Int8Activation`` (output ``CODES``) or a float tensor."""
+def fused_block(spec: BlockSpec, x, source: tuple = (), residual=None):
+    """Run one fused block. ``x``: an ``Int8Activation`` (input ``CODES``) or a float tensor; ``source``: what
+    may rebuild a ``BN`` input in backward (``spec.bn_source``; ``stages.keep_bn_input``); ``residual``: the
+    tensor a ``spec.residual`` block adds before its activation. Returns an ``Int8Activation`` (output
+    ``CODES``) or a float tensor."""
     conv, bn, bn_in = spec.conv, spec.bn, spec.bn_in
     args = (x.carrier, x.codes, x.scale, x.codes_cm) if spec.input is BlockInput.CODES else (x, None, None, None)
     out = FusedBlockFunction.apply(spec, *args, conv.weight, conv.bias, bn.weight if bn is not None else None,
                                    bn.bias if bn is not None else None, bn_in.weight if bn_in is not None else None,
-                                   bn_in.bias if bn_in is not None else None)
+                                   bn_in.bias if bn_in is not None else None, residual, *source)
     if spec.output is BlockOutput.CODES:
         main, codes, scale, codes_cm = out
         return Int8Activation(main, codes, scale, main.shape[1], codes_cm)

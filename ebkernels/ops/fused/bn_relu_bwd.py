@@ -1,4 +1,4 @@
-"""Backward of BatchNorm + ReLU without a float y kept from the forward (SPEC §9), producing the error
+"""Backward of BatchNorm + activation (``bn_math.ACTIVATIONS``) without a float y kept from the forward (SPEC §9), producing the error
 E of the layer below quantized in two passes after the sums.
 
 The math is ``bn_math.bn_grad_in``: per channel the sums [Σ g, Σ g·xhat] (from the recompute epilogue
@@ -33,7 +33,7 @@ from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_r
 from .._reduce import GROUP, SUMS, TB, ReductionSpace, finish_reduction, publish_max, store_partials, tile_sums
 from .._scale import scale_from_bits, scale_mode_code, scale_reference
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even
-from .bn_math import bn_grad_in, bn_grad_in_reference
+from .bn_math import act_code, bn_grad_in, bn_grad_in_reference
 
 __all__ = ["bn_relu_bwd_reduce", "bn_relu_bwd", "bn_relu_bwd_reduce_reference", "bn_relu_bwd_reference",
            "MODES"]
@@ -75,18 +75,18 @@ _REDUCE_SIG = {"dz_ptr": "*bf16", "y_ptr": "*bf16", "inv_ptr": "*i32", "bnp_ptr"
 
 
 @aot_kernel(signature=_REDUCE_SIG,
-            constexprs=[{"HAS_INV": i, "RELU": True, "BP": 32, "CB": 128, "TB": TB, "GROUP": GROUP} for i in (False, True)],
+            constexprs=[{"HAS_INV": i, "ACT": 1, "BP": 32, "CB": 128, "TB": TB, "GROUP": GROUP} for i in (False, True)],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_relu_bwd_reduce_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, part_ptr, grp_ptr, out_ptr, sem_ptr, M, C, H, W, sd_n,
-                              sd_c, sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV: tl.constexpr, RELU: tl.constexpr,
+                              sd_c, sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV: tl.constexpr, ACT: tl.constexpr,
                               BP: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr, GROUP: tl.constexpr):
     """Grid (row tiles, channel blocks): the sums [Σ g, Σ g·xhat] per channel, merged in the kernel."""
     pid_m, pid_n, m, c, m_ok, c_ok = elementwise_tile(M, C, BP, CB)
     T = tl.num_programs(0)
     dz, y, a, b, mean, rstd = _load_inputs(dz_ptr, y_ptr, inv_ptr, bnp_ptr, m, m_ok, c, c_ok, C, H, W, sd_n, sd_c,
                                            sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV)
-    _, g, xhat = bn_grad_in(dz, y, a, b, mean, rstd, 0.0, 0.0, RELU)
+    _, g, xhat = bn_grad_in(dz, y, a, b, mean, rstd, 0.0, 0.0, ACT)
     s0, s1 = tile_sums(g, g * xhat, m_ok)
     store_partials(part_ptr, pid_m, T, C, c, c_ok, s0, s1, s0, s1, 1)
     finish_reduction(part_ptr, grp_ptr, out_ptr, sem_ptr, pid_m, T, pid_n, tl.num_programs(1), M, BP, c, c_ok, C, 1,
@@ -98,11 +98,11 @@ _BWD_SIG = {"dz_ptr": "*bf16", "y_ptr": "*bf16", "inv_ptr": "*i32", "bnp_ptr": "
             "C": "i32", "Cp": "i32", "H": "i32", "W": "i32", "sd_n": "i64", "sd_c": "i64", "sd_h": "i64",
             "sd_w": "i64", "sy_n": "i64", "sy_c": "i64", "sy_h": "i64", "sy_w": "i64", "so_n": "i64", "so_c": "i64",
             "so_h": "i64", "so_w": "i64", "n_f": "fp32"}
-_BWD_AOT = ([{"MODE": 0, "HAS_INV": False, "HAS_SUMS": True, "RELU": True, "BITS": 8, "STOCHASTIC": s, "CM": True,
+_BWD_AOT = ([{"MODE": 0, "HAS_INV": False, "HAS_SUMS": True, "ACT": 1, "BITS": 8, "STOCHASTIC": s, "CM": True,
               "SCALE_MODE": 0, "BP": 32, "CB": 128} for s in (False, True)]
-            + [{"MODE": 1, "HAS_INV": False, "HAS_SUMS": True, "RELU": True, "BITS": 8, "STOCHASTIC": s, "CM": True,
+            + [{"MODE": 1, "HAS_INV": False, "HAS_SUMS": True, "ACT": 1, "BITS": 8, "STOCHASTIC": s, "CM": True,
                 "SCALE_MODE": m, "BP": 16 if s else 32, "CB": 128} for s in (False, True) for m in (0, 2)]
-            + [{"MODE": 2, "HAS_INV": i, "HAS_SUMS": True, "RELU": True, "BITS": 8, "STOCHASTIC": False, "CM": False,
+            + [{"MODE": 2, "HAS_INV": i, "HAS_SUMS": True, "ACT": 1, "BITS": 8, "STOCHASTIC": False, "CM": False,
                 "SCALE_MODE": 0, "BP": 32, "CB": 128} for i in (False, True)])
 
 
@@ -110,7 +110,7 @@ _BWD_AOT = ([{"MODE": 0, "HAS_INV": False, "HAS_SUMS": True, "RELU": True, "BITS
 @triton.jit
 def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_ptr, rng_ptr, out_ptr, cm_ptr, scale_ptr, M, C,
                        Cp, H, W, sd_n, sd_c, sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, so_n, so_c, so_h, so_w, n_f,
-                       MODE: tl.constexpr, HAS_INV: tl.constexpr, HAS_SUMS: tl.constexpr, RELU: tl.constexpr,
+                       MODE: tl.constexpr, HAS_INV: tl.constexpr, HAS_SUMS: tl.constexpr, ACT: tl.constexpr,
                        BITS: tl.constexpr, STOCHASTIC: tl.constexpr, CM: tl.constexpr, SCALE_MODE: tl.constexpr,
                        BP: tl.constexpr, CB: tl.constexpr):
     """Grid (row tiles, channel blocks over Cp). ``MODE`` 0: max |dy| bits into ``amax[0]`` (``publish_max``
@@ -127,7 +127,7 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_
     else:
         m1 = 0.0
         m2 = 0.0
-    dy, _, _ = bn_grad_in(dz, y, a, b, mean, rstd, m1, m2, RELU)
+    dy, _, _ = bn_grad_in(dz, y, a, b, mean, rstd, m1, m2, ACT)
     mask = m_ok[:, None] & c_ok[None, :]
     first = (pid_m == 0) & (pid_n == 0)
     if MODE == 0:
@@ -178,16 +178,16 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def bn_relu_bwd_reduce_reference(dz, y, bnp, inv, relu):
-    _, g, xhat = bn_grad_in_reference(_gathered(dz, inv, y.shape[1]), y, bnp, None, 1, relu)
+def bn_relu_bwd_reduce_reference(dz, y, bnp, inv, act):
+    _, g, xhat = bn_grad_in_reference(_gathered(dz, inv, y.shape[1]), y, bnp, None, 1, act)
     return torch.stack([_rows(g).double().sum(0), _rows(g * xhat).double().sum(0)]).float()
 
 
-def bn_relu_bwd_reference(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype,
+def bn_relu_bwd_reference(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype,
                           channels_last_out, scale_mode="shift"):
     """``bn_relu_bwd`` in PyTorch (same outputs as the op)."""
     N, C, H, W = y.shape
-    dy, _, _ = bn_grad_in_reference(_gathered(dz, inv, C), y, bnp, sums, N * H * W, relu)
+    dy, _, _ = bn_grad_in_reference(_gathered(dz, inv, C), y, bnp, sums, N * H * W, act)
     if mode == "float":
         fmt = torch.channels_last if channels_last_out else torch.contiguous_format
         return (dy.to(out_dtype).contiguous(memory_format=fmt),)
@@ -222,7 +222,7 @@ def _inv_arg(inv, fallback):
     return inv if inv is not None else fallback
 
 
-def _reduce_triton(dz, y, bnp, inv, relu):
+def _reduce_triton(dz, y, bnp, inv, act):
     N, C, H, W = y.shape
     M = N * H * W
     BP, CB = elementwise_tiles(C)
@@ -230,31 +230,32 @@ def _reduce_triton(dz, y, bnp, inv, relu):
     space = ReductionSpace(SUMS, T, num_n, C, y.device)
     bn_relu_bwd_reduce_kernel[(T, num_n)](
         dz, y, _inv_arg(inv, space.sem), bnp, space.part, space.grp, space.out, space.sem, M, C, H, W, *nhwc_rows(dz),
-        *nhwc_rows(y), HAS_INV=inv is not None, RELU=relu, BP=BP, CB=CB, TB=TB, GROUP=GROUP,
+        *nhwc_rows(y), HAS_INV=inv is not None, ACT=act_code(act), BP=BP, CB=CB, TB=TB, GROUP=GROUP,
         num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return space.out
 
 
 @torch.library.custom_op("ebkernels::bn_relu_bwd_reduce", mutates_args=())
 def _reduce_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, inv: Optional[torch.Tensor],
-               relu: bool) -> torch.Tensor:
+               act: str) -> torch.Tensor:
     if use_triton(dz, y) and y.numel() < 2**31:
-        return _reduce_triton(dz, y, bnp, inv, relu)
-    return bn_relu_bwd_reduce_reference(dz, y, bnp, inv, relu)
+        return _reduce_triton(dz, y, bnp, inv, act)
+    return bn_relu_bwd_reduce_reference(dz, y, bnp, inv, act)
 
 
 @_reduce_op.register_fake
-def _(dz, y, bnp, inv, relu):
+def _(dz, y, bnp, inv, act):
     return y.new_empty((2, y.shape[1]), dtype=torch.float32)
 
 
-def bn_relu_bwd_reduce(dz, y, bnp, inv=None, relu=True):
-    """[Σ g, Σ g·xhat] (2, C) of the gradient ``dz`` w.r.t. ``relu(y*a + b)`` (through the channel map
+def bn_relu_bwd_reduce(dz, y, bnp, inv=None, act="relu"):
+    """[Σ g, Σ g·xhat] (2, C) of the gradient ``dz`` w.r.t. ``act(y*a + b)`` (through the channel map
     ``inv``), y any float tensor (N, C, H, W)."""
-    return _reduce_op(dz, y, bnp, inv, bool(relu))
+    act_code(act)
+    return _reduce_op(dz, y, bnp, inv, act)
 
 
-def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
+def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
                 scale_mode):
     N, C, H, W = y.shape
     M = N * H * W
@@ -284,7 +285,7 @@ def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, ama
     bn_relu_bwd_kernel[grid](
         dz, y, _inv_arg(inv, bnp), bnp, sums if sums is not None else bnp, amax, sem, rng, dst, dcm,
         scale if scale is not None else bnp, M, C, Cp, H, W, *nhwc_rows(dz), *nhwc_rows(y), *so, float(M), MODE=m,
-        HAS_INV=inv is not None, HAS_SUMS=sums is not None, RELU=relu, BITS=bits, STOCHASTIC=stochastic, CM=True,
+        HAS_INV=inv is not None, HAS_SUMS=sums is not None, ACT=act_code(act), BITS=bits, STOCHASTIC=stochastic, CM=True,
         SCALE_MODE=scale_mode_code(scale_mode) if mode == "codes" else 0, BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     if mode == "codes":
         return out, cm, scale
@@ -295,19 +296,19 @@ def _bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, ama
 
 @torch.library.custom_op("ebkernels::bn_relu_bwd", mutates_args=("rng",))
 def _bwd_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, sums: Optional[torch.Tensor],
-            inv: Optional[torch.Tensor], relu: bool, mode: str, bits: int, stochastic: bool, pad_to: int,
+            inv: Optional[torch.Tensor], act: str, mode: str, bits: int, stochastic: bool, pad_to: int,
             amax: Optional[torch.Tensor], out_dtype: Optional[torch.dtype], channels_last_out: bool,
             scale_mode: str = "shift", rng: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
     # rng: the device random state, which mode "absmax" advances for stochastic rounding (the ticket)
     if use_triton(dz, y) and y.numel() < 2**31:
-        return list(_bwd_triton(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype,
+        return list(_bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype,
                                 channels_last_out, scale_mode))
-    return list(bn_relu_bwd_reference(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype,
+    return list(bn_relu_bwd_reference(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype,
                                       channels_last_out, scale_mode))
 
 
 @_bwd_op.register_fake
-def _(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
+def _(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
       scale_mode="shift", rng=None):
     N, C, H, W = y.shape
     if mode == "absmax":
@@ -321,7 +322,7 @@ def _(dz, y, bnp, sums, inv, relu, mode, bits, stochastic, pad_to, amax, out_dty
     return [nhwc, cm, y.new_empty((), dtype=torch.float32)]
 
 
-def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, relu=True, mode="codes", bits=8, stochastic=False, pad_to=16,
+def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, act=True, mode="codes", bits=8, stochastic=False, pad_to=16,
                 amax=None, out_dtype=torch.float32, channels_last_out=True, scale_mode="shift"):
     """Per element ``dy = a·((g - m1) - xhat·m2)`` (``sums`` None: eval, m1 = m2 = 0). ``mode="absmax"``:
     ``[bits of max |dy|, random ticket]`` (int32 [2]); ``"codes"`` (needs that ``amax``): ``(codes NHWC (N, Cp,
@@ -333,5 +334,6 @@ def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, relu=True, mode="codes", bits=8
     if mode == "codes" and amax is None:
         raise ValueError("mode='codes' needs the amax that mode='absmax' returned")
     rng = _rng.device_state(y.device) if (stochastic and mode == "absmax") else None
-    return tuple(_bwd_op(dz, y, bnp, sums, inv, bool(relu), mode, int(bits), bool(stochastic), int(pad_to), amax,
+    act_code(act)
+    return tuple(_bwd_op(dz, y, bnp, sums, inv, act, mode, int(bits), bool(stochastic), int(pad_to), amax,
                          out_dtype, bool(channels_last_out), str(scale_mode), rng))

@@ -1,7 +1,7 @@
-"""BatchNorm-apply + ReLU + quantize in one pass (SPEC §9), and BatchNorm statistics of a float tensor.
+"""BatchNorm-apply + activation + quantize in one pass (SPEC §9), and BatchNorm statistics of a float tensor.
 
 ``bn_relu_quant``: reads y once (NHWC, bfloat16 from the conv epilogue, or any float tensor) and writes
-the int8 codes of ``z = relu(y * a + b)`` straight in the layout the next convolution reads (NHWC,
+the int8 codes of ``z = act(y * a + b)`` (``bn_math.ACTIVATIONS``) straight in the layout the next convolution reads (NHWC,
 channels zero-padded to a multiple of 16), or z itself as float where the next layer is not an int8
 convolution. The per-channel ``bnp`` = [a, b, mean, rstd] and the float32 bits of ``max |z|`` come from
 the kernel that produced the statistics (the conv epilogue of ``conv_bn``, or ``bn_stats`` below), so
@@ -31,7 +31,7 @@ from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, merge_group, m
                        sem_count, store_partials, tile_moments)
 from .._scale import scale_from_bits, scale_mode_code, scale_reference
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even, to_bfloat16_rne
-from .bn_math import BNP_ROWS, bn_act, bn_act_reference, bn_finalize_channels, finalize_reference, momentum_arg
+from .bn_math import BNP_ROWS, act_code, bn_act, bn_act_reference, bn_finalize_channels, finalize_reference, momentum_arg
 
 __all__ = ["bn_stats", "bn_relu_quant", "bn_stats_reference", "bn_relu_quant_reference"]
 
@@ -47,14 +47,14 @@ _STATS_SIG = {"x_ptr": "*fp32", "xb_ptr": "*bf16", "part_ptr": "*fp32", "grp_ptr
 
 
 @aot_kernel(signature=_STATS_SIG,
-            constexprs=[{"HAS_AFFINE": True, "BATCH_STATS": True, "UPDATE": True, "RELU": True, "HAS_KEEP": k,
+            constexprs=[{"HAS_AFFINE": True, "BATCH_STATS": True, "UPDATE": True, "ACT": 1, "HAS_KEEP": k,
                          "BP": 2048 // cb, "CB": cb, "TB": merge_group(cb), "GROUP": merge_group(cb)}
                         for k, cb in ((False, 128), (True, 128), (False, 64))],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
                     keep_ptr, bnp_ptr, zmax_ptr, M, C, H, W, s_n, s_c, s_h, s_w, eps, momentum, n_f,
-                    HAS_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, RELU: tl.constexpr,
+                    HAS_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, ACT: tl.constexpr,
                     HAS_KEEP: tl.constexpr, BP: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr,
                     GROUP: tl.constexpr):
     """Grid (row tiles, channel blocks) over the N·H·W × C elements of x (any strides): x rounded to
@@ -79,24 +79,24 @@ def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_p
         if HAS_KEEP:
             max_ok = tl.load(keep_ptr + c, mask=c_ok, other=-1) >= 0
         zbits = bn_finalize_channels(chan_ptr, C, c, c_ok, max_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
-                                     momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
+                                     momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, ACT)
         num_n = tl.num_programs(1)
         publish_max(zbits, num_n, sem_ptr + sem_count(T, GROUP) * num_n, zmax_ptr)
 
 
 def bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
-                       update, relu, keep=None):
+                       update, act, keep=None):
     """(x rounded to bfloat16 in NHWC order, chan [mean, var, max, min], bnp, zmax bits)."""
     xb = x.to(torch.bfloat16).clone(memory_format=torch.channels_last)  # a new tensor, whatever x is
     C = x.shape[1]
     chan = moments_reference(xb.permute(0, 2, 3, 1).reshape(-1, C))
     bnp, zmax = finalize_reference(chan, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                                   xb.numel() // max(C, 1), batch_stats, update, relu, keep)
+                                   xb.numel() // max(C, 1), batch_stats, update, act, keep)
     return xb, chan, bnp, zmax
 
 
 def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
-                     update, relu, keep):
+                     update, act, keep):
     N, C, H, W = x.shape
     M = N * H * W
     xb = empty_output((N, C, H, W), torch.bfloat16, x.device, torch.channels_last)
@@ -113,7 +113,7 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
         running_var if running_var is not None else dummy,
         num_batches_tracked if num_batches_tracked is not None else zmax, keep if keep is not None else zmax,
         bnp, zmax, M, C, H, W, *nhwc_rows(x), float(eps), momentum_arg(momentum), float(M),
-        HAS_AFFINE=weight is not None, BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, HAS_KEEP=keep is not None,
+        HAS_AFFINE=weight is not None, BATCH_STATS=batch_stats, UPDATE=update, ACT=act_code(act), HAS_KEEP=keep is not None,
         BP=BP, CB=CB, TB=group, GROUP=group, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return xb, space.out, bnp, zmax[:1]
 
@@ -123,17 +123,17 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
 def _bn_stats_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                  num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float], eps: float,
-                 batch_stats: bool, update: bool, relu: bool, keep: Optional[torch.Tensor]
+                 batch_stats: bool, update: bool, act: str, keep: Optional[torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(x) and x.numel() < 2**31:
         return _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                                batch_stats, update, relu, keep)
+                                batch_stats, update, act, keep)
     return bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                              batch_stats, update, relu, keep)
+                              batch_stats, update, act, keep)
 
 
 @_bn_stats_op.register_fake
-def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats, update, relu,
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats, update, act,
       keep):
     C = x.shape[1]
     xb = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last)
@@ -142,15 +142,21 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
 
 
 def bn_stats(x, weight=None, bias=None, running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1,
-             eps=1e-5, batch_stats=True, update=False, relu=True, keep=None):
+             eps=1e-5, batch_stats=True, update=False, act="relu", keep=None):
     """Statistics of ``x`` (N, C, H, W) per channel: ``(xb, chan, bnp, zmax_bits)`` with ``xb`` = x in
     bfloat16 (NHWC), ``chan`` = [mean, biased var, max, min] of xb, ``bnp`` = [a, b, mean, rstd] from
     the batch statistics (``batch_stats``) or the running ones, and the float32 bits of max |z| over the
     channels with ``keep[c] >= 0`` (all when ``keep`` is None). ``update``: move the running statistics
-    as ``nn.BatchNorm2d`` in training (``num_batches_tracked`` is incremented by ``bn_relu_quant``)."""
+    as ``nn.BatchNorm2d`` in training (``num_batches_tracked`` is incremented by ``bn_relu_quant``). ``act``: the
+    activation after the BatchNorm (``bn_math.ACTIVATIONS``), which max |z| is of."""
     return _bn_stats_op(x, weight, bias, running_mean, running_var, num_batches_tracked,
                         None if momentum is None else float(momentum), float(eps), bool(batch_stats), bool(update),
-                        bool(relu), keep)
+                        _act(act), keep)
+
+
+def _act(act) -> str:
+    act_code(act)  # refuses an unknown activation by name
+    return act
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,15 +168,15 @@ _APPLY_SIG = {"y_ptr": "*bf16", "bnp_ptr": "*fp32", "zmax_ptr": "*i32", "index_p
 
 
 @aot_kernel(signature=_APPLY_SIG,
-            constexprs=[{"BITS": 8, "SCALE_MODE": m, "RELU": True, "HAS_INDEX": i, "CODES": True,
+            constexprs=[{"BITS": 8, "SCALE_MODE": m, "ACT": 1, "HAS_INDEX": i, "CODES": True,
                          "UPDATE_NBT": True, "BP": 32, "CB": 128, "CM": cm}
                         for i, cm in ((False, False), (True, False), (False, True)) for m in (0, 2)]
-            + [{"BITS": 8, "SCALE_MODE": 0, "RELU": r, "HAS_INDEX": False, "CODES": False, "UPDATE_NBT": True,
-                "BP": 32, "CB": 128, "CM": False} for r in (False, True)],
+            + [{"BITS": 8, "SCALE_MODE": 0, "ACT": a, "HAS_INDEX": False, "CODES": c, "UPDATE_NBT": True,
+                "BP": 32, "CB": 128, "CM": False} for a, c in ((0, False), (1, False), (3, True))],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr, nbt_ptr, M, K, Kp, C, H, W, s_n,
-                         s_c, s_h, s_w, cm_ptr, BITS: tl.constexpr, SCALE_MODE: tl.constexpr, RELU: tl.constexpr,
+                         s_c, s_h, s_w, cm_ptr, BITS: tl.constexpr, SCALE_MODE: tl.constexpr, ACT: tl.constexpr,
                          HAS_INDEX: tl.constexpr, CODES: tl.constexpr, UPDATE_NBT: tl.constexpr, BP: tl.constexpr,
                          CB: tl.constexpr, CM: tl.constexpr):
     """Grid (row tiles, output-channel blocks): output channel k of pixel m is ``z`` of input channel
@@ -187,7 +193,7 @@ def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr
     offs = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
     y = tl.load(y_ptr + offs[:, None] + src.to(tl.int64)[None, :] * s_c, mask=m_ok[:, None] & k_ok[None, :],
                 other=0.0).to(tl.float32)
-    z = bn_act(y, a[None, :], b[None, :], RELU)
+    z = bn_act(y, a[None, :], b[None, :], ACT)
     first = (pid_m == 0) & (pid_n == 0)
     if CODES:
         S: tl.constexpr = 2.0 ** (BITS - 1)
@@ -217,10 +223,10 @@ def _codes_reference(z: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.T
     return torch.nan_to_num(q, nan=0.0).to(torch.int8)
 
 
-def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to,
+def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, act, pad_to,
                             out_dtype, cm=None):
     """``bn_relu_quant`` in PyTorch: (codes (N, Kp, H, W) NHWC, scale) or (z in out_dtype NHWC, 1)."""
-    z = bn_act_reference(y, bnp, relu)
+    z = bn_act_reference(y, bnp, act)
     if index is not None:
         z = z.index_select(1, index)
     if num_batches_tracked is not None:
@@ -242,7 +248,7 @@ def _padded(K: int, pad_to: int) -> int:
     return K if pad_to <= 1 else -(-K // pad_to) * pad_to
 
 
-def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to,
+def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, act, pad_to,
                           out_dtype, cm=None):
     N, C, H, W = y.shape
     K = C if index is None else index.numel()
@@ -260,27 +266,27 @@ def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, s
     bn_relu_quant_kernel[grid](
         y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale if codes else bnp,
         num_batches_tracked if num_batches_tracked is not None else zmax_bits, M, K, Kp, C, H, W, *nhwc_rows(y),
-        cm if cm is not None else out, BITS=bits, SCALE_MODE=scale_mode_code(scale_mode), RELU=relu, HAS_INDEX=index is not None,
-        CODES=codes, UPDATE_NBT=num_batches_tracked is not None, BP=BP, CB=CB, CM=cm is not None,
-        num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+        cm if cm is not None else out, BITS=bits, SCALE_MODE=scale_mode_code(scale_mode), ACT=act_code(act),
+        HAS_INDEX=index is not None, CODES=codes, UPDATE_NBT=num_batches_tracked is not None, BP=BP, CB=CB,
+        CM=cm is not None, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return out, scale
 
 
 @torch.library.custom_op("ebkernels::bn_relu_quant", mutates_args=("num_batches_tracked", "cm"))
 def _bn_relu_quant_op(y: torch.Tensor, bnp: torch.Tensor, zmax_bits: torch.Tensor,
                       num_batches_tracked: Optional[torch.Tensor], index: Optional[torch.Tensor], bits: int,
-                      scale_mode: str, relu: bool, pad_to: int, out_dtype: Optional[torch.dtype],
+                      scale_mode: str, act: str, pad_to: int, out_dtype: Optional[torch.dtype],
                       cm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     # cm: an int8 (N, Kp, H, W) tensor with channel-major memory that gets the codes too (same pass)
     if use_triton(y, bnp) and y.numel() < 2**31:
-        return _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to,
+        return _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, act, pad_to,
                                      out_dtype, cm)
-    return bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to,
+    return bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, act, pad_to,
                                    out_dtype, cm)
 
 
 @_bn_relu_quant_op.register_fake
-def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad_to, out_dtype, cm=None):
+def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, act, pad_to, out_dtype, cm=None):
     N, C, H, W = y.shape
     K = C if index is None else index.shape[0]
     if out_dtype is not None:
@@ -291,20 +297,22 @@ def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, relu, pad
     return out, y.new_empty((), dtype=torch.float32)
 
 
-def bn_relu_quant(y, bnp, zmax_bits, num_batches_tracked=None, index=None, bits=8, scale_mode="shift", relu=True,
+def bn_relu_quant(y, bnp, zmax_bits, num_batches_tracked=None, index=None, bits=8, scale_mode="shift", act="relu",
                   pad_to=16, out_dtype=None, channel_major=False):
-    """``z = relu(y * a + b)`` per channel (``bnp`` rows a, b; ``relu=False``: no ReLU), optionally gathered
-    (``index``: output channel k is input channel index[k]). ``out_dtype`` None: int8 codes (N, Kp, H, W)
-    in NHWC order, Kp = K rounded up to ``pad_to`` (pad channels 0), with the scale of ``zmax_bits`` in
-    ``scale_mode`` ("shift", "wage" or "absmax": ``ops._scale``, the rule ``quantize`` applies to z); returns ``(codes, scale)``. Else ``(z, None)`` in that dtype,
-    NHWC (and a scale of 1). ``num_batches_tracked``: incremented by one (training step of a BatchNorm that tracks).
+    """``z = act(y * a + b)`` per channel (``bnp`` rows a, b; ``act`` one of ``bn_math.ACTIVATIONS``; signed codes
+    unless it is ReLU / ReLU6), optionally gathered (``index``: output channel k is input channel index[k]).
+    ``out_dtype`` None: int8 codes (N, Kp, H, W) in NHWC order, Kp = K rounded up to ``pad_to`` (pad channels 0),
+    with the scale of ``zmax_bits`` in ``scale_mode`` ("shift", "wage" or "absmax": ``ops._scale``, the rule
+    ``quantize`` applies to z); returns ``(codes, scale)``. Else ``(z, None)`` in that dtype, NHWC (and a scale
+    of 1). ``num_batches_tracked``: incremented by one (training step of a BatchNorm that tracks).
     ``channel_major`` (codes only): ``(codes, scale, codes_cm)``, the same codes also with channel-major memory
     ([Kp, N, H, W]: the K-major operand of a 1×1 weight-grad) from the same pass."""
+    act_code(act)  # refuses an unknown activation by name
     cm = None
     if channel_major:
         N, _, H, W = y.shape
         K = y.shape[1] if index is None else index.numel()
         cm = empty_output((_padded(K, pad_to), N, H, W), torch.int8, y.device).permute(1, 0, 2, 3)
-    out = _bn_relu_quant_op(y, bnp, zmax_bits, num_batches_tracked, index, int(bits), str(scale_mode), bool(relu),
+    out = _bn_relu_quant_op(y, bnp, zmax_bits, num_batches_tracked, index, int(bits), str(scale_mode), str(act),
                             int(pad_to), out_dtype, cm)
     return (*out, cm) if channel_major else out

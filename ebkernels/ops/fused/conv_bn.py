@@ -11,7 +11,7 @@ bfloat16 (the value BatchNorm sees, in forward and backward) and stored NHWC. Th
   merging program: ``bnp`` = [a, b, mean, rstd], the bits of max |z| (the next quantizer's absmax,
   exact), the running statistics. One launch instead of conv + statistics + finalise.
 - ``conv2d_int8_bn_bwd_reduce``: y is recomputed from the saved int8 codes (an exact integer GEMM: the
-  same bits as in forward), the incoming dz tile is loaded, ``g = dz`` where the ReLU passed, ``xhat =
+  same bits as in forward), the incoming dz tile is loaded, ``g = dz·act'(t)`` (``bn_math``), ``xhat =
   (y - mean) * rstd``, and the sums [Σ g, Σ g·xhat] are merged in the kernel. y is stored again for
   the elementwise backward passes (``bn_relu_bwd``); nothing of y was kept from the forward.
 
@@ -47,7 +47,7 @@ from ..gemm import tiles
 from ..gemm.conv import conv2d_int8_fwd_reference
 from ..gemm.host import inv_code_scales
 from ..gemm.mainloop import conv_forward_tile, grouped_tile_ids, k_steps
-from .bn_math import BNP_ROWS, bn_finalize_channels, bn_grad_in, finalize_reference, momentum_arg
+from .bn_math import BNP_ROWS, act_code, bn_finalize_channels, bn_grad_in, finalize_reference, momentum_arg
 
 __all__ = ["conv2d_int8_bn_fwd", "conv2d_int8_bn_bwd_reduce", "conv2d_int8_bn_fwd_reference",
            "conv2d_int8_bn_bwd_reduce_reference"]
@@ -66,7 +66,7 @@ _SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "y_ptr": "*bf16", "ss_ptr": "*fp32", "
 # MODE 1 at unit stride; the flat tiles the unpadded Cin = 3 first layer gets (R % 16: no 128×128) also
 # unaligned (ALIGN=1), both modes.
 _COMMON = {"s_r": 1, "sw_r": 1, "sd_c": 1, "I64": False, "ALIGN": 16, "HAS_BIAS": False, "HAS_AFFINE": True,
-           "RELU": True, "TB": STATS_TB, "GROUP": STATS_GROUP, "DZ_LIKE_Y": True}
+           "ACT": 1, "TB": STATS_TB, "GROUP": STATS_GROUP, "DZ_LIKE_Y": True}
 _UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1}
 # the register cap of a launch (``.maxnreg``): without one, ptxas aims below the per-thread budget and spilled
 # 12-104 B on sm_80 in the statistics epilogue (MODE 0 at 64×64, 128×16 flat, 128×64: 96-168 registers used);
@@ -91,7 +91,7 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
                           NCOL, KW, M, taps, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r,
                           sw_col, sw_h, sw_w, sw_r, sd_n, sd_h, sd_w, sd_c, inv_ss, eps, momentum, n_f,
                           MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr,
-                          BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, RELU: tl.constexpr, BM: tl.constexpr,
+                          BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
                           BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FLAT: tl.constexpr,
                           ALIGN: tl.constexpr, I64: tl.constexpr, TB: tl.constexpr, GROUP: tl.constexpr,
                           DZ_LIKE_Y: tl.constexpr):
@@ -131,7 +131,7 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
                                  col_ok, NCOL, 0, GROUP, TB, BN)
         if final:
             zbits = bn_finalize_channels(chan_ptr, NCOL, col, col_ok, col_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
-                                         nbt_ptr, eps, momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, RELU)
+                                         nbt_ptr, eps, momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, ACT)
             publish_max(zbits, num_n, sem_ptr + sem_count(num_m, GROUP) * num_n, zmax_ptr)
     else:
         if DZ_LIKE_Y:  # dz in y's own NHWC layout (what the kernels produce): no second offset tile
@@ -146,7 +146,7 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
         b = tl.load(bnp_ptr + NCOL + col, mask=col_ok, other=0.0)[None, :]
         mean = tl.load(bnp_ptr + 2 * NCOL + col, mask=col_ok, other=0.0)[None, :]
         rstd = tl.load(bnp_ptr + 3 * NCOL + col, mask=col_ok, other=0.0)[None, :]
-        _, g, xhat = bn_grad_in(dz, yv, a, b, mean, rstd, 0.0, 0.0, RELU)
+        _, g, xhat = bn_grad_in(dz, yv, a, b, mean, rstd, 0.0, 0.0, ACT)
         s0, s1 = tile_sums(g, g * xhat, m_ok)
         store_partials(part_ptr, pid_m, num_m, NCOL, col, col_ok, s0, s1, s0, s1, 1)
         finish_reduction(part_ptr, grp_ptr, chan_ptr, sem_ptr, pid_m, num_m, pid_n, num_n, M, BM, col, col_ok, NCOL,
@@ -169,26 +169,26 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def conv2d_int8_bn_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight, beta,
                                  running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats, update,
-                                 relu):
+                                 act):
     y = _y_bf16_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w)
     chan = moments_reference(_rows(y))
     bnp, zmax = finalize_reference(chan, weight, beta, running_mean, running_var, num_batches_tracked, momentum, eps,
-                                   y.numel() // y.shape[1], batch_stats, update, relu)
+                                   y.numel() // y.shape[1], batch_stats, update, act)
     return y, chan, bnp, zmax
 
 
 def conv2d_int8_bn_bwd_reduce_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz, bnp,
-                                        relu):
+                                        act):
     from .bn_math import bn_grad_in_reference
     y = _y_bf16_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w)
-    _, g, xhat = bn_grad_in_reference(dz, y, bnp, None, 1, relu)
+    _, g, xhat = bn_grad_in_reference(dz, y, bnp, None, 1, act)
     sums = torch.stack([_rows(g).double().sum(0), _rows(g * xhat).double().sum(0)]).float()
     return y, sums
 
 
 def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz=None, bnp=None, weight=None,
             beta=None, running_mean=None, running_var=None, num_batches_tracked=None, momentum=None, eps=0.0,
-            batch_stats=True, update=False, relu=True):
+            batch_stats=True, update=False, act="relu"):
     N, C, H, W = qx.shape
     CO, _, KH, KW = qw.shape
     OH, OW = conv2d_output_size(H, W, KH, KW, stride, padding, dilation)
@@ -220,8 +220,9 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
         KW, M, KH * KW, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], s_n, s_h, s_w, s_r,
         qw.stride(0), qw.stride(2), qw.stride(3), qw.stride(1), *sd, inv_code_scales(bits_a, bits_w), float(eps),
         momentum_arg(momentum), float(M), MODE=mode, HAS_BIAS=bias is not None, HAS_AFFINE=weight is not None,
-        BATCH_STATS=batch_stats, UPDATE=update, RELU=relu, BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M,
-        FLAT=tile.flat, ALIGN=align, I64=i64, TB=STATS_TB, GROUP=STATS_GROUP, DZ_LIKE_Y=dz_like_y, num_warps=tile.num_warps,
+        BATCH_STATS=batch_stats, UPDATE=update, ACT=act_code(act), BM=tile.BM, BN=tile.BN, BK=tile.BK,
+        GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=align, I64=i64, TB=STATS_TB, GROUP=STATS_GROUP, DZ_LIKE_Y=dz_like_y,
+        num_warps=tile.num_warps,
         num_stages=tile.num_stages, maxnreg=MAXNREG, **NO_FP_FUSION)
     if mode == 0:
         return y, space.out, bnp_out, zmax[:1]
@@ -239,15 +240,15 @@ def _fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
             stride: list[int], padding: list[int], dilation: list[int], bits_a: int, bits_w: int,
             weight: Optional[torch.Tensor], beta: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
             running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
-            momentum: Optional[float], eps: float, batch_stats: bool, update: bool, relu: bool
+            momentum: Optional[float], eps: float, batch_stats: bool, update: bool, act: str
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if _triton_ok(qx, qw):
         return _launch(0, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight=weight, beta=beta,
                        running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
-                       momentum=momentum, eps=eps, batch_stats=batch_stats, update=update, relu=relu)
+                       momentum=momentum, eps=eps, batch_stats=batch_stats, update=update, act=act)
     return conv2d_int8_bn_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight, beta,
                                         running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
-                                        update, relu)
+                                        update, act)
 
 
 def _fake_y(qx, qw, stride, padding, dilation):
@@ -258,7 +259,7 @@ def _fake_y(qx, qw, stride, padding, dilation):
 
 @_fwd_op.register_fake
 def _(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight, beta, running_mean, running_var,
-      num_batches_tracked, momentum, eps, batch_stats, update, relu):
+      num_batches_tracked, momentum, eps, batch_stats, update, act):
     CO = qw.shape[0]
     return (_fake_y(qx, qw, stride, padding, dilation), qx.new_empty((4, CO), dtype=torch.float32),
             qx.new_empty((BNP_ROWS, CO), dtype=torch.float32), qx.new_empty((1,), dtype=torch.int32))
@@ -267,34 +268,36 @@ def _(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight, b
 @torch.library.custom_op("ebkernels::conv2d_int8_bn_bwd_reduce", mutates_args=())
 def _bwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
             stride: list[int], padding: list[int], dilation: list[int], bits_a: int, bits_w: int, dz: torch.Tensor,
-            bnp: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            bnp: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _triton_ok(qx, qw, dz):
-        return _launch(1, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz=dz, bnp=bnp, relu=relu)
+        return _launch(1, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz=dz, bnp=bnp, act=act)
     return conv2d_int8_bn_bwd_reduce_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz,
-                                               bnp, relu)
+                                               bnp, act)
 
 
 @_bwd_op.register_fake
-def _(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz, bnp, relu):
+def _(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz, bnp, act):
     return _fake_y(qx, qw, stride, padding, dilation), qx.new_empty((2, qw.shape[0]), dtype=torch.float32)
 
 
 def conv2d_int8_bn_fwd(qx, qw, sx, sw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), bits_a=8, bits_w=8,
                        weight=None, beta=None, running_mean=None, running_var=None, num_batches_tracked=None,
-                       momentum=0.1, eps=1e-5, batch_stats=True, update=False, relu=True):
+                       momentum=0.1, eps=1e-5, batch_stats=True, update=False, act="relu"):
     """Conv of int8 codes ``qx`` (N, Cin_p, H, W; NHWC) with ``qw`` (Cout, Cin_p, KH, KW) and the BatchNorm
     statistics of its output: ``(y, chan, bnp, zmax_bits)`` with y bfloat16 (N, Cout, OH, OW) NHWC,
     ``chan`` [mean, biased var, max, min] of y, ``bnp`` [a, b, mean, rstd] of the BatchNorm (batch
     statistics when ``batch_stats``, else the running ones; ``weight``/``beta`` None: no affine), the
-    float32 bits of max |z| (z = y*a + b, ReLU'd when ``relu``); ``update``: running statistics moved."""
+    float32 bits of max |z| (z = act(y*a + b), ``act`` one of ``bn_math.ACTIVATIONS``); ``update``: running statistics
+    moved."""
+    act_code(act)
     return _fwd_op(qx, qw, sx, sw, bias, list(stride), list(padding), list(dilation), int(bits_a), int(bits_w), weight,
                    beta, running_mean, running_var, num_batches_tracked,
-                   None if momentum is None else float(momentum), float(eps), bool(batch_stats), bool(update),
-                   bool(relu))
+                   None if momentum is None else float(momentum), float(eps), bool(batch_stats), bool(update), act)
 
 
-def conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz, bnp, relu=True):
+def conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz, bnp, act="relu"):
     """y recomputed (bit-identical to ``conv2d_int8_bn_fwd``'s) and the BatchNorm-backward sums
     [Σ g, Σ g·xhat] (2, Cout) of the gradient ``dz`` w.r.t. z: returns ``(y, sums)``."""
+    act_code(act)
     return _bwd_op(qx, qw, sx, sw, bias, list(stride), list(padding), list(dilation), int(bits_a), int(bits_w), dz, bnp,
-                   bool(relu))
+                   act)

@@ -1,5 +1,6 @@
-"""What a fused block is (``BlockSpec``: its layers, what feeds it, what it hands on) and what blocks hand
-each other (``Int8Activation``); read by ``block`` (the autograd Function), ``stages`` and ``fusion``."""
+"""What a fused block is (``BlockSpec``: its layers, what feeds it, what it hands on; ``BnActSpec``: a
+BatchNorm + activation with no conv after it) and what blocks hand each other (``Int8Activation``); read by
+``block`` (the autograd Function), ``bn_act``, ``stages`` and ``fusion``."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,7 @@ import torch.nn as nn
 
 from ...config import QConfig
 
-__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "Int8Activation"]
+__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "BnActSpec", "BnSource", "Int8Activation"]
 
 
 class BlockInput(enum.Enum):
@@ -44,25 +45,61 @@ class Int8Activation(NamedTuple):
 
 
 @dataclasses.dataclass
+class BnSource:
+    """Where a pre-activation BatchNorm's input comes from, so that backward can rebuild it instead of keeping
+    it (``stages.keep_bn_input``): ``"cat"``, a concatenation along channels (the caller hands the pieces:
+    DenseNet's layers keep each piece once, not every concatenation); ``"residual"``, ``conv(codes) + xprev``
+    where ``conv`` (a ``BlockSpec`` of a conv on codes, float output) and the add ran just before (the caller
+    hands the codes' ``Int8Activation`` and ``xprev``, which the previous block keeps: a pre-activation
+    ResNet's stream is then kept for every other block only, the others replay one int8 GEMM)."""
+
+    kind: str
+    conv: Optional["BlockSpec"] = None
+
+
+@dataclasses.dataclass
 class BlockSpec:
-    """A fused block. ``conv`` is a QConv2d (``supports(conv)`` is None); ``bn``/``relu``/``pool`` follow
-    it (``pool``: (kernel, stride, padding, ceil_mode) pairs); ``input``: what feeds the conv (``BN``: then
-    ``bn_in``/``relu_in`` and the gather ``select`` (int64 indices, None = all) precede it); ``output``:
-    ``CODES`` (quantized with ``out_qconfig``'s bits_a/mode) or ``FLOAT``; ``out_channel_major``: the codes
-    also channel-major (the next conv is 1×1, stride 1, unpadded: its weight-grad reads them so)."""
+    """A fused block. ``conv`` is a QConv2d (``supports(conv)`` is None); ``bn``/``act``/``pool`` follow it
+    (``act``: one of ``bn_math.ACTIVATIONS``, applied only with a ``bn``; ``pool``: (kernel, stride, padding,
+    ceil_mode) pairs); ``input``: what feeds the conv (``BN``: then ``bn_in``/``act_in`` and the gather
+    ``select`` (a module with int64 ``indices``; None = all) precede it); ``output``: ``CODES`` (quantized with
+    ``out_qconfig``'s bits_a/mode) or ``FLOAT`` (in ``out_dtype``; None: the float input's dtype, after codes
+    the weight's). A ``BN`` input's ``bn_source`` says how backward may rebuild it, ``keep_input`` that the block
+    may keep the input tensor itself (when bfloat16 channels-last: no one changes it in place) rather than a
+    copy. ``residual``: the ``FLOAT`` output is ``act(bn(y) + residual)`` (the block gets the residual tensor; ``act``
+    identity, ReLU or ReLU6), the end of a post-activation residual block. ``out_channel_major``: the
+    codes also channel-major (the next conv is 1×1, stride 1, unpadded: its weight-grad reads them so)."""
 
     conv: nn.Module
     input: BlockInput = BlockInput.CODES
     bn: Optional[nn.Module] = None
-    relu: bool = False
+    act: str = "identity"
     pool: Optional[tuple] = None
     output: BlockOutput = BlockOutput.FLOAT
     out_qconfig: Optional[QConfig] = None
     bn_in: Optional[nn.Module] = None
-    relu_in: bool = False
+    act_in: str = "relu"
     select: Optional[nn.Module] = None
     out_channel_major: bool = False
+    out_dtype: Optional[torch.dtype] = None
+    bn_source: Optional[BnSource] = None
+    keep_input: bool = False
+    residual: bool = False
 
     def conv_geometry(self):
         c = self.conv
         return list(c.stride), list(c.padding), list(c.dilation)
+
+
+@dataclasses.dataclass
+class BnActSpec:
+    """A BatchNorm (+ gather ``select``) + activation on a float tensor, no convolution after it (what
+    ``bn_act`` runs): its float output in ``out_dtype`` (None: the input's dtype); ``bn_source``, ``keep_input``
+    as ``BlockSpec``'s."""
+
+    bn: nn.Module
+    act: str = "relu"
+    select: Optional[nn.Module] = None
+    out_dtype: Optional[torch.dtype] = None
+    bn_source: Optional[BnSource] = None
+    keep_input: bool = False

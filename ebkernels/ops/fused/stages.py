@@ -25,20 +25,22 @@ import torch.nn as nn
 
 from ..._backend import use_triton
 from ...config import QConfig
-from .._launch import CHANNEL_PAD, MAX_TERMS, code_channels, conv2d_output_size
+from .._launch import CHANNEL_PAD, MAX_TERMS, conv2d_output_size
 from ..gemm.conv import conv2d_int8_dgrad_op, conv2d_int8_fwd_op, weight_grad_op, weight_layout
 from ..gemm.host import quantize_two_layouts
 from ..quantize import quantize
-from ..weight_batch import WeightItem, batched_weight_codes, weight_quant
+from ..weight_batch import KEEP_CODES_NUMEL, WeightItem, batched_weight_codes, weight_quant
 from ..weight_codes import weight_codes
+from .bn_add_act import bn_add_act
 from .bn_relu_bwd import bn_relu_bwd, bn_relu_bwd_reduce
 from .bn_relu_quant import bn_relu_quant, bn_stats
 from .conv_bn import conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_fwd
+from .layouts import channel_major_input, input_pad, pad_of
 from .maxpool import maxpool2d_int8, maxpool2d_int8_backward
 from .spec import BlockInput, BlockOutput, BlockSpec
 
-__all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "float_dtype", "channel_major_input", "input_pad", "weight_item",
-           "input_forward",
+__all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "bn_mode", "check_bn_batch", "index_maps", "float_dtype",
+           "keep_bn_input", "restore_bn_input", "input_forward",
            "weight_forward",
            "conv_bn_forward", "conv_forward", "output_forward", "input_codes_backward", "weight_backward",
            "output_backward", "conv_backward", "input_backward"]
@@ -53,7 +55,8 @@ class Saved:
     input codes ``qx`` (the previous block's output: no new storage; for a ``BN`` input nothing, recomputed
     from ``xb``), scales, weight, bias; the pre-activation BatchNorm's bfloat16 input ``xb``, ``bnp_in``,
     ``zmax_in`` and gather maps; a small weight's codes; the BatchNorm's ``bnp``; y where kept; the max-pool's
-    window positions. Flags: which BatchNorms used batch statistics, the pre-pool size."""
+    window positions; the mask of an activation after a residual add (``bn_add_act``); then ``source``, what rebuilds ``xb`` when it is not kept (``keep_bn_input``). Flags: which
+    BatchNorms used batch statistics, the pre-pool size, how ``xb`` comes back (``source_kind``)."""
 
     qx: Optional[torch.Tensor] = None
     sx: Optional[torch.Tensor] = None
@@ -71,23 +74,28 @@ class Saved:
     y: Optional[torch.Tensor] = None
     pos: Optional[torch.Tensor] = None
     qx_cm: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    source: tuple = ()
     batch_in: bool = False
     batch_stats: bool = False
     pre_pool_hw: tuple = ()
+    source_kind: str = ""
 
     TENSORS = ("qx", "sx", "weight", "sw", "bias", "xb", "bnp_in", "zmax_in", "index", "inv", "qw_f", "qw_d",
-               "bnp", "y", "pos", "qx_cm")
-    FLAGS = ("batch_in", "batch_stats", "pre_pool_hw")
+               "bnp", "y", "pos", "qx_cm", "mask")
+    FLAGS = ("batch_in", "batch_stats", "pre_pool_hw", "source_kind")
 
     def save(self, ctx, spec: BlockSpec) -> None:
         if spec.input is BlockInput.BN:
             self.qx = None  # recomputed in backward from the bfloat16 input
-        ctx.save_for_backward(*(getattr(self, k) for k in self.TENSORS))
+        ctx.save_for_backward(*(getattr(self, k) for k in self.TENSORS), *self.source)
         ctx.saved_flags = {k: getattr(self, k) for k in self.FLAGS}
 
     @classmethod
     def load(cls, ctx) -> "Saved":
-        return cls(**dict(zip(cls.TENSORS, ctx.saved_tensors)), **ctx.saved_flags)
+        t = ctx.saved_tensors
+        n = len(cls.TENSORS)
+        return cls(**dict(zip(cls.TENSORS, t[:n])), source=tuple(t[n:]), **ctx.saved_flags)
 
 
 class Meta(NamedTuple):
@@ -101,7 +109,7 @@ class Meta(NamedTuple):
 
 class Error(NamedTuple):
     """What ``output_backward`` hands ``conv_backward``: E's codes (NHWC and channel-major) and scale, and
-    the gradients it computed on the way (BatchNorm affine, conv bias)."""
+    the gradients it computed on the way (BatchNorm affine, conv bias, the residual of ``spec.residual``)."""
 
     qe: torch.Tensor
     qe_cm: torch.Tensor
@@ -109,51 +117,23 @@ class Error(NamedTuple):
     g_bn_w: Optional[torch.Tensor]
     g_bn_b: Optional[torch.Tensor]
     g_bias: Optional[torch.Tensor]
+    g_residual: Optional[torch.Tensor] = None
 
 
-def _bn_mode(bn: nn.Module):
+def bn_mode(bn: nn.Module):
     """(batch_stats, update) of a BatchNorm as ``nn.BatchNorm2d.forward`` decides them."""
     batch_stats = bn.training or not bn.track_running_stats
     update = bn.training and bn.track_running_stats
     return batch_stats, update
 
 
-def _check_bn_batch(bn: nn.Module, shape) -> None:
-    batch_stats, _ = _bn_mode(bn)
+def check_bn_batch(bn: nn.Module, shape) -> None:
+    batch_stats, _ = bn_mode(bn)
     if batch_stats and shape[0] * shape[2] * shape[3] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(shape)}")
 
 
-def channel_major_input(conv: nn.Module) -> bool:
-    """Whether a conv's weight-grad reads its input codes channel-major (a 1×1 kernel, stride 1, no padding:
-    X̃ = X, both GEMM operands K-major): then their producer writes that layout too, no copy."""
-    return tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (0, 0)
-
-
-def _pad_of(channels: int, x: torch.Tensor) -> int:
-    return CHANNEL_PAD if use_triton(x) and channels % CHANNEL_PAD else 0
-
-
-def input_pad(spec: BlockSpec, cin: int, x: torch.Tensor) -> int:
-    """The channel multiple of the conv's int8 input codes as ``input_forward`` writes them: a float input
-    (the first layer) as the per-layer path does (``_launch.code_channels``: fewer than 16 channels packed,
-    not padded: the Cin = 3 first layer reads 3 bytes per pixel, as the tile plan counts), codes and the
-    pre-activation BatchNorm's output padded to 16."""
-    if spec.input is BlockInput.FLOAT:
-        return CHANNEL_PAD if use_triton(x) and code_channels(cin) != cin else 0
-    return _pad_of(cin, x)
-
-
-def weight_item(spec: BlockSpec, x: torch.Tensor) -> WeightItem:
-    """What ``weight_forward`` will ask of the model's weight batch for this block (``fusion`` prepares the
-    batch from these at the start of the model's forward; input ``x`` gives the device)."""
-    w = spec.conv.weight
-    qc = spec.conv.qconfig
-    return WeightItem(w, qc.bits_w, qc.mode, input_pad(spec, w.shape[1], x),
-                      CHANNEL_PAD if use_triton(x) else 0)
-
-
-def _index_maps(select, C: int, device):
+def index_maps(select, C: int, device):
     """(index, inv): the gather's int64 indices (None when it keeps all channels) and its inverse map."""
     if select is None or select.indices.numel() == C:
         return None, None
@@ -164,15 +144,52 @@ def _index_maps(select, C: int, device):
 
 
 def float_dtype(spec: BlockSpec, x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """A float result comes in the float input's dtype, after int8 codes in the weight's."""
+    """A float result comes in ``spec.out_dtype``; without one in the float input's dtype, after int8 codes
+    in the weight's."""
+    if spec.out_dtype is not None:
+        return spec.out_dtype
     return weight.dtype if spec.input is BlockInput.CODES else x.dtype
 
 
 # ----- forward ------------------------------------------------------------------------------------------
-def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Saved, in_codes_cm=None):
-    """(qx, sx, cin): the conv's int8 input codes, their scale, its real channel count. ``in_codes_cm``: the
-    same codes channel-major (the previous block wrote them for this conv's weight-grad): kept instead of the
-    NHWC ones where backward needs no recompute of y, else as well."""
+def keep_bn_input(bn_source, keep_input: bool, x, xb, source: tuple, saved: Saved) -> None:
+    """What backward gets a pre-activation BatchNorm's bfloat16 input ``xb`` from (``spec.BnSource``): the
+    concatenation's pieces or the residual's codes and ``xprev`` (``source``) when they are bfloat16, so that
+    rebuilding gives exactly xb; the input itself when it is bfloat16 channels-last (xb equals it) and may be
+    kept; else xb."""
+    bf16, cl = CARRIER_DTYPE, torch.channels_last
+    kind = bn_source.kind if bn_source is not None and source else ""
+    if kind == "cat" and all(p.dtype == bf16 for p in source):
+        saved.source, saved.source_kind = tuple(source), kind
+    elif kind == "residual" and x.dtype == bf16 and source[2].dtype == bf16 and source[2].is_contiguous(
+            memory_format=cl):  # xprev is what the block before keeps (itself): no new storage
+        saved.source, saved.source_kind = tuple(source), kind
+    elif keep_input and x.dtype == bf16 and x.is_contiguous(memory_format=cl):
+        saved.xb = x
+    else:
+        saved.xb = xb
+
+
+def restore_bn_input(bn_source, saved: Saved) -> None:
+    """``saved.xb`` back from ``saved.source`` (``keep_bn_input``), bit-identical to the forward's: the pieces
+    concatenated again, or the conv on codes replayed (the same int8 GEMM and epilogue) plus ``xprev``."""
+    if saved.source_kind == "cat":
+        saved.xb = torch.cat(saved.source, 1).contiguous(memory_format=torch.channels_last)
+    elif saved.source_kind == "residual":
+        codes, scale, xprev, weight, bias = saved.source
+        conv = bn_source.conv
+        qc = conv.conv.qconfig
+        qw, sw = weight_forward(weight, qc, codes, weight.shape[1], Saved())
+        y = conv_forward(conv, codes, qw, scale, sw, bias, qc, CARRIER_DTYPE)
+        saved.xb = (y + xprev).contiguous(memory_format=torch.channels_last)
+
+
+def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Saved, source: tuple = (),
+                  in_codes_cm=None):
+    """(qx, sx, cin): the conv's int8 input codes, their scale, its real channel count (``source``: what may
+    rebuild a ``BN`` input in backward, ``keep_bn_input``). ``in_codes_cm``: the same codes channel-major (the
+    previous block wrote them for this conv's weight-grad): kept instead of the NHWC ones where backward needs
+    no recompute of y, else as well."""
     if spec.input is BlockInput.CODES:
         saved.qx, saved.sx = in_codes, in_scale
         if in_codes_cm is not None:
@@ -188,31 +205,37 @@ def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Sa
         saved.qx, saved.sx = qx, sx
         return qx, sx, cin
     bn_in = spec.bn_in
-    _check_bn_batch(bn_in, x.shape)
-    batch_in, update_in = _bn_mode(bn_in)
-    index, inv = _index_maps(spec.select, x.shape[1], x.device)
+    check_bn_batch(bn_in, x.shape)
+    batch_in, update_in = bn_mode(bn_in)
+    index, inv = index_maps(spec.select, x.shape[1], x.device)
     cin = x.shape[1] if index is None else index.numel()
     xb, _, bnp_in, zmax_in = bn_stats(x, bn_in.weight, bn_in.bias, bn_in.running_mean, bn_in.running_var,
                                       bn_in.num_batches_tracked, bn_in.momentum, bn_in.eps, batch_in, update_in,
-                                      spec.relu_in, inv)
+                                      spec.act_in, inv)
     qx, sx = bn_relu_quant(xb, bnp_in, zmax_in, bn_in.num_batches_tracked if update_in else None, index, qc.bits_a,
-                           qc.mode, spec.relu_in, _pad_of(cin, x))
-    saved.sx, saved.xb, saved.bnp_in, saved.zmax_in = sx, xb, bnp_in, zmax_in
+                           qc.mode, spec.act_in, pad_of(cin, x))
+    keep_bn_input(spec.bn_source, spec.keep_input, x, xb, source, saved)
+    saved.sx, saved.bnp_in, saved.zmax_in = sx, bnp_in, zmax_in
     saved.index, saved.inv, saved.batch_in = index, inv, batch_in
     return qx, sx, cin
 
 
 def weight_forward(weight, qc: QConfig, qx, cin: int, saved: Saved):
-    """(qw, sw): W's codes in the forward layout (Cin padded like qx) and scale, both layouts kept for
-    backward: from the model's weight batch (``ops.weight_batch``: every weight in two launches at the start of
-    the model's forward), or, outside one or for a weight changed since, its own two launches."""
+    """(qw, sw): W's codes in the forward layout (Cin padded like qx) and scale: from the model's weight batch
+    (``ops.weight_batch``: every weight in two launches at the start of the model's forward), or, outside one or
+    for a weight changed since, its own two launches. Backward keeps the scale, and the codes of both layouts
+    of a small weight (``weight_batch.KEEP_CODES_NUMEL``: their buffer holds small weights only); a larger one's
+    it re-derives in one launch (2 bytes per weight would outweigh a large layer's int8 activations at small
+    batches)."""
     if qc.mode == "wage" and qc.alpha != 1.0:
         raise ValueError("fused blocks need alpha == 1 in mode 'wage'")
     item = WeightItem(weight, qc.bits_w, qc.mode, CHANNEL_PAD if qx.shape[1] != cin else 0,
                       CHANNEL_PAD if use_triton(qx) else 0)
     codes = batched_weight_codes(item)
     qw, qw_d, sw = codes if codes is not None else weight_quant(item)
-    saved.qw_f, saved.qw_d, saved.sw = qw, qw_d, sw
+    if weight.numel() <= KEEP_CODES_NUMEL:
+        saved.qw_f, saved.qw_d = qw, qw_d
+    saved.sw = sw
     return qw, sw
 
 
@@ -222,11 +245,11 @@ def conv_bn_forward(spec: BlockSpec, x_shape, qx, qw, sx, sw, bias, qc: QConfig,
     bn = spec.bn
     stride, padding, dilation = spec.conv_geometry()
     oh_ow = conv2d_output_size(*x_shape[2:], *qw.shape[2:], stride, padding, dilation)
-    _check_bn_batch(bn, (x_shape[0], 1) + tuple(oh_ow))
-    batch_stats, update = _bn_mode(bn)
+    check_bn_batch(bn, (x_shape[0], 1) + tuple(oh_ow))
+    batch_stats, update = bn_mode(bn)
     y, _, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, stride, padding, dilation, qc.bits_a, qc.bits_w,
                                          bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                                         bn.momentum, bn.eps, batch_stats, update, spec.relu)
+                                         bn.momentum, bn.eps, batch_stats, update, spec.act)
     saved.bnp, saved.batch_stats = bnp, batch_stats
     return y, bnp, zmax, bn.num_batches_tracked if update else None
 
@@ -238,21 +261,26 @@ def conv_forward(spec: BlockSpec, qx, qw, sx, sw, bias, qc: QConfig, out_dtype):
                               True, MAX_TERMS)
 
 
-def output_forward(spec: BlockSpec, y, bnp, zmax, nbt, qc: QConfig, out_dtype, saved: Saved):
+def output_forward(spec: BlockSpec, y, bnp, zmax, nbt, qc: QConfig, out_dtype, saved: Saved, residual=None):
     """(main, codes, scale, codes_cm): for ``CODES`` the next block's codes (max-pooled if asked; also
-    channel-major when ``spec.out_channel_major`` and no pool) and a gradient carrier as ``main``; for
-    ``FLOAT`` ``bn(y)`` (+ ReLU) in ``out_dtype`` and no codes."""
+    channel-major when ``spec.out_channel_major`` and no pool) and a gradient carrier as ``main``; for ``FLOAT``
+    ``act(bn(y))`` (``spec.residual``: ``act(bn(y) + residual)``, its mask kept) in ``out_dtype`` and no codes
+    (a max-pool only pools codes)."""
+    if spec.residual:
+        main, mask = bn_add_act(y, bnp, residual, nbt, spec.act, out_dtype)
+        saved.mask = mask if mask.numel() else None
+        return main, None, None, None
     if spec.output is BlockOutput.FLOAT:
-        main, _ = bn_relu_quant(y, bnp, zmax, nbt, None, 8, "shift", spec.relu, 0, out_dtype=out_dtype)
+        main, _ = bn_relu_quant(y, bnp, zmax, nbt, None, 8, "shift", spec.act, 0, out_dtype=out_dtype)
         return main, None, None, None
     oq = spec.out_qconfig or qc
     cm = None
     if spec.out_channel_major and spec.pool is None and use_triton(y):
-        codes, scale, cm = bn_relu_quant(y, bnp, zmax, nbt, None, oq.bits_a, oq.mode, spec.relu,
-                                         _pad_of(y.shape[1], y), channel_major=True)
+        codes, scale, cm = bn_relu_quant(y, bnp, zmax, nbt, None, oq.bits_a, oq.mode, spec.act,
+                                         pad_of(y.shape[1], y), channel_major=True)
     else:
-        codes, scale = bn_relu_quant(y, bnp, zmax, nbt, None, oq.bits_a, oq.mode, spec.relu,
-                                     _pad_of(y.shape[1], y))
+        codes, scale = bn_relu_quant(y, bnp, zmax, nbt, None, oq.bits_a, oq.mode, spec.act,
+                                     pad_of(y.shape[1], y))
     saved.pre_pool_hw = tuple(codes.shape[2:])
     if spec.pool is not None:
         k, s, p, ceil = spec.pool
@@ -267,8 +295,8 @@ def input_codes_backward(spec: BlockSpec, saved: Saved, qc: QConfig, meta: Meta)
     channel-major in the same pass into ``saved.qx_cm`` where the weight-grad reads them so)."""
     if spec.input is not BlockInput.BN:
         return saved.qx
-    args = (saved.xb, saved.bnp_in, saved.zmax_in, None, saved.index, qc.bits_a, qc.mode, spec.relu_in,
-            _pad_of(meta.cin, saved.xb))
+    args = (saved.xb, saved.bnp_in, saved.zmax_in, None, saved.index, qc.bits_a, qc.mode, spec.act_in,
+            pad_of(meta.cin, saved.xb))
     if channel_major_input(spec.conv) and use_triton(saved.xb):
         qx, _, saved.qx_cm = bn_relu_quant(*args, channel_major=True)
     else:
@@ -285,11 +313,12 @@ def weight_backward(saved: Saved, qc: QConfig, qx):
 
 
 def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f, meta: Meta, need) -> Error:
-    """E's codes from the gradient of the block's output: through the max-pool, then the BatchNorm + ReLU
+    """E's codes from the gradient of the block's output: through the max-pool (or, after a residual add,
+    through the activation's mask: that is also the residual's gradient), then the BatchNorm + activation
     backward (y kept or recomputed in the GEMM that also forms the BatchNorm sums) in two passes (absmax,
     then codes); without a BatchNorm, the gradient quantized as ``QConv2d`` does."""
     cout = saved.weight.shape[0]
-    pad_out = _pad_of(cout, qx)
+    pad_out = pad_of(cout, qx)
     bias = saved.bias
     g_bn_w = g_bn_b = g_bias = None
     if spec.bn is None:  # both layouts from the quantizer's one codes pass (no copy)
@@ -297,28 +326,31 @@ def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f
         if bias is not None and need.bias:
             g_bias = g_main.float().sum((0, 2, 3)).to(bias.dtype)
         return Error(qe, qe_cm, se, None, None, g_bias)
-    dz = g_main
+    dz, act, g_res = g_main, spec.act, None
     if spec.pool is not None:
         k, s, p, ceil = spec.pool
         dz = maxpool2d_int8_backward(dz, saved.pos, saved.pre_pool_hw, cout, k, s, p, ceil)
+    if spec.residual:  # the activation came after the add: its mask, then the BatchNorm alone
+        dz = g_res = dz if saved.mask is None else torch.where(saved.mask, dz, 0.0)
+        act = "identity"
     if saved.y is not None:  # kept from the forward (compute-bound layer)
         y = saved.y
-        sums = bn_relu_bwd_reduce(dz, y, saved.bnp, None, spec.relu)
+        sums = bn_relu_bwd_reduce(dz, y, saved.bnp, None, act)
     else:  # recomputed, bit-identical, in the GEMM that also forms the sums
         stride, padding, dilation = spec.conv_geometry()
         y, sums = conv2d_int8_bn_bwd_reduce(qx, qw_f, saved.sx, saved.sw, bias, stride, padding, dilation, qc.bits_a,
-                                            qc.bits_w, dz, saved.bnp, spec.relu)
+                                            qc.bits_w, dz, saved.bnp, act)
     s_dy = sums if saved.batch_stats else None
     stochastic = qc.rounding_e == "stochastic"
-    amax, = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, spec.relu, "absmax", qc.bits_e, stochastic)
-    qe, qe_cm, se = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, spec.relu, "codes", qc.bits_e, stochastic, pad_out,
-                                amax, scale_mode=qc.mode_eg)
+    amax, = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, act, "absmax", qc.bits_e, stochastic)
+    qe, qe_cm, se = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, act, "codes", qc.bits_e, stochastic, pad_out, amax,
+                                scale_mode=qc.mode_eg)
     if need.bn_weight or need.bn_bias:
         g_bn_w, g_bn_b = sums[1].to(spec.bn.weight.dtype), sums[0].to(spec.bn.bias.dtype)
     if bias is not None and need.bias:
         # train-mode BatchNorm right after: the bias has exactly no effect; eval: Σ dy = a·Σ g
         g_bias = torch.zeros_like(bias) if saved.batch_stats else (saved.bnp[0] * sums[0]).to(bias.dtype)
-    return Error(qe, qe_cm, se, g_bn_w, g_bn_b, g_bias)
+    return Error(qe, qe_cm, se, g_bn_w, g_bn_b, g_bias, g_res)
 
 
 def conv_backward(spec: BlockSpec, e: Error, saved: Saved, qc: QConfig, qx, qw_d, meta: Meta, need):
@@ -347,8 +379,8 @@ def input_backward(spec: BlockSpec, gx, saved: Saved, meta: Meta, need):
     ``BN`` input; unchanged otherwise."""
     if spec.input is not BlockInput.BN or gx is None:
         return gx, None, None
-    sums_in = bn_relu_bwd_reduce(gx, saved.xb, saved.bnp_in, saved.inv, spec.relu_in)
-    gx, = bn_relu_bwd(gx, saved.xb, saved.bnp_in, sums_in if saved.batch_in else None, saved.inv, spec.relu_in,
+    sums_in = bn_relu_bwd_reduce(gx, saved.xb, saved.bnp_in, saved.inv, spec.act_in)
+    gx, = bn_relu_bwd(gx, saved.xb, saved.bnp_in, sums_in if saved.batch_in else None, saved.inv, spec.act_in,
                       "float", out_dtype=meta.x_dtype, channels_last_out=meta.channels_last)
     g_in_w = g_in_b = None
     if (need.bn_in_weight or need.bn_in_bias) and spec.bn_in.weight is not None:

@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from ..._backend import use_triton
 from ..._checks import check_same_device, check_tensor
 from ...config import QConfig, as_qconfig
-from .._launch import CHANNEL_PAD, MAX_TERMS, code_channels, conv2d_output_size, memory_format, padded_channels
+from .._launch import MAX_TERMS, conv2d_output_size, memory_format
 from ..quantize import dequantize, quantize
-from . import tiles
 from .conv_fwd_dgrad import _dgrad_triton, _fwd_triton
 from .conv_reference import conv2d_int8_dgrad_reference, conv2d_int8_fwd_reference, conv2d_int8_wgrad_reference
 from .conv_wgrad import _wgrad_triton
-from .host import quantize_two_layouts, quantize_weight, quantize_weight_grad, refuse_double_backward
+from .host import (autocast_dtype, code_pad_multiple, is_channels_last, no_autocast, quantize_two_layouts,
+                   quantize_weight, quantize_weight_grad, refuse_double_backward, wgrad_uses_tma, x_channel_major)
 
 __all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad", "conv2d_int8_wgrad",
            "conv2d_int8_fwd_reference", "conv2d_int8_dgrad_reference", "conv2d_int8_wgrad_reference",
@@ -185,7 +185,7 @@ def conv2d_int8_fwd(qx, qw, sx=None, sw=None, bias=None, stride=1, padding=0, di
     ``channels_last`` (default: as ``qx``)."""
     _check_codes(qx=qx, qw=qw)
     if channels_last is None:
-        channels_last = _is_channels_last(qx)
+        channels_last = is_channels_last(qx)
     return conv2d_int8_fwd_op(qx, qw, sx, sw, bias, _pair("stride", stride, 1), _pair("padding", padding, 0),
                                _pair("dilation", dilation, 1), groups, bits_a, bits_w, out_dtype,
                                channels_last, max_terms)
@@ -197,7 +197,7 @@ def conv2d_int8_dgrad(qe, qw, input_hw, se=None, sw=None, stride=1, padding=0, d
     of spatial size ``input_hw``; scaled as ``conv2d_int8_fwd`` (``se=None``: exact int64 sums)."""
     _check_codes(qe=qe, qw=qw)
     if channels_last is None:
-        channels_last = _is_channels_last(qe)
+        channels_last = is_channels_last(qe)
     return conv2d_int8_dgrad_op(qe, qw, se, sw, [int(v) for v in input_hw], _pair("stride", stride, 1),
                                  _pair("padding", padding, 0), _pair("dilation", dilation, 1), groups, bits_e,
                                  bits_w, out_dtype, channels_last, max_terms)
@@ -213,30 +213,6 @@ def conv2d_int8_wgrad(qe, qx, kernel_hw, se=None, sx=None, stride=1, padding=0, 
                                  bits_a, out_dtype, max_terms)
 
 
-def _pad_multiple(t: torch.Tensor, groups: int, channels: int) -> int:
-    """``CHANNEL_PAD`` when the int8 Triton kernels will see ``channels`` and ``code_channels`` pads it (then
-    the quantizer writes zero-padded channels), else 0 (no padding: e.g. the reference path)."""
-    return CHANNEL_PAD if groups == 1 and code_channels(channels) != channels and use_triton(t) else 0
-
-
-def _x_channel_major(x, weight, stride, padding, groups) -> bool:
-    """Whether the weight-grad reads the input codes channel-major: a 1×1 kernel, stride 1, no padding
-    (X̃ = X, row m = pixel m), on the Triton path."""
-    return (groups == 1 and tuple(weight.shape[2:]) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]
-            and use_triton(x))
-
-
-def _tma(gy, xa, w_shape, stride, padding, pad_e) -> bool:
-    """Whether the weight-grad runs rule 8's TMA kernel (it reads its own copy of the E codes)."""
-    N, C, H, W = xa.shape
-    return bool(tiles.wgrad_tma_plan(gy.device, N, C, H, W, padded_channels(gy.shape[1], pad_e), *gy.shape[2:],
-                                     *w_shape[2:], stride, padding))
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 # --------------------------------------------------------------------------------------------------
 # Autograd function and public op
 # --------------------------------------------------------------------------------------------------
@@ -249,17 +225,26 @@ class QConv2dFunction(torch.autograd.Function):
     Layouts for the int8 kernels (Triton path): channel counts that are not multiples of 16 are zero-padded
     in the code buffers (A and W: Cin; E: Cout), so every kernel takes its aligned path; the weight-grad
     gets channel-major E codes (and, for a 1×1 / stride-1 / unpadded kernel, channel-major A codes), its
-    K-major MMA operands. Zero padding adds exactly 0 to every integer sum."""
+    K-major MMA operands. Zero padding adds exactly 0 to every integer sum.
+
+    ``out_dtype``: the output's dtype (``qconv2d`` passes autocast's under ``torch.autocast``, else x's); forward
+    and backward run with autocast off (``host.no_autocast``), so the integer sums stay exact either way."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, qc: QConfig):
-        channels_last = _is_channels_last(x)
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, qc: QConfig, out_dtype=None):
+        with no_autocast(x):
+            return QConv2dFunction._forward(ctx, x, weight, bias, stride, padding, dilation, groups, qc,
+                                            out_dtype or x.dtype)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, stride, padding, dilation, groups, qc: QConfig, out_dtype):
+        channels_last = is_channels_last(x)
         qx = sx = qw = sw = None
         # SPEC §8: Cin not a multiple of 16 (first layer, Cin = 3) -> A and W codes with Cin zero-padded, so
         # the int8 kernels run their aligned path (16-byte loads, big tile); the padding adds 0 to every sum
-        pad = _pad_multiple(x, groups, x.shape[1]) if qc.bits_a is not None and qc.bits_w is not None else 0
+        pad = code_pad_multiple(x, groups, x.shape[1]) if qc.bits_a is not None and qc.bits_w is not None else 0
         xa = None
-        if qc.bits_a is not None and qc.bits_w is not None and _x_channel_major(x, weight, stride, padding, groups):
+        if qc.bits_a is not None and qc.bits_w is not None and x_channel_major(x, weight, stride, padding, groups):
             # 1×1, stride 1, no padding: the weight-grad reads X̃ = X channel-major (K-major): the quantizer
             # writes that layout too (saved for backward; the forward GEMM reads the NHWC codes)
             qx, xa, sx = quantize_two_layouts(x, qc.bits_a, "nearest", qc.mode, pad)
@@ -270,12 +255,12 @@ class QConv2dFunction(torch.autograd.Function):
             qw = codes
         if qx is not None and qw is not None:
             y = conv2d_int8_fwd_op(qx, qw, sx, sw, bias, stride, padding, dilation, groups, qc.bits_a,
-                                    qc.bits_w, x.dtype, channels_last, MAX_TERMS)
+                                    qc.bits_w, out_dtype, channels_last, MAX_TERMS)
         else:
             xf = dequantize(qx, sx, qc.bits_a) if qx is not None else x.float()
             wf = dequantize(qw, sw, qc.bits_w) if qw is not None else weight.float()
             y = F.conv2d(xf, wf, None if bias is None else bias.float(), stride, padding, dilation, groups)
-            y = y.to(x.dtype).contiguous(memory_format=memory_format(channels_last))
+            y = y.to(out_dtype).contiguous(memory_format=memory_format(channels_last))
         ctx.qc = qc
         ctx.conv = (stride, padding, dilation, groups)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, channels_last,
@@ -287,6 +272,11 @@ class QConv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         refuse_double_backward()
+        with no_autocast(gy):
+            return QConv2dFunction._backward(ctx, gy)
+
+    @staticmethod
+    def _backward(ctx, gy):
         qc = ctx.qc
         stride, padding, dilation, groups = ctx.conv
         x_dtype, w_dtype, b_dtype, channels_last, x_shape, w_shape, w_cl = ctx.meta
@@ -297,8 +287,8 @@ class QConv2dFunction(torch.autograd.Function):
         qe_cm = None
         if qc.bits_e is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             # Cout not a multiple of 16: E codes with Cout zero-padded (the dgrad reduction, the wgrad rows)
-            pad_e = _pad_multiple(gy, groups, cout)
-            if ctx.needs_input_grad[1] and sx is not None and groups == 1 and use_triton(gy) and not _tma(
+            pad_e = code_pad_multiple(gy, groups, cout)
+            if ctx.needs_input_grad[1] and sx is not None and groups == 1 and use_triton(gy) and not wgrad_uses_tma(
                     gy, xa, w_shape, stride, padding, pad_e):
                 # the weight-grad reduces over N·OH·OW: channel-major E codes ([Cout, M], rows contiguous) are
                 # its K-major int8 MMA operand; the quantizer writes them in the same pass as the NHWC ones
@@ -337,7 +327,7 @@ class QConv2dFunction(torch.autograd.Function):
             gw = gw.to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             gb = gy.float().sum((0, 2, 3)).to(b_dtype)  # the float E, not its codes
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 def _resolve_padding(padding, weight_hw, dilation, stride):
@@ -366,7 +356,9 @@ def qconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     ``padding`` (also 'valid'/'same'), ``dilation``: int or pair. ``groups > 1`` runs the PyTorch
     reference path (same numbers, one warning). An operand with ``bits_* = None`` stays float and the
     products involving it run as float32 torch convolutions. CUDA tensors (or CPU under
-    TRITON_INTERPRET=1) use the Triton kernels, other CPU tensors the PyTorch reference."""
+    TRITON_INTERPRET=1) use the Triton kernels, other CPU tensors the PyTorch reference. Under
+    ``torch.autocast`` the result comes in autocast's dtype (bfloat16) and only int8 codes are kept for
+    backward, so an int8 layer never keeps more than the bfloat16 layer it replaces."""
     qc = as_qconfig(qconfig)
     check_tensor("x", x)
     check_tensor("weight", weight)
@@ -396,4 +388,6 @@ def qconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if x.numel() == 0 or weight.numel() == 0:
         # nothing to quantize: nn.Conv2d's own result for empty inputs / layers (shapes, bias, gradients)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return QConv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, qc)
+    ac = autocast_dtype(x)
+    out_dtype = ac if ac is not None and x.dtype != torch.float64 else x.dtype
+    return QConv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, qc, out_dtype)

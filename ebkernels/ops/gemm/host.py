@@ -1,6 +1,7 @@
 """Host-side plumbing of the int8 GEMM and convolution ops (``linear``, ``conv`` and the fused conv-BN
 ops): the epilogue's scale factor, result buffers, the split of long reductions into int32-exact chunks,
-exact integer sums on the CPU reference path, W / G quantization, and the double-backward refusal.
+exact integer sums on the CPU reference path, W / G quantization, the double-backward refusal, the autocast
+context of the autograd functions and the code layouts the conv autograd function chooses.
 
 Kernels and their index math live in ``mainloop``; this module is host-side Python only.
 """
@@ -10,16 +11,18 @@ from typing import Optional
 
 import torch
 
+from ..._backend import use_triton
 from ..._triton import triton
 from ...config import QConfig
 from .._buffers import empty_output
-from .._launch import padded_channels
+from .._launch import CHANNEL_PAD, code_channels, padded_channels
 from ..quantize import _check_args, _quantize_op, _seed_args, quantize, quantize_dequantize
 from . import tiles
 
 __all__ = ["split_reduction", "inv_code_scales", "result_and_scale", "F32_EXACT_SUM", "MAX_F32_CHUNKS", "f32_exact_terms",
            "f32_chunks", "exact_int_sums", "quantize_weight", "quantize_weight_grad", "quantize_two_layouts",
-           "refuse_double_backward"]
+           "refuse_double_backward", "no_autocast", "autocast_dtype", "code_pad_multiple", "x_channel_major", "wgrad_uses_tma",
+           "is_channels_last"]
 
 
 def split_reduction(length: int, n_tiles: int, BK: int, device: torch.device, max_terms: int, min_iters: int = 8):
@@ -127,6 +130,20 @@ def quantize_weight_grad(grad_w: torch.Tensor, qc: QConfig, mode: str | None = N
     return quantize_dequantize(grad_w, qc.bits_g, qc.rounding_g, mode or qc.mode_eg)
 
 
+def no_autocast(t):
+    """The context every int8 autograd function runs its forward and backward in: autocast off on the device
+    of ``t`` (a tensor or a device). Their float parts (the reference path's float32 convolutions of integer codes, exact by SPEC §2)
+    must not be cast to bfloat16 by a caller's ``torch.autocast``; what they hand on follows it instead
+    (``autocast_dtype``)."""
+    return torch.autocast((t.device if isinstance(t, torch.Tensor) else torch.device(t)).type, enabled=False)
+
+
+def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` gives float results on ``t``'s device, or None outside autocast."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 def refuse_double_backward() -> None:
     """Called first in the backward of every int8 autograd function: with ``create_graph=True`` its
     gradients would silently be constants (the int8 kernels have no backward of their own)."""
@@ -135,3 +152,28 @@ def refuse_double_backward() -> None:
                            "int8 blocks): their gradients are computed by int8 kernels that are not "
                            "differentiable themselves; run this part in float (ebkernels.dequantize_model) or "
                            "call backward without create_graph=True")
+
+
+# ----- layouts the conv autograd function chooses -------------------------------------------------------
+def code_pad_multiple(t: torch.Tensor, groups: int, channels: int) -> int:
+    """``CHANNEL_PAD`` when the int8 Triton kernels will see ``channels`` and ``code_channels`` pads it (then
+    the quantizer writes zero-padded channels), else 0 (no padding: e.g. the reference path)."""
+    return CHANNEL_PAD if groups == 1 and code_channels(channels) != channels and use_triton(t) else 0
+
+
+def x_channel_major(x, weight, stride, padding, groups) -> bool:
+    """Whether the weight-grad reads the input codes channel-major: a 1×1 kernel, stride 1, no padding
+    (X̃ = X, row m = pixel m), on the Triton path."""
+    return (groups == 1 and tuple(weight.shape[2:]) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]
+            and use_triton(x))
+
+
+def wgrad_uses_tma(gy, xa, w_shape, stride, padding, pad_e) -> bool:
+    """Whether the weight-grad runs rule 8's TMA kernel (it reads its own copy of the E codes)."""
+    N, C, H, W = xa.shape
+    return bool(tiles.wgrad_tma_plan(gy.device, N, C, H, W, padded_channels(gy.shape[1], pad_e), *gy.shape[2:],
+                                     *w_shape[2:], stride, padding))
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)

@@ -31,8 +31,9 @@ from .._tl import assume_multiple
 from ..quantize import dequantize, quantize
 from . import tiles
 from .gquant import gquant_finish, gquant_off, gquant_plan
-from .host import (exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, quantize_weight,
-                   quantize_weight_grad, refuse_double_backward, result_and_scale, split_reduction)
+from .host import (autocast_dtype, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, no_autocast,
+                   quantize_weight, quantize_weight_grad, refuse_double_backward, result_and_scale,
+                   split_reduction)
 from .mainloop import finish_gemm_tile, grouped_tile_ids
 
 __all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunction"]
@@ -279,21 +280,27 @@ class QLinearFunction(torch.autograd.Function):
     """WAGE-style Linear on 2-D input. Forward quantizes W and A and saves only their int8 codes and
     scales; backward quantizes E, runs input-grad and weight-grad on the int8 kernel, then G-quantizes
     the weight gradient. An operand whose bits is None stays float: every product involving it runs as
-    a float32 torch matmul on the (dequantized) operands instead of the int8 kernel."""
+    a float32 torch matmul on the (dequantized) operands instead of the int8 kernel. ``out_dtype``: as
+    ``QConv2dFunction``'s (autocast's under ``torch.autocast``; autocast off inside)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, qc: QConfig):
+    def forward(ctx, x, weight, bias, qc: QConfig, out_dtype=None):
+        with no_autocast(x):
+            return QLinearFunction._forward(ctx, x, weight, bias, qc, out_dtype or x.dtype)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, qc: QConfig, out_dtype):
         qx = sx = qw = sw = None
         if qc.bits_a is not None:
             qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode)
         if qc.bits_w is not None:
             qw, sw = quantize_weight(weight, qc)
         if qx is not None and qw is not None:
-            y = linear_int8_mm(qx, qw.t(), sx, sw, bias, qc.bits_a, qc.bits_w, x.dtype)
+            y = linear_int8_mm(qx, qw.t(), sx, sw, bias, qc.bits_a, qc.bits_w, out_dtype)
         else:
             xf = dequantize(qx, sx, qc.bits_a) if qx is not None else x.float()
             wf = dequantize(qw, sw, qc.bits_w) if qw is not None else weight.float()
-            y = torch.nn.functional.linear(xf, wf, None if bias is None else bias.float()).to(x.dtype)
+            y = torch.nn.functional.linear(xf, wf, None if bias is None else bias.float()).to(out_dtype)
         ctx.qc = qc
         ctx.has_bias = bias is not None
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -304,6 +311,11 @@ class QLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         refuse_double_backward()
+        with no_autocast(gy):
+            return QLinearFunction._backward(ctx, gy)
+
+    @staticmethod
+    def _backward(ctx, gy):
         qc = ctx.qc
         xa, sx, wa, sw = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
@@ -338,7 +350,7 @@ class QLinearFunction(torch.autograd.Function):
             gw = gw.to(w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.float().sum(0).to(b_dtype)  # the float E, not its codes
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
 
 
 def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -367,5 +379,7 @@ def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         # nothing to quantize: nn.Linear's own result for empty inputs / layers (zeros + bias, gradients)
         return torch.nn.functional.linear(x, weight, bias)
     lead = x.shape[:-1]
-    y = QLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, qc)
+    ac = autocast_dtype(x)
+    out_dtype = ac if ac is not None and x.dtype != torch.float64 else x.dtype
+    y = QLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, qc, out_dtype)
     return y.reshape(*lead, weight.shape[0])
