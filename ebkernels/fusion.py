@@ -265,7 +265,11 @@ class FusedForward:
 
 def _weight_batch_pre_hook(model: nn.Module, args) -> None:
     """Forward pre-hook of the fused model: the codes of every fused conv weight in one batch
-    (``ops.weight_batch``), active until the forward returns (``_weight_batch_hook``)."""
+    (``ops.weight_batch``), active until the forward returns (``_weight_batch_hook``). Not under
+    ``torch.compile``: the batch is a host-side cache keyed on storage addresses and versions, which a trace
+    cannot guard; there every block quantizes its own weight (the same codes, a batch of one)."""
+    if torch.compiler.is_compiling():
+        return
     x = args[0] if len(args) == 1 else None
     batch = None
     if _runnable(x):  # what the fused blocks take; otherwise they run the original forwards
@@ -277,7 +281,8 @@ def _weight_batch_pre_hook(model: nn.Module, args) -> None:
 
 
 def _weight_batch_hook(model: nn.Module, args, out) -> None:
-    pop_weight_batch()
+    if not torch.compiler.is_compiling():
+        pop_weight_batch()
 
 
 def _weight_batch_hooks(model: nn.Module, install: bool) -> None:

@@ -10,10 +10,9 @@ from typing import Optional
 
 import torch
 
-from ..._triton import triton
 from ...config import QConfig
 from .._buffers import empty_output
-from .._launch import padded_channels
+from .._launch import cdiv, padded_channels
 from ..quantize import _check_args, _quantize_op, _seed_args, quantize, quantize_dequantize
 from . import tiles
 
@@ -72,7 +71,7 @@ def f32_chunks(total: int, unit_terms: int, exact_terms: int) -> Optional[int]:
     that float32 sums exactly, or None when that takes no chunk at all or more than ``MAX_F32_CHUNKS``
     (then float64)."""
     per = exact_terms // max(unit_terms, 1)
-    if per < 1 or triton.cdiv(total, per) > MAX_F32_CHUNKS:
+    if per < 1 or cdiv(total, per) > MAX_F32_CHUNKS:
         return None
     return per
 
@@ -135,3 +134,9 @@ def refuse_double_backward() -> None:
                            "int8 blocks): their gradients are computed by int8 kernels that are not "
                            "differentiable themselves; run this part in float (ebkernels.dequantize_model) or "
                            "call backward without create_graph=True")
+
+
+def weight_layout(weight: torch.Tensor) -> bool:
+    """Whether a weight is stored channels-last (OHWI) and not also contiguous (a 1×1 weight is both): its
+    gradient is then written channels-last, so that autograd accumulates it with no copy."""
+    return weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
