@@ -14,18 +14,35 @@ numbers as the kernels, so stochastic rounding is checked bit for bit too.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from ._triton import philox, tl, triton, uint_to_uniform_float
 
-__all__ = ["device_state", "manual_seed", "get_state", "set_state", "take_ticket_reference", "uniform",
+__all__ = ["device_state", "bound", "manual_seed", "get_state", "set_state", "take_ticket_reference", "uniform",
            "philox_uniform_reference"]
 
-_lock = threading.Lock()
 _states: dict[str, torch.Tensor] = {}
 _seed: int | None = None
+_bound: list[torch.Tensor] = []  # the state tensors the running custom ops were given (innermost last)
+
+
+class bound:
+    """``with bound(rng):`` inside a custom op's implementation: ``device_state`` returns ``rng``, the state
+    tensor the op was given, so the op (and every helper or nested op it calls) advances that tensor and not
+    the global one. Under ``torch.compile`` the op may get a functionalized copy of the state that is written
+    back after it: advancing the global tensor instead would be undone by that write-back and the next step
+    would replay the same tickets."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: torch.Tensor):
+        self.state = state
+
+    def __enter__(self):
+        _bound.append(self.state)
+
+    def __exit__(self, *exc):
+        _bound.pop()
 
 
 def _key(device: torch.device) -> str:
@@ -37,16 +54,16 @@ def _key(device: torch.device) -> str:
 
 def device_state(device) -> torch.Tensor:
     """The int64 ``[seed, counter]`` tensor of ``device`` (created on first use from ``manual_seed``'s
-    seed, else from ``torch.initial_seed()``: both host integers, no synchronisation)."""
+    seed, else from ``torch.initial_seed()``: both host integers, no synchronisation). No lock (torch.compile
+    traces this lookup): ``dict.setdefault`` keeps the first tensor created. The int8 modules create it when
+    they are built or moved (``modules``), outside any traced region."""
+    if _bound:
+        return _bound[-1]
     key = _key(device)
     st = _states.get(key)
-    if st is None:
-        with _lock:
-            st = _states.get(key)
-            if st is None:
-                seed = (_seed if _seed is not None else torch.initial_seed()) % (2**63)
-                st = torch.tensor([seed, 0], dtype=torch.int64, device=torch.device(device))
-                _states[key] = st
+    if st is None:  # lock-free: two threads that race here both get the first tensor stored
+        seed = (_seed if _seed is not None else torch.initial_seed()) % (2**63)
+        st = _states.setdefault(key, torch.tensor([seed, 0], dtype=torch.int64, device=torch.device(device)))
     return st
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize  # noqa: F401 (is_parametrized)
 
+from . import _rng
 from .config import QConfig, as_qconfig
 from .ops.gemm.conv import qconv2d
 from .ops.gemm.linear import qlinear
@@ -56,6 +57,15 @@ def _move_state(src: nn.Module, dst: nn.Module) -> nn.Module:
     return dst
 
 
+def _own_rng_state(layer: nn.Module) -> nn.Module:
+    """Create the device random state of ``layer``'s device now (module build or move, eagerly), so that
+    a ``torch.compile`` trace of the forward only looks it up (``ebkernels._rng``)."""
+    device = layer.weight.device
+    if device.type != "meta":
+        _rng.device_state(device)
+    return layer
+
+
 def _qconfig_repr(qconfig: QConfig) -> str:
     return repr(qconfig)
 
@@ -87,6 +97,12 @@ class QConv2d(nn.Conv2d):
                          dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
                          device=device, dtype=dtype)
         self.qconfig = as_qconfig(qconfig)
+        _own_rng_state(self)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        _own_rng_state(self)
+        return out
 
     def _conv_forward(self, input, weight, bias):
         stride, dilation, groups = self.stride, self.dilation, self.groups
@@ -137,7 +153,7 @@ class QConv2d(nn.Conv2d):
                   padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
                   bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta",
                   qconfig=qconfig)
-        return _move_state(layer, new)
+        return _own_rng_state(_move_state(layer, new))
 
     def to_float(self) -> nn.Conv2d:
         """The plain ``nn.Conv2d`` sharing this layer's Parameter objects."""
@@ -156,6 +172,12 @@ class QLinear(nn.Linear):
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, qconfig=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.qconfig = as_qconfig(qconfig)
+        _own_rng_state(self)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        _own_rng_state(self)
+        return out
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         _check_input_dtype(self, input)
@@ -173,7 +195,7 @@ class QLinear(nn.Linear):
         qconfig = as_qconfig(qconfig)
         new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta",
                   qconfig=qconfig)
-        return _move_state(layer, new)
+        return _own_rng_state(_move_state(layer, new))
 
     def to_float(self) -> nn.Linear:
         """The plain ``nn.Linear`` sharing this layer's Parameter objects."""

@@ -53,7 +53,8 @@ def test_linear_split_fixup_and_g_quantization(device, fout, fin):
     B, max_terms = 150, 64  # rows: 3 splits of 64 terms
     qe, qx = codes((B, fout), g, device, channels_last=False), codes((B, fin), g, device, channels_last=False)
     se, sx = torch.tensor(2.0 ** -12, device=device), torch.tensor(2.0 ** 2, device=device)
-    raw = run_in_orders(lambda: _linear_int8_mm_op(qe.t(), qx, None, None, None, 8, 8, torch.float32, max_terms))
+    raw = run_in_orders(lambda: _linear_int8_mm_op(qe.t(), qx, None, None, None, 8, 8, torch.float32, max_terms, 0,
+                                                   "nearest", _rng.device_state(device)))
     _same(raw, msg)
     assert torch.equal(raw[0].cpu(), linear_int8_mm_reference(qe.t().cpu(), qx.cpu(), None, None, None, 8, 8,
                                                               torch.float32)), msg
@@ -103,7 +104,8 @@ def test_weight_grad_split_fixup_and_g_quantization(device, settings, case, tma)
     qe = codes((N, CO, H, W), g, device, channels_last=False).permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
     se, sx = torch.tensor(2.0 ** -9, device=device), torch.tensor(2.0 ** -2, device=device)
     geo = ([K, K], [1, 1], [pad, pad], [1, 1])
-    raw = run_in_orders(lambda: conv2d_int8_wgrad_op(qe, qx, None, None, *geo, 1, 8, 8, torch.float32, 64))
+    raw = run_in_orders(lambda: conv2d_int8_wgrad_op(qe, qx, None, None, *geo, 1, 8, 8, torch.float32, 64, 0, "nearest",
+                                                     None, _rng.device_state(device)))
     _same(raw, msg)
     assert torch.equal(raw[0].cpu(), conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), None, None, *geo, 1, 8, 8,
                                                                   torch.float32)), msg

@@ -343,12 +343,16 @@ def test_opcheck(rng_state):
     y, bnp, dz, inv, _, _ = _setup(2, 6, 3, 4, "inv", torch.bfloat16, "cl", "bn_stats", torch.device("cpu"), g)
     torch.library.opcheck(_reduce_op, (dz, y, bnp, inv, "relu"))
     sums = bn_relu_bwd_reduce(dz, y, bnp, inv)
-    # the op declares the device random state it may advance (mutated optional input): the AOT-dispatch
-    # check of opcheck cannot functionalise such an op, so schema, fake tensors and autograd registration
-    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, "relu", "absmax", 8, False, 16, None, None, True),
+    # the op declares the device random state it may advance (a mutated input): opcheck's AOT-dispatch check
+    # reruns the op on the advanced state, so schema, fake tensors and autograd registration
+    st = _rng.device_state("cpu")
+    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, "relu", "absmax", 8, False, 16, None, None, True, "shift",
+                                    st),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     amax, = bn_relu_bwd(dz, y, bnp, sums, inv, "relu", "absmax")
-    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, "relu", "codes", 8, False, 16, amax, None, True),
+    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, "relu", "codes", 8, False, 16, amax, None, True, "shift",
+                                    st),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    torch.library.opcheck(_bwd_op, (dz, y, bnp, None, inv, "silu", "float", 8, False, 16, None, torch.float32, False),
+    torch.library.opcheck(_bwd_op, (dz, y, bnp, None, inv, "silu", "float", 8, False, 16, None, torch.float32, False,
+                                    "shift", st),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -385,8 +385,9 @@ def test_opcheck():
     rm, rv, nbt = torch.zeros(5), torch.ones(5), torch.tensor(0)
     torch.library.opcheck(_bn_stats_op, (x, w, b, rm, rv, nbt, 0.1, EPS, True, True, "relu", None))
     xb, _, bnp, zmax = bn_stats(x, w, b)
-    torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, nbt, None, 8, "absmax", "relu", 16, None))
-    torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, None, torch.tensor([4, 0, 2]), 8, "shift", "silu", 0,
-                                              torch.float32))
+    none = x.new_empty((0,))  # an absent mutable argument (ops._buffers.absent)
+    torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, nbt, None, 8, "absmax", "relu", 16, None, none))
+    torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, none, torch.tensor([4, 0, 2]), 8, "shift", "silu", 0,
+                                              torch.float32, none))
     ref = bn_stats_reference(x, w, b, None, None, None, 0.1, EPS, True, False, "relu")
     assert bits_equal(ref[0], xb)

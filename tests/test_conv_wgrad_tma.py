@@ -118,7 +118,7 @@ def test_fused_g_quantization_matches_the_generic_kernel(device, monkeypatch, se
         for tma in (False, True):
             settings(wgrad_tma=tma)
             _rng.manual_seed(11)
-            rng = _rng.device_state(qe.device) if rounding == "stochastic" else None  # as weight_grad_op passes it
+            rng = _rng.device_state(qe.device)  # as weight_grad_op passes it
             got[tma] = conv2d_int8_wgrad_op(qe, qx, se, sx, [KH, KW], [1, 1], list(pad), list(dil), 1, qc.bits_e,
                                             qc.bits_a, torch.float32, max_terms, qc.bits_g, rounding, [CO, C], rng)
         assert torch.equal(got[False], got[True])

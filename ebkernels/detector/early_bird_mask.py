@@ -42,6 +42,7 @@ from .._backend import INTERPRET, use_triton
 from .._registry import aot_kernel
 from .._triton import tl, triton
 from ..config import kernel_settings
+from ..ops._dispatch import custom_op
 
 __all__ = ["early_bird_update", "early_bird_update_reference", "early_bird_update_triton",
            "thresholds_reference", "pack_masks", "unpack_masks", "popcount_words", "ratio_ks", "ratio_keep",
@@ -280,7 +281,7 @@ def _pick_backend(gammas: torch.Tensor, backend: str) -> str:
     return "reference"
 
 
-@torch.library.custom_op("ebkernels::early_bird_update", mutates_args=("ring",))
+@custom_op("ebkernels::early_bird_update", mutates_args=("ring",))
 def _early_bird_update_op(gammas: torch.Tensor, ks: torch.Tensor, ring: torch.Tensor, slot: int,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     chosen = _pick_backend(gammas, backend)

@@ -297,6 +297,10 @@ class FusedForward:
         plan = self.plan()
         if not self._runnable(plan, args, kwargs):
             return self.original(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            # the weight batch is a host-side cache keyed on storage addresses and versions, which a trace cannot
+            # guard: every block quantizes its own weight there (the same codes, a batch of one)
+            return plan.fn(self.module, *args, **kwargs)
         # every fused conv's weight codes in one batch (``ops.weight_batch``: two multi-program launches for all)
         x = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
         items = [weight_item(s, x) for s in plan.block_specs] if x is not None else []

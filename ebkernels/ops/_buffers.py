@@ -12,7 +12,7 @@ import torch
 
 from ..config import kernel_settings
 
-__all__ = ["empty_output", "poison", "counter_pool", "split_workspace"]
+__all__ = ["empty_output", "poison", "counter_pool", "split_workspace", "absent", "present"]
 
 _POOLS: dict = {}
 
@@ -32,6 +32,18 @@ def empty_output(shape, dtype: torch.dtype, device: torch.device,
     """Every output and partial-sum buffer of the int8 kernels (poisoned under ``poison_outputs``)."""
     t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     return poison(t) if kernel_settings().poison_outputs else t
+
+
+def absent(like: torch.Tensor) -> torch.Tensor:
+    """The stand-in for an absent tensor that a custom op mutates: a mutable argument is never Optional (an
+    optional mutable argument breaks functionalization under ``torch.compile``), so "none" is an empty
+    tensor, which the op's implementation reads back as None with ``present``."""
+    return like.new_empty((0,))
+
+
+def present(t: torch.Tensor):
+    """``t``, or None for ``absent``'s stand-in."""
+    return t if t.numel() else None
 
 
 def counter_pool(device, n: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Launch facts every op's host code shares, each defined once (a leaf: imports nothing of ops).
 
+- ``cdiv``: host ceil-division (the launchers' grids and plans); ``cached_plan``: one tile plan per shape;
 - ``MAX_TERMS``: the longest int32-exact reduction of int8 products (SPEC §2);
 - ``CHANNEL_PAD`` / ``code_channels`` / ``padded_channels``: how the int8 code buffers pad channels;
 - ``conv_out`` / ``conv2d_output_size``: a convolution's output extent;
@@ -14,11 +15,13 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._triton import triton
 
-__all__ = ["MAX_TERMS", "CHANNEL_PAD", "SMALL_NUMEL", "ELEMENTWISE_WARPS", "NO_FP_FUSION", "code_channels",
+__all__ = ["cdiv", "cached_plan", "MAX_TERMS", "CHANNEL_PAD", "SMALL_NUMEL", "ELEMENTWISE_WARPS", "NO_FP_FUSION", "code_channels",
            "padded_channels", "conv_out", "conv2d_output_size", "alignment", "nchw_strides", "nhwc_rows",
            "offsets_fit_int32", "elementwise_tiles", "memory_format", "PROGRAM_BYTES", "MIN_PROGRAMS",
            "one_program_numel", "filling_block", "as_4d", "is_dense", "row_major"]
@@ -36,6 +39,35 @@ SMALL_NUMEL = 1 << 16
 # that moves 256 KiB or more gets at least a quarter of an H100's 132 SMs (issue 20, "no serial phase")
 PROGRAM_BYTES = 64 * 1024
 MIN_PROGRAMS = 33
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` of host integers (``triton.cdiv`` costs ~1 µs a call on the host: issue 20 item 5)."""
+    return -(-a // b)
+
+
+def _frozen(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def cached_plan(fn):
+    """Plans are pure functions of their arguments (the SM count is one): one per shape, computed once
+    (issue 20 item 5: re-planning cost ~24 µs per launch). List arguments are keyed as tuples; the cached
+    ``Plan`` is shared, never modified by its users."""
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def plan(*args, **kwargs):
+        key = (tuple(_frozen(a) for a in args), tuple((k, _frozen(v)) for k, v in kwargs.items()))
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) >= 4096:
+                cache.clear()
+            hit = cache[key] = fn(*args, **kwargs)
+        return hit
+
+    plan.cache = cache
+    return plan
 
 
 def one_program_numel(bytes_per_element: int) -> int:

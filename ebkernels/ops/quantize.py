@@ -17,19 +17,20 @@ weight-grad's fused G quantization (``gemm.gquant``).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
+from .. import _rng
 from .._backend import use_triton
 from .._checks import check_bits, check_choice, check_tensor
 from .._registry import aot_kernel
 from .._triton import tl, triton
-from ._buffers import counter_pool, empty_output
-from ._launch import as_4d, filling_block, is_dense, one_program_numel, padded_channels, row_major
+from ._buffers import absent, counter_pool, empty_output, present
+from ._launch import cdiv, as_4d, filling_block, is_dense, one_program_numel, padded_channels, row_major
 from ._reduce import publish_max
 from ._scale import SCALE_MODES, codes_of, scale_from_bits, scale_mode_code, scale_reference
 from ._tl import strided_offsets_4d
+from ._dispatch import custom_op
 
 __all__ = ["quantize", "quantize_dequantize", "dequantize", "quantize_reference", "quantize_triton", "block_codes",
            "quantize_codes_kernel", "block_elements", "as_4d", "row_major"]
@@ -48,8 +49,6 @@ def _codes_reference(v: torch.Tensor, bits: int, noise: torch.Tensor | None) -> 
 def _noise_reference(shape, device, seed) -> torch.Tensor:
     """U[0, 1) per element, Philox on the element's row-major index (as the kernels draw it): ``seed``
     an int (ticket 0), or None: the device random state, which gives a ticket (``ebkernels._rng``)."""
-    from .. import _rng
-
     if seed is None:
         seed, ticket = _rng.device_state(device)[0], _rng.take_ticket_reference(device)
     else:
@@ -220,8 +219,6 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mo
     into a channel-padded buffer) to write the codes into (``dequant``: a float tensor for the values
     the codes stand for); ``cm``: a second int8 tensor of x's shape that gets the same codes (any
     strides: e.g. channel-major). ``seed`` None: stochastic noise from the device random state."""
-    from .. import _rng
-
     if out is None:
         out = torch.empty_like(x, dtype=x.dtype if dequant else torch.int8)
     if x.dim() > 4:
@@ -259,12 +256,12 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mo
         quantize_small_kernel[(1,)](x, rng, out_view, scale, *args, DENSE=dense, BLOCK=1024, num_warps=8, **common)
         return out, scale
     block = filling_block(n, block_elements(dense), x.element_size())
-    programs = triton.cdiv(n, block)
+    programs = cdiv(n, block)
     amax_bits = torch.empty(2, device=x.device, dtype=torch.int32)  # [bits, ticket]
     quantize_absmax_kernel[(programs,)](x, amax_bits, counter_pool(x.device, 2), rng, n, sizes[1], sizes[2],
                                         sizes[3], *xs, DENSE=dense, TICKET=device_seed, BLOCK=block, num_warps=8)
     block = filling_block(n, block_elements(same_order), x.element_size() + out_view.element_size())
-    quantize_codes_kernel[(triton.cdiv(n, block),)](x, amax_bits, rng, out_view, scale, *args,
+    quantize_codes_kernel[(cdiv(n, block),)](x, amax_bits, rng, out_view, scale, *args,
                                                     out_view if cm is None else cm, *cs, BLOCK=block, CM=cm is not None,
                                                     num_warps=8, **common)
     return out, scale
@@ -273,13 +270,18 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mo
 # --------------------------------------------------------------------------------------------------
 # Public op (registered with torch.library so torch.compile can trace it)
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("ebkernels::quantize", mutates_args=("rng", "cm"))
+@custom_op("ebkernels::quantize", mutates_args=("rng", "cm"))
 def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, scale_mode: str, seed: int,
-                 channels_last: bool, pad_channels_to: int = 0, dequant: bool = False,
-                 rng: Optional[torch.Tensor] = None, cm: Optional[torch.Tensor] = None
+                 channels_last: bool, pad_channels_to: int, dequant: bool, rng: torch.Tensor, cm: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     # seed < 0: stochastic noise from the device random state ``rng`` (which this op advances); ``cm``: an int8
-    # tensor shaped like the codes (any strides) that gets them too, written by the same pass
+    # tensor shaped like the codes (any strides) that gets them too, written by the same pass (``absent``: none)
+    with _rng.bound(rng):
+        return _quantize_impl(x, bits, stochastic, scale_mode, seed, channels_last, pad_channels_to, dequant,
+                              present(cm))
+
+
+def _quantize_impl(x, bits, stochastic, scale_mode, seed, channels_last, pad_channels_to, dequant, cm):
     seed_arg = None if seed < 0 else seed
     if pad_channels_to > 1:  # (N, Cp, H, W) NHWC codes, Cp = C rounded up; channels >= C are 0
         N, C, H, W = x.shape
@@ -312,7 +314,7 @@ def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, scale_mode: str, 
 
 
 @_quantize_op.register_fake
-def _(x, bits, stochastic, scale_mode, seed, channels_last, pad_channels_to=0, dequant=False, rng=None, cm=None):
+def _(x, bits, stochastic, scale_mode, seed, channels_last, pad_channels_to, dequant, rng, cm):
     if pad_channels_to > 1:
         N, C, H, W = x.shape
         codes = torch.empty((N, padded_channels(C, pad_channels_to), H, W), dtype=torch.int8, device=x.device,
@@ -339,11 +341,9 @@ def _check_args(x, bits, rounding, mode, seed, channels_last, pad_channels_to):
 
 
 def _seed_args(stochastic: bool, seed, device):
-    """(seed argument, rng tensor) of the op: the device state when a stochastic call gives no seed."""
-    if stochastic and seed is None:
-        from .. import _rng
-        return -1, _rng.device_state(device)
-    return (seed or 0), None
+    """(seed argument, rng tensor) of the op: the device state (always passed: a mutable argument is never
+    optional; the op advances it only when a stochastic call gives no seed)."""
+    return (-1 if stochastic and seed is None else (seed or 0)), _rng.device_state(device)
 
 
 def quantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest", mode: str = "shift",
@@ -364,7 +364,7 @@ def quantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest", mode: st
     _check_args(x, bits, rounding, mode, seed, channels_last, pad_channels_to)
     stochastic = rounding == "stochastic"
     seed_arg, rng = _seed_args(stochastic, seed, x.device)
-    return _quantize_op(x, bits, stochastic, mode, seed_arg, channels_last, pad_channels_to, False, rng)
+    return _quantize_op(x, bits, stochastic, mode, seed_arg, channels_last, pad_channels_to, False, rng, absent(x))
 
 
 def quantize_dequantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest", mode: str = "shift",
@@ -374,7 +374,7 @@ def quantize_dequantize(x: torch.Tensor, bits: int = 8, rounding: str = "nearest
     _check_args(x, bits, rounding, mode, seed, False, 0)
     stochastic = rounding == "stochastic"
     seed_arg, rng = _seed_args(stochastic, seed, x.device)
-    return _quantize_op(x, bits, stochastic, mode, seed_arg, False, 0, True, rng)[0]
+    return _quantize_op(x, bits, stochastic, mode, seed_arg, False, 0, True, rng, absent(x))[0]
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:

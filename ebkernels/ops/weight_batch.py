@@ -32,12 +32,13 @@ from .._backend import use_triton
 from .._registry import aot_kernel
 from .._triton import tl, triton
 from ._buffers import counter_pool, empty_output
-from ._launch import padded_channels
+from ._launch import cdiv, padded_channels
 from ._reduce import publish_max
 from ._scale import scale_from_bits, scale_mode_code
 from .quantize import quantize_reference
 from ._tl import round_half_even
 from .weight_codes import _load_weight_block
+from ._dispatch import custom_op
 
 __all__ = ["WeightItem", "WeightBatch", "weight_codes_many", "weight_codes_many_reference", "weight_quant",
            "prepare_weight_batch", "active_weight_batch", "push_weight_batch", "pop_weight_batch",
@@ -181,7 +182,7 @@ def _tables(items, regions, device):
     for t, (it, (f, d)) in enumerate(zip(items, regions)):
         CO, CI, KH, KW, COp, CIp = _geometry(it.weight.shape, it.ci_pad, it.co_pad)
         n_real, n_pad = CO * CI * KH * KW, COp * CIp * KH * KW
-        blocks_a, blocks_b = triton.cdiv(n_real, BLOCK), KH * KW * triton.cdiv(COp, TILE) * triton.cdiv(CIp, TILE)
+        blocks_a, blocks_b = cdiv(n_real, BLOCK), KH * KW * cdiv(COp, TILE) * cdiv(CIp, TILE)
         rows.append([(it.weight.data_ptr() - base) // size, CO, CI, COp, CIp, KH * KW, *_strides(it.weight), n_real,
                      n_pad, len(prog_a), blocks_a, len(prog_b), f, d])
         prog_a += [t] * blocks_a
@@ -210,7 +211,7 @@ def weight_codes_many_reference(items):
     return out
 
 
-@torch.library.custom_op("ebkernels::weight_codes_many", mutates_args=())
+@custom_op("ebkernels::weight_codes_many", mutates_args=())
 def _many_op(weights: list[torch.Tensor], bits: int, scale_mode: str, ci_pads: list[int], co_pad: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
     items = [WeightItem(w, bits, scale_mode, p, co_pad) for w, p in zip(weights, ci_pads)]

@@ -19,8 +19,9 @@ from .._backend import use_triton
 from .._registry import aot_kernel
 from .._triton import tl, triton
 from ._buffers import empty_output
-from ._launch import padded_channels
+from ._launch import cdiv, padded_channels
 from ._tl import round_half_even
+from ._dispatch import custom_op
 
 __all__ = ["weight_codes", "weight_codes_reference"]
 
@@ -100,13 +101,13 @@ def _launch_args(weight, pad):
     return weight, fwd, dgrad, args
 
 
-@torch.library.custom_op("ebkernels::weight_codes", mutates_args=())
+@custom_op("ebkernels::weight_codes", mutates_args=())
 def _op(weight: torch.Tensor, scale: torch.Tensor, bits: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not use_triton(weight, scale):
         return weight_codes_reference(weight, scale, bits, pad)
     weight, fwd, dgrad, args = _launch_args(weight, pad)
     if args[-1]:
-        weight_codes_kernel[(triton.cdiv(args[-1], 1024),)](weight, scale, fwd, dgrad, *args, BITS=bits, BLOCK=1024,
+        weight_codes_kernel[(cdiv(args[-1], 1024),)](weight, scale, fwd, dgrad, *args, BITS=bits, BLOCK=1024,
                                                             num_warps=4)
     return fwd, dgrad
 

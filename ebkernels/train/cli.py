@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EXPERIMENTAL (not yet verified on a GPU): replay the search's training step (forward, "
                         "loss, backward) from a CUDA graph; needs a CUDA device and one process; a smaller last "
                         "batch runs eagerly")
+    g.add_argument("--compile", action="store_true",
+                   help="run the search's training forward and backward through torch.compile(fullgraph=True); "
+                        "on CUDA with mode='reduce-overhead' (CUDA graphs: no eager host cost per launch); the "
+                        "first steps compile (seconds to minutes)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     g.add_argument("--quiet", action="store_true",
                    help="print nothing but errors (warnings go to the run's log.txt); under torchrun, torchrun's own "
@@ -168,7 +172,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     synflow_rounds=args.synflow_rounds,
                     draw_at=tuple(args.draw_at), search_to_end=args.search_to_end, sync_bn=args.sync_bn, seed=args.seed, out=args.out,
                     device=args.device, progress=args.progress, quiet=args.quiet,
-                    cuda_graphs=args.cuda_graphs)
+                    cuda_graphs=args.cuda_graphs, compile=args.compile)
 
 
 def run(settings: Settings, log_stream=None) -> dict:

@@ -63,6 +63,9 @@ class Job:
         if s.cuda_graphs and self.dist.device.type != "cuda":
             raise TrainerError(f"--cuda-graphs needs a CUDA device; this run uses {self.dist.device} "
                                "(accepted: --device cuda or auto on a machine with a GPU)")
+        if s.cuda_graphs and s.compile:
+            raise TrainerError("--cuda-graphs and --compile both capture the step; accepted: one of them "
+                               "(--compile uses CUDA graphs itself on a GPU)")
         if s.cuda_graphs and self.dist.enabled:
             raise TrainerError("--cuda-graphs is not supported with torchrun / several processes yet; "
                                "accepted: a single-process run")
@@ -161,6 +164,9 @@ class Job:
         if s.precision == "int8":
             self.log(int8_layers_line(model))
         graphed = self.epochs.graphed_step(model, s.sparsity, s.precision) if s.cuda_graphs else None
+        if s.compile:  # the whole forward and backward in one graph; CUDA graphs on a GPU (no host cost per launch)
+            wrapped = torch.compile(wrapped, fullgraph=True,
+                                    mode="reduce-overhead" if self.dist.device.type == "cuda" else None)
         detector = make_detector(s)  # one detector, all ratios: one fused update per epoch
         if state["detector"] is not None:
             detector.load_state_dict(state["detector"])

@@ -58,7 +58,7 @@ DATASET_DEFAULTS = {
     "cifar100": dict(model="vgg16", width=1.0, epochs=160, retrain_epochs=160, batch_size=256),
 }
 # Settings that do not change what a run computes: left out of the run directory's hash.
-NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet", "cuda_graphs")
+NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet", "cuda_graphs", "compile")
 # Settings added after runs existed, with their defaults: hashed only when set to something else.
 HASHED_UNLESS_DEFAULT = {"small_stem": False, "coupled": "majority", "bn_recal_batches": 8, "search_to_end": False,
                         "int8_autocast": True}
@@ -126,6 +126,7 @@ class Settings:
     progress: bool = True
     quiet: bool = False
     cuda_graphs: bool = False
+    compile: bool = False
 
     def hashed(self) -> dict:
         d = dataclasses.asdict(self)

@@ -50,7 +50,7 @@ import torch.nn as nn
 
 from ...config import kernel_settings
 from .._launch import MAX_TERMS
-from ..gemm.host import no_autocast, refuse_double_backward
+from ..gemm.host import no_autocast, refuse_double_backward, weight_layout
 from . import stages
 from .bn_act import bn_act
 from .bn_math import ACTIVATIONS
@@ -142,7 +142,8 @@ class FusedBlockFunction(torch.autograd.Function):
                    None, None, None)
         ctx.set_materialize_grads(False)  # the codes and scale get no gradient: no zero tensors for them
         ctx.spec, ctx.device = spec, weight.device
-        ctx.meta = stages.Meta(tuple(x.shape), x.dtype, cin, x.is_contiguous(memory_format=torch.channels_last))
+        ctx.meta = stages.Meta(tuple(x.shape), x.dtype, cin, x.is_contiguous(memory_format=torch.channels_last),
+                               weight_layout(weight))
         saved.save(ctx, spec)
         main, out_codes, out_scale, out_cm = out
         if out_codes is not None:

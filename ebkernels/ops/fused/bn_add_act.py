@@ -11,14 +11,14 @@ activation's mask. The float32 operations are those of the reference, in the sam
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
 from ..._backend import use_triton
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
-from .._buffers import empty_output
+from .._buffers import absent, empty_output, present
+from .._dispatch import custom_op
 from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
 from .._tl import cast_rne, decode_rows, elementwise_tile
 from .bn_math import act_apply, act_code, act_grad, act_grad_reference, act_reference, bn_act_reference
@@ -85,10 +85,11 @@ def _bn_add_act_triton(y, bnp, residual, num_batches_tracked, act, out_dtype):
     return out, mask.view(torch.bool)
 
 
-@torch.library.custom_op("ebkernels::bn_add_act", mutates_args=("num_batches_tracked",))
-def _bn_add_act_op(y: torch.Tensor, bnp: torch.Tensor, residual: torch.Tensor,
-                   num_batches_tracked: Optional[torch.Tensor], act: str, out_dtype: torch.dtype
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+@custom_op("ebkernels::bn_add_act", mutates_args=("num_batches_tracked",))
+def _bn_add_act_op(y: torch.Tensor, bnp: torch.Tensor, residual: torch.Tensor, num_batches_tracked: torch.Tensor,
+                   act: str, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # num_batches_tracked: ``absent`` for none (a mutable argument is never optional)
+    num_batches_tracked = present(num_batches_tracked)
     if use_triton(y, bnp, residual) and y.numel() < 2**31:
         return _bn_add_act_triton(y, bnp, residual, num_batches_tracked, act, out_dtype)
     return bn_add_act_reference(y, bnp, residual, num_batches_tracked, act, out_dtype)
@@ -113,4 +114,5 @@ def bn_add_act(y, bnp, residual, num_batches_tracked=None, act="relu", out_dtype
     if residual.shape != y.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from the BatchNorm's output "
                          f"{tuple(y.shape)}")
-    return _bn_add_act_op(y, bnp, residual, num_batches_tracked, act, out_dtype)
+    return _bn_add_act_op(y, bnp, residual, absent(y) if num_batches_tracked is None else num_batches_tracked, act,
+                          out_dtype)

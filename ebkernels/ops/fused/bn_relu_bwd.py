@@ -29,10 +29,11 @@ from ..._backend import use_triton
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import counter_pool, empty_output
-from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
+from .._launch import cdiv, ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
 from .._reduce import GROUP, SUMS, TB, ReductionSpace, finish_reduction, publish_max, store_partials, tile_sums
 from .._scale import scale_from_bits, scale_mode_code, scale_reference
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even
+from .._dispatch import custom_op
 from .bn_math import act_code, bn_grad_in, bn_grad_in_reference
 
 __all__ = ["bn_relu_bwd_reduce", "bn_relu_bwd", "bn_relu_bwd_reduce_reference", "bn_relu_bwd_reference",
@@ -226,7 +227,7 @@ def _reduce_triton(dz, y, bnp, inv, act):
     N, C, H, W = y.shape
     M = N * H * W
     BP, CB = elementwise_tiles(C)
-    T, num_n = triton.cdiv(M, BP), triton.cdiv(C, CB)
+    T, num_n = cdiv(M, BP), cdiv(C, CB)
     space = ReductionSpace(SUMS, T, num_n, C, y.device)
     bn_relu_bwd_reduce_kernel[(T, num_n)](
         dz, y, _inv_arg(inv, space.sem), bnp, space.part, space.grp, space.out, space.sem, M, C, H, W, *nhwc_rows(dz),
@@ -235,7 +236,7 @@ def _reduce_triton(dz, y, bnp, inv, act):
     return space.out
 
 
-@torch.library.custom_op("ebkernels::bn_relu_bwd_reduce", mutates_args=())
+@custom_op("ebkernels::bn_relu_bwd_reduce", mutates_args=())
 def _reduce_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, inv: Optional[torch.Tensor],
                act: str) -> torch.Tensor:
     if use_triton(dz, y) and y.numel() < 2**31:
@@ -266,7 +267,7 @@ def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax
     scale = out = cm = None
     # stochastic codes: the Philox state per element as well: 2K elements per program
     BP, CB = elementwise_tiles(Cp, 2048 if (stochastic and mode == "codes") else 4096)
-    grid = (triton.cdiv(M, BP), triton.cdiv(Cp, CB))
+    grid = (cdiv(M, BP), cdiv(Cp, CB))
     sem = counter_pool(dev, 2)
     if mode == "absmax":
         out = torch.empty(2, dtype=torch.int32, device=dev)  # [bits, ticket]
@@ -294,12 +295,26 @@ def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax
     return (out,)
 
 
-@torch.library.custom_op("ebkernels::bn_relu_bwd", mutates_args=("rng",))
+@custom_op("ebkernels::bn_relu_bwd", mutates_args=("rng",))
 def _bwd_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, sums: Optional[torch.Tensor],
-            inv: Optional[torch.Tensor], act: str, mode: str, bits: int, stochastic: bool, pad_to: int,
+            inv: Optional[torch.Tensor], act: str, out_mode: str, bits: int, stochastic: bool, pad_to: int,
             amax: Optional[torch.Tensor], out_dtype: Optional[torch.dtype], channels_last_out: bool,
-            scale_mode: str = "shift", rng: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
-    # rng: the device random state, which mode "absmax" advances for stochastic rounding (the ticket)
+            scale_mode: str, rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # rng: the device random state, which mode "absmax" advances for stochastic rounding (the ticket); always
+    # given (a mutable argument is never optional). Three results always (a mutating op returns a fixed tuple
+    # to be functionalized): modes "absmax" and "float" pad theirs with empty tensors. ``out_mode``: not
+    # ``mode``, a keyword of torch's auto_functionalized
+    with _rng.bound(rng):
+        return _three(_bwd_impl(dz, y, bnp, sums, inv, act, out_mode, bits, stochastic, pad_to, amax, out_dtype,
+                                channels_last_out, scale_mode), y)
+
+
+def _three(results, y):
+    return tuple(results) + tuple(y.new_empty((0,)) for _ in range(3 - len(results)))
+
+
+def _bwd_impl(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
+              scale_mode):
     if use_triton(dz, y) and y.numel() < 2**31:
         return list(_bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype,
                                 channels_last_out, scale_mode))
@@ -308,18 +323,18 @@ def _bwd_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, sums: Optional
 
 
 @_bwd_op.register_fake
-def _(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
-      scale_mode="shift", rng=None):
+def _(dz, y, bnp, sums, inv, act, out_mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
+      scale_mode, rng):
     N, C, H, W = y.shape
-    if mode == "absmax":
-        return [y.new_empty((2,), dtype=torch.int32)]
-    if mode == "float":
+    if out_mode == "absmax":
+        return _three([y.new_empty((2,), dtype=torch.int32)], y)
+    if out_mode == "float":
         fmt = torch.channels_last if channels_last_out else torch.contiguous_format
-        return [torch.empty((N, C, H, W), dtype=out_dtype, device=y.device, memory_format=fmt)]
+        return _three([torch.empty((N, C, H, W), dtype=out_dtype, device=y.device, memory_format=fmt)], y)
     Cp = C if pad_to <= 1 else -(-C // pad_to) * pad_to
     nhwc = torch.empty((N, Cp, H, W), dtype=torch.int8, device=y.device, memory_format=torch.channels_last)
     cm = torch.empty((Cp, N, H, W), dtype=torch.int8, device=y.device).permute(1, 0, 2, 3)
-    return [nhwc, cm, y.new_empty((), dtype=torch.float32)]
+    return nhwc, cm, y.new_empty((), dtype=torch.float32)
 
 
 def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, act=True, mode="codes", bits=8, stochastic=False, pad_to=16,
@@ -333,7 +348,8 @@ def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, act=True, mode="codes", bits=8,
         raise ValueError(f"mode={mode!r} is not supported; accepted: {', '.join(MODES)}")
     if mode == "codes" and amax is None:
         raise ValueError("mode='codes' needs the amax that mode='absmax' returned")
-    rng = _rng.device_state(y.device) if (stochastic and mode == "absmax") else None
+    rng = _rng.device_state(y.device)
     act_code(act)
-    return tuple(_bwd_op(dz, y, bnp, sums, inv, act, mode, int(bits), bool(stochastic), int(pad_to), amax,
-                         out_dtype, bool(channels_last_out), str(scale_mode), rng))
+    out = _bwd_op(dz, y, bnp, sums, inv, act, mode, int(bits), bool(stochastic), int(pad_to), amax, out_dtype,
+                  bool(channels_last_out), str(scale_mode), rng)
+    return out if mode == "codes" else out[:1]

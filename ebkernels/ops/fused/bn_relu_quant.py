@@ -25,12 +25,13 @@ import torch
 from ..._backend import use_triton
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
-from .._buffers import empty_output
-from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
+from .._buffers import absent, empty_output, present
+from .._launch import cdiv, ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
 from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, merge_group, moments_reference, publish_max,
                        sem_count, store_partials, tile_moments)
 from .._scale import scale_from_bits, scale_mode_code, scale_reference
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even, to_bfloat16_rne
+from .._dispatch import custom_op
 from .bn_math import BNP_ROWS, act_code, bn_act, bn_act_reference, bn_finalize_channels, finalize_reference, momentum_arg
 
 __all__ = ["bn_stats", "bn_relu_quant", "bn_stats_reference", "bn_relu_quant_reference"]
@@ -101,7 +102,7 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
     M = N * H * W
     xb = empty_output((N, C, H, W), torch.bfloat16, x.device, torch.channels_last)
     BP, CB = elementwise_tiles(C, 2048)  # the fp32 input, its bf16 copy and the moments: 2K elements
-    T, num_n = triton.cdiv(M, BP), triton.cdiv(C, CB)
+    T, num_n = cdiv(M, BP), cdiv(C, CB)
     group = merge_group(CB)
     space = ReductionSpace(MOMENTS, T, num_n, C, x.device, extra=2, group=group)
     bnp = empty_output((BNP_ROWS, C), torch.float32, x.device)
@@ -119,12 +120,14 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
 
 
 
-@torch.library.custom_op("ebkernels::bn_stats", mutates_args=("running_mean", "running_var"))
+@custom_op("ebkernels::bn_stats", mutates_args=("running_mean", "running_var"))
 def _bn_stats_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                 running_mean: torch.Tensor, running_var: torch.Tensor,
                  num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float], eps: float,
                  batch_stats: bool, update: bool, act: str, keep: Optional[torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # running_mean / running_var: ``absent`` when the BatchNorm keeps none (a mutable argument is never optional)
+    running_mean, running_var = present(running_mean), present(running_var)
     if use_triton(x) and x.numel() < 2**31:
         return _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                 batch_stats, update, act, keep)
@@ -149,7 +152,8 @@ def bn_stats(x, weight=None, bias=None, running_mean=None, running_var=None, num
     channels with ``keep[c] >= 0`` (all when ``keep`` is None). ``update``: move the running statistics
     as ``nn.BatchNorm2d`` in training (``num_batches_tracked`` is incremented by ``bn_relu_quant``). ``act``: the
     activation after the BatchNorm (``bn_math.ACTIVATIONS``), which max |z| is of."""
-    return _bn_stats_op(x, weight, bias, running_mean, running_var, num_batches_tracked,
+    return _bn_stats_op(x, weight, bias, absent(x) if running_mean is None else running_mean,
+                        absent(x) if running_var is None else running_var, num_batches_tracked,
                         None if momentum is None else float(momentum), float(eps), bool(batch_stats), bool(update),
                         _act(act), keep)
 
@@ -262,7 +266,7 @@ def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, s
         out = empty_output((N, K, H, W), out_dtype, y.device, torch.channels_last)
         scale = torch.ones((), dtype=torch.float32, device=y.device)
     BP, CB = elementwise_tiles(Kp)
-    grid = (triton.cdiv(M, BP), triton.cdiv(Kp, CB))
+    grid = (cdiv(M, BP), cdiv(Kp, CB))
     bn_relu_quant_kernel[grid](
         y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale if codes else bnp,
         num_batches_tracked if num_batches_tracked is not None else zmax_bits, M, K, Kp, C, H, W, *nhwc_rows(y),
@@ -272,12 +276,14 @@ def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, s
     return out, scale
 
 
-@torch.library.custom_op("ebkernels::bn_relu_quant", mutates_args=("num_batches_tracked", "cm"))
+@custom_op("ebkernels::bn_relu_quant", mutates_args=("num_batches_tracked", "cm"))
 def _bn_relu_quant_op(y: torch.Tensor, bnp: torch.Tensor, zmax_bits: torch.Tensor,
-                      num_batches_tracked: Optional[torch.Tensor], index: Optional[torch.Tensor], bits: int,
+                      num_batches_tracked: torch.Tensor, index: Optional[torch.Tensor], bits: int,
                       scale_mode: str, act: str, pad_to: int, out_dtype: Optional[torch.dtype],
-                      cm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    # cm: an int8 (N, Kp, H, W) tensor with channel-major memory that gets the codes too (same pass)
+                      cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # cm: an int8 (N, Kp, H, W) tensor with channel-major memory that gets the codes too (same pass); cm and
+    # num_batches_tracked: ``absent`` for none (a mutable argument is never optional)
+    num_batches_tracked, cm = present(num_batches_tracked), present(cm)
     if use_triton(y, bnp) and y.numel() < 2**31:
         return _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, act, pad_to,
                                      out_dtype, cm)
@@ -286,7 +292,7 @@ def _bn_relu_quant_op(y: torch.Tensor, bnp: torch.Tensor, zmax_bits: torch.Tenso
 
 
 @_bn_relu_quant_op.register_fake
-def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, act, pad_to, out_dtype, cm=None):
+def _(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, act, pad_to, out_dtype, cm):
     N, C, H, W = y.shape
     K = C if index is None else index.shape[0]
     if out_dtype is not None:
@@ -313,6 +319,7 @@ def bn_relu_quant(y, bnp, zmax_bits, num_batches_tracked=None, index=None, bits=
         N, _, H, W = y.shape
         K = y.shape[1] if index is None else index.numel()
         cm = empty_output((_padded(K, pad_to), N, H, W), torch.int8, y.device).permute(1, 0, 2, 3)
-    out = _bn_relu_quant_op(y, bnp, zmax_bits, num_batches_tracked, index, int(bits), str(scale_mode), str(act),
-                            int(pad_to), out_dtype, cm)
+    out = _bn_relu_quant_op(y, bnp, zmax_bits, absent(y) if num_batches_tracked is None else num_batches_tracked,
+                            index, int(bits), str(scale_mode), str(act), int(pad_to), out_dtype,
+                            absent(y) if cm is None else cm)
     return (*out, cm) if channel_major else out

@@ -38,8 +38,8 @@ import torch
 from ..._backend import use_triton
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
-from .._buffers import empty_output
-from .._launch import MAX_TERMS, NO_FP_FUSION, alignment, conv2d_output_size, nchw_strides, offsets_fit_int32
+from .._buffers import absent, empty_output, present
+from .._launch import cdiv, MAX_TERMS, NO_FP_FUSION, alignment, conv2d_output_size, nchw_strides, offsets_fit_int32
 from .._reduce import (GROUP as STATS_GROUP, MOMENTS, SUMS, TB as STATS_TB, ReductionSpace, finish_reduction,
                        moments_reference, publish_max, sem_count, store_partials, tile_moments, tile_sums)
 from .._tl import assume_conv_operands, decode_rows, to_bfloat16_rne
@@ -47,6 +47,7 @@ from ..gemm import tiles
 from ..gemm.conv import conv2d_int8_fwd_reference
 from ..gemm.host import inv_code_scales
 from ..gemm.mainloop import conv_forward_tile, grouped_tile_ids, k_steps
+from .._dispatch import custom_op
 from .bn_math import BNP_ROWS, act_code, bn_finalize_channels, bn_grad_in, finalize_reference, momentum_arg
 
 __all__ = ["conv2d_int8_bn_fwd", "conv2d_int8_bn_bwd_reduce", "conv2d_int8_bn_fwd_reference",
@@ -201,7 +202,7 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
     # the per-layer forward's tile (``gemm.tiles`` rules 1-3, 6), always one split: see the module docstring
     tile = tiles.conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation,
                                 sms=tiles.device_sms(qx.device)).tile
-    num_m, num_n = triton.cdiv(M, tile.BM), triton.cdiv(CO, tile.BN)
+    num_m, num_n = cdiv(M, tile.BM), cdiv(CO, tile.BN)
     space = ReductionSpace(MOMENTS if mode == 0 else SUMS, num_m, num_n, CO, qx.device, extra=2)
     i64 = not offsets_fit_int32(qx, y) or (dz is not None and not offsets_fit_int32(dz))
     if mode == 0:
@@ -235,13 +236,15 @@ def _triton_ok(qx, qw, *others) -> bool:
     return use_triton(qx, qw, *others) and qx.shape[1] * taps <= MAX_TERMS and qx.numel() < 2**31
 
 
-@torch.library.custom_op("ebkernels::conv2d_int8_bn_fwd", mutates_args=("running_mean", "running_var"))
+@custom_op("ebkernels::conv2d_int8_bn_fwd", mutates_args=("running_mean", "running_var"))
 def _fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
             stride: list[int], padding: list[int], dilation: list[int], bits_a: int, bits_w: int,
-            weight: Optional[torch.Tensor], beta: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
-            running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
+            weight: Optional[torch.Tensor], beta: Optional[torch.Tensor], running_mean: torch.Tensor,
+            running_var: torch.Tensor, num_batches_tracked: Optional[torch.Tensor],
             momentum: Optional[float], eps: float, batch_stats: bool, update: bool, act: str
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # running_mean / running_var: ``absent`` when the BatchNorm keeps none (a mutable argument is never optional)
+    running_mean, running_var = present(running_mean), present(running_var)
     if _triton_ok(qx, qw):
         return _launch(0, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight=weight, beta=beta,
                        running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
@@ -265,7 +268,7 @@ def _(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight, b
             qx.new_empty((BNP_ROWS, CO), dtype=torch.float32), qx.new_empty((1,), dtype=torch.int32))
 
 
-@torch.library.custom_op("ebkernels::conv2d_int8_bn_bwd_reduce", mutates_args=())
+@custom_op("ebkernels::conv2d_int8_bn_bwd_reduce", mutates_args=())
 def _bwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
             stride: list[int], padding: list[int], dilation: list[int], bits_a: int, bits_w: int, dz: torch.Tensor,
             bnp: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +294,8 @@ def conv2d_int8_bn_fwd(qx, qw, sx, sw, bias=None, stride=(1, 1), padding=(0, 0),
     moved."""
     act_code(act)
     return _fwd_op(qx, qw, sx, sw, bias, list(stride), list(padding), list(dilation), int(bits_a), int(bits_w), weight,
-                   beta, running_mean, running_var, num_batches_tracked,
+                   beta, absent(qx) if running_mean is None else running_mean,
+                   absent(qx) if running_var is None else running_var, num_batches_tracked,
                    None if momentum is None else float(momentum), float(eps), bool(batch_stats), bool(update), act)
 
 

@@ -23,8 +23,9 @@ from ..._backend import use_triton
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import empty_output
-from .._launch import ELEMENTWISE_WARPS, elementwise_tiles
+from .._launch import cdiv, ELEMENTWISE_WARPS, elementwise_tiles
 from .._tl import cast_rne, decode_rows
+from .._dispatch import custom_op
 
 __all__ = ["maxpool2d_int8", "maxpool2d_int8_backward", "maxpool2d_int8_reference",
            "maxpool2d_int8_backward_reference", "pool_output_size"]
@@ -159,7 +160,7 @@ def _fwd_triton(codes, k, s, p, ceil_mode):
     pos = empty_output((N, Cp, OH, OW), torch.int8, codes.device, torch.channels_last)
     P = N * OH * OW
     BP, CB = elementwise_tiles(Cp)
-    maxpool2d_int8_kernel[(triton.cdiv(P, BP), triton.cdiv(Cp, CB))](
+    maxpool2d_int8_kernel[(cdiv(P, BP), cdiv(Cp, CB))](
         codes, out, pos, P, Cp, H, W, OH, OW, codes.stride(0), codes.stride(1), codes.stride(2), codes.stride(3),
         s[0], s[1], p[0], p[1], KH=k[0], KW=k[1], BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS)
     return out, pos
@@ -172,13 +173,13 @@ def _bwd_triton(dp, pos, input_hw, channels, k, s, p):
     dx = empty_output((N, channels, H, W), dp.dtype, dp.device, torch.channels_last)
     M = N * H * W
     BP, CB = elementwise_tiles(channels)
-    maxpool2d_int8_bwd_kernel[(triton.cdiv(M, BP), triton.cdiv(channels, CB))](
+    maxpool2d_int8_bwd_kernel[(cdiv(M, BP), cdiv(channels, CB))](
         dp, pos, dx, M, channels, Cp, H, W, OH, OW, dp.stride(0), dp.stride(1), dp.stride(2), dp.stride(3), s[0], s[1],
         p[0], p[1], KH=k[0], KW=k[1], WH=-(-k[0] // s[0]), WW=-(-k[1] // s[1]), BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS)
     return dx
 
 
-@torch.library.custom_op("ebkernels::maxpool2d_int8", mutates_args=())
+@custom_op("ebkernels::maxpool2d_int8", mutates_args=())
 def _fwd_op(codes: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
             ceil_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(codes) and codes.numel() < 2**31:
@@ -195,7 +196,7 @@ def _(codes, kernel_size, stride, padding, ceil_mode):
     return out, torch.empty_like(out)
 
 
-@torch.library.custom_op("ebkernels::maxpool2d_int8_backward", mutates_args=())
+@custom_op("ebkernels::maxpool2d_int8_backward", mutates_args=())
 def _bwd_op(dp: torch.Tensor, pos: torch.Tensor, input_hw: list[int], channels: int, kernel_size: list[int],
             stride: list[int], padding: list[int], ceil_mode: bool) -> torch.Tensor:
     if use_triton(dp, pos) and pos.numel() < 2**31:

@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..._backend import use_triton
 from ...config import QConfig
 from .._launch import CHANNEL_PAD, MAX_TERMS, conv2d_output_size
-from ..gemm.conv import conv2d_int8_dgrad_op, conv2d_int8_fwd_op, weight_grad_op, weight_layout
+from ..gemm.conv import conv2d_int8_dgrad_op, conv2d_int8_fwd_op, weight_grad_op
 from ..gemm.host import quantize_two_layouts
 from ..quantize import quantize
 from ..weight_batch import KEEP_CODES_NUMEL, WeightItem, batched_weight_codes, weight_quant
@@ -99,12 +99,14 @@ class Saved:
 
 
 class Meta(NamedTuple):
-    """The block input's shape, dtype, real channels (after a gather) and layout."""
+    """The block input's shape, dtype, real channels (after a gather) and layout, and the weight's layout
+    (``weight_layout``: read in forward, as backward may not ask a tensor for its strides under torch.compile)."""
 
     x_shape: tuple
     x_dtype: torch.dtype
     cin: int
     channels_last: bool
+    weight_channels_last: bool = False
 
 
 class Error(NamedTuple):
@@ -370,7 +372,7 @@ def conv_backward(spec: BlockSpec, e: Error, saved: Saved, qc: QConfig, qx, qw_d
             # (written so by the codes' producer; a copy only where the input came from elsewhere)
             qx_w = qx_w.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
         gw = weight_grad_op(e.qe_cm, qx_w, e.se, saved.sx, list(weight.shape[2:]), stride, padding, dilation, 1, qc,
-                            [weight.shape[0], weight.shape[1]], weight_layout(weight)).to(weight.dtype)
+                            [weight.shape[0], weight.shape[1]], meta.weight_channels_last).to(weight.dtype)
     return gx, gw
 
 

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ... import _rng
 from ..._backend import use_triton
 from ..._checks import check_same_device, check_tensor
 from ...config import QConfig, as_qconfig
@@ -35,8 +36,10 @@ from ..quantize import dequantize, quantize
 from .conv_fwd_dgrad import _dgrad_triton, _fwd_triton
 from .conv_reference import conv2d_int8_dgrad_reference, conv2d_int8_fwd_reference, conv2d_int8_wgrad_reference
 from .conv_wgrad import _wgrad_triton
+from .._dispatch import custom_op
 from .host import (autocast_dtype, code_pad_multiple, is_channels_last, no_autocast, quantize_two_layouts,
-                   quantize_weight, quantize_weight_grad, refuse_double_backward, wgrad_uses_tma, x_channel_major)
+                   quantize_weight, quantize_weight_grad, refuse_double_backward, weight_layout, wgrad_uses_tma,
+                   x_channel_major)
 
 __all__ = ["qconv2d", "QConv2dFunction", "conv2d_int8_fwd", "conv2d_int8_dgrad", "conv2d_int8_wgrad",
            "conv2d_int8_fwd_reference", "conv2d_int8_dgrad_reference", "conv2d_int8_wgrad_reference",
@@ -67,7 +70,7 @@ def _cpu(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-@torch.library.custom_op("ebkernels::conv2d_int8_fwd", mutates_args=())
+@custom_op("ebkernels::conv2d_int8_fwd", mutates_args=())
 def conv2d_int8_fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: Optional[torch.Tensor],
                         sw: Optional[torch.Tensor], bias: Optional[torch.Tensor], stride: list[int],
                         padding: list[int], dilation: list[int], groups: int, bits_a: int, bits_w: int,
@@ -87,7 +90,7 @@ def _(qx, qw, sx, sw, bias, stride, padding, dilation, groups, bits_a, bits_w, o
                        device=qx.device, memory_format=memory_format(channels_last))
 
 
-@torch.library.custom_op("ebkernels::conv2d_int8_dgrad", mutates_args=())
+@custom_op("ebkernels::conv2d_int8_dgrad", mutates_args=())
 def conv2d_int8_dgrad_op(qe: torch.Tensor, qw: torch.Tensor, se: Optional[torch.Tensor],
                           sw: Optional[torch.Tensor], input_hw: list[int], stride: list[int],
                           padding: list[int], dilation: list[int], groups: int, bits_e: int, bits_w: int,
@@ -106,17 +109,24 @@ def _(qe, qw, se, sw, input_hw, stride, padding, dilation, groups, bits_e, bits_
                        device=qe.device, memory_format=memory_format(channels_last))
 
 
-@torch.library.custom_op("ebkernels::conv2d_int8_wgrad", mutates_args=("rng",))
+@custom_op("ebkernels::conv2d_int8_wgrad", mutates_args=("rng",))
 def conv2d_int8_wgrad_op(qe: torch.Tensor, qx: torch.Tensor, se: Optional[torch.Tensor],
                           sx: Optional[torch.Tensor], kernel_hw: list[int], stride: list[int],
                           padding: list[int], dilation: list[int], groups: int, bits_e: int, bits_a: int,
-                          out_dtype: torch.dtype, max_terms: int, bits_g: int = 0, rounding_g: str = "stochastic",
-                          out_channels: Optional[list[int]] = None, rng: Optional[torch.Tensor] = None,
+                          out_dtype: torch.dtype, max_terms: int, bits_g: int, rounding_g: str,
+                          out_channels: Optional[list[int]], rng: torch.Tensor,
                           channels_last: bool = False, mode_g: str = "shift") -> torch.Tensor:
     # bits_g > 0: the result is the G-quantized gradient (dequantized values, scale mode ``mode_g``) of its
     # real part [:out_channels[0], :out_channels[1]] (padded code channels dropped); rng: the device random
     # state its stochastic rounding advances; channels_last: the result in OHWI memory order (the weight's: autograd
     # then accumulates it without a layout copy)
+    with _rng.bound(rng):
+        return _wgrad_impl(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e, bits_a, out_dtype,
+                           max_terms, bits_g, rounding_g, out_channels, channels_last, mode_g)
+
+
+def _wgrad_impl(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e, bits_a, out_dtype, max_terms,
+                bits_g, rounding_g, out_channels, channels_last, mode_g):
     cout, cin = out_channels if out_channels else (qe.shape[1], qx.shape[1] // groups)
     gq = (bits_g, rounding_g, cout, cin, mode_g) if bits_g > 0 else None
     fmt = memory_format(channels_last)
@@ -134,8 +144,8 @@ def conv2d_int8_wgrad_op(qe: torch.Tensor, qx: torch.Tensor, se: Optional[torch.
 
 
 @conv2d_int8_wgrad_op.register_fake
-def _(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e, bits_a, out_dtype, max_terms, bits_g=0,
-      rounding_g="stochastic", out_channels=None, rng=None, channels_last=False, mode_g="shift"):
+def _(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, bits_e, bits_a, out_dtype, max_terms, bits_g,
+      rounding_g, out_channels, rng, channels_last=False, mode_g="shift"):
     cout, cin = out_channels if out_channels else (qe.shape[1], qx.shape[1] // groups)
     return torch.empty((cout, cin, *kernel_hw), dtype=torch.int64 if se is None else out_dtype, device=qe.device,
                        memory_format=memory_format(channels_last))
@@ -146,19 +156,10 @@ def weight_grad_op(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups,
     """The weight-grad of the autograd functions: integer GEMM, scales, and G quantization (``qc``) in one
     op; ``out_channels`` [Cout, Cin/groups]: the real part of padded code channels; ``channels_last``: in the
     weight's OHWI memory order (``weight_layout``)."""
-    from ... import _rng
-
-    bits_g = qc.bits_g or 0
-    rng = _rng.device_state(qe.device) if bits_g and qc.rounding_g == "stochastic" else None
     return conv2d_int8_wgrad_op(qe, qx, se, sx, kernel_hw, stride, padding, dilation, groups, qc.bits_e, qc.bits_a,
-                                 torch.float32, MAX_TERMS, bits_g, qc.rounding_g, list(out_channels), rng,
+                                 torch.float32, MAX_TERMS, qc.bits_g or 0, qc.rounding_g, list(out_channels),
+                                 _rng.device_state(qe.device),
                                  channels_last, qc.mode_eg)
-
-
-def weight_layout(weight: torch.Tensor) -> bool:
-    """Whether a weight is stored channels-last (OHWI) and not also contiguous (a 1×1 weight is both): its
-    gradient is then written channels-last, so that autograd accumulates it with no copy."""
-    return weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 def _pair(name, value, minimum):
@@ -210,7 +211,7 @@ def conv2d_int8_wgrad(qe, qx, kernel_hw, se=None, sx=None, stride=1, padding=0, 
     _check_codes(qe=qe, qx=qx)
     return conv2d_int8_wgrad_op(qe, qx, se, sx, [int(v) for v in kernel_hw], _pair("stride", stride, 1),
                                  _pair("padding", padding, 0), _pair("dilation", dilation, 1), groups, bits_e,
-                                 bits_a, out_dtype, max_terms)
+                                 bits_a, out_dtype, max_terms, 0, "nearest", None, _rng.device_state(qe.device))
 
 
 # --------------------------------------------------------------------------------------------------

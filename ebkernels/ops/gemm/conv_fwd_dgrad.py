@@ -13,7 +13,7 @@ import torch
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import split_workspace
-from .._launch import alignment, conv2d_output_size, memory_format, nchw_strides, offsets_fit_int32
+from .._launch import cdiv, alignment, conv2d_output_size, memory_format, nchw_strides, offsets_fit_int32
 from .._tl import assume_conv_operands, assume_multiple, decode_rows
 from . import tiles
 from .host import result_and_scale
@@ -144,7 +144,7 @@ def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, N
     if transposed:
         plan = tiles.conv_dgrad_plan(N, R, P, Q, NCOL, OP, OQ, KH, KW, stride, padding, dilation, sms=sms,
                                       max_terms=max_terms)
-        MQ, HQ, WQ = plan.mode["Mq"], triton.cdiv(OP, stride[0]), triton.cdiv(OQ, stride[1])
+        MQ, HQ, WQ = plan.mode["Mq"], cdiv(OP, stride[0]), cdiv(OQ, stride[1])
     else:
         plan = tiles.conv_fwd_plan(N, R, P, Q, NCOL, KH, KW, stride, padding, dilation, sms=sms, max_terms=max_terms)
         MQ, HQ, WQ = M, OP, OQ

@@ -16,7 +16,7 @@ import torch
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import split_workspace
-from .._launch import alignment, nchw_strides, offsets_fit_int32
+from .._launch import cdiv, alignment, nchw_strides, offsets_fit_int32
 from .._tl import assume_multiple, decode_rows, decode_tap, tap_input_coord
 from . import tiles
 from .conv_wgrad_tma import launch_wgrad_tma
@@ -212,7 +212,7 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     if tma is not None:
         tile, rows = tma
     BM, BN, BK = tile.BM, tile.BN, tile.BK
-    n_tiles = triton.cdiv(CO, BM) * tiles.wgrad_col_tiles(tile, C, taps)
+    n_tiles = cdiv(CO, BM) * tiles.wgrad_col_tiles(tile, C, taps)
     splits, per = tiles.wgrad_splits(N * rows.rows if rows else M, n_tiles,
                                       tiles.device_sms(qx.device) if tiles.on_gpu(qx.device) else None,
                                       max_terms, BK)

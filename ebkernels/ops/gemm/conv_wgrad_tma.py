@@ -31,7 +31,7 @@ import torch
 from ..._registry import aot_kernel
 from ..._triton import TensorDescriptor, tl, triton
 from .._buffers import empty_output
-from .._launch import alignment
+from .._launch import cdiv, alignment
 from .._tl import assume_multiple, decode_tap
 from . import tiles
 from .mainloop import finish_gemm_tile, grouped_tile_ids
@@ -182,7 +182,7 @@ def wgrad_tma_operands(qe, qx, rows: tiles.TmaRows, KW, padding, dilation):
         ed = empty_output((cop, N * rows.OHs, rows.OWs), torch.int8, qx.device)
     x_rows = N * rows.Hp * rows.OWs
     e_rows = 0 if ready else N * rows.rows
-    grid = (triton.cdiv(max(x_rows, e_rows), _COPY_BLOCK_R), triton.cdiv(max(cp, 0 if ready else cop), _COPY_BLOCK_C),
+    grid = (cdiv(max(x_rows, e_rows), _COPY_BLOCK_R), cdiv(max(cp, 0 if ready else cop), _COPY_BLOCK_C),
             KW + (not ready))
     wgrad_tma_operands_kernel[grid](qx, qe, xd, ed, C, cp, CO, cop, N, H, W, OH, OW, rows.Hp, rows.OHs, rows.OWs,
                                     padding[0], padding[1], dilation[1], *qx.stride(), *qe.stride(),

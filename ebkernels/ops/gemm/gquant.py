@@ -25,7 +25,7 @@ from ..._registry import aot_kernel
 from ..._rng import device_state
 from ..._triton import tl, triton
 from .._buffers import counter_pool
-from .._launch import filling_block
+from .._launch import cdiv, filling_block
 from .._scale import codes_of, scale_from_bits, scale_mode_code
 from ..quantize import as_4d, block_codes, block_elements, row_major
 
@@ -130,6 +130,6 @@ def gquant_finish(real: torch.Tensor, plan_args, mode: int, bits: int, stochasti
     gq, rng, n, d1, d2, d3, *strides = plan_args
     ls = row_major(as_4d(real)[0])
     block = filling_block(n, block_elements(False), 2 * real.element_size())
-    gquant_codes_kernel[(triton.cdiv(n, block),)](real, gq, rng, n, d1, d2, d3, *strides, *ls, BITS=bits,
+    gquant_codes_kernel[(cdiv(n, block),)](real, gq, rng, n, d1, d2, d3, *strides, *ls, BITS=bits,
                                                   STOCHASTIC=stochastic, SCALE_MODE=scale_mode_code(scale_g), BLOCK=block,
                                                   num_warps=8)

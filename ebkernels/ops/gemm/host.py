@@ -12,17 +12,16 @@ from typing import Optional
 import torch
 
 from ..._backend import use_triton
-from ..._triton import triton
 from ...config import QConfig
 from .._buffers import empty_output
-from .._launch import CHANNEL_PAD, code_channels, padded_channels
+from .._launch import CHANNEL_PAD, cdiv, code_channels, padded_channels
 from ..quantize import _check_args, _quantize_op, _seed_args, quantize, quantize_dequantize
 from . import tiles
 
 __all__ = ["split_reduction", "inv_code_scales", "result_and_scale", "F32_EXACT_SUM", "MAX_F32_CHUNKS", "f32_exact_terms",
            "f32_chunks", "exact_int_sums", "quantize_weight", "quantize_weight_grad", "quantize_two_layouts",
            "refuse_double_backward", "no_autocast", "autocast_dtype", "code_pad_multiple", "x_channel_major", "wgrad_uses_tma",
-           "is_channels_last"]
+           "is_channels_last", "weight_layout"]
 
 
 def split_reduction(length: int, n_tiles: int, BK: int, device: torch.device, max_terms: int, min_iters: int = 8):
@@ -75,7 +74,7 @@ def f32_chunks(total: int, unit_terms: int, exact_terms: int) -> Optional[int]:
     that float32 sums exactly, or None when that takes no chunk at all or more than ``MAX_F32_CHUNKS``
     (then float64)."""
     per = exact_terms // max(unit_terms, 1)
-    if per < 1 or triton.cdiv(total, per) > MAX_F32_CHUNKS:
+    if per < 1 or cdiv(total, per) > MAX_F32_CHUNKS:
         return None
     return per
 
@@ -177,3 +176,9 @@ def wgrad_uses_tma(gy, xa, w_shape, stride, padding, pad_e) -> bool:
 
 def is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def weight_layout(weight: torch.Tensor) -> bool:
+    """Whether a weight is stored channels-last (OHWI) and not also contiguous (a 1×1 weight is both): its
+    gradient is then written channels-last, so that autograd accumulates it with no copy."""
+    return weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()

@@ -20,13 +20,14 @@ from typing import Optional
 
 import torch
 
+from ... import _rng
 from ..._backend import use_triton
 from ..._checks import check_same_device, check_tensor
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from ...config import QConfig, as_qconfig
 from .._buffers import split_workspace
-from .._launch import MAX_TERMS, MIN_PROGRAMS, PROGRAM_BYTES, alignment
+from .._launch import cdiv, MAX_TERMS, MIN_PROGRAMS, PROGRAM_BYTES, alignment
 from .._tl import assume_multiple
 from ..quantize import dequantize, quantize
 from . import tiles
@@ -35,6 +36,7 @@ from .host import (autocast_dtype, exact_int_sums, f32_chunks, f32_exact_terms, 
                    quantize_weight, quantize_weight_grad, refuse_double_backward, result_and_scale,
                    split_reduction)
 from .mainloop import finish_gemm_tile, grouped_tile_ids
+from .._dispatch import custom_op
 
 __all__ = ["qlinear", "linear_int8_mm", "linear_int8_mm_reference", "QLinearFunction"]
 
@@ -176,14 +178,14 @@ def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_te
     strides = [st for st in (*a.stride(), *b.stride()) if st != 1]
     cfg = gemm_tiles(a.device, align=alignment((M, N, K, *strides), (a, b)))
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    n_tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    n_tiles = cdiv(M, BM) * cdiv(N, BN)
     splits, per = split_reduction(K, n_tiles, BK, a.device, max_terms)
     min_iters = 8
     moved = M * K + K * N + M * N * out.element_size() + (n_tiles * BM * BN * 8 if splits > 1 else 0)
     if tiles.on_gpu(a.device) and n_tiles * splits < MIN_PROGRAMS and moved >= 4 * PROGRAM_BYTES:
         cfg, min_iters = dict(GPU_TILES["small"]), 1  # a small grid over 256 KiB or more (see GPU_TILES)
         BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-        n_tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+        n_tiles = cdiv(M, BM) * cdiv(N, BN)
         splits, per = split_reduction(K, n_tiles, BK, a.device, max_terms, min_iters)
     # splits > 1: each adds its exact int32 tile into an int64 workspace, the last split of the tile
     # finishes it (epilogue, G quantization) in the same launch: no int32 partials, no finalize launch
@@ -226,13 +228,18 @@ def linear_int8_mm_reference(a, b, sa, sb, bias, bits_a: int, bits_b: int, out_d
     return y.to(out_dtype)
 
 
-@torch.library.custom_op("ebkernels::linear_int8_mm", mutates_args=("rng",))
+@custom_op("ebkernels::linear_int8_mm", mutates_args=("rng",))
 def _linear_int8_mm_op(a: torch.Tensor, b: torch.Tensor, sa: Optional[torch.Tensor],
                        sb: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits_a: int, bits_b: int,
-                       out_dtype: torch.dtype, max_terms: int, bits_g: int = 0, rounding_g: str = "stochastic",
-                       rng: Optional[torch.Tensor] = None, mode_g: str = "shift") -> torch.Tensor:
+                       out_dtype: torch.dtype, max_terms: int, bits_g: int, rounding_g: str, rng: torch.Tensor,
+                       mode_g: str = "shift") -> torch.Tensor:
     # bits_g > 0: the result G-quantized (a weight-grad, scale mode ``mode_g``); rng: the device random state
-    # it advances
+    # it advances (always given: a mutable argument is never optional)
+    with _rng.bound(rng):
+        return _linear_impl(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, bits_g, rounding_g, mode_g)
+
+
+def _linear_impl(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, bits_g, rounding_g, mode_g):
     gq = (bits_g, rounding_g, mode_g) if bits_g > 0 else None
     # the kernel's tile offsets are int32: operands past 2^31 elements take the reference path
     small = all((t.shape[0] - 1) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) < 2**31 for t in (a, b))
@@ -247,8 +254,7 @@ def _linear_int8_mm_op(a: torch.Tensor, b: torch.Tensor, sa: Optional[torch.Tens
 
 
 @_linear_int8_mm_op.register_fake
-def _(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, bits_g=0, rounding_g="stochastic", rng=None,
-      mode_g="shift"):
+def _(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, bits_g, rounding_g, rng, mode_g="shift"):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.int64 if sa is None else out_dtype)
 
 
@@ -270,7 +276,8 @@ def linear_int8_mm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor | None = N
     if (sa is None) != (sb is None):
         raise ValueError("linear_int8_mm: give both scales sa and sb, or neither (integer sums)")
     check_same_device(a=a, b=b, sa=sa, sb=sb, bias=bias)
-    return _linear_int8_mm_op(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms)
+    return _linear_int8_mm_op(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, 0, "nearest",
+                              _rng.device_state(a.device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,12 +344,8 @@ class QLinearFunction(torch.autograd.Function):
                 gx = (ef @ as_float(wa, sw, qc.bits_w)).to(x_dtype)
         if ctx.needs_input_grad[1]:
             if qe is not None and sx is not None:  # dW = Eᵀ X, reduction over the rows; G quantization fused
-                from ... import _rng
-
-                bits_g = qc.bits_g or 0
-                rng = _rng.device_state(qe.device) if bits_g and qc.rounding_g == "stochastic" else None
                 gw = _linear_int8_mm_op(qe.t(), xa, se, sx, None, qc.bits_e, qc.bits_a, torch.float32, MAX_TERMS,
-                                        bits_g, qc.rounding_g, rng, qc.mode_eg)
+                                        qc.bits_g or 0, qc.rounding_g, _rng.device_state(qe.device), qc.mode_eg)
             else:
                 if ef is None:
                     ef = as_float(qe, se, qc.bits_e) if qe is not None else gy.float()

@@ -2,8 +2,7 @@
 before the table (``tiles``): what ``python -m ebkernels.aot --plan`` prints."""
 from __future__ import annotations
 
-from ..._triton import triton
-from .._launch import MAX_TERMS, conv_out
+from .._launch import cdiv, MAX_TERMS, conv_out
 from .tiles import Plan, Tile, conv_dgrad_plan, conv_fwd_plan, conv_wgrad_plan, wgrad_splits
 
 __all__ = ["LEGACY", "legacy_plans", "layer_plans"]
@@ -23,13 +22,13 @@ def legacy_plans(N, C, H, W, CO, K, stride, pad, sms):
     OH, OW = conv_out(H, K, stride, pad, 1), conv_out(W, K, stride, pad, 1)
     M, MI, taps = N * OH * OW, N * H * W, K * K
     useful = M * CO * C * taps
-    fwd_p = triton.cdiv(M, 128) * triton.cdiv(CO, 128)
-    dgr_p = triton.cdiv(MI, 128) * triton.cdiv(C, 128)
-    wgr_p = triton.cdiv(COp, 128) * taps * triton.cdiv(Cp, 128)
-    fwd = Plan("fwd", t, fwd_p, 1, 0, fwd_p * taps * triton.cdiv(Cp, 64) * 128 * 128 * 64, useful)
-    dgr = Plan("dgrad", t, dgr_p, 1, 0, dgr_p * taps * triton.cdiv(COp, 64) * 128 * 128 * 64, useful)
+    fwd_p = cdiv(M, 128) * cdiv(CO, 128)
+    dgr_p = cdiv(MI, 128) * cdiv(C, 128)
+    wgr_p = cdiv(COp, 128) * taps * cdiv(Cp, 128)
+    fwd = Plan("fwd", t, fwd_p, 1, 0, fwd_p * taps * cdiv(Cp, 64) * 128 * 128 * 64, useful)
+    dgr = Plan("dgrad", t, dgr_p, 1, 0, dgr_p * taps * cdiv(COp, 64) * 128 * 128 * 64, useful)
     s, per = wgrad_splits(M, wgr_p, sms, MAX_TERMS)
-    wgr = Plan("wgrad", t, wgr_p, s, per, wgr_p * triton.cdiv(M, 64) * 128 * 128 * 64, useful)
+    wgr = Plan("wgrad", t, wgr_p, s, per, wgr_p * cdiv(M, 64) * 128 * 128 * 64, useful)
     return fwd, dgr, wgr
 
 

@@ -57,13 +57,12 @@ what runs):
 
 Under ``TRITON_INTERPRET=1`` the same table runs with ``INTERPRETER_SMS`` SMs (small, so that the exact
 tests' small shapes make it choose every tile: ``tests/test_tiles.py`` asks it).
-
 ``KernelSettings.plan_sms = N`` (default: the environment variable ``EBKERNELS_PLAN_SMS``, read at import;
 the cost model ``benchmarks/cost_model.py`` sets it, tests use ``config.override(plan_sms=132)``): plan every
 launch as the priced GPU runs it, whatever executes it: an sm_90 card (H100 / H200) with N SMs (132 for
 both), so that a launch recorded under the interpreter is the GPU's launch: the GPU tile table with N SMs
 for the grid fill and the split rules, rule 8's TMA weight-grad, the Linear's GPU tiles (``on_gpu`` and
-``device_sms`` say so; ``linear.gemm_tiles`` asks ``on_gpu``). None or 0: off.
+``device_sms`` say so; ``linear.gemm_tiles`` asks ``on_gpu``). None or 0: off. Plans: one per shape (``cached_plan``).
 """
 from __future__ import annotations
 
@@ -74,9 +73,8 @@ from typing import Optional
 
 import torch
 
-from ..._triton import triton
 from ...config import kernel_settings
-from .._launch import MAX_TERMS, conv_out
+from .._launch import MAX_TERMS, cached_plan, cdiv, conv_out
 
 __all__ = ["Tile", "Plan", "MAX_TERMS", "SMS_H100", "INTERPRETER_SMS", "device_sms", "on_gpu", "IGEMM_TILES",
            "WGRAD_TILES", "declared_tiles", "conv_fwd_plan", "conv_dgrad_plan", "conv_wgrad_plan", "igemm_tile",
@@ -100,9 +98,7 @@ class Tile:
     num_stages: int = 4
     GROUP_M: int = 8
 
-    @property
-    def name(self) -> str:
-        return f"{self.BM}x{self.BN}x{self.BK}{'f' if self.flat else ''}/w{self.num_warps}"
+    name = property(lambda self: f"{self.BM}x{self.BN}x{self.BK}{'f' if self.flat else ''}/w{self.num_warps}")
 
     def aot(self) -> dict:
         """Constexprs plus warps/stages, the form an ``@aot_kernel`` configuration takes."""
@@ -213,9 +209,9 @@ def igemm_tile(row_tiles, NCOL: int, R: int, sms: int) -> Tile:
     flat = R % 64 != 0
     BK = 32 if flat else 64
     BM = 128
-    if row_tiles(128) * triton.cdiv(NCOL, BN) < GRID_FILL * sms or (R % 16 and BN == 128):
+    if row_tiles(128) * cdiv(NCOL, BN) < GRID_FILL * sms or (R % 16 and BN == 128):
         BM = 64
-    if row_tiles(BM) * triton.cdiv(NCOL, BN) < GRID_FILL * sms and BN == 128:
+    if row_tiles(BM) * cdiv(NCOL, BN) < GRID_FILL * sms and BN == 128:
         BN = 64
     return _find(IGEMM_TILES, BM, BN, BK, flat)
 
@@ -223,8 +219,8 @@ def igemm_tile(row_tiles, NCOL: int, R: int, sms: int) -> Tile:
 def k_iters(tile: Tile, n_taps: int, R: int) -> int:
     """K steps over ``n_taps`` taps of R channels: flat ceil(taps·R / BK), else taps·ceil(R / BK)."""
     if tile.flat:
-        return triton.cdiv(n_taps * R, tile.BK)
-    return n_taps * triton.cdiv(R, tile.BK)
+        return cdiv(n_taps * R, tile.BK)
+    return n_taps * cdiv(R, tile.BK)
 
 
 MIN_SPLIT_ITERS = 4  # a split of a forward / input-grad reduction keeps at least this many K steps
@@ -237,21 +233,22 @@ def k_split(iters: int, tile: Tile, R: int, max_terms: int, programs: int = 0, s
     to ``sms`` CTAs, each split keeping ``MIN_SPLIT_ITERS`` K steps."""
     terms = tile.BK if tile.flat else min(tile.BK, R)
     per = max(1, max_terms // max(terms, 1))
-    splits = triton.cdiv(max(iters, 1), per)
+    splits = cdiv(max(iters, 1), per)
     if programs and 2 * programs < sms and iters >= 2 * MIN_SPLIT_ITERS:
-        splits = max(splits, min(triton.cdiv(sms, programs), iters // MIN_SPLIT_ITERS))
-    per = triton.cdiv(max(iters, 1), splits)
-    return triton.cdiv(max(iters, 1), per), per
+        splits = max(splits, min(cdiv(sms, programs), iters // MIN_SPLIT_ITERS))
+    per = cdiv(max(iters, 1), splits)
+    return cdiv(max(iters, 1), per), per
 
 
+@cached_plan
 def conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation, *, sms, max_terms=MAX_TERMS,
                   cin_real=None, cout_real=None) -> Plan:
     """Forward ``Y[N·OH·OW, CO] = X̃ · Wᵀ``, R = C channels per tap as stored (``cin_real``/``cout_real``:
     the layer's own channel counts when the codes are padded)."""
     OH, OW = conv_out(H, KH, stride[0], padding[0], dilation[0]), conv_out(W, KW, stride[1], padding[1], dilation[1])
     M = N * OH * OW
-    tile = igemm_tile(lambda bm: triton.cdiv(M, bm), CO, C, sms)
-    programs = triton.cdiv(M, tile.BM) * triton.cdiv(CO, tile.BN)
+    tile = igemm_tile(lambda bm: cdiv(M, bm), CO, C, sms)
+    programs = cdiv(M, tile.BM) * cdiv(CO, tile.BN)
     iters = k_iters(tile, KH * KW, C)
     splits, per = k_split(iters, tile, C, max_terms, programs, sms)
     issued = programs * iters * tile.BM * tile.BN * tile.BK
@@ -259,6 +256,7 @@ def conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation, *, sms, max
     return Plan("fwd", tile, programs, splits, per, issued, useful, {"M": M})
 
 
+@cached_plan
 def conv_dgrad_plan(N, CO, OH, OW, C, H, W, KH, KW, stride, padding, dilation, *, sms, max_terms=MAX_TERMS,
                     cin_real=None, cout_real=None) -> Plan:
     """Input-grad ``dX[N·H·W, C]`` from E (N, CO, OH, OW), R = CO channels per tap, by phases: the grid is
@@ -266,9 +264,9 @@ def conv_dgrad_plan(N, CO, OH, OW, C, H, W, KH, KW, stride, padding, dilation, *
     ph_h = dgrad_phase_taps(KH, stride[0], padding[0], dilation[0])
     ph_w = dgrad_phase_taps(KW, stride[1], padding[1], dilation[1])
     phases = stride[0] * stride[1]
-    Mq = N * triton.cdiv(H, stride[0]) * triton.cdiv(W, stride[1])
-    tile = igemm_tile(lambda bm: phases * triton.cdiv(Mq, bm), C, CO, sms)
-    per_phase = triton.cdiv(Mq, tile.BM) * triton.cdiv(C, tile.BN)
+    Mq = N * cdiv(H, stride[0]) * cdiv(W, stride[1])
+    tile = igemm_tile(lambda bm: phases * cdiv(Mq, bm), C, CO, sms)
+    per_phase = cdiv(Mq, tile.BM) * cdiv(C, tile.BN)
     iters = [k_iters(tile, a[1] * b[1], CO) for a in ph_h for b in ph_w]
     splits, per = k_split(max(iters), tile, CO, max_terms, phases * per_phase, sms)
     issued = per_phase * sum(iters) * tile.BM * tile.BN * tile.BK
@@ -287,7 +285,7 @@ def wgrad_tile(CO: int, C: int, align: int = 16, taps: int = 1) -> Tile:
     BM = pow2_at_least(CO, 16, 128)
     if C < 16:
         cols = taps * C
-        BN = min((16, 32, 64, 128), key=lambda b: (triton.cdiv(cols, b) * b, -b))
+        BN = min((16, 32, 64, 128), key=lambda b: (cdiv(cols, b) * b, -b))
         while BM * BN > WGRAD_UNALIGNED_MAX[True]:  # the per-column gather: larger flat tiles spill
             BM //= 2
         return _find(WGRAD_TILES, BM, BN, 32, True)
@@ -333,8 +331,8 @@ def wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, padding, C, CO, tile: Tile) 
             or N * H * W == 0):
         return None
     BH, BW = WGRAD_TMA_BOXES[0] if OW > 32 else WGRAD_TMA_BOXES[1] if OW > 16 else WGRAD_TMA_BOXES[2]
-    g = TmaRows(BH, BW, triton.cdiv(OH, BH) * BH, triton.cdiv(OW, BW) * BW, H + 2 * padding[0],
-                triton.cdiv(C, tile.BN) * tile.BN, triton.cdiv(CO, tile.BM) * tile.BM)
+    g = TmaRows(BH, BW, cdiv(OH, BH) * BH, cdiv(OW, BW) * BW, H + 2 * padding[0],
+                cdiv(C, tile.BN) * tile.BN, cdiv(CO, tile.BM) * tile.BM)
     if OH * OW < WGRAD_TMA_MIN_USEFUL * g.rows or N * g.Hp < BH:  # (no box taller than the input copies)
         return None
     return g
@@ -370,20 +368,21 @@ def wgrad_tma_wanted(device: Optional[torch.device]) -> bool:
 
 def wgrad_col_tiles(tile: Tile, C: int, taps: int) -> int:
     """Column tiles of a weight-grad: over taps·C flat columns, or taps × ceil(C / BN)."""
-    return triton.cdiv(taps * C, tile.BN) if tile.flat else taps * triton.cdiv(C, tile.BN)
+    return cdiv(taps * C, tile.BN) if tile.flat else taps * cdiv(C, tile.BN)
 
 
 def wgrad_splits(P: int, programs: int, sms: Optional[int], max_terms: int, BK: int = WGRAD_BK, min_iters: int = 8):
     """(splits, rows per split) of a reduction over P rows: each at most ``max_terms`` rows (int32-exact), a
     multiple of BK; with ``sms`` (a GPU), more while under two tiles per SM, each >= ``min_iters`` steps."""
     max_terms = max(BK, max_terms // BK * BK)
-    splits = triton.cdiv(P, max_terms)
+    splits = cdiv(P, max_terms)
     if sms:
-        splits = max(splits, min(triton.cdiv(2 * sms, max(programs, 1)), triton.cdiv(P, min_iters * BK)))
-    per = triton.cdiv(triton.cdiv(max(P, 1), splits), BK) * BK
-    return triton.cdiv(max(P, 1), per), per
+        splits = max(splits, min(cdiv(2 * sms, max(programs, 1)), cdiv(P, min_iters * BK)))
+    per = cdiv(cdiv(max(P, 1), splits), BK) * BK
+    return cdiv(max(P, 1), per), per
 
 
+@cached_plan
 def conv_wgrad_plan(N, C, H, W, CO, OH, OW, KH, KW, *, sms, max_terms=MAX_TERMS, cin_real=None,
                     cout_real=None, stride=(1, 1), padding=(0, 0), tma=False) -> Plan:
     """Weight-grad ``dW[CO, KH·KW·C] = Eᵀ · X̃`` reducing over P = N·OH·OW rows (``sms`` None: no fill);
@@ -393,8 +392,8 @@ def conv_wgrad_plan(N, C, H, W, CO, OH, OW, KH, KW, *, sms, max_terms=MAX_TERMS,
     tile = wgrad_tile(CO, C, 16 if C % 16 == 0 else 1, taps)
     rows = wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, padding, C, CO, tile) if tma else None
     Pr = N * rows.rows if rows else P
-    programs = triton.cdiv(CO, tile.BM) * wgrad_col_tiles(tile, C, taps)
+    programs = cdiv(CO, tile.BM) * wgrad_col_tiles(tile, C, taps)
     splits, per = wgrad_splits(Pr, programs, sms, max_terms, tile.BK)
-    issued = programs * triton.cdiv(Pr, tile.BK) * tile.BM * tile.BN * tile.BK
+    issued = programs * cdiv(Pr, tile.BK) * tile.BM * tile.BN * tile.BK
     useful = P * (cout_real or CO) * (cin_real or C) * taps
     return Plan("wgrad", tile, programs, splits, per, issued, useful, {"P": Pr, "tma": rows})
