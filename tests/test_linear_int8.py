@@ -252,13 +252,16 @@ def test_qlinear_torch_compile(device):
     qc = QConfig(bits_g=None)  # E rounded stochastically (the default): from the device random state, which
     _rng.device_state(device)  # torch.compile traces a lookup of, not its creation (a host seed)
     compiled = torch.compile(lambda x, w, b: qlinear(x, w, b, qc), backend="aot_eager", fullgraph=True)
-    y = compiled(x, w, b)
-    torch.testing.assert_close(y, qlinear(x, w, b, qc), rtol=0, atol=0)
     state = _rng.get_state()
+    y = compiled(x, w, b)
+    # (no eager stochastic op between the compiled forward and its backward: the compiled graph keeps the
+    # random state for its backward, and autograd refuses a saved tensor changed in between)
     y.sum().backward()
     gx = x.grad.clone()
     x.grad = None
     _rng.set_state(state)  # the same ticket: the same stochastic E codes
-    qlinear(x, w, b, qc).sum().backward()
+    y_eager = qlinear(x, w, b, qc)
+    torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
+    y_eager.sum().backward()
     torch.testing.assert_close(gx, x.grad, rtol=0, atol=0)
     assert ebkernels.qlinear is qlinear

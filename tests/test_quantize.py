@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ebkernels
+from ebkernels import _rng
 from ebkernels.ops._buffers import poison
 from ebkernels.ops.quantize import _quantize_op, quantize_reference, quantize_triton
 from ebkernels.ops._scale import shift_scale_reference
@@ -198,7 +199,9 @@ def test_dequantize(device):
 
 def test_fake_impl_and_schema():
     x = torch.randn(2, 3, 4, 5)
-    torch.library.opcheck(_quantize_op, (x, 8, False, "shift", 0, True),
+    # every argument given: the mutated ones (rng, cm) are never optional (``ops._buffers.absent``)
+    rng, no_cm = _rng.device_state(x.device), x.new_empty((0,), dtype=torch.int8)
+    torch.library.opcheck(_quantize_op, (x, 8, False, "shift", 0, True, 0, False, rng, no_cm),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -265,5 +268,6 @@ def test_pad_channels_codes_exact_and_pad_zero(device, poisoned, cl, rounding):
 
 def test_fake_impl_and_schema_padded():
     x = torch.randn(2, 3, 4, 5)
-    torch.library.opcheck(_quantize_op, (x, 8, False, "absmax", 0, True, 16),
+    rng, no_cm = _rng.device_state(x.device), x.new_empty((0,), dtype=torch.int8)
+    torch.library.opcheck(_quantize_op, (x, 8, False, "absmax", 0, True, 16, False, rng, no_cm),
                           test_utils=("test_schema", "test_faketensor"))
