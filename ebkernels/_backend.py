@@ -21,12 +21,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernels should handle these tensors."""
-    if not HAS_TRITON or kernel_settings().backend == "reference":
+    if not tensors or not HAS_TRITON or kernel_settings().backend == "reference":
         return False
-    devs = {t.device.type for t in tensors}
-    if devs == {"cuda"}:
+    # every tensor on CUDA, or (interpreter) every one on the CPU; ``is_cuda`` / ``is_cpu`` rather than a set of
+    # ``device.type`` strings: this runs for every launch (issue 20 item 5, host time)
+    if all(t.is_cuda for t in tensors):
         return True
-    return INTERPRET and devs == {"cpu"}
+    return INTERPRET and all(t.is_cpu for t in tensors)
 
 
 def force_backend(name: str):

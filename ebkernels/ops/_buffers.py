@@ -12,9 +12,10 @@ import torch
 
 from ..config import kernel_settings
 
-__all__ = ["empty_output", "poison", "counter_pool", "split_workspace", "absent", "present"]
+__all__ = ["empty_output", "poison", "counter_pool", "counter_slice", "split_workspace", "absent", "present"]
 
 _POOLS: dict = {}
+_SLICES: dict = {}  # (pool key, start, stop) -> a view of the pool now under that key (``counter_slice``)
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:
@@ -46,24 +47,52 @@ def present(t: torch.Tensor):
     return t if t.numel() else None
 
 
+_ON_CUDA: dict = {}  # torch.device -> whether it is a CUDA device (``device.type`` costs more than a lookup)
+
+
+def _pool_key(device, dtype: torch.dtype):
+    """(device, stream, dtype): a pool per stream (launches on one stream run one after the other)."""
+    if type(device) is not torch.device:
+        device = torch.device(device)
+    cuda = _ON_CUDA.get(device)
+    if cuda is None:
+        cuda = _ON_CUDA[device] = device.type == "cuda"
+    if cuda:
+        return (device, torch.cuda.current_stream(device).cuda_stream, dtype)
+    return (device, 0, dtype)
+
+
 def counter_pool(device, n: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """``n`` counters (``dtype``: int32, or int64 for the split-K workspaces) that are zero, and that every
     kernel using them leaves zero again (the last program to count itself in resets what it used): one pool
     per device, stream and dtype, shared by every launch on that stream (launches on a stream run one after
     the other), so no launch needs a memset. Grows (a new zeroed tensor) when a launch needs more."""
-    device = torch.device(device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream) if dtype == torch.int32 else (str(device), stream, dtype)
+    key = _pool_key(device, dtype)
     pool = _POOLS.get(key)
     if pool is None or pool.numel() < n:
         pool = torch.zeros(max(n, 1024, 2 * (pool.numel() if pool is not None else 0)), dtype=dtype,
                            device=device)
         _POOLS[key] = pool
+        _SLICES.clear()  # views of the pool it replaces
     return pool
+
+
+def counter_slice(device, start: int, stop: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """``counter_pool(device, stop, dtype)[start:stop]``, the view kept for the next launch that asks for the
+    same range (a slice costs ~1.5 µs on the host, several per launch: issue 20 item 5)."""
+    key = _pool_key(device, dtype)
+    pool = _POOLS.get(key)
+    view = _SLICES.get((key, start, stop))
+    if view is None or view._base is not pool:  # none yet, or a view of a pool since replaced
+        pool = counter_pool(device, stop, dtype)
+        if len(_SLICES) >= 4096:
+            _SLICES.clear()
+        view = _SLICES[(key, start, stop)] = pool[start:stop]
+    return view
 
 
 def split_workspace(programs: int, splits: int, BM: int, BN: int, device: torch.device) -> torch.Tensor:
     """The int64 workspace of ``split_fixup``, zero at launch and left zero by it (``counter_pool``): one
     BM×BN tile per program, then one semaphore per program (a one-element dummy for one split)."""
     n = 1 if splits <= 1 else programs * (BM * BN + 1)
-    return counter_pool(device, n, torch.int64)[:n]
+    return counter_slice(device, 0, n, torch.int64)

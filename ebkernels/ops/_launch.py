@@ -46,8 +46,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _frozen(v):
-    return tuple(v) if isinstance(v, list) else v
+def _key(args) -> tuple:
+    """``args`` with every list as a tuple (hashable); a plain loop: this runs for every launch."""
+    out = []
+    for a in args:
+        out.append(tuple(a) if type(a) is list else a)
+    return tuple(out)
 
 
 def cached_plan(fn):
@@ -58,7 +62,7 @@ def cached_plan(fn):
 
     @functools.wraps(fn)
     def plan(*args, **kwargs):
-        key = (tuple(_frozen(a) for a in args), tuple((k, _frozen(v)) for k, v in kwargs.items()))
+        key = (_key(args), tuple((k, tuple(v) if type(v) is list else v) for k, v in kwargs.items()) if kwargs else ())
         hit = cache.get(key)
         if hit is None:
             if len(cache) >= 4096:
@@ -142,9 +146,17 @@ def nhwc_rows(t):
 
 def offsets_fit_int32(*tensors) -> bool:
     """Whether every element offset of every tensor fits int32 (then the kernels keep 32-bit offsets)."""
-    return all(sum((d - 1) * abs(st) for d, st in zip(t.shape, t.stride()) if d > 0) < 2**31 for t in tensors)
+    for t in tensors:  # plain loops: this runs for every launch (issue 20 item 5, host time)
+        last = 0
+        for d, st in zip(t.shape, t.stride()):
+            if d > 0:
+                last += (d - 1) * abs(st)
+        if last >= 2**31:
+            return False
+    return True
 
 
+@functools.lru_cache(maxsize=4096)
 def elementwise_tiles(C: int, elements: int = 4096):
     """(rows, channels) per program of the per-element BatchNorm kernels: whole 16-byte channel runs,
     about ``elements`` elements (4K; 2K for the kernels with more live state per element)."""

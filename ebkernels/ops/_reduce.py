@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .._triton import tl, triton
-from ._buffers import counter_pool, empty_output
+from ._buffers import counter_slice, empty_output
 
 __all__ = ["GROUP", "TB", "merge_group", "MOMENTS", "SUMS", "tile_moments", "tile_sums", "store_partials", "finish_reduction",
            "sem_count", "publish_max", "ReductionSpace", "moments_reference"]
@@ -229,8 +229,10 @@ class ReductionSpace:
         self.part = empty_output((parts, tiles, C), dtype=torch.float32, device=device)
         self.grp = empty_output((max(1, parts * sum(levels[:-1]) * C),), dtype=torch.float32, device=device)
         n_sem = sum(levels) * col_blocks
-        pool = counter_pool(device, n_sem + extra)
-        self.sem, self.extra_sem = pool[:n_sem], pool[n_sem:n_sem + max(extra, 1)]
+        # the kernels address the extra counters from ``sem`` (one pool): the higher range first, so that a pool
+        # that has to grow grows before either view is taken
+        self.extra_sem = counter_slice(device, n_sem, n_sem + max(extra, 1))
+        self.sem = counter_slice(device, 0, n_sem)
         self.out = empty_output((parts, C), dtype=torch.float32, device=device)
 
     @staticmethod

@@ -24,7 +24,7 @@ import torch
 from ..._registry import aot_kernel
 from ..._rng import device_state
 from ..._triton import tl, triton
-from .._buffers import counter_pool
+from .._buffers import counter_slice
 from .._launch import cdiv, filling_block
 from .._scale import codes_of, scale_from_bits, scale_mode_code
 from ..quantize import as_4d, block_codes, block_elements, row_major
@@ -115,7 +115,7 @@ def gquant_plan(real: torch.Tensor, bits_g: int, rounding_g: str, scale_g: str =
     if out is not None and scale_g == "shift" and single_tile_mode(real, out, n_tiles):
         rng = device_state(real.device) if stochastic else out
         return (out, rng, 0, 1, 1, 1, 0, 0, 0, 0), 2, stochastic
-    gq = counter_pool(real.device, 3)[:3]  # [counter, max bits, ticket]: zero; the codes pass leaves them zero
+    gq = counter_slice(real.device, 0, 3)  # [counter, max bits, ticket]: zero; the codes pass leaves them zero
     rng = device_state(real.device) if stochastic else gq
     sizes, strides = as_4d(real)
     return (gq, rng, real.numel(), sizes[1], sizes[2], sizes[3], *strides), 1, stochastic
