@@ -3,8 +3,10 @@
 advanced identically; the direct path and the registered op give the same results.
 
 Small models keep the file fast on CPU: a conv-BN-ReLU chain with an int8 head (fused: inductor, the default
-backend; per-layer: aot_eager) and a pre-activation residual network (fused, aot_eager). The full models (VGG,
+backend; per-layer: aot_eager; cold and warm) and a pre-activation residual network (fused, aot_eager, cold). The full models (VGG,
 PreResNet, torchvision ResNet, fused and per-layer, inductor) run in ``benchmarks/compile_matrix.py``."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import ebkernels
-from ebkernels import _rng
+from ebkernels import _rng, force_backend
 from ebkernels.fusion import fused_chains
 from ebkernels.models import build_model
 from ebkernels.ops import _dispatch
@@ -51,22 +53,8 @@ def _same(a, b, what):
     assert len(ga) == len(gb) and all(torch.equal(u, v) for u, v in zip(ga, gb)), f"{what}: gradients differ"
 
 
-# fused: inductor (the default backend); per-layer: aot_eager (inductor re-derives nn.BatchNorm2d's float math,
-# so only the same ops give the same bits: benchmarks/compile_matrix.py runs it with inductor too, within 1 ulp)
-@pytest.mark.parametrize("build,fuse,backend", [(_chain, True, "inductor"), (_chain, False, "aot_eager"),
-                                                (_preresnet, True, "aot_eager")],
-                         ids=["chain-fused-inductor", "chain-per-layer-aot_eager", "preresnet-fused-aot_eager"])
-def test_compiled_quantized_model_matches_eager_cold_and_warm(build, fuse, backend):
-    s = fresh_seed()
-    x = torch.randn((2, 1, 8, 8), generator=gen(s))
-    a, b = _model(build, fuse, s), _model(build, fuse, s)
-    if fuse:
-        assert fused_chains(a), "nothing fused: the test would not compile the fused blocks"
-    torch._dynamo.reset()
-    counters.clear()
-    counted = CompileCounterWithBackend(backend)
-    pa, pb = list(a.parameters()), list(b.parameters())
-    # cold: a compiled before it ever ran; b eager
+def _compiled_cold(a, b, x, s, counted):
+    """a compiled before it ever ran, two steps; b eager: the same outputs, gradients, buffers, random state."""
     ca = torch.compile(a, fullgraph=True, backend=counted)
     ebkernels.manual_seed(s % 1000)
     got = [_step(ca, a, x), _step(ca, a, x)]
@@ -77,16 +65,41 @@ def test_compiled_quantized_model_matches_eager_cold_and_warm(build, fuse, backe
     for i in range(2):
         _same(got[i], want[i], f"seed={s} cold step {i}")
     assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
-    # warm: b compiled after its eager steps; a (same state) eager
+
+
+def _compiled_warm(a, b, x, s, counted):
+    """b (after its eager steps) compiled; a, in the same state, eager."""
     cb = torch.compile(b, fullgraph=True, backend=counted)
     ebkernels.manual_seed(s % 1000 + 1)
     got = _step(cb, b, x)
     ebkernels.manual_seed(s % 1000 + 1)
     _same(got, _step(a, a, x), f"seed={s} warm")
+
+
+# The conv chain: fused on inductor (the default backend) and per-layer on aot_eager (inductor re-derives
+# nn.BatchNorm2d's float math, so only the same ops give the same bits: benchmarks/compile_matrix.py runs it with
+# inductor, within an ulp or so), cold and warm, the int8 kernels under the Triton interpreter. The pre-activation
+# residual network: fused, cold, on aot_eager and the PyTorch reference path (the interpreter costs ~6 s a step).
+@pytest.mark.parametrize("build,fuse,backend,warm", [(_chain, True, "inductor", True),
+                                                     (_chain, False, "aot_eager", True),
+                                                     (_preresnet, True, "aot_eager", False)],
+                         ids=["chain-fused-inductor", "chain-per-layer-aot_eager", "preresnet-fused-aot_eager"])
+def test_compiled_quantized_model_matches_eager(build, fuse, backend, warm):
+    s = fresh_seed()
+    x = torch.randn((2, 1, 8, 8), generator=gen(s))
+    a, b = _model(build, fuse, s), _model(build, fuse, s)
+    if fuse:
+        assert fused_chains(a), "nothing fused: the test would not compile the fused blocks"
+    torch._dynamo.reset()
+    counters.clear()
+    counted = CompileCounterWithBackend(backend)
+    with contextlib.nullcontext() if warm else force_backend("reference"):
+        _compiled_cold(a, b, x, s, counted)
+        if warm:
+            _compiled_warm(a, b, x, s, counted)
     assert not counters["graph_break"], dict(counters["graph_break"])
     # one graph for each model at most (the per-layer models share their forward's code: one), no recompilation
     assert 1 <= counted.frame_count <= 2, counted.frame_count
-    assert [p.grad for p in pa + pb] == [None] * (len(pa) + len(pb))
 
 
 def test_direct_path_and_registered_op_agree_and_compile_uses_the_op(monkeypatch):
