@@ -178,7 +178,8 @@ def test_compile_runs_the_int8_search_as_eager_does(tmp_path, monkeypatch):
     compiled = []
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw) or real(m, **kw))
-    args = TINY + ["--precision", "int8", "--epochs", "1", "--retrain-epochs", "0", "--train-subset", "128", "--quiet"]
+    args = TINY + ["--precision", "int8", "--epochs", "1", "--retrain-epochs", "0", "--train-subset", "64",
+                   "--test-subset", "32", "--bn-recal-batches", "1", "--quiet"]
     assert main(args + ["--compile", "--compile-backend", "aot_eager", "--out", str(tmp_path / "c")]) == 0
     assert compiled == [{"fullgraph": True, "backend": "aot_eager", "mode": None}]
     assert main(args + ["--out", str(tmp_path / "e")]) == 0
@@ -243,6 +244,10 @@ def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
     (["--coupled", "most"], "--coupled 'most' is not supported; accepted: majority, any, all"),
     (["--model", "torchvision:resnet18"], "--width 0.125 is for ebkernels' own models; torchvision:resnet18 is "
                                           "built at torchvision's widths"),
+    (["--compile", "--compile-backend", "eager"], "--compile-backend 'eager' is not supported; accepted: inductor, "
+                                                  "aot_eager"),
+    (["--compile-backend", "aot_eager"], "--compile-backend aot_eager sets the backend of --compile; accepted: with "
+                                         "--compile"),
 ] + ([] if torch.cuda.is_available() else [
     (["--cuda-graphs"], "--cuda-graphs needs a CUDA device; this run uses cpu"),
 ]))
