@@ -9,6 +9,9 @@ For each model, fused (``quantize_model(m)``) and per-layer (``fuse=False``): gr
 
 Each row: pass (it compiled and ran), graph breaks, and bit-identical outputs, gradients, buffers (BatchNorm
 running statistics) and random state, else the largest absolute / relative difference. Prints a markdown table.
+On a GPU the Triton kernels run; on CPU the int8 ops take the PyTorch reference path, or the Triton kernels under
+the interpreter with ``TRITON_INTERPRET=1`` (seconds per step: small models only). Per-layer models keep
+``nn.BatchNorm2d``, whose float math inductor generates afresh: expect differences of an ulp or so there.
 
     python benchmarks/compile_matrix.py [--models vgg11,preresnet20,resnet18] [--backends inductor,aot_eager]
         [--size 8] [--modes fused,per-layer]
@@ -16,6 +19,7 @@ running statistics) and random state, else the largest absolute / relative diffe
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import traceback
 
@@ -128,6 +132,10 @@ def main(argv=None) -> int:
         for mode in args.modes:
             for backend in args.backends:
                 rows += list(run_case(name, mode == "fused", backend, args.size))
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    kernels = "Triton kernels" if torch.cuda.is_available() else \
+        "Triton interpreter" if interp else "PyTorch reference path"
+    print(f"\ninput 2x1x{args.size}x{args.size}, torch {torch.__version__}, int8 ops: {kernels}\n")
     print(table(rows))
     return 0 if all(r["ok"] and r["breaks"] == 0 for r in rows) else 1
 

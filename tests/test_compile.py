@@ -102,6 +102,21 @@ def test_compiled_quantized_model_matches_eager(build, fuse, backend, warm):
     assert 1 <= counted.frame_count <= 2, counted.frame_count
 
 
+def test_int8_work_between_a_compiled_forward_and_its_backward_is_refused_not_silently_wrong():
+    """The compiled forward saves the device random state for its backward. Another int8 forward + backward in
+    between advances the state; the compiled backward must not then draw from (and write back) the state as it
+    was, reusing the other backward's noise: autograd refuses it (README, torch.compile: limitation)."""
+    s = fresh_seed()
+    x = torch.randn((2, 1, 8, 8), generator=gen(s))
+    torch._dynamo.reset()
+    with force_backend("reference"):
+        a, b = _model(_chain, False, s), _model(_chain, False, s + 1)
+        out = torch.compile(a, fullgraph=True, backend="aot_eager")(x)
+        b(x).sum().backward()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.float().sum().backward()
+
+
 def test_direct_path_and_registered_op_agree_and_compile_uses_the_op(monkeypatch):
     """The eager direct path (``ops._dispatch``) gives the registered op's results and bumps the version of a
     mutated argument as the op does; under a dispatch mode or torch.compile the registered op runs."""
