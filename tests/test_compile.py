@@ -78,7 +78,7 @@ def _compiled_warm(a, b, x, s, counted):
 
 # The conv chain: fused on inductor (the default backend) and per-layer on aot_eager (inductor re-derives
 # nn.BatchNorm2d's float math, so only the same ops give the same bits: benchmarks/compile_matrix.py runs it with
-# inductor, within an ulp or so), cold and warm, the int8 kernels under the Triton interpreter. The pre-activation
+# inductor: close, not bit-identical), cold and warm, the int8 kernels under the Triton interpreter. The pre-activation
 # residual network: fused, cold, on aot_eager and the PyTorch reference path (the interpreter costs ~6 s a step).
 @pytest.mark.parametrize("build,fuse,backend,warm", [(_chain, True, "inductor", True),
                                                      (_chain, False, "aot_eager", True),
