@@ -172,6 +172,21 @@ def test_an_int8_search_resumes_bit_identically(tmp_path):
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in reference]
 
 
+def test_compile_runs_the_int8_search_as_eager_does(tmp_path, monkeypatch):
+    """--compile: the search's forward and backward through torch.compile(fullgraph=True) (aot_eager here: the
+    same ops as eager, compiled in seconds on CPU; inductor is the default), the same losses as an eager run."""
+    compiled = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw) or real(m, **kw))
+    args = TINY + ["--precision", "int8", "--epochs", "1", "--retrain-epochs", "0", "--train-subset", "64",
+                   "--test-subset", "32", "--bn-recal-batches", "1", "--quiet"]
+    assert main(args + ["--compile", "--compile-backend", "aot_eager", "--out", str(tmp_path / "c")]) == 0
+    assert compiled == [{"fullgraph": True, "backend": "aot_eager", "mode": None}]
+    assert main(args + ["--out", str(tmp_path / "e")]) == 0
+    got, want = (read_jsonl(os.path.join(only_run_dir(tmp_path / d), "metrics.jsonl")) for d in "ce")
+    assert [r["train_loss"] for r in got] == [r["train_loss"] for r in want]
+
+
 # -------------------------------------------------------------------------------------------- DDP
 def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
     args = STABLE + ["--retrain-epochs", "1"]
@@ -229,6 +244,10 @@ def test_ddp_two_cpu_processes_match_a_single_process(tmp_path):
     (["--coupled", "most"], "--coupled 'most' is not supported; accepted: majority, any, all"),
     (["--model", "torchvision:resnet18"], "--width 0.125 is for ebkernels' own models; torchvision:resnet18 is "
                                           "built at torchvision's widths"),
+    (["--compile", "--compile-backend", "eager"], "--compile-backend 'eager' is not supported; accepted: inductor, "
+                                                  "aot_eager"),
+    (["--compile-backend", "aot_eager"], "--compile-backend aot_eager sets the backend of --compile; accepted: with "
+                                         "--compile"),
 ] + ([] if torch.cuda.is_available() else [
     (["--cuda-graphs"], "--cuda-graphs needs a CUDA device; this run uses cpu"),
 ]))

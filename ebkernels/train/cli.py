@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the search's training forward and backward through torch.compile(fullgraph=True); "
                         "on CUDA with mode='reduce-overhead' (CUDA graphs: no eager host cost per launch); the "
                         "first steps compile (seconds to minutes)")
+    g.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend under --compile: inductor (default) or aot_eager (one traced graph "
+                        "each for forward and backward, run with the eager ops: compiles in seconds, no CUDA graphs)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     g.add_argument("--quiet", action="store_true",
                    help="print nothing but errors (warnings go to the run's log.txt); under torchrun, torchrun's own "
@@ -172,7 +175,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     synflow_rounds=args.synflow_rounds,
                     draw_at=tuple(args.draw_at), search_to_end=args.search_to_end, sync_bn=args.sync_bn, seed=args.seed, out=args.out,
                     device=args.device, progress=args.progress, quiet=args.quiet,
-                    cuda_graphs=args.cuda_graphs, compile=args.compile)
+                    cuda_graphs=args.cuda_graphs, compile=args.compile,
+                    compile_backend=args.compile_backend)
 
 
 def run(settings: Settings, log_stream=None) -> dict:

@@ -165,8 +165,9 @@ class Job:
             self.log(int8_layers_line(model))
         graphed = self.epochs.graphed_step(model, s.sparsity, s.precision) if s.cuda_graphs else None
         if s.compile:  # the whole forward and backward in one graph; CUDA graphs on a GPU (no host cost per launch)
-            wrapped = torch.compile(wrapped, fullgraph=True,
-                                    mode="reduce-overhead" if self.dist.device.type == "cuda" else None)
+            cuda_graphs = s.compile_backend == "inductor" and self.dist.device.type == "cuda"
+            wrapped = torch.compile(wrapped, fullgraph=True, backend=s.compile_backend,
+                                    mode="reduce-overhead" if cuda_graphs else None)
         detector = make_detector(s)  # one detector, all ratios: one fused update per epoch
         if state["detector"] is not None:
             detector.load_state_dict(state["detector"])

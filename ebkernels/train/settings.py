@@ -58,7 +58,8 @@ DATASET_DEFAULTS = {
     "cifar100": dict(model="vgg16", width=1.0, epochs=160, retrain_epochs=160, batch_size=256),
 }
 # Settings that do not change what a run computes: left out of the run directory's hash.
-NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet", "cuda_graphs", "compile")
+NOT_HASHED = ("out", "data_dir", "download", "progress", "device", "quiet", "cuda_graphs", "compile",
+              "compile_backend")
 # Settings added after runs existed, with their defaults: hashed only when set to something else.
 HASHED_UNLESS_DEFAULT = {"small_stem": False, "coupled": "majority", "bn_recal_batches": 8, "search_to_end": False,
                         "int8_autocast": True}
@@ -75,6 +76,11 @@ INT_RANGES = {"epochs": (1, MAX_EPOCHS), "retrain_epochs": (0, MAX_EPOCHS), "win
 FLOAT_RANGES = {"eps": (0.0, True, 1.0, False),  # a mask distance lies in [0, 1]
                 "lr": (0.0, True, None, False), "momentum": (0.0, False, 1.0, True),
                 "sparsity": (0.0, False, None, False), "weight_decay": (0.0, False, None, False)}
+
+
+# torch.compile backends --compile takes: inductor generates code (the default; mode="reduce-overhead" on CUDA),
+# aot_eager traces forward and backward into one graph each and runs them with the eager ops (compiles in seconds)
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
 class TrainerError(RuntimeError):
@@ -127,6 +133,7 @@ class Settings:
     quiet: bool = False
     cuda_graphs: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend under --compile (aot_eager: no code generation)
 
     def hashed(self) -> dict:
         d = dataclasses.asdict(self)
@@ -227,9 +234,13 @@ def resolve_settings(s: Settings) -> Settings:
                                  ("--detector-mode", s.detector_mode, DETECTOR_MODES),
                                  ("--coupled", s.coupled, COUPLED_RULES),
                                  ("--int8-mode", s.int8_mode, QMODES),
-                                 ("--int8-rounding-e", s.int8_rounding_e, ROUNDINGS)):
+                                 ("--int8-rounding-e", s.int8_rounding_e, ROUNDINGS),
+                                 ("--compile-backend", s.compile_backend, COMPILE_BACKENDS)):
         if value not in choices:
             _bad(f"{name} {value!r} is not supported; accepted: {', '.join(choices)}")
+    if s.compile_backend != "inductor" and not s.compile:
+        _bad(f"--compile-backend {s.compile_backend} sets the backend of --compile; accepted: with --compile, or "
+             "leave --compile-backend out")
     for name, (lo, hi) in INT_RANGES.items():
         v = getattr(s, name)
         if v is None and name in ("train_subset", "test_subset"):
