@@ -58,6 +58,16 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
+def rng_state():
+    """For tests that reseed the stochastic rounding: the device random state put back afterwards."""
+    from ebkernels import _rng
+
+    state = _rng.get_state()
+    yield
+    _rng.set_state(state)
+
+
+@pytest.fixture
 def one_torch_thread():
     """Tiny tensors: one intra-op thread avoids thread contention on a shared 2-core machine."""
     threads = torch.get_num_threads()

@@ -24,13 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no in
 EPS = 1e-5
 
 
-@pytest.fixture
-def rng_state():
-    """These tests reseed the stochastic rounding: put the random state back afterwards."""
-    state = _rng.get_state()
-    yield
-    _rng.set_state(state)
-
 
 def _setup(N, C, H, W, inv_kind, dz_dtype, dz_layout, y_kind, device, g):
     """y (the bfloat16 copy of a float tensor, as bn_stats writes it), its batch bnp, dz and the channel map."""

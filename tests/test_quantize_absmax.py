@@ -23,15 +23,9 @@ from ebkernels.ops.gemm.linear import _linear_int8_mm_op, linear_int8_mm_referen
 from ebkernels.ops.quantize import quantize_dequantize, quantize_reference, quantize_triton
 from helpers import both_paths, bits_equal, codes, fresh_seed, gen, mismatch
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
+# small tensors: no intra-op thread contention; the device random state put back after each test
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "rng_state")
 
-
-@pytest.fixture(autouse=True)
-def rng_state():
-    """Some tests reseed the stochastic rounding: put the random state back afterwards."""
-    state = _rng.get_state()
-    yield
-    _rng.set_state(state)
 
 
 @triton.jit

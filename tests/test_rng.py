@@ -24,15 +24,9 @@ from ebkernels.ops._launch import SMALL_NUMEL
 from ebkernels.ops.quantize import _quantize_op, quantize_dequantize, quantize_reference
 from helpers import CL, LaunchSpy, bits_equal, both_paths, codes, fresh_seed, gen, mismatch, spy_launches
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
+# small tensors: no intra-op thread contention; the device random state put back after each test
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "rng_state")
 
-
-@pytest.fixture(autouse=True)
-def rng_state():
-    """These tests reseed the stochastic rounding: put the random state back afterwards."""
-    state = _rng.get_state()
-    yield
-    _rng.set_state(state)
 
 
 @triton.jit

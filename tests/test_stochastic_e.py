@@ -11,22 +11,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ebkernels import QConfig, _rng, quantize_model
+from ebkernels import QConfig, quantize_model
 from ebkernels.fusion import fused_chains
 from ebkernels.modules import QConv2d
 from ebkernels.ops._scale import shift_scale_reference
 from helpers import fresh_seed, gen, rows
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: no intra-op thread contention
+# small tensors: no intra-op thread contention; the device random state put back after each test
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "rng_state")
 
 N, C, H, W, R, S = 4, 16, 8, 8, 32, 128
 
-
-@pytest.fixture(autouse=True)
-def rng_state():
-    state = _rng.get_state()
-    yield
-    _rng.set_state(state)
 
 
 def _net(g, qc, fuse, device):
