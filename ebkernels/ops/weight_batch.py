@@ -17,8 +17,9 @@ plus per-tensor element offsets from a small device table, cached per set of wei
 captured step does no host-to-device copy). Semantics: the codes are ``quantize(W)`` of the weight as it is
 when the model's forward starts, bit-identical to the per-layer path; a block whose weight changed since
 (its ``_version``), or that runs outside such a forward, quantizes its own weight with the same two kernels
-(``weight_quant``, a batch of one). Both layouts are kept for backward (2 bytes per weight), so backward
-needs no weight launch.
+(``weight_quant``, a batch of one). The fused block keeps both layouts for backward only for weights of at most
+``KEEP_CODES_NUMEL`` elements (no weight launch in backward for them); those form batches of their own, so a kept
+view does not keep the large weights' codes alive, and a large weight's codes are re-derived in backward.
 """
 from __future__ import annotations
 

@@ -28,8 +28,9 @@ input (the pre-activation BatchNorm) — as the Triton layer-norm tutorial and L
 
 What backward keeps (SPEC §9): the block's int8 input codes (the previous block's output: no new
 storage; channel-major instead where its weight-grad reads them so), the per-channel ``bnp``, the scales
-and the weight's codes in both GEMM layouts (2 bytes per weight, from the model's weight batch: backward
-needs no weight launch). y is recomputed
+and, for a weight of at most ``weight_batch.KEEP_CODES_NUMEL`` elements, its codes in both GEMM layouts (2 bytes
+per weight, from the model's weight batch: no weight launch in backward; a larger weight's codes are re-derived in
+one launch, as they would outweigh the layer's int8 activations at small batches). y is recomputed
 bit-identically inside the GEMM that also forms the BatchNorm-backward sums (``conv_bn``), except in
 compute-bound layers, which keep y in bfloat16 (``keeps_y``, ``config.KernelSettings.y_policy``: there the
 tensors are small and the extra GEMM is not).
