@@ -458,6 +458,27 @@ def ref_block(x_in, conv, bn, p_conv, p_bn, relu=True, pool=None, quant_out=True
     return RoundGradBF16.apply(z)
 
 
+def chain_grads(xk, xr, convs, bns, p_conv, p_bn, names=None) -> list:
+    """(label, got, want) for the input and every conv weight, BN gamma and beta of a fused conv-BN chain against
+    its float64 reference (``names[k]``: how conv k is called in the messages, default its index)."""
+    out = [("input grad", xk.grad, xr.grad)]
+    for k, (c, b) in enumerate(zip(convs, bns)):
+        name = f"{k} ({names[k]})" if names else str(k)
+        out += [(f"conv {name} weight grad", c.weight.grad, p_conv[k].grad),
+                (f"bn {name} gamma grad", b.weight.grad, p_bn[k]["g"].grad),
+                (f"bn {name} beta grad", b.bias.grad, p_bn[k]["b"].grad)]
+    return out
+
+
+def assert_near_reference(out, ref, grads, msg: str) -> None:
+    """A fused chain against the float64 reference of the same math: the output within 2 %, every (label, got,
+    want) gradient within 12 % (chains of quantizers amplify float32-vs-float64 rounding: test_fusion's
+    docstring)."""
+    assert rel(out, ref) < 0.02, msg
+    for label, got, want in grads:
+        assert rel(got, want) < 0.12, f"{msg}: {label}"
+
+
 def leaf(t):
     return t.detach().double().clone().requires_grad_(True)
 
