@@ -23,7 +23,7 @@ from .._triton import triton
 
 __all__ = ["cdiv", "cached_plan", "MAX_TERMS", "CHANNEL_PAD", "SMALL_NUMEL", "ELEMENTWISE_WARPS", "NO_FP_FUSION", "code_channels",
            "padded_channels", "conv_out", "conv2d_output_size", "alignment", "nchw_strides", "nhwc_rows",
-           "offsets_fit_int32", "elementwise_tiles", "memory_format", "PROGRAM_BYTES", "MIN_PROGRAMS",
+           "offsets_fit_int32", "reads_codes_channel_major", "elementwise_tiles", "memory_format", "PROGRAM_BYTES", "MIN_PROGRAMS",
            "one_program_numel", "filling_block", "as_4d", "is_dense", "row_major"]
 
 # 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
@@ -188,3 +188,9 @@ def row_major(sizes):
         strides.append(acc)
         acc *= size
     return strides[::-1]
+
+
+def reads_codes_channel_major(kernel_hw, stride, padding) -> bool:
+    """Whether a conv's weight-grad reads its input codes channel-major: a 1×1 kernel, stride 1, no padding (X̃ = X,
+    row m = pixel m: both GEMM operands K-major). The rule of the per-layer conv and of the fused blocks."""
+    return tuple(kernel_hw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)

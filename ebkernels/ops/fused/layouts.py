@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..._backend import use_triton
-from .._launch import CHANNEL_PAD, code_channels
+from .._launch import CHANNEL_PAD, code_channels, reads_codes_channel_major
 from ..weight_batch import WeightItem
 from .spec import BlockInput, BlockSpec
 
@@ -17,7 +17,7 @@ __all__ = ["channel_major_input", "pad_of", "input_pad", "weight_item"]
 def channel_major_input(conv: nn.Module) -> bool:
     """Whether a conv's weight-grad reads its input codes channel-major (a 1×1 kernel, stride 1, no padding:
     X̃ = X, both GEMM operands K-major): then their producer writes that layout too, no copy."""
-    return tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (0, 0)
+    return reads_codes_channel_major(conv.kernel_size, conv.stride, conv.padding)
 
 
 def pad_of(channels: int, x: torch.Tensor) -> int:

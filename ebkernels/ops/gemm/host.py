@@ -16,7 +16,7 @@ import torch
 from ..._backend import use_triton
 from ...config import QConfig
 from .._buffers import empty_output
-from .._launch import CHANNEL_PAD, cdiv, code_channels, padded_channels
+from .._launch import CHANNEL_PAD, cdiv, code_channels, padded_channels, reads_codes_channel_major
 from ..quantize import _check_args, _quantize_op, _seed_args, quantize, quantize_dequantize
 from . import tiles
 
@@ -171,8 +171,7 @@ def code_pad_multiple(t: torch.Tensor, groups: int, channels: int) -> int:
 def x_channel_major(x, weight, stride, padding, groups) -> bool:
     """Whether the weight-grad reads the input codes channel-major: a 1×1 kernel, stride 1, no padding
     (X̃ = X, row m = pixel m), on the Triton path."""
-    return (groups == 1 and tuple(weight.shape[2:]) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]
-            and use_triton(x))
+    return groups == 1 and reads_codes_channel_major(weight.shape[2:], stride, padding) and use_triton(x)
 
 
 def wgrad_uses_tma(gy, xa, w_shape, stride, padding, pad_e) -> bool:
