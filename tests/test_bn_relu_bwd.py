@@ -292,6 +292,20 @@ def test_float_mode(device, poisoned, case):
         assert dy.is_contiguous(memory_format=CL if cl_out else torch.contiguous_format), msg
         dy_r, = bn_relu_bwd_reference(*cpu, act, "float", 8, False, 0, None, out_dtype, cl_out)
         assert bits_equal(dy.cpu(), dy_r), f"dy {out_dtype} {msg}: {mismatch(dy.cpu(), dy_r)}"
+        # with the shortcut's gradient added in the kernel (the out layout: fused; the other: after), rounded once
+        addend = torch.randn(N, C, H, W, generator=g).to(out_dtype)
+        for fmt in (CL, torch.contiguous_format):
+            ad = addend.contiguous(memory_format=fmt)
+            ds, = bn_relu_bwd(dz, y, bnp, sums, inv, act, "float", out_dtype=out_dtype, channels_last_out=cl_out,
+                              addend=ad.to(device))
+            ds_r, = bn_relu_bwd_reference(*cpu, act, "float", 8, False, 0, None, out_dtype, cl_out, addend=ad)
+            assert bits_equal(ds.cpu(), ds_r), f"dy + addend {out_dtype} {msg}: {mismatch(ds.cpu(), ds_r)}"
+            assert ds.is_contiguous(memory_format=CL if cl_out else torch.contiguous_format), msg
+            d32, = bn_relu_bwd(dz, y, bnp, sums, inv, act, "float", out_dtype=torch.float32)
+            want = (d32.cpu() + ad.float()).to(out_dtype)
+            assert bits_equal(ds.cpu().contiguous(), want.contiguous()), f"one rounding {msg}"
+    with pytest.raises(ValueError, match="addend"):
+        bn_relu_bwd(dz, y, bnp, sums, inv, act, "float", addend=torch.zeros(N, C, H, W + 1))
     # semantics: the float64 BatchNorm(+ReLU) backward, same mask and statistics (within float32 rounding)
     a, b, mean, rstd = (bnp[i].cpu().double().view(1, -1, 1, 1) for i in range(4))
     yf = y.cpu().float()
@@ -340,12 +354,15 @@ def test_opcheck(rng_state):
     # reruns the op on the advanced state, so schema, fake tensors and autograd registration
     st = _rng.device_state("cpu")
     torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, "relu", "absmax", 8, False, 16, None, None, True, "shift",
-                                    st),
+                                    None, st),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     amax, = bn_relu_bwd(dz, y, bnp, sums, inv, "relu", "absmax")
     torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, "relu", "codes", 8, False, 16, amax, None, True, "shift",
-                                    st),
+                                    None, st),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(_bwd_op, (dz, y, bnp, None, inv, "silu", "float", 8, False, 16, None, torch.float32, False,
-                                    "shift", st),
+                                    "shift", None, st),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, "relu", "float", 8, False, 16, None, torch.bfloat16, True,
+                                    "shift", torch.randn(y.shape, generator=g).to(torch.bfloat16), st),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -12,6 +12,7 @@ from ebkernels import QConfig, _rng, force_backend, qconv2d
 from ebkernels.ops._launch import MAX_TERMS, code_channels
 from ebkernels.ops.gemm import conv as conv2d_int8
 from ebkernels.ops.gemm import tiles as _tiles
+from ebkernels.ops.gemm.host import inv_code_scales
 from ebkernels.ops.gemm.conv import conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd, conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference
 from helpers import CONV_KERNELS, QuantizeGrad, fresh_seed, gen as seeded, pin_tile, spy_launches, ste_quant
 
@@ -80,6 +81,39 @@ def test_integer_sums_exact(device, poisoned, case):
     dw = conv2d_int8_wgrad(qe, qx, (K, K), stride=stride, padding=padding, dilation=dilation)
     dw_ref = conv2d_int8_wgrad_reference(qe.cpu(), qx.cpu(), None, None, [K, K], s2, p2, d2, 1, 8, 8, None)
     torch.testing.assert_close(dw.cpu(), dw_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("max_terms", [MAX_TERMS, 16], ids=["direct", "split"])
+def test_residual_added_in_the_epilogue(device, poisoned, cl, max_terms):
+    """A residual (the pre-activation ResNet's shortcut) added to the scaled result in fp32 and rounded once:
+    equal to the oracle bit for bit, in the epilogue (the result's layout) and after it (another layout), split-K
+    or not; bfloat16 and float32 results."""
+    gen = seeded(fresh_seed())
+    N, C, H, W, CO = 2, 32, 5, 7, 24
+    qx = _codes((N, C, H, W), gen, device, cl)
+    qw = _codes((CO, C, 3, 3), gen, device, False)
+    sx, sw = (torch.rand((), generator=gen) + 0.5 for _ in range(2))
+    bias = torch.randn(CO, generator=gen)
+    args = ([1, 1], [1, 1], [1, 1], 1, 8, 8)
+    for out_dtype in (torch.bfloat16, torch.float32):
+        res = (torch.randn(N, CO, H, W, generator=gen) * 40).to(out_dtype)
+        for fmt in (_fmt(cl), _fmt(not cl)):  # the result's layout: fused; the other: added after the GEMM
+            r = res.contiguous(memory_format=fmt)
+            y = conv2d_int8_fwd(qx, qw, sx.to(device), sw.to(device), bias.to(device), padding=1,
+                                out_dtype=out_dtype, max_terms=max_terms, residual=r.to(device))
+            y_ref = conv2d_int8_fwd_reference(qx.cpu(), qw.cpu(), sx, sw, bias, *args, out_dtype, cl, residual=r)
+            assert y.dtype == out_dtype and y.is_contiguous(memory_format=_fmt(cl))
+            torch.testing.assert_close(y.cpu(), y_ref, rtol=0, atol=0)
+            # within one rounding of the float64 truth (the conv's result is not rounded before the add)
+            truth = F.conv2d(qx.cpu().double(), qw.cpu().double(), padding=1) * (
+                sx.double() * sw.double() * inv_code_scales(8, 8)) + bias.double().view(1, -1, 1, 1) + r.double()
+            ulp = 2.0 ** -7 if out_dtype == torch.bfloat16 else 2.0 ** -22
+            assert ((y.cpu().double() - truth).abs() <= truth.abs() * ulp + 1e-6).all()
+    with pytest.raises(ValueError, match="residual"):
+        conv2d_int8_fwd(qx, qw, sx.to(device), sw.to(device), padding=1, residual=torch.zeros(N, CO, H, W - 1))
+    with pytest.raises(ValueError, match="residual"):
+        conv2d_int8_fwd(qx, qw, padding=1, residual=torch.zeros(N, CO, H, W))
 
 
 @pytest.mark.parametrize("cl", [False, True])

@@ -410,3 +410,62 @@ def test_rebuilt_preactivation_inputs_give_bit_identical_gradients_for_less_memo
     assert b1 < b0, (b1, b0)  # (tiny models: the codes, scales and per-channel parameters weigh much)
     assert torch.equal(o1, o0) and all(torch.equal(a, b) for a, b in zip(s1, s0))
     assert all(torch.equal(a, b) for a, b in zip(g1, g0))
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_the_shortcut_gradient_is_summed_in_the_input_grad_kernel(backend, monkeypatch):
+    """A pre-activation block's x feeds its BN chain and, as the residual, its conv3, whose epilogue adds it: the
+    shortcut's gradient goes to the BN chain's input-grad kernel (``GradLink``) instead of autograd's separate
+    sum. With a float32 x that sum is the same float32 addition either way: the same gradients bit for bit,
+    and no ``aten.add`` on x's gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ebkernels.fusion import runner
+    from ebkernels.models.preresnet import Bottleneck
+
+    class Adds(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.count = numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.add.Tensor and out.numel() == self.numel:
+                self.count += 1
+            return out
+
+    torch.manual_seed(3)
+    base = Bottleneck(32, 8, [32, 8, 16], stride=1).train()
+    x = (torch.randn(3, 32, 5, 6) * 2).contiguous(memory_format=torch.channels_last)
+    results = []
+    for linked in (True, False):
+        if not linked:
+            monkeypatch.setattr(runner, "_grad_links", lambda chains: ({}, {}))
+        m = ebkernels.quantize_model(copy.deepcopy(base), qconfig=QC)
+        xk = x.clone().requires_grad_(True)
+        ebkernels.manual_seed(5)
+        with ebkernels.force_backend(backend):
+            out = m(xk)
+            with Adds(x.numel()) as adds:
+                out.float().square().sum().backward()
+        results.append((adds.count, out.detach(), xk.grad, [p.grad for p in m.parameters()]))
+    (a1, o1, x1, g1), (a0, o0, x0, g0) = results
+    assert (a1, a0) == (0, 1)
+    assert torch.equal(o1, o0) and torch.equal(x1, x0)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g0))
+
+
+def test_a_preresnet_links_every_block_without_a_downsample():
+    """One ``GradLink`` per block whose x feeds only its BN chain and its shortcut (a block with a downsample
+    conv reads x a third time: autograd sums there as before)."""
+    from ebkernels.fusion import runner
+
+    model = ebkernels.build_model("preresnet20", width=0.25, num_classes=10, in_channels=3)
+    m = ebkernels.quantize_model(model, qconfig=QC)
+    blocks = [b for b in m.modules() if type(b).__name__ == "Bottleneck"]
+    identity = sum(b.downsample is None for b in blocks)
+    assert identity == 3
+    traced = fusion.trace.trace(m, lambda line: None)
+    chains = fusion.matcher.match(traced.graph, dict(m.named_modules()), lambda line: None)
+    takes, puts = runner._grad_links(chains)
+    assert len(takes) == len(puts) == identity

@@ -133,8 +133,8 @@ def _refusals(pattern: Pattern, start: fx.Node, roles: dict, taken: set, got: Op
 
 
 def _decide_codes(chains: list, roles: dict, taken: set) -> list:
-    """Sets ``codes_in`` / ``codes_out``; adds a ``CONV_ON_CODES`` chain for every free conv that reads a chain's
-    codes; drops a trailing max-pool from a chain whose output stays float (the pool runs on codes only)."""
+    """Sets ``codes_in`` / ``codes_out``; adds a ``CONV_ON_CODES`` chain (with the residual add right after it, if
+    any) for every free conv that reads a chain's codes; drops a trailing max-pool from a chain whose output stays float (the pool runs on codes only)."""
     heads = {c.nodes[0]: c for c in chains if c.pattern is POST_ACTIVATION}
     added = []
     for c in chains:
@@ -163,8 +163,9 @@ def _decide_codes(chains: list, roles: dict, taken: set) -> list:
                 if head is not None:
                     head.codes_in = True
             for u in fresh:
-                taken.add(u)
-                added.append(Chain(CONV_ON_CODES, [u], [roles[u]], codes_in=True))
+                nodes = _extend(CONV_ON_CODES, u, roles, taken, strict=True)
+                taken.update(nodes)
+                added.append(Chain(CONV_ON_CODES, nodes, [roles[n] for n in nodes], codes_in=True))
         elif last_role.kind == "pool":
             taken.discard(out)
             c.nodes.pop()

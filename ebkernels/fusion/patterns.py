@@ -12,8 +12,9 @@ single-use edges and takes the longest match. The roles:
   ``gathers_channels = True`` and holds the kept channels as the int64 buffer ``indices`` (the pruned
   pre-activation ResNets' ``ChannelSelection``);
 - ``pool``: an ``nn.MaxPool2d`` the codes max-pool runs (dilation 1, no indices returned);
-- ``add``: a residual add right after a conv's BatchNorm (``operator.add`` / ``torch.add`` of two tensors, or
-  ``x.add(y)``), then at most a ReLU / ReLU6 (their backward is a mask: ``ops.fused.bn_add_act``).
+- ``add``: a residual add (``operator.add`` / ``torch.add`` of two tensors, or ``x.add(y)``) right after a conv's
+  BatchNorm, then at most a ReLU / ReLU6 (their backward is a mask: ``ops.fused.bn_add_act``); or right after a
+  conv on codes (the pre-activation shortcut: added in the GEMM's epilogue).
 
 Each role also has a *reason* why a node that looks like it (a BatchNorm of another type, a layer with hooks,
 a double-precision layer) cannot fuse: ``matcher`` logs it, once, and leaves the chain on the per-layer path.
@@ -65,8 +66,9 @@ POST_ACTIVATION = Pattern("conv → BN → act", ("conv", "bn", "add?", "act?", 
 # the global pool)
 BN_ACT = Pattern("BN → act", ("bn", "gather?", "act"))
 # a conv alone, only where its input arrives as int8 codes from another chain (PreResNet's conv3, DenseNet's
-# conv2): the block reads the codes as they are
-CONV_ON_CODES = Pattern("conv on codes", ("conv",))
+# conv2): the block reads the codes as they are; a residual add right after it (PreResNet's shortcut) runs in
+# the conv's epilogue
+CONV_ON_CODES = Pattern("conv on codes", ("conv", "add?"))
 PATTERNS = (PRE_ACTIVATION, POST_ACTIVATION, BN_ACT)  # tried from their first node; CONV_ON_CODES after them
 
 

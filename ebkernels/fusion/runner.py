@@ -24,8 +24,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..modules import QConv2d
-from ..ops.fused.block import (BlockInput, BlockOutput, BlockSpec, BnActSpec, BnSource, Int8Activation, bn_act,
-                               fused_block)
+from ..ops.fused.block import (BlockInput, BlockOutput, BlockSpec, BnActSpec, BnSource, GradLink, Int8Activation,
+                               bn_act, fused_block)
 from ..ops.fused.relu_mask import relu_keep_mask
 from ..ops.fused.layouts import channel_major_input, weight_item
 from ..ops.weight_batch import active_weight_batch, prepare_weight_batch
@@ -87,8 +87,8 @@ def _runner(spec, index: int):
         def run(x, *extra):
             return bn_act(spec, x, _source_args(spec, extra))
     else:
-        def run(x, *extra, residual=None):
-            return fused_block(spec, x, _source_args(spec, extra), residual)
+        def run(x, *extra, residual=None, grad_from=None, grad_to=None):
+            return fused_block(spec, x, _source_args(spec, extra), residual, grad_from, grad_to)
     run.__name__ = run.__qualname__ = f"fused_chain_{index}"
     run.__module__ = __name__
     return run
@@ -109,9 +109,9 @@ def _inplace_users(node: fx.Node, modules: dict) -> bool:
 
 def _bn_sources(chains: list, specs: list, modules: dict) -> dict:
     """chain index -> (BnSource, the nodes whose values the chain gets): a pre-activation chain reading a
-    concatenation along channels keeps its pieces; one reading ``conv on codes + xprev``, where xprev is what
-    another pre-activation chain keeps, replays the conv in backward (every other block of a residual stream:
-    the one before keeps its input)."""
+    concatenation along channels keeps its pieces; one reading ``conv on codes + xprev`` (a ``CONV_ON_CODES``
+    chain with its residual add), where xprev is what another pre-activation chain keeps, replays the conv and
+    its epilogue's add in backward (every other block of a residual stream: the one before keeps its input)."""
     index = {id(c): i for i, c in enumerate(chains)}
     by_last = {c.last: c for c in chains}
     pre = [c for c in chains if c.pattern in (PRE_ACTIVATION, BN_ACT)]
@@ -119,22 +119,41 @@ def _bn_sources(chains: list, specs: list, modules: dict) -> dict:
     out, replaying = {}, set()
     for c in pre:
         src = c.source
-        if src.op != "call_function":
-            continue
-        dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)
-        if src.target is torch.cat and dim in (1, -3) and isinstance(src.args[0], (list, tuple)) and \
-                all(isinstance(a, fx.Node) for a in src.args[0]):
+        r = by_last.get(src)
+        if src.op == "call_function" and src.target is torch.cat and \
+                (src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)) in (1, -3) and \
+                isinstance(src.args[0], (list, tuple)) and all(isinstance(a, fx.Node) for a in src.args[0]):
             out[index[id(c)]] = (BnSource("cat"), (list(src.args[0]),))
-        elif src.target in (operator.add, torch.add) and len(src.args) == 2 and not src.kwargs and \
-                all(isinstance(a, fx.Node) for a in src.args):
-            for r_node, xprev in (src.args, src.args[::-1]):
-                r, before = by_last.get(r_node), keeps.get(xprev)
-                if r is not None and r.pattern is CONV_ON_CODES and before is not None and before is not c \
-                        and id(before) not in replaying:
-                    out[index[id(c)]] = (BnSource("residual", specs[index[id(r)]]), (r.source, xprev))
-                    replaying.add(id(c))
-                    break
+        elif r is not None and r.pattern is CONV_ON_CODES and r.residual is not None:
+            # the conv on codes with the residual add in its epilogue: replayed as it ran
+            xprev = r.residual
+            before = keeps.get(xprev)
+            if before is not None and before is not c and id(before) not in replaying:
+                out[index[id(c)]] = (BnSource("residual", specs[index[id(r)]]), (r.source, xprev))
+                replaying.add(id(c))
     return out
+
+
+def new_grad_link() -> Optional[GradLink]:
+    """A fresh ``GradLink`` for one forward (None under ``torch.compile``: the blocks return every gradient)."""
+    return None if torch.compiler.is_compiling() else GradLink()
+
+
+def _grad_links(chains: list) -> tuple:
+    """({chain index: link id} of the blocks that take a gradient, {chain index: link id} of those that put one):
+    a conv on codes whose epilogue adds x (a pre-activation shortcut) and the pre-activation chain that reads
+    the same x, when those two are x's only users (then no other gradient of x exists to be summed)."""
+    by_first = {c.nodes[0]: i for i, c in enumerate(chains)}
+    takes, puts = {}, {}
+    for j, r in enumerate(chains):
+        x = r.residual if r.pattern is CONV_ON_CODES else None
+        if x is None or len(x.users) != 2:
+            continue
+        readers = [by_first.get(u) for u in x.users if u is not r.last]
+        i = readers[0] if len(readers) == 1 else None
+        if i is not None and chains[i].pattern is PRE_ACTIVATION and chains[i].source is x:
+            takes[i] = puts[j] = len(puts)
+    return takes, puts
 
 
 def _rewrite(graph: fx.Graph, chains: list, region, modules: dict):
@@ -146,6 +165,8 @@ def _rewrite(graph: fx.Graph, chains: list, region, modules: dict):
     by_last = {c.last: (i, c) for i, c in enumerate(chains)}
     specs = [_spec(c) for c in chains]
     sources = _bn_sources(chains, specs, modules)
+    takes, puts = _grad_links(chains)
+    links: dict = {}
     for i, c in enumerate(chains):
         if c.pattern in (PRE_ACTIVATION, BN_ACT):
             specs[i].keep_input = not _inplace_users(c.source, modules)
@@ -167,6 +188,10 @@ def _rewrite(graph: fx.Graph, chains: list, region, modules: dict):
             i, c = by_last[n]
             extra = fx.map_arg(sources.get(i, (None, ()))[1], lambda a: env[a])
             kwargs = {"residual": env[c.residual]} if c.residual is not None else {}
+            if i in takes:  # the link is made before its taker runs, which is before its putter
+                links[takes[i]] = kwargs["grad_from"] = out.call_function(new_grad_link, ())
+            if i in puts:
+                kwargs["grad_to"] = links[puts[i]]
             env[n] = out.call_function(_runner(specs[i], i), (env[c.source], *extra), kwargs)
         elif n in region.masked:
             env[n] = out.call_function(relu_keep_mask, (env[n.all_input_nodes[0]],))

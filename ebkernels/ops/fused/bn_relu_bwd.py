@@ -12,7 +12,8 @@ element ``dy = a·((g - m1) - xhat·m2)``. E's per-tensor scale (``Shift(max |dy
   convolution backward reads: NHWC (input-grad) and channel-major ``[C, N·H·W]`` (weight-grad's K-major
   operand), channels padded to 16 with zeros;
 - ``bn_relu_bwd(..., mode="float")``: dy itself (a BatchNorm whose input is a float tensor: the
-  residual stream), in the layout of ``out``.
+  residual stream), in the layout of ``out``; with ``addend`` (the gradient the stream's shortcut brings to
+  the same tensor) ``dy + addend``, rounded once, in place of autograd's separate sum.
 
 ``dz`` may come gathered (``inv``: channel c of y reads channel ``inv[c]`` of dz, -1 = not gathered, g =
 0), the backward of a ``ChannelSelection``. References in PyTorch with the same float32 operations;
@@ -95,30 +96,33 @@ def bn_relu_bwd_reduce_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, part_ptr, grp_ptr
 
 
 _BWD_SIG = {"dz_ptr": "*bf16", "y_ptr": "*bf16", "inv_ptr": "*i32", "bnp_ptr": "*fp32", "sums_ptr": "*fp32",
-            "amax_ptr": "*i32", "sem_ptr": "*i32", "rng_ptr": "*i64", "out_ptr": "*i8", "cm_ptr": "*i8", "scale_ptr": "*fp32", "M": "i32",
+            "amax_ptr": "*i32", "sem_ptr": "*i32", "rng_ptr": "*i64", "out_ptr": "*i8", "cm_ptr": "*i8", "scale_ptr": "*fp32",
+            "add_ptr": "*bf16", "M": "i32",
             "C": "i32", "Cp": "i32", "H": "i32", "W": "i32", "sd_n": "i64", "sd_c": "i64", "sd_h": "i64",
             "sd_w": "i64", "sy_n": "i64", "sy_c": "i64", "sy_h": "i64", "sy_w": "i64", "so_n": "i64", "so_c": "i64",
             "so_h": "i64", "so_w": "i64", "n_f": "fp32"}
 _BWD_AOT = ([{"MODE": 0, "HAS_INV": False, "HAS_SUMS": True, "ACT": 1, "BITS": 8, "STOCHASTIC": s, "CM": True,
-              "SCALE_MODE": 0, "BP": 32, "CB": 128} for s in (False, True)]
+              "SCALE_MODE": 0, "BP": 32, "CB": 128, "HAS_ADD": False} for s in (False, True)]
             + [{"MODE": 1, "HAS_INV": False, "HAS_SUMS": True, "ACT": 1, "BITS": 8, "STOCHASTIC": s, "CM": True,
-                "SCALE_MODE": m, "BP": 16 if s else 32, "CB": 128} for s in (False, True) for m in (0, 2)]
+                "SCALE_MODE": m, "BP": 16 if s else 32, "CB": 128, "HAS_ADD": False} for s in (False, True)
+               for m in (0, 2)]
             + [{"MODE": 2, "HAS_INV": i, "HAS_SUMS": True, "ACT": 1, "BITS": 8, "STOCHASTIC": False, "CM": False,
-                "SCALE_MODE": 0, "BP": 32, "CB": 128} for i in (False, True)])
+                "SCALE_MODE": 0, "BP": 32, "CB": 128, "HAS_ADD": a} for i in (False, True) for a in (False, True)])
 
 
 @aot_kernel(signature=_BWD_SIG, constexprs=_BWD_AOT, num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
-def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_ptr, rng_ptr, out_ptr, cm_ptr, scale_ptr, M, C,
-                       Cp, H, W, sd_n, sd_c, sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, so_n, so_c, so_h, so_w, n_f,
-                       MODE: tl.constexpr, HAS_INV: tl.constexpr, HAS_SUMS: tl.constexpr, ACT: tl.constexpr,
+def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_ptr, rng_ptr, out_ptr, cm_ptr, scale_ptr,
+                       add_ptr, M, C, Cp, H, W, sd_n, sd_c, sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, so_n, so_c, so_h, so_w,
+                       n_f, MODE: tl.constexpr, HAS_INV: tl.constexpr, HAS_SUMS: tl.constexpr, ACT: tl.constexpr,
                        BITS: tl.constexpr, STOCHASTIC: tl.constexpr, CM: tl.constexpr, SCALE_MODE: tl.constexpr,
-                       BP: tl.constexpr, CB: tl.constexpr):
+                       BP: tl.constexpr, CB: tl.constexpr, HAS_ADD: tl.constexpr):
     """Grid (row tiles, channel blocks over Cp). ``MODE`` 0: max |dy| bits into ``amax[0]`` (``publish_max``
     over the pool counters ``sem[0:2]``; the last program also takes the random ticket into ``amax[1]`` when
     ``STOCHASTIC``); 1: codes at ``m * Cp + c`` (NHWC)
     and, with ``CM``, at ``c * M + m`` (channel-major), channels C..Cp-1 written 0, the scale of ``amax[0]``
-    in ``SCALE_MODE`` (``_scale``) stored by program (0, 0); 2: dy in ``out`` (strides so_*). ``HAS_SUMS`` False: eval-mode BatchNorm (m1 = m2 = 0)."""
+    in ``SCALE_MODE`` (``_scale``) stored by program (0, 0); 2: dy in ``out`` (strides so_*; ``HAS_ADD``: plus
+    ``add``, laid out as ``out``, before the one rounding). ``HAS_SUMS`` False: eval-mode BatchNorm (m1 = m2 = 0)."""
     pid_m, pid_n, m, c, m_ok, c_ok = elementwise_tile(M, C, BP, CB)
     dz, y, a, b, mean, rstd = _load_inputs(dz_ptr, y_ptr, inv_ptr, bnp_ptr, m, m_ok, c, c_ok, C, H, W, sd_n, sd_c,
                                            sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV)
@@ -160,6 +164,8 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_
         n, h, w = decode_rows(m, H, W)
         offs = (n.to(tl.int64) * so_n + h.to(tl.int64) * so_h + w.to(tl.int64) * so_w)[:, None] + \
             c.to(tl.int64)[None, :] * so_c
+        if HAS_ADD:
+            dy = dy + tl.load(add_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, cast_rne(dy, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -185,11 +191,13 @@ def bn_relu_bwd_reduce_reference(dz, y, bnp, inv, act):
 
 
 def bn_relu_bwd_reference(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype,
-                          channels_last_out, scale_mode="shift"):
+                          channels_last_out, scale_mode="shift", addend=None):
     """``bn_relu_bwd`` in PyTorch (same outputs as the op)."""
     N, C, H, W = y.shape
     dy, _, _ = bn_grad_in_reference(_gathered(dz, inv, C), y, bnp, sums, N * H * W, act)
     if mode == "float":
+        if addend is not None:
+            dy = dy + addend.float()
         fmt = torch.channels_last if channels_last_out else torch.contiguous_format
         return (dy.to(out_dtype).contiguous(memory_format=fmt),)
     if mode == "absmax":
@@ -257,7 +265,7 @@ def bn_relu_bwd_reduce(dz, y, bnp, inv=None, act="relu"):
 
 
 def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
-                scale_mode):
+                scale_mode, addend=None):
     N, C, H, W = y.shape
     M = N * H * W
     dev = y.device
@@ -281,13 +289,18 @@ def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax
     else:
         fmt = torch.channels_last if channels_last_out else torch.contiguous_format
         out = empty_output((N, C, H, W), out_dtype, dev, fmt)
+        if addend is not None and addend.stride() != out.stride():  # another layout: added after, still one rounding
+            dy, = _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, torch.float32,
+                              channels_last_out, scale_mode)
+            return (out.copy_(dy.add_(addend)),)
         dst, dcm, amax = out, out, bnp
         so = nhwc_rows(out)
     bn_relu_bwd_kernel[grid](
         dz, y, _inv_arg(inv, bnp), bnp, sums if sums is not None else bnp, amax, sem, rng, dst, dcm,
-        scale if scale is not None else bnp, M, C, Cp, H, W, *nhwc_rows(dz), *nhwc_rows(y), *so, float(M), MODE=m,
-        HAS_INV=inv is not None, HAS_SUMS=sums is not None, ACT=act_code(act), BITS=bits, STOCHASTIC=stochastic, CM=True,
-        SCALE_MODE=scale_mode_code(scale_mode) if mode == "codes" else 0, BP=BP, CB=CB, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+        scale if scale is not None else bnp, addend if addend is not None else bnp, M, C, Cp, H, W, *nhwc_rows(dz),
+        *nhwc_rows(y), *so, float(M), MODE=m, HAS_INV=inv is not None, HAS_SUMS=sums is not None, ACT=act_code(act),
+        BITS=bits, STOCHASTIC=stochastic, CM=True, SCALE_MODE=scale_mode_code(scale_mode) if mode == "codes" else 0,
+        BP=BP, CB=CB, HAS_ADD=addend is not None, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     if mode == "codes":
         return out, cm, scale
     if mode == "absmax":
@@ -299,14 +312,15 @@ def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax
 def _bwd_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, sums: Optional[torch.Tensor],
             inv: Optional[torch.Tensor], act: str, out_mode: str, bits: int, stochastic: bool, pad_to: int,
             amax: Optional[torch.Tensor], out_dtype: Optional[torch.dtype], channels_last_out: bool,
-            scale_mode: str, rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            scale_mode: str, addend: Optional[torch.Tensor],
+            rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # rng: the device random state, which mode "absmax" advances for stochastic rounding (the ticket); always
     # given (a mutable argument is never optional). Three results always (a mutating op returns a fixed tuple
     # to be functionalized): modes "absmax" and "float" pad theirs with empty tensors. ``out_mode``: not
     # ``mode``, a keyword of torch's auto_functionalized
     with _rng.bound(rng):
         return _three(_bwd_impl(dz, y, bnp, sums, inv, act, out_mode, bits, stochastic, pad_to, amax, out_dtype,
-                                channels_last_out, scale_mode), y)
+                                channels_last_out, scale_mode, addend), y)
 
 
 def _three(results, y):
@@ -314,17 +328,17 @@ def _three(results, y):
 
 
 def _bwd_impl(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
-              scale_mode):
+              scale_mode, addend):
     if use_triton(dz, y) and y.numel() < 2**31:
         return list(_bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype,
-                                channels_last_out, scale_mode))
+                                channels_last_out, scale_mode, addend))
     return list(bn_relu_bwd_reference(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype,
-                                      channels_last_out, scale_mode))
+                                      channels_last_out, scale_mode, addend))
 
 
 @_bwd_op.register_fake
 def _(dz, y, bnp, sums, inv, act, out_mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
-      scale_mode, rng):
+      scale_mode, addend, rng):
     N, C, H, W = y.shape
     if out_mode == "absmax":
         return _three([y.new_empty((2,), dtype=torch.int32)], y)
@@ -338,18 +352,22 @@ def _(dz, y, bnp, sums, inv, act, out_mode, bits, stochastic, pad_to, amax, out_
 
 
 def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, act=True, mode="codes", bits=8, stochastic=False, pad_to=16,
-                amax=None, out_dtype=torch.float32, channels_last_out=True, scale_mode="shift"):
+                amax=None, out_dtype=torch.float32, channels_last_out=True, scale_mode="shift", addend=None):
     """Per element ``dy = a·((g - m1) - xhat·m2)`` (``sums`` None: eval, m1 = m2 = 0). ``mode="absmax"``:
     ``[bits of max |dy|, random ticket]`` (int32 [2]); ``"codes"`` (needs that ``amax``): ``(codes NHWC (N, Cp,
     H, W), codes channel-major (same shape, memory [Cp, N, H, W]), scale)`` with the scale rule ``scale_mode``
     ("shift", "wage" or "absmax": ``ops._scale``); ``"float"``: ``(dy,)`` in
-    ``out_dtype``, channels-last when ``channels_last_out``."""
+    ``out_dtype``, channels-last when ``channels_last_out`` (``addend``, of y's shape: ``(dy + addend,)``, the sum
+    in float32, rounded once)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not supported; accepted: {', '.join(MODES)}")
     if mode == "codes" and amax is None:
         raise ValueError("mode='codes' needs the amax that mode='absmax' returned")
+    if addend is not None and (mode != "float" or tuple(addend.shape) != tuple(y.shape)):
+        raise ValueError(f"an addend needs mode='float' and y's shape {tuple(y.shape)}; got mode={mode!r}, "
+                         f"shape {tuple(addend.shape)}")
     rng = _rng.device_state(y.device)
     act_code(act)
     out = _bwd_op(dz, y, bnp, sums, inv, act, mode, int(bits), bool(stochastic), int(pad_to), amax, out_dtype,
-                  bool(channels_last_out), str(scale_mode), rng)
+                  bool(channels_last_out), str(scale_mode), addend, rng)
     return out if mode == "codes" else out[:1]

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ...config import QConfig
 
-__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "BnActSpec", "BnSource", "Int8Activation"]
+__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "BnActSpec", "BnSource", "GradLink", "Int8Activation"]
 
 
 class BlockInput(enum.Enum):
@@ -44,12 +44,33 @@ class Int8Activation(NamedTuple):
     codes_cm: Optional[torch.Tensor] = None  # the same codes channel-major, where the next conv's weight-grad reads them so
 
 
+class GradLink:
+    """One forward's hand-over of a gradient between two fused blocks that read the same tensor x: the block
+    whose epilogue adds x as its residual (``y + x``, the pre-activation shortcut) ``put``s x's gradient from
+    that add instead of returning it, and the block whose pre-activation BatchNorm reads x, whose backward
+    always runs later (it feeds the first), ``take``s it and adds it in its input-grad kernel: autograd's
+    separate sum of the two gradients of x is gone. Made by the fusion runner per call (never under
+    ``torch.compile``, which gets the plain returns)."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self):
+        self.grad = None
+
+    def put(self, grad) -> None:
+        self.grad = grad
+
+    def take(self):
+        grad, self.grad = self.grad, None
+        return grad
+
+
 @dataclasses.dataclass
 class BnSource:
     """Where a pre-activation BatchNorm's input comes from, so that backward can rebuild it instead of keeping
     it (``stages.keep_bn_input``): ``"cat"``, a concatenation along channels (the caller hands the pieces:
     DenseNet's layers keep each piece once, not every concatenation); ``"residual"``, ``conv(codes) + xprev``
-    where ``conv`` (a ``BlockSpec`` of a conv on codes, float output) and the add ran just before (the caller
+    where ``conv`` (a ``BlockSpec`` of a conv on codes, float output, the add fused: ``residual``) ran just before (the caller
     hands the codes' ``Int8Activation`` and ``xprev``, which the previous block keeps: a pre-activation
     ResNet's stream is then kept for every other block only, the others replay one int8 GEMM)."""
 
@@ -67,7 +88,8 @@ class BlockSpec:
     the weight's). A ``BN`` input's ``bn_source`` says how backward may rebuild it, ``keep_input`` that the block
     may keep the input tensor itself (when bfloat16 channels-last: no one changes it in place) rather than a
     copy. ``residual``: the ``FLOAT`` output is ``act(bn(y) + residual)`` (the block gets the residual tensor; ``act``
-    identity, ReLU or ReLU6), the end of a post-activation residual block. ``out_channel_major``: the
+    identity, ReLU or ReLU6), the end of a post-activation residual block, or without ``bn`` ``y + residual``
+    added in the GEMM's epilogue (a pre-activation residual block's last conv). ``out_channel_major``: the
     codes also channel-major (the next conv is 1×1, stride 1, unpadded: its weight-grad reads them so)."""
 
     conv: nn.Module

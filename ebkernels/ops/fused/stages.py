@@ -174,7 +174,7 @@ def keep_bn_input(bn_source, keep_input: bool, x, xb, source: tuple, saved: Save
 
 def restore_bn_input(bn_source, saved: Saved) -> None:
     """``saved.xb`` back from ``saved.source`` (``keep_bn_input``), bit-identical to the forward's: the pieces
-    concatenated again, or the conv on codes replayed (the same int8 GEMM and epilogue) plus ``xprev``."""
+    concatenated again, or the conv on codes replayed (the same int8 GEMM and epilogue, ``xprev`` added in it)."""
     if saved.source_kind == "cat":
         saved.xb = torch.cat(saved.source, 1).contiguous(memory_format=torch.channels_last)
     elif saved.source_kind == "residual":
@@ -182,8 +182,7 @@ def restore_bn_input(bn_source, saved: Saved) -> None:
         conv = bn_source.conv
         qc = conv.conv.qconfig
         qw, sw = weight_forward(weight, qc, codes, weight.shape[1], Saved())
-        y = conv_forward(conv, codes, qw, scale, sw, bias, qc, CARRIER_DTYPE)
-        saved.xb = (y + xprev).contiguous(memory_format=torch.channels_last)
+        saved.xb = conv_forward(conv, codes, qw, scale, sw, bias, qc, CARRIER_DTYPE, xprev)
 
 
 def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Saved, source: tuple = (),
@@ -256,11 +255,12 @@ def conv_bn_forward(spec: BlockSpec, x_shape, qx, qw, sx, sw, bias, qc: QConfig,
     return y, bnp, zmax, bn.num_batches_tracked if update else None
 
 
-def conv_forward(spec: BlockSpec, qx, qw, sx, sw, bias, qc: QConfig, out_dtype):
-    """The plain conv (no BatchNorm follows): its float output."""
+def conv_forward(spec: BlockSpec, qx, qw, sx, sw, bias, qc: QConfig, out_dtype, residual=None):
+    """The plain conv (no BatchNorm follows): its float output, plus ``residual`` (``spec.residual``: the
+    pre-activation ResNet's shortcut) added in the GEMM's epilogue before the one rounding."""
     stride, padding, dilation = spec.conv_geometry()
     return conv2d_int8_fwd_op(qx, qw, sx, sw, bias, stride, padding, dilation, 1, qc.bits_a, qc.bits_w, out_dtype,
-                              True, MAX_TERMS)
+                              True, MAX_TERMS, residual)
 
 
 def output_forward(spec: BlockSpec, y, bnp, zmax, nbt, qc: QConfig, out_dtype, saved: Saved, residual=None):
@@ -327,7 +327,8 @@ def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f
         qe, qe_cm, se = quantize_two_layouts(g_main, qc.bits_e, qc.rounding_e, qc.mode_eg, pad_out)
         if bias is not None and need.bias:
             g_bias = g_main.float().sum((0, 2, 3)).to(bias.dtype)
-        return Error(qe, qe_cm, se, None, None, g_bias)
+        # a residual added in the epilogue gets the output's gradient as it is
+        return Error(qe, qe_cm, se, None, None, g_bias, g_main if spec.residual else None)
     dz, act, g_res = g_main, spec.act, None
     if spec.pool is not None:
         k, s, p, ceil = spec.pool
@@ -376,14 +377,15 @@ def conv_backward(spec: BlockSpec, e: Error, saved: Saved, qc: QConfig, qx, qw_d
     return gx, gw
 
 
-def input_backward(spec: BlockSpec, gx, saved: Saved, meta: Meta, need):
+def input_backward(spec: BlockSpec, gx, saved: Saved, meta: Meta, need, addend=None):
     """(gx, g_bn_in_weight, g_bn_in_bias): through the pre-activation BatchNorm (+ ReLU, + gather) of a
-    ``BN`` input; unchanged otherwise."""
+    ``BN`` input, plus ``addend`` (the input's gradient from the shortcut: ``spec.GradLink``) in the same
+    kernel; unchanged otherwise."""
     if spec.input is not BlockInput.BN or gx is None:
         return gx, None, None
     sums_in = bn_relu_bwd_reduce(gx, saved.xb, saved.bnp_in, saved.inv, spec.act_in)
     gx, = bn_relu_bwd(gx, saved.xb, saved.bnp_in, sums_in if saved.batch_in else None, saved.inv, spec.act_in,
-                      "float", out_dtype=meta.x_dtype, channels_last_out=meta.channels_last)
+                      "float", out_dtype=meta.x_dtype, channels_last_out=meta.channels_last, addend=addend)
     g_in_w = g_in_b = None
     if (need.bn_in_weight or need.bn_in_bias) and spec.bn_in.weight is not None:
         g_in_w, g_in_b = sums_in[1].to(spec.bn_in.weight.dtype), sums_in[0].to(spec.bn_in.bias.dtype)

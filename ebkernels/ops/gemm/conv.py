@@ -74,17 +74,26 @@ def _cpu(t: torch.Tensor) -> bool:
 def conv2d_int8_fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: Optional[torch.Tensor],
                         sw: Optional[torch.Tensor], bias: Optional[torch.Tensor], stride: list[int],
                         padding: list[int], dilation: list[int], groups: int, bits_a: int, bits_w: int,
-                        out_dtype: torch.dtype, channels_last: bool, max_terms: int) -> torch.Tensor:
+                        out_dtype: torch.dtype, channels_last: bool, max_terms: int,
+                        residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if residual is not None and (sx is None or tuple(residual.shape) != _fwd_shape(qx, qw, stride, padding, dilation)):
+        raise ValueError("conv2d_int8_fwd: a residual needs scaled results (sx, sw) and the result's shape "
+                         f"{_fwd_shape(qx, qw, stride, padding, dilation)}, got {tuple(residual.shape)}")
     if _triton_applies(groups, qx.shape[1], qx, qw):
         return _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, out_dtype,
-                           channels_last, max_terms)
+                           channels_last, max_terms, residual)
     return conv2d_int8_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, groups, bits_a, bits_w,
-                                     out_dtype, channels_last, fast=_cpu(qx))
+                                     out_dtype, channels_last, fast=_cpu(qx), residual=residual)
+
+
+def _fwd_shape(qx, qw, stride, padding, dilation) -> tuple:
+    OH, OW = conv2d_output_size(qx.shape[2], qx.shape[3], qw.shape[2], qw.shape[3], stride, padding, dilation)
+    return qx.shape[0], qw.shape[0], OH, OW
 
 
 @conv2d_int8_fwd_op.register_fake
 def _(qx, qw, sx, sw, bias, stride, padding, dilation, groups, bits_a, bits_w, out_dtype, channels_last,
-      max_terms):
+      max_terms, residual=None):
     OH, OW = conv2d_output_size(qx.shape[2], qx.shape[3], qw.shape[2], qw.shape[3], stride, padding, dilation)
     return torch.empty((qx.shape[0], qw.shape[0], OH, OW), dtype=torch.int64 if sx is None else out_dtype,
                        device=qx.device, memory_format=memory_format(channels_last))
@@ -179,17 +188,18 @@ def _check_codes(**named):
 
 
 def conv2d_int8_fwd(qx, qw, sx=None, sw=None, bias=None, stride=1, padding=0, dilation=1, groups=1, bits_a=8,
-                    bits_w=8, out_dtype=torch.float32, channels_last=None, max_terms=MAX_TERMS):
+                    bits_w=8, out_dtype=torch.float32, channels_last=None, max_terms=MAX_TERMS, residual=None):
     """Convolution of int8 codes ``qx`` (N, Cin, H, W; NHWC memory order is fastest) with ``qw`` (Cout,
-    Cin/groups, KH, KW). With scales: ``acc · sx·sw / (S_a·S_w) + bias`` in ``out_dtype``; with
-    ``sx=None``: the exact integer sums (int64). Output memory format: channels-last when
-    ``channels_last`` (default: as ``qx``)."""
+    Cin/groups, KH, KW). With scales: ``acc · sx·sw / (S_a·S_w) + bias [+ residual]`` in ``out_dtype``
+    (the residual, of the result's shape, added in fp32 before the one rounding; in the epilogue when it
+    has the result's memory format); with ``sx=None``: the exact integer sums (int64). Output memory
+    format: channels-last when ``channels_last`` (default: as ``qx``)."""
     _check_codes(qx=qx, qw=qw)
     if channels_last is None:
         channels_last = is_channels_last(qx)
     return conv2d_int8_fwd_op(qx, qw, sx, sw, bias, _pair("stride", stride, 1), _pair("padding", padding, 0),
                                _pair("dilation", dilation, 1), groups, bits_a, bits_w, out_dtype,
-                               channels_last, max_terms)
+                               channels_last, max_terms, residual)
 
 
 def conv2d_int8_dgrad(qe, qw, input_hw, se=None, sw=None, stride=1, padding=0, dilation=1, groups=1,

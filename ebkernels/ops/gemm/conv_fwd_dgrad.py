@@ -29,18 +29,19 @@ _CONV_SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*fp32", "ss_ptr": "*f
              "stride_h": "i32", "stride_w": "i32", "pad_h": "i32", "pad_w": "i32", "dil_h": "i32",
              "dil_w": "i32", "step_h": "i32", "step_w": "i32", "s_n": "i32", "s_h": "i32", "s_w": "i32",
              "s_r": "i32", "sw_col": "i32", "sw_h": "i32", "sw_w": "i32", "sw_r": "i32", "so_n": "i32",
-             "so_h": "i32", "so_w": "i32", "so_c": "i32", "ws_ptr": "*i64", "inv_ss": "fp32"}
+             "so_h": "i32", "so_w": "i32", "so_c": "i32", "ws_ptr": "*i64", "res_ptr": "*fp32", "inv_ss": "fp32"}
 # AOT configurations = GPU launches: every tile of the table (``tiles.IGEMM_TILES``), one split or split-K
 # (SPLIT_FIX), as the forward of an NHWC layer (16-aligned channel counts, ALIGN=16, channels-last result, bias, unit stride/dilation as the
 # JIT specialises arguments equal to 1) and as the phase-decomposed input-grad (runtime stride); the flat
 # (K packed across taps) tiles also unaligned (ALIGN=1: the unpadded Cin = 3 first layer); a forward into an
-# NCHW result (OUT_ALIGN=1) at the big tile.
+# NCHW result (OUT_ALIGN=1) at the big tile; every forward tile also with its residual add fused (HAS_RES: the
+# pre-activation ResNet's conv3 + shortcut).
 _CONV_UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1, "step_h": 1, "step_w": 1}
 
 
 def _conv_aot(t, out_nchw=False, **kw):
     cfg = {**t.aot(), "s_r": 1, "sw_r": 1, "I64": False, "RAW": False, "FLAT": t.flat, "ALIGN": 16,
-           "OUT_ALIGN": 16, "SPLIT_FIX": False, **kw}
+           "OUT_ALIGN": 16, "SPLIT_FIX": False, "HAS_RES": False, **kw}
     cfg.update({"so_w": 1} if out_nchw else {"so_c": 1})
     return cfg
 
@@ -51,7 +52,9 @@ _CONV_AOT = ([_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, SPLIT_
                 for fix in (False, True)]
              + [_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, ALIGN=1, OUT_ALIGN=1)
                 for t in tiles.IGEMM_TILES if t.flat and t.BM * t.BN < 128 * 128]
-             + [_conv_aot(tiles.IGEMM_TILES[-2], True, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, OUT_ALIGN=1)])
+             + [_conv_aot(tiles.IGEMM_TILES[-2], True, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, OUT_ALIGN=1)]
+             + [_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, SPLIT_FIX=fix, HAS_RES=True)
+                for t in tiles.IGEMM_TILES for fix in (False, True)])
 
 
 @aot_kernel(signature=_CONV_SIG, constexprs=_CONV_AOT, int8_mma=True, aligned=("src_ptr", "w_ptr", "out_ptr"))
@@ -59,10 +62,11 @@ _CONV_AOT = ([_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, SPLIT_
 def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_ptr, P, Q, R, OP, OQ, NCOL, KH, KW,
                                  MQ, HQ, WQ, per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h,
                                  step_w, s_n, s_h, s_w, s_r, sw_col, sw_h, sw_w, sw_r, so_n, so_h, so_w, so_c,
-                                 ws_ptr, inv_ss, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 ws_ptr, res_ptr, inv_ss, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  RAW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                  GROUP_M: tl.constexpr, FLAT: tl.constexpr, ALIGN: tl.constexpr,
-                                 OUT_ALIGN: tl.constexpr, I64: tl.constexpr, SPLIT_FIX: tl.constexpr):
+                                 OUT_ALIGN: tl.constexpr, I64: tl.constexpr, SPLIT_FIX: tl.constexpr,
+                                 HAS_RES: tl.constexpr):
     """Forward (``TRANSPOSED=False``: src = x codes, P×Q = H×W, R = Cin; result Y, OP×OQ = OH×OW,
     NCOL = Cout; rows MQ = N·OH·OW over (N, HQ=OH, WQ=OW)) or input-grad by phases (``TRANSPOSED=True``:
     src = E codes, P×Q = OH×OW, R = Cout; result dX, OP×OQ = H×W, NCOL = Cin): grid axis 0 = stride_h·
@@ -72,7 +76,8 @@ def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_p
     steps (int32-exact chunks; ``SPLIT_FIX``: added into the int64 workspace ``ws_ptr``, the last split of
     the tile stores it). ``FLAT``: K packed across taps. ``ALIGN``/``OUT_ALIGN`` (16
     or 1): the launcher guarantees R and the strides of src and w / NCOL and the strides of the result are
-    multiples of it (16-byte vectors); ``I64``: 64-bit offsets."""
+    multiples of it (16-byte vectors); ``I64``: 64-bit offsets. ``HAS_RES`` (forward): ``res_ptr``, a tensor
+    with the result's shape and strides, is added in fp32 before the one rounding to the result's dtype."""
     R, s_n, s_h, s_w, sw_col, sw_h, sw_w = assume_conv_operands(R, s_n, s_h, s_w, sw_col, sw_h, sw_w, ALIGN)
     NCOL = assume_multiple(NCOL, OUT_ALIGN)
     so_n = assume_multiple(so_n, OUT_ALIGN)
@@ -125,14 +130,15 @@ def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_p
         col_offs = col * so_c
     # the shared end of a GEMM program (splits meet in int64, the last one stores); no G quantization here
     finish_gemm_tile(acc, ws_ptr, out_ptr, row_offs, m_ok, col, col_offs, col_ok, ss_ptr, sw_ptr, bias_ptr, inv_ss,
-                     ws_ptr, ws_ptr, 0, 0, 0, 0, 0, 0, 0, 0, HAS_BIAS, RAW, SPLIT_FIX, 0, 8, False, 1024, BM, BN)
+                     ws_ptr, ws_ptr, 0, 0, 0, 0, 0, 0, 0, 0, res_ptr, HAS_BIAS, RAW, SPLIT_FIX, 0, 8, False, 1024, BM,
+                     BN, HAS_RES)
 
 
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
 def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, NCOL, KH, KW, stride, padding,
-                      dilation, sw_col, sw_r, inv_ss, max_terms):
+                      dilation, sw_col, sw_r, inv_ss, max_terms, residual=None):
     """Shared launch of the forward / input-grad kernels: result pixels (N, OP, OQ) × NCOL channels,
     reduction over KH·KW taps × R channels; the tile from the table (``tiles``), the same plan
     ``python -m ebkernels.aot --plan`` prints; split over K steps when longer than ``max_terms``."""
@@ -155,31 +161,39 @@ def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, N
     ws = split_workspace(plan.programs, splits, tile.BM, tile.BN, src.device)
     so_n, so_h, so_w, so_c = nchw_strides(out)
     dummy = src
-    out_align = alignment((NCOL, so_n, so_h, so_w), (out,))
+    out_align = alignment((NCOL, so_n, so_h, so_w), (out,) if residual is None else (out, residual))
     i64 = not offsets_fit_int32(src, out)
+    has_res = residual is not None
     conv2d_int8_fwd_dgrad_kernel[(plan.programs, splits)](
         src, wq, out, dummy if raw else ss, dummy if raw else sw, bias if (not raw and bias is not None) else dummy,
         P, Q, R, OP, OQ, NCOL, KH, KW, MQ, HQ, WQ, plan.per_split, stride[0], stride[1], padding[0], padding[1],
         dilation[0], dilation[1], steps[0], steps[1], s_n, s_h, s_w, s_r, sw_col, wq.stride(2), wq.stride(3), sw_r,
-        so_n, so_h, so_w, so_c, ws, inv_ss, TRANSPOSED=transposed, HAS_BIAS=not raw and bias is not None, RAW=raw,
+        so_n, so_h, so_w, so_c, ws, residual if has_res else out, inv_ss, TRANSPOSED=transposed,
+        HAS_BIAS=not raw and bias is not None, RAW=raw,
         BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=align, OUT_ALIGN=out_align,
-        I64=i64, SPLIT_FIX=splits > 1, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        I64=i64, SPLIT_FIX=splits > 1, HAS_RES=has_res, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
 
 
 def _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, out_dtype, channels_last,
-                max_terms):
+                max_terms, residual=None):
+    """The forward launch; ``residual`` (scaled results only, the result's shape) is added in the epilogue when
+    it has the result's strides, else after it."""
     N, C, H, W = qx.shape
     CO, _, KH, KW = qw.shape
     OH, OW = conv2d_output_size(H, W, KH, KW, stride, padding, dilation)
     out, inv_ss = result_and_scale((N, CO, OH, OW), sx, out_dtype, bits_a, bits_w, qx.device,
                                    memory_format(channels_last))
     if out.numel() == 0:
-        return out
+        return out if residual is None else out.copy_(residual)
+    if residual is not None and residual.stride() != out.stride():  # another layout: the add after the conv
+        y = _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, torch.float32, channels_last,
+                        max_terms)
+        return out.copy_(y.add_(residual))  # still one rounding
     if qw.stride(1) != 1 and C > 1:  # the reduction runs over Cin: keep it contiguous (K-major operand)
         qw = qw.contiguous(memory_format=torch.channels_last)
     return _conv_like_launch(False, qx, qw, sx, sw, bias, out, H, W, C, OH, OW, CO, KH, KW,
-                             stride, padding, dilation, qw.stride(0), qw.stride(1), inv_ss, max_terms)
+                             stride, padding, dilation, qw.stride(0), qw.stride(1), inv_ss, max_terms, residual)
 
 
 def _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, bits_w, out_dtype,

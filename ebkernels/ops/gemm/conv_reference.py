@@ -13,13 +13,15 @@ from .host import exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales
 __all__ = ["conv2d_int8_fwd_reference", "conv2d_int8_dgrad_reference", "conv2d_int8_wgrad_reference"]
 
 
-def _epilogue_reference(acc, sa, sb, bias, bits_a, bits_b, out_dtype, channels_last):
+def _epilogue_reference(acc, sa, sb, bias, bits_a, bits_b, out_dtype, channels_last, residual=None):
     if sa is None:
         y = acc.to(torch.int64)
     else:
         y = acc.float() * (sa.float() * sb.float() * inv_code_scales(bits_a, bits_b))
         if bias is not None:
             y = y + bias.float().view(1, -1, 1, 1)
+        if residual is not None:  # in fp32, one rounding for the conv and the add (the kernel's epilogue)
+            y = y + residual.float()
         y = y.to(out_dtype)
     return y.contiguous(memory_format=memory_format(channels_last))
 
@@ -41,8 +43,9 @@ def _chunk_plan(groups, total, unit_terms, exact_terms):
 
 
 def conv2d_int8_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, groups, bits_a, bits_w,
-                              out_dtype, channels_last, fast: bool = False):
-    """Oracle (float64 sums); ``fast`` (the CPU path): float32 chunks over Cin where exact."""
+                              out_dtype, channels_last, fast: bool = False, residual=None):
+    """Oracle (float64 sums); ``fast`` (the CPU path): float32 chunks over Cin where exact; ``residual``
+    added to the scaled result in fp32."""
     def f64():
         return F.conv2d(qx.double(), qw.double(), None, stride, padding, dilation, groups)
 
@@ -53,7 +56,7 @@ def conv2d_int8_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, g
             qx[:, c0:c1].float(), qw[:, c0:c1].float(), None, stride, padding, dilation, groups)), f64)
     else:
         acc = f64()
-    return _epilogue_reference(acc, sx, sw, bias, bits_a, bits_w, out_dtype, channels_last)
+    return _epilogue_reference(acc, sx, sw, bias, bits_a, bits_w, out_dtype, channels_last, residual)
 
 
 def conv2d_int8_dgrad_reference(qe, qw, se, sw, input_hw, stride, padding, dilation, groups, bits_e, bits_w,

@@ -167,8 +167,8 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
                 acc = tl.dot(tl.trans(a), b, acc, out_dtype=tl.int32)
     col_offs = (kh * so_h + kw * so_w) + ci * so_c
     finish_gemm_tile(acc, ws_ptr, out_ptr, co * so_o, co_ok, col, col_offs, ci_ok, se_ptr, sx_ptr, se_ptr, inv_ss,
-                     gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, False, RAW, SPLIT_FIX, GQ, BITS_G, STOCH_G,
-                     GBLOCK, BM, BN)
+                     gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, out_ptr, False, RAW, SPLIT_FIX, GQ, BITS_G,
+                     STOCH_G, GBLOCK, BM, BN, False)
 
 
 def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,

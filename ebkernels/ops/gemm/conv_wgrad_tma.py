@@ -153,8 +153,8 @@ def conv2d_int8_wgrad_tma_kernel(e_desc, x_desc, out_ptr, se_ptr, sx_ptr, C, CP,
     co = co0 + tl.arange(0, BM)
     ci = ci0 + tl.arange(0, BN)
     finish_gemm_tile(acc, ws_ptr, out_ptr, co * so_o, co < CO, ci, (kh * so_h + kw * so_w) + ci * so_c, ci < C,
-                     se_ptr, sx_ptr, se_ptr, inv_ss, gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, False, RAW,
-                     SPLIT_FIX, GQ, BITS_G, STOCH_G, GBLOCK, BM, BN)
+                     se_ptr, sx_ptr, se_ptr, inv_ss, gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, out_ptr, False, RAW,
+                     SPLIT_FIX, GQ, BITS_G, STOCH_G, GBLOCK, BM, BN, False)
 
 
 # --------------------------------------------------------------------------------------------------

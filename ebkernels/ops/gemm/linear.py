@@ -157,8 +157,8 @@ def linear_int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, M, 
         b_ptrs += BK * s_bk
         rk += BK
     finish_gemm_tile(acc, ws_ptr, out_ptr, rm * s_om, m_ok, rn, rn * s_on, n_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss,
-                     gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, HAS_BIAS, RAW, SPLIT_FIX, GQ, BITS_G, STOCH_G,
-                     GBLOCK, BM, BN)
+                     gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, out_ptr, HAS_BIAS, RAW, SPLIT_FIX, GQ, BITS_G,
+                     STOCH_G, GBLOCK, BM, BN, False)
 
 
 def _linear_int8_mm_triton(a, b, sa, sb, bias, bits_a, bits_b, out_dtype, max_terms, gq=None):

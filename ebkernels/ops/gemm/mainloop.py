@@ -226,10 +226,11 @@ def gemm_tile_values(acc, col, col_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss, HAS_BIA
 
 @triton.jit
 def store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr,
-                    inv_ss, HAS_BIAS: tl.constexpr, RAW: tl.constexpr):
+                    inv_ss, res_ptr, HAS_BIAS: tl.constexpr, RAW: tl.constexpr, HAS_RES: tl.constexpr):
     """Epilogue. RAW: store the integer accumulator as is (the exact sums, int64 results). Otherwise
-    ``gemm_tile_values`` stored in ``out_ptr``'s element type. Returns the fp32 tile and its mask (the
-    weight-grad's fused G quantization reads them)."""
+    ``gemm_tile_values`` (``HAS_RES``: plus the residual ``res_ptr``, laid out as the result, in fp32: one
+    rounding for the conv and its residual add) stored in ``out_ptr``'s element type. Returns the fp32 tile
+    and its mask (the weight-grad's fused G quantization reads them)."""
     offs = row_offs[:, None] + col_offs[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if RAW:
@@ -237,22 +238,26 @@ def store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_pt
         y = acc.to(tl.float32)  # not the result: RAW callers ignore it
     else:
         y = gemm_tile_values(acc, col, col_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss, HAS_BIAS)
+        if HAS_RES:
+            y = y + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, cast_rne(y, out_ptr.dtype.element_ty), mask=mask)
     return y, mask
 
 
 @triton.jit
 def finish_gemm_tile(acc, ws_ptr, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr, bias_ptr, inv_ss,
-                     gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, HAS_BIAS: tl.constexpr, RAW: tl.constexpr,
-                     SPLIT_FIX: tl.constexpr, GQ: tl.constexpr, BITS_G: tl.constexpr, STOCH_G: tl.constexpr,
-                     GBLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                     gq_ptr, rng_ptr, gn, g1, g2, g3, gs0, gs1, gs2, gs3, res_ptr, HAS_BIAS: tl.constexpr,
+                     RAW: tl.constexpr, SPLIT_FIX: tl.constexpr, GQ: tl.constexpr, BITS_G: tl.constexpr,
+                     STOCH_G: tl.constexpr, GBLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     HAS_RES: tl.constexpr):
     """The end of a GEMM program on grid (tiles, splits) with its int32 tile ``acc``. ``SPLIT_FIX``
     (splits > 1): ``split_fixup`` adds it into the int64 workspace and only the tile's last split goes on,
     with the int64 sum over all splits (RAW results stay exact). Then the epilogue (``store_gemm_tile``)
     and, ``GQ`` > 0, the weight-grad's G quantization (``gquant``): ``GQ=1`` folds the tile into max |G|
     (the launcher's codes pass follows), ``GQ=2`` (the launch's only tile, G dense row-major in ``out``)
     stores the values of G's codes instead of the tile. gq/rng: the scratch and random state; gn, g*, gs*
-    (the real gradient view) and GBLOCK are kept for the launchers' argument lists and not read."""
+    (the real gradient view) and GBLOCK are kept for the launchers' argument lists and not read. ``HAS_RES``
+    (the forward of a conv with its residual add fused, ``GQ=0``): ``res_ptr`` is added before the store."""
     last = True
     if SPLIT_FIX:
         acc, last = split_fixup(acc, ws_ptr, tl.program_id(0), tl.num_programs(1), BM, BN)
@@ -263,6 +268,6 @@ def finish_gemm_tile(acc, ws_ptr, out_ptr, row_offs, row_ok, col, col_offs, col_
             gquant_tile(y, row_ok[:, None] & col_ok[None, :], offs, out_ptr, rng_ptr, BITS_G, STOCH_G)
         else:
             y, y_mask = store_gemm_tile(acc, out_ptr, row_offs, row_ok, col, col_offs, col_ok, sa_ptr, sb_ptr,
-                                        bias_ptr, inv_ss, HAS_BIAS, RAW)
+                                        bias_ptr, inv_ss, res_ptr, HAS_BIAS, RAW, HAS_RES)
             if GQ == 1:
                 gquant_max(y, y_mask, gq_ptr, rng_ptr, tl.program_id(0) == 0, STOCH_G)
