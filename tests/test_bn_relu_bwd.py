@@ -292,10 +292,10 @@ def test_float_mode(device, poisoned, case):
         assert dy.is_contiguous(memory_format=CL if cl_out else torch.contiguous_format), msg
         dy_r, = bn_relu_bwd_reference(*cpu, act, "float", 8, False, 0, None, out_dtype, cl_out)
         assert bits_equal(dy.cpu(), dy_r), f"dy {out_dtype} {msg}: {mismatch(dy.cpu(), dy_r)}"
-        # with the shortcut's gradient added in the kernel (the out layout: fused; the other: after), rounded once
-        addend = torch.randn(N, C, H, W, generator=g).to(out_dtype)
+        # with another gradient of the same tensor added in the kernel, rounded once
+        addend = torch.randn(N, C + 5, H, W, generator=g).to(out_dtype)
         for fmt in (CL, torch.contiguous_format):
-            ad = addend.contiguous(memory_format=fmt)
+            ad = addend.contiguous(memory_format=fmt)[:, :C]  # a channel prefix of a wider gradient, any layout
             ds, = bn_relu_bwd(dz, y, bnp, sums, inv, act, "float", out_dtype=out_dtype, channels_last_out=cl_out,
                               addend=ad.to(device))
             ds_r, = bn_relu_bwd_reference(*cpu, act, "float", 8, False, 0, None, out_dtype, cl_out, addend=ad)
@@ -304,6 +304,7 @@ def test_float_mode(device, poisoned, case):
             d32, = bn_relu_bwd(dz, y, bnp, sums, inv, act, "float", out_dtype=torch.float32)
             want = (d32.cpu() + ad.float()).to(out_dtype)
             assert bits_equal(ds.cpu().contiguous(), want.contiguous()), f"one rounding {msg}"
+            assert ds.data_ptr() != ad.data_ptr()
     with pytest.raises(ValueError, match="addend"):
         bn_relu_bwd(dz, y, bnp, sums, inv, act, "float", addend=torch.zeros(N, C, H, W + 1))
     # semantics: the float64 BatchNorm(+ReLU) backward, same mask and statistics (within float32 rounding)

@@ -420,7 +420,7 @@ def test_the_shortcut_gradient_is_summed_in_the_input_grad_kernel(backend, monke
     and no ``aten.add`` on x's gradient."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from ebkernels.fusion import runner
+    from ebkernels.fusion import links, runner
     from ebkernels.models.preresnet import Bottleneck
 
     class Adds(TorchDispatchMode):
@@ -440,7 +440,7 @@ def test_the_shortcut_gradient_is_summed_in_the_input_grad_kernel(backend, monke
     results = []
     for linked in (True, False):
         if not linked:
-            monkeypatch.setattr(runner, "_grad_links", lambda chains: ({}, {}))
+            monkeypatch.setattr(runner, "grad_links", lambda graph, chains: links.Links())
         m = ebkernels.quantize_model(copy.deepcopy(base), qconfig=QC)
         xk = x.clone().requires_grad_(True)
         ebkernels.manual_seed(5)
@@ -458,7 +458,7 @@ def test_the_shortcut_gradient_is_summed_in_the_input_grad_kernel(backend, monke
 def test_a_preresnet_links_every_block_without_a_downsample():
     """One ``GradLink`` per block whose x feeds only its BN chain and its shortcut (a block with a downsample
     conv reads x a third time: autograd sums there as before)."""
-    from ebkernels.fusion import runner
+    from ebkernels.fusion import links
 
     model = ebkernels.build_model("preresnet20", width=0.25, num_classes=10, in_channels=3)
     m = ebkernels.quantize_model(model, qconfig=QC)
@@ -467,5 +467,49 @@ def test_a_preresnet_links_every_block_without_a_downsample():
     assert identity == 3
     traced = fusion.trace.trace(m, lambda line: None)
     chains = fusion.matcher.match(traced.graph, dict(m.named_modules()), lambda line: None)
-    takes, puts = runner._grad_links(chains)
-    assert len(takes) == len(puts) == identity
+    found = links.grad_links(traced.graph, chains)
+    assert len(found.takes) == len(found.puts) == identity and not found.cats
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_a_dense_block_sums_each_piece_gradient_in_the_input_grad_kernels(backend, monkeypatch):
+    """Concatenation j hands its gradient to the chain on concatenation j-1 (``ops.fused.dense_cat``), which adds
+    its channel prefix in its input-grad kernel: no ``aten.add`` on activations in backward, where autograd sums
+    each piece's gradient from each of its readers; the gradients within bfloat16 rounding of autograd's sums
+    (bfloat16 values summed in another order and rounded fewer times)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ebkernels.fusion import links, runner
+
+    class Adds(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.add.Tensor and out.dim() == 4:
+                self.count += 1
+            return out
+
+    torch.manual_seed(4)
+    base = Dense().train()
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    results = []
+    for linked in (True, False):
+        if not linked:
+            monkeypatch.setattr(runner, "grad_links", lambda graph, chains: links.Links())
+        m = ebkernels.quantize_model(copy.deepcopy(base), qconfig=QConfig(rounding_g="nearest", rounding_e="nearest"))
+        if linked:
+            traced = fusion.trace.trace(m, lambda line: None)
+            found = links.grad_links(traced.graph, fusion.matcher.match(traced.graph, dict(m.named_modules()),
+                                                                         lambda line: None))
+            assert len(found.cats) == 2  # cat(stem, l1) -> l1's chain, cat(stem, l1, l2) -> l2's chain
+        with ebkernels.force_backend(backend), Adds() as adds:
+            out = m(x)
+            out.float().square().sum().backward()
+        results.append((adds.count, out.detach(), grads(m)))
+    (a1, o1, g1), (a0, o0, g0) = results
+    assert a1 == 0 and a0 >= 3, (a1, a0)
+    assert torch.equal(o1, o0)
+    assert rel(g1, g0) < 0.02, rel(g1, g0)

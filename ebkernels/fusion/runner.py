@@ -29,6 +29,8 @@ from ..ops.fused.block import (BlockInput, BlockOutput, BlockSpec, BnActSpec, Bn
 from ..ops.fused.relu_mask import relu_keep_mask
 from ..ops.fused.layouts import channel_major_input, weight_item
 from ..ops.weight_batch import active_weight_batch, prepare_weight_batch
+from ..ops.fused.dense_cat import dense_cat
+from .links import cat_pieces, grad_links
 from .matcher import Chain, match
 from .patterns import BN_ACT, CONV_ON_CODES, POST_ACTIVATION, PRE_ACTIVATION, hooked, pool_args
 from .region import REGION_DTYPE, call_in_bf16, exit_cast, plan_region
@@ -120,10 +122,9 @@ def _bn_sources(chains: list, specs: list, modules: dict) -> dict:
     for c in pre:
         src = c.source
         r = by_last.get(src)
-        if src.op == "call_function" and src.target is torch.cat and \
-                (src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)) in (1, -3) and \
-                isinstance(src.args[0], (list, tuple)) and all(isinstance(a, fx.Node) for a in src.args[0]):
-            out[index[id(c)]] = (BnSource("cat"), (list(src.args[0]),))
+        pieces = cat_pieces(src)
+        if pieces is not None:
+            out[index[id(c)]] = (BnSource("cat"), (pieces,))
         elif r is not None and r.pattern is CONV_ON_CODES and r.residual is not None:
             # the conv on codes with the residual add in its epilogue: replayed as it ran
             xprev = r.residual
@@ -139,23 +140,6 @@ def new_grad_link() -> Optional[GradLink]:
     return None if torch.compiler.is_compiling() else GradLink()
 
 
-def _grad_links(chains: list) -> tuple:
-    """({chain index: link id} of the blocks that take a gradient, {chain index: link id} of those that put one):
-    a conv on codes whose epilogue adds x (a pre-activation shortcut) and the pre-activation chain that reads
-    the same x, when those two are x's only users (then no other gradient of x exists to be summed)."""
-    by_first = {c.nodes[0]: i for i, c in enumerate(chains)}
-    takes, puts = {}, {}
-    for j, r in enumerate(chains):
-        x = r.residual if r.pattern is CONV_ON_CODES else None
-        if x is None or len(x.users) != 2:
-            continue
-        readers = [by_first.get(u) for u in x.users if u is not r.last]
-        i = readers[0] if len(readers) == 1 else None
-        if i is not None and chains[i].pattern is PRE_ACTIVATION and chains[i].source is x:
-            takes[i] = puts[j] = len(puts)
-    return takes, puts
-
-
 def _rewrite(graph: fx.Graph, chains: list, region, modules: dict):
     """(a new graph: each chain one call of its runner, the region's local autocast and casts inserted; the
     chains' specs)."""
@@ -165,8 +149,8 @@ def _rewrite(graph: fx.Graph, chains: list, region, modules: dict):
     by_last = {c.last: (i, c) for i, c in enumerate(chains)}
     specs = [_spec(c) for c in chains]
     sources = _bn_sources(chains, specs, modules)
-    takes, puts = _grad_links(chains)
-    links: dict = {}
+    links = grad_links(graph, chains)
+    made: dict = {}  # link id -> the node of its GradLink
     for i, c in enumerate(chains):
         if c.pattern in (PRE_ACTIVATION, BN_ACT):
             specs[i].keep_input = not _inplace_users(c.source, modules)
@@ -188,11 +172,14 @@ def _rewrite(graph: fx.Graph, chains: list, region, modules: dict):
             i, c = by_last[n]
             extra = fx.map_arg(sources.get(i, (None, ()))[1], lambda a: env[a])
             kwargs = {"residual": env[c.residual]} if c.residual is not None else {}
-            if i in takes:  # the link is made before its taker runs, which is before its putter
-                links[takes[i]] = kwargs["grad_from"] = out.call_function(new_grad_link, ())
-            if i in puts:
-                kwargs["grad_to"] = links[puts[i]]
+            if i in links.takes:  # the link is made before its taker runs, which is before its putter
+                made[links.takes[i]] = kwargs["grad_from"] = out.call_function(new_grad_link, ())
+            if i in links.puts:
+                kwargs["grad_to"] = made[links.puts[i]]
             env[n] = out.call_function(_runner(specs[i], i), (env[c.source], *extra), kwargs)
+        elif n in links.cats and n not in region.casts:
+            lid, passed = links.cats[n]
+            env[n] = out.call_function(dense_cat, (tuple(env[a] for a in n.args[0]), made[lid], passed))
         elif n in region.masked:
             env[n] = out.call_function(relu_keep_mask, (env[n.all_input_nodes[0]],))
         elif n in region.in_bf16:

@@ -100,7 +100,7 @@ _BWD_SIG = {"dz_ptr": "*bf16", "y_ptr": "*bf16", "inv_ptr": "*i32", "bnp_ptr": "
             "add_ptr": "*bf16", "M": "i32",
             "C": "i32", "Cp": "i32", "H": "i32", "W": "i32", "sd_n": "i64", "sd_c": "i64", "sd_h": "i64",
             "sd_w": "i64", "sy_n": "i64", "sy_c": "i64", "sy_h": "i64", "sy_w": "i64", "so_n": "i64", "so_c": "i64",
-            "so_h": "i64", "so_w": "i64", "n_f": "fp32"}
+            "so_h": "i64", "so_w": "i64", "sa_n": "i64", "sa_c": "i64", "sa_h": "i64", "sa_w": "i64", "n_f": "fp32"}
 _BWD_AOT = ([{"MODE": 0, "HAS_INV": False, "HAS_SUMS": True, "ACT": 1, "BITS": 8, "STOCHASTIC": s, "CM": True,
               "SCALE_MODE": 0, "BP": 32, "CB": 128, "HAS_ADD": False} for s in (False, True)]
             + [{"MODE": 1, "HAS_INV": False, "HAS_SUMS": True, "ACT": 1, "BITS": 8, "STOCHASTIC": s, "CM": True,
@@ -114,7 +114,7 @@ _BWD_AOT = ([{"MODE": 0, "HAS_INV": False, "HAS_SUMS": True, "ACT": 1, "BITS": 8
 @triton.jit
 def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_ptr, rng_ptr, out_ptr, cm_ptr, scale_ptr,
                        add_ptr, M, C, Cp, H, W, sd_n, sd_c, sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, so_n, so_c, so_h, so_w,
-                       n_f, MODE: tl.constexpr, HAS_INV: tl.constexpr, HAS_SUMS: tl.constexpr, ACT: tl.constexpr,
+                       sa_n, sa_c, sa_h, sa_w, n_f, MODE: tl.constexpr, HAS_INV: tl.constexpr, HAS_SUMS: tl.constexpr, ACT: tl.constexpr,
                        BITS: tl.constexpr, STOCHASTIC: tl.constexpr, CM: tl.constexpr, SCALE_MODE: tl.constexpr,
                        BP: tl.constexpr, CB: tl.constexpr, HAS_ADD: tl.constexpr):
     """Grid (row tiles, channel blocks over Cp). ``MODE`` 0: max |dy| bits into ``amax[0]`` (``publish_max``
@@ -122,7 +122,7 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_
     ``STOCHASTIC``); 1: codes at ``m * Cp + c`` (NHWC)
     and, with ``CM``, at ``c * M + m`` (channel-major), channels C..Cp-1 written 0, the scale of ``amax[0]``
     in ``SCALE_MODE`` (``_scale``) stored by program (0, 0); 2: dy in ``out`` (strides so_*; ``HAS_ADD``: plus
-    ``add``, laid out as ``out``, before the one rounding). ``HAS_SUMS`` False: eval-mode BatchNorm (m1 = m2 = 0)."""
+    ``add`` (strides sa_*: e.g. a channel prefix of a wider gradient) before the one rounding). ``HAS_SUMS`` False: eval-mode BatchNorm (m1 = m2 = 0)."""
     pid_m, pid_n, m, c, m_ok, c_ok = elementwise_tile(M, C, BP, CB)
     dz, y, a, b, mean, rstd = _load_inputs(dz_ptr, y_ptr, inv_ptr, bnp_ptr, m, m_ok, c, c_ok, C, H, W, sd_n, sd_c,
                                            sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, HAS_INV)
@@ -165,7 +165,9 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_
         offs = (n.to(tl.int64) * so_n + h.to(tl.int64) * so_h + w.to(tl.int64) * so_w)[:, None] + \
             c.to(tl.int64)[None, :] * so_c
         if HAS_ADD:
-            dy = dy + tl.load(add_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            a_offs = (n.to(tl.int64) * sa_n + h.to(tl.int64) * sa_h + w.to(tl.int64) * sa_w)[:, None] + \
+                c.to(tl.int64)[None, :] * sa_c
+            dy = dy + tl.load(add_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, cast_rne(dy, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -289,16 +291,12 @@ def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax
     else:
         fmt = torch.channels_last if channels_last_out else torch.contiguous_format
         out = empty_output((N, C, H, W), out_dtype, dev, fmt)
-        if addend is not None and addend.stride() != out.stride():  # another layout: added after, still one rounding
-            dy, = _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, torch.float32,
-                              channels_last_out, scale_mode)
-            return (out.copy_(dy.add_(addend)),)
         dst, dcm, amax = out, out, bnp
         so = nhwc_rows(out)
     bn_relu_bwd_kernel[grid](
         dz, y, _inv_arg(inv, bnp), bnp, sums if sums is not None else bnp, amax, sem, rng, dst, dcm,
         scale if scale is not None else bnp, addend if addend is not None else bnp, M, C, Cp, H, W, *nhwc_rows(dz),
-        *nhwc_rows(y), *so, float(M), MODE=m, HAS_INV=inv is not None, HAS_SUMS=sums is not None, ACT=act_code(act),
+        *nhwc_rows(y), *so, *(nhwc_rows(addend) if addend is not None else (0, 0, 0, 0)), float(M), MODE=m, HAS_INV=inv is not None, HAS_SUMS=sums is not None, ACT=act_code(act),
         BITS=bits, STOCHASTIC=stochastic, CM=True, SCALE_MODE=scale_mode_code(scale_mode) if mode == "codes" else 0,
         BP=BP, CB=CB, HAS_ADD=addend is not None, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     if mode == "codes":

@@ -379,11 +379,13 @@ def conv_backward(spec: BlockSpec, e: Error, saved: Saved, qc: QConfig, qx, qw_d
 
 def input_backward(spec: BlockSpec, gx, saved: Saved, meta: Meta, need, addend=None):
     """(gx, g_bn_in_weight, g_bn_in_bias): through the pre-activation BatchNorm (+ ReLU, + gather) of a
-    ``BN`` input, plus ``addend`` (the input's gradient from the shortcut: ``spec.GradLink``) in the same
-    kernel; unchanged otherwise."""
+    ``BN`` input, plus ``addend`` (the input's other gradient: the shortcut's, or a dense block's later
+    readers', whose channel prefix it is: ``spec.GradLink``) in the same kernel; unchanged otherwise."""
     if spec.input is not BlockInput.BN or gx is None:
         return gx, None, None
     sums_in = bn_relu_bwd_reduce(gx, saved.xb, saved.bnp_in, saved.inv, spec.act_in)
+    if addend is not None and addend.shape[1] != saved.xb.shape[1]:  # a dense block's wider gradient: its prefix
+        addend = addend[:, :saved.xb.shape[1]]
     gx, = bn_relu_bwd(gx, saved.xb, saved.bnp_in, sums_in if saved.batch_in else None, saved.inv, spec.act_in,
                       "float", out_dtype=meta.x_dtype, channels_last_out=meta.channels_last, addend=addend)
     g_in_w = g_in_b = None

@@ -33,7 +33,7 @@ from ..._checks import check_same_device, check_tensor
 from ...config import QConfig, as_qconfig
 from .._launch import MAX_TERMS, conv2d_output_size, memory_format
 from ..quantize import dequantize, quantize
-from .conv_fwd_dgrad import _dgrad_triton, _fwd_triton
+from .conv_fwd_dgrad import _dgrad_triton, _fwd_triton, check_residual
 from .conv_reference import conv2d_int8_dgrad_reference, conv2d_int8_fwd_reference, conv2d_int8_wgrad_reference
 from .conv_wgrad import _wgrad_triton
 from .._dispatch import custom_op
@@ -76,19 +76,12 @@ def conv2d_int8_fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: Optional[torch.Te
                         padding: list[int], dilation: list[int], groups: int, bits_a: int, bits_w: int,
                         out_dtype: torch.dtype, channels_last: bool, max_terms: int,
                         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if residual is not None and (sx is None or tuple(residual.shape) != _fwd_shape(qx, qw, stride, padding, dilation)):
-        raise ValueError("conv2d_int8_fwd: a residual needs scaled results (sx, sw) and the result's shape "
-                         f"{_fwd_shape(qx, qw, stride, padding, dilation)}, got {tuple(residual.shape)}")
+    check_residual(residual, qx, qw, sx, stride, padding, dilation)
     if _triton_applies(groups, qx.shape[1], qx, qw):
         return _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, out_dtype,
                            channels_last, max_terms, residual)
     return conv2d_int8_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, groups, bits_a, bits_w,
                                      out_dtype, channels_last, fast=_cpu(qx), residual=residual)
-
-
-def _fwd_shape(qx, qw, stride, padding, dilation) -> tuple:
-    OH, OW = conv2d_output_size(qx.shape[2], qx.shape[3], qw.shape[2], qw.shape[3], stride, padding, dilation)
-    return qx.shape[0], qw.shape[0], OH, OW
 
 
 @conv2d_int8_fwd_op.register_fake

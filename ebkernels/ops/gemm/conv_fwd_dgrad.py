@@ -175,6 +175,17 @@ def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, N
     return out
 
 
+def check_residual(residual, qx, qw, sx, stride, padding, dilation) -> None:
+    """A forward's residual (or None) needs scaled results and the result's shape."""
+    if residual is None:
+        return
+    OH, OW = conv2d_output_size(qx.shape[2], qx.shape[3], qw.shape[2], qw.shape[3], stride, padding, dilation)
+    shape = (qx.shape[0], qw.shape[0], OH, OW)
+    if sx is None or tuple(residual.shape) != shape:
+        raise ValueError(f"conv2d_int8_fwd: a residual needs scaled results (sx, sw) and the result's shape {shape}, "
+                         f"got {tuple(residual.shape)}")
+
+
 def _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, out_dtype, channels_last,
                 max_terms, residual=None):
     """The forward launch; ``residual`` (scaled results only, the result's shape) is added in the epilogue when
