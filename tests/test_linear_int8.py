@@ -217,7 +217,25 @@ def test_qlinear_saves_int8_codes(device):
     big = [t for t in saved if t.numel() > 1]
     assert [t.dtype for t in big] == [torch.int8, torch.int8], [t.dtype for t in saved]
     assert sum(t.numel() * t.element_size() for t in big) == (x.numel() + w.numel())  # 1 byte each
-    y.sum().backward()
+    # W's codes are kept in the input-grad's K-major order (written so by the quantizer's one pass): backward
+    # copies no weight-sized tensor, and a 2-D result is no view (an in-place ReLU after it needs no copies)
+    assert big[1].shape == w.shape and big[1].stride() == (1, w.shape[0])
+    assert y._base is None
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("clone", "copy_", "contiguous", "_to_copy"):
+                self.ops.append((str(func), tuple(args[0].shape)))
+            return func(*args, **(kwargs or {}))
+
+    with Copies() as copies:
+        torch.relu_(y).sum().backward()
+    assert not [o for o in copies.ops if o[1] in (tuple(w.shape), (w.shape[1], w.shape[0]))], copies.ops
 
 
 def test_qlinear_bad_inputs():

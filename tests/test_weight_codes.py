@@ -148,3 +148,37 @@ def test_a_batch_of_weights_in_two_multi_program_launches(device, poisoned, mode
     with ebkernels.force_backend("reference"):
         check(weight_codes_many(items), "reference")
     assert max(w.numel() for w in ws) > 4 * BLOCK, msg  # the big case spans several programs
+
+
+def test_large_weights_codes_again_in_one_launch_in_backward(device, poisoned):
+    """``weight_step.BackwardCodes``: the large weights of a step's batch (over ``KEEP_CODES_NUMEL``: their
+    codes are not kept) get both layouts again in ONE launch for all of them (from the forward's scales), bit for
+    bit the forward's codes, on the kernels and the reference path; a weight changed since the forward gets
+    None (its block derives its own)."""
+    from ebkernels.ops.weight_batch import KEEP_CODES_NUMEL, WeightItem
+    from ebkernels.ops.weight_step import prepare_weight_batch
+    from helpers import LaunchSpy
+
+    g = gen(fresh_seed())
+    shapes = [(96, 80, 3, 3), (130, 70, 3, 3), (8, 16, 3, 3)]  # two large (one Cout not a multiple of 16), one small
+    ws = [torch.randn(s, generator=g).to(device) for s in shapes]
+    items = [WeightItem(w, 8, "shift", 16, 16) for w in ws]
+    assert [w.numel() > KEEP_CODES_NUMEL for w in ws] == [True, True, False]
+    for backend in ("auto", "reference"):
+        with ebkernels.force_backend(backend):
+            batch = prepare_weight_batch(items)
+            fwd = [tuple(t.clone() for t in batch.get(it)) for it in items]
+            again = [batch.backward(it) for it in items]
+            assert again[2] is None and again[0][0] is again[1][0]  # one holder for the large group
+            with LaunchSpy() as spy:
+                got = [again[i][0].codes(again[i][1]) for i in (0, 1)]
+            if backend == "auto":
+                assert [c["kernel"] for c in spy.calls] == ["weight_codes_many_kernel"]
+            for (f, d), (f0, d0, _) in zip(got, fwd):
+                assert torch.equal(f, f0) and torch.equal(d, d0)
+                assert f.stride() == f0.stride() and d.stride() == d0.stride()
+            with torch.no_grad():
+                ws[1].mul_(2)  # changed after the forward (its version): its block must not take these codes
+            assert again[1][0].codes(again[1][1]) is None
+            with torch.no_grad():
+                ws[1].div_(2)

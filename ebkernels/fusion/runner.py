@@ -28,7 +28,7 @@ from ..ops.fused.block import (BlockInput, BlockOutput, BlockSpec, BnActSpec, Bn
                                bn_act, fused_block)
 from ..ops.fused.relu_mask import relu_keep_mask
 from ..ops.fused.layouts import channel_major_input, weight_item
-from ..ops.weight_batch import active_weight_batch, prepare_weight_batch
+from ..ops.weight_step import active_weight_batch, prepare_weight_batch
 from ..ops.fused.dense_cat import dense_cat
 from .links import cat_pieces, grad_links
 from .matcher import Chain, match

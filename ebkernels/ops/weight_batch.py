@@ -23,7 +23,6 @@ view does not keep the large weights' codes alive, and a large weight's codes ar
 """
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from typing import NamedTuple, Optional
 
@@ -41,9 +40,8 @@ from ._tl import round_half_even
 from .weight_codes import _load_weight_block
 from ._dispatch import custom_op
 
-__all__ = ["WeightItem", "WeightBatch", "weight_codes_many", "weight_codes_many_reference", "weight_quant",
-           "prepare_weight_batch", "active_weight_batch", "push_weight_batch", "pop_weight_batch",
-           "batched_weight_codes", "BLOCK", "TILE", "KEEP_CODES_NUMEL"]
+__all__ = ["WeightItem", "weight_codes_many", "weight_codes_many_reference", "weight_quant", "recode_many", "BLOCK",
+           "TILE", "KEEP_CODES_NUMEL"]
 
 BLOCK = 2048
 # weights up to this many elements keep their codes for backward (the fused block); their codes share a buffer
@@ -83,24 +81,30 @@ def weight_absmax_many_kernel(w_ptr, table_ptr, prog_ptr, cnt_ptr, bits_ptr, n_t
 
 @aot_kernel(signature={k: _SIG[k] for k in ("w_ptr", "table_ptr", "prog_ptr", "bits_ptr", "scale_ptr", "codes_ptr",
                                             "n_total")},
-            constexprs=[{"BITS": 8, "SCALE_MODE": m, "TILE": TILE} for m in (0, 1, 2)], num_warps=8)
+            constexprs=[{"BITS": 8, "SCALE_MODE": m, "TILE": TILE, "FROM_SCALE": f} for m in (0, 1, 2)
+                        for f in (False, True)], num_warps=8)
 @triton.jit
 def weight_codes_many_kernel(w_ptr, table_ptr, prog_ptr, bits_ptr, scale_ptr, codes_ptr, n_total,
-                             BITS: tl.constexpr, SCALE_MODE: tl.constexpr, TILE: tl.constexpr):
+                             BITS: tl.constexpr, SCALE_MODE: tl.constexpr, TILE: tl.constexpr,
+                             FROM_SCALE: tl.constexpr):
     """Program p: tile ``p - first_b[t]`` = (tap, Cout block, Cin block) of the padded (COp, KH·KW, CIp) of
     tensor ``t = prog[p]``: the scale from ``bits[t]`` (stored by tile 0 at ``scale[t]``) and the codes at
     ``codes + fwd_off[t]`` (OHWI, Cin padded: ``(co·KHW + tap)·CIp + ci``, co < CO) and ``codes +
     dgrad_off[t]`` (``(tap·CI + ci)·COp + co``, ci < CI), zero in the padding. ``n_total``: all padded
-    elements (for the cost model)."""
+    elements (for the cost model). ``FROM_SCALE``: the scales are given at ``scale[t]`` (backward's re-derivation
+    of the forward's codes: ``BackwardCodes``), ``bits`` is not read."""
     S: tl.constexpr = 2.0 ** (BITS - 1)
     pid = tl.program_id(0)
     t = tl.load(prog_ptr + pid)
     w_off, CO, CI, COp, CIp, KHW, sw_o, sw_i, sw_t = _row(table_ptr, t)
     row = table_ptr + t.to(tl.int64) * 16
     b = pid - tl.load(row + 13)
-    scale = scale_from_bits(tl.load(bits_ptr + t), SCALE_MODE, BITS)
-    if b == 0:
-        tl.store(scale_ptr + t, scale)
+    if FROM_SCALE:
+        scale = tl.load(scale_ptr + t)
+    else:
+        scale = scale_from_bits(tl.load(bits_ptr + t), SCALE_MODE, BITS)
+        if b == 0:
+            tl.store(scale_ptr + t, scale)
     n_co, n_ci = tl.cdiv(COp, TILE), tl.cdiv(CIp, TILE)
     tap = b // (n_co * n_ci)
     rem = b - tap * (n_co * n_ci)
@@ -237,8 +241,31 @@ def _many_op(weights: list[torch.Tensor], bits: int, scale_mode: str, ci_pads: l
     weight_absmax_many_kernel[(prog_a.numel(),)](w0, table, prog_a, counter_pool(device, 2 * len(items)), bits_t,
                                                  n_real, BLOCK=BLOCK, num_warps=8)
     weight_codes_many_kernel[(prog_b.numel(),)](w0, table, prog_b, bits_t, scales, codes, n_pad, BITS=bits,
-                                                SCALE_MODE=scale_mode_code(scale_mode), TILE=TILE, num_warps=8)
+                                                SCALE_MODE=scale_mode_code(scale_mode), TILE=TILE, FROM_SCALE=False,
+                                                num_warps=8)
     return codes, scales
+
+
+def recode_many(items: list, scales: torch.Tensor) -> list:
+    """``(fwd, dgrad)`` per item again, from the given per-item ``scales`` (one launch; what the forward's
+    ``_many_op`` wrote for the same weights and scales, bit for bit)."""
+    regions, size = _regions(items)
+    device = items[0].weight.device
+    codes = empty_output((size,), torch.int8, device)
+    if not use_triton(*(it.weight for it in items)):
+        for (f, d, _), (fv, dv, _) in zip(weight_codes_many_reference(items), _views(codes, scales, items, regions)):
+            fv.copy_(f)
+            dv.copy_(d)
+        return [v[:2] for v in _views(codes, scales, items, regions)]
+    table, _, prog_b, anchor = _tables(items, regions, device)
+    n_pad = 0
+    for it in items:
+        CO, CI, KH, KW, COp, CIp = _geometry(it.weight.shape, it.ci_pad, it.co_pad)
+        n_pad += COp * CIp * KH * KW
+    weight_codes_many_kernel[(prog_b.numel(),)](items[anchor].weight, table, prog_b, scales, scales, codes, n_pad,
+                                                BITS=items[0].bits, SCALE_MODE=scale_mode_code(items[0].mode),
+                                                TILE=TILE, FROM_SCALE=True, num_warps=8)
+    return [v[:2] for v in _views(codes, scales, items, regions)]
 
 
 @_many_op.register_fake
@@ -248,16 +275,20 @@ def _(weights, bits, scale_mode, ci_pads, co_pad):
     return (weights[0].new_empty((size,), dtype=torch.int8), weights[0].new_empty((len(items),), dtype=torch.float32))
 
 
-def weight_codes_many(items: list) -> list:
+def weight_codes_many(items: list, backward: Optional[list] = None) -> list:
     """``(fwd, dgrad, scale)`` for every ``WeightItem`` (module docstring), from two launches per group of
     items that share dtype, device, bits, scale mode, Cout padding and size class (up to ``KEEP_CODES_NUMEL``
-    elements or more: a kept small weight's codes do not keep the large ones' alive)."""
+    elements or more: a kept small weight's codes do not keep the large ones' alive). ``backward`` (a list):
+    filled with, per item, ``(group items, group scales, index)`` for a large weight (what ``recode_many``
+    derives its group's codes again from, in one launch), else None."""
+    if backward is not None:
+        backward[:] = [None] * len(items)
     groups: dict = {}
     for i, it in enumerate(items):
         key = (it.weight.dtype, it.weight.device, it.bits, it.mode, it.co_pad, it.weight.numel() <= KEEP_CODES_NUMEL)
         groups.setdefault(key, []).append(i)
     out: list = [None] * len(items)
-    for (_, _, bits, mode, co_pad, _), idx in groups.items():
+    for (_, _, bits, mode, co_pad, small), idx in groups.items():
         sub = [items[i] for i in idx]
         live = [k for k, it in enumerate(sub) if it.weight.numel()]
         if live:
@@ -266,6 +297,9 @@ def weight_codes_many(items: list) -> list:
             lsub = [sub[k] for k in live]
             for k, v in zip(live, _views(codes, scales, lsub, _regions(lsub)[0])):
                 out[idx[k]] = v
+            if backward is not None and not small:
+                for j, k in enumerate(live):
+                    backward[idx[k]] = (lsub, scales, j)
         for k, it in enumerate(sub):
             if not it.weight.numel():
                 out[idx[k]] = weight_codes_many_reference([it])[0]
@@ -275,60 +309,3 @@ def weight_codes_many(items: list) -> list:
 def weight_quant(item: WeightItem):
     """One weight's codes (a batch of one: the same two launches)."""
     return weight_codes_many([item])[0]
-
-
-# --------------------------------------------------------------------------------------------------
-# the batch of a model's forward
-# --------------------------------------------------------------------------------------------------
-class WeightBatch:
-    """The codes of a set of weights, valid while each weight is unchanged (same storage, ``_version``)."""
-
-    def __init__(self, items, codes):
-        self.entries = {}
-        for it, c in zip(items, codes):
-            w = it.weight
-            self.entries[(w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device)] = (
-                w._version, it.bits, it.mode, it.ci_pad, it.co_pad, c)
-
-    def get(self, item: WeightItem):
-        w = item.weight
-        e = self.entries.get((w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device))
-        if e is None or e[:5] != (w._version, item.bits, item.mode, item.ci_pad, item.co_pad):
-            return None
-        return e[5]
-
-
-_ACTIVE: list = []
-
-
-def prepare_weight_batch(items: list) -> WeightBatch:
-    """Quantize every item now (``weight_codes_many``) and return the batch."""
-    items = [it for it in items if it.weight.dim() == 4]
-    return WeightBatch(items, weight_codes_many(items) if items else [])
-
-
-def push_weight_batch(batch: Optional[WeightBatch]) -> None:
-    """Make ``batch`` the one ``batched_weight_codes`` reads (None: none) until ``pop_weight_batch``."""
-    _ACTIVE.append(batch)
-
-
-def pop_weight_batch() -> None:
-    if _ACTIVE:
-        _ACTIVE.pop()
-
-
-@contextlib.contextmanager
-def active_weight_batch(batch: Optional[WeightBatch]):
-    """``batched_weight_codes`` finds the batch's codes inside the block (nested blocks: the innermost)."""
-    push_weight_batch(batch)
-    try:
-        yield batch
-    finally:
-        pop_weight_batch()
-
-
-def batched_weight_codes(item: WeightItem):
-    """The active batch's ``(fwd, dgrad, scale)`` of this weight, or None (none active, weight not in it or
-    changed since, other bits / padding)."""
-    batch = _ACTIVE[-1] if _ACTIVE else None
-    return batch.get(item) if batch is not None else None

@@ -40,7 +40,10 @@ documented where they happen: the conv output y and the error dz between blocks 
 a pre-activation BatchNorm reads its input rounded to bfloat16; the max-pool routes gradients to the
 first maximum of the codes; a conv bias directly followed by a training-mode BatchNorm gets the exact
 gradient 0 (the BatchNorm removes it); a float output is rounded once to ``spec.out_dtype`` (bfloat16 in the
-int8 region of ``fusion``), where the per-layer path rounds each layer's output to the input's dtype.
+int8 region of ``fusion``), where the per-layer path rounds each layer's output to the input's dtype; so is a
+conv's output with the residual its epilogue adds (the per-layer path rounds the conv, then the sum); and a
+gradient handed over by a ``GradLink`` is added to the input-grad in float32 before its one rounding, where
+autograd sums rounded gradients.
 """
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ from .._launch import CHANNEL_PAD, MAX_TERMS, conv2d_output_size
 from ..gemm.conv import conv2d_int8_dgrad_op, conv2d_int8_fwd_op, weight_grad_op
 from ..gemm.host import quantize_two_layouts
 from ..quantize import quantize
-from ..weight_batch import KEEP_CODES_NUMEL, WeightItem, batched_weight_codes, weight_quant
+from ..weight_batch import KEEP_CODES_NUMEL, WeightItem, weight_quant
+from ..weight_step import batched_backward_codes, batched_weight_codes
 from ..weight_codes import weight_codes
 from .bn_add_act import bn_add_act
 from .bn_relu_bwd import bn_relu_bwd, bn_relu_bwd_reduce
@@ -80,10 +81,11 @@ class Saved:
     batch_stats: bool = False
     pre_pool_hw: tuple = ()
     source_kind: str = ""
+    codes_again: Optional[tuple] = None  # (weight_step.BackwardCodes, index) of a large weight
 
     TENSORS = ("qx", "sx", "weight", "sw", "bias", "xb", "bnp_in", "zmax_in", "index", "inv", "qw_f", "qw_d",
                "bnp", "y", "pos", "qx_cm", "mask")
-    FLAGS = ("batch_in", "batch_stats", "pre_pool_hw", "source_kind")
+    FLAGS = ("batch_in", "batch_stats", "pre_pool_hw", "source_kind", "codes_again")
 
     def save(self, ctx, spec: BlockSpec) -> None:
         if spec.input is BlockInput.BN:
@@ -222,12 +224,11 @@ def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Sa
 
 
 def weight_forward(weight, qc: QConfig, qx, cin: int, saved: Saved):
-    """(qw, sw): W's codes in the forward layout (Cin padded like qx) and scale: from the model's weight batch
-    (``ops.weight_batch``: every weight in two launches at the start of the model's forward), or, outside one or
-    for a weight changed since, its own two launches. Backward keeps the scale, and the codes of both layouts
-    of a small weight (``weight_batch.KEEP_CODES_NUMEL``: their buffer holds small weights only); a larger one's
-    it re-derives in one launch (2 bytes per weight would outweigh a large layer's int8 activations at small
-    batches)."""
+    """(qw, sw): W's codes in the forward layout (Cin padded like qx) and scale: from the step's weight batch
+    (``ops.weight_step``), or, outside one or for a weight changed since, its own two launches. Backward keeps the
+    scale and the codes of a small weight (``weight_batch.KEEP_CODES_NUMEL``); a larger one's are derived again
+    (``weight_step.BackwardCodes``: all in one launch), as 2 bytes per weight would outweigh a large layer's int8
+    activations at small batches."""
     if qc.mode == "wage" and qc.alpha != 1.0:
         raise ValueError("fused blocks need alpha == 1 in mode 'wage'")
     item = WeightItem(weight, qc.bits_w, qc.mode, CHANNEL_PAD if qx.shape[1] != cin else 0,
@@ -236,6 +237,8 @@ def weight_forward(weight, qc: QConfig, qx, cin: int, saved: Saved):
     qw, qw_d, sw = codes if codes is not None else weight_quant(item)
     if weight.numel() <= KEEP_CODES_NUMEL:
         saved.qw_f, saved.qw_d = qw, qw_d
+    else:  # all large weights' codes again in one launch when backward first needs them
+        saved.codes_again = batched_backward_codes(item)
     saved.sw = sw
     return qw, sw
 
@@ -307,11 +310,12 @@ def input_codes_backward(spec: BlockSpec, saved: Saved, qc: QConfig, meta: Meta)
 
 
 def weight_backward(saved: Saved, qc: QConfig, qx):
-    """(forward-layout, input-grad-layout) weight codes: kept (small weights) or re-derived in one launch
-    (the kernels' buffers pad channels to 16: forward Cin, as the codes qx already are; input-grad Cout)."""
+    """(forward-layout, input-grad-layout) weight codes: kept (small weights), from the step's ``BackwardCodes``,
+    or derived again in one launch (buffers pad channels to 16: forward Cin, as qx; input-grad Cout)."""
     if saved.qw_f is not None:
         return saved.qw_f, saved.qw_d
-    return weight_codes(saved.weight, saved.sw, qc.bits_w, CHANNEL_PAD if use_triton(qx) else 0)
+    codes = saved.codes_again[0].codes(saved.codes_again[1]) if saved.codes_again is not None else None
+    return codes if codes is not None else weight_codes(saved.weight, saved.sw, qc.bits_w, CHANNEL_PAD if use_triton(qx) else 0)
 
 
 def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f, meta: Meta, need) -> Error:

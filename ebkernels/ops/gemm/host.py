@@ -108,6 +108,19 @@ def quantize_weight(weight: torch.Tensor, qc: QConfig, channels_last: bool = Fal
     return codes, s
 
 
+def quantize_weight_transposed(weight: torch.Tensor, qc: QConfig):
+    """``quantize_weight`` of a 2-D (out, in) weight that also writes the codes in the transposed memory order
+    (an (out, in) view of (in, out) row-major memory: the input-grad ``E · W``'s K-major operand) in the same
+    pass, instead of a ``.t().contiguous()`` copy of the codes in every backward: ``(codes, codes_t, scale)``."""
+    _check_args(weight, qc.bits_w, "nearest", qc.mode, None, False, 0)
+    codes_t = empty_output((weight.shape[1], weight.shape[0]), torch.int8, weight.device).t()
+    seed_arg, rng = _seed_args(False, None, weight.device)
+    codes, s = _quantize_op(weight, qc.bits_w, False, qc.mode, seed_arg, False, 0, False, rng, codes_t)
+    if qc.mode == "wage" and qc.alpha != 1.0:
+        s = s * qc.alpha
+    return codes, codes_t, s
+
+
 def quantize_two_layouts(x: torch.Tensor, bits: int, rounding: str, mode: str = "shift", pad_channels_to: int = 0):
     """``quantize(x, ..., channels_last=True, pad_channels_to)`` of a 4-D tensor that also writes the codes
     channel-major (memory [Cp, N, H, W]: the K-major operand of a weight-grad) in the same pass, instead of a

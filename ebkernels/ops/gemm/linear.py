@@ -33,7 +33,7 @@ from ..quantize import dequantize, quantize
 from . import tiles
 from .gquant import gquant_finish, gquant_off, gquant_plan
 from .host import (autocast_dtype, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, no_autocast,
-                   quantize_weight, quantize_weight_grad, refuse_double_backward, result_and_scale,
+                   quantize_weight_grad, quantize_weight_transposed, refuse_double_backward, result_and_scale,
                    split_reduction)
 from .mainloop import finish_gemm_tile, grouped_tile_ids
 from .._dispatch import custom_op
@@ -297,11 +297,11 @@ class QLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, x, weight, bias, qc: QConfig, out_dtype):
-        qx = sx = qw = sw = None
+        qx = sx = qw = qw_t = sw = None
         if qc.bits_a is not None:
             qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode)
-        if qc.bits_w is not None:
-            qw, sw = quantize_weight(weight, qc)
+        if qc.bits_w is not None:  # backward's input-grad reads the codes transposed: written so in the same pass
+            qw, qw_t, sw = quantize_weight_transposed(weight, qc)
         if qx is not None and qw is not None:
             y = linear_int8_mm(qx, qw.t(), sx, sw, bias, qc.bits_a, qc.bits_w, out_dtype)
         else:
@@ -312,7 +312,7 @@ class QLinearFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         # int8 codes + scales instead of the float tensors (float only where that operand is unquantized)
-        ctx.save_for_backward(qx if qx is not None else x, sx, qw if qw is not None else weight, sw)
+        ctx.save_for_backward(qx if qx is not None else x, sx, qw_t if qw_t is not None else weight, sw)
         return y
 
     @staticmethod
@@ -336,9 +336,8 @@ class QLinearFunction(torch.autograd.Function):
 
         ef = None
         if ctx.needs_input_grad[0]:
-            if qe is not None and sw is not None:  # dX = E W: W transposed copy keeps K contiguous
-                gx = linear_int8_mm(qe, wa.t().contiguous().t(), se, sw, None, qc.bits_e, qc.bits_w,
-                                    x_dtype)
+            if qe is not None and sw is not None:  # dX = E W, W's codes saved K-major (in, out memory)
+                gx = linear_int8_mm(qe, wa, se, sw, None, qc.bits_e, qc.bits_w, x_dtype)
             else:
                 ef = as_float(qe, se, qc.bits_e) if qe is not None else gy.float()
                 gx = (ef @ as_float(wa, sw, qc.bits_w)).to(x_dtype)
@@ -352,7 +351,7 @@ class QLinearFunction(torch.autograd.Function):
                 gw = quantize_weight_grad(ef.t() @ as_float(xa, sx, qc.bits_a), qc)
             gw = gw.to(w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy.float().sum(0).to(b_dtype)  # the float E, not its codes
+            gb = gy.sum(0, dtype=torch.float32).to(b_dtype)  # the float E, not its codes
         return gx, gw, gb, None, None
 
 
@@ -384,5 +383,7 @@ def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     lead = x.shape[:-1]
     ac = autocast_dtype(x)
     out_dtype = ac if ac is not None and x.dtype != torch.float64 else x.dtype
+    if x.dim() == 2:  # no view of the result: an in-place op after it (nn.ReLU(inplace=True)) then costs no
+        return QLinearFunction.apply(x, weight, bias, qc, out_dtype)  # copies in backward (autograd's CopySlices)
     y = QLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, qc, out_dtype)
     return y.reshape(*lead, weight.shape[0])
