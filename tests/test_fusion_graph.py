@@ -513,3 +513,34 @@ def test_a_dense_block_sums_each_piece_gradient_in_the_input_grad_kernels(backen
     assert a1 == 0 and a0 >= 3, (a1, a0)
     assert torch.equal(o1, o0)
     assert rel(g1, g0) < 0.02, rel(g1, g0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_int8_linears_take_their_weight_codes_from_the_step_batch(backend):
+    """The ``QLinear``s a fused forward calls join its weight batch (``ops.weight_step``: the codes of every weight
+    from one pair of launches), a large one's codes are derived again with the other large weights' in one
+    launch in backward instead of being kept: the same outputs and gradients, bit for bit, as each QLinear
+    quantizing its own weight, and no int8 copy of the large weight saved for backward."""
+    torch.manual_seed(6)
+    base = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(16 * 8 * 8, 80), nn.ReLU(), nn.Linear(80, 10)).train()
+    x = torch.randn(3, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    big = base[4].weight.numel()
+    assert big > ebkernels.ops.weight_batch.KEEP_CODES_NUMEL
+    results = []
+    for batched in (True, False):
+        m = ebkernels.quantize_model(copy.deepcopy(base), qconfig=QConfig(rounding_e="nearest", rounding_g="nearest"))
+        plan = m.__dict__["forward"].plan()
+        assert len(plan.linears) == 2
+        if not batched:
+            plan.linears = []
+        saved = []
+        with ebkernels.force_backend(backend):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                out = m(x)
+            out.float().square().sum().backward()
+        codes = [t for t in saved if t.dtype == torch.int8 and t.numel() == big]
+        results.append((out.detach(), grads(m), len(codes)))
+    (o1, g1, c1), (o0, g0, c0) = results
+    assert torch.equal(o1, o0) and torch.equal(g1, g0)
+    assert (c1, c0) == (0, 1)

@@ -23,12 +23,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..modules import QConv2d
+from ..modules import QConv2d, QLinear
 from ..ops.fused.block import (BlockInput, BlockOutput, BlockSpec, BnActSpec, BnSource, GradLink, Int8Activation,
                                bn_act, fused_block)
 from ..ops.fused.relu_mask import relu_keep_mask
 from ..ops.fused.layouts import channel_major_input, weight_item
-from ..ops.weight_step import active_weight_batch, prepare_weight_batch
+from ..ops.weight_step import active_weight_batch, linear_item, prepare_weight_batch
 from ..ops.fused.dense_cat import dense_cat
 from .links import cat_pieces, grad_links
 from .matcher import Chain, match
@@ -199,6 +199,7 @@ class Plan:
         self.fn = None
         self.lines: list = []
         self.block_specs: list = []
+        self.linears: list = []
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
         modules = dict(model.named_modules())
         traced = trace(model, report)
@@ -223,6 +224,9 @@ class Plan:
         self._hooks += [modules[n.target] for n in region.masked if n.op == "call_module"]
         graph, specs = _rewrite(traced.graph, chains, region, modules)
         self.block_specs = [s for s in specs if isinstance(s, BlockSpec)]
+        # the int8 Linears the forward calls: their weights join the step's weight batch
+        self.linears = [m for m in (modules[n.target] for n in traced.graph.nodes if n.op == "call_module")
+                        if type(m) is QLinear and m.qconfig.bits_w is not None and m.weight.dim() == 2]
         code = graph.python_code(root_module="self")
         scope = dict(code.globals)
         exec(compile(code.src, f"<ebkernels fused forward of {type(model).__name__}>", "exec"), scope)  # noqa: S102
@@ -315,7 +319,8 @@ class FusedForward:
             return plan.fn(self.module, *args, **kwargs)
         # every fused conv's weight codes in one batch (``ops.weight_batch``: two multi-program launches for all)
         x = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
-        items = [weight_item(s, x) for s in plan.block_specs] if x is not None else []
+        items = [weight_item(s, x) for s in plan.block_specs] + [
+            linear_item(m.weight, m.qconfig.bits_w, m.qconfig.mode) for m in plan.linears] if x is not None else []
         with active_weight_batch(prepare_weight_batch(items) if items else None):
             return plan.fn(self.module, *args, **kwargs)
 

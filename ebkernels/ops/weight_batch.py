@@ -217,9 +217,9 @@ def weight_codes_many_reference(items):
 
 
 @custom_op("ebkernels::weight_codes_many", mutates_args=())
-def _many_op(weights: list[torch.Tensor], bits: int, scale_mode: str, ci_pads: list[int], co_pad: int
+def _many_op(weights: list[torch.Tensor], bits: int, scale_mode: str, ci_pads: list[int], co_pads: list[int]
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [WeightItem(w, bits, scale_mode, p, co_pad) for w, p in zip(weights, ci_pads)]
+    items = [WeightItem(w, bits, scale_mode, p, q) for w, p, q in zip(weights, ci_pads, co_pads)]
     regions, size = _regions(items)
     device = weights[0].device
     codes = empty_output((size,), torch.int8, device)
@@ -269,15 +269,15 @@ def recode_many(items: list, scales: torch.Tensor) -> list:
 
 
 @_many_op.register_fake
-def _(weights, bits, scale_mode, ci_pads, co_pad):
-    items = [WeightItem(w, bits, scale_mode, p, co_pad) for w, p in zip(weights, ci_pads)]
+def _(weights, bits, scale_mode, ci_pads, co_pads):
+    items = [WeightItem(w, bits, scale_mode, p, q) for w, p, q in zip(weights, ci_pads, co_pads)]
     _, size = _regions(items)
     return (weights[0].new_empty((size,), dtype=torch.int8), weights[0].new_empty((len(items),), dtype=torch.float32))
 
 
 def weight_codes_many(items: list, backward: Optional[list] = None) -> list:
     """``(fwd, dgrad, scale)`` for every ``WeightItem`` (module docstring), from two launches per group of
-    items that share dtype, device, bits, scale mode, Cout padding and size class (up to ``KEEP_CODES_NUMEL``
+    items that share dtype, device, bits, scale mode and size class (up to ``KEEP_CODES_NUMEL``
     elements or more: a kept small weight's codes do not keep the large ones' alive). ``backward`` (a list):
     filled with, per item, ``(group items, group scales, index)`` for a large weight (what ``recode_many``
     derives its group's codes again from, in one launch), else None."""
@@ -285,15 +285,15 @@ def weight_codes_many(items: list, backward: Optional[list] = None) -> list:
         backward[:] = [None] * len(items)
     groups: dict = {}
     for i, it in enumerate(items):
-        key = (it.weight.dtype, it.weight.device, it.bits, it.mode, it.co_pad, it.weight.numel() <= KEEP_CODES_NUMEL)
+        key = (it.weight.dtype, it.weight.device, it.bits, it.mode, it.weight.numel() <= KEEP_CODES_NUMEL)
         groups.setdefault(key, []).append(i)
     out: list = [None] * len(items)
-    for (_, _, bits, mode, co_pad, small), idx in groups.items():
+    for (_, _, bits, mode, small), idx in groups.items():
         sub = [items[i] for i in idx]
         live = [k for k, it in enumerate(sub) if it.weight.numel()]
         if live:
             codes, scales = _many_op([sub[k].weight.detach() for k in live], int(bits), str(mode),
-                                     [int(sub[k].ci_pad) for k in live], int(co_pad))
+                                     [int(sub[k].ci_pad) for k in live], [int(sub[k].co_pad) for k in live])
             lsub = [sub[k] for k in live]
             for k, v in zip(live, _views(codes, scales, lsub, _regions(lsub)[0])):
                 out[idx[k]] = v

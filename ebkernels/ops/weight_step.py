@@ -11,10 +11,12 @@ from typing import Optional
 
 import torch
 
-from .weight_batch import WeightItem, recode_many, weight_codes_many
+from .weight_batch import KEEP_CODES_NUMEL, WeightItem, recode_many, weight_codes_many
+from .weight_codes import weight_codes
 
 __all__ = ["WeightBatch", "BackwardCodes", "prepare_weight_batch", "active_weight_batch", "push_weight_batch",
-           "pop_weight_batch", "batched_weight_codes", "batched_backward_codes"]
+           "pop_weight_batch", "batched_weight_codes", "batched_backward_codes", "linear_item", "batched_linear_codes",
+           "linear_codes_again"]
 
 
 class BackwardCodes:
@@ -108,3 +110,32 @@ def batched_backward_codes(item: WeightItem):
     """The active batch's ``(BackwardCodes, index)`` of this (large) weight, or None."""
     batch = _ACTIVE[-1] if _ACTIVE else None
     return batch.backward(item) if batch is not None else None
+
+
+# ----- a Linear's weight in the batch: a 1×1 conv weight, whose two layouts are (out, in) and (in, out) -----
+def linear_item(weight: torch.Tensor, bits: int, mode: str) -> WeightItem:
+    """A ``QLinear``'s (out, in) weight as the batch holds it (no channel padding): the forward's codes (out, in)
+    and the input-grad's K-major (in, out) order, both from the batch's launches."""
+    return WeightItem(weight[:, :, None, None], bits, mode, 0, 0)
+
+
+def batched_linear_codes(weight: torch.Tensor, bits: int, mode: str):
+    """``(qw, qw_t, scale, again)`` of a Linear weight from the active batch, or None: ``qw_t`` (an (out, in) view
+    of (in, out) memory) for a weight backward keeps, else None and ``again`` (``BackwardCodes``, index): a large
+    weight's codes are derived again in backward with the other large weights'."""
+    item = linear_item(weight, bits, mode)
+    codes = batched_weight_codes(item)
+    if codes is None:
+        return None
+    fwd, dgrad, scale = codes
+    again = batched_backward_codes(item) if weight.numel() > KEEP_CODES_NUMEL else None
+    return fwd[:, :, 0, 0], None if again is not None else dgrad[:, :, 0, 0], scale, again
+
+
+def linear_codes_again(again, weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Backward: the input-grad layout of a large Linear weight's codes (``batched_linear_codes``' ``again``), or,
+    for a weight changed since the forward, derived from it with the forward's scale."""
+    codes = again[0].codes(again[1])
+    if codes is None:
+        codes = weight_codes(weight[:, :, None, None], scale, bits, 0)
+    return codes[1][:, :, 0, 0]

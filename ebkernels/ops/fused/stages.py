@@ -330,7 +330,7 @@ def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f
     if spec.bn is None:  # both layouts from the quantizer's one codes pass (no copy)
         qe, qe_cm, se = quantize_two_layouts(g_main, qc.bits_e, qc.rounding_e, qc.mode_eg, pad_out)
         if bias is not None and need.bias:
-            g_bias = g_main.float().sum((0, 2, 3)).to(bias.dtype)
+            g_bias = g_main.sum((0, 2, 3), dtype=torch.float32).to(bias.dtype)
         # a residual added in the epilogue gets the output's gradient as it is
         return Error(qe, qe_cm, se, None, None, g_bias, g_main if spec.residual else None)
     dz, act, g_res = g_main, spec.act, None

@@ -330,7 +330,7 @@ class QConv2dFunction(torch.autograd.Function):
                 gw = quantize_weight_grad(gw, qc)
             gw = gw.to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
-            gb = gy.float().sum((0, 2, 3)).to(b_dtype)  # the float E, not its codes
+            gb = gy.sum((0, 2, 3), dtype=torch.float32).to(b_dtype)  # the float E (no fp32 copy), not its codes
         return gx, gw, gb, None, None, None, None, None, None
 
 

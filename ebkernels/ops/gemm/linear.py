@@ -30,6 +30,7 @@ from .._buffers import split_workspace
 from .._launch import cdiv, MAX_TERMS, MIN_PROGRAMS, PROGRAM_BYTES, alignment
 from .._tl import assume_multiple
 from ..quantize import dequantize, quantize
+from ..weight_step import batched_linear_codes, linear_codes_again
 from . import tiles
 from .gquant import gquant_finish, gquant_off, gquant_plan
 from .host import (autocast_dtype, exact_int_sums, f32_chunks, f32_exact_terms, inv_code_scales, no_autocast,
@@ -300,8 +301,10 @@ class QLinearFunction(torch.autograd.Function):
         qx = sx = qw = qw_t = sw = None
         if qc.bits_a is not None:
             qx, sx = quantize(x, qc.bits_a, "nearest", qc.mode)
-        if qc.bits_w is not None:  # backward's input-grad reads the codes transposed: written so in the same pass
-            qw, qw_t, sw = quantize_weight_transposed(weight, qc)
+        again = None
+        if qc.bits_w is not None:  # backward's input-grad reads the codes transposed: written in the same pass
+            got = batched_linear_codes(weight, qc.bits_w, qc.mode) if qc.mode != "wage" or qc.alpha == 1.0 else None
+            qw, qw_t, sw, again = got if got is not None else (*quantize_weight_transposed(weight, qc), None)
         if qx is not None and qw is not None:
             y = linear_int8_mm(qx, qw.t(), sx, sw, bias, qc.bits_a, qc.bits_w, out_dtype)
         else:
@@ -312,6 +315,7 @@ class QLinearFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         # int8 codes + scales instead of the float tensors (float only where that operand is unquantized)
+        ctx.again = again  # a large weight's codes come back in backward (ops.weight_step): the weight is saved
         ctx.save_for_backward(qx if qx is not None else x, sx, qw_t if qw_t is not None else weight, sw)
         return y
 
@@ -325,6 +329,8 @@ class QLinearFunction(torch.autograd.Function):
     def _backward(ctx, gy):
         qc = ctx.qc
         xa, sx, wa, sw = ctx.saved_tensors
+        if ctx.again is not None:
+            wa = linear_codes_again(ctx.again, wa, sw, qc.bits_w)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         gx = gw = gb = None
         qe = se = None
