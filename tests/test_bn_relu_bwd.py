@@ -305,6 +305,16 @@ def test_float_mode(device, poisoned, case):
             want = (d32.cpu() + ad.float()).to(out_dtype)
             assert bits_equal(ds.cpu().contiguous(), want.contiguous()), f"one rounding {msg}"
             assert ds.data_ptr() != ad.data_ptr()
+        # and its max for the quantizer that reads it next: the bits of max |stored value|, a ticket if stochastic
+        for stoch in (False, True):
+            before = _rng.device_state(device)[1].item()
+            dm, amax = bn_relu_bwd(dz, y, bnp, sums, inv, act, "float_absmax", stochastic=stoch, out_dtype=out_dtype,
+                                   channels_last_out=cl_out, addend=addend[:, :C].to(device))
+            assert bits_equal(dm.cpu(), ds_r), msg  # the same values as mode "float"
+            want_bits = dm.float().abs().amax().cpu().view(torch.int32).item()
+            assert amax.dtype == torch.int32 and amax.shape == (2,) and amax[0].item() == want_bits, msg
+            after = _rng.device_state(device)[1].item()
+            assert after == before + stoch and (amax[1].item() == before if stoch else amax[1].item() == 0), msg
     with pytest.raises(ValueError, match="addend"):
         bn_relu_bwd(dz, y, bnp, sums, inv, act, "float", addend=torch.zeros(N, C, H, W + 1))
     # semantics: the float64 BatchNorm(+ReLU) backward, same mask and statistics (within float32 rounding)

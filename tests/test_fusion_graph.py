@@ -544,3 +544,46 @@ def test_int8_linears_take_their_weight_codes_from_the_step_batch(backend):
     (o1, g1, c1), (o0, g0, c0) = results
     assert torch.equal(o1, o0) and torch.equal(g1, g0)
     assert (c1, c0) == (0, 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_a_conv_on_codes_takes_its_error_max_from_the_next_bn_chain(backend, monkeypatch):
+    """Block k's conv3 output x feeds block k+1's BN chain and shortcut only: x's whole gradient comes out of that
+    BN chain's input-grad kernel, which also writes its max (``bn_relu_bwd(mode="float_absmax")``) for conv3's
+    E quantization: no absmax pass of its own (one launch fewer per block), the same codes and gradients bit
+    for bit (E rounded to nearest: the max is the same number)."""
+    from ebkernels.fusion import links, runner
+    from ebkernels.models.preresnet import Bottleneck
+    from helpers import LaunchSpy
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b1, self.b2 = Bottleneck(32, 8, [32, 8, 16], 1), Bottleneck(32, 8, [32, 8, 16], 1)
+
+        def forward(self, x):
+            return self.b2(self.b1(x))
+
+    torch.manual_seed(8)
+    base = Two().train()
+    x = (torch.randn(3, 32, 5, 6) * 2).contiguous(memory_format=torch.channels_last)
+    real = links.grad_links
+    results = []
+    for with_max in (True, False):
+        if not with_max:
+            def no_max(graph, chains):
+                found = real(graph, chains)
+                found.amax_puts, found.amax_takes = {}, {}
+                return found
+            monkeypatch.setattr(runner, "grad_links", no_max)
+        m = ebkernels.quantize_model(copy.deepcopy(base), qconfig=QConfig(rounding_e="nearest", rounding_g="nearest"))
+        xk = x.clone().requires_grad_(True)
+        with ebkernels.force_backend(backend):
+            out = m(xk)
+            with LaunchSpy("quantize_absmax_kernel", "quantize_small_kernel") as spy:
+                out.float().square().sum().backward()
+        results.append((out.detach(), xk.grad, grads(m), len(spy.calls)))
+    (o1, x1, g1, n1), (o0, x0, g0, n0) = results
+    assert torch.equal(o1, o0) and torch.equal(x1, x0) and torch.equal(g1, g0)
+    if backend == "auto":
+        assert n1 == n0 - 1, (n1, n0)  # b1.conv3's E: the codes pass only

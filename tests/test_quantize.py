@@ -271,3 +271,33 @@ def test_fake_impl_and_schema_padded():
     rng, no_cm = _rng.device_state(x.device), x.new_empty((0,), dtype=torch.int8)
     torch.library.opcheck(_quantize_op, (x, 8, False, "absmax", 0, True, 16, False, rng, no_cm),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_codes_from_the_max_and_ticket_their_producer_wrote(device, poisoned, backend):
+    """``quantize_two_layouts(x, amax=[bits of max |x|, ticket])`` (what ``bn_relu_bwd(mode="float_absmax")``
+    writes): no max pass of its own (the codes pass only), the same codes and scale as the quantizer's own pass,
+    and, rounding stochastically, the same noise as its own pass with that ticket (the random state not
+    advanced again)."""
+    from ebkernels.ops.gemm.host import quantize_two_layouts
+    from helpers import LaunchSpy
+
+    g = gen(fresh_seed())
+    x = (torch.randn(3, 20, 5, 6, generator=g) * 3).to(torch.bfloat16).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    bits = x.float().abs().amax().view(torch.int32).item()
+    st = _rng.device_state(device)
+    with ebkernels.force_backend(backend):
+        for rounding in ("nearest", "stochastic"):
+            ticket = st[1].item()
+            own = quantize_two_layouts(x, 8, rounding, "shift", 16)
+            used = st[1].item() - ticket
+            st[1] = ticket + 1  # the producer took this ticket
+            amax = torch.tensor([bits, ticket if rounding == "stochastic" else 0], dtype=torch.int32, device=device)
+            with LaunchSpy() as spy:
+                given = quantize_two_layouts(x, 8, rounding, "shift", 16, amax=amax)
+            assert st[1].item() == ticket + 1 and used == (rounding == "stochastic")
+            if backend == "auto":
+                assert [c["kernel"] for c in spy.calls] == ["quantize_codes_kernel"]
+            for a, b in zip(own, given):
+                assert torch.equal(a, b) and a.stride() == b.stride(), rounding

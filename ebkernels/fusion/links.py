@@ -6,6 +6,9 @@ after the putter's:
 - **a pre-activation shortcut**: ``x`` read only by a ``BN → act → conv`` chain and, as the residual, by a conv on
   codes whose epilogue adds it (PreResNet's block); the conv puts x's gradient from the add, the BN chain
   (whose output the conv depends on) takes it;
+  when x is itself the output of a conv on codes (the previous block's conv3), x's whole gradient is the BN
+  chain's, which also hands its max (and random ticket) to that conv, whose E quantization then skips its
+  own max pass (``bn_relu_bwd(mode="float_absmax")``, ``quantize(amax=)``);
 - **a dense block**: concatenation j = concatenation j-1 + one new piece, where concatenation j-1 is read only by
   a ``BN → act → conv`` chain and the new piece is the output of the chain that reads that chain's codes
   (DenseNet's layer); concatenation j (``ops.fused.dense_cat``) puts its whole gradient, the chain on
@@ -28,11 +31,15 @@ __all__ = ["Links", "grad_links", "cat_pieces"]
 class Links:
     """Link ids: ``takes`` chain index -> link (the chain adds the link's gradient to its input's), ``puts`` chain
     index -> link (the chain's residual gradient goes there), ``cats`` concatenation node -> (link, passed: how
-    many of its first pieces' gradients the link carries)."""
+    many of its first pieces' gradients the link carries); ``amax_puts`` chain index -> link (the chain hands its
+    input's gradient with its max), ``amax_takes`` chain index -> link (the chain quantizes that gradient, its
+    output's, as its E with the max it gets)."""
 
     takes: dict = dataclasses.field(default_factory=dict)
     puts: dict = dataclasses.field(default_factory=dict)
     cats: dict = dataclasses.field(default_factory=dict)
+    amax_puts: dict = dataclasses.field(default_factory=dict)
+    amax_takes: dict = dataclasses.field(default_factory=dict)
 
     def new(self) -> int:
         return len(self.takes)
@@ -55,6 +62,7 @@ def grad_links(graph: fx.Graph, chains: list) -> Links:
     links = Links()
     by_first = {c.nodes[0]: i for i, c in enumerate(chains)}
     by_last = {c.last: c for c in chains}
+    index = {id(c): k for k, c in enumerate(chains)}
     for j, r in enumerate(chains):  # pre-activation shortcuts
         x = r.residual if r.pattern is CONV_ON_CODES else None
         if x is None or len(x.users) != 2:
@@ -63,6 +71,9 @@ def grad_links(graph: fx.Graph, chains: list) -> Links:
         i = readers[0] if len(readers) == 1 else None
         if i is not None and chains[i].pattern is PRE_ACTIVATION and chains[i].source is x:
             links.takes[i] = links.puts[j] = links.new()
+            r = by_last.get(x)  # x's whole gradient is then the BN chain's: its producer's E
+            if r is not None and r.pattern is CONV_ON_CODES:
+                links.amax_puts[i] = links.amax_takes[index[id(r)]] = ("amax", i)
     cats = {}
     for n in graph.nodes:  # dense blocks
         pieces = cat_pieces(n)

@@ -24,8 +24,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..modules import QConv2d, QLinear
-from ..ops.fused.block import (BlockInput, BlockOutput, BlockSpec, BnActSpec, BnSource, GradLink, Int8Activation,
-                               bn_act, fused_block)
+from ..ops.fused.block import (BlockInput, BlockLinks, BlockOutput, BlockSpec, BnActSpec, BnSource, GradLink,
+                               Int8Activation, bn_act, fused_block)
 from ..ops.fused.relu_mask import relu_keep_mask
 from ..ops.fused.layouts import channel_major_input, weight_item
 from ..ops.weight_step import active_weight_batch, linear_item, prepare_weight_batch
@@ -89,8 +89,8 @@ def _runner(spec, index: int):
         def run(x, *extra):
             return bn_act(spec, x, _source_args(spec, extra))
     else:
-        def run(x, *extra, residual=None, grad_from=None, grad_to=None):
-            return fused_block(spec, x, _source_args(spec, extra), residual, grad_from, grad_to)
+        def run(x, *extra, residual=None, links=None):
+            return fused_block(spec, x, _source_args(spec, extra), residual, links)
     run.__name__ = run.__qualname__ = f"fused_chain_{index}"
     run.__module__ = __name__
     return run
@@ -135,9 +135,9 @@ def _bn_sources(chains: list, specs: list, modules: dict) -> dict:
     return out
 
 
-def new_grad_link() -> Optional[GradLink]:
+def new_grad_link(stochastic: bool = False) -> Optional[GradLink]:
     """A fresh ``GradLink`` for one forward (None under ``torch.compile``: the blocks return every gradient)."""
-    return None if torch.compiler.is_compiling() else GradLink()
+    return None if torch.compiler.is_compiling() else GradLink(stochastic)
 
 
 def _rewrite(graph: fx.Graph, chains: list, region, modules: dict):
@@ -172,10 +172,18 @@ def _rewrite(graph: fx.Graph, chains: list, region, modules: dict):
             i, c = by_last[n]
             extra = fx.map_arg(sources.get(i, (None, ()))[1], lambda a: env[a])
             kwargs = {"residual": env[c.residual]} if c.residual is not None else {}
+            kw = {}
             if i in links.takes:  # the link is made before its taker runs, which is before its putter
-                made[links.takes[i]] = kwargs["grad_from"] = out.call_function(new_grad_link, ())
+                made[links.takes[i]] = kw["grad_from"] = out.call_function(new_grad_link, ())
             if i in links.puts:
-                kwargs["grad_to"] = made[links.puts[i]]
+                kw["grad_to"] = made[links.puts[i]]
+            if i in links.amax_takes:  # (here the taker runs first in forward, last in backward)
+                stochastic = specs[i].conv.qconfig.rounding_e == "stochastic"
+                made[links.amax_takes[i]] = kw["amax_from"] = out.call_function(new_grad_link, (stochastic,))
+            if i in links.amax_puts:
+                kw["amax_to"] = made[links.amax_puts[i]]
+            if kw:
+                kwargs["links"] = out.call_function(BlockLinks, (), kw)
             env[n] = out.call_function(_runner(specs[i], i), (env[c.source], *extra), kwargs)
         elif n in links.cats and n not in region.casts:
             lid, passed = links.cats[n]

@@ -17,6 +17,7 @@ weight-grad's fused G quantization (``gemm.gquant``).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -46,11 +47,13 @@ def _codes_reference(v: torch.Tensor, bits: int, noise: torch.Tensor | None) -> 
     return torch.nan_to_num(y, nan=0.0).to(torch.int8)
 
 
-def _noise_reference(shape, device, seed) -> torch.Tensor:
+def _noise_reference(shape, device, seed, ticket=None) -> torch.Tensor:
     """U[0, 1) per element, Philox on the element's row-major index (as the kernels draw it): ``seed``
-    an int (ticket 0), or None: the device random state, which gives a ticket (``ebkernels._rng``)."""
+    an int (ticket 0), or None: the device random state, which gives a ticket (``ebkernels._rng``), unless
+    one was taken already (``ticket``)."""
     if seed is None:
-        seed, ticket = _rng.device_state(device)[0], _rng.take_ticket_reference(device)
+        seed = _rng.device_state(device)[0]
+        ticket = _rng.take_ticket_reference(device) if ticket is None else ticket
     else:
         ticket = 0
     n = math.prod(shape)
@@ -58,13 +61,13 @@ def _noise_reference(shape, device, seed) -> torch.Tensor:
 
 
 def quantize_reference(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mode: str = "shift",
-                       seed: int | None = 0):
+                       seed: int | None = 0, ticket=None):
     """PyTorch reference: ``(codes int8 like x, scale 0-dim float32)``; ``mode``: the scale rule
     (``_scale``). Stochastic noise: see ``_noise_reference`` (the same numbers as the kernels draw)."""
     xf = x.float()
     amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
     s = scale_reference(amax, mode, bits)
-    noise = _noise_reference(tuple(xf.shape), x.device, seed) if stochastic else None
+    noise = _noise_reference(tuple(xf.shape), x.device, seed, ticket) if stochastic else None
     codes = _codes_reference(xf / s, bits, noise)
     return codes, s
 
@@ -214,11 +217,13 @@ def quantize_small_kernel(x_ptr, rng_ptr, codes_ptr, scale_ptr, n, d1, d2, d3, s
 
 def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mode: str = "shift",
                     seed: int | None = 0, out: torch.Tensor | None = None, dequant: bool = False,
-                    cm: torch.Tensor | None = None):
+                    cm: torch.Tensor | None = None, amax: torch.Tensor | None = None):
     """Triton path. ``out``: an int8 tensor of x's shape with any strides (e.g. channels-last, or a view
     into a channel-padded buffer) to write the codes into (``dequant``: a float tensor for the values
     the codes stand for); ``cm``: a second int8 tensor of x's shape that gets the same codes (any
-    strides: e.g. channel-major). ``seed`` None: stochastic noise from the device random state."""
+    strides: e.g. channel-major). ``seed`` None: stochastic noise from the device random state. ``amax``: the
+    int32 ``[bits of max |x|, ticket]`` its producer already wrote (``bn_relu_bwd(mode="float_absmax")``): no
+    pass of its own, the codes pass only."""
     if out is None:
         out = torch.empty_like(x, dtype=x.dtype if dequant else torch.int8)
     if x.dim() > 4:
@@ -252,14 +257,16 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mo
                   SAME_ORDER=same_order, LOGICAL=logical, DEQUANT=dequant)
     args = (n, sizes[1], sizes[2], sizes[3], *xs, *os_, *ls, 0 if seed is None else seed)
     # one program reads x twice and writes the codes: only while that moves at most PROGRAM_BYTES
-    if cm is None and n <= one_program_numel(2 * x.element_size() + out_view.element_size()):
+    if amax is None and cm is None and n <= one_program_numel(2 * x.element_size() + out_view.element_size()):
         quantize_small_kernel[(1,)](x, rng, out_view, scale, *args, DENSE=dense, BLOCK=1024, num_warps=8, **common)
         return out, scale
-    block = filling_block(n, block_elements(dense), x.element_size())
-    programs = cdiv(n, block)
-    amax_bits = torch.empty(2, device=x.device, dtype=torch.int32)  # [bits, ticket]
-    quantize_absmax_kernel[(programs,)](x, amax_bits, counter_pool(x.device, 2), rng, n, sizes[1], sizes[2],
-                                        sizes[3], *xs, DENSE=dense, TICKET=device_seed, BLOCK=block, num_warps=8)
+    amax_bits = amax
+    if amax_bits is None:
+        block = filling_block(n, block_elements(dense), x.element_size())
+        amax_bits = torch.empty(2, device=x.device, dtype=torch.int32)  # [bits, ticket]
+        quantize_absmax_kernel[(cdiv(n, block),)](x, amax_bits, counter_pool(x.device, 2), rng, n, sizes[1],
+                                                  sizes[2], sizes[3], *xs, DENSE=dense, TICKET=device_seed,
+                                                  BLOCK=block, num_warps=8)
     block = filling_block(n, block_elements(same_order), x.element_size() + out_view.element_size())
     quantize_codes_kernel[(cdiv(n, block),)](x, amax_bits, rng, out_view, scale, *args,
                                                     out_view if cm is None else cm, *cs, BLOCK=block, CM=cm is not None,
@@ -272,25 +279,30 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mo
 # --------------------------------------------------------------------------------------------------
 @custom_op("ebkernels::quantize", mutates_args=("rng", "cm"))
 def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, scale_mode: str, seed: int,
-                 channels_last: bool, pad_channels_to: int, dequant: bool, rng: torch.Tensor, cm: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 channels_last: bool, pad_channels_to: int, dequant: bool, rng: torch.Tensor, cm: torch.Tensor,
+                 amax: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     # seed < 0: stochastic noise from the device random state ``rng`` (which this op advances); ``cm``: an int8
-    # tensor shaped like the codes (any strides) that gets them too, written by the same pass (``absent``: none)
+    # tensor shaped like the codes (any strides) that gets them too, written by the same pass (``absent``: none);
+    # ``amax``: [bits of max |x|, ticket] from x's producer (``quantize_triton``)
     with _rng.bound(rng):
         return _quantize_impl(x, bits, stochastic, scale_mode, seed, channels_last, pad_channels_to, dequant,
-                              present(cm))
+                              present(cm), amax)
 
 
-def _quantize_impl(x, bits, stochastic, scale_mode, seed, channels_last, pad_channels_to, dequant, cm):
+def _given_ticket(amax):  # the ticket x's producer took (``amax[1]``), for the reference's noise
+    return None if amax is None else amax[1].long()
+
+
+def _quantize_impl(x, bits, stochastic, scale_mode, seed, channels_last, pad_channels_to, dequant, cm, amax=None):
     seed_arg = None if seed < 0 else seed
     if pad_channels_to > 1:  # (N, Cp, H, W) NHWC codes, Cp = C rounded up; channels >= C are 0
         N, C, H, W = x.shape
         codes = empty_output((N, padded_channels(C, pad_channels_to), H, W), torch.int8, x.device, torch.channels_last)
         real, cm_real = codes[:, :C], (cm[:, :C] if cm is not None else None)
         if use_triton(x):
-            _, s = quantize_triton(x, bits, stochastic, scale_mode, seed_arg, out=real, cm=cm_real)
+            _, s = quantize_triton(x, bits, stochastic, scale_mode, seed_arg, out=real, cm=cm_real, amax=amax)
         else:
-            q, s = quantize_reference(x, bits, stochastic, scale_mode, seed_arg)
+            q, s = quantize_reference(x, bits, stochastic, scale_mode, seed_arg, _given_ticket(amax))
             real.copy_(q)
             if cm is not None:
                 cm_real.copy_(q)
@@ -302,8 +314,8 @@ def _quantize_impl(x, bits, stochastic, scale_mode, seed, channels_last, pad_cha
         out = None
         if channels_last:
             out = torch.empty_like(x, dtype=x.dtype if dequant else torch.int8, memory_format=torch.channels_last)
-        return quantize_triton(x, bits, stochastic, scale_mode, seed_arg, out=out, dequant=dequant, cm=cm)
-    codes, s = quantize_reference(x, bits, stochastic, scale_mode, seed_arg)
+        return quantize_triton(x, bits, stochastic, scale_mode, seed_arg, out=out, dequant=dequant, cm=cm, amax=amax)
+    codes, s = quantize_reference(x, bits, stochastic, scale_mode, seed_arg, _given_ticket(amax))
     if cm is not None:
         cm.copy_(codes)
     if dequant:
@@ -314,7 +326,7 @@ def _quantize_impl(x, bits, stochastic, scale_mode, seed, channels_last, pad_cha
 
 
 @_quantize_op.register_fake
-def _(x, bits, stochastic, scale_mode, seed, channels_last, pad_channels_to, dequant, rng, cm):
+def _(x, bits, stochastic, scale_mode, seed, channels_last, pad_channels_to, dequant, rng, cm, amax=None):
     if pad_channels_to > 1:
         N, C, H, W = x.shape
         codes = torch.empty((N, padded_channels(C, pad_channels_to), H, W), dtype=torch.int8, device=x.device,

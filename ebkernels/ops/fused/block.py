@@ -58,10 +58,10 @@ from ..gemm.host import no_autocast, refuse_double_backward, weight_layout
 from . import stages
 from .bn_act import bn_act
 from .bn_math import ACTIVATIONS
-from .spec import BlockInput, BlockOutput, BlockSpec, BnActSpec, BnSource, GradLink, Int8Activation
+from .spec import BlockInput, BlockLinks, BlockOutput, BlockSpec, BnActSpec, BnSource, GradLink, Int8Activation
 
-__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "BnActSpec", "BnSource", "GradLink", "Int8Activation", "fused_block",
-           "bn_act",
+__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "BlockLinks", "BnActSpec", "BnSource", "GradLink", "Int8Activation",
+           "fused_block", "bn_act",
            "FusedBlockFunction", "CARRIER_DTYPE", "ACTIVATIONS", "keeps_y", "supports"]
 
 CARRIER_DTYPE = stages.CARRIER_DTYPE
@@ -119,13 +119,13 @@ class FusedBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: BlockSpec, x, in_codes, in_scale, in_codes_cm, weight, bias, bn_w, bn_b, bnin_w, bnin_b,
-                residual, grad_from, grad_to, *source):
+                residual, links, *source):
         if spec.pool is not None and spec.output is not BlockOutput.CODES:
             raise ValueError("a fused block max-pools its output codes only (output CODES)")
         if spec.residual and (residual is None or spec.output is not BlockOutput.FLOAT):
             raise ValueError("a residual block needs a float output and the residual tensor")
         ctx.n_source, ctx.res_dtype = len(source), None if residual is None else residual.dtype
-        ctx.grad_from, ctx.grad_to = grad_from, grad_to  # GradLinks (or None)
+        ctx.links = links or BlockLinks()
         with no_autocast(weight):
             return FusedBlockFunction._forward(ctx, spec, x, in_codes, in_scale, in_codes_cm, weight, bias, source,
                                               residual)
@@ -171,33 +171,44 @@ class FusedBlockFunction(torch.autograd.Function):
         stages.restore_bn_input(spec.bn_source, saved)
         qx = stages.input_codes_backward(spec, saved, qc, meta)
         qw_f, qw_d = stages.weight_backward(saved, qc, qx)
-        e = stages.output_backward(spec, g_main, saved, qc, qx, qw_f, meta, need)
+        e = stages.output_backward(spec, g_main, saved, qc, qx, qw_f, meta, need, _taken_amax(ctx.links, g_main))
         gx, gw = stages.conv_backward(spec, e, saved, qc, qx, qw_d, meta, need)
-        gx, g_in_w, g_in_b = stages.input_backward(spec, gx, saved, meta, need,
-                                                   ctx.grad_from.take() if ctx.grad_from is not None else None)
+        links = ctx.links
+        gx, g_in_w, g_in_b, amax = stages.input_backward(
+            spec, gx, saved, meta, need, links.grad_from.take() if links.grad_from is not None else None,
+            None if links.amax_to is None else links.amax_to.stochastic)
+        if amax is not None:  # gx's max for the block that quantizes it as its E (GradLink)
+            links.amax_to.put((gx, amax))
         g_res = e.g_residual.to(ctx.res_dtype) if need.residual and e.g_residual is not None else None
-        if ctx.grad_to is not None and g_res is not None:  # the block reading the residual adds it (GradLink)
-            ctx.grad_to.put(g_res)
+        if links.grad_to is not None and g_res is not None:  # the block reading the residual adds it (GradLink)
+            links.grad_to.put(g_res)
             g_res = None
         grads = BlockGrads(x=gx if need.x else None, weight=gw, bias=e.g_bias, bn_weight=e.g_bn_w, bn_bias=e.g_bn_b,
                            bn_in_weight=g_in_w, bn_in_bias=g_in_b, residual=g_res)
         return (None, grads.x, None, None, None, grads.weight, grads.bias, grads.bn_weight, grads.bn_bias,
-                grads.bn_in_weight, grads.bn_in_bias, grads.residual, None, None) + (None,) * ctx.n_source
+                grads.bn_in_weight, grads.bn_in_bias, grads.residual, None) + (None,) * ctx.n_source
 
 
-def fused_block(spec: BlockSpec, x, source: tuple = (), residual=None, grad_from: Optional[GradLink] = None,
-                grad_to: Optional[GradLink] = None):
+def _taken_amax(links: BlockLinks, g_main):
+    """The ``[bits, ticket]`` of ``g_main`` its producer handed over, or None (no link, or another tensor)."""
+    if links.amax_from is None:
+        return None
+    got = links.amax_from.take()
+    return got[1] if got is not None and got[0] is g_main else None
+
+
+def fused_block(spec: BlockSpec, x, source: tuple = (), residual=None, links: Optional[BlockLinks] = None):
     """Run one fused block. ``x``: an ``Int8Activation`` (input ``CODES``) or a float tensor; ``source``: what
     may rebuild a ``BN`` input in backward (``spec.bn_source``; ``stages.keep_bn_input``); ``residual``: the
-    tensor a ``spec.residual`` block adds (before its activation, or in the conv's epilogue). ``grad_to``: the
-    ``GradLink`` the residual's gradient goes to instead of autograd; ``grad_from``: the one whose gradient a
-    ``BN`` input's gradient gets added (the two blocks of one forward that read the same x). Returns an
+    tensor a ``spec.residual`` block adds (before its activation, or in the conv's epilogue). ``links``: the
+    block's ``GradLink``s (``BlockLinks``: gradients handed between blocks of one forward instead of summed by
+    autograd, and a gradient's max handed to the block that quantizes it). Returns an
     ``Int8Activation`` (output ``CODES``) or a float tensor."""
     conv, bn, bn_in = spec.conv, spec.bn, spec.bn_in
     args = (x.carrier, x.codes, x.scale, x.codes_cm) if spec.input is BlockInput.CODES else (x, None, None, None)
     out = FusedBlockFunction.apply(spec, *args, conv.weight, conv.bias, bn.weight if bn is not None else None,
                                    bn.bias if bn is not None else None, bn_in.weight if bn_in is not None else None,
-                                   bn_in.bias if bn_in is not None else None, residual, grad_from, grad_to, *source)
+                                   bn_in.bias if bn_in is not None else None, residual, links, *source)
     if spec.output is BlockOutput.CODES:
         main, codes, scale, codes_cm = out
         return Int8Activation(main, codes, scale, main.shape[1], codes_cm)

@@ -40,7 +40,7 @@ from .bn_math import act_code, bn_grad_in, bn_grad_in_reference
 __all__ = ["bn_relu_bwd_reduce", "bn_relu_bwd", "bn_relu_bwd_reduce_reference", "bn_relu_bwd_reference",
            "MODES"]
 
-MODES = {"absmax": 0, "codes": 1, "float": 2}
+MODES = {"absmax": 0, "codes": 1, "float": 2, "float_absmax": 3}
 
 
 @triton.jit
@@ -107,7 +107,9 @@ _BWD_AOT = ([{"MODE": 0, "HAS_INV": False, "HAS_SUMS": True, "ACT": 1, "BITS": 8
                 "SCALE_MODE": m, "BP": 16 if s else 32, "CB": 128, "HAS_ADD": False} for s in (False, True)
                for m in (0, 2)]
             + [{"MODE": 2, "HAS_INV": i, "HAS_SUMS": True, "ACT": 1, "BITS": 8, "STOCHASTIC": False, "CM": False,
-                "SCALE_MODE": 0, "BP": 32, "CB": 128, "HAS_ADD": a} for i in (False, True) for a in (False, True)])
+                "SCALE_MODE": 0, "BP": 32, "CB": 128, "HAS_ADD": a} for i in (False, True) for a in (False, True)]
+            + [{"MODE": 3, "HAS_INV": i, "HAS_SUMS": True, "ACT": 1, "BITS": 8, "STOCHASTIC": s, "CM": False,
+                "SCALE_MODE": 0, "BP": 32, "CB": 128, "HAS_ADD": True} for i in (False, True) for s in (False, True)])
 
 
 @aot_kernel(signature=_BWD_SIG, constexprs=_BWD_AOT, num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
@@ -121,7 +123,8 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_
     over the pool counters ``sem[0:2]``; the last program also takes the random ticket into ``amax[1]`` when
     ``STOCHASTIC``); 1: codes at ``m * Cp + c`` (NHWC)
     and, with ``CM``, at ``c * M + m`` (channel-major), channels C..Cp-1 written 0, the scale of ``amax[0]``
-    in ``SCALE_MODE`` (``_scale``) stored by program (0, 0); 2: dy in ``out`` (strides so_*; ``HAS_ADD``: plus
+    in ``SCALE_MODE`` (``_scale``) stored by program (0, 0); 2: dy in ``out`` (3: and, as mode 0, the bits of
+    max |stored dy| and the ticket into ``amax``, for a quantizer of it: ``quantize(amax=)``) (strides so_*; ``HAS_ADD``: plus
     ``add`` (strides sa_*: e.g. a channel prefix of a wider gradient) before the one rounding). ``HAS_SUMS`` False: eval-mode BatchNorm (m1 = m2 = 0)."""
     pid_m, pid_n, m, c, m_ok, c_ok = elementwise_tile(M, C, BP, CB)
     dz, y, a, b, mean, rstd = _load_inputs(dz_ptr, y_ptr, inv_ptr, bnp_ptr, m, m_ok, c, c_ok, C, H, W, sd_n, sd_c,
@@ -168,7 +171,17 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_
             a_offs = (n.to(tl.int64) * sa_n + h.to(tl.int64) * sa_h + w.to(tl.int64) * sa_w)[:, None] + \
                 c.to(tl.int64)[None, :] * sa_c
             dy = dy + tl.load(add_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, cast_rne(dy, out_ptr.dtype.element_ty), mask=mask)
+        stored = cast_rne(dy, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, stored, mask=mask)
+        if MODE == 3:  # and, for the quantizer that reads it next, max |stored value| and its random ticket
+            bits = tl.abs(tl.where(mask, stored.to(tl.float32), 0.0)).to(tl.int32, bitcast=True)
+            last = publish_max(tl.max(tl.max(bits, axis=1), axis=0), tl.num_programs(0) * tl.num_programs(1),
+                               sem_ptr, amax_ptr)
+            if last:
+                if STOCHASTIC:
+                    tl.store(amax_ptr + 1, tl.atomic_add(rng_ptr + 1, 1, sem="relaxed").to(tl.int32))
+                else:
+                    tl.store(amax_ptr + 1, 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,23 +205,31 @@ def bn_relu_bwd_reduce_reference(dz, y, bnp, inv, act):
     return torch.stack([_rows(g).double().sum(0), _rows(g * xhat).double().sum(0)]).float()
 
 
+def _absmax_reference(v, stochastic, device):
+    """[bits of max |v|, ticket (stochastic) or 0] (int32 [2]), as modes 0 and 3 write them."""
+    a = v.abs().amax().reshape(1) if v.numel() else v.new_zeros(1)
+    out = torch.zeros(2, dtype=torch.int32, device=device)
+    out[0] = a.view(torch.int32)[0]
+    if stochastic:
+        out[1] = _rng.take_ticket_reference(device).to(torch.int32)
+    return out
+
+
 def bn_relu_bwd_reference(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype,
                           channels_last_out, scale_mode="shift", addend=None):
     """``bn_relu_bwd`` in PyTorch (same outputs as the op)."""
     N, C, H, W = y.shape
     dy, _, _ = bn_grad_in_reference(_gathered(dz, inv, C), y, bnp, sums, N * H * W, act)
-    if mode == "float":
+    if mode in ("float", "float_absmax"):
         if addend is not None:
             dy = dy + addend.float()
         fmt = torch.channels_last if channels_last_out else torch.contiguous_format
-        return (dy.to(out_dtype).contiguous(memory_format=fmt),)
+        out = dy.to(out_dtype).contiguous(memory_format=fmt)
+        if mode == "float":
+            return (out,)
+        return out, _absmax_reference(out.float(), stochastic, y.device)
     if mode == "absmax":
-        a = dy.abs().amax().reshape(1) if dy.numel() else dy.new_zeros(1)
-        out = torch.zeros(2, dtype=torch.int32, device=y.device)
-        out[0] = a.view(torch.int32)[0]
-        if stochastic:
-            out[1] = _rng.take_ticket_reference(y.device).to(torch.int32)
-        return (out,)
+        return (_absmax_reference(dy, stochastic, y.device),)
     scale = scale_reference(amax[0:1].view(torch.float32).reshape(()), scale_mode, bits)
     S = float(2 ** (bits - 1))
     q = ((dy / scale) * S).clamp(-(S - 1), S - 1)
@@ -291,7 +312,8 @@ def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax
     else:
         fmt = torch.channels_last if channels_last_out else torch.contiguous_format
         out = empty_output((N, C, H, W), out_dtype, dev, fmt)
-        dst, dcm, amax = out, out, bnp
+        amax = torch.empty(2, dtype=torch.int32, device=dev) if mode == "float_absmax" else bnp
+        dst, dcm = out, out
         so = nhwc_rows(out)
     bn_relu_bwd_kernel[grid](
         dz, y, _inv_arg(inv, bnp), bnp, sums if sums is not None else bnp, amax, sem, rng, dst, dcm,
@@ -303,7 +325,7 @@ def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax
         return out, cm, scale
     if mode == "absmax":
         return (out[:2],)
-    return (out,)
+    return (out,) if mode == "float" else (out, amax)
 
 
 @custom_op("ebkernels::bn_relu_bwd", mutates_args=("rng",))
@@ -340,9 +362,10 @@ def _(dz, y, bnp, sums, inv, act, out_mode, bits, stochastic, pad_to, amax, out_
     N, C, H, W = y.shape
     if out_mode == "absmax":
         return _three([y.new_empty((2,), dtype=torch.int32)], y)
-    if out_mode == "float":
+    if out_mode in ("float", "float_absmax"):
         fmt = torch.channels_last if channels_last_out else torch.contiguous_format
-        return _three([torch.empty((N, C, H, W), dtype=out_dtype, device=y.device, memory_format=fmt)], y)
+        out = [torch.empty((N, C, H, W), dtype=out_dtype, device=y.device, memory_format=fmt)]
+        return _three(out + ([y.new_empty((2,), dtype=torch.int32)] if out_mode == "float_absmax" else []), y)
     Cp = C if pad_to <= 1 else -(-C // pad_to) * pad_to
     nhwc = torch.empty((N, Cp, H, W), dtype=torch.int8, device=y.device, memory_format=torch.channels_last)
     cm = torch.empty((Cp, N, H, W), dtype=torch.int8, device=y.device).permute(1, 0, 2, 3)
@@ -356,16 +379,17 @@ def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, act=True, mode="codes", bits=8,
     H, W), codes channel-major (same shape, memory [Cp, N, H, W]), scale)`` with the scale rule ``scale_mode``
     ("shift", "wage" or "absmax": ``ops._scale``); ``"float"``: ``(dy,)`` in
     ``out_dtype``, channels-last when ``channels_last_out`` (``addend``, of y's shape: ``(dy + addend,)``, the sum
-    in float32, rounded once)."""
+    in float32, rounded once); ``"float_absmax"``: ``(dy, [bits of max |dy|, ticket])``, what a quantizer of dy
+    takes as its ``amax`` instead of a pass of its own."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not supported; accepted: {', '.join(MODES)}")
     if mode == "codes" and amax is None:
         raise ValueError("mode='codes' needs the amax that mode='absmax' returned")
-    if addend is not None and (mode != "float" or tuple(addend.shape) != tuple(y.shape)):
+    if addend is not None and (not mode.startswith("float") or tuple(addend.shape) != tuple(y.shape)):
         raise ValueError(f"an addend needs mode='float' and y's shape {tuple(y.shape)}; got mode={mode!r}, "
                          f"shape {tuple(addend.shape)}")
     rng = _rng.device_state(y.device)
     act_code(act)
     out = _bwd_op(dz, y, bnp, sums, inv, act, mode, int(bits), bool(stochastic), int(pad_to), amax, out_dtype,
                   bool(channels_last_out), str(scale_mode), addend, rng)
-    return out if mode == "codes" else out[:1]
+    return out if mode == "codes" else out[:2] if mode == "float_absmax" else out[:1]

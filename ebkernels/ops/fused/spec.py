@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from ...config import QConfig
 
-__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "BnActSpec", "BnSource", "GradLink", "Int8Activation"]
+__all__ = ["BlockInput", "BlockOutput", "BlockSpec", "BlockLinks", "BnActSpec", "BnSource", "GradLink",
+           "Int8Activation"]
 
 
 class BlockInput(enum.Enum):
@@ -52,10 +53,11 @@ class GradLink:
     separate sum of the two gradients of x is gone. Made by the fusion runner per call (never under
     ``torch.compile``, which gets the plain returns)."""
 
-    __slots__ = ("grad",)
+    __slots__ = ("grad", "stochastic")
 
-    def __init__(self):
+    def __init__(self, stochastic: bool = False):
         self.grad = None
+        self.stochastic = stochastic  # (an E-absmax link) the taker rounds stochastically: take a ticket
 
     def put(self, grad) -> None:
         self.grad = grad
@@ -63,6 +65,18 @@ class GradLink:
     def take(self):
         grad, self.grad = self.grad, None
         return grad
+
+
+class BlockLinks(NamedTuple):
+    """The ``GradLink``s of one fused block in one forward: ``grad_from``, whose gradient its ``BN`` input's
+    gradient gets added; ``grad_to``, where its residual's gradient goes; ``amax_to``, where its input's
+    gradient goes with ``[bits of max |·|, ticket]`` (the block that produced the input quantizes that gradient
+    as its E, without a pass of its own); ``amax_from``, where it takes its output gradient's."""
+
+    grad_from: Optional[GradLink] = None
+    grad_to: Optional[GradLink] = None
+    amax_to: Optional[GradLink] = None
+    amax_from: Optional[GradLink] = None
 
 
 @dataclasses.dataclass

@@ -7,10 +7,9 @@ forward:  ``input_forward``   the conv's int8 input: codes as given, a float ten
           ``conv_bn_forward`` the conv with the BatchNorm statistics in its epilogue (``conv_bn``), or
           ``conv_forward``    the plain conv (no BatchNorm after it);
           ``output_forward``  BatchNorm + ReLU → the next block's codes (+ max-pool on codes), or a float.
-backward: ``input_codes_backward``, ``weight_backward``  the input / weight codes again (recomputed or
-                              kept), then ``output_backward`` (max-pool backward, BatchNorm + ReLU
-                              backward → E's codes), ``conv_backward`` (input-grad, weight-grad with G
-                              quantization), ``input_backward`` (the pre-activation BatchNorm's backward).
+backward: ``input_codes_backward``, ``weight_backward``  the input / weight codes again, ``output_backward`` (max-pool,
+                              BatchNorm + ReLU backward → E's codes), ``conv_backward`` (input-grad, weight-grad
+                              with G quantization), ``input_backward`` (the pre-activation BatchNorm's backward).
 
 What a stage keeps for backward goes into one ``Saved`` record, saved through ``save_for_backward`` in
 its declared field order (saved-tensor hooks see every tensor; autograd checks their versions).
@@ -318,17 +317,19 @@ def weight_backward(saved: Saved, qc: QConfig, qx):
     return codes if codes is not None else weight_codes(saved.weight, saved.sw, qc.bits_w, CHANNEL_PAD if use_triton(qx) else 0)
 
 
-def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f, meta: Meta, need) -> Error:
+def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f, meta: Meta, need,
+                    amax=None) -> Error:
     """E's codes from the gradient of the block's output: through the max-pool (or, after a residual add,
     through the activation's mask: that is also the residual's gradient), then the BatchNorm + activation
     backward (y kept or recomputed in the GEMM that also forms the BatchNorm sums) in two passes (absmax,
-    then codes); without a BatchNorm, the gradient quantized as ``QConv2d`` does."""
+    then codes); without a BatchNorm, the gradient quantized as ``QConv2d`` does (``amax``: its max and
+    ticket from its producer, ``BlockLinks.amax_from``: the codes pass only)."""
     cout = saved.weight.shape[0]
     pad_out = pad_of(cout, qx)
     bias = saved.bias
     g_bn_w = g_bn_b = g_bias = None
     if spec.bn is None:  # both layouts from the quantizer's one codes pass (no copy)
-        qe, qe_cm, se = quantize_two_layouts(g_main, qc.bits_e, qc.rounding_e, qc.mode_eg, pad_out)
+        qe, qe_cm, se = quantize_two_layouts(g_main, qc.bits_e, qc.rounding_e, qc.mode_eg, pad_out, amax)
         if bias is not None and need.bias:
             g_bias = g_main.sum((0, 2, 3), dtype=torch.float32).to(bias.dtype)
         # a residual added in the epilogue gets the output's gradient as it is
@@ -381,18 +382,19 @@ def conv_backward(spec: BlockSpec, e: Error, saved: Saved, qc: QConfig, qx, qw_d
     return gx, gw
 
 
-def input_backward(spec: BlockSpec, gx, saved: Saved, meta: Meta, need, addend=None):
-    """(gx, g_bn_in_weight, g_bn_in_bias): through the pre-activation BatchNorm (+ ReLU, + gather) of a
-    ``BN`` input, plus ``addend`` (the input's other gradient: the shortcut's, or a dense block's later
-    readers', whose channel prefix it is: ``spec.GradLink``) in the same kernel; unchanged otherwise."""
+def input_backward(spec: BlockSpec, gx, saved: Saved, meta: Meta, need, addend=None, amax_stochastic=None):
+    """(gx, g_bn_in_weight, g_bn_in_bias, amax): through the pre-activation BatchNorm (+ ReLU, + gather) of a
+    ``BN`` input, plus ``addend`` (the input's other gradient: the shortcut's, or a dense block's later readers',
+    whose channel prefix it is: ``spec.GradLink``) in the same kernel, and (``amax_stochastic`` not None) gx's
+    ``[bits of max, ticket]``; unchanged otherwise."""
     if spec.input is not BlockInput.BN or gx is None:
-        return gx, None, None
+        return gx, None, None, None
     sums_in = bn_relu_bwd_reduce(gx, saved.xb, saved.bnp_in, saved.inv, spec.act_in)
-    if addend is not None and addend.shape[1] != saved.xb.shape[1]:  # a dense block's wider gradient: its prefix
-        addend = addend[:, :saved.xb.shape[1]]
-    gx, = bn_relu_bwd(gx, saved.xb, saved.bnp_in, sums_in if saved.batch_in else None, saved.inv, spec.act_in,
-                      "float", out_dtype=meta.x_dtype, channels_last_out=meta.channels_last, addend=addend)
+    addend = addend if addend is None else addend[:, :saved.xb.shape[1]]  # a dense block's: a channel prefix
+    gx, *amax = bn_relu_bwd(gx, saved.xb, saved.bnp_in, sums_in if saved.batch_in else None, saved.inv, spec.act_in,
+                            "float" if amax_stochastic is None else "float_absmax", stochastic=bool(amax_stochastic),
+                            out_dtype=meta.x_dtype, channels_last_out=meta.channels_last, addend=addend)
     g_in_w = g_in_b = None
     if (need.bn_in_weight or need.bn_in_bias) and spec.bn_in.weight is not None:
         g_in_w, g_in_b = sums_in[1].to(spec.bn_in.weight.dtype), sums_in[0].to(spec.bn_in.bias.dtype)
-    return gx, g_in_w, g_in_b
+    return gx, g_in_w, g_in_b, amax[0] if amax else None

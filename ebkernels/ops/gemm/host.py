@@ -121,17 +121,19 @@ def quantize_weight_transposed(weight: torch.Tensor, qc: QConfig):
     return codes, codes_t, s
 
 
-def quantize_two_layouts(x: torch.Tensor, bits: int, rounding: str, mode: str = "shift", pad_channels_to: int = 0):
+def quantize_two_layouts(x: torch.Tensor, bits: int, rounding: str, mode: str = "shift", pad_channels_to: int = 0,
+                         amax: Optional[torch.Tensor] = None):
     """``quantize(x, ..., channels_last=True, pad_channels_to)`` of a 4-D tensor that also writes the codes
     channel-major (memory [Cp, N, H, W]: the K-major operand of a weight-grad) in the same pass, instead of a
     ``permute(1, 0, 2, 3).contiguous()`` copy afterwards: ``(codes NHWC, codes channel-major, scale)``, the
-    same codes (and noise) as ``quantize``."""
+    same codes (and noise) as ``quantize``; ``amax``: x's ``[bits of max |x|, ticket]`` from its producer
+    (``bn_relu_bwd(mode="float_absmax")``): the codes pass only."""
     _check_args(x, bits, rounding, mode, None, True, pad_channels_to)
     N, C, H, W = x.shape
     cm = empty_output((padded_channels(C, pad_channels_to), N, H, W), torch.int8, x.device).permute(1, 0, 2, 3)
     stochastic = rounding == "stochastic"
     seed_arg, rng = _seed_args(stochastic, None, x.device)
-    codes, s = _quantize_op(x, bits, stochastic, mode, seed_arg, True, pad_channels_to, False, rng, cm)
+    codes, s = _quantize_op(x, bits, stochastic, mode, seed_arg, True, pad_channels_to, False, rng, cm, amax)
     return codes, cm, s
 
 
