@@ -182,3 +182,25 @@ def test_large_weights_codes_again_in_one_launch_in_backward(device, poisoned):
             assert again[1][0].codes(again[1][1]) is None
             with torch.no_grad():
                 ws[1].div_(2)
+
+
+def test_a_few_small_weights_still_spread_over_the_card(device, poisoned):
+    """A batch of small weights whose launches move 256 KiB or more takes smaller blocks / tiles so that each
+    launch has at least ``MIN_PROGRAMS`` programs (issue 20: no launch of that size on a few SMs), with the
+    quantizer's codes."""
+    from ebkernels.ops._launch import MIN_PROGRAMS
+    from ebkernels.ops.weight_batch import WeightItem, weight_codes_many
+    from helpers import LaunchSpy
+
+    g = gen(fresh_seed())
+    ws = [torch.randn(s, generator=g).to(device) for s in ((64, 64, 3, 3), (48, 40, 3, 3), (10, 512, 1, 1))]
+    items = [WeightItem(w, 8, "shift", 16, 0) for w in ws]
+    assert sum(w.numel() for w in ws) * 6 >= 256 * 1024  # fp32 read, two int8 layouts written
+    with LaunchSpy() as spy:
+        got = weight_codes_many(items)
+    assert [c["kernel"] for c in spy.calls] == ["weight_absmax_many_kernel", "weight_codes_many_kernel"]
+    assert all(c["grid"][0] >= MIN_PROGRAMS for c in spy.calls), [c["grid"] for c in spy.calls]
+    for (fwd, dgrad, scale), w in zip(got, ws):
+        codes, s = quantize_reference(w.cpu(), 8)
+        assert scale.item() == s.item()
+        assert torch.equal(fwd[:, :w.shape[1]].cpu(), codes) and torch.equal(dgrad[:w.shape[0]].cpu(), codes)

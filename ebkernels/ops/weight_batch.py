@@ -32,7 +32,7 @@ from .._backend import use_triton
 from .._registry import aot_kernel
 from .._triton import tl, triton
 from ._buffers import counter_pool, empty_output
-from ._launch import cdiv, padded_channels
+from ._launch import MIN_PROGRAMS, cdiv, padded_channels
 from ._reduce import publish_max
 from ._scale import scale_from_bits, scale_mode_code
 from .quantize import quantize_reference
@@ -61,7 +61,7 @@ def _row(table_ptr, t):
 
 
 @aot_kernel(signature={k: _SIG[k] for k in ("w_ptr", "table_ptr", "prog_ptr", "cnt_ptr", "bits_ptr", "n_total")},
-            constexprs={"BLOCK": BLOCK}, num_warps=8)
+            constexprs=[{"BLOCK": b} for b in (BLOCK, BLOCK // 2, BLOCK // 4)], num_warps=8)
 @triton.jit
 def weight_absmax_many_kernel(w_ptr, table_ptr, prog_ptr, cnt_ptr, bits_ptr, n_total, BLOCK: tl.constexpr):
     """Program p: block ``p - first_a[t]`` of the real elements of tensor ``t = prog[p]`` (read at
@@ -81,8 +81,8 @@ def weight_absmax_many_kernel(w_ptr, table_ptr, prog_ptr, cnt_ptr, bits_ptr, n_t
 
 @aot_kernel(signature={k: _SIG[k] for k in ("w_ptr", "table_ptr", "prog_ptr", "bits_ptr", "scale_ptr", "codes_ptr",
                                             "n_total")},
-            constexprs=[{"BITS": 8, "SCALE_MODE": m, "TILE": TILE, "FROM_SCALE": f} for m in (0, 1, 2)
-                        for f in (False, True)], num_warps=8)
+            constexprs=[{"BITS": 8, "SCALE_MODE": m, "TILE": t, "FROM_SCALE": f} for m in (0, 1, 2)
+                        for f in (False, True) for t in (TILE, TILE // 2, TILE // 4)], num_warps=8)
 @triton.jit
 def weight_codes_many_kernel(w_ptr, table_ptr, prog_ptr, bits_ptr, scale_ptr, codes_ptr, n_total,
                              BITS: tl.constexpr, SCALE_MODE: tl.constexpr, TILE: tl.constexpr,
@@ -173,10 +173,24 @@ _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()  # (launch tables, anchor i
 _TABLES_KEPT = 512
 
 
-def _tables(items, regions, device):
-    """The device tables of a batch (cached: the weights keep their storage from step to step)."""
+def _grid_sizes(items) -> tuple[int, int]:
+    """(the absmax kernel's BLOCK, the codes kernel's TILE): 2048 and 64, halved (twice at most) while a launch
+    would have fewer than ``MIN_PROGRAMS`` programs (a few small weights: no launch on a few SMs)."""
+    geo = [_geometry(it.weight.shape, it.ci_pad, it.co_pad) for it in items]
+    block, tile = BLOCK, TILE
+    while block > BLOCK // 4 and sum(cdiv(CO * CI * KH * KW, block) for CO, CI, KH, KW, _, _ in geo) < MIN_PROGRAMS:
+        block //= 2
+    while tile > TILE // 4 and sum(KH * KW * cdiv(COp, tile) * cdiv(CIp, tile)
+                                   for _, _, KH, KW, COp, CIp in geo) < MIN_PROGRAMS:
+        tile //= 2
+    return block, tile
+
+
+def _tables(items, regions, device, block: int, tile: int):
+    """The device tables of a batch for these grid sizes (cached: the weights keep their storage from step to
+    step)."""
     key = (str(device), tuple((it.weight.data_ptr(), tuple(it.weight.shape), tuple(it.weight.stride()),
-                               it.ci_pad, it.co_pad) for it in items), BLOCK)
+                               it.ci_pad, it.co_pad) for it in items), block, tile)
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
@@ -187,7 +201,7 @@ def _tables(items, regions, device):
     for t, (it, (f, d)) in enumerate(zip(items, regions)):
         CO, CI, KH, KW, COp, CIp = _geometry(it.weight.shape, it.ci_pad, it.co_pad)
         n_real, n_pad = CO * CI * KH * KW, COp * CIp * KH * KW
-        blocks_a, blocks_b = cdiv(n_real, BLOCK), KH * KW * cdiv(COp, TILE) * cdiv(CIp, TILE)
+        blocks_a, blocks_b = cdiv(n_real, block), KH * KW * cdiv(COp, tile) * cdiv(CIp, tile)
         rows.append([(it.weight.data_ptr() - base) // size, CO, CI, COp, CIp, KH * KW, *_strides(it.weight), n_real,
                      n_pad, len(prog_a), blocks_a, len(prog_b), f, d])
         prog_a += [t] * blocks_a
@@ -230,7 +244,8 @@ def _many_op(weights: list[torch.Tensor], bits: int, scale_mode: str, ci_pads: l
             dv.copy_(d)
             sv.copy_(s)
         return codes, scales
-    table, prog_a, prog_b, anchor = _tables(items, regions, device)
+    block, tile = _grid_sizes(items)
+    table, prog_a, prog_b, anchor = _tables(items, regions, device, block, tile)
     n_real = sum(w.numel() for w in weights)
     n_pad = 0
     for it in items:
@@ -239,9 +254,9 @@ def _many_op(weights: list[torch.Tensor], bits: int, scale_mode: str, ci_pads: l
     bits_t = empty_output((len(items),), torch.int32, device)
     w0 = weights[anchor]
     weight_absmax_many_kernel[(prog_a.numel(),)](w0, table, prog_a, counter_pool(device, 2 * len(items)), bits_t,
-                                                 n_real, BLOCK=BLOCK, num_warps=8)
+                                                 n_real, BLOCK=block, num_warps=8)
     weight_codes_many_kernel[(prog_b.numel(),)](w0, table, prog_b, bits_t, scales, codes, n_pad, BITS=bits,
-                                                SCALE_MODE=scale_mode_code(scale_mode), TILE=TILE, FROM_SCALE=False,
+                                                SCALE_MODE=scale_mode_code(scale_mode), TILE=tile, FROM_SCALE=False,
                                                 num_warps=8)
     return codes, scales
 
@@ -257,14 +272,15 @@ def recode_many(items: list, scales: torch.Tensor) -> list:
             fv.copy_(f)
             dv.copy_(d)
         return [v[:2] for v in _views(codes, scales, items, regions)]
-    table, _, prog_b, anchor = _tables(items, regions, device)
+    block, tile = _grid_sizes(items)
+    table, _, prog_b, anchor = _tables(items, regions, device, block, tile)
     n_pad = 0
     for it in items:
         CO, CI, KH, KW, COp, CIp = _geometry(it.weight.shape, it.ci_pad, it.co_pad)
         n_pad += COp * CIp * KH * KW
     weight_codes_many_kernel[(prog_b.numel(),)](items[anchor].weight, table, prog_b, scales, scales, codes, n_pad,
                                                 BITS=items[0].bits, SCALE_MODE=scale_mode_code(items[0].mode),
-                                                TILE=TILE, FROM_SCALE=True, num_warps=8)
+                                                TILE=tile, FROM_SCALE=True, num_warps=8)
     return [v[:2] for v in _views(codes, scales, items, regions)]
 
 
