@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CL = torch.channels_last
@@ -226,6 +227,24 @@ class LaunchSpy:
     def __exit__(self, *exc):
         for cls, orig in reversed(self._undo):
             cls.run = orig
+
+
+class AtenSpy(TorchDispatchMode):
+    """Records the aten ops that run inside the ``with`` block whose name (``aten.add.Tensor`` → "add") is in
+    ``names`` and that ``keep(args, out)`` accepts: ``calls`` holds ``(op, shape of the first argument)``. Under a
+    dispatch mode the custom ops take the ``torch.library`` path (``ops._dispatch``), which runs the same
+    implementation."""
+
+    def __init__(self, *names: str, keep=lambda args, out: True):
+        super().__init__()
+        self.names, self.keep, self.calls = set(names), keep, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self.names and self.keep(args, out):
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            self.calls.append((str(func), tuple(first.shape) if first is not None else ()))
+        return out
 
 
 def spy_launches(monkeypatch, *kernels: str, run: bool = True) -> list:

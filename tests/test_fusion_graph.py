@@ -418,21 +418,9 @@ def test_the_shortcut_gradient_is_summed_in_the_input_grad_kernel(backend, monke
     shortcut's gradient goes to the BN chain's input-grad kernel (``GradLink``) instead of autograd's separate
     sum. With a float32 x that sum is the same float32 addition either way: the same gradients bit for bit,
     and no ``aten.add`` on x's gradient."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from ebkernels.fusion import links, runner
     from ebkernels.models.preresnet import Bottleneck
-
-    class Adds(TorchDispatchMode):
-        def __init__(self, numel):
-            super().__init__()
-            self.numel, self.count = numel, 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func is torch.ops.aten.add.Tensor and out.numel() == self.numel:
-                self.count += 1
-            return out
+    from helpers import AtenSpy
 
     torch.manual_seed(3)
     base = Bottleneck(32, 8, [32, 8, 16], stride=1).train()
@@ -446,9 +434,9 @@ def test_the_shortcut_gradient_is_summed_in_the_input_grad_kernel(backend, monke
         ebkernels.manual_seed(5)
         with ebkernels.force_backend(backend):
             out = m(xk)
-            with Adds(x.numel()) as adds:
+            with AtenSpy("add", keep=lambda args, o: o.numel() == x.numel()) as adds:
                 out.float().square().sum().backward()
-        results.append((adds.count, out.detach(), xk.grad, [p.grad for p in m.parameters()]))
+        results.append((len(adds.calls), out.detach(), xk.grad, [p.grad for p in m.parameters()]))
     (a1, o1, x1, g1), (a0, o0, x0, g0) = results
     assert (a1, a0) == (0, 1)
     assert torch.equal(o1, o0) and torch.equal(x1, x0)
@@ -477,20 +465,8 @@ def test_a_dense_block_sums_each_piece_gradient_in_the_input_grad_kernels(backen
     its channel prefix in its input-grad kernel: no ``aten.add`` on activations in backward, where autograd sums
     each piece's gradient from each of its readers; the gradients within bfloat16 rounding of autograd's sums
     (bfloat16 values summed in another order and rounded fewer times)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from ebkernels.fusion import links, runner
-
-    class Adds(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func is torch.ops.aten.add.Tensor and out.dim() == 4:
-                self.count += 1
-            return out
+    from helpers import AtenSpy
 
     torch.manual_seed(4)
     base = Dense().train()
@@ -505,10 +481,10 @@ def test_a_dense_block_sums_each_piece_gradient_in_the_input_grad_kernels(backen
             found = links.grad_links(traced.graph, fusion.matcher.match(traced.graph, dict(m.named_modules()),
                                                                          lambda line: None))
             assert len(found.cats) == 2  # cat(stem, l1) -> l1's chain, cat(stem, l1, l2) -> l2's chain
-        with ebkernels.force_backend(backend), Adds() as adds:
+        with ebkernels.force_backend(backend), AtenSpy("add", keep=lambda args, o: o.dim() == 4) as adds:
             out = m(x)
             out.float().square().sum().backward()
-        results.append((adds.count, out.detach(), grads(m)))
+        results.append((len(adds.calls), out.detach(), grads(m)))
     (a1, o1, g1), (a0, o0, g0) = results
     assert a1 == 0 and a0 >= 3, (a1, a0)
     assert torch.equal(o1, o0)

@@ -11,7 +11,7 @@ from ebkernels.ops.gemm import linear as linear_int8
 from ebkernels.ops._buffers import _POOLS
 from ebkernels.ops._launch import MAX_TERMS
 from ebkernels.ops.gemm.linear import linear_int8_mm, linear_int8_mm_reference
-from helpers import LaunchSpy, QuantizeGrad, fresh_seed, pin_tile, spy_launches, ste_quant
+from helpers import AtenSpy, LaunchSpy, QuantizeGrad, fresh_seed, pin_tile, spy_launches, ste_quant
 
 
 def _codes(shape, gen, device, lo=-127, hi=127):
@@ -221,21 +221,9 @@ def test_qlinear_saves_int8_codes(device):
     # copies no weight-sized tensor, and a 2-D result is no view (an in-place ReLU after it needs no copies)
     assert big[1].shape == w.shape and big[1].stride() == (1, w.shape[0])
     assert y._base is None
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Copies(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ in ("clone", "copy_", "contiguous", "_to_copy"):
-                self.ops.append((str(func), tuple(args[0].shape)))
-            return func(*args, **(kwargs or {}))
-
-    with Copies() as copies:
+    with AtenSpy("clone", "copy_", "contiguous", "_to_copy") as copies:
         torch.relu_(y).sum().backward()
-    assert not [o for o in copies.ops if o[1] in (tuple(w.shape), (w.shape[1], w.shape[0]))], copies.ops
+    assert not [o for o in copies.calls if o[1] in (tuple(w.shape), (w.shape[1], w.shape[0]))], copies.calls
 
 
 def test_qlinear_bad_inputs():
