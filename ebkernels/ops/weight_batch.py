@@ -239,25 +239,18 @@ def _many_op(weights: list[torch.Tensor], bits: int, scale_mode: str, ci_pads: l
     codes = empty_output((size,), torch.int8, device)
     scales = empty_output((len(items),), torch.float32, device)
     if not use_triton(*weights):
-        for (f, d, s), (fv, dv, sv) in zip(weight_codes_many_reference(items), _views(codes, scales, items, regions)):
-            fv.copy_(f)
-            dv.copy_(d)
-            sv.copy_(s)
+        _fill_reference(codes, scales, items, regions, True)
         return codes, scales
     block, tile = _grid_sizes(items)
     table, prog_a, prog_b, anchor = _tables(items, regions, device, block, tile)
     n_real = sum(w.numel() for w in weights)
-    n_pad = 0
-    for it in items:
-        CO, CI, KH, KW, COp, CIp = _geometry(it.weight.shape, it.ci_pad, it.co_pad)
-        n_pad += COp * CIp * KH * KW
     bits_t = empty_output((len(items),), torch.int32, device)
     w0 = weights[anchor]
     weight_absmax_many_kernel[(prog_a.numel(),)](w0, table, prog_a, counter_pool(device, 2 * len(items)), bits_t,
                                                  n_real, BLOCK=block, num_warps=8)
-    weight_codes_many_kernel[(prog_b.numel(),)](w0, table, prog_b, bits_t, scales, codes, n_pad, BITS=bits,
-                                                SCALE_MODE=scale_mode_code(scale_mode), TILE=tile, FROM_SCALE=False,
-                                                num_warps=8)
+    weight_codes_many_kernel[(prog_b.numel(),)](w0, table, prog_b, bits_t, scales, codes, _padded_total(items),
+                                                BITS=bits, SCALE_MODE=scale_mode_code(scale_mode), TILE=tile,
+                                                FROM_SCALE=False, num_warps=8)
     return codes, scales
 
 
@@ -268,20 +261,30 @@ def recode_many(items: list, scales: torch.Tensor) -> list:
     device = items[0].weight.device
     codes = empty_output((size,), torch.int8, device)
     if not use_triton(*(it.weight for it in items)):
-        for (f, d, _), (fv, dv, _) in zip(weight_codes_many_reference(items), _views(codes, scales, items, regions)):
-            fv.copy_(f)
-            dv.copy_(d)
-        return [v[:2] for v in _views(codes, scales, items, regions)]
-    block, tile = _grid_sizes(items)
-    table, _, prog_b, anchor = _tables(items, regions, device, block, tile)
-    n_pad = 0
-    for it in items:
-        CO, CI, KH, KW, COp, CIp = _geometry(it.weight.shape, it.ci_pad, it.co_pad)
-        n_pad += COp * CIp * KH * KW
-    weight_codes_many_kernel[(prog_b.numel(),)](items[anchor].weight, table, prog_b, scales, scales, codes, n_pad,
-                                                BITS=items[0].bits, SCALE_MODE=scale_mode_code(items[0].mode),
-                                                TILE=tile, FROM_SCALE=True, num_warps=8)
+        _fill_reference(codes, scales, items, regions, False)
+    else:
+        block, tile = _grid_sizes(items)
+        table, _, prog_b, anchor = _tables(items, regions, device, block, tile)
+        weight_codes_many_kernel[(prog_b.numel(),)](items[anchor].weight, table, prog_b, scales, scales, codes,
+                                                    _padded_total(items), BITS=items[0].bits,
+                                                    SCALE_MODE=scale_mode_code(items[0].mode), TILE=tile,
+                                                    FROM_SCALE=True, num_warps=8)
     return [v[:2] for v in _views(codes, scales, items, regions)]
+
+
+def _padded_total(items) -> int:
+    """All padded elements of a batch's codes (the codes kernel's ``n_total``, for the cost model)."""
+    return sum(COp * CIp * KH * KW for _, _, KH, KW, COp, CIp in
+               (_geometry(it.weight.shape, it.ci_pad, it.co_pad) for it in items))
+
+
+def _fill_reference(codes, scales, items, regions, with_scales: bool) -> None:
+    """The reference path's codes (and, ``with_scales``, scales) into a batch's flat buffers."""
+    for (f, d, s), (fv, dv, sv) in zip(weight_codes_many_reference(items), _views(codes, scales, items, regions)):
+        fv.copy_(f)
+        dv.copy_(d)
+        if with_scales:
+            sv.copy_(s)
 
 
 @_many_op.register_fake

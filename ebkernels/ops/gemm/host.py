@@ -103,9 +103,12 @@ def quantize_weight(weight: torch.Tensor, qc: QConfig, channels_last: bool = Fal
     ``pad_channels_to``: Cin zero-padded to that multiple (see ``quantize``)."""
     codes, s = quantize(weight, qc.bits_w, "nearest", qc.mode, channels_last=channels_last,
                         pad_channels_to=pad_channels_to)
-    if qc.mode == "wage" and qc.alpha != 1.0:
-        s = s * qc.alpha  # device op: no synchronisation
-    return codes, s
+    return codes, _weight_scale(s, qc)
+
+
+def _weight_scale(s, qc: QConfig):
+    """W's scale as the layers use it: WAGE's ``alpha`` applied (a device op: no synchronisation)."""
+    return s * qc.alpha if qc.mode == "wage" and qc.alpha != 1.0 else s
 
 
 def quantize_weight_transposed(weight: torch.Tensor, qc: QConfig):
@@ -116,9 +119,7 @@ def quantize_weight_transposed(weight: torch.Tensor, qc: QConfig):
     codes_t = empty_output((weight.shape[1], weight.shape[0]), torch.int8, weight.device).t()
     seed_arg, rng = _seed_args(False, None, weight.device)
     codes, s = _quantize_op(weight, qc.bits_w, False, qc.mode, seed_arg, False, 0, False, rng, codes_t)
-    if qc.mode == "wage" and qc.alpha != 1.0:
-        s = s * qc.alpha
-    return codes, codes_t, s
+    return codes, codes_t, _weight_scale(s, qc)
 
 
 def quantize_two_layouts(x: torch.Tensor, bits: int, rounding: str, mode: str = "shift", pad_channels_to: int = 0,
