@@ -30,6 +30,7 @@ from ..ops.fused.relu_mask import relu_keep_mask
 from ..ops.fused.layouts import channel_major_input, weight_item
 from ..ops.weight_step import active_weight_batch, linear_item, prepare_weight_batch
 from ..ops.fused.dense_cat import dense_cat
+from ..ops.gemm.pointwise import pointwise_weight
 from .links import cat_pieces, grad_links
 from .matcher import Chain, match
 from .patterns import BN_ACT, CONV_ON_CODES, POST_ACTIVATION, PRE_ACTIVATION, hooked, pool_args
@@ -199,6 +200,17 @@ def _rewrite(graph: fx.Graph, chains: list, region, modules: dict):
     return out, specs
 
 
+def _linear_weight(m: nn.Module) -> Optional[torch.Tensor]:
+    """The (out, in) weight of an int8 ``QLinear``, or of a ``QConv2d`` that runs as one on 1×1 maps, as the weight
+    batch holds it; None for other modules."""
+    if type(m) is QLinear and m.qconfig.bits_w is not None and m.weight.dim() == 2:
+        return m.weight
+    if (type(m) is QConv2d and m.qconfig.bits_w is not None and m.kernel_size == (1, 1) and m.groups == 1
+            and m.padding in ((0, 0), "valid") and m.padding_mode == "zeros"):
+        return pointwise_weight(m.weight)
+    return None
+
+
 class Plan:
     """How the model runs in one state of its modules: the compiled forward (None: its own forward), the fused
     chains' lines, and what ``current`` checks."""
@@ -232,9 +244,11 @@ class Plan:
         self._hooks += [modules[n.target] for n in region.masked if n.op == "call_module"]
         graph, specs = _rewrite(traced.graph, chains, region, modules)
         self.block_specs = [s for s in specs if isinstance(s, BlockSpec)]
-        # the int8 Linears the forward calls: their weights join the step's weight batch
+        # the int8 Linears the forward calls, and its 1×1 convs outside the chains (on 1×1 maps they run as
+        # Linears: ``ops.gemm.pointwise``): their weights join the step's weight batch
+        fused = {id(m) for m, _, _ in self._convs}
         self.linears = [m for m in (modules[n.target] for n in traced.graph.nodes if n.op == "call_module")
-                        if type(m) is QLinear and m.qconfig.bits_w is not None and m.weight.dim() == 2]
+                        if _linear_weight(m) is not None and id(m) not in fused]
         code = graph.python_code(root_module="self")
         scope = dict(code.globals)
         exec(compile(code.src, f"<ebkernels fused forward of {type(model).__name__}>", "exec"), scope)  # noqa: S102
@@ -328,7 +342,7 @@ class FusedForward:
         # every fused conv's weight codes in one batch (``ops.weight_batch``: two multi-program launches for all)
         x = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
         items = [weight_item(s, x) for s in plan.block_specs] + [
-            linear_item(m.weight, m.qconfig.bits_w, m.qconfig.mode) for m in plan.linears] if x is not None else []
+            linear_item(_linear_weight(m), m.qconfig.bits_w, m.qconfig.mode) for m in plan.linears] if x is not None else []
         with active_weight_batch(prepare_weight_batch(items) if items else None):
             return plan.fn(self.module, *args, **kwargs)
 

@@ -373,10 +373,9 @@ def conv_backward(spec: BlockSpec, e: Error, saved: Saved, qc: QConfig, qx, qw_d
         gx = conv2d_int8_dgrad_op(e.qe, qw_d[:e.qe.shape[1], :meta.cin], e.se, saved.sw, list(meta.x_shape[2:]),
                                   stride, padding, dilation, 1, qc.bits_e, qc.bits_w, out_dtype, True, MAX_TERMS)
     if need.weight:
+        # a 1×1 layer's channel-major codes where their producer wrote them (both operands K-major); else (a float
+        # input: SE's product in EfficientNet) the NHWC codes, read as every 3×3 layer's are: no copy in a step
         qx_w = saved.qx_cm if saved.qx_cm is not None else qx
-        if channel_major_input(spec.conv) and use_triton(qx):  # both wgrad operands K-major
-            # (written so by the codes' producer; a copy only where the input came from elsewhere)
-            qx_w = qx_w.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
         gw = weight_grad_op(e.qe_cm, qx_w, e.se, saved.sx, list(weight.shape[2:]), stride, padding, dilation, 1, qc,
                             [weight.shape[0], weight.shape[1]], meta.weight_channels_last).to(weight.dtype)
     return gx, gw

@@ -36,6 +36,7 @@ from ..quantize import dequantize, quantize
 from .conv_fwd_dgrad import _dgrad_triton, _fwd_triton, check_residual
 from .conv_reference import conv2d_int8_dgrad_reference, conv2d_int8_fwd_reference, conv2d_int8_wgrad_reference
 from .conv_wgrad import _wgrad_triton
+from .pointwise import PointwiseConv2dFunction, is_pointwise_on_pixels
 from .._dispatch import custom_op
 from .host import (autocast_dtype, code_pad_multiple, is_channels_last, no_autocast, quantize_two_layouts,
                    quantize_weight, quantize_weight_grad, refuse_double_backward, weight_layout, wgrad_uses_tma,
@@ -394,4 +395,6 @@ def qconv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     ac = autocast_dtype(x)
     out_dtype = ac if ac is not None and x.dtype != torch.float64 else x.dtype
+    if is_pointwise_on_pixels(x, weight, padding, groups):  # a Linear of the channels (SE blocks): its path
+        return PointwiseConv2dFunction.apply(x, weight, bias, qc, out_dtype)
     return QConv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, qc, out_dtype)
