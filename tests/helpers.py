@@ -147,6 +147,21 @@ def f32_of_bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().view(torch.float32)
 
 
+def block_max(zbits: torch.Tensor) -> torch.Tensor:
+    """max |z| (0-dim float32) of a producer's float32 bits per channel block (int32 [B]: ``conv2d_int8_bn_fwd``,
+    ``bn_stats``): their integer max, as ``bn_relu_quant`` takes it."""
+    return f32_of_bits(zbits.detach().cpu().max().reshape(1)).reshape(())
+
+
+def each_block_max(zbits: torch.Tensor, z: torch.Tensor, width: int) -> bool:
+    """Whether ``zbits`` holds one entry per 16 channels of ``z`` (N, C, H, W), each max |z| over the channel block
+    of ``width`` channels (the producing launch's) that contains those 16 channels."""
+    per = [blk.amax() for blk in rows(z.detach().cpu().abs()).amax(0).split(width)]
+    slots = -(-z.shape[1] // 16)
+    return zbits.shape == (slots,) and all(bits_equal(f32_of_bits(zbits[s:s + 1]).reshape(()), per[s * 16 // width])
+                                           for s in range(slots))
+
+
 def rows(t: torch.Tensor) -> torch.Tensor:
     """(N·H·W, C) of a 4-D (N, C, H, W) tensor, pixels in NHWC order."""
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])

@@ -93,6 +93,12 @@ def _publish_max_us() -> float:
     return 2 * RULES.l2_latency_us
 
 
+def _finalize_us() -> float:
+    """The BatchNorm finalisation after the last merge (``bn_finalize_channels``: reads the merged statistics,
+    writes bnp and the channel block's max |z| with ``store_block_max``): one dependent round trip."""
+    return RULES.l2_latency_us
+
+
 def _merge_levels(tiles: int, group: int = GROUP_STATS) -> list:
     """Partials the largest merge of each level of ``finish_reduction``'s tree reads (at most ``group``)."""
     out, n = [], max(tiles, 1)
@@ -192,15 +198,16 @@ def _partials(launch: Launch) -> float:
 def bn_stats(launch: Launch) -> Work:
     w = Work(hbm_bytes=_foot(launch, ["x_ptr", "xb_ptr"]), l2_bytes=2 * _partials(launch))
     grp = launch.get("GROUP", GROUP_STATS)
-    w.serial_us = _finish_reduction_us(launch.grid[0], True, grp) + _publish_max_us()
+    w.serial_us = _finish_reduction_us(launch.grid[0], True, grp) + _finalize_us()
     w.program_bytes = _merge_bytes(launch.grid[0], True, launch.get("CB"), grp)
     w.serial_what = (f"merge of {launch.grid[0]} tile partials ({len(_merge_levels(launch.grid[0], grp))} levels)"
-                     " + finalize + publish_max")
+                     " + finalize + block max")
     return w
 
 
 def bn_relu_quant(launch: Launch) -> Work:
-    return Work(hbm_bytes=_foot(launch, ["y_ptr", "out_ptr"]))
+    # every program also reads the producer's max |z| per 16 channels (``max_of_blocks``), from L2
+    return Work(hbm_bytes=_foot(launch, ["y_ptr", "out_ptr"]), l2_bytes=launch.programs * _size(launch, "zmax_ptr"))
 
 
 def bn_relu_bwd_reduce(launch: Launch) -> Work:
@@ -319,8 +326,8 @@ def conv_bn(launch: Launch, useful) -> Work:
                    useful("fwd", launch))
     w.hbm_bytes += (_size(launch, "dz_ptr") if g("MODE") == 1 else 0.0)
     w.l2_bytes += 2 * _partials(launch)
-    w.serial_us = _finish_reduction_us(num_m, g("MODE") == 0) + (_publish_max_us() if g("MODE") == 0 else 0.0)
-    w.serial_what = f"merge of {num_m} tile partials" + (" + finalize + publish_max" if g("MODE") == 0 else "")
+    w.serial_us = _finish_reduction_us(num_m, g("MODE") == 0) + (_finalize_us() if g("MODE") == 0 else 0.0)
+    w.serial_what = f"merge of {num_m} tile partials" + (" + finalize + block max" if g("MODE") == 0 else "")
     w.program_bytes = _merge_bytes(num_m, g("MODE") == 0, bn)
     return w
 

@@ -30,7 +30,7 @@ from .._triton import tl, triton
 from ._buffers import counter_slice, empty_output
 
 __all__ = ["GROUP", "TB", "merge_group", "MOMENTS", "SUMS", "tile_moments", "tile_sums", "store_partials", "finish_reduction",
-           "sem_count", "publish_max", "ReductionSpace", "moments_reference"]
+           "sem_count", "publish_max", "Z_SLOT", "z_slots", "store_block_max", "max_of_blocks", "ReductionSpace", "moments_reference"]
 
 GROUP = 16  # partials per merge, at every level
 TB = 16  # partials per merge step (one step per merge)
@@ -214,6 +214,36 @@ def publish_max(bits, n_programs, sem_ptr, out_ptr):
         tl.store(out_ptr, tl.atomic_xchg(sem_ptr + 1, 0, sem="relaxed"))
         tl.atomic_xchg(sem_ptr, 0, sem="relaxed")
     return last
+
+
+Z_SLOT = 16  # channels per entry of a published max |z| (every channel block is a multiple of 16 channels)
+
+
+def z_slots(channels):
+    """Entries of a max |z| published per channel block (``store_block_max``): one per 16 channels, whatever the
+    launch's tile (a SymInt too: the fake implementations' output size)."""
+    return (channels + Z_SLOT - 1) // Z_SLOT
+
+
+@triton.jit
+def store_block_max(bits, bits_ptr, pid_n, C, CB: tl.constexpr):
+    """The merging program of channel block ``pid_n`` (``CB`` channels, a multiple of 16) stores its max |z| bits
+    into the block's entries of ``bits_ptr`` (one per 16 channels): no count-in across blocks, so the producing
+    launch (``conv2d_int8_bn_fwd``, ``bn_stats``) needs no second fence; the consumer takes the max."""
+    slot = pid_n * (CB // 16) + tl.arange(0, CB // 16)
+    tl.store(bits_ptr + slot, tl.full([CB // 16], 0, tl.int32) + bits, mask=slot < tl.cdiv(C, 16))
+
+
+@triton.jit
+def max_of_blocks(bits_ptr, n):
+    """The max of ``n`` float32 bits (non-negative floats, NaN above all: an integer max) stored per channel block
+    by ``store_block_max``; read by every program of the consumer at once, 128 per load (one load for every layer
+    of up to 2,048 channels)."""
+    r = tl.arange(0, 128)
+    best = tl.max(tl.load(bits_ptr + r, mask=r < n, other=0), axis=0)
+    for z0 in range(128, n, 128):
+        best = tl.maximum(best, tl.max(tl.load(bits_ptr + z0 + r, mask=z0 + r < n, other=0), axis=0))
+    return best
 
 
 class ReductionSpace:

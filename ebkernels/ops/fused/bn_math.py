@@ -141,7 +141,7 @@ def bn_finalize_channels(chan_ptr, C, col, col_ok, max_ok, gamma_ptr, beta_ptr, 
     """Run once per channel by the program that merged the final statistics ``chan`` [mean, var, max,
     min] (4, C): writes ``bnp`` [a, b, mean, rstd] of the channels ``col_ok`` and returns the float32 bits
     of the largest ``act_extreme`` of those also in ``max_ok`` (the ones a channel gather keeps): the
-    caller folds it over the column blocks (``publish_max``: order-free, NaN wins). With ``UPDATE`` it moves
+    caller stores it for its column block (``_reduce.store_block_max``; the consumer takes the max: NaN wins). With ``UPDATE`` it moves
     the running statistics the way ``nn.BatchNorm2d`` does (``momentum < 0``: None, the cumulative average over
     ``num_batches_tracked + 1``; the counter itself is incremented by the apply kernel, which runs later)."""
     ymax = tl.load(chan_ptr + 2 * C + col, mask=col_ok, other=0.0)

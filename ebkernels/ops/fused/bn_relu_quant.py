@@ -27,8 +27,8 @@ from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import absent, empty_output, present
 from .._launch import cdiv, ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
-from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, merge_group, moments_reference, publish_max,
-                       sem_count, store_partials, tile_moments)
+from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, max_of_blocks, merge_group, moments_reference,
+                       store_block_max, store_partials, tile_moments, z_slots)
 from .._scale import scale_from_bits, scale_mode_code, scale_reference
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even, to_bfloat16_rne
 from .._dispatch import custom_op
@@ -81,8 +81,7 @@ def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_p
             max_ok = tl.load(keep_ptr + c, mask=c_ok, other=-1) >= 0
         zbits = bn_finalize_channels(chan_ptr, C, c, c_ok, max_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, eps,
                                      momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, ACT)
-        num_n = tl.num_programs(1)
-        publish_max(zbits, num_n, sem_ptr + sem_count(T, GROUP) * num_n, zmax_ptr)
+        store_block_max(zbits, zmax_ptr, pid_n, C, CB)
 
 
 def bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
@@ -104,9 +103,9 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
     BP, CB = elementwise_tiles(C, 2048)  # the fp32 input, its bf16 copy and the moments: 2K elements
     T, num_n = cdiv(M, BP), cdiv(C, CB)
     group = merge_group(CB)
-    space = ReductionSpace(MOMENTS, T, num_n, C, x.device, extra=2, group=group)
+    space = ReductionSpace(MOMENTS, T, num_n, C, x.device, group=group)
     bnp = empty_output((BNP_ROWS, C), torch.float32, x.device)
-    zmax = torch.empty(1, dtype=torch.int32, device=x.device)  # max |z| bits
+    zmax = torch.empty(z_slots(C), dtype=torch.int32, device=x.device)  # max |z| bits per 16 channels
     dummy = space.out
     bn_stats_kernel[(T, num_n)](
         x, xb, space.part, space.grp, space.out, space.sem, weight if weight is not None else dummy,
@@ -116,7 +115,8 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
         bnp, zmax, M, C, H, W, *nhwc_rows(x), float(eps), momentum_arg(momentum), float(M),
         HAS_AFFINE=weight is not None, BATCH_STATS=batch_stats, UPDATE=update, ACT=act_code(act), HAS_KEEP=keep is not None,
         BP=BP, CB=CB, TB=group, GROUP=group, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
-    return xb, space.out, bnp, zmax[:1]
+    return xb, space.out, bnp, zmax
+
 
 
 
@@ -131,8 +131,9 @@ def _bn_stats_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional
     if use_triton(x) and x.numel() < 2**31:
         return _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                 batch_stats, update, act, keep)
-    return bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                              batch_stats, update, act, keep)
+    xb, chan, bnp, zmax = bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                                             eps, batch_stats, update, act, keep)
+    return xb, chan, bnp, zmax.repeat(z_slots(x.shape[1]))
 
 
 @_bn_stats_op.register_fake
@@ -141,7 +142,7 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
     C = x.shape[1]
     xb = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last)
     return (xb, x.new_empty((4, C), dtype=torch.float32), x.new_empty((BNP_ROWS, C), dtype=torch.float32),
-            x.new_empty((1,), dtype=torch.int32))
+            x.new_empty((z_slots(C),), dtype=torch.int32))
 
 
 def bn_stats(x, weight=None, bias=None, running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1,
@@ -149,7 +150,8 @@ def bn_stats(x, weight=None, bias=None, running_mean=None, running_var=None, num
     """Statistics of ``x`` (N, C, H, W) per channel: ``(xb, chan, bnp, zmax_bits)`` with ``xb`` = x in
     bfloat16 (NHWC), ``chan`` = [mean, biased var, max, min] of xb, ``bnp`` = [a, b, mean, rstd] from
     the batch statistics (``batch_stats``) or the running ones, and the float32 bits of max |z| over the
-    channels with ``keep[c] >= 0`` (all when ``keep`` is None). ``update``: move the running statistics
+    channels with ``keep[c] >= 0`` (all when ``keep`` is None) as int32 [ceil(C / 16)], per 16
+    channels the max of their channel block (``_reduce.store_block_max``; max |z| is their max). ``update``: move the running statistics
     as ``nn.BatchNorm2d`` in training (``num_batches_tracked`` is incremented by ``bn_relu_quant``). ``act``: the
     activation after the BatchNorm (``bn_math.ACTIVATIONS``), which max |z| is of."""
     return _bn_stats_op(x, weight, bias, absent(x) if running_mean is None else running_mean,
@@ -168,7 +170,7 @@ def _act(act) -> str:
 # --------------------------------------------------------------------------------------------------
 _APPLY_SIG = {"y_ptr": "*bf16", "bnp_ptr": "*fp32", "zmax_ptr": "*i32", "index_ptr": "*i64", "out_ptr": "*i8",
               "scale_ptr": "*fp32", "nbt_ptr": "*i64", "M": "i32", "K": "i32", "Kp": "i32", "C": "i32", "H": "i32",
-              "W": "i32", "s_n": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64", "cm_ptr": "*i8"}
+              "W": "i32", "s_n": "i64", "s_c": "i64", "s_h": "i64", "s_w": "i64", "cm_ptr": "*i8", "NZ": "i32"}
 
 
 @aot_kernel(signature=_APPLY_SIG,
@@ -180,12 +182,12 @@ _APPLY_SIG = {"y_ptr": "*bf16", "bnp_ptr": "*fp32", "zmax_ptr": "*i32", "index_p
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr, nbt_ptr, M, K, Kp, C, H, W, s_n,
-                         s_c, s_h, s_w, cm_ptr, BITS: tl.constexpr, SCALE_MODE: tl.constexpr, ACT: tl.constexpr,
+                         s_c, s_h, s_w, cm_ptr, NZ, BITS: tl.constexpr, SCALE_MODE: tl.constexpr, ACT: tl.constexpr,
                          HAS_INDEX: tl.constexpr, CODES: tl.constexpr, UPDATE_NBT: tl.constexpr, BP: tl.constexpr,
                          CB: tl.constexpr, CM: tl.constexpr):
     """Grid (row tiles, output-channel blocks): output channel k of pixel m is ``z`` of input channel
     ``index[k]`` (or k); ``CODES``: int8 codes at ``m * Kp + k`` (NHWC, channels K..Kp-1 written 0) with
-    the scale of ``zmax`` in ``SCALE_MODE`` (``_scale``; stored by program (0, 0)); else z at ``m * K + k`` in out's dtype."""
+    the scale of max |z| (the max of ``zmax``'s ``NZ`` block maxima) in ``SCALE_MODE`` (``_scale``; stored by program (0, 0)); else z at ``m * K + k`` in out's dtype."""
     pid_m, pid_n, m, k, m_ok, k_ok = elementwise_tile(M, K, BP, CB)
     if HAS_INDEX:
         src = tl.load(index_ptr + k, mask=k_ok, other=0).to(tl.int32)
@@ -201,7 +203,7 @@ def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr
     first = (pid_m == 0) & (pid_n == 0)
     if CODES:
         S: tl.constexpr = 2.0 ** (BITS - 1)
-        scale = scale_from_bits(tl.load(zmax_ptr), SCALE_MODE, BITS)
+        scale = scale_from_bits(max_of_blocks(zmax_ptr, NZ), SCALE_MODE, BITS)
         q = tl.math.div_rn(z, scale) * S
         q = round_half_even(tl.minimum(tl.maximum(q, -(S - 1.0)), S - 1.0))
         q = tl.where((q != q) | ~k_ok[None, :], 0.0, q)
@@ -237,7 +239,7 @@ def bn_relu_quant_reference(y, bnp, zmax_bits, num_batches_tracked, index, bits,
         num_batches_tracked.add_(1)
     if out_dtype is not None:
         return z.to(out_dtype).contiguous(memory_format=torch.channels_last), z.new_ones(())
-    scale = scale_reference(zmax_bits.view(torch.float32).reshape(()), scale_mode, bits)
+    scale = scale_reference(zmax_bits.max().reshape(1).view(torch.float32).reshape(()), scale_mode, bits)
     codes = _codes_reference(z, scale, bits)
     N, K, H, W = codes.shape
     Kp = _padded(K, pad_to)
@@ -270,7 +272,7 @@ def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, s
     bn_relu_quant_kernel[grid](
         y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale if codes else bnp,
         num_batches_tracked if num_batches_tracked is not None else zmax_bits, M, K, Kp, C, H, W, *nhwc_rows(y),
-        cm if cm is not None else out, BITS=bits, SCALE_MODE=scale_mode_code(scale_mode), ACT=act_code(act),
+        cm if cm is not None else out, zmax_bits.numel(), BITS=bits, SCALE_MODE=scale_mode_code(scale_mode), ACT=act_code(act),
         HAS_INDEX=index is not None, CODES=codes, UPDATE_NBT=num_batches_tracked is not None, BP=BP, CB=CB,
         CM=cm is not None, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return out, scale

@@ -41,7 +41,7 @@ from ..._triton import tl, triton
 from .._buffers import absent, empty_output, present
 from .._launch import cdiv, MAX_TERMS, NO_FP_FUSION, alignment, conv2d_output_size, nchw_strides, offsets_fit_int32
 from .._reduce import (GROUP as STATS_GROUP, MOMENTS, SUMS, TB as STATS_TB, ReductionSpace, finish_reduction,
-                       moments_reference, publish_max, sem_count, store_partials, tile_moments, tile_sums)
+                       moments_reference, store_block_max, store_partials, tile_moments, tile_sums, z_slots)
 from .._tl import assume_conv_operands, decode_rows, to_bfloat16_rne
 from ..gemm import tiles
 from ..gemm.conv import conv2d_int8_fwd_reference
@@ -133,7 +133,7 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
         if final:
             zbits = bn_finalize_channels(chan_ptr, NCOL, col, col_ok, col_ok, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
                                          nbt_ptr, eps, momentum, n_f, bnp_ptr, HAS_AFFINE, BATCH_STATS, UPDATE, ACT)
-            publish_max(zbits, num_n, sem_ptr + sem_count(num_m, GROUP) * num_n, zmax_ptr)
+            store_block_max(zbits, zmax_ptr, pid_n, NCOL, BN)
     else:
         if DZ_LIKE_Y:  # dz in y's own NHWC layout (what the kernels produce): no second offset tile
             d_offs = y_offs
@@ -199,15 +199,13 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
     y = empty_output((N, CO, OH, OW), torch.bfloat16, qx.device, torch.channels_last)
     s_n, s_h, s_w, s_r = nchw_strides(qx)
     align = alignment((C, s_n, s_h, s_w, qw.stride(0), qw.stride(2), qw.stride(3)), (qx, qw))
-    # the per-layer forward's tile (``gemm.tiles`` rules 1-3, 6), always one split: see the module docstring
-    tile = tiles.conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation,
-                                sms=tiles.device_sms(qx.device)).tile
+    tile = _tile(qx, qw, stride, padding, dilation)
     num_m, num_n = cdiv(M, tile.BM), cdiv(CO, tile.BN)
-    space = ReductionSpace(MOMENTS if mode == 0 else SUMS, num_m, num_n, CO, qx.device, extra=2)
+    space = ReductionSpace(MOMENTS if mode == 0 else SUMS, num_m, num_n, CO, qx.device)
     i64 = not offsets_fit_int32(qx, y) or (dz is not None and not offsets_fit_int32(dz))
     if mode == 0:
         bnp_out = empty_output((BNP_ROWS, CO), torch.float32, qx.device)
-        zmax = torch.empty(1, dtype=torch.int32, device=qx.device)  # max |z| bits
+        zmax = torch.empty(z_slots(CO), dtype=torch.int32, device=qx.device)  # max |z| bits per 16 channels
     else:
         bnp_out, zmax = bnp, space.sem
     dummy = space.out
@@ -226,8 +224,16 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
         num_warps=tile.num_warps,
         num_stages=tile.num_stages, maxnreg=MAXNREG, **NO_FP_FUSION)
     if mode == 0:
-        return y, space.out, bnp_out, zmax[:1]
+        return y, space.out, bnp_out, zmax
     return y, space.out
+
+
+def _tile(qx, qw, stride, padding, dilation):
+    """The per-layer forward's tile (``gemm.tiles`` rules 1-3, 6), always one split: see the module docstring."""
+    N, C, H, W = qx.shape
+    return tiles.conv_fwd_plan(N, C, H, W, qw.shape[0], qw.shape[2], qw.shape[3], stride, padding, dilation,
+                               sms=tiles.device_sms(qx.device)).tile
+
 
 
 
@@ -249,9 +255,10 @@ def _fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
         return _launch(0, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight=weight, beta=beta,
                        running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
                        momentum=momentum, eps=eps, batch_stats=batch_stats, update=update, act=act)
-    return conv2d_int8_bn_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight, beta,
-                                        running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
-                                        update, act)
+    y, chan, bnp, zmax = conv2d_int8_bn_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w,
+                                                      weight, beta, running_mean, running_var, num_batches_tracked,
+                                                      momentum, eps, batch_stats, update, act)
+    return y, chan, bnp, zmax.repeat(z_slots(qw.shape[0]))
 
 
 def _fake_y(qx, qw, stride, padding, dilation):
@@ -265,7 +272,8 @@ def _(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight, b
       num_batches_tracked, momentum, eps, batch_stats, update, act):
     CO = qw.shape[0]
     return (_fake_y(qx, qw, stride, padding, dilation), qx.new_empty((4, CO), dtype=torch.float32),
-            qx.new_empty((BNP_ROWS, CO), dtype=torch.float32), qx.new_empty((1,), dtype=torch.int32))
+            qx.new_empty((BNP_ROWS, CO), dtype=torch.float32),
+            qx.new_empty((z_slots(CO),), dtype=torch.int32))
 
 
 @custom_op("ebkernels::conv2d_int8_bn_bwd_reduce", mutates_args=())
@@ -290,8 +298,9 @@ def conv2d_int8_bn_fwd(qx, qw, sx, sw, bias=None, stride=(1, 1), padding=(0, 0),
     statistics of its output: ``(y, chan, bnp, zmax_bits)`` with y bfloat16 (N, Cout, OH, OW) NHWC,
     ``chan`` [mean, biased var, max, min] of y, ``bnp`` [a, b, mean, rstd] of the BatchNorm (batch
     statistics when ``batch_stats``, else the running ones; ``weight``/``beta`` None: no affine), the
-    float32 bits of max |z| (z = act(y*a + b), ``act`` one of ``bn_math.ACTIVATIONS``); ``update``: running statistics
-    moved."""
+    float32 bits of max |z| (z = act(y*a + b), ``act`` one of ``bn_math.ACTIVATIONS``) as int32 [ceil(Cout / 16)], per
+    16 channels the max of their column block (``_reduce.store_block_max``; max |z| is their max: ``bn_relu_quant``
+    takes it); ``update``: running statistics moved."""
     act_code(act)
     return _fwd_op(qx, qw, sx, sw, bias, list(stride), list(padding), list(dilation), int(bits_a), int(bits_w), weight,
                    beta, absent(qx) if running_mean is None else running_mean,
