@@ -387,8 +387,10 @@ def _saved_bytes(model, x):
                                           ("preresnet20", "auto")])
 def test_rebuilt_preactivation_inputs_give_bit_identical_gradients_for_less_memory(name, backend, monkeypatch):
     """A pre-activation chain on a concatenation keeps its pieces (DenseNet), one on ``conv on codes + xprev``
-    replays the conv (every other PreResNet block): the same gradients, bit for bit, as keeping the input."""
+    replays the conv (every other PreResNet block): the same gradients, bit for bit, as keeping the input; the
+    replay takes its weight's codes from the step's weight batch (no weight quantized in backward)."""
     from ebkernels.fusion import runner
+    from helpers import LaunchSpy
 
     torch.manual_seed(9)
     base = (ebkernels.build_model("preresnet20", width=0.25, num_classes=10, in_channels=3) if name == "preresnet20"
@@ -403,7 +405,9 @@ def test_rebuilt_preactivation_inputs_give_bit_identical_gradients_for_less_memo
         ebkernels.manual_seed(5)  # the same stochastic E tickets in both runs
         with ebkernels.force_backend(backend):
             nbytes, out = _saved_bytes(m, x)
-            out.float().square().sum().backward()
+            with LaunchSpy("weight_absmax_many_kernel", "weight_codes_many_kernel", "weight_codes_kernel") as spy:
+                out.float().square().sum().backward()
+        assert not spy.calls, spy.count
         results.append((nbytes, out.detach(), [p.grad for p in m.parameters()],
                         [b.clone() for b in m.buffers()]))
     (b1, o1, g1, s1), (b0, o0, g0, s0) = results

@@ -11,13 +11,11 @@ backward: ``input_codes_backward``, ``weight_backward``  the input / weight code
                               BatchNorm + ReLU backward → E's codes), ``conv_backward`` (input-grad, weight-grad
                               with G quantization), ``input_backward`` (the pre-activation BatchNorm's backward).
 
-What a stage keeps for backward goes into one ``Saved`` record, saved through ``save_for_backward`` in
+What a stage keeps for backward goes into one ``Saved`` record (``saved``), saved through ``save_for_backward`` in
 its declared field order (saved-tensor hooks see every tensor; autograd checks their versions).
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -37,6 +35,7 @@ from .bn_relu_quant import bn_relu_quant, bn_stats
 from .conv_bn import conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_fwd
 from .layouts import channel_major_input, input_pad, pad_of
 from .maxpool import maxpool2d_int8, maxpool2d_int8_backward
+from .saved import Error, Meta, Saved
 from .spec import BlockInput, BlockOutput, BlockSpec
 
 __all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "bn_mode", "check_bn_batch", "index_maps", "float_dtype",
@@ -47,80 +46,6 @@ __all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "bn_mode", "check_bn_batch
 
 # The dtype in which the gradient w.r.t. a block's codes travels (see spec.Int8Activation).
 CARRIER_DTYPE = torch.bfloat16
-
-
-@dataclasses.dataclass
-class Saved:
-    """What backward needs. Tensors (``TENSORS``, in this order through ``save_for_backward``): the conv's
-    input codes ``qx`` (the previous block's output: no new storage; for a ``BN`` input nothing, recomputed
-    from ``xb``), scales, weight, bias; the pre-activation BatchNorm's bfloat16 input ``xb``, ``bnp_in``,
-    ``zmax_in`` and gather maps; a small weight's codes; the BatchNorm's ``bnp``; y where kept; the max-pool's
-    window positions; the mask of an activation after a residual add (``bn_add_act``); then ``source``, what rebuilds ``xb`` when it is not kept (``keep_bn_input``). Flags: which
-    BatchNorms used batch statistics, the pre-pool size, how ``xb`` comes back (``source_kind``)."""
-
-    qx: Optional[torch.Tensor] = None
-    sx: Optional[torch.Tensor] = None
-    weight: Optional[torch.Tensor] = None
-    sw: Optional[torch.Tensor] = None
-    bias: Optional[torch.Tensor] = None
-    xb: Optional[torch.Tensor] = None
-    bnp_in: Optional[torch.Tensor] = None
-    zmax_in: Optional[torch.Tensor] = None
-    index: Optional[torch.Tensor] = None
-    inv: Optional[torch.Tensor] = None
-    qw_f: Optional[torch.Tensor] = None
-    qw_d: Optional[torch.Tensor] = None
-    bnp: Optional[torch.Tensor] = None
-    y: Optional[torch.Tensor] = None
-    pos: Optional[torch.Tensor] = None
-    qx_cm: Optional[torch.Tensor] = None
-    mask: Optional[torch.Tensor] = None
-    source: tuple = ()
-    batch_in: bool = False
-    batch_stats: bool = False
-    pre_pool_hw: tuple = ()
-    source_kind: str = ""
-    codes_again: Optional[tuple] = None  # (weight_step.BackwardCodes, index) of a large weight
-
-    TENSORS = ("qx", "sx", "weight", "sw", "bias", "xb", "bnp_in", "zmax_in", "index", "inv", "qw_f", "qw_d",
-               "bnp", "y", "pos", "qx_cm", "mask")
-    FLAGS = ("batch_in", "batch_stats", "pre_pool_hw", "source_kind", "codes_again")
-
-    def save(self, ctx, spec: BlockSpec) -> None:
-        if spec.input is BlockInput.BN:
-            self.qx = None  # recomputed in backward from the bfloat16 input
-        ctx.save_for_backward(*(getattr(self, k) for k in self.TENSORS), *self.source)
-        ctx.saved_flags = {k: getattr(self, k) for k in self.FLAGS}
-
-    @classmethod
-    def load(cls, ctx) -> "Saved":
-        t = ctx.saved_tensors
-        n = len(cls.TENSORS)
-        return cls(**dict(zip(cls.TENSORS, t[:n])), source=tuple(t[n:]), **ctx.saved_flags)
-
-
-class Meta(NamedTuple):
-    """The block input's shape, dtype, real channels (after a gather) and layout, and the weight's layout
-    (``weight_layout``: read in forward, as backward may not ask a tensor for its strides under torch.compile)."""
-
-    x_shape: tuple
-    x_dtype: torch.dtype
-    cin: int
-    channels_last: bool
-    weight_channels_last: bool = False
-
-
-class Error(NamedTuple):
-    """What ``output_backward`` hands ``conv_backward``: E's codes (NHWC and channel-major) and scale, and
-    the gradients it computed on the way (BatchNorm affine, conv bias, the residual of ``spec.residual``)."""
-
-    qe: torch.Tensor
-    qe_cm: torch.Tensor
-    se: torch.Tensor
-    g_bn_w: Optional[torch.Tensor]
-    g_bn_b: Optional[torch.Tensor]
-    g_bias: Optional[torch.Tensor]
-    g_residual: Optional[torch.Tensor] = None
 
 
 def bn_mode(bn: nn.Module):
@@ -166,7 +91,14 @@ def keep_bn_input(bn_source, keep_input: bool, x, xb, source: tuple, saved: Save
         saved.source, saved.source_kind = tuple(source), kind
     elif kind == "residual" and x.dtype == bf16 and source[2].dtype == bf16 and source[2].is_contiguous(
             memory_format=cl):  # xprev is what the block before keeps (itself): no new storage
-        saved.source, saved.source_kind = tuple(source), kind
+        # the replayed conv's weight codes as its block got them now (the step's batch: a small weight's codes are
+        # the ones that block keeps, a large one's come back with the batch's other large weights): no weight
+        # quantization of its own in backward
+        codes, _, _, weight, _ = source
+        replay = Saved()
+        weight_forward(weight, bn_source.conv.conv.qconfig, codes, weight.shape[1], replay)
+        saved.source, saved.source_kind = (*source, replay.qw_f, replay.sw), kind
+        saved.source_again = replay.codes_again
     elif keep_input and x.dtype == bf16 and x.is_contiguous(memory_format=cl):
         saved.xb = x
     else:
@@ -179,10 +111,10 @@ def restore_bn_input(bn_source, saved: Saved) -> None:
     if saved.source_kind == "cat":
         saved.xb = torch.cat(saved.source, 1).contiguous(memory_format=torch.channels_last)
     elif saved.source_kind == "residual":
-        codes, scale, xprev, weight, bias = saved.source
+        codes, scale, xprev, weight, bias, qw_f, sw = saved.source
         conv = bn_source.conv
         qc = conv.conv.qconfig
-        qw, sw = weight_forward(weight, qc, codes, weight.shape[1], Saved())
+        qw, _ = weight_backward(Saved(weight=weight, sw=sw, qw_f=qw_f, codes_again=saved.source_again), qc, codes)
         saved.xb = conv_forward(conv, codes, qw, scale, sw, bias, qc, CARRIER_DTYPE, xprev)
 
 
