@@ -385,6 +385,8 @@ def test_opcheck():
     w, b = torch.randn(5, generator=g), torch.randn(5, generator=g)
     rm, rv, nbt = torch.zeros(5), torch.ones(5), torch.tensor(0)
     torch.library.opcheck(_bn_stats_op, (x, w, b, rm, rv, nbt, 0.1, EPS, True, True, "relu", None))
+    xr = x.to(torch.bfloat16).contiguous(memory_format=CL)  # its own xb: the op returns an empty one
+    torch.library.opcheck(_bn_stats_op, (xr, w, b, rm, rv, nbt, 0.1, EPS, True, True, "relu", None, True))
     xb, _, bnp, zmax = bn_stats(x, w, b)
     none = x.new_empty((0,))  # an absent mutable argument (ops._buffers.absent)
     torch.library.opcheck(_bn_relu_quant_op, (xb, bnp, zmax, nbt, None, 8, "absmax", "relu", 16, None, none))
@@ -392,3 +394,19 @@ def test_opcheck():
                                               torch.float32, none))
     ref = bn_stats_reference(x, w, b, None, None, None, 0.1, EPS, True, False, "relu")
     assert bits_equal(ref[0], xb)
+
+
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+def test_a_bf16_nhwc_input_is_its_own_xb(device, poisoned, layout):
+    """``reuse_x``: a bfloat16 NHWC x (the fused residual stream) is returned as xb itself, not copied (the kernel
+    skips the store); statistics, bnp and zmax bit-identical to the copying call. Any other x still gets a copy."""
+    seed = fresh_seed()
+    g = gen(seed)
+    x = (torch.randn((3, 20, 7, 9), generator=g) * 2 + 1).to(torch.bfloat16).to(device)
+    x = x.contiguous(memory_format=CL if layout == "cl" else torch.contiguous_format)
+    gamma, beta = _affine(20, g, device)
+    copied = bn_stats(x, gamma, beta)
+    reused = bn_stats(x, gamma, beta, reuse_x=True)
+    assert (reused[0] is x) == (layout == "cl"), f"seed={seed}"
+    assert copied[0] is not x and bits_equal(copied[0].cpu(), x.cpu()), f"seed={seed}"
+    assert all(bits_equal(a.cpu(), b.cpu()) for a, b in zip(copied[1:], reused[1:])), f"seed={seed}"

@@ -34,7 +34,7 @@ class BnActFunction(torch.autograd.Function):
         with no_autocast(x):
             index, inv = index_maps(spec.select, x.shape[1], x.device)
             xb, _, bnp, zmax = bn_stats(x, weight, bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                                        bn.momentum, bn.eps, batch, update, spec.act, inv)
+                                        bn.momentum, bn.eps, batch, update, spec.act, inv, reuse_x=spec.keep_input)
             z, _ = bn_relu_quant(xb, bnp, zmax, bn.num_batches_tracked if update else None, index, 8, "shift", spec.act,
                                  0, out_dtype=spec.out_dtype or x.dtype)
         saved = Saved()

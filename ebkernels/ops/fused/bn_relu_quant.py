@@ -47,21 +47,27 @@ _STATS_SIG = {"x_ptr": "*fp32", "xb_ptr": "*bf16", "part_ptr": "*fp32", "grp_ptr
               "momentum": "fp32", "n_f": "fp32"}
 
 
+# registers per thread: at ptxas' own choice (80) the bfloat16-input build spills 24-32 bytes on sm_80 (an AOT build of
+# that signature); at 128 none does, on sm_80 or sm_90
+STATS_MAXNREG = 128
+
+
 @aot_kernel(signature=_STATS_SIG,
             constexprs=[{"HAS_AFFINE": True, "BATCH_STATS": True, "UPDATE": True, "ACT": 1, "HAS_KEEP": k,
-                         "BP": 2048 // cb, "CB": cb, "TB": merge_group(cb), "GROUP": merge_group(cb)}
-                        for k, cb in ((False, 128), (True, 128), (False, 64))],
+                         "BP": 2048 // cb, "CB": cb, "TB": merge_group(cb), "GROUP": merge_group(cb), "WRITE_XB": True,
+                         "maxnreg": STATS_MAXNREG} for k, cb in ((False, 128), (True, 128), (False, 64))],
             num_warps=ELEMENTWISE_WARPS, fp_fusion=False)
 @triton.jit
 def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
                     keep_ptr, bnp_ptr, zmax_ptr, M, C, H, W, s_n, s_c, s_h, s_w, eps, momentum, n_f,
                     HAS_AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, ACT: tl.constexpr,
                     HAS_KEEP: tl.constexpr, BP: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr,
-                    GROUP: tl.constexpr):
+                    GROUP: tl.constexpr, WRITE_XB: tl.constexpr):
     """Grid (row tiles, channel blocks) over the N·H·W × C elements of x (any strides): x rounded to
     bfloat16 into ``xb`` (NHWC), per-tile moments, the two-level merge into ``chan``, then the
     finalisation (``bn_finalize_channels``) by the merging program. ``HAS_KEEP``: only channels with
-    ``keep[c] >= 0`` count towards max |z| (those a channel gather keeps)."""
+    ``keep[c] >= 0`` count towards max |z| (those a channel gather keeps). ``WRITE_XB`` false: x already is
+    bfloat16 NHWC (the fused residual stream), xb would be a copy of it: not written."""
     pid_m, pid_n, m, c, m_ok, c_ok = elementwise_tile(M, C, BP, CB)
     T = tl.num_programs(0)
     n, h, w = decode_rows(m, H, W)
@@ -69,7 +75,8 @@ def bn_stats_kernel(x_ptr, xb_ptr, part_ptr, grp_ptr, chan_ptr, sem_ptr, gamma_p
     mask = m_ok[:, None] & c_ok[None, :]
     x = tl.load(x_ptr + offs[:, None] + c.to(tl.int64)[None, :] * s_c, mask=mask, other=0.0)
     xb = to_bfloat16_rne(x.to(tl.float32))
-    tl.store(xb_ptr + m.to(tl.int64)[:, None] * C + c[None, :], xb, mask=mask)
+    if WRITE_XB:
+        tl.store(xb_ptr + m.to(tl.int64)[:, None] * C + c[None, :], xb, mask=mask)
     cnt = tl.minimum(BP, M - pid_m * BP)
     mean, m2, mx, mn = tile_moments(xb.to(tl.float32), m_ok, cnt)
     store_partials(part_ptr, pid_m, T, C, c, c_ok, mean, m2, mx, mn, 0)
@@ -96,10 +103,12 @@ def bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_t
 
 
 def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats,
-                     update, act, keep):
+                     update, act, keep, reuse_x=False):
     N, C, H, W = x.shape
     M = N * H * W
-    xb = empty_output((N, C, H, W), torch.bfloat16, x.device, torch.channels_last)
+    write_xb = not _reuses(x, reuse_x)
+    xb = empty_output((N, C, H, W) if write_xb else (0,), torch.bfloat16, x.device,
+                      torch.channels_last if write_xb else torch.contiguous_format)
     BP, CB = elementwise_tiles(C, 2048)  # the fp32 input, its bf16 copy and the moments: 2K elements
     T, num_n = cdiv(M, BP), cdiv(C, CB)
     group = merge_group(CB)
@@ -108,14 +117,21 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
     zmax = torch.empty(z_slots(C), dtype=torch.int32, device=x.device)  # max |z| bits per 16 channels
     dummy = space.out
     bn_stats_kernel[(T, num_n)](
-        x, xb, space.part, space.grp, space.out, space.sem, weight if weight is not None else dummy,
+        x, xb if write_xb else x, space.part, space.grp, space.out, space.sem, weight if weight is not None else dummy,
         bias if bias is not None else dummy, running_mean if running_mean is not None else dummy,
         running_var if running_var is not None else dummy,
         num_batches_tracked if num_batches_tracked is not None else zmax, keep if keep is not None else zmax,
         bnp, zmax, M, C, H, W, *nhwc_rows(x), float(eps), momentum_arg(momentum), float(M),
         HAS_AFFINE=weight is not None, BATCH_STATS=batch_stats, UPDATE=update, ACT=act_code(act), HAS_KEEP=keep is not None,
-        BP=BP, CB=CB, TB=group, GROUP=group, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+        BP=BP, CB=CB, TB=group, GROUP=group, WRITE_XB=write_xb, num_warps=ELEMENTWISE_WARPS, maxnreg=STATS_MAXNREG,
+        **NO_FP_FUSION)
     return xb, space.out, bnp, zmax
+
+
+def _reuses(x: torch.Tensor, reuse_x: bool) -> bool:
+    """Whether x serves as its own xb: allowed (``reuse_x``) and already what ``bn_stats`` would round it to
+    (bfloat16, dense NHWC)."""
+    return reuse_x and x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
 
 
 
@@ -124,40 +140,43 @@ def _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tra
 def _bn_stats_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  running_mean: torch.Tensor, running_var: torch.Tensor,
                  num_batches_tracked: Optional[torch.Tensor], momentum: Optional[float], eps: float,
-                 batch_stats: bool, update: bool, act: str, keep: Optional[torch.Tensor]
+                 batch_stats: bool, update: bool, act: str, keep: Optional[torch.Tensor], reuse_x: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # running_mean / running_var: ``absent`` when the BatchNorm keeps none (a mutable argument is never optional)
     running_mean, running_var = present(running_mean), present(running_var)
     if use_triton(x) and x.numel() < 2**31:
         return _bn_stats_triton(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                                batch_stats, update, act, keep)
+                                batch_stats, update, act, keep, reuse_x)
     xb, chan, bnp, zmax = bn_stats_reference(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
                                              eps, batch_stats, update, act, keep)
-    return xb, chan, bnp, zmax.repeat(z_slots(x.shape[1]))
+    return xb if not _reuses(x, reuse_x) else xb.new_empty((0,)), chan, bnp, zmax.repeat(z_slots(x.shape[1]))
 
 
 @_bn_stats_op.register_fake
 def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats, update, act,
-      keep):
+      keep, reuse_x=False):
     C = x.shape[1]
-    xb = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last)
+    xb = (torch.empty(x.shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last)
+          if not _reuses(x, reuse_x) else x.new_empty((0,), dtype=torch.bfloat16))
     return (xb, x.new_empty((4, C), dtype=torch.float32), x.new_empty((BNP_ROWS, C), dtype=torch.float32),
             x.new_empty((z_slots(C),), dtype=torch.int32))
 
 
 def bn_stats(x, weight=None, bias=None, running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1,
-             eps=1e-5, batch_stats=True, update=False, act="relu", keep=None):
+             eps=1e-5, batch_stats=True, update=False, act="relu", keep=None, reuse_x=False):
     """Statistics of ``x`` (N, C, H, W) per channel: ``(xb, chan, bnp, zmax_bits)`` with ``xb`` = x in
-    bfloat16 (NHWC), ``chan`` = [mean, biased var, max, min] of xb, ``bnp`` = [a, b, mean, rstd] from
+    bfloat16 (NHWC; x itself, not a copy, when it already is that and ``reuse_x``: nothing modifies x in place
+    while xb is needed), ``chan`` = [mean, biased var, max, min] of xb, ``bnp`` = [a, b, mean, rstd] from
     the batch statistics (``batch_stats``) or the running ones, and the float32 bits of max |z| over the
     channels with ``keep[c] >= 0`` (all when ``keep`` is None) as int32 [ceil(C / 16)], per 16
     channels the max of their channel block (``_reduce.store_block_max``; max |z| is their max). ``update``: move the running statistics
     as ``nn.BatchNorm2d`` in training (``num_batches_tracked`` is incremented by ``bn_relu_quant``). ``act``: the
     activation after the BatchNorm (``bn_math.ACTIVATIONS``), which max |z| is of."""
-    return _bn_stats_op(x, weight, bias, absent(x) if running_mean is None else running_mean,
-                        absent(x) if running_var is None else running_var, num_batches_tracked,
-                        None if momentum is None else float(momentum), float(eps), bool(batch_stats), bool(update),
-                        _act(act), keep)
+    xb, chan, bnp, zmax = _bn_stats_op(x, weight, bias, absent(x) if running_mean is None else running_mean,
+                                       absent(x) if running_var is None else running_var, num_batches_tracked,
+                                       None if momentum is None else float(momentum), float(eps), bool(batch_stats),
+                                       bool(update), _act(act), keep, bool(reuse_x))
+    return (x if xb.numel() == 0 and x.numel() else xb), chan, bnp, zmax  # x already bf16 NHWC: no copy
 
 
 def _act(act) -> str:

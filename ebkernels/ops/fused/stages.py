@@ -145,7 +145,7 @@ def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Sa
     cin = x.shape[1] if index is None else index.numel()
     xb, _, bnp_in, zmax_in = bn_stats(x, bn_in.weight, bn_in.bias, bn_in.running_mean, bn_in.running_var,
                                       bn_in.num_batches_tracked, bn_in.momentum, bn_in.eps, batch_in, update_in,
-                                      spec.act_in, inv)
+                                      spec.act_in, inv, reuse_x=spec.keep_input)
     qx, sx = bn_relu_quant(xb, bnp_in, zmax_in, bn_in.num_batches_tracked if update_in else None, index, qc.bits_a,
                            qc.mode, spec.act_in, pad_of(cin, x))
     keep_bn_input(spec.bn_source, spec.keep_input, x, xb, source, saved)
