@@ -567,3 +567,36 @@ def test_a_conv_on_codes_takes_its_error_max_from_the_next_bn_chain(backend, mon
     assert torch.equal(o1, o0) and torch.equal(x1, x0) and torch.equal(g1, g0)
     if backend == "auto":
         assert n1 == n0 - 1, (n1, n0)  # b1.conv3's E: the codes pass only
+
+
+def test_conv_bias_zero_gradients_come_from_one_buffer_per_step():
+    """A conv bias before a train-mode BatchNorm has exactly zero gradient: every such layer's comes as a slice of
+    one zero buffer allocated in backward (``weight_step.StepZeros``), not a zeros kernel per layer; the slices do
+    not overlap, a second backward through the graph hands out new zeros, and the next step a new buffer."""
+    from helpers import AtenSpy
+
+    torch.manual_seed(3)
+    base = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                         nn.Conv2d(24, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).train()
+    m = ebkernels.quantize_model(base, qconfig=QC)
+    biases = [m[i].bias for i in (0, 3, 6)]
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    out = m(x)
+    with AtenSpy("zeros", "zeros_like") as spy:
+        out.float().square().sum().backward(retain_graph=True)
+    assert [op for op, _ in spy.calls] == ["aten.zeros.default"], spy.calls
+    grads = [b.grad for b in biases]
+    assert all(g is not None and torch.equal(g, torch.zeros_like(g)) for g in grads)
+    base_ptr = grads[0].untyped_storage().data_ptr()
+    assert all(g.untyped_storage().data_ptr() == base_ptr for g in grads)
+    spans = sorted((g.storage_offset(), g.storage_offset() + g.numel()) for g in grads)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    grads[0].add_(1.0)  # changed in place (as a clipping or an optimizer might)
+    out.float().square().sum().backward()  # the second backward: new zeros, added to .grad
+    assert torch.equal(biases[0].grad, torch.ones_like(biases[0].grad)), biases[0].grad
+    for b in biases:
+        b.grad = None
+    m(x).float().square().sum().backward()
+    assert biases[0].grad.untyped_storage().data_ptr() != base_ptr

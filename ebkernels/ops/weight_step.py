@@ -16,7 +16,7 @@ from .weight_codes import weight_codes
 
 __all__ = ["WeightBatch", "BackwardCodes", "prepare_weight_batch", "active_weight_batch", "push_weight_batch",
            "pop_weight_batch", "batched_weight_codes", "batched_backward_codes", "linear_item", "batched_linear_codes",
-           "linear_codes_again"]
+           "linear_codes_again", "StepZeros", "reserve_zero_grad", "zero_grad_of"]
 
 
 class BackwardCodes:
@@ -38,10 +38,58 @@ class BackwardCodes:
         return self.views[index]
 
 
+class StepZeros:
+    """Zero gradients of one step (a conv bias before a train-mode BatchNorm has exactly no effect on the loss): each
+    layer reserves its slice in forward (``reserve``), backward's first ``take`` allocates one zero buffer for all
+    of them, instead of a zeros kernel per layer. A new buffer every step: an in-place change of one gradient (a
+    clipping) touches no other, and none of a later step's."""
+
+    def __init__(self):
+        self.sizes: dict = {}
+        self.buffers: dict = {}
+        self.taken: set = set()
+
+    def reserve(self, t: torch.Tensor) -> tuple:
+        key = (t.dtype, t.device)
+        offset = self.sizes.get(key, 0)
+        self.sizes[key] = offset + t.numel()
+        return self, key, offset, tuple(t.shape)
+
+    def take(self, key, offset: int, shape: tuple) -> torch.Tensor:
+        """The slice, once (a second backward through the same graph gets a new zero tensor: the first one may
+        have been changed in place since, as the parameter's ``.grad``)."""
+        if (key, offset) in self.taken:
+            return torch.zeros(shape, dtype=key[0], device=key[1])
+        self.taken.add((key, offset))
+        buf = self.buffers.get(key)
+        if buf is None:
+            buf = self.buffers[key] = torch.zeros(self.sizes[key], dtype=key[0], device=key[1])
+        n = 1
+        for d in shape:
+            n *= d
+        return buf[offset:offset + n].view(shape)
+
+
+def reserve_zero_grad(t: torch.Tensor) -> Optional[tuple]:
+    """A ticket for a zero gradient like ``t`` from the active batch's ``StepZeros`` (None: no batch active)."""
+    batch = _ACTIVE[-1] if _ACTIVE else None
+    return batch.zeros.reserve(t) if batch is not None else None
+
+
+def zero_grad_of(ticket: Optional[tuple], t: torch.Tensor) -> torch.Tensor:
+    """The zero gradient of a ``reserve_zero_grad`` ticket (a slice of the step's buffer), or ``zeros_like(t)``."""
+    if ticket is None:
+        return torch.zeros_like(t)
+    zeros, *where = ticket
+    return zeros.take(*where)
+
+
 class WeightBatch:
-    """The codes of a set of weights, valid while each weight is unchanged (same storage, ``_version``)."""
+    """The codes of a set of weights, valid while each weight is unchanged (same storage, ``_version``), and the
+    step's ``StepZeros``."""
 
     def __init__(self, items, codes, backward=None):
+        self.zeros = StepZeros()
         self.entries = {}
         again = {}  # one BackwardCodes per group of large weights
         for it, c, b in zip(items, codes, backward or [None] * len(items)):

@@ -236,6 +236,8 @@ def bn_relu_quant_kernel(y_ptr, bnp_ptr, zmax_ptr, index_ptr, out_ptr, scale_ptr
     else:
         tl.store(out_ptr + m.to(tl.int64)[:, None] * K + k[None, :], cast_rne(z, out_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & k_ok[None, :])
+        if first:  # the scale of a float result: 1 (written here rather than by a fill launch)
+            tl.store(scale_ptr, 1.0)
     if UPDATE_NBT:
         if first:
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
@@ -285,11 +287,11 @@ def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, s
         scale = empty_output((), torch.float32, y.device)
     else:
         out = empty_output((N, K, H, W), out_dtype, y.device, torch.channels_last)
-        scale = torch.ones((), dtype=torch.float32, device=y.device)
+        scale = empty_output((), torch.float32, y.device)  # 1, stored by the kernel
     BP, CB = elementwise_tiles(Kp)
     grid = (cdiv(M, BP), cdiv(Kp, CB))
     bn_relu_quant_kernel[grid](
-        y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale if codes else bnp,
+        y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale,
         num_batches_tracked if num_batches_tracked is not None else zmax_bits, M, K, Kp, C, H, W, *nhwc_rows(y),
         cm if cm is not None else out, zmax_bits.numel(), BITS=bits, SCALE_MODE=scale_mode_code(scale_mode), ACT=act_code(act),
         HAS_INDEX=index is not None, CODES=codes, UPDATE_NBT=num_batches_tracked is not None, BP=BP, CB=CB,

@@ -46,10 +46,11 @@ class Saved:
     source_kind: str = ""
     codes_again: Optional[tuple] = None  # (weight_step.BackwardCodes, index) of a large weight
     source_again: Optional[tuple] = None  # the same for the weight of a replayed residual source
+    zero_bias: Optional[tuple] = None  # the conv bias's zero gradient (weight_step.reserve_zero_grad)
 
     TENSORS = ("qx", "sx", "weight", "sw", "bias", "xb", "bnp_in", "zmax_in", "index", "inv", "qw_f", "qw_d",
                "bnp", "y", "pos", "qx_cm", "mask")
-    FLAGS = ("batch_in", "batch_stats", "pre_pool_hw", "source_kind", "codes_again", "source_again")
+    FLAGS = ("batch_in", "batch_stats", "pre_pool_hw", "source_kind", "codes_again", "source_again", "zero_bias")
 
     def save(self, ctx, spec: BlockSpec) -> None:
         if spec.input is BlockInput.BN:

@@ -27,7 +27,7 @@ from ..gemm.conv import conv2d_int8_dgrad_op, conv2d_int8_fwd_op, weight_grad_op
 from ..gemm.host import quantize_two_layouts
 from ..quantize import quantize
 from ..weight_batch import KEEP_CODES_NUMEL, WeightItem, weight_quant
-from ..weight_step import batched_backward_codes, batched_weight_codes
+from ..weight_step import batched_backward_codes, batched_weight_codes, reserve_zero_grad, zero_grad_of
 from ..weight_codes import weight_codes
 from .bn_add_act import bn_add_act
 from .bn_relu_bwd import bn_relu_bwd, bn_relu_bwd_reduce
@@ -186,6 +186,8 @@ def conv_bn_forward(spec: BlockSpec, x_shape, qx, qw, sx, sw, bias, qc: QConfig,
                                          bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
                                          bn.momentum, bn.eps, batch_stats, update, spec.act)
     saved.bnp, saved.batch_stats = bnp, batch_stats
+    if bias is not None and batch_stats:  # its gradient is exactly zero: a slice of the step's zero buffer
+        saved.zero_bias = reserve_zero_grad(bias)
     return y, bnp, zmax, bn.num_batches_tracked if update else None
 
 
@@ -289,7 +291,7 @@ def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f
         g_bn_w, g_bn_b = sums[1].to(spec.bn.weight.dtype), sums[0].to(spec.bn.bias.dtype)
     if bias is not None and need.bias:
         # train-mode BatchNorm right after: the bias has exactly no effect; eval: Σ dy = a·Σ g
-        g_bias = torch.zeros_like(bias) if saved.batch_stats else (saved.bnp[0] * sums[0]).to(bias.dtype)
+        g_bias = zero_grad_of(saved.zero_bias, bias) if saved.batch_stats else (saved.bnp[0] * sums[0]).to(bias.dtype)
     return Error(qe, qe_cm, se, g_bn_w, g_bn_b, g_bias, g_res)
 
 
