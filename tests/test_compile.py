@@ -10,6 +10,7 @@ import contextlib
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
@@ -27,6 +28,24 @@ def _chain():
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+
+
+class _SqueezeExcite(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(F.silu(self.fc1(s), inplace=True)))
+
+
+def _se_net():
+    """conv-BN-SiLU, squeeze-and-excitation (its 1×1 convs on 1×1 maps run as int8 Linears: ``ops.gemm.pointwise``),
+    conv-BN, int8 linear head."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU(), _SqueezeExcite(8),
+                         nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 10))
 
 
 def _preresnet():
@@ -82,8 +101,10 @@ def _compiled_warm(a, b, x, s, counted):
 # residual network: fused, cold, on aot_eager and the PyTorch reference path (the interpreter costs ~6 s a step).
 @pytest.mark.parametrize("build,fuse,backend,warm", [(_chain, True, "inductor", True),
                                                      (_chain, False, "aot_eager", True),
-                                                     (_preresnet, True, "aot_eager", False)],
-                         ids=["chain-fused-inductor", "chain-per-layer-aot_eager", "preresnet-fused-aot_eager"])
+                                                     (_preresnet, True, "aot_eager", False),
+                                                     (_se_net, True, "aot_eager", True)],
+                         ids=["chain-fused-inductor", "chain-per-layer-aot_eager", "preresnet-fused-aot_eager",
+                              "squeeze-excite-fused-aot_eager"])
 def test_compiled_quantized_model_matches_eager(build, fuse, backend, warm):
     s = fresh_seed()
     x = torch.randn((2, 1, 8, 8), generator=gen(s))
