@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ebkernels import force_backend
+from ebkernels._backend import use_triton
 from ebkernels.ops import _reduce as _channel_stats
 from ebkernels.ops.gemm import tiles as _tiles
 from ebkernels.ops.fused import conv_bn as conv2d_bn
@@ -23,7 +24,7 @@ from ebkernels.ops.fused.bn_math import act_grad_reference, bn_act_reference
 from ebkernels.ops.fused.conv_bn import _bwd_op, _fwd_op, conv2d_int8_bn_bwd_reduce, conv2d_int8_bn_bwd_reduce_reference, conv2d_int8_bn_fwd
 from ebkernels.ops.gemm.conv import conv2d_int8_fwd_reference
 from ebkernels.ops._launch import conv2d_output_size
-from helpers import CL, bits_equal, block_max, bnp_exact, codes, each_block_max, fresh_seed, gen, mismatch, rows, spy_launches
+from helpers import CL, LaunchSpy, bits_equal, block_max, bnp_exact, codes, each_block_max, fresh_seed, gen, mismatch, rows, spy_launches
 
 EPS = 1e-5
 SMS = _tiles.INTERPRETER_SMS
@@ -267,3 +268,50 @@ def test_opcheck():
     y, _, bnp, _ = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *geo, 8, 8, gamma, beta)
     dz = torch.randn(y.shape, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
     torch.library.opcheck(_bwd_op, (qx, qw, sx, sw, bias, *geo, 8, 8, dz, bnp, "silu"))
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[7]], ids=lambda c: f"Cout{c.Cout}-K{c.K}")
+def test_residual_added_before_the_statistics(device, poisoned, case):
+    """``residual``: y = conv + residual with one rounding, bit-identical to ``conv2d_int8_fwd(residual=)``'s
+    bfloat16 result (what backward replays), and the statistics, bnp and zmax those of that y."""
+    from ebkernels.ops.gemm.conv import conv2d_int8_fwd
+
+    seed = fresh_seed()
+    g = gen(seed)
+    qx, qw, sx, sw, bias, gamma, beta, rm, rv, nbt, conv = _setup(case, device, g)
+    N, CO = case.N, case.Cout
+    OH, OW = conv2d_output_size(case.H, case.W, case.K, case.K, *conv)
+    res = (torch.randn(N, CO, OH, OW, generator=g) * 4).to(torch.bfloat16).to(device).contiguous(memory_format=CL)
+    y, chan, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, 8, 8, gamma, beta, rm.clone(), rv.clone(),
+                                            None, 0.1, EPS, batch_stats=True, update=True, act="relu", residual=res)
+    replay = conv2d_int8_fwd(qx, qw, sx, sw, bias, *conv, out_dtype=torch.bfloat16, channels_last=True, residual=res)
+    assert bits_equal(y.cpu(), replay.cpu()), f"seed={seed}: {mismatch(y.cpu(), replay.cpu())}"
+    with force_backend("reference"):
+        ref = conv2d_int8_bn_fwd(qx.cpu(), qw.cpu(), sx.cpu(), sw.cpu(), None if bias is None else bias.cpu(), *conv,
+                                 8, 8, None if gamma is None else gamma.cpu(), None if beta is None else beta.cpu(),
+                                 rm.cpu(), rv.cpu(), None, 0.1, EPS, batch_stats=True, update=True, act="relu",
+                                 residual=res.cpu())
+    assert bits_equal(ref[0], y.cpu()), f"seed={seed}"
+    torch.testing.assert_close(chan.cpu(), ref[1], rtol=1e-4, atol=1e-6)
+    z = bn_act_reference(y.cpu(), bnp.cpu(), "relu")
+    assert bits_equal(block_max(zmax), z.abs().amax()), f"seed={seed}"
+    with pytest.raises(ValueError, match="residual"):
+        conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, residual=res.float())
+
+
+def test_a_residual_launch_never_takes_the_128x128_tile():
+    """With the residual (its tile on top of the statistics epilogue), a layer the table gives 128×128 runs 64×128:
+    at 128×128 that build spills 452-720 bytes (AOT, sm_80 and sm_90)."""
+    g = gen(fresh_seed())
+    qx, qw = codes((2, 64, 12, 12), g, "cpu"), codes((136, 64, 3, 3), g, "cpu")
+    if not use_triton(qx):
+        pytest.skip("the Triton launchers run on CPU tensors under TRITON_INTERPRET=1 only")
+    conv = ((1, 1), (1, 1), (1, 1))
+    if (conv2d_bn._tile(qx, qw, *conv).BM, conv2d_bn._tile(qx, qw, *conv).BN) != (128, 128):
+        pytest.skip("the tile table plans this layer below 128×128 on this card")
+    res = torch.randn(2, 136, 12, 12, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
+    calls = []
+    with LaunchSpy("conv2d_int8_bn_kernel", run=False) as spy:
+        conv2d_int8_bn_fwd(qx, qw, torch.tensor(0.5), torch.tensor(0.01), None, *conv, residual=res)
+        calls = spy.calls
+    assert [(c["BM"], c["BN"], c["HAS_RES"]) for c in calls] == [(64, 128, True)]

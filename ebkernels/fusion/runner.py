@@ -136,6 +136,21 @@ def _bn_sources(chains: list, specs: list, modules: dict) -> dict:
     return out
 
 
+def _stats_pairs(chains: list, specs: list) -> dict:
+    """putter chain index -> taker chain index: a pre-activation chain (its input kept as is) reading the output
+    of a ``CONV_ON_CODES`` chain with its residual add gets its BatchNorm statistics from that conv's launch
+    (``stages.conv_next_bn_forward``; while its gather keeps every channel): one pass over the stream fewer."""
+    by_last = {c.last: i for i, c in enumerate(chains)}
+    out = {}
+    for j, c in enumerate(chains):
+        i = by_last.get(c.source)
+        if (c.pattern is PRE_ACTIVATION and i is not None and chains[i].pattern is CONV_ON_CODES
+                and chains[i].residual is not None and specs[j].keep_input and i not in out):
+            out[i] = j
+            specs[i].next_bn, specs[i].next_act, specs[i].next_select = specs[j].bn_in, specs[j].act_in, specs[j].select
+    return out
+
+
 def new_grad_link(stochastic: bool = False) -> Optional[GradLink]:
     """A fresh ``GradLink`` for one forward (None under ``torch.compile``: the blocks return every gradient)."""
     return None if torch.compiler.is_compiling() else GradLink(stochastic)
@@ -159,6 +174,8 @@ def _rewrite(graph: fx.Graph, chains: list, region, modules: dict):
         if isinstance(specs[i], BlockSpec) and specs[i].output is BlockOutput.CODES and specs[i].pool is None:
             # the codes also channel-major when every conv reading them takes them so in its weight-grad
             specs[i].out_channel_major = all(channel_major_input(r.module) for r in c.consumers)
+    stats_puts = _stats_pairs(chains, specs)
+    stats_takes = {j: i for i, j in stats_puts.items()}
 
     def arg(a, dtype=None):
         v = env[a]
@@ -183,6 +200,10 @@ def _rewrite(graph: fx.Graph, chains: list, region, modules: dict):
                 made[links.amax_takes[i]] = kw["amax_from"] = out.call_function(new_grad_link, (stochastic,))
             if i in links.amax_puts:
                 kw["amax_to"] = made[links.amax_puts[i]]
+            if i in stats_puts:  # forward: the putter runs first
+                made[("stats", i)] = kw["stats_to"] = out.call_function(new_grad_link, ())
+            if i in stats_takes:
+                kw["stats_from"] = made[("stats", stats_takes[i])]
             if kw:
                 kwargs["links"] = out.call_function(BlockLinks, (), kw)
             env[n] = out.call_function(_runner(specs[i], i), (env[c.source], *extra), kwargs)

@@ -134,7 +134,8 @@ class FusedBlockFunction(torch.autograd.Function):
     def _forward(ctx, spec: BlockSpec, x, in_codes, in_scale, in_codes_cm, weight, bias, source, residual):
         qc = spec.conv.qconfig
         saved = stages.Saved(weight=weight, bias=bias)
-        qx, sx, cin = stages.input_forward(spec, x, in_codes, in_scale, qc, saved, source, in_codes_cm)
+        qx, sx, cin = stages.input_forward(spec, x, in_codes, in_scale, qc, saved, source, in_codes_cm,
+                                           _taken_stats(ctx.links, x))
         qw, sw = stages.weight_forward(weight, qc, qx, cin, saved)
         if spec.bn is not None:
             y, bnp, zmax, nbt = stages.conv_bn_forward(spec, x.shape, qx, qw, sx, sw, bias, qc, saved)
@@ -143,6 +144,10 @@ class FusedBlockFunction(torch.autograd.Function):
             if keeps_y(weight.shape[1], weight.shape[0], weight.shape[2], weight.shape[3],
                        x.shape[2] * x.shape[3], y.shape[2] * y.shape[3]):
                 saved.y = y  # backward forms the sums from it instead of recomputing the GEMM
+        elif _hands_stats(spec, ctx.links, residual, stages.float_dtype(spec, x, weight)):
+            y, bnp, zmax = stages.conv_next_bn_forward(spec, qx, qw, sx, sw, bias, qc, residual)
+            ctx.links.stats_to.put((y, bnp, zmax))  # the next block's BatchNorm takes them with y as its input
+            out = (y, None, None, None)
         else:
             out = (stages.conv_forward(spec, qx, qw, sx, sw, bias, qc, stages.float_dtype(spec, x, weight),
                                        residual if spec.residual else None), None, None, None)
@@ -187,6 +192,30 @@ class FusedBlockFunction(torch.autograd.Function):
                            bn_in_weight=g_in_w, bn_in_bias=g_in_b, residual=g_res)
         return (None, grads.x, None, None, None, grads.weight, grads.bias, grads.bn_weight, grads.bn_bias,
                 grads.bn_in_weight, grads.bn_in_bias, grads.residual, None) + (None,) * ctx.n_source
+
+
+def _hands_stats(spec: BlockSpec, links: BlockLinks, residual, out_dtype) -> bool:
+    """Whether this last conv of a pre-activation block forms the next block's BatchNorm statistics too
+    (``spec.next_bn``, a ``stats_to`` link): its output and residual bfloat16 channels-last, the next block's
+    gather keeping every channel."""
+    select = spec.next_select
+    return (spec.next_bn is not None and links.stats_to is not None and spec.residual and residual is not None
+            and out_dtype == torch.bfloat16 and residual.dtype == torch.bfloat16
+            and residual.is_contiguous(memory_format=torch.channels_last)
+            and (select is None or select.indices.numel() == residual.shape[1]))
+
+
+def _taken_stats(links: BlockLinks, x):
+    """``(bnp, zmax)`` of this block's ``BN`` input ``x`` that the block producing x formed, or None."""
+    if links.stats_from is None:
+        return None
+    got = links.stats_from.take()
+    if got is None:
+        return None
+    y, bnp, zmax = got
+    if y.data_ptr() != x.data_ptr() or y.shape != x.shape or y.stride() != x.stride() or y.dtype != x.dtype:
+        raise RuntimeError("fusion: a BatchNorm's statistics were formed for another tensor than its input")
+    return bnp, zmax
 
 
 def _taken_amax(links: BlockLinks, g_main):

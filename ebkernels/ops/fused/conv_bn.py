@@ -61,13 +61,13 @@ _SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "y_ptr": "*bf16", "ss_ptr": "*fp32", "
         "stride_w": "i32", "pad_h": "i32", "pad_w": "i32", "dil_h": "i32", "dil_w": "i32", "s_n": "i32",
         "s_h": "i32", "s_w": "i32", "s_r": "i32", "sw_col": "i32", "sw_h": "i32", "sw_w": "i32", "sw_r": "i32",
         "sd_n": "i32", "sd_h": "i32", "sd_w": "i32", "sd_c": "i32", "inv_ss": "fp32", "eps": "fp32",
-        "momentum": "fp32", "n_f": "fp32"}
+        "momentum": "fp32", "n_f": "fp32", "res_ptr": "*bf16"}
 # AOT configurations = GPU launches: every tile of the per-layer forward's table (``tiles.IGEMM_TILES``, its
 # warps / stages), MODE 0 at unit stride (the JIT specialises arguments equal to 1) and at a runtime stride,
 # MODE 1 at unit stride; the flat tiles the unpadded Cin = 3 first layer gets (R % 16: no 128×128) also
 # unaligned (ALIGN=1), both modes.
 _COMMON = {"s_r": 1, "sw_r": 1, "sd_c": 1, "I64": False, "ALIGN": 16, "HAS_BIAS": False, "HAS_AFFINE": True,
-           "ACT": 1, "TB": STATS_TB, "GROUP": STATS_GROUP, "DZ_LIKE_Y": True}
+           "ACT": 1, "TB": STATS_TB, "GROUP": STATS_GROUP, "DZ_LIKE_Y": True, "HAS_RES": False}
 _UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1}
 # the register cap of a launch (``.maxnreg``): without one, ptxas aims below the per-thread budget and spilled
 # 12-104 B on sm_80 in the statistics epilogue (MODE 0 at 64×64, 128×16 flat, 128×64: 96-168 registers used);
@@ -82,7 +82,8 @@ def _bn_aot(t, mode, **kw):
 
 _AOT = ([cfg for t in tiles.IGEMM_TILES for cfg in (_bn_aot(t, 0, **_UNIT), _bn_aot(t, 0), _bn_aot(t, 1, **_UNIT))]
         + [_bn_aot(t, mode, **_UNIT, ALIGN=1) for t in tiles.IGEMM_TILES if t.flat and t.BM * t.BN < 128 * 128
-           for mode in (0, 1)])
+           for mode in (0, 1)]
+        + [_bn_aot(t, 0, **_UNIT, HAS_RES=True) for t in tiles.IGEMM_TILES if t.BM * t.BN < 128 * 128])
 
 
 @aot_kernel(signature=_SIG, constexprs=_AOT, int8_mma=True, aligned=("src_ptr", "w_ptr", "y_ptr"), fp_fusion=False)
@@ -90,12 +91,12 @@ _AOT = ([cfg for t in tiles.IGEMM_TILES for cfg in (_bn_aot(t, 0, **_UNIT), _bn_
 def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_ptr, part_ptr, grp_ptr, chan_ptr,
                           sem_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr, bnp_ptr, zmax_ptr, P, Q, R, OP, OQ,
                           NCOL, KW, M, taps, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, s_n, s_h, s_w, s_r,
-                          sw_col, sw_h, sw_w, sw_r, sd_n, sd_h, sd_w, sd_c, inv_ss, eps, momentum, n_f,
+                          sw_col, sw_h, sw_w, sw_r, sd_n, sd_h, sd_w, sd_c, inv_ss, eps, momentum, n_f, res_ptr,
                           MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr,
                           BATCH_STATS: tl.constexpr, UPDATE: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
                           BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, FLAT: tl.constexpr,
                           ALIGN: tl.constexpr, I64: tl.constexpr, TB: tl.constexpr, GROUP: tl.constexpr,
-                          DZ_LIKE_Y: tl.constexpr):
+                          DZ_LIKE_Y: tl.constexpr, HAS_RES: tl.constexpr):
     """Forward convolution of int8 codes (rows: output pixels (n, op, oq), columns: NCOL output channels,
     all KH·KW taps in one program) with the bfloat16 y stored NHWC (``m * NCOL + col``), then
     ``MODE`` 0: BatchNorm statistics + finalisation; ``MODE`` 1: BatchNorm-backward sums of the bfloat16
@@ -116,12 +117,14 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
     y = acc.to(tl.float32) * (tl.load(ss_ptr) * tl.load(sw_ptr) * inv_ss)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    yb = to_bfloat16_rne(y)
     mask = m_ok[:, None] & col_ok[None, :]
     if I64:
         y_offs = m.to(tl.int64)[:, None] * NCOL + col[None, :]
     else:
         y_offs = m[:, None] * NCOL + col[None, :]
+    if HAS_RES:  # the residual (laid out as y) added before the one rounding, as gemm.mainloop's epilogue does
+        y = y + tl.load(res_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
+    yb = to_bfloat16_rne(y)
     tl.store(y_ptr + y_offs, yb, mask=mask)
     yv = yb.to(tl.float32)
     if MODE == 0:
@@ -157,9 +160,9 @@ def conv2d_int8_bn_kernel(src_ptr, w_ptr, y_ptr, ss_ptr, sw_ptr, bias_ptr, dz_pt
 # --------------------------------------------------------------------------------------------------
 # Launchers and references
 # --------------------------------------------------------------------------------------------------
-def _y_bf16_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w):
+def _y_bf16_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, residual=None):
     y = conv2d_int8_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, 1, bits_a, bits_w, torch.float32,
-                                  True, fast=qx.device.type == "cpu")
+                                  True, fast=qx.device.type == "cpu", residual=residual)
     return y.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
 
 
@@ -170,8 +173,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def conv2d_int8_bn_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight, beta,
                                  running_mean, running_var, num_batches_tracked, momentum, eps, batch_stats, update,
-                                 act):
-    y = _y_bf16_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w)
+                                 act, residual=None):
+    y = _y_bf16_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, residual)
     chan = moments_reference(_rows(y))
     bnp, zmax = finalize_reference(chan, weight, beta, running_mean, running_var, num_batches_tracked, momentum, eps,
                                    y.numel() // y.shape[1], batch_stats, update, act)
@@ -189,7 +192,7 @@ def conv2d_int8_bn_bwd_reduce_reference(qx, qw, sx, sw, bias, stride, padding, d
 
 def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz=None, bnp=None, weight=None,
             beta=None, running_mean=None, running_var=None, num_batches_tracked=None, momentum=None, eps=0.0,
-            batch_stats=True, update=False, act="relu"):
+            batch_stats=True, update=False, act="relu", residual=None):
     N, C, H, W = qx.shape
     CO, _, KH, KW = qw.shape
     OH, OW = conv2d_output_size(H, W, KH, KW, stride, padding, dilation)
@@ -200,6 +203,9 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
     s_n, s_h, s_w, s_r = nchw_strides(qx)
     align = alignment((C, s_n, s_h, s_w, qw.stride(0), qw.stride(2), qw.stride(3)), (qx, qw))
     tile = _tile(qx, qw, stride, padding, dilation)
+    if residual is not None and tile.BM * tile.BN >= 128 * 128:
+        # the residual tile on top of the statistics epilogue spills at 128×128 (452-720 B, AOT): half the rows
+        tile = next(t for t in tiles.IGEMM_TILES if (t.BM, t.BN, t.BK, t.flat) == (64, tile.BN, tile.BK, tile.flat))
     num_m, num_n = cdiv(M, tile.BM), cdiv(CO, tile.BN)
     space = ReductionSpace(MOMENTS if mode == 0 else SUMS, num_m, num_n, CO, qx.device)
     i64 = not offsets_fit_int32(qx, y) or (dz is not None and not offsets_fit_int32(dz))
@@ -218,9 +224,10 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
         num_batches_tracked if num_batches_tracked is not None else space.sem, bnp_out, zmax, H, W, C, OH, OW, CO,
         KW, M, KH * KW, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], s_n, s_h, s_w, s_r,
         qw.stride(0), qw.stride(2), qw.stride(3), qw.stride(1), *sd, inv_code_scales(bits_a, bits_w), float(eps),
-        momentum_arg(momentum), float(M), MODE=mode, HAS_BIAS=bias is not None, HAS_AFFINE=weight is not None,
+        momentum_arg(momentum), float(M), residual if residual is not None else y, MODE=mode, HAS_BIAS=bias is not None, HAS_AFFINE=weight is not None,
         BATCH_STATS=batch_stats, UPDATE=update, ACT=act_code(act), BM=tile.BM, BN=tile.BN, BK=tile.BK,
         GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=align, I64=i64, TB=STATS_TB, GROUP=STATS_GROUP, DZ_LIKE_Y=dz_like_y,
+        HAS_RES=residual is not None,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages, maxnreg=MAXNREG, **NO_FP_FUSION)
     if mode == 0:
@@ -247,17 +254,17 @@ def _fwd_op(qx: torch.Tensor, qw: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
             stride: list[int], padding: list[int], dilation: list[int], bits_a: int, bits_w: int,
             weight: Optional[torch.Tensor], beta: Optional[torch.Tensor], running_mean: torch.Tensor,
             running_var: torch.Tensor, num_batches_tracked: Optional[torch.Tensor],
-            momentum: Optional[float], eps: float, batch_stats: bool, update: bool, act: str
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            momentum: Optional[float], eps: float, batch_stats: bool, update: bool, act: str,
+            residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # running_mean / running_var: ``absent`` when the BatchNorm keeps none (a mutable argument is never optional)
     running_mean, running_var = present(running_mean), present(running_var)
     if _triton_ok(qx, qw):
         return _launch(0, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight=weight, beta=beta,
                        running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
-                       momentum=momentum, eps=eps, batch_stats=batch_stats, update=update, act=act)
+                       momentum=momentum, eps=eps, batch_stats=batch_stats, update=update, act=act, residual=residual)
     y, chan, bnp, zmax = conv2d_int8_bn_fwd_reference(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w,
                                                       weight, beta, running_mean, running_var, num_batches_tracked,
-                                                      momentum, eps, batch_stats, update, act)
+                                                      momentum, eps, batch_stats, update, act, residual)
     return y, chan, bnp, zmax.repeat(z_slots(qw.shape[0]))
 
 
@@ -269,7 +276,7 @@ def _fake_y(qx, qw, stride, padding, dilation):
 
 @_fwd_op.register_fake
 def _(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, weight, beta, running_mean, running_var,
-      num_batches_tracked, momentum, eps, batch_stats, update, act):
+      num_batches_tracked, momentum, eps, batch_stats, update, act, residual=None):
     CO = qw.shape[0]
     return (_fake_y(qx, qw, stride, padding, dilation), qx.new_empty((4, CO), dtype=torch.float32),
             qx.new_empty((BNP_ROWS, CO), dtype=torch.float32),
@@ -293,19 +300,29 @@ def _(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz, bnp, 
 
 def conv2d_int8_bn_fwd(qx, qw, sx, sw, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), bits_a=8, bits_w=8,
                        weight=None, beta=None, running_mean=None, running_var=None, num_batches_tracked=None,
-                       momentum=0.1, eps=1e-5, batch_stats=True, update=False, act="relu"):
+                       momentum=0.1, eps=1e-5, batch_stats=True, update=False, act="relu", residual=None):
     """Conv of int8 codes ``qx`` (N, Cin_p, H, W; NHWC) with ``qw`` (Cout, Cin_p, KH, KW) and the BatchNorm
     statistics of its output: ``(y, chan, bnp, zmax_bits)`` with y bfloat16 (N, Cout, OH, OW) NHWC,
     ``chan`` [mean, biased var, max, min] of y, ``bnp`` [a, b, mean, rstd] of the BatchNorm (batch
     statistics when ``batch_stats``, else the running ones; ``weight``/``beta`` None: no affine), the
     float32 bits of max |z| (z = act(y*a + b), ``act`` one of ``bn_math.ACTIVATIONS``) as int32 [ceil(Cout / 16)], per
     16 channels the max of their column block (``_reduce.store_block_max``; max |z| is their max: ``bn_relu_quant``
-    takes it); ``update``: running statistics moved."""
+    takes it); ``update``: running statistics moved. ``residual``: bfloat16, y's shape and NHWC layout, added to
+    the conv before y's one rounding (a pre-activation block's last conv and the next block's BatchNorm statistics
+    in one launch)."""
     act_code(act)
+    if residual is not None:
+        OH, OW = conv2d_output_size(qx.shape[2], qx.shape[3], qw.shape[2], qw.shape[3], stride, padding, dilation)
+        want = (qx.shape[0], qw.shape[0], OH, OW)
+        if (residual.dtype != torch.bfloat16 or tuple(residual.shape) != want
+                or not residual.is_contiguous(memory_format=torch.channels_last)):
+            raise ValueError(f"residual: a bfloat16 channels-last tensor of y's shape {want} is accepted; got "
+                             f"{residual.dtype} {tuple(residual.shape)}")
     return _fwd_op(qx, qw, sx, sw, bias, list(stride), list(padding), list(dilation), int(bits_a), int(bits_w), weight,
                    beta, absent(qx) if running_mean is None else running_mean,
                    absent(qx) if running_var is None else running_var, num_batches_tracked,
-                   None if momentum is None else float(momentum), float(eps), bool(batch_stats), bool(update), act)
+                   None if momentum is None else float(momentum), float(eps), bool(batch_stats), bool(update), act,
+                   residual)
 
 
 def conv2d_int8_bn_bwd_reduce(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz, bnp, act="relu"):

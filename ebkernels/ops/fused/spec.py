@@ -71,12 +71,16 @@ class BlockLinks(NamedTuple):
     """The ``GradLink``s of one fused block in one forward: ``grad_from``, whose gradient its ``BN`` input's
     gradient gets added; ``grad_to``, where its residual's gradient goes; ``amax_to``, where its input's
     gradient goes with ``[bits of max |·|, ticket]`` (the block that produced the input quantizes that gradient
-    as its E, without a pass of its own); ``amax_from``, where it takes its output gradient's."""
+    as its E, without a pass of its own); ``amax_from``, where it takes its output gradient's; in forward,
+    ``stats_to``, where its output goes with the next block's BatchNorm parameters and max |z| (``next_bn``), and
+    ``stats_from``, where its ``BN`` input's come from."""
 
     grad_from: Optional[GradLink] = None
     grad_to: Optional[GradLink] = None
     amax_to: Optional[GradLink] = None
     amax_from: Optional[GradLink] = None
+    stats_to: Optional[GradLink] = None
+    stats_from: Optional[GradLink] = None
 
 
 @dataclasses.dataclass
@@ -104,7 +108,10 @@ class BlockSpec:
     copy. ``residual``: the ``FLOAT`` output is ``act(bn(y) + residual)`` (the block gets the residual tensor; ``act``
     identity, ReLU or ReLU6), the end of a post-activation residual block, or without ``bn`` ``y + residual``
     added in the GEMM's epilogue (a pre-activation residual block's last conv). ``out_channel_major``: the
-    codes also channel-major (the next conv is 1×1, stride 1, unpadded: its weight-grad reads them so)."""
+    codes also channel-major (the next conv is 1×1, stride 1, unpadded: its weight-grad reads them so).
+    ``next_bn`` / ``next_act`` / ``next_select`` (such a last conv): the next block's pre-activation BatchNorm,
+    whose statistics of this block's bfloat16 output the same launch forms (``conv_bn``; while its gather keeps
+    every channel), handed on by ``BlockLinks.stats_to``."""
 
     conv: nn.Module
     input: BlockInput = BlockInput.CODES
@@ -121,6 +128,9 @@ class BlockSpec:
     bn_source: Optional[BnSource] = None
     keep_input: bool = False
     residual: bool = False
+    next_bn: Optional[nn.Module] = None
+    next_act: str = "relu"
+    next_select: Optional[nn.Module] = None
 
     def conv_geometry(self):
         c = self.conv

@@ -41,7 +41,7 @@ from .spec import BlockInput, BlockOutput, BlockSpec
 __all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "bn_mode", "check_bn_batch", "index_maps", "float_dtype",
            "keep_bn_input", "restore_bn_input", "input_forward",
            "weight_forward",
-           "conv_bn_forward", "conv_forward", "output_forward", "input_codes_backward", "weight_backward",
+           "conv_bn_forward", "conv_forward", "conv_next_bn_forward", "output_forward", "input_codes_backward", "weight_backward",
            "output_backward", "conv_backward", "input_backward"]
 
 # The dtype in which the gradient w.r.t. a block's codes travels (see spec.Int8Activation).
@@ -119,7 +119,7 @@ def restore_bn_input(bn_source, saved: Saved) -> None:
 
 
 def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Saved, source: tuple = (),
-                  in_codes_cm=None):
+                  in_codes_cm=None, stats=None):
     """(qx, sx, cin): the conv's int8 input codes, their scale, its real channel count (``source``: what may
     rebuild a ``BN`` input in backward, ``keep_bn_input``). ``in_codes_cm``: the same codes channel-major (the
     previous block wrote them for this conv's weight-grad): kept instead of the NHWC ones where backward needs
@@ -143,9 +143,12 @@ def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Sa
     batch_in, update_in = bn_mode(bn_in)
     index, inv = index_maps(spec.select, x.shape[1], x.device)
     cin = x.shape[1] if index is None else index.numel()
-    xb, _, bnp_in, zmax_in = bn_stats(x, bn_in.weight, bn_in.bias, bn_in.running_mean, bn_in.running_var,
-                                      bn_in.num_batches_tracked, bn_in.momentum, bn_in.eps, batch_in, update_in,
-                                      spec.act_in, inv, reuse_x=spec.keep_input)
+    if stats is not None:  # formed with x by the previous block's last conv (``conv_next_bn_forward``): x is xb
+        xb, (bnp_in, zmax_in) = x, stats
+    else:
+        xb, _, bnp_in, zmax_in = bn_stats(x, bn_in.weight, bn_in.bias, bn_in.running_mean, bn_in.running_var,
+                                          bn_in.num_batches_tracked, bn_in.momentum, bn_in.eps, batch_in, update_in,
+                                          spec.act_in, inv, reuse_x=spec.keep_input)
     qx, sx = bn_relu_quant(xb, bnp_in, zmax_in, bn_in.num_batches_tracked if update_in else None, index, qc.bits_a,
                            qc.mode, spec.act_in, pad_of(cin, x))
     keep_bn_input(spec.bn_source, spec.keep_input, x, xb, source, saved)
@@ -197,6 +200,22 @@ def conv_forward(spec: BlockSpec, qx, qw, sx, sw, bias, qc: QConfig, out_dtype, 
     stride, padding, dilation = spec.conv_geometry()
     return conv2d_int8_fwd_op(qx, qw, sx, sw, bias, stride, padding, dilation, 1, qc.bits_a, qc.bits_w, out_dtype,
                               True, MAX_TERMS, residual)
+
+
+def conv_next_bn_forward(spec: BlockSpec, qx, qw, sx, sw, bias, qc: QConfig, residual):
+    """``conv_forward`` of a pre-activation block's last conv (bfloat16 output, the residual added in the epilogue)
+    that, in the same launch, forms the next block's BatchNorm statistics of that output (``spec.next_bn``,
+    ``conv_bn``): (y, bnp, zmax), the running statistics moved as ``bn_stats`` would have; y bit for bit
+    ``conv_forward``'s (what backward replays)."""
+    bn = spec.next_bn
+    stride, padding, dilation = spec.conv_geometry()
+    oh_ow = conv2d_output_size(*qx.shape[2:], *qw.shape[2:], stride, padding, dilation)
+    check_bn_batch(bn, (qx.shape[0], 1) + tuple(oh_ow))
+    batch, update = bn_mode(bn)
+    y, _, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, stride, padding, dilation, qc.bits_a, qc.bits_w,
+                                         bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                                         bn.momentum, bn.eps, batch, update, spec.next_act, residual=residual)
+    return y, bnp, zmax
 
 
 def output_forward(spec: BlockSpec, y, bnp, zmax, nbt, qc: QConfig, out_dtype, saved: Saved, residual=None):
