@@ -11,9 +11,11 @@ One block = one ``BlockSpec``: a ``QConv2d``, what feeds it (``BlockInput``), wh
 - ``CODES``: the int8 codes and scale of the previous block (``Int8Activation``);
 - ``FLOAT``: a float tensor, quantized per tensor like ``QConv2d`` does (the first layer);
 - ``BN``: a float tensor through a pre-activation BatchNorm (+ activation, + channel gather): the residual
-  stream of a pre-activation ResNet. Its statistics and codes come from ``bn_stats`` / ``bn_relu_quant``;
-  the block keeps the input rounded to bfloat16 (2 bytes per element, the values the BatchNorm saw) and
-  recomputes the codes in backward.
+  stream of a pre-activation ResNet. Its statistics and codes come from ``bn_stats`` / ``bn_relu_quant`` (the
+  statistics, where the stream was written by the previous block's last conv, from that conv's own launch:
+  ``spec.next_bn``, ``BlockLinks.stats_to``); the block keeps the input rounded to bfloat16 (2 bytes per
+  element, the values the BatchNorm saw; the input itself when it already is that) and recomputes the codes in
+  backward.
 
 Outputs (``BlockOutput``): the codes (NHWC, channels padded to 16) + scale of ``act(bn(conv))``
 (optionally max-pooled on the codes) for the next block, or a float tensor (the conv output, or
