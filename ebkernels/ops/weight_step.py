@@ -7,6 +7,7 @@ first block's backward asks (``BackwardCodes``: one launch per step instead of o
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -64,10 +65,7 @@ class StepZeros:
         buf = self.buffers.get(key)
         if buf is None:
             buf = self.buffers[key] = torch.zeros(self.sizes[key], dtype=key[0], device=key[1])
-        n = 1
-        for d in shape:
-            n *= d
-        return buf[offset:offset + n].view(shape)
+        return buf[offset:offset + math.prod(shape)].view(shape)
 
 
 def reserve_zero_grad(t: torch.Tensor) -> Optional[tuple]:
