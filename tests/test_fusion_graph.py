@@ -606,25 +606,28 @@ def test_preactivation_statistics_come_from_the_previous_blocks_last_conv(monkey
     """A pre-activation block's BatchNorm statistics of the residual stream are formed by the launch that writes
     the stream (the previous block's last conv with its residual add, ``stages.conv_next_bn_forward``): no
     ``bn_stats`` pass but the stem's and the head's; the same outputs, gradients and running statistics as with
-    one (up to the order of the float32 partial sums)."""
+    one (up to the order of the float32 partial sums); in eval mode (the running statistics) bit for bit."""
     from ebkernels.fusion import runner
     from helpers import LaunchSpy, rel
 
     torch.manual_seed(4)
     base = ebkernels.build_model("preresnet20", width=0.25, num_classes=10, in_channels=3).train()
     x = torch.randn(4, 3, 4, 4).contiguous(memory_format=torch.channels_last)
-    results = []
+    results = {}
+    linked_pairs = runner._stats_pairs
     for linked in (True, False):
-        if not linked:
-            monkeypatch.setattr(runner, "_stats_pairs", lambda *a: {})
-        m = ebkernels.quantize_model(copy.deepcopy(base), qconfig=QC)
-        ebkernels.manual_seed(5)
-        with LaunchSpy("bn_stats_kernel") as spy:
-            out = m(x)
-        out.float().square().sum().backward()
-        results.append((spy.count["bn_stats_kernel"], out.detach().float(), grads(m),
-                        torch.cat([b.float().flatten() for b in m.buffers()])))
-    (n1, o1, g1, b1), (n0, o0, g0, b0) = results
+        monkeypatch.setattr(runner, "_stats_pairs", linked_pairs if linked else (lambda *a: {}))
+        for train in (True, False):
+            m = ebkernels.quantize_model(copy.deepcopy(base).train(train), qconfig=QC)
+            ebkernels.manual_seed(5)
+            with LaunchSpy("bn_stats_kernel") as spy:
+                out = m(x)
+            out.float().square().sum().backward()
+            results[linked, train] = (spy.count["bn_stats_kernel"], out.detach().float(), grads(m),
+                                      torch.cat([b.float().flatten() for b in m.buffers()]))
+    (n1, o1, g1, b1), (n0, o0, g0, b0) = results[True, True], results[False, True]
     assert n1 == 2 and n0 > n1 + 3, (n1, n0)  # the stem's and the head's; the other blocks' from a conv
     assert rel(o1, o0) < 0.02 and rel(g1, g0) < 0.02, (rel(o1, o0), rel(g1, g0))
     torch.testing.assert_close(b1, b0, rtol=1e-4, atol=1e-5)
+    (n1, o1, g1, _), (n0, o0, g0, _) = results[True, False], results[False, False]
+    assert n1 < n0 and torch.equal(o1, o0) and torch.equal(g1, g0)
