@@ -30,7 +30,7 @@ from .._triton import tl, triton
 from ._buffers import counter_slice, empty_output
 
 __all__ = ["GROUP", "TB", "merge_group", "MOMENTS", "SUMS", "tile_moments", "tile_sums", "store_partials", "finish_reduction",
-           "sem_count", "publish_max", "Z_SLOT", "z_slots", "store_block_max", "max_of_blocks", "ReductionSpace", "moments_reference"]
+           "publish_max", "Z_SLOT", "z_slots", "store_block_max", "max_of_blocks", "ReductionSpace", "moments_reference"]
 
 GROUP = 16  # partials per merge, at every level
 TB = 16  # partials per merge step (one step per merge)
@@ -130,20 +130,6 @@ def _merge(src_ptr, s_src, lo, hi, span, M, col, col_ok, C, dst_ptr, s_dst, slot
     if KIND == 0:
         tl.store(dst + 2 * s_dst, mx, mask=col_ok)
         tl.store(dst + 3 * s_dst, mn, mask=col_ok)
-
-
-@triton.jit
-def sem_count(T, GROUP: tl.constexpr):
-    """Semaphores per column block of ``finish_reduction`` over ``T`` tiles: one per group of every level
-    (``ReductionSpace.levels`` is the host's count)."""
-    n = T
-    total = T * 0
-    go = T > 0
-    while go:
-        n = tl.cdiv(n, GROUP)
-        total += n
-        go = n > 1
-    return total
 
 
 @triton.jit
@@ -248,21 +234,15 @@ def max_of_blocks(bits_ptr, n):
 
 class ReductionSpace:
     """The buffers of one in-kernel reduction: tile partials, the partials of every merge level, the
-    semaphores (from ``counter_pool``: zero, and left zero) and the float32 result ``out`` [4 or 2, C];
-    ``extra`` more counters after the semaphores (``extra_sem``, at ``sem_count(T) * col_blocks`` in the
-    kernel), e.g. 2 for ``publish_max``."""
+    semaphores (from ``counter_pool``: zero, and left zero) and the float32 result ``out`` [4 or 2, C]."""
 
-    def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device, extra: int = 0, group: int = GROUP):
+    def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device, group: int = GROUP):
         parts = _PARTS[kind]
         levels = self.levels(tiles, group)
         self.kind, self.tiles, self.C = kind, tiles, C
         self.part = empty_output((parts, tiles, C), dtype=torch.float32, device=device)
         self.grp = empty_output((max(1, parts * sum(levels[:-1]) * C),), dtype=torch.float32, device=device)
-        n_sem = sum(levels) * col_blocks
-        # the kernels address the extra counters from ``sem`` (one pool): the higher range first, so that a pool
-        # that has to grow grows before either view is taken
-        self.extra_sem = counter_slice(device, n_sem, n_sem + max(extra, 1))
-        self.sem = counter_slice(device, 0, n_sem)
+        self.sem = counter_slice(device, 0, sum(levels) * col_blocks)
         self.out = empty_output((parts, C), dtype=torch.float32, device=device)
 
     @staticmethod

@@ -176,7 +176,7 @@ def bn_stats(x, weight=None, bias=None, running_mean=None, running_var=None, num
                                        absent(x) if running_var is None else running_var, num_batches_tracked,
                                        None if momentum is None else float(momentum), float(eps), bool(batch_stats),
                                        bool(update), _act(act), keep, bool(reuse_x))
-    return (x if xb.numel() == 0 and x.numel() else xb), chan, bnp, zmax  # x already bf16 NHWC: no copy
+    return (x if _reuses(x, reuse_x) else xb), chan, bnp, zmax  # x already bf16 NHWC: no copy
 
 
 def _act(act) -> str:
