@@ -146,3 +146,22 @@ def test_no_register_spills(shipped):
     _, rows = shipped
     spilled = [(r["kernel"], r["config"], r["arch"], r["spills"]) for r in rows if r["spills"]]
     assert not spilled, spilled
+
+
+def test_a_build_report_is_kept_by_the_binary_hash(tmp_path, monkeypatch):
+    """A build Triton takes from its cache runs no ptxas: its registers and spills come from the report kept for
+    the same binary (``aot._binary_report``); another binary gets its own, and a damaged report is made again."""
+    from ebkernels import aot
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    log = "ptxas info    : Used 40 registers\n    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads"
+    first = aot._binary_report(b"cubin-one", "no fences here", 90, log)
+    assert (first["registers"], first["spills"], first["fences"], first["atomics"]) == (40, 12, 0, 0)
+    monkeypatch.setattr(aot, "_resource_usage", lambda ptx, arch: (None, None))  # no ptxas from here on
+    assert aot._binary_report(b"cubin-one", "no fences here", 90, "") == first
+    assert aot._binary_report(b"cubin-two", "no fences here", 90, "")["registers"] is None
+    kept = list(tmp_path.glob("ebkernels_aot/*/*.json"))
+    assert len(kept) == 1
+    kept[0].write_text("{")  # damaged
+    again = aot._binary_report(b"cubin-one", "no fences here", 90, log.replace("40", "41"))
+    assert again["registers"] == 41
