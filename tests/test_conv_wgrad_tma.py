@@ -195,3 +195,28 @@ def test_training_step_gradients_identical_with_tma(fuse, monkeypatch, settings,
         grads[tma] = [p.grad.clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
     assert len(calls) == 2  # both convs' weight-grads ran the TMA kernel (the first layer's too: x needs no grad)
+
+
+def test_the_launch_plan_is_made_once_per_geometry_and_follows_the_settings(settings):
+    """``conv_wgrad.wgrad_launch``: one plan per operand geometry (shape, strides, 16-byte start) and settings, not
+    one per call (issue 20: host time); rule 8 on or off and a misaligned start give other plans."""
+    from ebkernels.config import kernel_settings
+    from ebkernels.ops._launch import geometry
+    from ebkernels.ops.gemm.conv_wgrad import wgrad_launch
+
+    gen = torch.Generator().manual_seed(0)
+    qx, qe, _, _ = _case(CASES[0], gen, "cpu")
+    cpu = torch.device("cpu")
+
+    def plan():
+        return wgrad_launch(geometry(qe), geometry(qx), [3, 3], [1, 1], [1, 1], 2 ** 17, cpu, kernel_settings())
+
+    settings(wgrad_tma=False)
+    first = plan()
+    assert plan() is first and first.rows is None and first.align == 16
+    settings(wgrad_tma=True)
+    assert plan().rows is not None  # the TMA rows of rule 8 where the shape takes them
+    settings(wgrad_tma=False)
+    buf = torch.empty(qx.numel() + 1, dtype=torch.int8)[1:]  # the same shape and strides, an odd start
+    qx = buf.as_strided(qx.shape, qx.stride()).copy_(qx)
+    assert plan() is not first and plan().align == 1

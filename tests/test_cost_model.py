@@ -61,6 +61,38 @@ def test_recorder_records_launches_without_running_them():
     assert torch.count_nonzero(out) == 1000
 
 
+def test_the_recorder_charges_each_op_its_own_dispatch_mode_cost():
+    """The dispatch mode costs more for an op with many arguments than for ``add`` (``trace.op_trampoline``):
+    measured once per op overload and kept; an op that changes its input is not run again."""
+    from benchmarks.costing import trace
+
+    trace._OP_TRAMP.clear()
+    rec = Recorder(tramp_s=1e-6)
+    with rec:
+        torch.empty((2, 8, 4, 4), dtype=torch.int8, memory_format=torch.channels_last)
+        x = torch.ones(4)
+        x.add_(1.0)
+    assert float(x.sum()) == 8.0  # ran once: the in-place op is not repeated
+    empty = torch.ops.aten.empty.memory_format
+    assert trace._OP_TRAMP[empty] > 1e-6 and trace._OP_TRAMP[torch.ops.aten.add_.Tensor] == 1e-6
+    kept = trace._OP_TRAMP[empty]
+    trace.op_trampoline(empty, ((1,),), {}, 1e-6)
+    assert trace._OP_TRAMP[empty] == kept  # once per overload
+
+
+def test_a_step_on_the_recorder_keeps_autograd_stealing_gradients():
+    """The recorder defers the frees of what ops return (the storages) without holding the tensors: autograd still
+    takes a gradient as the parameter's ``.grad`` without a copy."""
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    x = torch.randn(8, 64)
+    rec = Recorder()
+    with rec:
+        (x @ w).sum().backward()
+    names = [getattr(e, "name", "") for e in rec.events]
+    assert not any("clone" in n or "copy" in n for n in names), names
+    assert w.grad is not None and w.grad.shape == w.shape
+
+
 def test_gemm_issued_work_counts_every_tile():
     """A Linear 256×256×512 on 128×128×64 tiles: 4 tiles × 8 K steps × 128·128·64 multiply-adds."""
     a, b, o = _t("a_ptr", (256, 512), "int8", 1), _t("b_ptr", (512, 256), "int8", 1), _t("out_ptr", (256, 256))

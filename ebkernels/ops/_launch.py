@@ -23,7 +23,7 @@ from .._triton import triton
 
 __all__ = ["cdiv", "cached_plan", "MAX_TERMS", "CHANNEL_PAD", "SMALL_NUMEL", "ELEMENTWISE_WARPS", "NO_FP_FUSION", "code_channels",
            "padded_channels", "conv_out", "conv2d_output_size", "alignment", "nchw_strides", "nhwc_rows",
-           "offsets_fit_int32", "reads_codes_channel_major", "elementwise_tiles", "memory_format", "PROGRAM_BYTES", "MIN_PROGRAMS",
+           "offsets_fit_int32", "geometry", "reads_codes_channel_major", "elementwise_tiles", "memory_format", "PROGRAM_BYTES", "MIN_PROGRAMS",
            "one_program_numel", "filling_block", "as_4d", "is_dense", "row_major"]
 
 # 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
@@ -144,11 +144,19 @@ def nhwc_rows(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
+def geometry(t: torch.Tensor) -> tuple:
+    """``(shape, strides, 16-byte aligned start)`` of ``t``: what a launch plan depends on (``cached_plan``
+    keys by it: one plan per geometry, not per call)."""
+    return t.shape, t.stride(), t.data_ptr() % 16 == 0
+
+
 def offsets_fit_int32(*tensors) -> bool:
-    """Whether every element offset of every tensor fits int32 (then the kernels keep 32-bit offsets)."""
+    """Whether every element offset of every tensor (or ``(shape, strides)`` pair) fits int32 (then the
+    kernels keep 32-bit offsets)."""
     for t in tensors:  # plain loops: this runs for every launch (issue 20 item 5, host time)
+        shape, strides = (t.shape, t.stride()) if isinstance(t, torch.Tensor) else t[:2]
         last = 0
-        for d, st in zip(t.shape, t.stride()):
+        for d, st in zip(shape, strides):
             if d > 0:
                 last += (d - 1) * abs(st)
         if last >= 2**31:

@@ -16,7 +16,8 @@ import torch
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import split_workspace
-from .._launch import cdiv, alignment, nchw_strides, offsets_fit_int32
+from ...config import kernel_settings
+from .._launch import alignment, cached_plan, cdiv, geometry, offsets_fit_int32
 from .._tl import assume_multiple, decode_rows, decode_tap, tap_input_coord
 from . import tiles
 from .conv_wgrad_tma import launch_wgrad_tma
@@ -171,6 +172,67 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
                      STOCH_G, GBLOCK, BM, BN, False)
 
 
+@dataclasses.dataclass(frozen=True)
+class WgradLaunch:
+    """What a weight-grad launch decides from its operands' geometry (``wgrad_launch``): the operand forms
+    (channel-major E / X), the strides the kernel reads, the tile, the TMA rows (rule 8) or None, the
+    output tiles and the K splits."""
+
+    e_cm: bool
+    x_cm: bool
+    strides: tuple  # se_n, se_h, se_w, se_c, sx_n, sx_h, sx_w, sx_c
+    align: int
+    tile: tiles.Tile
+    flat_n: bool
+    rows: object  # tiles.TmaRows or None
+    n_tiles: int
+    splits: int
+    per: int
+    i64: bool
+
+
+@cached_plan
+def wgrad_launch(e_geom, x_geom, kernel_hw, stride, padding, max_terms, device, settings) -> WgradLaunch:
+    """The launch plan of ``_wgrad_triton`` for E and X of geometry ``(shape, strides, 16-byte aligned)``, once
+    per geometry (issue 20 item 5: the host work of a launch); ``settings``: the ``KernelSettings`` in force
+    (the SM count and rule 8 follow them)."""
+    (N, CO, OH, OW), (se_n, se_c, se_h, se_w), e16 = e_geom
+    (_, C, H, W), (sx_n, sx_c, sx_h, sx_w), x16 = x_geom
+    KH, KW = kernel_hw
+    M = N * OH * OW
+    ptrs_ok = e16 and x16
+    # channel-major E ([Cout, N·OH·OW] with the rows contiguous, see QConv2dFunction): the K-major operand
+    e_cm = (se_w == 1 or OW == 1) and (se_h == OW or OH == 1) and (se_n == OH * OW or N == 1) and CO > 1
+    # channel-major input codes, 1×1 kernel, stride 1, no padding: X̃ = X, pixel m; both operands K-major
+    x_cm = (e_cm and KH == KW == 1 and list(stride) == [1, 1] and list(padding) == [0, 0] and C > 1
+            and (sx_w == 1 or W == 1) and (sx_h == W or H == 1) and (sx_n == H * W or N == 1))
+    if x_cm:
+        se_n, se_h, se_w = OH * OW, OW, 1
+        sx_n, sx_h, sx_w = H * W, W, 1
+        align = alignment((C, CO, M, se_c, sx_c)) if ptrs_ok else 1  # CO too: the kernel assumes it a multiple
+    elif e_cm:
+        se_n, se_h, se_w = OH * OW, OW, 1
+        align = alignment((C, CO, M, se_c, sx_n, sx_h, sx_w)) if ptrs_ok else 1
+    else:
+        align = alignment((C, CO, se_n, se_h, se_w, sx_n, sx_h, sx_w)) if ptrs_ok else 1
+    taps = KH * KW
+    tile = tiles.wgrad_tile(CO, C, align, taps)  # the table (rule 5), as ``--plan`` prints it
+    flat_n = tile.flat and not x_cm
+    if tile.flat and x_cm:  # 1×1 channel-major: one tap, the plain columns (same count)
+        tile = dataclasses.replace(tile, flat=False)
+    # rule 8 (sm_90): both operands K-major through TMA, over the padded rows of their copies
+    tma = None if x_cm else tiles.wgrad_tma_plan(device, N, C, H, W, CO, OH, OW, KH, KW, stride, padding)
+    rows = None
+    if tma is not None:
+        tile, rows = tma
+    n_tiles = cdiv(CO, tile.BM) * tiles.wgrad_col_tiles(tile, C, taps)
+    splits, per = tiles.wgrad_splits(N * rows.rows if rows else M, n_tiles,
+                                      tiles.device_sms(device) if tiles.on_gpu(device) else None, max_terms, tile.BK)
+    i64 = not offsets_fit_int32(e_geom[:2], x_geom[:2])
+    return WgradLaunch(e_cm, x_cm, (se_n, se_h, se_w, se_c, sx_n, sx_h, sx_w, sx_c), align, tile, flat_n, rows,
+                       n_tiles, splits, per, i64)
+
+
 def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
                   max_terms, gq=None, fmt=torch.contiguous_format):
     """``gq``: None, or (bits_g, rounding_g, cout, cin, scale mode of G): G-quantize the real [:cout, :cin] part in the
@@ -185,41 +247,11 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     M = N * OH * OW
     if M == 0:
         return out.zero_(), False
-    se_n, se_h, se_w, se_c = nchw_strides(qe)
-    sx_n, sx_h, sx_w, sx_c = nchw_strides(qx)
-    # channel-major E ([Cout, N·OH·OW] with the rows contiguous, see QConv2dFunction): the K-major operand
-    e_cm = (se_w == 1 or OW == 1) and (se_h == OW or OH == 1) and (se_n == OH * OW or N == 1) and CO > 1
-    # channel-major input codes, 1×1 kernel, stride 1, no padding: X̃ = X, pixel m; both operands K-major
-    x_cm = (e_cm and KH == KW == 1 and list(stride) == [1, 1] and list(padding) == [0, 0] and C > 1
-            and (sx_w == 1 or W == 1) and (sx_h == W or H == 1) and (sx_n == H * W or N == 1))
-    if x_cm:
-        se_n, se_h, se_w = OH * OW, OW, 1
-        sx_n, sx_h, sx_w = H * W, W, 1
-        align = alignment((C, CO, M, se_c, sx_c), (qe, qx))  # CO too: the kernel assumes it a multiple
-    elif e_cm:
-        se_n, se_h, se_w = OH * OW, OW, 1
-        align = alignment((C, CO, M, se_c, sx_n, sx_h, sx_w), (qe, qx))
-    else:
-        align = alignment((C, CO, se_n, se_h, se_w, sx_n, sx_h, sx_w), (qe, qx))
-    taps = KH * KW
-    tile = tiles.wgrad_tile(CO, C, align, taps)  # the table (rule 5), as ``--plan`` prints it
-    flat_n = tile.flat and not x_cm
-    if tile.flat and x_cm:  # 1×1 channel-major: one tap, the plain columns (same count)
-        tile = dataclasses.replace(tile, flat=False)
-    # rule 8 (sm_90): both operands K-major through TMA, over the padded rows of their copies
-    tma = None if x_cm else tiles.wgrad_tma_plan(qx.device, N, C, H, W, CO, OH, OW, KH, KW, stride, padding)
-    rows = None
-    if tma is not None:
-        tile, rows = tma
+    plan = wgrad_launch(geometry(qe), geometry(qx), kernel_hw, stride, padding, max_terms, qx.device,
+                        kernel_settings())
+    tile, rows, n_tiles, splits, per = plan.tile, plan.rows, plan.n_tiles, plan.splits, plan.per
     BM, BN, BK = tile.BM, tile.BN, tile.BK
-    n_tiles = cdiv(CO, BM) * tiles.wgrad_col_tiles(tile, C, taps)
-    splits, per = tiles.wgrad_splits(N * rows.rows if rows else M, n_tiles,
-                                      tiles.device_sms(qx.device) if tiles.on_gpu(qx.device) else None,
-                                      max_terms, BK)
-    # splits > 1: each adds its exact int32 tile into an int64 workspace, the last split of the tile
-    # finishes it (scales, G quantization) in the same launch: no int32 partials, no finalize launch
     ws = split_workspace(n_tiles, splits, BM, BN, qx.device)
-    i64 = not offsets_fit_int32(qe, qx)
     fuse_g = gq is not None and not raw and out_dtype == torch.float32
     if fuse_g:
         bits_g, rounding_g, cout, cin, scale_g = gq
@@ -234,12 +266,12 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
         so_o, so_c, so_h, so_w = out.stride()
         out_align = alignment((so_o, so_h, so_w), (out,))
         conv2d_int8_wgrad_kernel[(n_tiles, splits)](
-            qe, qx, out, qe if raw else se, qe if raw else sx, H, W, C, OH, OW, CO, KW, M, taps, per,
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], se_n, se_h, se_w, se_c,
-            sx_n, sx_h, sx_w, sx_c, so_o, so_h, so_w, so_c, ws, inv_ss, *g_args, RAW=raw, BM=BM, BN=BN,
-            BK=BK, GROUP_M=tile.GROUP_M, ALIGN=align, OUT_ALIGN=out_align, I64=i64, E_CM=e_cm, X_CM=x_cm,
-            FLAT_N=flat_n, SPLIT_FIX=splits > 1, GQ=g_mode, BITS_G=bits_g, STOCH_G=g_stoch, GBLOCK=1024,
-            num_warps=tile.num_warps, num_stages=tile.num_stages)
+            qe, qx, out, qe if raw else se, qe if raw else sx, H, W, C, OH, OW, CO, KW, M, KH * KW, per,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], *plan.strides,
+            so_o, so_h, so_w, so_c, ws, inv_ss, *g_args, RAW=raw, BM=BM, BN=BN,
+            BK=BK, GROUP_M=tile.GROUP_M, ALIGN=plan.align, OUT_ALIGN=out_align, I64=plan.i64, E_CM=plan.e_cm,
+            X_CM=plan.x_cm, FLAT_N=plan.flat_n, SPLIT_FIX=splits > 1, GQ=g_mode, BITS_G=bits_g, STOCH_G=g_stoch,
+            GBLOCK=1024, num_warps=tile.num_warps, num_stages=tile.num_stages)
     if fuse_g:
         gquant_finish(real, g_args, g_mode, bits_g, g_stoch, scale_g)
     return out, fuse_g
