@@ -59,7 +59,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn", "torch-pruning>=1.6",
                       "triton>=3.2; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "torchvision": ["torchvision"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist"], "torchvision": ["torchvision"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["ebkernels=ebkernels.__main__:main"]},

@@ -58,8 +58,9 @@ def markdown(net: str, batch: int, card_name: str, results: dict, per_kernel: bo
              f"One training step (forward, cross-entropy, backward, SGD) recorded on a CPU "
              f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
              f"{datetime.date.today().isoformat()}; host times measured there with the launches stubbed (CPU time of "
-             f"the Python thread; dispatch-mode entry {1e6 * any_tr.calibration[0]:.1f} µs subtracted and a trivial "
-             f"aten dispatch {1e6 * any_tr.calibration[1]:.1f} µs added per PyTorch op).", "",
+             f"the Python thread; the dispatch mode's cost subtracted per op, as measured for its op overload (add: "
+             f"{1e6 * any_tr.calibration[0]:.1f} µs), a trivial aten dispatch {1e6 * any_tr.calibration[1]:.1f} µs "
+             f"added per PyTorch op, the frees of op results after the step).", "",
              markdown_table(*report.totals_table(results)), "",
              markdown_table(*report.targets(results, traces)), ""]
     for mode in ("int8-fused", "int8-layer"):
