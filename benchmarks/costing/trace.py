@@ -18,17 +18,17 @@ Host time (``Event.host_us``): the wall time between the end of the previous eve
 one, i.e. the Python wrappers, planning, custom-op dispatch, autograd and module code, with the recorder's
 own bookkeeping and the CPU compute of aten ops (which a GPU does not do on the host) taken out, minus the
 cost of entering the dispatch mode for that op, plus the calibrated cost of dispatching a trivial aten op
-on this CPU (``calibrate``). The mode's cost depends on the op (on this CPU ~3.6 µs for ``add``, ~4.7 for a view,
-~8.7 for ``empty`` with its keyword arguments: Python objects for every argument), so it is measured per op
-overload the first time the recorder sees it (``op_trampoline``: the op run again, with and without a bare mode;
-ops that change state, draw random numbers or compute for long keep the ``add`` figure). It is measured on the machine that runs the trace, launches stubbed, as CPU
-time of the Python thread (``time.thread_time``): engineers share the CPUs here, and time the thread spends
-descheduled is not host work of the step.
+on this CPU (``calibrate``). The mode's cost depends on the op (on this CPU ~3.6 µs for ``add``, ~4.7 for a
+view, ~8.7 for ``empty`` with its keyword arguments: Python objects for every argument), so it is measured per
+op overload the first time the recorder sees it (``op_trampoline``: the op run again, with and without a bare
+mode; ops that change state, draw random numbers or compute for long keep the ``add`` figure). It is measured
+on the machine that runs the trace, launches stubbed, as CPU time of the Python thread (``time.thread_time``):
+engineers share the CPUs here, and time the thread spends descheduled is not host work of the step.
 
 The recorder keeps the storage of every tensor an aten op returns until the step ends (the storage, not the
-tensor: autograd steals a gradient only while nothing else holds the tensor). The int8 steps run on real CPU tensors
-(the bf16 / fp32 steps on fake ones), and the CPU allocator returns a large buffer to the system when its last
-reference goes (``munmap``: tens of µs for an activation at batch 256, in whatever Python frame drops it): host
+tensor: autograd steals a gradient only while nothing else holds the tensor). The int8 steps run on real CPU
+tensors (the bf16 / fp32 steps on fake ones), and the CPU allocator returns a large buffer to the system when
+its last reference goes (``munmap``: tens of µs for an activation at batch 256, in whatever Python frame drops it): host
 time that grows with the batch and that a GPU step, whose caching allocator frees a block in O(1), does not
 have. A small tensor's free stays counted, in the calibrated aten floor (its trivial op frees its result).
 """

@@ -251,6 +251,8 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
                         kernel_settings())
     tile, rows, n_tiles, splits, per = plan.tile, plan.rows, plan.n_tiles, plan.splits, plan.per
     BM, BN, BK = tile.BM, tile.BN, tile.BK
+    # splits > 1: each adds its exact int32 tile into an int64 workspace, the last split of the tile
+    # finishes it (scales, G quantization) in the same launch: no int32 partials, no finalize launch
     ws = split_workspace(n_tiles, splits, BM, BN, qx.device)
     fuse_g = gq is not None and not raw and out_dtype == torch.float32
     if fuse_g:
