@@ -315,3 +315,25 @@ def test_a_residual_launch_never_takes_the_128x128_tile():
         conv2d_int8_bn_fwd(qx, qw, torch.tensor(0.5), torch.tensor(0.01), None, *conv, residual=res)
         calls = spy.calls
     assert [(c["BM"], c["BN"], c["HAS_RES"]) for c in calls] == [(64, 128, True)]
+
+
+def test_the_launch_plan_is_made_once_per_geometry():
+    """``conv_bn.conv_bn_launch``: one plan per operand geometry (shapes, strides, 16-byte starts, settings), not
+    one per call (issue 20: host time); a dz in y's layout is read as such, another layout by its own strides."""
+    from ebkernels.config import kernel_settings
+    from ebkernels.ops._launch import geometry
+    from ebkernels.ops.fused.conv_bn import conv_bn_launch
+
+    qx = torch.randint(-127, 128, (2, 16, 9, 9), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    qw = torch.randint(-127, 128, (24, 16, 3, 3), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    cpu, s = torch.device("cpu"), kernel_settings()
+
+    def plan(dz=None):
+        return conv_bn_launch(geometry(qx), geometry(qw), None if dz is None else geometry(dz), (1, 1), (1, 1),
+                              (1, 1), False, cpu, s)
+
+    assert plan() is plan() and (plan().OH, plan().OW, plan().M) == (9, 9, 162)
+    dz_nhwc = torch.randn(2, 24, 9, 9).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    dz_nchw = torch.randn(2, 24, 9, 9).to(torch.bfloat16)
+    assert plan(dz_nhwc).dz_like_y and not plan(dz_nchw).dz_like_y
+    assert plan(dz_nchw).dz_strides == (24 * 81, 9, 1, 81)  # (n, h, w, c) of a contiguous NCHW tensor

@@ -31,6 +31,7 @@ the kernel's float32 epilogue, then the float64 statistics / sums of ``_reduce``
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -39,7 +40,9 @@ from ..._backend import use_triton
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import absent, empty_output, present
-from .._launch import cdiv, MAX_TERMS, NO_FP_FUSION, alignment, conv2d_output_size, nchw_strides, offsets_fit_int32
+from ...config import kernel_settings
+from .._launch import (cdiv, MAX_TERMS, NO_FP_FUSION, alignment, cached_plan, conv2d_output_size, geometry,
+                       offsets_fit_int32)
 from .._reduce import (GROUP as STATS_GROUP, MOMENTS, SUMS, TB as STATS_TB, ReductionSpace, finish_reduction,
                        moments_reference, store_block_max, store_partials, tile_moments, tile_sums, z_slots)
 from .._tl import assume_conv_operands, decode_rows, to_bfloat16_rne
@@ -190,43 +193,80 @@ def conv2d_int8_bn_bwd_reduce_reference(qx, qw, sx, sw, bias, stride, padding, d
     return y, sums
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvBnLaunch:
+    """What a ``conv2d_int8_bn`` launch decides from its operands' geometry (``conv_bn_launch``)."""
+
+    OH: int
+    OW: int
+    M: int
+    x_strides: tuple  # s_n, s_h, s_w, s_r
+    w_strides: tuple  # stride(0), stride(2), stride(3), stride(1)
+    align: int
+    tile: object  # tiles.Tile
+    num_m: int
+    num_n: int
+    i64: bool
+    dz_strides: tuple
+    dz_like_y: bool
+
+
+@cached_plan
+def conv_bn_launch(x_geom, w_geom, dz_geom, stride, padding, dilation, has_res, device, settings) -> ConvBnLaunch:
+    """The launch plan of ``_launch`` for codes, weight codes and (backward) dz of geometry ``(shape, strides,
+    16-byte aligned)`` (``dz_geom`` None in forward), once per geometry (issue 20 item 5: host time);
+    ``settings``: the ``KernelSettings`` in force (the SM count follows them)."""
+    (N, C, H, W), (s_n, s_r, s_h, s_w), x16 = x_geom
+    (CO, _, KH, KW), (w0, w1, w2, w3), w16 = w_geom
+    OH, OW = conv2d_output_size(H, W, KH, KW, stride, padding, dilation)
+    M = N * OH * OW
+    align = alignment((C, s_n, s_h, s_w, w0, w2, w3)) if x16 and w16 else 1
+    tile = tiles.conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation, sms=tiles.device_sms(device)).tile
+    if has_res and tile.BM * tile.BN >= 128 * 128:
+        # the residual tile on top of the statistics epilogue spills at 128×128 (452-720 B, AOT): half the rows
+        tile = next(t for t in tiles.IGEMM_TILES if (t.BM, t.BN, t.BK, t.flat) == (64, tile.BN, tile.BK, tile.flat))
+    y_shape = (N, CO, OH, OW)
+    y_strides = (OH * OW * CO, 1, OW * CO, CO)  # y: bfloat16 NHWC
+    i64 = not offsets_fit_int32(x_geom[:2], (y_shape, y_strides)) or (
+        dz_geom is not None and not offsets_fit_int32(dz_geom[:2]))
+    if dz_geom is not None:
+        d = dz_geom[1]
+        dz_strides, dz_like_y = (d[0], d[2], d[3], d[1]), tuple(d) == y_strides
+    else:
+        dz_strides, dz_like_y = (0, 0, 0, 1), False
+    return ConvBnLaunch(OH, OW, M, (s_n, s_h, s_w, s_r), (w0, w2, w3, w1), align, tile, cdiv(M, tile.BM),
+                        cdiv(CO, tile.BN), i64, dz_strides, dz_like_y)
+
+
 def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz=None, bnp=None, weight=None,
             beta=None, running_mean=None, running_var=None, num_batches_tracked=None, momentum=None, eps=0.0,
             batch_stats=True, update=False, act="relu", residual=None):
     N, C, H, W = qx.shape
     CO, _, KH, KW = qw.shape
-    OH, OW = conv2d_output_size(H, W, KH, KW, stride, padding, dilation)
-    M = N * OH * OW
     if qw.stride(1) != 1 and C > 1:  # K-major weight operand (OHWI)
         qw = qw.contiguous(memory_format=torch.channels_last)
+    plan = conv_bn_launch(geometry(qx), geometry(qw), None if dz is None else geometry(dz), stride, padding,
+                          dilation, residual is not None, qx.device, kernel_settings())
+    OH, OW, M, tile = plan.OH, plan.OW, plan.M, plan.tile
     y = empty_output((N, CO, OH, OW), torch.bfloat16, qx.device, torch.channels_last)
-    s_n, s_h, s_w, s_r = nchw_strides(qx)
-    align = alignment((C, s_n, s_h, s_w, qw.stride(0), qw.stride(2), qw.stride(3)), (qx, qw))
-    tile = _tile(qx, qw, stride, padding, dilation)
-    if residual is not None and tile.BM * tile.BN >= 128 * 128:
-        # the residual tile on top of the statistics epilogue spills at 128×128 (452-720 B, AOT): half the rows
-        tile = next(t for t in tiles.IGEMM_TILES if (t.BM, t.BN, t.BK, t.flat) == (64, tile.BN, tile.BK, tile.flat))
-    num_m, num_n = cdiv(M, tile.BM), cdiv(CO, tile.BN)
-    space = ReductionSpace(MOMENTS if mode == 0 else SUMS, num_m, num_n, CO, qx.device)
-    i64 = not offsets_fit_int32(qx, y) or (dz is not None and not offsets_fit_int32(dz))
+    space = ReductionSpace(MOMENTS if mode == 0 else SUMS, plan.num_m, plan.num_n, CO, qx.device)
     if mode == 0:
         bnp_out = empty_output((BNP_ROWS, CO), torch.float32, qx.device)
         zmax = torch.empty(z_slots(CO), dtype=torch.int32, device=qx.device)  # max |z| bits per 16 channels
     else:
         bnp_out, zmax = bnp, space.sem
     dummy = space.out
-    sd = nchw_strides(dz) if dz is not None else (0, 0, 0, 1)
-    dz_like_y = dz is not None and dz.stride() == y.stride()
-    conv2d_int8_bn_kernel[(num_m * num_n,)](
+    conv2d_int8_bn_kernel[(plan.num_m * plan.num_n,)](
         qx, qw, y, sx, sw, bias if bias is not None else dummy, dz if dz is not None else y, space.part, space.grp,
         space.out, space.sem, weight if weight is not None else dummy, beta if beta is not None else dummy,
         running_mean if running_mean is not None else dummy, running_var if running_var is not None else dummy,
         num_batches_tracked if num_batches_tracked is not None else space.sem, bnp_out, zmax, H, W, C, OH, OW, CO,
-        KW, M, KH * KW, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], s_n, s_h, s_w, s_r,
-        qw.stride(0), qw.stride(2), qw.stride(3), qw.stride(1), *sd, inv_code_scales(bits_a, bits_w), float(eps),
+        KW, M, KH * KW, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], *plan.x_strides,
+        *plan.w_strides, *plan.dz_strides, inv_code_scales(bits_a, bits_w), float(eps),
         momentum_arg(momentum), float(M), residual if residual is not None else y, MODE=mode, HAS_BIAS=bias is not None, HAS_AFFINE=weight is not None,
         BATCH_STATS=batch_stats, UPDATE=update, ACT=act_code(act), BM=tile.BM, BN=tile.BN, BK=tile.BK,
-        GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=align, I64=i64, TB=STATS_TB, GROUP=STATS_GROUP, DZ_LIKE_Y=dz_like_y,
+        GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=plan.align, I64=plan.i64, TB=STATS_TB, GROUP=STATS_GROUP,
+        DZ_LIKE_Y=plan.dz_like_y,
         HAS_RES=residual is not None,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages, maxnreg=MAXNREG, **NO_FP_FUSION)
@@ -237,11 +277,8 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
 
 def _tile(qx, qw, stride, padding, dilation):
     """The per-layer forward's tile (``gemm.tiles`` rules 1-3, 6), always one split: see the module docstring."""
-    N, C, H, W = qx.shape
-    return tiles.conv_fwd_plan(N, C, H, W, qw.shape[0], qw.shape[2], qw.shape[3], stride, padding, dilation,
-                               sms=tiles.device_sms(qx.device)).tile
-
-
+    return conv_bn_launch(geometry(qx), geometry(qw), None, stride, padding, dilation, False, qx.device,
+                          kernel_settings()).tile
 
 
 def _triton_ok(qx, qw, *others) -> bool:
