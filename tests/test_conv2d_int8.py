@@ -430,3 +430,27 @@ def test_wgrad_channel_major_e_exact(device, poisoned, monkeypatch, case, max_te
                                                                       torch.float32), rtol=0, atol=0)
     if conv2d_int8.use_triton(qx) and case in (ECM_CASES[0], ECM_CASES[4]):
         assert calls[0]["ALIGN"] == 16  # the aligned E_CM / E_CM+X_CM variants ran
+
+
+def test_the_forward_and_input_grad_launch_plans_are_made_once_per_geometry():
+    """``conv_fwd_dgrad.conv_like_launch``: one plan per operand geometry and settings, not one per call (issue 20:
+    host time); a result or residual that does not start on 16 bytes gets the unaligned epilogue."""
+    from ebkernels.config import kernel_settings
+    from ebkernels.ops._launch import geometry
+    from ebkernels.ops.gemm.conv_fwd_dgrad import conv_like_launch
+
+    qx = torch.randint(-127, 128, (2, 32, 8, 8), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    qw = torch.randint(-127, 128, (48, 32, 3, 3), dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    out = torch.empty(2, 48, 8, 8).contiguous(memory_format=torch.channels_last)
+    cpu, s = torch.device("cpu"), kernel_settings()
+
+    def plan(o=out, res=None):
+        return conv_like_launch(False, geometry(qx), geometry(qw), geometry(o), res, 8, 8, 32, 8, 8, 48, 3, 3,
+                                (1, 1), (1, 1), (1, 1), MAX_TERMS, cpu, s)
+
+    first = plan()
+    assert plan() is first and first.out_align == 16 and first.src_strides == (32 * 64, 8 * 32, 32, 1)
+    assert plan(res=True) is not first and plan(res=True).out_align == 16
+    assert plan(res=False).out_align == 1  # a misaligned residual
+    odd = torch.empty(out.numel() + 1)[1:].as_strided(out.shape, out.stride())
+    assert plan(odd).out_align == 1 and plan(odd).align == first.align

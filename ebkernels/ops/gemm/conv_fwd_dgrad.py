@@ -6,6 +6,7 @@ oracles are ``conv2d_int8.conv2d_int8_fwd_reference`` / ``conv2d_int8_dgrad_refe
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -13,7 +14,9 @@ import torch
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import split_workspace
-from .._launch import cdiv, alignment, conv2d_output_size, memory_format, nchw_strides, offsets_fit_int32
+from ...config import kernel_settings
+from .._launch import (alignment, cached_plan, cdiv, conv2d_output_size, geometry, memory_format,
+                       offsets_fit_int32)
 from .._tl import assume_conv_operands, assume_multiple, decode_rows
 from . import tiles
 from .host import result_and_scale
@@ -137,41 +140,72 @@ def conv2d_int8_fwd_dgrad_kernel(src_ptr, w_ptr, out_ptr, ss_ptr, sw_ptr, bias_p
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
-def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, NCOL, KH, KW, stride, padding,
-                      dilation, sw_col, sw_r, inv_ss, max_terms, residual=None):
-    """Shared launch of the forward / input-grad kernels: result pixels (N, OP, OQ) × NCOL channels,
-    reduction over KH·KW taps × R channels; the tile from the table (``tiles``), the same plan
-    ``python -m ebkernels.aot --plan`` prints; split over K steps when longer than ``max_terms``."""
-    N = src.shape[0]
+@dataclasses.dataclass(frozen=True)
+class ConvLikeLaunch:
+    """What a forward / input-grad launch decides from its operands' geometry (``conv_like_launch``)."""
+
+    plan: object  # tiles.Plan
+    mhw: tuple  # MQ, HQ, WQ: rows of one phase and their grid
+    steps: tuple
+    src_strides: tuple  # s_n, s_h, s_w, s_r
+    out_strides: tuple  # so_n, so_h, so_w, so_c
+    align: int
+    out_align: int
+    i64: bool
+
+
+@cached_plan
+def conv_like_launch(transposed, src_geom, w_geom, out_geom, res_aligned, P, Q, R, OP, OQ, NCOL, KH, KW, stride,
+                     padding, dilation, max_terms, device, settings) -> ConvLikeLaunch:
+    """The launch plan of ``_conv_like_launch`` for operands of geometry ``(shape, strides, 16-byte aligned)``
+    (``res_aligned``: the residual's start, None without one), once per geometry (issue 20 item 5: host time);
+    ``settings``: the ``KernelSettings`` in force (the SM count follows them)."""
+    (N, _, _, _), (s_n, s_r, s_h, s_w), src16 = src_geom
+    _, w_strides, w16 = w_geom
+    sw_col, sw_r = (w_strides[1], w_strides[0]) if transposed else (w_strides[0], w_strides[1])
+    _, (so_n, so_c, so_h, so_w), out16 = out_geom
     M = N * OP * OQ
-    raw = ss is None
-    s_n, s_h, s_w, s_r = nchw_strides(src)
-    sms = tiles.device_sms(src.device)
+    sms = tiles.device_sms(device)
     if transposed:
         plan = tiles.conv_dgrad_plan(N, R, P, Q, NCOL, OP, OQ, KH, KW, stride, padding, dilation, sms=sms,
                                       max_terms=max_terms)
-        MQ, HQ, WQ = plan.mode["Mq"], cdiv(OP, stride[0]), cdiv(OQ, stride[1])
+        mhw = (plan.mode["Mq"], cdiv(OP, stride[0]), cdiv(OQ, stride[1]))
     else:
         plan = tiles.conv_fwd_plan(N, R, P, Q, NCOL, KH, KW, stride, padding, dilation, sms=sms, max_terms=max_terms)
-        MQ, HQ, WQ = M, OP, OQ
+        mhw = (M, OP, OQ)
+    steps = tuple(s // math.gcd(s, d) for s, d in zip(stride, dilation))  # taps of one phase: k0, k0 + step, ...
+    align = alignment((R, s_n, s_h, s_w, sw_col, w_strides[2], w_strides[3])) if src16 and w16 else 1
+    out_align = alignment((NCOL, so_n, so_h, so_w)) if out16 and res_aligned is not False else 1
+    i64 = not offsets_fit_int32(src_geom[:2], out_geom[:2])
+    return ConvLikeLaunch(plan, mhw, steps, (s_n, s_h, s_w, s_r), (so_n, so_h, so_w, so_c), align, out_align, i64)
+
+
+def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, NCOL, KH, KW, stride, padding,
+                      dilation, inv_ss, max_terms, residual=None):
+    """Shared launch of the forward / input-grad kernels: result pixels (N, OP, OQ) × NCOL channels,
+    reduction over KH·KW taps × R channels (``wq``: the weight codes, (Cout, Cin) strides in forward, their
+    (Cin, Cout)-ordered copy's in the input-grad); the tile from the table (``tiles``), the same plan
+    ``python -m ebkernels.aot --plan`` prints; split over K steps when longer than ``max_terms``."""
+    raw = ss is None
+    launch = conv_like_launch(transposed, geometry(src), geometry(wq), geometry(out),
+                              None if residual is None else residual.data_ptr() % 16 == 0, P, Q, R, OP, OQ, NCOL,
+                              KH, KW, stride, padding, dilation, max_terms, src.device, kernel_settings())
+    plan = launch.plan
     tile, splits = plan.tile, plan.splits
-    steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]  # taps of one phase: k0, k0 + step, ...
-    align = alignment((R, s_n, s_h, s_w, sw_col, wq.stride(2), wq.stride(3)), (src, wq))
+    sw_col, sw_r = (wq.stride(1), wq.stride(0)) if transposed else (wq.stride(0), wq.stride(1))
     # splits > 1: exact int32 tiles added into an int64 workspace, the last split of a tile stores it
     ws = split_workspace(plan.programs, splits, tile.BM, tile.BN, src.device)
-    so_n, so_h, so_w, so_c = nchw_strides(out)
     dummy = src
-    out_align = alignment((NCOL, so_n, so_h, so_w), (out,) if residual is None else (out, residual))
-    i64 = not offsets_fit_int32(src, out)
     has_res = residual is not None
     conv2d_int8_fwd_dgrad_kernel[(plan.programs, splits)](
         src, wq, out, dummy if raw else ss, dummy if raw else sw, bias if (not raw and bias is not None) else dummy,
-        P, Q, R, OP, OQ, NCOL, KH, KW, MQ, HQ, WQ, plan.per_split, stride[0], stride[1], padding[0], padding[1],
-        dilation[0], dilation[1], steps[0], steps[1], s_n, s_h, s_w, s_r, sw_col, wq.stride(2), wq.stride(3), sw_r,
-        so_n, so_h, so_w, so_c, ws, residual if has_res else out, inv_ss, TRANSPOSED=transposed,
+        P, Q, R, OP, OQ, NCOL, KH, KW, *launch.mhw, plan.per_split, stride[0], stride[1], padding[0], padding[1],
+        dilation[0], dilation[1], *launch.steps, *launch.src_strides, sw_col, wq.stride(2), wq.stride(3), sw_r,
+        *launch.out_strides, ws, residual if has_res else out, inv_ss, TRANSPOSED=transposed,
         HAS_BIAS=not raw and bias is not None, RAW=raw,
-        BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=align, OUT_ALIGN=out_align,
-        I64=i64, SPLIT_FIX=splits > 1, HAS_RES=has_res, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=launch.align,
+        OUT_ALIGN=launch.out_align, I64=launch.i64, SPLIT_FIX=splits > 1, HAS_RES=has_res, num_warps=tile.num_warps,
+        num_stages=tile.num_stages)
     return out
 
 
@@ -204,7 +238,7 @@ def _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w,
     if qw.stride(1) != 1 and C > 1:  # the reduction runs over Cin: keep it contiguous (K-major operand)
         qw = qw.contiguous(memory_format=torch.channels_last)
     return _conv_like_launch(False, qx, qw, sx, sw, bias, out, H, W, C, OH, OW, CO, KH, KW,
-                             stride, padding, dilation, qw.stride(0), qw.stride(1), inv_ss, max_terms, residual)
+                             stride, padding, dilation, inv_ss, max_terms, residual)
 
 
 def _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, bits_w, out_dtype,
@@ -220,4 +254,4 @@ def _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, b
     # tensor-core operand K-major
     qw_t = qw.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     return _conv_like_launch(True, qe, qw_t, se, sw, None, out, OH, OW, CO, H, W, C, KH,
-                             KW, stride, padding, dilation, qw_t.stride(1), qw_t.stride(0), inv_ss, max_terms)
+                             KW, stride, padding, dilation, inv_ss, max_terms)
