@@ -284,10 +284,11 @@ _NOT_REPEATED = ("rand", "normal", "bernoulli", "dropout", "multinomial", "unifo
                  "random", "seed")
 
 
-def op_trampoline(func, args, kwargs, default: float, reps: int = 40) -> float:
+def op_trampoline(func, args, kwargs, default: float, reps: int = 100, rounds: int = 7) -> float:
     """Seconds a dispatch mode adds to one call of ``func`` (an aten op overload) on this CPU: measured once per
-    overload with these arguments, the op run ``reps`` times without and with a bare mode (best of three); an op
-    that mutates, draws random numbers or runs longer than 200 µs is not repeated and takes ``default``."""
+    overload with these arguments, the op run ``reps`` times without and with a bare mode, alternately, ``rounds``
+    times (the best of each: a shared CPU's noise only adds); an op that mutates, draws random numbers or runs
+    longer than 200 µs is not repeated and takes ``default``."""
     hit = _OP_TRAMP.get(func)
     if hit is not None:
         return hit
@@ -296,16 +297,19 @@ def op_trampoline(func, args, kwargs, default: float, reps: int = 40) -> float:
         t = time.thread_time()
         func(*args, **kwargs)
         if time.thread_time() - t < 200e-6:
-            def best(mode):
-                out = float("inf")
-                for _ in range(3):
+            plain = moded = float("inf")
+            for _ in range(rounds):
+                for mode in (None, _Bare()):
                     t0 = time.thread_time()
                     with mode if mode is not None else contextlib.nullcontext():
                         for _ in range(reps):
                             func(*args, **kwargs)
-                    out = min(out, (time.thread_time() - t0) / reps)
-                return out
-            value = max(0.0, best(_Bare()) - best(None))
+                    took = (time.thread_time() - t0) / reps
+                    if mode is None:
+                        plain = min(plain, took)
+                    else:
+                        moded = min(moded, took)
+            value = max(0.0, moded - plain)
     _OP_TRAMP[func] = value
     return value
 
