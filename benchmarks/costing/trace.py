@@ -284,6 +284,24 @@ _NOT_REPEATED = ("rand", "normal", "bernoulli", "dropout", "multinomial", "unifo
                  "random", "seed")
 
 
+def _plain_and_moded(call, reps: int, rounds: int) -> tuple[float, float]:
+    """(seconds per ``call`` without, with a bare dispatch mode): ``reps`` calls each way, alternately, ``rounds``
+    times, the best of each (a shared CPU's noise only adds)."""
+    plain = moded = float("inf")
+    for _ in range(rounds):
+        for mode in (None, _Bare()):
+            t0 = time.thread_time()
+            with mode if mode is not None else contextlib.nullcontext():
+                for _ in range(reps):
+                    call()
+            took = (time.thread_time() - t0) / reps
+            if mode is None:
+                plain = min(plain, took)
+            else:
+                moded = min(moded, took)
+    return plain, moded
+
+
 def op_trampoline(func, args, kwargs, default: float, reps: int = 100, rounds: int = 7) -> float:
     """Seconds a dispatch mode adds to one call of ``func`` (an aten op overload) on this CPU: measured once per
     overload with these arguments, the op run ``reps`` times without and with a bare mode, alternately, ``rounds``
@@ -297,18 +315,7 @@ def op_trampoline(func, args, kwargs, default: float, reps: int = 100, rounds: i
         t = time.thread_time()
         func(*args, **kwargs)
         if time.thread_time() - t < 200e-6:
-            plain = moded = float("inf")
-            for _ in range(rounds):
-                for mode in (None, _Bare()):
-                    t0 = time.thread_time()
-                    with mode if mode is not None else contextlib.nullcontext():
-                        for _ in range(reps):
-                            func(*args, **kwargs)
-                    took = (time.thread_time() - t0) / reps
-                    if mode is None:
-                        plain = min(plain, took)
-                    else:
-                        moded = min(moded, took)
+            plain, moded = _plain_and_moded(lambda: func(*args, **kwargs), reps, rounds)
             value = max(0.0, moded - plain)
     _OP_TRAMP[func] = value
     return value
@@ -348,23 +355,7 @@ def _aten_event(func, args, kwargs, out, host: float, op: str) -> AtenOp:
 def calibrate(reps: int = 2000) -> tuple[float, float]:
     """(seconds to enter a TorchDispatchMode handler and leave it, seconds to dispatch a trivial aten op) on
     this CPU: what ``Recorder`` subtracts from and adds to each aten op's host time."""
-
     a, b = torch.zeros(1), torch.zeros(1)
     op = torch.ops.aten.add.Tensor
-
-    def timed(mode):
-        best = float("inf")
-        for _ in range(3):
-            t = time.thread_time()
-            if mode is None:
-                for _ in range(reps):
-                    op(a, b)
-            else:
-                with mode:
-                    for _ in range(reps):
-                        op(a, b)
-            best = min(best, (time.thread_time() - t) / reps)
-        return best
-
-    plain = timed(None)
-    return max(0.0, timed(_Bare()) - plain), plain
+    plain, moded = _plain_and_moded(lambda: op(a, b), reps, 3)
+    return max(0.0, moded - plain), plain

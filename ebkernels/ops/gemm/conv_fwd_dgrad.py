@@ -148,6 +148,7 @@ class ConvLikeLaunch:
     mhw: tuple  # MQ, HQ, WQ: rows of one phase and their grid
     steps: tuple
     src_strides: tuple  # s_n, s_h, s_w, s_r
+    w_strides: tuple  # sw_col, sw_h, sw_w, sw_r (the kernel's names)
     out_strides: tuple  # so_n, so_h, so_w, so_c
     align: int
     out_align: int
@@ -177,7 +178,8 @@ def conv_like_launch(transposed, src_geom, w_geom, out_geom, res_aligned, P, Q, 
     align = alignment((R, s_n, s_h, s_w, sw_col, w_strides[2], w_strides[3])) if src16 and w16 else 1
     out_align = alignment((NCOL, so_n, so_h, so_w)) if out16 and res_aligned is not False else 1
     i64 = not offsets_fit_int32(src_geom[:2], out_geom[:2])
-    return ConvLikeLaunch(plan, mhw, steps, (s_n, s_h, s_w, s_r), (so_n, so_h, so_w, so_c), align, out_align, i64)
+    return ConvLikeLaunch(plan, mhw, steps, (s_n, s_h, s_w, s_r), (sw_col, w_strides[2], w_strides[3], sw_r),
+                          (so_n, so_h, so_w, so_c), align, out_align, i64)
 
 
 def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, NCOL, KH, KW, stride, padding,
@@ -192,7 +194,6 @@ def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, N
                               KH, KW, stride, padding, dilation, max_terms, src.device, kernel_settings())
     plan = launch.plan
     tile, splits = plan.tile, plan.splits
-    sw_col, sw_r = (wq.stride(1), wq.stride(0)) if transposed else (wq.stride(0), wq.stride(1))
     # splits > 1: exact int32 tiles added into an int64 workspace, the last split of a tile stores it
     ws = split_workspace(plan.programs, splits, tile.BM, tile.BN, src.device)
     dummy = src
@@ -200,7 +201,7 @@ def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, N
     conv2d_int8_fwd_dgrad_kernel[(plan.programs, splits)](
         src, wq, out, dummy if raw else ss, dummy if raw else sw, bias if (not raw and bias is not None) else dummy,
         P, Q, R, OP, OQ, NCOL, KH, KW, *launch.mhw, plan.per_split, stride[0], stride[1], padding[0], padding[1],
-        dilation[0], dilation[1], *launch.steps, *launch.src_strides, sw_col, wq.stride(2), wq.stride(3), sw_r,
+        dilation[0], dilation[1], *launch.steps, *launch.src_strides, *launch.w_strides,
         *launch.out_strides, ws, residual if has_res else out, inv_ss, TRANSPOSED=transposed,
         HAS_BIAS=not raw and bias is not None, RAW=raw,
         BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=launch.align,
