@@ -377,3 +377,16 @@ def test_opcheck(rng_state):
     torch.library.opcheck(_bwd_op, (dz, y, bnp, sums, inv, "relu", "float", 8, False, 16, None, torch.bfloat16, True,
                                     "shift", torch.randn(y.shape, generator=g).to(torch.bfloat16), st),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_the_default_activation_is_relu(device):
+    """``bn_relu_bwd`` without ``act`` is the ReLU backward its name says (the default was once ``True``, which no
+    activation accepts), bit for bit the same as ``act="relu"``; an unknown activation names the accepted ones."""
+    g = gen(fresh_seed())
+    y, bnp, dz, inv, _, _ = _setup(2, 6, 3, 4, None, torch.bfloat16, "cl", "bn_stats", device, g)
+    sums = bn_relu_bwd_reduce(dz, y, bnp)
+    default, = bn_relu_bwd(dz, y, bnp, sums, mode="float")
+    relu, = bn_relu_bwd(dz, y, bnp, sums, act="relu", mode="float")
+    assert bits_equal(default.cpu(), relu.cpu())
+    with pytest.raises(ValueError, match="accepted: identity, relu"):
+        bn_relu_bwd(dz, y, bnp, sums, act="gelu", mode="float")

@@ -60,7 +60,8 @@ class BnCase(NamedTuple):
 
 # the table (on INTERPRETER_SMS SMs) chooses each of its tiles once (asserted below):
 # flat K (Cin_p 3 unpadded / 16 / 48) then one tap per K step (Cin_p 64, 128), each BN class (Cout 16, 20-32,
-# 40-50, 100-136), BM 64 (<= 384 rows) / 128; Cout 136: two column blocks; 4232 rows: 34 row tiles of 128
+# 40-50, 100-136), BM 64 (<= 384 rows) / 128 / 256 (the 64-channel 24×24 and 23×23 layers: 3 row tiles of 256);
+# Cout 136: two column blocks; 4232 rows: 34 row tiles of 128
 # (> 32: both merge levels); the 1×64×6×7 3×3 layer: the per-layer forward would split K (rule 7), this
 # kernel runs the plan's tile unsplit
 BF16, F32 = torch.bfloat16, torch.float32
@@ -99,6 +100,10 @@ CASES = [
            qw_layout="ohwi", act="relu", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
     BnCase(N=1, Cin=64, Cin_p=64, H=11, W=12, Cout=136, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="ohwi",
            act="relu", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=1, Cin=64, Cin_p=64, H=24, W=24, Cout=64, K=3, stride=1, pad=1, bias=False, qx_cl=True, qw_layout="ohwi",
+           act="relu", affine=True, stats="train", dz_layout="like_y", dz_dtype=BF16, momentum=0.1),
+    BnCase(N=1, Cin=64, Cin_p=64, H=23, W=23, Cout=50, K=3, stride=1, pad=1, bias=True, qx_cl=True, qw_layout="oihw",
+           act="relu", affine=True, stats="train", dz_layout="nchw", dz_dtype=BF16, momentum=0.1),
 ]
 
 
@@ -299,22 +304,28 @@ def test_residual_added_before_the_statistics(device, poisoned, case):
         conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, *conv, residual=res.float())
 
 
-def test_a_residual_launch_never_takes_the_128x128_tile():
-    """With the residual (its tile on top of the statistics epilogue), a layer the table gives 128×128 runs 64×128:
-    at 128×128 that build spills 452-720 bytes (AOT, sm_80 and sm_90)."""
+# (codes' shape, Cout, the table's tile on INTERPRETER_SMS SMs, the residual launch's tile)
+RESIDUAL_TILES = [((1, 64, 12, 12), 136, (128, 128), (64, 128)), ((1, 64, 24, 24), 64, (256, 64), (128, 64))]
+
+
+@pytest.mark.parametrize("shape,cout,table,runs", RESIDUAL_TILES,
+                         ids=[f"{t[0]}x{t[1]}" for _, _, t, _ in RESIDUAL_TILES])
+def test_a_residual_launch_takes_a_smaller_tile_than_128x128(shape, cout, table, runs):
+    """With the residual (its tile on top of the statistics epilogue), a layer the table gives 128×128 or more runs
+    64×128 (128×64 at 64 columns): at 128×128 that build spills 452-720 bytes (AOT, sm_80 and sm_90)."""
     g = gen(fresh_seed())
-    qx, qw = codes((2, 64, 12, 12), g, "cpu"), codes((136, 64, 3, 3), g, "cpu")
+    qx, qw = codes(shape, g, "cpu"), codes((cout, 64, 3, 3), g, "cpu")
     if not use_triton(qx):
         pytest.skip("the Triton launchers run on CPU tensors under TRITON_INTERPRET=1 only")
     conv = ((1, 1), (1, 1), (1, 1))
-    if (conv2d_bn._tile(qx, qw, *conv).BM, conv2d_bn._tile(qx, qw, *conv).BN) != (128, 128):
-        pytest.skip("the tile table plans this layer below 128×128 on this card")
-    res = torch.randn(2, 136, 12, 12, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
+    if (conv2d_bn._tile(qx, qw, *conv).BM, conv2d_bn._tile(qx, qw, *conv).BN) != table:
+        pytest.skip("the tile table plans this layer otherwise on this card")
+    res = torch.randn(shape[0], cout, *shape[2:], generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
     calls = []
     with LaunchSpy("conv2d_int8_bn_kernel", run=False) as spy:
         conv2d_int8_bn_fwd(qx, qw, torch.tensor(0.5), torch.tensor(0.01), None, *conv, residual=res)
         calls = spy.calls
-    assert [(c["BM"], c["BN"], c["HAS_RES"]) for c in calls] == [(64, 128, True)]
+    assert [(c["BM"], c["BN"], c["HAS_RES"]) for c in calls] == [(*runs, True)]
 
 
 def test_the_launch_plan_is_made_once_per_geometry():

@@ -15,6 +15,7 @@ from ebkernels.aot import print_plan
 from ebkernels.ops.gemm import tiles as _tiles, conv as conv2d_int8
 from ebkernels.ops._buffers import counter_pool
 from ebkernels.ops.gemm.conv import conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd, conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference
+from ebkernels.ops.gemm.conv_fwd_dgrad import _CONV_AOT
 from helpers import CONV_KERNELS, spy_launches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,8 @@ SMS = _tiles.INTERPRETER_SMS
 # (N, Cin, H, W, Cout): 3×3, stride 1, padding 1; ragged channel counts (13, 27, 50, 100: each BN class) and
 # 64 / 128 (one tap per K step), 48 (flat, aligned); N·H·W = 225 rows (BM = 64 on INTERPRETER_SMS SMs) or 392 (BM = 128)
 PAIRS = [(64, 13), (128, 27), (64, 50), (64, 100), (13, 27), (48, 100)]
-IGEMM_CASES = [(n, c, h, h, co) for c, co in PAIRS for n, h in ((1, 15), (2, 14))]
+IGEMM_CASES = ([(n, c, h, h, co) for c, co in PAIRS for n, h in ((1, 15), (2, 14))]
+               + [(1, 64, 24, 24, 64), (1, 64, 23, 23, 50)])  # 576 / 529 rows: BM = 256 (3 row tiles)
 # weight-grad (N, Cin, H, W, Cout, K), stride 1, padding K // 2: every (Cout, Cin) class with 1×1 kernels:
 # ragged channels and 30 rows (unaligned operands: BK = 32), multiples of 16 and 64 rows (aligned: BK = 64);
 # fewer than 16 input channels (columns flat over (tap, channel)): 13, 27, 54, 117 columns (BN 16 to 128)
@@ -49,6 +51,20 @@ def test_the_cases_make_the_table_choose_every_declared_tile():
     assert chosen == set(_tiles.declared_tiles("igemm"))
     wg = {_tiles.wgrad_tile(case[4], case[1], _wgrad_align(case), case[5] ** 2) for case in WGRAD_CASES}
     assert wg == set(_tiles.declared_tiles("wgrad"))
+
+
+def test_a_256_row_tile_runs_unsplit():
+    """Rule 3: a reduction long enough to split (``max_terms``) takes the 128-row tile, forward and input-grad (the
+    256-row split build spills, AOT; none is declared), with the same split rule."""
+    s, p, d = (1, 1), (1, 1), (1, 1)
+    plans = (lambda **kw: _tiles.conv_fwd_plan(1, 64, 24, 24, 64, 3, 3, s, p, d, sms=SMS, **kw),
+             lambda **kw: _tiles.conv_dgrad_plan(1, 64, 24, 24, 64, 24, 24, 3, 3, s, p, d, sms=SMS, **kw))
+    for plan in plans:
+        assert (plan().tile.BM, plan().splits) == (256, 1)
+        split = plan(max_terms=64 * 4)
+        assert (split.tile.BM, split.tile.BN, split.splits, split.per_split) == (128, 64, 3, 3)
+    declared = {(c["BM"], c["SPLIT_FIX"]) for c in _CONV_AOT}
+    assert (256, False) in declared and (256, True) not in declared
 
 
 def _codes(shape, gen):

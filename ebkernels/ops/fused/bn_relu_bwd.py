@@ -372,7 +372,7 @@ def _(dz, y, bnp, sums, inv, act, out_mode, bits, stochastic, pad_to, amax, out_
     return nhwc, cm, y.new_empty((), dtype=torch.float32)
 
 
-def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, act=True, mode="codes", bits=8, stochastic=False, pad_to=16,
+def bn_relu_bwd(dz, y, bnp, sums=None, inv=None, act="relu", mode="codes", bits=8, stochastic=False, pad_to=16,
                 amax=None, out_dtype=torch.float32, channels_last_out=True, scale_mode="shift", addend=None):
     """Per element ``dy = a·((g - m1) - xhat·m2)`` (``sums`` None: eval, m1 = m2 = 0). ``mode="absmax"``:
     ``[bits of max |dy|, random ticket]`` (int32 [2]); ``"codes"`` (needs that ``amax``): ``(codes NHWC (N, Cp,

@@ -223,8 +223,9 @@ def conv_bn_launch(x_geom, w_geom, dz_geom, stride, padding, dilation, has_res, 
     align = alignment((C, s_n, s_h, s_w, w0, w2, w3)) if x16 and w16 else 1
     tile = tiles.conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation, sms=tiles.device_sms(device)).tile
     if has_res and tile.BM * tile.BN >= 128 * 128:
-        # the residual tile on top of the statistics epilogue spills at 128×128 (452-720 B, AOT): half the rows
-        tile = next(t for t in tiles.IGEMM_TILES if (t.BM, t.BN, t.BK, t.flat) == (64, tile.BN, tile.BK, tile.flat))
+        # the residual tile on top of the statistics epilogue spills at 128×128 (452-720 B, AOT): fewer rows
+        rows = 128 if tile.BN <= 64 else 64
+        tile = next(t for t in tiles.IGEMM_TILES if (t.BM, t.BN, t.BK, t.flat) == (rows, tile.BN, tile.BK, tile.flat))
     y_shape = (N, CO, OH, OW)
     y_strides = (OH * OW * CO, 1, OW * CO, CO)  # y: bfloat16 NHWC
     i64 = not offsets_fit_int32(x_geom[:2], (y_shape, y_strides)) or (

@@ -39,6 +39,7 @@ _CONV_SIG = {"src_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*fp32", "ss_ptr": "*f
 # (K packed across taps) tiles also unaligned (ALIGN=1: the unpadded Cin = 3 first layer); a forward into an
 # NCHW result (OUT_ALIGN=1) at the big tile; every forward tile also with its residual add fused (HAS_RES: the
 # pre-activation ResNet's conv3 + shortcut).
+_SPLITS = {64: (False, True), 128: (False, True), 256: (False,)}  # (the table runs 256-row tiles unsplit)
 _CONV_UNIT = {"stride_h": 1, "stride_w": 1, "dil_h": 1, "dil_w": 1, "step_h": 1, "step_w": 1}
 
 
@@ -50,14 +51,14 @@ def _conv_aot(t, out_nchw=False, **kw):
 
 
 _CONV_AOT = ([_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, SPLIT_FIX=fix) for t in tiles.IGEMM_TILES
-              for fix in (False, True)]
+              for fix in _SPLITS[t.BM]]
              + [_conv_aot(t, TRANSPOSED=True, HAS_BIAS=False, SPLIT_FIX=fix) for t in tiles.IGEMM_TILES
-                for fix in (False, True)]
+                for fix in _SPLITS[t.BM]]
              + [_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, ALIGN=1, OUT_ALIGN=1)
                 for t in tiles.IGEMM_TILES if t.flat and t.BM * t.BN < 128 * 128]
-             + [_conv_aot(tiles.IGEMM_TILES[-2], True, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, OUT_ALIGN=1)]
+             + [_conv_aot(next(t for t in tiles.IGEMM_TILES if t.name == "128x128x64/w8"), True, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, OUT_ALIGN=1)]
              + [_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, SPLIT_FIX=fix, HAS_RES=True)
-                for t in tiles.IGEMM_TILES for fix in (False, True)])
+                for t in tiles.IGEMM_TILES for fix in _SPLITS[t.BM]])
 
 
 @aot_kernel(signature=_CONV_SIG, constexprs=_CONV_AOT, int8_mma=True, aligned=("src_ptr", "w_ptr", "out_ptr"))

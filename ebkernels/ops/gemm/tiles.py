@@ -27,9 +27,13 @@ what runs):
    (``FLAT``), so a 16-channel 3×3 layer issues 5 K steps of 32 (144 of 160 lanes useful) instead of 9 of
    64 (144 of 576), and the Cin = 3 first layer, whose codes are no longer padded to 16 channels, one step
    (27 of 32) instead of 9 of 64 (27 of 576). R a multiple of 64: one tap per K step of 64 (scalar decode).
-3. **M tiles by grid fill**: BM = 128 unless that fills fewer than 3/4 of the SMs (larger tiles: less L2
-   traffic per multiply-add), then 64; if still short and BN = 128, BN = 64 (the 512-channel 2×2 layers: 32
-   programs at 128×128, 128 at 64×64 on 132 SMs; the 4×4 ones keep 128 of 128×128).
+3. **M tiles by grid fill**: BM = 256 where a tap holds a multiple of 64 channels, BN = 64 and 256-row tiles
+   still fill 3/4 of the SMs (less L2 traffic per multiply-add: the cost model prices these implicit GEMMs
+   L2-bound at 128 rows, e.g. VGG16's and PreResNet's 64-channel layers at batch 256), unsplit (a split one
+   runs 128 rows: its split-K build with the residual spills; 256×128 spills 136-2380 B in every build, AOT,
+   so it is not in the table); else BM = 128 unless
+   that fills fewer than 3/4 of the SMs, then 64; if still short and BN = 128, BN = 64 (the 512-channel 2×2
+   layers: 32 programs at 128×128, 128 at 64×64 on 132 SMs; the 4×4 ones keep 128 of 128×128).
 4. **Input-grad by phase decomposition**: a stride (sh, sw) input-grad is sh·sw dense sub-problems, one
    per input phase (ih % sh, iw % sw), each reading only the taps that hit it (``dgrad_phase_taps``), in
    one launch: no per-tap divisibility test, no wasted taps, any stride / padding / dilation.
@@ -111,8 +115,9 @@ def _tile(BM, BN, BK, flat=False, wide_warps=False) -> Tile:
 
 
 # implicit-GEMM forward / input-grad: BM x BN x {64 one tap per step, 32 flat over (tap, channel)}
-IGEMM_TILES = tuple(_tile(BM, BN, BK, flat) for BM in (64, 128) for BN in (16, 32, 64, 128)
-                    for BK, flat in ((64, False), (32, True)))
+IGEMM_TILES = (tuple(_tile(BM, BN, BK, flat) for BM in (64, 128) for BN in (16, 32, 64, 128)
+                     for BK, flat in ((64, False), (32, True)))
+               + (_tile(256, 64, 64),))  # rule 3's 256-row tile: 64 channels per tap, one tap per K step
 # weight-grad: output channels x input channels of one tap, 64 rows of the reduction per step (32 when the
 # operands are not 16-byte aligned: byte-wise loads of 64-row tiles spill); 8 warps for 128 columns too
 # (32x128 at 4 warps spills on sm_90)
@@ -209,7 +214,9 @@ def igemm_tile(row_tiles, NCOL: int, R: int, sms: int) -> Tile:
     flat = R % 64 != 0
     BK = 32 if flat else 64
     BM = 128
-    if row_tiles(128) * cdiv(NCOL, BN) < GRID_FILL * sms or (R % 16 and BN == 128):
+    if not flat and BN == 64 and row_tiles(256) * cdiv(NCOL, BN) >= GRID_FILL * sms:
+        BM = 256
+    elif row_tiles(128) * cdiv(NCOL, BN) < GRID_FILL * sms or (R % 16 and BN == 128):
         BM = 64
     if row_tiles(BM) * cdiv(NCOL, BN) < GRID_FILL * sms and BN == 128:
         BN = 64
@@ -240,6 +247,11 @@ def k_split(iters: int, tile: Tile, R: int, max_terms: int, programs: int = 0, s
     return cdiv(max(iters, 1), per), per
 
 
+def _split_256(tile: Tile, splits: int) -> bool:
+    """Rule 3: a 256-row tile runs unsplit (a reduction longer than ``max_terms`` takes 128 rows instead)."""
+    return tile.BM == 256 and splits > 1
+
+
 @cached_plan
 def conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation, *, sms, max_terms=MAX_TERMS,
                   cin_real=None, cout_real=None) -> Plan:
@@ -248,9 +260,13 @@ def conv_fwd_plan(N, C, H, W, CO, KH, KW, stride, padding, dilation, *, sms, max
     OH, OW = conv_out(H, KH, stride[0], padding[0], dilation[0]), conv_out(W, KW, stride[1], padding[1], dilation[1])
     M = N * OH * OW
     tile = igemm_tile(lambda bm: cdiv(M, bm), CO, C, sms)
-    programs = cdiv(M, tile.BM) * cdiv(CO, tile.BN)
-    iters = k_iters(tile, KH * KW, C)
-    splits, per = k_split(iters, tile, C, max_terms, programs, sms)
+    while True:
+        programs = cdiv(M, tile.BM) * cdiv(CO, tile.BN)
+        iters = k_iters(tile, KH * KW, C)
+        splits, per = k_split(iters, tile, C, max_terms, programs, sms)
+        if not _split_256(tile, splits):
+            break
+        tile = _find(IGEMM_TILES, 128, tile.BN, tile.BK, tile.flat)
     issued = programs * iters * tile.BM * tile.BN * tile.BK
     useful = M * (cout_real or CO) * (cin_real or C) * KH * KW
     return Plan("fwd", tile, programs, splits, per, issued, useful, {"M": M})
@@ -266,9 +282,13 @@ def conv_dgrad_plan(N, CO, OH, OW, C, H, W, KH, KW, stride, padding, dilation, *
     phases = stride[0] * stride[1]
     Mq = N * cdiv(H, stride[0]) * cdiv(W, stride[1])
     tile = igemm_tile(lambda bm: phases * cdiv(Mq, bm), C, CO, sms)
-    per_phase = cdiv(Mq, tile.BM) * cdiv(C, tile.BN)
-    iters = [k_iters(tile, a[1] * b[1], CO) for a in ph_h for b in ph_w]
-    splits, per = k_split(max(iters), tile, CO, max_terms, phases * per_phase, sms)
+    while True:
+        per_phase = cdiv(Mq, tile.BM) * cdiv(C, tile.BN)
+        iters = [k_iters(tile, a[1] * b[1], CO) for a in ph_h for b in ph_w]
+        splits, per = k_split(max(iters), tile, CO, max_terms, phases * per_phase, sms)
+        if not _split_256(tile, splits):
+            break
+        tile = _find(IGEMM_TILES, 128, tile.BN, tile.BK, tile.flat)
     issued = per_phase * sum(iters) * tile.BM * tile.BN * tile.BK
     useful = N * OH * OW * (cout_real or CO) * (cin_real or C) * KH * KW
     return Plan("dgrad", tile, phases * per_phase, splits, per, issued, useful, {"phases": phases, "Mq": Mq,
