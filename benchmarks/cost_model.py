@@ -35,7 +35,7 @@ from benchmarks.common import markdown_table  # noqa: E402
 from benchmarks.costing import fences, report  # noqa: E402
 from benchmarks.costing.cards import RULES, card  # noqa: E402
 from benchmarks.costing.price import price_trace, step_totals  # noqa: E402
-from benchmarks.costing.step import MODES, record_step  # noqa: E402
+from benchmarks.costing.step import MODES, plain_host_us, record_step  # noqa: E402
 from ebkernels._cli import comma_list  # noqa: E402
 
 
@@ -46,7 +46,8 @@ def price_modes(net: str, batch: int, card_name: str, modes, small_stem=False, w
     for mode in modes:
         tr = record_step(net, mode, batch, small_stem, width, hw, repeats)
         priced = price_trace(tr, c, RULES)
-        out[mode] = {"trace": tr, "priced": priced, "totals": step_totals(priced, tr.host_tail_us, RULES)}
+        out[mode] = {"trace": tr, "priced": priced, "totals": step_totals(priced, tr.host_tail_us, RULES),
+                     "plain_us": plain_host_us(net, mode, small_stem, width, hw)}
     return out
 
 
@@ -63,6 +64,12 @@ def markdown(net: str, batch: int, card_name: str, results: dict, per_kernel: bo
              f"added per PyTorch op, the frees of op results after the step).", "",
              markdown_table(*report.totals_table(results)), "",
              markdown_table(*report.targets(results, traces)), ""]
+    check = report.host_check_table(results)
+    if check[1]:
+        lines += ["Host time cross-check (int8 modes): forward + backward, the recorder's figure against the CPU time of "
+                  "the same Python thread with the launches stubbed and no recorder at all (batch 2: its aten ops do "
+                  "no real arithmetic; the least of 15 steps). The totals above keep the recorder's, the larger.", "",
+                  markdown_table(*check), ""]
     for mode in ("int8-fused", "int8-layer"):
         if mode in results:
             r = results[mode]
@@ -89,6 +96,8 @@ def as_json(results: dict) -> dict:
                  "host_cpu_us": g["host"], "op": g["p"].op}
                 for g in report.kernel_rows(r["priced"])]
         seen = report.findings(mode, r["priced"], r["trace"], r["totals"]) if mode.startswith("int8") else []
+        t["host_fwd_bwd_recorder_us"] = r["trace"].fwd_bwd_host_us
+        t["host_fwd_bwd_plain_us"] = r.get("plain_us")
         out[mode] = {"totals": t, "kernels": rows, "findings": seen}
     return out
 

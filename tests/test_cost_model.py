@@ -183,6 +183,15 @@ def test_small_network_step_priced_in_all_four_modes(settings):
     md = markdown("vgg11", 4, "h100", res, limit=5)
     assert "model predictions (not measurements)" in md and md.count("**1. serial phases**") == 2
     assert "| int8 fused / bf16 step speed, graph-captured |" in md
+    # the host cross-check: int8 modes only, forward + backward (the optimizer's events marked and left out)
+    assert res["bf16"]["plain_us"] is None and res["fp32"]["plain_us"] is None
+    for m in ("int8-fused", "int8-layer"):
+        tr = res[m]["trace"]
+        assert res[m]["plain_us"] > 0 and 0 < tr.opt_start < len(tr.events)
+        assert all("foreach" in e.name for e in tr.events[tr.opt_start:] if not hasattr(e, "grid"))
+        assert 0 < tr.fwd_bwd_host_us < t[m]["host_cpu_us"]
+    assert "| int8 fused | " in md.split("Host time cross-check")[1] and "| bf16 autocast |" not in \
+        md.split("Host time cross-check")[1].split("\n\n")[1]
 
 
 def test_cli_smoke(tmp_path):

@@ -9,7 +9,7 @@ from benchmarks.common import markdown_table
 from .aten_rules import base_name
 from .cards import RULES, card_table
 
-__all__ = ["totals_table", "targets", "findings", "kernel_rows", "kernel_table", "name_table", "rules_markdown"]
+__all__ = ["totals_table", "host_check_table", "targets", "findings", "kernel_rows", "kernel_table", "name_table", "rules_markdown"]
 
 LABEL = {"int8-fused": "int8 fused", "int8-layer": "int8 per-layer", "bf16": "bf16 autocast", "fp32": "fp32"}
 
@@ -31,6 +31,26 @@ def totals_table(results: dict) -> tuple:
     headers = ["mode", "Triton launches", "PyTorch kernels", "device µs (kernels)", "graph-captured µs",
                "speed vs bf16 (graph)", "host µs (CPU, stubbed)", "host µs / launch", "host µs + GPU launch API",
                "eager µs", "speed vs bf16 (eager)"]
+    return headers, rows
+
+
+def host_check_table(results: dict) -> tuple:
+    """Per int8 mode: forward + backward host µs by the recorder and by the plain thread time (``step.plain_host_us``),
+    per launch of forward + backward (Triton launches and PyTorch kernels before the optimizer's first event)."""
+    rows = []
+    for mode, r in results.items():
+        plain = r.get("plain_us")
+        if plain is None:
+            continue
+        tr = r["trace"]
+        cut = tr.opt_start if tr.opt_start >= 0 else len(tr.events)
+        before = {id(e) for e in tr.events[:cut]}
+        launches = sum(p.launches for p in r["priced"] if id(p.event) in before) or 1
+        rec = tr.fwd_bwd_host_us
+        rows.append([LABEL[mode], launches, _us(rec), f"{rec / launches:.1f}", _us(plain), f"{plain / launches:.1f}",
+                     f"{rec / plain:.2f}"])
+    headers = ["mode", "launches (fwd + bwd)", "host µs, recorder", "per launch", "host µs, plain (batch 2)",
+               "per launch", "recorder / plain"]
     return headers, rows
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import gc
 import os
 import time
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from .trace import Recorder, calibrate
 
-__all__ = ["MODES", "ConvLayer", "StepTrace", "conv_layers", "record_step"]
+__all__ = ["MODES", "ConvLayer", "StepTrace", "conv_layers", "record_step", "plain_host_us"]
 
 MODES = ("int8-fused", "int8-layer", "bf16", "fp32")
 
@@ -59,6 +60,12 @@ class StepTrace:
     calibration: tuple  # (dispatch-mode entry s, trivial aten dispatch s)
     layers: list  # ConvLayer, in forward order
     input_numel: int  # the smallest convolution input (activation size threshold of the copy count)
+    opt_start: int = -1  # index of the optimizer step's first event (-1: not marked)
+
+    @property
+    def fwd_bwd_host_us(self) -> float:
+        """The recorder's host time of forward + backward (the events before the optimizer step's)."""
+        return sum(e.host_us for e in self.events[:self.opt_start if self.opt_start >= 0 else None])
 
     @property
     def map_sizes(self) -> set:
@@ -146,11 +153,15 @@ def record_step(name: str, mode: str, batch: int, small_stem: bool = False, widt
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
         amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16")
 
+        recording: list = []  # the recorder of the step being recorded, where it marks the optimizer's start
+
         def step():
             opt.zero_grad(set_to_none=True)
             with amp:
                 out = model(x)
             F.cross_entropy(out.float(), y).backward()
+            if recording:
+                recording[-1].opt_start = len(recording[-1].events)
             opt.step()
 
         with Recorder(tramp, floor):  # warm-up, launches stubbed too
@@ -159,6 +170,7 @@ def record_step(name: str, mode: str, batch: int, small_stem: bool = False, widt
             gc.collect()
             gc.disable()
             rec = Recorder(tramp, floor)
+            recording.append(rec)
             t = time.perf_counter()
             try:
                 with rec:
@@ -174,4 +186,49 @@ def record_step(name: str, mode: str, batch: int, small_stem: bool = False, widt
             first.host_tail_us = min(first.host_tail_us, rec.host_tail_us)
     smallest = min((batch * c.cin * c.h * c.w for c in layers), default=batch)
     return StepTrace(name, mode, batch, first.events, first.host_tail_us, min(w for _, w in runs), (tramp, floor),
-                     layers, smallest)
+                     layers, smallest, getattr(first, "opt_start", -1))
+
+
+def plain_host_us(name: str, mode: str, small_stem: bool = False, width: float = 1.0, hw: int = 32, batch: int = 2,
+                  repeats: int = 15) -> Optional[float]:
+    """The cross-check of the recorder's host figure, int8 modes (None for the float ones, whose ops compute here):
+    CPU time of the Python thread for one forward + backward with the Triton launches stubbed and no dispatch
+    mode at all (no op charged a mode's cost or a calibrated dispatch floor, no recorder bookkeeping), the least
+    of ``repeats`` after two warm-up steps. At a small ``batch``, so that the aten ops an int8 step runs here
+    (allocations, views, the loss) do next to no arithmetic and no large buffer is mapped and unmapped; the host
+    work itself does not depend on the batch (plans are made once per shape). The optimizer step is left out:
+    its foreach ops would compute on the CPU over every parameter."""
+    if not mode.startswith("int8"):
+        return None
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("int8 modes need TRITON_INTERPRET=1 set before ebkernels is imported")
+    import triton.runtime.interpreter as ti
+
+    model = build(name, mode, small_stem, width)
+    x = torch.randn(batch, 3, hw, hw).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward_backward():
+        for p in params:
+            p.grad = None
+        F.cross_entropy(model(x).float(), y).backward()
+
+    orig = ti.InterpretedFunction.run
+    ti.InterpretedFunction.run = lambda self, *args, grid, warmup, **kwargs: None  # stubbed, as under the recorder
+    try:
+        forward_backward()
+        forward_backward()
+        best = float("inf")
+        for _ in range(repeats):
+            gc.collect()
+            gc.disable()
+            try:
+                t = time.thread_time()
+                forward_backward()
+                best = min(best, time.thread_time() - t)
+            finally:
+                gc.enable()
+    finally:
+        ti.InterpretedFunction.run = orig
+    return best * 1e6
