@@ -273,7 +273,7 @@ def section_wgrad(s: Session):
     from ebkernels import _rng
     from ebkernels.config import QConfig
     from ebkernels.config import override
-    from ebkernels.ops.gemm import tiles as _tiles
+    from ebkernels.ops.gemm import wgrad_tiles as _wgrad_tiles
     from ebkernels.ops._launch import code_channels
     from ebkernels.ops.gemm.conv import weight_grad_op
 
@@ -283,9 +283,9 @@ def section_wgrad(s: Session):
     for sh in shapes.values():
         C, CO = code_channels(sh.cin), code_channels(sh.cout)
         OH = (sh.h + 2 * sh.pad - sh.k) // sh.stride + 1
-        tile = _tiles.wgrad_tile(CO, C, 16, sh.k * sh.k)
-        box = _tiles.wgrad_tma_rows(batch, sh.h, sh.w, OH, OH, sh.k, sh.k, (sh.stride,) * 2, (sh.pad,) * 2, C, CO,
-                                    tile)
+        tile = _wgrad_tiles.wgrad_tile(CO, C, 16, sh.k * sh.k)
+        box = _wgrad_tiles.wgrad_tma_rows(batch, sh.h, sh.w, OH, OH, sh.k, sh.k, (sh.stride,) * 2, (sh.pad,) * 2, C,
+                                          CO, tile)
         if box is None:
             continue
         if s.left() < 60:

@@ -268,7 +268,7 @@ def spy_launches(monkeypatch, *kernels: str, run: bool = True) -> list:
 
 
 def pin_tile(monkeypatch, module, lookup: str, tile) -> None:
-    """Until the test ends, ``module.<lookup>`` (a tile-table function, e.g. ``tiles.wgrad_tile`` or
+    """Until the test ends, ``module.<lookup>`` (a tile-table function, e.g. ``wgrad_tiles.wgrad_tile`` or
     ``linear.gemm_tiles``) returns ``tile`` for every shape. The one patch of product code that acts as a
     setting (no API takes a tile): under the interpreter, long K tiles let a 2^17-term reduction run in a few
     (slow) loop steps."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ebkernels import QConfig, _rng, force_backend, qconv2d
 from ebkernels.ops._launch import MAX_TERMS, code_channels
 from ebkernels.ops.gemm import conv as conv2d_int8
-from ebkernels.ops.gemm import tiles as _tiles
+from ebkernels.ops.gemm import tiles as _tiles, wgrad_tiles as _wgrad_tiles
 from ebkernels.ops.gemm.host import inv_code_scales
 from ebkernels.ops.gemm.conv import conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd, conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference
 from helpers import CONV_KERNELS, QuantizeGrad, fresh_seed, gen as seeded, pin_tile, spy_launches, ste_quant
@@ -153,7 +153,7 @@ def test_chunked_reductions_and_epilogue(device, poisoned, cl):
 def test_wgrad_int32_overflow_guard(device, poisoned, monkeypatch):
     """Weight-grad reduction over N·OH·OW = 134,689 rows of maximal codes: 127² · 134,689 > 2^31."""
     if device.type == "cpu":  # long row chunks: few (slow) interpreter loop steps
-        pin_tile(monkeypatch, _tiles, "wgrad_tile", _tiles.Tile(16, 16, 16384, True, 4, 1, 1))
+        pin_tile(monkeypatch, _wgrad_tiles, "wgrad_tile", _tiles.Tile(16, 16, 16384, True, 4, 1, 1))
     H = W = 367
     qx = torch.full((1, 1, H, W), 127, dtype=torch.int8)
     qx[..., 0, :5] = -7  # a few other values so the taps differ

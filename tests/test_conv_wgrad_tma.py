@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ebkernels.ops.gemm import conv_wgrad_tma as _conv_wgrad_tma, tiles as _tiles
+from ebkernels.ops.gemm import wgrad_tiles as _wgrad_tiles
 from ebkernels.ops.gemm.conv import conv2d_int8_wgrad, conv2d_int8_wgrad_reference
 from ebkernels.ops._launch import conv2d_output_size
 from helpers import spy_launches
@@ -72,8 +73,8 @@ def _spy(monkeypatch):
 def test_operand_copies_match_reference(device, poisoned, case, one_torch_thread):
     N, C, H, W, CO, (KH, KW), pad, dil = case
     qx, qe, OH, OW = _case(case, torch.Generator().manual_seed(sum(case[:5])), device)
-    tile = _tiles.wgrad_tile(CO, C, 16, KH * KW)
-    rows = _tiles.wgrad_tma_rows(N, H, W, OH, OW, KH, KW, (1, 1), pad, C, CO, tile)
+    tile = _wgrad_tiles.wgrad_tile(CO, C, 16, KH * KW)
+    rows = _wgrad_tiles.wgrad_tma_rows(N, H, W, OH, OW, KH, KW, (1, 1), pad, C, CO, tile)
     assert rows is not None
     ed, xd = _conv_wgrad_tma.wgrad_tma_operands(qe, qx, rows, KW, pad, dil)
     ed_ref, xd_ref = _conv_wgrad_tma.wgrad_tma_operands_reference(qe, qx, rows, KW, pad, dil)
@@ -87,7 +88,7 @@ def test_tma_wgrad_exact(device, poisoned, monkeypatch, tma_on, case, one_torch_
     calls = _spy(monkeypatch)
     se, sx = torch.tensor(2.0 ** -3, device=device), torch.tensor(0.5, device=device)
     args = ([KH, KW], [1, 1], list(pad), list(dil), 1, 8, 8)
-    rows = _tiles.wgrad_tma_rows(N, H, W, OH, OW, KH, KW, (1, 1), pad, C, CO, _tiles.wgrad_tile(CO, C, 16, KH * KW))
+    rows = _wgrad_tiles.wgrad_tma_rows(N, H, W, OH, OW, KH, KW, (1, 1), pad, C, CO, _wgrad_tiles.wgrad_tile(CO, C, 16, KH * KW))
     # one split, and splits of 64 rows (one box) each, which the int64 fix-up adds
     for max_terms in (_tiles.MAX_TERMS, 64):
         for scales, dtype in (((None, None), None), ((se, sx), torch.float32)):
@@ -160,17 +161,17 @@ NO_TMA = [  # why the table must not take the TMA weight-grad: the id
 def test_table_takes_tma_only_where_it_fits(shape, request):
     why = request.node.callspec.id
     N, C, H, W, CO, OH, OW, KH, KW, stride, pad = shape
-    tile = _tiles.wgrad_tile(CO, C, 16, KH * KW)
-    assert _tiles.wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, pad, C, CO, tile) is None, why
+    tile = _wgrad_tiles.wgrad_tile(CO, C, 16, KH * KW)
+    assert _wgrad_tiles.wgrad_tma_rows(N, H, W, OH, OW, KH, KW, stride, pad, C, CO, tile) is None, why
 
 
 def test_tma_is_off_by_default_off_sm90(settings):
     from ebkernels.config import kernel_settings
 
     assert kernel_settings().wgrad_tma is None
-    assert not _tiles.wgrad_tma_wanted(torch.device("cpu"))
+    assert not _wgrad_tiles.wgrad_tma_wanted(torch.device("cpu"))
     settings(wgrad_tma=True)
-    assert _tiles.wgrad_tma_wanted(torch.device("cpu"))
+    assert _wgrad_tiles.wgrad_tma_wanted(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["per_layer", "fused_chain"])

@@ -13,6 +13,7 @@ import torch
 
 from ebkernels.aot import print_plan
 from ebkernels.ops.gemm import tiles as _tiles, conv as conv2d_int8
+from ebkernels.ops.gemm import wgrad_tiles as _wgrad_tiles
 from ebkernels.ops._buffers import counter_pool
 from ebkernels.ops.gemm.conv import conv2d_int8_dgrad, conv2d_int8_dgrad_reference, conv2d_int8_fwd, conv2d_int8_fwd_reference, conv2d_int8_wgrad, conv2d_int8_wgrad_reference
 from ebkernels.ops.gemm.conv_fwd_dgrad import _CONV_AOT
@@ -49,7 +50,7 @@ def _plans(case):
 def test_the_cases_make_the_table_choose_every_declared_tile():
     chosen = {p.tile for case in IGEMM_CASES for p in _plans(case)}
     assert chosen == set(_tiles.declared_tiles("igemm"))
-    wg = {_tiles.wgrad_tile(case[4], case[1], _wgrad_align(case), case[5] ** 2) for case in WGRAD_CASES}
+    wg = {_wgrad_tiles.wgrad_tile(case[4], case[1], _wgrad_align(case), case[5] ** 2) for case in WGRAD_CASES}
     assert wg == set(_tiles.declared_tiles("wgrad"))
 
 
@@ -112,7 +113,7 @@ def test_every_wgrad_tile_exact(device, poisoned, monkeypatch, case, one_torch_t
                                           dtype)
         torch.testing.assert_close(dw.cpu(), ref, rtol=0, atol=0)
     if device.type == "cpu":
-        t = _tiles.wgrad_tile(CO, C, _wgrad_align(case), K * K)
+        t = _wgrad_tiles.wgrad_tile(CO, C, _wgrad_align(case), K * K)
         x_cm = False  # NHWC input codes here: FLAT_N whenever the table says flat
         assert all((c["BM"], c["BN"], c["BK"], c["num_warps"], c["ALIGN"], c["FLAT_N"]) == (
             t.BM, t.BN, t.BK, t.num_warps, _wgrad_align(case), t.flat and not x_cm) for c in calls)

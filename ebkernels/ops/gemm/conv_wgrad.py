@@ -1,7 +1,7 @@
 """The weight-grad kernel of the int8 Conv2d (``conv``; its own file for size, same op):
 ``dW[Cout, (kh, kw, ci)] = Eᵀ · X̃`` reducing over the N·OH·OW rows, no materialised im2col.
 
-The tile comes from the per-shape table (``tiles.wgrad_tile``: narrow Cout/Cin tiles; columns flat over
+The tile comes from the per-shape table (``wgrad_tiles.wgrad_tile``: narrow Cout/Cin tiles; columns flat over
 (tap, channel) below 16 input channels), the reduction is split into chunks of at most 2^17 rows whose
 exact int32 sums are added into an int64 workspace, and the last split of each output tile applies the
 scales and the fused G quantization (``mainloop.finish_gemm_tile``): one launch,
@@ -19,7 +19,7 @@ from .._buffers import split_workspace
 from ...config import kernel_settings
 from .._launch import alignment, cached_plan, cdiv, geometry, offsets_fit_int32
 from .._tl import assume_multiple, decode_rows, decode_tap, tap_input_coord
-from . import tiles
+from . import tiles, wgrad_tiles
 from .conv_wgrad_tma import launch_wgrad_tma
 from .gquant import gquant_finish, gquant_off, gquant_plan
 from .host import result_and_scale
@@ -184,7 +184,7 @@ class WgradLaunch:
     align: int
     tile: tiles.Tile
     flat_n: bool
-    rows: object  # tiles.TmaRows or None
+    rows: object  # wgrad_tiles.TmaRows or None
     n_tiles: int
     splits: int
     per: int
@@ -216,17 +216,17 @@ def wgrad_launch(e_geom, x_geom, kernel_hw, stride, padding, max_terms, device, 
     else:
         align = alignment((C, CO, se_n, se_h, se_w, sx_n, sx_h, sx_w)) if ptrs_ok else 1
     taps = KH * KW
-    tile = tiles.wgrad_tile(CO, C, align, taps)  # the table (rule 5), as ``--plan`` prints it
+    tile = wgrad_tiles.wgrad_tile(CO, C, align, taps)  # the table (rule 5), as ``--plan`` prints it
     flat_n = tile.flat and not x_cm
     if tile.flat and x_cm:  # 1×1 channel-major: one tap, the plain columns (same count)
         tile = dataclasses.replace(tile, flat=False)
     # rule 8 (sm_90): both operands K-major through TMA, over the padded rows of their copies
-    tma = None if x_cm else tiles.wgrad_tma_plan(device, N, C, H, W, CO, OH, OW, KH, KW, stride, padding)
+    tma = None if x_cm else wgrad_tiles.wgrad_tma_plan(device, N, C, H, W, CO, OH, OW, KH, KW, stride, padding)
     rows = None
     if tma is not None:
         tile, rows = tma
-    n_tiles = cdiv(CO, tile.BM) * tiles.wgrad_col_tiles(tile, C, taps)
-    splits, per = tiles.wgrad_splits(N * rows.rows if rows else M, n_tiles,
+    n_tiles = cdiv(CO, tile.BM) * wgrad_tiles.wgrad_col_tiles(tile, C, taps)
+    splits, per = wgrad_tiles.wgrad_splits(N * rows.rows if rows else M, n_tiles,
                                       tiles.device_sms(device) if tiles.on_gpu(device) else None, max_terms, tile.BK)
     i64 = not offsets_fit_int32(e_geom[:2], x_geom[:2])
     return WgradLaunch(e_cm, x_cm, (se_n, se_h, se_w, se_c, sx_n, sx_h, sx_w, sx_c), align, tile, flat_n, rows,

@@ -33,7 +33,7 @@ from ..._triton import TensorDescriptor, tl, triton
 from .._buffers import empty_output
 from .._launch import cdiv, alignment
 from .._tl import assume_multiple, decode_tap
-from . import tiles
+from . import tiles, wgrad_tiles
 from .mainloop import finish_gemm_tile, grouped_tile_ids
 
 __all__ = ["conv2d_int8_wgrad_tma_kernel", "wgrad_tma_operands_kernel", "wgrad_tma_operands",
@@ -103,7 +103,7 @@ def _tma_aot():
     aligned = [t for t in tiles.WGRAD_TILES if t.BK == tiles.WGRAD_BK and not t.flat]
     out = []
     for t in aligned:
-        for bh, bw in tiles.WGRAD_TMA_BOXES:
+        for bh, bw in wgrad_tiles.WGRAD_TMA_BOXES:
             if (bh, bw) != (2, 32) and (t.BM, t.BN) != (64, 64):
                 continue
             for fix in (False, True):
@@ -160,7 +160,7 @@ def conv2d_int8_wgrad_tma_kernel(e_desc, x_desc, out_ptr, se_ptr, sx_ptr, C, CP,
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
-def e_is_tma_ready(qe, rows: tiles.TmaRows) -> bool:
+def e_is_tma_ready(qe, rows: wgrad_tiles.TmaRows) -> bool:
     """Whether the E codes already are the TMA operand [COp, N·OHs, OWs]: channel-major and contiguous (as
     ``bn_relu_bwd`` writes them), no padded channel, row or column, 16-byte aligned."""
     N, CO, OH, OW = qe.shape
@@ -168,7 +168,7 @@ def e_is_tma_ready(qe, rows: tiles.TmaRows) -> bool:
             and qe.data_ptr() % 16 == 0)
 
 
-def wgrad_tma_operands(qe, qx, rows: tiles.TmaRows, KW, padding, dilation):
+def wgrad_tma_operands(qe, qx, rows: wgrad_tiles.TmaRows, KW, padding, dilation):
     """(e operand [COp, N·OHs, OWs], x_copies [KW·Cp, N·Hp, OWs]) int8, in one launch; E is a view of ``qe``
     where that already is the operand (``e_is_tma_ready``), else a copy."""
     N, C, H, W = qx.shape
@@ -190,7 +190,7 @@ def wgrad_tma_operands(qe, qx, rows: tiles.TmaRows, KW, padding, dilation):
     return ed, xd
 
 
-def wgrad_tma_operands_reference(qe, qx, rows: tiles.TmaRows, KW, padding, dilation):
+def wgrad_tma_operands_reference(qe, qx, rows: wgrad_tiles.TmaRows, KW, padding, dilation):
     """The copies of ``wgrad_tma_operands`` in PyTorch."""
     N, C, H, W = qx.shape
     _, CO, OH, OW = qe.shape
@@ -205,7 +205,7 @@ def wgrad_tma_operands_reference(qe, qx, rows: tiles.TmaRows, KW, padding, dilat
     return ed.reshape(cop, N * rows.OHs, rows.OWs), xd.reshape(KW * cp, N * rows.Hp, rows.OWs)
 
 
-def launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows: tiles.TmaRows, tile: tiles.Tile, kernel_hw, padding,
+def launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows: wgrad_tiles.TmaRows, tile: tiles.Tile, kernel_hw, padding,
                      dilation, n_tiles, splits, per, ws, g_args, g_mode, g_stoch, bits_g, raw):
     """The copies, then the TMA weight-grad on the grid (``n_tiles`` output tiles, the ones ``ws`` was sized
     for; ``splits`` splits of ``per`` rows, a multiple of 64)."""

@@ -18,7 +18,7 @@ from ...config import QConfig
 from .._buffers import empty_output
 from .._launch import CHANNEL_PAD, cdiv, code_channels, padded_channels, reads_codes_channel_major
 from ..quantize import _check_args, _quantize_op, _seed_args, quantize, quantize_dequantize
-from . import tiles
+from . import tiles, wgrad_tiles
 
 __all__ = ["split_reduction", "inv_code_scales", "result_and_scale", "F32_EXACT_SUM", "MAX_F32_CHUNKS", "f32_exact_terms",
            "f32_chunks", "exact_int_sums", "quantize_weight", "quantize_weight_grad", "quantize_two_layouts",
@@ -29,9 +29,9 @@ __all__ = ["split_reduction", "inv_code_scales", "result_and_scale", "F32_EXACT_
 def split_reduction(length: int, n_tiles: int, BK: int, device: torch.device, max_terms: int, min_iters: int = 8):
     """(splits, terms per split) for a reduction of ``length`` terms: every split at most ``max_terms``
     terms (int32-exact) and a multiple of BK; on a GPU, more splits when there are too few output tiles
-    to fill the SMs (one rule with the convolution weight-grad: ``tiles.wgrad_splits``), each at least
+    to fill the SMs (one rule with the convolution weight-grad: ``wgrad_tiles.wgrad_splits``), each at least
     ``min_iters`` K steps."""
-    return tiles.wgrad_splits(length, n_tiles, tiles.device_sms(device) if tiles.on_gpu(device) else None,
+    return wgrad_tiles.wgrad_splits(length, n_tiles, tiles.device_sms(device) if tiles.on_gpu(device) else None,
                               max_terms, BK, min_iters)
 
 
@@ -193,7 +193,7 @@ def x_channel_major(x, weight, stride, padding, groups) -> bool:
 def wgrad_uses_tma(gy, xa, w_shape, stride, padding, pad_e) -> bool:
     """Whether the weight-grad runs rule 8's TMA kernel (it reads its own copy of the E codes)."""
     N, C, H, W = xa.shape
-    return bool(tiles.wgrad_tma_plan(gy.device, N, C, H, W, padded_channels(gy.shape[1], pad_e), *gy.shape[2:],
+    return bool(wgrad_tiles.wgrad_tma_plan(gy.device, N, C, H, W, padded_channels(gy.shape[1], pad_e), *gy.shape[2:],
                                      *w_shape[2:], stride, padding))
 
 

@@ -3,7 +3,8 @@ before the table (``tiles``): what ``python -m ebkernels.aot --plan`` prints."""
 from __future__ import annotations
 
 from .._launch import cdiv, MAX_TERMS, conv_out
-from .tiles import Plan, Tile, conv_dgrad_plan, conv_fwd_plan, conv_wgrad_plan, wgrad_splits
+from .tiles import Plan, Tile, conv_dgrad_plan, conv_fwd_plan
+from .wgrad_tiles import conv_wgrad_plan, wgrad_splits
 
 __all__ = ["LEGACY", "legacy_plans", "layer_plans"]
 
