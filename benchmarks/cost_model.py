@@ -66,8 +66,8 @@ def markdown(net: str, batch: int, card_name: str, results: dict, per_kernel: bo
              markdown_table(*report.targets(results, traces)), ""]
     check = report.host_check_table(results)
     if check[1]:
-        lines += ["Host time cross-check (int8 modes): forward + backward, the recorder's figure against the CPU time of "
-                  "the same Python thread with the launches stubbed and no recorder at all (batch 2: its aten ops do "
+        lines += ["Host time cross-check (int8 modes): forward + backward, the recorder's figure against the CPU "
+                  "time of the same Python thread with the launches stubbed and no recorder at all (batch 2: its aten ops do "
                   "no real arithmetic; the least of 15 steps). The totals above keep the recorder's, the larger.", "",
                   markdown_table(*check), ""]
     for mode in ("int8-fused", "int8-layer"):

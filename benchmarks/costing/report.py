@@ -9,7 +9,8 @@ from benchmarks.common import markdown_table
 from .aten_rules import base_name
 from .cards import RULES, card_table
 
-__all__ = ["totals_table", "host_check_table", "targets", "findings", "kernel_rows", "kernel_table", "name_table", "rules_markdown"]
+__all__ = ["totals_table", "host_check_table", "targets",
+           "findings", "kernel_rows", "kernel_table", "name_table", "rules_markdown"]
 
 LABEL = {"int8-fused": "int8 fused", "int8-layer": "int8 per-layer", "bf16": "bf16 autocast", "fp32": "fp32"}
 

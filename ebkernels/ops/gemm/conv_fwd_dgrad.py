@@ -56,7 +56,8 @@ _CONV_AOT = ([_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, SPLIT_
                 for fix in _SPLITS[t.BM]]
              + [_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, ALIGN=1, OUT_ALIGN=1)
                 for t in tiles.IGEMM_TILES if t.flat and t.BM * t.BN < 128 * 128]
-             + [_conv_aot(next(t for t in tiles.IGEMM_TILES if t.name == "128x128x64/w8"), True, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, OUT_ALIGN=1)]
+             + [_conv_aot(next(t for t in tiles.IGEMM_TILES if t.name == "128x128x64/w8"), True, **_CONV_UNIT,
+                          TRANSPOSED=False, HAS_BIAS=True, OUT_ALIGN=1)]
              + [_conv_aot(t, **_CONV_UNIT, TRANSPOSED=False, HAS_BIAS=True, SPLIT_FIX=fix, HAS_RES=True)
                 for t in tiles.IGEMM_TILES for fix in _SPLITS[t.BM]])
 

@@ -227,7 +227,8 @@ def wgrad_launch(e_geom, x_geom, kernel_hw, stride, padding, max_terms, device, 
         tile, rows = tma
     n_tiles = cdiv(CO, tile.BM) * wgrad_tiles.wgrad_col_tiles(tile, C, taps)
     splits, per = wgrad_tiles.wgrad_splits(N * rows.rows if rows else M, n_tiles,
-                                      tiles.device_sms(device) if tiles.on_gpu(device) else None, max_terms, tile.BK)
+                                           tiles.device_sms(device) if tiles.on_gpu(device) else None, max_terms,
+                                           tile.BK)
     i64 = not offsets_fit_int32(e_geom[:2], x_geom[:2])
     return WgradLaunch(e_cm, x_cm, (se_n, se_h, se_w, se_c, sx_n, sx_h, sx_w, sx_c), align, tile, flat_n, rows,
                        n_tiles, splits, per, i64)

@@ -32,7 +32,7 @@ def split_reduction(length: int, n_tiles: int, BK: int, device: torch.device, ma
     to fill the SMs (one rule with the convolution weight-grad: ``wgrad_tiles.wgrad_splits``), each at least
     ``min_iters`` K steps."""
     return wgrad_tiles.wgrad_splits(length, n_tiles, tiles.device_sms(device) if tiles.on_gpu(device) else None,
-                              max_terms, BK, min_iters)
+                                    max_terms, BK, min_iters)
 
 
 def inv_code_scales(bits_a: int, bits_b: int) -> float:
@@ -193,8 +193,8 @@ def x_channel_major(x, weight, stride, padding, groups) -> bool:
 def wgrad_uses_tma(gy, xa, w_shape, stride, padding, pad_e) -> bool:
     """Whether the weight-grad runs rule 8's TMA kernel (it reads its own copy of the E codes)."""
     N, C, H, W = xa.shape
-    return bool(wgrad_tiles.wgrad_tma_plan(gy.device, N, C, H, W, padded_channels(gy.shape[1], pad_e), *gy.shape[2:],
-                                     *w_shape[2:], stride, padding))
+    return bool(wgrad_tiles.wgrad_tma_plan(gy.device, N, C, H, W, padded_channels(gy.shape[1], pad_e),
+                                           *gy.shape[2:], *w_shape[2:], stride, padding))
 
 
 def is_channels_last(t: torch.Tensor) -> bool:

@@ -31,18 +31,18 @@ what runs):
    still fill 3/4 of the SMs (less L2 traffic per multiply-add: the cost model prices these implicit GEMMs
    L2-bound at 128 rows, e.g. VGG16's and PreResNet's 64-channel layers at batch 256), unsplit (a split one
    runs 128 rows: its split-K build with the residual spills; 256×128 spills 136-2380 B in every build, AOT,
-   so it is not in the table); else BM = 128 unless
-   that fills fewer than 3/4 of the SMs, then 64; if still short and BN = 128, BN = 64 (the 512-channel 2×2
-   layers: 32 programs at 128×128, 128 at 64×64 on 132 SMs; the 4×4 ones keep 128 of 128×128).
+   so it is not in the table); else BM = 128 unless that fills fewer than 3/4 of the SMs, then 64; if still
+   short and BN = 128, BN = 64 (the 512-channel 2×2 layers: 32 programs at 128×128, 128 at 64×64 on 132 SMs;
+   the 4×4 ones keep 128 of 128×128).
 4. **Input-grad by phase decomposition**: a stride (sh, sw) input-grad is sh·sw dense sub-problems, one
    per input phase (ih % sh, iw % sw), each reading only the taps that hit it (``dgrad_phase_taps``), in
    one launch: no per-tap divisibility test, no wasted taps, any stride / padding / dilation.
 5. **Weight-grad**: rows are output channels (BM = power of two >= Cout in [16, 128]), columns the input
    channels of one tap (BN likewise from Cin) or, for fewer than 16 (unpadded) input channels, flat over
    (tap, channel) (the first layer's 27 columns in one 32-wide tile, not 9 taps × 16). The reduction over
-   N·OH·OW runs in steps of 64 rows, split (``wgrad_tiles.wgrad_splits``, also the Linear's rule) into int32-exact
-   chunks of at most 2^17 terms and, on a GPU, into more splits while the output tiles are fewer than two
-   per SM; the splits meet in an int64 workspace and the last one finishes the tile (as in rule 7).
+   N·OH·OW runs in steps of 64 rows, split (``wgrad_tiles.wgrad_splits``, also the Linear's rule) into
+   int32-exact chunks of at most 2^17 terms and, on a GPU, into more splits while the output tiles are fewer
+   than two per SM; the splits meet in an int64 workspace and the last one finishes the tile (as in rule 7).
 6. Warps: 8 when the accumulator tile has >= 128·64 elements (weight-grad: or 128 columns), else 4; 4
    pipeline stages. Unaligned operands (channel counts / rows not multiples of 16: byte-wise loads):
    weight-grad BK = 32 and at most 64×128 (flat columns: 2048 accumulators), forward BM = 64 at 128
