@@ -44,8 +44,7 @@ def host_check_table(results: dict) -> tuple:
         if plain is None:
             continue
         tr = r["trace"]
-        cut = tr.opt_start if tr.opt_start >= 0 else len(tr.events)
-        before = {id(e) for e in tr.events[:cut]}
+        before = {id(e) for e in tr.fwd_bwd_events}
         launches = sum(p.launches for p in r["priced"] if id(p.event) in before) or 1
         rec = tr.fwd_bwd_host_us
         rows.append([LABEL[mode], launches, _us(rec), f"{rec / launches:.1f}", _us(plain), f"{plain / launches:.1f}",

@@ -63,9 +63,14 @@ class StepTrace:
     opt_start: int = -1  # index of the optimizer step's first event (-1: not marked)
 
     @property
+    def fwd_bwd_events(self) -> list:
+        """The events of forward + backward: those before the optimizer step's first (all when not marked)."""
+        return self.events[:self.opt_start] if self.opt_start >= 0 else self.events
+
+    @property
     def fwd_bwd_host_us(self) -> float:
-        """The recorder's host time of forward + backward (the events before the optimizer step's)."""
-        return sum(e.host_us for e in self.events[:self.opt_start if self.opt_start >= 0 else None])
+        """The recorder's host time of forward + backward."""
+        return sum(e.host_us for e in self.fwd_bwd_events)
 
     @property
     def map_sizes(self) -> set:
