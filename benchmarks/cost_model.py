@@ -9,7 +9,8 @@ launch recorded and not executed, the tile table planning for the priced card (`
 132 SMs: H100 and H200); the float steps run on fake tensors. Each launch and PyTorch op is priced by a
 roofline that counts bytes with re-reads (L2 rule), MMA work with padding and recompute, programs against
 SMs, serial one-program loops, fences and atomics from the compiled SASS, launch latency, and the host time
-measured here with the launches stubbed. The rules and every constant: ``benchmarks/costing/`` (cards.py
+measured here with the launches stubbed (by the recorder; for the int8 modes also forward + backward timed
+plainly, without it: ``costing.step.plain_host_us``, a cross-check table under the totals). The rules and every constant: ``benchmarks/costing/`` (cards.py
 holds the numbers, its package docstring the rules). Output: markdown on stdout; ``--json`` the same data.
 Every figure is a model prediction, not a measurement: ``gpu_session.py`` prints these next to what it
 measures, so that the first GPU run calibrates the model.
