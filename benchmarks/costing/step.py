@@ -133,14 +133,19 @@ def _fake(model: nn.Module, fm) -> None:
                 mod._buffers[k] = fm.from_tensor(b)
 
 
-def record_step(name: str, mode: str, batch: int, small_stem: bool = False, width: float = 1.0, hw: int = 32,
-                repeats: int = 2) -> StepTrace:
-    """Build, warm up, then record ``repeats`` steps; the events of the first, each event's host time the
-    minimum over the repeats (the same launches in the same order: a quieter repeat is a truer host cost)."""
+def _check_mode(mode: str) -> None:
+    """A mode ``MODES`` names; an int8 one only with the interpreter set before ebkernels was imported."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}; accepted: {', '.join(MODES)}")
     if mode.startswith("int8") and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("int8 modes need TRITON_INTERPRET=1 set before ebkernels is imported")
+
+
+def record_step(name: str, mode: str, batch: int, small_stem: bool = False, width: float = 1.0, hw: int = 32,
+                repeats: int = 2) -> StepTrace:
+    """Build, warm up, then record ``repeats`` steps; the events of the first, each event's host time the
+    minimum over the repeats (the same launches in the same order: a quieter repeat is a truer host cost)."""
+    _check_mode(mode)
     layers = conv_layers(name, small_stem, width, hw)
     model = build(name, mode, small_stem, width)
     fake = mode in ("bf16", "fp32")
@@ -191,7 +196,7 @@ def record_step(name: str, mode: str, batch: int, small_stem: bool = False, widt
             first.host_tail_us = min(first.host_tail_us, rec.host_tail_us)
     smallest = min((batch * c.cin * c.h * c.w for c in layers), default=batch)
     return StepTrace(name, mode, batch, first.events, first.host_tail_us, min(w for _, w in runs), (tramp, floor),
-                     layers, smallest, getattr(first, "opt_start", -1))
+                     layers, smallest, first.opt_start)
 
 
 def plain_host_us(name: str, mode: str, small_stem: bool = False, width: float = 1.0, hw: int = 32, batch: int = 2,
@@ -203,10 +208,9 @@ def plain_host_us(name: str, mode: str, small_stem: bool = False, width: float =
     (allocations, views, the loss) do next to no arithmetic and no large buffer is mapped and unmapped; the host
     work itself does not depend on the batch (plans are made once per shape). The optimizer step is left out:
     its foreach ops would compute on the CPU over every parameter."""
+    _check_mode(mode)
     if not mode.startswith("int8"):
         return None
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("int8 modes need TRITON_INTERPRET=1 set before ebkernels is imported")
     import triton.runtime.interpreter as ti
 
     model = build(name, mode, small_stem, width)

@@ -146,6 +146,7 @@ class Recorder(TorchDispatchMode):
         self._patched = None
         self._depth = 0  # the mode is re-entered inside custom ops: patch and time at the outermost level only
         self._kept: list = []  # the storages of aten ops' results, freed after the step (module docstring)
+        self.opt_start = -1  # the index of the optimizer step's first event, where the step marks it
 
     # ---- timing -----------------------------------------------------------------------------------------
     def _gap_us(self, t_in: float, tramp: float) -> float:
