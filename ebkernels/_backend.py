@@ -23,11 +23,20 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernels should handle these tensors."""
     if not tensors or not HAS_TRITON or kernel_settings().backend == "reference":
         return False
-    # every tensor on CUDA, or (interpreter) every one on the CPU; ``is_cuda`` / ``is_cpu`` rather than a set of
-    # ``device.type`` strings: this runs for every launch (issue 20 item 5, host time)
-    if all(t.is_cuda for t in tensors):
+    # every tensor on CUDA, or (interpreter) every one on the CPU; ``is_cuda`` / ``is_cpu`` in a plain loop rather
+    # than a set of ``device.type`` strings or ``all()`` over a generator: this runs several times per launch
+    # (issue 20 item 5, host time)
+    for t in tensors:
+        if not t.is_cuda:
+            break
+    else:
         return True
-    return INTERPRET and all(t.is_cpu for t in tensors)
+    if not INTERPRET:
+        return False
+    for t in tensors:
+        if not t.is_cpu:
+            return False
+    return True
 
 
 def force_backend(name: str):

@@ -390,3 +390,27 @@ def test_the_default_activation_is_relu(device):
     assert bits_equal(default.cpu(), relu.cpu())
     with pytest.raises(ValueError, match="accepted: identity, relu"):
         bn_relu_bwd(dz, y, bnp, sums, act="gelu", mode="float")
+
+
+def test_direct_path_returns_what_the_registered_op_returns(rng_state):
+    """The op's direct path (``_bwd_direct``: no empty tensors padding its results to three) gives the registered
+    op's results, bit for bit, in every mode, and advances the random state the same (stochastic absmax)."""
+    g = gen(fresh_seed())
+    y, bnp, dz, inv, _, _ = _setup(2, 6, 3, 5, "inv", torch.bfloat16, "cl", "bn_stats", torch.device("cpu"), g)
+    sums = bn_relu_bwd_reduce(dz, y, bnp, inv)
+    st = _rng.device_state("cpu")
+    seed = fresh_seed() % 1000
+    for mode, stochastic in (("absmax", True), ("codes", False), ("float", False), ("float_absmax", False)):
+        amax = None
+        if mode == "codes":
+            amax, = bn_relu_bwd(dz, y, bnp, sums, inv, "relu", "absmax")
+        args = (dz, y, bnp, sums, inv, "relu", mode, 8, stochastic, 16, amax, torch.float32, True, "shift", None, st)
+        ebkernels.manual_seed(seed)
+        direct = _bwd_op(*args)
+        state = st.clone()
+        ebkernels.manual_seed(seed)
+        registered = torch.ops.ebkernels.bn_relu_bwd(*args)
+        assert torch.equal(state, st), mode
+        assert len(direct) == {"codes": 3, "float_absmax": 2}.get(mode, 1) and len(registered) == 3, mode
+        for a, b in zip(direct, registered):
+            assert a.dtype == b.dtype and a.shape == b.shape and bits_equal(a, b), mode

@@ -164,3 +164,29 @@ def test_direct_path_and_registered_op_agree_and_compile_uses_the_op(monkeypatch
                              backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), _quantize_op(x, 8, False, "shift", 0, False, 0, False, st, none)[0])
     assert len(calls) == 2  # the eager call above only: the compiled graph called the registered op
+
+
+def test_direct_path_refuses_functorch_wrappers_and_subclasses():
+    """The direct path's checks: a functorch transform's wrapped tensor (vmap, grad) and a tensor subclass take the
+    registered op, with grad mode on or off; plain tensors under no-grad and no transform take the direct path
+    (its cheapest case: type tests only)."""
+    x = torch.randn((3, 4), generator=gen(fresh_seed()))
+    seen = []
+
+    def probe(t):
+        seen.append(_dispatch.direct_path_allowed((t, 8, None), {}))
+        return t * 2
+
+    torch.func.vmap(probe)(x)
+    with torch.no_grad():
+        torch.func.vmap(probe)(x)
+    torch.func.grad(lambda t: probe(t).sum())(x)
+    assert seen == [False, False, False]
+
+    class Sub(torch.Tensor):
+        pass
+
+    with torch.no_grad():
+        assert _dispatch.direct_path_allowed((x, 8, [x, x]), {"scale": x})
+        assert not _dispatch.direct_path_allowed((x, [x, x.as_subclass(Sub)]), {})
+        assert not _dispatch.direct_path_allowed((x,), {"scale": x.as_subclass(Sub)})

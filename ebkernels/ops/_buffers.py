@@ -1,10 +1,12 @@
 """Where every int8-kernel output, workspace and counter comes from (a leaf: imports nothing of ops).
 
-- ``empty_output``: result and partial-sum buffers. Under ``config.override(poison_outputs=True)`` they
-  start poisoned, so an element a kernel fails to write shows up in the tests;
+- ``empty_output`` / ``empty_channel_major``: result and partial-sum buffers. Under
+  ``config.override(poison_outputs=True)`` they start poisoned, so an element a kernel fails to write shows up in
+  the tests;
 - ``counter_pool``: integer counters and split-K workspaces that are zero at every launch because every
   kernel that uses them leaves them zero (no memset launches);
-- ``split_workspace``: the int64 workspace of a split-K GEMM (``gemm.mainloop.split_fixup``).
+- ``split_workspace``: the int64 workspace of a split-K GEMM (``gemm.mainloop.split_fixup``);
+- ``scratch``: a workspace one launch writes and reads back itself (an in-kernel reduction's partials).
 """
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ import torch
 
 from ..config import kernel_settings
 
-__all__ = ["empty_output", "poison", "counter_pool", "counter_slice", "split_workspace", "absent", "present"]
+__all__ = ["empty_output", "empty_channel_major", "poison", "counter_pool", "counter_slice", "split_workspace", "scratch",
+           "absent", "present"]
 
 _POOLS: dict = {}
 _SLICES: dict = {}  # (pool key, start, stop) -> a view of the pool now under that key (``counter_slice``)
+_SCRATCH: dict = {}  # (pool key, role) -> flat buffer (``scratch``)
+_SCRATCH_VIEWS: dict = {}  # (pool key, role, shape) -> a view of that buffer
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:
@@ -32,6 +37,14 @@ def empty_output(shape, dtype: torch.dtype, device: torch.device,
                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """Every output and partial-sum buffer of the int8 kernels (poisoned under ``poison_outputs``)."""
     t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return poison(t) if kernel_settings().poison_outputs else t
+
+
+def empty_channel_major(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``empty_output`` of logical ``shape`` (N, C, H, W) with channel-major memory [C, N, H, W] (the K-major operand
+    of a weight-grad), in one allocation op (no permute of a [C, N, H, W] buffer)."""
+    N, C, H, W = shape
+    t = torch.empty_strided(shape, (H * W, N * H * W, W, 1), dtype=dtype, device=device)
     return poison(t) if kernel_settings().poison_outputs else t
 
 
@@ -96,3 +109,30 @@ def split_workspace(programs: int, splits: int, BM: int, BN: int, device: torch.
     BM×BN tile per program, then one semaphore per program (a one-element dummy for one split)."""
     n = 1 if splits <= 1 else programs * (BM * BN + 1)
     return counter_slice(device, 0, n, torch.int64)
+
+
+def scratch(shape: tuple, dtype: torch.dtype, device, role: str) -> torch.Tensor:
+    """A workspace of ``shape`` that one launch writes and then reads back itself, dead when the launch ends (an
+    in-kernel reduction's tile and merge partials): one buffer per device, stream, dtype and ``role``, shared by
+    every launch on that stream (they run one after the other), and the view of each shape kept, so a launch
+    costs no allocation or view op for it (issue 20 item 5: every aten op costs host time). ``role`` keeps two
+    workspaces of one launch in storages of their own (the cost model counts each storage's bytes). Under
+    ``poison_outputs`` a fresh poisoned buffer instead, as ``empty_output``: a partial a kernel reads without
+    having written it shows up in the tests rather than reading a former launch's value."""
+    if kernel_settings().poison_outputs:
+        return empty_output(shape, dtype, device)
+    pool_key = (_pool_key(device, dtype), role)
+    pool = _SCRATCH.get(pool_key)
+    view = _SCRATCH_VIEWS.get((pool_key, shape))
+    if view is None or view._base is not pool:  # none yet, or a view of a buffer since replaced
+        n = 1
+        for d in shape:
+            n *= d
+        if pool is None or pool.numel() < n:
+            pool = torch.empty(max(n, 1024, 2 * (pool.numel() if pool is not None else 0)), dtype=dtype,
+                               device=device)
+            _SCRATCH[pool_key] = pool
+        if len(_SCRATCH_VIEWS) >= 4096:
+            _SCRATCH_VIEWS.clear()
+        view = _SCRATCH_VIEWS[(pool_key, shape)] = pool[:n].view(shape)
+    return view

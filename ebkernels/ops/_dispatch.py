@@ -35,6 +35,8 @@ _is_compiling = torch.compiler.is_compiling
 _dispatch_depth = torch._C._len_torch_dispatch_stack
 _is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 _grad_enabled = torch.is_grad_enabled
+# no functorch transform active: no tensor is a live functorch wrapper (one call instead of one per tensor)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
 def _plain(t) -> bool:
@@ -59,12 +61,29 @@ def _tensors_ok(values, grad: bool) -> bool:
     return True
 
 
+def _plain_types(values) -> bool:
+    """``_tensors_ok`` where no tensor can be a functorch wrapper (no transform active) and grad mode is off (an
+    autograd function's forward and backward, where every launcher runs): type tests alone."""
+    for a in values:
+        tp = type(a)
+        if tp in _SCALAR or tp is _TENSOR or tp is _PARAM:
+            continue
+        if tp is list or tp is tuple:
+            if a and isinstance(a[0], _TENSOR) and not _plain_types(a):
+                return False
+        elif isinstance(a, _TENSOR):
+            return False
+    return True
+
+
 def direct_path_allowed(args, kwargs) -> bool:
     """Whether a call with these arguments may skip the dispatcher (module docstring). Checked per call, so
     kept to type tests: ~1-2 µs for a 20-argument op (issue 20 item 5)."""
     if _is_compiling() or _dispatch_depth():
         return False
     grad = _grad_enabled()
+    if not grad and not _transforms_active():
+        return _plain_types(args) and (not kwargs or _plain_types(kwargs.values()))
     if not _tensors_ok(args, grad):
         return False
     return not kwargs or _tensors_ok(kwargs.values(), grad)
@@ -74,10 +93,10 @@ class DirectOp(CustomOpDef):
     """The op ``custom_op`` returns: a ``torch.library`` ``CustomOpDef`` (``register_fake``, ``opcheck``,
     ``torch.compile`` as before) whose call runs the implementation itself when the dispatcher is not needed."""
 
-    def _direct(self, fn, mutates_args):
+    def _direct(self, fn, mutates_args, direct=None):
         params = list(inspect.signature(fn).parameters)
         names = () if mutates_args in ((), "unknown") else tuple(mutates_args)
-        self._direct_fn = fn
+        self._direct_fn = direct if direct is not None else fn
         self._direct_mutated = tuple((params.index(n), n) for n in names)
         return self
 
@@ -92,10 +111,12 @@ class DirectOp(CustomOpDef):
         return out
 
 
-def custom_op(name: str, fn=None, /, *, mutates_args, **kwargs):
-    """``torch.library.custom_op`` (same arguments), returning a ``DirectOp``."""
+def custom_op(name: str, fn=None, /, *, mutates_args, direct=None, **kwargs):
+    """``torch.library.custom_op`` (same arguments), returning a ``DirectOp``. ``direct``: what the direct path
+    calls instead of the implementation (same arguments and effects; it may leave out what only the registered op
+    needs, e.g. the empty tensors an op returns to keep a fixed number of results)."""
     def wrap(f):
         op = torch.library.custom_op(name, mutates_args=mutates_args, **kwargs)(f)
         op.__class__ = DirectOp
-        return op._direct(f, mutates_args)
+        return op._direct(f, mutates_args, direct)
     return wrap(fn) if fn is not None else wrap

@@ -11,7 +11,8 @@
   program moves, ``one_program_numel``);
 - ``PROGRAM_BYTES`` / ``one_program_numel`` / ``MIN_PROGRAMS``: what one program may stream by itself and the
   grid a large launch needs (issue 20: no serial phase);
-- ``as_4d``, ``is_dense``, ``row_major``: a tensor's sizes and strides as the element-wise kernels walk them.
+- ``as_4d``, ``is_dense``, ``row_major``: a tensor's sizes and strides as the element-wise kernels walk them;
+  ``leading``: the real channels of a padded buffer.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ import torch
 
 from .._triton import triton
 
-__all__ = ["cdiv", "cached_plan", "MAX_TERMS", "CHANNEL_PAD", "SMALL_NUMEL", "ELEMENTWISE_WARPS", "NO_FP_FUSION", "code_channels",
-           "padded_channels", "conv_out", "conv2d_output_size", "alignment", "nchw_strides", "nhwc_rows",
-           "offsets_fit_int32", "geometry", "reads_codes_channel_major", "elementwise_tiles", "memory_format", "PROGRAM_BYTES", "MIN_PROGRAMS",
-           "one_program_numel", "filling_block", "as_4d", "is_dense", "row_major"]
+__all__ = ["cdiv", "cached_plan", "MAX_TERMS", "CHANNEL_PAD", "SMALL_NUMEL", "ELEMENTWISE_WARPS", "NO_FP_FUSION",
+           "code_channels", "padded_channels", "conv_out", "conv2d_output_size", "alignment", "nchw_strides",
+           "nhwc_rows", "offsets_fit_int32", "leading", "geometry", "reads_codes_channel_major", "elementwise_tiles",
+           "memory_format", "PROGRAM_BYTES", "MIN_PROGRAMS", "one_program_numel", "filling_block", "as_4d",
+           "is_dense", "row_major"]
 
 # 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
 MAX_TERMS = 1 << 17
@@ -142,6 +144,15 @@ def nchw_strides(t):
 def nhwc_rows(t):
     """(s_n, s_c, s_h, s_w) of a 4-D tensor in its own memory layout."""
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def leading(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``t[:rows, :cols]``, without a view op where that is all of ``t`` (the real channels of a padded code or
+    gradient buffer; every aten op costs host time: issue 20 item 5)."""
+    shape = t.shape
+    if shape[0] == rows and shape[1] == cols:
+        return t
+    return t[:rows, :cols]
 
 
 def geometry(t: torch.Tensor) -> tuple:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from .._triton import tl, triton
-from ._buffers import counter_slice, empty_output
+from ._buffers import counter_slice, empty_output, scratch
 
 __all__ = ["GROUP", "TB", "merge_group", "MOMENTS", "SUMS", "tile_moments", "tile_sums", "store_partials", "finish_reduction",
            "publish_max", "Z_SLOT", "z_slots", "store_block_max", "max_of_blocks", "ReductionSpace", "moments_reference"]
@@ -233,15 +233,17 @@ def max_of_blocks(bits_ptr, n):
 
 
 class ReductionSpace:
-    """The buffers of one in-kernel reduction: tile partials, the partials of every merge level, the
-    semaphores (from ``counter_pool``: zero, and left zero) and the float32 result ``out`` [4 or 2, C]."""
+    """The buffers of one in-kernel reduction: tile partials, the partials of every merge level (``scratch``: only
+    the launch reads them), the semaphores (from ``counter_pool``: zero, and left zero) and the float32 result
+    ``out`` [4 or 2, C]."""
 
     def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device, group: int = GROUP):
         parts = _PARTS[kind]
         levels = self.levels(tiles, group)
         self.kind, self.tiles, self.C = kind, tiles, C
-        self.part = empty_output((parts, tiles, C), dtype=torch.float32, device=device)
-        self.grp = empty_output((max(1, parts * sum(levels[:-1]) * C),), dtype=torch.float32, device=device)
+        # tile and merge partials: written and read back by the launch alone (``scratch``: no allocation per launch)
+        self.part = scratch((parts, tiles, C), torch.float32, device, "partials")
+        self.grp = scratch((max(1, parts * sum(levels[:-1]) * C),), torch.float32, device, "merges")
         self.sem = counter_slice(device, 0, sum(levels) * col_blocks)
         self.out = empty_output((parts, C), dtype=torch.float32, device=device)
 

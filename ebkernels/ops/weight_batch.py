@@ -23,6 +23,7 @@ view does not keep the large weights' codes alive, and a large weight's codes ar
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import NamedTuple, Optional
 
@@ -152,15 +153,58 @@ def _regions(items) -> tuple[list, int]:
     return out, max(off, 16)
 
 
-def _views(codes, scales, items, regions):
-    """(fwd, dgrad, scale) per item: views into the flat buffers."""
+def _view_specs(items, regions) -> tuple:
+    """Per item the ``as_strided`` arguments of its two layouts in the flat codes buffer: fwd, memory [CO, KH, KW,
+    CIp] seen as (CO, CIp, KH, KW); dgrad, memory [KH, KW, CI, COp] seen as (COp, CI, KH, KW)."""
     out = []
-    for i, (it, (f, d)) in enumerate(zip(items, regions)):
+    for it, (f, d) in zip(items, regions):
         CO, CI, KH, KW, COp, CIp = _geometry(it.weight.shape, it.ci_pad, it.co_pad)
-        fwd = codes[f:f + CO * CIp * KH * KW].view(CO, KH, KW, CIp).permute(0, 3, 1, 2)
-        dgrad = codes[d:d + COp * CI * KH * KW].view(KH, KW, CI, COp).permute(3, 2, 0, 1)
-        out.append((fwd, dgrad, scales[i]))
-    return out
+        out.append((((CO, CIp, KH, KW), (KH * KW * CIp, 1, KW * CIp, CIp), f),
+                    ((COp, CI, KH, KW), (1, COp, KW * CI * COp, CI * COp), d)))
+    return tuple(out)
+
+
+class _Layout(NamedTuple):
+    """What a batch's host side works out from its weights' shapes and paddings alone (``_layout``: once)."""
+
+    regions: tuple  # (fwd offset, dgrad offset) per item
+    size: int  # bytes of the flat codes buffer
+    block: int  # the absmax kernel's BLOCK (``_grid_sizes``)
+    tile: int  # the codes kernel's TILE
+    padded: int  # all padded elements (``_padded_total``)
+    views: tuple  # ``_view_specs``
+
+
+_LAYOUTS: dict = {}
+
+
+def _layout(items) -> _Layout:
+    """The batch's ``_Layout``, once per list of (shape, paddings) (issue 20 item 5: ~12 µs of host work per weight
+    and call before)."""
+    if torch.compiler.is_compiling():  # no host cache inside a traced region (a side effect of its own)
+        return _make_layout(items)
+    key = tuple((it.weight.shape, it.ci_pad, it.co_pad) for it in items)
+    hit = _LAYOUTS.get(key)
+    if hit is None:
+        if len(_LAYOUTS) >= 4096:
+            _LAYOUTS.clear()
+        hit = _LAYOUTS[key] = _make_layout(items)
+    return hit
+
+
+def _make_layout(items) -> _Layout:
+    regions, size = _regions(items)
+    block, tile = _grid_sizes(items)
+    return _Layout(tuple(regions), size, block, tile, _padded_total(items), _view_specs(items, regions))
+
+
+def _views(codes, scales, layout: _Layout):
+    """(fwd, dgrad, scale) per item: views into the flat buffers. ``as_strided``: one view op per layout where
+    a slice, a view and a permute make three, one ``unbind`` for every scale (issue 20 item 5: every aten op
+    costs host time). ``codes``: a buffer of the batch's own, so its storage starts at its first element."""
+    each_scale = scales.unbind(0)
+    return [(codes.as_strided(*fwd), codes.as_strided(*dgrad), sc)
+            for (fwd, dgrad), sc in zip(layout.views, each_scale)]
 
 
 def _strides(w):
@@ -186,15 +230,15 @@ def _grid_sizes(items) -> tuple[int, int]:
     return block, tile
 
 
-def _tables(items, regions, device, block: int, tile: int):
-    """The device tables of a batch for these grid sizes (cached: the weights keep their storage from step to
-    step)."""
-    key = (str(device), tuple((it.weight.data_ptr(), tuple(it.weight.shape), tuple(it.weight.stride()),
-                               it.ci_pad, it.co_pad) for it in items), block, tile)
+def _tables(items, layout: _Layout, device):
+    """The device tables of a batch (cached: the weights keep their storage from step to step)."""
+    key = (device, tuple((it.weight.data_ptr(), it.weight.shape, it.weight.stride(), it.ci_pad, it.co_pad)
+                         for it in items))
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
         return hit
+    regions, block, tile = layout.regions, layout.block, layout.tile
     anchor = min(range(len(items)), key=lambda i: items[i].weight.data_ptr())
     base, size = items[anchor].weight.data_ptr(), items[anchor].weight.element_size()
     rows, prog_a, prog_b = [], [], []
@@ -234,22 +278,21 @@ def weight_codes_many_reference(items):
 def _many_op(weights: list[torch.Tensor], bits: int, scale_mode: str, ci_pads: list[int], co_pads: list[int]
              ) -> tuple[torch.Tensor, torch.Tensor]:
     items = [WeightItem(w, bits, scale_mode, p, q) for w, p, q in zip(weights, ci_pads, co_pads)]
-    regions, size = _regions(items)
+    layout = _layout(items)
     device = weights[0].device
-    codes = empty_output((size,), torch.int8, device)
+    codes = empty_output((layout.size,), torch.int8, device)
     scales = empty_output((len(items),), torch.float32, device)
     if not use_triton(*weights):
-        _fill_reference(codes, scales, items, regions, True)
+        _fill_reference(codes, scales, items, layout, True)
         return codes, scales
-    block, tile = _grid_sizes(items)
-    table, prog_a, prog_b, anchor = _tables(items, regions, device, block, tile)
+    table, prog_a, prog_b, anchor = _tables(items, layout, device)
     n_real = sum(w.numel() for w in weights)
     bits_t = empty_output((len(items),), torch.int32, device)
     w0 = weights[anchor]
     weight_absmax_many_kernel[(prog_a.numel(),)](w0, table, prog_a, counter_pool(device, 2 * len(items)), bits_t,
-                                                 n_real, BLOCK=block, num_warps=8)
-    weight_codes_many_kernel[(prog_b.numel(),)](w0, table, prog_b, bits_t, scales, codes, _padded_total(items),
-                                                BITS=bits, SCALE_MODE=scale_mode_code(scale_mode), TILE=tile,
+                                                 n_real, BLOCK=layout.block, num_warps=8)
+    weight_codes_many_kernel[(prog_b.numel(),)](w0, table, prog_b, bits_t, scales, codes, layout.padded,
+                                                BITS=bits, SCALE_MODE=scale_mode_code(scale_mode), TILE=layout.tile,
                                                 FROM_SCALE=False, num_warps=8)
     return codes, scales
 
@@ -257,19 +300,18 @@ def _many_op(weights: list[torch.Tensor], bits: int, scale_mode: str, ci_pads: l
 def recode_many(items: list, scales: torch.Tensor) -> list:
     """``(fwd, dgrad)`` per item again, from the given per-item ``scales`` (one launch; what the forward's
     ``_many_op`` wrote for the same weights and scales, bit for bit)."""
-    regions, size = _regions(items)
+    layout = _layout(items)
     device = items[0].weight.device
-    codes = empty_output((size,), torch.int8, device)
+    codes = empty_output((layout.size,), torch.int8, device)
     if not use_triton(*(it.weight for it in items)):
-        _fill_reference(codes, scales, items, regions, False)
+        _fill_reference(codes, scales, items, layout, False)
     else:
-        block, tile = _grid_sizes(items)
-        table, _, prog_b, anchor = _tables(items, regions, device, block, tile)
+        table, _, prog_b, anchor = _tables(items, layout, device)
         weight_codes_many_kernel[(prog_b.numel(),)](items[anchor].weight, table, prog_b, scales, scales, codes,
-                                                    _padded_total(items), BITS=items[0].bits,
-                                                    SCALE_MODE=scale_mode_code(items[0].mode), TILE=tile,
+                                                    layout.padded, BITS=items[0].bits,
+                                                    SCALE_MODE=scale_mode_code(items[0].mode), TILE=layout.tile,
                                                     FROM_SCALE=True, num_warps=8)
-    return [v[:2] for v in _views(codes, scales, items, regions)]
+    return [v[:2] for v in _views(codes, scales, layout)]
 
 
 def _padded_total(items) -> int:
@@ -278,9 +320,9 @@ def _padded_total(items) -> int:
                (_geometry(it.weight.shape, it.ci_pad, it.co_pad) for it in items))
 
 
-def _fill_reference(codes, scales, items, regions, with_scales: bool) -> None:
+def _fill_reference(codes, scales, items, layout: _Layout, with_scales: bool) -> None:
     """The reference path's codes (and, ``with_scales``, scales) into a batch's flat buffers."""
-    for (f, d, s), (fv, dv, sv) in zip(weight_codes_many_reference(items), _views(codes, scales, items, regions)):
+    for (f, d, s), (fv, dv, sv) in zip(weight_codes_many_reference(items), _views(codes, scales, layout)):
         fv.copy_(f)
         dv.copy_(d)
         if with_scales:
@@ -290,7 +332,7 @@ def _fill_reference(codes, scales, items, regions, with_scales: bool) -> None:
 @_many_op.register_fake
 def _(weights, bits, scale_mode, ci_pads, co_pads):
     items = [WeightItem(w, bits, scale_mode, p, q) for w, p, q in zip(weights, ci_pads, co_pads)]
-    _, size = _regions(items)
+    size = _layout(items).size
     return (weights[0].new_empty((size,), dtype=torch.int8), weights[0].new_empty((len(items),), dtype=torch.float32))
 
 
@@ -311,10 +353,17 @@ def weight_codes_many(items: list, backward: Optional[list] = None) -> list:
         sub = [items[i] for i in idx]
         live = [k for k, it in enumerate(sub) if it.weight.numel()]
         if live:
-            codes, scales = _many_op([sub[k].weight.detach() for k in live], int(bits), str(mode),
-                                     [int(sub[k].ci_pad) for k in live], [int(sub[k].co_pad) for k in live])
+            # the codes need no autograd: grad mode off in eager rather than a detach (an aten op) per weight; detached
+            # under torch.compile, where a grad-mode region is a subgraph of its own
+            # the codes need no autograd: grad mode off in eager rather than a detach (an aten op) per weight; detached
+            # under torch.compile, where a grad-mode region is a subgraph of its own
+            compiling = torch.compiler.is_compiling()
+            with contextlib.nullcontext() if compiling else torch.no_grad():
+                codes, scales = _many_op([sub[k].weight.detach() if compiling else sub[k].weight for k in live],
+                                         int(bits), str(mode), [int(sub[k].ci_pad) for k in live],
+                                         [int(sub[k].co_pad) for k in live])
             lsub = [sub[k] for k in live]
-            for k, v in zip(live, _views(codes, scales, lsub, _regions(lsub)[0])):
+            for k, v in zip(live, _views(codes, scales, _layout(lsub))):
                 out[idx[k]] = v
             if backward is not None and not small:
                 for j, k in enumerate(live):

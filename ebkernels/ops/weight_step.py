@@ -35,7 +35,8 @@ class BackwardCodes:
         if self.items[index].weight._version != self.versions[index]:
             return None
         if self.views is None:
-            self.views = recode_many([it._replace(weight=it.weight.detach()) for it in self.items], self.scales)
+            with torch.no_grad():  # (backward runs without grad mode: this keeps it so under create_graph too)
+                self.views = recode_many(self.items, self.scales)
         return self.views[index]
 
 

@@ -29,7 +29,7 @@ from ... import _rng
 from ..._backend import use_triton
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
-from .._buffers import counter_pool, empty_output
+from .._buffers import counter_pool, empty_channel_major, empty_output
 from .._launch import cdiv, ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
 from .._reduce import GROUP, SUMS, TB, ReductionSpace, finish_reduction, publish_max, store_partials, tile_sums
 from .._scale import scale_from_bits, scale_mode_code, scale_reference
@@ -250,10 +250,6 @@ def bn_relu_bwd_reference(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pa
 # --------------------------------------------------------------------------------------------------
 # Launchers and ops
 # --------------------------------------------------------------------------------------------------
-def _inv_arg(inv, fallback):
-    return inv if inv is not None else fallback
-
-
 def _reduce_triton(dz, y, bnp, inv, act):
     N, C, H, W = y.shape
     M = N * H * W
@@ -261,8 +257,8 @@ def _reduce_triton(dz, y, bnp, inv, act):
     T, num_n = cdiv(M, BP), cdiv(C, CB)
     space = ReductionSpace(SUMS, T, num_n, C, y.device)
     bn_relu_bwd_reduce_kernel[(T, num_n)](
-        dz, y, _inv_arg(inv, space.sem), bnp, space.part, space.grp, space.out, space.sem, M, C, H, W, *nhwc_rows(dz),
-        *nhwc_rows(y), HAS_INV=inv is not None, ACT=act_code(act), BP=BP, CB=CB, TB=TB, GROUP=GROUP,
+        dz, y, inv if inv is not None else space.sem, bnp, space.part, space.grp, space.out, space.sem, M, C, H, W,
+        *nhwc_rows(dz), *nhwc_rows(y), HAS_INV=inv is not None, ACT=act_code(act), BP=BP, CB=CB, TB=TB, GROUP=GROUP,
         num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
     return space.out
 
@@ -306,7 +302,7 @@ def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax
         so = (0, 0, 0, 0)
     elif mode == "codes":
         out = empty_output((N, Cp, H, W), torch.int8, dev, torch.channels_last)
-        cm = empty_output((Cp, N, H, W), torch.int8, dev).permute(1, 0, 2, 3)
+        cm = empty_channel_major((N, Cp, H, W), torch.int8, dev)
         scale = empty_output((), torch.float32, dev)
         dst, dcm, so = out, cm, (0, 0, 0, 0)
     else:
@@ -316,7 +312,7 @@ def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax
         dst, dcm = out, out
         so = nhwc_rows(out)
     bn_relu_bwd_kernel[grid](
-        dz, y, _inv_arg(inv, bnp), bnp, sums if sums is not None else bnp, amax, sem, rng, dst, dcm,
+        dz, y, inv if inv is not None else bnp, bnp, sums if sums is not None else bnp, amax, sem, rng, dst, dcm,
         scale if scale is not None else bnp, addend if addend is not None else bnp, M, C, Cp, H, W, *nhwc_rows(dz),
         *nhwc_rows(y), *so, *(nhwc_rows(addend) if addend is not None else (0, 0, 0, 0)), float(M), MODE=m, HAS_INV=inv is not None, HAS_SUMS=sums is not None, ACT=act_code(act),
         BITS=bits, STOCHASTIC=stochastic, CM=True, SCALE_MODE=scale_mode_code(scale_mode) if mode == "codes" else 0,
@@ -324,11 +320,19 @@ def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax
     if mode == "codes":
         return out, cm, scale
     if mode == "absmax":
-        return (out[:2],)
+        return (out,)
     return (out,) if mode == "float" else (out, amax)
 
 
-@custom_op("ebkernels::bn_relu_bwd", mutates_args=("rng",))
+def _bwd_direct(dz, y, bnp, sums, inv, act, out_mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
+                scale_mode, addend, rng) -> tuple:
+    """The op's direct path: its results without the empty tensors padding them to three (``bn_relu_bwd``)."""
+    with _rng.bound(rng):
+        return tuple(_bwd_impl(dz, y, bnp, sums, inv, act, out_mode, bits, stochastic, pad_to, amax, out_dtype,
+                               channels_last_out, scale_mode, addend))
+
+
+@custom_op("ebkernels::bn_relu_bwd", mutates_args=("rng",), direct=_bwd_direct)
 def _bwd_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, sums: Optional[torch.Tensor],
             inv: Optional[torch.Tensor], act: str, out_mode: str, bits: int, stochastic: bool, pad_to: int,
             amax: Optional[torch.Tensor], out_dtype: Optional[torch.dtype], channels_last_out: bool,
@@ -338,9 +342,8 @@ def _bwd_op(dz: torch.Tensor, y: torch.Tensor, bnp: torch.Tensor, sums: Optional
     # given (a mutable argument is never optional). Three results always (a mutating op returns a fixed tuple
     # to be functionalized): modes "absmax" and "float" pad theirs with empty tensors. ``out_mode``: not
     # ``mode``, a keyword of torch's auto_functionalized
-    with _rng.bound(rng):
-        return _three(_bwd_impl(dz, y, bnp, sums, inv, act, out_mode, bits, stochastic, pad_to, amax, out_dtype,
-                                channels_last_out, scale_mode, addend), y)
+    return _three(_bwd_direct(dz, y, bnp, sums, inv, act, out_mode, bits, stochastic, pad_to, amax, out_dtype,
+                              channels_last_out, scale_mode, addend, rng), y)
 
 
 def _three(results, y):

@@ -25,7 +25,7 @@ import torch
 from ..._backend import use_triton
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
-from .._buffers import absent, empty_output, present
+from .._buffers import absent, empty_channel_major, empty_output, present
 from .._launch import cdiv, ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
 from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, max_of_blocks, merge_group, moments_reference,
                        store_block_max, store_partials, tile_moments, z_slots)
@@ -341,7 +341,7 @@ def bn_relu_quant(y, bnp, zmax_bits, num_batches_tracked=None, index=None, bits=
     if channel_major:
         N, _, H, W = y.shape
         K = y.shape[1] if index is None else index.numel()
-        cm = empty_output((_padded(K, pad_to), N, H, W), torch.int8, y.device).permute(1, 0, 2, 3)
+        cm = empty_channel_major((N, _padded(K, pad_to), H, W), torch.int8, y.device)
     out = _bn_relu_quant_op(y, bnp, zmax_bits, absent(y) if num_batches_tracked is None else num_batches_tracked,
                             index, int(bits), str(scale_mode), str(act), int(pad_to), out_dtype,
                             absent(y) if cm is None else cm)

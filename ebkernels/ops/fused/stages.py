@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..._backend import use_triton
 from ...config import QConfig
-from .._launch import CHANNEL_PAD, MAX_TERMS, conv2d_output_size
+from .._launch import CHANNEL_PAD, MAX_TERMS, conv2d_output_size, leading
 from ..gemm.conv import conv2d_int8_dgrad_op, conv2d_int8_fwd_op, weight_grad_op
 from ..gemm.host import quantize_two_layouts
 from ..quantize import quantize
@@ -242,7 +242,9 @@ def output_forward(spec: BlockSpec, y, bnp, zmax, nbt, qc: QConfig, out_dtype, s
     if spec.pool is not None:
         k, s, p, ceil = spec.pool
         codes, saved.pos = maxpool2d_int8(codes, k, s, p, ceil)
-    main = y.new_empty((), dtype=CARRIER_DTYPE).expand(codes.shape[0], y.shape[1], *codes.shape[2:])
+    # no storage: one element seen at every index (one allocation op, no expand)
+    main = torch.empty_strided((codes.shape[0], y.shape[1], *codes.shape[2:]), (0, 0, 0, 0), dtype=CARRIER_DTYPE,
+                               device=y.device)
     return main, codes, scale, cm
 
 
@@ -307,7 +309,8 @@ def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f
     qe, qe_cm, se = bn_relu_bwd(dz, y, saved.bnp, s_dy, None, act, "codes", qc.bits_e, stochastic, pad_out, amax,
                                 scale_mode=qc.mode_eg)
     if need.bn_weight or need.bn_bias:
-        g_bn_w, g_bn_b = sums[1].to(spec.bn.weight.dtype), sums[0].to(spec.bn.bias.dtype)
+        s_g, s_gx = sums.unbind(0)  # one view op for both rows
+        g_bn_w, g_bn_b = s_gx.to(spec.bn.weight.dtype), s_g.to(spec.bn.bias.dtype)
     if bias is not None and need.bias:
         # train-mode BatchNorm right after: the bias has exactly no effect; eval: Σ dy = a·Σ g
         g_bias = zero_grad_of(saved.zero_bias, bias) if saved.batch_stats else (saved.bnp[0] * sums[0]).to(bias.dtype)
@@ -323,7 +326,7 @@ def conv_backward(spec: BlockSpec, e: Error, saved: Saved, qc: QConfig, qx, qw_d
     need_bn_in = spec.input is BlockInput.BN and (need.bn_in_weight or need.bn_in_bias)
     if need.x or need_bn_in:
         out_dtype = meta.x_dtype if spec.input is BlockInput.FLOAT else CARRIER_DTYPE
-        gx = conv2d_int8_dgrad_op(e.qe, qw_d[:e.qe.shape[1], :meta.cin], e.se, saved.sw, list(meta.x_shape[2:]),
+        gx = conv2d_int8_dgrad_op(e.qe, leading(qw_d, e.qe.shape[1], meta.cin), e.se, saved.sw, list(meta.x_shape[2:]),
                                   stride, padding, dilation, 1, qc.bits_e, qc.bits_w, out_dtype, True, MAX_TERMS)
     if need.weight:
         # a 1×1 layer's channel-major codes where their producer wrote them (both operands K-major); else (a float
@@ -342,11 +345,13 @@ def input_backward(spec: BlockSpec, gx, saved: Saved, meta: Meta, need, addend=N
     if spec.input is not BlockInput.BN or gx is None:
         return gx, None, None, None
     sums_in = bn_relu_bwd_reduce(gx, saved.xb, saved.bnp_in, saved.inv, spec.act_in)
-    addend = addend if addend is None else addend[:, :saved.xb.shape[1]]  # a dense block's: a channel prefix
+    if addend is not None and addend.shape[1] != saved.xb.shape[1]:  # a dense block's: a channel prefix
+        addend = addend[:, :saved.xb.shape[1]]
     gx, *amax = bn_relu_bwd(gx, saved.xb, saved.bnp_in, sums_in if saved.batch_in else None, saved.inv, spec.act_in,
                             "float" if amax_stochastic is None else "float_absmax", stochastic=bool(amax_stochastic),
                             out_dtype=meta.x_dtype, channels_last_out=meta.channels_last, addend=addend)
     g_in_w = g_in_b = None
     if (need.bn_in_weight or need.bn_in_bias) and spec.bn_in.weight is not None:
-        g_in_w, g_in_b = sums_in[1].to(spec.bn_in.weight.dtype), sums_in[0].to(spec.bn_in.bias.dtype)
+        s_g, s_gx = sums_in.unbind(0)
+        g_in_w, g_in_b = s_gx.to(spec.bn_in.weight.dtype), s_g.to(spec.bn_in.bias.dtype)
     return gx, g_in_w, g_in_b, amax[0] if amax else None

@@ -244,6 +244,17 @@ def _fwd_triton(qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w,
                              stride, padding, dilation, inv_ss, max_terms, residual)
 
 
+def _cout_major(qw) -> bool:
+    """Whether weight codes (Cout, Cin, KH, KW) lie in memory as a dense [KH, KW, Cin, Cout] array."""
+    CO, C, KH, KW = qw.shape
+    want = (1, CO, KW * C * CO, C * CO)
+    got = qw.stride()
+    for d, a, b in zip((CO, C, KH, KW), got, want):
+        if d > 1 and a != b:
+            return False
+    return True
+
+
 def _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, bits_w, out_dtype,
                   channels_last, max_terms):
     N, CO, OH, OW = qe.shape
@@ -254,7 +265,8 @@ def _dgrad_triton(qe, qw, se, sw, input_hw, stride, padding, dilation, bits_e, b
     if out.numel() == 0:
         return out
     # the reduction runs over Cout: a copy of the (small) weight codes with Cout contiguous keeps the
-    # tensor-core operand K-major
-    qw_t = qw.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    # tensor-core operand K-major; none (and no view op) where they already are so (the weight batch's input-grad
+    # layout: memory [KH, KW, Cin, Cout])
+    qw_t = qw if _cout_major(qw) else qw.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     return _conv_like_launch(True, qe, qw_t, se, sw, None, out, OH, OW, CO, H, W, C, KH,
                              KW, stride, padding, dilation, inv_ss, max_terms)

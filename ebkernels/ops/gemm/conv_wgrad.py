@@ -17,7 +17,7 @@ from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import split_workspace
 from ...config import kernel_settings
-from .._launch import alignment, cached_plan, cdiv, geometry, offsets_fit_int32
+from .._launch import alignment, cached_plan, cdiv, geometry, leading, offsets_fit_int32
 from .._tl import assume_multiple, decode_rows, decode_tap, tap_input_coord
 from . import tiles, wgrad_tiles
 from .conv_wgrad_tma import launch_wgrad_tma
@@ -258,7 +258,7 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     fuse_g = gq is not None and not raw and out_dtype == torch.float32
     if fuse_g:
         bits_g, rounding_g, cout, cin, scale_g = gq
-        real = out[:cout, :cin]
+        real = leading(out, cout, cin)
         g_args, g_mode, g_stoch = gquant_plan(real, bits_g, rounding_g, scale_g, out, n_tiles)
     else:
         (g_args, g_mode, g_stoch), bits_g = gquant_off(qe), 8

@@ -15,7 +15,7 @@ import torch
 
 from ..._backend import use_triton
 from ...config import QConfig
-from .._buffers import empty_output
+from .._buffers import empty_channel_major, empty_output
 from .._launch import CHANNEL_PAD, cdiv, code_channels, padded_channels, reads_codes_channel_major
 from ..quantize import _check_args, _quantize_op, _seed_args, quantize, quantize_dequantize
 from . import tiles, wgrad_tiles
@@ -131,7 +131,7 @@ def quantize_two_layouts(x: torch.Tensor, bits: int, rounding: str, mode: str = 
     (``bn_relu_bwd(mode="float_absmax")``): the codes pass only."""
     _check_args(x, bits, rounding, mode, None, True, pad_channels_to)
     N, C, H, W = x.shape
-    cm = empty_output((padded_channels(C, pad_channels_to), N, H, W), torch.int8, x.device).permute(1, 0, 2, 3)
+    cm = empty_channel_major((N, padded_channels(C, pad_channels_to), H, W), torch.int8, x.device)
     stochastic = rounding == "stochastic"
     seed_arg, rng = _seed_args(stochastic, None, x.device)
     codes, s = _quantize_op(x, bits, stochastic, mode, seed_arg, True, pad_channels_to, False, rng, cm, amax)
