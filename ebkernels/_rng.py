@@ -45,11 +45,18 @@ class bound:
         _bound.pop()
 
 
-def _key(device: torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return str(device)
+_KEYS: dict = {}  # device (or its name) -> the state's key, for devices that name their index (or the CPU)
+
+
+def _key(device) -> str:
+    key = _KEYS.get(device)  # (a lookup: this runs for every launch with stochastic rounding, issue 20 item 5)
+    if key is not None:
+        return key
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:  # the current device: not cached, it may change
+        return str(torch.device("cuda", torch.cuda.current_device()))
+    key = _KEYS[device] = str(d)
+    return key
 
 
 def device_state(device) -> torch.Tensor:
