@@ -274,9 +274,7 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mo
     return out, scale
 
 
-# --------------------------------------------------------------------------------------------------
-# Public op (registered with torch.library so torch.compile can trace it)
-# --------------------------------------------------------------------------------------------------
+# ----- the public op (registered with torch.library so torch.compile can trace it) ------------------
 @custom_op("ebkernels::quantize", mutates_args=("rng", "cm"))
 def _quantize_op(x: torch.Tensor, bits: int, stochastic: bool, scale_mode: str, seed: int,
                  channels_last: bool, pad_channels_to: int, dequant: bool, rng: torch.Tensor, cm: torch.Tensor,
@@ -297,8 +295,9 @@ def _quantize_impl(x, bits, stochastic, scale_mode, seed, channels_last, pad_cha
     seed_arg = None if seed < 0 else seed
     if pad_channels_to > 1:  # (N, Cp, H, W) NHWC codes, Cp = C rounded up; channels >= C are 0
         N, C, H, W = x.shape
-        codes = empty_output((N, padded_channels(C, pad_channels_to), H, W), torch.int8, x.device, torch.channels_last)
-        real, cm_real = codes[:, :C], (cm[:, :C] if cm is not None else None)
+        Cp = padded_channels(C, pad_channels_to)
+        codes = empty_output((N, Cp, H, W), torch.int8, x.device, torch.channels_last)
+        real, cm_real = (codes, cm) if Cp == C else (codes[:, :C], (cm[:, :C] if cm is not None else None))
         if use_triton(x):
             _, s = quantize_triton(x, bits, stochastic, scale_mode, seed_arg, out=real, cm=cm_real, amax=amax)
         else:
@@ -306,9 +305,9 @@ def _quantize_impl(x, bits, stochastic, scale_mode, seed, channels_last, pad_cha
             real.copy_(q)
             if cm is not None:
                 cm_real.copy_(q)
-        codes[:, C:].zero_()  # after (and outside) the absmax over the real tensor: 0 adds 0 to every sum
-        if cm is not None:
-            cm[:, C:].zero_()
+        for t in (codes, cm) if Cp > C else ():  # after (and outside) the absmax over the real tensor: 0 adds 0
+            if t is not None:  # to every sum; no slice or fill where no channel is padding (aten ops cost host time)
+                t[:, C:].zero_()
         return codes, s
     if use_triton(x):
         out = None
