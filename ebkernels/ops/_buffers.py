@@ -14,8 +14,8 @@ import torch
 
 from ..config import kernel_settings
 
-__all__ = ["empty_output", "empty_channel_major", "poison", "counter_pool", "counter_slice", "split_workspace", "scratch",
-           "absent", "present"]
+__all__ = ["empty_output", "empty_channel_major", "poison", "counter_pool", "counter_slice", "split_workspace",
+           "scratch", "absent", "present"]
 
 _POOLS: dict = {}
 _SLICES: dict = {}  # (pool key, start, stop) -> a view of the pool now under that key (``counter_slice``)

@@ -355,8 +355,6 @@ def weight_codes_many(items: list, backward: Optional[list] = None) -> list:
         if live:
             # the codes need no autograd: grad mode off in eager rather than a detach (an aten op) per weight; detached
             # under torch.compile, where a grad-mode region is a subgraph of its own
-            # the codes need no autograd: grad mode off in eager rather than a detach (an aten op) per weight; detached
-            # under torch.compile, where a grad-mode region is a subgraph of its own
             compiling = torch.compiler.is_compiling()
             with contextlib.nullcontext() if compiling else torch.no_grad():
                 codes, scales = _many_op([sub[k].weight.detach() if compiling else sub[k].weight for k in live],
