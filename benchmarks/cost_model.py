@@ -69,7 +69,9 @@ def markdown(net: str, batch: int, card_name: str, results: dict, per_kernel: bo
     if check[1]:
         lines += ["Host time cross-check (int8 modes): forward + backward, the recorder's figure against the CPU "
                   "time of the same Python thread with the launches stubbed and no recorder at all (batch 2: its aten ops do "
-                  "no real arithmetic; the least of 15 steps). The totals above keep the recorder's, the larger.", "",
+                  "no real arithmetic; the least of 15 steps). The totals above keep the recorder's, the larger. The last "
+                  "column counts the aten ops forward + backward calls (allocations and views included): exact, where "
+                  "the times move with the CPU.", "",
                   markdown_table(*check), ""]
     for mode in ("int8-fused", "int8-layer"):
         if mode in results:
@@ -99,6 +101,7 @@ def as_json(results: dict) -> dict:
         seen = report.findings(mode, r["priced"], r["trace"], r["totals"]) if mode.startswith("int8") else []
         t["host_fwd_bwd_recorder_us"] = r["trace"].fwd_bwd_host_us
         t["host_fwd_bwd_plain_us"] = r.get("plain_us")
+        t["aten_calls_fwd_bwd"] = r["trace"].fwd_bwd_aten_calls
         out[mode] = {"totals": t, "kernels": rows, "findings": seen}
     return out
 

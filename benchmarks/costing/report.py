@@ -37,7 +37,8 @@ def totals_table(results: dict) -> tuple:
 
 def host_check_table(results: dict) -> tuple:
     """Per int8 mode: forward + backward host µs by the recorder and by the plain thread time (``step.plain_host_us``),
-    per launch of forward + backward (Triton launches and PyTorch kernels before the optimizer's first event)."""
+    per launch of forward + backward (Triton launches and PyTorch kernels before the optimizer's first event), and
+    the aten ops they call (``StepTrace.fwd_bwd_aten_calls``: exact, where the times move with the CPU)."""
     rows = []
     for mode, r in results.items():
         plain = r.get("plain_us")
@@ -46,11 +47,11 @@ def host_check_table(results: dict) -> tuple:
         tr = r["trace"]
         before = {id(e) for e in tr.fwd_bwd_events}
         launches = sum(p.launches for p in r["priced"] if id(p.event) in before) or 1
-        rec = tr.fwd_bwd_host_us
+        rec, aten = tr.fwd_bwd_host_us, tr.fwd_bwd_aten_calls
         rows.append([LABEL[mode], launches, _us(rec), f"{rec / launches:.1f}", _us(plain), f"{plain / launches:.1f}",
-                     f"{rec / plain:.2f}"])
+                     f"{rec / plain:.2f}", f"{aten:,} ({aten / launches:.1f})"])
     headers = ["mode", "launches (fwd + bwd)", "host µs, recorder", "per launch", "host µs, plain (batch 2)",
-               "per launch", "recorder / plain"]
+               "per launch", "recorder / plain", "aten calls (per launch)"]
     return headers, rows
 
 
