@@ -84,11 +84,13 @@ class Role:
 
 
 def hooked(m: nn.Module) -> bool:
-    """Whether ``m`` has a hook in one of ``HOOK_DICTS`` (spelled out: the fused forward asks this of every fused
-    module at every call, ``runner.Plan.current``)."""
+    """Whether ``m`` has a hook in one of ``HOOK_DICTS`` (the fused forward asks this of every fused module at every
+    call, ``runner.Plan.current``)."""
     d = m.__dict__
-    return bool(d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks")
-                or d.get("_backward_pre_hooks"))
+    for h in HOOK_DICTS:  # a plain loop over the instance dict (no getattr, no generator)
+        if d.get(h):
+            return True
+    return False
 
 
 def _dtype_refusal(m: nn.Module) -> Optional[str]:

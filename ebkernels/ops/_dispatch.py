@@ -28,50 +28,31 @@ from torch._library.custom_ops import CustomOpDef
 
 __all__ = ["custom_op", "DirectOp", "direct_path_allowed"]
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _TENSOR, _PARAM = torch.Tensor, torch.nn.Parameter
 _SCALAR = frozenset((int, float, bool, str, type(None)))  # argument types the check skips without a look
 _is_compiling = torch.compiler.is_compiling
 _dispatch_depth = torch._C._len_torch_dispatch_stack
 _is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 _grad_enabled = torch.is_grad_enabled
-# no functorch transform active: no tensor is a live functorch wrapper (one call instead of one per tensor)
+# no functorch transform active: no tensor is a live functorch wrapper (one call, not one per tensor)
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
-def _plain(t) -> bool:
-    if type(t) in _PLAIN:
-        return not _is_wrapped(t)
-    return False
-
-
-def _tensors_ok(values, grad: bool) -> bool:
+def _tensors_ok(values, grad: bool, wrapped: bool = True) -> bool:
+    """Plain tensors only, none autograd would record (``grad``: grad mode on) and, where a functorch transform is
+    active (``wrapped``), none of its wrappers; without either the loop is type tests alone (an autograd function's
+    forward and backward, where every launcher runs)."""
     for a in values:
         tp = type(a)
         if tp in _SCALAR:
             continue
         if tp is _TENSOR or tp is _PARAM:
-            if _is_wrapped(a) or (grad and a.requires_grad):
+            if (wrapped and _is_wrapped(a)) or (grad and a.requires_grad):
                 return False
         elif tp is list or tp is tuple:
-            if a and isinstance(a[0], _TENSOR) and not _tensors_ok(a, grad):
+            if a and isinstance(a[0], _TENSOR) and not _tensors_ok(a, grad, wrapped):
                 return False
         elif isinstance(a, _TENSOR):  # a subclass (FakeTensor, a wrapper subclass): the dispatcher's business
-            return False
-    return True
-
-
-def _plain_types(values) -> bool:
-    """``_tensors_ok`` where no tensor can be a functorch wrapper (no transform active) and grad mode is off (an
-    autograd function's forward and backward, where every launcher runs): type tests alone."""
-    for a in values:
-        tp = type(a)
-        if tp in _SCALAR or tp is _TENSOR or tp is _PARAM:
-            continue
-        if tp is list or tp is tuple:
-            if a and isinstance(a[0], _TENSOR) and not _plain_types(a):
-                return False
-        elif isinstance(a, _TENSOR):
             return False
     return True
 
@@ -81,12 +62,10 @@ def direct_path_allowed(args, kwargs) -> bool:
     kept to type tests: ~1-2 µs for a 20-argument op (issue 20 item 5)."""
     if _is_compiling() or _dispatch_depth():
         return False
-    grad = _grad_enabled()
-    if not grad and not _transforms_active():
-        return _plain_types(args) and (not kwargs or _plain_types(kwargs.values()))
-    if not _tensors_ok(args, grad):
+    grad, wrapped = _grad_enabled(), _transforms_active()
+    if not _tensors_ok(args, grad, wrapped):
         return False
-    return not kwargs or _tensors_ok(kwargs.values(), grad)
+    return not kwargs or _tensors_ok(kwargs.values(), grad, wrapped)
 
 
 class DirectOp(CustomOpDef):
