@@ -11,7 +11,8 @@
   program moves, ``one_program_numel``);
 - ``PROGRAM_BYTES`` / ``one_program_numel`` / ``MIN_PROGRAMS``: what one program may stream by itself and the
   grid a large launch needs (issue 20: no serial phase);
-- ``as_4d``, ``is_dense``, ``row_major``: a tensor's sizes and strides as the element-wise kernels walk them;
+- ``as_4d``, ``is_dense``, ``row_major``, ``output_order_walk``: a tensor's sizes and strides as the element-wise
+  kernels walk them;
   ``leading``: the real channels of a padded buffer.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ __all__ = ["cdiv", "cached_plan", "MAX_TERMS", "CHANNEL_PAD", "SMALL_NUMEL", "EL
            "code_channels", "padded_channels", "conv_out", "conv2d_output_size", "alignment", "nchw_strides",
            "nhwc_rows", "offsets_fit_int32", "leading", "geometry", "reads_codes_channel_major", "elementwise_tiles",
            "memory_format", "PROGRAM_BYTES", "MIN_PROGRAMS", "one_program_numel", "filling_block", "as_4d",
-           "is_dense", "row_major"]
+           "is_dense", "row_major", "output_order_walk"]
 
 # 127² · n < 2^31 holds for n <= 133,144; chunks of 2^17 = 131,072 terms keep every int32 partial exact.
 MAX_TERMS = 1 << 17
@@ -207,6 +208,25 @@ def row_major(sizes):
         strides.append(acc)
         acc *= size
     return strides[::-1]
+
+
+@functools.lru_cache(maxsize=4096)
+def output_order_walk(shape, x_strides, out_strides, cm_strides=None) -> tuple:
+    """How an element-wise kernel walks a tensor of at most 4 dims (``shape``, input strides ``x_strides``) in
+    its output's memory order, so that the stores are contiguous: ``(sizes, x strides, out strides, row-major
+    strides, second-output strides (zeros: none), input dense in that order, output dense with the input's strides,
+    that order the logical one)``, every stride tuple in walk order, padded to 4 dims. Once per geometry (the
+    quantizer's launcher asks at every call: issue 20 item 5)."""
+    pad = 4 - len(shape)
+    sizes, xs = (1,) * pad + tuple(shape), (0,) * pad + tuple(x_strides)
+    os_ = (0,) * pad + tuple(out_strides)
+    cs = (0,) * pad + tuple(cm_strides) if cm_strides is not None else (0, 0, 0, 0)
+    ls = row_major(sizes)
+    order = sorted(range(4), key=lambda d: (-os_[d], -d)) if len(shape) else [0, 1, 2, 3]
+    sizes, xs, os_, ls, cs = ([v[d] for d in order] for v in (sizes, xs, os_, ls, cs))
+    dense = is_dense(sizes, xs)
+    return (tuple(sizes), tuple(xs), tuple(os_), tuple(ls), tuple(cs), dense,
+            dense and is_dense(sizes, os_) and xs == os_, order == sorted(order))
 
 
 def reads_codes_channel_major(kernel_hw, stride, padding) -> bool:

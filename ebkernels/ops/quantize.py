@@ -27,7 +27,7 @@ from .._checks import check_bits, check_choice, check_tensor
 from .._registry import aot_kernel
 from .._triton import tl, triton
 from ._buffers import absent, counter_pool, empty_output, present
-from ._launch import cdiv, as_4d, filling_block, is_dense, one_program_numel, padded_channels, row_major
+from ._launch import cdiv, as_4d, filling_block, one_program_numel, output_order_walk, padded_channels, row_major
 from ._reduce import publish_max
 from ._scale import SCALE_MODES, codes_of, scale_from_bits, scale_mode_code, scale_reference
 from ._tl import strided_offsets_4d
@@ -239,20 +239,9 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mo
         return out, scale
     device_seed = stochastic and seed is None
     rng = _rng.device_state(x.device) if device_seed else scale
-    # iterate in the output's memory order so the stores are contiguous
-    sizes, xs = as_4d(x)
-    _, os_ = as_4d(out_view)
-    cs = as_4d(cm)[1] if cm is not None else [0, 0, 0, 0]
-    ls = row_major(sizes)
-    order = sorted(range(4), key=lambda d: (-os_[d], -d)) if out_view.dim() else [0, 1, 2, 3]
-    sizes = [sizes[d] for d in order]
-    xs = [xs[d] for d in order]
-    os_ = [os_[d] for d in order]
-    ls = [ls[d] for d in order]
-    cs = [cs[d] for d in order]
-    dense = is_dense(sizes, xs)
-    same_order = dense and is_dense(sizes, os_) and xs == os_
-    logical = order == sorted(order)
+    # iterate in the output's memory order so the stores are contiguous (worked out once per geometry)
+    sizes, xs, os_, ls, cs, dense, same_order, logical = output_order_walk(
+        x.shape, x.stride(), out_view.stride(), cm.stride() if cm is not None else None)
     common = dict(BITS=bits, STOCHASTIC=stochastic, DEVICE_SEED=device_seed, SCALE_MODE=scale_mode_code(mode),
                   SAME_ORDER=same_order, LOGICAL=logical, DEQUANT=dequant)
     args = (n, sizes[1], sizes[2], sizes[3], *xs, *os_, *ls, 0 if seed is None else seed)
