@@ -27,7 +27,7 @@ from ..._triton import tl, triton
 from .._buffers import counter_slice
 from .._launch import cdiv, filling_block
 from .._scale import codes_of, scale_from_bits, scale_mode_code
-from ..quantize import as_4d, block_codes, block_elements, row_major
+from ..quantize import as_4d, block_codes, block_elements
 
 __all__ = ["gquant_max", "gquant_tile", "gquant_codes_kernel", "gquant_off", "gquant_plan", "gquant_finish"]
 
@@ -128,7 +128,7 @@ def gquant_finish(real: torch.Tensor, plan_args, mode: int, bits: int, stochasti
     if mode != 1 or real.numel() == 0:
         return
     gq, rng, n, d1, d2, d3, *strides = plan_args
-    ls = row_major(as_4d(real)[0])
+    ls = (d1 * d2 * d3, d2 * d3, d3, 1)  # row-major strides of the logical (n / (d1·d2·d3), d1, d2, d3)
     block = filling_block(n, block_elements(False), 2 * real.element_size())
     gquant_codes_kernel[(cdiv(n, block),)](real, gq, rng, n, d1, d2, d3, *strides, *ls, BITS=bits,
                                                   STOCHASTIC=stochastic, SCALE_MODE=scale_mode_code(scale_g), BLOCK=block,
