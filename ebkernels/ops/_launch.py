@@ -184,12 +184,17 @@ def elementwise_tiles(C: int, elements: int = 4096):
     return max(16, elements // cb), cb
 
 
+def _pad_4d(shape, strides):
+    """``shape`` and ``strides`` padded to 4 dims (leading sizes 1, strides 0)."""
+    pad = 4 - len(shape)
+    return [1] * pad + list(shape), [0] * pad + list(strides)
+
+
 def as_4d(t: torch.Tensor):
     """Sizes and strides of ``t`` padded to 4 dims (leading 1s); ``None`` if it has more dims."""
     if t.dim() > 4:
         return None
-    pad = 4 - t.dim()
-    return [1] * pad + list(t.shape), [0] * pad + list(t.stride())
+    return _pad_4d(t.shape, t.stride())
 
 
 def is_dense(sizes, strides) -> bool:
@@ -217,10 +222,9 @@ def output_order_walk(shape, x_strides, out_strides, cm_strides=None) -> tuple:
     strides, second-output strides (zeros: none), input dense in that order, output dense with the input's strides,
     that order the logical one)``, every stride tuple in walk order, padded to 4 dims. Once per geometry (the
     quantizer's launcher asks at every call: issue 20 item 5)."""
-    pad = 4 - len(shape)
-    sizes, xs = (1,) * pad + tuple(shape), (0,) * pad + tuple(x_strides)
-    os_ = (0,) * pad + tuple(out_strides)
-    cs = (0,) * pad + tuple(cm_strides) if cm_strides is not None else (0, 0, 0, 0)
+    sizes, xs = _pad_4d(shape, x_strides)
+    os_ = _pad_4d(shape, out_strides)[1]
+    cs = _pad_4d(shape, cm_strides)[1] if cm_strides is not None else [0, 0, 0, 0]
     ls = row_major(sizes)
     order = sorted(range(4), key=lambda d: (-os_[d], -d)) if len(shape) else [0, 1, 2, 3]
     sizes, xs, os_, ls, cs = ([v[d] for d in order] for v in (sizes, xs, os_, ls, cs))

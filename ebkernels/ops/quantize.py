@@ -294,9 +294,10 @@ def _quantize_impl(x, bits, stochastic, scale_mode, seed, channels_last, pad_cha
             real.copy_(q)
             if cm is not None:
                 cm_real.copy_(q)
-        for t in (codes, cm) if Cp > C else ():  # after (and outside) the absmax over the real tensor: 0 adds 0
-            if t is not None:  # to every sum; no slice or fill where no channel is padding (aten ops cost host time)
-                t[:, C:].zero_()
+        if Cp > C:  # (no slice or fill where no channel is padding: aten ops cost host time)
+            codes[:, C:].zero_()  # after (and outside) the absmax over the real tensor: 0 adds 0 to every sum
+            if cm is not None:
+                cm[:, C:].zero_()
         return codes, s
     if use_triton(x):
         out = None
