@@ -48,7 +48,7 @@ def price_modes(net: str, batch: int, card_name: str, modes, small_stem=False, w
         tr = record_step(net, mode, batch, small_stem, width, hw, repeats)
         priced = price_trace(tr, c, RULES)
         out[mode] = {"trace": tr, "priced": priced, "totals": step_totals(priced, tr.host_tail_us, RULES),
-                     "plain_us": plain_host_us(net, mode, small_stem, width, hw)}
+                     "plain": plain_host_us(net, mode, small_stem, width, hw)}
     return out
 
 
@@ -100,7 +100,9 @@ def as_json(results: dict) -> dict:
                 for g in report.kernel_rows(r["priced"])]
         seen = report.findings(mode, r["priced"], r["trace"], r["totals"]) if mode.startswith("int8") else []
         t["host_fwd_bwd_recorder_us"] = r["trace"].fwd_bwd_host_us
-        t["host_fwd_bwd_plain_us"] = r.get("plain_us")
+        plain = r.get("plain")
+        t["host_fwd_bwd_plain_us"] = plain.total_us if plain else None
+        t["launch_layer_us_per_launch"] = plain.per_launch_us if plain else None
         t["aten_calls_fwd_bwd"] = r["trace"].fwd_bwd_aten_calls
         out[mode] = {"totals": t, "kernels": rows, "findings": seen}
     return out

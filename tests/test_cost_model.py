@@ -184,10 +184,11 @@ def test_small_network_step_priced_in_all_four_modes(settings):
     assert "model predictions (not measurements)" in md and md.count("**1. serial phases**") == 2
     assert "| int8 fused / bf16 step speed, graph-captured |" in md
     # the host cross-check: int8 modes only, forward + backward (the optimizer's events marked and left out)
-    assert res["bf16"]["plain_us"] is None and res["fp32"]["plain_us"] is None
+    assert res["bf16"]["plain"] is None and res["fp32"]["plain"] is None
     for m in ("int8-fused", "int8-layer"):
         tr = res[m]["trace"]
-        assert res[m]["plain_us"] > 0 and 0 < tr.opt_start < len(tr.events)
+        plain = res[m]["plain"]
+        assert 0 < plain.ops_us < plain.total_us and plain.launches > 0 and 0 < tr.opt_start < len(tr.events)
         assert all("foreach" in e.name for e in tr.events[tr.opt_start:] if not hasattr(e, "grid"))
         assert 0 < tr.fwd_bwd_host_us < t[m]["host_cpu_us"]
         assert 0 < tr.fwd_bwd_aten_calls < sum(1 for e in tr.events if not hasattr(e, "grid"))
