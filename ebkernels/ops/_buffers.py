@@ -15,7 +15,7 @@ import torch
 from ..config import kernel_settings
 
 __all__ = ["empty_output", "empty_channel_major", "poison", "counter_pool", "counter_slice", "split_workspace",
-           "scratch", "absent", "present"]
+           "scratch"]
 
 _POOLS: dict = {}
 _SLICES: dict = {}  # (pool key, start, stop) -> a view of the pool now under that key (``counter_slice``)
@@ -48,18 +48,6 @@ def empty_channel_major(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return poison(t) if kernel_settings().poison_outputs else t
 
 
-def absent(like: torch.Tensor) -> torch.Tensor:
-    """The stand-in for an absent tensor that a custom op mutates: a mutable argument is never Optional (an
-    optional mutable argument breaks functionalization under ``torch.compile``), so "none" is an empty
-    tensor, which the op's implementation reads back as None with ``present``."""
-    return like.new_empty((0,))
-
-
-def present(t: torch.Tensor):
-    """``t``, or None for ``absent``'s stand-in."""
-    return t if t.numel() else None
-
-
 _ON_CUDA: dict = {}  # torch.device -> whether it is a CUDA device (``device.type`` costs more than a lookup)
 
 
@@ -71,8 +59,19 @@ def _pool_key(device, dtype: torch.dtype):
     if cuda is None:
         cuda = _ON_CUDA[device] = device.type == "cuda"
     if cuda:
-        return (device, torch.cuda.current_stream(device).cuda_stream, dtype)
+        return (device, _raw_stream(device.index if device.index is not None else torch.cuda.current_device()), dtype)
     return (device, 0, dtype)
+
+
+# the current CUDA stream's handle: the raw getter inductor's generated code calls (no ``torch.cuda.Stream`` object
+# built per call, ~1 µs each and several per launch), else the public one
+_raw_get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _raw_stream(index: int) -> int:
+    if _raw_get is not None:
+        return _raw_get(index)
+    return torch.cuda.current_stream(index).cuda_stream
 
 
 def counter_pool(device, n: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:

@@ -24,6 +24,8 @@ use ``.cg`` (L2, not the incoherent L1).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._triton import tl, triton
@@ -238,14 +240,13 @@ class ReductionSpace:
     ``out`` [4 or 2, C]."""
 
     def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device, group: int = GROUP):
-        parts = _PARTS[kind]
-        levels = self.levels(tiles, group)
+        part, grp, sems, out = _space_sizes(kind, tiles, col_blocks, C, group)
         self.kind, self.tiles, self.C = kind, tiles, C
         # tile and merge partials: written and read back by the launch alone (``scratch``: no allocation per launch)
-        self.part = scratch((parts, tiles, C), torch.float32, device, "partials")
-        self.grp = scratch((max(1, parts * sum(levels[:-1]) * C),), torch.float32, device, "merges")
-        self.sem = counter_slice(device, 0, sum(levels) * col_blocks)
-        self.out = empty_output((parts, C), dtype=torch.float32, device=device)
+        self.part = scratch(part, torch.float32, device, "partials")
+        self.grp = scratch(grp, torch.float32, device, "merges")
+        self.sem = counter_slice(device, 0, sems)
+        self.out = empty_output(out, dtype=torch.float32, device=device)
 
     @staticmethod
     def levels(tiles: int, group: int = GROUP) -> list:
@@ -257,6 +258,14 @@ class ReductionSpace:
             if n == 1:
                 break
         return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _space_sizes(kind: int, tiles: int, col_blocks: int, C: int, group: int) -> tuple:
+    """``ReductionSpace``'s shapes (tile partials, merge partials, result) and semaphore count, once per size."""
+    parts = _PARTS[kind]
+    levels = ReductionSpace.levels(tiles, group)
+    return (parts, tiles, C), (max(1, parts * sum(levels[:-1]) * C),), sum(levels) * col_blocks, (parts, C)
 
 
 def moments_reference(v: torch.Tensor):

@@ -9,14 +9,13 @@ Non-finite input: ``max|x|`` is NaN when ``x`` holds a NaN and +inf when it hold
 ``torch.amax`` gives), and the scale takes that value, in every mode; codes are 0 wherever ``x / s``
 is NaN. Dequantizing then yields NaN/inf instead of silently finite numbers.
 
-Two implementations, one contract: ``quantize_reference`` (PyTorch; the oracle and the CPU path) and
-two Triton kernels (absmax with an integer atomic max, then scale + codes). The scale stays a device
+Two implementations, one contract: ``quantize_reference`` (PyTorch, ``quantize_reference.py``; the oracle and
+the CPU path) and two Triton kernels (absmax with an integer atomic max, then scale + codes). The scale stays a device
 tensor: nothing is read back to the host. ``block_codes`` / ``quantize_codes_kernel`` also serve the
 weight-grad's fused G quantization (``gemm.gquant``).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -26,51 +25,18 @@ from .._backend import use_triton
 from .._checks import check_bits, check_choice, check_tensor
 from .._registry import aot_kernel
 from .._triton import tl, triton
-from ._buffers import absent, counter_pool, empty_output, present
-from ._launch import cdiv, as_4d, filling_block, one_program_numel, output_order_walk, padded_channels, row_major
+from ._buffers import counter_pool, empty_output
+from ._dispatch import absent, present
+from ._launch import (BoundLaunch, cached_plan, cdiv, as_4d, filling_block, one_program_numel, output_order_walk,
+                      padded_channels, row_major)
 from ._reduce import publish_max
-from ._scale import SCALE_MODES, codes_of, scale_from_bits, scale_mode_code, scale_reference
+from ._scale import SCALE_MODES, codes_of, scale_from_bits, scale_mode_code
+from .quantize_reference import quantize_reference
 from ._tl import strided_offsets_4d
 from ._dispatch import custom_op
 
 __all__ = ["quantize", "quantize_dequantize", "dequantize", "quantize_reference", "quantize_triton", "block_codes",
            "quantize_codes_kernel", "block_elements", "as_4d", "row_major"]
-
-# --------------------------------------------------------------------------------------------------
-# Reference (pure PyTorch)
-# --------------------------------------------------------------------------------------------------
-def _codes_reference(v: torch.Tensor, bits: int, noise: torch.Tensor | None) -> torch.Tensor:
-    """Codes from ``v = x / s`` (float32)."""
-    S = float(2 ** (bits - 1))
-    y = (v * S).clamp(-(S - 1), S - 1)
-    y = torch.floor(y + noise) if noise is not None else torch.round(y)
-    return torch.nan_to_num(y, nan=0.0).to(torch.int8)
-
-
-def _noise_reference(shape, device, seed, ticket=None) -> torch.Tensor:
-    """U[0, 1) per element, Philox on the element's row-major index (as the kernels draw it): ``seed``
-    an int (ticket 0), or None: the device random state, which gives a ticket (``ebkernels._rng``), unless
-    one was taken already (``ticket``)."""
-    if seed is None:
-        seed = _rng.device_state(device)[0]
-        ticket = _rng.take_ticket_reference(device) if ticket is None else ticket
-    else:
-        ticket = 0
-    n = math.prod(shape)
-    return _rng.philox_uniform_reference(seed, ticket, torch.arange(n, device=device)).view(shape)
-
-
-def quantize_reference(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mode: str = "shift",
-                       seed: int | None = 0, ticket=None):
-    """PyTorch reference: ``(codes int8 like x, scale 0-dim float32)``; ``mode``: the scale rule
-    (``_scale``). Stochastic noise: see ``_noise_reference`` (the same numbers as the kernels draw)."""
-    xf = x.float()
-    amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
-    s = scale_reference(amax, mode, bits)
-    noise = _noise_reference(tuple(xf.shape), x.device, seed, ticket) if stochastic else None
-    codes = _codes_reference(xf / s, bits, noise)
-    return codes, s
-
 
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -239,28 +205,48 @@ def quantize_triton(x: torch.Tensor, bits: int = 8, stochastic: bool = False, mo
         return out, scale
     device_seed = stochastic and seed is None
     rng = _rng.device_state(x.device) if device_seed else scale
-    # iterate in the output's memory order so the stores are contiguous (worked out once per geometry)
-    sizes, xs, os_, ls, cs, dense, same_order, logical = output_order_walk(
-        x.shape, x.stride(), out_view.stride(), cm.stride() if cm is not None else None)
-    common = dict(BITS=bits, STOCHASTIC=stochastic, DEVICE_SEED=device_seed, SCALE_MODE=scale_mode_code(mode),
-                  SAME_ORDER=same_order, LOGICAL=logical, DEQUANT=dequant)
-    args = (n, sizes[1], sizes[2], sizes[3], *xs, *os_, *ls, 0 if seed is None else seed)
-    # one program reads x twice and writes the codes: only while that moves at most PROGRAM_BYTES
-    if amax is None and cm is None and n <= one_program_numel(2 * x.element_size() + out_view.element_size()):
-        quantize_small_kernel[(1,)](x, rng, out_view, scale, *args, DENSE=dense, BLOCK=1024, num_warps=8, **common)
+    small, absmax, codes, args, cs = _quant_launches(x.shape, x.stride(), out_view.stride(),
+                                                     None if cm is None else cm.stride(), x.element_size(),
+                                                     out_view.element_size(), bits, stochastic, device_seed, mode,
+                                                     dequant, amax is None)
+    seed_arg = 0 if seed is None else seed
+    if small:
+        codes(x, rng, out_view, scale, *args, seed_arg)
         return out, scale
     amax_bits = amax
     if amax_bits is None:
-        block = filling_block(n, block_elements(dense), x.element_size())
         amax_bits = torch.empty(2, device=x.device, dtype=torch.int32)  # [bits, ticket]
-        quantize_absmax_kernel[(cdiv(n, block),)](x, amax_bits, counter_pool(x.device, 2), rng, n, sizes[1],
-                                                  sizes[2], sizes[3], *xs, DENSE=dense, TICKET=device_seed,
-                                                  BLOCK=block, num_warps=8)
-    block = filling_block(n, block_elements(same_order), x.element_size() + out_view.element_size())
-    quantize_codes_kernel[(cdiv(n, block),)](x, amax_bits, rng, out_view, scale, *args,
-                                                    out_view if cm is None else cm, *cs, BLOCK=block, CM=cm is not None,
-                                                    num_warps=8, **common)
+        absmax(x, amax_bits, counter_pool(x.device, 2), rng, *args[:8])
+    codes(x, amax_bits, rng, out_view, scale, *args, seed_arg, out_view if cm is None else cm, *cs)
     return out, scale
+
+
+@cached_plan
+def _quant_launches(shape, x_strides, out_strides, cm_strides, x_size: int, out_size: int, bits: int,
+                    stochastic: bool, device_seed: bool, mode: str, dequant: bool, own_absmax: bool) -> tuple:
+    """(one program?, the absmax launch or None, the codes launch, their integer arguments before the seed, the
+    second layout's strides) of ``quantize_triton`` for a geometry and a call's flags: the walk in the output's
+    memory order (``output_order_walk``), the grids, the constexprs — once per shape."""
+    sizes, xs, os_, ls, cs, dense, same_order, logical = output_order_walk(shape, x_strides, out_strides, cm_strides)
+    n = 1
+    for d in shape:
+        n *= d
+    common = dict(BITS=bits, STOCHASTIC=stochastic, DEVICE_SEED=device_seed, SCALE_MODE=scale_mode_code(mode),
+                  SAME_ORDER=same_order, LOGICAL=logical, DEQUANT=dequant)
+    args = (n, sizes[1], sizes[2], sizes[3], *xs, *os_, *ls)
+    # one program reads x twice and writes the codes: only while that moves at most PROGRAM_BYTES
+    if own_absmax and cm_strides is None and n <= one_program_numel(2 * x_size + out_size):
+        return True, None, BoundLaunch(quantize_small_kernel, (1,), DENSE=dense, BLOCK=1024, num_warps=8,
+                                       **common), args, cs
+    absmax = None
+    if own_absmax:
+        block = filling_block(n, block_elements(dense), x_size)
+        absmax = BoundLaunch(quantize_absmax_kernel, (cdiv(n, block),), DENSE=dense, TICKET=device_seed,
+                             BLOCK=block, num_warps=8)
+    block = filling_block(n, block_elements(same_order), x_size + out_size)
+    codes = BoundLaunch(quantize_codes_kernel, (cdiv(n, block),), BLOCK=block, CM=cm_strides is not None,
+                        num_warps=8, **common)
+    return False, absmax, codes, args, cs
 
 
 # ----- the public op (registered with torch.library so torch.compile can trace it) ------------------

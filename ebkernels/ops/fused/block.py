@@ -56,6 +56,7 @@ import torch.nn as nn
 
 from ...config import kernel_settings
 from .._launch import MAX_TERMS
+from .._dispatch import direct_scope
 from ..gemm.host import no_autocast, refuse_double_backward, weight_layout
 from . import stages
 from .bn_act import bn_act
@@ -128,7 +129,9 @@ class FusedBlockFunction(torch.autograd.Function):
             raise ValueError("a residual block needs a float output and the residual tensor")
         ctx.n_source, ctx.res_dtype = len(source), None if residual is None else residual.dtype
         ctx.links = links or BlockLinks()
-        with no_autocast(weight):
+        # one dispatcher check for all of the block's ops (``direct_scope``), of its tensors
+        with no_autocast(weight), direct_scope(x, in_codes, in_scale, in_codes_cm, weight, bias, bn_w, bn_b, bnin_w,
+                                               bnin_b, residual, *source):
             return FusedBlockFunction._forward(ctx, spec, x, in_codes, in_scale, in_codes_cm, weight, bias, source,
                                               residual)
 
@@ -166,7 +169,7 @@ class FusedBlockFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_main, _g_codes, _g_scale, _g_cm):
         refuse_double_backward()
-        with no_autocast(ctx.device):
+        with no_autocast(ctx.device), direct_scope(g_main):
             return FusedBlockFunction._backward(ctx, g_main)
 
     @staticmethod

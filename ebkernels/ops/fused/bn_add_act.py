@@ -17,7 +17,8 @@ import torch
 from ..._backend import use_triton
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
-from .._buffers import absent, empty_output, present
+from .._buffers import empty_output
+from .._dispatch import absent, present
 from .._dispatch import custom_op
 from .._launch import ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
 from .._tl import cast_rne, decode_rows, elementwise_tile

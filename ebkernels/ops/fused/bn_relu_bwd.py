@@ -16,8 +16,8 @@ element ``dy = a·((g - m1) - xhat·m2)``. E's per-tensor scale (``Shift(max |dy
   the same tensor) ``dy + addend``, rounded once, in place of autograd's separate sum.
 
 ``dz`` may come gathered (``inv``: channel c of y reads channel ``inv[c]`` of dz, -1 = not gathered, g =
-0), the backward of a ``ChannelSelection``. References in PyTorch with the same float32 operations;
-``rounding="stochastic"`` draws the same Philox numbers as the kernel (``_rng``).
+0), the backward of a ``ChannelSelection``. References in PyTorch with the same float32 operations
+(``bn_relu_bwd_reference``); ``rounding="stochastic"`` draws the same Philox numbers as the kernel (``_rng``).
 """
 from __future__ import annotations
 
@@ -30,12 +30,13 @@ from ..._backend import use_triton
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import counter_pool, empty_channel_major, empty_output
-from .._launch import cdiv, ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
+from .._launch import cdiv, BoundLaunch, ELEMENTWISE_WARPS, NO_FP_FUSION, cached_plan, elementwise_tiles
 from .._reduce import GROUP, SUMS, TB, ReductionSpace, finish_reduction, publish_max, store_partials, tile_sums
-from .._scale import scale_from_bits, scale_mode_code, scale_reference
+from .._scale import scale_from_bits, scale_mode_code
 from .._tl import cast_rne, decode_rows, elementwise_tile, round_half_even
 from .._dispatch import custom_op
-from .bn_math import act_code, bn_grad_in, bn_grad_in_reference
+from .bn_math import act_code, bn_grad_in
+from .bn_relu_bwd_reference import bn_relu_bwd_reduce_reference, bn_relu_bwd_reference
 
 __all__ = ["bn_relu_bwd_reduce", "bn_relu_bwd", "bn_relu_bwd_reduce_reference", "bn_relu_bwd_reference",
            "MODES"]
@@ -185,81 +186,24 @@ def bn_relu_bwd_kernel(dz_ptr, y_ptr, inv_ptr, bnp_ptr, sums_ptr, amax_ptr, sem_
 
 
 # --------------------------------------------------------------------------------------------------
-# References
-# --------------------------------------------------------------------------------------------------
-def _gathered(dz: torch.Tensor, inv: Optional[torch.Tensor], C: int) -> torch.Tensor:
-    """dz brought to y's C channels through the channel map (0 where not gathered)."""
-    if inv is None:
-        return dz
-    idx = inv.long().clamp(min=0)
-    out = dz.index_select(1, idx)
-    return torch.where((inv >= 0).view(1, -1, 1, 1), out, torch.zeros_like(out))
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-
-def bn_relu_bwd_reduce_reference(dz, y, bnp, inv, act):
-    _, g, xhat = bn_grad_in_reference(_gathered(dz, inv, y.shape[1]), y, bnp, None, 1, act)
-    return torch.stack([_rows(g).double().sum(0), _rows(g * xhat).double().sum(0)]).float()
-
-
-def _absmax_reference(v, stochastic, device):
-    """[bits of max |v|, ticket (stochastic) or 0] (int32 [2]), as modes 0 and 3 write them."""
-    a = v.abs().amax().reshape(1) if v.numel() else v.new_zeros(1)
-    out = torch.zeros(2, dtype=torch.int32, device=device)
-    out[0] = a.view(torch.int32)[0]
-    if stochastic:
-        out[1] = _rng.take_ticket_reference(device).to(torch.int32)
-    return out
-
-
-def bn_relu_bwd_reference(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype,
-                          channels_last_out, scale_mode="shift", addend=None):
-    """``bn_relu_bwd`` in PyTorch (same outputs as the op)."""
-    N, C, H, W = y.shape
-    dy, _, _ = bn_grad_in_reference(_gathered(dz, inv, C), y, bnp, sums, N * H * W, act)
-    if mode in ("float", "float_absmax"):
-        if addend is not None:
-            dy = dy + addend.float()
-        fmt = torch.channels_last if channels_last_out else torch.contiguous_format
-        out = dy.to(out_dtype).contiguous(memory_format=fmt)
-        if mode == "float":
-            return (out,)
-        return out, _absmax_reference(out.float(), stochastic, y.device)
-    if mode == "absmax":
-        return (_absmax_reference(dy, stochastic, y.device),)
-    scale = scale_reference(amax[0:1].view(torch.float32).reshape(()), scale_mode, bits)
-    S = float(2 ** (bits - 1))
-    q = ((dy / scale) * S).clamp(-(S - 1), S - 1)
-    if stochastic:
-        offs = torch.arange(N * H * W, device=y.device).view(N, H, W, 1) * C + torch.arange(C, device=y.device)
-        u = _rng.philox_uniform_reference(_rng.device_state(y.device)[0], amax[1].long(), offs)
-        q = torch.floor(q + u.permute(0, 3, 1, 2))
-    else:
-        q = torch.round(q)
-    q = torch.nan_to_num(q, nan=0.0).to(torch.int8)
-    Cp = C if pad_to <= 1 else -(-C // pad_to) * pad_to
-    nhwc = torch.zeros((N, H, W, Cp), dtype=torch.int8, device=y.device)
-    nhwc[..., :C] = q.permute(0, 2, 3, 1)
-    cm = nhwc.permute(3, 0, 1, 2).clone(memory_format=torch.contiguous_format)  # never a view of nhwc
-    return nhwc.permute(0, 3, 1, 2), cm.permute(1, 0, 2, 3), scale
-
-
-# --------------------------------------------------------------------------------------------------
 # Launchers and ops
 # --------------------------------------------------------------------------------------------------
-def _reduce_triton(dz, y, bnp, inv, act):
-    N, C, H, W = y.shape
+@cached_plan
+def _reduce_plan(shape, dz_rows, y_rows, has_inv: bool, act: str) -> tuple:
+    """(launch, ints, tiles, channel blocks) of ``bn_relu_bwd_reduce_kernel`` for a geometry: once per shape."""
+    N, C, H, W = shape
     M = N * H * W
     BP, CB = elementwise_tiles(C)
     T, num_n = cdiv(M, BP), cdiv(C, CB)
-    space = ReductionSpace(SUMS, T, num_n, C, y.device)
-    bn_relu_bwd_reduce_kernel[(T, num_n)](
-        dz, y, inv if inv is not None else space.sem, bnp, space.part, space.grp, space.out, space.sem, M, C, H, W,
-        *nhwc_rows(dz), *nhwc_rows(y), HAS_INV=inv is not None, ACT=act_code(act), BP=BP, CB=CB, TB=TB, GROUP=GROUP,
-        num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+    launch = BoundLaunch(bn_relu_bwd_reduce_kernel, (T, num_n), HAS_INV=has_inv, ACT=act_code(act), BP=BP, CB=CB,
+                         TB=TB, GROUP=GROUP, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+    return launch, (M, C, H, W, *dz_rows, *y_rows), T, num_n
+
+
+def _reduce_triton(dz, y, bnp, inv, act):
+    launch, ints, T, num_n = _reduce_plan(y.shape, dz.stride(), y.stride(), inv is not None, act)
+    space = ReductionSpace(SUMS, T, num_n, y.shape[1], y.device)
+    launch(dz, y, inv if inv is not None else space.sem, bnp, space.part, space.grp, space.out, space.sem, *ints)
     return space.out
 
 
@@ -283,40 +227,56 @@ def bn_relu_bwd_reduce(dz, y, bnp, inv=None, act="relu"):
     return _reduce_op(dz, y, bnp, inv, act)
 
 
-def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
-                scale_mode, addend=None):
-    N, C, H, W = y.shape
+@cached_plan
+def _bwd_plan(shape, dz_rows, y_rows, add_rows, mode: str, has_inv: bool, has_sums: bool, act: str, bits: int,
+              stochastic: bool, pad_to: int, channels_last_out: bool, scale_mode: str) -> tuple:
+    """(launch, ints, Cp) of ``bn_relu_bwd_kernel`` for a geometry and a call's flags: once per shape
+    (``add_rows``: the addend's strides, None without one)."""
+    N, C, H, W = shape
     M = N * H * W
-    dev = y.device
     m = MODES[mode]
     Cp = C if (mode != "codes" or pad_to <= 1) else -(-C // pad_to) * pad_to
-    rng = _rng.device_state(dev) if stochastic else bnp
-    scale = out = cm = None
     # stochastic codes: the Philox state per element as well: 2K elements per program
     BP, CB = elementwise_tiles(Cp, 2048 if (stochastic and mode == "codes") else 4096)
-    grid = (cdiv(M, BP), cdiv(Cp, CB))
+    if mode in ("absmax", "codes"):
+        so = (0, 0, 0, 0)  # (codes: the kernel derives both code layouts from Cp)
+    elif channels_last_out:  # the float result: NHWC or NCHW, contiguous
+        so = (H * W * C, 1, W * C, C)
+    else:
+        so = (C * H * W, H * W, W, 1)
+    launch = BoundLaunch(bn_relu_bwd_kernel, (cdiv(M, BP), cdiv(Cp, CB)), MODE=m, HAS_INV=has_inv,
+                         HAS_SUMS=has_sums, ACT=act_code(act), BITS=bits, STOCHASTIC=stochastic, CM=True,
+                         SCALE_MODE=scale_mode_code(scale_mode) if mode == "codes" else 0, BP=BP, CB=CB,
+                         HAS_ADD=add_rows is not None, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+    ints = (M, C, Cp, H, W, *dz_rows, *y_rows, *so, *(add_rows if add_rows is not None else (0, 0, 0, 0)), float(M))
+    return launch, ints, Cp
+
+
+def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax, out_dtype, channels_last_out,
+                scale_mode, addend=None):
+    shape = y.shape
+    dev = y.device
+    launch, ints, Cp = _bwd_plan(shape, dz.stride(), y.stride(), None if addend is None else addend.stride(), mode,
+                                 inv is not None, sums is not None, act, bits, stochastic, pad_to, channels_last_out,
+                                 scale_mode)
+    rng = _rng.device_state(dev) if stochastic else bnp
+    scale = out = cm = None
     sem = counter_pool(dev, 2)
     if mode == "absmax":
         out = torch.empty(2, dtype=torch.int32, device=dev)  # [bits, ticket]
         amax, dst, dcm = out, out, out
-        so = (0, 0, 0, 0)
     elif mode == "codes":
+        N, _, H, W = shape
         out = empty_output((N, Cp, H, W), torch.int8, dev, torch.channels_last)
         cm = empty_channel_major((N, Cp, H, W), torch.int8, dev)
         scale = empty_output((), torch.float32, dev)
-        dst, dcm, so = out, cm, (0, 0, 0, 0)
+        dst, dcm = out, cm
     else:
-        fmt = torch.channels_last if channels_last_out else torch.contiguous_format
-        out = empty_output((N, C, H, W), out_dtype, dev, fmt)
+        out = empty_output(shape, out_dtype, dev, torch.channels_last if channels_last_out else torch.contiguous_format)
         amax = torch.empty(2, dtype=torch.int32, device=dev) if mode == "float_absmax" else bnp
         dst, dcm = out, out
-        so = nhwc_rows(out)
-    bn_relu_bwd_kernel[grid](
-        dz, y, inv if inv is not None else bnp, bnp, sums if sums is not None else bnp, amax, sem, rng, dst, dcm,
-        scale if scale is not None else bnp, addend if addend is not None else bnp, M, C, Cp, H, W, *nhwc_rows(dz),
-        *nhwc_rows(y), *so, *(nhwc_rows(addend) if addend is not None else (0, 0, 0, 0)), float(M), MODE=m, HAS_INV=inv is not None, HAS_SUMS=sums is not None, ACT=act_code(act),
-        BITS=bits, STOCHASTIC=stochastic, CM=True, SCALE_MODE=scale_mode_code(scale_mode) if mode == "codes" else 0,
-        BP=BP, CB=CB, HAS_ADD=addend is not None, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+    launch(dz, y, inv if inv is not None else bnp, bnp, sums if sums is not None else bnp, amax, sem, rng, dst, dcm,
+           scale if scale is not None else bnp, addend if addend is not None else bnp, *ints)
     if mode == "codes":
         return out, cm, scale
     if mode == "absmax":

@@ -25,8 +25,9 @@ import torch
 from ..._backend import use_triton
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
-from .._buffers import absent, empty_channel_major, empty_output, present
-from .._launch import cdiv, ELEMENTWISE_WARPS, NO_FP_FUSION, elementwise_tiles, nhwc_rows
+from .._buffers import empty_channel_major, empty_output
+from .._dispatch import absent, present
+from .._launch import cdiv, BoundLaunch, ELEMENTWISE_WARPS, NO_FP_FUSION, cached_plan, elementwise_tiles, nhwc_rows
 from .._reduce import (MOMENTS, ReductionSpace, finish_reduction, max_of_blocks, merge_group, moments_reference,
                        store_block_max, store_partials, tile_moments, z_slots)
 from .._scale import scale_from_bits, scale_mode_code, scale_reference
@@ -173,7 +174,7 @@ def bn_stats(x, weight=None, bias=None, running_mean=None, running_var=None, num
     as ``nn.BatchNorm2d`` in training (``num_batches_tracked`` is incremented by ``bn_relu_quant``). ``act``: the
     activation after the BatchNorm (``bn_math.ACTIVATIONS``), which max |z| is of."""
     xb, chan, bnp, zmax = _bn_stats_op(x, weight, bias, absent(x) if running_mean is None else running_mean,
-                                       absent(x) if running_var is None else running_var, num_batches_tracked,
+                                       absent(x, 1) if running_var is None else running_var, num_batches_tracked,
                                        None if momentum is None else float(momentum), float(eps), bool(batch_stats),
                                        bool(update), _act(act), keep, bool(reuse_x))
     return (x if _reuses(x, reuse_x) else xb), chan, bnp, zmax  # x already bf16 NHWC: no copy
@@ -275,27 +276,32 @@ def _padded(K: int, pad_to: int) -> int:
     return K if pad_to <= 1 else -(-K // pad_to) * pad_to
 
 
+@cached_plan
+def _quant_plan(shape, y_rows, K: int, Kp: int, has_index: bool, bits: int, scale_mode: str, act: str, codes: bool,
+                update_nbt: bool, has_cm: bool) -> tuple:
+    """(launch, ints) of ``bn_relu_quant_kernel`` for a geometry and a call's flags: once per shape."""
+    N, C, H, W = shape
+    M = N * H * W
+    BP, CB = elementwise_tiles(Kp)
+    launch = BoundLaunch(bn_relu_quant_kernel, (cdiv(M, BP), cdiv(Kp, CB)), BITS=bits,
+                         SCALE_MODE=scale_mode_code(scale_mode), ACT=act_code(act), HAS_INDEX=has_index, CODES=codes,
+                         UPDATE_NBT=update_nbt, BP=BP, CB=CB, CM=has_cm, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+    return launch, (M, K, Kp, C, H, W, *y_rows)
+
+
 def _bn_relu_quant_triton(y, bnp, zmax_bits, num_batches_tracked, index, bits, scale_mode, act, pad_to,
                           out_dtype, cm=None):
     N, C, H, W = y.shape
     K = C if index is None else index.numel()
-    M = N * H * W
     codes = out_dtype is None
     Kp = _padded(K, pad_to) if codes else K
-    if codes:
-        out = empty_output((N, Kp, H, W), torch.int8, y.device, torch.channels_last)
-        scale = empty_output((), torch.float32, y.device)
-    else:
-        out = empty_output((N, K, H, W), out_dtype, y.device, torch.channels_last)
-        scale = empty_output((), torch.float32, y.device)  # 1, stored by the kernel
-    BP, CB = elementwise_tiles(Kp)
-    grid = (cdiv(M, BP), cdiv(Kp, CB))
-    bn_relu_quant_kernel[grid](
-        y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale,
-        num_batches_tracked if num_batches_tracked is not None else zmax_bits, M, K, Kp, C, H, W, *nhwc_rows(y),
-        cm if cm is not None else out, zmax_bits.numel(), BITS=bits, SCALE_MODE=scale_mode_code(scale_mode), ACT=act_code(act),
-        HAS_INDEX=index is not None, CODES=codes, UPDATE_NBT=num_batches_tracked is not None, BP=BP, CB=CB,
-        CM=cm is not None, num_warps=ELEMENTWISE_WARPS, **NO_FP_FUSION)
+    launch, ints = _quant_plan(y.shape, y.stride(), K, Kp, index is not None, bits, scale_mode, act, codes,
+                               num_batches_tracked is not None, cm is not None)
+    out = empty_output((N, Kp, H, W), torch.int8 if codes else out_dtype, y.device, torch.channels_last)
+    scale = empty_output((), torch.float32, y.device)  # (a float result: 1, stored by the kernel)
+    launch(y, bnp, zmax_bits, index if index is not None else zmax_bits, out, scale,
+           num_batches_tracked if num_batches_tracked is not None else zmax_bits, *ints,
+           cm if cm is not None else out, zmax_bits.numel())
     return out, scale
 
 
@@ -344,5 +350,5 @@ def bn_relu_quant(y, bnp, zmax_bits, num_batches_tracked=None, index=None, bits=
         cm = empty_channel_major((N, _padded(K, pad_to), H, W), torch.int8, y.device)
     out = _bn_relu_quant_op(y, bnp, zmax_bits, absent(y) if num_batches_tracked is None else num_batches_tracked,
                             index, int(bits), str(scale_mode), str(act), int(pad_to), out_dtype,
-                            absent(y) if cm is None else cm)
+                            absent(y, 1) if cm is None else cm)
     return (*out, cm) if channel_major else out

@@ -39,10 +39,11 @@ import torch
 from ..._backend import use_triton
 from ..._registry import aot_kernel
 from ..._triton import tl, triton
-from .._buffers import absent, empty_output, present
+from .._buffers import empty_output
+from .._dispatch import absent, present
 from ...config import kernel_settings
-from .._launch import (cdiv, MAX_TERMS, NO_FP_FUSION, alignment, cached_plan, conv2d_output_size, geometry,
-                       offsets_fit_int32)
+from .._launch import (cdiv, MAX_TERMS, NO_FP_FUSION, BoundLaunch, alignment, cached_plan, conv2d_output_size,
+                       geometry, offsets_fit_int32)
 from .._reduce import (GROUP as STATS_GROUP, MOMENTS, SUMS, TB as STATS_TB, ReductionSpace, finish_reduction,
                        moments_reference, store_block_max, store_partials, tile_moments, tile_sums, z_slots)
 from .._tl import assume_conv_operands, decode_rows, to_bfloat16_rne
@@ -209,13 +210,15 @@ class ConvBnLaunch:
     i64: bool
     dz_strides: tuple
     dz_like_y: bool
+    launch: Optional[BoundLaunch] = None  # the kernel with its grid and constexprs (``conv_bn_call``)
+    ints: tuple = ()  # its run-time integer arguments after the tensors (geometry, strides) and the codes' scale
 
 
 @cached_plan
 def conv_bn_launch(x_geom, w_geom, dz_geom, stride, padding, dilation, has_res, device, settings) -> ConvBnLaunch:
     """The launch plan of ``_launch`` for codes, weight codes and (backward) dz of geometry ``(shape, strides,
     16-byte aligned)`` (``dz_geom`` None in forward), once per geometry (issue 20 item 5: host time);
-    ``settings``: the ``KernelSettings`` in force (the SM count follows them)."""
+    ``settings``: the ``KernelSettings`` in force (the SM count follows them). The tile alone: ``_tile``."""
     (N, C, H, W), (s_n, s_r, s_h, s_w), x16 = x_geom
     (CO, _, KH, KW), (w0, w1, w2, w3), w16 = w_geom
     OH, OW = conv2d_output_size(H, W, KH, KW, stride, padding, dilation)
@@ -239,17 +242,38 @@ def conv_bn_launch(x_geom, w_geom, dz_geom, stride, padding, dilation, has_res, 
                         cdiv(CO, tile.BN), i64, dz_strides, dz_like_y)
 
 
+@cached_plan
+def conv_bn_call(x_geom, w_geom, dz_geom, stride, padding, dilation, has_res, device, settings, mode, flags, act,
+                 bits) -> ConvBnLaunch:
+    """``conv_bn_launch`` with the launch bound for one call site's ``mode``, ``flags`` (has bias, has affine,
+    batch statistics, update) and ``act``, and the integer arguments worked out: per call only the tensors and
+    the BatchNorm's eps and momentum are passed."""
+    p = conv_bn_launch(x_geom, w_geom, dz_geom, stride, padding, dilation, has_res, device, settings)
+    (N, C, H, W), _, _ = x_geom
+    (CO, _, KH, KW), _, _ = w_geom
+    tile = p.tile
+    has_bias, has_affine, batch_stats, update = flags
+    launch = BoundLaunch(conv2d_int8_bn_kernel, (p.num_m * p.num_n,), MODE=mode, HAS_BIAS=has_bias,
+                         HAS_AFFINE=has_affine, BATCH_STATS=batch_stats, UPDATE=update, ACT=act_code(act), BM=tile.BM,
+                         BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=p.align, I64=p.i64,
+                         TB=STATS_TB, GROUP=STATS_GROUP, DZ_LIKE_Y=p.dz_like_y, HAS_RES=has_res,
+                         num_warps=tile.num_warps, num_stages=tile.num_stages, maxnreg=MAXNREG, **NO_FP_FUSION)
+    ints = (H, W, C, p.OH, p.OW, CO, KW, p.M, KH * KW, stride[0], stride[1], padding[0], padding[1], dilation[0],
+            dilation[1], *p.x_strides, *p.w_strides, *p.dz_strides, inv_code_scales(*bits))
+    return dataclasses.replace(p, launch=launch, ints=ints)
+
+
 def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_w, dz=None, bnp=None, weight=None,
             beta=None, running_mean=None, running_var=None, num_batches_tracked=None, momentum=None, eps=0.0,
             batch_stats=True, update=False, act="relu", residual=None):
-    N, C, H, W = qx.shape
-    CO, _, KH, KW = qw.shape
+    N, C = qx.shape[0], qx.shape[1]
+    CO = qw.shape[0]
     if qw.stride(1) != 1 and C > 1:  # K-major weight operand (OHWI)
         qw = qw.contiguous(memory_format=torch.channels_last)
-    plan = conv_bn_launch(geometry(qx), geometry(qw), None if dz is None else geometry(dz), stride, padding,
-                          dilation, residual is not None, qx.device, kernel_settings())
-    OH, OW, M, tile = plan.OH, plan.OW, plan.M, plan.tile
-    y = empty_output((N, CO, OH, OW), torch.bfloat16, qx.device, torch.channels_last)
+    plan = conv_bn_call(geometry(qx), geometry(qw), None if dz is None else geometry(dz), tuple(stride),
+                        tuple(padding), tuple(dilation), residual is not None, qx.device, kernel_settings(), mode,
+                        (bias is not None, weight is not None, batch_stats, update), act, (bits_a, bits_w))
+    y = empty_output((N, CO, plan.OH, plan.OW), torch.bfloat16, qx.device, torch.channels_last)
     space = ReductionSpace(MOMENTS if mode == 0 else SUMS, plan.num_m, plan.num_n, CO, qx.device)
     if mode == 0:
         bnp_out = empty_output((BNP_ROWS, CO), torch.float32, qx.device)
@@ -257,20 +281,12 @@ def _launch(mode, qx, qw, sx, sw, bias, stride, padding, dilation, bits_a, bits_
     else:
         bnp_out, zmax = bnp, space.sem
     dummy = space.out
-    conv2d_int8_bn_kernel[(plan.num_m * plan.num_n,)](
+    plan.launch(
         qx, qw, y, sx, sw, bias if bias is not None else dummy, dz if dz is not None else y, space.part, space.grp,
         space.out, space.sem, weight if weight is not None else dummy, beta if beta is not None else dummy,
         running_mean if running_mean is not None else dummy, running_var if running_var is not None else dummy,
-        num_batches_tracked if num_batches_tracked is not None else space.sem, bnp_out, zmax, H, W, C, OH, OW, CO,
-        KW, M, KH * KW, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], *plan.x_strides,
-        *plan.w_strides, *plan.dz_strides, inv_code_scales(bits_a, bits_w), float(eps),
-        momentum_arg(momentum), float(M), residual if residual is not None else y, MODE=mode, HAS_BIAS=bias is not None, HAS_AFFINE=weight is not None,
-        BATCH_STATS=batch_stats, UPDATE=update, ACT=act_code(act), BM=tile.BM, BN=tile.BN, BK=tile.BK,
-        GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=plan.align, I64=plan.i64, TB=STATS_TB, GROUP=STATS_GROUP,
-        DZ_LIKE_Y=plan.dz_like_y,
-        HAS_RES=residual is not None,
-        num_warps=tile.num_warps,
-        num_stages=tile.num_stages, maxnreg=MAXNREG, **NO_FP_FUSION)
+        num_batches_tracked if num_batches_tracked is not None else space.sem, bnp_out, zmax, *plan.ints, float(eps),
+        momentum_arg(momentum), float(plan.M), residual if residual is not None else y)
     if mode == 0:
         return y, space.out, bnp_out, zmax
     return y, space.out
@@ -358,7 +374,7 @@ def conv2d_int8_bn_fwd(qx, qw, sx, sw, bias=None, stride=(1, 1), padding=(0, 0),
                              f"{residual.dtype} {tuple(residual.shape)}")
     return _fwd_op(qx, qw, sx, sw, bias, list(stride), list(padding), list(dilation), int(bits_a), int(bits_w), weight,
                    beta, absent(qx) if running_mean is None else running_mean,
-                   absent(qx) if running_var is None else running_var, num_batches_tracked,
+                   absent(qx, 1) if running_var is None else running_var, num_batches_tracked,
                    None if momentum is None else float(momentum), float(eps), bool(batch_stats), bool(update), act,
                    residual)
 

@@ -15,7 +15,7 @@ from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import split_workspace
 from ...config import kernel_settings
-from .._launch import (alignment, cached_plan, cdiv, conv2d_output_size, geometry, memory_format,
+from .._launch import (BoundLaunch, alignment, cached_plan, cdiv, conv2d_output_size, geometry, memory_format,
                        offsets_fit_int32)
 from .._tl import assume_conv_operands, assume_multiple, decode_rows
 from . import tiles
@@ -191,25 +191,36 @@ def _conv_like_launch(transposed, src, wq, ss, sw, bias, out, P, Q, R, OP, OQ, N
     (Cin, Cout)-ordered copy's in the input-grad); the tile from the table (``tiles``), the same plan
     ``python -m ebkernels.aot --plan`` prints; split over K steps when longer than ``max_terms``."""
     raw = ss is None
-    launch = conv_like_launch(transposed, geometry(src), geometry(wq), geometry(out),
-                              None if residual is None else residual.data_ptr() % 16 == 0, P, Q, R, OP, OQ, NCOL,
-                              KH, KW, stride, padding, dilation, max_terms, src.device, kernel_settings())
+    launch, bound, ints = conv_like_call(transposed, geometry(src), geometry(wq), geometry(out),
+                                         None if residual is None else residual.data_ptr() % 16 == 0, P, Q, R, OP, OQ,
+                                         NCOL, KH, KW, tuple(stride), tuple(padding), tuple(dilation), max_terms,
+                                         src.device, kernel_settings(), raw, not raw and bias is not None)
+    plan = launch.plan
+    # splits > 1: exact int32 tiles added into an int64 workspace, the last split of a tile stores it
+    ws = split_workspace(plan.programs, plan.splits, plan.tile.BM, plan.tile.BN, src.device)
+    dummy = src
+    bound(src, wq, out, dummy if raw else ss, dummy if raw else sw, bias if (not raw and bias is not None) else dummy,
+          *ints, ws, residual if residual is not None else out, inv_ss)
+    return out
+
+
+@cached_plan
+def conv_like_call(transposed, src_geom, w_geom, out_geom, res_aligned, P, Q, R, OP, OQ, NCOL, KH, KW, stride,
+                   padding, dilation, max_terms, device, settings, raw: bool, has_bias: bool) -> tuple:
+    """(``conv_like_launch``'s plan, the kernel bound with its grid and constexprs, its integer arguments) for
+    one call's flags (``raw``: exact integer sums, ``has_bias``): per call only tensors and the scale go."""
+    launch = conv_like_launch(transposed, src_geom, w_geom, out_geom, res_aligned, P, Q, R, OP, OQ, NCOL, KH, KW,
+                              stride, padding, dilation, max_terms, device, settings)
     plan = launch.plan
     tile, splits = plan.tile, plan.splits
-    # splits > 1: exact int32 tiles added into an int64 workspace, the last split of a tile stores it
-    ws = split_workspace(plan.programs, splits, tile.BM, tile.BN, src.device)
-    dummy = src
-    has_res = residual is not None
-    conv2d_int8_fwd_dgrad_kernel[(plan.programs, splits)](
-        src, wq, out, dummy if raw else ss, dummy if raw else sw, bias if (not raw and bias is not None) else dummy,
-        P, Q, R, OP, OQ, NCOL, KH, KW, *launch.mhw, plan.per_split, stride[0], stride[1], padding[0], padding[1],
-        dilation[0], dilation[1], *launch.steps, *launch.src_strides, *launch.w_strides,
-        *launch.out_strides, ws, residual if has_res else out, inv_ss, TRANSPOSED=transposed,
-        HAS_BIAS=not raw and bias is not None, RAW=raw,
-        BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M, FLAT=tile.flat, ALIGN=launch.align,
-        OUT_ALIGN=launch.out_align, I64=launch.i64, SPLIT_FIX=splits > 1, HAS_RES=has_res, num_warps=tile.num_warps,
-        num_stages=tile.num_stages)
-    return out
+    bound = BoundLaunch(conv2d_int8_fwd_dgrad_kernel, (plan.programs, splits), TRANSPOSED=transposed,
+                        HAS_BIAS=has_bias, RAW=raw, BM=tile.BM, BN=tile.BN, BK=tile.BK, GROUP_M=tile.GROUP_M,
+                        FLAT=tile.flat, ALIGN=launch.align, OUT_ALIGN=launch.out_align, I64=launch.i64,
+                        SPLIT_FIX=splits > 1, HAS_RES=res_aligned is not None, num_warps=tile.num_warps,
+                        num_stages=tile.num_stages)
+    ints = (P, Q, R, OP, OQ, NCOL, KH, KW, *launch.mhw, plan.per_split, stride[0], stride[1], padding[0], padding[1],
+            dilation[0], dilation[1], *launch.steps, *launch.src_strides, *launch.w_strides, *launch.out_strides)
+    return launch, bound, ints
 
 
 def check_residual(residual, qx, qw, sx, stride, padding, dilation) -> None:

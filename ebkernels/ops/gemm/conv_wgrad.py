@@ -17,7 +17,7 @@ from ..._registry import aot_kernel
 from ..._triton import tl, triton
 from .._buffers import split_workspace
 from ...config import kernel_settings
-from .._launch import alignment, cached_plan, cdiv, geometry, leading, offsets_fit_int32
+from .._launch import BoundLaunch, alignment, cached_plan, cdiv, geometry, leading, offsets_fit_int32
 from .._tl import assume_multiple, decode_rows, decode_tap, tap_input_coord
 from . import tiles, wgrad_tiles
 from .conv_wgrad_tma import launch_wgrad_tma
@@ -172,11 +172,12 @@ def conv2d_int8_wgrad_kernel(e_ptr, x_ptr, out_ptr, se_ptr, sx_ptr, H, W, C, OH,
                      STOCH_G, GBLOCK, BM, BN, False)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class WgradLaunch:
     """What a weight-grad launch decides from its operands' geometry (``wgrad_launch``): the operand forms
     (channel-major E / X), the strides the kernel reads, the tile, the TMA rows (rule 8) or None, the
-    output tiles and the K splits."""
+    output tiles and the K splits. Compared and hashed by identity (one per geometry, cached): a key of
+    ``_wgrad_call`` at the cost of a pointer."""
 
     e_cm: bool
     x_cm: bool
@@ -234,6 +235,25 @@ def wgrad_launch(e_geom, x_geom, kernel_hw, stride, padding, max_terms, device, 
                        n_tiles, splits, per, i64)
 
 
+@cached_plan
+def _wgrad_call(plan: WgradLaunch, x_shape, e_shape, kernel_hw, stride, padding, dilation, out_strides, out_align: int,
+                raw: bool, g_mode: int, bits_g: int, g_stoch: bool) -> tuple:
+    """(the kernel bound with its grid and constexprs, its integer arguments before the workspace) of a plan's
+    launch for one call's geometry and flags: per call only tensors, scales and G's arguments go."""
+    (N, C, H, W), (_, CO, OH, OW) = x_shape, e_shape
+    KH, KW = kernel_hw
+    tile = plan.tile
+    so_o, so_c, so_h, so_w = out_strides
+    bound = BoundLaunch(conv2d_int8_wgrad_kernel, (plan.n_tiles, plan.splits), RAW=raw, BM=tile.BM, BN=tile.BN,
+                        BK=tile.BK, GROUP_M=tile.GROUP_M, ALIGN=plan.align, OUT_ALIGN=out_align, I64=plan.i64,
+                        E_CM=plan.e_cm, X_CM=plan.x_cm, FLAT_N=plan.flat_n, SPLIT_FIX=plan.splits > 1, GQ=g_mode,
+                        BITS_G=bits_g, STOCH_G=g_stoch, GBLOCK=1024, num_warps=tile.num_warps,
+                        num_stages=tile.num_stages)
+    ints = (H, W, C, OH, OW, CO, KW, N * OH * OW, KH * KW, plan.per, stride[0], stride[1], padding[0], padding[1],
+            dilation[0], dilation[1], *plan.strides, so_o, so_h, so_w, so_c)
+    return bound, ints
+
+
 def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, bits_a, out_dtype,
                   max_terms, gq=None, fmt=torch.contiguous_format):
     """``gq``: None, or (bits_g, rounding_g, cout, cin, scale mode of G): G-quantize the real [:cout, :cin] part in the
@@ -248,13 +268,13 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
     M = N * OH * OW
     if M == 0:
         return out.zero_(), False
+    kernel_hw, stride, padding = tuple(kernel_hw), tuple(stride), tuple(padding)  # (plan keys as they are)
     plan = wgrad_launch(geometry(qe), geometry(qx), kernel_hw, stride, padding, max_terms, qx.device,
                         kernel_settings())
     tile, rows, n_tiles, splits, per = plan.tile, plan.rows, plan.n_tiles, plan.splits, plan.per
-    BM, BN, BK = tile.BM, tile.BN, tile.BK
     # splits > 1: each adds its exact int32 tile into an int64 workspace, the last split of the tile
     # finishes it (scales, G quantization) in the same launch: no int32 partials, no finalize launch
-    ws = split_workspace(n_tiles, splits, BM, BN, qx.device)
+    ws = split_workspace(n_tiles, splits, tile.BM, tile.BN, qx.device)
     fuse_g = gq is not None and not raw and out_dtype == torch.float32
     if fuse_g:
         bits_g, rounding_g, cout, cin, scale_g = gq
@@ -266,15 +286,12 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
         launch_wgrad_tma(qe, qx, out, se, sx, inv_ss, rows, tile, kernel_hw, padding, dilation, n_tiles, splits, per,
                          ws, g_args, g_mode, g_stoch, bits_g, raw)
     else:
-        so_o, so_c, so_h, so_w = out.stride()
-        out_align = alignment((so_o, so_h, so_w), (out,))
-        conv2d_int8_wgrad_kernel[(n_tiles, splits)](
-            qe, qx, out, qe if raw else se, qe if raw else sx, H, W, C, OH, OW, CO, KW, M, KH * KW, per,
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], *plan.strides,
-            so_o, so_h, so_w, so_c, ws, inv_ss, *g_args, RAW=raw, BM=BM, BN=BN,
-            BK=BK, GROUP_M=tile.GROUP_M, ALIGN=plan.align, OUT_ALIGN=out_align, I64=plan.i64, E_CM=plan.e_cm,
-            X_CM=plan.x_cm, FLAT_N=plan.flat_n, SPLIT_FIX=splits > 1, GQ=g_mode, BITS_G=bits_g, STOCH_G=g_stoch,
-            GBLOCK=1024, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        so = out.stride()
+        aligned = so[0] % 16 == 0 and so[2] % 16 == 0 and so[3] % 16 == 0 and out.data_ptr() % 16 == 0
+        out_align = 16 if aligned else 1
+        bound, ints = _wgrad_call(plan, qx.shape, qe.shape, kernel_hw, stride, padding, tuple(dilation), so, out_align,
+                                  raw, g_mode, bits_g, g_stoch)
+        bound(qe, qx, out, qe if raw else se, qe if raw else sx, *ints, ws, inv_ss, *g_args)
     if fuse_g:
         gquant_finish(real, g_args, g_mode, bits_g, g_stoch, scale_g)
     return out, fuse_g

@@ -25,9 +25,9 @@ from ..._registry import aot_kernel
 from ..._rng import device_state
 from ..._triton import tl, triton
 from .._buffers import counter_slice
-from .._launch import cdiv, filling_block
+from .._launch import BoundLaunch, cached_plan, cdiv, filling_block, pad_4d
 from .._scale import codes_of, scale_from_bits, scale_mode_code
-from ..quantize import as_4d, block_codes, block_elements
+from ..quantize import block_codes, block_elements
 
 __all__ = ["gquant_max", "gquant_tile", "gquant_codes_kernel", "gquant_off", "gquant_plan", "gquant_finish"]
 
@@ -117,8 +117,26 @@ def gquant_plan(real: torch.Tensor, bits_g: int, rounding_g: str, scale_g: str =
         return (out, rng, 0, 1, 1, 1, 0, 0, 0, 0), 2, stochastic
     gq = counter_slice(real.device, 0, 3)  # [counter, max bits, ticket]: zero; the codes pass leaves them zero
     rng = device_state(real.device) if stochastic else gq
-    sizes, strides = as_4d(real)
-    return (gq, rng, real.numel(), sizes[1], sizes[2], sizes[3], *strides), 1, stochastic
+    return (gq, rng, *_view_args(real.shape, real.stride())), 1, stochastic
+
+
+@cached_plan
+def _view_args(shape, strides) -> tuple:
+    """(n, sizes d1..d3, strides s0..s3) of a gradient view of this geometry, padded to 4 dims: once per shape."""
+    sizes, strides4 = pad_4d(shape, strides)
+    n = 1
+    for d in shape:
+        n *= d
+    return (n, sizes[1], sizes[2], sizes[3], *strides4)
+
+
+@cached_plan
+def _codes_launch(n: int, d1: int, d2: int, d3: int, itemsize: int, bits: int, stochastic: bool, scale_g: str):
+    """(the codes pass bound with its grid and constexprs, G's logical row-major strides): once per shape."""
+    block = filling_block(n, block_elements(False), 2 * itemsize)
+    launch = BoundLaunch(gquant_codes_kernel, (cdiv(n, block),), BITS=bits, STOCHASTIC=stochastic,
+                         SCALE_MODE=scale_mode_code(scale_g), BLOCK=block, num_warps=8)
+    return launch, (d1 * d2 * d3, d2 * d3, d3, 1)  # row-major strides of the logical (n / (d1·d2·d3), d1, d2, d3)
 
 
 def gquant_finish(real: torch.Tensor, plan_args, mode: int, bits: int, stochastic: bool,
@@ -128,8 +146,5 @@ def gquant_finish(real: torch.Tensor, plan_args, mode: int, bits: int, stochasti
     if mode != 1 or real.numel() == 0:
         return
     gq, rng, n, d1, d2, d3, *strides = plan_args
-    ls = (d1 * d2 * d3, d2 * d3, d3, 1)  # row-major strides of the logical (n / (d1·d2·d3), d1, d2, d3)
-    block = filling_block(n, block_elements(False), 2 * real.element_size())
-    gquant_codes_kernel[(cdiv(n, block),)](real, gq, rng, n, d1, d2, d3, *strides, *ls, BITS=bits,
-                                                  STOCHASTIC=stochastic, SCALE_MODE=scale_mode_code(scale_g), BLOCK=block,
-                                                  num_warps=8)
+    launch, ls = _codes_launch(n, d1, d2, d3, real.element_size(), bits, stochastic, scale_g)
+    launch(real, gq, rng, n, d1, d2, d3, *strides, *ls)
