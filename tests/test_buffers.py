@@ -1,6 +1,7 @@
-"""The int8 kernels' buffers (``ops._buffers``: ``scratch``, ``empty_channel_major``) and ``ops._launch.leading``,
-the host-side pieces that save aten ops per launch (issue 20 item 5): what each returns, and that a training step
-gives the same bits whether its reductions' partials come from the shared scratch or from fresh poisoned buffers."""
+"""The int8 kernels' buffers (``ops._buffers``: ``scratch``, ``empty_channel_major``) and ``ops._launch``'s
+``leading``, ``cached_plan`` and ``BoundLaunch``, the host-side pieces that save aten ops and Python per launch
+(issue 20 item 5): what each returns, and that a training step gives the same bits whether its reductions'
+partials come from the shared scratch or from fresh poisoned buffers."""
 import copy
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import ebkernels
 from ebkernels.config import override
 from ebkernels.ops._buffers import empty_channel_major, scratch
-from ebkernels.ops._launch import leading
+from ebkernels.ops._launch import BoundLaunch, cached_plan, leading
 from helpers import bits_equal, fresh_seed, gen
 
 
@@ -89,3 +90,33 @@ def test_a_training_step_is_the_same_with_shared_scratch_and_with_fresh_poisoned
     for step, (a, b) in enumerate(zip(*runs)):
         for i, (u, v) in enumerate(zip(a, b)):
             assert bits_equal(u, v), f"step {step}, parameter {i} (seed {seed})"
+
+
+def test_cached_plan_keys_lists_as_tuples_and_computes_once():
+    made = []
+
+    @cached_plan
+    def plan(shape, stride, flag, *, extra=0):
+        made.append((shape, stride, flag, extra))
+        return object()
+
+    p = plan((2, 3), (1, 1), True)
+    assert plan([2, 3], [1, 1], True) is p and plan((2, 3), [1, 1], True) is p  # lists: the tuples' plan
+    assert plan((2, 3), (1, 1), False) is not p and len(made) == 2
+    assert plan((2, 3), [1, 1], True, extra=[4]) is plan((2, 3), (1, 1), True, extra=(4,)) and len(made) == 3
+    assert isinstance(made[0][1], tuple) and isinstance(made[2][1], list)  # a miss gets the arguments as passed
+
+
+def test_bound_launch_passes_run_time_arguments_to_run_looked_up_at_call_time():
+    class Kernel:
+        def run(self, *args, grid, warmup, **consts):
+            calls.append(("first", args, grid, warmup, consts))
+
+    calls = []
+    k = Kernel()
+    launch = BoundLaunch(k, [4, 2], BM=64, num_warps=8)
+    launch(1, "t", 2.5)
+    assert calls == [("first", (1, "t", 2.5), (4, 2), False, {"BM": 64, "num_warps": 8})]
+    Kernel.run = lambda self, *args, grid, warmup, **consts: calls.append(("patched", args))  # as the recorder does
+    launch(3)
+    assert calls[-1] == ("patched", (3,))
