@@ -39,6 +39,7 @@ __all__ = ["custom_op", "DirectOp", "direct_path_allowed", "direct_scope", "abse
 _TENSOR, _PARAM = torch.Tensor, torch.nn.Parameter
 _SCALAR = frozenset((int, float, bool, str, type(None)))  # argument types the check skips without a look
 _is_compiling = torch.compiler.is_compiling
+_increment_version = torch._C._increment_version
 _dispatch_depth = torch._C._len_torch_dispatch_stack
 _is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 _grad_enabled = torch.is_grad_enabled
@@ -144,10 +145,12 @@ class DirectOp(CustomOpDef):
         if not (getattr(_LOCAL, "trusted", False) or direct_path_allowed(args, kwargs)):
             return super().__call__(*args, **kwargs)
         out = self._direct_fn(*args, **kwargs)
-        for i, name in self._direct_mutated:
-            t = args[i] if i < len(args) else kwargs.get(name)
-            if t is not None:
-                torch.autograd.graph.increment_version(t)
+        if self._direct_mutated:
+            n = len(args)
+            mutated = [t for t in (args[i] if i < n else kwargs.get(name) for i, name in self._direct_mutated)
+                       if t is not None]
+            if mutated:
+                _increment_version(mutated)  # (``torch.autograd.graph.increment_version``'s one call, for all)
         return out
 
 

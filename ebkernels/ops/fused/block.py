@@ -238,11 +238,12 @@ def fused_block(spec: BlockSpec, x, source: tuple = (), residual=None, links: Op
     block's ``GradLink``s (``BlockLinks``: gradients handed between blocks of one forward instead of summed by
     autograd, and a gradient's max handed to the block that quantizes it). Returns an
     ``Int8Activation`` (output ``CODES``) or a float tensor."""
-    conv, bn, bn_in = spec.conv, spec.bn, spec.bn_in
+    bn, bn_in = spec.bn, spec.bn_in
     args = (x.carrier, x.codes, x.scale, x.codes_cm) if spec.input is BlockInput.CODES else (x, None, None, None)
-    out = FusedBlockFunction.apply(spec, *args, conv.weight, conv.bias, bn.weight if bn is not None else None,
-                                   bn.bias if bn is not None else None, bn_in.weight if bn_in is not None else None,
-                                   bn_in.bias if bn_in is not None else None, residual, links, *source)
+    out = FusedBlockFunction.apply(spec, *args, *stages.weight_bias(spec.conv),
+                                   *(stages.weight_bias(bn) if bn is not None else (None, None)),
+                                   *(stages.weight_bias(bn_in) if bn_in is not None else (None, None)), residual, links,
+                                   *source)
     if spec.output is BlockOutput.CODES:
         main, codes, scale, codes_cm = out
         return Int8Activation(main, codes, scale, main.shape[1], codes_cm)

@@ -48,6 +48,25 @@ __all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "bn_mode", "check_bn_batch
 CARRIER_DTYPE = torch.bfloat16
 
 
+def weight_bias(m: nn.Module) -> tuple:
+    """(weight, bias) of a conv or BatchNorm, from its parameter dict where both are registered there (what
+    attribute access finds, without ``nn.Module.__getattr__``: ~0.5 µs each, several per block: issue 20 item 5);
+    by attribute otherwise (a parametrized weight, say)."""
+    p = m._parameters
+    if "weight" in p and "bias" in p:
+        return p["weight"], p["bias"]
+    return m.weight, m.bias
+
+
+def bn_tensors(bn: nn.Module) -> tuple:
+    """(weight, bias, running_mean, running_var, num_batches_tracked) of a BatchNorm, as ``weight_bias`` finds
+    them (None where it keeps none)."""
+    b = bn._buffers
+    if "running_mean" in b and "running_var" in b and "num_batches_tracked" in b:
+        return (*weight_bias(bn), b["running_mean"], b["running_var"], b["num_batches_tracked"])
+    return (*weight_bias(bn), bn.running_mean, bn.running_var, bn.num_batches_tracked)
+
+
 def bn_mode(bn: nn.Module):
     """(batch_stats, update) of a BatchNorm as ``nn.BatchNorm2d.forward`` decides them."""
     batch_stats = bn.training or not bn.track_running_stats
@@ -146,10 +165,9 @@ def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Sa
     if stats is not None:  # formed with x by the previous block's last conv (``conv_next_bn_forward``): x is xb
         xb, (bnp_in, zmax_in) = x, stats
     else:
-        xb, _, bnp_in, zmax_in = bn_stats(x, bn_in.weight, bn_in.bias, bn_in.running_mean, bn_in.running_var,
-                                          bn_in.num_batches_tracked, bn_in.momentum, bn_in.eps, batch_in, update_in,
+        xb, _, bnp_in, zmax_in = bn_stats(x, *bn_tensors(bn_in), bn_in.momentum, bn_in.eps, batch_in, update_in,
                                           spec.act_in, inv, reuse_x=spec.keep_input)
-    qx, sx = bn_relu_quant(xb, bnp_in, zmax_in, bn_in.num_batches_tracked if update_in else None, index, qc.bits_a,
+    qx, sx = bn_relu_quant(xb, bnp_in, zmax_in, bn_tensors(bn_in)[4] if update_in else None, index, qc.bits_a,
                            qc.mode, spec.act_in, pad_of(cin, x))
     keep_bn_input(spec.bn_source, spec.keep_input, x, xb, source, saved)
     saved.sx, saved.bnp_in, saved.zmax_in = sx, bnp_in, zmax_in
@@ -185,13 +203,13 @@ def conv_bn_forward(spec: BlockSpec, x_shape, qx, qw, sx, sw, bias, qc: QConfig,
     oh_ow = conv2d_output_size(*x_shape[2:], *qw.shape[2:], stride, padding, dilation)
     check_bn_batch(bn, (x_shape[0], 1) + tuple(oh_ow))
     batch_stats, update = bn_mode(bn)
+    tensors = bn_tensors(bn)
     y, _, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, stride, padding, dilation, qc.bits_a, qc.bits_w,
-                                         bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                                         bn.momentum, bn.eps, batch_stats, update, spec.act)
+                                         *tensors, bn.momentum, bn.eps, batch_stats, update, spec.act)
     saved.bnp, saved.batch_stats = bnp, batch_stats
     if bias is not None and batch_stats:  # its gradient is exactly zero: a slice of the step's zero buffer
         saved.zero_bias = reserve_zero_grad(bias)
-    return y, bnp, zmax, bn.num_batches_tracked if update else None
+    return y, bnp, zmax, tensors[4] if update else None
 
 
 def conv_forward(spec: BlockSpec, qx, qw, sx, sw, bias, qc: QConfig, out_dtype, residual=None):
@@ -213,8 +231,8 @@ def conv_next_bn_forward(spec: BlockSpec, qx, qw, sx, sw, bias, qc: QConfig, res
     check_bn_batch(bn, (qx.shape[0], 1) + tuple(oh_ow))
     batch, update = bn_mode(bn)
     y, _, bnp, zmax = conv2d_int8_bn_fwd(qx, qw, sx, sw, bias, stride, padding, dilation, qc.bits_a, qc.bits_w,
-                                         bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                                         bn.momentum, bn.eps, batch, update, spec.next_act, residual=residual)
+                                         *bn_tensors(bn), bn.momentum, bn.eps, batch, update, spec.next_act,
+                                         residual=residual)
     return y, bnp, zmax
 
 
