@@ -305,3 +305,33 @@ def test_the_block_function_is_what_runs():
     finally:
         FusedBlockFunction.forward = staticmethod(orig)
     assert calls == [BlockOutput.CODES, BlockOutput.CODES, BlockOutput.FLOAT]
+
+
+def test_a_blocks_saved_record_round_trips_in_field_order():
+    """``Saved.save`` / ``load`` pass the record positionally (no per-field loop: host time per block): the fields are
+    ``TENSORS``, then ``source``, then ``FLAGS``, and a record comes back as it went in."""
+    import dataclasses
+
+    from ebkernels.ops.fused.saved import Saved
+    from ebkernels.ops.fused.spec import BlockInput
+
+    names = tuple(f.name for f in dataclasses.fields(Saved))
+    assert names == (*Saved.TENSORS, "source", *Saved.FLAGS)
+
+    class Ctx:
+        def save_for_backward(self, *t):
+            self.saved_tensors = t
+
+    class Spec:
+        input = BlockInput.CODES
+
+    g = torch.Generator().manual_seed(0)
+    values = {k: torch.randn(2, generator=g) for k in Saved.TENSORS}
+    flags = dict(batch_in=True, batch_stats=True, pre_pool_hw=(4, 4), source_kind="replay", codes_again=("c", 1),
+                 source_again=None, zero_bias=("z",))
+    rec = Saved(**values, source=(torch.ones(1),), **flags)
+    ctx = Ctx()
+    rec.save(ctx, Spec())
+    back = Saved.load(ctx)
+    assert all(getattr(back, k) is values[k] for k in Saved.TENSORS) and back.source == rec.source
+    assert all(getattr(back, k) == v for k, v in flags.items())

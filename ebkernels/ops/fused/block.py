@@ -104,8 +104,8 @@ def supports(conv: nn.Module) -> Optional[str]:
 
 
 class BlockGrads(NamedTuple):
-    """The differentiable arguments of ``FusedBlockFunction`` by name (its ``needs_input_grad``, and the
-    gradients its backward returns)."""
+    """The differentiable arguments of ``FusedBlockFunction`` by name, in its argument order (which of them
+    ``needs_input_grad``; its backward returns their gradients in the same order)."""
 
     x: object = None
     weight: object = None
@@ -176,7 +176,8 @@ class FusedBlockFunction(torch.autograd.Function):
     def _backward(ctx, g_main):
         spec, meta = ctx.spec, ctx.meta
         qc = spec.conv.qconfig
-        need = BlockGrads(*(ctx.needs_input_grad[i] for i in (1, 5, 6, 7, 8, 9, 10, 11)))
+        n = ctx.needs_input_grad
+        need = BlockGrads(n[1], n[5], n[6], n[7], n[8], n[9], n[10], n[11])
         saved = stages.Saved.load(ctx)
         stages.restore_bn_input(spec.bn_source, saved)
         qx = stages.input_codes_backward(spec, saved, qc, meta)
@@ -193,10 +194,9 @@ class FusedBlockFunction(torch.autograd.Function):
         if links.grad_to is not None and g_res is not None:  # the block reading the residual adds it (GradLink)
             links.grad_to.put(g_res)
             g_res = None
-        grads = BlockGrads(x=gx if need.x else None, weight=gw, bias=e.g_bias, bn_weight=e.g_bn_w, bn_bias=e.g_bn_b,
-                           bn_in_weight=g_in_w, bn_in_bias=g_in_b, residual=g_res)
-        return (None, grads.x, None, None, None, grads.weight, grads.bias, grads.bn_weight, grads.bn_bias,
-                grads.bn_in_weight, grads.bn_in_bias, grads.residual, None) + (None,) * ctx.n_source
+        # forward's arguments in order: spec, x, codes, scale, codes_cm, then BlockGrads' tensors after x, links, source
+        return (None, gx if need.x else None, None, None, None, gw, e.g_bias, e.g_bn_w, e.g_bn_b, g_in_w, g_in_b, g_res,
+                None) + (None,) * ctx.n_source
 
 
 def _hands_stats(spec: BlockSpec, links: BlockLinks, residual, out_dtype) -> bool:

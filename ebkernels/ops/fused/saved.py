@@ -55,14 +55,18 @@ class Saved:
     def save(self, ctx, spec: BlockSpec) -> None:
         if spec.input is BlockInput.BN:
             self.qx = None  # recomputed in backward from the bfloat16 input
-        ctx.save_for_backward(*(getattr(self, k) for k in self.TENSORS), *self.source)
-        ctx.saved_flags = {k: getattr(self, k) for k in self.FLAGS}
+        # spelled out, not a loop of getattr: this runs for every block of every step (issue 20 item 5)
+        ctx.save_for_backward(self.qx, self.sx, self.weight, self.sw, self.bias, self.xb, self.bnp_in, self.zmax_in,
+                              self.index, self.inv, self.qw_f, self.qw_d, self.bnp, self.y, self.pos, self.qx_cm,
+                              self.mask, *self.source)
+        ctx.saved_flags = (self.batch_in, self.batch_stats, self.pre_pool_hw, self.source_kind, self.codes_again,
+                           self.source_again, self.zero_bias)
 
     @classmethod
     def load(cls, ctx) -> "Saved":
         t = ctx.saved_tensors
-        n = len(cls.TENSORS)
-        return cls(**dict(zip(cls.TENSORS, t[:n])), source=tuple(t[n:]), **ctx.saved_flags)
+        n = len(cls.TENSORS)  # the first fields, in this order; then ``source``, then the flags (FLAGS' order)
+        return cls(*t[:n], tuple(t[n:]), *ctx.saved_flags)
 
 
 class Meta(NamedTuple):
