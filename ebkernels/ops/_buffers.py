@@ -59,7 +59,8 @@ def _pool_key(device, dtype: torch.dtype):
     if cuda is None:
         cuda = _ON_CUDA[device] = device.type == "cuda"
     if cuda:
-        return (device, _raw_stream(device.index if device.index is not None else torch.cuda.current_device()), dtype)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return (device, _raw_stream(index), dtype)
     return (device, 0, dtype)
 
 

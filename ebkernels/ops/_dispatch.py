@@ -17,8 +17,9 @@ in-place change of a saved tensor. The registered op stays reachable (``torch.op
 and takes ``register_fake`` / ``register_autograd`` / ``opcheck`` as before (``DirectOp`` is a ``CustomOpDef``).
 
 Inside an int8 autograd function's forward or backward (``direct_scope``) the question is asked once, of the
-function's own tensors, instead of per op: the ops it calls take tensors it received or made itself (and the
-module buffers of its layers), so their answer is the same.
+function's own tensors, instead of per op: the ops it calls take tensors it received or made itself, so their
+answer is the same (its layers' BatchNorm buffers are not asked about: a tensor subclass there alone, with plain
+parameters and inputs, reaches a launcher, which fails on it loudly rather than computing something else).
 
 ``absent`` / ``present``: "no tensor" for a mutable argument (which may not be Optional), a kept zero-size
 stand-in where the direct path runs.

@@ -10,8 +10,8 @@ Non-finite input: ``max|x|`` is NaN when ``x`` holds a NaN and +inf when it hold
 is NaN. Dequantizing then yields NaN/inf instead of silently finite numbers.
 
 Two implementations, one contract: ``quantize_reference`` (PyTorch, ``quantize_reference.py``; the oracle and
-the CPU path) and two Triton kernels (absmax with an integer atomic max, then scale + codes). The scale stays a device
-tensor: nothing is read back to the host. ``block_codes`` / ``quantize_codes_kernel`` also serve the
+the CPU path) and two Triton kernels (absmax with an integer atomic max, then scale + codes). The scale stays a
+device tensor: nothing is read back to the host. ``block_codes`` / ``quantize_codes_kernel`` also serve the
 weight-grad's fused G quantization (``gemm.gquant``).
 """
 from __future__ import annotations

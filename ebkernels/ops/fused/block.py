@@ -194,7 +194,7 @@ class FusedBlockFunction(torch.autograd.Function):
         if links.grad_to is not None and g_res is not None:  # the block reading the residual adds it (GradLink)
             links.grad_to.put(g_res)
             g_res = None
-        # forward's arguments in order: spec, x, codes, scale, codes_cm, then BlockGrads' tensors after x, links, source
+        # forward's arguments in order: spec, x, codes, scale, codes_cm, BlockGrads' tensors after x, links, source
         return (None, gx if need.x else None, None, None, None, gw, e.g_bias, e.g_bn_w, e.g_bn_b, g_in_w, g_in_b, g_res,
                 None) + (None,) * ctx.n_source
 

@@ -162,12 +162,13 @@ def input_forward(spec: BlockSpec, x, in_codes, in_scale, qc: QConfig, saved: Sa
     batch_in, update_in = bn_mode(bn_in)
     index, inv = index_maps(spec.select, x.shape[1], x.device)
     cin = x.shape[1] if index is None else index.numel()
+    tensors = bn_tensors(bn_in)
     if stats is not None:  # formed with x by the previous block's last conv (``conv_next_bn_forward``): x is xb
         xb, (bnp_in, zmax_in) = x, stats
     else:
-        xb, _, bnp_in, zmax_in = bn_stats(x, *bn_tensors(bn_in), bn_in.momentum, bn_in.eps, batch_in, update_in,
+        xb, _, bnp_in, zmax_in = bn_stats(x, *tensors, bn_in.momentum, bn_in.eps, batch_in, update_in,
                                           spec.act_in, inv, reuse_x=spec.keep_input)
-    qx, sx = bn_relu_quant(xb, bnp_in, zmax_in, bn_tensors(bn_in)[4] if update_in else None, index, qc.bits_a,
+    qx, sx = bn_relu_quant(xb, bnp_in, zmax_in, tensors[4] if update_in else None, index, qc.bits_a,
                            qc.mode, spec.act_in, pad_of(cin, x))
     keep_bn_input(spec.bn_source, spec.keep_input, x, xb, source, saved)
     saved.sx, saved.bnp_in, saved.zmax_in = sx, bnp_in, zmax_in
