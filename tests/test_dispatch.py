@@ -51,9 +51,12 @@ def test_direct_scope_asks_once_for_its_tensors_and_restores(monkeypatch):
     ebkernels.manual_seed(s % 1000)
     with torch.no_grad(), direct_scope(x, None, "spec", (x,)):
         inside = _quantize(x, st)
-        with direct_scope(x.as_subclass(_Sub)):  # nested: the outer answer holds, nothing asked again
+        assert seen == [True]  # the scope's one question; its op asked nothing
+        with direct_scope(x.as_subclass(_Sub)):  # nested: asks about its own tensors (no), so its op asks itself
             _quantize(x, st)
-    assert seen == [True]  # the scope's one question; its ops asked nothing
+        assert seen == [True, False, True] and _dispatch._LOCAL.trusted  # the outer answer back
+        _quantize(x, st)
+    assert seen == [True, False, True]
     assert all(torch.equal(a, b) for a, b in zip(outside, inside))  # the same direct path, the same bits
     seen.clear()
     try:

@@ -86,7 +86,8 @@ class direct_scope:
     arguments; other objects are skipped) may skip the dispatcher (``direct_path_allowed``), every op called
     inside takes the direct path without asking again (issue 20 item 5: the check costs ~2-4 µs a call, and a
     fused block makes 3-7 calls). Per thread (the autograd engine runs a CUDA backward on a thread of its own);
-    nested scopes keep the outer answer."""
+    a nested scope (a block's forward recomputed inside another's backward by a reentrant checkpoint) asks about
+    its own tensors, and the outer answer comes back when it ends."""
 
     __slots__ = ("_values", "_prev")
 
@@ -96,9 +97,8 @@ class direct_scope:
     def __enter__(self):
         if _is_compiling():  # a trace asks per op (and sees no thread-local state)
             return self
-        self._prev = prev = getattr(_LOCAL, "trusted", False)
-        if not prev:
-            _LOCAL.trusted = direct_path_allowed(self._values, None)
+        self._prev = getattr(_LOCAL, "trusted", False)
+        _LOCAL.trusted = direct_path_allowed(self._values, None)
         return self
 
     def __exit__(self, *exc):
