@@ -287,8 +287,7 @@ def _wgrad_triton(qe, qx, se, sx, kernel_hw, stride, padding, dilation, bits_e, 
                          ws, g_args, g_mode, g_stoch, bits_g, raw)
     else:
         so = out.stride()
-        aligned = so[0] % 16 == 0 and so[2] % 16 == 0 and so[3] % 16 == 0 and out.data_ptr() % 16 == 0
-        out_align = 16 if aligned else 1
+        out_align = alignment((so[0], so[2], so[3]), (out,))
         bound, ints = _wgrad_call(plan, qx.shape, qe.shape, kernel_hw, stride, padding, tuple(dilation), so, out_align,
                                   raw, g_mode, bits_g, g_stoch)
         bound(qe, qx, out, qe if raw else se, qe if raw else sx, *ints, ws, inv_ss, *g_args)
