@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["HAS_TRITON", "triton", "tl", "philox", "uint_to_uniform_float", "TensorDescriptor"]
+__all__ = ["HAS_TRITON", "triton", "tl", "philox", "uint_to_uniform_float", "TensorDescriptor", "constexpr_names",
+           "launch_arguments"]
 
 try:
     import triton
@@ -52,3 +53,30 @@ except ImportError as _missing:  # pragma: no cover - the no-triton test runs th
     tl = types.SimpleNamespace(constexpr=object)
     philox = uint_to_uniform_float = TensorDescriptor = None
     logging.getLogger("ebkernels").warning(_WHY)
+
+
+def constexpr_names(kernel) -> frozenset:
+    """The names of ``kernel``'s ``tl.constexpr`` parameters (a ``@triton.jit`` function, interpreted or not),
+    read from its signature: a launcher may pass them by position (``ops._launch.BoundLaunch``), so what
+    inspects a launch (the cost model's recorder, the tests' launch spy) asks this which values were
+    compile-time ones."""
+    names = _CONSTEXPRS.get(kernel)
+    if names is None:
+        import inspect
+
+        fn = getattr(kernel, "fn", kernel)
+        names = frozenset(n for n, p in inspect.signature(fn).parameters.items()
+                          if p.annotation is tl.constexpr or "constexpr" in str(p.annotation))
+        _CONSTEXPRS[kernel] = names
+    return names
+
+
+_CONSTEXPRS: dict = {}
+
+
+def launch_arguments(kernel, args, kwargs) -> dict:
+    """Every argument of one ``kernel.run(*args, **kwargs)`` call by parameter name, compile options
+    (``num_warps``, ...) included: positional ones named in signature order."""
+    named = dict(zip(kernel.arg_names, args))
+    named.update(kwargs)
+    return named

@@ -195,7 +195,8 @@ CONV_KERNELS = ("conv2d_int8_fwd_dgrad_kernel", "conv2d_int8_wgrad_kernel")  # t
 
 class LaunchSpy:
     """Records the Triton launches of the kernels named in ``kernels`` (every kernel when none is named):
-    ``calls`` holds one dict per launch, in order: its keyword arguments (constexprs, ``num_warps`` ...),
+    ``calls`` holds one dict per launch, in order: its constexprs (by keyword or by position), compile options
+    (``num_warps`` ...) and other keyword arguments,
     ``"kernel"`` (the kernel's name) and ``"grid"`` (a tuple); ``count`` counts them by kernel.
     ``run=False`` records without running the kernels (their outputs stay as allocated).
 
@@ -213,13 +214,18 @@ class LaunchSpy:
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
 
+        from ebkernels._triton import constexpr_names, launch_arguments
+
         for cls in (InterpretedFunction, JITFunction):
             orig = cls.run
 
             def run(kernel, *args, grid, warmup, _orig=orig, **kwargs):
                 name = getattr(kernel.fn, "__name__", "?")
                 if not warmup and (not self.kernels or name in self.kernels):
-                    self.calls.append({**kwargs, "grid": grid if callable(grid) else tuple(grid), "kernel": name})
+                    compile_time = constexpr_names(kernel)  # constexprs may come by position (``BoundLaunch``)
+                    named = {k: v for k, v in launch_arguments(kernel, args, kwargs).items()
+                             if k in compile_time or k in kwargs}
+                    self.calls.append({**named, "grid": grid if callable(grid) else tuple(grid), "kernel": name})
                     if not self.execute:
                         return None
                 return _orig(kernel, *args, grid=grid, warmup=warmup, **kwargs)

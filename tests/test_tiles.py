@@ -11,6 +11,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from ebkernels._triton import launch_arguments
 from ebkernels.aot import print_plan
 from ebkernels.ops.gemm import tiles as _tiles, conv as conv2d_int8
 from ebkernels.ops.gemm import wgrad_tiles as _wgrad_tiles
@@ -256,7 +257,8 @@ def test_plan_sms_plans_the_launches_as_the_aot_plan(monkeypatch, settings):
     settings(plan_sms=132, wgrad_tma=None)
     launches = []
     monkeypatch.setattr(ti.InterpretedFunction, "run",
-                        lambda self, *a, grid, warmup, **kw: launches.append((self.fn.__name__, tuple(grid), kw)))
+                        lambda self, *a, grid, warmup, **kw: launches.append((self.fn.__name__, tuple(grid),
+                                                                             launch_arguments(self, a, kw))))
     N, one = 256, torch.tensor(1.0)
     shapes = {(s.cin, s.cout, s.h, s.k, s.stride, s.pad): s for net in ("vgg16", "preresnet101") for s in CONV_SHAPES[net]}
     tma = 0
@@ -301,7 +303,8 @@ def test_the_fused_first_layer_launches_what_the_plan_prints(monkeypatch, settin
     settings(plan_sms=132, wgrad_tma=None)
     launches = []
     monkeypatch.setattr(ti.InterpretedFunction, "run",
-                        lambda self, *a, grid, warmup, **kw: launches.append((self.fn.__name__, tuple(grid), a, kw)))
+                        lambda self, *a, grid, warmup, **kw: launches.append((self.fn.__name__, tuple(grid), a,
+                                                                             launch_arguments(self, a, kw))))
     N, H = 256, 32
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
                           nn.BatchNorm2d(16), nn.ReLU())

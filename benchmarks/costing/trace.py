@@ -158,18 +158,22 @@ class Recorder(TorchDispatchMode):
     def _record_launch(self, fn, args, grid, kwargs):
         t_in = time.thread_time()
         host = self._gap_us(t_in, 0.0)
+        from ebkernels._triton import constexpr_names, launch_arguments
+
         names = list(fn.arg_names)
-        named = dict(zip(names, args))
-        named.update({k: v for k, v in kwargs.items() if k in names})
+        every = launch_arguments(fn, args, kwargs)  # constexprs may come by position (``BoundLaunch``)
+        compile_time = constexpr_names(fn)
+        named = {k: v for k, v in every.items() if k in names}
         tensors, scalars = {}, {}
         for k, v in named.items():
             if isinstance(v, torch.Tensor):
                 tensors[k] = tensor_arg(k, v)
             elif hasattr(v, "base") and hasattr(v, "block_shape"):  # TMA TensorDescriptor
                 tensors[k] = tensor_arg(k, v.base, tuple(v.block_shape))
-            elif isinstance(v, (int, float, bool)) and k not in kwargs:
+            elif isinstance(v, (int, float, bool)) and k not in compile_time and k not in kwargs:
                 scalars[k] = v
-        consts = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, bool, str)) or v is None}
+        consts = {k: v for k, v in every.items() if (k in compile_time or k not in names)
+                  and (isinstance(v, (int, float, bool, str)) or v is None)}
         self.events.append(Launch(host, self.stack[-1] if self.stack else "", fn.__name__, _grid3(grid, named),
                                   tensors, scalars, consts, len(names)))
         self._last_end = time.thread_time()
