@@ -29,7 +29,7 @@ import functools
 import torch
 
 from .._triton import tl, triton
-from ._buffers import counter_slice, empty_output, scratch
+from ._buffers import counter_slice, empty_output, kept_workspaces, scratch
 
 __all__ = ["GROUP", "TB", "merge_group", "MOMENTS", "SUMS", "tile_moments", "tile_sums", "store_partials", "finish_reduction",
            "publish_max", "Z_SLOT", "z_slots", "store_block_max", "max_of_blocks", "ReductionSpace", "moments_reference"]
@@ -242,10 +242,12 @@ class ReductionSpace:
     def __init__(self, kind: int, tiles: int, col_blocks: int, C: int, device, group: int = GROUP):
         part, grp, sems, out = _space_sizes(kind, tiles, col_blocks, C, group)
         self.kind, self.tiles, self.C = kind, tiles, C
-        # tile and merge partials: written and read back by the launch alone (``scratch``: no allocation per launch)
-        self.part = scratch(part, torch.float32, device, "partials")
-        self.grp = scratch(grp, torch.float32, device, "merges")
-        self.sem = counter_slice(device, 0, sems)
+        # tile and merge partials: written and read back by the launch alone (``scratch``: no allocation per launch),
+        # the three views kept per size (``kept_workspaces``)
+        self.part, self.grp, self.sem = kept_workspaces(
+            device, (kind, tiles, col_blocks, C, group),
+            lambda: (scratch(part, torch.float32, device, "partials"), scratch(grp, torch.float32, device, "merges"),
+                     counter_slice(device, 0, sems)))
         self.out = empty_output(out, dtype=torch.float32, device=device)
 
     @staticmethod
