@@ -102,3 +102,23 @@ def test_absent_keeps_one_stand_in_per_device_and_slot():
     assert absent(sub) is not absent(sub)
     with _Bare():
         assert absent(x) is not absent(x) and absent(x) is not a0
+
+
+@_dispatch.custom_op("ebkernels_test::add_into_two", mutates_args=("a", "b"))
+def _add_into_two(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> None:
+    a.add_(x, alpha=scale)
+    b.sub_(x, alpha=scale)
+
+
+def test_direct_path_bumps_mutated_versions_by_position_and_by_keyword():
+    """The direct path bumps the version of every mutated argument as the registered op does, whether the call
+    passes them by position (the package's calls: an index look-up) or by keyword."""
+    x = torch.randn(5, generator=gen(fresh_seed()))
+    a, b = torch.zeros(5), torch.zeros(5)
+    for call in (lambda: _add_into_two(x, a, b), lambda: _add_into_two(x, a, b=b, scale=2.0),
+                 lambda: _add_into_two(x, b=b, a=a)):
+        va, vb = a._version, b._version
+        with direct_scope(x, a, b):
+            call()
+        assert a._version > va and b._version > vb
+    assert torch.equal(a, 4 * x) and torch.equal(b, -4 * x)

@@ -78,7 +78,11 @@ def direct_path_allowed(args, kwargs) -> bool:
     return not kwargs or _tensors_ok(kwargs.values(), grad, wrapped)
 
 
-_LOCAL = threading.local()  # .trusted: inside a direct_scope whose tensors may skip the dispatcher (per thread)
+class _Local(threading.local):
+    trusted = False  # inside a direct_scope whose tensors may skip the dispatcher (per thread; a plain attribute)
+
+
+_LOCAL = _Local()
 
 
 class direct_scope:
@@ -97,7 +101,7 @@ class direct_scope:
     def __enter__(self):
         if _is_compiling():  # a trace asks per op (and sees no thread-local state)
             return self
-        self._prev = getattr(_LOCAL, "trusted", False)
+        self._prev = _LOCAL.trusted
         _LOCAL.trusted = direct_path_allowed(self._values, None)
         return self
 
@@ -117,7 +121,7 @@ def absent(like: torch.Tensor, slot: int = 0) -> torch.Tensor:
     zero-size tensor per device and ``slot`` (no allocation op per call: issue 20 item 5; nothing is ever
     written into zero elements): an op with two absent arguments passes slots 0 and 1, so they never alias.
     A fresh one where the dispatcher sees the call (a trace, a dispatch mode, a tensor subclass)."""
-    if type(like) is torch.Tensor and not _is_compiling() and not _dispatch_depth():  # (as the direct path asks)
+    if type(like) is torch.Tensor and (_LOCAL.trusted or (not _is_compiling() and not _dispatch_depth())):
         key = (like.device, slot)
         t = _ABSENT.get(key)
         if t is None:
@@ -140,16 +144,22 @@ class DirectOp(CustomOpDef):
         names = () if mutates_args in ((), "unknown") else tuple(mutates_args)
         self._direct_fn = direct if direct is not None else fn
         self._direct_mutated = tuple((params.index(n), n) for n in names)
+        # a call passing every mutated argument by position (the package's own calls): their indices alone
+        self._mutated_by_position = 1 + max((i for i, _ in self._direct_mutated), default=-1)
+        self._mutated_at = tuple(i for i, _ in self._direct_mutated)
         return self
 
     def __call__(self, *args, **kwargs):
-        if not (getattr(_LOCAL, "trusted", False) or direct_path_allowed(args, kwargs)):
+        if not (_LOCAL.trusted or direct_path_allowed(args, kwargs)):
             return super().__call__(*args, **kwargs)
         out = self._direct_fn(*args, **kwargs)
-        if self._direct_mutated:
-            n = len(args)
-            mutated = [t for t in (args[i] if i < n else kwargs.get(name) for i, name in self._direct_mutated)
-                       if t is not None]
+        if self._mutated_at:
+            if len(args) >= self._mutated_by_position:
+                mutated = [t for t in map(args.__getitem__, self._mutated_at) if t is not None]
+            else:
+                n = len(args)
+                mutated = [t for t in (args[i] if i < n else kwargs.get(name) for i, name in self._direct_mutated)
+                           if t is not None]
             if mutated:
                 _increment_version(mutated)  # (``torch.autograd.graph.increment_version``'s one call, for all)
         return out
