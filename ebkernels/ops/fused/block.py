@@ -190,7 +190,7 @@ class FusedBlockFunction(torch.autograd.Function):
             None if links.amax_to is None else links.amax_to.stochastic)
         if amax is not None:  # gx's max for the block that quantizes it as its E (GradLink)
             links.amax_to.put((gx, amax))
-        g_res = e.g_residual.to(ctx.res_dtype) if need.residual and e.g_residual is not None else None
+        g_res = stages.cast(e.g_residual, ctx.res_dtype) if need.residual and e.g_residual is not None else None
         if links.grad_to is not None and g_res is not None:  # the block reading the residual adds it (GradLink)
             links.grad_to.put(g_res)
             g_res = None

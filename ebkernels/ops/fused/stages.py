@@ -38,7 +38,7 @@ from .maxpool import maxpool2d_int8, maxpool2d_int8_backward
 from .saved import Error, Meta, Saved
 from .spec import BlockInput, BlockOutput, BlockSpec
 
-__all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "bn_mode", "check_bn_batch", "index_maps", "float_dtype",
+__all__ = ["CARRIER_DTYPE", "cast", "Saved", "Meta", "Error", "bn_mode", "check_bn_batch", "index_maps", "float_dtype",
            "keep_bn_input", "restore_bn_input", "input_forward",
            "weight_forward",
            "conv_bn_forward", "conv_forward", "conv_next_bn_forward", "output_forward", "input_codes_backward", "weight_backward",
@@ -47,6 +47,12 @@ __all__ = ["CARRIER_DTYPE", "Saved", "Meta", "Error", "bn_mode", "check_bn_batch
 # The dtype in which the gradient w.r.t. a block's codes travels (see spec.Int8Activation).
 CARRIER_DTYPE = torch.bfloat16
 
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call where ``t`` has that dtype already (a gradient in its parameter's float32:
+    ~300 no-op calls a PreResNet-101 step, issue 20 item 5)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 def weight_bias(m: nn.Module) -> tuple:
     """(weight, bias) of a conv or BatchNorm, from its parameter dict where both are registered there (what
@@ -305,7 +311,7 @@ def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f
     if spec.bn is None:  # both layouts from the quantizer's one codes pass (no copy)
         qe, qe_cm, se = quantize_two_layouts(g_main, qc.bits_e, qc.rounding_e, qc.mode_eg, pad_out, amax)
         if bias is not None and need.bias:
-            g_bias = g_main.sum((0, 2, 3), dtype=torch.float32).to(bias.dtype)
+            g_bias = cast(g_main.sum((0, 2, 3), dtype=torch.float32), bias.dtype)
         # a residual added in the epilogue gets the output's gradient as it is
         return Error(qe, qe_cm, se, None, None, g_bias, g_main if spec.residual else None)
     dz, act, g_res = g_main, spec.act, None
@@ -329,10 +335,10 @@ def output_backward(spec: BlockSpec, g_main, saved: Saved, qc: QConfig, qx, qw_f
                                 scale_mode=qc.mode_eg)
     if need.bn_weight or need.bn_bias:
         s_g, s_gx = sums.unbind(0)  # one view op for both rows
-        g_bn_w, g_bn_b = s_gx.to(spec.bn.weight.dtype), s_g.to(spec.bn.bias.dtype)
+        g_bn_w, g_bn_b = cast(s_gx, spec.bn.weight.dtype), cast(s_g, spec.bn.bias.dtype)
     if bias is not None and need.bias:
         # train-mode BatchNorm right after: the bias has exactly no effect; eval: Σ dy = a·Σ g
-        g_bias = zero_grad_of(saved.zero_bias, bias) if saved.batch_stats else (saved.bnp[0] * sums[0]).to(bias.dtype)
+        g_bias = zero_grad_of(saved.zero_bias, bias) if saved.batch_stats else cast(saved.bnp[0] * sums[0], bias.dtype)
     return Error(qe, qe_cm, se, g_bn_w, g_bn_b, g_bias, g_res)
 
 
@@ -351,8 +357,8 @@ def conv_backward(spec: BlockSpec, e: Error, saved: Saved, qc: QConfig, qx, qw_d
         # a 1×1 layer's channel-major codes where their producer wrote them (both operands K-major); else (a float
         # input: SE's product in EfficientNet) the NHWC codes, read as every 3×3 layer's are: no copy in a step
         qx_w = saved.qx_cm if saved.qx_cm is not None else qx
-        gw = weight_grad_op(e.qe_cm, qx_w, e.se, saved.sx, list(weight.shape[2:]), stride, padding, dilation, 1, qc,
-                            [weight.shape[0], weight.shape[1]], meta.weight_channels_last).to(weight.dtype)
+        gw = cast(weight_grad_op(e.qe_cm, qx_w, e.se, saved.sx, list(weight.shape[2:]), stride, padding, dilation, 1,
+                                 qc, [weight.shape[0], weight.shape[1]], meta.weight_channels_last), weight.dtype)
     return gx, gw
 
 
@@ -372,5 +378,5 @@ def input_backward(spec: BlockSpec, gx, saved: Saved, meta: Meta, need, addend=N
     g_in_w = g_in_b = None
     if (need.bn_in_weight or need.bn_in_bias) and spec.bn_in.weight is not None:
         s_g, s_gx = sums_in.unbind(0)
-        g_in_w, g_in_b = s_gx.to(spec.bn_in.weight.dtype), s_g.to(spec.bn_in.bias.dtype)
+        g_in_w, g_in_b = cast(s_gx, spec.bn_in.weight.dtype), cast(s_g, spec.bn_in.bias.dtype)
     return gx, g_in_w, g_in_b, amax[0] if amax else None
