@@ -36,16 +36,18 @@ from benchmarks.common import markdown_table  # noqa: E402
 from benchmarks.costing import fences, report  # noqa: E402
 from benchmarks.costing.cards import RULES, card  # noqa: E402
 from benchmarks.costing.price import price_trace, step_totals  # noqa: E402
-from benchmarks.costing.step import MODES, plain_host_us, record_step  # noqa: E402
+from benchmarks.costing.step import MODES, plain_host_us, record_steps  # noqa: E402
 from ebkernels._cli import comma_list  # noqa: E402
 
 
 def price_modes(net: str, batch: int, card_name: str, modes, small_stem=False, width=1.0, hw=32, repeats=2):
-    """{mode: {"trace", "priced", "totals"}} of one step per mode on ``card_name``."""
+    """{mode: {"trace", "priced", "totals"}} of one step per mode on ``card_name``, the modes' steps recorded in
+    turns (``record_steps``: their host times from the same spells of this CPU)."""
     c = card(card_name)
     out = {}
+    traces = record_steps(net, modes, batch, small_stem, width, hw, repeats)
     for mode in modes:
-        tr = record_step(net, mode, batch, small_stem, width, hw, repeats)
+        tr = traces[mode]
         priced = price_trace(tr, c, RULES)
         out[mode] = {"trace": tr, "priced": priced, "totals": step_totals(priced, tr.host_tail_us, RULES),
                      "plain": plain_host_us(net, mode, small_stem, width, hw)}
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--small-stem", action="store_true", help="torchvision models: the 3×3 stride-1 CIFAR stem")
     ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (ebkernels' own models)")
     ap.add_argument("--hw", type=int, default=32, help="input height and width (default 32: CIFAR)")
-    ap.add_argument("--repeats", type=int, default=2, help="recorded steps per mode (host time: the minimum)")
+    ap.add_argument("--repeats", type=int, default=2, help="recorded steps per mode, the modes taking turns (host time: each event's minimum)")
     ap.add_argument("--refresh-fences", action="store_true", help="rebuild costing/fences_sm90.json (AOT, minutes)")
     args = ap.parse_args(argv)
     if args.refresh_fences:

@@ -213,3 +213,31 @@ def test_cli_smoke(tmp_path):
     assert "## vgg11, batch 2, H100 SXM: model predictions (not measurements)" in proc.stdout
     data = json.loads(out.read_text())
     assert set(data["modes"]) == {"int8-fused", "bf16"} and data["modes"]["int8-fused"]["kernels"]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="records the int8 step under the Triton interpreter")
+def test_modes_record_in_turns_and_keep_each_events_least_host_time(settings, monkeypatch):
+    """``record_steps``: after every mode's warm-up, the modes record one step each per round, in alternating order
+    (a busy spell of the CPU falls on both), and each trace keeps its first step's events with every event's
+    least host time over the rounds."""
+    from benchmarks.costing import step
+
+    settings(plan_sms=132)
+    order, real = [], step._StepRunner.run
+
+    def run(self, record=True):
+        order.append((self.mode, record))
+        real(self, record)
+        if record and len(self.runs) == 2:  # the second round looks slower everywhere: the minimum is kept
+            for e in self.runs[-1][0].events:
+                e.host_us += 1e6
+
+    monkeypatch.setattr(step._StepRunner, "run", run)
+    traces = step.record_steps("vgg11", ("int8-fused", "bf16"), 2, width=0.25, repeats=3)
+    assert order == [("int8-fused", False), ("bf16", False), ("int8-fused", True), ("bf16", True), ("bf16", True),
+                     ("int8-fused", True), ("int8-fused", True), ("bf16", True)]
+    for mode, tr in traces.items():
+        assert tr.mode == mode and tr.events and 0 < tr.opt_start < len(tr.events)
+        assert all(e.host_us < 1e6 for e in tr.events)
+    assert any(hasattr(e, "grid") for e in traces["int8-fused"].events)
+    assert not any(hasattr(e, "grid") for e in traces["bf16"].events)

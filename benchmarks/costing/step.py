@@ -4,7 +4,8 @@ Modes (what ``--modes`` takes): ``int8-fused`` (``quantize_model``, the default 
 (``quantize_model(fuse=False)``), ``bf16`` (autocast), ``fp32``. Every mode builds the model CIFAR-sized
 (32×32 RGB input, 10 classes), channels-last, as ``bench_epoch.py`` runs it on a GPU, with SGD (lr 0.1,
 momentum 0.9, weight decay 1e-4; ``foreach=True``: the multi-tensor kernels a GPU step uses). A warm-up
-step runs first (momentum buffers, counter pools, kernel rewrites), then the recorded one.
+step runs first (momentum buffers, counter pools, kernel rewrites), then the recorded ones: the modes compared
+take turns (``record_steps``), so that their host times are measured in the same spells of this CPU.
 
 - int8 modes run for real on CPU tensors under ``TRITON_INTERPRET=1`` with every Triton launch recorded and
   not executed: the wrappers, the tile planning (for the priced card: ``EBKERNELS_PLAN_SMS``, set by
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 
 from .trace import AtenOp, Recorder, calibrate
 
-__all__ = ["MODES", "ConvLayer", "StepTrace", "conv_layers", "record_step", "plain_host_us", "PlainHost"]
+__all__ = ["MODES", "ConvLayer", "StepTrace", "conv_layers", "record_steps", "plain_host_us",
+           "PlainHost"]
 
 MODES = ("int8-fused", "int8-layer", "bf16", "fp32")
 
@@ -148,62 +150,77 @@ def _check_mode(mode: str) -> None:
         raise RuntimeError("int8 modes need TRITON_INTERPRET=1 set before ebkernels is imported")
 
 
-def record_step(name: str, mode: str, batch: int, small_stem: bool = False, width: float = 1.0, hw: int = 32,
-                repeats: int = 2) -> StepTrace:
-    """Build, warm up, then record ``repeats`` steps; the events of the first, each event's host time the
-    minimum over the repeats (the same launches in the same order: a quieter repeat is a truer host cost)."""
-    _check_mode(mode)
+class _StepRunner:
+    """One mode's model, input, optimizer and step function, built and warmed up (``record_steps``)."""
+
+    def __init__(self, name: str, mode: str, batch: int, small_stem: bool, width: float, hw: int, calibration):
+        _check_mode(mode)
+        self.mode, self.calibration = mode, calibration
+        model = build(name, mode, small_stem, width)
+        self.ctx = contextlib.nullcontext()
+        if mode in ("bf16", "fp32"):
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            self.ctx = FakeTensorMode()
+            _fake(model, self.ctx)
+        with self.ctx:
+            self.x = torch.randn(batch, 3, hw, hw).contiguous(memory_format=torch.channels_last)
+            self.y = torch.randint(0, 10, (batch,))
+            self.opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
+        self.model, self.amp = model, torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16")
+        self.runs: list = []  # (Recorder, wall s) per recorded step
+        self.run(record=False)  # warm-up, launches stubbed too
+
+    def _step(self, rec: Optional[Recorder]):
+        self.opt.zero_grad(set_to_none=True)
+        with self.amp:
+            out = self.model(self.x)
+        F.cross_entropy(out.float(), self.y).backward()
+        if rec is not None:
+            rec.opt_start = len(rec.events)  # where the optimizer's events start
+        self.opt.step()
+
+    def run(self, record: bool = True):
+        rec = Recorder(*self.calibration)
+        gc.collect()
+        gc.disable()
+        t = time.perf_counter()
+        try:
+            with self.ctx, rec:
+                self._step(rec if record else None)
+        finally:
+            gc.enable()
+        if record:
+            self.runs.append((rec, time.perf_counter() - t))
+
+
+def record_steps(name: str, modes, batch: int, small_stem: bool = False, width: float = 1.0, hw: int = 32,
+                 repeats: int = 2) -> dict:
+    """{mode: StepTrace}: every mode's model built and warmed up, then ``repeats`` rounds in which each mode records
+    one step, the modes in alternating order (forward, then backward), so that a quiet or a busy spell of this
+    shared CPU falls on every mode alike and the modes' host times compare (the eager ratios). Each trace has the
+    events of its mode's first recorded step, each event's host time the minimum over the repeats (the same
+    launches in the same order: a quieter repeat is a truer host cost)."""
+    modes = list(modes)
     layers = conv_layers(name, small_stem, width, hw)
-    model = build(name, mode, small_stem, width)
-    fake = mode in ("bf16", "fp32")
-    ctx = contextlib.nullcontext()
-    if fake:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        ctx = FakeTensorMode()
-        _fake(model, ctx)
-    tramp, floor = calibrate()
-    runs = []
-    with ctx:
-        x = torch.randn(batch, 3, hw, hw).contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (batch,))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
-        amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16")
-
-        recording: list = []  # the recorder of the step being recorded, where it marks the optimizer's start
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with amp:
-                out = model(x)
-            F.cross_entropy(out.float(), y).backward()
-            if recording:
-                recording[-1].opt_start = len(recording[-1].events)
-            opt.step()
-
-        with Recorder(tramp, floor):  # warm-up, launches stubbed too
-            step()
-        for _ in range(repeats):
-            gc.collect()
-            gc.disable()
-            rec = Recorder(tramp, floor)
-            recording.append(rec)
-            t = time.perf_counter()
-            try:
-                with rec:
-                    step()
-            finally:
-                gc.enable()
-            runs.append((rec, time.perf_counter() - t))
-    first = runs[0][0]
-    for rec, _ in runs[1:]:
-        if len(rec.events) == len(first.events):
-            for a, b in zip(first.events, rec.events):
-                a.host_us = min(a.host_us, b.host_us)
-            first.host_tail_us = min(first.host_tail_us, rec.host_tail_us)
+    calibration = calibrate()
+    runners = [_StepRunner(name, mode, batch, small_stem, width, hw, calibration) for mode in modes]
+    for r in range(repeats):
+        for runner in (runners if r % 2 == 0 else runners[::-1]):
+            runner.run()
     smallest = min((batch * c.cin * c.h * c.w for c in layers), default=batch)
-    return StepTrace(name, mode, batch, first.events, first.host_tail_us, min(w for _, w in runs), (tramp, floor),
-                     layers, smallest, first.opt_start)
+    out = {}
+    for runner in runners:
+        first = runner.runs[0][0]
+        for rec, _ in runner.runs[1:]:
+            if len(rec.events) == len(first.events):
+                for a, b in zip(first.events, rec.events):
+                    a.host_us = min(a.host_us, b.host_us)
+                first.host_tail_us = min(first.host_tail_us, rec.host_tail_us)
+        out[runner.mode] = StepTrace(name, runner.mode, batch, first.events, first.host_tail_us,
+                                     min(w for _, w in runner.runs), calibration, layers, smallest,
+                                     getattr(first, "opt_start", -1))
+    return out
 
 
 class PlainHost(NamedTuple):
