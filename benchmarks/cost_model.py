@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--small-stem", action="store_true", help="torchvision models: the 3×3 stride-1 CIFAR stem")
     ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (ebkernels' own models)")
     ap.add_argument("--hw", type=int, default=32, help="input height and width (default 32: CIFAR)")
-    ap.add_argument("--repeats", type=int, default=2, help="recorded steps per mode, the modes taking turns (host time: each event's minimum)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="recorded steps per mode, the modes taking turns (host time: each event's minimum)")
     ap.add_argument("--refresh-fences", action="store_true", help="rebuild costing/fences_sm90.json (AOT, minutes)")
     args = ap.parse_args(argv)
     if args.refresh_fences:
