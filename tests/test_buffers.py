@@ -193,6 +193,17 @@ def test_empty_output_channels_last_has_torchs_strides(shape):
     """``empty_output``'s channels-last buffer (made with ``empty_strided``) has the sizes, strides and format flag
     that ``torch.empty(memory_format=torch.channels_last)`` gives, degenerate sizes included."""
     want = torch.empty(shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
-    got = empty_output(shape, torch.bfloat16, torch.device("cpu"), torch.channels_last)
-    assert got.shape == want.shape and got.stride() == want.stride() and got.dtype == want.dtype
-    assert got.is_contiguous(memory_format=torch.channels_last)
+    for given in (shape, torch.Size(shape), list(shape), shape):  # (the tuple twice: made, then kept)
+        got = empty_output(given, torch.bfloat16, torch.device("cpu"), torch.channels_last)
+        assert got.shape == want.shape and got.stride() == want.stride() and got.dtype == want.dtype
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (0,), (3, 4), (2, 0, 3), (2, 3, 4, 5), (1, 1, 7)])
+def test_empty_output_contiguous_has_torchs_strides(shape):
+    want = torch.empty(shape, dtype=torch.float32)
+    for given in (shape, torch.Size(shape), list(shape), shape):
+        got = empty_output(given, torch.float32, torch.device("cpu"))
+        assert got.shape == want.shape and got.stride() == want.stride() and got.is_contiguous()
+    with override(poison_outputs=True):
+        assert torch.isnan(empty_output(shape, torch.float32, torch.device("cpu"))).all()

@@ -263,7 +263,7 @@ def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax
     scale = out = cm = None
     sem = counter_pool(dev, 2)
     if mode == "absmax":
-        out = torch.empty(2, dtype=torch.int32, device=dev)  # [bits, ticket]
+        out = torch.empty_strided((2,), (1,), dtype=torch.int32, device=dev)  # [bits, ticket] (cheaper than empty)
         amax, dst, dcm = out, out, out
     elif mode == "codes":
         N, _, H, W = shape
@@ -273,7 +273,7 @@ def _bwd_triton(dz, y, bnp, sums, inv, act, mode, bits, stochastic, pad_to, amax
         dst, dcm = out, cm
     else:
         out = empty_output(shape, out_dtype, dev, torch.channels_last if channels_last_out else torch.contiguous_format)
-        amax = torch.empty(2, dtype=torch.int32, device=dev) if mode == "float_absmax" else bnp
+        amax = torch.empty_strided((2,), (1,), dtype=torch.int32, device=dev) if mode == "float_absmax" else bnp
         dst, dcm = out, out
     launch(dz, y, inv if inv is not None else bnp, bnp, sums if sums is not None else bnp, amax, sem, rng, dst, dcm,
            scale if scale is not None else bnp, addend if addend is not None else bnp, *ints)
