@@ -55,6 +55,9 @@ except ImportError as _missing:  # pragma: no cover - the no-triton test runs th
     logging.getLogger("ebkernels").warning(_WHY)
 
 
+_CONSTEXPRS: dict = {}  # kernel -> the names of its constexpr parameters (``constexpr_names``)
+
+
 def constexpr_names(kernel) -> frozenset:
     """The names of ``kernel``'s ``tl.constexpr`` parameters (a ``@triton.jit`` function, interpreted or not),
     read from its signature: a launcher may pass them by position (``ops._launch.BoundLaunch``), so what
@@ -69,9 +72,6 @@ def constexpr_names(kernel) -> frozenset:
                           if p.annotation is tl.constexpr or "constexpr" in str(p.annotation))
         _CONSTEXPRS[kernel] = names
     return names
-
-
-_CONSTEXPRS: dict = {}
 
 
 def launch_arguments(kernel, args, kwargs) -> dict:

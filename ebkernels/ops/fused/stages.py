@@ -48,11 +48,11 @@ __all__ = ["CARRIER_DTYPE", "cast", "Saved", "Meta", "Error", "bn_mode", "check_
 CARRIER_DTYPE = torch.bfloat16
 
 
-
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, without the call where ``t`` has that dtype already (a gradient in its parameter's float32:
     ~300 no-op calls a PreResNet-101 step, issue 20 item 5)."""
     return t if t.dtype == dtype else t.to(dtype)
+
 
 def weight_bias(m: nn.Module) -> tuple:
     """(weight, bias) of a conv or BatchNorm, from its parameter dict where both are registered there (what
