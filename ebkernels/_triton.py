@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 __all__ = ["HAS_TRITON", "triton", "tl", "philox", "uint_to_uniform_float", "TensorDescriptor", "constexpr_names",
-           "launch_arguments"]
+           "launch_arguments", "launch_constexprs"]
 
 try:
     import triton
@@ -80,3 +80,10 @@ def launch_arguments(kernel, args, kwargs) -> dict:
     named = dict(zip(kernel.arg_names, args))
     named.update(kwargs)
     return named
+
+
+def launch_constexprs(kernel, args, kwargs) -> dict:
+    """The compile-time arguments of one ``kernel.run(*args, **kwargs)`` call by name: its constexprs, by keyword or
+    by position, and the compile options (``num_warps``, ...)."""
+    compile_time, params = constexpr_names(kernel), kernel.arg_names
+    return {k: v for k, v in launch_arguments(kernel, args, kwargs).items() if k in compile_time or k not in params}

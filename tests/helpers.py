@@ -214,7 +214,7 @@ class LaunchSpy:
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
 
-        from ebkernels._triton import constexpr_names, launch_arguments
+        from ebkernels._triton import launch_constexprs
 
         for cls in (InterpretedFunction, JITFunction):
             orig = cls.run
@@ -222,10 +222,9 @@ class LaunchSpy:
             def run(kernel, *args, grid, warmup, _orig=orig, **kwargs):
                 name = getattr(kernel.fn, "__name__", "?")
                 if not warmup and (not self.kernels or name in self.kernels):
-                    compile_time = constexpr_names(kernel)  # constexprs may come by position (``BoundLaunch``)
-                    named = {k: v for k, v in launch_arguments(kernel, args, kwargs).items()
-                             if k in compile_time or k in kwargs}
-                    self.calls.append({**named, "grid": grid if callable(grid) else tuple(grid), "kernel": name})
+                    named = launch_constexprs(kernel, args, kwargs)  # (constexprs may come by position)
+                    self.calls.append({**kwargs, **named, "grid": grid if callable(grid) else tuple(grid),
+                                       "kernel": name})
                     if not self.execute:
                         return None
                 return _orig(kernel, *args, grid=grid, warmup=warmup, **kwargs)

@@ -201,7 +201,6 @@ def record_steps(name: str, modes, batch: int, small_stem: bool = False, width: 
     shared CPU falls on every mode alike and the modes' host times compare (the eager ratios). Each trace has the
     events of its mode's first recorded step, each event's host time the minimum over the repeats (the same
     launches in the same order: a quieter repeat is a truer host cost)."""
-    modes = list(modes)
     layers = conv_layers(name, small_stem, width, hw)
     calibration = calibrate()
     runners = [_StepRunner(name, mode, batch, small_stem, width, hw, calibration) for mode in modes]
@@ -219,7 +218,7 @@ def record_steps(name: str, modes, batch: int, small_stem: bool = False, width: 
                 first.host_tail_us = min(first.host_tail_us, rec.host_tail_us)
         out[runner.mode] = StepTrace(name, runner.mode, batch, first.events, first.host_tail_us,
                                      min(w for _, w in runner.runs), calibration, layers, smallest,
-                                     getattr(first, "opt_start", -1))
+                                     first.opt_start)
     return out
 
 

@@ -158,12 +158,11 @@ class Recorder(TorchDispatchMode):
     def _record_launch(self, fn, args, grid, kwargs):
         t_in = time.thread_time()
         host = self._gap_us(t_in, 0.0)
-        from ebkernels._triton import constexpr_names, launch_arguments
+        from ebkernels._triton import launch_arguments, launch_constexprs
 
         names = list(fn.arg_names)
-        every = launch_arguments(fn, args, kwargs)  # constexprs may come by position (``BoundLaunch``)
-        compile_time = constexpr_names(fn)
-        named = {k: v for k, v in every.items() if k in names}
+        named = {k: v for k, v in launch_arguments(fn, args, kwargs).items() if k in names}
+        compile_time = launch_constexprs(fn, args, kwargs)  # constexprs may come by position (``BoundLaunch``)
         tensors, scalars = {}, {}
         for k, v in named.items():
             if isinstance(v, torch.Tensor):
@@ -172,8 +171,7 @@ class Recorder(TorchDispatchMode):
                 tensors[k] = tensor_arg(k, v.base, tuple(v.block_shape))
             elif isinstance(v, (int, float, bool)) and k not in compile_time and k not in kwargs:
                 scalars[k] = v
-        consts = {k: v for k, v in every.items() if (k in compile_time or k not in names)
-                  and (isinstance(v, (int, float, bool, str)) or v is None)}
+        consts = {k: v for k, v in compile_time.items() if isinstance(v, (int, float, bool, str)) or v is None}
         self.events.append(Launch(host, self.stack[-1] if self.stack else "", fn.__name__, _grid3(grid, named),
                                   tensors, scalars, consts, len(names)))
         self._last_end = time.thread_time()
